@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every hypertool test, with its set-up, on a fresh Debian machine that has only the Rust toolchain.
+# Installs what the tests need (Debian's prometheus package, for promtool), then runs formatting,
+# lints and the whole test suite. Services the tests use are started by the tests themselves, on
+# loopback, in temporary directories.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -q
+  $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo test

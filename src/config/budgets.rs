@@ -1,0 +1,136 @@
+//! `budgets.yml`: budgets per persona, with defaults for what an entry leaves out.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::error::{line_of_key, ConfigError};
+use crate::core::budget::{BudgetMode, BudgetSource, BudgetSpec, Period};
+use crate::core::persona::PersonaRegistry;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudgetsFile {
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    personas: BTreeMap<String, RawBudget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    period: Option<Period>,
+    mode: Option<BudgetMode>,
+}
+
+/// One persona's entry; also the body of `PUT /api/budgets/{persona}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub tokens: u64,
+    pub cost_usd: Option<f64>,
+    pub period: Option<Period>,
+    pub mode: Option<BudgetMode>,
+}
+
+impl RawBudget {
+    /// Checks values serde cannot: a cost must be a finite, non-negative number.
+    pub fn check(&self) -> Result<(), String> {
+        match self.cost_usd {
+            Some(c) if !c.is_finite() || c < 0.0 => {
+                Err(format!("cost_usd must be a non-negative number, got {c}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn resolve(&self, default_period: Period, default_mode: BudgetMode) -> BudgetSpec {
+        BudgetSpec {
+            tokens: self.tokens,
+            cost_usd: self.cost_usd,
+            period: self.period.unwrap_or(default_period),
+            mode: self.mode.unwrap_or(default_mode),
+        }
+    }
+}
+
+/// Resolves the budget of every persona: its `budgets.yml` entry, else its persona file's
+/// `tokenBudget` (with the file's defaults for period and mode).
+pub fn resolve_budgets(
+    file: &str,
+    text: Option<&str>,
+    personas: &PersonaRegistry,
+) -> Result<BTreeMap<String, (BudgetSpec, BudgetSource)>, Vec<ConfigError>> {
+    let raw: RawBudgetsFile = match text {
+        None => RawBudgetsFile::default(),
+        Some(text) if text.trim().is_empty() => RawBudgetsFile::default(),
+        Some(text) => serde_yaml_ng::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            vec![ConfigError::new(file, line, e.to_string()).fix(format!(
+                "each entry is `personas: {{NAME: {{tokens: N, cost_usd: X, period: P, mode: M}}}}` \
+                 with period one of {} and mode one of {}",
+                Period::NAMES,
+                BudgetMode::NAMES
+            ))]
+        })?,
+    };
+    let text = text.unwrap_or("");
+    let mut errors = Vec::new();
+    let period = raw.defaults.period.unwrap_or(Period::None);
+    let mode = raw.defaults.mode.unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for p in personas.iter() {
+        if let Some(tokens) = p.token_budget {
+            let spec = BudgetSpec {
+                tokens,
+                cost_usd: None,
+                period,
+                mode,
+            };
+            out.insert(p.name.clone(), (spec, BudgetSource::PersonaFile));
+        }
+    }
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for (key, entry) in &raw.personas {
+        let line = line_of_key(text, key);
+        let Some(persona) = personas.get(key) else {
+            let known: Vec<&str> = personas.iter().map(|p| p.name.as_str()).collect();
+            errors.push(
+                ConfigError::new(file, line, format!("budget for unknown persona `{key}`"))
+                    .fix(format!("use one of: {}", known.join(", "))),
+            );
+            continue;
+        };
+        if let Some(previous) = seen.insert(persona.name.clone(), key.clone()) {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line,
+                    format!(
+                        "`{key}` and `{previous}` are the same persona `{}`",
+                        persona.name
+                    ),
+                )
+                .fix("keep one entry per persona"),
+            );
+            continue;
+        }
+        if let Err(msg) = entry.check() {
+            errors.push(
+                ConfigError::new(file, line, format!("personas.{key}: {msg}"))
+                    .fix("write a number such as `cost_usd: 5.0`, or leave the key out"),
+            );
+            continue;
+        }
+        out.insert(
+            persona.name.clone(),
+            (entry.resolve(period, mode), BudgetSource::BudgetsFile),
+        );
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}

@@ -1,0 +1,295 @@
+//! Configuration: `hypertool.toml`, persona files and `budgets.yml`, read raw, then validated.
+//!
+//! A load either yields a complete, checked [`Config`] or every problem found, each with its file,
+//! line and a fix. The server keeps the last good configuration when a reload is invalid.
+//! With no configuration on disk, the built-in defaults (the files under `config/` in the
+//! repository, embedded at build time) are used, so `hypertool serve` works from any directory.
+
+pub mod budgets;
+pub mod error;
+pub mod personas;
+pub mod reload;
+pub mod settings;
+
+use std::collections::{hash_map::DefaultHasher, BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+pub use error::{ConfigError, ConfigErrors};
+pub use settings::{LedgerSync, Settings};
+
+use crate::core::budget::{BudgetSource, BudgetSpec};
+use crate::core::engine::EngineConfig;
+use crate::core::labels::LabelKind;
+use crate::core::persona::{Persona, PersonaRegistry};
+
+/// The files under `config/`, compiled in.
+pub mod embedded {
+    pub const HYPERTOOL_TOML: &str = include_str!("../../config/hypertool.toml");
+    pub const BUDGETS_YML: &str = include_str!("../../config/budgets.yml");
+    pub const PERSONAS: &[(&str, &str)] = &[
+        (
+            "tta-backend-engineer.json",
+            include_str!("../../config/personas/tta-backend-engineer.json"),
+        ),
+        (
+            "tta-data-scientist.json",
+            include_str!("../../config/personas/tta-data-scientist.json"),
+        ),
+        (
+            "tta-devops-engineer.json",
+            include_str!("../../config/personas/tta-devops-engineer.json"),
+        ),
+        (
+            "tta-frontend-engineer.json",
+            include_str!("../../config/personas/tta-frontend-engineer.json"),
+        ),
+        (
+            "tta-observability-expert.json",
+            include_str!("../../config/personas/tta-observability-expert.json"),
+        ),
+        (
+            "tta-testing-specialist.json",
+            include_str!("../../config/personas/tta-testing-specialist.json"),
+        ),
+    ];
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The built-in defaults.
+    Embedded,
+    /// A `hypertool.toml`; persona files and `budgets.yml` are found relative to its directory.
+    File(PathBuf),
+}
+
+impl Source {
+    /// `--config FILE` if given, else `./config/hypertool.toml` if present, else the built-ins.
+    pub fn discover(explicit: Option<&Path>) -> Source {
+        match explicit {
+            Some(p) => Source::File(p.to_path_buf()),
+            None => {
+                let default = Path::new("config").join("hypertool.toml");
+                if default.is_file() {
+                    Source::File(default)
+                } else {
+                    Source::Embedded
+                }
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Embedded => "built-in defaults".into(),
+            Source::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// A complete, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Source,
+    pub settings: Settings,
+    pub personas: PersonaRegistry,
+    pub budgets: BTreeMap<String, (BudgetSpec, BudgetSource)>,
+    /// Hash of every file read: a reload applies only when it changes.
+    pub fingerprint: u64,
+}
+
+/// The raw text of every file a configuration is made of.
+#[derive(Debug, Clone, PartialEq)]
+struct Files {
+    toml: (String, String),
+    personas: Vec<(String, Option<PathBuf>, String)>,
+    budgets: (String, Option<String>),
+}
+
+impl Files {
+    fn fingerprint(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.toml.hash(&mut h);
+        for (name, _, text) in &self.personas {
+            name.hash(&mut h);
+            text.hash(&mut h);
+        }
+        self.budgets.hash(&mut h);
+        h.finish()
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            path.display().to_string(),
+            None,
+            format!("cannot read: {e}"),
+        )
+        .fix("check that the file exists and is readable")
+    })
+}
+
+fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
+    match source {
+        Source::Embedded => {
+            let settings = Settings::parse("<built-in>/hypertool.toml", embedded::HYPERTOOL_TOML)?;
+            Ok((
+                Files {
+                    toml: (
+                        "<built-in>/hypertool.toml".into(),
+                        embedded::HYPERTOOL_TOML.into(),
+                    ),
+                    personas: embedded::PERSONAS
+                        .iter()
+                        .map(|(n, t)| (format!("<built-in>/personas/{n}"), None, t.to_string()))
+                        .collect(),
+                    budgets: (
+                        "<built-in>/budgets.yml".into(),
+                        Some(embedded::BUDGETS_YML.into()),
+                    ),
+                },
+                settings,
+            ))
+        }
+        Source::File(path) => {
+            let display = path.display().to_string();
+            let text = read(path).map_err(|e| vec![e])?;
+            let settings = Settings::parse(&display, &text)?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            let mut errors = Vec::new();
+            let dir = base.join(&settings.personas_dir);
+            let mut personas = Vec::new();
+            match std::fs::read_dir(&dir) {
+                Ok(entries) => {
+                    let mut paths: Vec<PathBuf> = entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                        .collect();
+                    paths.sort();
+                    for p in paths {
+                        match read(&p) {
+                            Ok(t) => personas.push((p.display().to_string(), Some(p), t)),
+                            Err(e) => errors.push(e),
+                        }
+                    }
+                }
+                Err(e) => errors.push(
+                    ConfigError::new(
+                        display.clone(),
+                        error::line_of_key(&text, "dir"),
+                        format!("cannot read persona directory {}: {e}", dir.display()),
+                    )
+                    .fix("create the directory or point `personas.dir` at one"),
+                ),
+            }
+            let budgets_path = base.join(&settings.budgets_file);
+            let budgets_text = if budgets_path.exists() {
+                match read(&budgets_path) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            Ok((
+                Files {
+                    toml: (display, text),
+                    personas,
+                    budgets: (budgets_path.display().to_string(), budgets_text),
+                },
+                settings,
+            ))
+        }
+    }
+}
+
+/// Cheap change detection for hot reload: the fingerprint of the files as they are now.
+pub fn current_fingerprint(source: &Source) -> Option<u64> {
+    read_files(source).ok().map(|(f, _)| f.fingerprint())
+}
+
+/// Reads and validates everything.
+pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
+    let (files, settings) = read_files(source).map_err(ConfigErrors)?;
+    let mut errors = Vec::new();
+    let mut personas: Vec<Persona> = Vec::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    for (display, path, text) in &files.personas {
+        match personas::parse_persona(display, path.as_deref(), text, &settings.alias_prefixes) {
+            Ok(p) => {
+                let mut clash = None;
+                for n in std::iter::once(&p.name).chain(p.aliases.iter()) {
+                    if let Some(other) = names.get(n) {
+                        clash = Some((n.clone(), other.clone()));
+                        break;
+                    }
+                }
+                if let Some((n, other)) = clash {
+                    errors.push(
+                        ConfigError::new(
+                            display.clone(),
+                            None,
+                            format!("persona name `{n}` is also used by {other}"),
+                        )
+                        .fix("give each persona a unique name and aliases"),
+                    );
+                    continue;
+                }
+                for n in std::iter::once(&p.name).chain(p.aliases.iter()) {
+                    names.insert(n.clone(), display.clone());
+                }
+                personas.push(p);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    let registry = PersonaRegistry::new(personas);
+    let budgets =
+        match budgets::resolve_budgets(&files.budgets.0, files.budgets.1.as_deref(), &registry) {
+            Ok(b) => b,
+            Err(mut e) => {
+                errors.append(&mut e);
+                BTreeMap::new()
+            }
+        };
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        source: source.clone(),
+        fingerprint: files.fingerprint(),
+        settings,
+        personas: registry,
+        budgets,
+    })
+}
+
+impl Config {
+    /// The part of the configuration the core engine needs.
+    pub fn engine_config(&self) -> EngineConfig {
+        let s = &self.settings;
+        EngineConfig {
+            personas: self.personas.clone(),
+            budgets: self.budgets.clone(),
+            label_cap: s.max_values_per_label,
+            configured_labels: vec![
+                (LabelKind::Chatmode, s.chatmodes.clone()),
+                (LabelKind::Model, s.models.clone()),
+                (LabelKind::Workflow, s.workflows.clone()),
+                (LabelKind::Stage, s.stages.clone()),
+            ],
+            session_idle_timeout_ms: i64::try_from(s.session_idle_timeout_seconds)
+                .unwrap_or(i64::MAX / 1000)
+                .saturating_mul(1000),
+            max_sessions: s.max_sessions,
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! `hypertool.toml`: read raw (unknown keys refused), then checked into [`Settings`].
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use super::error::{line_of_key, line_of_offset, ConfigError};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    ledger: RawLedger,
+    #[serde(default)]
+    personas: RawPersonas,
+    #[serde(default)]
+    budgets: RawBudgets,
+    #[serde(default)]
+    sessions: RawSessions,
+    #[serde(default)]
+    labels: RawLabels,
+    #[serde(default)]
+    reload: RawReload,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    max_body_bytes: Option<usize>,
+    shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    sync: Option<LedgerSync>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPersonas {
+    dir: Option<String>,
+    alias_prefixes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudgets {
+    file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    idle_timeout_seconds: Option<u64>,
+    max_sessions: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLabels {
+    max_values_per_label: Option<usize>,
+    #[serde(default)]
+    chatmodes: Vec<String>,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    workflows: Vec<String>,
+    #[serde(default)]
+    stages: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    interval_ms: Option<u64>,
+}
+
+/// How hard the ledger pushes each batch to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerSync {
+    /// Survives a crash or kill of the process.
+    #[default]
+    Normal,
+    /// Also survives power loss.
+    Full,
+}
+
+/// The validated `hypertool.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_seconds: u64,
+    pub ledger_sync: LedgerSync,
+    pub personas_dir: String,
+    pub alias_prefixes: Vec<String>,
+    pub budgets_file: String,
+    pub session_idle_timeout_seconds: u64,
+    pub max_sessions: usize,
+    pub max_values_per_label: usize,
+    pub chatmodes: Vec<String>,
+    pub models: Vec<String>,
+    pub workflows: Vec<String>,
+    pub stages: Vec<String>,
+    pub reload_interval_ms: u64,
+}
+
+impl Settings {
+    /// Reads and checks `hypertool.toml`; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Settings, Vec<ConfigError>> {
+        let raw: RawSettings = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of_offset(text, s.start));
+            vec![ConfigError::new(file, line, e.message().trim().to_string()).fix(
+                "compare with the commented defaults in config/hypertool.toml of the hypertool repository",
+            )]
+        })?;
+        let mut errors = Vec::new();
+        let mut addr = |key: &str, value: Option<String>, default: &str| -> SocketAddr {
+            let value = value.unwrap_or_else(|| default.to_string());
+            match value.parse() {
+                Ok(a) => a,
+                Err(_) => {
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            line_of_key(text, key),
+                            format!("`server.{key}` = {value:?} is not a socket address"),
+                        )
+                        .fix(format!(
+                            "write an IP and a port, e.g. {key} = \"{default}\""
+                        )),
+                    );
+                    default
+                        .parse()
+                        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+                }
+            }
+        };
+        let listen = addr("listen", raw.server.listen, "127.0.0.1:8080");
+        let metrics_listen = addr(
+            "metrics_listen",
+            raw.server.metrics_listen,
+            "127.0.0.1:9464",
+        );
+        let max_body_bytes = raw.server.max_body_bytes.unwrap_or(4 * 1024 * 1024);
+        if max_body_bytes < 1024 {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "max_body_bytes"),
+                    format!("`server.max_body_bytes` = {max_body_bytes} is too small"),
+                )
+                .fix("use at least 1024 (the default is 4194304)"),
+            );
+        }
+        let max_values_per_label = raw.labels.max_values_per_label.unwrap_or(50);
+        if max_values_per_label == 0 {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "max_values_per_label"),
+                    "`labels.max_values_per_label` must be at least 1",
+                )
+                .fix("use a positive number (the default is 50)"),
+            );
+        }
+        let reload_interval_ms = raw.reload.interval_ms.unwrap_or(500);
+        if !(50..=60_000).contains(&reload_interval_ms) {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "interval_ms"),
+                    format!("`reload.interval_ms` = {reload_interval_ms} is out of range"),
+                )
+                .fix("use a value from 50 to 60000 (the default is 500)"),
+            );
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Settings {
+            listen,
+            metrics_listen,
+            max_body_bytes,
+            shutdown_grace_seconds: raw.server.shutdown_grace_seconds.unwrap_or(10),
+            ledger_sync: raw.ledger.sync.unwrap_or_default(),
+            personas_dir: raw.personas.dir.unwrap_or_else(|| "personas".into()),
+            alias_prefixes: raw
+                .personas
+                .alias_prefixes
+                .unwrap_or_else(|| vec!["tta-".into()]),
+            budgets_file: raw.budgets.file.unwrap_or_else(|| "budgets.yml".into()),
+            session_idle_timeout_seconds: raw.sessions.idle_timeout_seconds.unwrap_or(1800),
+            max_sessions: raw.sessions.max_sessions.unwrap_or(100_000).max(1),
+            max_values_per_label,
+            chatmodes: raw.labels.chatmodes,
+            models: raw.labels.models,
+            workflows: raw.labels.workflows,
+            stages: raw.labels.stages,
+            reload_interval_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let s = Settings::parse("hypertool.toml", "").unwrap();
+        assert_eq!(s.metrics_listen.port(), 9464);
+        assert_eq!(s.listen.port(), 8080);
+        assert_eq!(s.max_values_per_label, 50);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let errs = Settings::parse("h.toml", "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
+            .unwrap_err();
+        assert_eq!(errs[0].line, Some(3));
+        assert!(
+            errs[0].message.contains("unknown field `lisen`"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn bad_address_names_the_key() {
+        let errs = Settings::parse("h.toml", "[server]\nmetrics_listen = \"nope\"\n").unwrap_err();
+        assert_eq!(errs[0].line, Some(2));
+        assert!(errs[0].to_string().contains("metrics_listen"));
+    }
+}

@@ -1,0 +1,102 @@
+//! The one way facts enter the core. Metrics, the ledger, budgets and (later) alerts and traces are
+//! all consumers of these values; nothing else mutates core state.
+
+use serde::{Deserialize, Serialize};
+
+use super::clock::UnixMillis;
+
+/// A fact, as stored in the ledger (JSON, tagged by `type`) and applied to the engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Usage(Usage),
+    PersonaSwitch(PersonaSwitch),
+    Stage(StageResult),
+    /// An operator reset a persona's budget for the current period (`POST /api/budgets/{p}/reset`).
+    BudgetReset {
+        persona: String,
+    },
+}
+
+/// Tokens spent by one LLM call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub persona: String,
+    pub chatmode: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+/// An agent moved a session from one persona to another. `from: None` is the first persona of a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonaSwitch {
+    pub session: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub chatmode: String,
+}
+
+/// Pass or fail of a quality gate. Serialized exactly as the alert rules expect: `pass` / `fail`
+/// (the original system counted `passed`/`failed`, so its alert never matched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateResult {
+    Pass,
+    Fail,
+}
+
+impl GateResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateResult::Pass => "pass",
+            GateResult::Fail => "fail",
+        }
+    }
+}
+
+/// A finished workflow stage and the verdict of its quality gate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageResult {
+    pub workflow: String,
+    pub stage: String,
+    pub persona: String,
+    pub model: String,
+    pub duration_seconds: f64,
+    pub gate: GateResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An event and the time it happened (the client's `timestamp`, else the time it was received).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamped {
+    pub at: UnixMillis,
+    pub event: Event,
+}
+
+impl Event {
+    /// The short name used in the ledger's `kind` column and in metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Usage(_) => "usage",
+            Event::PersonaSwitch(_) => "persona_switch",
+            Event::Stage(_) => "stage",
+            Event::BudgetReset { .. } => "budget_reset",
+        }
+    }
+}

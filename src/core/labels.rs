@@ -1,0 +1,175 @@
+//! Bounded label values: no request can grow the number of metric series without bound.
+//!
+//! Values named in the configuration are always kept. Other values are admitted first come, up to a
+//! cap per label; every value after that folds into [`OTHER`]. The first fold of each label is
+//! reported once (the caller logs it) and every fold is counted.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// The value unadmitted label values fold into.
+pub const OTHER: &str = "other";
+
+/// The labels whose values come from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LabelKind {
+    Persona,
+    Chatmode,
+    Model,
+    Workflow,
+    Stage,
+}
+
+impl LabelKind {
+    pub const ALL: [LabelKind; 5] = [
+        LabelKind::Persona,
+        LabelKind::Chatmode,
+        LabelKind::Model,
+        LabelKind::Workflow,
+        LabelKind::Stage,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LabelKind::Persona => "persona",
+            LabelKind::Chatmode => "chatmode",
+            LabelKind::Model => "model",
+            LabelKind::Workflow => "workflow",
+            LabelKind::Stage => "stage",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The admitted values of one label.
+#[derive(Debug)]
+struct LabelValues {
+    configured: HashSet<Arc<str>>,
+    admitted: HashSet<Arc<str>>,
+    folded: u64,
+}
+
+/// What [`LabelGuard::admit`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub value: Arc<str>,
+    /// True the first time this label folds a value: the caller logs it once.
+    pub first_fold: bool,
+}
+
+/// The admission state of every client-supplied label.
+#[derive(Debug)]
+pub struct LabelGuard {
+    cap: usize,
+    labels: [LabelValues; 5],
+    other: Arc<str>,
+}
+
+impl LabelGuard {
+    pub fn new(cap: usize) -> Self {
+        let fresh = || LabelValues {
+            configured: HashSet::new(),
+            admitted: HashSet::new(),
+            folded: 0,
+        };
+        Self {
+            cap,
+            labels: [fresh(), fresh(), fresh(), fresh(), fresh()],
+            other: Arc::from(OTHER),
+        }
+    }
+
+    pub fn set_cap(&mut self, cap: usize) {
+        self.cap = cap;
+    }
+
+    /// Replaces the configured (always kept) values of a label; admitted ones stay admitted.
+    pub fn set_configured<I, S>(&mut self, kind: LabelKind, values: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let label = &mut self.labels[kind.index()];
+        label.configured = values.into_iter().map(|v| Arc::from(v.as_ref())).collect();
+    }
+
+    /// The value to put on a series for `raw`: itself when configured or admitted, else `other`.
+    pub fn admit(&mut self, kind: LabelKind, raw: &str) -> Admitted {
+        let cap = self.cap;
+        let label = &mut self.labels[kind.index()];
+        if let Some(v) = label.configured.get(raw) {
+            return Admitted {
+                value: v.clone(),
+                first_fold: false,
+            };
+        }
+        if let Some(v) = label.admitted.get(raw) {
+            return Admitted {
+                value: v.clone(),
+                first_fold: false,
+            };
+        }
+        if label.admitted.len() < cap && raw != OTHER {
+            let v: Arc<str> = Arc::from(raw);
+            label.admitted.insert(v.clone());
+            return Admitted {
+                value: v,
+                first_fold: false,
+            };
+        }
+        label.folded += 1;
+        Admitted {
+            value: self.other.clone(),
+            first_fold: label.folded == 1,
+        }
+    }
+
+    /// How many values of a label have been folded into `other` so far.
+    pub fn folded(&self, kind: LabelKind) -> u64 {
+        self.labels[kind.index()].folded
+    }
+
+    /// How many distinct non-configured values a label has admitted.
+    pub fn admitted_count(&self, kind: LabelKind) -> usize {
+        self.labels[kind.index()].admitted.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_values_survive_the_cap_and_new_ones_fold() {
+        let mut guard = LabelGuard::new(2);
+        guard.set_configured(LabelKind::Persona, ["backend-engineer"]);
+        assert_eq!(&*guard.admit(LabelKind::Persona, "a").value, "a");
+        assert_eq!(&*guard.admit(LabelKind::Persona, "b").value, "b");
+        let third = guard.admit(LabelKind::Persona, "c");
+        assert_eq!(&*third.value, OTHER);
+        assert!(third.first_fold);
+        assert!(!guard.admit(LabelKind::Persona, "d").first_fold);
+        assert_eq!(
+            &*guard.admit(LabelKind::Persona, "backend-engineer").value,
+            "backend-engineer"
+        );
+        assert_eq!(&*guard.admit(LabelKind::Persona, "a").value, "a");
+        assert_eq!(guard.folded(LabelKind::Persona), 2);
+        // Other labels have caps of their own.
+        assert_eq!(&*guard.admit(LabelKind::Model, "gpt-4").value, "gpt-4");
+    }
+
+    #[test]
+    fn a_hundred_thousand_names_stay_bounded() {
+        let mut guard = LabelGuard::new(50);
+        let mut distinct = HashSet::new();
+        for i in 0..100_000 {
+            distinct.insert(guard.admit(LabelKind::Persona, &format!("p{i}")).value);
+        }
+        assert_eq!(distinct.len(), 51);
+        assert_eq!(guard.admitted_count(LabelKind::Persona), 50);
+    }
+}

@@ -1,0 +1,157 @@
+//! Metric series as plain data: counters, gauges and histograms keyed by label values.
+//!
+//! These live in the core (not in a metrics library's global registry) because the core owns them:
+//! they are rebuilt by replaying the ledger, read by the embedded alert engine, and rendered in both
+//! exposition formats by `telemetry::exposition`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Label values of one series, in the family's label order.
+pub type Key<const N: usize> = [Arc<str>; N];
+
+/// A family of counters.
+#[derive(Debug, Clone)]
+pub struct CounterVec<const N: usize> {
+    values: HashMap<Key<N>, f64>,
+}
+
+impl<const N: usize> Default for CounterVec<N> {
+    fn default() -> Self {
+        Self {
+            values: HashMap::new(),
+        }
+    }
+}
+
+impl<const N: usize> CounterVec<N> {
+    pub fn inc_by(&mut self, key: Key<N>, by: f64) {
+        *self.values.entry(key).or_insert(0.0) += by;
+    }
+
+    /// Makes a series exist at 0 (an idle series is not a missing one).
+    pub fn touch(&mut self, key: Key<N>) {
+        self.values.entry(key).or_insert(0.0);
+    }
+
+    pub fn get(&self, labels: [&str; N]) -> f64 {
+        self.values
+            .iter()
+            .find(|(k, _)| k.iter().zip(labels.iter()).all(|(a, b)| &**a == *b))
+            .map(|(_, v)| *v)
+            .unwrap_or(0.0)
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.values.values().sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Series sorted by label values, for stable output.
+    pub fn sorted(&self) -> Vec<(&Key<N>, f64)> {
+        let mut v: Vec<_> = self.values.iter().map(|(k, v)| (k, *v)).collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+}
+
+/// One histogram series: cumulative buckets are computed at render time.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    /// Non-cumulative counts per bucket; the last slot is the +Inf overflow.
+    counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Cumulative counts per upper bound, ending with +Inf (== count).
+    pub fn cumulative(&self) -> Vec<u64> {
+        let mut acc = 0;
+        self.counts
+            .iter()
+            .map(|c| {
+                acc += c;
+                acc
+            })
+            .collect()
+    }
+}
+
+/// A family of histograms sharing bucket bounds.
+#[derive(Debug, Clone)]
+pub struct HistogramVec<const N: usize> {
+    pub bounds: &'static [f64],
+    series: HashMap<Key<N>, Histogram>,
+}
+
+impl<const N: usize> HistogramVec<N> {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            series: HashMap::new(),
+        }
+    }
+
+    pub fn observe(&mut self, key: Key<N>, value: f64) {
+        let slots = self.bounds.len() + 1;
+        let h = self.series.entry(key).or_insert_with(|| Histogram {
+            counts: vec![0; slots],
+            sum: 0.0,
+            count: 0,
+        });
+        let slot = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
+        h.counts[slot] += 1;
+        h.sum += value;
+        h.count += 1;
+    }
+
+    pub fn get(&self, labels: [&str; N]) -> Option<&Histogram> {
+        self.series
+            .iter()
+            .find(|(k, _)| k.iter().zip(labels.iter()).all(|(a, b)| &**a == *b))
+            .map(|(_, h)| h)
+    }
+
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+
+    pub fn sorted(&self) -> Vec<(&Key<N>, &Histogram)> {
+        let mut v: Vec<_> = self.series.iter().collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+}
+
+/// Bucket bounds of `hypertool_workflow_stage_duration_seconds`: they reach well past the
+/// SlowWorkflowStage threshold of 300 s so that its p95 can be told apart from "somewhere above".
+pub const STAGE_DURATION_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0, 450.0, 600.0, 900.0, 1200.0, 1800.0,
+    3600.0,
+];
+
+/// Bucket bounds of `hypertool_persona_duration_seconds` (seconds a session spends in a persona).
+pub const PERSONA_DURATION_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+
+/// Bucket bounds of `langfuse_generation_duration_seconds` (one LLM call).
+pub const GENERATION_DURATION_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];

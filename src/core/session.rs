@@ -1,0 +1,252 @@
+//! Which persona each agent session is in, and for how long.
+//!
+//! A session's persona changes by an explicit `persona_switch` event or implicitly, when usage in
+//! the session arrives under another persona. Each closed persona period (a switch, or the session
+//! going idle past the timeout) yields its duration for `hypertool_persona_duration_seconds`.
+//!
+//! Expiry is decided from event times, not from when a timer happens to run: an event for a session
+//! idle past the timeout first closes the old period. A live server and a ledger replay therefore
+//! reach the same state whatever the tick timing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::clock::UnixMillis;
+
+#[derive(Debug, Clone)]
+struct SessionState {
+    persona: Arc<str>,
+    chatmode: Arc<str>,
+    since: UnixMillis,
+    last_activity: UnixMillis,
+}
+
+/// A finished stretch of time one session spent in one persona.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersonaPeriod {
+    pub persona: Arc<str>,
+    pub chatmode: Arc<str>,
+    pub seconds: f64,
+}
+
+/// A persona change observed in a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub from: Option<Arc<str>>,
+    pub to: Arc<str>,
+    pub chatmode: Arc<str>,
+}
+
+/// What one event did to its session.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SessionOutcome {
+    pub closed: Vec<PersonaPeriod>,
+    pub transition: Option<Transition>,
+}
+
+/// The open sessions, bounded in number.
+#[derive(Debug)]
+pub struct Sessions {
+    open: HashMap<Box<str>, SessionState>,
+    idle_timeout_ms: i64,
+    max_sessions: usize,
+}
+
+impl Sessions {
+    pub fn new(idle_timeout_ms: i64, max_sessions: usize) -> Self {
+        Self {
+            open: HashMap::new(),
+            idle_timeout_ms,
+            max_sessions: max_sessions.max(1),
+        }
+    }
+
+    pub fn configure(&mut self, idle_timeout_ms: i64, max_sessions: usize) {
+        self.idle_timeout_ms = idle_timeout_ms;
+        self.max_sessions = max_sessions.max(1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// Usage under `persona` in `session` at `at`: a different persona than the current one is an
+    /// implicit switch.
+    pub fn on_usage(
+        &mut self,
+        session: &str,
+        persona: &Arc<str>,
+        chatmode: &Arc<str>,
+        at: UnixMillis,
+    ) -> SessionOutcome {
+        let mut outcome = SessionOutcome::default();
+        self.expire_one(session, at, &mut outcome.closed);
+        match self.open.get_mut(session) {
+            Some(state) if &state.persona == persona => {
+                state.last_activity = state.last_activity.max(at);
+                state.chatmode = chatmode.clone();
+            }
+            Some(state) => {
+                outcome.closed.push(close(state, at));
+                outcome.transition = Some(Transition {
+                    from: Some(state.persona.clone()),
+                    to: persona.clone(),
+                    chatmode: chatmode.clone(),
+                });
+                *state = open_state(persona, chatmode, at);
+            }
+            None => {
+                self.insert(
+                    session,
+                    open_state(persona, chatmode, at),
+                    &mut outcome.closed,
+                );
+            }
+        }
+        outcome
+    }
+
+    /// An explicit switch to `to`. The previous period (if any) closes whatever `from` says.
+    pub fn on_switch(
+        &mut self,
+        session: &str,
+        to: &Arc<str>,
+        chatmode: &Arc<str>,
+        at: UnixMillis,
+    ) -> SessionOutcome {
+        let mut outcome = SessionOutcome::default();
+        self.expire_one(session, at, &mut outcome.closed);
+        match self.open.get_mut(session) {
+            Some(state) => {
+                outcome.closed.push(close(state, at));
+                *state = open_state(to, chatmode, at);
+            }
+            None => self.insert(session, open_state(to, chatmode, at), &mut outcome.closed),
+        }
+        outcome
+    }
+
+    /// Closes every session idle past the timeout at `now`.
+    pub fn expire(&mut self, now: UnixMillis) -> Vec<PersonaPeriod> {
+        let timeout = self.idle_timeout_ms;
+        let mut closed = Vec::new();
+        self.open.retain(|_, s| {
+            if now - s.last_activity > timeout {
+                closed.push(close(s, s.last_activity));
+                false
+            } else {
+                true
+            }
+        });
+        closed
+    }
+
+    fn expire_one(&mut self, session: &str, at: UnixMillis, closed: &mut Vec<PersonaPeriod>) {
+        if let Some(state) = self.open.get(session) {
+            if at - state.last_activity > self.idle_timeout_ms {
+                closed.push(close(state, state.last_activity));
+                self.open.remove(session);
+            }
+        }
+    }
+
+    fn insert(&mut self, session: &str, state: SessionState, closed: &mut Vec<PersonaPeriod>) {
+        if self.open.len() >= self.max_sessions {
+            // Over the bound: close the least recently active session to make room.
+            let oldest = self
+                .open
+                .iter()
+                .min_by_key(|(_, s)| s.last_activity)
+                .map(|(k, _)| k.clone());
+            if let Some(key) = oldest {
+                if let Some(s) = self.open.remove(&key) {
+                    closed.push(close(&s, s.last_activity));
+                }
+            }
+        }
+        self.open.insert(Box::from(session), state);
+    }
+}
+
+fn open_state(persona: &Arc<str>, chatmode: &Arc<str>, at: UnixMillis) -> SessionState {
+    SessionState {
+        persona: persona.clone(),
+        chatmode: chatmode.clone(),
+        since: at,
+        last_activity: at,
+    }
+}
+
+fn close(state: &SessionState, end: UnixMillis) -> PersonaPeriod {
+    PersonaPeriod {
+        persona: state.persona.clone(),
+        chatmode: state.chatmode.clone(),
+        seconds: (end - state.since).max(0) as f64 / 1000.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> Arc<str> {
+        Arc::from(v)
+    }
+
+    #[test]
+    fn usage_under_another_persona_is_a_switch_and_closes_a_period() {
+        let mut sessions = Sessions::new(60_000, 10);
+        let (be, te, cm) = (s("backend-engineer"), s("testing-specialist"), s("dev"));
+        assert_eq!(
+            sessions.on_usage("s1", &be, &cm, 0),
+            SessionOutcome::default()
+        );
+        assert!(sessions.on_usage("s1", &be, &cm, 10_000).closed.is_empty());
+        let out = sessions.on_usage("s1", &te, &cm, 30_000);
+        assert_eq!(
+            out.transition,
+            Some(Transition {
+                from: Some(be.clone()),
+                to: te.clone(),
+                chatmode: cm.clone()
+            })
+        );
+        assert_eq!(out.closed[0].seconds, 30.0);
+        assert_eq!(&*out.closed[0].persona, "backend-engineer");
+    }
+
+    #[test]
+    fn an_idle_session_closes_at_its_last_activity_whenever_it_is_noticed() {
+        let (be, cm) = (s("backend-engineer"), s("dev"));
+        // Noticed by a timer.
+        let mut a = Sessions::new(60_000, 10);
+        a.on_usage("s1", &be, &cm, 0);
+        a.on_usage("s1", &be, &cm, 20_000);
+        assert!(a.expire(80_000).is_empty());
+        let closed = a.expire(80_001);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].seconds, 20.0);
+        // Noticed by the next event in that session: same period, and no switch.
+        let mut b = Sessions::new(60_000, 10);
+        b.on_usage("s1", &be, &cm, 0);
+        b.on_usage("s1", &be, &cm, 20_000);
+        let out = b.on_usage("s1", &s("testing-specialist"), &cm, 500_000);
+        assert_eq!(out.closed.len(), 1);
+        assert_eq!(out.closed[0].seconds, 20.0);
+        assert_eq!(out.transition, None);
+    }
+
+    #[test]
+    fn the_number_of_sessions_is_bounded() {
+        let mut sessions = Sessions::new(i64::MAX, 3);
+        let (be, cm) = (s("backend-engineer"), s("dev"));
+        for i in 0..10 {
+            sessions.on_usage(&format!("s{i}"), &be, &cm, i);
+        }
+        assert_eq!(sessions.len(), 3);
+    }
+}

@@ -1,0 +1,327 @@
+//! The `hypertool` command line: `serve`, `check`, and the client commands for a running server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use hypertool::cli::{budgets_table, personas_table, Client};
+use hypertool::config::{self, Source};
+use hypertool::core::budget::{BudgetMode, Period};
+use hypertool::core::clock::SystemClock;
+use hypertool::server::{self, ServeOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "hypertool",
+    version,
+    about = "Persona-aware LLM gateway and observability"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: events API, admin API and the Prometheus metrics listener.
+    Serve(ServeArgs),
+    /// Validate the configuration and report every problem with file, line and fix.
+    Check {
+        /// hypertool.toml to check (default: ./config/hypertool.toml, else the built-in defaults).
+        #[arg(long, env = "HYPERTOOL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Personas known to a running server.
+    Personas {
+        #[command(subcommand)]
+        command: PersonasCommand,
+    },
+    /// Budgets of a running server.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// hypertool.toml (default: ./config/hypertool.toml, else the built-in defaults).
+    #[arg(long, env = "HYPERTOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the ledger (hypertool.db) lives.
+    #[arg(long, env = "HYPERTOOL_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// API address (default from the configuration: 127.0.0.1:8080).
+    #[arg(long, env = "HYPERTOOL_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Metrics address (default from the configuration: 127.0.0.1:9464).
+    #[arg(long, env = "HYPERTOOL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Write logs to this file as JSON lines instead of to stderr.
+    #[arg(long, env = "HYPERTOOL_LOG_FILE")]
+    log_file: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The running server.
+    #[arg(
+        long,
+        env = "HYPERTOOL_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum PersonasCommand {
+    /// List personas with their budgets.
+    List(ClientArgs),
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Show budgets (all, or one persona's).
+    Status {
+        persona: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Override a persona's budget at runtime (kept across restarts until `budget unset`).
+    Set {
+        persona: String,
+        #[arg(long)]
+        tokens: u64,
+        #[arg(long)]
+        cost_usd: Option<f64>,
+        #[arg(long, value_parser = parse_period)]
+        period: Option<Period>,
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<BudgetMode>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a runtime override: the configured budget applies again.
+    Unset {
+        persona: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Forget the usage of the current period: the persona starts afresh.
+    Reset {
+        persona: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn parse_period(s: &str) -> Result<Period, String> {
+    serde_json::from_value(json!(s))
+        .map_err(|_| format!("unknown period `{s}`; use one of {}", Period::NAMES))
+}
+
+fn parse_mode(s: &str) -> Result<BudgetMode, String> {
+    serde_json::from_value(json!(s))
+        .map_err(|_| format!("unknown mode `{s}`; use one of {}", BudgetMode::NAMES))
+}
+
+fn init_logging(log_file: Option<&PathBuf>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .with_writer(Mutex::new(file))
+                .init();
+        }
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    Ok(())
+}
+
+use std::sync::Mutex;
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    if let Err(e) = init_logging(args.log_file.as_ref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let source = Source::discover(args.config.as_deref());
+    let opts = ServeOptions {
+        config: source.clone(),
+        data_dir: args.data_dir,
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+    };
+    match server::start(opts, Arc::new(SystemClock)).await {
+        Ok(running) => {
+            tracing::info!(
+                api = %running.api_addr,
+                metrics = %running.metrics_addr,
+                config = %source.describe(),
+                version = env!("CARGO_PKG_VERSION"),
+                "hypertool serving"
+            );
+            running.run_until(shutdown_signal()).await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let source = Source::discover(path.as_deref());
+    if let Source::File(p) = &source {
+        if !p.is_file() {
+            eprintln!(
+                "error: {}: no such file\n  fix: pass the path of a hypertool.toml",
+                p.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    match config::load(&source) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok ({} personas, {} budgets)",
+                source.describe(),
+                cfg.personas.len(),
+                cfg.budgets.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s) in {}", errors.0.len(), source.describe());
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn client_command(
+    args: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    render: fn(&Value) -> String,
+) -> ExitCode {
+    let client = Client::new(&args.server);
+    match client.call(method, path, body).await {
+        Ok(v) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", render(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    use reqwest::Method;
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Check { config } => check(config),
+        Command::Personas {
+            command: PersonasCommand::List(client),
+        } => client_command(&client, Method::GET, "/api/personas", None, personas_table).await,
+        Command::Budget { command } => match command {
+            BudgetCommand::Status { persona, client } => {
+                let path = match persona {
+                    Some(p) => format!("/api/budgets/{}", encode(&p)),
+                    None => "/api/budgets".into(),
+                };
+                client_command(&client, Method::GET, &path, None, budgets_table).await
+            }
+            BudgetCommand::Set {
+                persona,
+                tokens,
+                cost_usd,
+                period,
+                mode,
+                client,
+            } => {
+                let mut body = json!({ "tokens": tokens });
+                if let Some(c) = cost_usd {
+                    body["cost_usd"] = json!(c);
+                }
+                if let Some(p) = period {
+                    body["period"] = json!(p);
+                }
+                if let Some(m) = mode {
+                    body["mode"] = json!(m);
+                }
+                let path = format!("/api/budgets/{}", encode(&persona));
+                client_command(&client, Method::PUT, &path, Some(body), budgets_table).await
+            }
+            BudgetCommand::Unset { persona, client } => {
+                let path = format!("/api/budgets/{}", encode(&persona));
+                client_command(&client, Method::DELETE, &path, None, budgets_table).await
+            }
+            BudgetCommand::Reset { persona, client } => {
+                let path = format!("/api/budgets/{}/reset", encode(&persona));
+                client_command(&client, Method::POST, &path, None, budgets_table).await
+            }
+        },
+    }
+}

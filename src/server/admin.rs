@@ -1,0 +1,232 @@
+//! The admin API: personas, budgets, health. Used by the CLI (`hypertool personas|budget`).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Serialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::config::budgets::RawBudget;
+use crate::core::budget::{BudgetMode, BudgetSource, BudgetSpec, BudgetState, Period};
+use crate::core::clock::to_rfc3339;
+use crate::core::event::{Event, Stamped};
+use crate::core::persona::Persona;
+use crate::store::writer::lock;
+
+/// A persona's budget as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct BudgetStatus {
+    pub persona: String,
+    pub tokens: u64,
+    pub used_tokens: u64,
+    pub remaining_tokens: i64,
+    pub cost_usd: Option<f64>,
+    pub used_cost_usd: f64,
+    pub remaining_cost_usd: Option<f64>,
+    pub period: Period,
+    pub period_start: Option<String>,
+    pub resets_at: Option<String>,
+    pub mode: BudgetMode,
+    pub source: String,
+}
+
+impl BudgetStatus {
+    pub fn of(persona: &str, b: &BudgetState) -> Self {
+        let source = match b.source {
+            BudgetSource::Override => "override",
+            BudgetSource::BudgetsFile => "budgets_file",
+            BudgetSource::PersonaFile => "persona_file",
+        };
+        BudgetStatus {
+            persona: persona.to_string(),
+            tokens: b.spec.tokens,
+            used_tokens: b.used_tokens(),
+            remaining_tokens: b.remaining_tokens(),
+            cost_usd: b.spec.cost_usd,
+            used_cost_usd: b.used_cost(),
+            remaining_cost_usd: b.remaining_cost(),
+            period: b.spec.period,
+            period_start: (b.spec.period != Period::None).then(|| to_rfc3339(b.period_start())),
+            resets_at: b.resets_at().map(to_rfc3339),
+            mode: b.spec.mode,
+            source: source.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PersonaView<'a> {
+    #[serde(flatten)]
+    persona: &'a Persona,
+    budget: Option<BudgetStatus>,
+}
+
+pub async fn list_personas(State(state): State<AppState>) -> impl IntoResponse {
+    let now = state.clock.now_ms();
+    let mut engine = lock(&state.engine);
+    engine.tick(now);
+    let personas: Vec<_> = engine
+        .personas()
+        .iter()
+        .map(|p| PersonaView {
+            persona: p,
+            budget: engine
+                .budgets()
+                .get(&p.name)
+                .map(|b| BudgetStatus::of(&p.name, b)),
+        })
+        .collect();
+    Json(json!({ "personas": personas })).into_response()
+}
+
+pub async fn list_budgets(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let now = state.clock.now_ms();
+    let mut engine = lock(&state.engine);
+    engine.tick(now);
+    let budgets: Vec<BudgetStatus> = engine
+        .budgets()
+        .iter()
+        .map(|(p, b)| BudgetStatus::of(p, b))
+        .collect();
+    Json(json!({ "budgets": budgets }))
+}
+
+fn status_of(state: &AppState, persona: &str) -> Result<BudgetStatus, ApiError> {
+    let now = state.clock.now_ms();
+    let mut engine = lock(&state.engine);
+    engine.tick(now);
+    let Some(p) = engine.personas().get(persona).map(|p| p.name.clone()) else {
+        return Err(unknown_persona(&engine, persona));
+    };
+    match engine.budgets().get(&p) {
+        Some(b) => Ok(BudgetStatus::of(&p, b)),
+        None => Err(ApiError::not_found(
+            "no_budget",
+            format!("persona `{p}` has no budget; set one with PUT /api/budgets/{p}"),
+        )),
+    }
+}
+
+fn unknown_persona(engine: &crate::core::engine::Engine, persona: &str) -> ApiError {
+    let known: Vec<&str> = engine.personas().iter().map(|p| p.name.as_str()).collect();
+    ApiError::not_found(
+        "unknown_persona",
+        format!(
+            "unknown persona `{persona}`; known personas: {}",
+            known.join(", ")
+        ),
+    )
+    .param("persona")
+}
+
+pub async fn get_budget(
+    State(state): State<AppState>,
+    Path(persona): Path<String>,
+) -> Result<Json<BudgetStatus>, ApiError> {
+    status_of(&state, &persona).map(Json)
+}
+
+pub async fn put_budget(
+    State(state): State<AppState>,
+    Path(persona): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BudgetStatus>, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request("invalid_body", r.body_text())
+        }
+    })?;
+    let raw: RawBudget = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_budget",
+            format!(
+                "{e}; the body is {{\"tokens\": N, \"cost_usd\": X, \"period\": one of {}, \"mode\": one of {}}}",
+                Period::NAMES,
+                BudgetMode::NAMES
+            ),
+        )
+    })?;
+    raw.check()
+        .map_err(|m| ApiError::bad_request("invalid_budget", m).param("cost_usd"))?;
+    let current: Option<BudgetSpec> = {
+        let engine = lock(&state.engine);
+        if engine.personas().get(&persona).is_none() {
+            return Err(unknown_persona(&engine, &persona));
+        }
+        engine.budget(&persona).map(|b| b.spec)
+    };
+    let spec = raw.resolve(
+        current.map(|c| c.period).unwrap_or_default(),
+        current.map(|c| c.mode).unwrap_or_default(),
+    );
+    if !state
+        .writer
+        .set_override(persona.clone(), Some(spec))
+        .await?
+    {
+        let engine = lock(&state.engine);
+        return Err(unknown_persona(&engine, &persona));
+    }
+    tracing::info!(persona = %persona, tokens = spec.tokens, period = spec.period.as_str(),
+        mode = spec.mode.as_str(), "budget override set");
+    status_of(&state, &persona).map(Json)
+}
+
+pub async fn delete_budget_override(
+    State(state): State<AppState>,
+    Path(persona): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    if !state.writer.set_override(persona.clone(), None).await? {
+        let engine = lock(&state.engine);
+        return Err(unknown_persona(&engine, &persona));
+    }
+    tracing::info!(persona = %persona, "budget override removed");
+    match status_of(&state, &persona) {
+        Ok(s) => Ok(Json(json!(s))),
+        Err(_) => Ok(Json(json!({"persona": persona, "budget": null}))),
+    }
+}
+
+pub async fn reset_budget(
+    State(state): State<AppState>,
+    Path(persona): Path<String>,
+) -> Result<Json<BudgetStatus>, ApiError> {
+    let canonical = {
+        let engine = lock(&state.engine);
+        match engine.personas().get(&persona) {
+            Some(p) => p.name.clone(),
+            None => return Err(unknown_persona(&engine, &persona)),
+        }
+    };
+    let event = Stamped {
+        at: state.clock.now_ms(),
+        event: Event::BudgetReset {
+            persona: canonical.clone(),
+        },
+    };
+    state.writer.append(vec![event]).await?;
+    tracing::info!(persona = %canonical, "budget reset for the current period");
+    status_of(&state, &canonical).map(Json)
+}
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+    } else {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    }
+}

@@ -1,0 +1,491 @@
+//! `POST /v1/events`: typed facts from agents that call their LLM themselves.
+//!
+//! Each event is checked field by field so that a rejection names the field and the reason;
+//! valid events of a batch are stored even when others are rejected, and are acknowledged only
+//! once they are in the ledger.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::core::clock::UnixMillis;
+use crate::core::event::{Event, GateResult, PersonaSwitch, StageResult, Stamped, Usage};
+
+/// How far in the future a client's timestamp may be (clock skew).
+const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+const MAX_LABEL_LEN: usize = 200;
+const MAX_SESSION_LEN: usize = 256;
+const MAX_REASON_LEN: usize = 2000;
+
+/// Why one event of a batch was refused.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRejection {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub reason: String,
+    /// Short category, also the `reason` label of `hypertool_events_rejected_total`.
+    #[serde(skip)]
+    pub category: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct EventsResponse {
+    accepted: usize,
+    rejected: Vec<EventRejection>,
+}
+
+pub async fn post_events(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            state.stats.reject("body_too_large", 1);
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    })?;
+    let doc: Value = serde_json::from_slice(&body).map_err(|e| {
+        state.stats.reject("malformed_json", 1);
+        ApiError::bad_request(
+            "malformed_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let Some(events) = doc.get("events").and_then(Value::as_array) else {
+        state.stats.reject("malformed_json", 1);
+        return Err(ApiError::bad_request(
+            "missing_events",
+            "request body must be a JSON object with an \"events\" array: {\"events\": [...]}",
+        )
+        .param("events"));
+    };
+    if let Some(extra) = doc
+        .as_object()
+        .and_then(|o| o.keys().find(|k| k.as_str() != "events"))
+    {
+        return Err(ApiError::bad_request(
+            "unknown_field",
+            format!("unknown top-level field `{extra}`; the body is {{\"events\": [...]}}"),
+        )
+        .param(extra.clone()));
+    }
+
+    let now = state.clock.now_ms();
+    let mut accepted = Vec::with_capacity(events.len());
+    let mut rejected = Vec::new();
+    for (index, raw) in events.iter().enumerate() {
+        match parse_event(raw, now) {
+            Ok(stamped) => accepted.push(stamped),
+            Err(mut r) => {
+                r.index = index;
+                state.stats.reject(r.category, 1);
+                rejected.push(r);
+            }
+        }
+    }
+    let n = accepted.len();
+    if n > 0 {
+        state.writer.append(accepted).await?;
+    }
+    let status = if n == 0 && !rejected.is_empty() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(EventsResponse {
+            accepted: n,
+            rejected,
+        }),
+    )
+        .into_response())
+}
+
+fn reject(
+    field: Option<&str>,
+    category: &'static str,
+    reason: impl Into<String>,
+) -> EventRejection {
+    EventRejection {
+        index: 0,
+        field: field.map(str::to_string),
+        reason: reason.into(),
+        category,
+    }
+}
+
+/// Field-by-field reader over one event object.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn label(&self, key: &str, max: usize) -> Result<String, EventRejection> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Err(reject(
+                Some(key),
+                "missing_field",
+                format!("`{key}` is required"),
+            )),
+            Some(v) => check_label(key, v, max),
+        }
+    }
+
+    fn opt_label(&self, key: &str, max: usize) -> Result<Option<String>, EventRejection> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => check_label(key, v, max).map(Some),
+        }
+    }
+
+    fn tokens(&self, key: &str) -> Result<u64, EventRejection> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Err(reject(
+                Some(key),
+                "missing_field",
+                format!("`{key}` is required"),
+            )),
+            Some(v) => match v.as_u64() {
+                Some(n) => Ok(n),
+                None if v.as_i64().is_some_and(|n| n < 0)
+                    || v.as_f64().is_some_and(|f| f < 0.0) =>
+                {
+                    Err(reject(
+                        Some(key),
+                        "negative_tokens",
+                        format!("`{key}` must not be negative, got {v}"),
+                    ))
+                }
+                None => Err(reject(
+                    Some(key),
+                    "invalid_field",
+                    format!("`{key}` must be a non-negative integer, got {v}"),
+                )),
+            },
+        }
+    }
+
+    fn non_negative(&self, key: &str, required: bool) -> Result<Option<f64>, EventRejection> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) if required => Err(reject(
+                Some(key),
+                "missing_field",
+                format!("`{key}` is required"),
+            )),
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(f) if f.is_finite() && f >= 0.0 => Ok(Some(f)),
+                _ => Err(reject(
+                    Some(key),
+                    "invalid_field",
+                    format!("`{key}` must be a non-negative number, got {v}"),
+                )),
+            },
+        }
+    }
+
+    fn timestamp(&self, now: UnixMillis) -> Result<UnixMillis, EventRejection> {
+        let at = match self.obj.get("timestamp") {
+            None | Some(Value::Null) => return Ok(now),
+            Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| {
+                    reject(
+                        Some("timestamp"),
+                        "invalid_field",
+                        format!("`timestamp` {s:?} is not RFC 3339 ({e}); e.g. \"2026-11-28T09:00:00Z\""),
+                    )
+                })?,
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(secs) if (0.0..1e11).contains(&secs) => (secs * 1000.0) as i64,
+                _ => {
+                    return Err(reject(
+                        Some("timestamp"),
+                        "invalid_field",
+                        format!("`timestamp` {n} is not Unix seconds"),
+                    ))
+                }
+            },
+            Some(v) => {
+                return Err(reject(
+                    Some("timestamp"),
+                    "invalid_field",
+                    format!("`timestamp` must be an RFC 3339 string or Unix seconds, got {v}"),
+                ))
+            }
+        };
+        if at > now + MAX_FUTURE_SKEW_MS {
+            return Err(reject(
+                Some("timestamp"),
+                "future_timestamp",
+                "`timestamp` is more than 5 minutes in the future; check the client's clock",
+            ));
+        }
+        Ok(at)
+    }
+
+    fn only(&self, allowed: &[&str]) -> Result<(), EventRejection> {
+        match self.obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(k) => Err(reject(
+                Some(k),
+                "unknown_field",
+                format!("unknown field `{k}`; allowed: {}", allowed.join(", ")),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn check_label(key: &str, v: &Value, max: usize) -> Result<String, EventRejection> {
+    let Some(s) = v.as_str() else {
+        return Err(reject(
+            Some(key),
+            "invalid_field",
+            format!("`{key}` must be a string, got {v}"),
+        ));
+    };
+    if s.is_empty() {
+        return Err(reject(
+            Some(key),
+            "invalid_field",
+            format!("`{key}` must not be empty"),
+        ));
+    }
+    if s.len() > max {
+        return Err(reject(
+            Some(key),
+            "invalid_field",
+            format!("`{key}` is longer than {max} bytes"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(reject(
+            Some(key),
+            "invalid_field",
+            format!("`{key}` must not contain control characters"),
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Checks one event of a batch. `index` of a rejection is filled in by the caller.
+pub fn parse_event(raw: &Value, now: UnixMillis) -> Result<Stamped, EventRejection> {
+    let Some(obj) = raw.as_object() else {
+        return Err(reject(
+            None,
+            "invalid_event",
+            "each event must be a JSON object",
+        ));
+    };
+    let f = Fields { obj };
+    let kind = match obj.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(_) => {
+            return Err(reject(
+                Some("type"),
+                "invalid_field",
+                "`type` must be a string",
+            ))
+        }
+        None => {
+            return Err(reject(
+                Some("type"),
+                "missing_field",
+                "`type` is required: usage, persona_switch or stage",
+            ))
+        }
+    };
+    let event = match kind {
+        "usage" => {
+            f.only(&[
+                "type",
+                "persona",
+                "chatmode",
+                "model",
+                "prompt_tokens",
+                "completion_tokens",
+                "workflow",
+                "stage",
+                "session",
+                "cost_usd",
+                "timestamp",
+            ])?;
+            Event::Usage(Usage {
+                persona: f.label("persona", MAX_LABEL_LEN)?,
+                chatmode: f.label("chatmode", MAX_LABEL_LEN)?,
+                model: f.label("model", MAX_LABEL_LEN)?,
+                prompt_tokens: f.tokens("prompt_tokens")?,
+                completion_tokens: f.tokens("completion_tokens")?,
+                workflow: f.opt_label("workflow", MAX_LABEL_LEN)?,
+                stage: f.opt_label("stage", MAX_LABEL_LEN)?,
+                session: f.opt_label("session", MAX_SESSION_LEN)?,
+                cost_usd: f.non_negative("cost_usd", false)?,
+            })
+        }
+        "persona_switch" => {
+            f.only(&["type", "session", "from", "to", "chatmode", "timestamp"])?;
+            Event::PersonaSwitch(PersonaSwitch {
+                session: f.label("session", MAX_SESSION_LEN)?,
+                from: f.opt_label("from", MAX_LABEL_LEN)?,
+                to: f.label("to", MAX_LABEL_LEN)?,
+                chatmode: f.label("chatmode", MAX_LABEL_LEN)?,
+            })
+        }
+        "stage" => {
+            f.only(&[
+                "type",
+                "workflow",
+                "stage",
+                "persona",
+                "model",
+                "duration_seconds",
+                "gate",
+                "reason",
+                "timestamp",
+            ])?;
+            let gate = match obj.get("gate") {
+                Some(Value::String(g)) if g == "pass" => GateResult::Pass,
+                Some(Value::String(g)) if g == "fail" => GateResult::Fail,
+                None | Some(Value::Null) => {
+                    return Err(reject(
+                        Some("gate"),
+                        "missing_field",
+                        "`gate` is required: \"pass\" or \"fail\"",
+                    ))
+                }
+                Some(v) => {
+                    return Err(reject(
+                        Some("gate"),
+                        "invalid_field",
+                        format!("`gate` must be \"pass\" or \"fail\", got {v}"),
+                    ))
+                }
+            };
+            let reason = match obj.get("reason") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if s.len() <= MAX_REASON_LEN => Some(s.clone()),
+                Some(_) => {
+                    return Err(reject(
+                        Some("reason"),
+                        "invalid_field",
+                        format!("`reason` must be a string of at most {MAX_REASON_LEN} bytes"),
+                    ))
+                }
+            };
+            Event::Stage(StageResult {
+                workflow: f.label("workflow", MAX_LABEL_LEN)?,
+                stage: f.label("stage", MAX_LABEL_LEN)?,
+                persona: f.label("persona", MAX_LABEL_LEN)?,
+                model: f.label("model", MAX_LABEL_LEN)?,
+                duration_seconds: f.non_negative("duration_seconds", true)?.unwrap_or(0.0),
+                gate,
+                reason,
+            })
+        }
+        other => {
+            return Err(reject(
+                Some("type"),
+                "unknown_type",
+                format!("unknown event type {other:?}; use usage, persona_switch or stage"),
+            ))
+        }
+    };
+    let at = f.timestamp(now)?;
+    Ok(Stamped { at, event })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_796_000_000_000;
+
+    #[test]
+    fn a_full_usage_event_parses() {
+        let s = parse_event(
+            &json!({"type":"usage","persona":"backend-engineer","chatmode":"dev","model":"gpt-4",
+                    "prompt_tokens":10,"completion_tokens":5,"session":"s","cost_usd":0.01,
+                    "timestamp":"2026-11-28T09:00:00Z"}),
+            NOW,
+        )
+        .unwrap();
+        let Event::Usage(u) = s.event else {
+            panic!("not usage")
+        };
+        assert_eq!(u.total_tokens(), 15);
+        assert_eq!(s.at, 1_795_856_400_000);
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let cases = [
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"m","prompt_tokens":-1,"completion_tokens":0}),
+                "prompt_tokens",
+                "negative_tokens",
+            ),
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"m","prompt_tokens":"3","completion_tokens":0}),
+                "prompt_tokens",
+                "invalid_field",
+            ),
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","prompt_tokens":1,"completion_tokens":0}),
+                "model",
+                "missing_field",
+            ),
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"m","prompt_tokens":1,"completion_tokens":0,"promt":1}),
+                "promt",
+                "unknown_field",
+            ),
+            (
+                json!({"type":"stage","workflow":"w","stage":"s","persona":"p","model":"m","duration_seconds":1,"gate":"passed"}),
+                "gate",
+                "invalid_field",
+            ),
+            (json!({"type":"teleport"}), "type", "unknown_type"),
+            (
+                json!({"type":"persona_switch","session":"s","to":"b","chatmode":"c","timestamp":"yesterday"}),
+                "timestamp",
+                "invalid_field",
+            ),
+            (
+                json!({"type":"persona_switch","session":"s","to":"b","chatmode":"c","timestamp": (NOW / 1000 + 3600)}),
+                "timestamp",
+                "future_timestamp",
+            ),
+        ];
+        for (event, field, category) in cases {
+            let r = parse_event(&event, NOW).expect_err(&event.to_string());
+            assert_eq!(r.field.as_deref(), Some(field), "{event}");
+            assert_eq!(r.category, category, "{event}");
+        }
+    }
+
+    #[test]
+    fn switch_from_may_be_null() {
+        let s = parse_event(
+            &json!({"type":"persona_switch","session":"s","from":null,"to":"b","chatmode":"c"}),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(s.at, NOW);
+        assert!(matches!(
+            s.event,
+            Event::PersonaSwitch(PersonaSwitch { from: None, .. })
+        ));
+    }
+}

@@ -1,0 +1,400 @@
+//! `hypertool serve`: the API listener, the metrics listener, and the tasks around the core.
+//!
+//! Start-up: load configuration → bind both listeners (a busy port fails fast, before any work) →
+//! open the ledger → replay it into a fresh engine → start the writer, the ticker and the reloader
+//! → serve. Shutdown (SIGTERM/Ctrl-C): mark not ready, stop accepting, finish in-flight requests,
+//! flush the ledger, return — all within `server.shutdown_grace_seconds`.
+
+pub mod admin;
+pub mod error;
+pub mod events;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{self, Config, ConfigErrors, Source};
+use crate::core::clock::{Clock, UnixMillis};
+use crate::core::engine::Engine;
+use crate::store::sqlite::SqliteLedger;
+use crate::store::writer::{self, lock, WriterHandle};
+use crate::store::{Ledger, LedgerError};
+use crate::telemetry::exposition::{self, Format, ProcessInfo};
+use error::ApiError;
+
+/// Counters kept outside the engine (requests refused before they became events; reloads).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    reload_success: AtomicU64,
+    reload_failure: AtomicU64,
+    last_reload_ok: AtomicBool,
+}
+
+impl ServerStats {
+    pub fn reject(&self, reason: &'static str, n: u64) {
+        let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(reason).or_insert(0) += n;
+    }
+}
+
+/// Shared by every route: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Mutex<Engine>>,
+    pub writer: WriterHandle,
+    pub clock: Arc<dyn Clock>,
+    pub stats: Arc<ServerStats>,
+    pub draining: Arc<AtomicBool>,
+    pub started_ms: UnixMillis,
+    pub max_body_bytes: usize,
+}
+
+/// What `hypertool serve` was asked for; `None` falls back to the configuration file.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config: Source,
+    pub data_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Why the server could not start. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration ({source_name}):\n{errors}")]
+    Config {
+        source_name: String,
+        errors: ConfigErrors,
+    },
+    #[error("cannot listen on {addr} for the {what}: {reason}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+}
+
+fn bind_error(
+    what: &'static str,
+    flag: &str,
+    env: &str,
+    addr: SocketAddr,
+    e: std::io::Error,
+) -> StartError {
+    let reason = match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "port {} is already in use; stop the process holding it (`ss -ltnp 'sport = :{}'`) or \
+             choose another address with {flag} or {env}",
+            addr.port(),
+            addr.port()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied; use a port above 1023 or another address with {flag} or {env}"
+        ),
+        _ => format!("{e}; choose another address with {flag} or {env}"),
+    };
+    StartError::Bind { what, addr, reason }
+}
+
+/// A started server.
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub state: AppState,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Asks the server to drain and waits until it has (ledger flushed).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits for `signal`, then drains.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        tracing::info!("shutdown requested: draining");
+        self.shutdown().await;
+    }
+}
+
+/// Starts everything and returns once both listeners accept connections.
+pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
+    let source = opts.config.clone();
+    let cfg = {
+        let src = source.clone();
+        tokio::task::spawn_blocking(move || config::load(&src))
+            .await
+            .map_err(|e| StartError::Ledger(LedgerError::new("start", e)))?
+    }
+    .map_err(|errors| StartError::Config {
+        source_name: source.describe(),
+        errors,
+    })?;
+    let settings = cfg.settings.clone();
+    let api_addr = opts.listen.unwrap_or(settings.listen);
+    let metrics_addr = opts.metrics_listen.unwrap_or(settings.metrics_listen);
+    let api_listener = TcpListener::bind(api_addr)
+        .await
+        .map_err(|e| bind_error("API", "--listen", "HYPERTOOL_LISTEN", api_addr, e))?;
+    let metrics_listener = TcpListener::bind(metrics_addr).await.map_err(|e| {
+        bind_error(
+            "metrics",
+            "--metrics-listen",
+            "HYPERTOOL_METRICS_LISTEN",
+            metrics_addr,
+            e,
+        )
+    })?;
+    let api_addr = api_listener.local_addr().unwrap_or(api_addr);
+    let metrics_addr = metrics_listener.local_addr().unwrap_or(metrics_addr);
+
+    // Open and replay the ledger on a blocking thread: it may be large.
+    let db_path = opts.data_dir.join("hypertool.db");
+    let engine_cfg = cfg.engine_config();
+    let replay_clock = clock.clone();
+    let (ledger, engine, replayed) = tokio::task::spawn_blocking(move || {
+        let ledger = SqliteLedger::open(&db_path, settings.ledger_sync)?;
+        let now = replay_clock.now_ms();
+        let mut engine = Engine::new(engine_cfg, now);
+        for (persona, spec) in ledger.overrides()? {
+            engine.set_override(&persona, Some(spec), now);
+        }
+        let replayed = ledger.replay(&mut |s| engine.apply(&s))?;
+        engine.tick(replay_clock.now_ms());
+        Ok::<_, LedgerError>((ledger, engine, replayed))
+    })
+    .await
+    .map_err(|e| StartError::Ledger(LedgerError::new("start", e)))??;
+    tracing::info!(
+        events = replayed,
+        ledger = %opts.data_dir.join("hypertool.db").display(),
+        "ledger replayed"
+    );
+
+    let engine = Arc::new(Mutex::new(engine));
+    let (writer, writer_thread) = writer::spawn(
+        Box::new(ledger) as Box<dyn Ledger>,
+        engine.clone(),
+        clock.clone(),
+    );
+    let stats = Arc::new(ServerStats {
+        last_reload_ok: AtomicBool::new(true),
+        ..ServerStats::default()
+    });
+    let state = AppState {
+        engine: engine.clone(),
+        writer: writer.clone(),
+        clock: clock.clone(),
+        stats: stats.clone(),
+        draining: Arc::new(AtomicBool::new(false)),
+        started_ms: clock.now_ms(),
+        max_body_bytes: cfg.settings.max_body_bytes,
+    };
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grace = Duration::from_secs(cfg.settings.shutdown_grace_seconds);
+    let background = spawn_background(
+        &state,
+        cfg,
+        opts.listen.is_some() || opts.metrics_listen.is_some(),
+    );
+
+    let api = api_router(state.clone());
+    let metrics = metrics_router(state.clone());
+    let drain_state = state.clone();
+    let task = tokio::spawn(async move {
+        let api_server =
+            axum::serve(api_listener, api).with_graceful_shutdown(wait_for(shutdown_rx.clone()));
+        let metrics_server = axum::serve(metrics_listener, metrics)
+            .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
+        let mut rx = shutdown_rx.clone();
+        let servers = async {
+            let (a, m) = tokio::join!(api_server, metrics_server);
+            if let Err(e) = a {
+                tracing::error!("API server stopped: {e}");
+            }
+            if let Err(e) = m {
+                tracing::error!("metrics server stopped: {e}");
+            }
+        };
+        tokio::pin!(servers);
+        tokio::select! {
+            _ = &mut servers => {}
+            _ = wait_for_changed(&mut rx) => {
+                drain_state.draining.store(true, Ordering::SeqCst);
+                if tokio::time::timeout(grace, &mut servers).await.is_err() {
+                    tracing::warn!(grace_seconds = grace.as_secs(),
+                        "in-flight requests did not finish within the grace period; they were not acknowledged");
+                }
+            }
+        }
+        drain_state.draining.store(true, Ordering::SeqCst);
+        for task in background {
+            task.abort();
+        }
+        // Everything acknowledged is already committed; this flushes what was queued behind it.
+        drain_state.writer.shutdown().await;
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        tracing::info!("ledger flushed; stopped");
+    });
+
+    Ok(Running {
+        api_addr,
+        metrics_addr,
+        state,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    wait_for_changed(&mut rx).await;
+}
+
+async fn wait_for_changed(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            // The sender is gone: nobody can ask for shutdown any more, so never resolve.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The ticker (idle sessions, budget periods) and the configuration reloader.
+fn spawn_background(
+    state: &AppState,
+    cfg: Config,
+    addr_overridden: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    let ticker_state = state.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            interval.tick().await;
+            let now = ticker_state.clock.now_ms();
+            lock(&ticker_state.engine).tick(now);
+        }
+    }));
+
+    let reload_state = state.clone();
+    let reject_stats = state.stats.clone();
+    let initial = cfg.settings.clone();
+    let source = cfg.source.clone();
+    let interval = Duration::from_millis(cfg.settings.reload_interval_ms);
+    tasks.push(tokio::spawn(config::reload::watch(
+        source,
+        interval,
+        cfg.fingerprint,
+        move |new: Config| {
+            if !addr_overridden
+                && (new.settings.listen != initial.listen || new.settings.metrics_listen != initial.metrics_listen)
+            {
+                tracing::warn!("listen addresses changed in the configuration; they take effect at the next restart");
+            }
+            let now = reload_state.clock.now_ms();
+            lock(&reload_state.engine).reconfigure(new.engine_config(), now);
+            reload_state.stats.reload_success.fetch_add(1, Ordering::Relaxed);
+            reload_state.stats.last_reload_ok.store(true, Ordering::Relaxed);
+            tracing::info!(personas = new.personas.len(), budgets = new.budgets.len(), "configuration reloaded");
+        },
+        move |errors: ConfigErrors| {
+            reject_stats.reload_failure.fetch_add(1, Ordering::Relaxed);
+            reject_stats.last_reload_ok.store(false, Ordering::Relaxed);
+            tracing::error!("configuration reload refused; keeping the last good configuration:\n{errors}");
+        },
+    )));
+    tasks
+}
+
+fn api_router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/events", post(events::post_events))
+        .route("/api/personas", get(admin::list_personas))
+        .route("/api/budgets", get(admin::list_budgets))
+        .route(
+            "/api/budgets/{persona}",
+            get(admin::get_budget)
+                .put(admin::put_budget)
+                .delete(admin::delete_budget_override),
+        )
+        .route("/api/budgets/{persona}/reset", post(admin::reset_budget))
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(admin::healthz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found(
+        "not_found",
+        "no such route; see docs/ARCHITECTURE.md for the API",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// Renders `/metrics` for `state` at the current time.
+pub fn render_metrics(state: &AppState, format: Format) -> String {
+    let process = ProcessInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        start_time_ms: state.started_ms,
+        config_reload_success: state.stats.reload_success.load(Ordering::Relaxed) as f64,
+        config_reload_failure: state.stats.reload_failure.load(Ordering::Relaxed) as f64,
+        config_last_reload_ok: state.stats.last_reload_ok.load(Ordering::Relaxed),
+        events_rejected: state
+            .stats
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v as f64))
+            .collect(),
+    };
+    let now = state.clock.now_ms();
+    let mut engine = lock(&state.engine);
+    engine.tick(now);
+    exposition::render(&engine, &process, format)
+}
+
+async fn metrics_handler(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let body = render_metrics(&state, format);
+    ([(header::CONTENT_TYPE, format.content_type())], body)
+}

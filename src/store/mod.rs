@@ -1,0 +1,49 @@
+//! The ledger: every accepted event, stored before it is acknowledged.
+//!
+//! [`Ledger`] is the storage trait (SQLite now; PostgreSQL for several replicas later).
+//! [`writer`] owns the ledger on a thread of its own and applies each stored batch to the engine in
+//! ledger order, so the in-memory state is always a replay of what is on disk.
+
+pub mod sqlite;
+pub mod writer;
+
+use crate::core::budget::BudgetSpec;
+use crate::core::event::Stamped;
+
+/// Storage errors carry the operation and the underlying message; never event contents.
+#[derive(Debug, thiserror::Error)]
+#[error("ledger {op} failed: {message}")]
+pub struct LedgerError {
+    pub op: &'static str,
+    pub message: String,
+}
+
+impl LedgerError {
+    pub fn new(op: &'static str, e: impl std::fmt::Display) -> Self {
+        Self {
+            op,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Totals straight from storage, to check against the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LedgerTotals {
+    pub events: u64,
+    pub usage_events: u64,
+    pub tokens: u64,
+}
+
+/// Durable storage of events and budget overrides.
+pub trait Ledger: Send {
+    /// Stores `events` atomically (all or none), in order.
+    fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError>;
+    /// Calls `f` with every stored event in the order stored.
+    fn replay(&self, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError>;
+    /// Budget overrides set through the admin API, by persona.
+    fn overrides(&self) -> Result<Vec<(String, BudgetSpec)>, LedgerError>;
+    fn set_override(&mut self, persona: &str, spec: Option<&BudgetSpec>)
+        -> Result<(), LedgerError>;
+    fn totals(&self) -> Result<LedgerTotals, LedgerError>;
+}

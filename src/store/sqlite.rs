@@ -1,0 +1,219 @@
+//! The embedded default ledger: one SQLite file in WAL mode.
+//!
+//! Each append is one transaction. With `synchronous=NORMAL` in WAL mode a committed transaction
+//! survives the process being killed (the WAL is in the OS page cache); `FULL` also survives a power
+//! cut. Events are stored as their JSON with the columns analysts query most alongside.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Ledger, LedgerError, LedgerTotals};
+use crate::config::LedgerSync;
+use crate::core::budget::BudgetSpec;
+use crate::core::event::{Event, Stamped};
+
+pub struct SqliteLedger {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    persona TEXT,
+    chatmode TEXT,
+    model TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cost_usd REAL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_persona_at ON events (persona, at_ms);
+CREATE TABLE IF NOT EXISTS budget_overrides (
+    persona TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+";
+
+impl SqliteLedger {
+    pub fn open(path: &Path, sync: LedgerSync) -> Result<Self, LedgerError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    LedgerError::new("open", format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| LedgerError::new("open", format!("{}: {e}", path.display())))?;
+        let sync = match sync {
+            LedgerSync::Normal => "NORMAL",
+            LedgerSync::Full => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000;"
+        ))
+        .map_err(|e| LedgerError::new("open", e))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| LedgerError::new("migrate", e))?;
+        Ok(Self { conn })
+    }
+}
+
+impl Ledger for SqliteLedger {
+    fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|e| LedgerError::new("append", e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO events (at_ms, kind, persona, chatmode, model, prompt_tokens, \
+                     completion_tokens, cost_usd, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(|e| LedgerError::new("append", e))?;
+            for s in events {
+                let body =
+                    serde_json::to_string(&s.event).map_err(|e| LedgerError::new("append", e))?;
+                let (persona, chatmode, model, pt, ct, cost) = match &s.event {
+                    Event::Usage(u) => (
+                        Some(u.persona.as_str()),
+                        Some(u.chatmode.as_str()),
+                        Some(u.model.as_str()),
+                        i64::try_from(u.prompt_tokens).ok(),
+                        i64::try_from(u.completion_tokens).ok(),
+                        u.cost_usd,
+                    ),
+                    Event::PersonaSwitch(p) => (
+                        Some(p.to.as_str()),
+                        Some(p.chatmode.as_str()),
+                        None,
+                        None,
+                        None,
+                        None,
+                    ),
+                    Event::Stage(st) => (
+                        Some(st.persona.as_str()),
+                        None,
+                        Some(st.model.as_str()),
+                        None,
+                        None,
+                        None,
+                    ),
+                    Event::BudgetReset { persona } => {
+                        (Some(persona.as_str()), None, None, None, None, None)
+                    }
+                };
+                stmt.execute(params![
+                    s.at,
+                    s.event.kind(),
+                    persona,
+                    chatmode,
+                    model,
+                    pt,
+                    ct,
+                    cost,
+                    body
+                ])
+                .map_err(|e| LedgerError::new("append", e))?;
+            }
+        }
+        tx.commit().map_err(|e| LedgerError::new("commit", e))
+    }
+
+    fn replay(&self, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, at_ms, body FROM events ORDER BY seq")
+            .map_err(|e| LedgerError::new("replay", e))?;
+        let mut rows = stmt.query([]).map_err(|e| LedgerError::new("replay", e))?;
+        let mut n = 0;
+        while let Some(row) = rows.next().map_err(|e| LedgerError::new("replay", e))? {
+            let seq: i64 = row.get(0).map_err(|e| LedgerError::new("replay", e))?;
+            let at: i64 = row.get(1).map_err(|e| LedgerError::new("replay", e))?;
+            let body: String = row.get(2).map_err(|e| LedgerError::new("replay", e))?;
+            let event: Event = serde_json::from_str(&body).map_err(|e| {
+                LedgerError::new("replay", format!("event #{seq} cannot be read back: {e}"))
+            })?;
+            f(Stamped { at, event });
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn overrides(&self) -> Result<Vec<(String, BudgetSpec)>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT persona, spec FROM budget_overrides ORDER BY persona")
+            .map_err(|e| LedgerError::new("overrides", e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| LedgerError::new("overrides", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (persona, spec) = row.map_err(|e| LedgerError::new("overrides", e))?;
+            let spec: BudgetSpec = serde_json::from_str(&spec).map_err(|e| {
+                LedgerError::new(
+                    "overrides",
+                    format!("override of {persona} unreadable: {e}"),
+                )
+            })?;
+            out.push((persona, spec));
+        }
+        Ok(out)
+    }
+
+    fn set_override(
+        &mut self,
+        persona: &str,
+        spec: Option<&BudgetSpec>,
+    ) -> Result<(), LedgerError> {
+        match spec {
+            Some(spec) => {
+                let text =
+                    serde_json::to_string(spec).map_err(|e| LedgerError::new("override", e))?;
+                self.conn
+                    .execute(
+                        "INSERT INTO budget_overrides (persona, spec, updated_at_ms) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT(persona) DO UPDATE SET spec = excluded.spec, updated_at_ms = excluded.updated_at_ms",
+                        params![persona, text, chrono::Utc::now().timestamp_millis()],
+                    )
+                    .map_err(|e| LedgerError::new("override", e))?;
+            }
+            None => {
+                self.conn
+                    .execute(
+                        "DELETE FROM budget_overrides WHERE persona = ?1",
+                        params![persona],
+                    )
+                    .map_err(|e| LedgerError::new("override", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn totals(&self) -> Result<LedgerTotals, LedgerError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(kind = 'usage'), 0), \
+                 COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0) FROM events",
+                [],
+                |r| {
+                    Ok(LedgerTotals {
+                        events: r.get::<_, i64>(0)? as u64,
+                        usage_events: r.get::<_, i64>(1)? as u64,
+                        tokens: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| LedgerError::new("totals", e))
+            .map(|t| t.unwrap_or_default())
+    }
+}

@@ -1,0 +1,202 @@
+//! The ledger writer: one thread that owns the ledger, stores batches, then applies them.
+//!
+//! Requests queue on a bounded channel (a full queue makes callers wait: backpressure, never loss).
+//! Consecutive appends are grouped into one transaction (group commit), so many small HTTP batches
+//! cost one commit. Only after the commit are the events applied to the engine and acknowledged:
+//! an acknowledged event is on disk, and the engine's state is always a replay of the ledger.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Ledger, LedgerError, LedgerTotals};
+use crate::core::budget::BudgetSpec;
+use crate::core::clock::Clock;
+use crate::core::engine::Engine;
+use crate::core::event::Stamped;
+
+/// Most events committed in one transaction.
+const MAX_GROUP_EVENTS: usize = 16_384;
+/// Requests waiting for the writer before callers are made to wait.
+const QUEUE_DEPTH: usize = 4_096;
+
+enum Command {
+    Append {
+        events: Vec<Stamped>,
+        ack: oneshot::Sender<Result<(), LedgerError>>,
+    },
+    SetOverride {
+        persona: String,
+        spec: Option<BudgetSpec>,
+        ack: oneshot::Sender<Result<bool, LedgerError>>,
+    },
+    Totals {
+        ack: oneshot::Sender<Result<LedgerTotals, LedgerError>>,
+    },
+    Shutdown {
+        ack: oneshot::Sender<()>,
+    },
+}
+
+/// Locks the engine, recovering it if a panic elsewhere poisoned the lock (its state stays valid:
+/// every mutation is a complete `apply`).
+pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    engine
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A cloneable handle for sending work to the writer.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+fn gone() -> LedgerError {
+    LedgerError::new(
+        "queue",
+        "the ledger writer has stopped (server shutting down)",
+    )
+}
+
+impl WriterHandle {
+    /// Stores `events` and applies them; returns once they are durable.
+    pub async fn append(&self, events: Vec<Stamped>) -> Result<(), LedgerError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append { events, ack })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Sets or removes a persona's budget override; false when the persona is unknown.
+    pub async fn set_override(
+        &self,
+        persona: String,
+        spec: Option<BudgetSpec>,
+    ) -> Result<bool, LedgerError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SetOverride { persona, spec, ack })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    pub async fn totals(&self) -> Result<LedgerTotals, LedgerError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Totals { ack })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Finishes everything queued before this call, then stops the writer.
+    pub async fn shutdown(&self) {
+        let (ack, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown { ack }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts the writer thread.
+pub fn spawn(
+    ledger: Box<dyn Ledger>,
+    engine: Arc<Mutex<Engine>>,
+    clock: Arc<dyn Clock>,
+) -> (WriterHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let thread = std::thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || run(ledger, engine, clock, rx))
+        .unwrap_or_else(|e| {
+            // Without a writer thread nothing can be stored: there is no way to continue.
+            tracing::error!("cannot start the ledger writer thread: {e}");
+            std::process::exit(1)
+        });
+    (WriterHandle { tx }, thread)
+}
+
+fn run(
+    mut ledger: Box<dyn Ledger>,
+    engine: Arc<Mutex<Engine>>,
+    clock: Arc<dyn Clock>,
+    mut rx: mpsc::Receiver<Command>,
+) {
+    let mut carried: Option<Command> = None;
+    loop {
+        let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
+            return;
+        };
+        match first {
+            Command::Append { events, ack } => {
+                let mut batch = events;
+                let mut acks = vec![ack];
+                while batch.len() < MAX_GROUP_EVENTS {
+                    match rx.try_recv() {
+                        Ok(Command::Append { events, ack }) => {
+                            batch.extend(events);
+                            acks.push(ack);
+                        }
+                        Ok(other) => {
+                            carried = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match ledger.append(&batch) {
+                    Ok(()) => {
+                        let mut engine = lock(&engine);
+                        for e in &batch {
+                            engine.apply(e);
+                        }
+                        drop(engine);
+                        for ack in acks {
+                            let _ = ack.send(Ok(()));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            events = batch.len(),
+                            "{e}; the batch was not acknowledged"
+                        );
+                        for ack in acks {
+                            let _ = ack.send(Err(LedgerError {
+                                op: e.op,
+                                message: e.message.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+            Command::SetOverride { persona, spec, ack } => {
+                let canonical = lock(&engine)
+                    .personas()
+                    .get(&persona)
+                    .map(|p| p.name.clone());
+                let result = match canonical {
+                    None => Ok(false),
+                    Some(name) => ledger.set_override(&name, spec.as_ref()).map(|()| {
+                        lock(&engine).set_override(&name, spec, clock.now_ms());
+                        true
+                    }),
+                };
+                let _ = ack.send(result);
+            }
+            Command::Totals { ack } => {
+                let _ = ack.send(ledger.totals());
+            }
+            Command::Shutdown { ack } => {
+                // Everything queued before the shutdown has been handled (FIFO); stop here.
+                drop(ledger);
+                let _ = ack.send(());
+                return;
+            }
+        }
+    }
+}
