@@ -145,11 +145,13 @@ fn init_logging(log_file: Option<&PathBuf>) -> Result<(), String> {
             tracing_subscriber::fmt()
                 .json()
                 .with_env_filter(filter)
+                .with_ansi(false)
                 .with_writer(Mutex::new(file))
                 .init();
         }
         None => tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .init(),
     }

@@ -1,0 +1,245 @@
+//! Helpers shared by the integration tests: an in-process server on ephemeral ports with a manual
+//! clock, a tiny exposition parser, and polling with a deadline (never a bare sleep).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hypertool::config::Source;
+use hypertool::core::clock::{Clock, ManualClock};
+use hypertool::server::{self, Running, ServeOptions};
+use serde_json::Value;
+
+/// 2026-11-28T09:00:00Z, a Saturday.
+pub const T0: i64 = 1_795_856_400_000;
+
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub api: String,
+    pub metrics: String,
+    pub clock: Arc<ManualClock>,
+    pub http: reqwest::Client,
+}
+
+pub async fn start(source: Source, data_dir: &Path, clock: Arc<ManualClock>) -> TestServer {
+    let running = server::start(
+        ServeOptions {
+            config: source,
+            data_dir: data_dir.to_path_buf(),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        clock.clone() as Arc<dyn Clock>,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("server did not start: {e}"));
+    TestServer {
+        api: format!("http://{}", running.api_addr),
+        metrics: format!("http://{}", running.metrics_addr),
+        running: Some(running),
+        clock,
+        http: reqwest::Client::new(),
+    }
+}
+
+/// A server on the built-in defaults with a fresh ledger at T0.
+pub async fn start_default(data_dir: &Path) -> TestServer {
+    start(Source::Embedded, data_dir, Arc::new(ManualClock::new(T0))).await
+}
+
+impl TestServer {
+    pub async fn post_events(&self, events: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/events", self.api))
+            .json(&serde_json::json!({ "events": events }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{}", self.api, path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{}", self.api, path))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> Exposition {
+        Exposition::parse(&self.metrics_text().await)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// One sample of the classic text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Exposition {
+    pub samples: Vec<Sample>,
+}
+
+impl Exposition {
+    pub fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(parse_sample)
+            .collect();
+        Self { samples }
+    }
+
+    /// The value of the one sample with exactly these labels (order-insensitive).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+            })
+            .map(|s| s.value)
+    }
+
+    pub fn sum(&self, name: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value)
+            .sum()
+    }
+
+    pub fn series(&self, name: &str) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.name == name).collect()
+    }
+}
+
+fn parse_sample(line: &str) -> Sample {
+    let (head, value) = line
+        .rsplit_once(' ')
+        .unwrap_or_else(|| panic!("bad line {line}"));
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+    };
+    let Some((name, rest)) = head.split_once('{') else {
+        return Sample {
+            name: head.to_string(),
+            labels: vec![],
+            value,
+        };
+    };
+    let body = rest
+        .strip_suffix('}')
+        .unwrap_or_else(|| panic!("bad labels in {line}"));
+    let mut labels = Vec::new();
+    let mut chars = body.chars().peekable();
+    while chars.peek().is_some() {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        assert_eq!(chars.next(), Some('"'), "{line}");
+        let mut val = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => val.push('\n'),
+                    Some(o) => val.push(o),
+                    None => panic!("{line}"),
+                },
+                '"' => break,
+                c => val.push(c),
+            }
+        }
+        labels.push((key, val));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    }
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A copy of the repository's `config/` in a temporary directory, to edit freely.
+pub fn config_copy(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let dest = dir.join("config");
+    std::fs::create_dir_all(dest.join("personas")).unwrap();
+    for f in ["hypertool.toml", "budgets.yml"] {
+        std::fs::copy(root.join(f), dest.join(f)).unwrap();
+    }
+    for e in std::fs::read_dir(root.join("personas")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dest.join("personas").join(p.file_name().unwrap())).unwrap();
+    }
+    dest.join("hypertool.toml")
+}
+
+pub fn usage(persona: &str, chatmode: &str, model: &str, prompt: u64, completion: u64) -> Value {
+    serde_json::json!({
+        "type": "usage", "persona": persona, "chatmode": chatmode, "model": model,
+        "prompt_tokens": prompt, "completion_tokens": completion
+    })
+}

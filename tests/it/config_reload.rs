@@ -1,0 +1,175 @@
+//! Configuration: the reference persona files load unchanged; budgets.yml reloads without a restart.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypertool::config::{self, Source};
+use hypertool::core::clock::ManualClock;
+use serde_json::json;
+
+use crate::common::*;
+
+#[test]
+fn the_reference_persona_files_load_unchanged() {
+    let reference =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/hypertool-personas");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/personas");
+    assert!(
+        reference.is_dir(),
+        "the reference personas are expected at {}",
+        reference.display()
+    );
+    // Our shipped copies are the reference files, byte for byte.
+    for entry in std::fs::read_dir(&reference).unwrap() {
+        let p = entry.unwrap().path();
+        let ours = std::fs::read(shipped.join(p.file_name().unwrap())).unwrap();
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            ours,
+            "{} differs from the reference",
+            p.display()
+        );
+    }
+    // Loaded from the reference directory itself, with no budgets.yml: the files' tokenBudget applies.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("hypertool.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[personas]\ndir = {:?}\n",
+            reference.canonicalize().unwrap().display().to_string()
+        ),
+    )
+    .unwrap();
+    let cfg = config::load(&Source::File(toml)).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = cfg.personas.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "backend-engineer",
+            "data-scientist",
+            "devops-engineer",
+            "frontend-engineer",
+            "observability-expert",
+            "testing-specialist"
+        ]
+    );
+    let be = cfg.personas.get("tta-backend-engineer").unwrap();
+    assert_eq!(be.name, "backend-engineer");
+    assert_eq!(be.display_name, "TTA Backend Engineer");
+    assert!(be.allowed_tools["github"].contains(&"github_search_code".to_string()));
+    assert_eq!(
+        cfg.budgets["data-scientist"].0.tokens, 2000,
+        "the reference file's tokenBudget"
+    );
+
+    // With the shipped budgets.yml, the runtime budgets of the runbook win.
+    let shipped_cfg = config::load(&Source::Embedded).unwrap();
+    let tokens: Vec<(String, u64)> = shipped_cfg
+        .budgets
+        .iter()
+        .map(|(k, v)| (k.clone(), v.0.tokens))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            ("backend-engineer", 2000),
+            ("data-scientist", 1700),
+            ("devops-engineer", 1800),
+            ("frontend-engineer", 1800),
+            ("observability-expert", 2000),
+            ("testing-specialist", 1500)
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_yml_edits_apply_within_two_seconds_and_bad_edits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_copy(dir.path());
+    let budgets = toml.parent().unwrap().join("budgets.yml");
+    let s = start(
+        Source::File(toml.clone()),
+        &dir.path().join("data"),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .await;
+    s.post_events(json!([usage("backend-engineer", "c", "m", 100, 0)]))
+        .await;
+
+    let text = std::fs::read_to_string(&budgets).unwrap();
+    std::fs::write(
+        &budgets,
+        text.replace(
+            "backend-engineer:\n    tokens: 2000",
+            "backend-engineer:\n    tokens: 5000\n    mode: block",
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let remaining = eventually("the new budget", Duration::from_secs(2), || async {
+        let m = s.metrics().await;
+        m.get(
+            "hypertool_persona_token_budget_remaining",
+            &[("persona", "backend-engineer")],
+        )
+        .filter(|v| *v == 4900.0)
+    })
+    .await;
+    assert_eq!(remaining, 4900.0);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let (_, b) = s.get_json("/api/budgets/backend-engineer").await;
+    assert_eq!(b["mode"], "block");
+
+    // An invalid edit is refused: the last good configuration stays, and the failure is visible.
+    std::fs::write(&budgets, "personas:\n  backend-engineer:\n    tokens: -3\n").unwrap();
+    eventually("the refused reload", Duration::from_secs(2), || async {
+        let m = s.metrics().await;
+        (m.get("hypertool_config_last_reload_successful", &[]) == Some(0.0)).then_some(())
+    })
+    .await;
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_persona_token_budget_limit",
+            &[("persona", "backend-engineer")]
+        ),
+        Some(5000.0)
+    );
+    assert_eq!(
+        m.get("hypertool_config_reloads_total", &[("result", "failure")]),
+        Some(1.0)
+    );
+
+    // Fixing the file applies again.
+    std::fs::write(
+        &budgets,
+        "defaults:\n  period: hourly\npersonas:\n  backend-engineer:\n    tokens: 300\n",
+    )
+    .unwrap();
+    eventually("the fixed file", Duration::from_secs(2), || async {
+        let m = s.metrics().await;
+        (m.get(
+            "hypertool_persona_token_budget_remaining",
+            &[("persona", "backend-engineer")],
+        ) == Some(200.0))
+        .then_some(())
+    })
+    .await;
+    let m = s.metrics().await;
+    // Personas left out of budgets.yml fall back to their persona file's tokenBudget.
+    assert_eq!(
+        m.get(
+            "hypertool_persona_token_budget_limit",
+            &[("persona", "data-scientist")]
+        ),
+        Some(2000.0)
+    );
+    assert_eq!(
+        m.get("hypertool_config_last_reload_successful", &[]),
+        Some(1.0)
+    );
+    s.stop().await;
+}

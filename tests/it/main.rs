@@ -1,0 +1,9 @@
+//! hypertool's integration tests: one binary, one module per topic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod config_reload;
+mod events_api;
+mod metrics_contract;
+mod persistence;
+mod process;

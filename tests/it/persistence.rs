@@ -1,0 +1,178 @@
+//! Nothing acknowledged is lost: across a clean restart and across `kill -9` in the middle of a load.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use hypertool::config::Source;
+use serde_json::json;
+
+use crate::common::*;
+use crate::process::Daemon;
+
+/// The samples a restart must reproduce (process-level ones like start time are excluded).
+fn durable(m: &Exposition) -> BTreeMap<String, f64> {
+    m.samples
+        .iter()
+        .filter(|s| {
+            s.name.starts_with("hypertool_persona_")
+                || s.name.starts_with("hypertool_workflow_")
+                || s.name.starts_with("hypertool_events_applied")
+                || s.name.starts_with("hypertool_label_values_folded")
+                || s.name == "hypertool_sessions_open"
+        })
+        .map(|s| (format!("{}{:?}", s.name, s.labels), s.value))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_recomputes_every_counter_and_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(hypertool::core::clock::ManualClock::new(T0));
+    let s = start(Source::Embedded, dir.path(), clock.clone()).await;
+    s.post_events(json!([
+        {"type":"usage","persona":"backend-engineer","chatmode":"c","model":"m","prompt_tokens":1200,"completion_tokens":300,"session":"s1","cost_usd":0.1},
+        {"type":"usage","persona":"testing-specialist","chatmode":"c","model":"m2","prompt_tokens":10,"completion_tokens":1,"session":"s1"},
+        {"type":"persona_switch","session":"s9","from":null,"to":"devops-engineer","chatmode":"ops"},
+        {"type":"stage","workflow":"w","stage":"s","persona":"backend-engineer","model":"m","duration_seconds":320,"gate":"fail"},
+    ]))
+    .await;
+    clock.advance_secs(10);
+    let resp = s
+        .http
+        .put(format!("{}/api/budgets/data-scientist", s.api))
+        .json(&json!({"tokens": 42, "period": "hourly"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    s.post_events(json!([usage("data-scientist", "c", "m", 50, 0)]))
+        .await;
+    s.post_raw("/api/budgets/testing-specialist/reset", "")
+        .await;
+    let before = s.metrics().await;
+    assert_eq!(
+        before.get(
+            "hypertool_persona_token_budget_remaining",
+            &[("persona", "data-scientist")]
+        ),
+        Some(-8.0)
+    );
+    s.stop().await;
+
+    let s = start(Source::Embedded, dir.path(), clock.clone()).await;
+    let after = s.metrics().await;
+    assert_eq!(durable(&before), durable(&after));
+    assert_eq!(
+        after.get(
+            "hypertool_persona_token_budget_remaining",
+            &[("persona", "testing-specialist")]
+        ),
+        Some(1500.0)
+    );
+    let (_, b) = s.get_json("/api/budgets/data-scientist").await;
+    assert_eq!(b["source"], "override");
+    assert_eq!(b["period"], "hourly");
+    // The override's hourly period rolls over after the restart too.
+    clock.advance_secs(3600);
+    let later = s.metrics().await;
+    assert_eq!(
+        later.get(
+            "hypertool_persona_token_budget_remaining",
+            &[("persona", "data-scientist")]
+        ),
+        Some(42.0)
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_load_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::spawn(dir.path(), &["--data-dir", data.to_str().unwrap()]);
+    let api = daemon.api.clone();
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (api, acked, http) = (api.clone(), acked.clone(), http.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0.. {
+                let batch = format!("b{worker}-{n}");
+                let events: Vec<_> = (0..100)
+                    .map(|_| json!({"type":"usage","persona":"backend-engineer","chatmode":"load","model":"m",
+                                    "prompt_tokens":3,"completion_tokens":2,"stage":batch}))
+                    .collect();
+                let resp = http
+                    .post(format!("{api}/v1/events"))
+                    .json(&json!({ "events": events }))
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status() == 200 => {
+                        acked.lock().unwrap().insert(batch);
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    eventually(
+        "300 acknowledged batches",
+        std::time::Duration::from_secs(120),
+        || {
+            let n = acked.lock().unwrap().len();
+            async move { (n >= 300).then_some(()) }
+        },
+    )
+    .await;
+    daemon.kill9();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+
+    // Straight from the ledger file: every acknowledged batch is there whole; no batch is partial.
+    let conn = rusqlite::Connection::open(data.join("hypertool.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT json_extract(body, '$.stage'), COUNT(*) FROM events GROUP BY 1")
+        .unwrap();
+    let stored: BTreeMap<String, i64> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for batch in &acked {
+        assert_eq!(
+            stored.get(batch),
+            Some(&100),
+            "acknowledged batch {batch} lost"
+        );
+    }
+    assert!(
+        stored.values().all(|n| *n == 100),
+        "a partially stored batch: {stored:?}"
+    );
+    let ledger_tokens: i64 = stored.values().sum::<i64>() * 5;
+    drop(stmt);
+    drop(conn);
+
+    // After a restart the counters and the budget equal the ledger.
+    let now = hypertool::core::clock::Clock::now_ms(&hypertool::core::clock::SystemClock);
+    let clock = Arc::new(hypertool::core::clock::ManualClock::new(now));
+    let s = start(Source::Embedded, &data, clock).await;
+    let m = s.metrics().await;
+    assert_eq!(
+        m.sum("hypertool_persona_tokens_used_total"),
+        ledger_tokens as f64
+    );
+    assert!(ledger_tokens >= acked.len() as i64 * 500);
+    assert_eq!(
+        m.get(
+            "hypertool_persona_token_budget_remaining",
+            &[("persona", "backend-engineer")]
+        ),
+        Some((2000 - ledger_tokens) as f64)
+    );
+    s.stop().await;
+}
