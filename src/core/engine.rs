@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::budget::{BudgetSource, BudgetSpec, BudgetState};
 use super::clock::UnixMillis;
 use super::event::{Event, GateResult, Stamped};
-use super::labels::{Admitted, LabelGuard, LabelKind};
+use super::labels::{Admitted, LabelGuard, LabelKind, OTHER};
 use super::persona::PersonaRegistry;
 use super::series::{
     CounterVec, HistogramVec, GENERATION_DURATION_BUCKETS, PERSONA_DURATION_BUCKETS,
@@ -82,6 +82,7 @@ pub struct Engine {
     sessions: Sessions,
     metrics: Metrics,
     none: Arc<str>,
+    kinds: Interned,
 }
 
 impl Engine {
@@ -94,6 +95,7 @@ impl Engine {
             budgets: BTreeMap::new(),
             metrics: Metrics::default(),
             none: Arc::from("none"),
+            kinds: Interned::default(),
         };
         engine.reconfigure(config, now);
         engine
@@ -162,83 +164,93 @@ impl Engine {
     /// Applies one event. Events must arrive in ledger order.
     pub fn apply(&mut self, stamped: &Stamped) {
         let at = stamped.at;
+        // Split borrows: the registry is read while labels, metrics and budgets change.
+        let Engine {
+            config,
+            budgets,
+            labels,
+            sessions,
+            metrics,
+            none,
+            kinds,
+            ..
+        } = self;
+        let personas = &config.personas;
+        let mut admit =
+            |kind: LabelKind, raw: &str| admit(labels, metrics, config.label_cap, kind, raw);
+        let mut closed = SessionOutcome::default();
         match &stamped.event {
             Event::Usage(u) => {
-                let canonical = self.config.personas.canonical(&u.persona).to_string();
-                let persona = self.admit(LabelKind::Persona, &canonical);
-                let chatmode = self.admit(LabelKind::Chatmode, &u.chatmode);
-                let model = self.admit(LabelKind::Model, &u.model);
+                let canonical = personas.canonical(&u.persona);
+                let persona = admit(LabelKind::Persona, canonical);
+                let chatmode = admit(LabelKind::Chatmode, &u.chatmode);
+                let model = admit(LabelKind::Model, &u.model);
                 let tokens = u.total_tokens();
                 let cost = u.cost_usd.unwrap_or(0.0);
-                self.metrics.tokens.inc_by(
-                    [persona.clone(), chatmode.clone(), model.clone()],
-                    tokens as f64,
-                );
-                if u.cost_usd.is_some() {
-                    self.metrics
-                        .cost_usd
-                        .inc_by([persona.clone(), chatmode.clone(), model], cost);
+                if let Some(session) = &u.session {
+                    closed = sessions.on_usage(session, &persona, &chatmode, at);
                 }
-                if let Some(budget) = self.budgets.get_mut(&canonical) {
+                if let Some(budget) = budgets.get_mut(canonical) {
                     budget.record(at, tokens, cost);
                 }
-                if let Some(session) = &u.session {
-                    let outcome = self.sessions.on_usage(session, &persona, &chatmode, at);
-                    self.absorb(outcome);
+                if u.cost_usd.is_some() {
+                    metrics
+                        .cost_usd
+                        .inc_by([persona.clone(), chatmode.clone(), model.clone()], cost);
                 }
+                metrics
+                    .tokens
+                    .inc_by([persona, chatmode, model], tokens as f64);
             }
             Event::PersonaSwitch(s) => {
                 let from = match &s.from {
-                    Some(f) => {
-                        let canonical = self.config.personas.canonical(f).to_string();
-                        self.admit(LabelKind::Persona, &canonical)
-                    }
-                    None => self.none.clone(),
+                    Some(f) => admit(LabelKind::Persona, personas.canonical(f)),
+                    None => none.clone(),
                 };
-                let canonical_to = self.config.personas.canonical(&s.to).to_string();
-                let to = self.admit(LabelKind::Persona, &canonical_to);
-                let chatmode = self.admit(LabelKind::Chatmode, &s.chatmode);
-                self.metrics
-                    .switches
-                    .inc_by([from, to.clone(), chatmode.clone()], 1.0);
-                let outcome = self.sessions.on_switch(&s.session, &to, &chatmode, at);
-                self.absorb(outcome);
+                let to = admit(LabelKind::Persona, personas.canonical(&s.to));
+                let chatmode = admit(LabelKind::Chatmode, &s.chatmode);
+                closed = sessions.on_switch(&s.session, &to, &chatmode, at);
+                metrics.switches.inc_by([from, to, chatmode], 1.0);
             }
             Event::Stage(st) => {
-                let canonical = self.config.personas.canonical(&st.persona).to_string();
-                let persona = self.admit(LabelKind::Persona, &canonical);
-                let workflow = self.admit(LabelKind::Workflow, &st.workflow);
-                let stage = self.admit(LabelKind::Stage, &st.stage);
-                let model = self.admit(LabelKind::Model, &st.model);
-                self.metrics.stage_duration.observe(
+                let persona = admit(LabelKind::Persona, personas.canonical(&st.persona));
+                let workflow = admit(LabelKind::Workflow, &st.workflow);
+                let stage = admit(LabelKind::Stage, &st.stage);
+                let model = admit(LabelKind::Model, &st.model);
+                metrics.stage_duration.observe(
                     [workflow.clone(), stage.clone(), persona],
                     st.duration_seconds,
                 );
                 // Both results exist once a stage is seen, so `rate()` has a zero to start from.
-                for result in [GateResult::Pass, GateResult::Fail] {
-                    let key = [
-                        workflow.clone(),
-                        stage.clone(),
-                        model.clone(),
-                        Arc::from(result.as_str()),
-                    ];
-                    if result == st.gate {
-                        self.metrics.quality_gates.inc_by(key, 1.0);
-                    } else {
-                        self.metrics.quality_gates.touch(key);
-                    }
-                }
+                let (pass, fail) = (kinds.pass.clone(), kinds.fail.clone());
+                let (hit, other) = match st.gate {
+                    GateResult::Pass => (pass, fail),
+                    GateResult::Fail => (fail, pass),
+                };
+                metrics.quality_gates.touch([
+                    workflow.clone(),
+                    stage.clone(),
+                    model.clone(),
+                    other,
+                ]);
+                metrics
+                    .quality_gates
+                    .inc_by([workflow, stage, model, hit], 1.0);
             }
             Event::BudgetReset { persona } => {
-                let canonical = self.config.personas.canonical(persona).to_string();
-                if let Some(budget) = self.budgets.get_mut(&canonical) {
+                if let Some(budget) = budgets.get_mut(personas.canonical(persona)) {
                     budget.reset(at);
                 }
             }
         }
-        self.metrics
-            .events_applied
-            .inc_by([Arc::from(stamped.event.kind())], 1.0);
+        let kind = match &stamped.event {
+            Event::Usage(_) => &kinds.usage,
+            Event::PersonaSwitch(_) => &kinds.persona_switch,
+            Event::Stage(_) => &kinds.stage,
+            Event::BudgetReset { .. } => &kinds.budget_reset,
+        };
+        metrics.events_applied.inc_by([kind.clone()], 1.0);
+        self.absorb(closed);
     }
 
     /// Advances time: closes idle sessions and starts new budget periods.
@@ -254,6 +266,9 @@ impl Engine {
     }
 
     fn absorb(&mut self, outcome: SessionOutcome) {
+        if outcome.closed.is_empty() && outcome.transition.is_none() {
+            return;
+        }
         for period in outcome.closed {
             self.metrics
                 .persona_duration
@@ -263,26 +278,6 @@ impl Engine {
             let from = t.from.unwrap_or_else(|| self.none.clone());
             self.metrics.switches.inc_by([from, t.to, t.chatmode], 1.0);
         }
-    }
-
-    fn admit(&mut self, kind: LabelKind, raw: &str) -> Arc<str> {
-        let Admitted { value, first_fold } = self.labels.admit(kind, raw);
-        if value.as_ref() == super::labels::OTHER && raw != super::labels::OTHER {
-            if first_fold {
-                tracing::warn!(
-                    label = kind.name(),
-                    cap = self.config.label_cap,
-                    "label `{}` reached its cap of {} values; further values fold into `other` \
-                     (raise `labels.max_values_per_label` or list the values in hypertool.toml)",
-                    kind.name(),
-                    self.config.label_cap
-                );
-            }
-            self.metrics
-                .label_values_folded
-                .inc_by([Arc::from(kind.name())], 1.0);
-        }
-        value
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -315,4 +310,55 @@ impl Engine {
     pub fn open_sessions(&self) -> usize {
         self.sessions.len()
     }
+}
+
+/// Interned label values the engine writes on every event, so the hot path does not allocate them.
+#[derive(Debug)]
+struct Interned {
+    usage: Arc<str>,
+    persona_switch: Arc<str>,
+    stage: Arc<str>,
+    budget_reset: Arc<str>,
+    pass: Arc<str>,
+    fail: Arc<str>,
+}
+
+impl Default for Interned {
+    fn default() -> Self {
+        Self {
+            usage: Arc::from("usage"),
+            persona_switch: Arc::from("persona_switch"),
+            stage: Arc::from("stage"),
+            budget_reset: Arc::from("budget_reset"),
+            pass: Arc::from(GateResult::Pass.as_str()),
+            fail: Arc::from(GateResult::Fail.as_str()),
+        }
+    }
+}
+
+/// The label value to use for `raw`, counting (and the first time, logging) folds into `other`.
+fn admit(
+    labels: &mut LabelGuard,
+    metrics: &mut Metrics,
+    cap: usize,
+    kind: LabelKind,
+    raw: &str,
+) -> Arc<str> {
+    let Admitted { value, first_fold } = labels.admit(kind, raw);
+    if value.as_ref() == OTHER && raw != OTHER {
+        if first_fold {
+            tracing::warn!(
+                label = kind.name(),
+                cap,
+                "label `{}` reached its cap of {} values; further values fold into `other` \
+                 (raise `labels.max_values_per_label` or list the values in hypertool.toml)",
+                kind.name(),
+                cap
+            );
+        }
+        metrics
+            .label_values_folded
+            .inc_by([Arc::from(kind.name())], 1.0);
+    }
+    value
 }
