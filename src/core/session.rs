@@ -86,9 +86,13 @@ impl Sessions {
         let mut outcome = SessionOutcome::default();
         self.expire_one(session, at, &mut outcome.closed);
         match self.open.get_mut(session) {
-            Some(state) if &state.persona == persona => {
+            Some(state) if &state.persona == persona && &state.chatmode == chatmode => {
                 state.last_activity = state.last_activity.max(at);
-                state.chatmode = chatmode.clone();
+            }
+            Some(state) if &state.persona == persona => {
+                // Same persona, another chatmode: time so far belongs to the old chatmode.
+                outcome.closed.push(close(state, at));
+                *state = open_state(persona, chatmode, at);
             }
             Some(state) => {
                 outcome.closed.push(close(state, at));
@@ -238,6 +242,25 @@ mod tests {
         assert_eq!(out.closed.len(), 1);
         assert_eq!(out.closed[0].seconds, 20.0);
         assert_eq!(out.transition, None);
+    }
+
+    #[test]
+    fn time_is_attributed_to_the_chatmode_it_was_spent_in() {
+        let mut sessions = Sessions::new(60_000, 10);
+        let (be, a, b) = (s("backend-engineer"), s("feature"), s("review"));
+        sessions.on_usage("s1", &be, &a, 0);
+        let out = sessions.on_usage("s1", &be, &b, 20_000);
+        assert_eq!(
+            out.transition, None,
+            "a chatmode change is not a persona switch"
+        );
+        assert_eq!(out.closed.len(), 1);
+        assert_eq!(
+            (&*out.closed[0].chatmode, out.closed[0].seconds),
+            ("feature", 20.0)
+        );
+        let closed = sessions.expire(20_000 + 60_001);
+        assert_eq!((&*closed[0].chatmode, closed[0].seconds), ("review", 0.0));
     }
 
     #[test]
