@@ -183,3 +183,63 @@ pub fn budgets_table(v: &Value) -> String {
         &rows,
     )
 }
+
+pub fn alerts_table(v: &Value) -> String {
+    let mut rows = Vec::new();
+    for alert in v["alerts"].as_array().into_iter().flatten() {
+        let name = cell(alert.get("alertname"));
+        let instances = alert["instances"].as_array().cloned().unwrap_or_default();
+        let live: Vec<&Value> = instances
+            .iter()
+            .filter(|i| i["state"] != "inactive")
+            .collect();
+        if live.is_empty() {
+            rows.push(vec![
+                name.clone(),
+                cell(alert.get("state")),
+                cell(alert.get("severity")),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                cell(alert.get("runbook")),
+            ]);
+        }
+        for i in live {
+            let labels: Vec<String> = i["labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| {
+                            !matches!(
+                                k.as_str(),
+                                "alertname" | "severity" | "component" | "category"
+                            )
+                        })
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            rows.push(vec![
+                name.clone(),
+                cell(i.get("state")),
+                cell(alert.get("severity")),
+                labels.join(","),
+                cell(i.get("value")),
+                cell(i.get("active_since")),
+                cell(alert.get("runbook")),
+            ]);
+        }
+    }
+    table(
+        &[
+            "ALERT",
+            "STATE",
+            "SEVERITY",
+            "LABELS",
+            "VALUE",
+            "ACTIVE SINCE",
+            "RUNBOOK",
+        ],
+        &rows,
+    )
+}

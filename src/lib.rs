@@ -3,6 +3,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of modules and the path an event takes through them.
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod core;

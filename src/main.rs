@@ -8,7 +8,9 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use hypertool::cli::{budgets_table, personas_table, Client};
+use hypertool::alerts::rules::render_rules_yaml;
+use hypertool::alerts::simulate::{self as sim, Scenario, SCENARIOS};
+use hypertool::cli::{alerts_table, budgets_table, personas_table, Client};
 use hypertool::config::{self, Source};
 use hypertool::core::budget::{BudgetMode, Period};
 use hypertool::core::clock::SystemClock;
@@ -35,6 +37,28 @@ enum Command {
         #[arg(long, env = "HYPERTOOL_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Print the Prometheus rules for the seven runbook alerts, rendered from the configuration.
+    Rules {
+        #[arg(long, env = "HYPERTOOL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run a runbook situation on a virtual clock and print the alert timeline.
+    Simulate {
+        /// Scenario name, or `all`. Scenarios: healthy, budget-overrun, depletion-trend,
+        /// gate-failures, persona-thrash, slow-stage, langfuse-down, metrics-down.
+        scenario: String,
+        #[arg(long, env = "HYPERTOOL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print every evaluation as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write the scenario as a promtool test (and its rules file beside it): with one
+        /// scenario, FILE; with `all`, FILE is a directory that gets one test per scenario.
+        #[arg(long, value_name = "FILE")]
+        promtool_test: Option<PathBuf>,
+    },
+    /// Alerts of a running server (state, labels, value, since when, runbook link).
+    Alerts(ClientArgs),
     /// Personas known to a running server.
     Personas {
         #[command(subcommand)]
@@ -212,6 +236,125 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
+fn load_or_exit(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
+    let source = Source::discover(path);
+    config::load(&source).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!("{} error(s) in {}", errors.0.len(), source.describe());
+        ExitCode::from(1)
+    })
+}
+
+fn rules(path: Option<PathBuf>) -> ExitCode {
+    match load_or_exit(path.as_deref()) {
+        Ok(cfg) => {
+            print!("{}", render_rules_yaml(&cfg.settings.alerts));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn simulate(
+    name: &str,
+    path: Option<PathBuf>,
+    json_out: bool,
+    promtool: Option<PathBuf>,
+) -> ExitCode {
+    let cfg = match load_or_exit(path.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let scenarios: Vec<Scenario> = if name == "all" {
+        SCENARIOS.to_vec()
+    } else {
+        match sim::find(name) {
+            Some(s) => vec![s],
+            None => {
+                let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+                eprintln!(
+                    "error: unknown scenario `{name}`\n  fix: use one of: {}, or all",
+                    names.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let mut all_as_expected = true;
+    let mut json_runs = Vec::new();
+    for scenario in &scenarios {
+        let run = sim::run(*scenario, cfg.engine_config(), cfg.settings.alerts.clone());
+        all_as_expected &= run.as_expected();
+        if json_out {
+            json_runs.push(json!({
+                "scenario": scenario.name,
+                "about": scenario.about,
+                "expected_firing": scenario.expect_firing.iter().map(|a| a.name()).collect::<Vec<_>>(),
+                "firing_at_end": run.firing_at_end(),
+                "evaluations": run.evaluations,
+            }));
+        } else {
+            print!("{}", run.timeline());
+            if !run.as_expected() {
+                let want: Vec<&str> = scenario.expect_firing.iter().map(|a| a.name()).collect();
+                println!(
+                    "  (expected firing: {}; the configured thresholds differ from the runbook's?)",
+                    want.join(", ")
+                );
+            }
+        }
+        if let Some(target) = &promtool {
+            let test_path = if name == "all" {
+                if let Err(e) = std::fs::create_dir_all(target) {
+                    eprintln!("error: cannot create {}: {e}", target.display());
+                    return ExitCode::from(1);
+                }
+                target.join(format!("{}.test.yml", scenario.name))
+            } else {
+                target.clone()
+            };
+            let stem = test_path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .map(|f| {
+                    f.trim_end_matches(".yml")
+                        .trim_end_matches(".yaml")
+                        .trim_end_matches(".test")
+                })
+                .unwrap_or(scenario.name)
+                .to_string();
+            let rules_name = format!("{stem}.rules.yml");
+            let rules_path = test_path.with_file_name(&rules_name);
+            let written = std::fs::write(&rules_path, render_rules_yaml(&cfg.settings.alerts))
+                .and_then(|()| std::fs::write(&test_path, run.promtool_test(&rules_name)));
+            if let Err(e) = written {
+                eprintln!("error: cannot write {}: {e}", test_path.display());
+                return ExitCode::from(1);
+            }
+            if !json_out {
+                println!(
+                    "  promtool test written to {} (run: promtool test rules {})",
+                    test_path.display(),
+                    test_path.display()
+                );
+            }
+        }
+    }
+    if json_out {
+        let doc = if json_runs.len() == 1 {
+            json_runs.remove(0)
+        } else {
+            json!(json_runs)
+        };
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    if all_as_expected {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}
+
 fn check(path: Option<PathBuf>) -> ExitCode {
     let source = Source::discover(path.as_deref());
     if let Source::File(p) = &source {
@@ -284,6 +427,16 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Check { config } => check(config),
+        Command::Rules { config } => rules(config),
+        Command::Simulate {
+            scenario,
+            config,
+            json,
+            promtool_test,
+        } => simulate(&scenario, config, json, promtool_test),
+        Command::Alerts(client) => {
+            client_command(&client, Method::GET, "/api/alerts", None, alerts_table).await
+        }
         Command::Personas {
             command: PersonasCommand::List(client),
         } => client_command(&client, Method::GET, "/api/personas", None, personas_table).await,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use super::error::{line_of_key, line_of_offset, ConfigError};
+use crate::alerts::rules::{AlertSettings, RawAlerts};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +24,38 @@ struct RawSettings {
     labels: RawLabels,
     #[serde(default)]
     reload: RawReload,
+    #[serde(default)]
+    alerts: RawAlerts,
+    #[serde(default)]
+    langfuse: RawLangfuse,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLangfuse {
+    enabled: Option<bool>,
+    host: Option<String>,
+    public_key_env: Option<String>,
+    secret_key_env: Option<String>,
+}
+
+/// Where Langfuse is and which environment variables hold its keys (the keys themselves never
+/// appear in configuration files, logs or errors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LangfuseSettings {
+    /// `false` silences LangfuseIntegrationFailing: the operator chose to run without Langfuse.
+    pub enabled: bool,
+    pub host: String,
+    pub public_key_env: String,
+    pub secret_key_env: String,
+}
+
+impl LangfuseSettings {
+    /// Whether both keys are present in the environment.
+    pub fn credentials_present(&self) -> bool {
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+        set(&self.public_key_env) && set(&self.secret_key_env)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +143,8 @@ pub struct Settings {
     pub workflows: Vec<String>,
     pub stages: Vec<String>,
     pub reload_interval_ms: u64,
+    pub alerts: AlertSettings,
+    pub langfuse: LangfuseSettings,
 }
 
 impl Settings {
@@ -182,10 +217,46 @@ impl Settings {
                 .fix("use a value from 50 to 60000 (the default is 500)"),
             );
         }
+        let runbook_default = format!("http://{listen}/runbook");
+        let mut raw_alerts = raw.alerts;
+        if raw_alerts.runbook_url.is_none() {
+            raw_alerts.runbook_url = Some(runbook_default);
+        }
+        let alerts = match AlertSettings::from_raw(raw_alerts) {
+            Ok(a) => a,
+            Err(problems) => {
+                for (key, message) in problems {
+                    let leaf = key.rsplit('.').next().unwrap_or(&key).to_string();
+                    let section = key.rsplit('.').nth(1).unwrap_or("alerts").to_string();
+                    let line = line_of_key(text, &leaf)
+                        .or_else(|| line_of_key(text, &format!("[alerts.{section}]")));
+                    errors.push(ConfigError::new(file, line, format!("`{key}` {message}")).fix(
+                        "see the [alerts] section of config/hypertool.toml for each alert's knobs and defaults",
+                    ));
+                }
+                AlertSettings::default()
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Settings {
+            alerts,
+            langfuse: LangfuseSettings {
+                enabled: raw.langfuse.enabled.unwrap_or(true),
+                host: raw
+                    .langfuse
+                    .host
+                    .unwrap_or_else(|| "https://cloud.langfuse.com".into()),
+                public_key_env: raw
+                    .langfuse
+                    .public_key_env
+                    .unwrap_or_else(|| "LANGFUSE_PUBLIC_KEY".into()),
+                secret_key_env: raw
+                    .langfuse
+                    .secret_key_env
+                    .unwrap_or_else(|| "LANGFUSE_SECRET_KEY".into()),
+            },
             listen,
             metrics_listen,
             max_body_bytes,

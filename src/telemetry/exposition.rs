@@ -385,3 +385,66 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
     }
     w.out
 }
+
+/// One sample of the classic text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedSample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the classic text format as [`render`] writes it (comments skipped, malformed lines
+/// ignored). Used by the embedded alert engine to see exactly what Prometheus would scrape.
+pub fn parse_exposition(text: &str) -> Vec<ParsedSample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<ParsedSample> {
+    let (head, value) = line.rsplit_once(' ')?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    let Some((name, rest)) = head.split_once('{') else {
+        return Some(ParsedSample {
+            name: head.to_string(),
+            labels,
+            value,
+        });
+    };
+    let body = rest.strip_suffix('}')?;
+    let mut chars = body.chars().peekable();
+    while chars.peek().is_some() {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if chars.next() != Some('"') {
+            return None;
+        }
+        let mut val = String::new();
+        loop {
+            match chars.next()? {
+                '\\' => match chars.next()? {
+                    'n' => val.push('\n'),
+                    other => val.push(other),
+                },
+                '"' => break,
+                c => val.push(c),
+            }
+        }
+        labels.insert(key, val);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Some(ParsedSample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}

@@ -1,0 +1,185 @@
+//! The seven conditions, evaluated on the [`Tsdb`] with the semantics of their PromQL in
+//! [`Rule::expr`]. Each returns the series that satisfy the condition, with the value Prometheus
+//! would give `$value`.
+
+use std::collections::BTreeMap;
+
+use super::promql::{bucket_quantile, extrapolated_rate, predict_linear};
+use super::rules::{AlertId, Rule};
+use super::tsdb::{Labels, Tsdb};
+use crate::core::clock::UnixMillis;
+
+/// `sum by (keys) (rate(name{filter}[w]))` (or `increase` when `is_rate` is false).
+fn sum_rate_by(
+    db: &Tsdb,
+    name: &str,
+    at: UnixMillis,
+    window_ms: i64,
+    keys: &[&str],
+    filter: impl Fn(&Labels) -> bool + 'static,
+    is_rate: bool,
+) -> BTreeMap<Labels, f64> {
+    let mut out: BTreeMap<Labels, f64> = BTreeMap::new();
+    for (labels, points) in db.range(name, at, window_ms, filter) {
+        if let Some(r) = extrapolated_rate(&points, at - window_ms, at, is_rate) {
+            *out.entry(group(labels, keys)).or_insert(0.0) += r;
+        }
+    }
+    out
+}
+
+fn group(labels: &Labels, keys: &[&str]) -> Labels {
+    keys.iter()
+        .filter_map(|k| labels.get(*k).map(|v| (k.to_string(), v.clone())))
+        .collect()
+}
+
+/// `min by (keys) (…)` over instant values.
+fn min_by(values: impl Iterator<Item = (Labels, f64)>, keys: &[&str]) -> BTreeMap<Labels, f64> {
+    let mut out: BTreeMap<Labels, f64> = BTreeMap::new();
+    for (labels, v) in values {
+        let slot = out.entry(group(&labels, keys)).or_insert(f64::NAN);
+        // Prometheus's min: NaN only while nothing else was seen.
+        if slot.is_nan() || v < *slot {
+            *slot = v;
+        }
+    }
+    out
+}
+
+/// The series for which `rule`'s condition holds at `at`.
+pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Labels, f64)> {
+    let w = rule.window.ms();
+    match rule.id {
+        AlertId::TokenBudgetExceeded => {
+            let values = db
+                .instant("hypertool_persona_token_budget_remaining", at)
+                .map(|(l, v)| (l.clone(), v));
+            min_by(values, &["persona"])
+                .into_iter()
+                .filter(|(_, v)| *v < rule.threshold)
+                .collect()
+        }
+        AlertId::HighQualityGateFailureRate => {
+            let name = "hypertool_workflow_quality_gate_total";
+            let keys = ["workflow", "stage"];
+            let fails = sum_rate_by(
+                db,
+                name,
+                at,
+                w,
+                &keys,
+                |l| l.get("result").is_some_and(|r| r == "fail"),
+                true,
+            );
+            let all = sum_rate_by(db, name, at, w, &keys, |_| true, true);
+            fails
+                .into_iter()
+                .filter_map(|(g, f)| all.get(&g).map(|a| (g, f / a)))
+                .filter(|(_, ratio)| *ratio > rule.threshold)
+                .collect()
+        }
+        AlertId::ExcessivePersonaSwitching => {
+            let sum = sum_rate_by(
+                db,
+                "hypertool_persona_switches_total",
+                at,
+                w,
+                &[],
+                |_| true,
+                true,
+            );
+            sum.into_iter()
+                .filter(|(_, v)| *v > rule.threshold)
+                .collect()
+        }
+        AlertId::SlowWorkflowStage => {
+            let mut groups: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
+            let rates = sum_rate_by(
+                db,
+                "hypertool_workflow_stage_duration_seconds_bucket",
+                at,
+                w,
+                &["le", "workflow", "stage"],
+                |_| true,
+                true,
+            );
+            for (mut labels, rate) in rates {
+                let Some(le) = labels.remove("le") else {
+                    continue;
+                };
+                let bound = match le.as_str() {
+                    "+Inf" => f64::INFINITY,
+                    other => match other.parse::<f64>() {
+                        Ok(b) => b,
+                        Err(_) => continue,
+                    },
+                };
+                groups.entry(labels).or_default().push((bound, rate));
+            }
+            groups
+                .into_iter()
+                .map(|(g, mut buckets)| (g, bucket_quantile(rule.quantile, &mut buckets)))
+                .filter(|(_, q)| *q > rule.threshold)
+                .collect()
+        }
+        AlertId::TokenBudgetDepletionPredicted => {
+            let horizon = rule.horizon.as_secs_f64();
+            let values: Vec<(Labels, f64)> = db
+                .range("hypertool_persona_token_budget_remaining", at, w, |_| true)
+                .filter_map(|(l, points)| {
+                    predict_linear(&points, at, horizon).map(|p| (l.clone(), p))
+                })
+                .collect();
+            min_by(values.into_iter(), &["persona"])
+                .into_iter()
+                .filter(|(_, v)| *v < rule.threshold)
+                .collect()
+        }
+        AlertId::HypertoolMetricsNotReported => {
+            let up: Vec<(Labels, f64)> = db
+                .instant("up", at)
+                .filter(|(l, _)| l.get("job").is_some_and(|j| j == job))
+                .map(|(l, v)| (l.clone(), v))
+                .collect();
+            if up.is_empty() {
+                // absent(up{job="…"}): one series carrying the equality matchers.
+                return vec![(Labels::from([("job".to_string(), job.to_string())]), 1.0)];
+            }
+            up.into_iter().filter(|(_, v)| *v == 0.0).collect()
+        }
+        AlertId::LangfuseIntegrationFailing => {
+            let used = sum_rate_by(
+                db,
+                "hypertool_persona_tokens_used_total",
+                at,
+                w,
+                &[],
+                |_| true,
+                true,
+            );
+            let Some((labels, rate)) = used.into_iter().next().filter(|(_, r)| *r > 0.0) else {
+                return Vec::new();
+            };
+            let created = sum_rate_by(
+                db,
+                "langfuse_trace_created_total",
+                at,
+                w,
+                &[],
+                |_| true,
+                false,
+            );
+            let none_created = created.values().next().is_some_and(|v| *v == 0.0);
+            let absent = db
+                .instant("langfuse_trace_created_total", at)
+                .next()
+                .is_none();
+            if none_created || absent {
+                vec![(labels, rate)]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+}

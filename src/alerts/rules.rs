@@ -1,0 +1,604 @@
+//! The seven runbook alerts as data: conditions, thresholds, `for`, labels and annotations.
+//!
+//! One definition feeds both evaluators: [`render_rules_yaml`] writes it as Prometheus rules
+//! (`hypertool rules`, `deploy/prometheus/persona_alerts.yml`), and `alerts::eval` evaluates the same
+//! conditions in process. Annotation templates use only `{{ $labels.NAME }}` and
+//! `{{ printf "%.Nf" $value }}`, which [`render_template`] expands exactly as Prometheus does, so the
+//! embedded engine's alerts carry the same text (promtool tests compare annotations to the letter).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Deserialize;
+
+use super::duration::PromDuration;
+
+/// Which of the seven alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AlertId {
+    TokenBudgetExceeded,
+    HighQualityGateFailureRate,
+    ExcessivePersonaSwitching,
+    SlowWorkflowStage,
+    TokenBudgetDepletionPredicted,
+    HypertoolMetricsNotReported,
+    LangfuseIntegrationFailing,
+}
+
+impl AlertId {
+    pub const ALL: [AlertId; 7] = [
+        AlertId::TokenBudgetExceeded,
+        AlertId::HighQualityGateFailureRate,
+        AlertId::ExcessivePersonaSwitching,
+        AlertId::SlowWorkflowStage,
+        AlertId::TokenBudgetDepletionPredicted,
+        AlertId::HypertoolMetricsNotReported,
+        AlertId::LangfuseIntegrationFailing,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AlertId::TokenBudgetExceeded => "TokenBudgetExceeded",
+            AlertId::HighQualityGateFailureRate => "HighQualityGateFailureRate",
+            AlertId::ExcessivePersonaSwitching => "ExcessivePersonaSwitching",
+            AlertId::SlowWorkflowStage => "SlowWorkflowStage",
+            AlertId::TokenBudgetDepletionPredicted => "TokenBudgetDepletionPredicted",
+            AlertId::HypertoolMetricsNotReported => "HypertoolMetricsNotReported",
+            AlertId::LangfuseIntegrationFailing => "LangfuseIntegrationFailing",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<AlertId> {
+        AlertId::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The runbook section's anchor (GitHub-style slug of its heading).
+    pub fn runbook_anchor(self) -> &'static str {
+        match self {
+            AlertId::TokenBudgetExceeded => "alert-1-token-budget-exceeded",
+            AlertId::HighQualityGateFailureRate => "alert-2-high-quality-gate-failure-rate",
+            AlertId::ExcessivePersonaSwitching => "alert-3-excessive-persona-switching",
+            AlertId::SlowWorkflowStage => "alert-4-slow-workflow-stage",
+            AlertId::TokenBudgetDepletionPredicted => "alert-5-token-budget-depletion-predicted",
+            AlertId::HypertoolMetricsNotReported => "alert-6-hypertool-metrics-not-reported",
+            AlertId::LangfuseIntegrationFailing => "alert-7-langfuse-integration-failing",
+        }
+    }
+
+    fn severity(self) -> &'static str {
+        match self {
+            AlertId::TokenBudgetExceeded | AlertId::HypertoolMetricsNotReported => "critical",
+            AlertId::TokenBudgetDepletionPredicted => "info",
+            _ => "warning",
+        }
+    }
+
+    fn category(self) -> &'static str {
+        match self {
+            AlertId::TokenBudgetExceeded | AlertId::TokenBudgetDepletionPredicted => "cost",
+            AlertId::HighQualityGateFailureRate => "quality",
+            AlertId::ExcessivePersonaSwitching | AlertId::SlowWorkflowStage => "performance",
+            AlertId::HypertoolMetricsNotReported => "availability",
+            AlertId::LangfuseIntegrationFailing => "observability",
+        }
+    }
+}
+
+/// `[alerts.NAME]` in hypertool.toml: every knob optional, defaults are the runbook's values.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub enabled: Option<bool>,
+    #[serde(rename = "for")]
+    pub for_: Option<PromDuration>,
+    pub threshold: Option<f64>,
+    pub window: Option<PromDuration>,
+    pub horizon: Option<PromDuration>,
+    pub quantile: Option<f64>,
+}
+
+/// `[alerts]` in hypertool.toml.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    pub evaluation_interval: Option<PromDuration>,
+    /// Base URL of the runbook; each alert links to its section.
+    pub runbook_url: Option<String>,
+    /// The Prometheus job that scrapes hypertool.
+    pub job: Option<String>,
+    #[serde(rename = "TokenBudgetExceeded", default)]
+    pub token_budget_exceeded: RawRule,
+    #[serde(rename = "HighQualityGateFailureRate", default)]
+    pub high_quality_gate_failure_rate: RawRule,
+    #[serde(rename = "ExcessivePersonaSwitching", default)]
+    pub excessive_persona_switching: RawRule,
+    #[serde(rename = "SlowWorkflowStage", default)]
+    pub slow_workflow_stage: RawRule,
+    #[serde(rename = "TokenBudgetDepletionPredicted", default)]
+    pub token_budget_depletion_predicted: RawRule,
+    #[serde(rename = "HypertoolMetricsNotReported", default)]
+    pub hypertool_metrics_not_reported: RawRule,
+    #[serde(rename = "LangfuseIntegrationFailing", default)]
+    pub langfuse_integration_failing: RawRule,
+}
+
+/// One alert, resolved: what the evaluators and the rule renderer use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub id: AlertId,
+    pub enabled: bool,
+    pub for_: PromDuration,
+    pub threshold: f64,
+    pub window: PromDuration,
+    pub horizon: PromDuration,
+    pub quantile: f64,
+}
+
+/// Every alert's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertSettings {
+    pub evaluation_interval: PromDuration,
+    pub runbook_url: String,
+    pub job: String,
+    pub rules: Vec<Rule>,
+}
+
+/// Default runbook location: the copy served by hypertool itself.
+pub const DEFAULT_RUNBOOK_URL: &str = "http://127.0.0.1:8080/runbook";
+
+fn defaults(id: AlertId) -> Rule {
+    let (for_, threshold, window, horizon, quantile) = match id {
+        AlertId::TokenBudgetExceeded => (
+            PromDuration::mins(1),
+            0.0,
+            PromDuration(0),
+            PromDuration(0),
+            0.0,
+        ),
+        AlertId::HighQualityGateFailureRate => (
+            PromDuration::mins(5),
+            0.20,
+            PromDuration::mins(5),
+            PromDuration(0),
+            0.0,
+        ),
+        AlertId::ExcessivePersonaSwitching => (
+            PromDuration::mins(5),
+            2.0,
+            PromDuration::mins(1),
+            PromDuration(0),
+            0.0,
+        ),
+        AlertId::SlowWorkflowStage => (
+            PromDuration::mins(10),
+            300.0,
+            PromDuration::mins(5),
+            PromDuration(0),
+            0.95,
+        ),
+        AlertId::TokenBudgetDepletionPredicted => (
+            PromDuration::mins(10),
+            0.0,
+            PromDuration::mins(30),
+            PromDuration::mins(60),
+            0.0,
+        ),
+        AlertId::HypertoolMetricsNotReported => (
+            PromDuration::mins(2),
+            0.0,
+            PromDuration(0),
+            PromDuration(0),
+            0.0,
+        ),
+        AlertId::LangfuseIntegrationFailing => (
+            PromDuration::mins(5),
+            0.0,
+            PromDuration::mins(5),
+            PromDuration(0),
+            0.0,
+        ),
+    };
+    Rule {
+        id,
+        enabled: true,
+        for_,
+        threshold,
+        window,
+        horizon,
+        quantile,
+    }
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings {
+            evaluation_interval: PromDuration::secs(15),
+            runbook_url: DEFAULT_RUNBOOK_URL.into(),
+            job: "hypertool".into(),
+            rules: AlertId::ALL.into_iter().map(defaults).collect(),
+        }
+    }
+}
+
+impl AlertSettings {
+    /// Resolves `[alerts]`; each error names the key (`alerts.NAME.knob`) and the valid values.
+    pub fn from_raw(raw: RawAlerts) -> Result<AlertSettings, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let pairs = [
+            (AlertId::TokenBudgetExceeded, raw.token_budget_exceeded),
+            (
+                AlertId::HighQualityGateFailureRate,
+                raw.high_quality_gate_failure_rate,
+            ),
+            (
+                AlertId::ExcessivePersonaSwitching,
+                raw.excessive_persona_switching,
+            ),
+            (AlertId::SlowWorkflowStage, raw.slow_workflow_stage),
+            (
+                AlertId::TokenBudgetDepletionPredicted,
+                raw.token_budget_depletion_predicted,
+            ),
+            (
+                AlertId::HypertoolMetricsNotReported,
+                raw.hypertool_metrics_not_reported,
+            ),
+            (
+                AlertId::LangfuseIntegrationFailing,
+                raw.langfuse_integration_failing,
+            ),
+        ];
+        let mut rules = Vec::new();
+        for (id, r) in pairs {
+            let mut rule = defaults(id);
+            let key = |k: &str| format!("alerts.{}.{k}", id.name());
+            let applies = |k: &str| match k {
+                "threshold" => !matches!(
+                    id,
+                    AlertId::HypertoolMetricsNotReported | AlertId::LangfuseIntegrationFailing
+                ),
+                "window" => rule_has_window(id),
+                "horizon" => id == AlertId::TokenBudgetDepletionPredicted,
+                "quantile" => id == AlertId::SlowWorkflowStage,
+                _ => true,
+            };
+            let mut knob = |k: &str, present: bool| {
+                if present && !applies(k) {
+                    errors.push((key(k), format!("`{k}` does not apply to {}", id.name())));
+                }
+            };
+            knob("threshold", r.threshold.is_some());
+            knob("window", r.window.is_some());
+            knob("horizon", r.horizon.is_some());
+            knob("quantile", r.quantile.is_some());
+            if let Some(v) = r.enabled {
+                rule.enabled = v;
+            }
+            if let Some(v) = r.for_ {
+                rule.for_ = v;
+            }
+            if let Some(v) = r.threshold {
+                if v.is_finite() {
+                    rule.threshold = v;
+                } else {
+                    errors.push((key("threshold"), "must be a finite number".into()));
+                }
+            }
+            for (k, value, slot) in [
+                ("window", r.window, &mut rule.window),
+                ("horizon", r.horizon, &mut rule.horizon),
+            ] {
+                if let Some(v) = value {
+                    if v.0 <= 0 {
+                        errors.push((key(k), "must be longer than 0s".into()));
+                    } else {
+                        *slot = v;
+                    }
+                }
+            }
+            if let Some(q) = r.quantile {
+                if q > 0.0 && q < 1.0 {
+                    rule.quantile = q;
+                } else {
+                    errors.push((
+                        key("quantile"),
+                        format!("must be between 0 and 1 (exclusive), got {q}"),
+                    ));
+                }
+            }
+            rules.push(rule);
+        }
+        let evaluation_interval = raw.evaluation_interval.unwrap_or(PromDuration::secs(15));
+        if evaluation_interval.0 < 1000 {
+            errors.push((
+                "alerts.evaluation_interval".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        if errors.is_empty() {
+            Ok(AlertSettings {
+                evaluation_interval,
+                runbook_url: raw
+                    .runbook_url
+                    .unwrap_or_else(|| DEFAULT_RUNBOOK_URL.into()),
+                job: raw.job.unwrap_or_else(|| "hypertool".into()),
+                rules,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn rule(&self, id: AlertId) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.id == id && r.enabled)
+    }
+}
+
+fn rule_has_window(id: AlertId) -> bool {
+    !matches!(
+        id,
+        AlertId::TokenBudgetExceeded | AlertId::HypertoolMetricsNotReported
+    )
+}
+
+/// Numbers in expressions: integers without a fraction, others as written by Rust (shortest form).
+fn num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+impl Rule {
+    /// The PromQL condition.
+    pub fn expr(&self, job: &str) -> String {
+        let w = self.window;
+        match self.id {
+            AlertId::TokenBudgetExceeded => format!(
+                "min by (persona) (hypertool_persona_token_budget_remaining) < {}",
+                num(self.threshold)
+            ),
+            AlertId::HighQualityGateFailureRate => format!(
+                "sum by (workflow, stage) (rate(hypertool_workflow_quality_gate_total{{result=\"fail\"}}[{w}]))\n\
+                 /\n\
+                 sum by (workflow, stage) (rate(hypertool_workflow_quality_gate_total[{w}]))\n\
+                 > {}",
+                num(self.threshold)
+            ),
+            AlertId::ExcessivePersonaSwitching => format!(
+                "sum(rate(hypertool_persona_switches_total[{w}])) > {}",
+                num(self.threshold)
+            ),
+            AlertId::SlowWorkflowStage => format!(
+                "histogram_quantile({}, sum by (le, workflow, stage) (rate(hypertool_workflow_stage_duration_seconds_bucket[{w}])))\n\
+                 > {}",
+                num(self.quantile),
+                num(self.threshold)
+            ),
+            AlertId::TokenBudgetDepletionPredicted => format!(
+                "min by (persona) (predict_linear(hypertool_persona_token_budget_remaining[{w}], {})) < {}",
+                num(self.horizon.as_secs_f64()),
+                num(self.threshold)
+            ),
+            AlertId::HypertoolMetricsNotReported => {
+                format!("up{{job=\"{job}\"}} == 0\nor\nabsent(up{{job=\"{job}\"}})")
+            }
+            AlertId::LangfuseIntegrationFailing => format!(
+                "sum(rate(hypertool_persona_tokens_used_total[{w}])) > 0\n\
+                 and on ()\n\
+                 (\n  sum(increase(langfuse_trace_created_total[{w}])) == 0\n  or on ()\n  absent(langfuse_trace_created_total)\n)"
+            ),
+        }
+    }
+
+    /// Labels every firing instance carries besides its series labels.
+    pub fn static_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("severity".to_string(), self.id.severity().to_string()),
+            ("component".to_string(), "hypertool".to_string()),
+            ("category".to_string(), self.id.category().to_string()),
+        ])
+    }
+
+    /// Annotation templates (Prometheus syntax), by name.
+    pub fn annotations(&self, runbook_url: &str) -> BTreeMap<String, String> {
+        let v0 = "{{ printf \"%.0f\" $value }}";
+        let v2 = "{{ printf \"%.2f\" $value }}";
+        let w = self.window;
+        let (summary, description, action) = match self.id {
+            AlertId::TokenBudgetExceeded => (
+                "Persona {{ $labels.persona }} is over its token budget".to_string(),
+                format!(
+                    "Persona {{{{ $labels.persona }}}} has {v0} tokens left in its budget period \
+                     (alert below {}). Every further call adds to the overrun.",
+                    num(self.threshold)
+                ),
+                "Find the persona's largest calls in Langfuse (user = {{ $labels.persona }}); compare \
+                 sum(increase(hypertool_persona_tokens_used_total{persona=\"{{ $labels.persona }}\"}[1h])) \
+                 by (chatmode, model); raise the budget (hypertool budget set {{ $labels.persona }} --tokens N) \
+                 or cut usage (caching, smaller prompts, cheaper model)."
+                    .to_string(),
+            ),
+            AlertId::HighQualityGateFailureRate => (
+                "Quality gate failing in {{ $labels.workflow }}/{{ $labels.stage }}".to_string(),
+                format!(
+                    "{v2} of quality gate results in workflow {{{{ $labels.workflow }}}} stage \
+                     {{{{ $labels.stage }}}} failed over the last {w} (threshold {}).",
+                    num(self.threshold)
+                ),
+                "Review failed generations in Langfuse for this workflow and stage; compare pass rates \
+                 by model; check whether the gate criteria changed; consider a higher-tier model for the stage."
+                    .to_string(),
+            ),
+            AlertId::ExcessivePersonaSwitching => (
+                "Agents are switching persona too often".to_string(),
+                format!(
+                    "Persona switches run at {v2} per second over {w} (threshold {}).",
+                    num(self.threshold)
+                ),
+                "Find the oscillating pairs: sum(rate(hypertool_persona_switches_total[5m])) by \
+                 (from_persona, to_persona, chatmode); look for A -> B -> A loops and add a switch cooldown."
+                    .to_string(),
+            ),
+            AlertId::SlowWorkflowStage => (
+                "Workflow stage {{ $labels.workflow }}/{{ $labels.stage }} is slow".to_string(),
+                format!(
+                    "p{} duration of stage {{{{ $labels.stage }}}} in workflow {{{{ $labels.workflow }}}} \
+                     is {v0}s over {w} (threshold {}s).",
+                    num(self.quantile * 100.0),
+                    num(self.threshold)
+                ),
+                "Check the stage's slow LLM calls in Langfuse (large prompts, long completions, retries) \
+                 and langfuse_generation_duration_seconds by model; cut prompt size or use a faster model."
+                    .to_string(),
+            ),
+            AlertId::TokenBudgetDepletionPredicted => (
+                "Persona {{ $labels.persona }} will exhaust its token budget soon".to_string(),
+                format!(
+                    "At the trend of the last {w}, persona {{{{ $labels.persona }}}} will have {v0} tokens \
+                     left in {}.",
+                    self.horizon
+                ),
+                "Check whether the spike is expected (active workflows for this persona); compare \
+                 rate(hypertool_persona_tokens_used_total[30m]) with the previous hour; raise the budget \
+                 or enable caching before it runs out."
+                    .to_string(),
+            ),
+            AlertId::HypertoolMetricsNotReported => (
+                "hypertool metrics are not being reported".to_string(),
+                format!(
+                    "No successful scrape of job {} for {}: every other hypertool alert is blind.",
+                    "{{ $labels.job }}", self.for_
+                ),
+                "Check that hypertool runs (ps aux | grep hypertool), that curl http://localhost:9464/metrics \
+                 answers, and the Prometheus target state; a busy port 9464 is a common cause."
+                    .to_string(),
+            ),
+            AlertId::LangfuseIntegrationFailing => (
+                "LLM calls are made but no Langfuse traces are created".to_string(),
+                format!(
+                    "Tokens are being used ({v2} per second) and no Langfuse trace was created in {w}. \
+                     Most likely the Langfuse credentials are missing or wrong."
+                ),
+                "Check LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY and LANGFUSE_HOST, then hypertool's log for \
+                 Langfuse errors; test the connection to the Langfuse host."
+                    .to_string(),
+            ),
+        };
+        BTreeMap::from([
+            ("summary".to_string(), summary),
+            ("description".to_string(), description),
+            ("action".to_string(), action),
+            (
+                "runbook".to_string(),
+                format!("{}#{}", runbook_url, self.id.runbook_anchor()),
+            ),
+        ])
+    }
+}
+
+/// Expands the two template forms the annotations use, as Prometheus would.
+pub fn render_template(template: &str, labels: &BTreeMap<String, String>, value: f64) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let inner = rest[start + 2..start + end].trim();
+        if let Some(name) = inner.strip_prefix("$labels.") {
+            out.push_str(labels.get(name).map(String::as_str).unwrap_or(""));
+        } else if let Some(spec) = inner
+            .strip_prefix("printf \"%.")
+            .and_then(|s| s.strip_suffix("f\" $value"))
+        {
+            let precision: usize = spec.parse().unwrap_or(2);
+            out.push_str(&go_float(value, precision));
+        } else {
+            // Not one of ours: leave it as written.
+            out.push_str(&rest[start..start + end + 2]);
+        }
+        rest = &rest[start + end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Go's `%.Nf` for a float64.
+fn go_float(v: f64, precision: usize) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        format!("{v:.precision$}")
+    }
+}
+
+/// The Prometheus rules file for `settings`.
+pub fn render_rules_yaml(settings: &AlertSettings) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "# Generated by `hypertool rules` from hypertool.toml: edit the [alerts] section and re-run,\n\
+         # do not edit by hand. The same conditions run in hypertool's embedded alert engine.\n\
+         # Runbook: each alert's `runbook` annotation links to its section.\n",
+    );
+    let _ = writeln!(out, "groups:\n  - name: hypertool-persona-alerts");
+    let _ = writeln!(out, "    interval: {}", settings.evaluation_interval);
+    out.push_str("    rules:\n");
+    for rule in settings.rules.iter().filter(|r| r.enabled) {
+        let _ = writeln!(out, "      - alert: {}", rule.id.name());
+        out.push_str("        expr: |\n");
+        for line in rule.expr(&settings.job).lines() {
+            let _ = writeln!(out, "          {line}");
+        }
+        let _ = writeln!(out, "        for: {}", rule.for_);
+        out.push_str("        labels:\n");
+        for (k, v) in rule.static_labels() {
+            let _ = writeln!(out, "          {k}: {v}");
+        }
+        out.push_str("        annotations:\n");
+        for (k, v) in rule.annotations(&settings.runbook_url) {
+            let quoted = serde_json::to_string(&v).unwrap_or_default();
+            let _ = writeln!(out, "          {k}: {quoted}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_expand_like_prometheus() {
+        let labels = BTreeMap::from([("persona".to_string(), "backend-engineer".to_string())]);
+        let t = "{{ $labels.persona }} has {{ printf \"%.0f\" $value }} ({{ printf \"%.2f\" $value }}){{ $labels.missing }}";
+        assert_eq!(
+            render_template(t, &labels, -250.4),
+            "backend-engineer has -250 (-250.40)"
+        );
+    }
+
+    #[test]
+    fn settings_override_and_refuse_what_does_not_apply() {
+        let raw: RawAlerts = toml::from_str(
+            "evaluation_interval = \"5s\"\n[SlowWorkflowStage]\nthreshold = 120\nfor = \"1m\"\n",
+        )
+        .unwrap();
+        let s = AlertSettings::from_raw(raw).unwrap();
+        let slow = s.rule(AlertId::SlowWorkflowStage).unwrap();
+        assert_eq!((slow.threshold, slow.for_), (120.0, PromDuration::mins(1)));
+        assert!(s
+            .rule(AlertId::SlowWorkflowStage)
+            .unwrap()
+            .expr("hypertool")
+            .contains("> 120"));
+        let raw: RawAlerts = toml::from_str("[TokenBudgetExceeded]\nquantile = 0.5\n").unwrap();
+        let errs = AlertSettings::from_raw(raw).unwrap_err();
+        assert_eq!(errs[0].0, "alerts.TokenBudgetExceeded.quantile");
+    }
+}
