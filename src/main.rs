@@ -57,6 +57,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         promtool_test: Option<PathBuf>,
     },
+    /// Print the operator runbook, or the section for one alert.
+    Runbook {
+        /// An alert name, e.g. TokenBudgetExceeded.
+        alert: Option<String>,
+    },
     /// Alerts of a running server (state, labels, value, since when, runbook link).
     Alerts(ClientArgs),
     /// Personas known to a running server.
@@ -355,6 +360,36 @@ fn simulate(
     }
 }
 
+fn runbook(alert: Option<&str>) -> ExitCode {
+    use hypertool::alerts::rules::AlertId;
+    use hypertool::server::admin::RUNBOOK;
+    let Some(name) = alert else {
+        print!("{RUNBOOK}");
+        return ExitCode::SUCCESS;
+    };
+    let Some(id) = AlertId::from_name(name) else {
+        let names: Vec<&str> = AlertId::ALL.iter().map(|a| a.name()).collect();
+        eprintln!(
+            "error: unknown alert `{name}`\n  fix: use one of: {}",
+            names.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let number = AlertId::ALL.iter().position(|a| *a == id).unwrap_or(0) + 1;
+    let heading = format!("## Alert {number}:");
+    let Some(start) = RUNBOOK.find(&heading) else {
+        print!("{RUNBOOK}");
+        return ExitCode::SUCCESS;
+    };
+    let rest = &RUNBOOK[start..];
+    let end = rest[3..].find("\n## ").map(|i| i + 3).unwrap_or(rest.len());
+    println!(
+        "{}",
+        rest[..end].trim_end().trim_end_matches("---").trim_end()
+    );
+    ExitCode::SUCCESS
+}
+
 fn check(path: Option<PathBuf>) -> ExitCode {
     let source = Source::discover(path.as_deref());
     if let Source::File(p) = &source {
@@ -428,6 +463,7 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Check { config } => check(config),
         Command::Rules { config } => rules(config),
+        Command::Runbook { alert } => runbook(alert.as_deref()),
         Command::Simulate {
             scenario,
             config,

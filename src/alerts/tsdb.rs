@@ -32,7 +32,7 @@ impl Tsdb {
         self.retention_ms = retention_ms.max(LOOKBACK_MS);
     }
 
-    /// Adds one sample; samples must come in time order per series.
+    /// Adds one sample; out-of-order samples are dropped, a second one at the same time replaces the first.
     pub fn append(&mut self, name: &str, labels: Labels, at: UnixMillis, value: f64) {
         let points = self
             .series
@@ -40,10 +40,12 @@ impl Tsdb {
             .or_default()
             .entry(labels)
             .or_default();
-        if points.back().is_some_and(|(t, _)| *t >= at) {
-            return;
+        match points.back_mut() {
+            // Evaluated twice at one instant (a manual clock): the newer scrape wins.
+            Some(last) if last.0 == at => last.1 = value,
+            Some(last) if last.0 > at => {}
+            _ => points.push_back((at, value)),
         }
-        points.push_back((at, value));
     }
 
     /// Forgets samples older than the retention, and series left empty.

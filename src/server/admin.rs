@@ -230,3 +230,20 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     }
 }
+
+pub async fn list_alerts(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(super::lock_alerts(&state.alerts).view())
+}
+
+/// The operator runbook the alerts link to (a copy of it is embedded at build time).
+pub const RUNBOOK: &str = include_str!("../../docs/ALERT_RUNBOOK.md");
+
+pub async fn runbook() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/markdown; charset=utf-8",
+        )],
+        RUNBOOK,
+    )
+}

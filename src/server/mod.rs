@@ -25,6 +25,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::alerts::{AlertEngine, AlertState, LangfuseStatus};
 use crate::config::{self, Config, ConfigErrors, Source};
 use crate::core::clock::{Clock, UnixMillis};
 use crate::core::engine::Engine;
@@ -38,12 +39,26 @@ use error::ApiError;
 #[derive(Debug, Default)]
 pub struct ServerStats {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    alert_transitions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     reload_success: AtomicU64,
     reload_failure: AtomicU64,
     last_reload_ok: AtomicBool,
 }
 
 impl ServerStats {
+    pub fn transition(&self, alertname: &'static str, to: AlertState) {
+        let to = match to {
+            AlertState::Inactive => "resolved",
+            AlertState::Pending => "pending",
+            AlertState::Firing => "firing",
+        };
+        let mut map = self
+            .alert_transitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *map.entry((alertname, to)).or_insert(0) += 1;
+    }
+
     pub fn reject(&self, reason: &'static str, n: u64) {
         let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry(reason).or_insert(0) += n;
@@ -54,6 +69,10 @@ impl ServerStats {
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Mutex<Engine>>,
+    pub alerts: Arc<Mutex<AlertEngine>>,
+    /// The metrics listener's address: the embedded engine scrapes it for `up`.
+    pub metrics_addr: SocketAddr,
+    pub http: reqwest::Client,
     pub writer: WriterHandle,
     pub clock: Arc<dyn Clock>,
     pub stats: Arc<ServerStats>,
@@ -199,8 +218,15 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         last_reload_ok: AtomicBool::new(true),
         ..ServerStats::default()
     });
+    let alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse_status(&cfg));
     let state = AppState {
         engine: engine.clone(),
+        alerts: Arc::new(Mutex::new(alerts)),
+        metrics_addr,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default(),
         writer: writer.clone(),
         clock: clock.clone(),
         stats: stats.clone(),
@@ -295,6 +321,18 @@ fn spawn_background(
         }
     }));
 
+    let alert_state = state.clone();
+    let interval =
+        Duration::from_millis(cfg.settings.alerts.evaluation_interval.ms().max(1000) as u64);
+    tasks.push(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            evaluate_alerts(&alert_state).await;
+        }
+    }));
+
     let reload_state = state.clone();
     let reject_stats = state.stats.clone();
     let initial = cfg.settings.clone();
@@ -312,6 +350,7 @@ fn spawn_background(
             }
             let now = reload_state.clock.now_ms();
             lock(&reload_state.engine).reconfigure(new.engine_config(), now);
+            lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), langfuse_status(&new));
             reload_state.stats.reload_success.fetch_add(1, Ordering::Relaxed);
             reload_state.stats.last_reload_ok.store(true, Ordering::Relaxed);
             tracing::info!(personas = new.personas.len(), budgets = new.budgets.len(), "configuration reloaded");
@@ -323,6 +362,68 @@ fn spawn_background(
         },
     )));
     tasks
+}
+
+/// What the embedded engine knows about Langfuse that a Prometheus rule cannot.
+pub fn langfuse_status(cfg: &Config) -> LangfuseStatus {
+    let lf = &cfg.settings.langfuse;
+    if !lf.enabled {
+        LangfuseStatus::Disabled
+    } else if lf.credentials_present() {
+        LangfuseStatus::Configured
+    } else {
+        LangfuseStatus::NotConfigured
+    }
+}
+
+pub fn lock_alerts(alerts: &Mutex<AlertEngine>) -> std::sync::MutexGuard<'_, AlertEngine> {
+    alerts.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One evaluation of the embedded alert engine at the clock's now: scrape our own metrics
+/// listener (for `up`), sample the core, evaluate, log and count the state changes.
+pub async fn evaluate_alerts(state: &AppState) {
+    let url = format!("http://{}/metrics", state.metrics_addr);
+    let up = match state.http.get(&url).send().await {
+        Ok(r) => r.status().is_success() && r.text().await.is_ok(),
+        Err(_) => false,
+    };
+    let now = state.clock.now_ms();
+    let text = render_metrics(state, Format::Classic);
+    let transitions = {
+        let mut alerts = lock_alerts(&state.alerts);
+        alerts.ingest_exposition(now, &text);
+        alerts.ingest_up(now, &state.metrics_addr.to_string(), up);
+        alerts.evaluate(now)
+    };
+    for t in &transitions {
+        let a = &t.instance;
+        let labels: Vec<String> = a
+            .labels
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "alertname" | "severity" | "component" | "category"
+                )
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let summary = a.annotations.get("summary").cloned().unwrap_or_default();
+        match a.state {
+            AlertState::Firing => {
+                tracing::warn!(alert = a.alertname, labels = %labels.join(","), value = a.value,
+                runbook = a.annotations.get("runbook").map(String::as_str).unwrap_or(""), "alert firing: {summary}")
+            }
+            AlertState::Pending => {
+                tracing::info!(alert = a.alertname, labels = %labels.join(","), value = a.value,
+                "alert pending: {summary}")
+            }
+            AlertState::Inactive => tracing::info!(alert = a.alertname, labels = %labels.join(","),
+                was = ?t.from, "alert resolved: {summary}"),
+        }
+        state.stats.transition(a.alertname, a.state);
+    }
 }
 
 fn api_router(state: AppState) -> Router {
@@ -338,6 +439,8 @@ fn api_router(state: AppState) -> Router {
                 .delete(admin::delete_budget_override),
         )
         .route("/api/budgets/{persona}/reset", post(admin::reset_budget))
+        .route("/api/alerts", get(admin::list_alerts))
+        .route("/runbook", get(admin::runbook))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .fallback(not_found)
@@ -372,7 +475,21 @@ async fn method_not_allowed() -> ApiError {
 
 /// Renders `/metrics` for `state` at the current time.
 pub fn render_metrics(state: &AppState, format: Format) -> String {
+    let alerts_firing = lock_alerts(&state.alerts)
+        .firing_counts()
+        .into_iter()
+        .collect();
+    let alert_transitions = state
+        .stats
+        .alert_transitions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|((a, to), n)| ((a.to_string(), to.to_string()), *n as f64))
+        .collect();
     let process = ProcessInfo {
+        alerts_firing,
+        alert_transitions,
         version: env!("CARGO_PKG_VERSION"),
         start_time_ms: state.started_ms,
         config_reload_success: state.stats.reload_success.load(Ordering::Relaxed) as f64,

@@ -49,6 +49,10 @@ pub struct ProcessInfo {
     pub config_reload_failure: f64,
     pub config_last_reload_ok: bool,
     pub events_rejected: Vec<(String, f64)>,
+    /// Firing instances of the embedded alert engine per (alertname, severity).
+    pub alerts_firing: Vec<((String, String), f64)>,
+    /// Alert state changes per (alertname, new state).
+    pub alert_transitions: Vec<((String, String), f64)>,
 }
 
 struct Writer {
@@ -334,6 +338,30 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         engine.open_sessions() as f64,
     );
 
+    w.header(
+        "hypertool_alerts_firing",
+        "gauge",
+        "Alert instances firing in hypertool's embedded alert engine.",
+    );
+    for ((alertname, severity), n) in &process.alerts_firing {
+        w.sample(
+            "hypertool_alerts_firing",
+            &[("alertname", alertname), ("severity", severity)],
+            *n,
+        );
+    }
+    w.header(
+        "hypertool_alert_transitions_total",
+        "counter",
+        "State changes of the embedded alert engine's alerts, by the state entered.",
+    );
+    for ((alertname, to), n) in &process.alert_transitions {
+        w.sample(
+            "hypertool_alert_transitions_total",
+            &[("alertname", alertname), ("state", to)],
+            *n,
+        );
+    }
     w.header(
         "hypertool_config_reloads_total",
         "counter",

@@ -1,0 +1,210 @@
+//! The embedded alert engine inside `hypertool serve`, driven by the manual clock.
+
+use std::sync::Arc;
+
+use hypertool::config::Source;
+use hypertool::core::clock::ManualClock;
+use hypertool::server::evaluate_alerts;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn alert<'a>(view: &'a Value, name: &str) -> &'a Value {
+    view["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alertname"] == name)
+        .unwrap_or_else(|| panic!("{name} missing from {view}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_budget_exceeded_fires_after_its_for_and_resolves_after_a_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let state = s.running.as_ref().unwrap().state.clone();
+    s.post_events(json!([usage("backend-engineer", "c", "m", 2000, 0)]))
+        .await;
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    assert_eq!(
+        alert(&view, "TokenBudgetExceeded")["state"],
+        "inactive",
+        "exactly at 0 is not over"
+    );
+
+    s.post_events(json!([usage("backend-engineer", "c", "m", 1, 0)]))
+        .await;
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    assert_eq!(alert(&view, "TokenBudgetExceeded")["state"], "pending");
+
+    s.clock.advance_secs(45);
+    evaluate_alerts(&state).await;
+    assert_eq!(
+        alert(&s.get_json("/api/alerts").await.1, "TokenBudgetExceeded")["state"],
+        "pending"
+    );
+    s.clock.advance_secs(15);
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    let a = alert(&view, "TokenBudgetExceeded");
+    assert_eq!(a["state"], "firing");
+    let i = &a["instances"][0];
+    assert_eq!(i["labels"]["persona"], "backend-engineer");
+    assert_eq!(i["labels"]["severity"], "critical");
+    assert_eq!(i["value"], -1.0);
+    assert_eq!(i["active_since"], "2026-11-28T09:00:00.000Z");
+    assert!(a["runbook"]
+        .as_str()
+        .unwrap()
+        .ends_with("/runbook#alert-1-token-budget-exceeded"));
+    assert_eq!(
+        i["annotations"]["description"],
+        "Persona backend-engineer has -1 tokens left in its budget period (alert below 0). Every further call adds to the overrun."
+    );
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_alerts_firing",
+            &[
+                ("alertname", "TokenBudgetExceeded"),
+                ("severity", "critical")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_alerts_firing",
+            &[("alertname", "SlowWorkflowStage"), ("severity", "warning")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_alert_transitions_total",
+            &[("alertname", "TokenBudgetExceeded"), ("state", "firing")]
+        ),
+        Some(1.0)
+    );
+
+    // The CLI shows it.
+    let api = s.api.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::process::BIN)
+            .args(["alerts", "--server", &api])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().any(|l| l.starts_with("TokenBudgetExceeded")
+            && l.contains("firing")
+            && l.contains("persona=backend-engineer")),
+        "{table}"
+    );
+
+    // Resolution.
+    s.post_raw("/api/budgets/backend-engineer/reset", "").await;
+    s.clock.advance_secs(15);
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    let a = alert(&view, "TokenBudgetExceeded");
+    assert_eq!(a["state"], "inactive");
+    assert_eq!(a["instances"][0]["resolved_at"], "2026-11-28T09:01:15.000Z");
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_alerts_firing",
+            &[
+                ("alertname", "TokenBudgetExceeded"),
+                ("severity", "critical")
+            ]
+        ),
+        Some(0.0)
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn langfuse_alert_says_credentials_are_missing_unless_disabled() {
+    for disabled in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = config_copy(dir.path());
+        let text = std::fs::read_to_string(&toml).unwrap()
+            .replace("public_key_env = \"LANGFUSE_PUBLIC_KEY\"", "public_key_env = \"HYPERTOOL_TEST_NEVER_SET_PK\"")
+            .replace("[langfuse]\n# false: run without Langfuse on purpose (LangfuseIntegrationFailing is then not evaluated).\nenabled = true",
+                     &format!("[langfuse]\nenabled = {}", !disabled));
+        std::fs::write(&toml, text).unwrap();
+        let s = start(
+            Source::File(toml),
+            &dir.path().join("data"),
+            Arc::new(ManualClock::new(T0)),
+        )
+        .await;
+        let state = s.running.as_ref().unwrap().state.clone();
+        for _ in 0..22 {
+            s.post_events(json!([usage("devops-engineer", "ops", "m", 10, 0)]))
+                .await;
+            evaluate_alerts(&state).await;
+            s.clock.advance_secs(15);
+        }
+        let (_, view) = s.get_json("/api/alerts").await;
+        let a = alert(&view, "LangfuseIntegrationFailing");
+        if disabled {
+            assert_eq!(a["state"], "disabled");
+            assert!(a["instances"].as_array().unwrap().is_empty());
+        } else {
+            assert_eq!(a["state"], "firing", "{a}");
+            assert!(a["instances"][0]["note"]
+                .as_str()
+                .unwrap()
+                .contains("credentials are missing"));
+            assert!(!a["instances"][0]["note"]
+                .as_str()
+                .unwrap()
+                .contains("HYPERTOOL_TEST_NEVER_SET_PK="));
+        }
+        // The self-scrape works: metrics are reported.
+        assert_eq!(
+            alert(&view, "HypertoolMetricsNotReported")["state"],
+            "inactive"
+        );
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_listener_that_does_not_answer_fires_metrics_not_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let mut state = s.running.as_ref().unwrap().state.clone();
+    // Point the self-scrape at a port nobody listens on (taken, then released).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    state.metrics_addr = closed;
+    for _ in 0..8 {
+        evaluate_alerts(&state).await;
+        s.clock.advance_secs(15);
+    }
+    // 0s … 1m45s: pending since 0s, for 2m not yet passed.
+    assert_eq!(
+        alert(
+            &s.get_json("/api/alerts").await.1,
+            "HypertoolMetricsNotReported"
+        )["state"],
+        "pending"
+    );
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    let a = alert(&view, "HypertoolMetricsNotReported");
+    assert_eq!(a["state"], "firing");
+    assert_eq!(a["instances"][0]["labels"]["instance"], closed.to_string());
+    assert_eq!(a["instances"][0]["labels"]["job"], "hypertool");
+    s.stop().await;
+}
