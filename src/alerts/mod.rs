@@ -7,6 +7,7 @@
 //! Prometheus rules file; the two are checked against each other by `hypertool simulate`.
 //! Time comes from the caller, so a `for: 10m` is tested in milliseconds.
 
+pub mod delivery;
 pub mod duration;
 pub mod eval;
 pub mod promql;

@@ -11,6 +11,7 @@ use std::fmt::Write;
 
 use serde::Deserialize;
 
+use super::delivery::DeliverySettings;
 use super::duration::PromDuration;
 
 /// Which of the seven alerts.
@@ -106,6 +107,12 @@ pub struct RawAlerts {
     pub runbook_url: Option<String>,
     /// The Prometheus job that scrapes hypertool.
     pub job: Option<String>,
+    /// Alertmanager base URL: firing and resolved alerts are posted to its v2 API.
+    pub alertmanager_url: Option<String>,
+    /// A URL that receives each firing/resolved change as Alertmanager-webhook JSON.
+    pub webhook_url: Option<String>,
+    pub delivery_timeout: Option<PromDuration>,
+    pub delivery_max_retries: Option<u32>,
     #[serde(rename = "TokenBudgetExceeded", default)]
     pub token_budget_exceeded: RawRule,
     #[serde(rename = "HighQualityGateFailureRate", default)]
@@ -141,6 +148,7 @@ pub struct AlertSettings {
     pub runbook_url: String,
     pub job: String,
     pub rules: Vec<Rule>,
+    pub delivery: DeliverySettings,
 }
 
 /// Default runbook location: the copy served by hypertool itself.
@@ -216,6 +224,7 @@ impl Default for AlertSettings {
             runbook_url: DEFAULT_RUNBOOK_URL.into(),
             job: "hypertool".into(),
             rules: AlertId::ALL.into_iter().map(defaults).collect(),
+            delivery: default_delivery(),
         }
     }
 }
@@ -315,8 +324,42 @@ impl AlertSettings {
                 "must be at least 1s".into(),
             ));
         }
+        let mut delivery = default_delivery();
+        for (key, url, slot) in [
+            (
+                "alerts.alertmanager_url",
+                raw.alertmanager_url,
+                &mut delivery.alertmanager_url,
+            ),
+            (
+                "alerts.webhook_url",
+                raw.webhook_url,
+                &mut delivery.webhook_url,
+            ),
+        ] {
+            match url {
+                Some(u) if u.trim().is_empty() => {}
+                Some(u) if u.starts_with("http://") || u.starts_with("https://") => *slot = Some(u),
+                Some(_) => errors.push((key.into(), "must be an http:// or https:// URL".into())),
+                None => {}
+            }
+        }
+        if let Some(t) = raw.delivery_timeout {
+            if t.0 <= 0 {
+                errors.push((
+                    "alerts.delivery_timeout".into(),
+                    "must be longer than 0s".into(),
+                ));
+            } else {
+                delivery.timeout = std::time::Duration::from_millis(t.0 as u64);
+            }
+        }
+        if let Some(n) = raw.delivery_max_retries {
+            delivery.max_retries = n;
+        }
         if errors.is_empty() {
             Ok(AlertSettings {
+                delivery,
                 evaluation_interval,
                 runbook_url: raw
                     .runbook_url
@@ -331,6 +374,16 @@ impl AlertSettings {
 
     pub fn rule(&self, id: AlertId) -> Option<&Rule> {
         self.rules.iter().find(|r| r.id == id && r.enabled)
+    }
+}
+
+fn default_delivery() -> DeliverySettings {
+    DeliverySettings {
+        alertmanager_url: None,
+        webhook_url: None,
+        timeout: std::time::Duration::from_secs(5),
+        max_retries: 5,
+        initial_backoff: std::time::Duration::from_millis(500),
     }
 }
 

@@ -25,6 +25,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::alerts::delivery::{Deliverer, DeliveryStats};
 use crate::alerts::{AlertEngine, AlertState, LangfuseStatus};
 use crate::config::{self, Config, ConfigErrors, Source};
 use crate::core::clock::{Clock, UnixMillis};
@@ -73,6 +74,10 @@ pub struct AppState {
     /// The metrics listener's address: the embedded engine scrapes it for `up`.
     pub metrics_addr: SocketAddr,
     pub http: reqwest::Client,
+    pub deliverer: Arc<Mutex<Deliverer>>,
+    /// Where alert notifications point back to (`/api/alerts` on the API listener).
+    pub generator_url: String,
+    pub delivery_stats: Arc<DeliveryStats>,
     pub writer: WriterHandle,
     pub clock: Arc<dyn Clock>,
     pub stats: Arc<ServerStats>,
@@ -219,7 +224,17 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         ..ServerStats::default()
     });
     let alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse_status(&cfg));
+    let delivery_stats = Arc::new(DeliveryStats::default());
+    let generator_url = format!("http://{api_addr}/api/alerts");
+    let deliverer = Deliverer::start(
+        &cfg.settings.alerts.delivery,
+        generator_url.clone(),
+        delivery_stats.clone(),
+    );
     let state = AppState {
+        generator_url,
+        deliverer: Arc::new(Mutex::new(deliverer)),
+        delivery_stats,
         engine: engine.clone(),
         alerts: Arc::new(Mutex::new(alerts)),
         metrics_addr,
@@ -350,7 +365,16 @@ fn spawn_background(
             }
             let now = reload_state.clock.now_ms();
             lock(&reload_state.engine).reconfigure(new.engine_config(), now);
+            let old_delivery = lock_alerts(&reload_state.alerts).settings().delivery.clone();
             lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), langfuse_status(&new));
+            if new.settings.alerts.delivery != old_delivery {
+                let fresh = Deliverer::start(
+                    &new.settings.alerts.delivery,
+                    reload_state.generator_url.clone(),
+                    reload_state.delivery_stats.clone(),
+                );
+                *reload_state.deliverer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+            }
             reload_state.stats.reload_success.fetch_add(1, Ordering::Relaxed);
             reload_state.stats.last_reload_ok.store(true, Ordering::Relaxed);
             tracing::info!(personas = new.personas.len(), budgets = new.budgets.len(), "configuration reloaded");
@@ -390,12 +414,21 @@ pub async fn evaluate_alerts(state: &AppState) {
     };
     let now = state.clock.now_ms();
     let text = render_metrics(state, Format::Classic);
-    let transitions = {
+    let (transitions, firing) = {
         let mut alerts = lock_alerts(&state.alerts);
         alerts.ingest_exposition(now, &text);
         alerts.ingest_up(now, &state.metrics_addr.to_string(), up);
-        alerts.evaluate(now)
+        let transitions = alerts.evaluate(now);
+        let firing: Vec<_> = alerts.firing().into_iter().cloned().collect();
+        (transitions, firing)
     };
+    {
+        let changed: Vec<_> = transitions.iter().map(|t| t.instance.clone()).collect();
+        let mut deliverer = state.deliverer.lock().unwrap_or_else(|p| p.into_inner());
+        if !deliverer.is_empty() {
+            deliverer.offer(now, &changed, &firing);
+        }
+    }
     for t in &transitions {
         let a = &t.instance;
         let labels: Vec<String> = a
@@ -488,6 +521,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         .map(|((a, to), n)| ((a.to_string(), to.to_string()), *n as f64))
         .collect();
     let process = ProcessInfo {
+        alert_deliveries: state.delivery_stats.snapshot(),
         alerts_firing,
         alert_transitions,
         version: env!("CARGO_PKG_VERSION"),

@@ -51,6 +51,8 @@ pub struct ProcessInfo {
     pub events_rejected: Vec<(String, f64)>,
     /// Firing instances of the embedded alert engine per (alertname, severity).
     pub alerts_firing: Vec<((String, String), f64)>,
+    /// Alert notifications per (target, result).
+    pub alert_deliveries: Vec<((String, String), f64)>,
     /// Alert state changes per (alertname, new state).
     pub alert_transitions: Vec<((String, String), f64)>,
 }
@@ -359,6 +361,19 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         w.sample(
             "hypertool_alert_transitions_total",
             &[("alertname", alertname), ("state", to)],
+            *n,
+        );
+    }
+    w.header(
+        "hypertool_alert_deliveries_total",
+        "counter",
+        "Alert notifications sent to Alertmanager or the webhook, by target and result \
+         (delivered, failed after retries, rejected, dropped on a full queue).",
+    );
+    for ((target, result), n) in &process.alert_deliveries {
+        w.sample(
+            "hypertool_alert_deliveries_total",
+            &[("target", target), ("result", result)],
             *n,
         );
     }

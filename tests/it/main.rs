@@ -4,6 +4,7 @@
 mod alert_rules;
 mod common;
 mod config_reload;
+mod delivery;
 mod embedded_alerts;
 mod events_api;
 mod metrics_contract;
