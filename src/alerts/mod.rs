@@ -353,3 +353,103 @@ impl AlertEngine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::duration::PromDuration;
+
+    fn engine(for_: PromDuration) -> AlertEngine {
+        let mut settings = AlertSettings::default();
+        for r in settings.rules.iter_mut() {
+            r.for_ = for_;
+        }
+        AlertEngine::new(settings, LangfuseStatus::Configured)
+    }
+
+    fn budget(e: &mut AlertEngine, at: UnixMillis, remaining: f64) -> Vec<Transition> {
+        let text = format!(
+            "hypertool_persona_token_budget_remaining{{persona=\"backend-engineer\"}} {remaining}\n\
+             langfuse_trace_created_total {}\n",
+            at / 1000
+        );
+        e.ingest_exposition(at, &text);
+        e.ingest_up(at, "h:9464", true);
+        e.evaluate(at)
+    }
+
+    fn states(ts: &[Transition]) -> Vec<(AlertState, AlertState)> {
+        ts.iter()
+            .filter(|t| t.instance.alertname == "TokenBudgetExceeded")
+            .map(|t| (t.from, t.instance.state))
+            .collect()
+    }
+
+    #[test]
+    fn pending_then_firing_after_for_then_resolved() {
+        let mut e = engine(PromDuration::mins(1));
+        assert!(states(&budget(&mut e, 0, 10.0)).is_empty());
+        assert_eq!(
+            states(&budget(&mut e, 15_000, -1.0)),
+            [(AlertState::Inactive, AlertState::Pending)]
+        );
+        assert!(
+            states(&budget(&mut e, 60_000, -1.0)).is_empty(),
+            "45 s held: still pending"
+        );
+        assert_eq!(
+            states(&budget(&mut e, 75_000, -2.0)),
+            [(AlertState::Pending, AlertState::Firing)]
+        );
+        let firing = |e: &AlertEngine| -> Vec<f64> {
+            e.firing()
+                .iter()
+                .filter(|a| a.alertname == "TokenBudgetExceeded")
+                .map(|a| a.value)
+                .collect()
+        };
+        assert_eq!(firing(&e), [-2.0]);
+        assert_eq!(
+            states(&budget(&mut e, 90_000, 5.0)),
+            [(AlertState::Firing, AlertState::Inactive)]
+        );
+        assert!(firing(&e).is_empty());
+        // The resolved instance is remembered for 15 minutes (for delivery), then forgotten.
+        let budget_instances = |e: &AlertEngine| {
+            e.instances()
+                .iter()
+                .filter(|a| a.alertname == "TokenBudgetExceeded")
+                .count()
+        };
+        assert_eq!(budget_instances(&e), 1);
+        budget(&mut e, 90_000 + RESOLVED_RETENTION_MS + 15_000, 5.0);
+        assert_eq!(budget_instances(&e), 0);
+    }
+
+    #[test]
+    fn a_condition_shorter_than_for_never_fires_and_for_zero_fires_at_once() {
+        let mut e = engine(PromDuration::mins(1));
+        budget(&mut e, 0, -1.0);
+        budget(&mut e, 45_000, -1.0);
+        assert_eq!(
+            states(&budget(&mut e, 60_000, 1.0)),
+            [(AlertState::Pending, AlertState::Inactive)]
+        );
+        assert!(
+            !e.instances()
+                .iter()
+                .any(|a| a.alertname == "TokenBudgetExceeded"),
+            "a pending alert that clears is dropped"
+        );
+
+        let mut e = engine(PromDuration(0));
+        let t = budget(&mut e, 0, -1.0);
+        assert_eq!(
+            states(&t),
+            [
+                (AlertState::Inactive, AlertState::Pending),
+                (AlertState::Pending, AlertState::Firing)
+            ]
+        );
+    }
+}
