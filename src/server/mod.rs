@@ -337,14 +337,16 @@ fn spawn_background(
     }));
 
     let alert_state = state.clone();
-    let interval =
-        Duration::from_millis(cfg.settings.alerts.evaluation_interval.ms().max(1000) as u64);
     tasks.push(tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
             evaluate_alerts(&alert_state).await;
+            // Re-read each time: a reload may change the interval.
+            let every = lock_alerts(&alert_state.alerts)
+                .settings()
+                .evaluation_interval
+                .ms()
+                .max(1000);
+            tokio::time::sleep(Duration::from_millis(every as u64)).await;
         }
     }));
 

@@ -158,6 +158,28 @@ async fn budgets_yml_edits_apply_within_two_seconds_and_bad_edits_are_refused() 
         .then_some(())
     })
     .await;
+    // Alert thresholds in hypertool.toml reload too.
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace("threshold = 300        # seconds", "threshold = 120"),
+    )
+    .unwrap();
+    eventually(
+        "the new SlowWorkflowStage threshold",
+        Duration::from_secs(2),
+        || async {
+            let (_, view) = s.get_json("/api/alerts").await;
+            view["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| a["alertname"] == "SlowWorkflowStage")?["expr"]
+                .as_str()?
+                .ends_with("> 120")
+                .then_some(())
+        },
+    )
+    .await;
     let m = s.metrics().await;
     // Personas left out of budgets.yml fall back to their persona file's tokenBudget.
     assert_eq!(
