@@ -61,6 +61,7 @@ fn mixed_events(n: usize, start: i64) -> Vec<Stamped> {
                     stage: None,
                     session: (i % 2 == 0).then(|| sessions[i % 1000].clone()),
                     cost_usd: Some(0.001),
+                    ..Usage::default()
                 }),
             };
             Stamped {
@@ -111,6 +112,7 @@ fn main() {
                         stage: None,
                         session: None,
                         cost_usd: None,
+                        ..Usage::default()
                     }),
                 });
             }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every hypertool test, with its set-up, on a fresh Debian machine that has only the Rust toolchain.
 # Installs what the tests need (Debian's prometheus, for prometheus and promtool, and
-# prometheus-alertmanager), then runs formatting,
+# prometheus-alertmanager; PyPI's openai), then runs formatting,
 # lints and the whole test suite. Services the tests use are started by the tests themselves, on
 # loopback, in temporary directories.
 set -euo pipefail
@@ -17,6 +17,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get update -q
   $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# The official OpenAI client, to prove the gateway's compatibility.
+python3 -c 'import openai' >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check openai
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

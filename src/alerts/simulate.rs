@@ -122,6 +122,7 @@ fn usage(persona: &str, chatmode: &str, model: &str, tokens: u64, session: Optio
         stage: None,
         session: session.map(str::to_string),
         cost_usd: None,
+        ..Usage::default()
     })
 }
 

@@ -7,6 +7,7 @@
 
 pub mod budgets;
 pub mod error;
+pub mod gateway;
 pub mod personas;
 pub mod reload;
 pub mod settings;
@@ -260,6 +261,21 @@ pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
                 BTreeMap::new()
             }
         };
+    for (i, key) in settings.gateway.keys.iter().enumerate() {
+        if registry.get(&key.persona).is_none() {
+            errors.push(
+                ConfigError::new(
+                    files.toml.0.clone(),
+                    error::line_of_key(&files.toml.1, "persona"),
+                    format!(
+                        "`gateway.keys[{i}].persona` = `{}` is not a known persona",
+                        key.persona
+                    ),
+                )
+                .fix("use the name of a persona file in the persona directory"),
+            );
+        }
+    }
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }

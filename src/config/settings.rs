@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use super::error::{line_of_key, line_of_offset, ConfigError};
+use super::gateway::{GatewaySettings, RawGateway};
 use crate::alerts::rules::{AlertSettings, RawAlerts};
 
 #[derive(Debug, Default, Deserialize)]
@@ -28,6 +29,8 @@ struct RawSettings {
     alerts: RawAlerts,
     #[serde(default)]
     langfuse: RawLangfuse,
+    #[serde(default)]
+    gateway: RawGateway,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +148,7 @@ pub struct Settings {
     pub reload_interval_ms: u64,
     pub alerts: AlertSettings,
     pub langfuse: LangfuseSettings,
+    pub gateway: GatewaySettings,
 }
 
 impl Settings {
@@ -237,10 +241,28 @@ impl Settings {
                 AlertSettings::default()
             }
         };
+        let gateway = match GatewaySettings::from_raw(raw.gateway) {
+            Ok(g) => g,
+            Err(problems) => {
+                for (key, message) in problems {
+                    let leaf = key.rsplit('.').next().unwrap_or(&key).to_string();
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            line_of_key(text, &leaf),
+                            format!("`{key}`: {message}"),
+                        )
+                        .fix("see the [gateway] section of config/hypertool.toml"),
+                    );
+                }
+                GatewaySettings::default()
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Settings {
+            gateway,
             alerts,
             langfuse: LangfuseSettings {
                 enabled: raw.langfuse.enabled.unwrap_or(true),

@@ -72,6 +72,21 @@ impl Default for Metrics {
     }
 }
 
+/// The answer to "may this persona spend about `estimate` tokens now?".
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// Go ahead. `reserved` tokens are held against the budget until [`Engine::release`].
+    Allowed { reserved: u64 },
+    /// The persona's budget is in `block` mode and spent (counting calls in flight).
+    Blocked {
+        persona: String,
+        limit: u64,
+        used: u64,
+        in_flight: u64,
+        resets_at: Option<UnixMillis>,
+    },
+}
+
 /// The mutable heart of hypertool.
 #[derive(Debug)]
 pub struct Engine {
@@ -83,6 +98,9 @@ pub struct Engine {
     metrics: Metrics,
     none: Arc<str>,
     kinds: Interned,
+    /// Tokens reserved by calls in flight, per canonical persona (not in the ledger: they settle
+    /// into usage events or are released).
+    reserved: HashMap<String, u64>,
 }
 
 impl Engine {
@@ -96,6 +114,7 @@ impl Engine {
             metrics: Metrics::default(),
             none: Arc::from("none"),
             kinds: Interned::default(),
+            reserved: HashMap::new(),
         };
         engine.reconfigure(config, now);
         engine
@@ -193,6 +212,9 @@ impl Engine {
                 if let Some(budget) = budgets.get_mut(canonical) {
                     budget.record(at, tokens, cost);
                 }
+                if let Some(d) = u.duration_seconds {
+                    metrics.generation_duration.observe([model.clone()], d);
+                }
                 if u.cost_usd.is_some() {
                     metrics
                         .cost_usd
@@ -251,6 +273,52 @@ impl Engine {
         };
         metrics.events_applied.inc_by([kind.clone()], 1.0);
         self.absorb(closed);
+    }
+
+    /// Admission control for one call: in `block` mode, refuse when the tokens used plus those
+    /// reserved by calls in flight plus this call's estimate exceed the limit; otherwise reserve
+    /// the estimate. Usage can then pass the limit only by what calls in flight use beyond their
+    /// estimates.
+    pub fn admit(&mut self, persona: &str, estimate: u64, now: UnixMillis) -> Admission {
+        let canonical = self.config.personas.canonical(persona).to_string();
+        let in_flight = self.reserved.get(&canonical).copied().unwrap_or(0);
+        if let Some(budget) = self.budgets.get_mut(&canonical) {
+            budget.roll(now);
+            if budget.spec.mode == super::budget::BudgetMode::Block {
+                let used = budget.used_tokens();
+                let cost_spent = budget.remaining_cost().is_some_and(|left| left <= 0.0);
+                if used.saturating_add(in_flight).saturating_add(estimate) > budget.spec.tokens
+                    || cost_spent
+                {
+                    return Admission::Blocked {
+                        persona: canonical,
+                        limit: budget.spec.tokens,
+                        used,
+                        in_flight,
+                        resets_at: budget.resets_at(),
+                    };
+                }
+            }
+        }
+        *self.reserved.entry(canonical).or_insert(0) += estimate;
+        Admission::Allowed { reserved: estimate }
+    }
+
+    /// Gives back a reservation made by [`Engine::admit`] (the call's real usage is recorded as a
+    /// usage event before this).
+    pub fn release(&mut self, persona: &str, reserved: u64) {
+        let canonical = self.config.personas.canonical(persona);
+        if let Some(r) = self.reserved.get_mut(canonical) {
+            *r = r.saturating_sub(reserved);
+            if *r == 0 {
+                self.reserved.remove(canonical);
+            }
+        }
+    }
+
+    pub fn reserved(&self, persona: &str) -> u64 {
+        let canonical = self.config.personas.canonical(persona);
+        self.reserved.get(canonical).copied().unwrap_or(0)
     }
 
     /// Advances time: closes idle sessions and starts new budget periods.

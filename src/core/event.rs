@@ -19,7 +19,7 @@ pub enum Event {
 }
 
 /// Tokens spent by one LLM call.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Usage {
     pub persona: String,
     pub chatmode: String,
@@ -34,6 +34,13 @@ pub struct Usage {
     pub session: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
+    /// How long the LLM call took (feeds `langfuse_generation_duration_seconds{model}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// The token counts were estimated with a tokenizer (the upstream gave no usage, or the client
+    /// went away mid-stream), not reported by the upstream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 impl Usage {

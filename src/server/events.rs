@@ -319,8 +319,21 @@ pub fn parse_event(raw: &Value, now: UnixMillis) -> Result<Stamped, EventRejecti
                 "stage",
                 "session",
                 "cost_usd",
+                "duration_seconds",
+                "estimated",
                 "timestamp",
             ])?;
+            let estimated = match obj.get("estimated") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(reject(
+                        Some("estimated"),
+                        "invalid_field",
+                        format!("`estimated` must be true or false, got {v}"),
+                    ))
+                }
+            };
             Event::Usage(Usage {
                 persona: f.label("persona", MAX_LABEL_LEN)?,
                 chatmode: f.label("chatmode", MAX_LABEL_LEN)?,
@@ -331,6 +344,8 @@ pub fn parse_event(raw: &Value, now: UnixMillis) -> Result<Stamped, EventRejecti
                 stage: f.opt_label("stage", MAX_LABEL_LEN)?,
                 session: f.opt_label("session", MAX_SESSION_LEN)?,
                 cost_usd: f.non_negative("cost_usd", false)?,
+                duration_seconds: f.non_negative("duration_seconds", false)?,
+                estimated,
             })
         }
         "persona_switch" => {

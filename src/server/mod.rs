@@ -75,6 +75,7 @@ pub struct AppState {
     pub metrics_addr: SocketAddr,
     pub http: reqwest::Client,
     pub deliverer: Arc<Mutex<Deliverer>>,
+    pub gateway: Arc<crate::gateway::Gateway>,
     /// Where alert notifications point back to (`/api/alerts` on the API listener).
     pub generator_url: String,
     pub delivery_stats: Arc<DeliveryStats>,
@@ -111,6 +112,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Ledger(#[from] LedgerError),
+    #[error("refusing to serve the gateway on {addr} without gateway keys: anyone who can reach it could spend your budget; configure [[gateway.keys]] in hypertool.toml, or listen on 127.0.0.1")]
+    Insecure { addr: SocketAddr },
 }
 
 fn bind_error(
@@ -175,6 +178,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let settings = cfg.settings.clone();
     let api_addr = opts.listen.unwrap_or(settings.listen);
     let metrics_addr = opts.metrics_listen.unwrap_or(settings.metrics_listen);
+    if !api_addr.ip().is_loopback() && cfg.settings.gateway.keys.is_empty() {
+        return Err(StartError::Insecure { addr: api_addr });
+    }
     let api_listener = TcpListener::bind(api_addr)
         .await
         .map_err(|e| bind_error("API", "--listen", "HYPERTOOL_LISTEN", api_addr, e))?;
@@ -232,6 +238,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         delivery_stats.clone(),
     );
     let state = AppState {
+        gateway: Arc::new(crate::gateway::Gateway::new(cfg.settings.gateway.clone())),
         generator_url,
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
@@ -367,6 +374,7 @@ fn spawn_background(
             }
             let now = reload_state.clock.now_ms();
             lock(&reload_state.engine).reconfigure(new.engine_config(), now);
+            reload_state.gateway.reconfigure(new.settings.gateway.clone());
             let old_delivery = lock_alerts(&reload_state.alerts).settings().delivery.clone();
             lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), langfuse_status(&new));
             if new.settings.alerts.delivery != old_delivery {
@@ -465,6 +473,11 @@ fn api_router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/v1/events", post(events::post_events))
+        .route(
+            "/v1/chat/completions",
+            post(crate::gateway::chat_completions),
+        )
+        .route("/v1/models", get(crate::gateway::list_models))
         .route("/api/personas", get(admin::list_personas))
         .route("/api/budgets", get(admin::list_budgets))
         .route(
@@ -523,6 +536,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         .map(|((a, to), n)| ((a.to_string(), to.to_string()), *n as f64))
         .collect();
     let process = ProcessInfo {
+        gateway_requests: state.gateway.outcomes(),
         alert_deliveries: state.delivery_stats.snapshot(),
         alerts_firing,
         alert_transitions,

@@ -51,6 +51,8 @@ pub struct ProcessInfo {
     pub events_rejected: Vec<(String, f64)>,
     /// Firing instances of the embedded alert engine per (alertname, severity).
     pub alerts_firing: Vec<((String, String), f64)>,
+    /// Gateway calls per (upstream, outcome).
+    pub gateway_requests: Vec<((String, String), f64)>,
     /// Alert notifications per (target, result).
     pub alert_deliveries: Vec<((String, String), f64)>,
     /// Alert state changes per (alertname, new state).
@@ -340,6 +342,19 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         engine.open_sessions() as f64,
     );
 
+    w.header(
+        "hypertool_gateway_requests_total",
+        "counter",
+        "Calls through the gateway, by upstream and outcome (ok, budget_exceeded, upstream_error, \
+         model_not_found, unauthorized).",
+    );
+    for ((upstream, outcome), n) in &process.gateway_requests {
+        w.sample(
+            "hypertool_gateway_requests_total",
+            &[("upstream", upstream), ("outcome", outcome)],
+            *n,
+        );
+    }
     w.header(
         "hypertool_alerts_firing",
         "gauge",

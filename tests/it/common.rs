@@ -243,3 +243,99 @@ pub fn usage(persona: &str, chatmode: &str, model: &str, prompt: u64, completion
         "prompt_tokens": prompt, "completion_tokens": completion
     })
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Service(pub std::process::Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn(program: &str, args: &[&str], cwd: &Path) -> Service {
+    let child = std::process::Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): scripts/test.sh installs it"));
+    Service(child)
+}
+
+/// `tests/fixtures/fake_upstream.py` on an ephemeral loopback port.
+pub struct FakeUpstream {
+    _process: Service,
+    pub base_url: String,
+}
+
+impl FakeUpstream {
+    pub async fn start(dir: &Path) -> FakeUpstream {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_upstream.py");
+        let port_file = dir.join("fake-upstream.port");
+        let process = spawn(
+            "python3",
+            &[script.to_str().unwrap(), port_file.to_str().unwrap()],
+            dir,
+        );
+        let port = eventually(
+            "the fake upstream to listen",
+            Duration::from_secs(20),
+            || {
+                let p = std::fs::read_to_string(&port_file).ok();
+                async move { p }
+            },
+        )
+        .await;
+        FakeUpstream {
+            _process: process,
+            base_url: format!("http://127.0.0.1:{}/v1", port.trim()),
+        }
+    }
+
+    pub async fn stats(&self) -> Value {
+        let url = format!("{}/stats", self.base_url.trim_end_matches("/v1"));
+        reqwest::get(url).await.unwrap().json().await.unwrap()
+    }
+}
+
+/// hypertool.toml text (the repository's, plus `extra` appended) routing the fake upstream's models.
+pub fn gateway_config(dir: &Path, upstream_url: &str, extra: &str) -> PathBuf {
+    let toml = config_copy(dir);
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!(
+        "\n[[gateway.upstreams]]\nname = \"fake\"\nbase_url = \"{upstream_url}\"\napi_key_env = \"HYPERTOOL_TEST_UPSTREAM_KEY\"\ntimeout = \"10s\"\n"
+    ));
+    for model in [
+        "ok",
+        "no-usage",
+        "fail-500",
+        "rate-limit",
+        "bad-json",
+        "cut-stream",
+        "slow-stream",
+        "leak-key",
+    ] {
+        text.push_str(&format!(
+            "\n[[gateway.models]]\nname = \"{model}\"\nupstream = \"fake\"\n"
+        ));
+    }
+    text.push_str("\n[[gateway.models]]\nname = \"hang\"\nupstream = \"fake\"\ntimeout = \"1s\"\n");
+    text.push_str(&format!(
+        "\n[[gateway.upstreams]]\nname = \"dead\"\nbase_url = \"http://127.0.0.1:{}/v1\"\n\n[[gateway.models]]\nname = \"refused\"\nupstream = \"dead\"\n",
+        free_port()
+    ));
+    text.push_str(extra);
+    std::fs::write(&toml, text).unwrap();
+    toml
+}

@@ -3,7 +3,6 @@
 //! And end to end: a real Prometheus scraping a live hypertool fires TokenBudgetExceeded.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,39 +15,6 @@ use hypertool::server::evaluate_alerts;
 use serde_json::{json, Value};
 
 use crate::common::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(program: &str, args: &[&str], cwd: &Path) -> Service {
-    let child = Command::new(program)
-        .args(args)
-        .current_dir(cwd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start {program} ({e}): scripts/test.sh installs it from Debian's packages"
-            )
-        });
-    Service(child)
-}
 
 /// A config whose [alerts] section gets `extra` lines, with a clock two minutes behind the real time:
 /// the tests advance it by about one, and Alertmanager judges `startsAt`/`endsAt` by its own clock.

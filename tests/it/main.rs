@@ -7,6 +7,7 @@ mod config_reload;
 mod delivery;
 mod embedded_alerts;
 mod events_api;
+mod gateway;
 mod metrics_contract;
 mod persistence;
 mod process;

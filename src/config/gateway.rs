@@ -1,0 +1,304 @@
+//! `[gateway]` in hypertool.toml: upstreams, model routes, prices, virtual keys, the built-in mock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::alerts::duration::PromDuration;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    unattributed_persona: Option<String>,
+    default_chatmode: Option<String>,
+    #[serde(default)]
+    mock: RawMock,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMock {
+    latency_ms: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    base_url: String,
+    api_key_env: Option<String>,
+    timeout: Option<PromDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    upstream: String,
+    upstream_model: Option<String>,
+    #[serde(default)]
+    aliases: Vec<String>,
+    timeout: Option<PromDuration>,
+    prompt_usd_per_1k: Option<f64>,
+    completion_usd_per_1k: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    key_env: String,
+    persona: String,
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+/// The built-in upstream for models named `mock/*`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockSettings {
+    pub latency: Duration,
+    pub completion_tokens: u64,
+}
+
+/// An OpenAI-compatible upstream. Its key is read from `api_key_env` at call time and never stored
+/// in configuration, logs or errors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    pub name: String,
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    pub timeout: Duration,
+}
+
+/// USD per 1,000 tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Prices {
+    pub prompt_per_1k: f64,
+    pub completion_per_1k: f64,
+}
+
+impl Prices {
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.prompt_per_1k + completion as f64 * self.completion_per_1k) / 1000.0
+    }
+}
+
+/// A model clients may ask for, and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRoute {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub upstream: String,
+    pub upstream_model: String,
+    pub timeout: Option<Duration>,
+    pub prices: Option<Prices>,
+}
+
+/// A gateway key bound to a persona (and optionally to models).
+#[derive(Clone, PartialEq)]
+pub struct VirtualKey {
+    pub key: String,
+    pub key_env: String,
+    pub persona: String,
+    pub models: Vec<String>,
+}
+
+impl fmt::Debug for VirtualKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtualKey")
+            .field("key", &"<redacted>")
+            .field("key_env", &self.key_env)
+            .field("persona", &self.persona)
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewaySettings {
+    pub unattributed_persona: String,
+    pub default_chatmode: String,
+    pub mock: MockSettings,
+    pub upstreams: BTreeMap<String, UpstreamSettings>,
+    pub models: Vec<ModelRoute>,
+    pub keys: Vec<VirtualKey>,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            unattributed_persona: "unattributed".into(),
+            default_chatmode: "default".into(),
+            mock: MockSettings {
+                latency: Duration::ZERO,
+                completion_tokens: 16,
+            },
+            upstreams: BTreeMap::new(),
+            models: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+impl GatewaySettings {
+    /// Resolves `[gateway]`; errors are `(key path, message)`.
+    pub fn from_raw(raw: RawGateway) -> Result<GatewaySettings, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let mut s = GatewaySettings::default();
+        if let Some(p) = raw.unattributed_persona {
+            s.unattributed_persona = p;
+        }
+        if let Some(c) = raw.default_chatmode {
+            s.default_chatmode = c;
+        }
+        if let Some(ms) = raw.mock.latency_ms {
+            s.mock.latency = Duration::from_millis(ms);
+        }
+        if let Some(n) = raw.mock.completion_tokens {
+            s.mock.completion_tokens = n;
+        }
+        for (i, u) in raw.upstreams.into_iter().enumerate() {
+            let key = format!("gateway.upstreams[{i}]");
+            if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
+                errors.push((
+                    format!("{key}.base_url"),
+                    "must be an http:// or https:// URL, e.g. https://api.openai.com/v1".into(),
+                ));
+            }
+            if u.name == "mock" {
+                errors.push((
+                    format!("{key}.name"),
+                    "`mock` is the built-in upstream; choose another name".into(),
+                ));
+            }
+            let timeout = u
+                .timeout
+                .map(|t| Duration::from_millis(t.0.max(1) as u64))
+                .unwrap_or(Duration::from_secs(120));
+            if s.upstreams.contains_key(&u.name) {
+                errors.push((
+                    format!("{key}.name"),
+                    format!("upstream `{}` is defined twice", u.name),
+                ));
+            }
+            s.upstreams.insert(
+                u.name.clone(),
+                UpstreamSettings {
+                    name: u.name,
+                    base_url: u.base_url.trim_end_matches('/').to_string(),
+                    api_key_env: u.api_key_env,
+                    timeout,
+                },
+            );
+        }
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        for (i, m) in raw.models.into_iter().enumerate() {
+            let key = format!("gateway.models[{i}]");
+            if m.upstream != "mock" && !s.upstreams.contains_key(&m.upstream) {
+                let known: Vec<&str> = s.upstreams.keys().map(String::as_str).collect();
+                errors.push((
+                    format!("{key}.upstream"),
+                    format!(
+                        "`{}` is not a configured upstream; define it in [[gateway.upstreams]] (known: {}) or use `mock`",
+                        m.upstream,
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            for n in std::iter::once(&m.name).chain(m.aliases.iter()) {
+                if let Some(prev) = names.insert(n.clone(), m.name.clone()) {
+                    errors.push((
+                        format!("{key}.name"),
+                        format!("model name `{n}` is already used by model `{prev}`"),
+                    ));
+                }
+            }
+            let prices = match (m.prompt_usd_per_1k, m.completion_usd_per_1k) {
+                (None, None) => None,
+                (p, c) => {
+                    let p = p.unwrap_or(0.0);
+                    let c = c.unwrap_or(0.0);
+                    if !(p.is_finite() && c.is_finite() && p >= 0.0 && c >= 0.0) {
+                        errors.push((
+                            format!("{key}.prompt_usd_per_1k"),
+                            "prices must be non-negative numbers".into(),
+                        ));
+                    }
+                    Some(Prices {
+                        prompt_per_1k: p,
+                        completion_per_1k: c,
+                    })
+                }
+            };
+            s.models.push(ModelRoute {
+                upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
+                name: m.name,
+                aliases: m.aliases,
+                upstream: m.upstream,
+                timeout: m.timeout.map(|t| Duration::from_millis(t.0.max(1) as u64)),
+                prices,
+            });
+        }
+        for (i, k) in raw.keys.into_iter().enumerate() {
+            let key = format!("gateway.keys[{i}]");
+            match std::env::var(&k.key_env) {
+                Ok(v) if v.len() >= 16 => s.keys.push(VirtualKey {
+                    key: v,
+                    key_env: k.key_env,
+                    persona: k.persona,
+                    models: k.models,
+                }),
+                Ok(_) => errors.push((
+                    format!("{key}.key_env"),
+                    format!(
+                        "the key in ${} is shorter than 16 characters; use a long random value",
+                        k.key_env
+                    ),
+                )),
+                Err(_) => errors.push((
+                    format!("{key}.key_env"),
+                    format!(
+                        "environment variable ${} is not set; export it before starting hypertool",
+                        k.key_env
+                    ),
+                )),
+            }
+        }
+        if errors.is_empty() {
+            Ok(s)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The route for a requested model name or alias. `mock/*` goes to the built-in mock unless a
+    /// route of that name exists.
+    pub fn route(&self, requested: &str) -> Option<ModelRoute> {
+        if let Some(r) = self
+            .models
+            .iter()
+            .find(|m| m.name == requested || m.aliases.iter().any(|a| a == requested))
+        {
+            return Some(r.clone());
+        }
+        requested
+            .strip_prefix("mock/")
+            .filter(|rest| !rest.is_empty())
+            .map(|_| ModelRoute {
+                name: requested.to_string(),
+                aliases: Vec::new(),
+                upstream: "mock".into(),
+                upstream_model: requested.to_string(),
+                timeout: None,
+                prices: None,
+            })
+    }
+}

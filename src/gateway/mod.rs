@@ -1,0 +1,753 @@
+//! The OpenAI-compatible gateway: `POST /v1/chat/completions` (plain and SSE streaming) and
+//! `GET /v1/models` in front of any OpenAI-compatible upstream, every call attributed to a persona.
+//!
+//! A call goes: authenticate (virtual key, required off loopback) → attribute (key, then
+//! `X-Hypertool-*` headers) → route the model → admission (`Engine::admit` reserves the estimated
+//! tokens; `block` budgets refuse with 429) → upstream → usage (the upstream's, else estimated with
+//! tiktoken) → a usage event through the ledger writer → release the reservation. The upstream call
+//! and its accounting run in a task of their own, so a client that goes away never leaves a call
+//! unaccounted.
+
+pub mod tokens;
+pub mod upstream;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{Stream, StreamExt};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
+use crate::core::engine::{Admission, Engine};
+use crate::core::event::{Event, Stamped, Usage};
+use crate::server::error::ApiError;
+use crate::server::AppState;
+use crate::store::writer::lock;
+use upstream::UpstreamError;
+
+/// Gateway configuration (hot-reloaded) and its HTTP client.
+pub struct Gateway {
+    settings: RwLock<Arc<GatewaySettings>>,
+    http: reqwest::Client,
+    outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+impl Gateway {
+    pub fn new(settings: GatewaySettings) -> Self {
+        Gateway {
+            settings: RwLock::new(Arc::new(settings)),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .unwrap_or_default(),
+            outcomes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn settings(&self) -> Arc<GatewaySettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn reconfigure(&self, settings: GatewaySettings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+    }
+
+    fn count(&self, upstream: &str, outcome: &'static str) {
+        let mut m = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((upstream.to_string(), outcome)).or_insert(0) += 1;
+    }
+
+    /// `hypertool_gateway_requests_total{upstream,outcome}`; upstream names come from configuration.
+    pub fn outcomes(&self) -> Vec<((String, String), f64)> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((u, o), n)| ((u.clone(), o.to_string()), *n as f64))
+            .collect()
+    }
+}
+
+/// Holds reserved tokens until dropped, so every exit path gives them back.
+struct Reservation {
+    engine: Arc<Mutex<Engine>>,
+    persona: String,
+    tokens: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        lock(&self.engine).release(&self.persona, self.tokens);
+    }
+}
+
+/// Who a call is for and what it asked.
+#[derive(Clone)]
+struct CallMeta {
+    persona: String,
+    chatmode: String,
+    workflow: Option<String>,
+    stage: Option<String>,
+    session: Option<String>,
+    route: ModelRoute,
+    prompt_estimate: u64,
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 200 && !v.chars().any(char::is_control))
+        .map(str::to_string)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authenticate<'a>(
+    settings: &'a GatewaySettings,
+    headers: &HeaderMap,
+) -> Result<Option<&'a VirtualKey>, ApiError> {
+    if settings.keys.is_empty() {
+        return Ok(None);
+    }
+    let unauthorized = |msg: &str| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            msg.to_string(),
+        )
+    };
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return Err(unauthorized("missing gateway key: send `Authorization: Bearer <key>` with a key from [[gateway.keys]]"));
+    };
+    settings
+        .keys
+        .iter()
+        .find(|k| constant_time_eq(k.key.as_bytes(), given.trim().as_bytes()))
+        .map(Some)
+        .ok_or_else(|| unauthorized("invalid gateway key"))
+}
+
+fn gateway_error(e: &UpstreamError) -> ApiError {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    ApiError::new(status, "upstream_error", e.code(), e.message())
+}
+
+fn usage_of(v: &Value) -> Option<(u64, u64)> {
+    let u = v.get("usage")?;
+    Some((
+        u.get("prompt_tokens")?.as_u64()?,
+        u.get("completion_tokens")?.as_u64()?,
+    ))
+}
+
+fn completion_text(v: &Value) -> String {
+    v.get("choices")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| {
+                    let m = c.get("message")?;
+                    let mut s = m
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    if let Some(calls) = m.get("tool_calls") {
+                        s.push_str(&calls.to_string());
+                    }
+                    Some(s)
+                })
+                .collect::<Vec<_>>()
+                .join("")
+        })
+        .unwrap_or_default()
+}
+
+/// Stores the call's usage. A ledger failure is logged and counted but the answer still goes to
+/// the client: the tokens were spent upstream, and a retry would spend them twice.
+async fn record(
+    state: &AppState,
+    meta: &CallMeta,
+    prompt: u64,
+    completion: u64,
+    estimated: bool,
+    started: Instant,
+) {
+    let event = Event::Usage(Usage {
+        persona: meta.persona.clone(),
+        chatmode: meta.chatmode.clone(),
+        model: meta.route.name.clone(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        workflow: meta.workflow.clone(),
+        stage: meta.stage.clone(),
+        session: meta.session.clone(),
+        cost_usd: meta.route.prices.map(|p| p.cost(prompt, completion)),
+        duration_seconds: Some(started.elapsed().as_secs_f64()),
+        estimated,
+    });
+    let stamped = Stamped {
+        at: state.clock.now_ms(),
+        event,
+    };
+    if let Err(e) = state.writer.append(vec![stamped]).await {
+        state.stats.reject("ledger_unavailable", 1);
+        tracing::error!(persona = %meta.persona, model = %meta.route.name, prompt, completion,
+            "usage of an answered call could not be stored: {e}");
+    }
+}
+
+pub async fn list_models(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let settings = state.gateway.settings();
+    let key = authenticate(&settings, &headers)?;
+    let mut data: Vec<Value> = Vec::new();
+    for m in &settings.models {
+        for name in std::iter::once(&m.name).chain(m.aliases.iter()) {
+            if key.is_some_and(|k| !k.models.is_empty() && !k.models.contains(&m.name)) {
+                continue;
+            }
+            data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": m.upstream}));
+        }
+    }
+    data.push(json!({"id": "mock/default", "object": "model", "created": 0, "owned_by": "hypertool-mock"}));
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match handle(state, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let settings = state.gateway.settings();
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request("invalid_body", r.body_text())
+        }
+    })?;
+    let key = authenticate(&settings, &headers)
+        .inspect_err(|_| state.gateway.count("-", "unauthorized"))?;
+    let mut request: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "the request body must be a JSON object",
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                "malformed_json",
+                format!("request body is not valid JSON: {e}"),
+            ))
+        }
+    };
+    let Some(model) = request
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return Err(ApiError::bad_request(
+            "missing_model",
+            "`model` is required (a string), e.g. \"mock/gpt-4o\"",
+        )
+        .param("model"));
+    };
+    let Some(messages) = request.get("messages").and_then(Value::as_array).cloned() else {
+        return Err(ApiError::bad_request(
+            "missing_messages",
+            "`messages` is required (an array of {role, content})",
+        )
+        .param("messages"));
+    };
+    let Some(route) = settings.route(&model) else {
+        state.gateway.count("-", "model_not_found");
+        let mut known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
+        known.push("mock/<anything>");
+        return Err(ApiError::not_found(
+            "model_not_found",
+            format!(
+                "the model `{model}` does not exist here; available: {}",
+                known.join(", ")
+            ),
+        )
+        .param("model"));
+    };
+    if let Some(k) = key {
+        if !k.models.is_empty() && !k.models.contains(&route.name) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "model_not_allowed",
+                format!(
+                    "this gateway key may not use `{}`; allowed: {}",
+                    route.name,
+                    k.models.join(", ")
+                ),
+            )
+            .param("model"));
+        }
+    }
+    let persona = key
+        .map(|k| k.persona.clone())
+        .or_else(|| header(&headers, "x-hypertool-persona"))
+        .unwrap_or_else(|| settings.unattributed_persona.clone());
+    let prompt_estimate = tokens::count_messages(&messages);
+    let max_tokens = request
+        .get("max_completion_tokens")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let meta = CallMeta {
+        persona,
+        chatmode: header(&headers, "x-hypertool-chatmode")
+            .unwrap_or_else(|| settings.default_chatmode.clone()),
+        workflow: header(&headers, "x-hypertool-workflow"),
+        stage: header(&headers, "x-hypertool-stage"),
+        session: header(&headers, "x-hypertool-session"),
+        route,
+        prompt_estimate,
+    };
+
+    // Admission: reserve the estimate; a spent `block` budget refuses.
+    let estimate = prompt_estimate.saturating_add(max_tokens);
+    let admission = lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms());
+    let reservation = match admission {
+        Admission::Allowed { reserved } => Reservation {
+            engine: state.engine.clone(),
+            persona: meta.persona.clone(),
+            tokens: reserved,
+        },
+        Admission::Blocked {
+            persona,
+            limit,
+            used,
+            in_flight,
+            resets_at,
+        } => {
+            state.gateway.count(&meta.route.upstream, "budget_exceeded");
+            let resets = resets_at
+                .map(|t| format!("resets at {}", crate::core::clock::to_rfc3339(t)))
+                .unwrap_or_else(|| "the budget has no period: raise or reset it".into());
+            tracing::info!(persona = %persona, limit, used, in_flight, "call refused: budget exceeded");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                "budget_exceeded",
+                format!(
+                    "persona `{persona}` has used {used} of its {limit}-token budget ({in_flight} more reserved by calls in flight; this call needs about {estimate}); {resets}"
+                ),
+            ));
+        }
+    };
+
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    request.insert(
+        "model".into(),
+        Value::String(meta.route.upstream_model.clone()),
+    );
+    let started = Instant::now();
+    if stream {
+        stream_call(state, settings, meta, request, reservation, started).await
+    } else {
+        plain_call(state, settings, meta, request, reservation, started).await
+    }
+}
+
+fn response_headers(resp: &mut Response, meta: &CallMeta) {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&meta.persona) {
+        h.insert("x-hypertool-persona", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&meta.route.name) {
+        h.insert("x-hypertool-model", v);
+    }
+}
+
+fn timeout_of(settings: &GatewaySettings, route: &ModelRoute) -> Duration {
+    route
+        .timeout
+        .or_else(|| settings.upstreams.get(&route.upstream).map(|u| u.timeout))
+        .unwrap_or(Duration::from_secs(120))
+}
+
+fn new_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "chatcmpl-ht{:x}{:06x}",
+        chrono::Utc::now().timestamp_millis(),
+        SEQ.fetch_add(1, Ordering::Relaxed) & 0xff_ffff
+    )
+}
+
+async fn plain_call(
+    state: AppState,
+    settings: Arc<GatewaySettings>,
+    meta: CallMeta,
+    request: Map<String, Value>,
+    reservation: Reservation,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let task_state = state.clone();
+    let task_meta = meta.clone();
+    // The call and its accounting finish even if the client goes away.
+    let task = tokio::spawn(async move {
+        let state = task_state;
+        let meta = task_meta;
+        let body = Value::Object(request);
+        let result = if meta.route.upstream == "mock" {
+            tokio::time::sleep(settings.mock.latency).await;
+            let (value, _, _) = upstream::mock_completion(
+                &settings.mock,
+                &body,
+                &meta.route.name,
+                &new_id(),
+                chrono::Utc::now().timestamp(),
+            );
+            Ok(value)
+        } else {
+            match settings.upstreams.get(&meta.route.upstream) {
+                Some(u) => {
+                    upstream::complete(
+                        &state.gateway.http,
+                        u,
+                        &body,
+                        timeout_of(&settings, &meta.route),
+                    )
+                    .await
+                }
+                None => Err(UpstreamError::Unreachable {
+                    upstream: meta.route.upstream.clone(),
+                }),
+            }
+        };
+        let outcome = match result {
+            Ok(value) => {
+                let (prompt, completion, estimated) = match usage_of(&value) {
+                    Some((p, c)) => (p, c, false),
+                    None => (
+                        meta.prompt_estimate,
+                        tokens::count_text(&completion_text(&value)),
+                        true,
+                    ),
+                };
+                record(&state, &meta, prompt, completion, estimated, started).await;
+                state.gateway.count(&meta.route.upstream, "ok");
+                Ok(value)
+            }
+            Err(e) => {
+                state.gateway.count(&meta.route.upstream, "upstream_error");
+                tracing::warn!(persona = %meta.persona, model = %meta.route.name, "{}", e.message());
+                Err(e)
+            }
+        };
+        drop(reservation);
+        outcome
+    });
+    match task.await {
+        Ok(Ok(value)) => {
+            let mut resp = Json(value).into_response();
+            response_headers(&mut resp, &meta);
+            Ok(resp)
+        }
+        Ok(Err(e)) => Err(gateway_error(&e)),
+        Err(_) => Err(ApiError::unavailable(
+            "the call was interrupted (server shutting down?); retry it",
+        )),
+    }
+}
+
+/// SSE framing of one JSON chunk.
+fn sse(json: &str) -> Bytes {
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+fn mock_stream(settings: &GatewaySettings, body: &Value, model: &str) -> Vec<Bytes> {
+    let id = new_id();
+    let created = chrono::Utc::now().timestamp();
+    let (_, prompt, content) = upstream::mock_completion(&settings.mock, body, model, &id, created);
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        .to_string()
+    };
+    let mut out = vec![sse(&chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ))];
+    for (i, word) in content.split(' ').enumerate() {
+        let piece = if i == 0 {
+            word.to_string()
+        } else {
+            format!(" {word}")
+        };
+        out.push(sse(&chunk(json!({"content": piece}), Value::Null)));
+    }
+    out.push(sse(&chunk(json!({}), json!("stop"))));
+    let completion = settings.mock.completion_tokens;
+    out.push(sse(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}).to_string()));
+    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    out
+}
+
+async fn stream_call(
+    state: AppState,
+    settings: Arc<GatewaySettings>,
+    meta: CallMeta,
+    mut request: Map<String, Value>,
+    reservation: Reservation,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    // Ask the upstream for usage; remember whether the client asked, to strip it otherwise.
+    let client_wants_usage = request
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut options = request
+        .get("stream_options")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    options.insert("include_usage".into(), Value::Bool(true));
+    request.insert("stream_options".into(), Value::Object(options));
+    let body = Value::Object(request);
+    let timeout = timeout_of(&settings, &meta.route);
+
+    let source: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>> =
+        if meta.route.upstream == "mock" {
+            tokio::time::sleep(settings.mock.latency).await;
+            Box::pin(futures_util::stream::iter(
+                mock_stream(&settings, &body, &meta.route.name)
+                    .into_iter()
+                    .map(Ok),
+            ))
+        } else {
+            let Some(u) = settings.upstreams.get(&meta.route.upstream) else {
+                return Err(gateway_error(&UpstreamError::Unreachable {
+                    upstream: meta.route.upstream.clone(),
+                }));
+            };
+            match upstream::open_stream(&state.gateway.http, u, &body, timeout).await {
+                Ok(s) => Box::pin(s),
+                Err(e) => {
+                    state.gateway.count(&meta.route.upstream, "upstream_error");
+                    return Err(gateway_error(&e));
+                }
+            }
+        };
+
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let task_meta = meta.clone();
+    tokio::spawn(relay(
+        state,
+        task_meta,
+        source,
+        tx,
+        client_wants_usage,
+        timeout,
+        reservation,
+        started,
+    ));
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response_headers(&mut resp, &meta);
+    Ok(resp)
+}
+
+/// Copies the upstream's SSE events to the client, watching for usage, and records the call when
+/// the stream ends — with the upstream's usage, or estimated when there was none or the client left.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    state: AppState,
+    meta: CallMeta,
+    mut source: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    client_wants_usage: bool,
+    timeout: Duration,
+    reservation: Reservation,
+    started: Instant,
+) {
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut content = String::new();
+    let mut usage: Option<(u64, u64)> = None;
+    let mut done = false;
+    let mut client_gone = false;
+    let mut failure: Option<UpstreamError> = None;
+    'read: loop {
+        let next = match tokio::time::timeout(timeout, source.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                failure = Some(UpstreamError::Timeout {
+                    upstream: meta.route.upstream.clone(),
+                    after: timeout,
+                });
+                break;
+            }
+        };
+        let bytes = match next {
+            None => break,
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        buffer.extend_from_slice(&bytes);
+        while let Some(end) = find_event_end(&buffer) {
+            let event: Vec<u8> = buffer.drain(..end.0).collect();
+            buffer.drain(..end.1);
+            let text = String::from_utf8_lossy(&event);
+            for line in text.lines() {
+                let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+                    continue;
+                };
+                let out = if data == "[DONE]" {
+                    done = true;
+                    Some(Bytes::from_static(b"data: [DONE]\n\n"))
+                } else {
+                    match serde_json::from_str::<Value>(data) {
+                        Ok(mut chunk) => {
+                            if let Some(u) = usage_of(&chunk) {
+                                usage = Some(u);
+                            }
+                            for c in chunk
+                                .get("choices")
+                                .and_then(Value::as_array)
+                                .into_iter()
+                                .flatten()
+                            {
+                                if let Some(piece) =
+                                    c.pointer("/delta/content").and_then(Value::as_str)
+                                {
+                                    content.push_str(piece);
+                                }
+                                if let Some(calls) = c.pointer("/delta/tool_calls") {
+                                    content.push_str(&calls.to_string());
+                                }
+                            }
+                            if client_wants_usage {
+                                Some(sse(data))
+                            } else {
+                                let no_choices = chunk
+                                    .get("choices")
+                                    .and_then(Value::as_array)
+                                    .is_some_and(|c| c.is_empty());
+                                if no_choices && chunk.get("usage").is_some_and(|u| !u.is_null()) {
+                                    None
+                                } else if let Some(obj) = chunk.as_object_mut() {
+                                    obj.remove("usage");
+                                    Some(sse(&Value::Object(obj.clone()).to_string()))
+                                } else {
+                                    Some(sse(data))
+                                }
+                            }
+                        }
+                        // Not JSON: pass it on untouched.
+                        Err(_) => Some(sse(data)),
+                    }
+                };
+                if let Some(out) = out {
+                    if tx.send(Ok(out)).await.is_err() {
+                        client_gone = true;
+                        break 'read;
+                    }
+                }
+            }
+        }
+    }
+    drop(source);
+    if failure.is_none() && !done && !client_gone {
+        failure = Some(UpstreamError::Invalid {
+            upstream: meta.route.upstream.clone(),
+            detail: "the stream ended before [DONE]".into(),
+        });
+    }
+    if let Some(e) = &failure {
+        tracing::warn!(persona = %meta.persona, model = %meta.route.name, "stream ended early: {}", e.message());
+        let err =
+            json!({"error": {"message": e.message(), "type": "upstream_error", "code": e.code()}});
+        let _ = tx.send(Ok(sse(&err.to_string()))).await;
+    }
+    drop(tx);
+    let (prompt, completion, estimated) = match usage {
+        Some((p, c)) => (p, c, false),
+        None => (meta.prompt_estimate, tokens::count_text(&content), true),
+    };
+    if client_gone {
+        tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
+    }
+    record(&state, &meta, prompt, completion, estimated, started).await;
+    state.gateway.count(
+        &meta.route.upstream,
+        if failure.is_some() {
+            "upstream_error"
+        } else {
+            "ok"
+        },
+    );
+    drop(reservation);
+}
+
+/// Position of the end of the first SSE event in `buf`: (event length, separator length).
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    for i in 0..buf.len() {
+        if buf[i..].starts_with(b"\n\n") {
+            return Some((i, 2));
+        }
+        if buf[i..].starts_with(b"\r\n\r\n") {
+            return Some((i, 4));
+        }
+    }
+    None
+}

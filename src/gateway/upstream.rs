@@ -1,0 +1,264 @@
+//! Calling upstreams: the built-in `mock` and any OpenAI-compatible HTTP API.
+//!
+//! Upstream keys are read from the environment variable named in the configuration at call time
+//! and only ever placed in the `Authorization` header; error messages are scrubbed of them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde_json::{json, Value};
+
+use super::tokens;
+use crate::config::gateway::{MockSettings, UpstreamSettings};
+
+/// Why an upstream call failed; each maps to an HTTP status and an OpenAI-style error.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamError {
+    /// The connection could not be made (refused, DNS, TLS).
+    Unreachable { upstream: String },
+    /// No (complete) answer within the timeout.
+    Timeout { upstream: String, after: Duration },
+    /// The upstream answered with an error status.
+    Status {
+        upstream: String,
+        status: u16,
+        message: String,
+    },
+    /// The upstream answered 2xx with something that is not an OpenAI response.
+    Invalid { upstream: String, detail: String },
+}
+
+impl UpstreamError {
+    pub fn status(&self) -> u16 {
+        match self {
+            UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. } => 502,
+            UpstreamError::Timeout { .. } => 504,
+            UpstreamError::Status { status, .. } => match *status {
+                429 => 429,
+                s if s >= 500 => 502,
+                s => s,
+            },
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::Unreachable { .. } => "upstream_unreachable",
+            UpstreamError::Timeout { .. } => "upstream_timeout",
+            UpstreamError::Status { status: 429, .. } => "upstream_rate_limited",
+            UpstreamError::Status { .. } => "upstream_error",
+            UpstreamError::Invalid { .. } => "upstream_invalid_response",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            UpstreamError::Unreachable { upstream } => {
+                format!("upstream `{upstream}` could not be reached (connection failed); check its base_url and that it is running")
+            }
+            UpstreamError::Timeout { upstream, after } => {
+                format!("upstream `{upstream}` did not answer within {}s; raise the model's `timeout` or try again", after.as_secs_f64())
+            }
+            UpstreamError::Status {
+                upstream,
+                status,
+                message,
+            } => {
+                format!("upstream `{upstream}` answered {status}: {message}")
+            }
+            UpstreamError::Invalid { upstream, detail } => {
+                format!("upstream `{upstream}` sent an invalid response: {detail}")
+            }
+        }
+    }
+}
+
+/// Removes anything that looks like a credential from upstream-supplied text.
+pub fn scrub(text: &str, secret: Option<&str>) -> String {
+    let mut out = match secret {
+        Some(s) if !s.is_empty() => text.replace(s, "<redacted>"),
+        _ => text.to_string(),
+    };
+    // OpenAI echoes masked keys ("sk-abc***xyz"); drop any sk-… token entirely.
+    while let Some(i) = out.find("sk-") {
+        let end = out[i..]
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '.' || c == ',')
+            .map(|e| i + e)
+            .unwrap_or(out.len());
+        out.replace_range(i..end, "<redacted>");
+    }
+    if out.len() > 500 {
+        let mut cut = 500;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+fn api_key(upstream: &UpstreamSettings) -> Option<String> {
+    upstream
+        .api_key_env
+        .as_ref()
+        .and_then(|name| std::env::var(name).ok())
+        .filter(|k| !k.is_empty())
+}
+
+fn request(
+    http: &reqwest::Client,
+    upstream: &UpstreamSettings,
+    body: &Value,
+    timeout: Duration,
+) -> reqwest::RequestBuilder {
+    let mut req = http
+        .post(format!("{}/chat/completions", upstream.base_url))
+        .timeout(timeout)
+        .json(body);
+    if let Some(key) = api_key(upstream) {
+        req = req.bearer_auth(key);
+    }
+    req
+}
+
+fn classify(upstream: &UpstreamSettings, e: &reqwest::Error, timeout: Duration) -> UpstreamError {
+    if e.is_timeout() {
+        UpstreamError::Timeout {
+            upstream: upstream.name.clone(),
+            after: timeout,
+        }
+    } else {
+        UpstreamError::Unreachable {
+            upstream: upstream.name.clone(),
+        }
+    }
+}
+
+async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> UpstreamError {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| {
+            if text.trim().is_empty() {
+                "no message".into()
+            } else {
+                text
+            }
+        });
+    UpstreamError::Status {
+        upstream: upstream.name.clone(),
+        status,
+        message: scrub(&message, api_key(upstream).as_deref()),
+    }
+}
+
+/// A non-streamed chat completion from an HTTP upstream.
+pub async fn complete(
+    http: &reqwest::Client,
+    upstream: &UpstreamSettings,
+    body: &Value,
+    timeout: Duration,
+) -> Result<Value, UpstreamError> {
+    let resp = request(http, upstream, body, timeout)
+        .send()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    if !resp.status().is_success() {
+        return Err(error_status(upstream, resp).await);
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Invalid {
+        upstream: upstream.name.clone(),
+        detail: format!("not JSON ({e})"),
+    })?;
+    if !value.get("choices").is_some_and(Value::is_array) {
+        return Err(UpstreamError::Invalid {
+            upstream: upstream.name.clone(),
+            detail: "no `choices` array".into(),
+        });
+    }
+    Ok(value)
+}
+
+/// Opens a streamed chat completion; yields the raw SSE bytes.
+pub async fn open_stream(
+    http: &reqwest::Client,
+    upstream: &UpstreamSettings,
+    body: &Value,
+    timeout: Duration,
+) -> Result<impl Stream<Item = Result<Bytes, UpstreamError>>, UpstreamError> {
+    let resp = request(http, upstream, body, timeout)
+        .send()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    if !resp.status().is_success() {
+        return Err(error_status(upstream, resp).await);
+    }
+    let name = upstream.name.clone();
+    use futures_util::StreamExt;
+    Ok(resp.bytes_stream().map(move |r| {
+        r.map_err(|e| {
+            if e.is_timeout() {
+                UpstreamError::Timeout {
+                    upstream: name.clone(),
+                    after: timeout,
+                }
+            } else {
+                UpstreamError::Invalid {
+                    upstream: name.clone(),
+                    detail: "the stream broke off".into(),
+                }
+            }
+        })
+    }))
+}
+
+/// The built-in mock's answer: deterministic content and usage.
+pub fn mock_completion(
+    mock: &MockSettings,
+    body: &Value,
+    model: &str,
+    id: &str,
+    created: i64,
+) -> (Value, u64, String) {
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let prompt_tokens = tokens::count_messages(&messages);
+    let last = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let echo: String = last.chars().take(60).collect();
+    let content = format!("Mock answer from hypertool to: {echo}");
+    let completion_tokens = mock.completion_tokens;
+    let value = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    });
+    (value, prompt_tokens, content)
+}

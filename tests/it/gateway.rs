@@ -1,0 +1,508 @@
+//! The OpenAI-compatible gateway: the official `openai` Python client in front of a separate
+//! upstream process, faults from that upstream, budgets under concurrency, bad input, secrets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hypertool::config::Source;
+use hypertool::core::clock::{Clock, ManualClock, SystemClock};
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+async fn gateway_server(dir: &std::path::Path, upstream: &FakeUpstream, extra: &str) -> TestServer {
+    let toml = gateway_config(dir, &upstream.base_url, extra);
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    start(Source::File(toml), &dir.join("data"), clock).await
+}
+
+async fn chat(s: &TestServer, persona: &str, body: Value) -> (u16, Value) {
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", persona)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn ledger_usage(dir: &std::path::Path) -> Vec<Value> {
+    let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT body FROM events WHERE kind = 'usage' ORDER BY seq")
+        .unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    rows.map(|r| serde_json::from_str(&r.unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_works_and_accounting_matches_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gateway_server(dir.path(), &upstream, "").await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py");
+    let base = format!("{}/v1", s.api);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(base)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client failed (pip install openai; scripts/test.sh does):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        r["plain"],
+        json!({"content": "fake answer words", "prompt": 11, "completion": 7})
+    );
+    assert_eq!(
+        r["headers"],
+        json!({"persona": "backend-engineer", "model": "ok"})
+    );
+    assert_eq!(r["stream"]["text"], " word0 word1 word2");
+    assert_eq!(
+        r["stream"]["usage_chunks"], 0,
+        "usage the client did not ask for is stripped"
+    );
+    assert_eq!(r["stream_usage"], json!({"prompt": 11, "completion": 7}));
+    assert!(r["models"].as_array().unwrap().contains(&json!("ok")));
+    assert_eq!(
+        r["unknown_model"],
+        json!({"status": 404, "code": "model_not_found"})
+    );
+    assert_eq!(r["upstream_500"]["status"], 502);
+    assert!(r["upstream_500"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("answered 500: the model is overloaded"));
+
+    // Ledger == metrics == what the upstream reported, to the token.
+    let stats = upstream.stats().await;
+    let upstream_tokens =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    assert_eq!(stats["calls"], 4);
+    assert_eq!(upstream_tokens, 18 + 18 + 19 + 18);
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_persona_tokens_used_total",
+            &[
+                ("persona", "backend-engineer"),
+                ("chatmode", "feature"),
+                ("model", "ok")
+            ]
+        ),
+        Some(upstream_tokens as f64)
+    );
+    let totals = s
+        .running
+        .as_ref()
+        .unwrap()
+        .state
+        .writer
+        .totals()
+        .await
+        .unwrap();
+    assert_eq!(totals.tokens, upstream_tokens);
+    assert_eq!(totals.usage_events, 4);
+    assert_eq!(
+        m.get(
+            "langfuse_generation_duration_seconds_count",
+            &[("model", "ok")]
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_gateway_requests_total",
+            &[("upstream", "fake"), ("outcome", "ok")]
+        ),
+        Some(4.0)
+    );
+    assert!(ledger_usage(dir.path())
+        .iter()
+        .all(|u| u["session"] == "py-1" && u.get("estimated").is_none()));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_give_clear_errors_and_correct_accounting() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gateway_server(dir.path(), &upstream, "").await;
+    let msg = json!([{"role": "user", "content": "hello"}]);
+    for (model, status, code) in [
+        ("fail-500", 502, "upstream_error"),
+        ("rate-limit", 429, "upstream_rate_limited"),
+        ("bad-json", 502, "upstream_invalid_response"),
+        ("hang", 504, "upstream_timeout"),
+        ("refused", 502, "upstream_unreachable"),
+    ] {
+        let started = std::time::Instant::now();
+        let (got, body) = chat(
+            &s,
+            "devops-engineer",
+            json!({"model": model, "messages": msg}),
+        )
+        .await;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{model}: {body}"
+        );
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{model} took {:?}",
+            started.elapsed()
+        );
+    }
+    // Nothing was spent on failed calls.
+    assert_eq!(
+        s.metrics().await.sum("hypertool_persona_tokens_used_total"),
+        0.0
+    );
+
+    // No usage from the upstream: estimated with the tokenizer, never zero.
+    let (got, _) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "no-usage", "messages": msg}),
+    )
+    .await;
+    assert_eq!(got, 200);
+    // A stream cut in the middle: the client sees the chunks and an error event; usage is estimated.
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "devops-engineer")
+        .json(&json!({"model": "cut-stream", "stream": true, "messages": msg}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("word2") && text.contains("\"code\":\"upstream_invalid_response\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("[DONE]"),
+        "a cut stream must not look complete: {text}"
+    );
+    let usage = eventually("two estimated usage events", Duration::from_secs(5), || {
+        let u = ledger_usage(dir.path());
+        async move { (u.len() == 2).then_some(u) }
+    })
+    .await;
+    // "hello" as one user message: 3 + 3 + 1 (role) + 1 (content) tokens.
+    assert_eq!(
+        (
+            usage[0]["prompt_tokens"].as_u64(),
+            usage[0]["completion_tokens"].as_u64()
+        ),
+        (Some(8), Some(3))
+    );
+    assert_eq!(usage[0]["estimated"], true);
+    assert_eq!(usage[1]["estimated"], true);
+    assert!(
+        usage[1]["completion_tokens"].as_u64().unwrap() >= 3,
+        "{}",
+        usage[1]
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_stream_is_still_accounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gateway_server(dir.path(), &upstream, "").await;
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "frontend-engineer")
+        .json(&json!({"model": "slow-stream", "stream": true, "messages": [{"role": "user", "content": "long answer"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while let Some(chunk) = body.next().await {
+        seen += String::from_utf8_lossy(&chunk.unwrap())
+            .matches("word")
+            .count();
+        if seen >= 5 {
+            break;
+        }
+    }
+    drop(body);
+    let usage = eventually(
+        "the estimated usage of the abandoned stream",
+        Duration::from_secs(10),
+        || {
+            let u = ledger_usage(dir.path());
+            async move { u.first().cloned() }
+        },
+    )
+    .await;
+    assert_eq!(usage["estimated"], true);
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((5..200).contains(&completion), "{usage}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_calls_cannot_overrun_a_block_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = Arc::new(gateway_server(dir.path(), &upstream, "").await);
+    let resp = s
+        .http
+        .put(format!("{}/api/budgets/backend-engineer", s.api))
+        .json(&json!({"tokens": 1000, "mode": "block"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            chat(&s, "backend-engineer", json!({"model": "ok", "max_tokens": 7, "messages": [{"role": "user", "content": "hello"}]})).await
+        }));
+    }
+    let (mut ok, mut blocked) = (0u64, 0u64);
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                blocked += 1;
+                assert_eq!(body["error"]["type"], "budget_exceeded");
+                let m = body["error"]["message"].as_str().unwrap();
+                assert!(
+                    m.contains("backend-engineer")
+                        && m.contains("1000-token budget")
+                        && m.contains("resets at"),
+                    "{m}"
+                );
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let stats = upstream.stats().await;
+    let upstream_tokens =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    let m = s.metrics().await;
+    let totals = s
+        .running
+        .as_ref()
+        .unwrap()
+        .state
+        .writer
+        .totals()
+        .await
+        .unwrap();
+    assert_eq!(stats["calls"].as_u64().unwrap(), ok);
+    assert_eq!(upstream_tokens, ok * 18);
+    assert_eq!(
+        m.sum("hypertool_persona_tokens_used_total"),
+        upstream_tokens as f64
+    );
+    assert_eq!(totals.tokens, upstream_tokens);
+    assert!(blocked > 0);
+    // Each admitted call reserved its estimate (8 prompt + 7 max) and used 18: with every call
+    // reserving before the limit was reached, usage can pass 1000 by at most 3 per call in flight.
+    assert!(
+        upstream_tokens <= 1000 + 200 * 3,
+        "overshoot: {upstream_tokens}"
+    );
+    eprintln!(
+        "block budget 1000: {ok} calls admitted ({upstream_tokens} tokens), {blocked} refused"
+    );
+    assert!(
+        upstream_tokens >= 1000 - 18,
+        "the budget was not used up: {upstream_tokens}"
+    );
+    assert_eq!(
+        s.running
+            .as_ref()
+            .unwrap()
+            .state
+            .engine
+            .lock()
+            .unwrap()
+            .reserved("backend-engineer"),
+        0
+    );
+    match Arc::try_unwrap(s) {
+        Ok(s) => s.stop().await,
+        Err(_) => panic!("server still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_answered_in_openai_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let post = |body: String| {
+        s.http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases = [
+        ("{\"model\": ".to_string(), 400, "malformed_json"),
+        ("{\"messages\": []}".to_string(), 400, "missing_model"),
+        ("{\"model\": \"mock/x\"}".to_string(), 400, "missing_messages"),
+        ("{\"model\": \"gpt-99\", \"messages\": []}".to_string(), 404, "model_not_found"),
+        (format!("{{\"model\": \"mock/x\", \"messages\": [{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "x".repeat(5 << 20)), 413, "body_too_large"),
+    ];
+    for (body, status, code) in cases {
+        let resp = post(body).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    // The built-in mock answers with no configuration at all.
+    let (status, v) = chat(
+        &s,
+        "testing-specialist",
+        json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_stay_secret_and_are_required_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let toml = gateway_config(
+        dir.path(),
+        &upstream.base_url,
+        "\n[[gateway.keys]]\nkey_env = \"HYPERTOOL_TEST_GATEWAY_KEY\"\npersona = \"data-scientist\"\nmodels = [\"ok\", \"leak-key\"]\n",
+    );
+    let log = dir.path().join("ht.log");
+    let mut child = std::process::Command::new(crate::process::BIN)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--config",
+            toml.to_str().unwrap(),
+        ])
+        .args([
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--log-file",
+            log.to_str().unwrap(),
+        ])
+        .env("HYPERTOOL_TEST_UPSTREAM_KEY", "sk-test-SECRET123")
+        .env(
+            "HYPERTOOL_TEST_GATEWAY_KEY",
+            "ht-gateway-key-0123456789abcdef",
+        )
+        .env("RUST_LOG", "debug")
+        .spawn()
+        .unwrap();
+    let api = eventually("the server", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let api = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["fields"]["message"] == "hypertool serving")
+            .map(|v| format!("http://{}", v["fields"]["api"].as_str().unwrap()));
+        async move { api }
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let call = |key: Option<&str>, model: &str| {
+        let mut req = http
+            .post(format!("{api}/v1/chat/completions"))
+            .header("x-hypertool-persona", "backend-engineer")
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    let resp = call(None, "ok").await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = call(Some("wrong-key-wrong-key"), "ok").await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(!resp.text().await.unwrap().contains("wrong-key"));
+    let good = "ht-gateway-key-0123456789abcdef";
+    let resp = call(Some(good), "fail-500").await.unwrap();
+    assert_eq!(resp.status(), 403, "the key may not use fail-500");
+    let resp = call(Some(good), "ok").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-hypertool-persona"],
+        "data-scientist",
+        "the key's persona wins over the header"
+    );
+    // The upstream got the server-side key; the client never saw it.
+    assert_eq!(
+        upstream.stats().await["authorization"],
+        "Bearer sk-test-SECRET123"
+    );
+    let resp = call(Some(good), "leak-key").await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let text = resp.text().await.unwrap();
+    assert!(
+        !text.contains("SECRET123") && !text.contains("sk-"),
+        "{text}"
+    );
+    assert!(text.contains("<redacted>"), "{text}");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logs.contains("SECRET123") && !logs.contains("0123456789abcdef"),
+        "a secret reached the log"
+    );
+
+    // Off loopback without keys: refused (from a directory without ./config: the built-in defaults).
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = std::process::Command::new(crate::process::BIN)
+        .current_dir(&elsewhere)
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--data-dir", dir.path().join("d2").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without gateway keys"));
+}
