@@ -21,6 +21,82 @@ pub struct RawGateway {
     models: Vec<RawModel>,
     #[serde(default)]
     keys: Vec<RawKey>,
+    /// Per persona: the model its calls go to once a `downgrade` budget is spent.
+    #[serde(default)]
+    downgrade: BTreeMap<String, String>,
+    tool_policy: Option<ToolPolicy>,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    enabled: Option<bool>,
+    ttl: Option<PromDuration>,
+    max_entries: Option<u64>,
+    cache_nonzero_temperature: Option<bool>,
+    #[serde(default)]
+    ttl_overrides: Vec<RawTtl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTtl {
+    persona: Option<String>,
+    chatmode: Option<String>,
+    model: Option<String>,
+    ttl: PromDuration,
+}
+
+/// What to do with requested tools a persona's `allowedTools` does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolPolicy {
+    /// Remove them and go on.
+    #[default]
+    Filter,
+    /// Refuse the call with 403.
+    Refuse,
+}
+
+/// The response cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_entries: u64,
+    pub cache_nonzero_temperature: bool,
+    pub ttl_overrides: Vec<TtlOverride>,
+}
+
+/// A TTL for calls matching every field given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TtlOverride {
+    pub persona: Option<String>,
+    pub chatmode: Option<String>,
+    pub model: Option<String>,
+    pub ttl: Duration,
+}
+
+impl CacheSettings {
+    /// The most specific matching override's TTL, else the default.
+    pub fn ttl_for(&self, persona: &str, chatmode: &str, model: &str) -> Duration {
+        let matches = |o: &TtlOverride| {
+            o.persona.as_deref().is_none_or(|p| p == persona)
+                && o.chatmode.as_deref().is_none_or(|c| c == chatmode)
+                && o.model.as_deref().is_none_or(|m| m == model)
+        };
+        let specificity = |o: &TtlOverride| {
+            o.persona.is_some() as u8 + o.chatmode.is_some() as u8 + o.model.is_some() as u8
+        };
+        self.ttl_overrides
+            .iter()
+            .filter(|o| matches(o))
+            .max_by_key(|o| specificity(o))
+            .map(|o| o.ttl)
+            .unwrap_or(self.ttl)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,6 +126,13 @@ struct RawModel {
     timeout: Option<PromDuration>,
     prompt_usd_per_1k: Option<f64>,
     completion_usd_per_1k: Option<f64>,
+    /// Models to try, in order, when this one fails after its retries.
+    #[serde(default)]
+    fallbacks: Vec<String>,
+    /// Retries of a non-streamed call on 429, 5xx and connection errors.
+    retries: Option<u32>,
+    /// The cheaper model for `downgrade` budgets.
+    downgrade_to: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +183,9 @@ pub struct ModelRoute {
     pub upstream_model: String,
     pub timeout: Option<Duration>,
     pub prices: Option<Prices>,
+    pub fallbacks: Vec<String>,
+    pub retries: u32,
+    pub downgrade_to: Option<String>,
 }
 
 /// A gateway key bound to a persona (and optionally to models).
@@ -130,6 +216,9 @@ pub struct GatewaySettings {
     pub upstreams: BTreeMap<String, UpstreamSettings>,
     pub models: Vec<ModelRoute>,
     pub keys: Vec<VirtualKey>,
+    pub persona_downgrade: BTreeMap<String, String>,
+    pub tool_policy: ToolPolicy,
+    pub cache: CacheSettings,
 }
 
 impl Default for GatewaySettings {
@@ -144,6 +233,15 @@ impl Default for GatewaySettings {
             upstreams: BTreeMap::new(),
             models: Vec::new(),
             keys: Vec::new(),
+            persona_downgrade: BTreeMap::new(),
+            tool_policy: ToolPolicy::Filter,
+            cache: CacheSettings {
+                enabled: true,
+                ttl: Duration::from_secs(300),
+                max_entries: 10_000,
+                cache_nonzero_temperature: false,
+                ttl_overrides: Vec::new(),
+            },
         }
     }
 }
@@ -165,6 +263,29 @@ impl GatewaySettings {
         if let Some(n) = raw.mock.completion_tokens {
             s.mock.completion_tokens = n;
         }
+        let c = raw.cache;
+        if let Some(v) = c.enabled {
+            s.cache.enabled = v;
+        }
+        if let Some(t) = c.ttl {
+            s.cache.ttl = Duration::from_millis(t.0.max(0) as u64);
+        }
+        if let Some(n) = c.max_entries {
+            s.cache.max_entries = n;
+        }
+        if let Some(v) = c.cache_nonzero_temperature {
+            s.cache.cache_nonzero_temperature = v;
+        }
+        s.cache.ttl_overrides = c
+            .ttl_overrides
+            .into_iter()
+            .map(|o| TtlOverride {
+                persona: o.persona,
+                chatmode: o.chatmode,
+                model: o.model,
+                ttl: Duration::from_millis(o.ttl.0.max(0) as u64),
+            })
+            .collect();
         for (i, u) in raw.upstreams.into_iter().enumerate() {
             let key = format!("gateway.upstreams[{i}]");
             if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
@@ -245,7 +366,35 @@ impl GatewaySettings {
                 upstream: m.upstream,
                 timeout: m.timeout.map(|t| Duration::from_millis(t.0.max(1) as u64)),
                 prices,
+                fallbacks: m.fallbacks,
+                retries: m.retries.unwrap_or(2),
+                downgrade_to: m.downgrade_to,
             });
+        }
+        for (i, m) in s.models.iter().enumerate() {
+            for target in m.fallbacks.iter().chain(m.downgrade_to.iter()) {
+                if !names.contains_key(target) && !target.starts_with("mock/") {
+                    errors.push((
+                        format!("gateway.models[{i}].fallbacks"),
+                        format!(
+                            "`{target}` (named by model `{}`) is not a configured model",
+                            m.name
+                        ),
+                    ));
+                }
+            }
+        }
+        for (persona, target) in &raw.downgrade {
+            if !names.contains_key(target) && !target.starts_with("mock/") {
+                errors.push((
+                    format!("gateway.downgrade.{persona}"),
+                    format!("`{target}` is not a configured model"),
+                ));
+            }
+        }
+        s.persona_downgrade = raw.downgrade;
+        if let Some(p) = raw.tool_policy {
+            s.tool_policy = p;
         }
         for (i, k) in raw.keys.into_iter().enumerate() {
             let key = format!("gateway.keys[{i}]");
@@ -299,6 +448,9 @@ impl GatewaySettings {
                 upstream_model: requested.to_string(),
                 timeout: None,
                 prices: None,
+                fallbacks: Vec::new(),
+                retries: 0,
+                downgrade_to: None,
             })
     }
 }

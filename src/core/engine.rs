@@ -77,6 +77,8 @@ impl Default for Metrics {
 pub enum Admission {
     /// Go ahead. `reserved` tokens are held against the budget until [`Engine::release`].
     Allowed { reserved: u64 },
+    /// The persona's `downgrade` budget is spent: go ahead on the cheaper model.
+    Downgrade { reserved: u64 },
     /// The persona's budget is in `block` mode and spent (counting calls in flight).
     Blocked {
         persona: String,
@@ -282,8 +284,16 @@ impl Engine {
     pub fn admit(&mut self, persona: &str, estimate: u64, now: UnixMillis) -> Admission {
         let canonical = self.config.personas.canonical(persona).to_string();
         let in_flight = self.reserved.get(&canonical).copied().unwrap_or(0);
+        let mut downgrade = false;
         if let Some(budget) = self.budgets.get_mut(&canonical) {
             budget.roll(now);
+            let over = budget
+                .used_tokens()
+                .saturating_add(in_flight)
+                .saturating_add(estimate)
+                > budget.spec.tokens
+                || budget.remaining_cost().is_some_and(|left| left <= 0.0);
+            downgrade = over && budget.spec.mode == super::budget::BudgetMode::Downgrade;
             if budget.spec.mode == super::budget::BudgetMode::Block {
                 let used = budget.used_tokens();
                 let cost_spent = budget.remaining_cost().is_some_and(|left| left <= 0.0);
@@ -301,7 +311,11 @@ impl Engine {
             }
         }
         *self.reserved.entry(canonical).or_insert(0) += estimate;
-        Admission::Allowed { reserved: estimate }
+        if downgrade {
+            Admission::Downgrade { reserved: estimate }
+        } else {
+            Admission::Allowed { reserved: estimate }
+        }
     }
 
     /// Gives back a reservation made by [`Engine::admit`] (the call's real usage is recorded as a

@@ -39,6 +39,7 @@ pub struct Gateway {
     settings: RwLock<Arc<GatewaySettings>>,
     http: reqwest::Client,
     outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
+    tools_removed: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Gateway {
@@ -50,6 +51,7 @@ impl Gateway {
                 .build()
                 .unwrap_or_default(),
             outcomes: Mutex::new(BTreeMap::new()),
+            tools_removed: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -62,6 +64,21 @@ impl Gateway {
 
     pub fn reconfigure(&self, settings: GatewaySettings) {
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+    }
+
+    fn count_tools(&self, persona: &str, n: u64) {
+        let mut m = self.tools_removed.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: only personas of the registry reach this (others have no allowedTools).
+        *m.entry(persona.to_string()).or_insert(0) += n;
+    }
+
+    pub fn tools_removed(&self) -> Vec<(String, f64)> {
+        self.tools_removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, n)| (p.clone(), *n as f64))
+            .collect()
     }
 
     fn count(&self, upstream: &str, outcome: &'static str) {
@@ -337,7 +354,7 @@ async fn handle(
         .or_else(|| request.get("max_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let meta = CallMeta {
+    let mut meta = CallMeta {
         persona,
         chatmode: header(&headers, "x-hypertool-chatmode")
             .unwrap_or_else(|| settings.default_chatmode.clone()),
@@ -351,12 +368,9 @@ async fn handle(
     // Admission: reserve the estimate; a spent `block` budget refuses.
     let estimate = prompt_estimate.saturating_add(max_tokens);
     let admission = lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms());
-    let reservation = match admission {
-        Admission::Allowed { reserved } => Reservation {
-            engine: state.engine.clone(),
-            persona: meta.persona.clone(),
-            tokens: reserved,
-        },
+    let (reserved, downgraded) = match admission {
+        Admission::Allowed { reserved } => (reserved, false),
+        Admission::Downgrade { reserved } => (reserved, true),
         Admission::Blocked {
             persona,
             limit,
@@ -379,21 +393,107 @@ async fn handle(
             ));
         }
     };
+    let reservation = Reservation {
+        engine: state.engine.clone(),
+        persona: meta.persona.clone(),
+        tokens: reserved,
+    };
+    let mut notes: Vec<(&'static str, String)> = Vec::new();
+    if downgraded {
+        let canonical = lock(&state.engine)
+            .personas()
+            .canonical(&meta.persona)
+            .to_string();
+        let target = settings
+            .persona_downgrade
+            .get(&canonical)
+            .or(meta.route.downgrade_to.as_ref())
+            .and_then(|t| settings.route(t));
+        match target {
+            Some(cheaper) if cheaper.name != meta.route.name => {
+                tracing::info!(persona = %canonical, from = %meta.route.name, to = %cheaper.name, "budget spent: call downgraded");
+                notes.push((
+                    "x-hypertool-downgraded",
+                    format!("{} -> {}", meta.route.name, cheaper.name),
+                ));
+                state.gateway.count(&cheaper.upstream, "downgraded");
+                meta.route = cheaper;
+            }
+            _ => tracing::warn!(persona = %canonical, model = %meta.route.name,
+                "budget spent in downgrade mode but no cheaper model is configured (gateway.downgrade or the model's downgrade_to); the call goes through unchanged"),
+        }
+    }
+
+    // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
+    if let Some(tools) = request.get("tools").and_then(Value::as_array).cloned() {
+        let allowed = lock(&state.engine)
+            .personas()
+            .get(&meta.persona)
+            .map(|p| p.allowed_tools.clone())
+            .filter(|t| !t.is_empty());
+        if let Some(allowed) = allowed {
+            let permitted = |name: &str| {
+                allowed.iter().any(|(server, list)| {
+                    list.iter().any(|t| {
+                        name == t
+                            || name == format!("{server}_{t}")
+                            || name == format!("{server}__{t}")
+                            || name == format!("{server}.{t}")
+                    })
+                })
+            };
+            let name_of = |t: &Value| {
+                t.pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let (keep, removed): (Vec<Value>, Vec<Value>) =
+                tools.into_iter().partition(|t| permitted(&name_of(t)));
+            if !removed.is_empty() {
+                let names: Vec<String> = removed.iter().map(name_of).collect();
+                state.gateway.count_tools(&meta.persona, names.len() as u64);
+                if settings.tool_policy == crate::config::gateway::ToolPolicy::Refuse {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "invalid_request_error",
+                        "tool_not_allowed",
+                        format!(
+                            "persona `{}` may not use the tools {}: they are not in its allowedTools",
+                            meta.persona,
+                            names.join(", ")
+                        ),
+                    )
+                    .param("tools"));
+                }
+                tracing::info!(persona = %meta.persona, tools = %names.join(","), "tools outside the persona's allowedTools removed");
+                notes.push(("x-hypertool-tools-removed", names.join(",")));
+                if keep.is_empty() {
+                    request.remove("tools");
+                    request.remove("tool_choice");
+                } else {
+                    request.insert("tools".into(), Value::Array(keep));
+                }
+            }
+        }
+    }
 
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    request.insert(
-        "model".into(),
-        Value::String(meta.route.upstream_model.clone()),
-    );
     let started = Instant::now();
-    if stream {
-        stream_call(state, settings, meta, request, reservation, started).await
+    let mut resp = if stream {
+        stream_call(state, settings, meta, request, reservation, started).await?
     } else {
-        plain_call(state, settings, meta, request, reservation, started).await
+        plain_call(state, settings, meta, request, reservation, started).await?
+    };
+    for (name, value) in notes {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
     }
+    Ok(resp)
 }
 
 fn response_headers(resp: &mut Response, meta: &CallMeta) {
@@ -423,6 +523,96 @@ fn new_id() -> String {
     )
 }
 
+/// The route and then its fallbacks, in order.
+fn candidates(settings: &GatewaySettings, route: &ModelRoute) -> Vec<ModelRoute> {
+    let mut out = vec![route.clone()];
+    for name in &route.fallbacks {
+        if let Some(r) = settings.route(name) {
+            if !out.iter().any(|o| o.name == r.name) {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+/// One attempt at one route, without retries.
+async fn attempt_plain(
+    state: &AppState,
+    settings: &GatewaySettings,
+    route: &ModelRoute,
+    body: &Value,
+) -> Result<Value, UpstreamError> {
+    if route.upstream == "mock" {
+        tokio::time::sleep(settings.mock.latency).await;
+        let (value, _, _) = upstream::mock_completion(
+            &settings.mock,
+            body,
+            &route.name,
+            &new_id(),
+            chrono::Utc::now().timestamp(),
+        );
+        return Ok(value);
+    }
+    match settings.upstreams.get(&route.upstream) {
+        Some(u) => {
+            upstream::complete(&state.gateway.http, u, body, timeout_of(settings, route)).await
+        }
+        None => Err(UpstreamError::Unreachable {
+            upstream: route.upstream.clone(),
+        }),
+    }
+}
+
+/// Tries the route with retries (429, 5xx, connection errors; exponential backoff, honouring
+/// `Retry-After`), then each fallback the same way. Returns the route that answered.
+async fn call_with_fallbacks(
+    state: &AppState,
+    settings: &GatewaySettings,
+    route: &ModelRoute,
+    request: &Map<String, Value>,
+) -> Result<(ModelRoute, Value), UpstreamError> {
+    let mut last = None;
+    for (i, candidate) in candidates(settings, route).into_iter().enumerate() {
+        if i > 0 {
+            state.gateway.count(&candidate.upstream, "fallback");
+            tracing::warn!(from = %route.name, to = %candidate.name, "falling back to the next model");
+        }
+        let mut body = request.clone();
+        body.insert(
+            "model".into(),
+            Value::String(candidate.upstream_model.clone()),
+        );
+        let body = Value::Object(body);
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            match attempt_plain(state, settings, &candidate, &body).await {
+                Ok(v) => return Ok((candidate, v)),
+                Err(e) if e.retryable() && attempt < candidate.retries => {
+                    attempt += 1;
+                    state.gateway.count(&candidate.upstream, "retry");
+                    let wait = e
+                        .retry_after()
+                        .map(|r| r.min(Duration::from_secs(10)))
+                        .unwrap_or(backoff)
+                        .max(backoff);
+                    tracing::info!(model = %candidate.name, attempt, wait_ms = wait.as_millis() as u64, "{}; retrying", e.message());
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or(UpstreamError::Unreachable {
+        upstream: route.upstream.clone(),
+    }))
+}
+
 async fn plain_call(
     state: AppState,
     settings: Arc<GatewaySettings>,
@@ -432,55 +622,31 @@ async fn plain_call(
     started: Instant,
 ) -> Result<Response, ApiError> {
     let task_state = state.clone();
-    let task_meta = meta.clone();
+    let mut task_meta = meta.clone();
     // The call and its accounting finish even if the client goes away.
     let task = tokio::spawn(async move {
         let state = task_state;
-        let meta = task_meta;
-        let body = Value::Object(request);
-        let result = if meta.route.upstream == "mock" {
-            tokio::time::sleep(settings.mock.latency).await;
-            let (value, _, _) = upstream::mock_completion(
-                &settings.mock,
-                &body,
-                &meta.route.name,
-                &new_id(),
-                chrono::Utc::now().timestamp(),
-            );
-            Ok(value)
-        } else {
-            match settings.upstreams.get(&meta.route.upstream) {
-                Some(u) => {
-                    upstream::complete(
-                        &state.gateway.http,
-                        u,
-                        &body,
-                        timeout_of(&settings, &meta.route),
-                    )
-                    .await
-                }
-                None => Err(UpstreamError::Unreachable {
-                    upstream: meta.route.upstream.clone(),
-                }),
-            }
-        };
+        let result = call_with_fallbacks(&state, &settings, &task_meta.route, &request).await;
         let outcome = match result {
-            Ok(value) => {
+            Ok((answered_by, value)) => {
+                task_meta.route = answered_by;
                 let (prompt, completion, estimated) = match usage_of(&value) {
                     Some((p, c)) => (p, c, false),
                     None => (
-                        meta.prompt_estimate,
+                        task_meta.prompt_estimate,
                         tokens::count_text(&completion_text(&value)),
                         true,
                     ),
                 };
-                record(&state, &meta, prompt, completion, estimated, started).await;
-                state.gateway.count(&meta.route.upstream, "ok");
-                Ok(value)
+                record(&state, &task_meta, prompt, completion, estimated, started).await;
+                state.gateway.count(&task_meta.route.upstream, "ok");
+                Ok((task_meta, value))
             }
             Err(e) => {
-                state.gateway.count(&meta.route.upstream, "upstream_error");
-                tracing::warn!(persona = %meta.persona, model = %meta.route.name, "{}", e.message());
+                state
+                    .gateway
+                    .count(&task_meta.route.upstream, "upstream_error");
+                tracing::warn!(persona = %task_meta.persona, model = %task_meta.route.name, "{}", e.message());
                 Err(e)
             }
         };
@@ -488,9 +654,17 @@ async fn plain_call(
         outcome
     });
     match task.await {
-        Ok(Ok(value)) => {
+        Ok(Ok((answered, value))) => {
             let mut resp = Json(value).into_response();
-            response_headers(&mut resp, &meta);
+            response_headers(&mut resp, &answered);
+            if answered.route.name != meta.route.name {
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "{} -> {}",
+                    meta.route.name, answered.route.name
+                )) {
+                    resp.headers_mut().insert("x-hypertool-fallback", v);
+                }
+            }
             Ok(resp)
         }
         Ok(Err(e)) => Err(gateway_error(&e)),
@@ -499,6 +673,8 @@ async fn plain_call(
         )),
     }
 }
+
+type SourceStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
 
 /// SSE framing of one JSON chunk.
 fn sse(json: &str) -> Bytes {
@@ -556,30 +732,51 @@ async fn stream_call(
     options.insert("include_usage".into(), Value::Bool(true));
     request.insert("stream_options".into(), Value::Object(options));
     let body = Value::Object(request);
-    let timeout = timeout_of(&settings, &meta.route);
 
-    let source: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>> =
-        if meta.route.upstream == "mock" {
+    // Streams are not retried once they have begun; before the first byte, fallbacks are tried.
+    let mut opened = None;
+    let mut last_error = None;
+    for candidate in candidates(&settings, &meta.route) {
+        let mut attempt_body = body.clone();
+        attempt_body["model"] = Value::String(candidate.upstream_model.clone());
+        if candidate.upstream == "mock" {
             tokio::time::sleep(settings.mock.latency).await;
-            Box::pin(futures_util::stream::iter(
-                mock_stream(&settings, &body, &meta.route.name)
-                    .into_iter()
-                    .map(Ok),
-            ))
-        } else {
-            let Some(u) = settings.upstreams.get(&meta.route.upstream) else {
-                return Err(gateway_error(&UpstreamError::Unreachable {
-                    upstream: meta.route.upstream.clone(),
-                }));
-            };
-            match upstream::open_stream(&state.gateway.http, u, &body, timeout).await {
-                Ok(s) => Box::pin(s),
-                Err(e) => {
-                    state.gateway.count(&meta.route.upstream, "upstream_error");
-                    return Err(gateway_error(&e));
-                }
-            }
+            let chunks = mock_stream(&settings, &attempt_body, &candidate.name);
+            let s: SourceStream = Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok)));
+            opened = Some((candidate, s));
+            break;
+        }
+        let Some(u) = settings.upstreams.get(&candidate.upstream) else {
+            continue;
         };
+        match upstream::open_stream(
+            &state.gateway.http,
+            u,
+            &attempt_body,
+            timeout_of(&settings, &candidate),
+        )
+        .await
+        {
+            Ok(s) => {
+                opened = Some((candidate, Box::pin(s) as SourceStream));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(model = %candidate.name, "{}", e.message());
+                last_error = Some(e);
+            }
+        }
+    }
+    let Some((answered_by, source)) = opened else {
+        state.gateway.count(&meta.route.upstream, "upstream_error");
+        let e = last_error.unwrap_or(UpstreamError::Unreachable {
+            upstream: meta.route.upstream.clone(),
+        });
+        return Err(gateway_error(&e));
+    };
+    let mut meta = meta;
+    meta.route = answered_by;
+    let timeout = timeout_of(&settings, &meta.route);
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let task_meta = meta.clone();
@@ -611,7 +808,7 @@ async fn stream_call(
 async fn relay(
     state: AppState,
     meta: CallMeta,
-    mut source: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>,
+    mut source: SourceStream,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
     client_wants_usage: bool,
     timeout: Duration,

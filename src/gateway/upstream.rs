@@ -24,12 +24,30 @@ pub enum UpstreamError {
         upstream: String,
         status: u16,
         message: String,
+        /// The upstream's `Retry-After`, in seconds.
+        retry_after: Option<u64>,
     },
     /// The upstream answered 2xx with something that is not an OpenAI response.
     Invalid { upstream: String, detail: String },
 }
 
 impl UpstreamError {
+    /// Worth another attempt: the upstream may answer next time (429, 5xx, no connection).
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable { .. } => true,
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Timeout { .. } | UpstreamError::Invalid { .. } => false,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Status { retry_after, .. } => retry_after.map(Duration::from_secs),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> u16 {
         match self {
             UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. } => 502,
@@ -64,6 +82,7 @@ impl UpstreamError {
                 upstream,
                 status,
                 message,
+                ..
             } => {
                 format!("upstream `{upstream}` answered {status}: {message}")
             }
@@ -138,6 +157,11 @@ fn classify(upstream: &UpstreamSettings, e: &reqwest::Error, timeout: Duration) 
 
 async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> UpstreamError {
     let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
     let text = resp.text().await.unwrap_or_default();
     let message = serde_json::from_str::<Value>(&text)
         .ok()
@@ -157,6 +181,7 @@ async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> U
         upstream: upstream.name.clone(),
         status,
         message: scrub(&message, api_key(upstream).as_deref()),
+        retry_after,
     }
 }
 

@@ -537,6 +537,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         .collect();
     let process = ProcessInfo {
         gateway_requests: state.gateway.outcomes(),
+        tools_removed: state.gateway.tools_removed(),
         alert_deliveries: state.delivery_stats.snapshot(),
         alerts_firing,
         alert_transitions,

@@ -53,6 +53,8 @@ pub struct ProcessInfo {
     pub alerts_firing: Vec<((String, String), f64)>,
     /// Gateway calls per (upstream, outcome).
     pub gateway_requests: Vec<((String, String), f64)>,
+    /// Tools removed from calls because the persona may not use them, per persona.
+    pub tools_removed: Vec<(String, f64)>,
     /// Alert notifications per (target, result).
     pub alert_deliveries: Vec<((String, String), f64)>,
     /// Alert state changes per (alertname, new state).
@@ -352,6 +354,18 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         w.sample(
             "hypertool_gateway_requests_total",
             &[("upstream", upstream), ("outcome", outcome)],
+            *n,
+        );
+    }
+    w.header(
+        "hypertool_gateway_tools_removed_total",
+        "counter",
+        "Tools removed from (or refused in) gateway calls because the persona's allowedTools does not list them.",
+    );
+    for (persona, n) in &process.tools_removed {
+        w.sample(
+            "hypertool_gateway_tools_removed_total",
+            &[("persona", persona)],
             *n,
         );
     }

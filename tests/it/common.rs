@@ -325,6 +325,7 @@ pub fn gateway_config(dir: &Path, upstream_url: &str, extra: &str) -> PathBuf {
         "cut-stream",
         "slow-stream",
         "leak-key",
+        "flaky",
     ] {
         text.push_str(&format!(
             "\n[[gateway.models]]\nname = \"{model}\"\nupstream = \"fake\"\n"

@@ -506,3 +506,102 @@ async fn keys_stay_secret_and_are_required_off_loopback() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("without gateway keys"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_fallbacks_downgrades_and_tool_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let extra = "\n[[gateway.models]]\nname = \"limited\"\nupstream = \"fake\"\nupstream_model = \"rate-limit\"\nretries = 0\nfallbacks = [\"ok\"]\n\
+                 \n[gateway.downgrade]\nfrontend-engineer = \"mock/cheap\"\n";
+    let s = gateway_server(dir.path(), &upstream, extra).await;
+    let hello = json!([{"role": "user", "content": "hello"}]);
+
+    // 503, 503, then an answer: two retries, one call accounted.
+    let (status, body) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "flaky", "messages": hello}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(upstream.stats().await["flaky_calls"], 3);
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_gateway_requests_total",
+            &[("upstream", "fake"), ("outcome", "retry")]
+        ),
+        Some(2.0)
+    );
+
+    // 429 with no retries left: the fallback answers, and says so.
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "devops-engineer")
+        .json(&json!({"model": "limited", "messages": hello}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-hypertool-fallback"], "limited -> ok");
+    assert_eq!(resp.headers()["x-hypertool-model"], "ok");
+
+    // A spent downgrade budget routes to the cheaper model.
+    let put = s
+        .http
+        .put(format!("{}/api/budgets/frontend-engineer", s.api))
+        .json(&json!({"tokens": 5, "mode": "downgrade"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "frontend-engineer")
+        .json(&json!({"model": "ok", "messages": hello}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-hypertool-downgraded"], "ok -> mock/cheap");
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_persona_tokens_used_total",
+            &[
+                ("persona", "frontend-engineer"),
+                ("chatmode", "default"),
+                ("model", "mock/cheap")
+            ]
+        ),
+        Some(8.0 + 16.0)
+    );
+
+    // Tools outside the persona's allowedTools are removed before the upstream sees them.
+    let tool = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "backend-engineer")
+        .json(&json!({"model": "ok", "messages": hello, "tools": [tool("github_search_code"), tool("rm_rf"), tool("github.github_list_commits")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-hypertool-tools-removed"], "rm_rf");
+    assert_eq!(
+        upstream.stats().await["last_tools"],
+        json!(["github_search_code", "github.github_list_commits"])
+    );
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_gateway_tools_removed_total",
+            &[("persona", "backend-engineer")]
+        ),
+        Some(1.0)
+    );
+    s.stop().await;
+}
