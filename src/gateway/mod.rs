@@ -8,6 +8,7 @@
 //! and its accounting run in a task of their own, so a client that goes away never leaves a call
 //! unaccounted.
 
+pub mod cache;
 pub mod tokens;
 pub mod upstream;
 
@@ -40,11 +41,13 @@ pub struct Gateway {
     http: reqwest::Client,
     outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
     tools_removed: Mutex<BTreeMap<String, u64>>,
+    pub cache: cache::ResponseCache,
 }
 
 impl Gateway {
     pub fn new(settings: GatewaySettings) -> Self {
         Gateway {
+            cache: cache::ResponseCache::new(settings.cache.max_entries),
             settings: RwLock::new(Arc::new(settings)),
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -365,65 +368,7 @@ async fn handle(
         prompt_estimate,
     };
 
-    // Admission: reserve the estimate; a spent `block` budget refuses.
-    let estimate = prompt_estimate.saturating_add(max_tokens);
-    let admission = lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms());
-    let (reserved, downgraded) = match admission {
-        Admission::Allowed { reserved } => (reserved, false),
-        Admission::Downgrade { reserved } => (reserved, true),
-        Admission::Blocked {
-            persona,
-            limit,
-            used,
-            in_flight,
-            resets_at,
-        } => {
-            state.gateway.count(&meta.route.upstream, "budget_exceeded");
-            let resets = resets_at
-                .map(|t| format!("resets at {}", crate::core::clock::to_rfc3339(t)))
-                .unwrap_or_else(|| "the budget has no period: raise or reset it".into());
-            tracing::info!(persona = %persona, limit, used, in_flight, "call refused: budget exceeded");
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "budget_exceeded",
-                "budget_exceeded",
-                format!(
-                    "persona `{persona}` has used {used} of its {limit}-token budget ({in_flight} more reserved by calls in flight; this call needs about {estimate}); {resets}"
-                ),
-            ));
-        }
-    };
-    let reservation = Reservation {
-        engine: state.engine.clone(),
-        persona: meta.persona.clone(),
-        tokens: reserved,
-    };
     let mut notes: Vec<(&'static str, String)> = Vec::new();
-    if downgraded {
-        let canonical = lock(&state.engine)
-            .personas()
-            .canonical(&meta.persona)
-            .to_string();
-        let target = settings
-            .persona_downgrade
-            .get(&canonical)
-            .or(meta.route.downgrade_to.as_ref())
-            .and_then(|t| settings.route(t));
-        match target {
-            Some(cheaper) if cheaper.name != meta.route.name => {
-                tracing::info!(persona = %canonical, from = %meta.route.name, to = %cheaper.name, "budget spent: call downgraded");
-                notes.push((
-                    "x-hypertool-downgraded",
-                    format!("{} -> {}", meta.route.name, cheaper.name),
-                ));
-                state.gateway.count(&cheaper.upstream, "downgraded");
-                meta.route = cheaper;
-            }
-            _ => tracing::warn!(persona = %canonical, model = %meta.route.name,
-                "budget spent in downgrade mode but no cheaper model is configured (gateway.downgrade or the model's downgrade_to); the call goes through unchanged"),
-        }
-    }
-
     // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
     if let Some(tools) = request.get("tools").and_then(Value::as_array).cloned() {
         let allowed = lock(&state.engine)
@@ -478,6 +423,115 @@ async fn handle(
         }
     }
 
+    // The cache answers before admission: a hit spends no budget.
+    let no_cache = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
+    let cache_key = cache::ResponseCache::key(&settings.cache, &meta.route.name, &request);
+    let streamed = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let cache_result = match (&cache_key, no_cache) {
+        (None, _) => cache::CacheResult::Skip,
+        (Some(_), true) => cache::CacheResult::Bypass,
+        (Some(key), false) => match state.gateway.cache.get(key, state.clock.now_ms()) {
+            Some(entry) => {
+                state.gateway.cache.count(
+                    cache::CacheResult::Hit,
+                    entry.prompt_tokens + entry.completion_tokens,
+                );
+                state.gateway.count(&meta.route.upstream, "cache_hit");
+                let wants_usage = request
+                    .get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let mut resp = if streamed {
+                    cached_stream(&entry, wants_usage)
+                } else {
+                    Json(entry.response.clone()).into_response()
+                };
+                response_headers(&mut resp, &meta);
+                resp.headers_mut()
+                    .insert("x-hypertool-cache", HeaderValue::from_static("hit"));
+                return Ok(resp);
+            }
+            None => cache::CacheResult::Miss,
+        },
+    };
+    state.gateway.cache.count(cache_result, 0);
+    notes.push(("x-hypertool-cache", cache_result.as_str().to_string()));
+    let mut cache_slot = match (cache_result, cache_key) {
+        (cache::CacheResult::Miss | cache::CacheResult::Bypass, Some(key)) => {
+            let ttl = settings
+                .cache
+                .ttl_for(&meta.persona, &meta.chatmode, &meta.route.name);
+            Some((key, ttl))
+        }
+        _ => None,
+    };
+
+    // Admission: reserve the estimate; a spent `block` budget refuses.
+    let estimate = prompt_estimate.saturating_add(max_tokens);
+    let admission = lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms());
+    let (reserved, downgraded) = match admission {
+        Admission::Allowed { reserved } => (reserved, false),
+        Admission::Downgrade { reserved } => (reserved, true),
+        Admission::Blocked {
+            persona,
+            limit,
+            used,
+            in_flight,
+            resets_at,
+        } => {
+            state.gateway.count(&meta.route.upstream, "budget_exceeded");
+            let resets = resets_at
+                .map(|t| format!("resets at {}", crate::core::clock::to_rfc3339(t)))
+                .unwrap_or_else(|| "the budget has no period: raise or reset it".into());
+            tracing::info!(persona = %persona, limit, used, in_flight, "call refused: budget exceeded");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                "budget_exceeded",
+                format!(
+                    "persona `{persona}` has used {used} of its {limit}-token budget ({in_flight} more reserved by calls in flight; this call needs about {estimate}); {resets}"
+                ),
+            ));
+        }
+    };
+    let reservation = Reservation {
+        engine: state.engine.clone(),
+        persona: meta.persona.clone(),
+        tokens: reserved,
+    };
+    if downgraded {
+        let canonical = lock(&state.engine)
+            .personas()
+            .canonical(&meta.persona)
+            .to_string();
+        let target = settings
+            .persona_downgrade
+            .get(&canonical)
+            .or(meta.route.downgrade_to.as_ref())
+            .and_then(|t| settings.route(t));
+        match target {
+            Some(cheaper) if cheaper.name != meta.route.name => {
+                tracing::info!(persona = %canonical, from = %meta.route.name, to = %cheaper.name, "budget spent: call downgraded");
+                notes.push((
+                    "x-hypertool-downgraded",
+                    format!("{} -> {}", meta.route.name, cheaper.name),
+                ));
+                state.gateway.count(&cheaper.upstream, "downgraded");
+                cache_slot = None;
+                meta.route = cheaper;
+            }
+            _ => tracing::warn!(persona = %canonical, model = %meta.route.name,
+                "budget spent in downgrade mode but no cheaper model is configured (gateway.downgrade or the model's downgrade_to); the call goes through unchanged"),
+        }
+    }
+
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)
@@ -486,7 +540,16 @@ async fn handle(
     let mut resp = if stream {
         stream_call(state, settings, meta, request, reservation, started).await?
     } else {
-        plain_call(state, settings, meta, request, reservation, started).await?
+        plain_call(
+            state,
+            settings,
+            meta,
+            request,
+            reservation,
+            started,
+            cache_slot,
+        )
+        .await?
     };
     for (name, value) in notes {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -620,6 +683,7 @@ async fn plain_call(
     request: Map<String, Value>,
     reservation: Reservation,
     started: Instant,
+    cache_slot: Option<(String, Duration)>,
 ) -> Result<Response, ApiError> {
     let task_state = state.clone();
     let mut task_meta = meta.clone();
@@ -629,6 +693,7 @@ async fn plain_call(
         let result = call_with_fallbacks(&state, &settings, &task_meta.route, &request).await;
         let outcome = match result {
             Ok((answered_by, value)) => {
+                let fell_back = answered_by.name != task_meta.route.name;
                 task_meta.route = answered_by;
                 let (prompt, completion, estimated) = match usage_of(&value) {
                     Some((p, c)) => (p, c, false),
@@ -638,6 +703,13 @@ async fn plain_call(
                         true,
                     ),
                 };
+                if let Some((key, ttl)) = cache_slot.filter(|_| !fell_back && !estimated) {
+                    let expires = state.clock.now_ms() + ttl.as_millis() as i64;
+                    state
+                        .gateway
+                        .cache
+                        .insert(key, value.clone(), prompt, completion, expires);
+                }
                 record(&state, &task_meta, prompt, completion, estimated, started).await;
                 state.gateway.count(&task_meta.route.upstream, "ok");
                 Ok((task_meta, value))
@@ -675,6 +747,51 @@ async fn plain_call(
 }
 
 type SourceStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+/// A cached answer replayed as an SSE stream.
+fn cached_stream(entry: &cache::Entry, wants_usage: bool) -> Response {
+    let r = &entry.response;
+    let id = r.get("id").cloned().unwrap_or(Value::Null);
+    let model = r.get("model").cloned().unwrap_or(Value::Null);
+    let created = r.get("created").cloned().unwrap_or(Value::Null);
+    let mut out: Vec<Result<Bytes, Infallible>> = Vec::new();
+    for c in r
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let index = c.get("index").cloned().unwrap_or(json!(0));
+        let message = c.get("message").cloned().unwrap_or(json!({}));
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+            .to_string()
+        };
+        let mut delta = json!({"role": "assistant", "content": message.get("content").cloned().unwrap_or(Value::Null)});
+        if let Some(calls) = message.get("tool_calls") {
+            delta["tool_calls"] = calls.clone();
+        }
+        out.push(Ok(sse(&chunk(delta, Value::Null))));
+        out.push(Ok(sse(&chunk(
+            json!({}),
+            c.get("finish_reason").cloned().unwrap_or(json!("stop")),
+        ))));
+    }
+    if wants_usage {
+        out.push(Ok(sse(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": r.get("usage").cloned().unwrap_or(Value::Null)}).to_string())));
+    }
+    out.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    let mut resp = Response::new(Body::from_stream(futures_util::stream::iter(out)));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
 
 /// SSE framing of one JSON chunk.
 fn sse(json: &str) -> Bytes {

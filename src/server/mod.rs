@@ -538,6 +538,8 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
     let process = ProcessInfo {
         gateway_requests: state.gateway.outcomes(),
         tools_removed: state.gateway.tools_removed(),
+        cache_requests: state.gateway.cache.stats().0,
+        cache_tokens_saved: state.gateway.cache.stats().1,
         alert_deliveries: state.delivery_stats.snapshot(),
         alerts_firing,
         alert_transitions,

@@ -55,6 +55,9 @@ pub struct ProcessInfo {
     pub gateway_requests: Vec<((String, String), f64)>,
     /// Tools removed from calls because the persona may not use them, per persona.
     pub tools_removed: Vec<(String, f64)>,
+    /// Response cache lookups per result, and tokens the hits saved.
+    pub cache_requests: Vec<(&'static str, f64)>,
+    pub cache_tokens_saved: f64,
     /// Alert notifications per (target, result).
     pub alert_deliveries: Vec<((String, String), f64)>,
     /// Alert state changes per (alertname, new state).
@@ -357,6 +360,24 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
             *n,
         );
     }
+    w.header(
+        "hypertool_cache_requests_total",
+        "counter",
+        "Gateway response cache lookups: hit, miss, bypass (Cache-Control: no-cache), skip (not cacheable).",
+    );
+    for (result, n) in &process.cache_requests {
+        w.sample("hypertool_cache_requests_total", &[("result", result)], *n);
+    }
+    w.header(
+        "hypertool_cache_tokens_saved_total",
+        "counter",
+        "Tokens (prompt + completion) that cache hits did not spend.",
+    );
+    w.sample(
+        "hypertool_cache_tokens_saved_total",
+        &[],
+        process.cache_tokens_saved,
+    );
     w.header(
         "hypertool_gateway_tools_removed_total",
         "counter",

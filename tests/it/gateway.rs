@@ -605,3 +605,90 @@ async fn retries_fallbacks_downgrades_and_tool_scope() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_deterministic_calls_are_answered_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gateway_server(dir.path(), &upstream, "").await;
+    let req = json!({"model": "ok", "temperature": 0, "messages": [{"role": "user", "content": "cache me"}]});
+    let send = |body: Value, persona: &'static str, no_cache: bool| {
+        let mut r = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .header("x-hypertool-persona", persona)
+            .json(&body);
+        if no_cache {
+            r = r.header("cache-control", "no-cache");
+        }
+        r.send()
+    };
+    let first = send(req.clone(), "backend-engineer", false).await.unwrap();
+    assert_eq!(first.headers()["x-hypertool-cache"], "miss");
+    let first: Value = first.json().await.unwrap();
+    // Another persona, same question: a hit that spends nothing.
+    let second = send(req.clone(), "testing-specialist", false)
+        .await
+        .unwrap();
+    assert_eq!(second.headers()["x-hypertool-cache"], "hit");
+    assert_eq!(
+        second.json::<Value>().await.unwrap()["choices"],
+        first["choices"]
+    );
+    // Streamed, from the cache, as SSE.
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let resp = send(streamed, "testing-specialist", false).await.unwrap();
+    assert_eq!(resp.headers()["x-hypertool-cache"], "hit");
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("fake answer words") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert_eq!(upstream.stats().await["calls"], 1);
+
+    // no-cache bypasses; temperature > 0 is not cached.
+    let resp = send(req.clone(), "backend-engineer", true).await.unwrap();
+    assert_eq!(resp.headers()["x-hypertool-cache"], "bypass");
+    let mut warm = req.clone();
+    warm["temperature"] = json!(0.7);
+    assert_eq!(
+        send(warm.clone(), "backend-engineer", false)
+            .await
+            .unwrap()
+            .headers()["x-hypertool-cache"],
+        "skip"
+    );
+    assert_eq!(
+        send(warm, "backend-engineer", false)
+            .await
+            .unwrap()
+            .headers()["x-hypertool-cache"],
+        "skip"
+    );
+    assert_eq!(upstream.stats().await["calls"], 4);
+
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get("hypertool_cache_requests_total", &[("result", "hit")]),
+        Some(2.0)
+    );
+    assert_eq!(m.get("hypertool_cache_tokens_saved_total", &[]), Some(36.0));
+    assert_eq!(
+        m.get(
+            "hypertool_persona_tokens_used_total",
+            &[
+                ("persona", "testing-specialist"),
+                ("chatmode", "default"),
+                ("model", "ok")
+            ]
+        ),
+        None,
+        "a hit spends no budget"
+    );
+    // Entries expire after the TTL (5m by default), on the injected clock.
+    s.clock.advance_secs(301);
+    let resp = send(req, "backend-engineer", false).await.unwrap();
+    assert_eq!(resp.headers()["x-hypertool-cache"], "miss");
+    s.stop().await;
+}

@@ -1,0 +1,188 @@
+//! The response cache (the runbook's `CachePrimitive`): exact match on the normalized request.
+//!
+//! The key is the canonical JSON of what determines an answer (routed model, messages, tools,
+//! sampling parameters) — not who asked or whether it streams — so one persona's answer serves
+//! another's identical call. Entries expire by a TTL chosen per persona/chatmode/model (on the
+//! injected clock); moka bounds the number of entries. A hit spends no budget.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::config::gateway::CacheSettings;
+use crate::core::clock::UnixMillis;
+
+/// The request fields that decide the answer.
+const KEY_FIELDS: [&str; 18] = [
+    "messages",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "response_format",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "parallel_tool_calls",
+];
+
+#[derive(Debug)]
+pub struct Entry {
+    canonical: String,
+    pub response: Value,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    expires_at: UnixMillis,
+}
+
+/// Why a call was or was not answered from the cache (the `X-Hypertool-Cache` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    /// `Cache-Control: no-cache` from the client.
+    Bypass,
+    /// Not cacheable (temperature > 0, n > 1, cache disabled).
+    Skip,
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Bypass => "bypass",
+            CacheResult::Skip => "skip",
+        }
+    }
+}
+
+pub struct ResponseCache {
+    entries: moka::sync::Cache<u64, Arc<Entry>>,
+    counts: [AtomicU64; 4],
+    tokens_saved: AtomicU64,
+}
+
+fn hash(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+impl ResponseCache {
+    pub fn new(max_entries: u64) -> Self {
+        ResponseCache {
+            entries: moka::sync::Cache::new(max_entries.max(1)),
+            counts: Default::default(),
+            tokens_saved: AtomicU64::new(0),
+        }
+    }
+
+    /// The canonical key of a request for `model`, or `None` when it must not be cached.
+    pub fn key(
+        settings: &CacheSettings,
+        model: &str,
+        request: &Map<String, Value>,
+    ) -> Option<String> {
+        if !settings.enabled {
+            return None;
+        }
+        // OpenAI's default temperature is 1: an unspecified temperature is not deterministic.
+        let temperature = request
+            .get("temperature")
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+        if temperature > 0.0 && !settings.cache_nonzero_temperature {
+            return None;
+        }
+        if request
+            .get("n")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > 1)
+        {
+            return None;
+        }
+        let mut key = Map::new();
+        key.insert("model".into(), Value::String(model.to_string()));
+        for field in KEY_FIELDS {
+            if let Some(v) = request.get(field) {
+                key.insert(field.into(), v.clone());
+            }
+        }
+        // serde_json's Map is ordered by key, so this text is canonical.
+        Some(Value::Object(key).to_string())
+    }
+
+    pub fn get(&self, canonical: &str, now: UnixMillis) -> Option<Arc<Entry>> {
+        let id = hash(canonical);
+        let entry = self.entries.get(&id)?;
+        if entry.canonical != canonical {
+            return None;
+        }
+        if entry.expires_at <= now {
+            self.entries.invalidate(&id);
+            return None;
+        }
+        Some(entry)
+    }
+
+    pub fn insert(
+        &self,
+        canonical: String,
+        response: Value,
+        prompt: u64,
+        completion: u64,
+        expires_at: UnixMillis,
+    ) {
+        let id = hash(&canonical);
+        self.entries.insert(
+            id,
+            Arc::new(Entry {
+                canonical,
+                response,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                expires_at,
+            }),
+        );
+    }
+
+    pub fn count(&self, result: CacheResult, tokens_saved: u64) {
+        let i = match result {
+            CacheResult::Hit => 0,
+            CacheResult::Miss => 1,
+            CacheResult::Bypass => 2,
+            CacheResult::Skip => 3,
+        };
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.tokens_saved.fetch_add(tokens_saved, Ordering::Relaxed);
+    }
+
+    /// `hypertool_cache_requests_total{result}` and `hypertool_cache_tokens_saved_total`.
+    pub fn stats(&self) -> (Vec<(&'static str, f64)>, f64) {
+        let results = [
+            CacheResult::Hit,
+            CacheResult::Miss,
+            CacheResult::Bypass,
+            CacheResult::Skip,
+        ];
+        (
+            results
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.as_str(), self.counts[i].load(Ordering::Relaxed) as f64))
+                .collect(),
+            self.tokens_saved.load(Ordering::Relaxed) as f64,
+        )
+    }
+}
