@@ -359,8 +359,10 @@ async fn two_hundred_concurrent_calls_cannot_overrun_a_block_budget() {
 async fn bad_requests_are_answered_in_openai_shape() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_default(dir.path()).await;
+    // A fresh client per case: after a 413 the server closes the connection, and a pooled
+    // connection reused at that moment would fail the next request.
     let post = |body: String| {
-        s.http
+        reqwest::Client::new()
             .post(format!("{}/v1/chat/completions", s.api))
             .header("content-type", "application/json")
             .body(body)
