@@ -22,6 +22,7 @@ struct RawBudgetsFile {
 struct RawDefaults {
     period: Option<Period>,
     mode: Option<BudgetMode>,
+    soft_limit: Option<f64>,
 }
 
 /// One persona's entry; also the body of `PUT /api/budgets/{persona}`.
@@ -32,25 +33,35 @@ pub struct RawBudget {
     pub cost_usd: Option<f64>,
     pub period: Option<Period>,
     pub mode: Option<BudgetMode>,
+    pub soft_limit: Option<f64>,
 }
 
 impl RawBudget {
     /// Checks values serde cannot: a cost must be a finite, non-negative number.
     pub fn check(&self) -> Result<(), String> {
-        match self.cost_usd {
-            Some(c) if !c.is_finite() || c < 0.0 => {
+        match (self.cost_usd, self.soft_limit) {
+            (Some(c), _) if !c.is_finite() || c < 0.0 => {
                 Err(format!("cost_usd must be a non-negative number, got {c}"))
             }
+            (_, Some(f)) if !(f > 0.0 && f <= 1.0) => Err(format!(
+                "soft_limit is a fraction of tokens, above 0 and at most 1 (e.g. 0.8), got {f}"
+            )),
             _ => Ok(()),
         }
     }
 
-    pub fn resolve(&self, default_period: Period, default_mode: BudgetMode) -> BudgetSpec {
+    pub fn resolve(
+        &self,
+        default_period: Period,
+        default_mode: BudgetMode,
+        default_soft: Option<f64>,
+    ) -> BudgetSpec {
         BudgetSpec {
             tokens: self.tokens,
             cost_usd: self.cost_usd,
             period: self.period.unwrap_or(default_period),
             mode: self.mode.unwrap_or(default_mode),
+            soft_limit: self.soft_limit.or(default_soft),
         }
     }
 }
@@ -79,6 +90,19 @@ pub fn resolve_budgets(
     let mut errors = Vec::new();
     let period = raw.defaults.period.unwrap_or(Period::None);
     let mode = raw.defaults.mode.unwrap_or_default();
+    let soft = raw.defaults.soft_limit;
+    if let Some(f) = soft {
+        if !(f > 0.0 && f <= 1.0) {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "soft_limit"),
+                    format!("defaults.soft_limit = {f} is not a fraction"),
+                )
+                .fix("write a number above 0 and at most 1, e.g. `soft_limit: 0.8`"),
+            );
+        }
+    }
     let mut out = BTreeMap::new();
     for p in personas.iter() {
         if let Some(tokens) = p.token_budget {
@@ -87,6 +111,7 @@ pub fn resolve_budgets(
                 cost_usd: None,
                 period,
                 mode,
+                soft_limit: soft,
             };
             out.insert(p.name.clone(), (spec, BudgetSource::PersonaFile));
         }
@@ -125,7 +150,7 @@ pub fn resolve_budgets(
         }
         out.insert(
             persona.name.clone(),
-            (entry.resolve(period, mode), BudgetSource::BudgetsFile),
+            (entry.resolve(period, mode, soft), BudgetSource::BudgetsFile),
         );
     }
     if errors.is_empty() {

@@ -120,6 +120,9 @@ pub struct BudgetSpec {
     pub period: Period,
     #[serde(default)]
     pub mode: BudgetMode,
+    /// Fraction of `tokens` (0 < x <= 1) at which a warning is logged and counted, once per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_limit: Option<f64>,
 }
 
 /// Where a persona's budget came from, most specific first.
@@ -147,6 +150,8 @@ pub struct BudgetState {
     hourly: BTreeMap<i64, (u64, f64)>,
     /// Usage since the last reset, for `Period::None`.
     lifetime: (u64, f64),
+    /// The period start for which the soft-limit warning was given.
+    soft_warned: Option<UnixMillis>,
 }
 
 impl BudgetState {
@@ -159,7 +164,21 @@ impl BudgetState {
             used_cost: 0.0,
             hourly: BTreeMap::new(),
             lifetime: (0, 0.0),
+            soft_warned: None,
         }
+    }
+
+    /// True once per period, when usage first reaches the soft limit.
+    pub fn crossed_soft_limit(&mut self) -> bool {
+        let Some(fraction) = self.spec.soft_limit else {
+            return false;
+        };
+        let threshold = (self.spec.tokens as f64 * fraction).ceil() as u64;
+        if self.used_tokens >= threshold && self.soft_warned != Some(self.period_start) {
+            self.soft_warned = Some(self.period_start);
+            return true;
+        }
+        false
     }
 
     /// Records usage that happened at `at`. Usage from an earlier period counts in its history
@@ -273,6 +292,7 @@ mod tests {
             cost_usd: Some(1.0),
             period,
             mode: BudgetMode::Observe,
+            soft_limit: Some(0.8),
         }
     }
 
@@ -334,6 +354,20 @@ mod tests {
         assert_eq!(b.used_tokens(), 25);
         b.respec(spec(100, Period::None), BudgetSource::Override, now);
         assert_eq!(b.used_tokens(), 65);
+    }
+
+    #[test]
+    fn the_soft_limit_warns_once_per_period() {
+        let now = at("2026-11-28T10:30:00Z");
+        let mut b = BudgetState::new(spec(100, Period::Hourly), BudgetSource::BudgetsFile, now);
+        b.record(now, 79, 0.0);
+        assert!(!b.crossed_soft_limit());
+        b.record(now, 1, 0.0);
+        assert!(b.crossed_soft_limit());
+        b.record(now, 30, 0.0);
+        assert!(!b.crossed_soft_limit(), "once per period");
+        b.record(at("2026-11-28T11:00:01Z"), 85, 0.0);
+        assert!(b.crossed_soft_limit(), "again in the next period");
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub events_applied: CounterVec<1>,
     /// label
     pub label_values_folded: CounterVec<1>,
+    /// persona: budgets that reached their soft limit (once per period each)
+    pub soft_limit_reached: CounterVec<1>,
 }
 
 impl Default for Metrics {
@@ -68,6 +70,7 @@ impl Default for Metrics {
             langfuse_traces_created: 0.0,
             events_applied: CounterVec::default(),
             label_values_folded: CounterVec::default(),
+            soft_limit_reached: CounterVec::default(),
         }
     }
 }
@@ -103,6 +106,8 @@ pub struct Engine {
     /// Tokens reserved by calls in flight, per canonical persona (not in the ledger: they settle
     /// into usage events or are released).
     reserved: HashMap<String, u64>,
+    /// Replaying the ledger: rebuild state, but do not log warnings again.
+    quiet: bool,
 }
 
 impl Engine {
@@ -117,6 +122,7 @@ impl Engine {
             none: Arc::from("none"),
             kinds: Interned::default(),
             reserved: HashMap::new(),
+            quiet: false,
         };
         engine.reconfigure(config, now);
         engine
@@ -194,6 +200,7 @@ impl Engine {
             metrics,
             none,
             kinds,
+            quiet,
             ..
         } = self;
         let personas = &config.personas;
@@ -213,6 +220,19 @@ impl Engine {
                 }
                 if let Some(budget) = budgets.get_mut(canonical) {
                     budget.record(at, tokens, cost);
+                    if budget.crossed_soft_limit() {
+                        metrics.soft_limit_reached.inc_by([persona.clone()], 1.0);
+                        if !*quiet {
+                            tracing::warn!(
+                                persona = canonical,
+                                used = budget.used_tokens(),
+                                limit = budget.spec.tokens,
+                                "persona `{canonical}` reached the soft limit of its token budget ({} of {} used)",
+                                budget.used_tokens(),
+                                budget.spec.tokens
+                            );
+                        }
+                    }
                 }
                 if let Some(d) = u.duration_seconds {
                     metrics.generation_duration.observe([model.clone()], d);
@@ -360,6 +380,11 @@ impl Engine {
             let from = t.from.unwrap_or_else(|| self.none.clone());
             self.metrics.switches.inc_by([from, t.to, t.chatmode], 1.0);
         }
+    }
+
+    /// While quiet (ledger replay at start-up), warnings already given are not logged again.
+    pub fn set_quiet(&mut self, quiet: bool) {
+        self.quiet = quiet;
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -32,6 +32,7 @@ pub struct BudgetStatus {
     pub period_start: Option<String>,
     pub resets_at: Option<String>,
     pub mode: BudgetMode,
+    pub soft_limit: Option<f64>,
     pub source: String,
 }
 
@@ -54,6 +55,7 @@ impl BudgetStatus {
             period_start: (b.spec.period != Period::None).then(|| to_rfc3339(b.period_start())),
             resets_at: b.resets_at().map(to_rfc3339),
             mode: b.spec.mode,
+            soft_limit: b.spec.soft_limit,
             source: source.to_string(),
         }
     }
@@ -165,6 +167,7 @@ pub async fn put_budget(
     let spec = raw.resolve(
         current.map(|c| c.period).unwrap_or_default(),
         current.map(|c| c.mode).unwrap_or_default(),
+        current.and_then(|c| c.soft_limit),
     );
     if !state
         .writer

@@ -207,7 +207,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         for (persona, spec) in ledger.overrides()? {
             engine.set_override(&persona, Some(spec), now);
         }
+        engine.set_quiet(true);
         let replayed = ledger.replay(&mut |s| engine.apply(&s))?;
+        engine.set_quiet(false);
         engine.tick(replay_clock.now_ms());
         Ok::<_, LedgerError>((ledger, engine, replayed))
     })

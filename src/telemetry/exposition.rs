@@ -263,6 +263,12 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         }
     }
     w.counter_vec(
+        "hypertool_budget_soft_limit_reached_total",
+        "Times a persona's usage reached the soft limit of its budget (at most once per period).",
+        ["persona"],
+        &m.soft_limit_reached,
+    );
+    w.counter_vec(
         "hypertool_persona_cost_usd_total",
         "Cost in US dollars attributed to a persona.",
         ["persona", "chatmode", "model"],

@@ -110,6 +110,22 @@ async fn exact_values_after_a_known_event_stream() {
         Some(0.25)
     );
 
+    // The 80 % soft limit was reached once by backend-engineer, not by testing-specialist.
+    assert_eq!(
+        m.get(
+            "hypertool_budget_soft_limit_reached_total",
+            &[("persona", "backend-engineer")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_budget_soft_limit_reached_total",
+            &[("persona", "testing-specialist")]
+        ),
+        None
+    );
+
     // Switches: one inferred from usage, two explicit (the first from nobody).
     assert_eq!(
         m.get(
