@@ -748,6 +748,185 @@ async fn plain_call(
 
 type SourceStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
 
+/// `POST /v1/embeddings`: attributed, budgeted and accounted like chat calls (no cache, no tools).
+pub async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match handle_embeddings(state, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle_embeddings(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let settings = state.gateway.settings();
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request("invalid_body", r.body_text())
+        }
+    })?;
+    let key = authenticate(&settings, &headers)?;
+    let mut request: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "the request body must be a JSON object",
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                "malformed_json",
+                format!("request body is not valid JSON: {e}"),
+            ))
+        }
+    };
+    let Some(model) = request
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return Err(
+            ApiError::bad_request("missing_model", "`model` is required (a string)").param("model"),
+        );
+    };
+    let inputs: Vec<String> = match request.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_input",
+                "`input` must be a string or a non-empty array of strings",
+            )
+            .param("input"))
+        }
+    };
+    let Some(route) = settings.route(&model) else {
+        return Err(ApiError::not_found(
+            "model_not_found",
+            format!("the model `{model}` does not exist here"),
+        )
+        .param("model"));
+    };
+    if let Some(k) = key {
+        if !k.models.is_empty() && !k.models.contains(&route.name) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "model_not_allowed",
+                format!("this gateway key may not use `{}`", route.name),
+            )
+            .param("model"));
+        }
+    }
+    let persona = key
+        .map(|k| k.persona.clone())
+        .or_else(|| header(&headers, "x-hypertool-persona"))
+        .unwrap_or_else(|| settings.unattributed_persona.clone());
+    let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
+    let meta = CallMeta {
+        persona,
+        chatmode: header(&headers, "x-hypertool-chatmode")
+            .unwrap_or_else(|| settings.default_chatmode.clone()),
+        workflow: header(&headers, "x-hypertool-workflow"),
+        stage: header(&headers, "x-hypertool-stage"),
+        session: header(&headers, "x-hypertool-session"),
+        route,
+        prompt_estimate: estimate,
+    };
+    let reserved = match lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms()) {
+        Admission::Allowed { reserved } | Admission::Downgrade { reserved } => reserved,
+        Admission::Blocked {
+            persona,
+            limit,
+            used,
+            ..
+        } => {
+            state.gateway.count(&meta.route.upstream, "budget_exceeded");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                "budget_exceeded",
+                format!("persona `{persona}` has used {used} of its {limit}-token budget"),
+            ));
+        }
+    };
+    let reservation = Reservation {
+        engine: state.engine.clone(),
+        persona: meta.persona.clone(),
+        tokens: reserved,
+    };
+    request.insert(
+        "model".into(),
+        Value::String(meta.route.upstream_model.clone()),
+    );
+    let started = Instant::now();
+    let task_state = state.clone();
+    let task_meta = meta.clone();
+    let task = tokio::spawn(async move {
+        let state = task_state;
+        let meta = task_meta;
+        let result = if meta.route.upstream == "mock" {
+            tokio::time::sleep(settings.mock.latency).await;
+            Ok(upstream::mock_embeddings(&inputs, &meta.route.name).0)
+        } else {
+            match settings.upstreams.get(&meta.route.upstream) {
+                Some(u) => {
+                    upstream::embeddings(
+                        &state.gateway.http,
+                        u,
+                        &Value::Object(request),
+                        timeout_of(&settings, &meta.route),
+                    )
+                    .await
+                }
+                None => Err(UpstreamError::Unreachable {
+                    upstream: meta.route.upstream.clone(),
+                }),
+            }
+        };
+        if let Ok(value) = &result {
+            let (prompt, estimated) = match value
+                .pointer("/usage/prompt_tokens")
+                .and_then(Value::as_u64)
+            {
+                Some(p) => (p, false),
+                None => (meta.prompt_estimate, true),
+            };
+            record(&state, &meta, prompt, 0, estimated, started).await;
+            state.gateway.count(&meta.route.upstream, "ok");
+        } else {
+            state.gateway.count(&meta.route.upstream, "upstream_error");
+        }
+        drop(reservation);
+        result
+    });
+    match task.await {
+        Ok(Ok(value)) => {
+            let mut resp = Json(value).into_response();
+            response_headers(&mut resp, &meta);
+            Ok(resp)
+        }
+        Ok(Err(e)) => Err(gateway_error(&e)),
+        Err(_) => Err(ApiError::unavailable(
+            "the call was interrupted (server shutting down?); retry it",
+        )),
+    }
+}
+
 /// A cached answer replayed as an SSE stream.
 fn cached_stream(entry: &cache::Entry, wants_usage: bool) -> Response {
     let r = &entry.response;

@@ -132,8 +132,18 @@ fn request(
     body: &Value,
     timeout: Duration,
 ) -> reqwest::RequestBuilder {
+    request_to(http, upstream, "chat/completions", body, timeout)
+}
+
+fn request_to(
+    http: &reqwest::Client,
+    upstream: &UpstreamSettings,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+) -> reqwest::RequestBuilder {
     let mut req = http
-        .post(format!("{}/chat/completions", upstream.base_url))
+        .post(format!("{}/{path}", upstream.base_url))
         .timeout(timeout)
         .json(body);
     if let Some(key) = api_key(upstream) {
@@ -214,6 +224,63 @@ pub async fn complete(
         });
     }
     Ok(value)
+}
+
+/// Embeddings from an HTTP upstream.
+pub async fn embeddings(
+    http: &reqwest::Client,
+    upstream: &UpstreamSettings,
+    body: &Value,
+    timeout: Duration,
+) -> Result<Value, UpstreamError> {
+    let resp = request_to(http, upstream, "embeddings", body, timeout)
+        .send()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    if !resp.status().is_success() {
+        return Err(error_status(upstream, resp).await);
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Invalid {
+        upstream: upstream.name.clone(),
+        detail: format!("not JSON ({e})"),
+    })?;
+    if !value.get("data").is_some_and(Value::is_array) {
+        return Err(UpstreamError::Invalid {
+            upstream: upstream.name.clone(),
+            detail: "no `data` array".into(),
+        });
+    }
+    Ok(value)
+}
+
+/// The mock's embeddings: 8 deterministic dimensions per input, derived from its text.
+pub fn mock_embeddings(inputs: &[String], model: &str) -> (Value, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut tokens = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            tokens += tokens::count_text(text);
+            let vector: Vec<f64> = (0..8u64)
+                .map(|d| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (text, d).hash(&mut h);
+                    (h.finish() % 2001) as f64 / 1000.0 - 1.0
+                })
+                .collect();
+            json!({"object": "embedding", "index": i, "embedding": vector})
+        })
+        .collect();
+    (
+        json!({"object": "list", "data": data, "model": model,
+               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+        tokens,
+    )
 }
 
 /// Opens a streamed chat completion; yields the raw SSE bytes.

@@ -480,6 +480,7 @@ fn api_router(state: AppState) -> Router {
             post(crate::gateway::chat_completions),
         )
         .route("/v1/models", get(crate::gateway::list_models))
+        .route("/v1/embeddings", post(crate::gateway::embeddings))
         .route("/api/personas", get(admin::list_personas))
         .route("/api/budgets", get(admin::list_budgets))
         .route(

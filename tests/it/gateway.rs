@@ -78,6 +78,8 @@ async fn the_official_openai_client_works_and_accounting_matches_the_upstream() 
     );
     assert_eq!(r["stream_usage"], json!({"prompt": 11, "completion": 7}));
     assert!(r["models"].as_array().unwrap().contains(&json!("ok")));
+    // "hello world" and "second text": 2 + 2 tokens.
+    assert_eq!(r["embeddings"], json!({"count": 2, "dims": 8, "prompt": 4}));
     assert_eq!(
         r["unknown_model"],
         json!({"status": 404, "code": "model_not_found"})
@@ -115,8 +117,12 @@ async fn the_official_openai_client_works_and_accounting_matches_the_upstream() 
         .totals()
         .await
         .unwrap();
-    assert_eq!(totals.tokens, upstream_tokens);
-    assert_eq!(totals.usage_events, 4);
+    assert_eq!(
+        totals.tokens,
+        upstream_tokens + 4,
+        "plus the 4 embedding tokens"
+    );
+    assert_eq!(totals.usage_events, 5);
     assert_eq!(
         m.get(
             "langfuse_generation_duration_seconds_count",
@@ -130,6 +136,18 @@ async fn the_official_openai_client_works_and_accounting_matches_the_upstream() 
             &[("upstream", "fake"), ("outcome", "ok")]
         ),
         Some(4.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_persona_tokens_used_total",
+            &[
+                ("persona", "backend-engineer"),
+                ("chatmode", "feature"),
+                ("model", "mock/embed")
+            ]
+        ),
+        Some(4.0),
+        "embeddings are accounted too"
     );
     assert!(ledger_usage(dir.path())
         .iter()
