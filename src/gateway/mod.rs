@@ -39,7 +39,7 @@ use upstream::UpstreamError;
 pub struct Gateway {
     settings: RwLock<Arc<GatewaySettings>>,
     http: reqwest::Client,
-    outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
+    outcomes: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tools_removed: Mutex<BTreeMap<String, u64>>,
     pub cache: cache::ResponseCache,
 }
@@ -86,7 +86,15 @@ impl Gateway {
 
     fn count(&self, upstream: &str, outcome: &'static str) {
         let mut m = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((upstream.to_string(), outcome)).or_insert(0) += 1;
+        // Look up by &str first: the common case allocates nothing.
+        match m.get_mut(upstream) {
+            Some(by_outcome) => *by_outcome.entry(outcome).or_insert(0) += 1,
+            None => {
+                m.entry(upstream.to_string())
+                    .or_default()
+                    .insert(outcome, 1);
+            }
+        }
     }
 
     /// `hypertool_gateway_requests_total{upstream,outcome}`; upstream names come from configuration.
@@ -95,7 +103,10 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|((u, o), n)| ((u.clone(), o.to_string()), *n as f64))
+            .flat_map(|(u, by)| {
+                by.iter()
+                    .map(move |(o, n)| ((u.clone(), o.to_string()), *n as f64))
+            })
             .collect()
     }
 }
@@ -687,45 +698,39 @@ async fn plain_call(
 ) -> Result<Response, ApiError> {
     let task_state = state.clone();
     let mut task_meta = meta.clone();
-    // The call and its accounting finish even if the client goes away.
-    let task = tokio::spawn(async move {
+    let (answer_tx, answer_rx) =
+        tokio::sync::oneshot::channel::<Result<(CallMeta, Value), UpstreamError>>();
+    // The call and its accounting finish even if the client goes away; the answer goes back as
+    // soon as the upstream has given it, and the usage is stored right after (the reservation is
+    // held until then, so admission stays conservative). Shutdown waits for these tasks.
+    state.tasks.spawn(async move {
         let state = task_state;
         let result = call_with_fallbacks(&state, &settings, &task_meta.route, &request).await;
-        let outcome = match result {
+        match result {
             Ok((answered_by, value)) => {
                 let fell_back = answered_by.name != task_meta.route.name;
                 task_meta.route = answered_by;
                 let (prompt, completion, estimated) = match usage_of(&value) {
                     Some((p, c)) => (p, c, false),
-                    None => (
-                        task_meta.prompt_estimate,
-                        tokens::count_text(&completion_text(&value)),
-                        true,
-                    ),
+                    None => (task_meta.prompt_estimate, tokens::count_text(&completion_text(&value)), true),
                 };
                 if let Some((key, ttl)) = cache_slot.filter(|_| !fell_back && !estimated) {
                     let expires = state.clock.now_ms() + ttl.as_millis() as i64;
-                    state
-                        .gateway
-                        .cache
-                        .insert(key, value.clone(), prompt, completion, expires);
+                    state.gateway.cache.insert(key, value.clone(), prompt, completion, expires);
                 }
+                let _ = answer_tx.send(Ok((task_meta.clone(), value)));
                 record(&state, &task_meta, prompt, completion, estimated, started).await;
                 state.gateway.count(&task_meta.route.upstream, "ok");
-                Ok((task_meta, value))
             }
             Err(e) => {
-                state
-                    .gateway
-                    .count(&task_meta.route.upstream, "upstream_error");
+                state.gateway.count(&task_meta.route.upstream, "upstream_error");
                 tracing::warn!(persona = %task_meta.persona, model = %task_meta.route.name, "{}", e.message());
-                Err(e)
+                let _ = answer_tx.send(Err(e));
             }
-        };
+        }
         drop(reservation);
-        outcome
     });
-    match task.await {
+    match answer_rx.await {
         Ok(Ok((answered, value))) => {
             let mut resp = Json(value).into_response();
             response_headers(&mut resp, &answered);
@@ -876,7 +881,7 @@ async fn handle_embeddings(
     let started = Instant::now();
     let task_state = state.clone();
     let task_meta = meta.clone();
-    let task = tokio::spawn(async move {
+    let task = state.tasks.spawn(async move {
         let state = task_state;
         let meta = task_meta;
         let result = if meta.route.upstream == "mock" {
@@ -1076,7 +1081,7 @@ async fn stream_call(
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let task_meta = meta.clone();
-    tokio::spawn(relay(
+    state.tasks.clone().spawn(relay(
         state,
         task_meta,
         source,

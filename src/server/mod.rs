@@ -76,6 +76,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     pub deliverer: Arc<Mutex<Deliverer>>,
     pub gateway: Arc<crate::gateway::Gateway>,
+    /// Work that must finish before the ledger closes (gateway calls' accounting, stream relays).
+    pub tasks: tokio_util::task::TaskTracker,
     /// Where alert notifications point back to (`/api/alerts` on the API listener).
     pub generator_url: String,
     pub delivery_stats: Arc<DeliveryStats>,
@@ -241,6 +243,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     );
     let state = AppState {
         gateway: Arc::new(crate::gateway::Gateway::new(cfg.settings.gateway.clone())),
+        tasks: tokio_util::task::TaskTracker::new(),
         generator_url,
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
@@ -299,6 +302,18 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         drain_state.draining.store(true, Ordering::SeqCst);
         for task in background {
             task.abort();
+        }
+        // Gateway calls still being accounted (a client that left, a stream being relayed) finish
+        // first, within the grace period; then the writer flushes what is queued.
+        drain_state.tasks.close();
+        if tokio::time::timeout(grace, drain_state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = drain_state.tasks.len(),
+                "gateway calls still running at the end of the grace period were cut off"
+            );
         }
         // Everything acknowledged is already committed; this flushes what was queued behind it.
         drain_state.writer.shutdown().await;

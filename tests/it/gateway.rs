@@ -30,6 +30,28 @@ async fn chat(s: &TestServer, persona: &str, body: Value) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Waits until the ledger holds `tokens` tokens: the gateway answers first and stores the usage
+/// right after, so a test that has its answers may still have to wait a moment for the ledger.
+async fn settled(s: &TestServer, tokens: u64) {
+    let writer = s.running.as_ref().unwrap().state.writer.clone();
+    eventually(
+        &format!("{tokens} tokens in the ledger"),
+        Duration::from_secs(10),
+        || {
+            let writer = writer.clone();
+            async move {
+                writer
+                    .totals()
+                    .await
+                    .ok()
+                    .filter(|t| t.tokens == tokens)
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+}
+
 fn ledger_usage(dir: &std::path::Path) -> Vec<Value> {
     let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
     let mut stmt = conn
@@ -96,6 +118,7 @@ async fn the_official_openai_client_works_and_accounting_matches_the_upstream() 
         stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
     assert_eq!(stats["calls"], 4);
     assert_eq!(upstream_tokens, 18 + 18 + 19 + 18);
+    settled(&s, upstream_tokens + 4).await;
     let m = s.metrics().await;
     assert_eq!(
         m.get(
@@ -325,6 +348,7 @@ async fn two_hundred_concurrent_calls_cannot_overrun_a_block_budget() {
     let stats = upstream.stats().await;
     let upstream_tokens =
         stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    settled(&s, upstream_tokens).await;
     let m = s.metrics().await;
     let totals = s
         .running
@@ -586,6 +610,7 @@ async fn retries_fallbacks_downgrades_and_tool_scope() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-hypertool-downgraded"], "ok -> mock/cheap");
+    settled(&s, 18 + 18 + 24).await;
     let m = s.metrics().await;
     assert_eq!(
         m.get(
@@ -711,4 +736,36 @@ async fn identical_deterministic_calls_are_answered_from_the_cache() {
     let resp = send(req, "backend-engineer", false).await.unwrap();
     assert_eq!(resp.headers()["x-hypertool-cache"], "miss");
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_stream_still_records_its_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gateway_server(dir.path(), &upstream, "").await;
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "devops-engineer")
+        .json(&json!({"model": "slow-stream", "stream": true, "messages": [{"role": "user", "content": "go"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data:"));
+    // Drain the rest in the background while the server shuts down.
+    let reader = tokio::spawn(async move { while body.next().await.is_some() {} });
+    s.stop().await;
+    reader.await.unwrap();
+    let usage = ledger_usage(dir.path());
+    assert_eq!(usage.len(), 1, "the stream's usage was lost at shutdown");
+    assert_eq!(usage[0]["model"], "slow-stream");
+    assert_eq!(
+        (
+            usage[0]["prompt_tokens"].as_u64(),
+            usage[0]["completion_tokens"].as_u64()
+        ),
+        (Some(11), Some(7))
+    );
 }

@@ -1,0 +1,264 @@
+//! Gateway overhead benchmark; prints numbers and ratios, asserts nothing.
+//!
+//!   cargo bench --bench gateway
+//!
+//! A minimal OpenAI-compatible upstream runs in this process; the release `hypertool serve` runs as
+//! a child process in front of it (ledger, metrics and the embedded alert engine on). The load
+//! generator offers 100 and 1,000 requests per second open-loop, first to the upstream directly,
+//! then through hypertool, and reports the latency hypertool adds (p50, p99); then 64 closed-loop
+//! clients find the highest throughput both ways. Peak RSS is hypertool's VmHWM. Everything shares
+//! this machine's cores, so read the ratios of one run, not absolute numbers.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::Router;
+
+const BODY: &str = r#"{"model":"bench-model","messages":[{"role":"user","content":"Summarise the design of a persona-aware gateway in one line."}]}"#;
+
+fn free_addr() -> SocketAddr {
+    match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(a) => a,
+        Err(e) => panic!("no free port: {e}"),
+    }
+}
+
+async fn upstream_answer() -> ([(&'static str, &'static str); 1], &'static str) {
+    (
+        [("content-type", "application/json")],
+        r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"A gateway that attributes every call to a persona."},"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":11,"total_tokens":35}}"#,
+    )
+}
+
+struct Hypertool(Child);
+
+impl Drop for Hypertool {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Offers `rate` requests per second for `secs`; returns sorted latencies and the error count.
+async fn open_loop(
+    http: &reqwest::Client,
+    url: &str,
+    rate: u64,
+    secs: u64,
+) -> (Vec<Duration>, usize) {
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity((rate * secs) as usize);
+    for _ in 0..rate * secs {
+        ticker.tick().await;
+        let (http, url) = (http.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let ok = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-hypertool-persona", "backend-engineer")
+                .body(BODY)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            (t.elapsed(), ok)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok((d, true)) => latencies.push(d),
+            _ => errors += 1,
+        }
+    }
+    latencies.sort();
+    (latencies, errors)
+}
+
+/// 64 clients as fast as they can for `secs`: requests per second.
+async fn closed_loop(http: &reqwest::Client, url: &str, secs: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (http, url) = (http.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let ok = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-hypertool-persona", "backend-engineer")
+                    .body(BODY)
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
+                if ok {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    total as f64 / secs as f64
+}
+
+fn main() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    runtime.block_on(run());
+}
+
+async fn run() {
+    // The upstream.
+    let upstream_addr = free_addr();
+    let listener = match tokio::net::TcpListener::bind(upstream_addr).await {
+        Ok(l) => l,
+        Err(e) => panic!("upstream bind: {e}"),
+    };
+    tokio::spawn(async move {
+        let app = Router::new().route("/v1/chat/completions", post(upstream_answer));
+        let _ = axum::serve(listener, app).await;
+    });
+
+    // hypertool in front of it.
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("tempdir: {e}"),
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = dir.path().join("hypertool.toml");
+    let text = format!(
+        "[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n\n[[gateway.upstreams]]\nname = \"bench\"\nbase_url = \"http://{upstream_addr}/v1\"\ntimeout = \"10s\"\n\n[[gateway.models]]\nname = \"bench-model\"\nupstream = \"bench\"\nretries = 0\n",
+        repo.join("config/personas").display().to_string(),
+        repo.join("config/budgets.yml").display().to_string()
+    );
+    if let Err(e) = std::fs::write(&config, text) {
+        panic!("config: {e}");
+    }
+    let api = free_addr();
+    let metrics = free_addr();
+    let child = Command::new(env!("CARGO_BIN_EXE_hypertool"))
+        .args(["serve", "--config", &config.display().to_string()])
+        .args(["--data-dir", &dir.path().join("data").display().to_string()])
+        .args([
+            "--listen",
+            &api.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn();
+    let hypertool = match child {
+        Ok(c) => Hypertool(c),
+        Err(e) => panic!("hypertool: {e}"),
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap_or_default();
+    let start = Instant::now();
+    while http
+        .get(format!("http://{api}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("hypertool did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let direct = format!("http://{upstream_addr}/v1/chat/completions");
+    let via = format!("http://{api}/v1/chat/completions");
+    // Warm up connections and caches both ways.
+    let _ = open_loop(&http, &direct, 200, 1).await;
+    let _ = open_loop(&http, &via, 200, 1).await;
+
+    println!("rate      path       p50 ms   p99 ms   errors");
+    let shared = Arc::new(());
+    for rate in [100u64, 1000] {
+        let (d, de) = open_loop(&http, &direct, rate, 5).await;
+        let (v, ve) = open_loop(&http, &via, rate, 5).await;
+        println!(
+            "{rate:>5}/s   direct   {:>7.3}  {:>7.3}   {de}",
+            percentile(&d, 0.5),
+            percentile(&d, 0.99)
+        );
+        println!(
+            "{rate:>5}/s   via      {:>7.3}  {:>7.3}   {ve}",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99)
+        );
+        println!(
+            "{rate:>5}/s   added    {:>7.3}  {:>7.3}   (target at 1000/s: added p99 <= 1 ms)",
+            percentile(&v, 0.5) - percentile(&d, 0.5),
+            percentile(&v, 0.99) - percentile(&d, 0.99)
+        );
+    }
+    drop(shared);
+    let pid = hypertool.0.id();
+    let rss_now = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN);
+    println!("hypertool RSS after the 100/s and 1000/s runs: {rss_now:.1} MB; peak so far {:.1} MB (target <= 100 MB)", peak_rss_mb(pid));
+    let direct_max = closed_loop(&http, &direct, 5).await;
+    let via_max = closed_loop(&http, &via, 5).await;
+    println!(
+        "max throughput (64 clients): direct {direct_max:.0}/s, via hypertool {via_max:.0}/s, ratio {:.2} (target >= 0.60)",
+        via_max / direct_max
+    );
+    let (v, ve) = open_loop(&http, &via, (via_max * 0.8) as u64, 5).await;
+    println!(
+        "at 80% of that ({:.0}/s) via hypertool: p50 {:.3} ms, p99 {:.3} ms, errors {ve}",
+        via_max * 0.8,
+        percentile(&v, 0.5),
+        percentile(&v, 0.99)
+    );
+    println!(
+        "hypertool peak RSS including the overload run: {:.1} MB",
+        peak_rss_mb(hypertool.0.id())
+    );
+}
