@@ -16,6 +16,11 @@ use hypertool::core::budget::{BudgetMode, Period};
 use hypertool::core::clock::SystemClock;
 use hypertool::server::{self, ServeOptions};
 
+// mimalloc: the gateway allocates per request (JSON, headers); glibc's malloc showed up at ~15 % of
+// the profile under load, mimalloc roughly halves that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hypertool",

@@ -13,6 +13,7 @@ use crate::alerts::duration::PromDuration;
 pub struct RawGateway {
     unattributed_persona: Option<String>,
     default_chatmode: Option<String>,
+    max_in_flight: Option<usize>,
     #[serde(default)]
     mock: RawMock,
     #[serde(default)]
@@ -210,6 +211,9 @@ impl fmt::Debug for VirtualKey {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewaySettings {
+    /// Calls admitted to upstreams at once; more wait up to 100 ms, then get 503 (bounds memory and
+    /// upstream connections under overload).
+    pub max_in_flight: usize,
     pub unattributed_persona: String,
     pub default_chatmode: String,
     pub mock: MockSettings,
@@ -224,6 +228,7 @@ pub struct GatewaySettings {
 impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
+            max_in_flight: 512,
             unattributed_persona: "unattributed".into(),
             default_chatmode: "default".into(),
             mock: MockSettings {
@@ -256,6 +261,16 @@ impl GatewaySettings {
         }
         if let Some(c) = raw.default_chatmode {
             s.default_chatmode = c;
+        }
+        if let Some(n) = raw.max_in_flight {
+            if n == 0 {
+                errors.push((
+                    "gateway.max_in_flight".into(),
+                    "must be at least 1 (the default is 512)".into(),
+                ));
+            } else {
+                s.max_in_flight = n;
+            }
         }
         if let Some(ms) = raw.mock.latency_ms {
             s.mock.latency = Duration::from_millis(ms);

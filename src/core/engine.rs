@@ -338,6 +338,15 @@ impl Engine {
         }
     }
 
+    /// Whether the persona's budget can refuse or reroute calls (`block` or `downgrade`): only then
+    /// is a precise estimate worth its cost.
+    pub fn enforces(&self, persona: &str) -> bool {
+        let canonical = self.config.personas.canonical(persona);
+        self.budgets
+            .get(canonical)
+            .is_some_and(|b| b.spec.mode != super::budget::BudgetMode::Observe)
+    }
+
     /// Gives back a reservation made by [`Engine::admit`] (the call's real usage is recorded as a
     /// usage event before this).
     pub fn release(&mut self, persona: &str, reserved: u64) {

@@ -42,12 +42,15 @@ pub struct Gateway {
     outcomes: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tools_removed: Mutex<BTreeMap<String, u64>>,
     pub cache: cache::ResponseCache,
+    /// Bounds calls in flight to upstreams (`gateway.max_in_flight`, fixed at start-up).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
     pub fn new(settings: GatewaySettings) -> Self {
         Gateway {
             cache: cache::ResponseCache::new(settings.cache.max_entries),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
             settings: RwLock::new(Arc::new(settings)),
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -116,6 +119,8 @@ struct Reservation {
     engine: Arc<Mutex<Engine>>,
     persona: String,
     tokens: u64,
+    /// The in-flight slot, released with the reservation.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Reservation {
@@ -133,7 +138,17 @@ struct CallMeta {
     stage: Option<String>,
     session: Option<String>,
     route: ModelRoute,
+    /// Prompt tokens as admission estimated them (tiktoken when a budget enforces, else rough).
     prompt_estimate: u64,
+    /// The request's messages, to count precisely when the upstream reports no usage.
+    messages: Arc<Vec<Value>>,
+}
+
+impl CallMeta {
+    /// Prompt tokens counted with the real tokenizer.
+    fn counted_prompt(&self) -> u64 {
+        tokens::count_messages(&self.messages)
+    }
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -362,7 +377,19 @@ async fn handle(
         .map(|k| k.persona.clone())
         .or_else(|| header(&headers, "x-hypertool-persona"))
         .unwrap_or_else(|| settings.unattributed_persona.clone());
-    let prompt_estimate = tokens::count_messages(&messages);
+    // Tokenizing costs more than the rest of the call's bookkeeping: do it only when a budget
+    // enforces (block, downgrade); otherwise a rough count is enough to reserve with.
+    let precise = lock(&state.engine).enforces(
+        header(&headers, "x-hypertool-persona")
+            .as_deref()
+            .unwrap_or(""),
+    ) || key.is_some_and(|k| lock(&state.engine).enforces(&k.persona));
+    let prompt_estimate = if precise {
+        tokens::count_messages(&messages)
+    } else {
+        tokens::rough_count_messages(&messages)
+    };
+    let messages = Arc::new(messages);
     let max_tokens = request
         .get("max_completion_tokens")
         .or_else(|| request.get("max_tokens"))
@@ -377,6 +404,7 @@ async fn handle(
         session: header(&headers, "x-hypertool-session"),
         route,
         prompt_estimate,
+        messages,
     };
 
     let mut notes: Vec<(&'static str, String)> = Vec::new();
@@ -484,6 +512,29 @@ async fn handle(
         _ => None,
     };
 
+    // Load shedding: a bounded number of calls go upstream at once; others wait up to 100 ms, so
+    // that overload is refused cheaply instead of piling up requests in memory.
+    let permit = match tokio::time::timeout(
+        Duration::from_millis(100),
+        state.gateway.in_flight.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(p)) => p,
+        _ => {
+            state.gateway.count(&meta.route.upstream, "overloaded");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "overloaded",
+                format!(
+                    "hypertool has {} calls in flight (gateway.max_in_flight); retry shortly",
+                    settings.max_in_flight
+                ),
+            ));
+        }
+    };
+
     // Admission: reserve the estimate; a spent `block` budget refuses.
     let estimate = prompt_estimate.saturating_add(max_tokens);
     let admission = lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms());
@@ -516,6 +567,7 @@ async fn handle(
         engine: state.engine.clone(),
         persona: meta.persona.clone(),
         tokens: reserved,
+        _permit: Some(permit),
     };
     if downgraded {
         let canonical = lock(&state.engine)
@@ -712,7 +764,7 @@ async fn plain_call(
                 task_meta.route = answered_by;
                 let (prompt, completion, estimated) = match usage_of(&value) {
                     Some((p, c)) => (p, c, false),
-                    None => (task_meta.prompt_estimate, tokens::count_text(&completion_text(&value)), true),
+                    None => (task_meta.counted_prompt(), tokens::count_text(&completion_text(&value)), true),
                 };
                 if let Some((key, ttl)) = cache_slot.filter(|_| !fell_back && !estimated) {
                     let expires = state.clock.now_ms() + ttl.as_millis() as i64;
@@ -851,6 +903,7 @@ async fn handle_embeddings(
         session: header(&headers, "x-hypertool-session"),
         route,
         prompt_estimate: estimate,
+        messages: Arc::new(Vec::new()),
     };
     let reserved = match lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms()) {
         Admission::Allowed { reserved } | Admission::Downgrade { reserved } => reserved,
@@ -873,6 +926,7 @@ async fn handle_embeddings(
         engine: state.engine.clone(),
         persona: meta.persona.clone(),
         tokens: reserved,
+        _permit: None,
     };
     request.insert(
         "model".into(),
@@ -1220,7 +1274,7 @@ async fn relay(
     drop(tx);
     let (prompt, completion, estimated) = match usage {
         Some((p, c)) => (p, c, false),
-        None => (meta.prompt_estimate, tokens::count_text(&content), true),
+        None => (meta.counted_prompt(), tokens::count_text(&content), true),
     };
     if client_gone {
         tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");

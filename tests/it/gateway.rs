@@ -769,3 +769,58 @@ async fn shutdown_during_a_stream_still_records_its_usage() {
         (Some(11), Some(7))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_max_in_flight_are_shed_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let toml = gateway_config(dir.path(), &upstream.base_url, "");
+    let text = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("max_in_flight = 512", "max_in_flight = 1");
+    std::fs::write(&toml, text).unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let s = Arc::new(start(Source::File(toml), &dir.path().join("data"), clock).await);
+    let hello = json!([{"role": "user", "content": "hello"}]);
+    // "hang" holds the only slot for its 1 s timeout.
+    let holder = {
+        let s = s.clone();
+        let hello = hello.clone();
+        tokio::spawn(async move {
+            chat(
+                &s,
+                "devops-engineer",
+                json!({"model": "hang", "messages": hello}),
+            )
+            .await
+        })
+    };
+    let shed = eventually("a call to be shed", Duration::from_secs(5), || {
+        let s = s.clone();
+        let hello = hello.clone();
+        async move {
+            let (status, body) = chat(
+                &s,
+                "devops-engineer",
+                json!({"model": "ok", "messages": hello}),
+            )
+            .await;
+            (status == 503).then_some(body)
+        }
+    })
+    .await;
+    assert_eq!(shed["error"]["code"], "overloaded");
+    assert_eq!(holder.await.unwrap().0, 504);
+    // The slot is free again.
+    let (status, _) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "ok", "messages": hello}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    match Arc::try_unwrap(s) {
+        Ok(s) => s.stop().await,
+        Err(_) => panic!("server still shared"),
+    }
+}
