@@ -144,7 +144,40 @@ struct CallMeta {
     messages: Arc<Vec<Value>>,
 }
 
+/// The persona a call is for: the virtual key's, else the header's, else the unattributed label.
+fn attributed_persona(
+    settings: &GatewaySettings,
+    headers: &HeaderMap,
+    key: Option<&VirtualKey>,
+) -> String {
+    key.map(|k| k.persona.clone())
+        .or_else(|| header(headers, "x-hypertool-persona"))
+        .unwrap_or_else(|| settings.unattributed_persona.clone())
+}
+
 impl CallMeta {
+    /// Attribution from the `X-Hypertool-*` headers.
+    fn new(
+        settings: &GatewaySettings,
+        headers: &HeaderMap,
+        persona: String,
+        route: ModelRoute,
+        prompt_estimate: u64,
+        messages: Arc<Vec<Value>>,
+    ) -> Self {
+        CallMeta {
+            persona,
+            chatmode: header(headers, "x-hypertool-chatmode")
+                .unwrap_or_else(|| settings.default_chatmode.clone()),
+            workflow: header(headers, "x-hypertool-workflow"),
+            stage: header(headers, "x-hypertool-stage"),
+            session: header(headers, "x-hypertool-session"),
+            route,
+            prompt_estimate,
+            messages,
+        }
+    }
+
     /// Prompt tokens counted with the real tokenizer.
     fn counted_prompt(&self) -> u64 {
         tokens::count_messages(&self.messages)
@@ -303,30 +336,10 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let settings = state.gateway.settings();
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::bad_request("invalid_body", r.body_text())
-        }
-    })?;
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = authenticate(&settings, &headers)
         .inspect_err(|_| state.gateway.count("-", "unauthorized"))?;
-    let mut request: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_body",
-                "the request body must be a JSON object",
-            ))
-        }
-        Err(e) => {
-            return Err(ApiError::bad_request(
-                "malformed_json",
-                format!("request body is not valid JSON: {e}"),
-            ))
-        }
-    };
+    let mut request = ApiError::json_object(&body)?;
     let Some(model) = request
         .get("model")
         .and_then(Value::as_str)
@@ -373,10 +386,7 @@ async fn handle(
             .param("model"));
         }
     }
-    let persona = key
-        .map(|k| k.persona.clone())
-        .or_else(|| header(&headers, "x-hypertool-persona"))
-        .unwrap_or_else(|| settings.unattributed_persona.clone());
+    let persona = attributed_persona(&settings, &headers, key);
     // Tokenizing costs more than the rest of the call's bookkeeping: do it only when a budget
     // enforces (block, downgrade); otherwise a rough count is enough to reserve with.
     let precise = lock(&state.engine).enforces(
@@ -395,17 +405,14 @@ async fn handle(
         .or_else(|| request.get("max_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let mut meta = CallMeta {
+    let mut meta = CallMeta::new(
+        &settings,
+        &headers,
         persona,
-        chatmode: header(&headers, "x-hypertool-chatmode")
-            .unwrap_or_else(|| settings.default_chatmode.clone()),
-        workflow: header(&headers, "x-hypertool-workflow"),
-        stage: header(&headers, "x-hypertool-stage"),
-        session: header(&headers, "x-hypertool-session"),
         route,
         prompt_estimate,
         messages,
-    };
+    );
 
     let mut notes: Vec<(&'static str, String)> = Vec::new();
     // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
@@ -823,29 +830,9 @@ async fn handle_embeddings(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let settings = state.gateway.settings();
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::bad_request("invalid_body", r.body_text())
-        }
-    })?;
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = authenticate(&settings, &headers)?;
-    let mut request: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_body",
-                "the request body must be a JSON object",
-            ))
-        }
-        Err(e) => {
-            return Err(ApiError::bad_request(
-                "malformed_json",
-                format!("request body is not valid JSON: {e}"),
-            ))
-        }
-    };
+    let mut request = ApiError::json_object(&body)?;
     let Some(model) = request
         .get("model")
         .and_then(Value::as_str)
@@ -889,22 +876,16 @@ async fn handle_embeddings(
             .param("model"));
         }
     }
-    let persona = key
-        .map(|k| k.persona.clone())
-        .or_else(|| header(&headers, "x-hypertool-persona"))
-        .unwrap_or_else(|| settings.unattributed_persona.clone());
+    let persona = attributed_persona(&settings, &headers, key);
     let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
-    let meta = CallMeta {
+    let meta = CallMeta::new(
+        &settings,
+        &headers,
         persona,
-        chatmode: header(&headers, "x-hypertool-chatmode")
-            .unwrap_or_else(|| settings.default_chatmode.clone()),
-        workflow: header(&headers, "x-hypertool-workflow"),
-        stage: header(&headers, "x-hypertool-stage"),
-        session: header(&headers, "x-hypertool-session"),
         route,
-        prompt_estimate: estimate,
-        messages: Arc::new(Vec::new()),
-    };
+        estimate,
+        Arc::new(Vec::new()),
+    );
     let reserved = match lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms()) {
         Admission::Allowed { reserved } | Admission::Downgrade { reserved } => reserved,
         Admission::Blocked {

@@ -195,14 +195,16 @@ async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> U
     }
 }
 
-/// A non-streamed chat completion from an HTTP upstream.
-pub async fn complete(
+/// POSTs `body` to `path` and returns the JSON answer, which must hold the array `required`.
+async fn post_json(
     http: &reqwest::Client,
     upstream: &UpstreamSettings,
+    path: &str,
     body: &Value,
     timeout: Duration,
+    required: &str,
 ) -> Result<Value, UpstreamError> {
-    let resp = request(http, upstream, body, timeout)
+    let resp = request_to(http, upstream, path, body, timeout)
         .send()
         .await
         .map_err(|e| classify(upstream, &e, timeout))?;
@@ -217,13 +219,23 @@ pub async fn complete(
         upstream: upstream.name.clone(),
         detail: format!("not JSON ({e})"),
     })?;
-    if !value.get("choices").is_some_and(Value::is_array) {
+    if !value.get(required).is_some_and(Value::is_array) {
         return Err(UpstreamError::Invalid {
             upstream: upstream.name.clone(),
-            detail: "no `choices` array".into(),
+            detail: format!("no `{required}` array"),
         });
     }
     Ok(value)
+}
+
+/// A non-streamed chat completion from an HTTP upstream.
+pub async fn complete(
+    http: &reqwest::Client,
+    upstream: &UpstreamSettings,
+    body: &Value,
+    timeout: Duration,
+) -> Result<Value, UpstreamError> {
+    post_json(http, upstream, "chat/completions", body, timeout, "choices").await
 }
 
 /// Embeddings from an HTTP upstream.
@@ -233,28 +245,7 @@ pub async fn embeddings(
     body: &Value,
     timeout: Duration,
 ) -> Result<Value, UpstreamError> {
-    let resp = request_to(http, upstream, "embeddings", body, timeout)
-        .send()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
-    if !resp.status().is_success() {
-        return Err(error_status(upstream, resp).await);
-    }
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Invalid {
-        upstream: upstream.name.clone(),
-        detail: format!("not JSON ({e})"),
-    })?;
-    if !value.get("data").is_some_and(Value::is_array) {
-        return Err(UpstreamError::Invalid {
-            upstream: upstream.name.clone(),
-            detail: "no `data` array".into(),
-        });
-    }
-    Ok(value)
+    post_json(http, upstream, "embeddings", body, timeout, "data").await
 }
 
 /// The mock's embeddings: 8 deterministic dimensions per input, derived from its text.

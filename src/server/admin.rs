@@ -138,13 +138,7 @@ pub async fn put_budget(
     Path(persona): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BudgetStatus>, ApiError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::bad_request("invalid_body", r.body_text())
-        }
-    })?;
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let raw: RawBudget = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_budget",

@@ -76,6 +76,35 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A body axum could not read: over the size limit (413), or otherwise unreadable (400).
+    pub fn from_body_rejection(
+        rejection: axum::extract::rejection::BytesRejection,
+        limit: usize,
+    ) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    }
+
+    /// The request body as a JSON object, or a 400 naming what is wrong.
+    pub fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, Self> {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            Ok(_) => Err(ApiError::bad_request(
+                "invalid_body",
+                "the request body must be a JSON object",
+            )),
+            Err(e) => Err(ApiError::bad_request(
+                "malformed_json",
+                format!("request body is not valid JSON: {e}"),
+            )),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({

@@ -46,13 +46,11 @@ pub async fn post_events(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             state.stats.reject("body_too_large", 1);
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::bad_request("invalid_body", rejection.body_text())
         }
+        ApiError::from_body_rejection(r, state.max_body_bytes)
     })?;
     let doc: Value = serde_json::from_slice(&body).map_err(|e| {
         state.stats.reject("malformed_json", 1);
