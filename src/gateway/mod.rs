@@ -140,8 +140,15 @@ struct CallMeta {
     route: ModelRoute,
     /// Prompt tokens as admission estimated them (tiktoken when a budget enforces, else rough).
     prompt_estimate: u64,
-    /// The request's messages, to count precisely when the upstream reports no usage.
-    messages: Arc<Vec<Value>>,
+}
+
+/// Prompt tokens of a request counted with the real tokenizer (when the upstream reports none).
+fn counted_prompt(request: &Map<String, Value>) -> u64 {
+    request
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|m| tokens::count_messages(m))
+        .unwrap_or(0)
 }
 
 /// The persona a call is for: the virtual key's, else the header's, else the unattributed label.
@@ -163,7 +170,6 @@ impl CallMeta {
         persona: String,
         route: ModelRoute,
         prompt_estimate: u64,
-        messages: Arc<Vec<Value>>,
     ) -> Self {
         CallMeta {
             persona,
@@ -174,13 +180,7 @@ impl CallMeta {
             session: header(headers, "x-hypertool-session"),
             route,
             prompt_estimate,
-            messages,
         }
-    }
-
-    /// Prompt tokens counted with the real tokenizer.
-    fn counted_prompt(&self) -> u64 {
-        tokens::count_messages(&self.messages)
     }
 }
 
@@ -351,7 +351,7 @@ async fn handle(
         )
         .param("model"));
     };
-    let Some(messages) = request.get("messages").and_then(Value::as_array).cloned() else {
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return Err(ApiError::bad_request(
             "missing_messages",
             "`messages` is required (an array of {role, content})",
@@ -395,24 +395,16 @@ async fn handle(
             .unwrap_or(""),
     ) || key.is_some_and(|k| lock(&state.engine).enforces(&k.persona));
     let prompt_estimate = if precise {
-        tokens::count_messages(&messages)
+        tokens::count_messages(messages)
     } else {
-        tokens::rough_count_messages(&messages)
+        tokens::rough_count_messages(messages)
     };
-    let messages = Arc::new(messages);
     let max_tokens = request
         .get("max_completion_tokens")
         .or_else(|| request.get("max_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let mut meta = CallMeta::new(
-        &settings,
-        &headers,
-        persona,
-        route,
-        prompt_estimate,
-        messages,
-    );
+    let mut meta = CallMeta::new(&settings, &headers, persona, route, prompt_estimate);
 
     let mut notes: Vec<(&'static str, String)> = Vec::new();
     // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
@@ -674,7 +666,7 @@ async fn attempt_plain(
     state: &AppState,
     settings: &GatewaySettings,
     route: &ModelRoute,
-    body: &Value,
+    body: &Map<String, Value>,
 ) -> Result<Value, UpstreamError> {
     if route.upstream == "mock" {
         tokio::time::sleep(settings.mock.latency).await;
@@ -703,7 +695,7 @@ async fn call_with_fallbacks(
     state: &AppState,
     settings: &GatewaySettings,
     route: &ModelRoute,
-    request: &Map<String, Value>,
+    request: &mut Map<String, Value>,
 ) -> Result<(ModelRoute, Value), UpstreamError> {
     let mut last = None;
     for (i, candidate) in candidates(settings, route).into_iter().enumerate() {
@@ -711,16 +703,16 @@ async fn call_with_fallbacks(
             state.gateway.count(&candidate.upstream, "fallback");
             tracing::warn!(from = %route.name, to = %candidate.name, "falling back to the next model");
         }
-        let mut body = request.clone();
-        body.insert(
+        // The model is set in place for each candidate: no copy of the (possibly large) request.
+        request.insert(
             "model".into(),
             Value::String(candidate.upstream_model.clone()),
         );
-        let body = Value::Object(body);
+        let body = &*request;
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 0;
         loop {
-            match attempt_plain(state, settings, &candidate, &body).await {
+            match attempt_plain(state, settings, &candidate, body).await {
                 Ok(v) => return Ok((candidate, v)),
                 Err(e) if e.retryable() && attempt < candidate.retries => {
                     attempt += 1;
@@ -750,7 +742,7 @@ async fn plain_call(
     state: AppState,
     settings: Arc<GatewaySettings>,
     meta: CallMeta,
-    request: Map<String, Value>,
+    mut request: Map<String, Value>,
     reservation: Reservation,
     started: Instant,
     cache_slot: Option<(String, Duration)>,
@@ -764,14 +756,14 @@ async fn plain_call(
     // held until then, so admission stays conservative). Shutdown waits for these tasks.
     state.tasks.spawn(async move {
         let state = task_state;
-        let result = call_with_fallbacks(&state, &settings, &task_meta.route, &request).await;
+        let result = call_with_fallbacks(&state, &settings, &task_meta.route, &mut request).await;
         match result {
             Ok((answered_by, value)) => {
                 let fell_back = answered_by.name != task_meta.route.name;
                 task_meta.route = answered_by;
                 let (prompt, completion, estimated) = match usage_of(&value) {
                     Some((p, c)) => (p, c, false),
-                    None => (task_meta.counted_prompt(), tokens::count_text(&completion_text(&value)), true),
+                    None => (counted_prompt(&request), tokens::count_text(&completion_text(&value)), true),
                 };
                 if let Some((key, ttl)) = cache_slot.filter(|_| !fell_back && !estimated) {
                     let expires = state.clock.now_ms() + ttl.as_millis() as i64;
@@ -878,14 +870,7 @@ async fn handle_embeddings(
     }
     let persona = attributed_persona(&settings, &headers, key);
     let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
-    let meta = CallMeta::new(
-        &settings,
-        &headers,
-        persona,
-        route,
-        estimate,
-        Arc::new(Vec::new()),
-    );
+    let meta = CallMeta::new(&settings, &headers, persona, route, estimate);
     let reserved = match lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms()) {
         Admission::Allowed { reserved } | Admission::Downgrade { reserved } => reserved,
         Admission::Blocked {
@@ -1020,7 +1005,10 @@ fn sse(json: &str) -> Bytes {
 fn mock_stream(settings: &GatewaySettings, body: &Value, model: &str) -> Vec<Bytes> {
     let id = new_id();
     let created = chrono::Utc::now().timestamp();
-    let (_, prompt, content) = upstream::mock_completion(&settings.mock, body, model, &id, created);
+    let empty = Map::new();
+    let request = body.as_object().unwrap_or(&empty);
+    let (_, prompt, content) =
+        upstream::mock_completion(&settings.mock, request, model, &id, created);
     let chunk = |delta: Value, finish: Value| {
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -1067,17 +1055,17 @@ async fn stream_call(
         .unwrap_or_default();
     options.insert("include_usage".into(), Value::Bool(true));
     request.insert("stream_options".into(), Value::Object(options));
-    let body = Value::Object(request);
+    let mut body = Value::Object(request);
 
     // Streams are not retried once they have begun; before the first byte, fallbacks are tried.
     let mut opened = None;
     let mut last_error = None;
     for candidate in candidates(&settings, &meta.route) {
-        let mut attempt_body = body.clone();
-        attempt_body["model"] = Value::String(candidate.upstream_model.clone());
+        body["model"] = Value::String(candidate.upstream_model.clone());
+        let attempt_body = &body;
         if candidate.upstream == "mock" {
             tokio::time::sleep(settings.mock.latency).await;
-            let chunks = mock_stream(&settings, &attempt_body, &candidate.name);
+            let chunks = mock_stream(&settings, attempt_body, &candidate.name);
             let s: SourceStream = Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok)));
             opened = Some((candidate, s));
             break;
@@ -1088,7 +1076,7 @@ async fn stream_call(
         match upstream::open_stream(
             &state.gateway.http,
             u,
-            &attempt_body,
+            attempt_body,
             timeout_of(&settings, &candidate),
         )
         .await
@@ -1119,6 +1107,7 @@ async fn stream_call(
     state.tasks.clone().spawn(relay(
         state,
         task_meta,
+        Arc::new(body),
         source,
         tx,
         client_wants_usage,
@@ -1144,6 +1133,7 @@ async fn stream_call(
 async fn relay(
     state: AppState,
     meta: CallMeta,
+    request: Arc<Value>,
     mut source: SourceStream,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
     client_wants_usage: bool,
@@ -1255,7 +1245,14 @@ async fn relay(
     drop(tx);
     let (prompt, completion, estimated) = match usage {
         Some((p, c)) => (p, c, false),
-        None => (meta.counted_prompt(), tokens::count_text(&content), true),
+        None => (
+            request
+                .as_object()
+                .map(counted_prompt)
+                .unwrap_or(meta.prompt_estimate),
+            tokens::count_text(&content),
+            true,
+        ),
     };
     if client_gone {
         tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");

@@ -139,7 +139,7 @@ fn request_to(
     http: &reqwest::Client,
     upstream: &UpstreamSettings,
     path: &str,
-    body: &Value,
+    body: &(impl serde::Serialize + ?Sized),
     timeout: Duration,
 ) -> reqwest::RequestBuilder {
     let mut req = http
@@ -200,7 +200,7 @@ async fn post_json(
     http: &reqwest::Client,
     upstream: &UpstreamSettings,
     path: &str,
-    body: &Value,
+    body: &(impl serde::Serialize + ?Sized),
     timeout: Duration,
     required: &str,
 ) -> Result<Value, UpstreamError> {
@@ -232,7 +232,7 @@ async fn post_json(
 pub async fn complete(
     http: &reqwest::Client,
     upstream: &UpstreamSettings,
-    body: &Value,
+    body: &serde_json::Map<String, Value>,
     timeout: Duration,
 ) -> Result<Value, UpstreamError> {
     post_json(http, upstream, "chat/completions", body, timeout, "choices").await
@@ -310,7 +310,7 @@ pub async fn open_stream(
 /// The built-in mock's answer: deterministic content and usage.
 pub fn mock_completion(
     mock: &MockSettings,
-    body: &Value,
+    body: &serde_json::Map<String, Value>,
     model: &str,
     id: &str,
     created: i64,
