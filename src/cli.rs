@@ -209,12 +209,7 @@ pub fn alerts_table(v: &Value) -> String {
                 .as_object()
                 .map(|m| {
                     m.iter()
-                        .filter(|(k, _)| {
-                            !matches!(
-                                k.as_str(),
-                                "alertname" | "severity" | "component" | "category"
-                            )
-                        })
+                        .filter(|(k, _)| !crate::alerts::RULE_LABELS.contains(&k.as_str()))
                         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
                         .collect()
                 })

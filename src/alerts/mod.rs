@@ -63,6 +63,18 @@ pub struct AlertInstance {
     pub note: Option<String>,
 }
 
+/// Labels an alert instance carries besides its series' own.
+pub const RULE_LABELS: [&str; 4] = ["alertname", "severity", "component", "category"];
+
+impl AlertInstance {
+    /// The labels of the series that satisfied the rule (without `alertname` and the rule's own).
+    pub fn series_labels(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.labels
+            .iter()
+            .filter(|(k, _)| !RULE_LABELS.contains(&k.as_str()))
+    }
+}
+
 /// A state change, for logs, counters and delivery.
 #[derive(Debug, Clone)]
 pub struct Transition {

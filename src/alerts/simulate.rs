@@ -336,12 +336,7 @@ impl Run {
                 let series: Vec<String> = a
                     .labels
                     .iter()
-                    .filter(|(k, _)| {
-                        !matches!(
-                            k.as_str(),
-                            "alertname" | "severity" | "component" | "category"
-                        )
-                    })
+                    .filter(|(k, _)| !super::RULE_LABELS.contains(&k.as_str()))
                     .map(|(k, v)| format!("{k}=\"{v}\""))
                     .collect();
                 now.insert(

@@ -1,7 +1,7 @@
 //! The OpenAI-compatible gateway: `POST /v1/chat/completions` (plain and SSE streaming) and
 //! `GET /v1/models` in front of any OpenAI-compatible upstream, every call attributed to a persona.
 //!
-//! A call goes: authenticate (virtual key, required off loopback) → attribute (key, then
+//! A call goes (`chat_completions`): authenticate (virtual key, required off loopback) → attribute (key, then
 //! `X-Hypertool-*` headers) → route the model → admission (`Engine::admit` reserves the estimated
 //! tokens; `block` budgets refuse with 429) → upstream → usage (the upstream's, else estimated with
 //! tiktoken) → a usage event through the ledger writer → release the reservation. The upstream call
@@ -321,17 +321,6 @@ pub async fn list_models(
 
 pub async fn chat_completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match handle(state, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn handle(
-    state: AppState,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -807,17 +796,6 @@ type SourceStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamEr
 /// `POST /v1/embeddings`: attributed, budgeted and accounted like chat calls (no cache, no tools).
 pub async fn embeddings(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match handle_embeddings(state, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn handle_embeddings(
-    state: AppState,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {

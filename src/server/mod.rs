@@ -458,17 +458,7 @@ pub async fn evaluate_alerts(state: &AppState) {
     }
     for t in &transitions {
         let a = &t.instance;
-        let labels: Vec<String> = a
-            .labels
-            .iter()
-            .filter(|(k, _)| {
-                !matches!(
-                    k.as_str(),
-                    "alertname" | "severity" | "component" | "category"
-                )
-            })
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let labels: Vec<String> = a.series_labels().map(|(k, v)| format!("{k}={v}")).collect();
         let summary = a.annotations.get("summary").cloned().unwrap_or_default();
         match a.state {
             AlertState::Firing => {
