@@ -156,6 +156,44 @@ async fn run() {
         let _ = axum::serve(listener, app).await;
     });
 
+    // A proxy with no logic at all (body in, body out), on a runtime of its own: the ceiling any
+    // gateway can reach on this machine.
+    let bare_addr = free_addr();
+    let upstream_url = format!("http://{upstream_addr}/v1/chat/completions");
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => panic!("bare proxy runtime: {e}"),
+        };
+        rt.block_on(async move {
+            let client = reqwest::Client::new();
+            let app = Router::new().route(
+                "/v1/chat/completions",
+                post(move |body: axum::body::Bytes| {
+                    let (client, url) = (client.clone(), upstream_url.clone());
+                    async move {
+                        match client
+                            .post(url)
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                        {
+                            Ok(r) => r.bytes().await.unwrap_or_default(),
+                            Err(_) => axum::body::Bytes::new(),
+                        }
+                    }
+                }),
+            );
+            if let Ok(l) = tokio::net::TcpListener::bind(bare_addr).await {
+                let _ = axum::serve(l, app).await;
+            }
+        });
+    });
+
     // hypertool in front of it.
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
@@ -246,9 +284,15 @@ async fn run() {
     println!("hypertool RSS after the 100/s and 1000/s runs: {rss_now:.1} MB; peak so far {:.1} MB (target <= 100 MB)", peak_rss_mb(pid));
     let direct_max = closed_loop(&http, &direct, 5).await;
     let via_max = closed_loop(&http, &via, 5).await;
+    let bare_max = closed_loop(&http, &format!("http://{bare_addr}/v1/chat/completions"), 5).await;
     println!(
         "max throughput (64 clients): direct {direct_max:.0}/s, via hypertool {via_max:.0}/s, ratio {:.2} (target >= 0.60)",
         via_max / direct_max
+    );
+    println!(
+        "ceiling on this machine: a proxy with no logic does {bare_max:.0}/s, ratio {:.2}; hypertool reaches {:.0} % of it",
+        bare_max / direct_max,
+        100.0 * via_max / bare_max
     );
     // The highest offered rate (in steps of 500/s) that hypertool sustains with no errors and a
     // p99 under 50 ms.
