@@ -149,19 +149,22 @@ impl Deliverer {
     /// Hands this evaluation's news to the targets without waiting: `changed` are the instances
     /// whose state changed, `firing` every instance firing now (re-sent to Alertmanager each minute).
     pub fn offer(&mut self, now: UnixMillis, changed: &[AlertInstance], firing: &[AlertInstance]) {
+        // Firing alerts Alertmanager has not heard about for a minute (or ever).
+        let due: Vec<&AlertInstance> = firing
+            .iter()
+            .filter(|a| {
+                self.last_sent
+                    .get(&a.labels)
+                    .is_none_or(|t| now - t >= RESEND_EVERY_MS)
+            })
+            .collect();
         for target in &self.targets {
             let payload = match target.name {
                 "alertmanager" => {
-                    let mut batch = Vec::new();
-                    for a in firing {
-                        let due = self
-                            .last_sent
-                            .get(&a.labels)
-                            .is_none_or(|t| now - t >= RESEND_EVERY_MS);
-                        if due {
-                            batch.push(alertmanager_alert(a, now, &self.generator_url));
-                        }
-                    }
+                    let mut batch: Vec<Value> = due
+                        .iter()
+                        .map(|a| alertmanager_alert(a, now, &self.generator_url))
+                        .collect();
                     for a in changed
                         .iter()
                         .filter(|a| a.state == AlertState::Inactive && a.fired_at.is_some())
@@ -222,14 +225,8 @@ impl Deliverer {
                 }
             }
         }
-        for a in firing {
-            let due = self
-                .last_sent
-                .get(&a.labels)
-                .is_none_or(|t| now - t >= RESEND_EVERY_MS);
-            if due {
-                self.last_sent.insert(a.labels.clone(), now);
-            }
+        for a in due {
+            self.last_sent.insert(a.labels.clone(), now);
         }
         let live: Vec<&BTreeMap<String, String>> = firing.iter().map(|a| &a.labels).collect();
         self.last_sent.retain(|labels, _| live.contains(&labels));

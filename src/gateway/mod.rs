@@ -151,6 +151,44 @@ fn counted_prompt(request: &Map<String, Value>) -> u64 {
         .unwrap_or(0)
 }
 
+/// The route for `model`, if it exists and the key (if any) may use it.
+fn allowed_route(
+    state: &AppState,
+    settings: &GatewaySettings,
+    key: Option<&VirtualKey>,
+    model: &str,
+) -> Result<ModelRoute, ApiError> {
+    let Some(route) = settings.route(model) else {
+        state.gateway.count("-", "model_not_found");
+        let mut known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
+        known.push("mock/<anything>");
+        return Err(ApiError::not_found(
+            "model_not_found",
+            format!(
+                "the model `{model}` does not exist here; available: {}",
+                known.join(", ")
+            ),
+        )
+        .param("model"));
+    };
+    if let Some(k) = key {
+        if !k.models.is_empty() && !k.models.contains(&route.name) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "model_not_allowed",
+                format!(
+                    "this gateway key may not use `{}`; allowed: {}",
+                    route.name,
+                    k.models.join(", ")
+                ),
+            )
+            .param("model"));
+        }
+    }
+    Ok(route)
+}
+
 /// The persona a call is for: the virtual key's, else the header's, else the unattributed label.
 fn attributed_persona(
     settings: &GatewaySettings,
@@ -347,34 +385,7 @@ pub async fn chat_completions(
         )
         .param("messages"));
     };
-    let Some(route) = settings.route(&model) else {
-        state.gateway.count("-", "model_not_found");
-        let mut known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
-        known.push("mock/<anything>");
-        return Err(ApiError::not_found(
-            "model_not_found",
-            format!(
-                "the model `{model}` does not exist here; available: {}",
-                known.join(", ")
-            ),
-        )
-        .param("model"));
-    };
-    if let Some(k) = key {
-        if !k.models.is_empty() && !k.models.contains(&route.name) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
-                "model_not_allowed",
-                format!(
-                    "this gateway key may not use `{}`; allowed: {}",
-                    route.name,
-                    k.models.join(", ")
-                ),
-            )
-            .param("model"));
-        }
-    }
+    let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
     // Tokenizing costs more than the rest of the call's bookkeeping: do it only when a budget
     // enforces (block, downgrade); otherwise a rough count is enough to reserve with.
@@ -828,24 +839,7 @@ pub async fn embeddings(
             .param("input"))
         }
     };
-    let Some(route) = settings.route(&model) else {
-        return Err(ApiError::not_found(
-            "model_not_found",
-            format!("the model `{model}` does not exist here"),
-        )
-        .param("model"));
-    };
-    if let Some(k) = key {
-        if !k.models.is_empty() && !k.models.contains(&route.name) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
-                "model_not_allowed",
-                format!("this gateway key may not use `{}`", route.name),
-            )
-            .param("model"));
-        }
-    }
+    let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
     let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
     let meta = CallMeta::new(&settings, &headers, persona, route, estimate);

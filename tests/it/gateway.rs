@@ -17,15 +17,19 @@ async fn gateway_server(dir: &std::path::Path, upstream: &FakeUpstream, extra: &
     start(Source::File(toml), &dir.join("data"), clock).await
 }
 
-async fn chat(s: &TestServer, persona: &str, body: Value) -> (u16, Value) {
-    let resp = s
-        .http
+/// A chat call as `persona`; the raw response, for headers and streams.
+async fn send_chat(s: &TestServer, persona: &str, body: Value) -> reqwest::Response {
+    s.http
         .post(format!("{}/v1/chat/completions", s.api))
         .header("x-hypertool-persona", persona)
         .json(&body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn chat(s: &TestServer, persona: &str, body: Value) -> (u16, Value) {
+    let resp = send_chat(s, persona, body).await;
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -225,14 +229,12 @@ async fn upstream_faults_give_clear_errors_and_correct_accounting() {
     .await;
     assert_eq!(got, 200);
     // A stream cut in the middle: the client sees the chunks and an error event; usage is estimated.
-    let resp = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.api))
-        .header("x-hypertool-persona", "devops-engineer")
-        .json(&json!({"model": "cut-stream", "stream": true, "messages": msg}))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "cut-stream", "stream": true, "messages": msg}),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(
@@ -271,14 +273,7 @@ async fn a_client_leaving_mid_stream_is_still_accounted() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = FakeUpstream::start(dir.path()).await;
     let s = gateway_server(dir.path(), &upstream, "").await;
-    let resp = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.api))
-        .header("x-hypertool-persona", "frontend-engineer")
-        .json(&json!({"model": "slow-stream", "stream": true, "messages": [{"role": "user", "content": "long answer"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(&s, "frontend-engineer", json!({"model": "slow-stream", "stream": true, "messages": [{"role": "user", "content": "long answer"}]})).await;
     let mut body = resp.bytes_stream();
     let mut seen = 0;
     while let Some(chunk) = body.next().await {
@@ -579,14 +574,12 @@ async fn retries_fallbacks_downgrades_and_tool_scope() {
     );
 
     // 429 with no retries left: the fallback answers, and says so.
-    let resp = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.api))
-        .header("x-hypertool-persona", "devops-engineer")
-        .json(&json!({"model": "limited", "messages": hello}))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "limited", "messages": hello}),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-hypertool-fallback"], "limited -> ok");
     assert_eq!(resp.headers()["x-hypertool-model"], "ok");
@@ -600,14 +593,12 @@ async fn retries_fallbacks_downgrades_and_tool_scope() {
         .await
         .unwrap();
     assert_eq!(put.status(), 200);
-    let resp = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.api))
-        .header("x-hypertool-persona", "frontend-engineer")
-        .json(&json!({"model": "ok", "messages": hello}))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(
+        &s,
+        "frontend-engineer",
+        json!({"model": "ok", "messages": hello}),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-hypertool-downgraded"], "ok -> mock/cheap");
     settled(&s, 18 + 18 + 24).await;
@@ -626,14 +617,7 @@ async fn retries_fallbacks_downgrades_and_tool_scope() {
 
     // Tools outside the persona's allowedTools are removed before the upstream sees them.
     let tool = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
-    let resp = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.api))
-        .header("x-hypertool-persona", "backend-engineer")
-        .json(&json!({"model": "ok", "messages": hello, "tools": [tool("github_search_code"), tool("rm_rf"), tool("github.github_list_commits")]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(&s, "backend-engineer", json!({"model": "ok", "messages": hello, "tools": [tool("github_search_code"), tool("rm_rf"), tool("github.github_list_commits")]})).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-hypertool-tools-removed"], "rm_rf");
     assert_eq!(
@@ -743,14 +727,7 @@ async fn shutdown_during_a_stream_still_records_its_usage() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = FakeUpstream::start(dir.path()).await;
     let s = gateway_server(dir.path(), &upstream, "").await;
-    let resp = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.api))
-        .header("x-hypertool-persona", "devops-engineer")
-        .json(&json!({"model": "slow-stream", "stream": true, "messages": [{"role": "user", "content": "go"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(&s, "devops-engineer", json!({"model": "slow-stream", "stream": true, "messages": [{"role": "user", "content": "go"}]})).await;
     let mut body = resp.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("data:"));
