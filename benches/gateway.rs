@@ -6,13 +6,22 @@
 //! a child process in front of it (ledger, metrics and the embedded alert engine on). The load
 //! generator offers 100 and 1,000 requests per second open-loop, first to the upstream directly,
 //! then through hypertool, and reports the latency hypertool adds (p50, p99); then 64 closed-loop
-//! clients find the highest throughput both ways. Peak RSS is hypertool's VmHWM. Everything shares
-//! this machine's cores, so read the ratios of one run, not absolute numbers.
+//! clients find the highest throughput both ways. Peak RSS is hypertool's VmHWM.
+//!
+//! Two placements are measured in the same run:
+//! - *shared*: load generator, upstream and hypertool all share the machine's cores (the worst case:
+//!   every cycle hypertool spends is taken from the client and the upstream);
+//! - *gateway on its own core* (needs 2+ cores): hypertool, and the zero-logic proxy when it is
+//!   measured, are pinned to CPU 0, the load generator and the upstream to CPU 1 (sched_setaffinity
+//!   per thread), as in a deployment where the gateway does not run on the client's or the model
+//!   server's cores. Then "direct" and "via" offer the same work to the client and upstream, and the
+//!   ratio shows whether one core of hypertool keeps up with them.
+//!
+//! Read the ratios of one run, not absolute numbers: these machines are noisy.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::post;
@@ -32,6 +41,41 @@ async fn upstream_answer() -> ([(&'static str, &'static str); 1], &'static str) 
         [("content-type", "application/json")],
         r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"A gateway that attributes every call to a persona."},"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":11,"total_tokens":35}}"#,
     )
+}
+
+/// Pins every thread of process `pid` (or this process when `None`) whose name satisfies `which` to
+/// the given CPUs. Threads created later inherit their creator's placement.
+fn pin_threads(pid: Option<u32>, which: impl Fn(&str) -> bool, cpus: &[usize]) {
+    let dir = match pid {
+        Some(p) => format!("/proc/{p}/task"),
+        None => "/proc/self/task".to_string(),
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if !which(comm.trim()) {
+            continue;
+        }
+        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it, and
+        // sched_setaffinity reads it for the size given.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            for &cpu in cpus {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
 }
 
 struct Hypertool(Child);
@@ -160,8 +204,10 @@ async fn run() {
     // gateway can reach on this machine.
     let bare_addr = free_addr();
     let upstream_url = format!("http://{upstream_addr}/v1/chat/completions");
-    std::thread::spawn(move || {
+    let bare_thread = std::thread::Builder::new().name("bare-proxy".into());
+    let _ = bare_thread.spawn(move || {
         let rt = match tokio::runtime::Builder::new_multi_thread()
+            .thread_name("bare-proxy")
             .enable_all()
             .build()
         {
@@ -251,7 +297,6 @@ async fn run() {
     let _ = open_loop(&http, &via, 200, 1).await;
 
     println!("rate      path       p50 ms   p99 ms   errors");
-    let shared = Arc::new(());
     for rate in [100u64, 1000] {
         let (d, de) = open_loop(&http, &direct, rate, 5).await;
         let (v, ve) = open_loop(&http, &via, rate, 5).await;
@@ -271,7 +316,6 @@ async fn run() {
             percentile(&v, 0.99) - percentile(&d, 0.99)
         );
     }
-    drop(shared);
     let pid = hypertool.0.id();
     let rss_now = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -321,5 +365,42 @@ async fn run() {
     println!(
         "hypertool peak RSS over the whole run: {:.1} MB",
         peak_rss_mb(hypertool.0.id())
+    );
+
+    // Placement 2: hypertool (and the zero-logic proxy) on CPU 0, load generator and upstream on
+    // CPU 1.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        println!("gateway on its own core: skipped (one CPU)");
+        return;
+    }
+    pin_threads(Some(pid), |_| true, &[0]);
+    pin_threads(None, |name| name == "bare-proxy", &[0]);
+    pin_threads(None, |name| name != "bare-proxy", &[1]);
+    println!();
+    println!("gateway on its own core (hypertool on CPU 0; load generator and upstream on CPU 1):");
+    let _ = open_loop(&http, &via, 200, 1).await;
+    let (d, _) = open_loop(&http, &direct, 1000, 5).await;
+    let (v, ve) = open_loop(&http, &via, 1000, 5).await;
+    println!(
+        " 1000/s   added    p50 {:>7.3}  p99 {:>7.3}   errors {ve}   (target: added p99 <= 1 ms)",
+        percentile(&v, 0.5) - percentile(&d, 0.5),
+        percentile(&v, 0.99) - percentile(&d, 0.99)
+    );
+    let direct_max = closed_loop(&http, &direct, 5).await;
+    let via_max = closed_loop(&http, &via, 5).await;
+    let bare_max = closed_loop(&http, &format!("http://{bare_addr}/v1/chat/completions"), 5).await;
+    println!(
+        "max throughput (64 clients): direct {direct_max:.0}/s, via hypertool {via_max:.0}/s, ratio {:.2} (target >= 0.60)",
+        via_max / direct_max
+    );
+    println!(
+        "zero-logic proxy on the same core: {bare_max:.0}/s, ratio {:.2}; hypertool reaches {:.0} % of it",
+        bare_max / direct_max,
+        100.0 * via_max / bare_max
+    );
+    println!(
+        "hypertool peak RSS over the whole run: {:.1} MB (target <= 100 MB)",
+        peak_rss_mb(pid)
     );
 }
