@@ -409,10 +409,12 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     match config::load(&source) {
         Ok(cfg) => {
             println!(
-                "{}: ok ({} personas, {} budgets)",
+                "{}: ok ({} personas, {} budgets, {} workflows, {} chatmodes)",
                 source.describe(),
                 cfg.personas.len(),
-                cfg.budgets.len()
+                cfg.budgets.len(),
+                cfg.workflows.workflows.len(),
+                cfg.workflows.chatmodes.len()
             );
             ExitCode::SUCCESS
         }

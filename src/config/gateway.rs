@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::alerts::duration::PromDuration;
+use crate::core::workflow::{ModelChoice, ModelTier};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +29,9 @@ pub struct RawGateway {
     tool_policy: Option<ToolPolicy>,
     #[serde(default)]
     cache: RawCache,
+    /// The model behind each stage tier (fast, balanced, quality).
+    #[serde(default)]
+    tiers: BTreeMap<ModelTier, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +227,8 @@ pub struct GatewaySettings {
     pub persona_downgrade: BTreeMap<String, String>,
     pub tool_policy: ToolPolicy,
     pub cache: CacheSettings,
+    /// Which model each stage tier means (`[gateway.tiers]`).
+    pub tiers: BTreeMap<ModelTier, String>,
 }
 
 impl Default for GatewaySettings {
@@ -247,6 +253,13 @@ impl Default for GatewaySettings {
                 cache_nonzero_temperature: false,
                 ttl_overrides: Vec::new(),
             },
+            tiers: [
+                (ModelTier::Fast, "mock/fast".to_string()),
+                (ModelTier::Balanced, "mock/balanced".to_string()),
+                (ModelTier::Quality, "mock/quality".to_string()),
+            ]
+            .into_iter()
+            .collect(),
         }
     }
 }
@@ -436,10 +449,29 @@ impl GatewaySettings {
                 )),
             }
         }
+        for (tier, model) in raw.tiers {
+            s.tiers.insert(tier, model);
+        }
+        for (tier, model) in &s.tiers {
+            if s.route(model).is_none() {
+                errors.push((
+                    format!("gateway.tiers.{}", tier.as_str()),
+                    format!("`{model}` is not a model in [[gateway.models]] (nor mock/*)"),
+                ));
+            }
+        }
         if errors.is_empty() {
             Ok(s)
         } else {
             Err(errors)
+        }
+    }
+
+    /// The model a stage's `model`/`escalation_model` names.
+    pub fn resolve_choice(&self, choice: &ModelChoice) -> Option<ModelRoute> {
+        match choice {
+            ModelChoice::Tier(t) => self.tiers.get(t).and_then(|m| self.route(m)),
+            ModelChoice::Model(m) => self.route(m),
         }
     }
 

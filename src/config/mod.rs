@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod personas;
 pub mod reload;
 pub mod settings;
+pub mod workflows;
 
 use std::collections::{hash_map::DefaultHasher, BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -23,11 +24,27 @@ use crate::core::budget::{BudgetSource, BudgetSpec};
 use crate::core::engine::EngineConfig;
 use crate::core::labels::LabelKind;
 use crate::core::persona::{Persona, PersonaRegistry};
+use crate::core::workflow::Workflows;
 
 /// The files under `config/`, compiled in.
 pub mod embedded {
     pub const HYPERTOOL_TOML: &str = include_str!("../../config/hypertool.toml");
     pub const BUDGETS_YML: &str = include_str!("../../config/budgets.yml");
+    pub const CHATMODES_YML: &str = include_str!("../../config/chatmodes.yml");
+    pub const WORKFLOWS: &[(&str, &str)] = &[
+        (
+            "feature-development.yml",
+            include_str!("../../config/workflows/feature-development.yml"),
+        ),
+        (
+            "incident-response.yml",
+            include_str!("../../config/workflows/incident-response.yml"),
+        ),
+        (
+            "package-release.yml",
+            include_str!("../../config/workflows/package-release.yml"),
+        ),
+    ];
     pub const PERSONAS: &[(&str, &str)] = &[
         (
             "tta-backend-engineer.json",
@@ -96,6 +113,7 @@ pub struct Config {
     pub settings: Settings,
     pub personas: PersonaRegistry,
     pub budgets: BTreeMap<String, (BudgetSpec, BudgetSource)>,
+    pub workflows: Workflows,
     /// Hash of every file read: a reload applies only when it changes.
     pub fingerprint: u64,
 }
@@ -106,6 +124,9 @@ struct Files {
     toml: (String, String),
     personas: Vec<(String, Option<PathBuf>, String)>,
     budgets: (String, Option<String>),
+    /// (display name, file stem, text)
+    workflows: Vec<(String, String, String)>,
+    chatmodes: (String, Option<String>),
 }
 
 impl Files {
@@ -117,6 +138,8 @@ impl Files {
             text.hash(&mut h);
         }
         self.budgets.hash(&mut h);
+        self.workflows.hash(&mut h);
+        self.chatmodes.hash(&mut h);
         h.finish()
     }
 }
@@ -149,6 +172,20 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                     budgets: (
                         "<built-in>/budgets.yml".into(),
                         Some(embedded::BUDGETS_YML.into()),
+                    ),
+                    workflows: embedded::WORKFLOWS
+                        .iter()
+                        .map(|(n, t)| {
+                            (
+                                format!("<built-in>/workflows/{n}"),
+                                n.trim_end_matches(".yml").to_string(),
+                                t.to_string(),
+                            )
+                        })
+                        .collect(),
+                    chatmodes: (
+                        "<built-in>/chatmodes.yml".into(),
+                        Some(embedded::CHATMODES_YML.into()),
                     ),
                 },
                 settings,
@@ -197,6 +234,38 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
             } else {
                 None
             };
+            // Workflows are optional: no directory means no workflows.
+            let workflows_dir = base.join(&settings.workflows_dir);
+            let mut workflows = Vec::new();
+            if let Ok(entries) = std::fs::read_dir(&workflows_dir) {
+                let mut paths: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
+                    .collect();
+                paths.sort();
+                for p in paths {
+                    let stem = p
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    match read(&p) {
+                        Ok(t) => workflows.push((p.display().to_string(), stem, t)),
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+            let chatmodes_path = base.join(&settings.chatmodes_file);
+            let chatmodes_text = if chatmodes_path.exists() {
+                match read(&chatmodes_path) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             if !errors.is_empty() {
                 return Err(errors);
             }
@@ -205,6 +274,8 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                     toml: (display, text),
                     personas,
                     budgets: (budgets_path.display().to_string(), budgets_text),
+                    workflows,
+                    chatmodes: (chatmodes_path.display().to_string(), chatmodes_text),
                 },
                 settings,
             ))
@@ -276,6 +347,18 @@ pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
             );
         }
     }
+    let workflows = match workflows::resolve(
+        &files.workflows,
+        (&files.chatmodes.0, files.chatmodes.1.as_deref()),
+        &registry,
+        &settings.gateway,
+    ) {
+        Ok(w) => w,
+        Err(mut e) => {
+            errors.append(&mut e);
+            Workflows::default()
+        }
+    };
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -285,6 +368,7 @@ pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
         settings,
         personas: registry,
         budgets,
+        workflows,
     })
 }
 

@@ -31,6 +31,56 @@ struct RawSettings {
     langfuse: RawLangfuse,
     #[serde(default)]
     gateway: RawGateway,
+    #[serde(default)]
+    workflows: RawWorkflows,
+    #[serde(default)]
+    switching: RawSwitching,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflows {
+    dir: Option<String>,
+    chatmodes_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSwitching {
+    cooldown_seconds: Option<f64>,
+    oscillation_window_seconds: Option<f64>,
+    oscillation_action: Option<OscillationAction>,
+}
+
+/// What `POST /v1/personas/switch` does when a switch would complete an A→B→A→B oscillation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OscillationAction {
+    /// Let the switch happen; count, log and record the oscillation.
+    #[default]
+    Flag,
+    /// Also refuse the switch (the session keeps its persona).
+    Suppress,
+}
+
+/// `[switching]`: the persona switch policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchingSettings {
+    /// Minimum time between two switches of one session; `chatmodes.yml` may set it per chatmode.
+    pub cooldown_ms: i64,
+    /// A→B→A→B within this window is an oscillation.
+    pub oscillation_window_ms: i64,
+    pub oscillation_action: OscillationAction,
+}
+
+impl Default for SwitchingSettings {
+    fn default() -> Self {
+        Self {
+            cooldown_ms: 5_000,
+            oscillation_window_ms: 120_000,
+            oscillation_action: OscillationAction::Flag,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +199,11 @@ pub struct Settings {
     pub alerts: AlertSettings,
     pub langfuse: LangfuseSettings,
     pub gateway: GatewaySettings,
+    /// Directory of workflow files (`*.yml`), relative to hypertool.toml.
+    pub workflows_dir: String,
+    /// Chatmode → workflow and switch cooldown, relative to hypertool.toml.
+    pub chatmodes_file: String,
+    pub switching: SwitchingSettings,
 }
 
 impl Settings {
@@ -258,10 +313,47 @@ impl Settings {
                 GatewaySettings::default()
             }
         };
+        let mut seconds = |key: &str, value: Option<f64>, default_ms: i64| -> i64 {
+            match value {
+                None => default_ms,
+                Some(v) if v.is_finite() && v >= 0.0 => (v * 1000.0).round() as i64,
+                Some(v) => {
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            line_of_key(text, key),
+                            format!("`switching.{key}` = {v} is not a number of seconds"),
+                        )
+                        .fix("use 0 or more seconds"),
+                    );
+                    default_ms
+                }
+            }
+        };
+        let defaults = SwitchingSettings::default();
+        let switching = SwitchingSettings {
+            cooldown_ms: seconds(
+                "cooldown_seconds",
+                raw.switching.cooldown_seconds,
+                defaults.cooldown_ms,
+            ),
+            oscillation_window_ms: seconds(
+                "oscillation_window_seconds",
+                raw.switching.oscillation_window_seconds,
+                defaults.oscillation_window_ms,
+            ),
+            oscillation_action: raw.switching.oscillation_action.unwrap_or_default(),
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Settings {
+            workflows_dir: raw.workflows.dir.unwrap_or_else(|| "workflows".into()),
+            chatmodes_file: raw
+                .workflows
+                .chatmodes_file
+                .unwrap_or_else(|| "chatmodes.yml".into()),
+            switching,
             gateway,
             alerts,
             langfuse: LangfuseSettings {

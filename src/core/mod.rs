@@ -13,3 +13,4 @@ pub mod labels;
 pub mod persona;
 pub mod series;
 pub mod session;
+pub mod workflow;

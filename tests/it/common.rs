@@ -226,13 +226,15 @@ where
 pub fn config_copy(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let dest = dir.join("config");
-    std::fs::create_dir_all(dest.join("personas")).unwrap();
-    for f in ["hypertool.toml", "budgets.yml"] {
+    for f in ["hypertool.toml", "budgets.yml", "chatmodes.yml"] {
         std::fs::copy(root.join(f), dest.join(f)).unwrap();
     }
-    for e in std::fs::read_dir(root.join("personas")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dest.join("personas").join(p.file_name().unwrap())).unwrap();
+    for sub in ["personas", "workflows"] {
+        std::fs::create_dir_all(dest.join(sub)).unwrap();
+        for e in std::fs::read_dir(root.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dest.join(sub).join(p.file_name().unwrap())).unwrap();
+        }
     }
     dest.join("hypertool.toml")
 }

@@ -1,0 +1,542 @@
+//! `workflows/*.yml` and `chatmodes.yml`: read raw (unknown keys refused), then checked into
+//! [`Workflows`]. Regexes and JSON Schemas are compiled here, so a bad gate is refused by
+//! `hypertool check` (and by a reload, which then keeps the last good configuration) with the file
+//! and line, instead of failing at the first call.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use super::error::{line_of_key, ConfigError};
+use super::gateway::GatewaySettings;
+use crate::core::persona::PersonaRegistry;
+use crate::core::workflow::{
+    Chatmode, CodeBlock, ModelChoice, Pattern, QualityGate, Schema, Stage, Workflow, Workflows,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflow {
+    name: Option<String>,
+    #[serde(default)]
+    description: String,
+    stages: Vec<RawStage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    name: String,
+    persona: Option<String>,
+    model: Option<String>,
+    budget_tokens: Option<u64>,
+    retries: Option<u32>,
+    escalation_model: Option<String>,
+    max_prompt_tokens: Option<u64>,
+    quality_gate: Option<RawGate>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `code_block: true` or `code_block: rust`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCodeBlock {
+    Any(bool),
+    Language(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    min_lines: Option<usize>,
+    max_lines: Option<usize>,
+    #[serde(default)]
+    required_sections: Vec<String>,
+    must_match: Option<OneOrMany>,
+    must_not_match: Option<OneOrMany>,
+    code_block: Option<RawCodeBlock>,
+    json_schema: Option<serde_json::Value>,
+    max_completion_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChatmodes {
+    #[serde(default)]
+    chatmodes: BTreeMap<String, RawChatmode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChatmode {
+    workflow: Option<String>,
+    switch_cooldown_seconds: Option<f64>,
+}
+
+/// The 1-based line of the first line at or after `from` (1-based) that contains `needle`.
+fn line_after(text: &str, from: usize, needle: &str) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i + 1)
+}
+
+fn yaml_error(file: &str, e: &serde_yaml_ng::Error) -> ConfigError {
+    ConfigError::new(
+        file,
+        e.location().map(|l| l.line()),
+        e.to_string()
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// Parses one workflow file. `stem` (the file name without extension) is the default name.
+pub fn parse_workflow(
+    file: &str,
+    stem: &str,
+    text: &str,
+    personas: &PersonaRegistry,
+    gateway: &GatewaySettings,
+) -> Result<Workflow, Vec<ConfigError>> {
+    let raw: RawWorkflow = serde_yaml_ng::from_str(text).map_err(|e| {
+        vec![yaml_error(file, &e).fix(
+            "a workflow has `name`, `description` and `stages` (each with `name` and optionally persona, model, budget_tokens, retries, escalation_model, max_prompt_tokens, quality_gate); see config/workflows/ in the repository",
+        )]
+    })?;
+    let name = raw.name.unwrap_or_else(|| stem.to_string());
+    let mut errors = Vec::new();
+    if raw.stages.is_empty() {
+        errors.push(
+            ConfigError::new(
+                file,
+                line_of_key(text, "stages"),
+                format!("workflow `{name}` has no stages"),
+            )
+            .fix("list at least one stage under `stages:`"),
+        );
+    }
+    let mut seen = BTreeSet::new();
+    let mut stages = Vec::new();
+    for raw_stage in raw.stages {
+        // Messages point into this stage's part of the file.
+        let at = text
+            .lines()
+            .position(|l| {
+                let t = l.trim_start().trim_start_matches('-').trim_start();
+                t.starts_with("name:") && t.contains(raw_stage.name.as_str())
+            })
+            .map(|i| i + 1)
+            .unwrap_or(1);
+        let here = |key: &str| line_after(text, at, key).or(Some(at));
+        let stage_name = raw_stage.name.clone();
+        if !seen.insert(stage_name.clone()) {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    Some(at),
+                    format!("stage `{stage_name}` appears twice in workflow `{name}`"),
+                )
+                .fix("give each stage a unique name"),
+            );
+        }
+        let persona = match raw_stage.persona {
+            Some(p) => match personas.get(&p) {
+                Some(found) => Some(found.name.clone()),
+                None => {
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            here("persona:"),
+                            format!("stage `{stage_name}`: persona `{p}` is not a known persona"),
+                        )
+                        .fix("use the name of a persona file in the persona directory"),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut model_of = |key: &str, value: Option<String>| -> Option<ModelChoice> {
+            let value = value?;
+            let choice = ModelChoice::parse(&value);
+            if let ModelChoice::Model(m) = &choice {
+                if gateway.route(m).is_none() {
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            here(&format!("{key}:")),
+                            format!("stage `{stage_name}`: `{key}` = `{m}` is neither a tier (fast, balanced, quality) nor a model in [gateway.models]"),
+                        )
+                        .fix("use a tier, a configured model name or alias, or a mock/* model"),
+                    );
+                }
+            }
+            Some(choice)
+        };
+        let model = model_of("model", raw_stage.model);
+        let escalation_model = model_of("escalation_model", raw_stage.escalation_model);
+        let gate = match raw_stage.quality_gate {
+            None => None,
+            Some(g) => match compile_gate(file, text, at, &stage_name, g) {
+                Ok(g) => Some(g),
+                Err(mut e) => {
+                    errors.append(&mut e);
+                    None
+                }
+            },
+        };
+        if raw_stage.max_prompt_tokens == Some(0) {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    here("max_prompt_tokens:"),
+                    format!("stage `{stage_name}`: max_prompt_tokens must be above 0"),
+                )
+                .fix("remove it (no limit) or give the prompt size in tokens, e.g. 8000"),
+            );
+        }
+        stages.push(Stage {
+            name: stage_name,
+            persona,
+            model,
+            budget_tokens: raw_stage.budget_tokens,
+            retries: raw_stage.retries.unwrap_or(0),
+            escalation_model,
+            max_prompt_tokens: raw_stage.max_prompt_tokens,
+            gate,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Workflow {
+        name,
+        description: raw.description,
+        stages,
+        file: file.to_string(),
+    })
+}
+
+fn compile_gate(
+    file: &str,
+    text: &str,
+    at: usize,
+    stage: &str,
+    g: RawGate,
+) -> Result<QualityGate, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut patterns = |key: &str, list: Option<OneOrMany>| -> Vec<Pattern> {
+        let mut out = Vec::new();
+        for source in list.map(OneOrMany::into_vec).unwrap_or_default() {
+            match Regex::new(&source) {
+                Ok(regex) => out.push(Pattern { source, regex }),
+                Err(e) => {
+                    // The pattern's own line (YAML may escape it, so fall back to the key's).
+                    let line = line_after(text, at, &source)
+                        .or_else(|| line_after(text, at, &format!("{key}:")));
+                    let detail = e.to_string();
+                    let detail = detail.lines().last().unwrap_or("").trim().to_string();
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            line,
+                            format!("stage `{stage}`: `{key}` pattern /{source}/ is not a valid regex: {detail}"),
+                        )
+                        .fix("write a Rust regex (https://docs.rs/regex); escape literal ( ) [ ] { } . * + ? with a backslash"),
+                    );
+                }
+            }
+        }
+        out
+    };
+    let must_match = patterns("must_match", g.must_match);
+    let must_not_match = patterns("must_not_match", g.must_not_match);
+    let json_schema = match g.json_schema {
+        None => None,
+        Some(source) => match jsonschema::validator_for(&source) {
+            Ok(v) => Some(Schema {
+                source,
+                validator: Arc::new(v),
+            }),
+            Err(e) => {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        line_after(text, at, "json_schema:"),
+                        format!("stage `{stage}`: `json_schema` is not a valid JSON Schema: {e}"),
+                    )
+                    .fix("check the schema against https://json-schema.org (types are strings such as \"object\", \"string\")"),
+                );
+                None
+            }
+        },
+    };
+    let code_block = match g.code_block {
+        None | Some(RawCodeBlock::Any(false)) => None,
+        Some(RawCodeBlock::Any(true)) => Some(CodeBlock::Any),
+        Some(RawCodeBlock::Language(l)) if l.trim().is_empty() || l == "any" => {
+            Some(CodeBlock::Any)
+        }
+        Some(RawCodeBlock::Language(l)) => Some(CodeBlock::Language(l.trim().to_string())),
+    };
+    if let (Some(min), Some(max)) = (g.min_lines, g.max_lines) {
+        if min > max {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_after(text, at, "min_lines:"),
+                    format!("stage `{stage}`: min_lines {min} is above max_lines {max}; no output could pass"),
+                )
+                .fix("lower min_lines or raise max_lines"),
+            );
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(QualityGate {
+        min_lines: g.min_lines,
+        max_lines: g.max_lines,
+        required_sections: g.required_sections,
+        must_match,
+        must_not_match,
+        code_block,
+        json_schema,
+        max_completion_tokens: g.max_completion_tokens,
+    })
+}
+
+/// Parses `chatmodes.yml` (missing file: no chatmodes).
+pub fn parse_chatmodes(
+    file: &str,
+    text: Option<&str>,
+    workflows: &BTreeMap<String, Arc<Workflow>>,
+    broken: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Chatmode>, Vec<ConfigError>> {
+    let raw: RawChatmodes = match text {
+        None => return Ok(BTreeMap::new()),
+        Some(t) if t.trim().is_empty() => return Ok(BTreeMap::new()),
+        Some(t) => serde_yaml_ng::from_str(t).map_err(|e| {
+            vec![yaml_error(file, &e).fix(
+                "write `chatmodes:` with, per chatmode, `workflow: NAME` and/or `switch_cooldown_seconds: N`",
+            )]
+        })?,
+    };
+    let text = text.unwrap_or_default();
+    let mut errors = Vec::new();
+    let mut out = BTreeMap::new();
+    for (name, c) in raw.chatmodes {
+        let line = line_of_key(text, &name);
+        if let Some(w) = &c.workflow {
+            // A workflow whose file has errors was reported already.
+            if !workflows.contains_key(w) && !broken.contains(w) {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        line,
+                        format!("chatmode `{name}`: workflow `{w}` is not defined"),
+                    )
+                    .fix(format!(
+                        "use one of: {}",
+                        workflows.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+                );
+            }
+        }
+        let cooldown = match c.switch_cooldown_seconds {
+            Some(s) if !s.is_finite() || s < 0.0 => {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        line,
+                        format!("chatmode `{name}`: switch_cooldown_seconds must be 0 or more, got {s}"),
+                    )
+                    .fix("give seconds, e.g. 5 (0 turns the cooldown off)"),
+                );
+                None
+            }
+            Some(s) => Some((s * 1000.0).round() as i64),
+            None => None,
+        };
+        out.insert(
+            name,
+            Chatmode {
+                workflow: c.workflow,
+                switch_cooldown_ms: cooldown,
+            },
+        );
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Parses every workflow file and the chatmode file into [`Workflows`].
+pub fn resolve(
+    files: &[(String, String, String)],
+    chatmodes: (&str, Option<&str>),
+    personas: &PersonaRegistry,
+    gateway: &GatewaySettings,
+) -> Result<Workflows, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut workflows: BTreeMap<String, Arc<Workflow>> = BTreeMap::new();
+    let mut broken = BTreeSet::new();
+    for (file, stem, text) in files {
+        match parse_workflow(file, stem, text, personas, gateway) {
+            Ok(w) => {
+                if let Some(other) = workflows.get(&w.name) {
+                    errors.push(
+                        ConfigError::new(
+                            file.clone(),
+                            line_of_key(text, "name"),
+                            format!("workflow `{}` is also defined in {}", w.name, other.file),
+                        )
+                        .fix("give each workflow a unique name"),
+                    );
+                } else {
+                    workflows.insert(w.name.clone(), Arc::new(w));
+                }
+            }
+            Err(mut e) => {
+                errors.append(&mut e);
+                broken.insert(stem.clone());
+            }
+        }
+    }
+    let chatmodes = match parse_chatmodes(chatmodes.0, chatmodes.1, &workflows, &broken) {
+        Ok(c) => c,
+        Err(mut e) => {
+            errors.append(&mut e);
+            BTreeMap::new()
+        }
+    };
+    if errors.is_empty() {
+        Ok(Workflows {
+            workflows,
+            chatmodes,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::persona::Persona;
+
+    fn personas() -> PersonaRegistry {
+        PersonaRegistry::new(vec![Persona {
+            name: "backend-engineer".into(),
+            aliases: Vec::new(),
+            display_name: String::new(),
+            description: String::new(),
+            icon: None,
+            token_budget: None,
+            allowed_servers: Vec::new(),
+            allowed_tools: BTreeMap::new(),
+            restricted_paths: Vec::new(),
+            context: serde_json::Value::Null,
+            security: serde_json::Value::Null,
+            workflows: serde_json::Value::Null,
+            source: None,
+        }])
+    }
+
+    fn parse(text: &str) -> Result<Workflow, Vec<ConfigError>> {
+        parse_workflow(
+            "wf.yml",
+            "wf",
+            text,
+            &personas(),
+            &GatewaySettings::default(),
+        )
+    }
+
+    #[test]
+    fn a_full_stage_parses() {
+        let w = parse(
+            "description: d\nstages:\n  - name: design\n    persona: backend-engineer\n    model: quality\n    escalation_model: mock/big\n    retries: 2\n    budget_tokens: 100\n    max_prompt_tokens: 50\n    quality_gate:\n      min_lines: 2\n      required_sections: [Overview]\n      must_match: 'x+'\n      must_not_match: [TODO, FIXME]\n      code_block: rust\n      json_schema: {type: object}\n      max_completion_tokens: 9\n",
+        )
+        .unwrap();
+        assert_eq!(w.name, "wf");
+        let s = w.stage("design").unwrap();
+        assert_eq!(s.retries, 2);
+        assert_eq!(
+            s.model,
+            Some(ModelChoice::Tier(crate::core::workflow::ModelTier::Quality))
+        );
+        assert_eq!(s.escalation_model, Some(ModelChoice::Model("mock/big".into())));
+        let g = s.gate.as_ref().unwrap();
+        assert_eq!(g.must_not_match.len(), 2);
+        assert_eq!(g.code_block, Some(CodeBlock::Language("rust".into())));
+    }
+
+    #[test]
+    fn bad_regex_and_schema_name_file_and_line() {
+        let text = "stages:\n  - name: a\n    quality_gate:\n      min_lines: 1\n  - name: b\n    quality_gate:\n      must_match: ['(unclosed']\n      json_schema: {type: 12}\n";
+        let errors = parse(text).unwrap_err();
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 2, "{shown:?}");
+        assert!(shown[0].starts_with("wf.yml:7: stage `b`: `must_match` pattern /(unclosed/ is not a valid regex"), "{}", shown[0]);
+        assert!(shown[1].starts_with("wf.yml:8: stage `b`: `json_schema` is not a valid JSON Schema"), "{}", shown[1]);
+    }
+
+    #[test]
+    fn unknown_persona_model_key_and_duplicates_are_refused() {
+        let errors = parse("stages:\n  - name: a\n    persona: nobody\n    model: gpt-9\n  - name: a\n").unwrap_err();
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(shown[0].starts_with("wf.yml:3: stage `a`: persona `nobody`"), "{shown:?}");
+        assert!(shown[1].starts_with("wf.yml:4: stage `a`: `model` = `gpt-9`"), "{shown:?}");
+        assert!(shown[2].contains("appears twice"), "{shown:?}");
+        let e = parse("stages:\n  - name: a\n    quality_gate:\n      min_line: 3\n").unwrap_err();
+        assert_eq!(e[0].line, Some(4), "{}", e[0]);
+        assert!(e[0].message.contains("min_line"), "{}", e[0]);
+    }
+
+    #[test]
+    fn chatmodes_must_name_known_workflows() {
+        let mut workflows = BTreeMap::new();
+        workflows.insert("wf".to_string(), Arc::new(parse("stages:\n  - name: a\n").unwrap()));
+        let ok = parse_chatmodes(
+            "chatmodes.yml",
+            Some("chatmodes:\n  feature:\n    workflow: wf\n    switch_cooldown_seconds: 2.5\n"),
+            &workflows,
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(ok["feature"].switch_cooldown_ms, Some(2500));
+        let bad = parse_chatmodes(
+            "chatmodes.yml",
+            Some("chatmodes:\n  a: {}\n  feature:\n    workflow: nope\n"),
+            &workflows,
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(bad[0].to_string().lines().next().unwrap(), "chatmodes.yml:3: chatmode `feature`: workflow `nope` is not defined");
+    }
+}
