@@ -47,6 +47,18 @@ fn min_by(values: impl Iterator<Item = (Labels, f64)>, keys: &[&str]) -> BTreeMa
     out
 }
 
+/// `max by (keys) (…)` over instant values.
+fn max_by(values: impl Iterator<Item = (Labels, f64)>, keys: &[&str]) -> BTreeMap<Labels, f64> {
+    let mut out: BTreeMap<Labels, f64> = BTreeMap::new();
+    for (labels, v) in values {
+        let slot = out.entry(group(&labels, keys)).or_insert(f64::NAN);
+        if slot.is_nan() || v > *slot {
+            *slot = v;
+        }
+    }
+    out
+}
+
 /// The series for which `rule`'s condition holds at `at`.
 pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Labels, f64)> {
     let w = rule.window.ms();
@@ -117,11 +129,22 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
                 };
                 groups.entry(labels).or_default().push((bound, rate));
             }
-            groups
+            let mut slow: BTreeMap<Labels, f64> = groups
                 .into_iter()
                 .map(|(g, mut buckets)| (g, bucket_quantile(rule.quantile, &mut buckets)))
                 .filter(|(_, q)| *q > rule.threshold)
-                .collect()
+                .collect();
+            // `or max by (workflow, stage) (hypertool_workflow_stage_running_seconds) > threshold`:
+            // series the left side already has keep its value.
+            let running = db
+                .instant("hypertool_workflow_stage_running_seconds", at)
+                .map(|(l, v)| (l.clone(), v));
+            for (g, age) in max_by(running, &["workflow", "stage"]) {
+                if age > rule.threshold {
+                    slow.entry(g).or_insert(age);
+                }
+            }
+            slow.into_iter().collect()
         }
         AlertId::TokenBudgetDepletionPredicted => {
             let horizon = rule.horizon.as_secs_f64();

@@ -425,8 +425,11 @@ impl Rule {
             ),
             AlertId::SlowWorkflowStage => format!(
                 "histogram_quantile({}, sum by (le, workflow, stage) (rate(hypertool_workflow_stage_duration_seconds_bucket[{w}])))\n\
-                 > {}",
+                 > {}\n\
+                 or\n\
+                 max by (workflow, stage) (hypertool_workflow_stage_running_seconds) > {}",
                 num(self.quantile),
+                num(self.threshold),
                 num(self.threshold)
             ),
             AlertId::TokenBudgetDepletionPredicted => format!(
@@ -497,13 +500,14 @@ impl Rule {
             AlertId::SlowWorkflowStage => (
                 "Workflow stage {{ $labels.workflow }}/{{ $labels.stage }} is slow".to_string(),
                 format!(
-                    "p{} duration of stage {{{{ $labels.stage }}}} in workflow {{{{ $labels.workflow }}}} \
-                     is {v0}s over {w} (threshold {}s).",
+                    "Stage {{{{ $labels.stage }}}} in workflow {{{{ $labels.workflow }}}} takes {v0}s: its p{} \
+                     duration over {w}, or the age of a run of it still running (threshold {}s).",
                     num(self.quantile * 100.0),
                     num(self.threshold)
                 ),
-                "Check the stage's slow LLM calls in Langfuse (large prompts, long completions, retries) \
-                 and langfuse_generation_duration_seconds by model; cut prompt size or use a faster model."
+                "Find running stages with GET /v1/workflows/{{ $labels.workflow }}/runs?status=running; check the \
+                 stage's slow LLM calls in Langfuse (large prompts, long completions, gate retries) and \
+                 langfuse_generation_duration_seconds by model; set max_prompt_tokens or a faster model tier for the stage."
                     .to_string(),
             ),
             AlertId::TokenBudgetDepletionPredicted => (

@@ -21,7 +21,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use settings::{LedgerSync, Settings};
 
 use crate::core::budget::{BudgetSource, BudgetSpec};
-use crate::core::engine::EngineConfig;
+use crate::core::engine::{EngineConfig, SwitchPolicy};
 use crate::core::labels::LabelKind;
 use crate::core::persona::{Persona, PersonaRegistry};
 use crate::core::workflow::Workflows;
@@ -390,6 +390,18 @@ impl Config {
                 .unwrap_or(i64::MAX / 1000)
                 .saturating_mul(1000),
             max_sessions: s.max_sessions,
+            switching: SwitchPolicy {
+                cooldown_ms: s.switching.cooldown_ms,
+                cooldown_per_chatmode: self
+                    .workflows
+                    .chatmodes
+                    .iter()
+                    .filter_map(|(name, c)| c.switch_cooldown_ms.map(|ms| (name.clone(), ms)))
+                    .collect(),
+                oscillation_window_ms: s.switching.oscillation_window_ms,
+                suppress_oscillation: s.switching.oscillation_action
+                    == settings::OscillationAction::Suppress,
+            },
         }
     }
 }

@@ -15,7 +15,9 @@ use super::series::{
     CounterVec, HistogramVec, GENERATION_DURATION_BUCKETS, PERSONA_DURATION_BUCKETS,
     STAGE_DURATION_BUCKETS,
 };
-use super::session::{SessionOutcome, Sessions};
+use super::event::GateVerdictEvent;
+use super::runs::{EndedStage, RunStatus, Runs};
+use super::session::{SessionOutcome, SessionView, Sessions};
 
 /// The part of the configuration the core needs, already validated.
 #[derive(Debug, Clone)]
@@ -28,7 +30,71 @@ pub struct EngineConfig {
     pub configured_labels: Vec<(LabelKind, Vec<String>)>,
     pub session_idle_timeout_ms: i64,
     pub max_sessions: usize,
+    pub switching: SwitchPolicy,
 }
+
+/// The persona switch policy (`[switching]` and per-chatmode cooldowns from `chatmodes.yml`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchPolicy {
+    pub cooldown_ms: i64,
+    pub cooldown_per_chatmode: BTreeMap<String, i64>,
+    pub oscillation_window_ms: i64,
+    /// Refuse a switch that would complete an oscillation (else only flag it).
+    pub suppress_oscillation: bool,
+}
+
+impl Default for SwitchPolicy {
+    fn default() -> Self {
+        Self {
+            cooldown_ms: 5_000,
+            cooldown_per_chatmode: BTreeMap::new(),
+            oscillation_window_ms: 120_000,
+            suppress_oscillation: false,
+        }
+    }
+}
+
+impl SwitchPolicy {
+    pub fn cooldown_for(&self, chatmode: &str) -> i64 {
+        self.cooldown_per_chatmode
+            .get(chatmode)
+            .copied()
+            .unwrap_or(self.cooldown_ms)
+    }
+}
+
+/// What the switch policy says of a requested switch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SwitchDecision {
+    /// Switch (`from` is the persona left; `oscillation` when this switch completes A→B→A→B and
+    /// the policy only flags it).
+    Switch {
+        from: Option<String>,
+        oscillation: Option<(String, String)>,
+    },
+    /// The session already is in that persona.
+    AlreadyCurrent,
+    /// Refused: the session keeps `current`.
+    Keep {
+        current: String,
+        /// cooldown | oscillation
+        reason: &'static str,
+        /// For a cooldown: when a switch would be allowed.
+        retry_after_ms: Option<i64>,
+        oscillation: Option<(String, String)>,
+    },
+}
+
+/// An oscillation the engine noticed (kept for `GET /api/oscillations`, newest last).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OscillationNotice {
+    pub at: UnixMillis,
+    pub session: String,
+    pub chatmode: String,
+    pub personas: [String; 2],
+}
+
+const MAX_OSCILLATION_NOTICES: usize = 200;
 
 /// Every series the core keeps. Budget gauges and persona info are derived at render time.
 #[derive(Debug, Clone)]
@@ -55,6 +121,14 @@ pub struct Metrics {
     pub label_values_folded: CounterVec<1>,
     /// persona: budgets that reached their soft limit (once per period each)
     pub soft_limit_reached: CounterVec<1>,
+    /// chatmode, reason: switches refused by the switch policy
+    pub switches_suppressed: CounterVec<2>,
+    /// chatmode: A→B→A→B patterns seen in sessions
+    pub oscillations: CounterVec<1>,
+    /// workflow
+    pub runs_started: CounterVec<1>,
+    /// workflow, status
+    pub runs_finished: CounterVec<2>,
 }
 
 impl Default for Metrics {
@@ -71,6 +145,10 @@ impl Default for Metrics {
             events_applied: CounterVec::default(),
             label_values_folded: CounterVec::default(),
             soft_limit_reached: CounterVec::default(),
+            switches_suppressed: CounterVec::default(),
+            oscillations: CounterVec::default(),
+            runs_started: CounterVec::default(),
+            runs_finished: CounterVec::default(),
         }
     }
 }
@@ -108,6 +186,10 @@ pub struct Engine {
     reserved: HashMap<String, u64>,
     /// Replaying the ledger: rebuild state, but do not log warnings again.
     quiet: bool,
+    runs: Runs,
+    oscillation_notices: std::collections::VecDeque<OscillationNotice>,
+    /// The latest time the engine has seen (events and ticks): what "running for" is measured to.
+    now: UnixMillis,
 }
 
 impl Engine {
@@ -123,6 +205,9 @@ impl Engine {
             kinds: Interned::default(),
             reserved: HashMap::new(),
             quiet: false,
+            runs: Runs::default(),
+            oscillation_notices: std::collections::VecDeque::new(),
+            now,
         };
         engine.reconfigure(config, now);
         engine
@@ -201,12 +286,16 @@ impl Engine {
             none,
             kinds,
             quiet,
+            runs,
             ..
         } = self;
         let personas = &config.personas;
         let mut admit =
             |kind: LabelKind, raw: &str| admit(labels, metrics, config.label_cap, kind, raw);
         let mut closed = SessionOutcome::default();
+        let mut ended: Vec<EndedStage> = Vec::new();
+        // (session, chatmode) of a persona change, checked for oscillation afterwards.
+        let mut changed: Option<(String, Arc<str>)> = None;
         match &stamped.event {
             Event::Usage(u) => {
                 let canonical = personas.canonical(&u.persona);
@@ -217,6 +306,12 @@ impl Engine {
                 let cost = u.cost_usd.unwrap_or(0.0);
                 if let Some(session) = &u.session {
                     closed = sessions.on_usage(session, &persona, &chatmode, at);
+                    if closed.transition.is_some() {
+                        changed = Some((session.clone(), chatmode.clone()));
+                    }
+                }
+                if let (Some(run), Some(stage)) = (&u.run, &u.stage) {
+                    runs.usage(run, stage, tokens);
                 }
                 if let Some(budget) = budgets.get_mut(canonical) {
                     budget.record(at, tokens, cost);
@@ -254,6 +349,9 @@ impl Engine {
                 let to = admit(LabelKind::Persona, personas.canonical(&s.to));
                 let chatmode = admit(LabelKind::Chatmode, &s.chatmode);
                 closed = sessions.on_switch(&s.session, &to, &chatmode, at);
+                if from != to {
+                    changed = Some((s.session.clone(), chatmode.clone()));
+                }
                 metrics.switches.inc_by([from, to, chatmode], 1.0);
             }
             Event::Stage(st) => {
@@ -286,14 +384,123 @@ impl Engine {
                     budget.reset(at);
                 }
             }
+            Event::RunStarted {
+                run,
+                workflow,
+                session,
+            } => {
+                if runs.start_run(run, workflow, session.as_deref(), at) {
+                    let workflow = admit(LabelKind::Workflow, workflow);
+                    metrics.runs_started.inc_by([workflow], 1.0);
+                }
+            }
+            Event::StageStarted {
+                run, stage, persona, ..
+            } => {
+                let persona = persona.as_deref().map(|p| personas.canonical(p));
+                ended = runs.start_stage(run, stage, persona, at);
+            }
+            Event::StageFinished { run, stage, .. } => {
+                ended.extend(runs.finish_stage(run, stage, at));
+            }
+            Event::RunFinished {
+                run,
+                workflow,
+                status,
+            } => {
+                let status = RunStatus::parse(status).unwrap_or(RunStatus::Completed);
+                ended = runs.finish_run(run, status, at);
+                let workflow = admit(LabelKind::Workflow, workflow);
+                metrics
+                    .runs_finished
+                    .inc_by([workflow, Arc::from(status.as_str())], 1.0);
+            }
+            Event::QualityGate(g) => {
+                let GateVerdictEvent {
+                    workflow,
+                    stage,
+                    model,
+                    result,
+                    reasons,
+                    run,
+                    ..
+                } = g;
+                if let Some(run) = run {
+                    runs.gate(run, stage, model, *result, reasons.as_deref());
+                }
+                let workflow = admit(LabelKind::Workflow, workflow);
+                let stage = admit(LabelKind::Stage, stage);
+                let model = admit(LabelKind::Model, model);
+                let (pass, fail) = (kinds.pass.clone(), kinds.fail.clone());
+                let (hit, other) = match result {
+                    GateResult::Pass => (pass, fail),
+                    GateResult::Fail => (fail, pass),
+                };
+                metrics.quality_gates.touch([
+                    workflow.clone(),
+                    stage.clone(),
+                    model.clone(),
+                    other,
+                ]);
+                metrics
+                    .quality_gates
+                    .inc_by([workflow, stage, model, hit], 1.0);
+            }
+            Event::SwitchSuppressed {
+                chatmode, reason, ..
+            } => {
+                let chatmode = admit(LabelKind::Chatmode, chatmode);
+                let reason: Arc<str> = match reason.as_str() {
+                    "cooldown" => Arc::from("cooldown"),
+                    _ => Arc::from("oscillation"),
+                };
+                metrics.switches_suppressed.inc_by([chatmode, reason], 1.0);
+            }
         }
+        // The closure above borrows the metrics; from here on the function is called directly.
+        let cap = config.label_cap;
+        for e in ended {
+            let workflow = self::admit(labels, metrics, cap, LabelKind::Workflow, &e.workflow);
+            let stage = self::admit(labels, metrics, cap, LabelKind::Stage, &e.stage);
+            let persona = match &e.persona {
+                Some(p) => self::admit(labels, metrics, cap, LabelKind::Persona, p),
+                None => none.clone(),
+            };
+            metrics
+                .stage_duration
+                .observe([workflow, stage, persona], e.seconds);
+        }
+        if let Some((session, chatmode)) = changed {
+            if let Some((a, b)) =
+                sessions.oscillation(&session, config.switching.oscillation_window_ms)
+            {
+                metrics.oscillations.inc_by([chatmode.clone()], 1.0);
+                if !*quiet {
+                    tracing::warn!(session = %session, chatmode = %chatmode, personas = %format!("{a},{b}"),
+                        "session `{session}` oscillates between `{a}` and `{b}` (A->B->A->B within {} s); \
+                         add a cooldown or route by capability (POST /v1/personas/route)",
+                        config.switching.oscillation_window_ms / 1000);
+                }
+                self.oscillation_notices.push_back(OscillationNotice {
+                    at,
+                    session,
+                    chatmode: chatmode.to_string(),
+                    personas: [a.to_string(), b.to_string()],
+                });
+                while self.oscillation_notices.len() > MAX_OSCILLATION_NOTICES {
+                    self.oscillation_notices.pop_front();
+                }
+            }
+        }
+        self.now = self.now.max(at);
         let kind = match &stamped.event {
             Event::Usage(_) => &kinds.usage,
             Event::PersonaSwitch(_) => &kinds.persona_switch,
             Event::Stage(_) => &kinds.stage,
             Event::BudgetReset { .. } => &kinds.budget_reset,
+            other => &Arc::from(other.kind()),
         };
-        metrics.events_applied.inc_by([kind.clone()], 1.0);
+        self.metrics.events_applied.inc_by([kind.clone()], 1.0);
         self.absorb(closed);
     }
 
@@ -366,6 +573,7 @@ impl Engine {
 
     /// Advances time: closes idle sessions and starts new budget periods.
     pub fn tick(&mut self, now: UnixMillis) {
+        self.now = self.now.max(now);
         let closed = self.sessions.expire(now);
         self.absorb(SessionOutcome {
             closed,
@@ -425,6 +633,71 @@ impl Engine {
 
     pub fn open_sessions(&self) -> usize {
         self.sessions.len()
+    }
+
+    pub fn session(&self, id: &str) -> Option<SessionView> {
+        self.sessions.view(id)
+    }
+
+    pub fn runs(&self) -> &Runs {
+        &self.runs
+    }
+
+    /// The latest time seen (events and ticks).
+    pub fn now(&self) -> UnixMillis {
+        self.now
+    }
+
+    pub fn oscillation_notices(&self) -> impl Iterator<Item = &OscillationNotice> {
+        self.oscillation_notices.iter()
+    }
+
+    /// What the switch policy says of switching `session` to `to` in `chatmode` at `now`.
+    pub fn decide_switch(
+        &self,
+        session: &str,
+        to: &str,
+        chatmode: &str,
+        now: UnixMillis,
+    ) -> SwitchDecision {
+        let policy = &self.config.switching;
+        let to: Arc<str> = Arc::from(self.config.personas.canonical(to));
+        let Some((current, last_switch)) = self.sessions.current(session, now) else {
+            return SwitchDecision::Switch {
+                from: None,
+                oscillation: None,
+            };
+        };
+        if current == to {
+            return SwitchDecision::AlreadyCurrent;
+        }
+        let cooldown = policy.cooldown_for(chatmode);
+        if let Some(last) = last_switch {
+            if now - last < cooldown {
+                return SwitchDecision::Keep {
+                    current: current.to_string(),
+                    reason: "cooldown",
+                    retry_after_ms: Some(last + cooldown - now),
+                    oscillation: None,
+                };
+            }
+        }
+        let oscillation = self
+            .sessions
+            .would_oscillate(session, &to, now, policy.oscillation_window_ms)
+            .map(|(a, b)| (a.to_string(), b.to_string()));
+        if oscillation.is_some() && policy.suppress_oscillation {
+            return SwitchDecision::Keep {
+                current: current.to_string(),
+                reason: "oscillation",
+                retry_after_ms: None,
+                oscillation,
+            };
+        }
+        SwitchDecision::Switch {
+            from: Some(current.to_string()),
+            oscillation,
+        }
     }
 }
 

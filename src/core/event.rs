@@ -16,6 +16,65 @@ pub enum Event {
     BudgetReset {
         persona: String,
     },
+    /// `POST /v1/workflows/{workflow}/runs`.
+    RunStarted {
+        run: String,
+        workflow: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+    },
+    /// A stage of a run began (through the API, or implicitly with the run's first call for it).
+    StageStarted {
+        run: String,
+        workflow: String,
+        stage: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        persona: Option<String>,
+    },
+    /// A stage of a run ended; its duration is the time since it started.
+    StageFinished {
+        run: String,
+        workflow: String,
+        stage: String,
+    },
+    RunFinished {
+        run: String,
+        workflow: String,
+        /// completed | failed | cancelled
+        status: String,
+    },
+    /// One verdict of a stage's quality gate (one per attempt).
+    QualityGate(GateVerdictEvent),
+    /// A switch refused by the switch policy (cooldown, or an oscillation in `suppress` mode).
+    SwitchSuppressed {
+        session: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        to: String,
+        chatmode: String,
+        /// cooldown | oscillation
+        reason: String,
+    },
+}
+
+/// One quality-gate verdict, as counted by `hypertool_workflow_quality_gate_total`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateVerdictEvent {
+    pub workflow: String,
+    pub stage: String,
+    pub model: String,
+    pub result: GateResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasons: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// 1 for the first attempt of a call, 2 for its first gate retry, …
+    #[serde(default = "one")]
+    pub attempt: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Tokens spent by one LLM call.
@@ -32,6 +91,9 @@ pub struct Usage {
     pub stage: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The workflow run this call belongs to (its tokens count toward the stage's budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
     /// How long the LLM call took (feeds `langfuse_generation_duration_seconds{model}`).
@@ -104,6 +166,12 @@ impl Event {
             Event::PersonaSwitch(_) => "persona_switch",
             Event::Stage(_) => "stage",
             Event::BudgetReset { .. } => "budget_reset",
+            Event::RunStarted { .. } => "run_started",
+            Event::StageStarted { .. } => "stage_started",
+            Event::StageFinished { .. } => "stage_finished",
+            Event::RunFinished { .. } => "run_finished",
+            Event::QualityGate(_) => "quality_gate",
+            Event::SwitchSuppressed { .. } => "switch_suppressed",
         }
     }
 }

@@ -8,8 +8,10 @@
 //! idle past the timeout first closes the old period. A live server and a ledger replay therefore
 //! reach the same state whatever the tick timing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+
+use serde::Serialize;
 
 use super::clock::UnixMillis;
 
@@ -19,6 +21,26 @@ struct SessionState {
     chatmode: Arc<str>,
     since: UnixMillis,
     last_activity: UnixMillis,
+    /// The personas entered, oldest first, with when (the last few only: enough to see A→B→A→B).
+    history: VecDeque<(Arc<str>, UnixMillis)>,
+    /// When the session last changed persona (its first persona is not a switch).
+    last_switch: Option<UnixMillis>,
+}
+
+/// How many persona entries a session remembers.
+const HISTORY: usize = 8;
+
+/// A session as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionView {
+    pub persona: String,
+    pub chatmode: String,
+    pub since: UnixMillis,
+    pub last_activity: UnixMillis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_switch: Option<UnixMillis>,
+    /// Personas entered, oldest first: (persona, at).
+    pub history: Vec<(String, UnixMillis)>,
 }
 
 /// A finished stretch of time one session spent in one persona.
@@ -92,7 +114,7 @@ impl Sessions {
             Some(state) if &state.persona == persona => {
                 // Same persona, another chatmode: time so far belongs to the old chatmode.
                 outcome.closed.push(close(state, at));
-                *state = open_state(persona, chatmode, at);
+                reopen(state, persona, chatmode, at);
             }
             Some(state) => {
                 outcome.closed.push(close(state, at));
@@ -101,7 +123,7 @@ impl Sessions {
                     to: persona.clone(),
                     chatmode: chatmode.clone(),
                 });
-                *state = open_state(persona, chatmode, at);
+                reopen(state, persona, chatmode, at);
             }
             None => {
                 self.insert(
@@ -127,11 +149,67 @@ impl Sessions {
         match self.open.get_mut(session) {
             Some(state) => {
                 outcome.closed.push(close(state, at));
-                *state = open_state(to, chatmode, at);
+                reopen(state, to, chatmode, at);
             }
             None => self.insert(session, open_state(to, chatmode, at), &mut outcome.closed),
         }
         outcome
+    }
+
+    /// The session, as the API shows it.
+    pub fn view(&self, session: &str) -> Option<SessionView> {
+        self.open.get(session).map(|s| SessionView {
+            persona: s.persona.to_string(),
+            chatmode: s.chatmode.to_string(),
+            since: s.since,
+            last_activity: s.last_activity,
+            last_switch: s.last_switch,
+            history: s
+                .history
+                .iter()
+                .map(|(p, at)| (p.to_string(), *at))
+                .collect(),
+        })
+    }
+
+    /// The current persona and when the session last switched, if it is open and not idle at `now`.
+    pub fn current(&self, session: &str, now: UnixMillis) -> Option<(Arc<str>, Option<UnixMillis>)> {
+        self.open
+            .get(session)
+            .filter(|s| now - s.last_activity <= self.idle_timeout_ms)
+            .map(|s| (s.persona.clone(), s.last_switch))
+    }
+
+    /// Whether the session's last persona changes alternate between two personas (A→B→A→B)
+    /// within `window_ms`.
+    pub fn oscillation(&self, session: &str, window_ms: i64) -> Option<(Arc<str>, Arc<str>)> {
+        let s = self.open.get(session)?;
+        let n = s.history.len();
+        if n < 4 {
+            return None;
+        }
+        let last: Vec<(&Arc<str>, UnixMillis)> =
+            s.history.iter().skip(n - 4).map(|(p, t)| (p, *t)).collect();
+        alternating(&last, window_ms)
+    }
+
+    /// Whether switching the session to `to` at `at` would complete an A→B→A→B within `window_ms`.
+    pub fn would_oscillate(
+        &self,
+        session: &str,
+        to: &Arc<str>,
+        at: UnixMillis,
+        window_ms: i64,
+    ) -> Option<(Arc<str>, Arc<str>)> {
+        let s = self.open.get(session)?;
+        let n = s.history.len();
+        if n < 3 {
+            return None;
+        }
+        let mut last: Vec<(&Arc<str>, UnixMillis)> =
+            s.history.iter().skip(n - 3).map(|(p, t)| (p, *t)).collect();
+        last.push((to, at));
+        alternating(&last, window_ms)
     }
 
     /// Closes every session idle past the timeout at `now`.
@@ -182,7 +260,37 @@ fn open_state(persona: &Arc<str>, chatmode: &Arc<str>, at: UnixMillis) -> Sessio
         chatmode: chatmode.clone(),
         since: at,
         last_activity: at,
+        history: VecDeque::from([(persona.clone(), at)]),
+        last_switch: None,
     }
+}
+
+/// A new persona period in a live session; a persona change is remembered in its history.
+fn reopen(state: &mut SessionState, persona: &Arc<str>, chatmode: &Arc<str>, at: UnixMillis) {
+    if &state.persona != persona {
+        state.history.push_back((persona.clone(), at));
+        while state.history.len() > HISTORY {
+            state.history.pop_front();
+        }
+        state.last_switch = Some(at);
+    }
+    state.persona = persona.clone();
+    state.chatmode = chatmode.clone();
+    state.since = at;
+    state.last_activity = state.last_activity.max(at);
+}
+
+/// Whether the last four personas entered are A, B, A, B (A ≠ B), the first of them within
+/// `window_ms` of the last: the two personas when so.
+fn alternating(
+    entries: &[(&Arc<str>, UnixMillis)],
+    window_ms: i64,
+) -> Option<(Arc<str>, Arc<str>)> {
+    let [(a1, t0), (b1, _), (a2, _), (b2, t3)] = entries else {
+        return None;
+    };
+    (a1 == a2 && b1 == b2 && a1 != b1 && t3 - t0 <= window_ms)
+        .then(|| ((*a1).clone(), (*b1).clone()))
 }
 
 fn close(state: &SessionState, end: UnixMillis) -> PersonaPeriod {
@@ -261,6 +369,29 @@ mod tests {
         );
         let closed = sessions.expire(20_000 + 60_001);
         assert_eq!((&*closed[0].chatmode, closed[0].seconds), ("review", 0.0));
+    }
+
+    #[test]
+    fn alternating_personas_within_the_window_are_an_oscillation() {
+        let mut sessions = Sessions::new(i64::MAX, 10);
+        let (a, b, c, cm) = (s("a"), s("b"), s("c"), s("dev"));
+        sessions.on_switch("s", &a, &cm, 0);
+        sessions.on_switch("s", &b, &cm, 1_000);
+        sessions.on_switch("s", &a, &cm, 2_000);
+        assert_eq!(sessions.oscillation("s", 60_000), None);
+        assert_eq!(
+            sessions.would_oscillate("s", &b, 3_000, 60_000),
+            Some((a.clone(), b.clone()))
+        );
+        assert_eq!(sessions.would_oscillate("s", &c, 3_000, 60_000), None);
+        // Outside the window: the same pattern spread over too long is not flagged.
+        assert_eq!(sessions.would_oscillate("s", &b, 60_001, 60_000), None);
+        sessions.on_switch("s", &b, &cm, 3_000);
+        assert_eq!(sessions.oscillation("s", 60_000), Some((a.clone(), b.clone())));
+        let view = sessions.view("s").unwrap();
+        assert_eq!(view.history.len(), 4);
+        assert_eq!(view.last_switch, Some(3_000));
+        assert_eq!(sessions.current("s", 3_500).map(|c| c.1), Some(Some(3_000)));
     }
 
     #[test]

@@ -315,6 +315,7 @@ async fn record(
     started: Instant,
 ) {
     let event = Event::Usage(Usage {
+        run: None,
         persona: meta.persona.clone(),
         chatmode: meta.chatmode.clone(),
         model: meta.route.name.clone(),

@@ -109,6 +109,23 @@ impl Ledger for SqliteLedger {
                     Event::BudgetReset { persona } => {
                         (Some(persona.as_str()), None, None, None, None, None)
                     }
+                    Event::StageStarted { persona, .. } => {
+                        (persona.as_deref(), None, None, None, None, None)
+                    }
+                    Event::QualityGate(g) => {
+                        (None, None, Some(g.model.as_str()), None, None, None)
+                    }
+                    Event::SwitchSuppressed { to, chatmode, .. } => (
+                        Some(to.as_str()),
+                        Some(chatmode.as_str()),
+                        None,
+                        None,
+                        None,
+                        None,
+                    ),
+                    Event::RunStarted { .. }
+                    | Event::StageFinished { .. }
+                    | Event::RunFinished { .. } => (None, None, None, None, None, None),
                 };
                 stmt.execute(params![
                     s.at,

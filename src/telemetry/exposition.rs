@@ -286,6 +286,43 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         ["workflow", "stage", "model", "result"],
         &m.quality_gates,
     );
+    w.header(
+        "hypertool_workflow_stage_running_seconds",
+        "gauge",
+        "Age of the oldest stage still running, per workflow and stage (a hung stage shows here before it ever ends).",
+    );
+    let now = engine.now();
+    for ((workflow, stage), since) in engine.runs().oldest_running() {
+        w.sample(
+            "hypertool_workflow_stage_running_seconds",
+            &[("workflow", &workflow), ("stage", &stage)],
+            (now - since).max(0) as f64 / 1000.0,
+        );
+    }
+    w.counter_vec(
+        "hypertool_workflow_runs_started_total",
+        "Workflow runs started (POST /v1/workflows/{workflow}/runs).",
+        ["workflow"],
+        &m.runs_started,
+    );
+    w.counter_vec(
+        "hypertool_workflow_runs_finished_total",
+        "Workflow runs finished, by status (completed, failed, cancelled).",
+        ["workflow", "status"],
+        &m.runs_finished,
+    );
+    w.counter_vec(
+        "hypertool_persona_switches_suppressed_total",
+        "Persona switches refused by the switch policy; reason is cooldown or oscillation.",
+        ["chatmode", "reason"],
+        &m.switches_suppressed,
+    );
+    w.counter_vec(
+        "hypertool_persona_oscillations_total",
+        "Sessions seen switching A->B->A->B within the oscillation window.",
+        ["chatmode"],
+        &m.oscillations,
+    );
 
     w.header(
         "hypertool_persona_info",
