@@ -648,7 +648,7 @@ impl Engine {
         self.now
     }
 
-    pub fn oscillation_notices(&self) -> impl Iterator<Item = &OscillationNotice> {
+    pub fn oscillation_notices(&self) -> impl DoubleEndedIterator<Item = &OscillationNotice> {
         self.oscillation_notices.iter()
     }
 

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
 use crate::core::engine::{Admission, Engine};
 use crate::core::event::{Event, Stamped, Usage};
+use crate::core::workflow::Workflows;
 use crate::server::error::ApiError;
 use crate::server::AppState;
 use crate::store::writer::lock;
@@ -38,6 +39,7 @@ use upstream::UpstreamError;
 /// Gateway configuration (hot-reloaded) and its HTTP client.
 pub struct Gateway {
     settings: RwLock<Arc<GatewaySettings>>,
+    workflows: RwLock<Arc<Workflows>>,
     http: reqwest::Client,
     outcomes: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tools_removed: Mutex<BTreeMap<String, u64>>,
@@ -47,8 +49,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(settings: GatewaySettings) -> Self {
+    pub fn new(settings: GatewaySettings, workflows: Workflows) -> Self {
         Gateway {
+            workflows: RwLock::new(Arc::new(workflows)),
             cache: cache::ResponseCache::new(settings.cache.max_entries),
             in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
             settings: RwLock::new(Arc::new(settings)),
@@ -68,8 +71,17 @@ impl Gateway {
             .clone()
     }
 
-    pub fn reconfigure(&self, settings: GatewaySettings) {
+    pub fn reconfigure(&self, settings: GatewaySettings, workflows: Workflows) {
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+        *self.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(workflows);
+    }
+
+    /// Workflows and chatmodes (hot-reloaded with the rest of the configuration).
+    pub fn workflows(&self) -> Arc<Workflows> {
+        self.workflows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn count_tools(&self, persona: &str, n: u64) {

@@ -8,6 +8,8 @@
 pub mod admin;
 pub mod error;
 pub mod events;
+pub mod personas;
+pub mod workflows;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -76,6 +78,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     pub deliverer: Arc<Mutex<Deliverer>>,
     pub gateway: Arc<crate::gateway::Gateway>,
+    /// Serializes `POST /v1/personas/switch` so two requests cannot both pass a cooldown.
+    pub switch_lock: Arc<tokio::sync::Mutex<()>>,
     /// Work that must finish before the ledger closes (gateway calls' accounting, stream relays).
     pub tasks: tokio_util::task::TaskTracker,
     /// Where alert notifications point back to (`/api/alerts` on the API listener).
@@ -242,7 +246,11 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         delivery_stats.clone(),
     );
     let state = AppState {
-        gateway: Arc::new(crate::gateway::Gateway::new(cfg.settings.gateway.clone())),
+        gateway: Arc::new(crate::gateway::Gateway::new(
+            cfg.settings.gateway.clone(),
+            cfg.workflows.clone(),
+        )),
+        switch_lock: Arc::new(tokio::sync::Mutex::new(())),
         tasks: tokio_util::task::TaskTracker::new(),
         generator_url,
         deliverer: Arc::new(Mutex::new(deliverer)),
@@ -391,7 +399,9 @@ fn spawn_background(
             }
             let now = reload_state.clock.now_ms();
             lock(&reload_state.engine).reconfigure(new.engine_config(), now);
-            reload_state.gateway.reconfigure(new.settings.gateway.clone());
+            reload_state
+                .gateway
+                .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
             let old_delivery = lock_alerts(&reload_state.alerts).settings().delivery.clone();
             lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), langfuse_status(&new));
             if new.settings.alerts.delivery != old_delivery {
@@ -486,6 +496,30 @@ fn api_router(state: AppState) -> Router {
         )
         .route("/v1/models", get(crate::gateway::list_models))
         .route("/v1/embeddings", post(crate::gateway::embeddings))
+        .route("/v1/workflows", get(workflows::list_workflows))
+        .route("/v1/workflows/{workflow}", get(workflows::get_workflow))
+        .route(
+            "/v1/workflows/{workflow}/runs",
+            post(workflows::create_run).get(workflows::list_runs),
+        )
+        .route("/v1/workflows/{workflow}/runs/{run}", get(workflows::get_run))
+        .route(
+            "/v1/workflows/{workflow}/runs/{run}/finish",
+            post(workflows::finish_run),
+        )
+        .route(
+            "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/start",
+            post(workflows::start_stage),
+        )
+        .route(
+            "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/finish",
+            post(workflows::finish_stage),
+        )
+        .route("/v1/quality-gates/evaluate", post(workflows::evaluate_gate))
+        .route("/v1/personas/switch", post(personas::switch))
+        .route("/v1/personas/route", post(personas::route))
+        .route("/api/sessions/{session}", get(personas::get_session))
+        .route("/api/oscillations", get(personas::list_oscillations))
         .route("/api/personas", get(admin::list_personas))
         .route("/api/budgets", get(admin::list_budgets))
         .route(

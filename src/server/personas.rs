@@ -1,0 +1,236 @@
+//! Persona switching with a policy, capability routing, and the session view.
+//!
+//! ```text
+//! POST /v1/personas/switch  {"session", "to", "chatmode"?}   → the persona in force
+//! POST /v1/personas/route   {"task", "session"?}             → who should handle the task
+//! GET  /api/sessions/{session}                               → persona, history, time in persona
+//! GET  /api/oscillations                                     → recent A→B→A→B sessions
+//! ```
+//!
+//! A switch inside the chatmode's cooldown keeps the current persona, answers so, and is recorded
+//! (`switch_suppressed` event, `hypertool_persona_switches_suppressed_total`). A switch that
+//! completes A→B→A→B within the oscillation window is flagged (and refused when
+//! `switching.oscillation_action = "suppress"`).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::workflows::typed_body;
+use super::AppState;
+use crate::core::clock::to_rfc3339;
+use crate::core::engine::SwitchDecision;
+use crate::core::event::{Event, PersonaSwitch, Stamped};
+use crate::core::routing;
+use crate::store::writer::lock;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchRequest {
+    session: String,
+    to: String,
+    chatmode: Option<String>,
+}
+
+fn check_session(session: &str) -> Result<(), ApiError> {
+    if session.is_empty() || session.len() > 256 {
+        return Err(ApiError::bad_request(
+            "invalid_session",
+            "session must be 1 to 256 characters",
+        )
+        .param("session"));
+    }
+    Ok(())
+}
+
+fn unknown_persona(state: &AppState, name: &str, param: &str) -> ApiError {
+    let engine = lock(&state.engine);
+    let known: Vec<&str> = engine.personas().iter().map(|p| p.name.as_str()).collect();
+    ApiError::bad_request(
+        "unknown_persona",
+        format!(
+            "unknown persona `{name}`; known personas: {}",
+            known.join(", ")
+        ),
+    )
+    .param(param)
+}
+
+pub async fn switch(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: SwitchRequest = typed_body(
+        body,
+        state.max_body_bytes,
+        "{\"session\": \"…\", \"to\": \"persona\", \"chatmode\"?: \"…\"}",
+    )?;
+    check_session(&req.session)?;
+    let to = match lock(&state.engine).personas().get(&req.to) {
+        Some(p) => p.name.clone(),
+        None => return Err(unknown_persona(&state, &req.to, "to")),
+    };
+    let chatmode = req
+        .chatmode
+        .unwrap_or_else(|| state.gateway.settings().default_chatmode.clone());
+    // One decision at a time: two concurrent requests must not both pass a cooldown.
+    let _serial = state.switch_lock.lock().await;
+    let now = state.clock.now_ms();
+    let decision = lock(&state.engine).decide_switch(&req.session, &to, &chatmode, now);
+    let oscillation_json = |o: &Option<(String, String)>| {
+        o.as_ref()
+            .map(|(a, b)| json!({ "personas": [a, b] }))
+            .unwrap_or(Value::Null)
+    };
+    match decision {
+        SwitchDecision::AlreadyCurrent => Ok(Json(json!({
+            "session": req.session,
+            "persona": to,
+            "switched": false,
+            "reason": "already_current",
+        }))),
+        SwitchDecision::Switch { from, oscillation } => {
+            state
+                .writer
+                .append(vec![Stamped {
+                    at: now,
+                    event: Event::PersonaSwitch(PersonaSwitch {
+                        session: req.session.clone(),
+                        from: from.clone(),
+                        to: to.clone(),
+                        chatmode: chatmode.clone(),
+                    }),
+                }])
+                .await?;
+            Ok(Json(json!({
+                "session": req.session,
+                "persona": to,
+                "switched": true,
+                "from": from,
+                "chatmode": chatmode,
+                "oscillation": oscillation_json(&oscillation),
+            })))
+        }
+        SwitchDecision::Keep {
+            current,
+            reason,
+            retry_after_ms,
+            oscillation,
+        } => {
+            state
+                .writer
+                .append(vec![Stamped {
+                    at: now,
+                    event: Event::SwitchSuppressed {
+                        session: req.session.clone(),
+                        from: Some(current.clone()),
+                        to: to.clone(),
+                        chatmode: chatmode.clone(),
+                        reason: reason.to_string(),
+                    },
+                }])
+                .await?;
+            tracing::info!(session = %req.session, persona = %current, requested = %to,
+                chatmode = %chatmode, reason, "persona switch suppressed");
+            Ok(Json(json!({
+                "session": req.session,
+                "persona": current,
+                "switched": false,
+                "requested": to,
+                "chatmode": chatmode,
+                "reason": reason,
+                "retry_after_seconds": retry_after_ms.map(|ms| ms as f64 / 1000.0),
+                "oscillation": oscillation_json(&oscillation),
+            })))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteRequest {
+    task: String,
+    session: Option<String>,
+}
+
+pub async fn route(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: RouteRequest = typed_body(
+        body,
+        state.max_body_bytes,
+        "{\"task\": \"what needs doing\", \"session\"?: \"…\"}",
+    )?;
+    if req.task.trim().is_empty() {
+        return Err(
+            ApiError::bad_request("invalid_task", "task must describe the work to route")
+                .param("task"),
+        );
+    }
+    if let Some(s) = &req.session {
+        check_session(s)?;
+    }
+    let now = state.clock.now_ms();
+    let engine = lock(&state.engine);
+    let current = req
+        .session
+        .as_deref()
+        .and_then(|s| engine.session(s))
+        .filter(|v| now - v.last_activity <= engine.config().session_idle_timeout_ms)
+        .map(|v| v.persona);
+    let decision = routing::route(engine.personas(), current.as_deref(), &req.task);
+    Ok(Json(json!({
+        "session": req.session,
+        "current": current,
+        "persona": decision.persona,
+        "keep": decision.keep,
+        "reason": decision.reason,
+        "scores": decision.scores,
+    })))
+}
+
+pub async fn get_session(
+    State(state): State<AppState>,
+    Path(session): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let now = state.clock.now_ms();
+    let engine = lock(&state.engine);
+    let Some(view) = engine.session(&session) else {
+        return Err(ApiError::not_found(
+            "unknown_session",
+            format!("no open session `{session}` (sessions close after the idle timeout)"),
+        ));
+    };
+    Ok(Json(json!({
+        "session": session,
+        "persona": view.persona,
+        "chatmode": view.chatmode,
+        "in_persona_since": to_rfc3339(view.since),
+        "seconds_in_persona": (now - view.since).max(0) as f64 / 1000.0,
+        "last_activity": to_rfc3339(view.last_activity),
+        "last_switch": view.last_switch.map(to_rfc3339),
+        "history": view.history.iter().map(|(p, at)| json!({"persona": p, "at": to_rfc3339(*at)})).collect::<Vec<_>>(),
+    })))
+}
+
+pub async fn list_oscillations(State(state): State<AppState>) -> Json<Value> {
+    let engine = lock(&state.engine);
+    let data: Vec<Value> = engine
+        .oscillation_notices()
+        .rev()
+        .map(|o| {
+            json!({
+                "at": to_rfc3339(o.at),
+                "session": o.session,
+                "chatmode": o.chatmode,
+                "personas": o.personas,
+            })
+        })
+        .collect();
+    Json(json!({ "data": data }))
+}

@@ -1,0 +1,633 @@
+//! The workflow API: workflows as configured, runs and their stages, and quality-gate evaluation
+//! for agents that call their LLM themselves.
+//!
+//! ```text
+//! GET  /v1/workflows                                         every workflow, stages resolved
+//! GET  /v1/workflows/{workflow}
+//! POST /v1/workflows/{workflow}/runs                         {"session"?}           → 201 run
+//! GET  /v1/workflows/{workflow}/runs?status=running
+//! GET  /v1/workflows/{workflow}/runs/{run}
+//! POST /v1/workflows/{workflow}/runs/{run}/stages/{stage}/start   {"persona"?}
+//! POST /v1/workflows/{workflow}/runs/{run}/stages/{stage}/finish  {"gate"?, "model"?, "reasons"?}
+//! POST /v1/workflows/{workflow}/runs/{run}/finish            {"status"?: completed|failed|cancelled}
+//! POST /v1/quality-gates/evaluate                            {"workflow","stage","text",…}
+//! ```
+//!
+//! Every change is a ledger event (acknowledged once stored), so runs survive a restart.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::config::gateway::GatewaySettings;
+use crate::core::clock::to_rfc3339;
+use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped};
+use crate::core::runs::{Run, RunStatus, StageStatus};
+use crate::core::workflow::{CodeBlock, ModelChoice, QualityGate, Stage, Workflow};
+use crate::store::writer::lock;
+
+/// A JSON body into `T` (an empty body is `{}`), or a 400 that names the problem and the shape.
+pub fn typed_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+    shape: &str,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, limit))?;
+    let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &body
+    };
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() {
+            "malformed_json"
+        } else {
+            "invalid_body"
+        };
+        ApiError::bad_request(code, format!("{e}; the body is {shape}"))
+    })
+}
+
+fn unknown_workflow(state: &AppState, name: &str) -> ApiError {
+    let known: Vec<String> = state
+        .gateway
+        .workflows()
+        .workflows
+        .keys()
+        .cloned()
+        .collect();
+    ApiError::not_found(
+        "unknown_workflow",
+        format!(
+            "unknown workflow `{name}`; configured workflows: {} (see [workflows] dir in hypertool.toml)",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        ),
+    )
+    .param("workflow")
+}
+
+pub fn unknown_stage(workflow: &Workflow, stage: &str) -> ApiError {
+    ApiError::not_found(
+        "unknown_stage",
+        format!(
+            "workflow `{}` has no stage `{stage}`; its stages: {}",
+            workflow.name,
+            workflow.stage_names().join(", ")
+        ),
+    )
+    .param("stage")
+}
+
+pub fn workflow_named(state: &AppState, name: &str) -> Result<Arc<Workflow>, ApiError> {
+    state
+        .gateway
+        .workflows()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| unknown_workflow(state, name))
+}
+
+/// The run, checked to belong to `workflow`.
+pub fn run_of(state: &AppState, workflow: &str, run: &str) -> Result<Run, ApiError> {
+    let engine = lock(&state.engine);
+    let Some(r) = engine.runs().get(run) else {
+        return Err(ApiError::not_found(
+            "unknown_run",
+            format!("no run `{run}` (runs are created with POST /v1/workflows/{workflow}/runs; finished runs are kept up to a bound)"),
+        )
+        .param("run"));
+    };
+    if r.workflow != workflow {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "run_workflow_mismatch",
+            format!(
+                "run `{run}` belongs to workflow `{}`, not `{workflow}`",
+                r.workflow
+            ),
+        )
+        .param("run"));
+    }
+    Ok(r.clone())
+}
+
+fn conflict(code: &'static str, message: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "invalid_request_error", code, message)
+}
+
+fn choice_json(settings: &GatewaySettings, choice: &Option<ModelChoice>) -> (Value, Value) {
+    match choice {
+        None => (Value::Null, Value::Null),
+        Some(c) => (
+            json!(c.to_string()),
+            settings
+                .resolve_choice(c)
+                .map(|r| json!(r.name))
+                .unwrap_or(Value::Null),
+        ),
+    }
+}
+
+pub fn gate_json(g: &QualityGate) -> Value {
+    let mut m = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        if !v.is_null() {
+            m.insert(k.to_string(), v);
+        }
+    };
+    put("min_lines", json!(g.min_lines));
+    put("max_lines", json!(g.max_lines));
+    if !g.required_sections.is_empty() {
+        put("required_sections", json!(g.required_sections));
+    }
+    if !g.must_match.is_empty() {
+        put(
+            "must_match",
+            json!(g.must_match.iter().map(|p| &p.source).collect::<Vec<_>>()),
+        );
+    }
+    if !g.must_not_match.is_empty() {
+        put(
+            "must_not_match",
+            json!(g
+                .must_not_match
+                .iter()
+                .map(|p| &p.source)
+                .collect::<Vec<_>>()),
+        );
+    }
+    put(
+        "code_block",
+        match &g.code_block {
+            None => Value::Null,
+            Some(CodeBlock::Any) => json!(true),
+            Some(CodeBlock::Language(l)) => json!(l),
+        },
+    );
+    put(
+        "json_schema",
+        g.json_schema
+            .as_ref()
+            .map(|s| s.source.clone())
+            .unwrap_or(Value::Null),
+    );
+    put("max_completion_tokens", json!(g.max_completion_tokens));
+    Value::Object(m)
+}
+
+fn stage_json(settings: &GatewaySettings, s: &Stage) -> Value {
+    let (model, resolved) = choice_json(settings, &s.model);
+    let (escalation, escalation_resolved) = choice_json(settings, &s.escalation_model);
+    json!({
+        "name": s.name,
+        "persona": s.persona,
+        "model": model,
+        "resolved_model": resolved,
+        "budget_tokens": s.budget_tokens,
+        "retries": s.retries,
+        "escalation_model": escalation,
+        "resolved_escalation_model": escalation_resolved,
+        "max_prompt_tokens": s.max_prompt_tokens,
+        "quality_gate": s.gate.as_ref().map(gate_json),
+    })
+}
+
+fn workflow_json(state: &AppState, w: &Workflow) -> Value {
+    let settings = state.gateway.settings();
+    let names: Vec<String> = state
+        .gateway
+        .workflows()
+        .chatmodes
+        .iter()
+        .filter(|(_, c)| c.workflow.as_deref() == Some(w.name.as_str()))
+        .map(|(n, _)| n.clone())
+        .collect();
+    json!({
+        "name": w.name,
+        "description": w.description,
+        "chatmodes": names,
+        "stages": w.stages.iter().map(|s| stage_json(&settings, s)).collect::<Vec<_>>(),
+    })
+}
+
+pub fn run_json(run: &Run) -> Value {
+    let stages: serde_json::Map<String, Value> = run
+        .stages
+        .iter()
+        .map(|(name, s)| {
+            (
+                name.clone(),
+                json!({
+                    "status": s.status,
+                    "persona": s.persona,
+                    "started_at": to_rfc3339(s.started_at),
+                    "finished_at": s.finished_at.map(to_rfc3339),
+                    "duration_seconds": s.duration_seconds,
+                    "attempts": s.attempts,
+                    "gate_passes": s.gate_passes,
+                    "gate_failures": s.gate_failures,
+                    "last_gate": s.last_gate,
+                    "last_reasons": s.last_reasons,
+                    "last_model": s.last_model,
+                    "tokens": s.tokens,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "id": run.id,
+        "workflow": run.workflow,
+        "session": run.session,
+        "status": run.status,
+        "created_at": to_rfc3339(run.created_at),
+        "finished_at": run.finished_at.map(to_rfc3339),
+        "tokens": run.tokens(),
+        "stages": stages,
+    })
+}
+
+pub async fn list_workflows(State(state): State<AppState>) -> Json<Value> {
+    let workflows = state.gateway.workflows();
+    let data: Vec<Value> = workflows
+        .workflows
+        .values()
+        .map(|w| workflow_json(&state, w))
+        .collect();
+    Json(json!({ "data": data }))
+}
+
+pub async fn get_workflow(
+    State(state): State<AppState>,
+    Path(workflow): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let w = workflow_named(&state, &workflow)?;
+    Ok(Json(workflow_json(&state, &w)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRun {
+    session: Option<String>,
+}
+
+fn new_run_id(state: &AppState) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let id = format!(
+            "run-{:x}-{:04x}",
+            state.clock.now_ms(),
+            SEQ.fetch_add(1, Ordering::Relaxed) & 0xffff
+        );
+        if lock(&state.engine).runs().get(&id).is_none() {
+            return id;
+        }
+    }
+}
+
+async fn store(state: &AppState, events: Vec<Event>) -> Result<(), ApiError> {
+    let at = state.clock.now_ms();
+    state
+        .writer
+        .append(
+            events
+                .into_iter()
+                .map(|event| Stamped { at, event })
+                .collect(),
+        )
+        .await?;
+    Ok(())
+}
+
+fn current_run(state: &AppState, workflow: &str, run: &str) -> Result<Json<Value>, ApiError> {
+    run_of(state, workflow, run).map(|r| Json(run_json(&r)))
+}
+
+pub async fn create_run(
+    State(state): State<AppState>,
+    Path(workflow): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let w = workflow_named(&state, &workflow)?;
+    let req: CreateRun = typed_body(body, state.max_body_bytes, "{\"session\"?: \"…\"}")?;
+    if req.session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 256) {
+        return Err(
+            ApiError::bad_request("invalid_session", "session must be 1 to 256 characters")
+                .param("session"),
+        );
+    }
+    let id = new_run_id(&state);
+    store(
+        &state,
+        vec![Event::RunStarted {
+            run: id.clone(),
+            workflow: w.name.clone(),
+            session: req.session,
+        }],
+    )
+    .await?;
+    let run = run_of(&state, &w.name, &id)?;
+    Ok((StatusCode::CREATED, Json(run_json(&run))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RunsQuery {
+    status: Option<String>,
+}
+
+pub async fn list_runs(
+    State(state): State<AppState>,
+    Path(workflow): Path<String>,
+    Query(q): Query<RunsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let w = workflow_named(&state, &workflow)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some("running") => Some(RunStatus::Running),
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_status",
+                format!("unknown status `{s}`; use running, completed, failed or cancelled"),
+            )
+            .param("status")
+        })?),
+    };
+    let engine = lock(&state.engine);
+    let mut runs: Vec<&Run> = engine
+        .runs()
+        .iter()
+        .filter(|r| r.workflow == w.name && status.is_none_or(|s| r.status == s))
+        .collect();
+    runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    let data: Vec<Value> = runs.into_iter().take(100).map(run_json).collect();
+    Ok(Json(json!({ "data": data })))
+}
+
+pub async fn get_run(
+    State(state): State<AppState>,
+    Path((workflow, run)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    workflow_named(&state, &workflow)?;
+    current_run(&state, &workflow, &run)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartStage {
+    persona: Option<String>,
+}
+
+/// Starts `stage` of `run` unless it is running already: used by the API and by the gateway.
+pub async fn ensure_stage_started(
+    state: &AppState,
+    workflow: &Workflow,
+    run: &str,
+    stage: &str,
+    persona: Option<String>,
+) -> Result<(), ApiError> {
+    let r = run_of(state, &workflow.name, run)?;
+    if r.status != RunStatus::Running {
+        return Err(conflict(
+            "run_finished",
+            format!(
+                "run `{run}` is {}; start a new run for more work",
+                r.status.as_str()
+            ),
+        ));
+    }
+    if r.stages
+        .get(stage)
+        .is_some_and(|s| s.status == StageStatus::Running)
+    {
+        return Ok(());
+    }
+    store(
+        state,
+        vec![Event::StageStarted {
+            run: run.to_string(),
+            workflow: workflow.name.clone(),
+            stage: stage.to_string(),
+            persona,
+        }],
+    )
+    .await
+}
+
+pub async fn start_stage(
+    State(state): State<AppState>,
+    Path((workflow, run, stage)): Path<(String, String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let w = workflow_named(&state, &workflow)?;
+    let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
+    let req: StartStage = typed_body(body, state.max_body_bytes, "{\"persona\"?: \"…\"}")?;
+    if let Some(p) = &req.persona {
+        if lock(&state.engine).personas().get(p).is_none() {
+            return Err(ApiError::bad_request(
+                "unknown_persona",
+                format!("unknown persona `{p}`"),
+            )
+            .param("persona"));
+        }
+    }
+    let persona = req.persona.or_else(|| s.persona.clone());
+    ensure_stage_started(&state, &w, &run, &stage, persona).await?;
+    current_run(&state, &workflow, &run)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FinishStage {
+    gate: Option<GateResult>,
+    model: Option<String>,
+    reasons: Option<String>,
+}
+
+pub async fn finish_stage(
+    State(state): State<AppState>,
+    Path((workflow, run, stage)): Path<(String, String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let w = workflow_named(&state, &workflow)?;
+    let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
+    let req: FinishStage = typed_body(
+        body,
+        state.max_body_bytes,
+        "{\"gate\"?: \"pass\"|\"fail\", \"model\"?: \"…\", \"reasons\"?: \"…\"}",
+    )?;
+    let r = run_of(&state, &workflow, &run)?;
+    if !r
+        .stages
+        .get(&stage)
+        .is_some_and(|st| st.status == StageStatus::Running)
+    {
+        return Err(conflict(
+            "stage_not_running",
+            format!("stage `{stage}` of run `{run}` is not running; start it first (POST …/stages/{stage}/start)"),
+        ));
+    }
+    let mut events = Vec::new();
+    if let Some(result) = req.gate {
+        let model = req
+            .model
+            .or_else(|| {
+                s.model
+                    .as_ref()
+                    .and_then(|c| state.gateway.settings().resolve_choice(c))
+                    .map(|r| r.name)
+            })
+            .unwrap_or_else(|| "unknown".into());
+        events.push(Event::QualityGate(GateVerdictEvent {
+            workflow: w.name.clone(),
+            stage: stage.clone(),
+            model,
+            result,
+            reasons: req.reasons,
+            run: Some(run.clone()),
+            attempt: r.stages.get(&stage).map_or(1, |st| st.attempts + 1),
+        }));
+    }
+    events.push(Event::StageFinished {
+        run: run.clone(),
+        workflow: w.name.clone(),
+        stage: stage.clone(),
+    });
+    store(&state, events).await?;
+    current_run(&state, &workflow, &run)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FinishRun {
+    status: Option<String>,
+}
+
+pub async fn finish_run(
+    State(state): State<AppState>,
+    Path((workflow, run)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let w = workflow_named(&state, &workflow)?;
+    let req: FinishRun = typed_body(
+        body,
+        state.max_body_bytes,
+        "{\"status\"?: \"completed\"|\"failed\"|\"cancelled\"}",
+    )?;
+    let status = match req.status.as_deref() {
+        None => RunStatus::Completed,
+        Some(s) => RunStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_status",
+                format!("unknown status `{s}`; use completed, failed or cancelled"),
+            )
+            .param("status")
+        })?,
+    };
+    let r = run_of(&state, &workflow, &run)?;
+    if r.status != RunStatus::Running {
+        return Err(conflict(
+            "run_finished",
+            format!("run `{run}` is already {}", r.status.as_str()),
+        ));
+    }
+    store(
+        &state,
+        vec![Event::RunFinished {
+            run: run.clone(),
+            workflow: w.name.clone(),
+            status: status.as_str().to_string(),
+        }],
+    )
+    .await?;
+    current_run(&state, &workflow, &run)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvaluateRequest {
+    workflow: String,
+    stage: String,
+    text: String,
+    completion_tokens: Option<u64>,
+    model: Option<String>,
+    run: Option<String>,
+    /// Count the verdict in hypertool_workflow_quality_gate_total (default true).
+    record: Option<bool>,
+}
+
+pub async fn evaluate_gate(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: EvaluateRequest = typed_body(
+        body,
+        state.max_body_bytes,
+        "{\"workflow\": \"…\", \"stage\": \"…\", \"text\": \"…\", \"completion_tokens\"?: N, \"model\"?: \"…\", \"run\"?: \"…\", \"record\"?: true}",
+    )?;
+    let w = workflow_named(&state, &req.workflow)?;
+    let s = w
+        .stage(&req.stage)
+        .ok_or_else(|| unknown_stage(&w, &req.stage))?;
+    let Some(gate) = &s.gate else {
+        return Err(ApiError::bad_request(
+            "no_quality_gate",
+            format!(
+                "stage `{}` of workflow `{}` has no quality_gate",
+                s.name, w.name
+            ),
+        )
+        .param("stage"));
+    };
+    if let Some(run) = &req.run {
+        run_of(&state, &w.name, run)?;
+    }
+    let completion_tokens = req
+        .completion_tokens
+        .unwrap_or_else(|| crate::gateway::tokens::count_text(&req.text));
+    let verdict = gate.evaluate(&req.text, completion_tokens);
+    let record = req.record.unwrap_or(true);
+    if record {
+        let attempt = match &req.run {
+            Some(run) => lock(&state.engine)
+                .runs()
+                .get(run)
+                .and_then(|r| r.stages.get(&s.name))
+                .map_or(1, |st| st.attempts + 1),
+            None => 1,
+        };
+        store(
+            &state,
+            vec![Event::QualityGate(GateVerdictEvent {
+                workflow: w.name.clone(),
+                stage: s.name.clone(),
+                model: req.model.unwrap_or_else(|| "unknown".into()),
+                result: verdict.result,
+                reasons: verdict.reasons(),
+                run: req.run,
+                attempt,
+            })],
+        )
+        .await?;
+    }
+    Ok(Json(json!({
+        "workflow": w.name,
+        "stage": s.name,
+        "result": verdict.result,
+        "failures": verdict.failures,
+        "summary": verdict.summary(),
+        "completion_tokens": completion_tokens,
+        "recorded": record,
+        "quality_gate": gate_json(gate),
+    })))
+}
