@@ -28,12 +28,13 @@ use tsdb::{Labels, Tsdb};
 const RESOLVED_RETENTION_MS: i64 = 15 * 60 * 1000;
 
 /// The metric families the rules read; nothing else is kept.
-pub const RULE_INPUTS: [&str; 7] = [
+pub const RULE_INPUTS: [&str; 8] = [
     "hypertool_persona_token_budget_remaining",
     "hypertool_persona_tokens_used_total",
     "hypertool_persona_switches_total",
     "hypertool_workflow_quality_gate_total",
     "hypertool_workflow_stage_duration_seconds_bucket",
+    "hypertool_workflow_stage_running_seconds",
     "langfuse_trace_created_total",
     "up",
 ];

@@ -371,7 +371,9 @@ pub fn parse_chatmodes(
                     ConfigError::new(
                         file,
                         line,
-                        format!("chatmode `{name}`: switch_cooldown_seconds must be 0 or more, got {s}"),
+                        format!(
+                            "chatmode `{name}`: switch_cooldown_seconds must be 0 or more, got {s}"
+                        ),
                     )
                     .fix("give seconds, e.g. 5 (0 turns the cooldown off)"),
                 );
@@ -490,7 +492,10 @@ mod tests {
             s.model,
             Some(ModelChoice::Tier(crate::core::workflow::ModelTier::Quality))
         );
-        assert_eq!(s.escalation_model, Some(ModelChoice::Model("mock/big".into())));
+        assert_eq!(
+            s.escalation_model,
+            Some(ModelChoice::Model("mock/big".into()))
+        );
         let g = s.gate.as_ref().unwrap();
         assert_eq!(g.must_not_match.len(), 2);
         assert_eq!(g.code_block, Some(CodeBlock::Language("rust".into())));
@@ -502,16 +507,34 @@ mod tests {
         let errors = parse(text).unwrap_err();
         let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(errors.len(), 2, "{shown:?}");
-        assert!(shown[0].starts_with("wf.yml:7: stage `b`: `must_match` pattern /(unclosed/ is not a valid regex"), "{}", shown[0]);
-        assert!(shown[1].starts_with("wf.yml:8: stage `b`: `json_schema` is not a valid JSON Schema"), "{}", shown[1]);
+        assert!(
+            shown[0].starts_with(
+                "wf.yml:7: stage `b`: `must_match` pattern /(unclosed/ is not a valid regex"
+            ),
+            "{}",
+            shown[0]
+        );
+        assert!(
+            shown[1].starts_with("wf.yml:8: stage `b`: `json_schema` is not a valid JSON Schema"),
+            "{}",
+            shown[1]
+        );
     }
 
     #[test]
     fn unknown_persona_model_key_and_duplicates_are_refused() {
-        let errors = parse("stages:\n  - name: a\n    persona: nobody\n    model: gpt-9\n  - name: a\n").unwrap_err();
+        let errors =
+            parse("stages:\n  - name: a\n    persona: nobody\n    model: gpt-9\n  - name: a\n")
+                .unwrap_err();
         let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert!(shown[0].starts_with("wf.yml:3: stage `a`: persona `nobody`"), "{shown:?}");
-        assert!(shown[1].starts_with("wf.yml:4: stage `a`: `model` = `gpt-9`"), "{shown:?}");
+        assert!(
+            shown[0].starts_with("wf.yml:3: stage `a`: persona `nobody`"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[1].starts_with("wf.yml:4: stage `a`: `model` = `gpt-9`"),
+            "{shown:?}"
+        );
         assert!(shown[2].contains("appears twice"), "{shown:?}");
         let e = parse("stages:\n  - name: a\n    quality_gate:\n      min_line: 3\n").unwrap_err();
         assert_eq!(e[0].line, Some(4), "{}", e[0]);
@@ -521,7 +544,10 @@ mod tests {
     #[test]
     fn chatmodes_must_name_known_workflows() {
         let mut workflows = BTreeMap::new();
-        workflows.insert("wf".to_string(), Arc::new(parse("stages:\n  - name: a\n").unwrap()));
+        workflows.insert(
+            "wf".to_string(),
+            Arc::new(parse("stages:\n  - name: a\n").unwrap()),
+        );
         let ok = parse_chatmodes(
             "chatmodes.yml",
             Some("chatmodes:\n  feature:\n    workflow: wf\n    switch_cooldown_seconds: 2.5\n"),
@@ -537,6 +563,9 @@ mod tests {
             &BTreeSet::new(),
         )
         .unwrap_err();
-        assert_eq!(bad[0].to_string().lines().next().unwrap(), "chatmodes.yml:3: chatmode `feature`: workflow `nope` is not defined");
+        assert_eq!(
+            bad[0].to_string().lines().next().unwrap(),
+            "chatmodes.yml:3: chatmode `feature`: workflow `nope` is not defined"
+        );
     }
 }

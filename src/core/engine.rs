@@ -8,15 +8,15 @@ use std::sync::Arc;
 
 use super::budget::{BudgetSource, BudgetSpec, BudgetState};
 use super::clock::UnixMillis;
+use super::event::GateVerdictEvent;
 use super::event::{Event, GateResult, Stamped};
 use super::labels::{Admitted, LabelGuard, LabelKind, OTHER};
 use super::persona::PersonaRegistry;
+use super::runs::{EndedStage, RunStatus, Runs};
 use super::series::{
     CounterVec, HistogramVec, GENERATION_DURATION_BUCKETS, PERSONA_DURATION_BUCKETS,
     STAGE_DURATION_BUCKETS,
 };
-use super::event::GateVerdictEvent;
-use super::runs::{EndedStage, RunStatus, Runs};
 use super::session::{SessionOutcome, SessionView, Sessions};
 
 /// The part of the configuration the core needs, already validated.
@@ -395,7 +395,10 @@ impl Engine {
                 }
             }
             Event::StageStarted {
-                run, stage, persona, ..
+                run,
+                stage,
+                persona,
+                ..
             } => {
                 let persona = persona.as_deref().map(|p| personas.canonical(p));
                 ended = runs.start_stage(run, stage, persona, at);

@@ -13,12 +13,71 @@ use super::persona::{Persona, PersonaRegistry};
 
 /// Words too common to say anything about a task.
 const STOPWORDS: &[&str] = &[
-    "the", "and", "for", "with", "that", "this", "from", "into", "our", "your", "are", "was",
-    "were", "will", "can", "should", "would", "could", "add", "make", "new", "use", "using", "need",
-    "needs", "all", "any", "some", "get", "set", "fix", "update", "write", "create", "please",
-    "about", "via", "its", "it's", "not", "but", "have", "has", "had", "more", "less", "than",
-    "then", "when", "what", "which", "who", "how", "why", "where", "there", "their", "them", "they",
-    "development", "engineer", "engineering", "specialist", "expert", "tta",
+    "the",
+    "and",
+    "for",
+    "with",
+    "that",
+    "this",
+    "from",
+    "into",
+    "our",
+    "your",
+    "are",
+    "was",
+    "were",
+    "will",
+    "can",
+    "should",
+    "would",
+    "could",
+    "add",
+    "make",
+    "new",
+    "use",
+    "using",
+    "need",
+    "needs",
+    "all",
+    "any",
+    "some",
+    "get",
+    "set",
+    "fix",
+    "update",
+    "write",
+    "create",
+    "please",
+    "about",
+    "via",
+    "its",
+    "it's",
+    "not",
+    "but",
+    "have",
+    "has",
+    "had",
+    "more",
+    "less",
+    "than",
+    "then",
+    "when",
+    "what",
+    "which",
+    "who",
+    "how",
+    "why",
+    "where",
+    "there",
+    "their",
+    "them",
+    "they",
+    "development",
+    "engineer",
+    "engineering",
+    "specialist",
+    "expert",
+    "tta",
 ];
 
 /// Lowercase words of at least 3 characters, crudely stemmed (plural and -ing/-ed endings), minus
@@ -57,7 +116,11 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 
 /// The capability terms of one persona.
 pub fn capabilities(p: &Persona) -> BTreeSet<String> {
-    let mut text = vec![p.name.clone(), p.display_name.clone(), p.description.clone()];
+    let mut text = vec![
+        p.name.clone(),
+        p.display_name.clone(),
+        p.description.clone(),
+    ];
     for key in ["primaryLanguage", "frameworks", "focusAreas"] {
         if let Some(v) = p.context.get(key) {
             text.extend(strings(v));
@@ -161,10 +224,18 @@ mod tests {
     #[test]
     fn tasks_go_to_the_persona_whose_files_describe_them() {
         let r = registry();
-        let d = route(&r, None, "Write pytest integration tests and improve test coverage");
+        let d = route(
+            &r,
+            None,
+            "Write pytest integration tests and improve test coverage",
+        );
         assert_eq!(d.persona.as_deref(), Some("testing-specialist"), "{d:?}");
         assert!(!d.keep);
-        let d = route(&r, None, "Set up Prometheus alerting and Grafana dashboards");
+        let d = route(
+            &r,
+            None,
+            "Set up Prometheus alerting and Grafana dashboards",
+        );
         assert_eq!(d.persona.as_deref(), Some("observability-expert"), "{d:?}");
     }
 
@@ -186,7 +257,11 @@ mod tests {
         assert!(kept.keep);
         assert_eq!(kept.persona.as_deref(), Some("backend-engineer"));
         // A current persona with nothing in common with the task gives it up.
-        let moved = route(&r, Some("frontend-engineer"), "pytest coverage of the database layer");
+        let moved = route(
+            &r,
+            Some("frontend-engineer"),
+            "pytest coverage of the database layer",
+        );
         assert!(!moved.keep, "{moved:?}");
         assert_ne!(moved.persona.as_deref(), Some("frontend-engineer"));
         // Nothing matches: keep what the session has.

@@ -341,7 +341,9 @@ mod tests {
         let mut runs = Runs::default();
         assert!(runs.start_run("r1", "wf", None, 0));
         assert!(!runs.start_run("r1", "wf", None, 5));
-        assert!(runs.start_stage("r1", "design", Some("be"), 1_000).is_empty());
+        assert!(runs
+            .start_stage("r1", "design", Some("be"), 1_000)
+            .is_empty());
         // Starting it again while it runs changes nothing.
         assert!(runs.start_stage("r1", "design", None, 2_000).is_empty());
         runs.gate("r1", "design", "m", GateResult::Fail, Some("min_lines: 1"));

@@ -173,7 +173,11 @@ impl Sessions {
     }
 
     /// The current persona and when the session last switched, if it is open and not idle at `now`.
-    pub fn current(&self, session: &str, now: UnixMillis) -> Option<(Arc<str>, Option<UnixMillis>)> {
+    pub fn current(
+        &self,
+        session: &str,
+        now: UnixMillis,
+    ) -> Option<(Arc<str>, Option<UnixMillis>)> {
         self.open
             .get(session)
             .filter(|s| now - s.last_activity <= self.idle_timeout_ms)
@@ -387,7 +391,10 @@ mod tests {
         // Outside the window: the same pattern spread over too long is not flagged.
         assert_eq!(sessions.would_oscillate("s", &b, 60_001, 60_000), None);
         sessions.on_switch("s", &b, &cm, 3_000);
-        assert_eq!(sessions.oscillation("s", 60_000), Some((a.clone(), b.clone())));
+        assert_eq!(
+            sessions.oscillation("s", 60_000),
+            Some((a.clone(), b.clone()))
+        );
         let view = sessions.view("s").unwrap();
         assert_eq!(view.history.len(), 4);
         assert_eq!(view.last_switch, Some(3_000));

@@ -247,7 +247,10 @@ impl QualityGate {
                 }
             }
         }
-        if let Some(max) = self.max_completion_tokens.filter(|m| completion_tokens > *m) {
+        if let Some(max) = self
+            .max_completion_tokens
+            .filter(|m| completion_tokens > *m)
+        {
             fail(
                 "max_completion_tokens",
                 format!("{completion_tokens} completion tokens, at most {max} allowed"),
@@ -305,7 +308,11 @@ fn headings(text: &str) -> Vec<String> {
         if (1..=6).contains(&level) {
             let rest = &t[level..];
             if rest.is_empty() || rest.starts_with(' ') || rest.starts_with('\t') {
-                let title = rest.trim().trim_end_matches('#').trim().trim_end_matches(':');
+                let title = rest
+                    .trim()
+                    .trim_end_matches('#')
+                    .trim()
+                    .trim_end_matches(':');
                 out.push(title.trim().to_string());
             }
         }
@@ -554,7 +561,10 @@ mod tests {
             code_block: Some(CodeBlock::Any),
             ..Default::default()
         };
-        assert_eq!(gate.evaluate("a\nb\n```\nx\n```", 10).result, GateResult::Pass);
+        assert_eq!(
+            gate.evaluate("a\nb\n```\nx\n```", 10).result,
+            GateResult::Pass
+        );
         let v = gate.evaluate("a", 11);
         assert_eq!(
             criteria(&v),

@@ -333,7 +333,7 @@ pub fn parse_event(raw: &Value, now: UnixMillis) -> Result<Stamped, EventRejecti
                 }
             };
             Event::Usage(Usage {
-        run: None,
+                run: None,
                 persona: f.label("persona", MAX_LABEL_LEN)?,
                 chatmode: f.label("chatmode", MAX_LABEL_LEN)?,
                 model: f.label("model", MAX_LABEL_LEN)?,

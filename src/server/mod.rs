@@ -502,7 +502,10 @@ fn api_router(state: AppState) -> Router {
             "/v1/workflows/{workflow}/runs",
             post(workflows::create_run).get(workflows::list_runs),
         )
-        .route("/v1/workflows/{workflow}/runs/{run}", get(workflows::get_run))
+        .route(
+            "/v1/workflows/{workflow}/runs/{run}",
+            get(workflows::get_run),
+        )
         .route(
             "/v1/workflows/{workflow}/runs/{run}/finish",
             post(workflows::finish_run),

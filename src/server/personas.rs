@@ -70,9 +70,14 @@ pub async fn switch(
         "{\"session\": \"…\", \"to\": \"persona\", \"chatmode\"?: \"…\"}",
     )?;
     check_session(&req.session)?;
-    let to = match lock(&state.engine).personas().get(&req.to) {
-        Some(p) => p.name.clone(),
-        None => return Err(unknown_persona(&state, &req.to, "to")),
+    // Bound first: a guard in a `match` scrutinee would live through the arms (and
+    // `unknown_persona` locks the engine again).
+    let known = lock(&state.engine)
+        .personas()
+        .get(&req.to)
+        .map(|p| p.name.clone());
+    let Some(to) = known else {
+        return Err(unknown_persona(&state, &req.to, "to"));
     };
     let chatmode = req
         .chatmode

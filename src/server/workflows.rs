@@ -321,11 +321,16 @@ pub async fn create_run(
 ) -> Result<Response, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let req: CreateRun = typed_body(body, state.max_body_bytes, "{\"session\"?: \"…\"}")?;
-    if req.session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 256) {
-        return Err(
-            ApiError::bad_request("invalid_session", "session must be 1 to 256 characters")
-                .param("session"),
-        );
+    if req
+        .session
+        .as_ref()
+        .is_some_and(|s| s.is_empty() || s.len() > 256)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_session",
+            "session must be 1 to 256 characters",
+        )
+        .param("session"));
     }
     let id = new_run_id(&state);
     store(
@@ -434,11 +439,10 @@ pub async fn start_stage(
     let req: StartStage = typed_body(body, state.max_body_bytes, "{\"persona\"?: \"…\"}")?;
     if let Some(p) = &req.persona {
         if lock(&state.engine).personas().get(p).is_none() {
-            return Err(ApiError::bad_request(
-                "unknown_persona",
-                format!("unknown persona `{p}`"),
-            )
-            .param("persona"));
+            return Err(
+                ApiError::bad_request("unknown_persona", format!("unknown persona `{p}`"))
+                    .param("persona"),
+            );
         }
     }
     let persona = req.persona.or_else(|| s.persona.clone());

@@ -112,9 +112,7 @@ impl Ledger for SqliteLedger {
                     Event::StageStarted { persona, .. } => {
                         (persona.as_deref(), None, None, None, None, None)
                     }
-                    Event::QualityGate(g) => {
-                        (None, None, Some(g.model.as_str()), None, None, None)
-                    }
+                    Event::QualityGate(g) => (None, None, Some(g.model.as_str()), None, None, None),
                     Event::SwitchSuppressed { to, chatmode, .. } => (
                         Some(to.as_str()),
                         Some(chatmode.as_str()),

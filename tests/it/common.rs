@@ -226,6 +226,7 @@ where
 pub fn config_copy(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let dest = dir.join("config");
+    std::fs::create_dir_all(&dest).unwrap();
     for f in ["hypertool.toml", "budgets.yml", "chatmodes.yml"] {
         std::fs::copy(root.join(f), dest.join(f)).unwrap();
     }

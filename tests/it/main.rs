@@ -11,3 +11,5 @@ mod gateway;
 mod metrics_contract;
 mod persistence;
 mod process;
+mod switching;
+mod workflows;

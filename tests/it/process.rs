@@ -243,7 +243,8 @@ fn check_reports_file_line_and_fix() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (6 personas, 6 budgets, 3 workflows, 3 chatmodes)"));
+    assert!(String::from_utf8_lossy(&ok.stdout)
+        .contains("ok (6 personas, 6 budgets, 3 workflows, 3 chatmodes)"));
 
     let budgets = toml.parent().unwrap().join("budgets.yml");
     std::fs::write(
