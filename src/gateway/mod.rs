@@ -9,6 +9,7 @@
 //! unaccounted.
 
 pub mod cache;
+pub mod stage;
 pub mod tokens;
 pub mod upstream;
 
@@ -29,7 +30,8 @@ use tokio::sync::mpsc;
 
 use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
 use crate::core::engine::{Admission, Engine};
-use crate::core::event::{Event, Stamped, Usage};
+use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped, Usage};
+use crate::core::workflow::GateVerdict;
 use crate::core::workflow::Workflows;
 use crate::server::error::ApiError;
 use crate::server::AppState;
@@ -43,6 +45,8 @@ pub struct Gateway {
     http: reqwest::Client,
     outcomes: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tools_removed: Mutex<BTreeMap<String, u64>>,
+    /// (workflow, stage) → (prompts cut, tokens removed)
+    truncations: Mutex<BTreeMap<(String, String), (u64, u64)>>,
     pub cache: cache::ResponseCache,
     /// Bounds calls in flight to upstreams (`gateway.max_in_flight`, fixed at start-up).
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -61,6 +65,7 @@ impl Gateway {
                 .unwrap_or_default(),
             outcomes: Mutex::new(BTreeMap::new()),
             tools_removed: Mutex::new(BTreeMap::new()),
+            truncations: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -82,6 +87,25 @@ impl Gateway {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn count_truncation(&self, workflow: &str, stage: &str, t: &tokens::Truncation) {
+        let mut map = self.truncations.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = map
+            .entry((workflow.to_string(), stage.to_string()))
+            .or_insert((0, 0));
+        slot.0 += 1;
+        slot.1 += t.tokens_before.saturating_sub(t.tokens_after);
+    }
+
+    /// ((workflow, stage), prompts cut, tokens removed)
+    pub fn truncations(&self) -> Vec<((String, String), f64, f64)> {
+        self.truncations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, (n, t))| (k.clone(), *n as f64, *t as f64))
+            .collect()
     }
 
     fn count_tools(&self, persona: &str, n: u64) {
@@ -152,6 +176,14 @@ struct CallMeta {
     route: ModelRoute,
     /// Prompt tokens as admission estimated them (tiktoken when a budget enforces, else rough).
     prompt_estimate: u64,
+    /// The configured workflow stage the call is for, if any.
+    stage_call: Option<Arc<stage::StageCall>>,
+}
+
+impl CallMeta {
+    fn run(&self) -> Option<String> {
+        self.stage_call.as_ref().and_then(|c| c.run.clone())
+    }
 }
 
 /// Prompt tokens of a request counted with the real tokenizer (when the upstream reports none).
@@ -230,6 +262,7 @@ impl CallMeta {
             session: header(headers, "x-hypertool-session"),
             route,
             prompt_estimate,
+            stage_call: None,
         }
     }
 }
@@ -327,7 +360,7 @@ async fn record(
     started: Instant,
 ) {
     let event = Event::Usage(Usage {
-        run: None,
+        run: meta.run(),
         persona: meta.persona.clone(),
         chatmode: meta.chatmode.clone(),
         model: meta.route.name.clone(),
@@ -391,13 +424,79 @@ pub async fn chat_completions(
         )
         .param("model"));
     };
-    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+    if !request.get("messages").is_some_and(Value::is_array) {
         return Err(ApiError::bad_request(
             "missing_messages",
             "`messages` is required (an array of {role, content})",
         )
         .param("messages"));
+    }
+    let mut notes: Vec<(&'static str, String)> = Vec::new();
+    let chatmode = header(&headers, "x-hypertool-chatmode")
+        .unwrap_or_else(|| settings.default_chatmode.clone());
+    let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
+    // A stage that sets a model (or tier) decides the model: the runbook's STAGE_MODEL_MAPPING.
+    // `"model": "auto"` asks for exactly that.
+    let stage_model = stage_call
+        .as_ref()
+        .and_then(|c| c.stage.model.as_ref())
+        .and_then(|choice| settings.resolve_choice(choice));
+    let model = match (model.as_str(), stage_model) {
+        (_, Some(r)) => {
+            if r.name != model {
+                notes.push(("x-hypertool-stage-model", format!("{model} -> {}", r.name)));
+            }
+            r.name
+        }
+        ("auto", None) => {
+            return Err(ApiError::bad_request(
+                "model_auto_without_stage",
+                "`\"model\": \"auto\"` takes the model of the call's workflow stage; send X-Hypertool-Workflow and X-Hypertool-Stage for a stage whose configuration sets `model`, or name a model",
+            )
+            .param("model"))
+        }
+        _ => model,
     };
+    // The stage's prompt limit: the oldest non-system messages go first (`truncate_context`).
+    if let Some(c) = stage_call.as_ref() {
+        if let (Some(max), Some(Value::Array(msgs))) =
+            (c.stage.max_prompt_tokens, request.get_mut("messages"))
+        {
+            match tokens::truncate_messages(msgs, max) {
+                Ok(None) => {}
+                Ok(Some(t)) => {
+                    state
+                        .gateway
+                        .count_truncation(&c.workflow.name, &c.stage.name, &t);
+                    tracing::info!(workflow = %c.workflow.name, stage = %c.stage.name,
+                        removed = t.removed_messages, before = t.tokens_before, after = t.tokens_after,
+                        "prompt cut to the stage's max_prompt_tokens");
+                    notes.push((
+                        "x-hypertool-truncated",
+                        format!(
+                            "{} messages removed; prompt {} -> {} tokens (max_prompt_tokens {max})",
+                            t.removed_messages, t.tokens_before, t.tokens_after
+                        ),
+                    ));
+                }
+                Err(tokens) => {
+                    return Err(ApiError::bad_request(
+                        "context_length_exceeded",
+                        format!(
+                            "the system messages and the last message alone are {tokens} tokens, over the max_prompt_tokens of {max} of stage `{}` in workflow `{}`; shorten them or raise the limit",
+                            c.stage.name, c.workflow.name
+                        ),
+                    )
+                    .param("messages"));
+                }
+            }
+        }
+    }
+    let messages: &[Value] = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
     // Tokenizing costs more than the rest of the call's bookkeeping: do it only when a budget
@@ -418,8 +517,8 @@ pub async fn chat_completions(
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let mut meta = CallMeta::new(&settings, &headers, persona, route, prompt_estimate);
-
-    let mut notes: Vec<(&'static str, String)> = Vec::new();
+    meta.workflow = workflow_name;
+    meta.stage_call = stage_call;
     // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
     if let Some(tools) = request.get("tools").and_then(Value::as_array).cloned() {
         let allowed = lock(&state.engine)
@@ -523,6 +622,44 @@ pub async fn chat_completions(
         }
         _ => None,
     };
+
+    // A call in a run: the stage's token budget for the run, and the stage starts with its first call.
+    if let Some(c) = meta.stage_call.clone() {
+        if let Some(run) = &c.run {
+            if let Some(budget) = c.stage.budget_tokens {
+                let used = lock(&state.engine)
+                    .runs()
+                    .get(run)
+                    .and_then(|r| r.stages.get(&c.stage.name))
+                    .map_or(0, |s| s.tokens);
+                let needs = prompt_estimate.saturating_add(max_tokens);
+                if used.saturating_add(needs) > budget {
+                    state.gateway.count(&meta.route.upstream, "budget_exceeded");
+                    return Err(ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "budget_exceeded",
+                        "stage_budget_exceeded",
+                        format!(
+                            "stage `{}` of run `{run}` has used {used} of its {budget}-token budget (budget_tokens in workflow `{}`) and this call needs about {needs}",
+                            c.stage.name, c.workflow.name
+                        ),
+                    ));
+                }
+            }
+            let canonical = lock(&state.engine)
+                .personas()
+                .canonical(&meta.persona)
+                .to_string();
+            crate::server::workflows::ensure_stage_started(
+                &state,
+                &c.workflow,
+                run,
+                &c.stage.name,
+                Some(canonical),
+            )
+            .await?;
+        }
+    }
 
     // Load shedding: a bounded number of calls go upstream at once; others wait up to 100 ms, so
     // that overload is refused cheaply instead of piling up requests in memory.
@@ -751,6 +888,54 @@ async fn call_with_fallbacks(
     }))
 }
 
+/// What the call task hands back to the handler.
+struct Answer {
+    meta: CallMeta,
+    value: Value,
+    /// The gate's verdict on the answer, when the call's stage has a gate.
+    verdict: Option<GateVerdict>,
+    attempts: u32,
+}
+
+/// Judges an answer by the stage's gate and records the verdict (one `quality_gate` event per
+/// attempt, so the metric shows every failure that led to a retry).
+async fn judge(
+    state: &AppState,
+    meta: &CallMeta,
+    text: &str,
+    completion_tokens: u64,
+    attempt: u32,
+) -> Option<GateVerdict> {
+    let call = meta.stage_call.as_ref()?;
+    let gate = call.gate()?;
+    let verdict = gate.evaluate(text, completion_tokens);
+    let event = Event::QualityGate(GateVerdictEvent {
+        workflow: call.workflow.name.clone(),
+        stage: call.stage.name.clone(),
+        model: meta.route.name.clone(),
+        result: verdict.result,
+        reasons: verdict.reasons(),
+        run: call.run.clone(),
+        attempt,
+    });
+    if let Err(e) = state
+        .writer
+        .append(vec![Stamped {
+            at: state.clock.now_ms(),
+            event,
+        }])
+        .await
+    {
+        tracing::error!(workflow = %call.workflow.name, stage = %call.stage.name,
+            "a quality-gate verdict could not be stored: {e}");
+    }
+    if verdict.result == GateResult::Fail {
+        tracing::info!(workflow = %call.workflow.name, stage = %call.stage.name,
+            model = %meta.route.name, attempt, "quality gate failed: {}", verdict.summary());
+    }
+    Some(verdict)
+}
+
 async fn plain_call(
     state: AppState,
     settings: Arc<GatewaySettings>,
@@ -761,50 +946,127 @@ async fn plain_call(
     cache_slot: Option<(String, Duration)>,
 ) -> Result<Response, ApiError> {
     let task_state = state.clone();
-    let mut task_meta = meta.clone();
-    let (answer_tx, answer_rx) =
-        tokio::sync::oneshot::channel::<Result<(CallMeta, Value), UpstreamError>>();
+    let task_meta = meta.clone();
+    let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<Answer, UpstreamError>>();
     // The call and its accounting finish even if the client goes away; the answer goes back as
-    // soon as the upstream has given it, and the usage is stored right after (the reservation is
-    // held until then, so admission stays conservative). Shutdown waits for these tasks.
+    // soon as the upstream has given it (and, for a gated stage, the gate has judged it), and the
+    // usage is stored right after (the reservation is held until then, so admission stays
+    // conservative). Shutdown waits for these tasks.
     state.tasks.spawn(async move {
         let state = task_state;
-        let result = call_with_fallbacks(&state, &settings, &task_meta.route, &mut request).await;
-        match result {
-            Ok((answered_by, value)) => {
-                let fell_back = answered_by.name != task_meta.route.name;
-                task_meta.route = answered_by;
-                let (prompt, completion, estimated) = match usage_of(&value) {
-                    Some((p, c)) => (p, c, false),
-                    None => (counted_prompt(&request), tokens::count_text(&completion_text(&value)), true),
-                };
-                if let Some((key, ttl)) = cache_slot.filter(|_| !fell_back && !estimated) {
-                    let expires = state.clock.now_ms() + ttl.as_millis() as i64;
-                    state.gateway.cache.insert(key, value.clone(), prompt, completion, expires);
+        let mut attempt_meta = task_meta.clone();
+        let mut attempt: u32 = 1;
+        let retries = task_meta
+            .stage_call
+            .as_ref()
+            .filter(|c| c.gate().is_some())
+            .map_or(0, |c| c.stage.retries);
+        // Reservations of gate retries, held until their usage is stored.
+        let mut retry_reservations: Vec<Reservation> = Vec::new();
+        loop {
+            let attempt_started = if attempt == 1 { started } else { Instant::now() };
+            let route = attempt_meta.route.clone();
+            let result = call_with_fallbacks(&state, &settings, &route, &mut request).await;
+            let (answered_by, value) = match result {
+                Ok(ok) => ok,
+                Err(e) => {
+                    state.gateway.count(&attempt_meta.route.upstream, "upstream_error");
+                    tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name, "{}", e.message());
+                    let _ = answer_tx.send(Err(e));
+                    break;
                 }
-                let _ = answer_tx.send(Ok((task_meta.clone(), value)));
-                record(&state, &task_meta, prompt, completion, estimated, started).await;
-                state.gateway.count(&task_meta.route.upstream, "ok");
-            }
-            Err(e) => {
-                state.gateway.count(&task_meta.route.upstream, "upstream_error");
-                tracing::warn!(persona = %task_meta.persona, model = %task_meta.route.name, "{}", e.message());
-                let _ = answer_tx.send(Err(e));
+            };
+            let fell_back = answered_by.name != route.name;
+            attempt_meta.route = answered_by;
+            let text = completion_text(&value);
+            let (prompt, completion, estimated) = match usage_of(&value) {
+                Some((p, c)) => (p, c, false),
+                None => (counted_prompt(&request), tokens::count_text(&text), true),
+            };
+            let verdict = judge(&state, &attempt_meta, &text, completion, attempt).await;
+            let failed = verdict.as_ref().is_some_and(|v| v.result == GateResult::Fail);
+            // Another attempt, on the escalation model, if the gate failed and retries are left
+            // (and the budget admits it).
+            let next = if failed && attempt <= retries {
+                let call = attempt_meta.stage_call.clone();
+                let target = call
+                    .as_ref()
+                    .and_then(|c| c.escalation(&settings))
+                    .unwrap_or_else(|| attempt_meta.route.clone());
+                let estimate = attempt_meta.prompt_estimate;
+                match lock(&state.engine).admit(&attempt_meta.persona, estimate, state.clock.now_ms()) {
+                    Admission::Blocked { .. } => {
+                        tracing::info!(persona = %attempt_meta.persona, "quality-gate retry skipped: the budget is spent");
+                        None
+                    }
+                    Admission::Allowed { reserved } | Admission::Downgrade { reserved } => {
+                        retry_reservations.push(Reservation {
+                            engine: state.engine.clone(),
+                            persona: attempt_meta.persona.clone(),
+                            tokens: reserved,
+                            _permit: None,
+                        });
+                        Some(target)
+                    }
+                }
+            } else {
+                None
+            };
+            match next {
+                Some(target) => {
+                    // This attempt is accounted in full before the next one starts.
+                    record(&state, &attempt_meta, prompt, completion, estimated, attempt_started).await;
+                    state.gateway.count(&attempt_meta.route.upstream, "ok");
+                    state.gateway.count(&target.upstream, "gate_retry");
+                    tracing::info!(from = %attempt_meta.route.name, to = %target.name, attempt = attempt + 1,
+                        "retrying a call whose output failed the quality gate");
+                    attempt_meta.route = target;
+                    attempt += 1;
+                }
+                None => {
+                    let cacheable = !fell_back && !estimated && !failed && attempt == 1;
+                    if let Some((key, ttl)) = cache_slot.filter(|_| cacheable) {
+                        let expires = state.clock.now_ms() + ttl.as_millis() as i64;
+                        state.gateway.cache.insert(key, value.clone(), prompt, completion, expires);
+                    }
+                    let _ = answer_tx.send(Ok(Answer {
+                        meta: attempt_meta.clone(),
+                        value,
+                        verdict,
+                        attempts: attempt,
+                    }));
+                    record(&state, &attempt_meta, prompt, completion, estimated, attempt_started).await;
+                    state.gateway.count(&attempt_meta.route.upstream, "ok");
+                    break;
+                }
             }
         }
+        drop(retry_reservations);
         drop(reservation);
     });
     match answer_rx.await {
-        Ok(Ok((answered, value))) => {
-            let mut resp = Json(value).into_response();
-            response_headers(&mut resp, &answered);
-            if answered.route.name != meta.route.name {
-                if let Ok(v) = HeaderValue::from_str(&format!(
+        Ok(Ok(answer)) => {
+            let mut resp = Json(answer.value).into_response();
+            response_headers(&mut resp, &answer.meta);
+            let h = resp.headers_mut();
+            if answer.meta.route.name != meta.route.name {
+                let name = if answer.attempts > 1 {
+                    "x-hypertool-escalated"
+                } else {
+                    "x-hypertool-fallback"
+                };
+                if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&format!(
                     "{} -> {}",
-                    meta.route.name, answered.route.name
-                )) {
-                    resp.headers_mut().insert("x-hypertool-fallback", v);
+                    meta.route.name, answer.meta.route.name
+                ))) {
+                    h.insert(name, v);
                 }
+            }
+            if let Some(verdict) = &answer.verdict {
+                if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&verdict.summary())) {
+                    h.insert("x-hypertool-quality-gate", v);
+                }
+                h.insert("x-hypertool-attempts", HeaderValue::from(answer.attempts));
             }
             Ok(resp)
         }
@@ -1162,7 +1424,18 @@ async fn relay(
                 };
                 let out = if data == "[DONE]" {
                     done = true;
-                    Some(Bytes::from_static(b"data: [DONE]\n\n"))
+                    // A gated stage: the verdict on the complete output goes out as an SSE
+                    // comment (clients ignore comments; headers are long gone).
+                    let completion = usage
+                        .map(|u| u.1)
+                        .unwrap_or_else(|| tokens::count_text(&content));
+                    match judge(&state, &meta, &content, completion, 1).await {
+                        Some(v) => Some(Bytes::from(format!(
+                            ": x-hypertool-quality-gate: {}\n\ndata: [DONE]\n\n",
+                            stage::header_safe(&v.summary())
+                        ))),
+                        None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+                    }
                 } else {
                     match serde_json::from_str::<Value>(data) {
                         Ok(mut chunk) => {

@@ -64,10 +64,81 @@ pub fn rough_count_messages(messages: &[Value]) -> u64 {
         .sum::<u64>()
 }
 
+/// What [`truncate_messages`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    pub removed_messages: usize,
+    pub tokens_before: u64,
+    pub tokens_after: u64,
+}
+
+fn role(m: &Value) -> &str {
+    m.get("role").and_then(Value::as_str).unwrap_or("")
+}
+
+/// Cuts a prompt to at most `max` tokens (the runbook's `truncate_context`): the oldest
+/// non-system messages go first; the last message always stays. An assistant message's tool
+/// results go with it, so no `tool` message is left without the call it answers. `None` when the
+/// prompt fits already; `Err(tokens)` when even system messages plus the last message are too long.
+pub fn truncate_messages(messages: &mut Vec<Value>, max: u64) -> Result<Option<Truncation>, u64> {
+    let before = count_messages(messages);
+    if before <= max {
+        return Ok(None);
+    }
+    let mut removed = 0;
+    let mut now = before;
+    while now > max {
+        let last = messages.len().saturating_sub(1);
+        let Some(i) = (0..last).find(|&i| role(&messages[i]) != "system") else {
+            return Err(now);
+        };
+        messages.remove(i);
+        removed += 1;
+        // Tool results of a removed call (or left orphaned at the front) go too.
+        while i < messages.len().saturating_sub(1) && role(&messages[i]) == "tool" {
+            messages.remove(i);
+            removed += 1;
+        }
+        now = count_messages(messages);
+    }
+    Ok(Some(Truncation {
+        removed_messages: removed,
+        tokens_before: before,
+        tokens_after: now,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn truncation_drops_the_oldest_non_system_messages_and_keeps_tool_pairs_whole() {
+        let long = "word ".repeat(100);
+        let mut msgs = vec![
+            json!({"role": "system", "content": "be brief"}),
+            json!({"role": "user", "content": long}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": long}),
+            json!({"role": "user", "content": "and now?"}),
+        ];
+        let full = count_messages(&msgs);
+        assert_eq!(truncate_messages(&mut msgs.clone(), full).unwrap(), None);
+        let cut = truncate_messages(&mut msgs, full - 10).unwrap().unwrap();
+        // The first user message alone was enough.
+        assert_eq!(cut.removed_messages, 1);
+        assert_eq!(cut.tokens_before, full);
+        assert!(cut.tokens_after <= full - 10);
+        assert_eq!(msgs.len(), 4);
+        // Cutting into the tool exchange removes the call and its result together.
+        let cut = truncate_messages(&mut msgs, 40).unwrap().unwrap();
+        assert_eq!(cut.removed_messages, 2);
+        let roles: Vec<&str> = msgs.iter().map(role).collect();
+        assert_eq!(roles, ["system", "user"]);
+        // Nothing left to cut: the caller is told how long the rest is.
+        assert!(truncate_messages(&mut msgs, 5).is_err());
+    }
 
     #[test]
     fn counts_like_tiktoken() {

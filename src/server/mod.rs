@@ -583,6 +583,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
     let process = ProcessInfo {
         gateway_requests: state.gateway.outcomes(),
         tools_removed: state.gateway.tools_removed(),
+        truncations: state.gateway.truncations(),
         cache_requests: state.gateway.cache.stats().0,
         cache_tokens_saved: state.gateway.cache.stats().1,
         alert_deliveries: state.delivery_stats.snapshot(),

@@ -55,6 +55,8 @@ pub struct ProcessInfo {
     pub gateway_requests: Vec<((String, String), f64)>,
     /// Tools removed from calls because the persona may not use them, per persona.
     pub tools_removed: Vec<(String, f64)>,
+    /// ((workflow, stage), prompts cut, tokens removed)
+    pub truncations: Vec<((String, String), f64, f64)>,
     /// Response cache lookups per result, and tokens the hits saved.
     pub cache_requests: Vec<(&'static str, f64)>,
     pub cache_tokens_saved: f64,
@@ -431,6 +433,30 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
             "hypertool_gateway_tools_removed_total",
             &[("persona", persona)],
             *n,
+        );
+    }
+    w.header(
+        "hypertool_prompt_truncations_total",
+        "counter",
+        "Prompts cut to their workflow stage's max_prompt_tokens (oldest non-system messages first).",
+    );
+    for ((workflow, stage), n, _) in &process.truncations {
+        w.sample(
+            "hypertool_prompt_truncations_total",
+            &[("workflow", workflow), ("stage", stage)],
+            *n,
+        );
+    }
+    w.header(
+        "hypertool_prompt_tokens_truncated_total",
+        "counter",
+        "Prompt tokens removed by truncation to a stage's max_prompt_tokens.",
+    );
+    for ((workflow, stage), _, tokens) in &process.truncations {
+        w.sample(
+            "hypertool_prompt_tokens_truncated_total",
+            &[("workflow", workflow), ("stage", stage)],
+            *tokens,
         );
     }
     w.header(

@@ -329,6 +329,9 @@ pub fn gateway_config(dir: &Path, upstream_url: &str, extra: &str) -> PathBuf {
         "slow-stream",
         "leak-key",
         "flaky",
+        "weak",
+        "strong",
+        "improves",
     ] {
         text.push_str(&format!(
             "\n[[gateway.models]]\nname = \"{model}\"\nupstream = \"fake\"\n"

@@ -8,6 +8,7 @@ mod delivery;
 mod embedded_alerts;
 mod events_api;
 mod gateway;
+mod gateway_stages;
 mod metrics_contract;
 mod persistence;
 mod process;

@@ -1,0 +1,119 @@
+//! Calls made for a workflow stage: which stage (from `X-Hypertool-Workflow`/`-Stage`/`-Run`, or
+//! the chatmode's workflow), the stage's model, prompt limit, per-run budget and quality gate.
+//!
+//! A call names a stage of a configured workflow → the stage's model (tier) is used, a prompt
+//! over `max_prompt_tokens` is cut, and the output is judged by the stage's gate. A call naming a
+//! workflow hypertool does not know keeps working as before: the names only label its metrics.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, StatusCode};
+
+use crate::config::gateway::{GatewaySettings, ModelRoute};
+use crate::core::workflow::{QualityGate, Stage, Workflow};
+use crate::server::error::ApiError;
+use crate::server::workflows::{run_of, unknown_stage};
+use crate::server::AppState;
+
+/// The configured stage a call belongs to.
+#[derive(Debug, Clone)]
+pub struct StageCall {
+    pub workflow: Arc<Workflow>,
+    pub stage: Stage,
+    /// The run the call belongs to (`X-Hypertool-Run`), checked to be of this workflow.
+    pub run: Option<String>,
+}
+
+impl StageCall {
+    pub fn gate(&self) -> Option<&QualityGate> {
+        self.stage.gate.as_ref()
+    }
+
+    /// The model gate retries go to: the escalation model, else the same one.
+    pub fn escalation(&self, settings: &GatewaySettings) -> Option<ModelRoute> {
+        self.stage
+            .escalation_model
+            .as_ref()
+            .and_then(|c| settings.resolve_choice(c))
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// The workflow a call names (or its chatmode's, when it names a stage but no workflow), and the
+/// configured stage when there is one.
+pub fn resolve(
+    state: &AppState,
+    headers: &HeaderMap,
+    chatmode: &str,
+) -> Result<(Option<String>, Option<Arc<StageCall>>), ApiError> {
+    let workflows = state.gateway.workflows();
+    let stage_name = header(headers, "x-hypertool-stage");
+    let run = header(headers, "x-hypertool-run");
+    let named = header(headers, "x-hypertool-workflow");
+    let workflow_name = match (&named, &stage_name) {
+        (Some(w), _) => Some(w.clone()),
+        (None, Some(_)) => workflows.workflow_for(None, chatmode),
+        (None, None) => None,
+    };
+    let configured = workflow_name.as_deref().and_then(|w| workflows.get(w));
+    match (configured, stage_name, run) {
+        (Some(w), Some(stage), run) => {
+            let s = w.stage(&stage).ok_or_else(|| {
+                let mut e = unknown_stage(w, &stage);
+                e.status = StatusCode::BAD_REQUEST;
+                e.param("x-hypertool-stage")
+            })?;
+            if let Some(r) = &run {
+                run_of(state, &w.name, r).map_err(|e| e.param("x-hypertool-run"))?;
+            }
+            Ok((
+                workflow_name,
+                Some(Arc::new(StageCall {
+                    workflow: w.clone(),
+                    stage: s.clone(),
+                    run,
+                })),
+            ))
+        }
+        (_, None, Some(_)) => Err(ApiError::bad_request(
+            "missing_stage",
+            "X-Hypertool-Run needs X-Hypertool-Stage (and X-Hypertool-Workflow unless the chatmode maps to one)",
+        )
+        .param("x-hypertool-stage")),
+        (None, Some(_), Some(_)) => Err(ApiError::bad_request(
+            "unknown_workflow",
+            format!(
+                "X-Hypertool-Run needs a configured workflow; `{}` is not one (configured: {})",
+                workflow_name.unwrap_or_default(),
+                workflows.workflows.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        )
+        .param("x-hypertool-workflow")),
+        _ => Ok((workflow_name, None)),
+    }
+}
+
+/// A header value from free text: printable ASCII only, at most 1,000 characters.
+pub fn header_safe(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| match c {
+            ' '..='~' => c,
+            '\n' | '\t' => ' ',
+            _ => '?',
+        })
+        .take(1000)
+        .collect();
+    if text.chars().count() > 1000 {
+        out.push_str("...");
+    }
+    out
+}
