@@ -484,7 +484,8 @@ impl Rule {
                     num(self.threshold)
                 ),
                 "Review failed generations in Langfuse for this workflow and stage; compare pass rates \
-                 by model; check whether the gate criteria changed; consider a higher-tier model for the stage."
+                 by model; check whether the gate criteria changed (the stage's quality_gate in its workflow \
+                 file); give the stage a higher-tier model or an escalation_model with retries."
                     .to_string(),
             ),
             AlertId::ExcessivePersonaSwitching => (
@@ -494,7 +495,8 @@ impl Rule {
                     num(self.threshold)
                 ),
                 "Find the oscillating pairs: sum(rate(hypertool_persona_switches_total[5m])) by \
-                 (from_persona, to_persona, chatmode); look for A -> B -> A loops and add a switch cooldown."
+                 (from_persona, to_persona, chatmode) and GET /api/oscillations; send switches through \
+                 POST /v1/personas/switch so the cooldown applies, and pick personas with POST /v1/personas/route."
                     .to_string(),
             ),
             AlertId::SlowWorkflowStage => (

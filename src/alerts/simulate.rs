@@ -15,7 +15,9 @@ use super::rules::{AlertId, AlertSettings};
 use super::{AlertEngine, AlertState, LangfuseStatus};
 use crate::core::clock::UnixMillis;
 use crate::core::engine::{Engine, EngineConfig};
-use crate::core::event::{Event, GateResult, PersonaSwitch, StageResult, Stamped, Usage};
+use crate::core::event::{
+    Event, GateResult, GateVerdictEvent, PersonaSwitch, StageResult, Stamped, Usage,
+};
 use crate::telemetry::exposition::{render, Format, ProcessInfo};
 
 /// The instance label of the simulated metrics endpoint.
@@ -31,7 +33,7 @@ pub struct Scenario {
     pub expect_firing: &'static [AlertId],
 }
 
-pub const SCENARIOS: [Scenario; 8] = [
+pub const SCENARIOS: [Scenario; 11] = [
     Scenario {
         name: "healthy",
         about: "steady work within budget, gates passing, few switches, Langfuse working",
@@ -80,6 +82,27 @@ pub const SCENARIOS: [Scenario; 8] = [
         minutes: 7,
         expect_firing: &[AlertId::HypertoolMetricsNotReported],
     },
+    Scenario {
+        name: "gate-escalation",
+        about: "feature-development/implementation on the balanced tier fails its gate every time; the \
+                gateway's retry on the quality tier passes (half the verdicts fail)",
+        minutes: 12,
+        expect_firing: &[AlertId::HighQualityGateFailureRate],
+    },
+    Scenario {
+        name: "oscillating-session",
+        about: "one session goes backend-engineer -> testing-specialist -> backend-engineer ... every \
+                7.5 s: far below the switch-rate alert, but flagged as an oscillation",
+        minutes: 5,
+        expect_firing: &[],
+    },
+    Scenario {
+        name: "hung-stage",
+        about: "an incident-response run's diagnosis stage starts and never ends: no duration is ever \
+                observed, its running age is",
+        minutes: 16,
+        expect_firing: &[AlertId::SlowWorkflowStage],
+    },
 ];
 
 pub fn find(name: &str) -> Option<Scenario> {
@@ -108,6 +131,8 @@ pub struct Run {
     pub scenario: Scenario,
     pub settings: AlertSettings,
     pub evaluations: Vec<Evaluation>,
+    /// What the core noticed besides alerts (oscillations, gate verdicts, running stages).
+    pub notes: Vec<String>,
     engine: AlertEngine,
 }
 
@@ -225,6 +250,63 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
             events.push(usage("devops-engineer", "ops", "gpt-4", 5, None));
             up = t_min < 3.0;
         }
+        "gate-escalation" => {
+            for (attempt, model, result) in [
+                (1, "mock/balanced", GateResult::Fail),
+                (2, "mock/quality", GateResult::Pass),
+            ] {
+                events.push(usage(
+                    "backend-engineer",
+                    "feature-implementation",
+                    model,
+                    3,
+                    None,
+                ));
+                events.push(Event::QualityGate(GateVerdictEvent {
+                    workflow: "feature-development".into(),
+                    stage: "implementation".into(),
+                    model: model.into(),
+                    result,
+                    reasons: (result == GateResult::Fail)
+                        .then(|| "code_block: no fenced code block".to_string()),
+                    run: None,
+                    attempt,
+                }));
+            }
+        }
+        "oscillating-session" => {
+            // Two switches per 15 s step, alternating, in one session.
+            for k in 0..2 {
+                let n = i * 2 + k;
+                let (from, to) = if n % 2 == 0 {
+                    ("testing-specialist", "backend-engineer")
+                } else {
+                    ("backend-engineer", "testing-specialist")
+                };
+                events.push(Event::PersonaSwitch(PersonaSwitch {
+                    session: "osc-1".into(),
+                    from: (n > 0).then(|| from.to_string()),
+                    to: to.into(),
+                    chatmode: "feature-implementation".into(),
+                }));
+            }
+        }
+        "hung-stage" => {
+            if i == 0 {
+                events.push(Event::RunStarted {
+                    run: "run-hung".into(),
+                    workflow: "incident-response".into(),
+                    session: None,
+                });
+                events.push(Event::StageStarted {
+                    run: "run-hung".into(),
+                    workflow: "incident-response".into(),
+                    stage: "diagnosis".into(),
+                    persona: Some("devops-engineer".into()),
+                });
+            }
+            events.push(usage("devops-engineer", "incident", "gpt-4", 2, None));
+        }
         _ => {}
     }
     (events, up, traces)
@@ -276,10 +358,35 @@ pub fn run(scenario: Scenario, engine_config: EngineConfig, settings: AlertSetti
         active.sort_by(|a, b| (a.alertname, &a.labels).cmp(&(b.alertname, &b.labels)));
         evaluations.push(Evaluation { at_ms: at, active });
     }
+    let mut notes = Vec::new();
+    let m = core.metrics();
+    let oscillations = m.oscillations.sum();
+    if oscillations > 0.0 {
+        notes.push(format!(
+            "oscillations flagged: {oscillations} (hypertool_persona_oscillations_total)"
+        ));
+    }
+    let mut gates: BTreeMap<String, f64> = BTreeMap::new();
+    for (labels, v) in m.quality_gates.sorted() {
+        *gates
+            .entry(format!("{}/{} {}", labels[0], labels[1], labels[3]))
+            .or_insert(0.0) += v;
+    }
+    for (k, v) in gates {
+        notes.push(format!("quality gate {k}: {v}"));
+    }
+    let end = scenario.minutes * 60_000;
+    for ((workflow, stage), since) in core.runs().oldest_running() {
+        notes.push(format!(
+            "stage {workflow}/{stage} still running after {} s",
+            (end - since) / 1000
+        ));
+    }
     Run {
         scenario,
         settings,
         evaluations,
+        notes,
         engine: alerts,
     }
 }
@@ -371,6 +478,9 @@ impl Run {
                 }
             }
             previous = now.into_iter().map(|(k, (s, _))| (k, s)).collect();
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "  note: {note}");
         }
         let firing = self.firing_at_end();
         let _ = writeln!(

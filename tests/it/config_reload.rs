@@ -195,3 +195,71 @@ async fn budgets_yml_edits_apply_within_two_seconds_and_bad_edits_are_refused() 
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxing_a_quality_gate_needs_no_restart_and_a_broken_gate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_copy(dir.path());
+    let workflow = toml.parent().unwrap().join("workflows/package-release.yml");
+    let s = start(
+        Source::File(toml.clone()),
+        &dir.path().join("data"),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .await;
+    let evaluate = || async {
+        let (status, v) = s
+            .post_raw(
+                "/v1/quality-gates/evaluate",
+                json!({"workflow": "package-release", "stage": "publish",
+                       "text": "published it", "record": false})
+                .to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        v["result"].as_str().unwrap().to_string()
+    };
+    assert_eq!(evaluate().await, "fail");
+
+    // Relax the gate: publish no longer needs a bash block.
+    let original = std::fs::read_to_string(&workflow).unwrap();
+    let relaxed = original.replace(
+        "      code_block: bash\n      max_completion_tokens: 1500",
+        "      max_completion_tokens: 1500",
+    );
+    assert_ne!(relaxed, original);
+    std::fs::write(&workflow, &relaxed).unwrap();
+    eventually("the relaxed gate", Duration::from_secs(2), || async {
+        (evaluate().await == "pass").then_some(())
+    })
+    .await;
+
+    // A broken regex is refused; the last good workflows stay in force.
+    let broken = relaxed.replace("'(?i)\\blorem ipsum\\b'", "'(unclosed'");
+    assert_ne!(broken, relaxed);
+    std::fs::write(&workflow, broken).unwrap();
+    eventually("the refused reload", Duration::from_secs(2), || async {
+        let m = s.metrics().await;
+        (m.get("hypertool_config_last_reload_successful", &[]) == Some(0.0)).then_some(())
+    })
+    .await;
+    assert_eq!(evaluate().await, "pass");
+    let (status, _) = s.get_json("/v1/workflows/package-release").await;
+    assert_eq!(status, 200);
+    s.stop().await;
+
+    // `hypertool check` names the file and line.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"))
+        .args(["check", "--config", toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:12: stage `changelog`: `must_not_match` pattern /(unclosed/ is not a valid regex",
+            workflow.display()
+        )),
+        "{stderr}"
+    );
+}
