@@ -164,6 +164,10 @@ pub struct UpstreamSettings {
     pub base_url: String,
     pub api_key_env: Option<String>,
     pub timeout: Duration,
+    /// `{base_url}/chat/completions` and `{base_url}/embeddings`, parsed once here rather than on
+    /// every call (URL parsing with IDNA showed in the gateway's profile).
+    pub chat_url: Option<reqwest::Url>,
+    pub embeddings_url: Option<reqwest::Url>,
 }
 
 /// USD per 1,000 tokens.
@@ -338,13 +342,24 @@ impl GatewaySettings {
                     format!("upstream `{}` is defined twice", u.name),
                 ));
             }
+            let base_url = u.base_url.trim_end_matches('/').to_string();
+            let endpoint = |path: &str| reqwest::Url::parse(&format!("{base_url}/{path}")).ok();
+            let (chat_url, embeddings_url) = (endpoint("chat/completions"), endpoint("embeddings"));
+            if chat_url.is_none() {
+                errors.push((
+                    format!("{key}.base_url"),
+                    format!("`{base_url}` is not a valid URL"),
+                ));
+            }
             s.upstreams.insert(
                 u.name.clone(),
                 UpstreamSettings {
                     name: u.name,
-                    base_url: u.base_url.trim_end_matches('/').to_string(),
+                    base_url,
                     api_key_env: u.api_key_env,
                     timeout,
+                    chat_url,
+                    embeddings_url,
                 },
             );
         }

@@ -38,7 +38,8 @@ const KEY_FIELDS: [&str; 18] = [
 #[derive(Debug)]
 pub struct Entry {
     canonical: String,
-    pub response: Value,
+    /// The upstream's answer, as it came.
+    pub response: bytes::Bytes,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     expires_at: UnixMillis,
@@ -139,7 +140,7 @@ impl ResponseCache {
     pub fn insert(
         &self,
         canonical: String,
-        response: Value,
+        response: bytes::Bytes,
         prompt: u64,
         completion: u64,
         expires_at: UnixMillis,

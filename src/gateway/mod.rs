@@ -36,7 +36,7 @@ use crate::core::workflow::Workflows;
 use crate::server::error::ApiError;
 use crate::server::AppState;
 use crate::store::writer::lock;
-use upstream::UpstreamError;
+use upstream::{Completion, UpstreamError};
 
 /// Gateway configuration (hot-reloaded) and its HTTP client.
 pub struct Gateway {
@@ -326,29 +326,6 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
     ))
 }
 
-fn completion_text(v: &Value) -> String {
-    v.get("choices")
-        .and_then(Value::as_array)
-        .map(|cs| {
-            cs.iter()
-                .filter_map(|c| {
-                    let m = c.get("message")?;
-                    let mut s = m
-                        .get("content")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    if let Some(calls) = m.get("tool_calls") {
-                        s.push_str(&calls.to_string());
-                    }
-                    Some(s)
-                })
-                .collect::<Vec<_>>()
-                .join("")
-        })
-        .unwrap_or_default()
-}
-
 /// Stores the call's usage. A ledger failure is logged and counted but the answer still goes to
 /// the client: the tokens were spent upstream, and a retry would spend them twice.
 async fn record(
@@ -601,7 +578,7 @@ pub async fn chat_completions(
                 let mut resp = if streamed {
                     cached_stream(&entry, wants_usage)
                 } else {
-                    Json(entry.response.clone()).into_response()
+                    json_bytes(entry.response.clone())
                 };
                 response_headers(&mut resp, &meta);
                 resp.headers_mut()
@@ -817,7 +794,7 @@ async fn attempt_plain(
     settings: &GatewaySettings,
     route: &ModelRoute,
     body: &Map<String, Value>,
-) -> Result<Value, UpstreamError> {
+) -> Result<Completion, UpstreamError> {
     if route.upstream == "mock" {
         tokio::time::sleep(settings.mock.latency).await;
         let (value, _, _) = upstream::mock_completion(
@@ -827,7 +804,7 @@ async fn attempt_plain(
             &new_id(),
             chrono::Utc::now().timestamp(),
         );
-        return Ok(value);
+        return Completion::parse("mock", Bytes::from(value.to_string()));
     }
     match settings.upstreams.get(&route.upstream) {
         Some(u) => {
@@ -846,7 +823,7 @@ async fn call_with_fallbacks(
     settings: &GatewaySettings,
     route: &ModelRoute,
     request: &mut Map<String, Value>,
-) -> Result<(ModelRoute, Value), UpstreamError> {
+) -> Result<(ModelRoute, Completion), UpstreamError> {
     let mut last = None;
     for (i, candidate) in candidates(settings, route).into_iter().enumerate() {
         if i > 0 {
@@ -891,7 +868,8 @@ async fn call_with_fallbacks(
 /// What the call task hands back to the handler.
 struct Answer {
     meta: CallMeta,
-    value: Value,
+    /// The upstream's bytes, forwarded as they are.
+    body: Bytes,
     /// The gate's verdict on the answer, when the call's stage has a gate.
     verdict: Option<GateVerdict>,
     attempts: u32,
@@ -967,7 +945,7 @@ async fn plain_call(
             let attempt_started = if attempt == 1 { started } else { Instant::now() };
             let route = attempt_meta.route.clone();
             let result = call_with_fallbacks(&state, &settings, &route, &mut request).await;
-            let (answered_by, value) = match result {
+            let (answered_by, completion) = match result {
                 Ok(ok) => ok,
                 Err(e) => {
                     state.gateway.count(&attempt_meta.route.upstream, "upstream_error");
@@ -978,8 +956,8 @@ async fn plain_call(
             };
             let fell_back = answered_by.name != route.name;
             attempt_meta.route = answered_by;
-            let text = completion_text(&value);
-            let (prompt, completion, estimated) = match usage_of(&value) {
+            let Completion { body, usage, text } = completion;
+            let (prompt, completion, estimated) = match usage {
                 Some((p, c)) => (p, c, false),
                 None => (counted_prompt(&request), tokens::count_text(&text), true),
             };
@@ -1027,11 +1005,11 @@ async fn plain_call(
                     let cacheable = !fell_back && !estimated && !failed && attempt == 1;
                     if let Some((key, ttl)) = cache_slot.filter(|_| cacheable) {
                         let expires = state.clock.now_ms() + ttl.as_millis() as i64;
-                        state.gateway.cache.insert(key, value.clone(), prompt, completion, expires);
+                        state.gateway.cache.insert(key, body.clone(), prompt, completion, expires);
                     }
                     let _ = answer_tx.send(Ok(Answer {
                         meta: attempt_meta.clone(),
-                        value,
+                        body,
                         verdict,
                         attempts: attempt,
                     }));
@@ -1046,7 +1024,7 @@ async fn plain_call(
     });
     match answer_rx.await {
         Ok(Ok(answer)) => {
-            let mut resp = Json(answer.value).into_response();
+            let mut resp = json_bytes(answer.body);
             response_headers(&mut resp, &answer.meta);
             let h = resp.headers_mut();
             if answer.meta.route.name != meta.route.name {
@@ -1200,8 +1178,19 @@ pub async fn embeddings(
 }
 
 /// A cached answer replayed as an SSE stream.
+/// A JSON response from bytes that already are JSON.
+fn json_bytes(body: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 fn cached_stream(entry: &cache::Entry, wants_usage: bool) -> Response {
-    let r = &entry.response;
+    let value = Completion::value(&entry.response);
+    let r = &value;
     let id = r.get("id").cloned().unwrap_or(Value::Null);
     let model = r.get("model").cloned().unwrap_or(Value::Null);
     let created = r.get("created").cloned().unwrap_or(Value::Null);

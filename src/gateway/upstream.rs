@@ -142,10 +142,17 @@ fn request_to(
     body: &(impl serde::Serialize + ?Sized),
     timeout: Duration,
 ) -> reqwest::RequestBuilder {
-    let mut req = http
-        .post(format!("{}/{path}", upstream.base_url))
-        .timeout(timeout)
-        .json(body);
+    let parsed = match path {
+        "chat/completions" => upstream.chat_url.clone(),
+        "embeddings" => upstream.embeddings_url.clone(),
+        _ => None,
+    };
+    let mut req = match parsed {
+        Some(url) => http.post(url),
+        None => http.post(format!("{}/{path}", upstream.base_url)),
+    }
+    .timeout(timeout)
+    .json(body);
     if let Some(key) = api_key(upstream) {
         req = req.bearer_auth(key);
     }
@@ -195,7 +202,8 @@ async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> U
     }
 }
 
-/// POSTs `body` to `path` and returns the JSON answer, which must hold the array `required`.
+/// POSTs `body` to `path` and returns the JSON answer, which must hold the array `required`
+/// (embeddings; chat completions are read with [`Completion::parse`]).
 async fn post_json(
     http: &reqwest::Client,
     upstream: &UpstreamSettings,
@@ -228,14 +236,101 @@ async fn post_json(
     Ok(value)
 }
 
+/// A non-streamed chat completion: the upstream's bytes exactly as they came (forwarded to the
+/// client untouched, so no JSON tree is built and serialized again on the hot path), and what
+/// hypertool reads from them.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub body: Bytes,
+    /// (prompt, completion) tokens, when the upstream reported both.
+    pub usage: Option<(u64, u64)>,
+    /// The answer's text (message contents, then tool calls), for gates and estimates.
+    pub text: String,
+}
+
+/// Only the parts of a completion hypertool reads; everything else is skipped without allocating.
+#[derive(serde::Deserialize)]
+struct LightCompletion<'a> {
+    #[serde(borrow)]
+    choices: Vec<LightChoice<'a>>,
+    #[serde(default)]
+    usage: Option<LightUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct LightChoice<'a> {
+    #[serde(default, borrow)]
+    message: Option<LightMessage<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LightMessage<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct LightUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+impl Completion {
+    /// Reads an upstream's answer; it must be JSON with a `choices` array.
+    pub fn parse(upstream: &str, body: Bytes) -> Result<Completion, UpstreamError> {
+        let light: LightCompletion<'_> = serde_json::from_slice(&body).map_err(|e| {
+            let detail = if e.is_data() {
+                "no `choices` array".to_string()
+            } else {
+                format!("not JSON ({e})")
+            };
+            UpstreamError::Invalid {
+                upstream: upstream.to_string(),
+                detail,
+            }
+        })?;
+        let mut text = String::new();
+        for m in light.choices.iter().filter_map(|c| c.message.as_ref()) {
+            if let Some(c) = &m.content {
+                text.push_str(c);
+            }
+            if let Some(calls) = m.tool_calls {
+                text.push_str(calls.get());
+            }
+        }
+        let usage = light
+            .usage
+            .and_then(|u| Some((u.prompt_tokens?, u.completion_tokens?)));
+        Ok(Completion { body, usage, text })
+    }
+
+    /// The answer as a JSON tree (cache hits replayed as SSE).
+    pub fn value(body: &[u8]) -> Value {
+        serde_json::from_slice(body).unwrap_or(Value::Null)
+    }
+}
+
 /// A non-streamed chat completion from an HTTP upstream.
 pub async fn complete(
     http: &reqwest::Client,
     upstream: &UpstreamSettings,
     body: &serde_json::Map<String, Value>,
     timeout: Duration,
-) -> Result<Value, UpstreamError> {
-    post_json(http, upstream, "chat/completions", body, timeout, "choices").await
+) -> Result<Completion, UpstreamError> {
+    let resp = request_to(http, upstream, "chat/completions", body, timeout)
+        .send()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    if !resp.status().is_success() {
+        return Err(error_status(upstream, resp).await);
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    Completion::parse(&upstream.name, bytes)
 }
 
 /// Embeddings from an HTTP upstream.
@@ -344,4 +439,40 @@ pub fn mock_completion(
         }
     });
     (value, prompt_tokens, content)
+}
+
+#[cfg(test)]
+mod completion_tests {
+    use super::*;
+
+    #[test]
+    fn a_completion_is_read_without_rebuilding_it() {
+        let raw = r#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"hi","tool_calls":[{"id":"c","function":{"name":"f","arguments":"{}"}}]}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"extra":{"deep":[1,2,3]}}"#;
+        let c = Completion::parse("u", Bytes::from(raw)).unwrap();
+        assert_eq!(c.usage, Some((3, 2)));
+        assert!(c.text.starts_with("hi[{"));
+        assert_eq!(&c.body[..], raw.as_bytes(), "forwarded byte for byte");
+        let no_usage = Completion::parse(
+            "u",
+            Bytes::from(r#"{"choices":[{"message":{"content":null}}],"usage":null}"#),
+        )
+        .unwrap();
+        assert_eq!((no_usage.usage, no_usage.text.as_str()), (None, ""));
+        let partial = Completion::parse(
+            "u",
+            Bytes::from(r#"{"choices":[],"usage":{"prompt_tokens":3}}"#),
+        )
+        .unwrap();
+        assert_eq!(partial.usage, None);
+        match Completion::parse("u", Bytes::from("this is not json")) {
+            Err(UpstreamError::Invalid { detail, .. }) => {
+                assert!(detail.starts_with("not JSON"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        match Completion::parse("u", Bytes::from(r#"{"object":"error"}"#)) {
+            Err(UpstreamError::Invalid { detail, .. }) => assert_eq!(detail, "no `choices` array"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
