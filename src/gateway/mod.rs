@@ -354,7 +354,7 @@ async fn record(
         at: state.clock.now_ms(),
         event,
     };
-    if let Err(e) = state.writer.append(vec![stamped]).await {
+    if let Err(e) = state.writer.append_accounting(vec![stamped]).await {
         state.stats.reject("ledger_unavailable", 1);
         tracing::error!(persona = %meta.persona, model = %meta.route.name, prompt, completion,
             "usage of an answered call could not be stored: {e}");

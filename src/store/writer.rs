@@ -20,11 +20,18 @@ use crate::core::event::Stamped;
 const MAX_GROUP_EVENTS: usize = 16_384;
 /// Requests waiting for the writer before callers are made to wait.
 const QUEUE_DEPTH: usize = 4_096;
+/// How long a group of accounting-only appends may wait for company before it is committed.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+/// A lingering group commits as soon as it holds this many events.
+const LINGER_MAX_EVENTS: usize = 256;
 
 enum Command {
     Append {
         events: Vec<Stamped>,
         ack: oneshot::Sender<Result<(), LedgerError>>,
+        /// Nobody is waiting on this answer (the gateway's usage after the client was answered):
+        /// it may wait briefly for other appends to share its commit.
+        linger: bool,
     },
     SetOverride {
         persona: String,
@@ -63,9 +70,23 @@ fn gone() -> LedgerError {
 impl WriterHandle {
     /// Stores `events` and applies them; returns once they are durable.
     pub async fn append(&self, events: Vec<Stamped>) -> Result<(), LedgerError> {
+        self.send_append(events, false).await
+    }
+
+    /// Like [`append`](Self::append), for events no client is waiting on: the writer may hold them
+    /// up to 2 ms so that more appends share one commit (under load, far fewer commits).
+    pub async fn append_accounting(&self, events: Vec<Stamped>) -> Result<(), LedgerError> {
+        self.send_append(events, true).await
+    }
+
+    async fn send_append(&self, events: Vec<Stamped>, linger: bool) -> Result<(), LedgerError> {
         let (ack, rx) = oneshot::channel();
         self.tx
-            .send(Command::Append { events, ack })
+            .send(Command::Append {
+                events,
+                ack,
+                linger,
+            })
             .await
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
@@ -133,20 +154,38 @@ fn run(
             return;
         };
         match first {
-            Command::Append { events, ack } => {
+            Command::Append {
+                events,
+                ack,
+                linger,
+            } => {
                 let mut batch = events;
                 let mut acks = vec![ack];
+                // Linger only while every append in the group is accounting nobody waits on.
+                let mut lingering = linger;
+                let deadline = std::time::Instant::now() + LINGER;
                 while batch.len() < MAX_GROUP_EVENTS {
                     match rx.try_recv() {
-                        Ok(Command::Append { events, ack }) => {
+                        Ok(Command::Append {
+                            events,
+                            ack,
+                            linger,
+                        }) => {
                             batch.extend(events);
                             acks.push(ack);
+                            lingering &= linger;
                         }
                         Ok(other) => {
                             carried = Some(other);
                             break;
                         }
-                        Err(_) => break,
+                        Err(_) => {
+                            let now = std::time::Instant::now();
+                            if !lingering || batch.len() >= LINGER_MAX_EVENTS || now >= deadline {
+                                break;
+                            }
+                            std::thread::sleep((deadline - now).min(LINGER / 8));
+                        }
                     }
                 }
                 match ledger.append(&batch) {
