@@ -15,6 +15,7 @@ pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ pub struct Gateway {
     pub cache: cache::ResponseCache,
     /// Bounds calls in flight to upstreams (`gateway.max_in_flight`, fixed at start-up).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Calls waiting for an in-flight slot (at most `max_in_flight`; more are refused at once).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Gateway {
@@ -58,6 +61,7 @@ impl Gateway {
             workflows: RwLock::new(Arc::new(workflows)),
             cache: cache::ResponseCache::new(settings.cache.max_entries),
             in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             settings: RwLock::new(Arc::new(settings)),
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -638,16 +642,31 @@ pub async fn chat_completions(
         }
     }
 
-    // Load shedding: a bounded number of calls go upstream at once; others wait up to 100 ms, so
-    // that overload is refused cheaply instead of piling up requests in memory.
-    let permit = match tokio::time::timeout(
-        Duration::from_millis(100),
-        state.gateway.in_flight.clone().acquire_owned(),
-    )
-    .await
-    {
-        Ok(Ok(p)) => p,
-        _ => {
+    // Load shedding: a bounded number of calls go upstream at once; as many again may wait up to
+    // 100 ms for a slot, and beyond that calls are refused at once, so that overload is refused
+    // cheaply instead of piling up requests in memory.
+    let permit = match state.gateway.in_flight.clone().try_acquire_owned() {
+        Ok(p) => Ok(p),
+        Err(_) => {
+            let waiting = state.gateway.waiting.fetch_add(1, Ordering::AcqRel);
+            let result = if waiting >= settings.max_in_flight {
+                Err(())
+            } else {
+                tokio::time::timeout(
+                    Duration::from_millis(100),
+                    state.gateway.in_flight.clone().acquire_owned(),
+                )
+                .await
+                .map_err(|_| ())
+                .and_then(|r| r.map_err(|_| ()))
+            };
+            state.gateway.waiting.fetch_sub(1, Ordering::AcqRel);
+            result
+        }
+    };
+    let permit = match permit {
+        Ok(p) => p,
+        Err(()) => {
             state.gateway.count(&meta.route.upstream, "overloaded");
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
