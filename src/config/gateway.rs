@@ -226,7 +226,8 @@ pub struct GatewaySettings {
     pub default_chatmode: String,
     pub mock: MockSettings,
     pub upstreams: BTreeMap<String, UpstreamSettings>,
-    pub models: Vec<ModelRoute>,
+    /// Shared, so a call holds its route without copying it.
+    pub models: Vec<std::sync::Arc<ModelRoute>>,
     pub keys: Vec<VirtualKey>,
     pub persona_downgrade: BTreeMap<String, String>,
     pub tool_policy: ToolPolicy,
@@ -402,7 +403,7 @@ impl GatewaySettings {
                     })
                 }
             };
-            s.models.push(ModelRoute {
+            s.models.push(std::sync::Arc::new(ModelRoute {
                 upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
                 name: m.name,
                 aliases: m.aliases,
@@ -412,7 +413,7 @@ impl GatewaySettings {
                 fallbacks: m.fallbacks,
                 retries: m.retries.unwrap_or(2),
                 downgrade_to: m.downgrade_to,
-            });
+            }));
         }
         for (i, m) in s.models.iter().enumerate() {
             for target in m.fallbacks.iter().chain(m.downgrade_to.iter()) {
@@ -483,7 +484,7 @@ impl GatewaySettings {
     }
 
     /// The model a stage's `model`/`escalation_model` names.
-    pub fn resolve_choice(&self, choice: &ModelChoice) -> Option<ModelRoute> {
+    pub fn resolve_choice(&self, choice: &ModelChoice) -> Option<std::sync::Arc<ModelRoute>> {
         match choice {
             ModelChoice::Tier(t) => self.tiers.get(t).and_then(|m| self.route(m)),
             ModelChoice::Model(m) => self.route(m),
@@ -492,7 +493,7 @@ impl GatewaySettings {
 
     /// The route for a requested model name or alias. `mock/*` goes to the built-in mock unless a
     /// route of that name exists.
-    pub fn route(&self, requested: &str) -> Option<ModelRoute> {
+    pub fn route(&self, requested: &str) -> Option<std::sync::Arc<ModelRoute>> {
         if let Some(r) = self
             .models
             .iter()
@@ -503,16 +504,18 @@ impl GatewaySettings {
         requested
             .strip_prefix("mock/")
             .filter(|rest| !rest.is_empty())
-            .map(|_| ModelRoute {
-                name: requested.to_string(),
-                aliases: Vec::new(),
-                upstream: "mock".into(),
-                upstream_model: requested.to_string(),
-                timeout: None,
-                prices: None,
-                fallbacks: Vec::new(),
-                retries: 0,
-                downgrade_to: None,
+            .map(|_| {
+                std::sync::Arc::new(ModelRoute {
+                    name: requested.to_string(),
+                    aliases: Vec::new(),
+                    upstream: "mock".into(),
+                    upstream_model: requested.to_string(),
+                    timeout: None,
+                    prices: None,
+                    fallbacks: Vec::new(),
+                    retries: 0,
+                    downgrade_to: None,
+                })
             })
     }
 }

@@ -177,7 +177,7 @@ struct CallMeta {
     workflow: Option<String>,
     stage: Option<String>,
     session: Option<String>,
-    route: ModelRoute,
+    route: Arc<ModelRoute>,
     /// Prompt tokens as admission estimated them (tiktoken when a budget enforces, else rough).
     prompt_estimate: u64,
     /// The configured workflow stage the call is for, if any.
@@ -205,7 +205,7 @@ fn allowed_route(
     settings: &GatewaySettings,
     key: Option<&VirtualKey>,
     model: &str,
-) -> Result<ModelRoute, ApiError> {
+) -> Result<Arc<ModelRoute>, ApiError> {
     let Some(route) = settings.route(model) else {
         state.gateway.count("-", "model_not_found");
         let mut known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
@@ -254,7 +254,7 @@ impl CallMeta {
         settings: &GatewaySettings,
         headers: &HeaderMap,
         persona: String,
-        route: ModelRoute,
+        route: Arc<ModelRoute>,
         prompt_estimate: u64,
     ) -> Self {
         CallMeta {
@@ -427,7 +427,7 @@ pub async fn chat_completions(
             if r.name != model {
                 notes.push(("x-hypertool-stage-model", format!("{model} -> {}", r.name)));
             }
-            r.name
+            r.name.clone()
         }
         ("auto", None) => {
             return Err(ApiError::bad_request(
@@ -795,7 +795,7 @@ fn new_id() -> String {
 }
 
 /// The route and then its fallbacks, in order.
-fn candidates(settings: &GatewaySettings, route: &ModelRoute) -> Vec<ModelRoute> {
+fn candidates(settings: &GatewaySettings, route: &Arc<ModelRoute>) -> Vec<Arc<ModelRoute>> {
     let mut out = vec![route.clone()];
     for name in &route.fallbacks {
         if let Some(r) = settings.route(name) {
@@ -840,9 +840,9 @@ async fn attempt_plain(
 async fn call_with_fallbacks(
     state: &AppState,
     settings: &GatewaySettings,
-    route: &ModelRoute,
+    route: &Arc<ModelRoute>,
     request: &mut Map<String, Value>,
-) -> Result<(ModelRoute, Completion), UpstreamError> {
+) -> Result<(Arc<ModelRoute>, Completion), UpstreamError> {
     let mut last = None;
     for (i, candidate) in candidates(settings, route).into_iter().enumerate() {
         if i > 0 {

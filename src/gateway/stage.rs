@@ -30,7 +30,7 @@ impl StageCall {
     }
 
     /// The model gate retries go to: the escalation model, else the same one.
-    pub fn escalation(&self, settings: &GatewaySettings) -> Option<ModelRoute> {
+    pub fn escalation(&self, settings: &GatewaySettings) -> Option<Arc<ModelRoute>> {
         self.stage
             .escalation_model
             .as_ref()

@@ -68,9 +68,32 @@ impl ServerStats {
     }
 }
 
-/// Shared by every route: cheap to clone.
+/// Shared by every route: one pointer, so the clone axum makes for every request (and the one each
+/// gateway task keeps) is a single reference-count increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// The same server state with the self-scrape pointed at `metrics_addr` (used to test a metrics
+    /// listener that does not answer).
+    pub fn scraping(&self, metrics_addr: SocketAddr) -> AppState {
+        let mut inner = (*self.0).clone();
+        inner.metrics_addr = metrics_addr;
+        AppState(Arc::new(inner))
+    }
+}
+
+/// What every route can reach.
+#[derive(Clone)]
+pub struct AppInner {
     pub engine: Arc<Mutex<Engine>>,
     pub alerts: Arc<Mutex<AlertEngine>>,
     /// The metrics listener's address: the embedded engine scrapes it for `up`.
@@ -245,7 +268,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         generator_url.clone(),
         delivery_stats.clone(),
     );
-    let state = AppState {
+    let state = AppState(Arc::new(AppInner {
         gateway: Arc::new(crate::gateway::Gateway::new(
             cfg.settings.gateway.clone(),
             cfg.workflows.clone(),
@@ -268,7 +291,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         draining: Arc::new(AtomicBool::new(false)),
         started_ms: clock.now_ms(),
         max_body_bytes: cfg.settings.max_body_bytes,
-    };
+    }));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = Duration::from_secs(cfg.settings.shutdown_grace_seconds);

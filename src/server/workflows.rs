@@ -489,7 +489,7 @@ pub async fn finish_stage(
                 s.model
                     .as_ref()
                     .and_then(|c| state.gateway.settings().resolve_choice(c))
-                    .map(|r| r.name)
+                    .map(|r| r.name.clone())
             })
             .unwrap_or_else(|| "unknown".into());
         events.push(Event::QualityGate(GateVerdictEvent {

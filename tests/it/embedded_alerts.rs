@@ -181,13 +181,12 @@ async fn langfuse_alert_says_credentials_are_missing_unless_disabled() {
 async fn a_metrics_listener_that_does_not_answer_fires_metrics_not_reported() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_default(dir.path()).await;
-    let mut state = s.running.as_ref().unwrap().state.clone();
     // Point the self-scrape at a port nobody listens on (taken, then released).
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    state.metrics_addr = closed;
+    let state = s.running.as_ref().unwrap().state.scraping(closed);
     for _ in 0..8 {
         evaluate_alerts(&state).await;
         s.clock.advance_secs(15);
