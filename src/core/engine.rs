@@ -156,10 +156,11 @@ impl Default for Metrics {
 /// The answer to "may this persona spend about `estimate` tokens now?".
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
-    /// Go ahead. `reserved` tokens are held against the budget until [`Engine::release`].
-    Allowed { reserved: u64 },
+    /// Go ahead. `reserved` tokens (and `reserved_cost` USD) are held against the budget until
+    /// [`Engine::release`].
+    Allowed { reserved: u64, reserved_cost: f64 },
     /// The persona's `downgrade` budget is spent: go ahead on the cheaper model.
-    Downgrade { reserved: u64 },
+    Downgrade { reserved: u64, reserved_cost: f64 },
     /// The persona's budget is in `block` mode and spent (counting calls in flight).
     Blocked {
         persona: String,
@@ -167,6 +168,8 @@ pub enum Admission {
         used: u64,
         in_flight: u64,
         resets_at: Option<UnixMillis>,
+        /// Set when the cost budget refused: (limit, used, reserved by calls in flight), USD.
+        cost: Option<(f64, f64, f64)>,
     },
 }
 
@@ -184,6 +187,8 @@ pub struct Engine {
     /// Tokens reserved by calls in flight, per canonical persona (not in the ledger: they settle
     /// into usage events or are released).
     reserved: HashMap<String, u64>,
+    /// USD reserved by calls in flight, per canonical persona (cost budgets).
+    reserved_cost: HashMap<String, f64>,
     /// Replaying the ledger: rebuild state, but do not log warnings again.
     quiet: bool,
     runs: Runs,
@@ -204,6 +209,7 @@ impl Engine {
             none: Arc::from("none"),
             kinds: Interned::default(),
             reserved: HashMap::new(),
+            reserved_cost: HashMap::new(),
             quiet: false,
             runs: Runs::default(),
             oscillation_notices: std::collections::VecDeque::new(),
@@ -508,43 +514,69 @@ impl Engine {
     }
 
     /// Admission control for one call: in `block` mode, refuse when the tokens used plus those
-    /// reserved by calls in flight plus this call's estimate exceed the limit; otherwise reserve
-    /// the estimate. Usage can then pass the limit only by what calls in flight use beyond their
-    /// estimates.
-    pub fn admit(&mut self, persona: &str, estimate: u64, now: UnixMillis) -> Admission {
+    /// reserved by calls in flight plus this call's estimate exceed the limit (and likewise for a
+    /// cost budget, with the call's estimated cost); otherwise reserve the estimates. Usage can then
+    /// pass the limit only by what calls in flight use beyond their estimates.
+    pub fn admit(
+        &mut self,
+        persona: &str,
+        estimate: u64,
+        cost_estimate: f64,
+        now: UnixMillis,
+    ) -> Admission {
         let canonical = self.config.personas.canonical(persona).to_string();
         let in_flight = self.reserved.get(&canonical).copied().unwrap_or(0);
+        let in_flight_cost = self.reserved_cost.get(&canonical).copied().unwrap_or(0.0);
+        let cost_estimate = if cost_estimate.is_finite() {
+            cost_estimate.max(0.0)
+        } else {
+            0.0
+        };
         let mut downgrade = false;
         if let Some(budget) = self.budgets.get_mut(&canonical) {
             budget.roll(now);
-            let over = budget
-                .used_tokens()
-                .saturating_add(in_flight)
-                .saturating_add(estimate)
-                > budget.spec.tokens
-                || budget.remaining_cost().is_some_and(|left| left <= 0.0);
+            let used = budget.used_tokens();
+            let over_tokens =
+                used.saturating_add(in_flight).saturating_add(estimate) > budget.spec.tokens;
+            // Spent, or this call on top of the calls in flight would pass the cost limit.
+            let over_cost = budget.remaining_cost().is_some_and(|left| {
+                // A billionth of a dollar of float noise is not an overrun.
+                left <= 0.0 || left - in_flight_cost - cost_estimate < -1e-9
+            });
+            let over = over_tokens || over_cost;
             downgrade = over && budget.spec.mode == super::budget::BudgetMode::Downgrade;
-            if budget.spec.mode == super::budget::BudgetMode::Block {
-                let used = budget.used_tokens();
-                let cost_spent = budget.remaining_cost().is_some_and(|left| left <= 0.0);
-                if used.saturating_add(in_flight).saturating_add(estimate) > budget.spec.tokens
-                    || cost_spent
-                {
-                    return Admission::Blocked {
-                        persona: canonical,
-                        limit: budget.spec.tokens,
-                        used,
-                        in_flight,
-                        resets_at: budget.resets_at(),
-                    };
-                }
+            if over && budget.spec.mode == super::budget::BudgetMode::Block {
+                return Admission::Blocked {
+                    persona: canonical,
+                    limit: budget.spec.tokens,
+                    used,
+                    in_flight,
+                    resets_at: budget.resets_at(),
+                    cost: over_cost
+                        .then(|| {
+                            budget
+                                .spec
+                                .cost_usd
+                                .map(|limit| (limit, budget.used_cost(), in_flight_cost))
+                        })
+                        .flatten(),
+                };
             }
         }
-        *self.reserved.entry(canonical).or_insert(0) += estimate;
+        *self.reserved.entry(canonical.clone()).or_insert(0) += estimate;
+        if cost_estimate > 0.0 {
+            *self.reserved_cost.entry(canonical).or_insert(0.0) += cost_estimate;
+        }
         if downgrade {
-            Admission::Downgrade { reserved: estimate }
+            Admission::Downgrade {
+                reserved: estimate,
+                reserved_cost: cost_estimate,
+            }
         } else {
-            Admission::Allowed { reserved: estimate }
+            Admission::Allowed {
+                reserved: estimate,
+                reserved_cost: cost_estimate,
+            }
         }
     }
 
@@ -559,12 +591,21 @@ impl Engine {
 
     /// Gives back a reservation made by [`Engine::admit`] (the call's real usage is recorded as a
     /// usage event before this).
-    pub fn release(&mut self, persona: &str, reserved: u64) {
+    pub fn release(&mut self, persona: &str, reserved: u64, reserved_cost: f64) {
         let canonical = self.config.personas.canonical(persona);
         if let Some(r) = self.reserved.get_mut(canonical) {
             *r = r.saturating_sub(reserved);
             if *r == 0 {
                 self.reserved.remove(canonical);
+            }
+        }
+        if reserved_cost > 0.0 {
+            if let Some(c) = self.reserved_cost.get_mut(canonical) {
+                *c -= reserved_cost;
+                // Float sums do not cancel exactly: below a micro-dollar it is nothing.
+                if *c < 1e-9 {
+                    self.reserved_cost.remove(canonical);
+                }
             }
         }
     }
@@ -753,4 +794,64 @@ fn admit(
             .inc_by([Arc::from(kind.name())], 1.0);
     }
     value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, Source};
+    use crate::core::budget::{BudgetMode, BudgetSpec, Period};
+    use crate::core::event::Usage;
+
+    fn engine_with_cost_budget(usd: f64) -> Engine {
+        let config = load(&Source::Embedded).unwrap().engine_config();
+        let mut engine = Engine::new(config, 0);
+        let spec = BudgetSpec {
+            tokens: 1_000_000,
+            cost_usd: Some(usd),
+            period: Period::None,
+            mode: BudgetMode::Block,
+            soft_limit: None,
+        };
+        assert!(engine.set_override("backend-engineer", Some(spec), 0));
+        engine
+    }
+
+    #[test]
+    fn cost_budgets_count_the_calls_in_flight() {
+        let mut e = engine_with_cost_budget(1.0);
+        let ok = |a: &Admission| matches!(a, Admission::Allowed { .. });
+        assert!(ok(&e.admit("backend-engineer", 10, 0.4, 0)));
+        assert!(ok(&e.admit("tta-backend-engineer", 10, 0.4, 0)));
+        // 0.8 in flight: another 0.4 would pass the 1.0 limit.
+        match e.admit("backend-engineer", 10, 0.4, 0) {
+            Admission::Blocked { cost, .. } => {
+                let (limit, used, in_flight) = cost.unwrap();
+                assert_eq!((limit, used), (1.0, 0.0));
+                assert!((in_flight - 0.8).abs() < 1e-12);
+            }
+            other => panic!("{other:?}"),
+        }
+        // One call settles: it cost 0.5, more than estimated.
+        e.apply(&Stamped {
+            at: 1,
+            event: Event::Usage(Usage {
+                persona: "backend-engineer".into(),
+                chatmode: "c".into(),
+                model: "m".into(),
+                prompt_tokens: 5,
+                completion_tokens: 5,
+                cost_usd: Some(0.5),
+                ..Usage::default()
+            }),
+        });
+        e.release("backend-engineer", 10, 0.4);
+        // 0.5 spent + 0.4 in flight + 0.1 = 1.0: allowed; anything more is not.
+        assert!(ok(&e.admit("backend-engineer", 10, 0.1, 2)));
+        assert!(!ok(&e.admit("backend-engineer", 10, 0.01, 2)));
+        e.release("backend-engineer", 10, 0.4);
+        e.release("backend-engineer", 10, 0.1);
+        assert!(e.reserved_cost.is_empty(), "{:?}", e.reserved_cost);
+        assert_eq!(e.reserved("backend-engineer"), 0);
+    }
 }

@@ -68,7 +68,8 @@ impl CacheResult {
 }
 
 pub struct ResponseCache {
-    entries: moka::sync::Cache<u64, Arc<Entry>>,
+    /// Replaced (emptied) when `gateway.cache.max_entries` changes on reload; the counters stay.
+    entries: std::sync::RwLock<moka::sync::Cache<u64, Arc<Entry>>>,
     counts: [AtomicU64; 4],
     tokens_saved: AtomicU64,
 }
@@ -81,9 +82,27 @@ fn hash(s: &str) -> u64 {
 }
 
 impl ResponseCache {
+    fn store(&self) -> moka::sync::Cache<u64, Arc<Entry>> {
+        // A moka cache is a handle: cloning it shares the same store.
+        self.entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies a new `max_entries` (hot reload). moka's capacity is fixed, so a different size
+    /// starts an empty cache of that size; hit and miss counters carry on.
+    pub fn resize(&self, max_entries: u64) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if entries.policy().max_capacity() != Some(max_entries.max(1)) {
+            *entries = moka::sync::Cache::new(max_entries.max(1));
+            tracing::info!(max_entries, "response cache resized (emptied)");
+        }
+    }
+
     pub fn new(max_entries: u64) -> Self {
         ResponseCache {
-            entries: moka::sync::Cache::new(max_entries.max(1)),
+            entries: std::sync::RwLock::new(moka::sync::Cache::new(max_entries.max(1))),
             counts: Default::default(),
             tokens_saved: AtomicU64::new(0),
         }
@@ -126,12 +145,13 @@ impl ResponseCache {
 
     pub fn get(&self, canonical: &str, now: UnixMillis) -> Option<Arc<Entry>> {
         let id = hash(canonical);
-        let entry = self.entries.get(&id)?;
+        let entries = self.store();
+        let entry = entries.get(&id)?;
         if entry.canonical != canonical {
             return None;
         }
         if entry.expires_at <= now {
-            self.entries.invalidate(&id);
+            entries.invalidate(&id);
             return None;
         }
         Some(entry)
@@ -146,7 +166,7 @@ impl ResponseCache {
         expires_at: UnixMillis,
     ) {
         let id = hash(&canonical);
-        self.entries.insert(
+        self.store().insert(
             id,
             Arc::new(Entry {
                 canonical,
@@ -185,5 +205,23 @@ impl ResponseCache {
                 .collect(),
             self.tokens_saved.load(Ordering::Relaxed) as f64,
         )
+    }
+}
+
+#[cfg(test)]
+mod resize_tests {
+    use super::*;
+
+    #[test]
+    fn a_new_size_empties_the_cache_and_keeps_the_counters() {
+        let cache = ResponseCache::new(10);
+        cache.insert("k".into(), bytes::Bytes::from_static(b"{}"), 1, 1, i64::MAX);
+        cache.count(CacheResult::Hit, 2);
+        assert!(cache.get("k", 0).is_some());
+        cache.resize(10);
+        assert!(cache.get("k", 0).is_some(), "same size: kept");
+        cache.resize(20);
+        assert!(cache.get("k", 0).is_none(), "new size: emptied");
+        assert_eq!(cache.stats().1, 2.0);
     }
 }

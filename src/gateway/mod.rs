@@ -81,6 +81,7 @@ impl Gateway {
     }
 
     pub fn reconfigure(&self, settings: GatewaySettings, workflows: Workflows) {
+        self.cache.resize(settings.cache.max_entries);
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
         *self.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(workflows);
     }
@@ -159,13 +160,15 @@ struct Reservation {
     engine: Arc<Mutex<Engine>>,
     persona: String,
     tokens: u64,
+    /// USD held against a cost budget.
+    cost: f64,
     /// The in-flight slot, released with the reservation.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        lock(&self.engine).release(&self.persona, self.tokens);
+        lock(&self.engine).release(&self.persona, self.tokens, self.cost);
     }
 }
 
@@ -642,76 +645,32 @@ pub async fn chat_completions(
         }
     }
 
-    // Load shedding: a bounded number of calls go upstream at once; as many again may wait up to
-    // 100 ms for a slot, and beyond that calls are refused at once, so that overload is refused
-    // cheaply instead of piling up requests in memory.
-    let permit = match state.gateway.in_flight.clone().try_acquire_owned() {
-        Ok(p) => Ok(p),
-        Err(_) => {
-            let waiting = state.gateway.waiting.fetch_add(1, Ordering::AcqRel);
-            let result = if waiting >= settings.max_in_flight {
-                Err(())
-            } else {
-                tokio::time::timeout(
-                    Duration::from_millis(100),
-                    state.gateway.in_flight.clone().acquire_owned(),
-                )
-                .await
-                .map_err(|_| ())
-                .and_then(|r| r.map_err(|_| ()))
-            };
-            state.gateway.waiting.fetch_sub(1, Ordering::AcqRel);
-            result
-        }
-    };
-    let permit = match permit {
-        Ok(p) => p,
-        Err(()) => {
-            state.gateway.count(&meta.route.upstream, "overloaded");
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "overloaded",
-                format!(
-                    "hypertool has {} calls in flight (gateway.max_in_flight); retry shortly",
-                    settings.max_in_flight
-                ),
-            ));
-        }
-    };
+    let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
 
     // Admission: reserve the estimate; a spent `block` budget refuses.
     let estimate = prompt_estimate.saturating_add(max_tokens);
-    let admission = lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms());
-    let (reserved, downgraded) = match admission {
-        Admission::Allowed { reserved } => (reserved, false),
-        Admission::Downgrade { reserved } => (reserved, true),
-        Admission::Blocked {
-            persona,
-            limit,
-            used,
-            in_flight,
-            resets_at,
-        } => {
+    let cost_estimate = cost_of(&meta.route, prompt_estimate, max_tokens);
+    let admission =
+        lock(&state.engine).admit(&meta.persona, estimate, cost_estimate, state.clock.now_ms());
+    let (reserved, reserved_cost, downgraded) = match admission {
+        Admission::Allowed {
+            reserved,
+            reserved_cost,
+        } => (reserved, reserved_cost, false),
+        Admission::Downgrade {
+            reserved,
+            reserved_cost,
+        } => (reserved, reserved_cost, true),
+        blocked @ Admission::Blocked { .. } => {
             state.gateway.count(&meta.route.upstream, "budget_exceeded");
-            let resets = resets_at
-                .map(|t| format!("resets at {}", crate::core::clock::to_rfc3339(t)))
-                .unwrap_or_else(|| "the budget has no period: raise or reset it".into());
-            tracing::info!(persona = %persona, limit, used, in_flight, "call refused: budget exceeded");
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "budget_exceeded",
-                "budget_exceeded",
-                format!(
-                    "persona `{persona}` has used {used} of its {limit}-token budget ({in_flight} more reserved by calls in flight; this call needs about {estimate}); {resets}"
-                ),
-            ));
+            return Err(budget_exceeded(&blocked, estimate, cost_estimate));
         }
     };
     let reservation = Reservation {
         engine: state.engine.clone(),
         persona: meta.persona.clone(),
         tokens: reserved,
+        cost: reserved_cost,
         _permit: Some(permit),
     };
     if downgraded {
@@ -894,6 +853,86 @@ struct Answer {
     attempts: u32,
 }
 
+/// The cost of a call of `prompt` + `completion` tokens on `route` (0 without prices).
+fn cost_of(route: &ModelRoute, prompt: u64, completion: u64) -> f64 {
+    route.prices.map_or(0.0, |p| p.cost(prompt, completion))
+}
+
+/// The 429 for a call a `block` budget refused: what is spent, what calls in flight hold, what
+/// this call needs, and when the period resets.
+fn budget_exceeded(blocked: &Admission, estimate: u64, cost_estimate: f64) -> ApiError {
+    let Admission::Blocked {
+        persona,
+        limit,
+        used,
+        in_flight,
+        resets_at,
+        cost,
+    } = blocked
+    else {
+        return ApiError::unavailable("admission refused the call");
+    };
+    let resets = resets_at
+        .map(|t| format!("resets at {}", crate::core::clock::to_rfc3339(t)))
+        .unwrap_or_else(|| "the budget has no period: raise or reset it".into());
+    tracing::info!(persona = %persona, limit, used, in_flight, "call refused: budget exceeded");
+    let message = match cost {
+        Some((limit_usd, used_usd, in_flight_usd)) => format!(
+            "persona `{persona}` has spent ${used_usd:.4} of its ${limit_usd:.4} cost budget (${in_flight_usd:.4} more reserved by calls in flight; this call costs about ${cost_estimate:.4}); {resets}"
+        ),
+        None => format!(
+            "persona `{persona}` has used {used} of its {limit}-token budget ({in_flight} more reserved by calls in flight; this call needs about {estimate}); {resets}"
+        ),
+    };
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+        "budget_exceeded",
+        message,
+    )
+}
+
+/// Load shedding: a bounded number of calls go upstream at once; as many again may wait up to
+/// 100 ms for a slot, and beyond that calls are refused at once, so that overload is refused
+/// cheaply instead of piling up requests in memory.
+async fn acquire_slot(
+    state: &AppState,
+    settings: &GatewaySettings,
+    upstream: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let permit = match state.gateway.in_flight.clone().try_acquire_owned() {
+        Ok(p) => Ok(p),
+        Err(_) => {
+            let waiting = state.gateway.waiting.fetch_add(1, Ordering::AcqRel);
+            let result = if waiting >= settings.max_in_flight {
+                Err(())
+            } else {
+                tokio::time::timeout(
+                    Duration::from_millis(100),
+                    state.gateway.in_flight.clone().acquire_owned(),
+                )
+                .await
+                .map_err(|_| ())
+                .and_then(|r| r.map_err(|_| ()))
+            };
+            state.gateway.waiting.fetch_sub(1, Ordering::AcqRel);
+            result
+        }
+    };
+    permit.map_err(|()| {
+        state.gateway.count(upstream, "overloaded");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "overloaded",
+            format!(
+                "hypertool has {} calls in flight (gateway.max_in_flight); retry shortly",
+                settings.max_in_flight
+            ),
+        )
+    })
+}
+
 /// Judges an answer by the stage's gate and records the verdict (one `quality_gate` event per
 /// attempt, so the metric shows every failure that led to a retry).
 async fn judge(
@@ -991,16 +1030,19 @@ async fn plain_call(
                     .and_then(|c| c.escalation(&settings))
                     .unwrap_or_else(|| attempt_meta.route.clone());
                 let estimate = attempt_meta.prompt_estimate;
-                match lock(&state.engine).admit(&attempt_meta.persona, estimate, state.clock.now_ms()) {
+                let cost = cost_of(&target, estimate, 0);
+                match lock(&state.engine).admit(&attempt_meta.persona, estimate, cost, state.clock.now_ms()) {
                     Admission::Blocked { .. } => {
                         tracing::info!(persona = %attempt_meta.persona, "quality-gate retry skipped: the budget is spent");
                         None
                     }
-                    Admission::Allowed { reserved } | Admission::Downgrade { reserved } => {
+                    Admission::Allowed { reserved, reserved_cost }
+                    | Admission::Downgrade { reserved, reserved_cost } => {
                         retry_reservations.push(Reservation {
                             engine: state.engine.clone(),
                             persona: attempt_meta.persona.clone(),
                             tokens: reserved,
+                            cost: reserved_cost,
                             _permit: None,
                         });
                         Some(target)
@@ -1115,28 +1157,30 @@ pub async fn embeddings(
     let persona = attributed_persona(&settings, &headers, key);
     let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
     let meta = CallMeta::new(&settings, &headers, persona, route, estimate);
-    let reserved = match lock(&state.engine).admit(&meta.persona, estimate, state.clock.now_ms()) {
-        Admission::Allowed { reserved } | Admission::Downgrade { reserved } => reserved,
-        Admission::Blocked {
-            persona,
-            limit,
-            used,
-            ..
-        } => {
+    let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
+    let cost_estimate = cost_of(&meta.route, estimate, 0);
+    let admission =
+        lock(&state.engine).admit(&meta.persona, estimate, cost_estimate, state.clock.now_ms());
+    let (reserved, reserved_cost) = match admission {
+        Admission::Allowed {
+            reserved,
+            reserved_cost,
+        }
+        | Admission::Downgrade {
+            reserved,
+            reserved_cost,
+        } => (reserved, reserved_cost),
+        blocked @ Admission::Blocked { .. } => {
             state.gateway.count(&meta.route.upstream, "budget_exceeded");
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "budget_exceeded",
-                "budget_exceeded",
-                format!("persona `{persona}` has used {used} of its {limit}-token budget"),
-            ));
+            return Err(budget_exceeded(&blocked, estimate, cost_estimate));
         }
     };
     let reservation = Reservation {
         engine: state.engine.clone(),
         persona: meta.persona.clone(),
         tokens: reserved,
-        _permit: None,
+        cost: reserved_cost,
+        _permit: Some(permit),
     };
     request.insert(
         "model".into(),

@@ -801,3 +801,45 @@ async fn calls_beyond_max_in_flight_are_shed_with_503() {
         Err(_) => panic!("server still shared"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_budget_in_block_mode_refuses_the_call_that_would_pass_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gateway_server(
+        dir.path(),
+        &upstream,
+        "\n[[gateway.models]]\nname = \"priced\"\nupstream = \"fake\"\nupstream_model = \"ok\"\nprompt_usd_per_1k = 1.0\ncompletion_usd_per_1k = 1.0\n",
+    )
+    .await;
+    let resp = s
+        .http
+        .put(format!("{}/api/budgets/backend-engineer", s.api))
+        .json(&json!({"tokens": 1_000_000, "cost_usd": 0.05, "mode": "block"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = json!({"model": "priced", "max_tokens": 7, "messages": [{"role": "user", "content": "hello"}]});
+    // Each call: 11 prompt + 7 completion tokens at $1 per 1k = $0.018.
+    for _ in 0..2 {
+        let (status, r) = chat(&s, "backend-engineer", body.clone()).await;
+        assert_eq!(status, 200, "{r}");
+    }
+    settled(&s, 36).await;
+    // $0.014 left; this call is estimated above that, so it is refused before it is made.
+    let (status, r) = chat(&s, "backend-engineer", body.clone()).await;
+    assert_eq!(status, 429, "{r}");
+    assert_eq!(r["error"]["type"], "budget_exceeded");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message
+            .starts_with("persona `backend-engineer` has spent $0.0360 of its $0.0500 cost budget"),
+        "{message}"
+    );
+    assert_eq!(upstream.stats().await["calls"], 2);
+    let m = s.metrics().await;
+    let spent = m.sum("hypertool_persona_cost_usd_total");
+    assert!((spent - 0.036).abs() < 1e-9, "{spent}");
+    s.stop().await;
+}
