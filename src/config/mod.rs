@@ -155,6 +155,14 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// A file that may be absent (`None`); one that exists but cannot be read is an error.
+fn read_optional(path: &Path, errors: &mut Vec<ConfigError>) -> Option<String> {
+    if !path.exists() {
+        return None;
+    }
+    read(path).map_err(|e| errors.push(e)).ok()
+}
+
 fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
     match source {
         Source::Embedded => {
@@ -223,17 +231,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                 ),
             }
             let budgets_path = base.join(&settings.budgets_file);
-            let budgets_text = if budgets_path.exists() {
-                match read(&budgets_path) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        errors.push(e);
-                        None
-                    }
-                }
-            } else {
-                None
-            };
+            let budgets_text = read_optional(&budgets_path, &mut errors);
             // Workflows are optional: no directory means no workflows.
             let workflows_dir = base.join(&settings.workflows_dir);
             let mut workflows = Vec::new();
@@ -255,17 +253,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                 }
             }
             let chatmodes_path = base.join(&settings.chatmodes_file);
-            let chatmodes_text = if chatmodes_path.exists() {
-                match read(&chatmodes_path) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        errors.push(e);
-                        None
-                    }
-                }
-            } else {
-                None
-            };
+            let chatmodes_text = read_optional(&chatmodes_path, &mut errors);
             if !errors.is_empty() {
                 return Err(errors);
             }

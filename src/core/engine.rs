@@ -369,21 +369,7 @@ impl Engine {
                     [workflow.clone(), stage.clone(), persona],
                     st.duration_seconds,
                 );
-                // Both results exist once a stage is seen, so `rate()` has a zero to start from.
-                let (pass, fail) = (kinds.pass.clone(), kinds.fail.clone());
-                let (hit, other) = match st.gate {
-                    GateResult::Pass => (pass, fail),
-                    GateResult::Fail => (fail, pass),
-                };
-                metrics.quality_gates.touch([
-                    workflow.clone(),
-                    stage.clone(),
-                    model.clone(),
-                    other,
-                ]);
-                metrics
-                    .quality_gates
-                    .inc_by([workflow, stage, model, hit], 1.0);
+                count_gate(metrics, kinds, [workflow, stage, model], st.gate);
             }
             Event::BudgetReset { persona } => {
                 if let Some(budget) = budgets.get_mut(personas.canonical(persona)) {
@@ -440,20 +426,7 @@ impl Engine {
                 let workflow = admit(LabelKind::Workflow, workflow);
                 let stage = admit(LabelKind::Stage, stage);
                 let model = admit(LabelKind::Model, model);
-                let (pass, fail) = (kinds.pass.clone(), kinds.fail.clone());
-                let (hit, other) = match result {
-                    GateResult::Pass => (pass, fail),
-                    GateResult::Fail => (fail, pass),
-                };
-                metrics.quality_gates.touch([
-                    workflow.clone(),
-                    stage.clone(),
-                    model.clone(),
-                    other,
-                ]);
-                metrics
-                    .quality_gates
-                    .inc_by([workflow, stage, model, hit], 1.0);
+                count_gate(metrics, kinds, [workflow, stage, model], *result);
             }
             Event::SwitchSuppressed {
                 chatmode, reason, ..
@@ -767,6 +740,27 @@ impl Default for Interned {
             fail: Arc::from(GateResult::Fail.as_str()),
         }
     }
+}
+
+/// One gate verdict for (workflow, stage, model). Both results exist once a stage is seen, so
+/// `rate()` has a zero to start from.
+fn count_gate(
+    metrics: &mut Metrics,
+    kinds: &Interned,
+    [workflow, stage, model]: [Arc<str>; 3],
+    result: GateResult,
+) {
+    let (pass, fail) = (kinds.pass.clone(), kinds.fail.clone());
+    let (hit, other) = match result {
+        GateResult::Pass => (pass, fail),
+        GateResult::Fail => (fail, pass),
+    };
+    metrics
+        .quality_gates
+        .touch([workflow.clone(), stage.clone(), model.clone(), other]);
+    metrics
+        .quality_gates
+        .inc_by([workflow, stage, model, hit], 1.0);
 }
 
 /// The label value to use for `raw`, counting (and the first time, logging) folds into `other`.

@@ -202,6 +202,26 @@ async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> U
     }
 }
 
+/// POSTs `body` to `path`; the body of a 2xx answer, else the classified error.
+async fn post_bytes(
+    http: &reqwest::Client,
+    upstream: &UpstreamSettings,
+    path: &str,
+    body: &(impl serde::Serialize + ?Sized),
+    timeout: Duration,
+) -> Result<Bytes, UpstreamError> {
+    let resp = request_to(http, upstream, path, body, timeout)
+        .send()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))?;
+    if !resp.status().is_success() {
+        return Err(error_status(upstream, resp).await);
+    }
+    resp.bytes()
+        .await
+        .map_err(|e| classify(upstream, &e, timeout))
+}
+
 /// POSTs `body` to `path` and returns the JSON answer, which must hold the array `required`
 /// (embeddings; chat completions are read with [`Completion::parse`]).
 async fn post_json(
@@ -212,17 +232,7 @@ async fn post_json(
     timeout: Duration,
     required: &str,
 ) -> Result<Value, UpstreamError> {
-    let resp = request_to(http, upstream, path, body, timeout)
-        .send()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
-    if !resp.status().is_success() {
-        return Err(error_status(upstream, resp).await);
-    }
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
+    let bytes = post_bytes(http, upstream, path, body, timeout).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Invalid {
         upstream: upstream.name.clone(),
         detail: format!("not JSON ({e})"),
@@ -319,17 +329,7 @@ pub async fn complete(
     body: &serde_json::Map<String, Value>,
     timeout: Duration,
 ) -> Result<Completion, UpstreamError> {
-    let resp = request_to(http, upstream, "chat/completions", body, timeout)
-        .send()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
-    if !resp.status().is_success() {
-        return Err(error_status(upstream, resp).await);
-    }
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
+    let bytes = post_bytes(http, upstream, "chat/completions", body, timeout).await?;
     Completion::parse(&upstream.name, bytes)
 }
 

@@ -99,6 +99,18 @@ impl TestServer {
         Exposition::parse(&self.metrics_text().await)
     }
 
+    /// What the ledger holds (counted by the writer, after everything queued before this call).
+    pub async fn ledger_totals(&self) -> hypertool::store::LedgerTotals {
+        self.running
+            .as_ref()
+            .unwrap()
+            .state
+            .writer
+            .totals()
+            .await
+            .unwrap()
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
@@ -345,4 +357,26 @@ pub fn gateway_config(dir: &Path, upstream_url: &str, extra: &str) -> PathBuf {
     text.push_str(extra);
     std::fs::write(&toml, text).unwrap();
     toml
+}
+
+/// Waits until the ledger holds `tokens` tokens: the gateway answers first and stores the usage
+/// right after, so a test that has its answers may still have to wait a moment for the ledger.
+pub async fn settled(s: &TestServer, tokens: u64) {
+    let writer = s.running.as_ref().unwrap().state.writer.clone();
+    eventually(
+        &format!("{tokens} tokens in the ledger"),
+        Duration::from_secs(10),
+        || {
+            let writer = writer.clone();
+            async move {
+                writer
+                    .totals()
+                    .await
+                    .ok()
+                    .filter(|t| t.tokens == tokens)
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
 }

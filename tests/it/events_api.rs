@@ -178,15 +178,7 @@ async fn fifty_concurrent_clients_lose_nothing() {
         m.get("hypertool_events_applied_total", &[("type", "usage")]),
         Some(50_000.0)
     );
-    let totals = s
-        .running
-        .as_ref()
-        .unwrap()
-        .state
-        .writer
-        .totals()
-        .await
-        .unwrap();
+    let totals = s.ledger_totals().await;
     assert_eq!(totals.usage_events, 50_000);
     assert_eq!(totals.tokens, expected_total);
     for (persona, sent) in per_persona {

@@ -34,28 +34,6 @@ async fn chat(s: &TestServer, persona: &str, body: Value) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// Waits until the ledger holds `tokens` tokens: the gateway answers first and stores the usage
-/// right after, so a test that has its answers may still have to wait a moment for the ledger.
-async fn settled(s: &TestServer, tokens: u64) {
-    let writer = s.running.as_ref().unwrap().state.writer.clone();
-    eventually(
-        &format!("{tokens} tokens in the ledger"),
-        Duration::from_secs(10),
-        || {
-            let writer = writer.clone();
-            async move {
-                writer
-                    .totals()
-                    .await
-                    .ok()
-                    .filter(|t| t.tokens == tokens)
-                    .map(|_| ())
-            }
-        },
-    )
-    .await;
-}
-
 fn ledger_usage(dir: &std::path::Path) -> Vec<Value> {
     let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
     let mut stmt = conn
@@ -135,15 +113,7 @@ async fn the_official_openai_client_works_and_accounting_matches_the_upstream() 
         ),
         Some(upstream_tokens as f64)
     );
-    let totals = s
-        .running
-        .as_ref()
-        .unwrap()
-        .state
-        .writer
-        .totals()
-        .await
-        .unwrap();
+    let totals = s.ledger_totals().await;
     assert_eq!(
         totals.tokens,
         upstream_tokens + 4,
@@ -345,15 +315,7 @@ async fn two_hundred_concurrent_calls_cannot_overrun_a_block_budget() {
         stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
     settled(&s, upstream_tokens).await;
     let m = s.metrics().await;
-    let totals = s
-        .running
-        .as_ref()
-        .unwrap()
-        .state
-        .writer
-        .totals()
-        .await
-        .unwrap();
+    let totals = s.ledger_totals().await;
     assert_eq!(stats["calls"].as_u64().unwrap(), ok);
     assert_eq!(upstream_tokens, ok * 18);
     assert_eq!(

@@ -77,26 +77,6 @@ fn hello() -> Value {
     json!({"model": "whatever", "messages": [{"role": "user", "content": "write it"}]})
 }
 
-async fn settled(s: &TestServer, tokens: u64) {
-    let writer = s.running.as_ref().unwrap().state.writer.clone();
-    eventually(
-        &format!("{tokens} tokens in the ledger"),
-        Duration::from_secs(10),
-        || {
-            let writer = writer.clone();
-            async move {
-                writer
-                    .totals()
-                    .await
-                    .ok()
-                    .filter(|t| t.tokens == tokens)
-                    .map(|_| ())
-            }
-        },
-    )
-    .await;
-}
-
 fn gate_count(m: &Exposition, stage: &str, model: &str, result: &str) -> Option<f64> {
     m.get(
         "hypertool_workflow_quality_gate_total",
@@ -209,15 +189,7 @@ async fn a_failed_gate_is_retried_on_the_escalation_model_and_both_attempts_are_
     assert_eq!(gate_count(&m, "hopeless", "weak", "fail"), Some(2.0));
     assert_eq!(gate_count(&m, "same", "improves", "fail"), Some(1.0));
     assert_eq!(gate_count(&m, "same", "improves", "pass"), Some(1.0));
-    let totals = s
-        .running
-        .as_ref()
-        .unwrap()
-        .state
-        .writer
-        .totals()
-        .await
-        .unwrap();
+    let totals = s.ledger_totals().await;
     let stats = upstream.stats().await;
     assert_eq!(
         totals.tokens,
