@@ -106,6 +106,18 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+/// One chat call; true when it was answered 2xx.
+async fn one_call(http: &reqwest::Client, url: &str) -> bool {
+    http.post(url)
+        .header("content-type", "application/json")
+        .header("x-hypertool-persona", "backend-engineer")
+        .body(BODY)
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
+}
+
 /// Offers `rate` requests per second for `secs`; returns sorted latencies and the error count.
 async fn open_loop(
     http: &reqwest::Client,
@@ -121,15 +133,7 @@ async fn open_loop(
         let (http, url) = (http.clone(), url.to_string());
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
-            let ok = http
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("x-hypertool-persona", "backend-engineer")
-                .body(BODY)
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
+            let ok = one_call(&http, &url).await;
             (t.elapsed(), ok)
         }));
     }
@@ -154,15 +158,7 @@ async fn closed_loop(http: &reqwest::Client, url: &str, secs: u64) -> f64 {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let ok = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("x-hypertool-persona", "backend-engineer")
-                    .body(BODY)
-                    .send()
-                    .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false);
+                let ok = one_call(&http, &url).await;
                 if ok {
                     n += 1;
                 }
@@ -175,6 +171,30 @@ async fn closed_loop(http: &reqwest::Client, url: &str, secs: u64) -> f64 {
         total += t.await.unwrap_or(0);
     }
     total as f64 / secs as f64
+}
+
+/// Closed-loop maximum directly, through hypertool and through the zero-logic proxy; prints the
+/// ratios and returns hypertool's rate.
+async fn throughput(
+    http: &reqwest::Client,
+    direct: &str,
+    via: &str,
+    bare_addr: SocketAddr,
+    bare_label: &str,
+) -> f64 {
+    let direct_max = closed_loop(http, direct, 5).await;
+    let via_max = closed_loop(http, via, 5).await;
+    let bare_max = closed_loop(http, &format!("http://{bare_addr}/v1/chat/completions"), 5).await;
+    println!(
+        "max throughput (64 clients): direct {direct_max:.0}/s, via hypertool {via_max:.0}/s, ratio {:.2} (target >= 0.60)",
+        via_max / direct_max
+    );
+    println!(
+        "{bare_label} {bare_max:.0}/s, ratio {:.2}; hypertool reaches {:.0} % of it",
+        bare_max / direct_max,
+        100.0 * via_max / bare_max
+    );
+    via_max
 }
 
 fn main() {
@@ -326,18 +346,14 @@ async fn run() {
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN);
     println!("hypertool RSS after the 100/s and 1000/s runs: {rss_now:.1} MB; peak so far {:.1} MB (target <= 100 MB)", peak_rss_mb(pid));
-    let direct_max = closed_loop(&http, &direct, 5).await;
-    let via_max = closed_loop(&http, &via, 5).await;
-    let bare_max = closed_loop(&http, &format!("http://{bare_addr}/v1/chat/completions"), 5).await;
-    println!(
-        "max throughput (64 clients): direct {direct_max:.0}/s, via hypertool {via_max:.0}/s, ratio {:.2} (target >= 0.60)",
-        via_max / direct_max
-    );
-    println!(
-        "ceiling on this machine: a proxy with no logic does {bare_max:.0}/s, ratio {:.2}; hypertool reaches {:.0} % of it",
-        bare_max / direct_max,
-        100.0 * via_max / bare_max
-    );
+    let via_max = throughput(
+        &http,
+        &direct,
+        &via,
+        bare_addr,
+        "ceiling on this machine: a proxy with no logic does",
+    )
+    .await;
     // The highest offered rate (in steps of 500/s) that hypertool sustains with no errors and a
     // p99 under 50 ms.
     let mut sustained = None;
@@ -387,18 +403,14 @@ async fn run() {
         percentile(&v, 0.5) - percentile(&d, 0.5),
         percentile(&v, 0.99) - percentile(&d, 0.99)
     );
-    let direct_max = closed_loop(&http, &direct, 5).await;
-    let via_max = closed_loop(&http, &via, 5).await;
-    let bare_max = closed_loop(&http, &format!("http://{bare_addr}/v1/chat/completions"), 5).await;
-    println!(
-        "max throughput (64 clients): direct {direct_max:.0}/s, via hypertool {via_max:.0}/s, ratio {:.2} (target >= 0.60)",
-        via_max / direct_max
-    );
-    println!(
-        "zero-logic proxy on the same core: {bare_max:.0}/s, ratio {:.2}; hypertool reaches {:.0} % of it",
-        bare_max / direct_max,
-        100.0 * via_max / bare_max
-    );
+    throughput(
+        &http,
+        &direct,
+        &via,
+        bare_addr,
+        "zero-logic proxy on the same core:",
+    )
+    .await;
     println!(
         "hypertool peak RSS over the whole run: {:.1} MB (target <= 100 MB)",
         peak_rss_mb(pid)

@@ -172,6 +172,40 @@ impl Drop for Reservation {
     }
 }
 
+impl Reservation {
+    /// Admission for one call: reserves `estimate` tokens and `cost` USD for `persona` (returned
+    /// with whether a `downgrade` budget asks for the cheaper model), or the refusal of a `block`
+    /// budget. The reservation is given back when it is dropped.
+    fn take(
+        state: &AppState,
+        persona: &str,
+        estimate: u64,
+        cost: f64,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(Reservation, bool), Admission> {
+        let admission = lock(&state.engine).admit(persona, estimate, cost, state.clock.now_ms());
+        let (tokens, cost, downgraded) = match admission {
+            Admission::Allowed {
+                reserved,
+                reserved_cost,
+            } => (reserved, reserved_cost, false),
+            Admission::Downgrade {
+                reserved,
+                reserved_cost,
+            } => (reserved, reserved_cost, true),
+            blocked @ Admission::Blocked { .. } => return Err(blocked),
+        };
+        let reservation = Reservation {
+            engine: state.engine.clone(),
+            persona: persona.to_string(),
+            tokens,
+            cost,
+            _permit: permit,
+        };
+        Ok((reservation, downgraded))
+    }
+}
+
 /// Who a call is for and what it asked.
 #[derive(Clone)]
 struct CallMeta {
@@ -333,16 +367,15 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
     ))
 }
 
-/// Stores the call's usage. A ledger failure is logged and counted but the answer still goes to
-/// the client: the tokens were spent upstream, and a retry would spend them twice.
-async fn record(
+/// The usage event of one answered attempt.
+fn usage_event(
     state: &AppState,
     meta: &CallMeta,
     prompt: u64,
     completion: u64,
     estimated: bool,
     started: Instant,
-) {
+) -> Stamped {
     let event = Event::Usage(Usage {
         run: meta.run(),
         persona: meta.persona.clone(),
@@ -357,15 +390,34 @@ async fn record(
         duration_seconds: Some(started.elapsed().as_secs_f64()),
         estimated,
     });
-    let stamped = Stamped {
+    Stamped {
         at: state.clock.now_ms(),
         event,
-    };
-    if let Err(e) = state.writer.append_accounting(vec![stamped]).await {
-        state.stats.reject("ledger_unavailable", 1);
-        tracing::error!(persona = %meta.persona, model = %meta.route.name, prompt, completion,
-            "usage of an answered call could not be stored: {e}");
     }
+}
+
+/// Stores usage events of answered calls. A ledger failure is logged and counted but the answer
+/// still goes to the client: the tokens were spent upstream, and a retry would spend them twice.
+async fn store_usage(state: &AppState, persona: &str, events: Vec<Stamped>) {
+    let n = events.len();
+    if let Err(e) = state.writer.append_accounting(events).await {
+        state.stats.reject("ledger_unavailable", n as u64);
+        tracing::error!(persona = %persona, calls = n,
+            "usage of answered calls could not be stored: {e}");
+    }
+}
+
+/// Stores the call's usage (see [`store_usage`]).
+async fn record(
+    state: &AppState,
+    meta: &CallMeta,
+    prompt: u64,
+    completion: u64,
+    estimated: bool,
+    started: Instant,
+) {
+    let event = usage_event(state, meta, prompt, completion, estimated, started);
+    store_usage(state, &meta.persona, vec![event]).await;
 }
 
 pub async fn list_models(
@@ -650,29 +702,13 @@ pub async fn chat_completions(
     // Admission: reserve the estimate; a spent `block` budget refuses.
     let estimate = prompt_estimate.saturating_add(max_tokens);
     let cost_estimate = cost_of(&meta.route, prompt_estimate, max_tokens);
-    let admission =
-        lock(&state.engine).admit(&meta.persona, estimate, cost_estimate, state.clock.now_ms());
-    let (reserved, reserved_cost, downgraded) = match admission {
-        Admission::Allowed {
-            reserved,
-            reserved_cost,
-        } => (reserved, reserved_cost, false),
-        Admission::Downgrade {
-            reserved,
-            reserved_cost,
-        } => (reserved, reserved_cost, true),
-        blocked @ Admission::Blocked { .. } => {
-            state.gateway.count(&meta.route.upstream, "budget_exceeded");
-            return Err(budget_exceeded(&blocked, estimate, cost_estimate));
-        }
-    };
-    let reservation = Reservation {
-        engine: state.engine.clone(),
-        persona: meta.persona.clone(),
-        tokens: reserved,
-        cost: reserved_cost,
-        _permit: Some(permit),
-    };
+    let (reservation, downgraded) =
+        Reservation::take(&state, &meta.persona, estimate, cost_estimate, Some(permit)).map_err(
+            |blocked| {
+                state.gateway.count(&meta.route.upstream, "budget_exceeded");
+                budget_exceeded(&blocked, estimate, cost_estimate)
+            },
+        )?;
     if downgraded {
         let canonical = lock(&state.engine)
             .personas()
@@ -999,6 +1035,8 @@ async fn plain_call(
             .map_or(0, |c| c.stage.retries);
         // Reservations of gate retries, held until their usage is stored.
         let mut retry_reservations: Vec<Reservation> = Vec::new();
+        // Usage of attempts whose answers failed the gate and were retried.
+        let mut earlier_attempts: Vec<Stamped> = Vec::new();
         loop {
             let attempt_started = if attempt == 1 { started } else { Instant::now() };
             let route = attempt_meta.route.clone();
@@ -1009,6 +1047,9 @@ async fn plain_call(
                     state.gateway.count(&attempt_meta.route.upstream, "upstream_error");
                     tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name, "{}", e.message());
                     let _ = answer_tx.send(Err(e));
+                    if !earlier_attempts.is_empty() {
+                        store_usage(&state, &attempt_meta.persona, earlier_attempts).await;
+                    }
                     break;
                 }
             };
@@ -1031,20 +1072,13 @@ async fn plain_call(
                     .unwrap_or_else(|| attempt_meta.route.clone());
                 let estimate = attempt_meta.prompt_estimate;
                 let cost = cost_of(&target, estimate, 0);
-                match lock(&state.engine).admit(&attempt_meta.persona, estimate, cost, state.clock.now_ms()) {
-                    Admission::Blocked { .. } => {
+                match Reservation::take(&state, &attempt_meta.persona, estimate, cost, None) {
+                    Err(_) => {
                         tracing::info!(persona = %attempt_meta.persona, "quality-gate retry skipped: the budget is spent");
                         None
                     }
-                    Admission::Allowed { reserved, reserved_cost }
-                    | Admission::Downgrade { reserved, reserved_cost } => {
-                        retry_reservations.push(Reservation {
-                            engine: state.engine.clone(),
-                            persona: attempt_meta.persona.clone(),
-                            tokens: reserved,
-                            cost: reserved_cost,
-                            _permit: None,
-                        });
+                    Ok((reservation, _)) => {
+                        retry_reservations.push(reservation);
                         Some(target)
                     }
                 }
@@ -1053,8 +1087,9 @@ async fn plain_call(
             };
             match next {
                 Some(target) => {
-                    // This attempt is accounted in full before the next one starts.
-                    record(&state, &attempt_meta, prompt, completion, estimated, attempt_started).await;
+                    // Stored with the last attempt (one commit, and the client is not kept
+                    // waiting for it); its reservation is held until then.
+                    earlier_attempts.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
                     state.gateway.count(&attempt_meta.route.upstream, "ok");
                     state.gateway.count(&target.upstream, "gate_retry");
                     tracing::info!(from = %attempt_meta.route.name, to = %target.name, attempt = attempt + 1,
@@ -1074,7 +1109,9 @@ async fn plain_call(
                         verdict,
                         attempts: attempt,
                     }));
-                    record(&state, &attempt_meta, prompt, completion, estimated, attempt_started).await;
+                    let mut events = std::mem::take(&mut earlier_attempts);
+                    events.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
+                    store_usage(&state, &attempt_meta.persona, events).await;
                     state.gateway.count(&attempt_meta.route.upstream, "ok");
                     break;
                 }
@@ -1159,29 +1196,13 @@ pub async fn embeddings(
     let meta = CallMeta::new(&settings, &headers, persona, route, estimate);
     let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
     let cost_estimate = cost_of(&meta.route, estimate, 0);
-    let admission =
-        lock(&state.engine).admit(&meta.persona, estimate, cost_estimate, state.clock.now_ms());
-    let (reserved, reserved_cost) = match admission {
-        Admission::Allowed {
-            reserved,
-            reserved_cost,
-        }
-        | Admission::Downgrade {
-            reserved,
-            reserved_cost,
-        } => (reserved, reserved_cost),
-        blocked @ Admission::Blocked { .. } => {
-            state.gateway.count(&meta.route.upstream, "budget_exceeded");
-            return Err(budget_exceeded(&blocked, estimate, cost_estimate));
-        }
-    };
-    let reservation = Reservation {
-        engine: state.engine.clone(),
-        persona: meta.persona.clone(),
-        tokens: reserved,
-        cost: reserved_cost,
-        _permit: Some(permit),
-    };
+    let (reservation, _) =
+        Reservation::take(&state, &meta.persona, estimate, cost_estimate, Some(permit)).map_err(
+            |blocked| {
+                state.gateway.count(&meta.route.upstream, "budget_exceeded");
+                budget_exceeded(&blocked, estimate, cost_estimate)
+            },
+        )?;
     request.insert(
         "model".into(),
         Value::String(meta.route.upstream_model.clone()),

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use crate::config::gateway::{GatewaySettings, ModelRoute};
 use crate::core::workflow::{QualityGate, Stage, Workflow};
 use crate::server::error::ApiError;
-use crate::server::workflows::{run_of, unknown_stage};
+use crate::server::workflows::{unknown_stage, with_run};
 use crate::server::AppState;
 
 /// The configured stage a call belongs to.
@@ -72,7 +72,7 @@ pub fn resolve(
                 e.param("x-hypertool-stage")
             })?;
             if let Some(r) = &run {
-                run_of(state, &w.name, r).map_err(|e| e.param("x-hypertool-run"))?;
+                with_run(state, &w.name, r, |_| ()).map_err(|e| e.param("x-hypertool-run"))?;
             }
             Ok((
                 workflow_name,

@@ -34,21 +34,23 @@ fn content_text(content: &Value) -> String {
 /// Prompt tokens of a chat request, counted the way OpenAI documents for its chat models:
 /// 3 per message, the tokens of role, name and content, and 3 to prime the reply.
 pub fn count_messages(messages: &[Value]) -> u64 {
+    3 + messages.iter().map(message_tokens).sum::<u64>()
+}
+
+/// One message's share of [`count_messages`].
+fn message_tokens(m: &Value) -> u64 {
     let mut total = 3;
-    for m in messages {
-        total += 3;
-        if let Some(role) = m.get("role").and_then(Value::as_str) {
-            total += count_text(role);
-        }
-        if let Some(name) = m.get("name").and_then(Value::as_str) {
-            total += count_text(name) + 1;
-        }
-        if let Some(content) = m.get("content") {
-            total += count_text(&content_text(content));
-        }
-        if let Some(calls) = m.get("tool_calls") {
-            total += count_text(&calls.to_string());
-        }
+    if let Some(role) = m.get("role").and_then(Value::as_str) {
+        total += count_text(role);
+    }
+    if let Some(name) = m.get("name").and_then(Value::as_str) {
+        total += count_text(name) + 1;
+    }
+    if let Some(content) = m.get("content") {
+        total += count_text(&content_text(content));
+    }
+    if let Some(calls) = m.get("tool_calls") {
+        total += count_text(&calls.to_string());
     }
     total
 }
@@ -81,7 +83,9 @@ fn role(m: &Value) -> &str {
 /// results go with it, so no `tool` message is left without the call it answers. `None` when the
 /// prompt fits already; `Err(tokens)` when even system messages plus the last message are too long.
 pub fn truncate_messages(messages: &mut Vec<Value>, max: u64) -> Result<Option<Truncation>, u64> {
-    let before = count_messages(messages);
+    // Each message is tokenized once; removals subtract its share.
+    let mut shares: Vec<u64> = messages.iter().map(message_tokens).collect();
+    let before = 3 + shares.iter().sum::<u64>();
     if before <= max {
         return Ok(None);
     }
@@ -93,13 +97,14 @@ pub fn truncate_messages(messages: &mut Vec<Value>, max: u64) -> Result<Option<T
             return Err(now);
         };
         messages.remove(i);
+        now -= shares.remove(i);
         removed += 1;
         // Tool results of a removed call (or left orphaned at the front) go too.
         while i < messages.len().saturating_sub(1) && role(&messages[i]) == "tool" {
             messages.remove(i);
+            now -= shares.remove(i);
             removed += 1;
         }
-        now = count_messages(messages);
     }
     Ok(Some(Truncation {
         removed_messages: removed,
@@ -130,6 +135,7 @@ mod tests {
         assert_eq!(cut.removed_messages, 1);
         assert_eq!(cut.tokens_before, full);
         assert!(cut.tokens_after <= full - 10);
+        assert_eq!(cut.tokens_after, count_messages(&msgs));
         assert_eq!(msgs.len(), 4);
         // Cutting into the tool exchange removes the call and its result together.
         let cut = truncate_messages(&mut msgs, 40).unwrap().unwrap();

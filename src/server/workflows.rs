@@ -99,6 +99,16 @@ pub fn workflow_named(state: &AppState, name: &str) -> Result<Arc<Workflow>, Api
 
 /// The run, checked to belong to `workflow`.
 pub fn run_of(state: &AppState, workflow: &str, run: &str) -> Result<Run, ApiError> {
+    with_run(state, workflow, run, Run::clone)
+}
+
+/// `read` applied to the run (checked to belong to `workflow`), without copying it.
+pub fn with_run<T>(
+    state: &AppState,
+    workflow: &str,
+    run: &str,
+    read: impl FnOnce(&Run) -> T,
+) -> Result<T, ApiError> {
     let engine = lock(&state.engine);
     let Some(r) = engine.runs().get(run) else {
         return Err(ApiError::not_found(
@@ -119,7 +129,7 @@ pub fn run_of(state: &AppState, workflow: &str, run: &str) -> Result<Run, ApiErr
         )
         .param("run"));
     }
-    Ok(r.clone())
+    Ok(read(r))
 }
 
 fn conflict(code: &'static str, message: String) -> ApiError {
@@ -401,20 +411,24 @@ pub async fn ensure_stage_started(
     stage: &str,
     persona: Option<String>,
 ) -> Result<(), ApiError> {
-    let r = run_of(state, &workflow.name, run)?;
-    if r.status != RunStatus::Running {
+    let (status, running) = with_run(state, &workflow.name, run, |r| {
+        (
+            r.status,
+            r.stages
+                .get(stage)
+                .is_some_and(|s| s.status == StageStatus::Running),
+        )
+    })?;
+    if status != RunStatus::Running {
         return Err(conflict(
             "run_finished",
             format!(
                 "run `{run}` is {}; start a new run for more work",
-                r.status.as_str()
+                status.as_str()
             ),
         ));
     }
-    if r.stages
-        .get(stage)
-        .is_some_and(|s| s.status == StageStatus::Running)
-    {
+    if running {
         return Ok(());
     }
     store(
@@ -594,7 +608,7 @@ pub async fn evaluate_gate(
         .param("stage"));
     };
     if let Some(run) = &req.run {
-        run_of(&state, &w.name, run)?;
+        with_run(&state, &w.name, run, |_| ())?;
     }
     let completion_tokens = req
         .completion_tokens

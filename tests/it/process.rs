@@ -230,6 +230,14 @@ fn a_busy_port_is_a_one_line_error_naming_it() {
     assert!(errors[0].contains("--metrics-listen"), "{stderr}");
 }
 
+/// `hypertool check --config TOML`.
+fn check(toml: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check", "--config", toml.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_reports_file_line_and_fix() {
     let dir = tempfile::tempdir().unwrap();
@@ -252,10 +260,7 @@ fn check_reports_file_line_and_fix() {
         "personas:\n  backend-engineer:\n    tokens: 10\n    period: fortnightly\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config", toml.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check(&toml);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("budgets.yml:4:"), "{stderr}");
@@ -269,10 +274,7 @@ fn check_reports_file_line_and_fix() {
         "personas:\n  backend-engineer:\n    tokens: 10\n  ghost:\n    tokens: 5\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config", toml.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check(&toml);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("budgets.yml:4: budget for unknown persona `ghost`"),
@@ -289,10 +291,7 @@ fn check_reports_file_line_and_fix() {
         "{\n  \"name\": \"x\",\n  \"tokenBudget\": \"lots\"\n}\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config", toml.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check(&toml);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("broken.json:3:"), "{stderr}");
 }
