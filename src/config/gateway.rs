@@ -118,6 +118,7 @@ struct RawUpstream {
     base_url: String,
     api_key_env: Option<String>,
     timeout: Option<PromDuration>,
+    proxy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,9 +166,13 @@ pub struct UpstreamSettings {
     pub api_key_env: Option<String>,
     pub timeout: Duration,
     /// `{base_url}/chat/completions` and `{base_url}/embeddings`, parsed once here rather than on
-    /// every call (URL parsing with IDNA showed in the gateway's profile).
-    pub chat_url: Option<reqwest::Url>,
-    pub embeddings_url: Option<reqwest::Url>,
+    /// every call (URL parsing showed in the gateway's profile). Always set in a loaded
+    /// configuration (a base URL that does not parse is refused).
+    pub chat_url: Option<http::Uri>,
+    pub embeddings_url: Option<http::Uri>,
+    /// An HTTP(S) proxy for this upstream only (may carry credentials: never logged). Without
+    /// it, the environment's `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` decide.
+    pub proxy: Option<String>,
 }
 
 /// USD per 1,000 tokens.
@@ -344,12 +349,28 @@ impl GatewaySettings {
                 ));
             }
             let base_url = u.base_url.trim_end_matches('/').to_string();
-            let endpoint = |path: &str| reqwest::Url::parse(&format!("{base_url}/{path}")).ok();
+            let endpoint = |path: &str| {
+                format!("{base_url}/{path}")
+                    .parse::<http::Uri>()
+                    .ok()
+                    .filter(|u| u.host().is_some())
+            };
             let (chat_url, embeddings_url) = (endpoint("chat/completions"), endpoint("embeddings"));
             if chat_url.is_none() {
                 errors.push((
                     format!("{key}.base_url"),
                     format!("`{base_url}` is not a valid URL"),
+                ));
+            }
+            let proxy_ok = |p: &str| {
+                (p.starts_with("http://") || p.starts_with("https://"))
+                    && p.parse::<http::Uri>().is_ok_and(|u| u.host().is_some())
+            };
+            // The value itself is not echoed: a proxy URL may carry credentials.
+            if u.proxy.as_deref().is_some_and(|p| !proxy_ok(p)) {
+                errors.push((
+                    format!("{key}.proxy"),
+                    "must be an http:// or https:// URL with a host, e.g. http://proxy.internal:3128".into(),
                 ));
             }
             s.upstreams.insert(
@@ -361,6 +382,7 @@ impl GatewaySettings {
                     timeout,
                     chat_url,
                     embeddings_url,
+                    proxy: u.proxy,
                 },
             );
         }

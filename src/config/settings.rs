@@ -424,4 +424,25 @@ mod tests {
         assert_eq!(errs[0].line, Some(2));
         assert!(errs[0].to_string().contains("metrics_listen"));
     }
+
+    #[test]
+    fn a_bad_upstream_proxy_is_refused_without_echoing_it() {
+        let text = "[[gateway.upstreams]]\nname = \"far\"\nbase_url = \"https://api.example.com/v1\"\nproxy = \"socks5://user:s3cret@proxy\"\n";
+        let errs = Settings::parse("h.toml", text).unwrap_err();
+        let shown = errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(shown.contains("gateway.upstreams[0].proxy"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let good = text.replace("socks5://user:s3cret@proxy", "http://proxy.internal:3128");
+        let s = Settings::parse("h.toml", &good).unwrap();
+        let far = &s.gateway.upstreams["far"];
+        assert_eq!(far.proxy.as_deref(), Some("http://proxy.internal:3128"));
+        assert_eq!(
+            far.chat_url.as_ref().map(|u| u.to_string()).as_deref(),
+            Some("https://api.example.com/v1/chat/completions")
+        );
+    }
 }

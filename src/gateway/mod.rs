@@ -9,6 +9,7 @@
 //! unaccounted.
 
 pub mod cache;
+pub mod client;
 pub mod stage;
 pub mod tokens;
 pub mod upstream;
@@ -43,7 +44,7 @@ use upstream::{Completion, UpstreamError};
 pub struct Gateway {
     settings: RwLock<Arc<GatewaySettings>>,
     workflows: RwLock<Arc<Workflows>>,
-    http: reqwest::Client,
+    http: client::UpstreamClient,
     outcomes: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tools_removed: Mutex<BTreeMap<String, u64>>,
     /// (workflow, stage) → (prompts cut, tokens removed)
@@ -63,10 +64,7 @@ impl Gateway {
             in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             settings: RwLock::new(Arc::new(settings)),
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(256)
-                .build()
-                .unwrap_or_default(),
+            http: client::UpstreamClient::new(),
             outcomes: Mutex::new(BTreeMap::new()),
             tools_removed: Mutex::new(BTreeMap::new()),
             truncations: Mutex::new(BTreeMap::new()),

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::{json, Value};
 
+use super::client::{SendError, UpstreamClient, UpstreamResponse};
 use super::tokens;
 use crate::config::gateway::{MockSettings, UpstreamSettings};
 
@@ -27,8 +28,10 @@ pub enum UpstreamError {
         /// The upstream's `Retry-After`, in seconds.
         retry_after: Option<u64>,
     },
-    /// The upstream answered 2xx with something that is not an OpenAI response.
+    /// The upstream answered 2xx with something that is not an OpenAI response, or broke off.
     Invalid { upstream: String, detail: String },
+    /// hypertool could not build the request (a key or URL a request cannot carry).
+    Misconfigured { upstream: String, detail: String },
 }
 
 impl UpstreamError {
@@ -37,7 +40,9 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable { .. } => true,
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
-            UpstreamError::Timeout { .. } | UpstreamError::Invalid { .. } => false,
+            UpstreamError::Timeout { .. }
+            | UpstreamError::Invalid { .. }
+            | UpstreamError::Misconfigured { .. } => false,
         }
     }
 
@@ -50,7 +55,9 @@ impl UpstreamError {
 
     pub fn status(&self) -> u16 {
         match self {
-            UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. } => 502,
+            UpstreamError::Unreachable { .. }
+            | UpstreamError::Invalid { .. }
+            | UpstreamError::Misconfigured { .. } => 502,
             UpstreamError::Timeout { .. } => 504,
             UpstreamError::Status { status, .. } => match *status {
                 429 => 429,
@@ -67,6 +74,7 @@ impl UpstreamError {
             UpstreamError::Status { status: 429, .. } => "upstream_rate_limited",
             UpstreamError::Status { .. } => "upstream_error",
             UpstreamError::Invalid { .. } => "upstream_invalid_response",
+            UpstreamError::Misconfigured { .. } => "upstream_misconfigured",
         }
     }
 
@@ -88,6 +96,11 @@ impl UpstreamError {
             }
             UpstreamError::Invalid { upstream, detail } => {
                 format!("upstream `{upstream}` sent an invalid response: {detail}")
+            }
+            UpstreamError::Misconfigured { upstream, detail } => {
+                format!(
+                    "upstream `{upstream}` is misconfigured: {detail}; fix it in hypertool.toml"
+                )
             }
         }
     }
@@ -126,61 +139,66 @@ fn api_key(upstream: &UpstreamSettings) -> Option<String> {
         .filter(|k| !k.is_empty())
 }
 
-fn request(
-    http: &reqwest::Client,
-    upstream: &UpstreamSettings,
-    body: &Value,
-    timeout: Duration,
-) -> reqwest::RequestBuilder {
-    request_to(http, upstream, "chat/completions", body, timeout)
-}
-
-fn request_to(
-    http: &reqwest::Client,
-    upstream: &UpstreamSettings,
-    path: &str,
-    body: &(impl serde::Serialize + ?Sized),
-    timeout: Duration,
-) -> reqwest::RequestBuilder {
+/// `{base_url}/{path}` of `upstream`, parsed once at configuration load.
+fn endpoint(upstream: &UpstreamSettings, path: &str) -> Result<http::Uri, UpstreamError> {
     let parsed = match path {
         "chat/completions" => upstream.chat_url.clone(),
         "embeddings" => upstream.embeddings_url.clone(),
         _ => None,
     };
-    let mut req = match parsed {
-        Some(url) => http.post(url),
-        None => http.post(format!("{}/{path}", upstream.base_url)),
-    }
-    .timeout(timeout)
-    .json(body);
-    if let Some(key) = api_key(upstream) {
-        req = req.bearer_auth(key);
-    }
-    req
+    parsed.ok_or_else(|| UpstreamError::Misconfigured {
+        upstream: upstream.name.clone(),
+        detail: format!("no valid URL for `{path}`"),
+    })
 }
 
-fn classify(upstream: &UpstreamSettings, e: &reqwest::Error, timeout: Duration) -> UpstreamError {
-    if e.is_timeout() {
-        UpstreamError::Timeout {
-            upstream: upstream.name.clone(),
-            after: timeout,
-        }
-    } else {
-        UpstreamError::Unreachable {
-            upstream: upstream.name.clone(),
-        }
+/// Sends `body` as JSON to `path`; the answer's head has arrived when this returns, its body not
+/// yet read. An error status is read and classified here.
+async fn send(
+    http: &UpstreamClient,
+    upstream: &UpstreamSettings,
+    path: &str,
+    body: &(impl serde::Serialize + ?Sized),
+) -> Result<UpstreamResponse, UpstreamError> {
+    let uri = endpoint(upstream, path)?;
+    let json = serde_json::to_vec(body).map_err(|e| UpstreamError::Misconfigured {
+        upstream: upstream.name.clone(),
+        detail: format!("the request could not be encoded ({e})"),
+    })?;
+    let key = api_key(upstream);
+    let resp = http
+        .post_json(
+            uri,
+            Bytes::from(json),
+            key.as_deref(),
+            upstream.proxy.as_deref(),
+        )
+        .await
+        .map_err(|e| match e {
+            SendError::Connection => UpstreamError::Unreachable {
+                upstream: upstream.name.clone(),
+            },
+            SendError::Build(detail) => UpstreamError::Misconfigured {
+                upstream: upstream.name.clone(),
+                detail,
+            },
+        })?;
+    if !resp.status.is_success() {
+        return Err(error_status(upstream, resp).await);
     }
+    Ok(resp)
 }
 
-async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> UpstreamError {
-    let status = resp.status().as_u16();
+async fn error_status(upstream: &UpstreamSettings, resp: UpstreamResponse) -> UpstreamError {
+    let status = resp.status.as_u16();
     let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
+        .headers
+        .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&text)
+    let body = resp.bytes().await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|v| {
             v.pointer("/error/message")
@@ -191,7 +209,7 @@ async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> U
             if text.trim().is_empty() {
                 "no message".into()
             } else {
-                text
+                text.into_owned()
             }
         });
     UpstreamError::Status {
@@ -202,30 +220,35 @@ async fn error_status(upstream: &UpstreamSettings, resp: reqwest::Response) -> U
     }
 }
 
-/// POSTs `body` to `path`; the body of a 2xx answer, else the classified error.
+/// POSTs `body` to `path`; the body of a 2xx answer, else the classified error. `timeout` bounds
+/// the whole exchange, the body included.
 async fn post_bytes(
-    http: &reqwest::Client,
+    http: &UpstreamClient,
     upstream: &UpstreamSettings,
     path: &str,
     body: &(impl serde::Serialize + ?Sized),
     timeout: Duration,
 ) -> Result<Bytes, UpstreamError> {
-    let resp = request_to(http, upstream, path, body, timeout)
-        .send()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
-    if !resp.status().is_success() {
-        return Err(error_status(upstream, resp).await);
+    let exchange = async {
+        let resp = send(http, upstream, path, body).await?;
+        resp.bytes().await.map_err(|()| UpstreamError::Invalid {
+            upstream: upstream.name.clone(),
+            detail: "the connection broke off in the middle of the answer".into(),
+        })
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Timeout {
+            upstream: upstream.name.clone(),
+            after: timeout,
+        }),
     }
-    resp.bytes()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))
 }
 
 /// POSTs `body` to `path` and returns the JSON answer, which must hold the array `required`
 /// (embeddings; chat completions are read with [`Completion::parse`]).
 async fn post_json(
-    http: &reqwest::Client,
+    http: &UpstreamClient,
     upstream: &UpstreamSettings,
     path: &str,
     body: &(impl serde::Serialize + ?Sized),
@@ -324,7 +347,7 @@ impl Completion {
 
 /// A non-streamed chat completion from an HTTP upstream.
 pub async fn complete(
-    http: &reqwest::Client,
+    http: &UpstreamClient,
     upstream: &UpstreamSettings,
     body: &serde_json::Map<String, Value>,
     timeout: Duration,
@@ -335,7 +358,7 @@ pub async fn complete(
 
 /// Embeddings from an HTTP upstream.
 pub async fn embeddings(
-    http: &reqwest::Client,
+    http: &UpstreamClient,
     upstream: &UpstreamSettings,
     body: &Value,
     timeout: Duration,
@@ -369,35 +392,31 @@ pub fn mock_embeddings(inputs: &[String], model: &str) -> (Value, u64) {
     )
 }
 
-/// Opens a streamed chat completion; yields the raw SSE bytes.
+/// Opens a streamed chat completion; yields the raw SSE bytes. `timeout` bounds the wait for the
+/// answer's head; the relay bounds each wait for the next chunk the same way, so a long stream
+/// that keeps sending is never cut.
 pub async fn open_stream(
-    http: &reqwest::Client,
+    http: &UpstreamClient,
     upstream: &UpstreamSettings,
     body: &Value,
     timeout: Duration,
 ) -> Result<impl Stream<Item = Result<Bytes, UpstreamError>>, UpstreamError> {
-    let resp = request(http, upstream, body, timeout)
-        .send()
-        .await
-        .map_err(|e| classify(upstream, &e, timeout))?;
-    if !resp.status().is_success() {
-        return Err(error_status(upstream, resp).await);
-    }
+    let opened = tokio::time::timeout(timeout, send(http, upstream, "chat/completions", body));
+    let resp = match opened.await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(UpstreamError::Timeout {
+                upstream: upstream.name.clone(),
+                after: timeout,
+            })
+        }
+    };
     let name = upstream.name.clone();
     use futures_util::StreamExt;
-    Ok(resp.bytes_stream().map(move |r| {
-        r.map_err(|e| {
-            if e.is_timeout() {
-                UpstreamError::Timeout {
-                    upstream: name.clone(),
-                    after: timeout,
-                }
-            } else {
-                UpstreamError::Invalid {
-                    upstream: name.clone(),
-                    detail: "the stream broke off".into(),
-                }
-            }
+    Ok(resp.into_stream().map(move |r| {
+        r.map_err(|()| UpstreamError::Invalid {
+            upstream: name.clone(),
+            detail: "the stream broke off".into(),
         })
     }))
 }

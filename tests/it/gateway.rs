@@ -805,3 +805,49 @@ async fn a_cost_budget_in_block_mode_refuses_the_call_that_would_pass_it() {
     assert!((spent - 0.036).abs() < 1e-9, "{spent}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_with_a_proxy_is_reached_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // The fake upstream plays the proxy: it answers requests in absolute form itself and records
+    // the target it was sent. The upstream's own host does not resolve, so only a call that went
+    // through the proxy can succeed.
+    let proxy = FakeUpstream::start(dir.path()).await;
+    let proxy_url = proxy.base_url.trim_end_matches("/v1").to_string();
+    let extra = format!(
+        "\n[[gateway.upstreams]]\nname = \"far\"\nbase_url = \"http://upstream.invalid:8080/v1\"\nproxy = \"{proxy_url}\"\n\
+         \n[[gateway.models]]\nname = \"far-ok\"\nupstream = \"far\"\nupstream_model = \"ok\"\n"
+    );
+    let s = gateway_server(dir.path(), &proxy, &extra).await;
+    let hello = json!([{"role": "user", "content": "hello"}]);
+    let (status, body) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "far-ok", "messages": hello}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        proxy.stats().await["last_target"],
+        "http://upstream.invalid:8080/v1/chat/completions"
+    );
+    let resp = send_chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "far-ok", "stream": true, "messages": hello}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+    // Direct upstreams still go direct.
+    let (status, _) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "ok", "messages": hello}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(proxy.stats().await["last_target"], "/v1/chat/completions");
+    s.stop().await;
+}

@@ -1,0 +1,212 @@
+//! The HTTP client the gateway calls upstreams with.
+//!
+//! Calls go through hyper's pooled HTTP/1.1 client directly (rustls for `https://`, webpki roots),
+//! not through reqwest: reqwest wraps the same client but costs about 40 µs more CPU per call
+//! (URL re-parsing, IDNA, its service stack) — measured on this machine, the difference between a
+//! zero-logic proxy doing ~10,000 and ~16,000 calls/s on one core. reqwest is still used where it
+//! earns its cost: upstreams that the environment sends through a proxy (`HTTP_PROXY`,
+//! `HTTPS_PROXY`, `ALL_PROXY`, minus `NO_PROXY`, read once at start-up the way reqwest reads them)
+//! and upstreams with a `proxy` of their own in the configuration. Both paths give the same
+//! [`UpstreamResponse`], so everything after the send is written once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, BodyStream, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::TokioExecutor;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a send failed, as far as the caller needs to know: no answer is an answer it can classify.
+#[derive(Debug)]
+pub enum SendError {
+    /// The request could not be built (a URL or header the configuration let through).
+    Build(String),
+    /// No connection, or it broke before the answer's head arrived.
+    Connection,
+}
+
+/// An upstream's answer: status and headers, and the body still to be read.
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: UnsyncBoxBody<Bytes, BoxError>,
+}
+
+impl UpstreamResponse {
+    /// The whole body; `Err` when the connection broke while reading it.
+    pub async fn bytes(self) -> Result<Bytes, ()> {
+        self.body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|_| ())
+    }
+
+    /// The body as it arrives; `Err` when the connection broke.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, ()>> + Send {
+        BodyStream::new(self.body).filter_map(|frame| async move {
+            match frame {
+                Ok(f) => f.into_data().ok().map(Ok),
+                Err(_) => Some(Err(())),
+            }
+        })
+    }
+}
+
+/// The gateway's upstream client: direct hyper for most upstreams, reqwest behind proxies.
+pub struct UpstreamClient {
+    direct: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The environment's proxy settings; `None` when it names no proxy (the common case costs
+    /// nothing per call).
+    env_proxies: Option<Matcher>,
+    /// reqwest with the environment's proxies (built only when there are some).
+    via_env_proxy: Option<reqwest::Client>,
+    /// reqwest clients for upstreams with their own `proxy`, by proxy URL, built on first use.
+    via_configured_proxy: Mutex<HashMap<String, reqwest::Client>>,
+}
+
+const ENV_PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+impl UpstreamClient {
+    pub fn new() -> Self {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let direct = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build(https);
+        let env_named_a_proxy = ENV_PROXY_VARS
+            .iter()
+            .any(|v| std::env::var(v).is_ok_and(|p| !p.trim().is_empty()));
+        let (env_proxies, via_env_proxy) = if env_named_a_proxy {
+            (
+                Some(Matcher::from_env()),
+                reqwest::Client::builder()
+                    .pool_max_idle_per_host(256)
+                    .build()
+                    .ok(),
+            )
+        } else {
+            (None, None)
+        };
+        UpstreamClient {
+            direct,
+            env_proxies,
+            via_env_proxy,
+            via_configured_proxy: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// POSTs a JSON body. `proxy` is the upstream's own proxy from the configuration.
+    pub async fn post_json(
+        &self,
+        uri: Uri,
+        body: Bytes,
+        bearer: Option<&str>,
+        proxy: Option<&str>,
+    ) -> Result<UpstreamResponse, SendError> {
+        let mut builder = Request::post(uri.clone()).header(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(key) = bearer {
+            let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                SendError::Build("the upstream key holds characters a header cannot carry".into())
+            })?;
+            value.set_sensitive(true);
+            builder = builder.header(http::header::AUTHORIZATION, value);
+        }
+        let request = builder.body(body).map_err(|_| {
+            SendError::Build("the upstream URL is not a valid request target".into())
+        })?;
+        match self.proxied(&uri, proxy)? {
+            None => {
+                let response = self
+                    .direct
+                    .request(request.map(Full::new))
+                    .await
+                    .map_err(|_| SendError::Connection)?;
+                let (head, body) = response.into_parts();
+                Ok(UpstreamResponse {
+                    status: head.status,
+                    headers: head.headers,
+                    body: body.map_err(BoxError::from).boxed_unsync(),
+                })
+            }
+            Some(client) => {
+                let request = reqwest::Request::try_from(request)
+                    .map_err(|_| SendError::Build("the upstream URL is not valid".into()))?;
+                let response = client
+                    .execute(request)
+                    .await
+                    .map_err(|_| SendError::Connection)?;
+                let response: http::Response<reqwest::Body> = response.into();
+                let (head, body) = response.into_parts();
+                Ok(UpstreamResponse {
+                    status: head.status,
+                    headers: head.headers,
+                    body: body.map_err(BoxError::from).boxed_unsync(),
+                })
+            }
+        }
+    }
+
+    /// The reqwest client to send through when `uri` goes via a proxy; `None` for a direct call.
+    fn proxied(
+        &self,
+        uri: &Uri,
+        proxy: Option<&str>,
+    ) -> Result<Option<reqwest::Client>, SendError> {
+        if let Some(proxy) = proxy {
+            let mut clients = self
+                .via_configured_proxy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = clients.get(proxy) {
+                return Ok(Some(c.clone()));
+            }
+            let client = reqwest::Proxy::all(proxy)
+                .and_then(|p| {
+                    reqwest::Client::builder()
+                        .proxy(p)
+                        .pool_max_idle_per_host(256)
+                        .build()
+                })
+                .map_err(|_| {
+                    SendError::Build("the upstream's `proxy` is not a valid URL".into())
+                })?;
+            clients.insert(proxy.to_string(), client.clone());
+            return Ok(Some(client));
+        }
+        match (&self.env_proxies, &self.via_env_proxy) {
+            (Some(matcher), Some(client)) if matcher.intercept(uri).is_some() => {
+                Ok(Some(client.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
