@@ -394,28 +394,44 @@ fn usage_event(
     }
 }
 
-/// Stores usage events of answered calls. A ledger failure is logged and counted but the answer
-/// still goes to the client: the tokens were spent upstream, and a retry would spend them twice.
-async fn store_usage(state: &AppState, persona: &str, events: Vec<Stamped>) {
+/// Hands usage events of answered calls to the ledger writer with the reservations they settle.
+/// The writer gives those back once the usage is applied (so admission never sees the tokens
+/// neither reserved nor used), and nothing has to wake this task for it. A ledger failure is
+/// logged and counted but the answer has gone to the client: the tokens were spent upstream, and a
+/// retry would spend them twice.
+async fn store_usage(
+    state: &AppState,
+    persona: &str,
+    events: Vec<Stamped>,
+    settles: Vec<Reservation>,
+) {
     let n = events.len();
-    if let Err(e) = state.writer.append_accounting(events).await {
-        state.stats.reject("ledger_unavailable", n as u64);
-        tracing::error!(persona = %persona, calls = n,
-            "usage of answered calls could not be stored: {e}");
-    }
+    let stats = state.stats.clone();
+    let persona = persona.to_string();
+    state
+        .writer
+        .append_accounting(events, move |result| {
+            if let Err(e) = result {
+                stats.reject("ledger_unavailable", n as u64);
+                tracing::error!(persona = %persona, calls = n,
+                    "usage of answered calls could not be stored: {e}");
+            }
+            drop(settles);
+        })
+        .await;
 }
 
-/// Stores the call's usage (see [`store_usage`]).
+/// Stores the call's usage and then gives back its reservation (see [`store_usage`]).
 async fn record(
     state: &AppState,
     meta: &CallMeta,
-    prompt: u64,
-    completion: u64,
+    usage: (u64, u64),
     estimated: bool,
     started: Instant,
+    settles: Reservation,
 ) {
-    let event = usage_event(state, meta, prompt, completion, estimated, started);
-    store_usage(state, &meta.persona, vec![event]).await;
+    let event = usage_event(state, meta, usage.0, usage.1, estimated, started);
+    store_usage(state, &meta.persona, vec![event], vec![settles]).await;
 }
 
 pub async fn list_models(
@@ -1031,8 +1047,8 @@ async fn plain_call(
             .as_ref()
             .filter(|c| c.gate().is_some())
             .map_or(0, |c| c.stage.retries);
-        // Reservations of gate retries, held until their usage is stored.
-        let mut retry_reservations: Vec<Reservation> = Vec::new();
+        // The call's reservation and those of gate retries, held until their usage is stored.
+        let mut held: Vec<Reservation> = vec![reservation];
         // Usage of attempts whose answers failed the gate and were retried.
         let mut earlier_attempts: Vec<Stamped> = Vec::new();
         loop {
@@ -1046,7 +1062,7 @@ async fn plain_call(
                     tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name, "{}", e.message());
                     let _ = answer_tx.send(Err(e));
                     if !earlier_attempts.is_empty() {
-                        store_usage(&state, &attempt_meta.persona, earlier_attempts).await;
+                        store_usage(&state, &attempt_meta.persona, earlier_attempts, held).await;
                     }
                     break;
                 }
@@ -1076,7 +1092,7 @@ async fn plain_call(
                         None
                     }
                     Ok((reservation, _)) => {
-                        retry_reservations.push(reservation);
+                        held.push(reservation);
                         Some(target)
                     }
                 }
@@ -1109,14 +1125,12 @@ async fn plain_call(
                     }));
                     let mut events = std::mem::take(&mut earlier_attempts);
                     events.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
-                    store_usage(&state, &attempt_meta.persona, events).await;
+                    store_usage(&state, &attempt_meta.persona, events, held).await;
                     state.gateway.count(&attempt_meta.route.upstream, "ok");
                     break;
                 }
             }
         }
-        drop(retry_reservations);
-        drop(reservation);
     });
     match answer_rx.await {
         Ok(Ok(answer)) => {
@@ -1238,12 +1252,12 @@ pub async fn embeddings(
                 Some(p) => (p, false),
                 None => (meta.prompt_estimate, true),
             };
-            record(&state, &meta, prompt, 0, estimated, started).await;
+            record(&state, &meta, (prompt, 0), estimated, started, reservation).await;
             state.gateway.count(&meta.route.upstream, "ok");
         } else {
             state.gateway.count(&meta.route.upstream, "upstream_error");
+            drop(reservation);
         }
-        drop(reservation);
         result
     });
     match task.await {
@@ -1586,7 +1600,15 @@ async fn relay(
     if client_gone {
         tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
     }
-    record(&state, &meta, prompt, completion, estimated, started).await;
+    record(
+        &state,
+        &meta,
+        (prompt, completion),
+        estimated,
+        started,
+        reservation,
+    )
+    .await;
     state.gateway.count(
         &meta.route.upstream,
         if failure.is_some() {
@@ -1595,7 +1617,6 @@ async fn relay(
             "ok"
         },
     );
-    drop(reservation);
 }
 
 /// Position of the end of the first SSE event in `buf`: (event length, separator length).

@@ -25,13 +25,35 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// A lingering group commits as soon as it holds this many events.
 const LINGER_MAX_EVENTS: usize = 256;
 
+/// What follows an append once it is committed (or has failed).
+enum Ack {
+    /// A caller awaits the result.
+    Waiting(oneshot::Sender<Result<(), LedgerError>>),
+    /// Nobody waits (the gateway's usage, after the client was answered): run this on the writer
+    /// thread once the events are applied. No task has to be woken for it, and the append may
+    /// linger briefly so that other appends share its commit.
+    Then(Box<dyn FnOnce(Result<(), LedgerError>) + Send>),
+}
+
+impl Ack {
+    fn lingers(&self) -> bool {
+        matches!(self, Ack::Then(_))
+    }
+
+    fn done(self, result: Result<(), LedgerError>) {
+        match self {
+            Ack::Waiting(tx) => {
+                let _ = tx.send(result);
+            }
+            Ack::Then(then) => then(result),
+        }
+    }
+}
+
 enum Command {
     Append {
         events: Vec<Stamped>,
-        ack: oneshot::Sender<Result<(), LedgerError>>,
-        /// Nobody is waiting on this answer (the gateway's usage after the client was answered):
-        /// it may wait briefly for other appends to share its commit.
-        linger: bool,
+        ack: Ack,
     },
     SetOverride {
         persona: String,
@@ -70,26 +92,35 @@ fn gone() -> LedgerError {
 impl WriterHandle {
     /// Stores `events` and applies them; returns once they are durable.
     pub async fn append(&self, events: Vec<Stamped>) -> Result<(), LedgerError> {
-        self.send_append(events, false).await
-    }
-
-    /// Like [`append`](Self::append), for events no client is waiting on: the writer may hold them
-    /// up to 2 ms so that more appends share one commit (under load, far fewer commits).
-    pub async fn append_accounting(&self, events: Vec<Stamped>) -> Result<(), LedgerError> {
-        self.send_append(events, true).await
-    }
-
-    async fn send_append(&self, events: Vec<Stamped>, linger: bool) -> Result<(), LedgerError> {
         let (ack, rx) = oneshot::channel();
         self.tx
             .send(Command::Append {
                 events,
-                ack,
-                linger,
+                ack: Ack::Waiting(ack),
             })
             .await
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// Queues `events` no client is waiting on and returns once they are queued (a full queue
+    /// makes this wait: never loss). The writer may hold them up to 2 ms so that more appends share
+    /// one commit, stores and applies them, then calls `then` with the outcome on its own thread —
+    /// so `then` must be quick (give back a reservation, count a failure).
+    pub async fn append_accounting(
+        &self,
+        events: Vec<Stamped>,
+        then: impl FnOnce(Result<(), LedgerError>) + Send + 'static,
+    ) {
+        let command = Command::Append {
+            events,
+            ack: Ack::Then(Box::new(then)),
+        };
+        if let Err(mpsc::error::SendError(Command::Append { ack, .. })) =
+            self.tx.send(command).await
+        {
+            ack.done(Err(gone()));
+        }
     }
 
     /// Sets or removes a persona's budget override; false when the persona is unknown.
@@ -154,26 +185,18 @@ fn run(
             return;
         };
         match first {
-            Command::Append {
-                events,
-                ack,
-                linger,
-            } => {
+            Command::Append { events, ack } => {
                 let mut batch = events;
-                let mut acks = vec![ack];
                 // Linger only while every append in the group is accounting nobody waits on.
-                let mut lingering = linger;
+                let mut lingering = ack.lingers();
+                let mut acks = vec![ack];
                 let deadline = std::time::Instant::now() + LINGER;
                 while batch.len() < MAX_GROUP_EVENTS {
                     match rx.try_recv() {
-                        Ok(Command::Append {
-                            events,
-                            ack,
-                            linger,
-                        }) => {
+                        Ok(Command::Append { events, ack }) => {
                             batch.extend(events);
+                            lingering &= ack.lingers();
                             acks.push(ack);
-                            lingering &= linger;
                         }
                         Ok(other) => {
                             carried = Some(other);
@@ -198,7 +221,7 @@ fn run(
                         }
                         drop(engine);
                         for ack in acks {
-                            let _ = ack.send(Ok(()));
+                            ack.done(Ok(()));
                         }
                     }
                     Err(e) => {
@@ -207,7 +230,7 @@ fn run(
                             "{e}; the batch was not acknowledged"
                         );
                         for ack in acks {
-                            let _ = ack.send(Err(LedgerError {
+                            ack.done(Err(LedgerError {
                                 op: e.op,
                                 message: e.message.clone(),
                             }));
@@ -239,5 +262,60 @@ fn run(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::settings::LedgerSync;
+    use crate::config::{load, Source};
+    use crate::core::clock::ManualClock;
+    use crate::core::event::{Event, Usage};
+    use crate::store::sqlite::SqliteLedger;
+
+    fn usage(tokens: u64) -> Stamped {
+        Stamped {
+            at: 1,
+            event: Event::Usage(Usage {
+                persona: "backend-engineer".into(),
+                chatmode: "c".into(),
+                model: "m".into(),
+                prompt_tokens: tokens,
+                completion_tokens: 0,
+                ..Usage::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn accounting_runs_its_follow_up_after_the_events_are_applied_and_when_the_writer_is_gone(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l.db"), LedgerSync::Normal).unwrap();
+        let engine = Engine::new(load(&Source::Embedded).unwrap().engine_config(), 0);
+        let engine = Arc::new(Mutex::new(engine));
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+        let (writer, thread) = spawn(Box::new(ledger), engine.clone(), clock);
+        let used = |e: &Engine| e.budget("backend-engineer").map_or(0, |b| b.used_tokens());
+        let (tx, rx) = oneshot::channel();
+        let seen = engine.clone();
+        writer
+            .append_accounting(vec![usage(7)], move |result| {
+                // Runs on the writer thread once the usage is in the engine.
+                let _ = tx.send((result.is_ok(), used(&lock(&seen))));
+            })
+            .await;
+        assert_eq!(rx.await.unwrap(), (true, 7));
+        writer.shutdown().await;
+        thread.join().unwrap();
+        let (tx, rx) = oneshot::channel();
+        writer
+            .append_accounting(vec![usage(5)], move |result| {
+                let _ = tx.send(result.is_err());
+            })
+            .await;
+        assert!(rx.await.unwrap(), "a stopped writer reports the failure");
+        assert_eq!(used(&lock(&engine)), 7);
     }
 }
