@@ -117,6 +117,7 @@ struct RawServer {
     listen: Option<String>,
     metrics_listen: Option<String>,
     max_body_bytes: Option<usize>,
+    max_connections: Option<usize>,
     shutdown_grace_seconds: Option<u64>,
 }
 
@@ -183,6 +184,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Connections the API listener holds open at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
     pub shutdown_grace_seconds: u64,
     pub ledger_sync: LedgerSync,
     pub personas_dir: String,
@@ -252,6 +255,17 @@ impl Settings {
                     format!("`server.max_body_bytes` = {max_body_bytes} is too small"),
                 )
                 .fix("use at least 1024 (the default is 4194304)"),
+            );
+        }
+        let max_connections = raw.server.max_connections.unwrap_or(1024);
+        if max_connections == 0 {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "max_connections"),
+                    "`server.max_connections` = 0 would refuse every client",
+                )
+                .fix("use at least 1 (the default is 1024)"),
             );
         }
         let max_values_per_label = raw.labels.max_values_per_label.unwrap_or(50);
@@ -374,6 +388,7 @@ impl Settings {
             listen,
             metrics_listen,
             max_body_bytes,
+            max_connections,
             shutdown_grace_seconds: raw.server.shutdown_grace_seconds.unwrap_or(10),
             ledger_sync: raw.ledger.sync.unwrap_or_default(),
             personas_dir: raw.personas.dir.unwrap_or_else(|| "personas".into()),

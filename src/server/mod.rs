@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod error;
 pub mod events;
+pub mod listener;
 pub mod personas;
 pub mod workflows;
 
@@ -295,6 +296,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = Duration::from_secs(cfg.settings.shutdown_grace_seconds);
+    let max_connections = cfg.settings.max_connections;
     let background = spawn_background(
         &state,
         cfg,
@@ -305,6 +307,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let metrics = metrics_router(state.clone());
     let drain_state = state.clone();
     let task = tokio::spawn(async move {
+        let api_listener = listener::CappedListener::new(api_listener, max_connections);
         let api_server =
             axum::serve(api_listener, api).with_graceful_shutdown(wait_for(shutdown_rx.clone()));
         let metrics_server = axum::serve(metrics_listener, metrics)

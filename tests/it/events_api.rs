@@ -1,7 +1,10 @@
 //! `POST /v1/events` and the admin API: bad input gets a clear error, good input is never lost.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use hypertool::config::Source;
+use hypertool::core::clock::ManualClock;
 use serde_json::json;
 
 use crate::common::*;
@@ -254,5 +257,56 @@ async fn budget_override_reset_and_persona_listing() {
         b["remaining_tokens"], 1800,
         "the reset survives the override's removal"
     );
+    s.stop().await;
+}
+
+/// Sends `GET /healthz` on an open connection and reads until the answer's status line arrives.
+async fn healthz_on(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_wait_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_copy(dir.path());
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("max_connections = 1024"));
+    std::fs::write(
+        &toml,
+        text.replace("max_connections = 1024", "max_connections = 2"),
+    )
+    .unwrap();
+    let s = start(
+        Source::File(toml),
+        &dir.path().join("data"),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .await;
+    let addr = s.api.trim_start_matches("http://").to_string();
+    let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(healthz_on(&mut first).await.starts_with("HTTP/1.1 200"));
+    assert!(healthz_on(&mut second).await.starts_with("HTTP/1.1 200"));
+    // The third connection is made (the kernel queues it) but not served while two are open.
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(300), healthz_on(&mut third)).await;
+    assert!(waiting.is_err(), "served beyond the cap: {waiting:?}");
+    // One closes: the third is served (its request was already sent).
+    drop(first);
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 4096];
+        let n = third.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    })
+    .await
+    .expect("the waiting connection was served once a slot freed");
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     s.stop().await;
 }
