@@ -1,39 +1,69 @@
-//! The API listener, with a cap on the connections it holds open.
+//! The API listener: hyper's HTTP/1.1 connections, at most `server.max_connections` open at once.
 //!
-//! Every open connection costs memory (hyper's buffers, the socket, the task). A client that opens
+//! Every open connection costs memory (hyper keeps its read and write buffers, ~50 KB once a call
+//! has passed through it, plus the socket and the task). Without a cap, a client that opens
 //! connections faster than answers come back — a load generator, or agents retrying against a slow
-//! upstream — would otherwise grow hypertool without bound (measured: ~9,000 connections and
-//! 400 MB). At the cap, hypertool stops accepting until a connection closes; new clients wait in the
-//! kernel's accept queue, and calls already accepted are shed by the gateway's in-flight bound.
+//! upstream — grows hypertool without bound (measured: ~9,000 connections, 400 MB).
+//!
+//! At the cap, hypertool does what nginx does at `worker_connections`: for a client that has just
+//! connected, it asks the oldest open connections to close (hyper's graceful shutdown: an idle
+//! keep-alive connection closes at once, a busy one after its answer), one every few milliseconds
+//! until a slot frees; clients behind that one wait in the kernel's accept queue. A plain cap would let idle keep-alive connections hold every
+//! slot and starve new clients for good. Idle connections also close by themselves after
+//! 30 seconds without a request (hyper's header-read timeout, which also stops slow-header clients).
 
-use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 
-/// A TCP listener that holds at most `cap` connections open.
-pub struct CappedListener {
-    inner: TcpListener,
+/// How often, at the cap, one more of the oldest connections is asked to close.
+const RECLAIM_EVERY: Duration = Duration::from_millis(10);
+
+/// Open connections by age (ids increase), each with the signal that asks it to close.
+#[derive(Default)]
+struct OpenConnections {
+    next_id: u64,
+    by_age: BTreeMap<u64, Arc<Notify>>,
+}
+
+struct Limits {
     slots: Arc<Semaphore>,
+    open: Mutex<OpenConnections>,
     cap: usize,
     /// Seconds since the epoch of the last "cap reached" warning (one a minute at most).
     warned_at: AtomicI64,
 }
 
-impl CappedListener {
-    pub fn new(inner: TcpListener, cap: usize) -> Self {
-        let cap = cap.max(1);
-        CappedListener {
-            inner,
-            slots: Arc::new(Semaphore::new(cap)),
-            cap,
-            warned_at: AtomicI64::new(0),
+impl Limits {
+    fn open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a connection just accepted; at the cap, the oldest connections are asked to
+    /// close until one is free.
+    async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        self.warn_at_cap();
+        loop {
+            let oldest = self.open().by_age.pop_first();
+            if let Some((_, close)) = oldest {
+                close.notify_one();
+            }
+            tokio::select! {
+                // Only a closed semaphore fails here, and this one is never closed.
+                slot = self.slots.clone().acquire_owned() => return slot.ok(),
+                _ = tokio::time::sleep(RECLAIM_EVERY) => {}
+            }
         }
     }
 
@@ -48,82 +78,96 @@ impl CappedListener {
         {
             tracing::warn!(
                 max_connections = self.cap,
-                "the API holds server.max_connections connections; new clients wait until one closes"
+                "the API holds server.max_connections connections; closing the oldest to admit new clients"
             );
         }
     }
 }
 
-impl axum::serve::Listener for CappedListener {
-    type Io = CappedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
-        let slot = match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) => {
-                self.warn_at_cap();
-                // Only a closed semaphore fails here, and this one is never closed.
-                self.slots.clone().acquire_owned().await.ok()
-            }
-        };
-        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (
-            CappedStream {
-                stream,
-                _slot: slot,
+/// Serves `app` on `listener` until `shutdown` turns true; then stops accepting, lets every
+/// connection finish its request in progress, and returns when all are closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cap = max_connections.max(1);
+    let limits = Arc::new(Limits {
+        slots: Arc::new(Semaphore::new(cap)),
+        open: Mutex::new(OpenConnections::default()),
+        cap,
+        warned_at: AtomicI64::new(0),
+    });
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
             },
-            addr,
-        )
+        };
+        // Only a client that is here (accepted, not yet served) makes room: reclaiming for one
+        // that may never come would close connections for nothing.
+        let slot = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            slot = limits.slot() => slot,
+        };
+        // Answers are small and written whole: send them without waiting for more.
+        let _ = stream.set_nodelay(true);
+        let close = Arc::new(Notify::new());
+        let id = {
+            let mut open = limits.open();
+            let id = open.next_id;
+            open.next_id += 1;
+            open.by_age.insert(id, close.clone());
+            id
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let (limits, mut stop) = (limits.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = close.notified() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                }
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                }
+            }
+            limits.open().by_age.remove(&id);
+            drop(slot);
+        });
     }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
+    connections.close();
+    connections.wait().await;
 }
 
-/// An accepted connection; its slot is given back when it closes.
-pub struct CappedStream {
-    stream: TcpStream,
-    _slot: Option<OwnedSemaphorePermit>,
+/// Resolves once `shutdown` is true (the guard `wait_for` returns is dropped here: it is not `Send`).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-impl AsyncRead for CappedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+/// Errors of `accept` concern one connection (reset before it was accepted) or the process (out of
+/// file descriptors): the first are skipped, the second logged and waited out.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
     }
-}
-
-impl AsyncWrite for CappedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
+    tracing::error!("accepting a connection failed: {e}; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }

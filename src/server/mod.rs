@@ -307,17 +307,12 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let metrics = metrics_router(state.clone());
     let drain_state = state.clone();
     let task = tokio::spawn(async move {
-        let api_listener = listener::CappedListener::new(api_listener, max_connections);
-        let api_server =
-            axum::serve(api_listener, api).with_graceful_shutdown(wait_for(shutdown_rx.clone()));
+        let api_server = listener::serve(api_listener, api, max_connections, shutdown_rx.clone());
         let metrics_server = axum::serve(metrics_listener, metrics)
             .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
         let mut rx = shutdown_rx.clone();
         let servers = async {
-            let (a, m) = tokio::join!(api_server, metrics_server);
-            if let Err(e) = a {
-                tracing::error!("API server stopped: {e}");
-            }
+            let ((), m) = tokio::join!(api_server, metrics_server);
             if let Err(e) = m {
                 tracing::error!("metrics server stopped: {e}");
             }

@@ -260,28 +260,67 @@ async fn budget_override_reset_and_persona_listing() {
     s.stop().await;
 }
 
-/// Sends `GET /healthz` on an open connection and reads until the answer's status line arrives.
-async fn healthz_on(conn: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = conn.read(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf[..n]).to_string()
+/// Reads one HTTP/1.1 answer (head and a `content-length` body) from `conn`: (head, body).
+async fn read_answer(conn: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_string();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return (head, text[end + 4..end + 4 + length].to_string());
+            }
+        }
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer: {:?} (local {:?})",
+            String::from_utf8_lossy(&got),
+            conn.local_addr()
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+async fn send(conn: &mut tokio::net::TcpStream, request: String) {
+    use tokio::io::AsyncWriteExt;
+    conn.write_all(request.as_bytes()).await.unwrap();
+}
+
+fn healthz() -> String {
+    "GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n".to_string()
+}
+
+/// Waits (with a deadline) for the server to close `conn`.
+async fn closed_by_server(conn: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_max_connections_wait_until_one_closes() {
+async fn at_max_connections_the_oldest_close_after_their_answers_to_admit_new_clients() {
     let dir = tempfile::tempdir().unwrap();
     let toml = config_copy(dir.path());
     let text = std::fs::read_to_string(&toml).unwrap();
-    assert!(text.contains("max_connections = 1024"));
-    std::fs::write(
-        &toml,
-        text.replace("max_connections = 1024", "max_connections = 2"),
-    )
-    .unwrap();
+    assert!(text.contains("max_connections = 1024") && text.contains("latency_ms = 0"));
+    let text = text
+        .replace("max_connections = 1024", "max_connections = 2")
+        .replace("latency_ms = 0", "latency_ms = 400");
+    std::fs::write(&toml, text).unwrap();
     let s = start(
         Source::File(toml),
         &dir.path().join("data"),
@@ -289,24 +328,29 @@ async fn connections_beyond_max_connections_wait_until_one_closes() {
     )
     .await;
     let addr = s.api.trim_start_matches("http://").to_string();
-    let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    assert!(healthz_on(&mut first).await.starts_with("HTTP/1.1 200"));
-    assert!(healthz_on(&mut second).await.starts_with("HTTP/1.1 200"));
-    // The third connection is made (the kernel queues it) but not served while two are open.
-    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let waiting = tokio::time::timeout(Duration::from_millis(300), healthz_on(&mut third)).await;
-    assert!(waiting.is_err(), "served beyond the cap: {waiting:?}");
-    // One closes: the third is served (its request was already sent).
-    drop(first);
-    let served = tokio::time::timeout(Duration::from_secs(10), async {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 4096];
-        let n = third.read(&mut buf).await.unwrap();
-        String::from_utf8_lossy(&buf[..n]).to_string()
-    })
-    .await
-    .expect("the waiting connection was served once a slot freed");
-    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    // The oldest connection is busy with a call that takes 400 ms; the second is idle.
+    let body = r#"{"model":"mock/slow","messages":[{"role":"user","content":"hello"}]}"#;
+    let mut busy = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    send(&mut busy, format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())).await;
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    send(&mut idle, healthz()).await;
+    assert!(read_answer(&mut idle).await.0.starts_with("HTTP/1.1 200"));
+    // A third client: the oldest are asked to close, the idle one goes at once, and the newcomer
+    // is served.
+    let mut newcomer = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    send(&mut newcomer, healthz()).await;
+    let (head, _) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut newcomer))
+        .await
+        .expect("the new client was served");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        closed_by_server(&mut idle).await,
+        "the idle connection was closed"
+    );
+    // The busy connection got its whole answer first, then was closed.
+    let (head, answer) = read_answer(&mut busy).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(answer.contains("Mock answer"), "{answer}");
+    assert!(closed_by_server(&mut busy).await);
     s.stop().await;
 }
