@@ -252,6 +252,25 @@ pub fn config_copy(dir: &Path) -> PathBuf {
     dest.join("hypertool.toml")
 }
 
+/// A server on a copy of the repository's configuration with each `(from, to)` text replaced in
+/// `hypertool.toml` (each `from` must be there, so a changed default cannot silently void a test),
+/// a fresh ledger under `dir`, at T0.
+pub async fn start_edited(dir: &Path, edits: &[(&str, &str)]) -> TestServer {
+    let toml = config_copy(dir);
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "hypertool.toml has no `{from}`");
+        text = text.replace(from, to);
+    }
+    std::fs::write(&toml, text).unwrap();
+    start(
+        Source::File(toml),
+        &dir.join("data"),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .await
+}
+
 pub fn usage(persona: &str, chatmode: &str, model: &str, prompt: u64, completion: u64) -> Value {
     serde_json::json!({
         "type": "usage", "persona": persona, "chatmode": chatmode, "model": model,

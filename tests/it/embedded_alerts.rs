@@ -1,9 +1,5 @@
 //! The embedded alert engine inside `hypertool serve`, driven by the manual clock.
 
-use std::sync::Arc;
-
-use hypertool::config::Source;
-use hypertool::core::clock::ManualClock;
 use hypertool::server::evaluate_alerts;
 use serde_json::{json, Value};
 
@@ -133,16 +129,13 @@ async fn token_budget_exceeded_fires_after_its_for_and_resolves_after_a_reset() 
 async fn langfuse_alert_says_credentials_are_missing_unless_disabled() {
     for disabled in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let toml = config_copy(dir.path());
-        let text = std::fs::read_to_string(&toml).unwrap()
-            .replace("public_key_env = \"LANGFUSE_PUBLIC_KEY\"", "public_key_env = \"HYPERTOOL_TEST_NEVER_SET_PK\"")
-            .replace("[langfuse]\n# false: run without Langfuse on purpose (LangfuseIntegrationFailing is then not evaluated).\nenabled = true",
-                     &format!("[langfuse]\nenabled = {}", !disabled));
-        std::fs::write(&toml, text).unwrap();
-        let s = start(
-            Source::File(toml),
-            &dir.path().join("data"),
-            Arc::new(ManualClock::new(T0)),
+        let enabled = format!("[langfuse]\nenabled = {}", !disabled);
+        let s = start_edited(
+            dir.path(),
+            &[
+                ("public_key_env = \"LANGFUSE_PUBLIC_KEY\"", "public_key_env = \"HYPERTOOL_TEST_NEVER_SET_PK\""),
+                ("[langfuse]\n# false: run without Langfuse on purpose (LangfuseIntegrationFailing is then not evaluated).\nenabled = true", &enabled),
+            ],
         )
         .await;
         let state = s.running.as_ref().unwrap().state.clone();

@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hypertool::config::Source;
-use hypertool::core::clock::ManualClock;
 use serde_json::json;
 
 use crate::common::*;
@@ -314,17 +312,12 @@ async fn closed_by_server(conn: &mut tokio::net::TcpStream) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_connections_the_oldest_close_after_their_answers_to_admit_new_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let toml = config_copy(dir.path());
-    let text = std::fs::read_to_string(&toml).unwrap();
-    assert!(text.contains("max_connections = 1024") && text.contains("latency_ms = 0"));
-    let text = text
-        .replace("max_connections = 1024", "max_connections = 2")
-        .replace("latency_ms = 0", "latency_ms = 400");
-    std::fs::write(&toml, text).unwrap();
-    let s = start(
-        Source::File(toml),
-        &dir.path().join("data"),
-        Arc::new(ManualClock::new(T0)),
+    let s = start_edited(
+        dir.path(),
+        &[
+            ("max_connections = 1024", "max_connections = 2"),
+            ("latency_ms = 0", "latency_ms = 400"),
+        ],
     )
     .await;
     let addr = s.api.trim_start_matches("http://").to_string();

@@ -1,9 +1,6 @@
 //! The persona switch policy (cooldown, oscillation) and capability routing, on the manual clock.
 
-use std::sync::Arc;
-
 use hypertool::config::Source;
-use hypertool::core::clock::ManualClock;
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -178,16 +175,12 @@ async fn oscillation_is_flagged_and_in_suppress_mode_refused() {
 
     // With oscillation_action = "suppress" the fourth switch is refused.
     let dir = tempfile::tempdir().unwrap();
-    let toml = config_copy(dir.path());
-    let text = std::fs::read_to_string(&toml).unwrap().replace(
-        "oscillation_action = \"flag\"",
-        "oscillation_action = \"suppress\"",
-    );
-    std::fs::write(&toml, text).unwrap();
-    let s = start(
-        Source::File(toml),
-        &dir.path().join("data"),
-        Arc::new(ManualClock::new(T0)),
+    let s = start_edited(
+        dir.path(),
+        &[(
+            "oscillation_action = \"flag\"",
+            "oscillation_action = \"suppress\"",
+        )],
     )
     .await;
     for i in 0..3 {
