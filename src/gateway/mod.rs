@@ -54,6 +54,44 @@ pub struct Gateway {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Calls waiting for an in-flight slot (at most `max_in_flight`; more are refused at once).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Upstream failures are logged once per model and kind every few seconds, not per call.
+    warnings: WarnThrottle,
+}
+
+/// How often the same kind of upstream failure of the same model is logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets a repeated warning through once per [`WARN_EVERY`] per (model, kind), saying how many like
+/// it were held back since: an upstream outage at 1,000 calls/s must not write 1,000 log lines a
+/// second (the metrics count every failure). Keys are configured models and static kinds: bounded.
+#[derive(Default)]
+struct WarnThrottle {
+    /// (model, kind) → (when last logged, how many held back since)
+    last: Mutex<std::collections::HashMap<WarningKey, (Instant, u64)>>,
+}
+
+type WarningKey = (String, &'static str);
+
+impl WarnThrottle {
+    /// `Some(held back since the last one)` when this warning should be logged now.
+    fn admit(&self, model: &str, kind: &'static str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(&(model.to_string(), kind)) {
+            Some((at, held)) if now.duration_since(*at) < WARN_EVERY => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let since = std::mem::take(held);
+                *at = now;
+                Some(since)
+            }
+            None => {
+                last.insert((model.to_string(), kind), (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -66,6 +104,7 @@ impl Gateway {
             settings: RwLock::new(Arc::new(settings)),
             http: client::UpstreamClient::new(),
             outcomes: Mutex::new(BTreeMap::new()),
+            warnings: WarnThrottle::default(),
             tools_removed: Mutex::new(BTreeMap::new()),
             truncations: Mutex::new(BTreeMap::new()),
         }
@@ -1059,7 +1098,10 @@ async fn plain_call(
                 Ok(ok) => ok,
                 Err(e) => {
                     state.gateway.count(&attempt_meta.route.upstream, "upstream_error");
-                    tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name, "{}", e.message());
+                    if let Some(held_back) = state.gateway.warnings.admit(&attempt_meta.route.name, e.code(), Instant::now()) {
+                        tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name,
+                            similar_held_back = held_back, "{}", e.message());
+                    }
                     let _ = answer_tx.send(Err(e));
                     if !earlier_attempts.is_empty() {
                         store_usage(&state, &attempt_meta.persona, earlier_attempts, held).await;
@@ -1418,7 +1460,14 @@ async fn stream_call(
                 break;
             }
             Err(e) => {
-                tracing::warn!(model = %candidate.name, "{}", e.message());
+                if let Some(held_back) =
+                    state
+                        .gateway
+                        .warnings
+                        .admit(&candidate.name, e.code(), Instant::now())
+                {
+                    tracing::warn!(model = %candidate.name, similar_held_back = held_back, "{}", e.message());
+                }
                 last_error = Some(e);
             }
         }
@@ -1580,7 +1629,15 @@ async fn relay(
         });
     }
     if let Some(e) = &failure {
-        tracing::warn!(persona = %meta.persona, model = %meta.route.name, "stream ended early: {}", e.message());
+        if let Some(held_back) =
+            state
+                .gateway
+                .warnings
+                .admit(&meta.route.name, "stream_ended_early", Instant::now())
+        {
+            tracing::warn!(persona = %meta.persona, model = %meta.route.name,
+                similar_held_back = held_back, "stream ended early: {}", e.message());
+        }
         let err =
             json!({"error": {"message": e.message(), "type": "upstream_error", "code": e.code()}});
         let _ = tx.send(Ok(sse(&err.to_string()))).await;
@@ -1630,4 +1687,35 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod warn_throttle_tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_logged_once_per_window_with_the_count_held_back() {
+        let t = WarnThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.admit("gpt", "upstream_timeout", t0), Some(0));
+        assert_eq!(
+            t.admit("gpt", "upstream_timeout", t0 + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            t.admit("gpt", "upstream_timeout", t0 + Duration::from_secs(9)),
+            None
+        );
+        // Another model or kind has its own window.
+        assert_eq!(
+            t.admit("gpt", "upstream_error", t0 + Duration::from_secs(9)),
+            Some(0)
+        );
+        assert_eq!(
+            t.admit("mini", "upstream_timeout", t0 + Duration::from_secs(9)),
+            Some(0)
+        );
+        assert_eq!(t.admit("gpt", "upstream_timeout", t0 + WARN_EVERY), Some(2));
+        assert_eq!(t.admit("gpt", "upstream_timeout", t0 + WARN_EVERY), None);
+    }
 }
