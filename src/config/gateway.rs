@@ -32,6 +32,8 @@ pub struct RawGateway {
     /// The model behind each stage tier (fast, balanced, quality).
     #[serde(default)]
     tiers: BTreeMap<ModelTier, String>,
+    /// PEM file of extra CA certificates trusted for upstream TLS (a private CA).
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +241,10 @@ pub struct GatewaySettings {
     pub cache: CacheSettings,
     /// Which model each stage tier means (`[gateway.tiers]`).
     pub tiers: BTreeMap<ModelTier, String>,
+    /// `ca_file` as written (relative to the configuration file's directory).
+    pub ca_file: Option<String>,
+    /// Its certificates, trusted for upstream TLS beside the webpki roots (read by `config::load`).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Default for GatewaySettings {
@@ -270,6 +276,8 @@ impl Default for GatewaySettings {
             ]
             .into_iter()
             .collect(),
+            ca_file: None,
+            extra_roots: Vec::new(),
         }
     }
 }
@@ -487,6 +495,7 @@ impl GatewaySettings {
                 )),
             }
         }
+        s.ca_file = raw.ca_file;
         for (tier, model) in raw.tiers {
             s.tiers.insert(tier, model);
         }
@@ -540,4 +549,25 @@ impl GatewaySettings {
                 })
             })
     }
+}
+
+/// The CA certificates of a PEM file, each checked to be usable as a trust anchor.
+pub fn read_ca_file(
+    bytes: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(bytes) {
+        let cert = cert.map_err(|e| format!("not a PEM certificate file ({e})"))?;
+        let mut check = rustls::RootCertStore::empty();
+        check
+            .add(cert.clone())
+            .map_err(|e| format!("a certificate in it cannot be a trust anchor ({e})"))?;
+        certs.push(cert);
+    }
+    if certs.is_empty() {
+        return Err("it holds no `-----BEGIN CERTIFICATE-----` block".into());
+    }
+    Ok(certs)
 }

@@ -202,9 +202,26 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
         Source::File(path) => {
             let display = path.display().to_string();
             let text = read(path).map_err(|e| vec![e])?;
-            let settings = Settings::parse(&display, &text)?;
+            let mut settings = Settings::parse(&display, &text)?;
             let base = path.parent().unwrap_or(Path::new("."));
             let mut errors = Vec::new();
+            if let Some(ca) = settings.gateway.ca_file.clone() {
+                let ca_path = base.join(&ca);
+                let loaded = std::fs::read(&ca_path)
+                    .map_err(|e| format!("cannot be read ({e})"))
+                    .and_then(|bytes| gateway::read_ca_file(&bytes));
+                match loaded {
+                    Ok(certs) => settings.gateway.extra_roots = certs,
+                    Err(why) => errors.push(
+                        ConfigError::new(
+                            display.clone(),
+                            error::line_of_key(&text, "ca_file"),
+                            format!("gateway.ca_file {}: {why}", ca_path.display()),
+                        )
+                        .fix("point `gateway.ca_file` at a PEM file of CA certificates"),
+                    ),
+                }
+            }
             let dir = base.join(&settings.personas_dir);
             let mut personas = Vec::new();
             match std::fs::read_dir(&dir) {

@@ -7,10 +7,11 @@
 //! earns its cost: upstreams that the environment sends through a proxy (`HTTP_PROXY`,
 //! `HTTPS_PROXY`, `ALL_PROXY`, minus `NO_PROXY`, read once at start-up the way reqwest reads them)
 //! and upstreams with a `proxy` of their own in the configuration. Both paths give the same
-//! [`UpstreamResponse`], so everything after the send is written once.
+//! [`UpstreamResponse`], so everything after the send is written once, and both trust the same
+//! roots: the webpki (Mozilla) roots and the certificates of `gateway.ca_file`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -22,6 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -72,6 +74,8 @@ pub struct UpstreamClient {
     via_env_proxy: Option<reqwest::Client>,
     /// reqwest clients for upstreams with their own `proxy`, by proxy URL, built on first use.
     via_configured_proxy: Mutex<HashMap<String, reqwest::Client>>,
+    /// A reqwest builder with the same trusted roots as the direct client.
+    reqwest_builder: Box<dyn Fn() -> reqwest::ClientBuilder + Send + Sync>,
 }
 
 const ENV_PROXY_VARS: [&str; 6] = [
@@ -83,27 +87,56 @@ const ENV_PROXY_VARS: [&str; 6] = [
     "all_proxy",
 ];
 
+/// TLS for upstreams: the webpki roots (Mozilla's, as reqwest uses) and `extra_roots`.
+fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Option<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for cert in extra_roots {
+        // Checked when the configuration was loaded.
+        let _ = roots.add(cert.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some(config)
+}
+
 impl UpstreamClient {
-    pub fn new() -> Self {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .build();
+    /// A client trusting the webpki roots and `extra_roots` (`gateway.ca_file`).
+    pub fn new(extra_roots: &[CertificateDer<'static>]) -> Self {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new();
+        let connector = match tls_config(extra_roots) {
+            Some(config) => connector.with_tls_config(config),
+            None => {
+                tracing::error!(
+                    "the TLS configuration could not be built; using the webpki roots only"
+                );
+                connector.with_webpki_roots()
+            }
+        };
+        let https = connector.https_or_http().enable_http1().build();
         let direct = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(256)
             .build(https);
         let env_named_a_proxy = ENV_PROXY_VARS
             .iter()
             .any(|v| std::env::var(v).is_ok_and(|p| !p.trim().is_empty()));
-        let (env_proxies, via_env_proxy) = if env_named_a_proxy {
-            (
-                Some(Matcher::from_env()),
-                reqwest::Client::builder()
-                    .pool_max_idle_per_host(256)
-                    .build()
-                    .ok(),
+        let extra: Vec<reqwest::Certificate> = extra_roots
+            .iter()
+            .filter_map(|c| reqwest::Certificate::from_der(c).ok())
+            .collect();
+        let reqwest_builder = move || {
+            extra.iter().fold(
+                reqwest::Client::builder().pool_max_idle_per_host(256),
+                |b, cert| b.add_root_certificate(cert.clone()),
             )
+        };
+        let (env_proxies, via_env_proxy) = if env_named_a_proxy {
+            (Some(Matcher::from_env()), reqwest_builder().build().ok())
         } else {
             (None, None)
         };
@@ -112,6 +145,7 @@ impl UpstreamClient {
             env_proxies,
             via_env_proxy,
             via_configured_proxy: Mutex::new(HashMap::new()),
+            reqwest_builder: Box::new(reqwest_builder),
         }
     }
 
@@ -184,12 +218,7 @@ impl UpstreamClient {
                 return Ok(Some(c.clone()));
             }
             let client = reqwest::Proxy::all(proxy)
-                .and_then(|p| {
-                    reqwest::Client::builder()
-                        .proxy(p)
-                        .pool_max_idle_per_host(256)
-                        .build()
-                })
+                .and_then(|p| (self.reqwest_builder)().proxy(p).build())
                 .map_err(|_| {
                     SendError::Build("the upstream's `proxy` is not a valid URL".into())
                 })?;
@@ -202,11 +231,5 @@ impl UpstreamClient {
             }
             _ => Ok(None),
         }
-    }
-}
-
-impl Default for UpstreamClient {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -101,8 +101,8 @@ impl Gateway {
             cache: cache::ResponseCache::new(settings.cache.max_entries),
             in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            http: client::UpstreamClient::new(&settings.extra_roots),
             settings: RwLock::new(Arc::new(settings)),
-            http: client::UpstreamClient::new(),
             outcomes: Mutex::new(BTreeMap::new()),
             warnings: WarnThrottle::default(),
             tools_removed: Mutex::new(BTreeMap::new()),
@@ -118,6 +118,11 @@ impl Gateway {
     }
 
     pub fn reconfigure(&self, settings: GatewaySettings, workflows: Workflows) {
+        if settings.extra_roots != self.settings().extra_roots {
+            tracing::warn!(
+                "gateway.ca_file changed; its certificates are trusted from the next restart"
+            );
+        }
         self.cache.resize(settings.cache.max_entries);
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
         *self.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(workflows);

@@ -315,13 +315,33 @@ pub struct FakeUpstream {
 
 impl FakeUpstream {
     pub async fn start(dir: &Path) -> FakeUpstream {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_upstream.py");
-        let port_file = dir.join("fake-upstream.port");
-        let process = spawn(
-            "python3",
-            &[script.to_str().unwrap(), port_file.to_str().unwrap()],
-            dir,
-        );
+        Self::start_with(dir, false).await
+    }
+
+    /// The same upstream over HTTPS, with a certificate of the test CA (`tests/fixtures/tls`).
+    pub async fn start_tls(dir: &Path) -> FakeUpstream {
+        Self::start_with(dir, true).await
+    }
+
+    async fn start_with(dir: &Path, tls: bool) -> FakeUpstream {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let script = fixtures.join("fake_upstream.py");
+        let port_file = dir.join(if tls {
+            "fake-upstream-tls.port"
+        } else {
+            "fake-upstream.port"
+        });
+        let mut args = vec![
+            script.to_str().unwrap().to_string(),
+            port_file.to_str().unwrap().to_string(),
+        ];
+        if tls {
+            for f in ["tls/upstream.pem", "tls/upstream.key"] {
+                args.push(fixtures.join(f).to_str().unwrap().to_string());
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = spawn("python3", &args, dir);
         let port = eventually(
             "the fake upstream to listen",
             Duration::from_secs(20),
@@ -331,15 +351,22 @@ impl FakeUpstream {
             },
         )
         .await;
+        let scheme = if tls { "https" } else { "http" };
         FakeUpstream {
             _process: process,
-            base_url: format!("http://127.0.0.1:{}/v1", port.trim()),
+            base_url: format!("{scheme}://127.0.0.1:{}/v1", port.trim()),
         }
     }
 
     pub async fn stats(&self) -> Value {
         let url = format!("{}/stats", self.base_url.trim_end_matches("/v1"));
-        reqwest::get(url).await.unwrap().json().await.unwrap()
+        let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/test-ca.pem");
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        http.get(url).send().await.unwrap().json().await.unwrap()
     }
 }
 

@@ -851,3 +851,81 @@ async fn an_upstream_with_a_proxy_is_reached_through_it() {
     assert_eq!(proxy.stats().await["last_target"], "/v1/chat/completions");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_are_verified_and_a_private_ca_can_be_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start_tls(dir.path()).await;
+    let hello = json!([{"role": "user", "content": "hello"}]);
+    // The test CA is not among the webpki roots: the certificate is refused, the call fails cleanly.
+    let untrusted = dir.path().join("untrusted");
+    std::fs::create_dir_all(&untrusted).unwrap();
+    let s = gateway_server(&untrusted, &upstream, "").await;
+    let (status, body) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "ok", "messages": hello}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (502, Some("upstream_unreachable")),
+        "{body}"
+    );
+    s.stop().await;
+
+    // With `gateway.ca_file` naming the test CA, plain and streamed calls go through, and the
+    // ledger holds the upstream's usage.
+    let trusted = dir.path().join("trusted");
+    std::fs::create_dir_all(&trusted).unwrap();
+    let toml = gateway_config(&trusted, &upstream.base_url, "");
+    let ca =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/test-ca.pem");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("max_in_flight = 512"));
+    let text = text.replace(
+        "max_in_flight = 512",
+        &format!(
+            "max_in_flight = 512\nca_file = {:?}",
+            ca.display().to_string()
+        ),
+    );
+    std::fs::write(&toml, &text).unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let s = start(Source::File(toml.clone()), &trusted.join("data"), clock).await;
+    let (status, body) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "ok", "messages": hello}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = send_chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "ok", "stream": true, "messages": hello}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("[DONE]"));
+    let stats = upstream.stats().await;
+    let upstream_tokens =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    settled(&s, upstream_tokens).await;
+    s.stop().await;
+
+    // A ca_file that is not PEM is refused at load, naming the file and line.
+    std::fs::write(trusted.join("bad.pem"), "not a certificate").unwrap();
+    std::fs::write(
+        &toml,
+        text.replace(&format!("{:?}", ca.display().to_string()), "\"bad.pem\""),
+    )
+    .unwrap();
+    let errors = hypertool::config::load(&Source::File(toml)).unwrap_err();
+    let shown = errors.to_string();
+    assert!(
+        shown.contains("gateway.ca_file") && shown.contains("bad.pem"),
+        "{shown}"
+    );
+    assert!(errors.0.iter().any(|e| e.line.is_some()), "{shown}");
+}
