@@ -115,15 +115,7 @@ fn status_of(state: &AppState, persona: &str) -> Result<BudgetStatus, ApiError> 
 }
 
 fn unknown_persona(engine: &crate::core::engine::Engine, persona: &str) -> ApiError {
-    let known: Vec<&str> = engine.personas().iter().map(|p| p.name.as_str()).collect();
-    ApiError::not_found(
-        "unknown_persona",
-        format!(
-            "unknown persona `{persona}`; known personas: {}",
-            known.join(", ")
-        ),
-    )
-    .param("persona")
+    ApiError::unknown_persona(engine, persona, StatusCode::NOT_FOUND, "persona")
 }
 
 pub async fn get_budget(

@@ -54,6 +54,22 @@ impl ApiError {
         )
     }
 
+    /// `unknown_persona`, listing the personas there are: 404 when the persona names the resource
+    /// (`/api/budgets/{persona}`), 400 when it is a field of the body (`param`).
+    pub fn unknown_persona(
+        engine: &crate::core::engine::Engine,
+        name: &str,
+        status: StatusCode,
+        param: &str,
+    ) -> Self {
+        let known: Vec<&str> = engine.personas().iter().map(|p| p.name.as_str()).collect();
+        let message = format!(
+            "unknown persona `{name}`; known personas: {}",
+            known.join(", ")
+        );
+        Self::new(status, "invalid_request_error", "unknown_persona", message).param(param)
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

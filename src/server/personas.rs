@@ -15,6 +15,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -47,19 +48,6 @@ fn check_session(session: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn unknown_persona(state: &AppState, name: &str, param: &str) -> ApiError {
-    let engine = lock(&state.engine);
-    let known: Vec<&str> = engine.personas().iter().map(|p| p.name.as_str()).collect();
-    ApiError::bad_request(
-        "unknown_persona",
-        format!(
-            "unknown persona `{name}`; known personas: {}",
-            known.join(", ")
-        ),
-    )
-    .param(param)
-}
-
 pub async fn switch(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -70,14 +58,15 @@ pub async fn switch(
         "{\"session\": \"…\", \"to\": \"persona\", \"chatmode\"?: \"…\"}",
     )?;
     check_session(&req.session)?;
-    // Bound first: a guard in a `match` scrutinee would live through the arms (and
-    // `unknown_persona` locks the engine again).
-    let known = lock(&state.engine)
-        .personas()
-        .get(&req.to)
-        .map(|p| p.name.clone());
-    let Some(to) = known else {
-        return Err(unknown_persona(&state, &req.to, "to"));
+    let to = {
+        let engine = lock(&state.engine);
+        match engine.personas().get(&req.to) {
+            Some(p) => p.name.clone(),
+            None => {
+                let status = StatusCode::BAD_REQUEST;
+                return Err(ApiError::unknown_persona(&engine, &req.to, status, "to"));
+            }
+        }
     };
     let chatmode = req
         .chatmode

@@ -452,11 +452,10 @@ pub async fn start_stage(
     let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
     let req: StartStage = typed_body(body, state.max_body_bytes, "{\"persona\"?: \"…\"}")?;
     if let Some(p) = &req.persona {
-        if lock(&state.engine).personas().get(p).is_none() {
-            return Err(
-                ApiError::bad_request("unknown_persona", format!("unknown persona `{p}`"))
-                    .param("persona"),
-            );
+        let engine = lock(&state.engine);
+        if engine.personas().get(p).is_none() {
+            let status = StatusCode::BAD_REQUEST;
+            return Err(ApiError::unknown_persona(&engine, p, status, "persona"));
         }
     }
     let persona = req.persona.or_else(|| s.persona.clone());
