@@ -44,6 +44,19 @@ pub struct UpstreamResponse {
 }
 
 impl UpstreamResponse {
+    fn from_http<B>(response: http::Response<B>) -> Self
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (head, body) = response.into_parts();
+        UpstreamResponse {
+            status: head.status,
+            headers: head.headers,
+            body: body.map_err(Into::into).boxed_unsync(),
+        }
+    }
+
     /// The whole body; `Err` when the connection broke while reading it.
     pub async fn bytes(self) -> Result<Bytes, ()> {
         self.body
@@ -161,7 +174,8 @@ impl UpstreamClient {
         bearer: Option<&str>,
         proxy: Option<&str>,
     ) -> Result<UpstreamResponse, SendError> {
-        let mut builder = Request::post(uri.clone()).header(
+        let via_proxy = self.proxied(&uri, proxy)?;
+        let mut builder = Request::post(uri).header(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
@@ -175,19 +189,14 @@ impl UpstreamClient {
         let request = builder.body(body).map_err(|_| {
             SendError::Build("the upstream URL is not a valid request target".into())
         })?;
-        match self.proxied(&uri, proxy)? {
+        match via_proxy {
             None => {
                 let response = self
                     .direct
                     .request(request.map(Full::new))
                     .await
                     .map_err(|_| SendError::Connection)?;
-                let (head, body) = response.into_parts();
-                Ok(UpstreamResponse {
-                    status: head.status,
-                    headers: head.headers,
-                    body: body.map_err(BoxError::from).boxed_unsync(),
-                })
+                Ok(UpstreamResponse::from_http(response))
             }
             Some(client) => {
                 let request = reqwest::Request::try_from(request)
@@ -197,12 +206,7 @@ impl UpstreamClient {
                     .await
                     .map_err(|_| SendError::Connection)?;
                 let response: http::Response<reqwest::Body> = response.into();
-                let (head, body) = response.into_parts();
-                Ok(UpstreamResponse {
-                    status: head.status,
-                    headers: head.headers,
-                    body: body.map_err(BoxError::from).boxed_unsync(),
-                })
+                Ok(UpstreamResponse::from_http(response))
             }
         }
     }
