@@ -7,6 +7,8 @@ use serde_json::Value;
 pub enum ClientError {
     #[error("cannot reach hypertool at {server}: {reason}\n  fix: start it with `hypertool serve`, or point --server / HYPERTOOL_SERVER at it")]
     Unreachable { server: String, reason: String },
+    #[error("{server} answered 401: {message}\n  fix: export HYPERTOOL_API_KEY with an admin or viewer key (or name another variable with --api-key-env)")]
+    Unauthorized { server: String, message: String },
     #[error("{server} answered {status}: {message}")]
     Refused {
         server: String,
@@ -18,11 +20,14 @@ pub enum ClientError {
 pub struct Client {
     server: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer`; never printed.
+    key: Option<String>,
 }
 
 impl Client {
-    pub fn new(server: &str) -> Self {
+    pub fn new(server: &str, key: Option<String>) -> Self {
         Self {
+            key,
             server: server.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(30))
@@ -39,6 +44,9 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let url = format!("{}{}", self.server, path);
         let mut req = self.http.request(method, &url);
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -54,6 +62,12 @@ impl Client {
                 .and_then(Value::as_str)
                 .unwrap_or("no error message")
                 .to_string();
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                return Err(ClientError::Unauthorized {
+                    server: self.server.clone(),
+                    message,
+                });
+            }
             return Err(ClientError::Refused {
                 server: self.server.clone(),
                 status: status.as_u16(),

@@ -11,3 +11,4 @@ pub mod gateway;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod web;

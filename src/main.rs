@@ -109,6 +109,10 @@ struct ClientArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// The environment variable holding the key to send (an admin or viewer key; a persona key
+    /// reads only its own budget).
+    #[arg(long, default_value = "HYPERTOOL_API_KEY")]
+    api_key_env: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -433,7 +437,10 @@ async fn client_command(
     body: Option<Value>,
     render: fn(&Value) -> String,
 ) -> ExitCode {
-    let client = Client::new(&args.server);
+    let key = std::env::var(&args.api_key_env)
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    let client = Client::new(&args.server, key);
     match client.call(method, path, body).await {
         Ok(v) => {
             if args.json {

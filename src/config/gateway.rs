@@ -1,11 +1,11 @@
 //! `[gateway]` in hypertool.toml: upstreams, model routes, prices, virtual keys, the built-in mock.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::secret::{key_from_env, KeyHash};
 use crate::alerts::duration::PromDuration;
 use crate::core::workflow::{ModelChoice, ModelTier};
 
@@ -150,6 +150,8 @@ struct RawKey {
     persona: String,
     #[serde(default)]
     models: Vec<String>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
 }
 
 /// The built-in upstream for models named `mock/*`.
@@ -204,23 +206,28 @@ pub struct ModelRoute {
     pub downgrade_to: Option<String>,
 }
 
-/// A gateway key bound to a persona (and optionally to models).
-#[derive(Clone, PartialEq)]
+/// A persona key (`[[gateway.keys]]`): bound to one persona (and optionally to models). Only the
+/// key's hash is kept.
+#[derive(Debug, Clone, PartialEq)]
 pub struct VirtualKey {
-    pub key: String,
+    pub hash: KeyHash,
+    /// The variable the key was read from: how logs and errors name the key.
     pub key_env: String,
     pub persona: String,
     pub models: Vec<String>,
+    pub limits: RateLimits,
 }
 
-impl fmt::Debug for VirtualKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VirtualKey")
-            .field("key", &"<redacted>")
-            .field("key_env", &self.key_env)
-            .field("persona", &self.persona)
-            .field("models", &self.models)
-            .finish()
+/// Request and token rates a key (or a persona, in `budgets.yml`) may not exceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimits {
+    pub requests_per_minute: Option<std::num::NonZeroU32>,
+    pub tokens_per_minute: Option<std::num::NonZeroU32>,
+}
+
+impl RateLimits {
+    pub fn is_empty(&self) -> bool {
+        self.requests_per_minute.is_none() && self.tokens_per_minute.is_none()
     }
 }
 
@@ -472,27 +479,25 @@ impl GatewaySettings {
         }
         for (i, k) in raw.keys.into_iter().enumerate() {
             let key = format!("gateway.keys[{i}]");
-            match std::env::var(&k.key_env) {
-                Ok(v) if v.len() >= 16 => s.keys.push(VirtualKey {
-                    key: v,
+            let limits = RateLimits {
+                requests_per_minute: k.requests_per_minute.and_then(std::num::NonZeroU32::new),
+                tokens_per_minute: k.tokens_per_minute.and_then(std::num::NonZeroU32::new),
+            };
+            if k.requests_per_minute == Some(0) || k.tokens_per_minute == Some(0) {
+                errors.push((
+                    format!("{key}.requests_per_minute"),
+                    "a rate limit of 0 would refuse every call; remove it for no limit".into(),
+                ));
+            }
+            match key_from_env(&k.key_env) {
+                Ok(hash) => s.keys.push(VirtualKey {
+                    hash,
                     key_env: k.key_env,
                     persona: k.persona,
                     models: k.models,
+                    limits,
                 }),
-                Ok(_) => errors.push((
-                    format!("{key}.key_env"),
-                    format!(
-                        "the key in ${} is shorter than 16 characters; use a long random value",
-                        k.key_env
-                    ),
-                )),
-                Err(_) => errors.push((
-                    format!("{key}.key_env"),
-                    format!(
-                        "environment variable ${} is not set; export it before starting hypertool",
-                        k.key_env
-                    ),
-                )),
+                Err(message) => errors.push((format!("{key}.key_env"), message)),
             }
         }
         s.ca_file = raw.ca_file;

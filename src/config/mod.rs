@@ -10,6 +10,7 @@ pub mod error;
 pub mod gateway;
 pub mod personas;
 pub mod reload;
+pub mod secret;
 pub mod settings;
 pub mod workflows;
 

@@ -6,6 +6,8 @@ use serde::Deserialize;
 
 use super::error::{line_of_key, line_of_offset, ConfigError};
 use super::gateway::{GatewaySettings, RawGateway};
+use super::secret::{key_from_env, KeyHash};
+use crate::alerts::duration::PromDuration;
 use crate::alerts::rules::{AlertSettings, RawAlerts};
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,7 +120,42 @@ struct RawServer {
     metrics_listen: Option<String>,
     max_body_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
+    header_timeout: Option<PromDuration>,
+    body_timeout: Option<PromDuration>,
     shutdown_grace_seconds: Option<u64>,
+    #[serde(default)]
+    admin_keys: Vec<RawRoleKey>,
+    #[serde(default)]
+    viewer_keys: Vec<RawRoleKey>,
+    metrics_bearer_token_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoleKey {
+    key_env: String,
+}
+
+/// The environment variable that adds one admin key without a configuration file.
+pub const ADMIN_KEY_ENV: &str = "HYPERTOOL_ADMIN_KEY";
+
+/// A key of the admin or the read-only role: its hash, and the variable it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleKey {
+    pub hash: KeyHash,
+    pub key_env: String,
+}
+
+/// `[server]`'s keys: who may call what (persona keys are `[[gateway.keys]]`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthSettings {
+    /// May do everything.
+    pub admin: Vec<RoleKey>,
+    /// May read `/api/*`, alerts and the runbook.
+    pub viewer: Vec<RoleKey>,
+    /// The bearer token the metrics listener asks for (`server.metrics_bearer_token_env`).
+    pub metrics_token: Option<RoleKey>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +223,13 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Connections the API listener holds open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Connections one client address may hold open at once; more are closed at accept.
+    pub max_connections_per_client: usize,
+    /// How long a client may take to send a request head (and how long a connection may idle).
+    pub header_timeout: std::time::Duration,
+    /// How long a client may take to send a request body.
+    pub body_timeout: std::time::Duration,
+    pub auth: AuthSettings,
     pub shutdown_grace_seconds: u64,
     pub ledger_sync: LedgerSync,
     pub personas_dir: String,
@@ -267,6 +311,75 @@ impl Settings {
                 )
                 .fix("use at least 1 (the default is 1024)"),
             );
+        }
+        let max_connections_per_client = raw
+            .server
+            .max_connections_per_client
+            .unwrap_or((max_connections / 4).max(1));
+        if max_connections_per_client == 0 {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "max_connections_per_client"),
+                    "`server.max_connections_per_client` = 0 would refuse every client",
+                )
+                .fix("use at least 1 (the default is a quarter of max_connections)"),
+            );
+        }
+        let mut timeout = |key: &str, value: Option<PromDuration>, default_s: i64| {
+            let d = value.unwrap_or(PromDuration::secs(default_s));
+            if d.ms() < 100 || d.ms() > 3_600_000 {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        line_of_key(text, key),
+                        format!("`server.{key}` = {d} is out of range"),
+                    )
+                    .fix(format!(
+                        "use from 100ms to 1h (the default is {default_s}s)"
+                    )),
+                );
+            }
+            std::time::Duration::from_millis(d.ms().clamp(100, 3_600_000) as u64)
+        };
+        let header_timeout = timeout("header_timeout", raw.server.header_timeout, 10);
+        let body_timeout = timeout("body_timeout", raw.server.body_timeout, 30);
+        let mut auth = AuthSettings::default();
+        let mut role_key = |key_path: String, key_env: &str| match key_from_env(key_env) {
+            Ok(hash) => Some(RoleKey {
+                hash,
+                key_env: key_env.to_string(),
+            }),
+            Err(message) => {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        line_of_key(text, "key_env"),
+                        format!("`{key_path}`: {message}"),
+                    )
+                    .fix("export the variable, or remove the entry"),
+                );
+                None
+            }
+        };
+        for (i, k) in raw.server.admin_keys.iter().enumerate() {
+            auth.admin.extend(role_key(
+                format!("server.admin_keys[{i}].key_env"),
+                &k.key_env,
+            ));
+        }
+        if std::env::var(ADMIN_KEY_ENV).is_ok_and(|v| !v.is_empty()) {
+            auth.admin
+                .extend(role_key(ADMIN_KEY_ENV.to_string(), ADMIN_KEY_ENV));
+        }
+        for (i, k) in raw.server.viewer_keys.iter().enumerate() {
+            auth.viewer.extend(role_key(
+                format!("server.viewer_keys[{i}].key_env"),
+                &k.key_env,
+            ));
+        }
+        if let Some(env) = &raw.server.metrics_bearer_token_env {
+            auth.metrics_token = role_key("server.metrics_bearer_token_env".into(), env);
         }
         let max_values_per_label = raw.labels.max_values_per_label.unwrap_or(50);
         if max_values_per_label == 0 {
@@ -389,6 +502,10 @@ impl Settings {
             metrics_listen,
             max_body_bytes,
             max_connections,
+            max_connections_per_client,
+            header_timeout,
+            body_timeout,
+            auth,
             shutdown_grace_seconds: raw.server.shutdown_grace_seconds.unwrap_or(10),
             ledger_sync: raw.ledger.sync.unwrap_or_default(),
             personas_dir: raw.personas.dir.unwrap_or_else(|| "personas".into()),

@@ -35,9 +35,10 @@ use crate::core::engine::{Admission, Engine};
 use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped, Usage};
 use crate::core::workflow::GateVerdict;
 use crate::core::workflow::Workflows;
-use crate::server::error::ApiError;
 use crate::server::AppState;
 use crate::store::writer::lock;
+use crate::web::auth::Caller;
+use crate::web::error::ApiError;
 use upstream::{Completion, UpstreamError};
 
 /// Gateway configuration (hot-reloaded) and its HTTP client.
@@ -359,43 +360,6 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn authenticate<'a>(
-    settings: &'a GatewaySettings,
-    headers: &HeaderMap,
-) -> Result<Option<&'a VirtualKey>, ApiError> {
-    if settings.keys.is_empty() {
-        return Ok(None);
-    }
-    let unauthorized = |msg: &str| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-            msg.to_string(),
-        )
-    };
-    let Some(given) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return Err(unauthorized("missing gateway key: send `Authorization: Bearer <key>` with a key from [[gateway.keys]]"));
-    };
-    settings
-        .keys
-        .iter()
-        .find(|k| constant_time_eq(k.key.as_bytes(), given.trim().as_bytes()))
-        .map(Some)
-        .ok_or_else(|| unauthorized("invalid gateway key"))
-}
-
 fn gateway_error(e: &UpstreamError) -> ApiError {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
     ApiError::new(status, "upstream_error", e.code(), e.message())
@@ -480,10 +444,10 @@ async fn record(
 
 pub async fn list_models(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     let settings = state.gateway.settings();
-    let key = authenticate(&settings, &headers)?;
+    let key = caller.persona_key();
     let mut data: Vec<Value> = Vec::new();
     for m in &settings.models {
         for name in std::iter::once(&m.name).chain(m.aliases.iter()) {
@@ -499,13 +463,13 @@ pub async fn list_models(
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let settings = state.gateway.settings();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
-    let key = authenticate(&settings, &headers)
-        .inspect_err(|_| state.gateway.count("-", "unauthorized"))?;
+    let key = caller.persona_key();
     let mut request = ApiError::json_object(&body)?;
     let Some(model) = request
         .get("model")
@@ -1217,12 +1181,13 @@ type SourceStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamEr
 /// `POST /v1/embeddings`: attributed, budgeted and accounted like chat calls (no cache, no tools).
 pub async fn embeddings(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let settings = state.gateway.settings();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
-    let key = authenticate(&settings, &headers)?;
+    let key = caller.persona_key();
     let mut request = ApiError::json_object(&body)?;
     let Some(model) = request
         .get("model")

@@ -11,9 +11,9 @@ use axum::http::{HeaderMap, StatusCode};
 
 use crate::config::gateway::{GatewaySettings, ModelRoute};
 use crate::core::workflow::{QualityGate, Stage, Workflow};
-use crate::server::error::ApiError;
 use crate::server::workflows::{unknown_stage, with_run};
 use crate::server::AppState;
+use crate::web::error::ApiError;
 
 /// The configured stage a call belongs to.
 #[derive(Debug, Clone)]

@@ -9,7 +9,6 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::json;
 
-use super::error::ApiError;
 use super::AppState;
 use crate::config::budgets::RawBudget;
 use crate::core::budget::{BudgetMode, BudgetSource, BudgetSpec, BudgetState, Period};
@@ -17,6 +16,7 @@ use crate::core::clock::to_rfc3339;
 use crate::core::event::{Event, Stamped};
 use crate::core::persona::Persona;
 use crate::store::writer::lock;
+use crate::web::error::ApiError;
 
 /// A persona's budget as the API and CLI show it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]

@@ -13,10 +13,11 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::error::ApiError;
 use super::AppState;
 use crate::core::clock::UnixMillis;
 use crate::core::event::{Event, GateResult, PersonaSwitch, StageResult, Stamped, Usage};
+use crate::web::auth::Caller;
+use crate::web::error::ApiError;
 
 /// How far in the future a client's timestamp may be (clock skew).
 const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
@@ -44,6 +45,7 @@ struct EventsResponse {
 
 pub async fn post_events(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| {
@@ -82,7 +84,7 @@ pub async fn post_events(
     let mut accepted = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
     for (index, raw) in events.iter().enumerate() {
-        match parse_event(raw, now) {
+        match parse_event(raw, now).and_then(|e| own_persona(&state, &caller, e)) {
             Ok(stamped) => accepted.push(stamped),
             Err(mut r) => {
                 r.index = index;
@@ -108,6 +110,33 @@ pub async fn post_events(
         }),
     )
         .into_response())
+}
+
+/// A persona key may report facts about its own persona only: the persona of a usage or stage
+/// event, the persona switched *to* by a switch (the agent that becomes that persona reports it).
+fn own_persona(state: &AppState, caller: &Caller, e: Stamped) -> Result<Stamped, EventRejection> {
+    let Some(key) = caller.persona_key() else {
+        return Ok(e);
+    };
+    let (field, named) = match &e.event {
+        Event::Usage(u) => ("persona", u.persona.as_str()),
+        Event::Stage(s) => ("persona", s.persona.as_str()),
+        Event::PersonaSwitch(s) => ("to", s.to.as_str()),
+        // Other kinds do not come through this API.
+        _ => return Ok(e),
+    };
+    if caller.may_act_for(named, |p| state.door.canonical(p)) {
+        return Ok(e);
+    }
+    state.door.count_other_persona();
+    Err(reject(
+        Some(field),
+        "other_persona",
+        format!(
+            "this key belongs to persona `{}` and may not report events for `{named}`",
+            key.persona
+        ),
+    ))
 }
 
 fn reject(

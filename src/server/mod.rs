@@ -6,10 +6,10 @@
 //! flush the ledger, return — all within `server.shutdown_grace_seconds`.
 
 pub mod admin;
-pub mod error;
 pub mod events;
 pub mod listener;
 pub mod personas;
+pub mod routes;
 pub mod workflows;
 
 use std::collections::BTreeMap;
@@ -23,7 +23,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,7 +37,8 @@ use crate::store::sqlite::SqliteLedger;
 use crate::store::writer::{self, lock, WriterHandle};
 use crate::store::{Ledger, LedgerError};
 use crate::telemetry::exposition::{self, Format, ProcessInfo};
-use error::ApiError;
+use crate::web::auth::{Door, MetricsGate};
+use crate::web::error::ApiError;
 
 /// Counters kept outside the engine (requests refused before they became events; reloads).
 #[derive(Debug, Default)]
@@ -115,6 +116,26 @@ pub struct AppInner {
     pub draining: Arc<AtomicBool>,
     pub started_ms: UnixMillis,
     pub max_body_bytes: usize,
+    /// The access decision for every API request (keys, roles, refusals counted).
+    pub door: Arc<Door>,
+    /// The metrics listener's bearer-token check.
+    pub metrics_gate: Arc<MetricsGate>,
+    /// The token the embedded alert engine's own scrape sends (random per process).
+    pub scrape_token: String,
+}
+
+/// 32 random bytes, hex: the embedded engine's own scrape token (never configured, never logged).
+fn random_token() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // No system randomness: a digest of the time and the process id is still unique per
+        // process, and the token only lets this process scrape itself.
+        let seed = format!("{:?}/{}", std::time::SystemTime::now(), std::process::id());
+        let digest = ring::digest::digest(&ring::digest::SHA256, seed.as_bytes());
+        bytes.copy_from_slice(digest.as_ref());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `hypertool serve` was asked for; `None` falls back to the configuration file.
@@ -144,6 +165,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("refusing to serve the gateway on {addr} without gateway keys: anyone who can reach it could spend your budget; configure [[gateway.keys]] in hypertool.toml, or listen on 127.0.0.1")]
     Insecure { addr: SocketAddr },
+    #[error("refusing to serve the API on {addr} without an admin key: anyone who can reach it could change budgets; set HYPERTOOL_ADMIN_KEY (a long random value, e.g. `openssl rand -hex 24`) or [[server.admin_keys]] in hypertool.toml, or listen on 127.0.0.1")]
+    NoAdminKey { addr: SocketAddr },
 }
 
 fn bind_error(
@@ -211,6 +234,13 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     if !api_addr.ip().is_loopback() && cfg.settings.gateway.keys.is_empty() {
         return Err(StartError::Insecure { addr: api_addr });
     }
+    if !api_addr.ip().is_loopback() && cfg.settings.auth.admin.is_empty() {
+        return Err(StartError::NoAdminKey { addr: api_addr });
+    }
+    if !metrics_addr.ip().is_loopback() && cfg.settings.auth.metrics_token.is_none() {
+        tracing::warn!(metrics = %metrics_addr,
+            "the metrics listener is off loopback without a bearer token: anyone who can reach it can read persona names, budgets and usage; set server.metrics_bearer_token_env");
+    }
     let api_listener = TcpListener::bind(api_addr)
         .await
         .map_err(|e| bind_error("API", "--listen", "HYPERTOOL_LISTEN", api_addr, e))?;
@@ -269,7 +299,22 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         generator_url.clone(),
         delivery_stats.clone(),
     );
+    let persona_names = engine.clone();
+    let door = Arc::new(Door::new(
+        &routes::table(),
+        &cfg.settings.auth,
+        &cfg.settings.gateway.keys,
+        Box::new(move |name: &str| lock(&persona_names).personas().canonical(name).to_string()),
+    ));
+    let scrape_token = random_token();
+    let metrics_gate = Arc::new(MetricsGate::new(
+        cfg.settings.auth.metrics_token.as_ref().map(|k| k.hash),
+        &scrape_token,
+    ));
     let state = AppState(Arc::new(AppInner {
+        door,
+        metrics_gate,
+        scrape_token,
         gateway: Arc::new(crate::gateway::Gateway::new(
             cfg.settings.gateway.clone(),
             cfg.workflows.clone(),
@@ -423,6 +468,12 @@ fn spawn_background(
             reload_state
                 .gateway
                 .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
+            reload_state
+                .door
+                .reconfigure(&new.settings.auth, &new.settings.gateway.keys);
+            reload_state
+                .metrics_gate
+                .reconfigure(new.settings.auth.metrics_token.as_ref().map(|k| k.hash));
             let old_delivery = lock_alerts(&reload_state.alerts).settings().delivery.clone();
             lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), langfuse_status(&new));
             if new.settings.alerts.delivery != old_delivery {
@@ -466,7 +517,13 @@ pub fn lock_alerts(alerts: &Mutex<AlertEngine>) -> std::sync::MutexGuard<'_, Ale
 /// listener (for `up`), sample the core, evaluate, log and count the state changes.
 pub async fn evaluate_alerts(state: &AppState) {
     let url = format!("http://{}/metrics", state.metrics_addr);
-    let up = match state.http.get(&url).send().await {
+    let up = match state
+        .http
+        .get(&url)
+        .bearer_auth(&state.scrape_token)
+        .send()
+        .await
+    {
         Ok(r) => r.status().is_success() && r.text().await.is_ok(),
         Err(_) => false,
     };
@@ -509,56 +566,17 @@ pub async fn evaluate_alerts(state: &AppState) {
 
 fn api_router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
-        .route("/v1/events", post(events::post_events))
-        .route(
-            "/v1/chat/completions",
-            post(crate::gateway::chat_completions),
-        )
-        .route("/v1/models", get(crate::gateway::list_models))
-        .route("/v1/embeddings", post(crate::gateway::embeddings))
-        .route("/v1/workflows", get(workflows::list_workflows))
-        .route("/v1/workflows/{workflow}", get(workflows::get_workflow))
-        .route(
-            "/v1/workflows/{workflow}/runs",
-            post(workflows::create_run).get(workflows::list_runs),
-        )
-        .route(
-            "/v1/workflows/{workflow}/runs/{run}",
-            get(workflows::get_run),
-        )
-        .route(
-            "/v1/workflows/{workflow}/runs/{run}/finish",
-            post(workflows::finish_run),
-        )
-        .route(
-            "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/start",
-            post(workflows::start_stage),
-        )
-        .route(
-            "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/finish",
-            post(workflows::finish_stage),
-        )
-        .route("/v1/quality-gates/evaluate", post(workflows::evaluate_gate))
-        .route("/v1/personas/switch", post(personas::switch))
-        .route("/v1/personas/route", post(personas::route))
-        .route("/api/sessions/{session}", get(personas::get_session))
-        .route("/api/oscillations", get(personas::list_oscillations))
-        .route("/api/personas", get(admin::list_personas))
-        .route("/api/budgets", get(admin::list_budgets))
-        .route(
-            "/api/budgets/{persona}",
-            get(admin::get_budget)
-                .put(admin::put_budget)
-                .delete(admin::delete_budget_override),
-        )
-        .route("/api/budgets/{persona}/reset", post(admin::reset_budget))
-        .route("/api/alerts", get(admin::list_alerts))
-        .route("/runbook", get(admin::runbook))
-        .route("/healthz", get(admin::healthz))
-        .route("/readyz", get(admin::readyz))
+    let mut router = Router::new();
+    for (route, handler) in routes::routes() {
+        router = router.route(route.path, handler);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.door.clone(),
+            crate::web::auth::layer,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -568,6 +586,10 @@ fn metrics_router(state: AppState) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(admin::healthz))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics_gate.clone(),
+            crate::web::auth::metrics_layer,
+        ))
         .with_state(state)
 }
 
@@ -615,6 +637,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         config_reload_success: state.stats.reload_success.load(Ordering::Relaxed) as f64,
         config_reload_failure: state.stats.reload_failure.load(Ordering::Relaxed) as f64,
         config_last_reload_ok: state.stats.last_reload_ok.load(Ordering::Relaxed),
+        auth_failures: state.door.failures(),
         events_rejected: state
             .stats
             .rejected

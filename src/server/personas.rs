@@ -20,7 +20,6 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::workflows::typed_body;
 use super::AppState;
 use crate::core::clock::to_rfc3339;
@@ -28,6 +27,8 @@ use crate::core::engine::SwitchDecision;
 use crate::core::event::{Event, PersonaSwitch, Stamped};
 use crate::core::routing;
 use crate::store::writer::lock;
+use crate::web::auth::{other_persona, Caller};
+use crate::web::error::ApiError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +51,7 @@ fn check_session(session: &str) -> Result<(), ApiError> {
 
 pub async fn switch(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: SwitchRequest = typed_body(
@@ -58,6 +60,12 @@ pub async fn switch(
         "{\"session\": \"…\", \"to\": \"persona\", \"chatmode\"?: \"…\"}",
     )?;
     check_session(&req.session)?;
+    // A persona key announces only its own persona taking over a session.
+    if let Some(key) = caller.persona_key() {
+        if !caller.may_act_for(&req.to, |p| state.door.canonical(p)) {
+            return Err(other_persona(&state.door, "to", &req.to, &key.persona));
+        }
+    }
     let to = {
         let engine = lock(&state.engine);
         match engine.personas().get(&req.to) {

@@ -27,7 +27,6 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::AppState;
 use crate::config::gateway::GatewaySettings;
 use crate::core::clock::to_rfc3339;
@@ -35,6 +34,8 @@ use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped};
 use crate::core::runs::{Run, RunStatus, StageStatus};
 use crate::core::workflow::{CodeBlock, ModelChoice, QualityGate, Stage, Workflow};
 use crate::store::writer::lock;
+use crate::web::auth::{other_persona, Caller};
+use crate::web::error::ApiError;
 
 /// A JSON body into `T` (an empty body is `{}`), or a 400 that names the problem and the shape.
 pub fn typed_body<T: DeserializeOwned>(
@@ -443,14 +444,43 @@ pub async fn ensure_stage_started(
     .await
 }
 
+/// A persona key may start, finish and judge only the stages its persona runs: the persona the
+/// request names, else the stage's configured persona. Admin keys may act for any.
+fn own_stage(
+    state: &AppState,
+    caller: &Caller,
+    stage: &crate::core::workflow::Stage,
+    named: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(key) = caller.persona_key() else {
+        return Ok(());
+    };
+    let (field, persona) = match (named, stage.persona.as_deref()) {
+        (Some(p), _) => ("persona", p),
+        (None, Some(p)) => ("stage", p),
+        (None, None) => return Ok(()),
+    };
+    if caller.may_act_for(persona, |p| state.door.canonical(p)) {
+        Ok(())
+    } else {
+        Err(other_persona(&state.door, field, persona, &key.persona))
+    }
+}
+
 pub async fn start_stage(
     State(state): State<AppState>,
+    caller: Caller,
     Path((workflow, run, stage)): Path<(String, String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
-    let req: StartStage = typed_body(body, state.max_body_bytes, "{\"persona\"?: \"…\"}")?;
+    let mut req: StartStage = typed_body(body, state.max_body_bytes, "{\"persona\"?: \"…\"}")?;
+    own_stage(&state, &caller, s, req.persona.as_deref())?;
+    if req.persona.is_none() && s.persona.is_none() {
+        // A persona key's stage is run by its persona.
+        req.persona = caller.persona_key().map(|k| k.persona.clone());
+    }
     if let Some(p) = &req.persona {
         let engine = lock(&state.engine);
         if engine.personas().get(p).is_none() {
@@ -473,11 +503,13 @@ struct FinishStage {
 
 pub async fn finish_stage(
     State(state): State<AppState>,
+    caller: Caller,
     Path((workflow, run, stage)): Path<(String, String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
+    own_stage(&state, &caller, s, None)?;
     let req: FinishStage = typed_body(
         body,
         state.max_body_bytes,
@@ -585,6 +617,7 @@ struct EvaluateRequest {
 
 pub async fn evaluate_gate(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: EvaluateRequest = typed_body(
@@ -615,6 +648,8 @@ pub async fn evaluate_gate(
     let verdict = gate.evaluate(&req.text, completion_tokens);
     let record = req.record.unwrap_or(true);
     if record {
+        // Recording a verdict is a fact about the stage's persona; a dry evaluation is not.
+        own_stage(&state, &caller, s, None)?;
         let attempt = match &req.run {
             Some(run) => lock(&state.engine)
                 .runs()

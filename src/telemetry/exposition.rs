@@ -49,6 +49,8 @@ pub struct ProcessInfo {
     pub config_reload_failure: f64,
     pub config_last_reload_ok: bool,
     pub events_rejected: Vec<(String, f64)>,
+    /// Requests the access layer refused, per reason.
+    pub auth_failures: Vec<(String, f64)>,
     /// Firing instances of the embedded alert engine per (alertname, severity).
     pub alerts_firing: Vec<((String, String), f64)>,
     /// Gateway calls per (upstream, outcome).
@@ -374,6 +376,14 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
     );
     for (reason, n) in &process.events_rejected {
         w.sample("hypertool_events_rejected_total", &[("reason", reason)], *n);
+    }
+    w.header(
+        "hypertool_auth_failures_total",
+        "counter",
+        "API requests refused at the door: missing_key, unknown_key (401), role, other_persona (403).",
+    );
+    for (reason, n) in &process.auth_failures {
+        w.sample("hypertool_auth_failures_total", &[("reason", reason)], *n);
     }
     w.counter_vec(
         "hypertool_label_values_folded_total",

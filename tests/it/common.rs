@@ -163,6 +163,15 @@ impl Exposition {
             .sum()
     }
 
+    /// The sum of `name` over the samples whose `label` is `value`.
+    pub fn sum_where(&self, name: &str, label: &str, value: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name && s.labels.iter().any(|(k, v)| k == label && v == value))
+            .map(|s| s.value)
+            .sum()
+    }
+
     pub fn series(&self, name: &str) -> Vec<&Sample> {
         self.samples.iter().filter(|s| s.name == name).collect()
     }

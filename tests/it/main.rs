@@ -1,6 +1,7 @@
 //! hypertool's integration tests: one binary, one module per topic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access;
 mod alert_rules;
 mod common;
 mod config_reload;

@@ -1,0 +1,130 @@
+//! Every route of the API listener, each with who may call it. The router and the access layer
+//! are both built from [`routes`], so a route cannot be served without an access decision; the
+//! route × role test (`tests/it/access.rs`) walks [`table`] with every kind of caller.
+
+use axum::routing::{delete, get, post, put, MethodRouter};
+
+use super::{admin, events, personas, workflows, AppState};
+use crate::web::auth::{Access, RouteAccess};
+
+/// The routes, their access and their handlers.
+pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
+    use Access::{Admin, AnyKey, Gateway, PersonaScoped, Public, View, ViewOrOwnPersona};
+    let r = |method, path, access| RouteAccess {
+        method,
+        path,
+        access,
+    };
+    vec![
+        (r("GET", "/healthz", Public), get(admin::healthz)),
+        (r("GET", "/readyz", Public), get(admin::readyz)),
+        // The gateway: persona keys (their own persona) and admin keys.
+        (
+            r("POST", "/v1/chat/completions", Gateway),
+            post(crate::gateway::chat_completions),
+        ),
+        (
+            r("POST", "/v1/embeddings", Gateway),
+            post(crate::gateway::embeddings),
+        ),
+        (
+            r("GET", "/v1/models", Gateway),
+            get(crate::gateway::list_models),
+        ),
+        // Facts reported by agents: a persona key only for its own persona (checked per event).
+        (
+            r("POST", "/v1/events", PersonaScoped),
+            post(events::post_events),
+        ),
+        (
+            r("POST", "/v1/personas/switch", PersonaScoped),
+            post(personas::switch),
+        ),
+        (
+            r("POST", "/v1/personas/route", PersonaScoped),
+            post(personas::route),
+        ),
+        (
+            r("POST", "/v1/quality-gates/evaluate", PersonaScoped),
+            post(workflows::evaluate_gate),
+        ),
+        (
+            r("GET", "/v1/workflows", AnyKey),
+            get(workflows::list_workflows),
+        ),
+        (
+            r("GET", "/v1/workflows/{workflow}", AnyKey),
+            get(workflows::get_workflow),
+        ),
+        (
+            r("POST", "/v1/workflows/{workflow}/runs", PersonaScoped),
+            post(workflows::create_run),
+        ),
+        (
+            r("GET", "/v1/workflows/{workflow}/runs", AnyKey),
+            get(workflows::list_runs),
+        ),
+        (
+            r("GET", "/v1/workflows/{workflow}/runs/{run}", AnyKey),
+            get(workflows::get_run),
+        ),
+        (
+            r(
+                "POST",
+                "/v1/workflows/{workflow}/runs/{run}/finish",
+                PersonaScoped,
+            ),
+            post(workflows::finish_run),
+        ),
+        (
+            r(
+                "POST",
+                "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/start",
+                PersonaScoped,
+            ),
+            post(workflows::start_stage),
+        ),
+        (
+            r(
+                "POST",
+                "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/finish",
+                PersonaScoped,
+            ),
+            post(workflows::finish_stage),
+        ),
+        // The operator's API: viewer and admin keys; budgets change with admin keys only.
+        (
+            r("GET", "/api/sessions/{session}", View),
+            get(personas::get_session),
+        ),
+        (
+            r("GET", "/api/oscillations", View),
+            get(personas::list_oscillations),
+        ),
+        (r("GET", "/api/personas", View), get(admin::list_personas)),
+        (r("GET", "/api/budgets", View), get(admin::list_budgets)),
+        (
+            r("GET", "/api/budgets/{persona}", ViewOrOwnPersona),
+            get(admin::get_budget),
+        ),
+        (
+            r("PUT", "/api/budgets/{persona}", Admin),
+            put(admin::put_budget),
+        ),
+        (
+            r("DELETE", "/api/budgets/{persona}", Admin),
+            delete(admin::delete_budget_override),
+        ),
+        (
+            r("POST", "/api/budgets/{persona}/reset", Admin),
+            post(admin::reset_budget),
+        ),
+        (r("GET", "/api/alerts", View), get(admin::list_alerts)),
+        (r("GET", "/runbook", View), get(admin::runbook)),
+    ]
+}
+
+/// Each route's method, path and access.
+pub fn table() -> Vec<RouteAccess> {
+    routes().into_iter().map(|(r, _)| r).collect()
+}

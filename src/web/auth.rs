@@ -1,0 +1,484 @@
+//! The door every API request goes through: who is calling (the key), and may they call this route.
+//!
+//! One layer in front of the whole router decides each request from a table of routes, each with
+//! its [`Access`]: a route is either public (`/healthz`, `/readyz`) or needs a key. The router is
+//! built from the same table (`server::routes`), so a route cannot exist without a decision, and a
+//! test walks the table with every kind of caller.
+//!
+//! Roles: **admin** keys (`[[server.admin_keys]]`, `HYPERTOOL_ADMIN_KEY`) may do everything;
+//! **persona** keys (`[[gateway.keys]]`) may call the gateway and post facts for their own persona
+//! only (handlers check the persona a body names with [`Caller::may_act_for`]); **viewer** keys
+//! (`[[server.viewer_keys]]`) may read `/api/*`, alerts and the runbook. With no key configured at
+//! all, every caller is an admin: hypertool then refuses to listen off loopback (see `server`).
+//!
+//! Keys are kept only as SHA-256 digests and compared in constant time against every known key (no
+//! early exit), so neither a log line nor the time an answer takes says anything about a key.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use crate::config::gateway::VirtualKey;
+use crate::config::secret::KeyHash;
+use crate::config::settings::AuthSettings;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a key (health checks).
+    Public,
+    /// Any key: admin, viewer or persona (workflow definitions and runs, read-only).
+    AnyKey,
+    /// Persona keys (for their own persona) and admin keys: the LLM gateway.
+    Gateway,
+    /// Persona keys and admin keys; the handler refuses a persona key acting for another persona.
+    PersonaScoped,
+    /// Viewer and admin keys: the read-only operator API.
+    View,
+    /// Viewer and admin keys, and the persona key of the persona the path names (its own budget).
+    ViewOrOwnPersona,
+    /// Admin keys only: changes to budgets.
+    Admin,
+}
+
+impl Access {
+    /// Which keys may call a route of this access, for error messages and the docs.
+    pub fn who(self) -> &'static str {
+        match self {
+            Access::Public => "anyone",
+            Access::AnyKey => "any key",
+            Access::Gateway | Access::PersonaScoped => {
+                "a persona key ([[gateway.keys]]) or an admin key"
+            }
+            Access::View => "a viewer key ([[server.viewer_keys]]) or an admin key",
+            Access::ViewOrOwnPersona => {
+                "a viewer or admin key, or the persona key of the persona in the path"
+            }
+            Access::Admin => "an admin key ([[server.admin_keys]] or $HYPERTOOL_ADMIN_KEY)",
+        }
+    }
+}
+
+/// Who is calling, as the door decided; handlers take it as an extractor.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No key was needed: a public route.
+    Anonymous,
+    /// An admin key, or any caller when no key is configured (`authenticated: false`).
+    Admin {
+        authenticated: bool,
+    },
+    Viewer,
+    Persona(Arc<VirtualKey>),
+}
+
+impl Caller {
+    /// The key's persona, for a persona key.
+    pub fn persona_key(&self) -> Option<&VirtualKey> {
+        match self {
+            Caller::Persona(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Whether this caller may act for `persona` (canonical names on both sides: the caller passes
+    /// `canonical`, which maps an alias such as `tta-backend-engineer` to `backend-engineer`).
+    pub fn may_act_for(&self, persona: &str, canonical: impl Fn(&str) -> String) -> bool {
+        match self {
+            Caller::Admin { .. } => true,
+            Caller::Persona(k) => canonical(&k.persona) == canonical(persona),
+            Caller::Anonymous | Caller::Viewer => false,
+        }
+    }
+
+    fn role(&self) -> &'static str {
+        match self {
+            Caller::Anonymous => "anonymous",
+            Caller::Admin { .. } => "admin",
+            Caller::Viewer => "viewer",
+            Caller::Persona(_) => "persona",
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // Only a route outside the door could miss this; refuse rather than guess a role.
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "no_access_decision",
+                "this route was reached without an access decision",
+            )
+        })
+    }
+}
+
+/// The 403 a handler answers when a persona key names another persona (`field` names where).
+pub fn other_persona(door: &Door, field: &str, named: &str, own: &str) -> ApiError {
+    door.count_other_persona();
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "invalid_request_error",
+        "persona_not_allowed",
+        format!("this key belongs to persona `{own}` and may not act for `{named}`"),
+    )
+    .param(field)
+}
+
+/// Every configured key, hashed, with the caller it makes.
+struct Keyring {
+    entries: Vec<(KeyHash, Caller)>,
+}
+
+impl Keyring {
+    fn new(auth: &AuthSettings, persona_keys: &[VirtualKey]) -> Self {
+        let mut entries = Vec::new();
+        for k in &auth.admin {
+            entries.push((
+                k.hash,
+                Caller::Admin {
+                    authenticated: true,
+                },
+            ));
+        }
+        for k in &auth.viewer {
+            entries.push((k.hash, Caller::Viewer));
+        }
+        for k in persona_keys {
+            entries.push((k.hash, Caller::Persona(Arc::new(k.clone()))));
+        }
+        Keyring { entries }
+    }
+
+    /// Compares with every key (no early exit): the time taken does not depend on which matched.
+    fn identify(&self, presented: &str) -> Option<Caller> {
+        let presented = KeyHash::of(presented);
+        let mut found = None;
+        for (hash, caller) in &self.entries {
+            if hash.matches(&presented) && found.is_none() {
+                found = Some(caller.clone());
+            }
+        }
+        found
+    }
+}
+
+/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
+        });
+    bearer
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// A route and who may call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteAccess {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// The access decision for every request, and the counts of refusals.
+pub struct Door {
+    keyring: RwLock<Arc<Keyring>>,
+    routes: matchit::Router<Vec<(Method, Access)>>,
+    failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Maps a persona name or alias to its canonical name (from the live persona registry).
+    canonical: Box<dyn Fn(&str) -> String + Send + Sync>,
+}
+
+impl Door {
+    pub fn new(
+        table: &[RouteAccess],
+        auth: &AuthSettings,
+        persona_keys: &[VirtualKey],
+        canonical: Box<dyn Fn(&str) -> String + Send + Sync>,
+    ) -> Self {
+        let mut by_path: BTreeMap<&str, Vec<(Method, Access)>> = BTreeMap::new();
+        for r in table {
+            let method = Method::from_bytes(r.method.as_bytes()).unwrap_or(Method::GET);
+            by_path.entry(r.path).or_default().push((method, r.access));
+        }
+        let mut routes = matchit::Router::new();
+        for (path, methods) in by_path {
+            if let Err(e) = routes.insert(path, methods) {
+                // The table is ours: a conflict is a programming error, caught by the route test.
+                tracing::error!(path, "route table conflict: {e}");
+            }
+        }
+        Door {
+            keyring: RwLock::new(Arc::new(Keyring::new(auth, persona_keys))),
+            routes,
+            failures: Mutex::new(BTreeMap::new()),
+            canonical,
+        }
+    }
+
+    /// New keys after a configuration reload (keys are read from the environment at load).
+    pub fn reconfigure(&self, auth: &AuthSettings, persona_keys: &[VirtualKey]) {
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Keyring::new(auth, persona_keys));
+    }
+
+    /// Whether any key is configured (then every non-public route needs one).
+    pub fn keys_configured(&self) -> bool {
+        !self.keyring().entries.is_empty()
+    }
+
+    fn keyring(&self) -> Arc<Keyring> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn canonical(&self, persona: &str) -> String {
+        (self.canonical)(persona)
+    }
+
+    /// Counts a persona key refused for naming another persona (handlers check bodies).
+    pub fn count_other_persona(&self) {
+        self.count("other_persona");
+    }
+
+    fn count(&self, reason: &'static str) {
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    /// `hypertool_auth_failures_total{reason}`.
+    pub fn failures(&self) -> Vec<(String, f64)> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(r, n)| (r.to_string(), *n as f64))
+            .collect()
+    }
+
+    /// The access of `method path`; a path or method outside the table needs any key (the router
+    /// then answers 404 or 405, so nothing is reached without a decision).
+    fn access(&self, method: &Method, path: &str) -> (Access, Option<String>) {
+        let Ok(m) = self.routes.at(path) else {
+            return (Access::AnyKey, None);
+        };
+        let persona = m.params.get("persona").map(percent_decode);
+        let access = m
+            .value
+            .iter()
+            .find(|(allowed, _)| allowed == method)
+            .map_or(Access::AnyKey, |(_, a)| *a);
+        (access, persona)
+    }
+
+    /// Decides one request: the caller, or the refusal (401 without or with an unknown key, 403
+    /// for a known key outside its role), counted by reason.
+    pub fn decide(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Caller, ApiError> {
+        let (access, path_persona) = self.access(method, path);
+        if access == Access::Public {
+            return Ok(Caller::Anonymous);
+        }
+        let keyring = self.keyring();
+        if keyring.entries.is_empty() {
+            return Ok(Caller::Admin {
+                authenticated: false,
+            });
+        }
+        let Some(presented) = presented_key(headers) else {
+            self.count("missing_key");
+            return Err(unauthorized(
+                "this route needs a key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)",
+            ));
+        };
+        let Some(caller) = keyring.identify(presented) else {
+            self.count("unknown_key");
+            return Err(unauthorized("the key is not known to this hypertool"));
+        };
+        let allowed = match (access, &caller) {
+            (_, Caller::Admin { .. }) => true,
+            (Access::Public | Access::AnyKey, _) => true,
+            (Access::Gateway | Access::PersonaScoped, Caller::Persona(_)) => true,
+            (Access::View, Caller::Viewer) => true,
+            (Access::ViewOrOwnPersona, Caller::Viewer) => true,
+            (Access::ViewOrOwnPersona, Caller::Persona(k)) => {
+                let own = path_persona
+                    .as_deref()
+                    .is_some_and(|p| self.canonical(p) == self.canonical(&k.persona));
+                if !own {
+                    self.count("other_persona");
+                    return Err(forbidden(format!(
+                        "this key belongs to persona `{}` and may read only its own budget",
+                        k.persona
+                    )));
+                }
+                true
+            }
+            _ => false,
+        };
+        if !allowed {
+            self.count("role");
+            return Err(forbidden(format!(
+                "a {} key may not call {method} {path}; it needs {}",
+                caller.role(),
+                access.who()
+            )));
+        }
+        Ok(caller)
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_api_key",
+        message,
+    )
+}
+
+fn forbidden(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "invalid_request_error",
+        "permission_denied",
+        message,
+    )
+}
+
+/// `%XX` sequences of a path segment decoded (persona names in paths may be encoded by clients).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The layer: decides, then hands the [`Caller`] to the handler (or answers the refusal).
+pub async fn layer(State(door): State<Arc<Door>>, mut req: Request, next: Next) -> Response {
+    match door.decide(req.method(), req.uri().path(), req.headers()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The metrics listener's check: with `server.metrics_bearer_token_env` set, a scrape must send
+/// that token (Prometheus's `authorization` scrape option) or the process's own scrape token.
+pub struct MetricsGate {
+    tokens: RwLock<Vec<KeyHash>>,
+    internal: KeyHash,
+}
+
+impl MetricsGate {
+    /// `internal` is the token hypertool's own scrape (for `up`) sends.
+    pub fn new(configured: Option<KeyHash>, internal: &str) -> Self {
+        MetricsGate {
+            tokens: RwLock::new(configured.into_iter().collect()),
+            internal: KeyHash::of(internal),
+        }
+    }
+
+    pub fn reconfigure(&self, configured: Option<KeyHash>) {
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = configured.into_iter().collect();
+    }
+
+    pub fn required(&self) -> bool {
+        !self
+            .tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        if !self.required() {
+            return true;
+        }
+        let Some(presented) = presented_key(headers).map(KeyHash::of) else {
+            return false;
+        };
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        let mut ok = self.internal.matches(&presented);
+        for t in tokens.iter() {
+            ok |= t.matches(&presented);
+        }
+        ok
+    }
+}
+
+/// The metrics listener's layer (`/healthz` there stays public).
+pub async fn metrics_layer(
+    State(gate): State<Arc<MetricsGate>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.uri().path() == "/healthz" || gate.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    unauthorized("the metrics listener needs the bearer token of server.metrics_bearer_token_env")
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_of_path_personas() {
+        assert_eq!(percent_decode("backend%2Dengineer"), "backend-engineer");
+        assert_eq!(percent_decode("a%zz"), "a%zz");
+        assert_eq!(percent_decode("%"), "%");
+    }
+
+    #[test]
+    fn bearer_and_x_api_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("x-api-key", "k1".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("k1"));
+        h.insert(header::AUTHORIZATION, "bearer  k2 ".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("k2"));
+    }
+}

@@ -1,0 +1,6 @@
+//! The HTTP layer below both `server` and `gateway`: the error type every route answers with
+//! (`error`) and the access layer that decides every request before a handler runs (`auth`).
+//! Nothing here imports `server` or `gateway`; both import from here.
+
+pub mod auth;
+pub mod error;

@@ -1,0 +1,458 @@
+//! The door: every route × every kind of caller (no key, unknown key, persona key of the right and
+//! of another persona, viewer, admin), walked from the same table the router is built from, so a
+//! route added without an access decision (or without a case here) fails this test.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use hypertool::config::Source;
+use hypertool::core::clock::ManualClock;
+use hypertool::server::routes;
+use hypertool::web::auth::Access;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+pub const ADMIN_KEY: &str = "ht-admin-key-REAL-LOOKING-7f3a9c21d4";
+pub const VIEWER_KEY: &str = "ht-viewer-key-REAL-LOOKING-5b1e77aa90";
+pub const BACKEND_KEY: &str = "ht-persona-be-REAL-LOOKING-0c4d2e8f13";
+pub const TESTING_KEY: &str = "ht-persona-ts-REAL-LOOKING-9e8d7c6b5a";
+
+/// The keys in the environment (set once per test process; names unique to these tests).
+pub fn export_keys() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Set before any server of these tests reads them; the names are used nowhere else.
+        std::env::set_var("HYPERTOOL_TEST_ACCESS_ADMIN", ADMIN_KEY);
+        std::env::set_var("HYPERTOOL_TEST_ACCESS_VIEWER", VIEWER_KEY);
+        std::env::set_var("HYPERTOOL_TEST_ACCESS_BE", BACKEND_KEY);
+        std::env::set_var("HYPERTOOL_TEST_ACCESS_TS", TESTING_KEY);
+    });
+}
+
+/// hypertool.toml lines that configure one key of each role.
+pub const KEYS_TOML: &str = r#"
+[[server.admin_keys]]
+key_env = "HYPERTOOL_TEST_ACCESS_ADMIN"
+
+[[server.viewer_keys]]
+key_env = "HYPERTOOL_TEST_ACCESS_VIEWER"
+
+[[gateway.keys]]
+key_env = "HYPERTOOL_TEST_ACCESS_BE"
+persona = "backend-engineer"
+
+[[gateway.keys]]
+key_env = "HYPERTOOL_TEST_ACCESS_TS"
+persona = "testing-specialist"
+"#;
+
+pub async fn start_with_keys(dir: &Path, extra: &str) -> TestServer {
+    export_keys();
+    let toml = config_copy(dir);
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(KEYS_TOML);
+    text.push_str(extra);
+    std::fs::write(&toml, text).unwrap();
+    start(
+        Source::File(toml),
+        &dir.join("data"),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Who {
+    NoKey,
+    UnknownKey,
+    /// backend-engineer's key: the persona every sample request names.
+    OwnPersona,
+    /// testing-specialist's key, on requests that name backend-engineer.
+    OtherPersona,
+    Viewer,
+    Admin,
+}
+
+impl Who {
+    const ALL: [Who; 6] = [
+        Who::NoKey,
+        Who::UnknownKey,
+        Who::OwnPersona,
+        Who::OtherPersona,
+        Who::Viewer,
+        Who::Admin,
+    ];
+
+    fn key(self) -> Option<&'static str> {
+        match self {
+            Who::NoKey => None,
+            Who::UnknownKey => Some("ht-unknown-key-0000000000000000"),
+            Who::OwnPersona => Some(BACKEND_KEY),
+            Who::OtherPersona => Some(TESTING_KEY),
+            Who::Viewer => Some(VIEWER_KEY),
+            Who::Admin => Some(ADMIN_KEY),
+        }
+    }
+}
+
+/// A concrete request for each route of the table, naming backend-engineer wherever a persona is
+/// named. A route without a case here fails the test: decide its access and add its case.
+fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
+    let wf = "feature-development";
+    let chat = json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    match (method, path) {
+        ("GET", "/healthz" | "/readyz" | "/v1/models" | "/v1/workflows") => (path.into(), None),
+        ("GET", "/api/oscillations" | "/api/personas" | "/api/budgets" | "/api/alerts") => {
+            (path.into(), None)
+        }
+        ("GET", "/runbook") => (path.into(), None),
+        ("POST", "/v1/chat/completions") => (path.into(), Some(chat)),
+        ("POST", "/v1/embeddings") => (
+            path.into(),
+            Some(json!({"model": "mock/embed", "input": "hello"})),
+        ),
+        ("POST", "/v1/events") => (
+            path.into(),
+            Some(json!({"events": [usage("backend-engineer", "dev", "gpt-4o", 10, 5)]})),
+        ),
+        ("POST", "/v1/personas/switch") => (
+            path.into(),
+            Some(json!({"session": "s-access", "to": "backend-engineer", "chatmode": "dev"})),
+        ),
+        ("POST", "/v1/personas/route") => {
+            (path.into(), Some(json!({"task": "write a REST endpoint"})))
+        }
+        ("POST", "/v1/quality-gates/evaluate") => (
+            path.into(),
+            Some(json!({"workflow": wf, "stage": "design", "text": "Overview\nAPI\nRisks"})),
+        ),
+        ("GET", "/v1/workflows/{workflow}") => (format!("/v1/workflows/{wf}"), None),
+        ("POST", "/v1/workflows/{workflow}/runs") => {
+            (format!("/v1/workflows/{wf}/runs"), Some(json!({})))
+        }
+        ("GET", "/v1/workflows/{workflow}/runs") => (format!("/v1/workflows/{wf}/runs"), None),
+        ("GET", "/v1/workflows/{workflow}/runs/{run}") => {
+            (format!("/v1/workflows/{wf}/runs/{run}"), None)
+        }
+        ("POST", "/v1/workflows/{workflow}/runs/{run}/finish") => (
+            format!("/v1/workflows/{wf}/runs/{run}/finish"),
+            Some(json!({})),
+        ),
+        ("POST", "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/start") => (
+            format!("/v1/workflows/{wf}/runs/{run}/stages/design/start"),
+            Some(json!({})),
+        ),
+        ("POST", "/v1/workflows/{workflow}/runs/{run}/stages/{stage}/finish") => (
+            format!("/v1/workflows/{wf}/runs/{run}/stages/design/finish"),
+            Some(json!({})),
+        ),
+        ("GET", "/api/sessions/{session}") => ("/api/sessions/s-access".into(), None),
+        ("GET", "/api/budgets/{persona}") => ("/api/budgets/backend-engineer".into(), None),
+        ("PUT", "/api/budgets/{persona}") => (
+            "/api/budgets/backend-engineer".into(),
+            Some(json!({"tokens": 100000})),
+        ),
+        ("DELETE", "/api/budgets/{persona}") => ("/api/budgets/backend-engineer".into(), None),
+        ("POST", "/api/budgets/{persona}/reset") => {
+            ("/api/budgets/backend-engineer/reset".into(), None)
+        }
+        _ => panic!(
+            "route {method} {path} has no case in tests/it/access.rs: decide who may call it \
+             (server::routes) and add a sample request here"
+        ),
+    }
+}
+
+/// What the door must do: `None` = let the request through to its handler, `Some(status)` =
+/// refuse it with that status.
+fn expected(access: Access, who: Who, method: &str, path: &str) -> Option<u16> {
+    use Access::*;
+    if access == Public {
+        return None;
+    }
+    match who {
+        Who::NoKey | Who::UnknownKey => Some(401),
+        Who::Admin => None,
+        Who::Viewer => match access {
+            AnyKey | View | ViewOrOwnPersona => None,
+            _ => Some(403),
+        },
+        Who::OwnPersona => match access {
+            AnyKey | Gateway | PersonaScoped | ViewOrOwnPersona => None,
+            _ => Some(403),
+        },
+        Who::OtherPersona => match access {
+            AnyKey | Gateway => None,
+            // Bodies and paths name backend-engineer: refused, except where nothing is named.
+            PersonaScoped => match (method, path) {
+                ("POST", "/v1/personas/route") => None,
+                ("POST", "/v1/workflows/{workflow}/runs") => None,
+                ("POST", "/v1/workflows/{workflow}/runs/{run}/finish") => None,
+                // Refused per event (422 with the field named), checked below.
+                ("POST", "/v1/events") => Some(422),
+                _ => Some(403),
+            },
+            _ => Some(403),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_by_every_kind_of_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with_keys(dir.path(), "").await;
+    let table = routes::table();
+    assert!(table.len() >= 25, "the table lists every route");
+    // Every route is either public or needs a key; the public list is exactly the health checks.
+    let public: Vec<&str> = table
+        .iter()
+        .filter(|r| r.access == Access::Public)
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(public, ["/healthz", "/readyz"]);
+
+    let mut checked = 0;
+    for who in Who::ALL {
+        for route in &table {
+            // A fresh run per request: finishing one must not change what the next sees.
+            let run = s
+                .http
+                .post(format!("{}/v1/workflows/feature-development/runs", s.api))
+                .bearer_auth(ADMIN_KEY)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let (path, body) = sample(route.method, route.path, &run);
+            let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
+            let mut req = s.http.request(method, format!("{}{}", s.api, path));
+            if let Some(k) = who.key() {
+                req = req.bearer_auth(k);
+            }
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            let what = format!("{who:?} {} {path}: {status} {text}", route.method);
+            match expected(route.access, who, route.method, route.path) {
+                None => assert!(
+                    status != 401 && status != 403 && status < 500,
+                    "should be let through: {what}"
+                ),
+                Some(want) => {
+                    assert_eq!(status, want, "{what}");
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    if want == 422 {
+                        assert_eq!(v["rejected"][0]["field"], "persona", "{what}");
+                    } else {
+                        // The OpenAI error shape.
+                        assert!(v["error"]["message"].is_string(), "{what}");
+                        let code = if want == 401 {
+                            "invalid_api_key"
+                        } else {
+                            v["error"]["code"].as_str().unwrap()
+                        };
+                        assert_eq!(v["error"]["code"], code, "{what}");
+                    }
+                }
+            }
+            // No key ever comes back.
+            for k in [ADMIN_KEY, VIEWER_KEY, BACKEND_KEY, TESTING_KEY] {
+                assert!(!text.contains(k), "{what}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, table.len() * Who::ALL.len());
+
+    // Refusals are counted by reason.
+    let m = s.metrics().await;
+    for reason in ["missing_key", "unknown_key", "role", "other_persona"] {
+        let n = m
+            .get("hypertool_auth_failures_total", &[("reason", reason)])
+            .unwrap_or(0.0);
+        assert!(n > 0.0, "no {reason} counted");
+    }
+    // x-api-key works as well as Authorization.
+    let resp = s
+        .http
+        .get(format!("{}/api/budgets", s.api))
+        .header("x-api-key", VIEWER_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // An unknown path needs a key before it is a 404.
+    let resp = s
+        .http
+        .get(format!("{}/api/nothing-here", s.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persona_key_reports_only_its_own_persona_and_the_gateway_attributes_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with_keys(dir.path(), "").await;
+    // A batch with events of both personas: its own stored, the other refused with the field named.
+    let resp = s
+        .http
+        .post(format!("{}/v1/events", s.api))
+        .bearer_auth(TESTING_KEY)
+        .json(&json!({"events": [
+            usage("testing-specialist", "dev", "gpt-4o", 100, 10),
+            usage("backend-engineer", "dev", "gpt-4o", 999_999, 0),
+            usage("tta-testing-specialist", "dev", "gpt-4o", 1, 1),
+            {"type": "persona_switch", "session": "s1", "from": "testing-specialist", "to": "backend-engineer", "chatmode": "dev"},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["accepted"], 2, "{v}");
+    assert_eq!(v["rejected"][0]["index"], 1);
+    assert_eq!(v["rejected"][0]["field"], "persona");
+    assert_eq!(v["rejected"][1]["index"], 3);
+    assert_eq!(v["rejected"][1]["field"], "to");
+    let m = s.metrics().await;
+    assert_eq!(
+        m.sum_where(
+            "hypertool_persona_tokens_used_total",
+            "persona",
+            "backend-engineer"
+        ),
+        0.0,
+        "a forged event charged another persona"
+    );
+    assert_eq!(
+        m.sum_where(
+            "hypertool_persona_tokens_used_total",
+            "persona",
+            "testing-specialist"
+        ),
+        112.0
+    );
+    // The gateway attributes a persona key's call to its persona, whatever the headers say.
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .bearer_auth(TESTING_KEY)
+        .header("x-hypertool-persona", "backend-engineer")
+        .json(&json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-hypertool-persona"], "testing-specialist");
+    // A persona key reads its own budget, not another's.
+    let own = s
+        .http
+        .get(format!("{}/api/budgets/tta-testing-specialist", s.api))
+        .bearer_auth(TESTING_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    let other = s
+        .http
+        .get(format!("{}/api/budgets/backend-engineer", s.api))
+        .bearer_auth(TESTING_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 403);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_asks_for_its_bearer_token_and_up_stays_true() {
+    std::env::set_var(
+        "HYPERTOOL_TEST_METRICS_TOKEN",
+        "ht-metrics-token-REAL-LOOKING-31337",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_edited(
+        dir.path(),
+        &[(
+            "[server]",
+            "[server]\nmetrics_bearer_token_env = \"HYPERTOOL_TEST_METRICS_TOKEN\"",
+        )],
+    )
+    .await;
+    let url = format!("{}/metrics", s.metrics);
+    assert_eq!(s.http.get(&url).send().await.unwrap().status(), 401);
+    let wrong = s
+        .http
+        .get(&url)
+        .bearer_auth("nope-nope-nope-nope")
+        .send()
+        .await;
+    assert_eq!(wrong.unwrap().status(), 401);
+    let ok = s
+        .http
+        .get(&url)
+        .bearer_auth("ht-metrics-token-REAL-LOOKING-31337")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let text = ok.text().await.unwrap();
+    assert!(text.contains("hypertool_build_info"));
+    // The embedded engine's own scrape gets through: HypertoolMetricsNotReported (up == 0 for 2m)
+    // stays quiet over three minutes of evaluations.
+    let state = s.running.as_ref().unwrap().state.clone();
+    for _ in 0..13 {
+        hypertool::server::evaluate_alerts(&state).await;
+        s.clock.advance_secs(15);
+    }
+    let (_, view) = s.get_json("/api/alerts").await;
+    let a = view["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alertname"] == "HypertoolMetricsNotReported")
+        .unwrap()
+        .clone();
+    assert_eq!(a["state"], "inactive", "the self-scrape was refused: {a}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_needs_an_admin_key() {
+    export_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_copy(dir.path());
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    // Gateway keys, but no admin key.
+    text.push_str(
+        "\n[[gateway.keys]]\nkey_env = \"HYPERTOOL_TEST_ACCESS_BE\"\npersona = \"backend-engineer\"\n",
+    );
+    std::fs::write(&toml, text).unwrap();
+    let err = hypertool::server::start(
+        hypertool::server::ServeOptions {
+            config: Source::File(toml),
+            data_dir: dir.path().join("data"),
+            listen: Some("0.0.0.0:0".parse().unwrap()),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        Arc::new(ManualClock::new(T0)),
+    )
+    .await
+    .err()
+    .expect("must refuse to start");
+    let msg = err.to_string();
+    assert!(msg.contains("HYPERTOOL_ADMIN_KEY"), "{msg}");
+}
