@@ -121,6 +121,7 @@ struct RawServer {
     max_body_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
+    max_tokens_per_event: Option<u64>,
     header_timeout: Option<PromDuration>,
     body_timeout: Option<PromDuration>,
     shutdown_grace_seconds: Option<u64>,
@@ -225,6 +226,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Connections one client address may hold open at once; more are closed at accept.
     pub max_connections_per_client: usize,
+    /// Tokens one reported event (or one gateway call's estimate) may claim; more is refused.
+    pub max_tokens_per_event: u64,
     /// How long a client may take to send a request head (and how long a connection may idle).
     pub header_timeout: std::time::Duration,
     /// How long a client may take to send a request body.
@@ -324,6 +327,17 @@ impl Settings {
                     "`server.max_connections_per_client` = 0 would refuse every client",
                 )
                 .fix("use at least 1 (the default is a quarter of max_connections)"),
+            );
+        }
+        let max_tokens_per_event = raw.server.max_tokens_per_event.unwrap_or(1_000_000_000);
+        if max_tokens_per_event == 0 {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "max_tokens_per_event"),
+                    "`server.max_tokens_per_event` = 0 would refuse every usage event",
+                )
+                .fix("use a positive number (the default is 1000000000)"),
             );
         }
         let mut timeout = |key: &str, value: Option<PromDuration>, default_s: i64| {
@@ -503,6 +517,7 @@ impl Settings {
             max_body_bytes,
             max_connections,
             max_connections_per_client,
+            max_tokens_per_event,
             header_timeout,
             body_timeout,
             auth,

@@ -12,6 +12,7 @@ use chrono::{Datelike, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::clock::UnixMillis;
+use super::series::saturating_sum;
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
@@ -187,9 +188,9 @@ impl BudgetState {
         let hour = floor_to(at, HOUR_MS);
         let bucket = self.hourly.entry(hour).or_insert((0, 0.0));
         bucket.0 = bucket.0.saturating_add(tokens);
-        bucket.1 += cost;
+        bucket.1 = saturating_sum(bucket.1, cost);
         self.lifetime.0 = self.lifetime.0.saturating_add(tokens);
-        self.lifetime.1 += cost;
+        self.lifetime.1 = saturating_sum(self.lifetime.1, cost);
 
         let start = self.spec.period.start_of(at);
         if start > self.period_start {
@@ -197,7 +198,7 @@ impl BudgetState {
             self.recompute();
         } else if start == self.period_start {
             self.used_tokens = self.used_tokens.saturating_add(tokens);
-            self.used_cost += cost;
+            self.used_cost = saturating_sum(self.used_cost, cost);
         }
     }
 
@@ -241,7 +242,7 @@ impl BudgetState {
             .hourly
             .range(self.period_start..)
             .fold((0u64, 0.0), |(t, c), (_, (bt, bc))| {
-                (t.saturating_add(*bt), c + bc)
+                (t.saturating_add(*bt), saturating_sum(c, *bc))
             });
         self.used_tokens = tokens;
         self.used_cost = cost;

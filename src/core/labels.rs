@@ -10,6 +10,64 @@ use std::sync::Arc;
 /// The value unadmitted label values fold into.
 pub const OTHER: &str = "other";
 
+/// A client-supplied name: where it came from does not matter (a body, a header, a key, an
+/// event), the same rules hold. Persona, chatmode, model, workflow and stage values become metric
+/// labels and response headers; sessions and runs become ledger keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameField {
+    Persona,
+    Chatmode,
+    Model,
+    Workflow,
+    Stage,
+    Session,
+    Run,
+}
+
+/// The longest persona, chatmode, model, workflow or stage name accepted.
+pub const MAX_NAME_LEN: usize = 200;
+/// The longest session or run id accepted.
+pub const MAX_SESSION_LEN: usize = 256;
+
+impl NameField {
+    pub fn max_len(self) -> usize {
+        match self {
+            NameField::Session | NameField::Run => MAX_SESSION_LEN,
+            _ => MAX_NAME_LEN,
+        }
+    }
+}
+
+/// Why a name was refused; `reason` names the rule and what a valid value looks like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameError {
+    pub reason: String,
+}
+
+/// Checks a client-supplied name: 1 to `field.max_len()` bytes after trimming, no control
+/// characters (which would break the exposition format and response headers). Returns the trimmed
+/// value. The error never echoes the value (it may be a megabyte long).
+pub fn check_name(field: NameField, raw: &str) -> Result<&str, NameError> {
+    let v = raw.trim();
+    let max = field.max_len();
+    if v.is_empty() {
+        return Err(NameError {
+            reason: "must not be empty".into(),
+        });
+    }
+    if v.len() > max {
+        return Err(NameError {
+            reason: format!("is {} bytes long; at most {max} are accepted", v.len()),
+        });
+    }
+    if v.chars().any(char::is_control) {
+        return Err(NameError {
+            reason: "must not contain control characters".into(),
+        });
+    }
+    Ok(v)
+}
+
 /// The labels whose values come from clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LabelKind {
@@ -160,6 +218,18 @@ mod tests {
         assert_eq!(guard.folded(LabelKind::Persona), 2);
         // Other labels have caps of their own.
         assert_eq!(&*guard.admit(LabelKind::Model, "gpt-4").value, "gpt-4");
+    }
+
+    #[test]
+    fn names_follow_one_rule_set() {
+        assert_eq!(check_name(NameField::Model, " gpt-4o "), Ok("gpt-4o"));
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let err = check_name(NameField::Model, &long).unwrap_err();
+        assert!(err.reason.contains("201 bytes"), "{err:?}");
+        assert!(!err.reason.contains("xxx"));
+        assert!(check_name(NameField::Session, &"s".repeat(MAX_SESSION_LEN)).is_ok());
+        assert!(check_name(NameField::Persona, "a\nb").is_err());
+        assert!(check_name(NameField::Chatmode, "  ").is_err());
     }
 
     #[test]

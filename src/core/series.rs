@@ -26,7 +26,8 @@ impl<const N: usize> Default for CounterVec<N> {
 
 impl<const N: usize> CounterVec<N> {
     pub fn inc_by(&mut self, key: Key<N>, by: f64) {
-        *self.values.entry(key).or_insert(0.0) += by;
+        let v = self.values.entry(key).or_insert(0.0);
+        *v = saturating_sum(*v, by);
     }
 
     /// Makes a series exist at 0 (an idle series is not a missing one).
@@ -113,7 +114,7 @@ impl<const N: usize> HistogramVec<N> {
             .position(|b| value <= *b)
             .unwrap_or(self.bounds.len());
         h.counts[slot] += 1;
-        h.sum += value;
+        h.sum = saturating_sum(h.sum, value);
         h.count += 1;
     }
 
@@ -155,3 +156,34 @@ pub const PERSONA_DURATION_BUCKETS: &[f64] = &[
 pub const GENERATION_DURATION_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
+
+/// `a + b` for the non-negative sums of counters, costs and durations: at the largest finite
+/// value it stays there instead of becoming `+Inf` (which would make a counter, a budget's
+/// remaining cost and every alert on them meaningless).
+pub fn saturating_sum(a: f64, b: f64) -> f64 {
+    let sum = a + b;
+    if sum.is_finite() {
+        sum
+    } else if sum.is_nan() {
+        a
+    } else {
+        f64::MAX.copysign(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_saturate_instead_of_reaching_infinity() {
+        assert_eq!(saturating_sum(1.5, 2.0), 3.5);
+        assert_eq!(saturating_sum(1e308, 1e308), f64::MAX);
+        assert_eq!(saturating_sum(f64::MAX, 1.0), f64::MAX);
+        assert_eq!(saturating_sum(2.0, f64::NAN), 2.0);
+        let mut c: CounterVec<1> = CounterVec::default();
+        c.inc_by(["a".into()], 1e308);
+        c.inc_by(["a".into()], 1e308);
+        assert!(c.values.values().all(|v| v.is_finite()));
+    }
+}

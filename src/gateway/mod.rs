@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod request;
 pub mod stage;
 pub mod tokens;
 pub mod upstream;
@@ -39,6 +40,7 @@ use crate::server::AppState;
 use crate::store::writer::lock;
 use crate::web::auth::Caller;
 use crate::web::error::ApiError;
+use request::header;
 use upstream::{Completion, UpstreamError};
 
 /// Gateway configuration (hot-reloaded) and its HTTP client.
@@ -351,15 +353,6 @@ impl CallMeta {
     }
 }
 
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= 200 && !v.chars().any(char::is_control))
-        .map(str::to_string)
-}
-
 fn gateway_error(e: &UpstreamError) -> ApiError {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
     ApiError::new(status, "upstream_error", e.code(), e.message())
@@ -470,18 +463,9 @@ pub async fn chat_completions(
     let settings = state.gateway.settings();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = caller.persona_key();
+    request::check_headers(&headers)?;
     let mut request = ApiError::json_object(&body)?;
-    let Some(model) = request
-        .get("model")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
-        return Err(ApiError::bad_request(
-            "missing_model",
-            "`model` is required (a string), e.g. \"mock/gpt-4o\"",
-        )
-        .param("model"));
-    };
+    let model = request::model(&request)?;
     if !request.get("messages").is_some_and(Value::is_array) {
         return Err(ApiError::bad_request(
             "missing_messages",
@@ -1188,16 +1172,9 @@ pub async fn embeddings(
     let settings = state.gateway.settings();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = caller.persona_key();
+    request::check_headers(&headers)?;
     let mut request = ApiError::json_object(&body)?;
-    let Some(model) = request
-        .get("model")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
-        return Err(
-            ApiError::bad_request("missing_model", "`model` is required (a string)").param("model"),
-        );
-    };
+    let model = request::model(&request)?;
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::http::{HeaderMap, StatusCode};
 
+use super::request::header;
 use crate::config::gateway::{GatewaySettings, ModelRoute};
 use crate::core::workflow::{QualityGate, Stage, Workflow};
 use crate::server::workflows::{unknown_stage, with_run};
@@ -36,15 +37,6 @@ impl StageCall {
             .as_ref()
             .and_then(|c| settings.resolve_choice(c))
     }
-}
-
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
 }
 
 /// The workflow a call names (or its chatmode's, when it names a stage but no workflow), and the

@@ -16,14 +16,32 @@ use serde_json::{Map, Value};
 use super::AppState;
 use crate::core::clock::UnixMillis;
 use crate::core::event::{Event, GateResult, PersonaSwitch, StageResult, Stamped, Usage};
+use crate::core::labels::{check_name, NameField};
 use crate::web::auth::Caller;
 use crate::web::error::ApiError;
 
 /// How far in the future a client's timestamp may be (clock skew).
 const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
-const MAX_LABEL_LEN: usize = 200;
-const MAX_SESSION_LEN: usize = 256;
 const MAX_REASON_LEN: usize = 2000;
+/// The largest cost one event may report (USD): far above any real call, and small enough that
+/// no number of events can sum to infinity.
+pub const MAX_COST_PER_EVENT_USD: f64 = 1e6;
+/// The longest duration one event may report (seconds): about 115 days.
+pub const MAX_DURATION_SECONDS: f64 = 1e7;
+
+/// What one event may claim (`server.max_tokens_per_event`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLimits {
+    pub max_tokens: u64,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        EventLimits {
+            max_tokens: 1_000_000_000,
+        }
+    }
+}
 
 /// Why one event of a batch was refused.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -84,7 +102,9 @@ pub async fn post_events(
     let mut accepted = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
     for (index, raw) in events.iter().enumerate() {
-        match parse_event(raw, now).and_then(|e| own_persona(&state, &caller, e)) {
+        match parse_event(raw, now, &state.event_limits)
+            .and_then(|e| own_persona(&state, &caller, e))
+        {
             Ok(stamped) => accepted.push(stamped),
             Err(mut r) => {
                 r.index = index;
@@ -158,25 +178,40 @@ struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    fn label(&self, key: &str, max: usize) -> Result<String, EventRejection> {
+    fn label(&self, key: &str, field: NameField) -> Result<String, EventRejection> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Err(reject(
                 Some(key),
                 "missing_field",
                 format!("`{key}` is required"),
             )),
-            Some(v) => check_label(key, v, max),
+            Some(v) => check_label(key, v, field),
         }
     }
 
-    fn opt_label(&self, key: &str, max: usize) -> Result<Option<String>, EventRejection> {
+    fn opt_label(&self, key: &str, field: NameField) -> Result<Option<String>, EventRejection> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => check_label(key, v, max).map(Some),
+            Some(v) => check_label(key, v, field).map(Some),
         }
     }
 
-    fn tokens(&self, key: &str) -> Result<u64, EventRejection> {
+    fn tokens(&self, key: &str, limits: &EventLimits) -> Result<u64, EventRejection> {
+        let n = self.any_tokens(key)?;
+        if n > limits.max_tokens {
+            return Err(reject(
+                Some(key),
+                "too_many_tokens",
+                format!(
+                    "`{key}` = {n} is above the {} tokens one event may report (server.max_tokens_per_event)",
+                    limits.max_tokens
+                ),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn any_tokens(&self, key: &str) -> Result<u64, EventRejection> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Err(reject(
                 Some(key),
@@ -203,7 +238,8 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn non_negative(&self, key: &str, required: bool) -> Result<Option<f64>, EventRejection> {
+    /// A number from 0 to `max` (a cost or a duration: bounded so that sums stay finite).
+    fn bounded(&self, key: &str, required: bool, max: f64) -> Result<Option<f64>, EventRejection> {
         match self.obj.get(key) {
             None | Some(Value::Null) if required => Err(reject(
                 Some(key),
@@ -212,7 +248,12 @@ impl<'a> Fields<'a> {
             )),
             None | Some(Value::Null) => Ok(None),
             Some(v) => match v.as_f64() {
-                Some(f) if f.is_finite() && f >= 0.0 => Ok(Some(f)),
+                Some(f) if f.is_finite() && (0.0..=max).contains(&f) => Ok(Some(f)),
+                Some(f) if f.is_finite() && f > max => Err(reject(
+                    Some(key),
+                    "out_of_range",
+                    format!("`{key}` = {f} is above the largest accepted value, {max}"),
+                )),
                 _ => Err(reject(
                     Some(key),
                     "invalid_field",
@@ -274,40 +315,25 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn check_label(key: &str, v: &Value, max: usize) -> Result<String, EventRejection> {
+fn check_label(key: &str, v: &Value, field: NameField) -> Result<String, EventRejection> {
     let Some(s) = v.as_str() else {
         return Err(reject(
             Some(key),
             "invalid_field",
-            format!("`{key}` must be a string, got {v}"),
+            format!("`{key}` must be a string"),
         ));
     };
-    if s.is_empty() {
-        return Err(reject(
-            Some(key),
-            "invalid_field",
-            format!("`{key}` must not be empty"),
-        ));
-    }
-    if s.len() > max {
-        return Err(reject(
-            Some(key),
-            "invalid_field",
-            format!("`{key}` is longer than {max} bytes"),
-        ));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(reject(
-            Some(key),
-            "invalid_field",
-            format!("`{key}` must not contain control characters"),
-        ));
-    }
-    Ok(s.to_string())
+    check_name(field, s)
+        .map(str::to_string)
+        .map_err(|e| reject(Some(key), "invalid_field", format!("`{key}` {}", e.reason)))
 }
 
 /// Checks one event of a batch. `index` of a rejection is filled in by the caller.
-pub fn parse_event(raw: &Value, now: UnixMillis) -> Result<Stamped, EventRejection> {
+pub fn parse_event(
+    raw: &Value,
+    now: UnixMillis,
+    limits: &EventLimits,
+) -> Result<Stamped, EventRejection> {
     let Some(obj) = raw.as_object() else {
         return Err(reject(
             None,
@@ -363,26 +389,26 @@ pub fn parse_event(raw: &Value, now: UnixMillis) -> Result<Stamped, EventRejecti
             };
             Event::Usage(Usage {
                 run: None,
-                persona: f.label("persona", MAX_LABEL_LEN)?,
-                chatmode: f.label("chatmode", MAX_LABEL_LEN)?,
-                model: f.label("model", MAX_LABEL_LEN)?,
-                prompt_tokens: f.tokens("prompt_tokens")?,
-                completion_tokens: f.tokens("completion_tokens")?,
-                workflow: f.opt_label("workflow", MAX_LABEL_LEN)?,
-                stage: f.opt_label("stage", MAX_LABEL_LEN)?,
-                session: f.opt_label("session", MAX_SESSION_LEN)?,
-                cost_usd: f.non_negative("cost_usd", false)?,
-                duration_seconds: f.non_negative("duration_seconds", false)?,
+                persona: f.label("persona", NameField::Persona)?,
+                chatmode: f.label("chatmode", NameField::Chatmode)?,
+                model: f.label("model", NameField::Model)?,
+                prompt_tokens: f.tokens("prompt_tokens", limits)?,
+                completion_tokens: f.tokens("completion_tokens", limits)?,
+                workflow: f.opt_label("workflow", NameField::Workflow)?,
+                stage: f.opt_label("stage", NameField::Stage)?,
+                session: f.opt_label("session", NameField::Session)?,
+                cost_usd: f.bounded("cost_usd", false, MAX_COST_PER_EVENT_USD)?,
+                duration_seconds: f.bounded("duration_seconds", false, MAX_DURATION_SECONDS)?,
                 estimated,
             })
         }
         "persona_switch" => {
             f.only(&["type", "session", "from", "to", "chatmode", "timestamp"])?;
             Event::PersonaSwitch(PersonaSwitch {
-                session: f.label("session", MAX_SESSION_LEN)?,
-                from: f.opt_label("from", MAX_LABEL_LEN)?,
-                to: f.label("to", MAX_LABEL_LEN)?,
-                chatmode: f.label("chatmode", MAX_LABEL_LEN)?,
+                session: f.label("session", NameField::Session)?,
+                from: f.opt_label("from", NameField::Persona)?,
+                to: f.label("to", NameField::Persona)?,
+                chatmode: f.label("chatmode", NameField::Chatmode)?,
             })
         }
         "stage" => {
@@ -427,11 +453,13 @@ pub fn parse_event(raw: &Value, now: UnixMillis) -> Result<Stamped, EventRejecti
                 }
             };
             Event::Stage(StageResult {
-                workflow: f.label("workflow", MAX_LABEL_LEN)?,
-                stage: f.label("stage", MAX_LABEL_LEN)?,
-                persona: f.label("persona", MAX_LABEL_LEN)?,
-                model: f.label("model", MAX_LABEL_LEN)?,
-                duration_seconds: f.non_negative("duration_seconds", true)?.unwrap_or(0.0),
+                workflow: f.label("workflow", NameField::Workflow)?,
+                stage: f.label("stage", NameField::Stage)?,
+                persona: f.label("persona", NameField::Persona)?,
+                model: f.label("model", NameField::Model)?,
+                duration_seconds: f
+                    .bounded("duration_seconds", true, MAX_DURATION_SECONDS)?
+                    .unwrap_or(0.0),
                 gate,
                 reason,
             })
@@ -462,6 +490,7 @@ mod tests {
                     "prompt_tokens":10,"completion_tokens":5,"session":"s","cost_usd":0.01,
                     "timestamp":"2026-11-28T09:00:00Z"}),
             NOW,
+            &EventLimits::default(),
         )
         .unwrap();
         let Event::Usage(u) = s.event else {
@@ -501,6 +530,31 @@ mod tests {
             ),
             (json!({"type":"teleport"}), "type", "unknown_type"),
             (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"m","prompt_tokens":18446744073709551615u64,"completion_tokens":0}),
+                "prompt_tokens",
+                "too_many_tokens",
+            ),
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"m","prompt_tokens":1,"completion_tokens":1_000_000_001u64}),
+                "completion_tokens",
+                "too_many_tokens",
+            ),
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"m","prompt_tokens":1,"completion_tokens":1,"cost_usd":1e308}),
+                "cost_usd",
+                "out_of_range",
+            ),
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"x".repeat(201),"prompt_tokens":1,"completion_tokens":1}),
+                "model",
+                "invalid_field",
+            ),
+            (
+                json!({"type":"usage","persona":"p","chatmode":"c","model":"m","prompt_tokens":1,"completion_tokens":1,"duration_seconds":1e300}),
+                "duration_seconds",
+                "out_of_range",
+            ),
+            (
                 json!({"type":"persona_switch","session":"s","to":"b","chatmode":"c","timestamp":"yesterday"}),
                 "timestamp",
                 "invalid_field",
@@ -512,7 +566,8 @@ mod tests {
             ),
         ];
         for (event, field, category) in cases {
-            let r = parse_event(&event, NOW).expect_err(&event.to_string());
+            let r =
+                parse_event(&event, NOW, &EventLimits::default()).expect_err(&event.to_string());
             assert_eq!(r.field.as_deref(), Some(field), "{event}");
             assert_eq!(r.category, category, "{event}");
         }
@@ -523,6 +578,7 @@ mod tests {
         let s = parse_event(
             &json!({"type":"persona_switch","session":"s","from":null,"to":"b","chatmode":"c"}),
             NOW,
+            &EventLimits::default(),
         )
         .unwrap();
         assert_eq!(s.at, NOW);

@@ -116,6 +116,8 @@ pub struct AppInner {
     pub draining: Arc<AtomicBool>,
     pub started_ms: UnixMillis,
     pub max_body_bytes: usize,
+    /// What one reported event may claim (`server.max_tokens_per_event`).
+    pub event_limits: events::EventLimits,
     /// The access decision for every API request (keys, roles, refusals counted).
     pub door: Arc<Door>,
     /// The metrics listener's bearer-token check.
@@ -337,6 +339,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         draining: Arc::new(AtomicBool::new(false)),
         started_ms: clock.now_ms(),
         max_body_bytes: cfg.settings.max_body_bytes,
+        event_limits: events::EventLimits {
+            max_tokens: cfg.settings.max_tokens_per_event,
+        },
     }));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

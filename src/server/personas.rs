@@ -25,6 +25,7 @@ use super::AppState;
 use crate::core::clock::to_rfc3339;
 use crate::core::engine::SwitchDecision;
 use crate::core::event::{Event, PersonaSwitch, Stamped};
+use crate::core::labels::NameField;
 use crate::core::routing;
 use crate::store::writer::lock;
 use crate::web::auth::{other_persona, Caller};
@@ -39,14 +40,7 @@ struct SwitchRequest {
 }
 
 fn check_session(session: &str) -> Result<(), ApiError> {
-    if session.is_empty() || session.len() > 256 {
-        return Err(ApiError::bad_request(
-            "invalid_session",
-            "session must be 1 to 256 characters",
-        )
-        .param("session"));
-    }
-    Ok(())
+    ApiError::name(NameField::Session, "session", session).map(|_| ())
 }
 
 pub async fn switch(
@@ -60,6 +54,10 @@ pub async fn switch(
         "{\"session\": \"…\", \"to\": \"persona\", \"chatmode\"?: \"…\"}",
     )?;
     check_session(&req.session)?;
+    ApiError::name(NameField::Persona, "to", &req.to)?;
+    if let Some(c) = &req.chatmode {
+        ApiError::name(NameField::Chatmode, "chatmode", c)?;
+    }
     // A persona key announces only its own persona taking over a session.
     if let Some(key) = caller.persona_key() {
         if !caller.may_act_for(&req.to, |p| state.door.canonical(p)) {

@@ -31,6 +31,7 @@ use super::AppState;
 use crate::config::gateway::GatewaySettings;
 use crate::core::clock::to_rfc3339;
 use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped};
+use crate::core::labels::NameField;
 use crate::core::runs::{Run, RunStatus, StageStatus};
 use crate::core::workflow::{CodeBlock, ModelChoice, QualityGate, Stage, Workflow};
 use crate::store::writer::lock;
@@ -332,16 +333,8 @@ pub async fn create_run(
 ) -> Result<Response, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let req: CreateRun = typed_body(body, state.max_body_bytes, "{\"session\"?: \"…\"}")?;
-    if req
-        .session
-        .as_ref()
-        .is_some_and(|s| s.is_empty() || s.len() > 256)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_session",
-            "session must be 1 to 256 characters",
-        )
-        .param("session"));
+    if let Some(session) = &req.session {
+        ApiError::name(NameField::Session, "session", session)?;
     }
     let id = new_run_id(&state);
     store(
@@ -625,6 +618,14 @@ pub async fn evaluate_gate(
         state.max_body_bytes,
         "{\"workflow\": \"…\", \"stage\": \"…\", \"text\": \"…\", \"completion_tokens\"?: N, \"model\"?: \"…\", \"run\"?: \"…\", \"record\"?: true}",
     )?;
+    ApiError::name(NameField::Workflow, "workflow", &req.workflow)?;
+    ApiError::name(NameField::Stage, "stage", &req.stage)?;
+    if let Some(model) = &req.model {
+        ApiError::name(NameField::Model, "model", model)?;
+    }
+    if let Some(run) = &req.run {
+        ApiError::name(NameField::Run, "run", run)?;
+    }
     let w = workflow_named(&state, &req.workflow)?;
     let s = w
         .stage(&req.stage)

@@ -93,6 +93,20 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// A client-supplied name checked by the rules every source shares (a 400 naming `param`).
+    pub fn name(
+        field: crate::core::labels::NameField,
+        param: &str,
+        value: &str,
+    ) -> Result<String, Self> {
+        crate::core::labels::check_name(field, value)
+            .map(str::to_string)
+            .map_err(|e| {
+                ApiError::bad_request("invalid_name", format!("`{param}` {}", e.reason))
+                    .param(param)
+            })
+    }
+
     /// A body axum could not read: over the size limit (413), or otherwise unreadable (400).
     pub fn from_body_rejection(
         rejection: axum::extract::rejection::BytesRejection,

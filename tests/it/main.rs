@@ -3,6 +3,7 @@
 
 mod access;
 mod alert_rules;
+mod bad_input;
 mod common;
 mod config_reload;
 mod delivery;

@@ -1,0 +1,128 @@
+//! Bad input at the door: names over the limit, absurd token counts and costs. Each is refused
+//! with a status and a body naming the field, and none of it reaches a label, a header or a sum.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_model_name_is_a_400_and_never_a_label_or_a_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let before = s.metrics_text().await.len();
+    let long = format!("mock/{}", "x".repeat(1_000_000));
+    for _ in 0..3 {
+        let resp = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .json(&json!({"model": long, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let header_bytes: usize = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        assert!(header_bytes < 2_000, "{header_bytes} bytes of headers");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "model");
+        assert!(
+            v.to_string().len() < 1_000,
+            "the error echoes the name: {v}"
+        );
+    }
+    // The same rules hold for the embeddings route and the attribution headers.
+    let resp = s
+        .http
+        .post(format!("{}/v1/embeddings", s.api))
+        .json(&json!({"model": long, "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "p".repeat(201))
+        .json(&json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "x-hypertool-persona");
+    // A name at the limit is fine.
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-session", "s".repeat(256))
+        .json(&json!({"model": format!("mock/{}", "m".repeat(195)), "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let after = s.metrics_text().await.len();
+    assert!(
+        after < before + 8_000,
+        "the exposition grew from {before} to {after} bytes"
+    );
+    // The switch API follows the same rules, and does not echo the name either.
+    let (status, v) = s
+        .post_raw(
+            "/v1/personas/switch",
+            json!({"session": "s1", "to": "x".repeat(100_000)}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["param"], "to");
+    assert!(v.to_string().len() < 1_000);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_tokens_and_costs_are_refused_and_sums_stay_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let remaining = |m: &Exposition| {
+        m.get(
+            "hypertool_persona_token_budget_remaining",
+            &[("persona", "backend-engineer")],
+        )
+        .unwrap()
+    };
+    let start = remaining(&s.metrics().await);
+    let mut huge = usage("backend-engineer", "dev", "gpt-4o", 0, 0);
+    huge["prompt_tokens"] = json!(u64::MAX);
+    let mut costly = usage("backend-engineer", "dev", "gpt-4o", 1, 1);
+    costly["cost_usd"] = json!(1e308);
+    let mut slow = usage("backend-engineer", "dev", "gpt-4o", 1, 1);
+    slow["duration_seconds"] = json!(f64::MAX);
+    for (event, field) in [
+        (huge, "prompt_tokens"),
+        (costly.clone(), "cost_usd"),
+        (costly, "cost_usd"),
+        (slow, "duration_seconds"),
+    ] {
+        let (status, v) = s.post_events(json!([event])).await;
+        assert_eq!(status, 422, "{v}");
+        assert_eq!(v["rejected"][0]["field"], field, "{v}");
+    }
+    // The largest accepted cost, many times over: the sum stays finite.
+    let mut dear = usage("backend-engineer", "dev", "gpt-4o", 1, 0);
+    dear["cost_usd"] = json!(1e6);
+    let (status, _) = s.post_events(json!(vec![dear; 50])).await;
+    assert_eq!(status, 200);
+    let m = s.metrics().await;
+    let cost = m.sum("hypertool_persona_cost_usd_total");
+    assert!(cost.is_finite() && (cost - 5e7).abs() < 1.0, "{cost}");
+    assert_eq!(
+        remaining(&m),
+        start - 50.0,
+        "only the 50 accepted tokens count"
+    );
+    let (_, budget) = s.get_json("/api/budgets/backend-engineer").await;
+    assert!(budget["used_cost_usd"].is_number(), "{budget}");
+    s.stop().await;
+}
