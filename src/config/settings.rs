@@ -315,10 +315,14 @@ impl Settings {
                 .fix("use at least 1 (the default is 1024)"),
             );
         }
-        let max_connections_per_client = raw
-            .server
-            .max_connections_per_client
-            .unwrap_or((max_connections / 4).max(1));
+        let max_connections_per_client =
+            raw.server
+                .max_connections_per_client
+                .unwrap_or(if max_connections >= 256 {
+                    max_connections / 4
+                } else {
+                    max_connections
+                });
         if max_connections_per_client == 0 {
             errors.push(
                 ConfigError::new(
@@ -326,7 +330,7 @@ impl Settings {
                     line_of_key(text, "max_connections_per_client"),
                     "`server.max_connections_per_client` = 0 would refuse every client",
                 )
-                .fix("use at least 1 (the default is a quarter of max_connections)"),
+                .fix("use at least 1 (the default is a quarter of max_connections from 256 on)"),
             );
         }
         let max_tokens_per_event = raw.server.max_tokens_per_event.unwrap_or(1_000_000_000);

@@ -13,6 +13,7 @@
 //! 30 seconds without a request (hyper's header-read timeout, which also stops slow-header clients).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,15 +85,47 @@ impl Limits {
     }
 }
 
+/// How the listener treats connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open connections at once (`server.max_connections`).
+    pub max_connections: usize,
+    /// Open connections of one client address (`server.max_connections_per_client`).
+    pub per_client: usize,
+    /// Time to send a request head, and the longest idle time between requests.
+    pub header_timeout: Duration,
+}
+
+/// Open connections per client address. A client at its cap gets a 503 and its new connection
+/// closed at accept, before it takes a slot: one address cannot hold every slot, so a stalled or
+/// slow sender (or a client that leaks connections) cannot lock everyone else out.
+#[derive(Default)]
+struct PerClient {
+    open: std::collections::HashMap<IpAddr, usize>,
+}
+
+/// The answer a client over its connection cap gets before its connection is closed.
+fn over_client_cap() -> Vec<u8> {
+    let body = r#"{"error":{"message":"too many open connections from this address (server.max_connections_per_client); reuse connections","type":"server_error","code":"overloaded"}}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Serves `app` on `listener` until `shutdown` turns true; then stops accepting, lets every
 /// connection finish its request in progress, and returns when all are closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    max_connections: usize,
+    limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let cap = max_connections.max(1);
+    let cap = limits.max_connections.max(1);
+    let per_client_cap = limits.per_client.max(1);
+    let header_timeout = limits.header_timeout;
+    let per_client = Arc::new(Mutex::new(PerClient::default()));
     let limits = Arc::new(Limits {
         slots: Arc::new(Semaphore::new(cap)),
         open: Mutex::new(OpenConnections::default()),
@@ -101,15 +134,37 @@ pub async fn serve(
     });
     let connections = TaskTracker::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stopped(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_error(e).await;
                     continue;
                 }
             },
+        };
+        let client = peer.ip();
+        let admitted = {
+            let mut pc = per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let n = pc.open.entry(client).or_insert(0);
+            // A per-client cap as large as the global one is no cap: the global reclaim rules.
+            if *n >= per_client_cap && per_client_cap < cap {
+                false
+            } else {
+                *n += 1;
+                true
+            }
+        };
+        if !admitted {
+            // Best effort, never waiting: a client that does not read its 503 just sees the close.
+            let _ = stream.try_write(&over_client_cap());
+            drop(stream);
+            continue;
+        }
+        let client_slot = ClientSlot {
+            per_client: per_client.clone(),
+            client,
         };
         // Only a client that is here (accepted, not yet served) makes room: reclaiming for one
         // that may never come would close connections for nothing.
@@ -130,8 +185,10 @@ pub async fn serve(
         let service = TowerToHyperService::new(app.clone());
         let (limits, mut stop) = (limits.clone(), shutdown.clone());
         connections.spawn(async move {
+            let _client_slot = client_slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -151,6 +208,24 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// A connection counted against its client address until it closes.
+struct ClientSlot {
+    per_client: Arc<Mutex<PerClient>>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut pc = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pc.open.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                pc.open.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// Resolves once `shutdown` is true (the guard `wait_for` returns is dropped here: it is not `Send`).

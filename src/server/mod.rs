@@ -346,18 +346,23 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = Duration::from_secs(cfg.settings.shutdown_grace_seconds);
-    let max_connections = cfg.settings.max_connections;
+    let connection_limits = listener::ConnectionLimits {
+        max_connections: cfg.settings.max_connections,
+        per_client: cfg.settings.max_connections_per_client,
+        header_timeout: cfg.settings.header_timeout,
+    };
+    let body_timeout = cfg.settings.body_timeout;
     let background = spawn_background(
         &state,
         cfg,
         opts.listen.is_some() || opts.metrics_listen.is_some(),
     );
 
-    let api = api_router(state.clone());
+    let api = api_router(state.clone(), body_timeout);
     let metrics = metrics_router(state.clone());
     let drain_state = state.clone();
     let task = tokio::spawn(async move {
-        let api_server = listener::serve(api_listener, api, max_connections, shutdown_rx.clone());
+        let api_server = listener::serve(api_listener, api, connection_limits, shutdown_rx.clone());
         let metrics_server = axum::serve(metrics_listener, metrics)
             .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
         let mut rx = shutdown_rx.clone();
@@ -569,20 +574,38 @@ pub async fn evaluate_alerts(state: &AppState) {
     }
 }
 
-fn api_router(state: AppState) -> Router {
+fn api_router(state: AppState, body_timeout: Duration) -> Router {
     let limit = state.max_body_bytes;
     let mut router = Router::new();
     for (route, handler) in routes::routes() {
         router = router.route(route.path, handler);
     }
+    // Layers run outermost (last added) first: the door decides from the head alone, then the
+    // body is read within its time and size limits, then the handler runs.
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            crate::web::body::BodyLimits {
+                max_bytes: limit,
+                timeout: body_timeout,
+                on_refused: {
+                    let stats = state.stats.clone();
+                    Arc::new(move |path: &str, reason: &'static str| {
+                        // The events API counts every request it refuses.
+                        if path == "/v1/events" {
+                            stats.reject(reason, 1);
+                        }
+                    })
+                },
+            },
+            crate::web::body::read_within_limits,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.door.clone(),
             crate::web::auth::layer,
         ))
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 

@@ -3,4 +3,5 @@
 //! Nothing here imports `server` or `gateway`; both import from here.
 
 pub mod auth;
+pub mod body;
 pub mod error;

@@ -126,3 +126,126 @@ async fn absurd_tokens_and_costs_are_refused_and_sums_stay_finite() {
     assert!(budget["used_cost_usd"].is_number(), "{budget}");
     s.stop().await;
 }
+
+/// Opens `n` connections to `addr` from the loopback address `from` and sends each `prefix`,
+/// then leaves them stalled.
+async fn stall(
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    n: usize,
+    prefix: &'static str,
+) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+        let Ok(mut conn) = socket.connect(addr).await else {
+            continue;
+        };
+        if conn.write_all(prefix.as_bytes()).await.is_ok() {
+            open.push(conn);
+        }
+    }
+    open
+}
+
+/// Reads what the server sends on `conn` until it closes (or `deadline` passes: `None`).
+async fn until_closed(
+    conn: &mut tokio::net::TcpStream,
+    deadline: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, read_all).await.ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_and_partial_heads_do_not_lock_other_clients_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_edited(
+        dir.path(),
+        &[
+            ("header_timeout = \"10s\"", "header_timeout = \"3s\""),
+            ("body_timeout = \"30s\"", "body_timeout = \"3s\""),
+        ],
+    )
+    .await;
+    let addr: std::net::SocketAddr = s.api.trim_start_matches("http://").parse().unwrap();
+    // Heads that promise 100,000 bytes of body and send 11, from one address; heads that never
+    // end, from another.
+    let bodies = stall(
+        addr,
+        "127.0.0.2".parse().unwrap(),
+        1_100,
+        "POST /v1/events HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"events\":[",
+    )
+    .await;
+    let heads = stall(
+        addr,
+        "127.0.0.3".parse().unwrap(),
+        1_100,
+        "POST /v1/events HTTP/1.1\r\nhost: t\r\ncontent-le",
+    )
+    .await;
+    // A normal client keeps getting answers, each on a new connection, while they stall.
+    for i in 0..20 {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let resp = http
+            .post(format!("{}/v1/events", s.api))
+            .json(&json!({"events": [usage("backend-engineer", "dev", "gpt-4o", 1, 1)]}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i} was not answered: {e}"));
+        assert_eq!(resp.status(), 200, "request {i}");
+    }
+    // Over its per-client cap (a quarter of 1024), an address is answered 503 at accept.
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for mut conn in bodies {
+        match until_closed(&mut conn, std::time::Duration::from_millis(1)).await {
+            Some(text) => {
+                assert!(
+                    text.is_empty() || text.starts_with("HTTP/1.1 503"),
+                    "{text}"
+                );
+                refused += 1;
+            }
+            None => held.push(conn),
+        }
+    }
+    assert!(held.len() <= 256, "{} stalled bodies held open", held.len());
+    assert!(refused >= 1_100 - 256, "{refused} refused");
+    // The stalled bodies are answered 408 after body_timeout, and closed.
+    for conn in held.iter_mut().take(20) {
+        let text = until_closed(conn, std::time::Duration::from_secs(10))
+            .await
+            .expect("a stalled body was never closed");
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    // The partial heads are closed after header_timeout.
+    for mut conn in heads.into_iter().take(20) {
+        assert!(
+            until_closed(&mut conn, std::time::Duration::from_secs(10))
+                .await
+                .is_some(),
+            "a partial head was never closed"
+        );
+    }
+    // Nothing the stalled clients sent was stored: only the 20 normal events.
+    assert_eq!(s.ledger_totals().await.tokens, 40);
+    s.stop().await;
+}
