@@ -10,7 +10,7 @@ use super::budget::{BudgetSource, BudgetSpec, BudgetState};
 use super::clock::UnixMillis;
 use super::event::GateVerdictEvent;
 use super::event::{Event, GateResult, Stamped};
-use super::labels::{Admitted, LabelGuard, LabelKind, OTHER};
+use super::labels::{self as label_guard, LabelGuard, LabelKind, OTHER};
 use super::persona::PersonaRegistry;
 use super::runs::{EndedStage, RunStatus, Runs};
 use super::series::{
@@ -173,6 +173,67 @@ pub enum Admission {
     },
 }
 
+/// The run stage a call is for: its token budget per run is reserved with the persona's budget,
+/// and its first call starts it.
+#[derive(Debug, Clone, Copy)]
+pub struct StageClaim<'a> {
+    pub run: &'a str,
+    pub workflow: &'a str,
+    pub stage: &'a str,
+    /// `budget_tokens` of the stage, if it has one.
+    pub budget_tokens: Option<u64>,
+}
+
+/// What a call asks of admission.
+#[derive(Debug, Clone, Copy)]
+pub struct CallClaim<'a> {
+    pub persona: &'a str,
+    /// Tokens the call may use (prompt estimate + its completion limit).
+    pub estimate: u64,
+    /// USD the call may cost (0 without prices).
+    pub cost_estimate: f64,
+    pub stage: Option<StageClaim<'a>>,
+}
+
+/// Tokens held against a run's stage budget until released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageHold {
+    pub run: String,
+    pub stage: String,
+    pub tokens: u64,
+}
+
+/// A call admitted: what it holds, and what the caller must do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admitted {
+    pub reserved: u64,
+    pub reserved_cost: f64,
+    /// The persona's `downgrade` budget is spent: the call goes to the cheaper model.
+    pub downgrade: bool,
+    pub stage: Option<StageHold>,
+    /// This call is the stage's first: the caller stores `stage_started` before calling upstream
+    /// (or, when it cannot, calls [`Engine::forget_stage_start`]).
+    pub start_stage: bool,
+}
+
+/// Why admission refused a call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The persona's `block` budget (see [`Admission::Blocked`]).
+    Budget(Admission),
+    /// The run's stage has no tokens left for this call.
+    StageBudget {
+        workflow: String,
+        stage: String,
+        run: String,
+        budget: u64,
+        used: u64,
+        in_flight: u64,
+    },
+    /// The run is not running (finished, failed, cancelled), or unknown.
+    RunNotRunning { run: String, status: &'static str },
+}
+
 /// The mutable heart of hypertool.
 #[derive(Debug)]
 pub struct Engine {
@@ -189,6 +250,11 @@ pub struct Engine {
     reserved: HashMap<String, u64>,
     /// USD reserved by calls in flight, per canonical persona (cost budgets).
     reserved_cost: HashMap<String, f64>,
+    /// Tokens reserved by calls in flight against a run's stage budget, per (run, stage).
+    stage_reserved: HashMap<(String, String), u64>,
+    /// Stages whose first call was admitted and whose `stage_started` is on its way to the
+    /// ledger: later calls do not start them again.
+    stage_starting: std::collections::HashSet<(String, String)>,
     /// Replaying the ledger: rebuild state, but do not log warnings again.
     quiet: bool,
     runs: Runs,
@@ -210,6 +276,8 @@ impl Engine {
             kinds: Interned::default(),
             reserved: HashMap::new(),
             reserved_cost: HashMap::new(),
+            stage_reserved: HashMap::new(),
+            stage_starting: std::collections::HashSet::new(),
             quiet: false,
             runs: Runs::default(),
             oscillation_notices: std::collections::VecDeque::new(),
@@ -293,6 +361,7 @@ impl Engine {
             kinds,
             quiet,
             runs,
+            stage_starting,
             ..
         } = self;
         let personas = &config.personas;
@@ -394,6 +463,9 @@ impl Engine {
             } => {
                 let persona = persona.as_deref().map(|p| personas.canonical(p));
                 ended = runs.start_stage(run, stage, persona, at);
+                if !stage_starting.is_empty() {
+                    stage_starting.remove(&(run.clone(), stage.clone()));
+                }
             }
             Event::StageFinished { run, stage, .. } => {
                 ended.extend(runs.finish_stage(run, stage, at));
@@ -486,10 +558,7 @@ impl Engine {
         self.absorb(closed);
     }
 
-    /// Admission control for one call: in `block` mode, refuse when the tokens used plus those
-    /// reserved by calls in flight plus this call's estimate exceed the limit (and likewise for a
-    /// cost budget, with the call's estimated cost); otherwise reserve the estimates. Usage can then
-    /// pass the limit only by what calls in flight use beyond their estimates.
+    /// Admission for one call of a persona, outside any run (see [`Engine::admit_call`]).
     pub fn admit(
         &mut self,
         persona: &str,
@@ -497,14 +566,88 @@ impl Engine {
         cost_estimate: f64,
         now: UnixMillis,
     ) -> Admission {
-        let canonical = self.config.personas.canonical(persona).to_string();
+        let claim = CallClaim {
+            persona,
+            estimate,
+            cost_estimate,
+            stage: None,
+        };
+        match self.admit_call(&claim, now) {
+            Ok(a) if a.downgrade => Admission::Downgrade {
+                reserved: a.reserved,
+                reserved_cost: a.reserved_cost,
+            },
+            Ok(a) => Admission::Allowed {
+                reserved: a.reserved,
+                reserved_cost: a.reserved_cost,
+            },
+            Err(Refusal::Budget(blocked)) => blocked,
+            // Without a stage claim, only the persona's budget can refuse.
+            Err(_) => Admission::Allowed {
+                reserved: 0,
+                reserved_cost: 0.0,
+            },
+        }
+    }
+
+    /// Admission control for one call, decided at once for everything it draws on: the persona's
+    /// token and cost budgets and, for a call in a run, the stage's token budget for the run, all
+    /// counting what calls in flight hold. In `block` mode a budget that this call would pass
+    /// refuses it; otherwise the estimates are reserved together (given back by [`Engine::release`]
+    /// and [`Engine::release_stage`] once the real usage is applied). Usage can then pass a limit
+    /// only by what calls admitted together use beyond their estimates. The first call of a stage
+    /// that is not running is told to start it; calls admitted while its `stage_started` is on the
+    /// way are not.
+    pub fn admit_call(
+        &mut self,
+        claim: &CallClaim<'_>,
+        now: UnixMillis,
+    ) -> Result<Admitted, Refusal> {
+        let canonical = self.config.personas.canonical(claim.persona).to_string();
+        let estimate = claim.estimate;
         let in_flight = self.reserved.get(&canonical).copied().unwrap_or(0);
         let in_flight_cost = self.reserved_cost.get(&canonical).copied().unwrap_or(0.0);
-        let cost_estimate = if cost_estimate.is_finite() {
-            cost_estimate.max(0.0)
+        let cost_estimate = if claim.cost_estimate.is_finite() {
+            claim.cost_estimate.max(0.0)
         } else {
             0.0
         };
+        // The run's stage first: its refusal changes nothing.
+        let mut start_stage = false;
+        let mut stage_hold = None;
+        if let Some(st) = &claim.stage {
+            let Some(run) = self.runs.get(st.run) else {
+                return Err(Refusal::RunNotRunning {
+                    run: st.run.to_string(),
+                    status: "unknown",
+                });
+            };
+            if run.status != super::runs::RunStatus::Running {
+                return Err(Refusal::RunNotRunning {
+                    run: st.run.to_string(),
+                    status: run.status.as_str(),
+                });
+            }
+            let key = (st.run.to_string(), st.stage.to_string());
+            let stage_run = run.stages.get(st.stage);
+            let used = stage_run.map_or(0, |s| s.tokens);
+            let running = stage_run.is_some_and(|s| s.status == super::runs::StageStatus::Running);
+            let held = self.stage_reserved.get(&key).copied().unwrap_or(0);
+            if let Some(budget) = st.budget_tokens {
+                if used.saturating_add(held).saturating_add(estimate) > budget {
+                    return Err(Refusal::StageBudget {
+                        workflow: st.workflow.to_string(),
+                        stage: st.stage.to_string(),
+                        run: st.run.to_string(),
+                        budget,
+                        used,
+                        in_flight: held,
+                    });
+                }
+            }
+            start_stage = !running && !self.stage_starting.contains(&key);
+            stage_hold = Some((key, estimate));
+        }
         let mut downgrade = false;
         if let Some(budget) = self.budgets.get_mut(&canonical) {
             budget.roll(now);
@@ -519,7 +662,7 @@ impl Engine {
             let over = over_tokens || over_cost;
             downgrade = over && budget.spec.mode == super::budget::BudgetMode::Downgrade;
             if over && budget.spec.mode == super::budget::BudgetMode::Block {
-                return Admission::Blocked {
+                return Err(Refusal::Budget(Admission::Blocked {
                     persona: canonical,
                     limit: budget.spec.tokens,
                     used,
@@ -533,24 +676,52 @@ impl Engine {
                                 .map(|limit| (limit, budget.used_cost(), in_flight_cost))
                         })
                         .flatten(),
-                };
+                }));
             }
         }
-        *self.reserved.entry(canonical.clone()).or_insert(0) += estimate;
+        // Everything admits the call: reserve it all.
+        let r = self.reserved.entry(canonical.clone()).or_insert(0);
+        *r = r.saturating_add(estimate);
         if cost_estimate > 0.0 {
             *self.reserved_cost.entry(canonical).or_insert(0.0) += cost_estimate;
         }
-        if downgrade {
-            Admission::Downgrade {
-                reserved: estimate,
-                reserved_cost: cost_estimate,
+        let stage = stage_hold.map(|(key, tokens)| {
+            let h = self.stage_reserved.entry(key.clone()).or_insert(0);
+            *h = h.saturating_add(tokens);
+            if start_stage {
+                self.stage_starting.insert(key.clone());
             }
-        } else {
-            Admission::Allowed {
-                reserved: estimate,
-                reserved_cost: cost_estimate,
+            StageHold {
+                run: key.0,
+                stage: key.1,
+                tokens,
+            }
+        });
+        Ok(Admitted {
+            reserved: estimate,
+            reserved_cost: cost_estimate,
+            downgrade,
+            stage,
+            start_stage,
+        })
+    }
+
+    /// Gives back a run stage's reservation made by [`Engine::admit_call`].
+    pub fn release_stage(&mut self, hold: &StageHold) {
+        let key = (hold.run.clone(), hold.stage.clone());
+        if let Some(h) = self.stage_reserved.get_mut(&key) {
+            *h = h.saturating_sub(hold.tokens);
+            if *h == 0 {
+                self.stage_reserved.remove(&key);
             }
         }
+    }
+
+    /// The `stage_started` of an admitted first call could not be stored: the next call starts
+    /// the stage instead.
+    pub fn forget_stage_start(&mut self, run: &str, stage: &str) {
+        self.stage_starting
+            .remove(&(run.to_string(), stage.to_string()));
     }
 
     /// Whether the persona's budget can refuse or reroute calls (`block` or `downgrade`): only then
@@ -771,7 +942,7 @@ fn admit(
     kind: LabelKind,
     raw: &str,
 ) -> Arc<str> {
-    let Admitted { value, first_fold } = labels.admit(kind, raw);
+    let label_guard::Admitted { value, first_fold } = labels.admit(kind, raw);
     if value.as_ref() == OTHER && raw != OTHER {
         if first_fold {
             tracing::warn!(
@@ -809,6 +980,97 @@ mod tests {
         };
         assert!(engine.set_override("backend-engineer", Some(spec), 0));
         engine
+    }
+
+    #[test]
+    fn a_run_stage_budget_and_the_stage_start_are_decided_with_admission() {
+        let config = load(&Source::Embedded).unwrap().engine_config();
+        let mut e = Engine::new(config, 0);
+        let stamp = |at, event| Stamped { at, event };
+        e.apply(&stamp(
+            0,
+            Event::RunStarted {
+                run: "r1".into(),
+                workflow: "feature-development".into(),
+                session: None,
+            },
+        ));
+        let claim = |estimate| CallClaim {
+            persona: "backend-engineer",
+            estimate,
+            cost_estimate: 0.0,
+            stage: Some(StageClaim {
+                run: "r1",
+                workflow: "feature-development",
+                stage: "design",
+                budget_tokens: Some(100),
+            }),
+        };
+        // The first call starts the stage; the next, admitted before its stage_started is
+        // applied, does not start it again.
+        let first = e.admit_call(&claim(40), 1).unwrap();
+        assert!(first.start_stage);
+        let second = e.admit_call(&claim(40), 2).unwrap();
+        assert!(!second.start_stage);
+        // 80 held in flight: 30 more would pass the 100-token stage budget, nothing was used yet.
+        match e.admit_call(&claim(30), 3) {
+            Err(Refusal::StageBudget {
+                used, in_flight, ..
+            }) => assert_eq!((used, in_flight), (0, 80)),
+            other => panic!("{other:?}"),
+        }
+        // The persona's reservation was not taken by the refused call.
+        assert_eq!(e.reserved("backend-engineer"), 80);
+        assert!(e.admit_call(&claim(20), 3).is_ok());
+        e.apply(&stamp(
+            4,
+            Event::StageStarted {
+                run: "r1".into(),
+                workflow: "feature-development".into(),
+                stage: "design".into(),
+                persona: Some("backend-engineer".into()),
+            },
+        ));
+        // One call settles with 35 tokens; its hold is given back.
+        e.apply(&stamp(
+            5,
+            Event::Usage(Usage {
+                run: Some("r1".into()),
+                persona: "backend-engineer".into(),
+                chatmode: "c".into(),
+                model: "m".into(),
+                prompt_tokens: 30,
+                completion_tokens: 5,
+                workflow: Some("feature-development".into()),
+                stage: Some("design".into()),
+                session: None,
+                cost_usd: None,
+                duration_seconds: None,
+                estimated: false,
+            }),
+        ));
+        e.release_stage(first.stage.as_ref().unwrap());
+        e.release("backend-engineer", first.reserved, 0.0);
+        // used 35 + in flight 60 = 95: 5 fit, 6 do not.
+        assert!(e.admit_call(&claim(6), 6).is_err());
+        let last = e.admit_call(&claim(5), 6).unwrap();
+        assert!(!last.start_stage, "the stage is running");
+        // A finished run admits nothing more.
+        e.apply(&stamp(
+            7,
+            Event::RunFinished {
+                run: "r1".into(),
+                workflow: "feature-development".into(),
+                status: "completed".into(),
+            },
+        ));
+        assert!(matches!(
+            e.admit_call(&claim(1), 8),
+            Err(Refusal::RunNotRunning {
+                status: "completed",
+                ..
+            })
+        ));
     }
 
     #[test]

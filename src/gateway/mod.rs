@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
-use crate::core::engine::{Admission, Engine};
+use crate::core::engine::{Admission, CallClaim, Engine, Refusal, StageClaim, StageHold};
 use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped, Usage};
 use crate::core::workflow::GateVerdict;
 use crate::core::workflow::Workflows;
@@ -207,48 +207,89 @@ struct Reservation {
     tokens: u64,
     /// USD held against a cost budget.
     cost: f64,
+    /// Tokens held against the run's stage budget.
+    stage: Option<StageHold>,
     /// The in-flight slot, released with the reservation.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        lock(&self.engine).release(&self.persona, self.tokens, self.cost);
+        let mut engine = lock(&self.engine);
+        engine.release(&self.persona, self.tokens, self.cost);
+        if let Some(hold) = &self.stage {
+            engine.release_stage(hold);
+        }
     }
 }
 
 impl Reservation {
-    /// Admission for one call: reserves `estimate` tokens and `cost` USD for `persona` (returned
-    /// with whether a `downgrade` budget asks for the cheaper model), or the refusal of a `block`
-    /// budget. The reservation is given back when it is dropped.
+    /// Admission for one call of `meta` (see [`Engine::admit_call`]): reserves `estimate` tokens
+    /// and `cost` USD for the persona and, in a run, the tokens against the stage's budget. Returns
+    /// the reservation (given back when dropped), whether a `downgrade` budget asks for the
+    /// cheaper model, and whether this call must start its stage; or the refusal.
     fn take(
         state: &AppState,
-        persona: &str,
+        meta: &CallMeta,
         estimate: u64,
         cost: f64,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> Result<(Reservation, bool), Admission> {
-        let admission = lock(&state.engine).admit(persona, estimate, cost, state.clock.now_ms());
-        let (tokens, cost, downgraded) = match admission {
-            Admission::Allowed {
-                reserved,
-                reserved_cost,
-            } => (reserved, reserved_cost, false),
-            Admission::Downgrade {
-                reserved,
-                reserved_cost,
-            } => (reserved, reserved_cost, true),
-            blocked @ Admission::Blocked { .. } => return Err(blocked),
+    ) -> Result<(Reservation, bool, bool), Refusal> {
+        let stage = meta.stage_call.as_ref().and_then(|c| {
+            c.run.as_deref().map(|run| StageClaim {
+                run,
+                workflow: &c.workflow.name,
+                stage: &c.stage.name,
+                budget_tokens: c.stage.budget_tokens,
+            })
+        });
+        let claim = CallClaim {
+            persona: &meta.persona,
+            estimate,
+            cost_estimate: cost,
+            stage,
         };
+        let admitted = lock(&state.engine).admit_call(&claim, state.clock.now_ms())?;
         let reservation = Reservation {
             engine: state.engine.clone(),
-            persona: persona.to_string(),
-            tokens,
-            cost,
+            persona: meta.persona.clone(),
+            tokens: admitted.reserved,
+            cost: admitted.reserved_cost,
+            stage: admitted.stage,
             _permit: permit,
         };
-        Ok((reservation, downgraded))
+        Ok((reservation, admitted.downgrade, admitted.start_stage))
     }
+}
+
+/// Stores the `stage_started` of a run stage's first call (admission chose this call); when it
+/// cannot be stored, the next call of the stage starts it instead.
+async fn start_run_stage(state: &AppState, meta: &CallMeta) -> Result<(), ApiError> {
+    let Some((call, run)) = meta
+        .stage_call
+        .as_ref()
+        .and_then(|c| c.run.as_ref().map(|r| (c, r)))
+    else {
+        return Ok(());
+    };
+    let persona = lock(&state.engine)
+        .personas()
+        .canonical(&meta.persona)
+        .to_string();
+    let event = Stamped {
+        at: state.clock.now_ms(),
+        event: Event::StageStarted {
+            run: run.clone(),
+            workflow: call.workflow.name.clone(),
+            stage: call.stage.name.clone(),
+            persona: Some(persona),
+        },
+    };
+    if let Err(e) = state.writer.append(vec![event]).await {
+        lock(&state.engine).forget_stage_start(run, &call.stage.name);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 /// Who a call is for and what it asked.
@@ -542,12 +583,12 @@ pub async fn chat_completions(
     let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
     // Tokenizing costs more than the rest of the call's bookkeeping: do it only when a budget
-    // enforces (block, downgrade); otherwise a rough count is enough to reserve with.
-    let precise = lock(&state.engine).enforces(
-        header(&headers, "x-hypertool-persona")
-            .as_deref()
-            .unwrap_or(""),
-    ) || key.is_some_and(|k| lock(&state.engine).enforces(&k.persona));
+    // enforces (the persona's in block or downgrade mode, or the run stage's budget); otherwise a
+    // rough count is enough to reserve with.
+    let stage_budgeted = stage_call
+        .as_ref()
+        .is_some_and(|c| c.run.is_some() && c.stage.budget_tokens.is_some());
+    let precise = stage_budgeted || lock(&state.engine).enforces(&persona);
     let prompt_estimate = if precise {
         tokens::count_messages(messages)
     } else {
@@ -665,56 +706,22 @@ pub async fn chat_completions(
         _ => None,
     };
 
-    // A call in a run: the stage's token budget for the run, and the stage starts with its first call.
-    if let Some(c) = meta.stage_call.clone() {
-        if let Some(run) = &c.run {
-            if let Some(budget) = c.stage.budget_tokens {
-                let used = lock(&state.engine)
-                    .runs()
-                    .get(run)
-                    .and_then(|r| r.stages.get(&c.stage.name))
-                    .map_or(0, |s| s.tokens);
-                let needs = prompt_estimate.saturating_add(max_tokens);
-                if used.saturating_add(needs) > budget {
-                    state.gateway.count(&meta.route.upstream, "budget_exceeded");
-                    return Err(ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "budget_exceeded",
-                        "stage_budget_exceeded",
-                        format!(
-                            "stage `{}` of run `{run}` has used {used} of its {budget}-token budget (budget_tokens in workflow `{}`) and this call needs about {needs}",
-                            c.stage.name, c.workflow.name
-                        ),
-                    ));
-                }
-            }
-            let canonical = lock(&state.engine)
-                .personas()
-                .canonical(&meta.persona)
-                .to_string();
-            crate::server::workflows::ensure_stage_started(
-                &state,
-                &c.workflow,
-                run,
-                &c.stage.name,
-                Some(canonical),
-            )
-            .await?;
-        }
-    }
-
     let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
 
-    // Admission: reserve the estimate; a spent `block` budget refuses.
+    // Admission: the persona's budgets and the run's stage budget reserved together; a spent
+    // `block` budget refuses. The first call of a stage starts it.
     let estimate = prompt_estimate.saturating_add(max_tokens);
     let cost_estimate = cost_of(&meta.route, prompt_estimate, max_tokens);
-    let (reservation, downgraded) =
-        Reservation::take(&state, &meta.persona, estimate, cost_estimate, Some(permit)).map_err(
-            |blocked| {
+    let (reservation, downgraded, start_stage) =
+        Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
+            |refusal| {
                 state.gateway.count(&meta.route.upstream, "budget_exceeded");
-                budget_exceeded(&blocked, estimate, cost_estimate)
+                refused(&refusal, estimate, cost_estimate)
             },
         )?;
+    if start_stage {
+        start_run_stage(&state, &meta).await?;
+    }
     if downgraded {
         let canonical = lock(&state.engine)
             .personas()
@@ -900,9 +907,37 @@ fn cost_of(route: &ModelRoute, prompt: u64, completion: u64) -> f64 {
     route.prices.map_or(0.0, |p| p.cost(prompt, completion))
 }
 
-/// The 429 for a call a `block` budget refused: what is spent, what calls in flight hold, what
-/// this call needs, and when the period resets.
-fn budget_exceeded(blocked: &Admission, estimate: u64, cost_estimate: f64) -> ApiError {
+/// The answer to a call admission refused: 429 for a spent budget (what is spent, what calls in
+/// flight hold, what this call needs, and when the period resets), 409 for a run that has ended.
+fn refused(refusal: &Refusal, estimate: u64, cost_estimate: f64) -> ApiError {
+    let blocked = match refusal {
+        Refusal::Budget(blocked) => blocked,
+        Refusal::StageBudget {
+            workflow,
+            stage,
+            run,
+            budget,
+            used,
+            in_flight,
+        } => {
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                "stage_budget_exceeded",
+                format!(
+                    "stage `{stage}` of run `{run}` has used {used} of its {budget}-token budget (budget_tokens in workflow `{workflow}`; {in_flight} more reserved by calls in flight) and this call needs about {estimate}"
+                ),
+            )
+        }
+        Refusal::RunNotRunning { run, status } => {
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "run_finished",
+                format!("run `{run}` is {status}; start a new run for more work"),
+            )
+        }
+    };
     let Admission::Blocked {
         persona,
         limit,
@@ -1081,12 +1116,12 @@ async fn plain_call(
                     .unwrap_or_else(|| attempt_meta.route.clone());
                 let estimate = attempt_meta.prompt_estimate;
                 let cost = cost_of(&target, estimate, 0);
-                match Reservation::take(&state, &attempt_meta.persona, estimate, cost, None) {
+                match Reservation::take(&state, &attempt_meta, estimate, cost, None) {
                     Err(_) => {
                         tracing::info!(persona = %attempt_meta.persona, "quality-gate retry skipped: the budget is spent");
                         None
                     }
-                    Ok((reservation, _)) => {
+                    Ok((reservation, _, _)) => {
                         held.push(reservation);
                         Some(target)
                     }
@@ -1197,11 +1232,12 @@ pub async fn embeddings(
     let meta = CallMeta::new(&settings, &headers, persona, route, estimate);
     let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
     let cost_estimate = cost_of(&meta.route, estimate, 0);
-    let (reservation, _) =
-        Reservation::take(&state, &meta.persona, estimate, cost_estimate, Some(permit)).map_err(
-            |blocked| {
+    // Embeddings are not stage calls (no stage claim): only the persona's budgets apply.
+    let (reservation, _, _) =
+        Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
+            |refusal| {
                 state.gateway.count(&meta.route.upstream, "budget_exceeded");
-                budget_exceeded(&blocked, estimate, cost_estimate)
+                refused(&refusal, estimate, cost_estimate)
             },
         )?;
     request.insert(

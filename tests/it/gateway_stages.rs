@@ -373,3 +373,89 @@ async fn stage_models_prompt_limits_budgets_and_bad_headers() {
         .starts_with("fail; json_schema: no JSON found"));
     s.stop().await;
 }
+
+const TIGHT: &str = r#"
+name: tight
+description: one stage with a small budget per run, for the concurrency test
+stages:
+  - name: build
+    persona: backend-engineer
+    budget_tokens: 1000
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_of_one_run_stay_within_the_stage_budget_and_the_ledger_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // The mock answers after 50 ms, so the calls overlap; each uses its prompt + 16 tokens.
+    let s = start_edited(dir.path(), &[("latency_ms = 0", "latency_ms = 50")]).await;
+    let workflows = dir.path().join("config/workflows");
+    std::fs::write(workflows.join("tight.yml"), TIGHT).unwrap();
+    // The reloader picks up the new workflow.
+    let run = eventually("the tight workflow", Duration::from_secs(10), || {
+        let (http, api) = (s.http.clone(), s.api.clone());
+        async move {
+            let resp = http
+                .post(format!("{api}/v1/workflows/tight/runs"))
+                .json(&json!({}))
+                .send()
+                .await
+                .ok()?;
+            if resp.status() != 201 {
+                return None;
+            }
+            let v: Value = resp.json().await.ok()?;
+            v["id"].as_str().map(str::to_string)
+        }
+    })
+    .await;
+    let calls = (0..200).map(|i| {
+        let (http, api, run) = (s.http.clone(), s.api.clone(), run.clone());
+        tokio::spawn(async move {
+            let resp = http
+                .post(format!("{api}/v1/chat/completions"))
+                .header("x-hypertool-workflow", "tight")
+                .header("x-hypertool-stage", "build")
+                .header("x-hypertool-run", &run)
+                .header("cache-control", "no-store")
+                .json(&json!({"model": "mock/gpt-4o", "max_tokens": 16,
+                    "messages": [{"role": "user", "content": format!("call {i}")}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap();
+            (status, v)
+        })
+    });
+    let mut answered = 0u64;
+    let mut refused = 0;
+    for call in calls {
+        let (status, v) = call.await.unwrap();
+        match status {
+            200 => answered += v["usage"]["total_tokens"].as_u64().unwrap(),
+            429 => {
+                assert_eq!(v["error"]["code"], "stage_budget_exceeded", "{v}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(refused > 0, "the budget never refused a call");
+    settled(&s, answered).await;
+    // The ledger holds exactly what the answered calls used, and so does the run's stage.
+    assert_eq!(s.ledger_totals().await.tokens, answered);
+    let (_, view) = s.get_json(&format!("/v1/workflows/tight/runs/{run}")).await;
+    let used = view["stages"]["build"]["tokens"].as_u64().unwrap();
+    assert_eq!(used, answered);
+    // Every call's estimate covers its usage (precise prompt count + max_tokens), so the documented
+    // bound (the budget plus what calls admitted together use beyond their estimates) is the
+    // budget itself.
+    assert!(
+        used <= 1000,
+        "{used} tokens used of a 1000-token stage budget"
+    );
+    assert!(used > 1000 - 40, "admission left {used} of 1000 unused");
+    // One stage started, once.
+    assert_eq!(view["stages"]["build"]["status"], "running");
+    s.stop().await;
+}
