@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::error::{line_of_key, ConfigError};
+use super::gateway::RateLimits;
 use crate::core::budget::{BudgetMode, BudgetSource, BudgetSpec, Period};
 use crate::core::persona::PersonaRegistry;
+use std::num::NonZeroU32;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,11 +36,28 @@ pub struct RawBudget {
     pub period: Option<Period>,
     pub mode: Option<BudgetMode>,
     pub soft_limit: Option<f64>,
+    /// Gateway calls per minute of this persona (budgets.yml only).
+    pub requests_per_minute: Option<u32>,
+    /// Tokens per minute of this persona's gateway calls, as admission estimates them.
+    pub tokens_per_minute: Option<u32>,
 }
 
 impl RawBudget {
+    pub fn rate_limits(&self) -> RateLimits {
+        RateLimits {
+            requests_per_minute: self.requests_per_minute.and_then(NonZeroU32::new),
+            tokens_per_minute: self.tokens_per_minute.and_then(NonZeroU32::new),
+        }
+    }
+
     /// Checks values serde cannot: a cost must be a finite, non-negative number.
     pub fn check(&self) -> Result<(), String> {
+        if self.requests_per_minute == Some(0) || self.tokens_per_minute == Some(0) {
+            return Err(
+                "a rate of 0 per minute would refuse every call; leave the key out for no limit"
+                    .into(),
+            );
+        }
         match (self.cost_usd, self.soft_limit) {
             (Some(c), _) if !c.is_finite() || c < 0.0 => {
                 Err(format!("cost_usd must be a non-negative number, got {c}"))
@@ -158,4 +177,23 @@ pub fn resolve_budgets(
     } else {
         Err(errors)
     }
+}
+
+/// The rate limits `budgets.yml` sets per persona (canonical names). Problems in the file are
+/// reported by [`resolve_budgets`]; here an unreadable file simply sets no limits.
+pub fn resolve_rate_limits(
+    text: Option<&str>,
+    personas: &PersonaRegistry,
+) -> BTreeMap<String, RateLimits> {
+    let raw: RawBudgetsFile = text
+        .and_then(|t| serde_yaml_ng::from_str(t).ok())
+        .unwrap_or_default();
+    raw.personas
+        .iter()
+        .filter_map(|(key, entry)| {
+            let persona = personas.get(key)?;
+            let limits = entry.rate_limits();
+            (!limits.is_empty()).then(|| (persona.name.clone(), limits))
+        })
+        .collect()
 }

@@ -114,6 +114,8 @@ pub struct Config {
     pub settings: Settings,
     pub personas: PersonaRegistry,
     pub budgets: BTreeMap<String, (BudgetSpec, BudgetSource)>,
+    /// Gateway rate limits per persona (canonical name) from `budgets.yml`.
+    pub rate_limits: BTreeMap<String, gateway::RateLimits>,
     pub workflows: Workflows,
     /// Hash of every file read: a reload applies only when it changes.
     pub fingerprint: u64,
@@ -338,6 +340,7 @@ pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
                 BTreeMap::new()
             }
         };
+    let rate_limits = budgets::resolve_rate_limits(files.budgets.1.as_deref(), &registry);
     for (i, key) in settings.gateway.keys.iter().enumerate() {
         if registry.get(&key.persona).is_none() {
             errors.push(
@@ -374,6 +377,7 @@ pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
         settings,
         personas: registry,
         budgets,
+        rate_limits,
         workflows,
     })
 }

@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod ratelimit;
 pub mod request;
 pub mod stage;
 pub mod tokens;
@@ -53,6 +54,8 @@ pub struct Gateway {
     /// (workflow, stage) → (prompts cut, tokens removed)
     truncations: Mutex<BTreeMap<(String, String), (u64, u64)>>,
     pub cache: cache::ResponseCache,
+    /// Requests and tokens per minute per key and per persona.
+    pub limits: ratelimit::RateLimiters,
     /// Bounds calls in flight to upstreams (`gateway.max_in_flight`, fixed at start-up).
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Calls waiting for an in-flight slot (at most `max_in_flight`; more are refused at once).
@@ -98,8 +101,13 @@ impl WarnThrottle {
 }
 
 impl Gateway {
-    pub fn new(settings: GatewaySettings, workflows: Workflows) -> Self {
+    pub fn new(
+        settings: GatewaySettings,
+        workflows: Workflows,
+        clock: Arc<dyn crate::core::clock::Clock>,
+    ) -> Self {
         Gateway {
+            limits: ratelimit::RateLimiters::new(clock),
             workflows: RwLock::new(Arc::new(workflows)),
             cache: cache::ResponseCache::new(settings.cache.max_entries),
             in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
@@ -260,6 +268,44 @@ impl Reservation {
         };
         Ok((reservation, admitted.downgrade, admitted.start_stage))
     }
+}
+
+/// The key's and the persona's rates: 429 `rate_limited` with `Retry-After` when one is passed.
+fn rate_check(
+    state: &AppState,
+    key: Option<&VirtualKey>,
+    meta: &CallMeta,
+    tokens: u64,
+) -> Result<(), ApiError> {
+    let canonical = lock(&state.engine)
+        .personas()
+        .canonical(&meta.persona)
+        .to_string();
+    state
+        .gateway
+        .limits
+        .check(key, &canonical, tokens)
+        .map_err(|r| {
+            state.gateway.count(&meta.route.upstream, "rate_limited");
+            let what = r.kind.as_str();
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limited",
+                match r.retry_after {
+                    Some(_) => format!(
+                        "{} may make {} {what} per minute; retry later",
+                        r.scope, r.per_minute
+                    ),
+                    None => format!(
+                        "this call needs about {tokens} tokens, more than the {} tokens per minute {} may use; send a smaller prompt or max_tokens",
+                        r.per_minute, r.scope
+                    ),
+                },
+            );
+            e.retry_after_secs = r.retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64);
+            e
+        })
 }
 
 /// Stores the `stage_started` of a run stage's first call (admission chose this call); when it
@@ -706,6 +752,12 @@ pub async fn chat_completions(
         _ => None,
     };
 
+    rate_check(
+        &state,
+        key,
+        &meta,
+        prompt_estimate.saturating_add(max_tokens),
+    )?;
     let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
 
     // Admission: the persona's budgets and the run's stage budget reserved together; a spent
@@ -1230,6 +1282,7 @@ pub async fn embeddings(
     let persona = attributed_persona(&settings, &headers, key);
     let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
     let meta = CallMeta::new(&settings, &headers, persona, route, estimate);
+    rate_check(&state, key, &meta, estimate)?;
     let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
     let cost_estimate = cost_of(&meta.route, estimate, 0);
     // Embeddings are not stage calls (no stage claim): only the persona's budgets apply.

@@ -143,6 +143,13 @@ pub async fn put_budget(
     })?;
     raw.check()
         .map_err(|m| ApiError::bad_request("invalid_budget", m).param("cost_usd"))?;
+    if !raw.rate_limits().is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_budget",
+            "rate limits are set in budgets.yml (or on a gateway key), not by a budget override",
+        )
+        .param("requests_per_minute"));
+    }
     let current: Option<BudgetSpec> = {
         let engine = lock(&state.engine);
         if engine.personas().get(&persona).is_none() {

@@ -317,10 +317,17 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         door,
         metrics_gate,
         scrape_token,
-        gateway: Arc::new(crate::gateway::Gateway::new(
-            cfg.settings.gateway.clone(),
-            cfg.workflows.clone(),
-        )),
+        gateway: {
+            let gateway = crate::gateway::Gateway::new(
+                cfg.settings.gateway.clone(),
+                cfg.workflows.clone(),
+                clock.clone(),
+            );
+            gateway
+                .limits
+                .configure(&cfg.settings.gateway.keys, &cfg.rate_limits);
+            Arc::new(gateway)
+        },
         switch_lock: Arc::new(tokio::sync::Mutex::new(())),
         tasks: tokio_util::task::TaskTracker::new(),
         generator_url,
@@ -481,6 +488,10 @@ fn spawn_background(
             reload_state
                 .door
                 .reconfigure(&new.settings.auth, &new.settings.gateway.keys);
+            reload_state
+                .gateway
+                .limits
+                .configure(&new.settings.gateway.keys, &new.rate_limits);
             reload_state
                 .metrics_gate
                 .reconfigure(new.settings.auth.metrics_token.as_ref().map(|k| k.hash));
@@ -666,6 +677,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         config_reload_failure: state.stats.reload_failure.load(Ordering::Relaxed) as f64,
         config_last_reload_ok: state.stats.last_reload_ok.load(Ordering::Relaxed),
         auth_failures: state.door.failures(),
+        rate_limited: state.gateway.limits.refused(),
         events_rejected: state
             .stats
             .rejected

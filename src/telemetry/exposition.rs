@@ -51,6 +51,8 @@ pub struct ProcessInfo {
     pub events_rejected: Vec<(String, f64)>,
     /// Requests the access layer refused, per reason.
     pub auth_failures: Vec<(String, f64)>,
+    /// Gateway calls refused by a rate limit, per (persona, kind).
+    pub rate_limited: Vec<((String, String), f64)>,
     /// Firing instances of the embedded alert engine per (alertname, severity).
     pub alerts_firing: Vec<((String, String), f64)>,
     /// Gateway calls per (upstream, outcome).
@@ -384,6 +386,18 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
     );
     for (reason, n) in &process.auth_failures {
         w.sample("hypertool_auth_failures_total", &[("reason", reason)], *n);
+    }
+    w.header(
+        "hypertool_rate_limited_total",
+        "counter",
+        "Gateway calls refused by requests_per_minute or tokens_per_minute (of a key or a persona).",
+    );
+    for ((persona, kind), n) in &process.rate_limited {
+        w.sample(
+            "hypertool_rate_limited_total",
+            &[("persona", persona), ("kind", kind)],
+            *n,
+        );
     }
     w.counter_vec(
         "hypertool_label_values_folded_total",

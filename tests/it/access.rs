@@ -17,6 +17,7 @@ pub const ADMIN_KEY: &str = "ht-admin-key-REAL-LOOKING-7f3a9c21d4";
 pub const VIEWER_KEY: &str = "ht-viewer-key-REAL-LOOKING-5b1e77aa90";
 pub const BACKEND_KEY: &str = "ht-persona-be-REAL-LOOKING-0c4d2e8f13";
 pub const TESTING_KEY: &str = "ht-persona-ts-REAL-LOOKING-9e8d7c6b5a";
+pub const LIMITED_KEY: &str = "ht-persona-ds-REAL-LOOKING-1a2b3c4d5e";
 
 /// The keys in the environment (set once per test process; names unique to these tests).
 pub fn export_keys() {
@@ -27,6 +28,7 @@ pub fn export_keys() {
         std::env::set_var("HYPERTOOL_TEST_ACCESS_VIEWER", VIEWER_KEY);
         std::env::set_var("HYPERTOOL_TEST_ACCESS_BE", BACKEND_KEY);
         std::env::set_var("HYPERTOOL_TEST_ACCESS_TS", TESTING_KEY);
+        std::env::set_var("HYPERTOOL_TEST_ACCESS_LIMITED", LIMITED_KEY);
     });
 }
 
@@ -455,4 +457,100 @@ async fn off_loopback_needs_an_admin_key() {
     .expect("must refuse to start");
     let msg = err.to_string();
     assert!(msg.contains("HYPERTOOL_ADMIN_KEY"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_key_and_per_persona_answer_429_with_retry_after() {
+    export_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_copy(dir.path());
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(KEYS_TOML);
+    text.push_str(
+        "\n[[gateway.keys]]\nkey_env = \"HYPERTOOL_TEST_ACCESS_LIMITED\"\npersona = \"data-scientist\"\nrequests_per_minute = 3\n",
+    );
+    std::fs::write(&toml, text).unwrap();
+    let budgets = toml.parent().unwrap().join("budgets.yml");
+    let b = std::fs::read_to_string(&budgets).unwrap().replace(
+        "  frontend-engineer:\n    tokens: 1800\n",
+        "  frontend-engineer:\n    tokens: 1800000\n    tokens_per_minute: 100\n",
+    );
+    assert!(b.contains("tokens_per_minute: 100"));
+    std::fs::write(&budgets, b).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let s = start(Source::File(toml), &dir.path().join("data"), clock.clone()).await;
+    let call = |key: &'static str, persona: &'static str, max_tokens: u64| {
+        s.http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .bearer_auth(key)
+            .header("x-hypertool-persona", persona)
+            .json(&json!({"model": "mock/gpt-4o", "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    // The key: three calls a minute, then one every 20 s.
+    for _ in 0..3 {
+        assert_eq!(
+            call(LIMITED_KEY, "data-scientist", 10)
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let resp = call(LIMITED_KEY, "data-scientist", 10).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "20");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    assert!(!v.to_string().contains(LIMITED_KEY));
+    clock.advance_secs(20);
+    assert_eq!(
+        call(LIMITED_KEY, "data-scientist", 10)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // The persona (admin key, attributed by header): 100 tokens a minute, by estimate.
+    assert_eq!(
+        call(ADMIN_KEY, "frontend-engineer", 60)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let resp = call(ADMIN_KEY, "frontend-engineer", 60).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    // A call that needs more than a minute's worth can never pass: no Retry-After.
+    let resp = call(ADMIN_KEY, "frontend-engineer", 500).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(!resp.headers().contains_key("retry-after"));
+    // Another persona is not limited.
+    for _ in 0..5 {
+        assert_eq!(
+            call(ADMIN_KEY, "backend-engineer", 60)
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get(
+            "hypertool_rate_limited_total",
+            &[("persona", "data-scientist"), ("kind", "requests")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_rate_limited_total",
+            &[("persona", "frontend-engineer"), ("kind", "tokens")]
+        ),
+        Some(2.0)
+    );
+    s.stop().await;
 }
