@@ -14,5 +14,6 @@ mod gateway_stages;
 mod metrics_contract;
 mod persistence;
 mod process;
+mod secrets;
 mod switching;
 mod workflows;
