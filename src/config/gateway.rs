@@ -56,16 +56,7 @@ struct RawTtl {
     ttl: PromDuration,
 }
 
-/// What to do with requested tools a persona's `allowedTools` does not list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ToolPolicy {
-    /// Remove them and go on.
-    #[default]
-    Filter,
-    /// Refuse the call with 403.
-    Refuse,
-}
+pub use crate::core::policy::ToolPolicy;
 
 /// The response cache.
 #[derive(Debug, Clone, PartialEq)]

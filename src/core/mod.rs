@@ -11,6 +11,7 @@ pub mod engine;
 pub mod event;
 pub mod labels;
 pub mod persona;
+pub mod policy;
 pub mod routing;
 pub mod runs;
 pub mod series;

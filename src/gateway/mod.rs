@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
 use crate::core::engine::{Admission, CallClaim, Engine, Refusal, StageClaim, StageHold};
 use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped, Usage};
+use crate::core::policy;
 use crate::core::workflow::GateVerdict;
 use crate::core::workflow::Workflows;
 use crate::server::AppState;
@@ -406,15 +407,17 @@ fn allowed_route(
     Ok(route)
 }
 
-/// The persona a call is for: the virtual key's, else the header's, else the unattributed label.
+/// The persona a call is for (see [`policy::attribute`]).
 fn attributed_persona(
     settings: &GatewaySettings,
     headers: &HeaderMap,
     key: Option<&VirtualKey>,
 ) -> String {
-    key.map(|k| k.persona.clone())
-        .or_else(|| header(headers, "x-hypertool-persona"))
-        .unwrap_or_else(|| settings.unattributed_persona.clone())
+    policy::attribute(
+        key.map(|k| k.persona.as_str()),
+        header(headers, "x-hypertool-persona").as_deref(),
+        &settings.unattributed_persona,
+    )
 }
 
 impl CallMeta {
@@ -565,27 +568,16 @@ pub async fn chat_completions(
         .unwrap_or_else(|| settings.default_chatmode.clone());
     let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
     // A stage that sets a model (or tier) decides the model: the runbook's STAGE_MODEL_MAPPING.
-    // `"model": "auto"` asks for exactly that.
     let stage_model = stage_call
         .as_ref()
         .and_then(|c| c.stage.model.as_ref())
         .and_then(|choice| settings.resolve_choice(choice));
-    let model = match (model.as_str(), stage_model) {
-        (_, Some(r)) => {
-            if r.name != model {
-                notes.push(("x-hypertool-stage-model", format!("{model} -> {}", r.name)));
-            }
-            r.name.clone()
-        }
-        ("auto", None) => {
-            return Err(ApiError::bad_request(
-                "model_auto_without_stage",
-                "`\"model\": \"auto\"` takes the model of the call's workflow stage; send X-Hypertool-Workflow and X-Hypertool-Stage for a stage whose configuration sets `model`, or name a model",
-            )
-            .param("model"))
-        }
-        _ => model,
-    };
+    let decision = policy::choose_model(&model, stage_model.as_deref().map(|r| r.name.as_str()))
+        .map_err(policy_error)?;
+    if let Some(replaced) = decision.replaced {
+        notes.push(("x-hypertool-stage-model", replaced));
+    }
+    let model = decision.model;
     // The stage's prompt limit: the oldest non-system messages go first (`truncate_context`).
     if let Some(c) = stage_call.as_ref() {
         if let (Some(max), Some(Value::Array(msgs))) =
@@ -649,55 +641,27 @@ pub async fn chat_completions(
     meta.workflow = workflow_name;
     meta.stage_call = stage_call;
     // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
-    if let Some(tools) = request.get("tools").and_then(Value::as_array).cloned() {
+    if let Some(tools) = request.get("tools").and_then(Value::as_array) {
         let allowed = lock(&state.engine)
             .personas()
             .get(&meta.persona)
             .map(|p| p.allowed_tools.clone())
-            .filter(|t| !t.is_empty());
-        if let Some(allowed) = allowed {
-            let permitted = |name: &str| {
-                allowed.iter().any(|(server, list)| {
-                    list.iter().any(|t| {
-                        name == t
-                            || name == format!("{server}_{t}")
-                            || name == format!("{server}__{t}")
-                            || name == format!("{server}.{t}")
-                    })
-                })
-            };
-            let name_of = |t: &Value| {
-                t.pointer("/function/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string()
-            };
-            let (keep, removed): (Vec<Value>, Vec<Value>) =
-                tools.into_iter().partition(|t| permitted(&name_of(t)));
-            if !removed.is_empty() {
-                let names: Vec<String> = removed.iter().map(name_of).collect();
-                state.gateway.count_tools(&meta.persona, names.len() as u64);
-                if settings.tool_policy == crate::config::gateway::ToolPolicy::Refuse {
-                    return Err(ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        "invalid_request_error",
-                        "tool_not_allowed",
-                        format!(
-                            "persona `{}` may not use the tools {}: they are not in its allowedTools",
-                            meta.persona,
-                            names.join(", ")
-                        ),
-                    )
-                    .param("tools"));
-                }
-                tracing::info!(persona = %meta.persona, tools = %names.join(","), "tools outside the persona's allowedTools removed");
-                notes.push(("x-hypertool-tools-removed", names.join(",")));
-                if keep.is_empty() {
-                    request.remove("tools");
-                    request.remove("tool_choice");
-                } else {
-                    request.insert("tools".into(), Value::Array(keep));
-                }
+            .unwrap_or_default();
+        let scope = policy::scope_tools(&meta.persona, tools, &allowed, settings.tool_policy);
+        if let Err(policy::PolicyRefusal::ToolsNotAllowed { tools, .. }) = &scope {
+            state.gateway.count_tools(&meta.persona, tools.len() as u64);
+        }
+        if let policy::ToolScope::Filtered { keep, removed } = scope.map_err(policy_error)? {
+            state
+                .gateway
+                .count_tools(&meta.persona, removed.len() as u64);
+            tracing::info!(persona = %meta.persona, tools = %removed.join(","), "tools outside the persona's allowedTools removed");
+            notes.push(("x-hypertool-tools-removed", removed.join(",")));
+            if keep.is_empty() {
+                request.remove("tools");
+                request.remove("tool_choice");
+            } else {
+                request.insert("tools".into(), Value::Array(keep));
             }
         }
     }
@@ -779,11 +743,13 @@ pub async fn chat_completions(
             .personas()
             .canonical(&meta.persona)
             .to_string();
-        let target = settings
-            .persona_downgrade
-            .get(&canonical)
-            .or(meta.route.downgrade_to.as_ref())
-            .and_then(|t| settings.route(t));
+        let target = policy::downgrade_target(
+            &canonical,
+            &meta.route.name,
+            &settings.persona_downgrade,
+            meta.route.downgrade_to.as_deref(),
+        )
+        .and_then(|t| settings.route(t));
         match target {
             Some(cheaper) if cheaper.name != meta.route.name => {
                 tracing::info!(persona = %canonical, from = %meta.route.name, to = %cheaper.name, "budget spent: call downgraded");
@@ -957,6 +923,27 @@ struct Answer {
 /// The cost of a call of `prompt` + `completion` tokens on `route` (0 without prices).
 fn cost_of(route: &ModelRoute, prompt: u64, completion: u64) -> f64 {
     route.prices.map_or(0.0, |p| p.cost(prompt, completion))
+}
+
+/// The answer to a call the policy refused.
+fn policy_error(refusal: policy::PolicyRefusal) -> ApiError {
+    match refusal {
+        policy::PolicyRefusal::AutoWithoutStage => ApiError::bad_request(
+            "model_auto_without_stage",
+            "`\"model\": \"auto\"` takes the model of the call's workflow stage; send X-Hypertool-Workflow and X-Hypertool-Stage for a stage whose configuration sets `model`, or name a model",
+        )
+        .param("model"),
+        policy::PolicyRefusal::ToolsNotAllowed { persona, tools } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "tool_not_allowed",
+            format!(
+                "persona `{persona}` may not use the tools {}: they are not in its allowedTools",
+                tools.join(", ")
+            ),
+        )
+        .param("tools"),
+    }
 }
 
 /// The answer to a call admission refused: 429 for a spent budget (what is spent, what calls in
