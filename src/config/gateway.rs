@@ -145,6 +145,9 @@ struct RawKey {
     tokens_per_minute: Option<u32>,
 }
 
+/// The name of the built-in upstream (`gateway::provider::Provider::Mock`).
+pub const MOCK_UPSTREAM: &str = "mock";
+
 /// The built-in upstream for models named `mock/*`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockSettings {
@@ -338,7 +341,7 @@ impl GatewaySettings {
                     "must be an http:// or https:// URL, e.g. https://api.openai.com/v1".into(),
                 ));
             }
-            if u.name == "mock" {
+            if u.name == MOCK_UPSTREAM {
                 errors.push((
                     format!("{key}.name"),
                     "`mock` is the built-in upstream; choose another name".into(),
@@ -395,7 +398,7 @@ impl GatewaySettings {
         let mut names: BTreeMap<String, String> = BTreeMap::new();
         for (i, m) in raw.models.into_iter().enumerate() {
             let key = format!("gateway.models[{i}]");
-            if m.upstream != "mock" && !s.upstreams.contains_key(&m.upstream) {
+            if m.upstream != MOCK_UPSTREAM && !s.upstreams.contains_key(&m.upstream) {
                 let known: Vec<&str> = s.upstreams.keys().map(String::as_str).collect();
                 errors.push((
                     format!("{key}.upstream"),
@@ -535,7 +538,7 @@ impl GatewaySettings {
                 std::sync::Arc::new(ModelRoute {
                     name: requested.to_string(),
                     aliases: Vec::new(),
-                    upstream: "mock".into(),
+                    upstream: MOCK_UPSTREAM.into(),
                     upstream_model: requested.to_string(),
                     timeout: None,
                     prices: None,

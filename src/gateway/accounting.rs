@@ -1,0 +1,90 @@
+//! A gateway call's usage: read from the upstream's answer or estimated, and handed to the ledger
+//! writer with the reservations it settles.
+
+use super::*;
+
+/// Prompt tokens of a request counted with the real tokenizer (when the upstream reports none).
+pub(super) fn counted_prompt(request: &Map<String, Value>) -> u64 {
+    request
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|m| tokens::count_messages(m))
+        .unwrap_or(0)
+}
+
+pub(super) fn usage_of(v: &Value) -> Option<(u64, u64)> {
+    let u = v.get("usage")?;
+    Some((
+        u.get("prompt_tokens")?.as_u64()?,
+        u.get("completion_tokens")?.as_u64()?,
+    ))
+}
+
+/// The usage event of one answered attempt.
+pub(super) fn usage_event(
+    state: &AppState,
+    meta: &CallMeta,
+    prompt: u64,
+    completion: u64,
+    estimated: bool,
+    started: Instant,
+) -> Stamped {
+    let event = Event::Usage(Usage {
+        run: meta.run(),
+        persona: meta.persona.clone(),
+        chatmode: meta.chatmode.clone(),
+        model: meta.route.name.clone(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        workflow: meta.workflow.clone(),
+        stage: meta.stage.clone(),
+        session: meta.session.clone(),
+        cost_usd: meta.route.prices.map(|p| p.cost(prompt, completion)),
+        duration_seconds: Some(started.elapsed().as_secs_f64()),
+        estimated,
+    });
+    Stamped {
+        at: state.clock.now_ms(),
+        event,
+    }
+}
+
+/// Hands usage events of answered calls to the ledger writer with the reservations they settle.
+/// The writer gives those back once the usage is applied (so admission never sees the tokens
+/// neither reserved nor used), and nothing has to wake this task for it. A ledger failure is
+/// logged and counted but the answer has gone to the client: the tokens were spent upstream, and a
+/// retry would spend them twice.
+pub(super) async fn store_usage(
+    state: &AppState,
+    persona: &str,
+    events: Vec<Stamped>,
+    settles: Vec<Reservation>,
+) {
+    let n = events.len();
+    let stats = state.stats.clone();
+    let persona = persona.to_string();
+    state
+        .writer
+        .append_accounting(events, move |result| {
+            if let Err(e) = result {
+                stats.reject("ledger_unavailable", n as u64);
+                tracing::error!(persona = %persona, calls = n,
+                    "usage of answered calls could not be stored: {e}");
+            }
+            drop(settles);
+        })
+        .await;
+}
+
+/// Stores the call's usage and then gives back its reservation (see [`store_usage`]).
+pub(super) async fn record(
+    state: &AppState,
+    meta: &CallMeta,
+    usage: (u64, u64),
+    estimated: bool,
+    started: Instant,
+    settles: Reservation,
+) {
+    let event = usage_event(state, meta, usage.0, usage.1, estimated, started);
+    store_usage(state, &meta.persona, vec![event], vec![settles]).await;
+}

@@ -1,0 +1,264 @@
+//! Admission of a gateway call: its rates, an in-flight slot, and the reservation of its budgets
+//! (the persona's and the run stage's, decided at once by `Engine::admit_call`), held until the
+//! call's usage is applied; the answers to the calls it refuses.
+
+use super::*;
+
+/// Holds reserved tokens until dropped, so every exit path gives them back.
+pub(super) struct Reservation {
+    pub(super) engine: Arc<Mutex<Engine>>,
+    pub(super) persona: String,
+    pub(super) tokens: u64,
+    /// USD held against a cost budget.
+    pub(super) cost: f64,
+    /// Tokens held against the run's stage budget.
+    pub(super) stage: Option<StageHold>,
+    /// The in-flight slot, released with the reservation.
+    pub(super) _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut engine = lock(&self.engine);
+        engine.release(&self.persona, self.tokens, self.cost);
+        if let Some(hold) = &self.stage {
+            engine.release_stage(hold);
+        }
+    }
+}
+
+impl Reservation {
+    /// Admission for one call of `meta` (see [`Engine::admit_call`]): reserves `estimate` tokens
+    /// and `cost` USD for the persona and, in a run, the tokens against the stage's budget. Returns
+    /// the reservation (given back when dropped), whether a `downgrade` budget asks for the
+    /// cheaper model, and whether this call must start its stage; or the refusal.
+    pub(super) fn take(
+        state: &AppState,
+        meta: &CallMeta,
+        estimate: u64,
+        cost: f64,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(Reservation, bool, bool), Refusal> {
+        let stage = meta.stage_call.as_ref().and_then(|c| {
+            c.run.as_deref().map(|run| StageClaim {
+                run,
+                workflow: &c.workflow.name,
+                stage: &c.stage.name,
+                budget_tokens: c.stage.budget_tokens,
+            })
+        });
+        let claim = CallClaim {
+            persona: &meta.persona,
+            estimate,
+            cost_estimate: cost,
+            stage,
+        };
+        let admitted = lock(&state.engine).admit_call(&claim, state.clock.now_ms())?;
+        let reservation = Reservation {
+            engine: state.engine.clone(),
+            persona: meta.persona.clone(),
+            tokens: admitted.reserved,
+            cost: admitted.reserved_cost,
+            stage: admitted.stage,
+            _permit: permit,
+        };
+        Ok((reservation, admitted.downgrade, admitted.start_stage))
+    }
+}
+
+/// The key's and the persona's rates: 429 `rate_limited` with `Retry-After` when one is passed.
+pub(super) fn rate_check(
+    state: &AppState,
+    key: Option<&VirtualKey>,
+    meta: &CallMeta,
+    tokens: u64,
+) -> Result<(), ApiError> {
+    let canonical = lock(&state.engine)
+        .personas()
+        .canonical(&meta.persona)
+        .to_string();
+    state
+        .gateway
+        .limits
+        .check(key, &canonical, tokens)
+        .map_err(|r| {
+            state.gateway.count(&meta.route.upstream, "rate_limited");
+            let what = r.kind.as_str();
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limited",
+                match r.retry_after {
+                    Some(_) => format!(
+                        "{} may make {} {what} per minute; retry later",
+                        r.scope, r.per_minute
+                    ),
+                    None => format!(
+                        "this call needs about {tokens} tokens, more than the {} tokens per minute {} may use; send a smaller prompt or max_tokens",
+                        r.per_minute, r.scope
+                    ),
+                },
+            );
+            e.retry_after_secs = r.retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64);
+            e
+        })
+}
+
+/// Stores the `stage_started` of a run stage's first call (admission chose this call); when it
+/// cannot be stored, the next call of the stage starts it instead.
+pub(super) async fn start_run_stage(state: &AppState, meta: &CallMeta) -> Result<(), ApiError> {
+    let Some((call, run)) = meta
+        .stage_call
+        .as_ref()
+        .and_then(|c| c.run.as_ref().map(|r| (c, r)))
+    else {
+        return Ok(());
+    };
+    let persona = lock(&state.engine)
+        .personas()
+        .canonical(&meta.persona)
+        .to_string();
+    let event = Stamped {
+        at: state.clock.now_ms(),
+        event: Event::StageStarted {
+            run: run.clone(),
+            workflow: call.workflow.name.clone(),
+            stage: call.stage.name.clone(),
+            persona: Some(persona),
+        },
+    };
+    if let Err(e) = state.writer.append(vec![event]).await {
+        lock(&state.engine).forget_stage_start(run, &call.stage.name);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// The cost of a call of `prompt` + `completion` tokens on `route` (0 without prices).
+pub(super) fn cost_of(route: &ModelRoute, prompt: u64, completion: u64) -> f64 {
+    route.prices.map_or(0.0, |p| p.cost(prompt, completion))
+}
+
+/// The answer to a call the policy refused.
+pub(super) fn policy_error(refusal: policy::PolicyRefusal) -> ApiError {
+    match refusal {
+        policy::PolicyRefusal::AutoWithoutStage => ApiError::bad_request(
+            "model_auto_without_stage",
+            "`\"model\": \"auto\"` takes the model of the call's workflow stage; send X-Hypertool-Workflow and X-Hypertool-Stage for a stage whose configuration sets `model`, or name a model",
+        )
+        .param("model"),
+        policy::PolicyRefusal::ToolsNotAllowed { persona, tools } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "tool_not_allowed",
+            format!(
+                "persona `{persona}` may not use the tools {}: they are not in its allowedTools",
+                tools.join(", ")
+            ),
+        )
+        .param("tools"),
+    }
+}
+
+/// The answer to a call admission refused: 429 for a spent budget (what is spent, what calls in
+/// flight hold, what this call needs, and when the period resets), 409 for a run that has ended.
+pub(super) fn refused(refusal: &Refusal, estimate: u64, cost_estimate: f64) -> ApiError {
+    let blocked = match refusal {
+        Refusal::Budget(blocked) => blocked,
+        Refusal::StageBudget {
+            workflow,
+            stage,
+            run,
+            budget,
+            used,
+            in_flight,
+        } => {
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                "stage_budget_exceeded",
+                format!(
+                    "stage `{stage}` of run `{run}` has used {used} of its {budget}-token budget (budget_tokens in workflow `{workflow}`; {in_flight} more reserved by calls in flight) and this call needs about {estimate}"
+                ),
+            )
+        }
+        Refusal::RunNotRunning { run, status } => {
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "run_finished",
+                format!("run `{run}` is {status}; start a new run for more work"),
+            )
+        }
+    };
+    let Admission::Blocked {
+        persona,
+        limit,
+        used,
+        in_flight,
+        resets_at,
+        cost,
+    } = blocked
+    else {
+        return ApiError::unavailable("admission refused the call");
+    };
+    let resets = resets_at
+        .map(|t| format!("resets at {}", crate::core::clock::to_rfc3339(t)))
+        .unwrap_or_else(|| "the budget has no period: raise or reset it".into());
+    tracing::info!(persona = %persona, limit, used, in_flight, "call refused: budget exceeded");
+    let message = match cost {
+        Some((limit_usd, used_usd, in_flight_usd)) => format!(
+            "persona `{persona}` has spent ${used_usd:.4} of its ${limit_usd:.4} cost budget (${in_flight_usd:.4} more reserved by calls in flight; this call costs about ${cost_estimate:.4}); {resets}"
+        ),
+        None => format!(
+            "persona `{persona}` has used {used} of its {limit}-token budget ({in_flight} more reserved by calls in flight; this call needs about {estimate}); {resets}"
+        ),
+    };
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+        "budget_exceeded",
+        message,
+    )
+}
+
+/// Load shedding: a bounded number of calls go upstream at once; as many again may wait up to
+/// 100 ms for a slot, and beyond that calls are refused at once, so that overload is refused
+/// cheaply instead of piling up requests in memory.
+pub(super) async fn acquire_slot(
+    state: &AppState,
+    settings: &GatewaySettings,
+    upstream: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let permit = match state.gateway.in_flight.clone().try_acquire_owned() {
+        Ok(p) => Ok(p),
+        Err(_) => {
+            let waiting = state.gateway.waiting.fetch_add(1, Ordering::AcqRel);
+            let result = if waiting >= settings.max_in_flight {
+                Err(())
+            } else {
+                tokio::time::timeout(
+                    Duration::from_millis(100),
+                    state.gateway.in_flight.clone().acquire_owned(),
+                )
+                .await
+                .map_err(|_| ())
+                .and_then(|r| r.map_err(|_| ()))
+            };
+            state.gateway.waiting.fetch_sub(1, Ordering::AcqRel);
+            result
+        }
+    };
+    permit.map_err(|()| {
+        state.gateway.count(upstream, "overloaded");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "overloaded",
+            format!(
+                "hypertool has {} calls in flight (gateway.max_in_flight); retry shortly",
+                settings.max_in_flight
+            ),
+        )
+    })
+}

@@ -1,0 +1,288 @@
+//! A non-streamed call upstream: the route, its retries and fallbacks, the quality gate and its
+//! retries on the escalation model, in a tracked task that the client cannot cancel.
+
+use super::*;
+
+pub(super) fn gateway_error(e: &UpstreamError) -> ApiError {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    ApiError::new(status, "upstream_error", e.code(), e.message())
+}
+
+pub(super) fn timeout_of(settings: &GatewaySettings, route: &ModelRoute) -> Duration {
+    route
+        .timeout
+        .or_else(|| settings.upstreams.get(&route.upstream).map(|u| u.timeout))
+        .unwrap_or(Duration::from_secs(120))
+}
+
+/// The route and then its fallbacks, in order.
+pub(super) fn candidates(
+    settings: &GatewaySettings,
+    route: &Arc<ModelRoute>,
+) -> Vec<Arc<ModelRoute>> {
+    let mut out = vec![route.clone()];
+    for name in &route.fallbacks {
+        if let Some(r) = settings.route(name) {
+            if !out.iter().any(|o| o.name == r.name) {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+/// One attempt at one route, without retries.
+pub(super) async fn attempt_plain(
+    state: &AppState,
+    settings: &GatewaySettings,
+    route: &ModelRoute,
+    body: &Map<String, Value>,
+) -> Result<Completion, UpstreamError> {
+    Provider::of(settings, &state.gateway.http, route)?
+        .complete(body, &route.name)
+        .await
+}
+
+/// Tries the route with retries (429, 5xx, connection errors; exponential backoff, honouring
+/// `Retry-After`), then each fallback the same way. Returns the route that answered.
+pub(super) async fn call_with_fallbacks(
+    state: &AppState,
+    settings: &GatewaySettings,
+    route: &Arc<ModelRoute>,
+    request: &mut Map<String, Value>,
+) -> Result<(Arc<ModelRoute>, Completion), UpstreamError> {
+    let mut last = None;
+    for (i, candidate) in candidates(settings, route).into_iter().enumerate() {
+        if i > 0 {
+            state.gateway.count(&candidate.upstream, "fallback");
+            tracing::warn!(from = %route.name, to = %candidate.name, "falling back to the next model");
+        }
+        // The model is set in place for each candidate: no copy of the (possibly large) request.
+        request.insert(
+            "model".into(),
+            Value::String(candidate.upstream_model.clone()),
+        );
+        let body = &*request;
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            match attempt_plain(state, settings, &candidate, body).await {
+                Ok(v) => return Ok((candidate, v)),
+                Err(e) if e.retryable() && attempt < candidate.retries => {
+                    attempt += 1;
+                    state.gateway.count(&candidate.upstream, "retry");
+                    let wait = e
+                        .retry_after()
+                        .map(|r| r.min(Duration::from_secs(10)))
+                        .unwrap_or(backoff)
+                        .max(backoff);
+                    tracing::info!(model = %candidate.name, attempt, wait_ms = wait.as_millis() as u64, "{}; retrying", e.message());
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or(UpstreamError::Unreachable {
+        upstream: route.upstream.clone(),
+    }))
+}
+
+/// What the call task hands back to the handler.
+pub(super) struct Answer {
+    pub(super) meta: CallMeta,
+    /// The upstream's bytes, forwarded as they are.
+    pub(super) body: Bytes,
+    /// The gate's verdict on the answer, when the call's stage has a gate.
+    pub(super) verdict: Option<GateVerdict>,
+    pub(super) attempts: u32,
+}
+
+/// Judges an answer by the stage's gate and records the verdict (one `quality_gate` event per
+/// attempt, so the metric shows every failure that led to a retry).
+pub(super) async fn judge(
+    state: &AppState,
+    meta: &CallMeta,
+    text: &str,
+    completion_tokens: u64,
+    attempt: u32,
+) -> Option<GateVerdict> {
+    let call = meta.stage_call.as_ref()?;
+    let gate = call.gate()?;
+    let verdict = gate.evaluate(text, completion_tokens);
+    let event = Event::QualityGate(GateVerdictEvent {
+        workflow: call.workflow.name.clone(),
+        stage: call.stage.name.clone(),
+        model: meta.route.name.clone(),
+        result: verdict.result,
+        reasons: verdict.reasons(),
+        run: call.run.clone(),
+        attempt,
+    });
+    if let Err(e) = state
+        .writer
+        .append(vec![Stamped {
+            at: state.clock.now_ms(),
+            event,
+        }])
+        .await
+    {
+        tracing::error!(workflow = %call.workflow.name, stage = %call.stage.name,
+            "a quality-gate verdict could not be stored: {e}");
+    }
+    if verdict.result == GateResult::Fail {
+        tracing::info!(workflow = %call.workflow.name, stage = %call.stage.name,
+            model = %meta.route.name, attempt, "quality gate failed: {}", verdict.summary());
+    }
+    Some(verdict)
+}
+
+pub(super) async fn plain_call(
+    state: AppState,
+    settings: Arc<GatewaySettings>,
+    meta: CallMeta,
+    mut request: Map<String, Value>,
+    reservation: Reservation,
+    started: Instant,
+    cache_slot: Option<(String, Duration)>,
+) -> Result<Response, ApiError> {
+    let task_state = state.clone();
+    let task_meta = meta.clone();
+    let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<Answer, UpstreamError>>();
+    // The call and its accounting finish even if the client goes away; the answer goes back as
+    // soon as the upstream has given it (and, for a gated stage, the gate has judged it), and the
+    // usage is stored right after (the reservation is held until then, so admission stays
+    // conservative). Shutdown waits for these tasks.
+    state.tasks.spawn(async move {
+        let state = task_state;
+        let mut attempt_meta = task_meta.clone();
+        let mut attempt: u32 = 1;
+        let retries = task_meta
+            .stage_call
+            .as_ref()
+            .filter(|c| c.gate().is_some())
+            .map_or(0, |c| c.stage.retries);
+        // The call's reservation and those of gate retries, held until their usage is stored.
+        let mut held: Vec<Reservation> = vec![reservation];
+        // Usage of attempts whose answers failed the gate and were retried.
+        let mut earlier_attempts: Vec<Stamped> = Vec::new();
+        loop {
+            let attempt_started = if attempt == 1 { started } else { Instant::now() };
+            let route = attempt_meta.route.clone();
+            let result = call_with_fallbacks(&state, &settings, &route, &mut request).await;
+            let (answered_by, completion) = match result {
+                Ok(ok) => ok,
+                Err(e) => {
+                    state.gateway.count(&attempt_meta.route.upstream, "upstream_error");
+                    if let Some(held_back) = state.gateway.warnings.admit(&attempt_meta.route.name, e.code(), Instant::now()) {
+                        tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name,
+                            similar_held_back = held_back, "{}", e.message());
+                    }
+                    let _ = answer_tx.send(Err(e));
+                    if !earlier_attempts.is_empty() {
+                        store_usage(&state, &attempt_meta.persona, earlier_attempts, held).await;
+                    }
+                    break;
+                }
+            };
+            let fell_back = answered_by.name != route.name;
+            attempt_meta.route = answered_by;
+            let Completion { body, usage, text } = completion;
+            let (prompt, completion, estimated) = match usage {
+                Some((p, c)) => (p, c, false),
+                None => (counted_prompt(&request), tokens::count_text(&text), true),
+            };
+            let verdict = judge(&state, &attempt_meta, &text, completion, attempt).await;
+            let failed = verdict.as_ref().is_some_and(|v| v.result == GateResult::Fail);
+            // Another attempt, on the escalation model, if the gate failed and retries are left
+            // (and the budget admits it).
+            let next = if failed && attempt <= retries {
+                let call = attempt_meta.stage_call.clone();
+                let target = call
+                    .as_ref()
+                    .and_then(|c| c.escalation(&settings))
+                    .unwrap_or_else(|| attempt_meta.route.clone());
+                let estimate = attempt_meta.prompt_estimate;
+                let cost = cost_of(&target, estimate, 0);
+                match Reservation::take(&state, &attempt_meta, estimate, cost, None) {
+                    Err(_) => {
+                        tracing::info!(persona = %attempt_meta.persona, "quality-gate retry skipped: the budget is spent");
+                        None
+                    }
+                    Ok((reservation, _, _)) => {
+                        held.push(reservation);
+                        Some(target)
+                    }
+                }
+            } else {
+                None
+            };
+            match next {
+                Some(target) => {
+                    // Stored with the last attempt (one commit, and the client is not kept
+                    // waiting for it); its reservation is held until then.
+                    earlier_attempts.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
+                    state.gateway.count(&attempt_meta.route.upstream, "ok");
+                    state.gateway.count(&target.upstream, "gate_retry");
+                    tracing::info!(from = %attempt_meta.route.name, to = %target.name, attempt = attempt + 1,
+                        "retrying a call whose output failed the quality gate");
+                    attempt_meta.route = target;
+                    attempt += 1;
+                }
+                None => {
+                    let cacheable = !fell_back && !estimated && !failed && attempt == 1;
+                    if let Some((key, ttl)) = cache_slot.filter(|_| cacheable) {
+                        let expires = state.clock.now_ms() + ttl.as_millis() as i64;
+                        state.gateway.cache.insert(key, body.clone(), prompt, completion, expires);
+                    }
+                    let _ = answer_tx.send(Ok(Answer {
+                        meta: attempt_meta.clone(),
+                        body,
+                        verdict,
+                        attempts: attempt,
+                    }));
+                    let mut events = std::mem::take(&mut earlier_attempts);
+                    events.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
+                    store_usage(&state, &attempt_meta.persona, events, held).await;
+                    state.gateway.count(&attempt_meta.route.upstream, "ok");
+                    break;
+                }
+            }
+        }
+    });
+    match answer_rx.await {
+        Ok(Ok(answer)) => {
+            let mut resp = json_bytes(answer.body);
+            response_headers(&mut resp, &answer.meta);
+            let h = resp.headers_mut();
+            if answer.meta.route.name != meta.route.name {
+                let name = if answer.attempts > 1 {
+                    "x-hypertool-escalated"
+                } else {
+                    "x-hypertool-fallback"
+                };
+                if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&format!(
+                    "{} -> {}",
+                    meta.route.name, answer.meta.route.name
+                ))) {
+                    h.insert(name, v);
+                }
+            }
+            if let Some(verdict) = &answer.verdict {
+                if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&verdict.summary())) {
+                    h.insert("x-hypertool-quality-gate", v);
+                }
+                h.insert("x-hypertool-attempts", HeaderValue::from(answer.attempts));
+            }
+            Ok(resp)
+        }
+        Ok(Err(e)) => Err(gateway_error(&e)),
+        Err(_) => Err(ApiError::unavailable(
+            "the call was interrupted (server shutting down?); retry it",
+        )),
+    }
+}

@@ -1,0 +1,425 @@
+//! The gateway's routes: `POST /v1/chat/completions`, `POST /v1/embeddings`, `GET /v1/models`. Each
+//! is a short pipeline over the modules beside it: request parsing, policy, admission, dispatch or
+//! relay, accounting.
+
+use super::*;
+
+/// The route for `model`, if it exists and the key (if any) may use it.
+pub(super) fn allowed_route(
+    state: &AppState,
+    settings: &GatewaySettings,
+    key: Option<&VirtualKey>,
+    model: &str,
+) -> Result<Arc<ModelRoute>, ApiError> {
+    let Some(route) = settings.route(model) else {
+        state.gateway.count("-", "model_not_found");
+        let mut known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
+        known.push("mock/<anything>");
+        return Err(ApiError::not_found(
+            "model_not_found",
+            format!(
+                "the model `{model}` does not exist here; available: {}",
+                known.join(", ")
+            ),
+        )
+        .param("model"));
+    };
+    if let Some(k) = key {
+        if !k.models.is_empty() && !k.models.contains(&route.name) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "model_not_allowed",
+                format!(
+                    "this gateway key may not use `{}`; allowed: {}",
+                    route.name,
+                    k.models.join(", ")
+                ),
+            )
+            .param("model"));
+        }
+    }
+    Ok(route)
+}
+
+/// The persona a call is for (see [`policy::attribute`]).
+pub(super) fn attributed_persona(
+    settings: &GatewaySettings,
+    headers: &HeaderMap,
+    key: Option<&VirtualKey>,
+) -> String {
+    policy::attribute(
+        key.map(|k| k.persona.as_str()),
+        header(headers, "x-hypertool-persona").as_deref(),
+        &settings.unattributed_persona,
+    )
+}
+
+pub async fn list_models(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let settings = state.gateway.settings();
+    let key = caller.persona_key();
+    let mut data: Vec<Value> = Vec::new();
+    for m in &settings.models {
+        for name in std::iter::once(&m.name).chain(m.aliases.iter()) {
+            if key.is_some_and(|k| !k.models.is_empty() && !k.models.contains(&m.name)) {
+                continue;
+            }
+            data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": m.upstream}));
+        }
+    }
+    data.push(json!({"id": "mock/default", "object": "model", "created": 0, "owned_by": "hypertool-mock"}));
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let settings = state.gateway.settings();
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
+    let key = caller.persona_key();
+    request::check_headers(&headers)?;
+    let mut request = ApiError::json_object(&body)?;
+    let model = request::model(&request)?;
+    if !request.get("messages").is_some_and(Value::is_array) {
+        return Err(ApiError::bad_request(
+            "missing_messages",
+            "`messages` is required (an array of {role, content})",
+        )
+        .param("messages"));
+    }
+    let mut notes: Vec<(&'static str, String)> = Vec::new();
+    let chatmode = header(&headers, "x-hypertool-chatmode")
+        .unwrap_or_else(|| settings.default_chatmode.clone());
+    let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
+    // A stage that sets a model (or tier) decides the model: the runbook's STAGE_MODEL_MAPPING.
+    let stage_model = stage_call
+        .as_ref()
+        .and_then(|c| c.stage.model.as_ref())
+        .and_then(|choice| settings.resolve_choice(choice));
+    let decision = policy::choose_model(&model, stage_model.as_deref().map(|r| r.name.as_str()))
+        .map_err(policy_error)?;
+    if let Some(replaced) = decision.replaced {
+        notes.push(("x-hypertool-stage-model", replaced));
+    }
+    let model = decision.model;
+    // The stage's prompt limit: the oldest non-system messages go first (`truncate_context`).
+    if let Some(c) = stage_call.as_ref() {
+        if let (Some(max), Some(Value::Array(msgs))) =
+            (c.stage.max_prompt_tokens, request.get_mut("messages"))
+        {
+            match tokens::truncate_messages(msgs, max) {
+                Ok(None) => {}
+                Ok(Some(t)) => {
+                    state
+                        .gateway
+                        .count_truncation(&c.workflow.name, &c.stage.name, &t);
+                    tracing::info!(workflow = %c.workflow.name, stage = %c.stage.name,
+                        removed = t.removed_messages, before = t.tokens_before, after = t.tokens_after,
+                        "prompt cut to the stage's max_prompt_tokens");
+                    notes.push((
+                        "x-hypertool-truncated",
+                        format!(
+                            "{} messages removed; prompt {} -> {} tokens (max_prompt_tokens {max})",
+                            t.removed_messages, t.tokens_before, t.tokens_after
+                        ),
+                    ));
+                }
+                Err(tokens) => {
+                    return Err(ApiError::bad_request(
+                        "context_length_exceeded",
+                        format!(
+                            "the system messages and the last message alone are {tokens} tokens, over the max_prompt_tokens of {max} of stage `{}` in workflow `{}`; shorten them or raise the limit",
+                            c.stage.name, c.workflow.name
+                        ),
+                    )
+                    .param("messages"));
+                }
+            }
+        }
+    }
+    let messages: &[Value] = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let route = allowed_route(&state, &settings, key, &model)?;
+    let persona = attributed_persona(&settings, &headers, key);
+    // Tokenizing costs more than the rest of the call's bookkeeping: do it only when a budget
+    // enforces (the persona's in block or downgrade mode, or the run stage's budget); otherwise a
+    // rough count is enough to reserve with.
+    let stage_budgeted = stage_call
+        .as_ref()
+        .is_some_and(|c| c.run.is_some() && c.stage.budget_tokens.is_some());
+    let precise = stage_budgeted || lock(&state.engine).enforces(&persona);
+    let prompt_estimate = if precise {
+        tokens::count_messages(messages)
+    } else {
+        tokens::rough_count_messages(messages)
+    };
+    let max_tokens = request
+        .get("max_completion_tokens")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let mut meta = CallMeta::new(&settings, &headers, persona, route, prompt_estimate);
+    meta.workflow = workflow_name;
+    meta.stage_call = stage_call;
+    // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
+    if let Some(tools) = request.get("tools").and_then(Value::as_array) {
+        let allowed = lock(&state.engine)
+            .personas()
+            .get(&meta.persona)
+            .map(|p| p.allowed_tools.clone())
+            .unwrap_or_default();
+        let scope = policy::scope_tools(&meta.persona, tools, &allowed, settings.tool_policy);
+        if let Err(policy::PolicyRefusal::ToolsNotAllowed { tools, .. }) = &scope {
+            state.gateway.count_tools(&meta.persona, tools.len() as u64);
+        }
+        if let policy::ToolScope::Filtered { keep, removed } = scope.map_err(policy_error)? {
+            state
+                .gateway
+                .count_tools(&meta.persona, removed.len() as u64);
+            tracing::info!(persona = %meta.persona, tools = %removed.join(","), "tools outside the persona's allowedTools removed");
+            notes.push(("x-hypertool-tools-removed", removed.join(",")));
+            if keep.is_empty() {
+                request.remove("tools");
+                request.remove("tool_choice");
+            } else {
+                request.insert("tools".into(), Value::Array(keep));
+            }
+        }
+    }
+
+    // The cache answers before admission: a hit spends no budget.
+    let no_cache = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
+    let cache_key = cache::ResponseCache::key(&settings.cache, &meta.route.name, &request);
+    let streamed = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let cache_result = match (&cache_key, no_cache) {
+        (None, _) => cache::CacheResult::Skip,
+        (Some(_), true) => cache::CacheResult::Bypass,
+        (Some(key), false) => match state.gateway.cache.get(key, state.clock.now_ms()) {
+            Some(entry) => {
+                state.gateway.cache.count(
+                    cache::CacheResult::Hit,
+                    entry.prompt_tokens + entry.completion_tokens,
+                );
+                state.gateway.count(&meta.route.upstream, "cache_hit");
+                let wants_usage = request
+                    .get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let mut resp = if streamed {
+                    cached_stream(&entry, wants_usage)
+                } else {
+                    json_bytes(entry.response.clone())
+                };
+                response_headers(&mut resp, &meta);
+                resp.headers_mut()
+                    .insert("x-hypertool-cache", HeaderValue::from_static("hit"));
+                return Ok(resp);
+            }
+            None => cache::CacheResult::Miss,
+        },
+    };
+    state.gateway.cache.count(cache_result, 0);
+    notes.push(("x-hypertool-cache", cache_result.as_str().to_string()));
+    let mut cache_slot = match (cache_result, cache_key) {
+        (cache::CacheResult::Miss | cache::CacheResult::Bypass, Some(key)) => {
+            let ttl = settings
+                .cache
+                .ttl_for(&meta.persona, &meta.chatmode, &meta.route.name);
+            Some((key, ttl))
+        }
+        _ => None,
+    };
+
+    rate_check(
+        &state,
+        key,
+        &meta,
+        prompt_estimate.saturating_add(max_tokens),
+    )?;
+    let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
+
+    // Admission: the persona's budgets and the run's stage budget reserved together; a spent
+    // `block` budget refuses. The first call of a stage starts it.
+    let estimate = prompt_estimate.saturating_add(max_tokens);
+    let cost_estimate = cost_of(&meta.route, prompt_estimate, max_tokens);
+    let (reservation, downgraded, start_stage) =
+        Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
+            |refusal| {
+                state.gateway.count(&meta.route.upstream, "budget_exceeded");
+                refused(&refusal, estimate, cost_estimate)
+            },
+        )?;
+    if start_stage {
+        start_run_stage(&state, &meta).await?;
+    }
+    if downgraded {
+        let canonical = lock(&state.engine)
+            .personas()
+            .canonical(&meta.persona)
+            .to_string();
+        let target = policy::downgrade_target(
+            &canonical,
+            &meta.route.name,
+            &settings.persona_downgrade,
+            meta.route.downgrade_to.as_deref(),
+        )
+        .and_then(|t| settings.route(t));
+        match target {
+            Some(cheaper) if cheaper.name != meta.route.name => {
+                tracing::info!(persona = %canonical, from = %meta.route.name, to = %cheaper.name, "budget spent: call downgraded");
+                notes.push((
+                    "x-hypertool-downgraded",
+                    format!("{} -> {}", meta.route.name, cheaper.name),
+                ));
+                state.gateway.count(&cheaper.upstream, "downgraded");
+                cache_slot = None;
+                meta.route = cheaper;
+            }
+            _ => tracing::warn!(persona = %canonical, model = %meta.route.name,
+                "budget spent in downgrade mode but no cheaper model is configured (gateway.downgrade or the model's downgrade_to); the call goes through unchanged"),
+        }
+    }
+
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let started = Instant::now();
+    let mut resp = if stream {
+        stream_call(state, settings, meta, request, reservation, started).await?
+    } else {
+        plain_call(
+            state,
+            settings,
+            meta,
+            request,
+            reservation,
+            started,
+            cache_slot,
+        )
+        .await?
+    };
+    for (name, value) in notes {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    Ok(resp)
+}
+
+pub(super) fn response_headers(resp: &mut Response, meta: &CallMeta) {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&meta.persona) {
+        h.insert("x-hypertool-persona", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&meta.route.name) {
+        h.insert("x-hypertool-model", v);
+    }
+}
+
+/// `POST /v1/embeddings`: attributed, budgeted and accounted like chat calls (no cache, no tools).
+pub async fn embeddings(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let settings = state.gateway.settings();
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
+    let key = caller.persona_key();
+    request::check_headers(&headers)?;
+    let mut request = ApiError::json_object(&body)?;
+    let model = request::model(&request)?;
+    let inputs: Vec<String> = match request.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_input",
+                "`input` must be a string or a non-empty array of strings",
+            )
+            .param("input"))
+        }
+    };
+    let route = allowed_route(&state, &settings, key, &model)?;
+    let persona = attributed_persona(&settings, &headers, key);
+    let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
+    let meta = CallMeta::new(&settings, &headers, persona, route, estimate);
+    rate_check(&state, key, &meta, estimate)?;
+    let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
+    let cost_estimate = cost_of(&meta.route, estimate, 0);
+    // Embeddings are not stage calls (no stage claim): only the persona's budgets apply.
+    let (reservation, _, _) =
+        Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
+            |refusal| {
+                state.gateway.count(&meta.route.upstream, "budget_exceeded");
+                refused(&refusal, estimate, cost_estimate)
+            },
+        )?;
+    request.insert(
+        "model".into(),
+        Value::String(meta.route.upstream_model.clone()),
+    );
+    let started = Instant::now();
+    let task_state = state.clone();
+    let task_meta = meta.clone();
+    let task = state.tasks.spawn(async move {
+        let state = task_state;
+        let meta = task_meta;
+        let result = match Provider::of(&settings, &state.gateway.http, &meta.route) {
+            Ok(provider) => {
+                provider
+                    .embeddings(&Value::Object(request), &inputs, &meta.route.name)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Ok(value) = &result {
+            let (prompt, estimated) = match value
+                .pointer("/usage/prompt_tokens")
+                .and_then(Value::as_u64)
+            {
+                Some(p) => (p, false),
+                None => (meta.prompt_estimate, true),
+            };
+            record(&state, &meta, (prompt, 0), estimated, started, reservation).await;
+            state.gateway.count(&meta.route.upstream, "ok");
+        } else {
+            state.gateway.count(&meta.route.upstream, "upstream_error");
+            drop(reservation);
+        }
+        result
+    });
+    match task.await {
+        Ok(Ok(value)) => {
+            let mut resp = Json(value).into_response();
+            response_headers(&mut resp, &meta);
+            Ok(resp)
+        }
+        Ok(Err(e)) => Err(gateway_error(&e)),
+        Err(_) => Err(ApiError::unavailable(
+            "the call was interrupted (server shutting down?); retry it",
+        )),
+    }
+}
