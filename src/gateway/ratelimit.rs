@@ -91,6 +91,8 @@ pub struct RateLimiters {
     personas: RwLock<HashMap<String, Arc<Buckets>>>,
     /// (persona, kind) → calls refused.
     refused: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Whether any limit is configured: without one, a call costs one atomic load here.
+    active: std::sync::atomic::AtomicBool,
 }
 
 impl RateLimiters {
@@ -100,6 +102,7 @@ impl RateLimiters {
             keys: RwLock::new(HashMap::new()),
             personas: RwLock::new(HashMap::new()),
             refused: Mutex::new(BTreeMap::new()),
+            active: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -126,6 +129,15 @@ impl RateLimiters {
         *k = rebuild(&k, key_limits);
         let mut p = self.personas.write().unwrap_or_else(|p| p.into_inner());
         *p = rebuild(&p, persona_limits);
+        self.active.store(
+            !k.is_empty() || !p.is_empty(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Whether any key or persona has a rate limit.
+    pub fn active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Takes one request and `tokens` tokens from the key's and the persona's buckets, or says

@@ -591,30 +591,29 @@ fn api_router(state: AppState, body_timeout: Duration) -> Router {
     for (route, handler) in routes::routes() {
         router = router.route(route.path, handler);
     }
-    // Layers run outermost (last added) first: the door decides from the head alone, then the
-    // body is read within its time and size limits, then the handler runs.
+    // One layer in front of everything: the door decides from the head alone, then the body is
+    // read within its time and size limits, then the handler runs.
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
-            crate::web::body::BodyLimits {
-                max_bytes: limit,
-                timeout: body_timeout,
-                on_refused: {
-                    let stats = state.stats.clone();
-                    Arc::new(move |path: &str, reason: &'static str| {
-                        // The events API counts every request it refuses.
-                        if path == "/v1/events" {
-                            stats.reject(reason, 1);
-                        }
-                    })
+            Arc::new(crate::web::auth::Entry {
+                door: state.door.clone(),
+                body: crate::web::body::BodyLimits {
+                    max_bytes: limit,
+                    timeout: body_timeout,
+                    on_refused: {
+                        let stats = state.stats.clone();
+                        Arc::new(move |path: &str, reason: &'static str| {
+                            // The events API counts every request it refuses.
+                            if path == "/v1/events" {
+                                stats.reject(reason, 1);
+                            }
+                        })
+                    },
                 },
-            },
-            crate::web::body::read_within_limits,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.door.clone(),
+            }),
             crate::web::auth::layer,
         ))
         .with_state(state)

@@ -393,14 +393,29 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The layer: decides, then hands the [`Caller`] to the handler (or answers the refusal).
-pub async fn layer(State(door): State<Arc<Door>>, mut req: Request, next: Next) -> Response {
-    match door.decide(req.method(), req.uri().path(), req.headers()) {
-        Ok(caller) => {
+/// What the one layer in front of the API needs: the door, and the body's limits.
+pub struct Entry {
+    pub door: Arc<Door>,
+    pub body: super::body::BodyLimits,
+}
+
+/// The layer in front of the whole API: the door decides from the head alone (a refused request
+/// costs no body read), then the body is read within its time and size, then the handler runs with
+/// the [`Caller`]. One layer, not two: each layer costs every request a boxed future.
+pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) -> Response {
+    let caller = match entry
+        .door
+        .decide(req.method(), req.uri().path(), req.headers())
+    {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    match super::body::read(&entry.body, req).await {
+        Ok(mut req) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(refusal) => refusal,
     }
 }
 

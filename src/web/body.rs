@@ -8,9 +8,8 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
@@ -27,48 +26,44 @@ pub struct BodyLimits {
     pub on_refused: OnRefused,
 }
 
-/// Reads the whole body within `timeout` (408 otherwise) and `max_bytes` (413 otherwise).
-pub async fn read_within_limits(
-    State(limits): State<BodyLimits>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Reads the whole body within `timeout` (408 otherwise) and `max_bytes` (413 otherwise), and
+/// hands the request on with the bytes as its body; a refusal is the answer to send.
+pub async fn read(limits: &BodyLimits, req: Request) -> Result<Request, Response> {
     let (parts, body) = req.into_parts();
     let refused = |reason| (limits.on_refused)(parts.uri.path(), reason);
     let read = tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_bytes));
     match read.await {
-        Ok(Ok(bytes)) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
-        }
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
         Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             if too_large {
                 refused("body_too_large");
-                closing(ApiError::too_large(limits.max_bytes).into_response())
+                Err(closing(
+                    ApiError::too_large(limits.max_bytes).into_response(),
+                ))
             } else {
                 refused("invalid_body");
-                closing(
+                Err(closing(
                     ApiError::bad_request("invalid_body", "the request body could not be read")
                         .into_response(),
-                )
+                ))
             }
         }
         Err(_) => {
             refused("body_timeout");
-            closing(
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                "body_timeout",
-                format!(
-                    "the request body did not arrive within {} ms (server.body_timeout); send it at once",
-                    limits.timeout.as_millis()
-                ),
-            )
-            .into_response(),
-        )
+            Err(closing(
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    "body_timeout",
+                    format!(
+                        "the request body did not arrive within {} ms (server.body_timeout); send it at once",
+                        limits.timeout.as_millis()
+                    ),
+                )
+                .into_response(),
+            ))
         }
     }
 }
