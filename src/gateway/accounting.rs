@@ -22,7 +22,7 @@ pub(super) fn usage_of(v: &Value) -> Option<(u64, u64)> {
 
 /// The usage event of one answered attempt.
 pub(super) fn usage_event(
-    state: &AppState,
+    state: &GatewayState,
     meta: &CallMeta,
     prompt: u64,
     completion: u64,
@@ -55,19 +55,21 @@ pub(super) fn usage_event(
 /// logged and counted but the answer has gone to the client: the tokens were spent upstream, and a
 /// retry would spend them twice.
 pub(super) async fn store_usage(
-    state: &AppState,
+    state: &GatewayState,
     persona: &str,
     events: Vec<Stamped>,
     settles: Vec<Reservation>,
 ) {
     let n = events.len();
-    let stats = state.stats.clone();
+    let counter = state.clone();
     let persona = persona.to_string();
     state
         .writer
         .append_accounting(events, move |result| {
             if let Err(e) = result {
-                stats.reject("ledger_unavailable", n as u64);
+                counter
+                    .ledger_failures
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 tracing::error!(persona = %persona, calls = n,
                     "usage of answered calls could not be stored: {e}");
             }
@@ -78,7 +80,7 @@ pub(super) async fn store_usage(
 
 /// Stores the call's usage and then gives back its reservation (see [`store_usage`]).
 pub(super) async fn record(
-    state: &AppState,
+    state: &GatewayState,
     meta: &CallMeta,
     usage: (u64, u64),
     estimated: bool,

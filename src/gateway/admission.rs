@@ -33,7 +33,7 @@ impl Reservation {
     /// the reservation (given back when dropped), whether a `downgrade` budget asks for the
     /// cheaper model, and whether this call must start its stage; or the refusal.
     pub(super) fn take(
-        state: &AppState,
+        state: &GatewayState,
         meta: &CallMeta,
         estimate: u64,
         cost: f64,
@@ -68,12 +68,12 @@ impl Reservation {
 
 /// The key's and the persona's rates: 429 `rate_limited` with `Retry-After` when one is passed.
 pub(super) fn rate_check(
-    state: &AppState,
+    state: &GatewayState,
     key: Option<&VirtualKey>,
     meta: &CallMeta,
     tokens: u64,
 ) -> Result<(), ApiError> {
-    if !state.gateway.limits.active() {
+    if !state.limits.active() {
         return Ok(());
     }
     let canonical = lock(&state.engine)
@@ -81,11 +81,10 @@ pub(super) fn rate_check(
         .canonical(&meta.persona)
         .to_string();
     state
-        .gateway
         .limits
         .check(key, &canonical, tokens)
         .map_err(|r| {
-            state.gateway.count(&meta.route.upstream, "rate_limited");
+            state.count(&meta.route.upstream, "rate_limited");
             let what = r.kind.as_str();
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -109,7 +108,7 @@ pub(super) fn rate_check(
 
 /// Stores the `stage_started` of a run stage's first call (admission chose this call); when it
 /// cannot be stored, the next call of the stage starts it instead.
-pub(super) async fn start_run_stage(state: &AppState, meta: &CallMeta) -> Result<(), ApiError> {
+pub(super) async fn start_run_stage(state: &GatewayState, meta: &CallMeta) -> Result<(), ApiError> {
     let Some((call, run)) = meta
         .stage_call
         .as_ref()
@@ -229,31 +228,31 @@ pub(super) fn refused(refusal: &Refusal, estimate: u64, cost_estimate: f64) -> A
 /// 100 ms for a slot, and beyond that calls are refused at once, so that overload is refused
 /// cheaply instead of piling up requests in memory.
 pub(super) async fn acquire_slot(
-    state: &AppState,
+    state: &GatewayState,
     settings: &GatewaySettings,
     upstream: &str,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let permit = match state.gateway.in_flight.clone().try_acquire_owned() {
+    let permit = match state.in_flight.clone().try_acquire_owned() {
         Ok(p) => Ok(p),
         Err(_) => {
-            let waiting = state.gateway.waiting.fetch_add(1, Ordering::AcqRel);
+            let waiting = state.waiting.fetch_add(1, Ordering::AcqRel);
             let result = if waiting >= settings.max_in_flight {
                 Err(())
             } else {
                 tokio::time::timeout(
                     Duration::from_millis(100),
-                    state.gateway.in_flight.clone().acquire_owned(),
+                    state.in_flight.clone().acquire_owned(),
                 )
                 .await
                 .map_err(|_| ())
                 .and_then(|r| r.map_err(|_| ()))
             };
-            state.gateway.waiting.fetch_sub(1, Ordering::AcqRel);
+            state.waiting.fetch_sub(1, Ordering::AcqRel);
             result
         }
     };
     permit.map_err(|()| {
-        state.gateway.count(upstream, "overloaded");
+        state.count(upstream, "overloaded");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",

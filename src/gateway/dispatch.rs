@@ -33,12 +33,12 @@ pub(super) fn candidates(
 
 /// One attempt at one route, without retries.
 pub(super) async fn attempt_plain(
-    state: &AppState,
+    state: &GatewayState,
     settings: &GatewaySettings,
     route: &ModelRoute,
     body: &Map<String, Value>,
 ) -> Result<Completion, UpstreamError> {
-    Provider::of(settings, &state.gateway.http, route)?
+    Provider::of(settings, &state.http, route)?
         .complete(body, &route.name)
         .await
 }
@@ -46,7 +46,7 @@ pub(super) async fn attempt_plain(
 /// Tries the route with retries (429, 5xx, connection errors; exponential backoff, honouring
 /// `Retry-After`), then each fallback the same way. Returns the route that answered.
 pub(super) async fn call_with_fallbacks(
-    state: &AppState,
+    state: &GatewayState,
     settings: &GatewaySettings,
     route: &Arc<ModelRoute>,
     request: &mut Map<String, Value>,
@@ -54,7 +54,7 @@ pub(super) async fn call_with_fallbacks(
     let mut last = None;
     for (i, candidate) in candidates(settings, route).into_iter().enumerate() {
         if i > 0 {
-            state.gateway.count(&candidate.upstream, "fallback");
+            state.count(&candidate.upstream, "fallback");
             tracing::warn!(from = %route.name, to = %candidate.name, "falling back to the next model");
         }
         // The model is set in place for each candidate: no copy of the (possibly large) request.
@@ -70,7 +70,7 @@ pub(super) async fn call_with_fallbacks(
                 Ok(v) => return Ok((candidate, v)),
                 Err(e) if e.retryable() && attempt < candidate.retries => {
                     attempt += 1;
-                    state.gateway.count(&candidate.upstream, "retry");
+                    state.count(&candidate.upstream, "retry");
                     let wait = e
                         .retry_after()
                         .map(|r| r.min(Duration::from_secs(10)))
@@ -105,7 +105,7 @@ pub(super) struct Answer {
 /// Judges an answer by the stage's gate and records the verdict (one `quality_gate` event per
 /// attempt, so the metric shows every failure that led to a retry).
 pub(super) async fn judge(
-    state: &AppState,
+    state: &GatewayState,
     meta: &CallMeta,
     text: &str,
     completion_tokens: u64,
@@ -142,7 +142,7 @@ pub(super) async fn judge(
 }
 
 pub(super) async fn plain_call(
-    state: AppState,
+    state: GatewayState,
     settings: Arc<GatewaySettings>,
     meta: CallMeta,
     mut request: Map<String, Value>,
@@ -177,8 +177,8 @@ pub(super) async fn plain_call(
             let (answered_by, completion) = match result {
                 Ok(ok) => ok,
                 Err(e) => {
-                    state.gateway.count(&attempt_meta.route.upstream, "upstream_error");
-                    if let Some(held_back) = state.gateway.warnings.admit(&attempt_meta.route.name, e.code(), Instant::now()) {
+                    state.count(&attempt_meta.route.upstream, "upstream_error");
+                    if let Some(held_back) = state.warnings.admit(&attempt_meta.route.name, e.code(), Instant::now()) {
                         tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name,
                             similar_held_back = held_back, "{}", e.message());
                     }
@@ -226,8 +226,8 @@ pub(super) async fn plain_call(
                     // Stored with the last attempt (one commit, and the client is not kept
                     // waiting for it); its reservation is held until then.
                     earlier_attempts.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
-                    state.gateway.count(&attempt_meta.route.upstream, "ok");
-                    state.gateway.count(&target.upstream, "gate_retry");
+                    state.count(&attempt_meta.route.upstream, "ok");
+                    state.count(&target.upstream, "gate_retry");
                     tracing::info!(from = %attempt_meta.route.name, to = %target.name, attempt = attempt + 1,
                         "retrying a call whose output failed the quality gate");
                     attempt_meta.route = target;
@@ -237,7 +237,7 @@ pub(super) async fn plain_call(
                     let cacheable = !fell_back && !estimated && !failed && attempt == 1;
                     if let Some((key, ttl)) = cache_slot.filter(|_| cacheable) {
                         let expires = state.clock.now_ms() + ttl.as_millis() as i64;
-                        state.gateway.cache.insert(key, body.clone(), prompt, completion, expires);
+                        state.cache.insert(key, body.clone(), prompt, completion, expires);
                     }
                     let _ = answer_tx.send(Ok(Answer {
                         meta: attempt_meta.clone(),
@@ -248,7 +248,7 @@ pub(super) async fn plain_call(
                     let mut events = std::mem::take(&mut earlier_attempts);
                     events.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
                     store_usage(&state, &attempt_meta.persona, events, held).await;
-                    state.gateway.count(&attempt_meta.route.upstream, "ok");
+                    state.count(&attempt_meta.route.upstream, "ok");
                     break;
                 }
             }

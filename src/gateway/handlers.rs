@@ -6,13 +6,13 @@ use super::*;
 
 /// The route for `model`, if it exists and the key (if any) may use it.
 pub(super) fn allowed_route(
-    state: &AppState,
+    state: &GatewayState,
     settings: &GatewaySettings,
     key: Option<&VirtualKey>,
     model: &str,
 ) -> Result<Arc<ModelRoute>, ApiError> {
     let Some(route) = settings.route(model) else {
-        state.gateway.count("-", "model_not_found");
+        state.count("-", "model_not_found");
         let mut known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
         known.push("mock/<anything>");
         return Err(ApiError::not_found(
@@ -56,10 +56,10 @@ pub(super) fn attributed_persona(
 }
 
 pub async fn list_models(
-    State(state): State<AppState>,
+    State(state): State<GatewayState>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let settings = state.gateway.settings();
+    let settings = state.settings();
     let key = caller.persona_key();
     let mut data: Vec<Value> = Vec::new();
     for m in &settings.models {
@@ -75,12 +75,12 @@ pub async fn list_models(
 }
 
 pub async fn chat_completions(
-    State(state): State<AppState>,
+    State(state): State<GatewayState>,
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let settings = state.gateway.settings();
+    let settings = state.settings();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = caller.persona_key();
     request::check_headers(&headers)?;
@@ -116,9 +116,7 @@ pub async fn chat_completions(
             match tokens::truncate_messages(msgs, max) {
                 Ok(None) => {}
                 Ok(Some(t)) => {
-                    state
-                        .gateway
-                        .count_truncation(&c.workflow.name, &c.stage.name, &t);
+                    state.count_truncation(&c.workflow.name, &c.stage.name, &t);
                     tracing::info!(workflow = %c.workflow.name, stage = %c.stage.name,
                         removed = t.removed_messages, before = t.tokens_before, after = t.tokens_after,
                         "prompt cut to the stage's max_prompt_tokens");
@@ -179,12 +177,10 @@ pub async fn chat_completions(
             .unwrap_or_default();
         let scope = policy::scope_tools(&meta.persona, tools, &allowed, settings.tool_policy);
         if let Err(policy::PolicyRefusal::ToolsNotAllowed { tools, .. }) = &scope {
-            state.gateway.count_tools(&meta.persona, tools.len() as u64);
+            state.count_tools(&meta.persona, tools.len() as u64);
         }
         if let policy::ToolScope::Filtered { keep, removed } = scope.map_err(policy_error)? {
-            state
-                .gateway
-                .count_tools(&meta.persona, removed.len() as u64);
+            state.count_tools(&meta.persona, removed.len() as u64);
             tracing::info!(persona = %meta.persona, tools = %removed.join(","), "tools outside the persona's allowedTools removed");
             notes.push(("x-hypertool-tools-removed", removed.join(",")));
             if keep.is_empty() {
@@ -209,13 +205,13 @@ pub async fn chat_completions(
     let cache_result = match (&cache_key, no_cache) {
         (None, _) => cache::CacheResult::Skip,
         (Some(_), true) => cache::CacheResult::Bypass,
-        (Some(key), false) => match state.gateway.cache.get(key, state.clock.now_ms()) {
+        (Some(key), false) => match state.cache.get(key, state.clock.now_ms()) {
             Some(entry) => {
-                state.gateway.cache.count(
+                state.cache.count(
                     cache::CacheResult::Hit,
                     entry.prompt_tokens + entry.completion_tokens,
                 );
-                state.gateway.count(&meta.route.upstream, "cache_hit");
+                state.count(&meta.route.upstream, "cache_hit");
                 let wants_usage = request
                     .get("stream_options")
                     .and_then(|o| o.get("include_usage"))
@@ -234,7 +230,7 @@ pub async fn chat_completions(
             None => cache::CacheResult::Miss,
         },
     };
-    state.gateway.cache.count(cache_result, 0);
+    state.cache.count(cache_result, 0);
     notes.push(("x-hypertool-cache", cache_result.as_str().to_string()));
     let mut cache_slot = match (cache_result, cache_key) {
         (cache::CacheResult::Miss | cache::CacheResult::Bypass, Some(key)) => {
@@ -261,7 +257,7 @@ pub async fn chat_completions(
     let (reservation, downgraded, start_stage) =
         Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
             |refusal| {
-                state.gateway.count(&meta.route.upstream, "budget_exceeded");
+                state.count(&meta.route.upstream, "budget_exceeded");
                 refused(&refusal, estimate, cost_estimate)
             },
         )?;
@@ -287,7 +283,7 @@ pub async fn chat_completions(
                     "x-hypertool-downgraded",
                     format!("{} -> {}", meta.route.name, cheaper.name),
                 ));
-                state.gateway.count(&cheaper.upstream, "downgraded");
+                state.count(&cheaper.upstream, "downgraded");
                 cache_slot = None;
                 meta.route = cheaper;
             }
@@ -335,12 +331,12 @@ pub(super) fn response_headers(resp: &mut Response, meta: &CallMeta) {
 
 /// `POST /v1/embeddings`: attributed, budgeted and accounted like chat calls (no cache, no tools).
 pub async fn embeddings(
-    State(state): State<AppState>,
+    State(state): State<GatewayState>,
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let settings = state.gateway.settings();
+    let settings = state.settings();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = caller.persona_key();
     request::check_headers(&headers)?;
@@ -373,7 +369,7 @@ pub async fn embeddings(
     let (reservation, _, _) =
         Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
             |refusal| {
-                state.gateway.count(&meta.route.upstream, "budget_exceeded");
+                state.count(&meta.route.upstream, "budget_exceeded");
                 refused(&refusal, estimate, cost_estimate)
             },
         )?;
@@ -387,7 +383,7 @@ pub async fn embeddings(
     let task = state.tasks.spawn(async move {
         let state = task_state;
         let meta = task_meta;
-        let result = match Provider::of(&settings, &state.gateway.http, &meta.route) {
+        let result = match Provider::of(&settings, &state.http, &meta.route) {
             Ok(provider) => {
                 provider
                     .embeddings(&Value::Object(request), &inputs, &meta.route.name)
@@ -404,9 +400,9 @@ pub async fn embeddings(
                 None => (meta.prompt_estimate, true),
             };
             record(&state, &meta, (prompt, 0), estimated, started, reservation).await;
-            state.gateway.count(&meta.route.upstream, "ok");
+            state.count(&meta.route.upstream, "ok");
         } else {
-            state.gateway.count(&meta.route.upstream, "upstream_error");
+            state.count(&meta.route.upstream, "upstream_error");
             drop(reservation);
         }
         result

@@ -44,7 +44,6 @@ use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped, Usage};
 use crate::core::policy;
 use crate::core::workflow::GateVerdict;
 use crate::core::workflow::Workflows;
-use crate::server::AppState;
 use crate::store::writer::lock;
 use crate::web::auth::Caller;
 use crate::web::error::ApiError;
@@ -59,8 +58,30 @@ use handlers::response_headers;
 pub use handlers::{chat_completions, embeddings, list_models};
 use relay::*;
 
-/// Gateway configuration (hot-reloaded) and its HTTP client.
+/// What every gateway handler and call task holds: one pointer (a clone is one increment).
+pub type GatewayState = Arc<Gateway>;
+
+/// What the gateway shares with the rest of the server, handed over at start-up so that the
+/// gateway never reaches up into `server`.
+pub struct Shared {
+    pub engine: Arc<Mutex<Engine>>,
+    pub writer: crate::store::writer::WriterHandle,
+    pub clock: Arc<dyn crate::core::clock::Clock>,
+    /// Work that must finish before the ledger closes (call tasks, stream relays).
+    pub tasks: tokio_util::task::TaskTracker,
+    pub max_body_bytes: usize,
+}
+
+/// The gateway: its configuration (hot-reloaded), HTTP client, cache, limits and counters, and
+/// what it shares with the server.
 pub struct Gateway {
+    pub engine: Arc<Mutex<Engine>>,
+    pub writer: crate::store::writer::WriterHandle,
+    pub clock: Arc<dyn crate::core::clock::Clock>,
+    pub tasks: tokio_util::task::TaskTracker,
+    pub max_body_bytes: usize,
+    /// Answered calls whose usage the ledger could not store.
+    ledger_failures: std::sync::atomic::AtomicU64,
     settings: RwLock<Arc<GatewaySettings>>,
     workflows: RwLock<Arc<Workflows>>,
     http: client::UpstreamClient,
@@ -116,13 +137,15 @@ impl WarnThrottle {
 }
 
 impl Gateway {
-    pub fn new(
-        settings: GatewaySettings,
-        workflows: Workflows,
-        clock: Arc<dyn crate::core::clock::Clock>,
-    ) -> Self {
+    pub fn new(settings: GatewaySettings, workflows: Workflows, shared: Shared) -> Self {
         Gateway {
-            limits: ratelimit::RateLimiters::new(clock),
+            limits: ratelimit::RateLimiters::new(shared.clock.clone()),
+            engine: shared.engine,
+            writer: shared.writer,
+            clock: shared.clock,
+            tasks: shared.tasks,
+            max_body_bytes: shared.max_body_bytes,
+            ledger_failures: std::sync::atomic::AtomicU64::new(0),
             workflows: RwLock::new(Arc::new(workflows)),
             cache: cache::ResponseCache::new(settings.cache.max_entries),
             in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
@@ -134,6 +157,12 @@ impl Gateway {
             tools_removed: Mutex::new(BTreeMap::new()),
             truncations: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Answered calls whose usage could not be stored (counted with the events API's rejections
+    /// as `ledger_unavailable`).
+    pub fn ledger_failures(&self) -> u64 {
+        self.ledger_failures.load(Ordering::Relaxed)
     }
 
     pub fn settings(&self) -> Arc<GatewaySettings> {

@@ -63,7 +63,7 @@ pub(super) fn cached_stream(entry: &cache::Entry, wants_usage: bool) -> Response
 }
 
 pub(super) async fn stream_call(
-    state: AppState,
+    state: GatewayState,
     settings: Arc<GatewaySettings>,
     meta: CallMeta,
     mut request: Map<String, Value>,
@@ -91,7 +91,7 @@ pub(super) async fn stream_call(
     for candidate in candidates(&settings, &meta.route) {
         body["model"] = Value::String(candidate.upstream_model.clone());
         let attempt_body = &body;
-        let opening = match Provider::of(&settings, &state.gateway.http, &candidate) {
+        let opening = match Provider::of(&settings, &state.http, &candidate) {
             Ok(provider) => provider.open_stream(attempt_body, &candidate.name).await,
             Err(e) => Err(e),
         };
@@ -103,7 +103,6 @@ pub(super) async fn stream_call(
             Err(e) => {
                 if let Some(held_back) =
                     state
-                        .gateway
                         .warnings
                         .admit(&candidate.name, e.code(), Instant::now())
                 {
@@ -114,7 +113,7 @@ pub(super) async fn stream_call(
         }
     }
     let Some((answered_by, source)) = opened else {
-        state.gateway.count(&meta.route.upstream, "upstream_error");
+        state.count(&meta.route.upstream, "upstream_error");
         let e = last_error.unwrap_or(UpstreamError::Unreachable {
             upstream: meta.route.upstream.clone(),
         });
@@ -153,7 +152,7 @@ pub(super) async fn stream_call(
 /// the stream ends — with the upstream's usage, or estimated when there was none or the client left.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn relay(
-    state: AppState,
+    state: GatewayState,
     meta: CallMeta,
     request: Arc<Value>,
     mut source: SourceStream,
@@ -272,7 +271,6 @@ pub(super) async fn relay(
     if let Some(e) = &failure {
         if let Some(held_back) =
             state
-                .gateway
                 .warnings
                 .admit(&meta.route.name, "stream_ended_early", Instant::now())
         {
@@ -307,7 +305,7 @@ pub(super) async fn relay(
         reservation,
     )
     .await;
-    state.gateway.count(
+    state.count(
         &meta.route.upstream,
         if failure.is_some() {
             "upstream_error"

@@ -5,15 +5,17 @@
 //! over `max_prompt_tokens` is cut, and the output is judged by the stage's gate. A call naming a
 //! workflow hypertool does not know keeps working as before: the names only label its metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderMap, StatusCode};
 
 use super::request::header;
+use super::GatewayState;
 use crate::config::gateway::{GatewaySettings, ModelRoute};
+use crate::core::engine::Engine;
+use crate::core::runs::Run;
 use crate::core::workflow::{QualityGate, Stage, Workflow};
-use crate::server::workflows::{unknown_stage, with_run};
-use crate::server::AppState;
+use crate::store::writer::lock;
 use crate::web::error::ApiError;
 
 /// The configured stage a call belongs to.
@@ -42,11 +44,11 @@ impl StageCall {
 /// The workflow a call names (or its chatmode's, when it names a stage but no workflow), and the
 /// configured stage when there is one.
 pub fn resolve(
-    state: &AppState,
+    state: &GatewayState,
     headers: &HeaderMap,
     chatmode: &str,
 ) -> Result<(Option<String>, Option<Arc<StageCall>>), ApiError> {
-    let workflows = state.gateway.workflows();
+    let workflows = state.workflows();
     let stage_name = header(headers, "x-hypertool-stage");
     let run = header(headers, "x-hypertool-run");
     let named = header(headers, "x-hypertool-workflow");
@@ -64,7 +66,7 @@ pub fn resolve(
                 e.param("x-hypertool-stage")
             })?;
             if let Some(r) = &run {
-                with_run(state, &w.name, r, |_| ()).map_err(|e| e.param("x-hypertool-run"))?;
+                with_run(&state.engine, &w.name, r, |_| ()).map_err(|e| e.param("x-hypertool-run"))?;
             }
             Ok((
                 workflow_name,
@@ -108,4 +110,46 @@ pub fn header_safe(text: &str) -> String {
         out.push_str("...");
     }
     out
+}
+
+pub fn unknown_stage(workflow: &Workflow, stage: &str) -> ApiError {
+    ApiError::not_found(
+        "unknown_stage",
+        format!(
+            "workflow `{}` has no stage `{stage}`; its stages: {}",
+            workflow.name,
+            workflow.stage_names().join(", ")
+        ),
+    )
+    .param("stage")
+}
+
+/// `read` applied to the run (checked to belong to `workflow`), without copying it.
+pub fn with_run<T>(
+    engine: &Mutex<Engine>,
+    workflow: &str,
+    run: &str,
+    read: impl FnOnce(&Run) -> T,
+) -> Result<T, ApiError> {
+    let engine = lock(engine);
+    let Some(r) = engine.runs().get(run) else {
+        return Err(ApiError::not_found(
+            "unknown_run",
+            format!("no run `{run}` (runs are created with POST /v1/workflows/{workflow}/runs; finished runs are kept up to a bound)"),
+        )
+        .param("run"));
+    };
+    if r.workflow != workflow {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "run_workflow_mismatch",
+            format!(
+                "run `{run}` belongs to workflow `{}`, not `{workflow}`",
+                r.workflow
+            ),
+        )
+        .param("run"));
+    }
+    Ok(read(r))
 }

@@ -93,6 +93,13 @@ impl AppState {
     }
 }
 
+/// The gateway's handlers take the gateway's own state (one pointer), not the server's.
+impl axum::extract::FromRef<AppState> for crate::gateway::GatewayState {
+    fn from_ref(state: &AppState) -> Self {
+        state.gateway.clone()
+    }
+}
+
 /// What every route can reach.
 #[derive(Clone)]
 pub struct AppInner {
@@ -301,6 +308,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         generator_url.clone(),
         delivery_stats.clone(),
     );
+    let tasks = tokio_util::task::TaskTracker::new();
     let persona_names = engine.clone();
     let door = Arc::new(Door::new(
         &routes::table(),
@@ -321,7 +329,13 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
             let gateway = crate::gateway::Gateway::new(
                 cfg.settings.gateway.clone(),
                 cfg.workflows.clone(),
-                clock.clone(),
+                crate::gateway::Shared {
+                    engine: engine.clone(),
+                    writer: writer.clone(),
+                    clock: clock.clone(),
+                    tasks: tasks.clone(),
+                    max_body_bytes: cfg.settings.max_body_bytes,
+                },
             );
             gateway
                 .limits
@@ -329,7 +343,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
             Arc::new(gateway)
         },
         switch_lock: Arc::new(tokio::sync::Mutex::new(())),
-        tasks: tokio_util::task::TaskTracker::new(),
+        tasks: tasks.clone(),
         generator_url,
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
@@ -677,14 +691,22 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         config_last_reload_ok: state.stats.last_reload_ok.load(Ordering::Relaxed),
         auth_failures: state.door.failures(),
         rate_limited: state.gateway.limits.refused(),
-        events_rejected: state
-            .stats
-            .rejected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v as f64))
-            .collect(),
+        events_rejected: {
+            let mut rejected = state
+                .stats
+                .rejected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let lost = state.gateway.ledger_failures();
+            if lost > 0 {
+                *rejected.entry("ledger_unavailable").or_insert(0) += lost;
+            }
+            rejected
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v as f64))
+                .collect()
+        },
     };
     let now = state.clock.now_ms();
     let mut engine = lock(&state.engine);

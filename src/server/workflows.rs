@@ -78,17 +78,7 @@ fn unknown_workflow(state: &AppState, name: &str) -> ApiError {
     .param("workflow")
 }
 
-pub fn unknown_stage(workflow: &Workflow, stage: &str) -> ApiError {
-    ApiError::not_found(
-        "unknown_stage",
-        format!(
-            "workflow `{}` has no stage `{stage}`; its stages: {}",
-            workflow.name,
-            workflow.stage_names().join(", ")
-        ),
-    )
-    .param("stage")
-}
+pub use crate::gateway::stage::unknown_stage;
 
 pub fn workflow_named(state: &AppState, name: &str) -> Result<Arc<Workflow>, ApiError> {
     state
@@ -104,34 +94,14 @@ pub fn run_of(state: &AppState, workflow: &str, run: &str) -> Result<Run, ApiErr
     with_run(state, workflow, run, Run::clone)
 }
 
-/// `read` applied to the run (checked to belong to `workflow`), without copying it.
+/// Reads the run, checked to belong to `workflow` (see [`crate::gateway::stage::with_run`]).
 pub fn with_run<T>(
     state: &AppState,
     workflow: &str,
     run: &str,
     read: impl FnOnce(&Run) -> T,
 ) -> Result<T, ApiError> {
-    let engine = lock(&state.engine);
-    let Some(r) = engine.runs().get(run) else {
-        return Err(ApiError::not_found(
-            "unknown_run",
-            format!("no run `{run}` (runs are created with POST /v1/workflows/{workflow}/runs; finished runs are kept up to a bound)"),
-        )
-        .param("run"));
-    };
-    if r.workflow != workflow {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            "run_workflow_mismatch",
-            format!(
-                "run `{run}` belongs to workflow `{}`, not `{workflow}`",
-                r.workflow
-            ),
-        )
-        .param("run"));
-    }
-    Ok(read(r))
+    crate::gateway::stage::with_run(&state.engine, workflow, run, read)
 }
 
 fn conflict(code: &'static str, message: String) -> ApiError {
