@@ -12,15 +12,12 @@
 //! completes A→B→A→B within the oscillation window is flagged (and refused when
 //! `switching.oscillation_action = "suppress"`).
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::workflows::typed_body;
 use super::AppState;
 use crate::core::clock::to_rfc3339;
 use crate::core::engine::SwitchDecision;
@@ -30,13 +27,18 @@ use crate::core::routing;
 use crate::store::writer::lock;
 use crate::web::auth::{other_persona, Caller};
 use crate::web::error::ApiError;
+use crate::web::json::{BodyShape, JsonBody};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SwitchRequest {
+pub struct SwitchRequest {
     session: String,
     to: String,
     chatmode: Option<String>,
+}
+
+impl BodyShape for SwitchRequest {
+    const SHAPE: &'static str = "{\"session\": \"…\", \"to\": \"persona\", \"chatmode\"?: \"…\"}";
 }
 
 fn check_session(session: &str) -> Result<(), ApiError> {
@@ -46,13 +48,8 @@ fn check_session(session: &str) -> Result<(), ApiError> {
 pub async fn switch(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<SwitchRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let req: SwitchRequest = typed_body(
-        body,
-        state.max_body_bytes,
-        "{\"session\": \"…\", \"to\": \"persona\", \"chatmode\"?: \"…\"}",
-    )?;
     check_session(&req.session)?;
     ApiError::name(NameField::Persona, "to", &req.to)?;
     if let Some(c) = &req.chatmode {
@@ -152,20 +149,19 @@ pub async fn switch(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RouteRequest {
+pub struct RouteRequest {
     task: String,
     session: Option<String>,
 }
 
+impl BodyShape for RouteRequest {
+    const SHAPE: &'static str = "{\"task\": \"what needs doing\", \"session\"?: \"…\"}";
+}
+
 pub async fn route(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<RouteRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let req: RouteRequest = typed_body(
-        body,
-        state.max_body_bytes,
-        "{\"task\": \"what needs doing\", \"session\"?: \"…\"}",
-    )?;
     if req.task.trim().is_empty() {
         return Err(
             ApiError::bad_request("invalid_task", "task must describe the work to route")

@@ -17,13 +17,10 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -37,28 +34,7 @@ use crate::core::workflow::{CodeBlock, ModelChoice, QualityGate, Stage, Workflow
 use crate::store::writer::lock;
 use crate::web::auth::{other_persona, Caller};
 use crate::web::error::ApiError;
-
-/// A JSON body into `T` (an empty body is `{}`), or a 400 that names the problem and the shape.
-pub fn typed_body<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-    shape: &str,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|r| ApiError::from_body_rejection(r, limit))?;
-    let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &body
-    };
-    serde_json::from_slice(bytes).map_err(|e| {
-        let code = if e.is_syntax() || e.is_eof() {
-            "malformed_json"
-        } else {
-            "invalid_body"
-        };
-        ApiError::bad_request(code, format!("{e}; the body is {shape}"))
-    })
-}
+use crate::web::json::{BodyShape, JsonBody};
 
 fn unknown_workflow(state: &AppState, name: &str) -> ApiError {
     let known: Vec<String> = state
@@ -259,8 +235,12 @@ pub async fn get_workflow(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateRun {
+pub struct CreateRun {
     session: Option<String>,
+}
+
+impl BodyShape for CreateRun {
+    const SHAPE: &'static str = "{\"session\"?: \"…\"}";
 }
 
 fn new_run_id(state: &AppState) -> String {
@@ -299,10 +279,9 @@ fn current_run(state: &AppState, workflow: &str, run: &str) -> Result<Json<Value
 pub async fn create_run(
     State(state): State<AppState>,
     Path(workflow): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<CreateRun>,
 ) -> Result<Response, ApiError> {
     let w = workflow_named(&state, &workflow)?;
-    let req: CreateRun = typed_body(body, state.max_body_bytes, "{\"session\"?: \"…\"}")?;
     if let Some(session) = &req.session {
         ApiError::name(NameField::Session, "session", session)?;
     }
@@ -363,8 +342,12 @@ pub async fn get_run(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StartStage {
+pub struct StartStage {
     persona: Option<String>,
+}
+
+impl BodyShape for StartStage {
+    const SHAPE: &'static str = "{\"persona\"?: \"…\"}";
 }
 
 /// Starts `stage` of `run` unless it is running already: used by the API and by the gateway.
@@ -434,11 +417,10 @@ pub async fn start_stage(
     State(state): State<AppState>,
     caller: Caller,
     Path((workflow, run, stage)): Path<(String, String, String)>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(mut req): JsonBody<StartStage>,
 ) -> Result<Json<Value>, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
-    let mut req: StartStage = typed_body(body, state.max_body_bytes, "{\"persona\"?: \"…\"}")?;
     own_stage(&state, &caller, s, req.persona.as_deref())?;
     if req.persona.is_none() && s.persona.is_none() {
         // A persona key's stage is run by its persona.
@@ -458,26 +440,26 @@ pub async fn start_stage(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FinishStage {
+pub struct FinishStage {
     gate: Option<GateResult>,
     model: Option<String>,
     reasons: Option<String>,
+}
+
+impl BodyShape for FinishStage {
+    const SHAPE: &'static str =
+        "{\"gate\"?: \"pass\"|\"fail\", \"model\"?: \"…\", \"reasons\"?: \"…\"}";
 }
 
 pub async fn finish_stage(
     State(state): State<AppState>,
     caller: Caller,
     Path((workflow, run, stage)): Path<(String, String, String)>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<FinishStage>,
 ) -> Result<Json<Value>, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
     own_stage(&state, &caller, s, None)?;
-    let req: FinishStage = typed_body(
-        body,
-        state.max_body_bytes,
-        "{\"gate\"?: \"pass\"|\"fail\", \"model\"?: \"…\", \"reasons\"?: \"…\"}",
-    )?;
     let r = run_of(&state, &workflow, &run)?;
     if !r
         .stages
@@ -521,21 +503,20 @@ pub async fn finish_stage(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FinishRun {
+pub struct FinishRun {
     status: Option<String>,
+}
+
+impl BodyShape for FinishRun {
+    const SHAPE: &'static str = "{\"status\"?: \"completed\"|\"failed\"|\"cancelled\"}";
 }
 
 pub async fn finish_run(
     State(state): State<AppState>,
     Path((workflow, run)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<FinishRun>,
 ) -> Result<Json<Value>, ApiError> {
     let w = workflow_named(&state, &workflow)?;
-    let req: FinishRun = typed_body(
-        body,
-        state.max_body_bytes,
-        "{\"status\"?: \"completed\"|\"failed\"|\"cancelled\"}",
-    )?;
     let status = match req.status.as_deref() {
         None => RunStatus::Completed,
         Some(s) => RunStatus::parse(s).ok_or_else(|| {
@@ -567,7 +548,7 @@ pub async fn finish_run(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EvaluateRequest {
+pub struct EvaluateRequest {
     workflow: String,
     stage: String,
     text: String,
@@ -578,16 +559,15 @@ struct EvaluateRequest {
     record: Option<bool>,
 }
 
+impl BodyShape for EvaluateRequest {
+    const SHAPE: &'static str = "{\"workflow\": \"…\", \"stage\": \"…\", \"text\": \"…\", \"completion_tokens\"?: N, \"model\"?: \"…\", \"run\"?: \"…\", \"record\"?: true}";
+}
+
 pub async fn evaluate_gate(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<EvaluateRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let req: EvaluateRequest = typed_body(
-        body,
-        state.max_body_bytes,
-        "{\"workflow\": \"…\", \"stage\": \"…\", \"text\": \"…\", \"completion_tokens\"?: N, \"model\"?: \"…\", \"run\"?: \"…\", \"record\"?: true}",
-    )?;
     ApiError::name(NameField::Workflow, "workflow", &req.workflow)?;
     ApiError::name(NameField::Stage, "stage", &req.stage)?;
     if let Some(model) = &req.model {

@@ -5,3 +5,4 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod json;
