@@ -406,34 +406,42 @@ fn num(v: f64) -> String {
 impl Rule {
     /// The PromQL condition.
     pub fn expr(&self, job: &str) -> String {
+        use crate::telemetry::families as f;
         let w = self.window;
+        let remaining = f::PERSONA_TOKEN_BUDGET_REMAINING.name;
+        let gates = f::WORKFLOW_QUALITY_GATE_TOTAL.name;
+        let switches = f::PERSONA_SWITCHES_TOTAL.name;
+        let stage_duration = f::WORKFLOW_STAGE_DURATION_SECONDS.name;
+        let running = f::WORKFLOW_STAGE_RUNNING_SECONDS.name;
+        let tokens = f::PERSONA_TOKENS_USED_TOTAL.name;
+        let traces = f::LANGFUSE_TRACE_CREATED_TOTAL.name;
         match self.id {
             AlertId::TokenBudgetExceeded => format!(
-                "min by (persona) (hypertool_persona_token_budget_remaining) < {}",
+                "min by (persona) ({remaining}) < {}",
                 num(self.threshold)
             ),
             AlertId::HighQualityGateFailureRate => format!(
-                "sum by (workflow, stage) (rate(hypertool_workflow_quality_gate_total{{result=\"fail\"}}[{w}]))\n\
+                "sum by (workflow, stage) (rate({gates}{{result=\"fail\"}}[{w}]))\n\
                  /\n\
-                 sum by (workflow, stage) (rate(hypertool_workflow_quality_gate_total[{w}]))\n\
+                 sum by (workflow, stage) (rate({gates}[{w}]))\n\
                  > {}",
                 num(self.threshold)
             ),
             AlertId::ExcessivePersonaSwitching => format!(
-                "sum(rate(hypertool_persona_switches_total[{w}])) > {}",
+                "sum(rate({switches}[{w}])) > {}",
                 num(self.threshold)
             ),
             AlertId::SlowWorkflowStage => format!(
-                "histogram_quantile({}, sum by (le, workflow, stage) (rate(hypertool_workflow_stage_duration_seconds_bucket[{w}])))\n\
+                "histogram_quantile({}, sum by (le, workflow, stage) (rate({stage_duration}_bucket[{w}])))\n\
                  > {}\n\
                  or\n\
-                 max by (workflow, stage) (hypertool_workflow_stage_running_seconds) > {}",
+                 max by (workflow, stage) ({running}) > {}",
                 num(self.quantile),
                 num(self.threshold),
                 num(self.threshold)
             ),
             AlertId::TokenBudgetDepletionPredicted => format!(
-                "min by (persona) (predict_linear(hypertool_persona_token_budget_remaining[{w}], {})) < {}",
+                "min by (persona) (predict_linear({remaining}[{w}], {})) < {}",
                 num(self.horizon.as_secs_f64()),
                 num(self.threshold)
             ),
@@ -441,9 +449,9 @@ impl Rule {
                 format!("up{{job=\"{job}\"}} == 0\nor\nabsent(up{{job=\"{job}\"}})")
             }
             AlertId::LangfuseIntegrationFailing => format!(
-                "sum(rate(hypertool_persona_tokens_used_total[{w}])) > 0\n\
+                "sum(rate({tokens}[{w}])) > 0\n\
                  and on ()\n\
-                 (\n  sum(increase(langfuse_trace_created_total[{w}])) == 0\n  or on ()\n  absent(langfuse_trace_created_total)\n)"
+                 (\n  sum(increase({traces}[{w}])) == 0\n  or on ()\n  absent({traces})\n)"
             ),
         }
     }

@@ -5,6 +5,7 @@
 //! `_total`) is served when the scraper's `Accept` header asks for it. The metric names and labels
 //! are the contract the alert runbook queries: see `docs/ARCHITECTURE.md`.
 
+use super::families::{self as f, Family};
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -105,32 +106,25 @@ impl Writer {
         self.out.push('\n');
     }
 
-    fn counter_vec<const N: usize>(
-        &mut self,
-        name: &str,
-        help: &str,
-        label_names: [&str; N],
-        vec: &CounterVec<N>,
-    ) {
-        self.header(name, "counter", help);
+    fn header_of(&mut self, family: &Family) {
+        self.header(family.name, family.kind.as_str(), family.help);
+    }
+
+    fn counter_vec<const N: usize>(&mut self, family: &Family, vec: &CounterVec<N>) {
+        self.header_of(family);
         for (key, value) in vec.sorted() {
-            let labels = zip(&label_names, key);
-            self.sample(name, &labels, value);
+            let labels = zip(family.labels, key);
+            self.sample(family.name, &labels, value);
         }
     }
 
-    fn histogram_vec<const N: usize>(
-        &mut self,
-        name: &str,
-        help: &str,
-        label_names: [&str; N],
-        vec: &HistogramVec<N>,
-    ) {
-        self.header(name, "histogram", help);
+    fn histogram_vec<const N: usize>(&mut self, family: &Family, vec: &HistogramVec<N>) {
+        let name = family.name;
+        self.header_of(family);
         let bucket_name = format!("{name}_bucket");
         let bounds: Vec<String> = vec.bounds.iter().map(|b| format_bound(*b)).collect();
         for (key, h) in vec.sorted() {
-            let mut labels = zip(&label_names, key);
+            let mut labels = zip(family.labels, key);
             let cumulative = h.cumulative();
             for (i, count) in cumulative.iter().enumerate() {
                 let le = bounds.get(i).map(String::as_str).unwrap_or("+Inf");
@@ -144,10 +138,12 @@ impl Writer {
     }
 }
 
+/// Label names with a series' values (a family declares as many names as its series have values).
 fn zip<'a, const N: usize>(
-    names: &[&'a str; N],
+    names: &'a [&'a str],
     key: &'a [Arc<str>; N],
 ) -> Vec<(&'a str, &'a str)> {
+    debug_assert_eq!(names.len(), N, "label names of a family");
     names
         .iter()
         .copied()
@@ -199,146 +195,70 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         format,
     };
 
-    w.counter_vec(
-        "hypertool_persona_switches_total",
-        "Persona switches within a session, explicit or inferred from usage under another persona.",
-        ["from_persona", "to_persona", "chatmode"],
-        &m.switches,
-    );
-    w.histogram_vec(
-        "hypertool_persona_duration_seconds",
-        "Time a session spent in a persona before switching away or going idle.",
-        ["persona", "chatmode"],
-        &m.persona_duration,
-    );
-    w.counter_vec(
-        "hypertool_persona_tokens_used_total",
-        "Tokens (prompt + completion) used by a persona.",
-        ["persona", "chatmode", "model"],
-        &m.tokens,
-    );
+    w.counter_vec(&f::PERSONA_SWITCHES_TOTAL, &m.switches);
+    w.histogram_vec(&f::PERSONA_DURATION_SECONDS, &m.persona_duration);
+    w.counter_vec(&f::PERSONA_TOKENS_USED_TOTAL, &m.tokens);
 
-    w.header(
-        "hypertool_persona_token_budget_remaining",
-        "gauge",
-        "Tokens left in the persona's budget for the current period; negative when over budget.",
-    );
+    w.header_of(&f::PERSONA_TOKEN_BUDGET_REMAINING);
     for (persona, b) in engine.budgets() {
         w.sample(
-            "hypertool_persona_token_budget_remaining",
+            f::PERSONA_TOKEN_BUDGET_REMAINING.name,
             &[("persona", persona)],
             b.remaining_tokens() as f64,
         );
     }
-    w.header(
-        "hypertool_persona_token_budget_limit",
-        "gauge",
-        "Tokens allowed per period by the persona's budget.",
-    );
+    w.header_of(&f::PERSONA_TOKEN_BUDGET_LIMIT);
     for (persona, b) in engine.budgets() {
         w.sample(
-            "hypertool_persona_token_budget_limit",
+            f::PERSONA_TOKEN_BUDGET_LIMIT.name,
             &[("persona", persona)],
             b.spec.tokens as f64,
         );
     }
-    w.header(
-        "hypertool_persona_token_budget_used",
-        "gauge",
-        "Tokens used by the persona in the current budget period.",
-    );
+    w.header_of(&f::PERSONA_TOKEN_BUDGET_USED);
     for (persona, b) in engine.budgets() {
         w.sample(
-            "hypertool_persona_token_budget_used",
+            f::PERSONA_TOKEN_BUDGET_USED.name,
             &[("persona", persona)],
             b.used_tokens() as f64,
         );
     }
-    w.header(
-        "hypertool_persona_cost_budget_remaining_usd",
-        "gauge",
-        "USD left in the persona's cost budget for the current period; negative when over budget.",
-    );
+    w.header_of(&f::PERSONA_COST_BUDGET_REMAINING_USD);
     for (persona, b) in engine.budgets() {
         if let Some(left) = b.remaining_cost() {
             w.sample(
-                "hypertool_persona_cost_budget_remaining_usd",
+                f::PERSONA_COST_BUDGET_REMAINING_USD.name,
                 &[("persona", persona)],
                 left,
             );
         }
     }
-    w.counter_vec(
-        "hypertool_budget_soft_limit_reached_total",
-        "Times a persona's usage reached the soft limit of its budget (at most once per period).",
-        ["persona"],
-        &m.soft_limit_reached,
-    );
-    w.counter_vec(
-        "hypertool_persona_cost_usd_total",
-        "Cost in US dollars attributed to a persona.",
-        ["persona", "chatmode", "model"],
-        &m.cost_usd,
-    );
-    w.histogram_vec(
-        "hypertool_workflow_stage_duration_seconds",
-        "Duration of a workflow stage, retries included.",
-        ["workflow", "stage", "persona"],
-        &m.stage_duration,
-    );
-    w.counter_vec(
-        "hypertool_workflow_quality_gate_total",
-        "Quality gate verdicts per workflow stage; result is pass or fail.",
-        ["workflow", "stage", "model", "result"],
-        &m.quality_gates,
-    );
-    w.header(
-        "hypertool_workflow_stage_running_seconds",
-        "gauge",
-        "Age of the oldest stage still running, per workflow and stage (a hung stage shows here before it ever ends).",
-    );
+    w.counter_vec(&f::BUDGET_SOFT_LIMIT_REACHED_TOTAL, &m.soft_limit_reached);
+    w.counter_vec(&f::PERSONA_COST_USD_TOTAL, &m.cost_usd);
+    w.histogram_vec(&f::WORKFLOW_STAGE_DURATION_SECONDS, &m.stage_duration);
+    w.counter_vec(&f::WORKFLOW_QUALITY_GATE_TOTAL, &m.quality_gates);
+    w.header_of(&f::WORKFLOW_STAGE_RUNNING_SECONDS);
     let now = engine.now();
     for ((workflow, stage), since) in engine.runs().oldest_running() {
         w.sample(
-            "hypertool_workflow_stage_running_seconds",
+            f::WORKFLOW_STAGE_RUNNING_SECONDS.name,
             &[("workflow", &workflow), ("stage", &stage)],
             (now - since).max(0) as f64 / 1000.0,
         );
     }
+    w.counter_vec(&f::WORKFLOW_RUNS_STARTED_TOTAL, &m.runs_started);
+    w.counter_vec(&f::WORKFLOW_RUNS_FINISHED_TOTAL, &m.runs_finished);
     w.counter_vec(
-        "hypertool_workflow_runs_started_total",
-        "Workflow runs started (POST /v1/workflows/{workflow}/runs).",
-        ["workflow"],
-        &m.runs_started,
-    );
-    w.counter_vec(
-        "hypertool_workflow_runs_finished_total",
-        "Workflow runs finished, by status (completed, failed, cancelled).",
-        ["workflow", "status"],
-        &m.runs_finished,
-    );
-    w.counter_vec(
-        "hypertool_persona_switches_suppressed_total",
-        "Persona switches refused by the switch policy; reason is cooldown or oscillation.",
-        ["chatmode", "reason"],
+        &f::PERSONA_SWITCHES_SUPPRESSED_TOTAL,
         &m.switches_suppressed,
     );
-    w.counter_vec(
-        "hypertool_persona_oscillations_total",
-        "Sessions seen switching A->B->A->B within the oscillation window.",
-        ["chatmode"],
-        &m.oscillations,
-    );
+    w.counter_vec(&f::PERSONA_OSCILLATIONS_TOTAL, &m.oscillations);
 
-    w.header(
-        "hypertool_persona_info",
-        "gauge",
-        "Static facts about each configured persona (always 1).",
-    );
+    w.header_of(&f::PERSONA_INFO);
     for p in engine.personas().iter() {
         let aliases = p.aliases.join(",");
         w.sample(
-            "hypertool_persona_info",
+            f::PERSONA_INFO.name,
             &[
                 ("persona", &p.name),
                 ("display_name", &p.display_name),
@@ -348,200 +268,118 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         );
     }
 
-    w.header(
-        "langfuse_trace_created_total",
-        "counter",
-        "Traces created in Langfuse by hypertool's exporter.",
-    );
+    w.header_of(&f::LANGFUSE_TRACE_CREATED_TOTAL);
     w.sample(
-        "langfuse_trace_created_total",
+        f::LANGFUSE_TRACE_CREATED_TOTAL.name,
         &[],
         m.langfuse_traces_created,
     );
     w.histogram_vec(
-        "langfuse_generation_duration_seconds",
-        "Duration of one LLM call (generation), by model.",
-        ["model"],
+        &f::LANGFUSE_GENERATION_DURATION_SECONDS,
         &m.generation_duration,
     );
 
-    w.counter_vec(
-        "hypertool_events_applied_total",
-        "Events stored in the ledger and applied to the core, by type.",
-        ["type"],
-        &m.events_applied,
-    );
-    w.header(
-        "hypertool_events_rejected_total",
-        "counter",
-        "Events refused by the events API, by reason.",
-    );
+    w.counter_vec(&f::EVENTS_APPLIED_TOTAL, &m.events_applied);
+    w.header_of(&f::EVENTS_REJECTED_TOTAL);
     for (reason, n) in &process.events_rejected {
-        w.sample("hypertool_events_rejected_total", &[("reason", reason)], *n);
+        w.sample(f::EVENTS_REJECTED_TOTAL.name, &[("reason", reason)], *n);
     }
-    w.header(
-        "hypertool_auth_failures_total",
-        "counter",
-        "API requests refused at the door: missing_key, unknown_key (401), role, other_persona (403).",
-    );
+    w.header_of(&f::AUTH_FAILURES_TOTAL);
     for (reason, n) in &process.auth_failures {
-        w.sample("hypertool_auth_failures_total", &[("reason", reason)], *n);
+        w.sample(f::AUTH_FAILURES_TOTAL.name, &[("reason", reason)], *n);
     }
-    w.header(
-        "hypertool_rate_limited_total",
-        "counter",
-        "Gateway calls refused by requests_per_minute or tokens_per_minute (of a key or a persona).",
-    );
+    w.header_of(&f::RATE_LIMITED_TOTAL);
     for ((persona, kind), n) in &process.rate_limited {
         w.sample(
-            "hypertool_rate_limited_total",
+            f::RATE_LIMITED_TOTAL.name,
             &[("persona", persona), ("kind", kind)],
             *n,
         );
     }
-    w.counter_vec(
-        "hypertool_label_values_folded_total",
-        "Label values folded into \"other\" because the label reached its cap.",
-        ["label"],
-        &m.label_values_folded,
-    );
-    w.header(
-        "hypertool_sessions_open",
-        "gauge",
-        "Agent sessions with an open persona period.",
-    );
-    w.sample(
-        "hypertool_sessions_open",
-        &[],
-        engine.open_sessions() as f64,
-    );
+    w.counter_vec(&f::LABEL_VALUES_FOLDED_TOTAL, &m.label_values_folded);
+    w.header_of(&f::SESSIONS_OPEN);
+    w.sample(f::SESSIONS_OPEN.name, &[], engine.open_sessions() as f64);
 
-    w.header(
-        "hypertool_gateway_requests_total",
-        "counter",
-        "Calls through the gateway, by upstream and outcome (ok, budget_exceeded, upstream_error, \
-         model_not_found, unauthorized).",
-    );
+    w.header_of(&f::GATEWAY_REQUESTS_TOTAL);
     for ((upstream, outcome), n) in &process.gateway_requests {
         w.sample(
-            "hypertool_gateway_requests_total",
+            f::GATEWAY_REQUESTS_TOTAL.name,
             &[("upstream", upstream), ("outcome", outcome)],
             *n,
         );
     }
-    w.header(
-        "hypertool_cache_requests_total",
-        "counter",
-        "Gateway response cache lookups: hit, miss, bypass (Cache-Control: no-cache), skip (not cacheable).",
-    );
+    w.header_of(&f::CACHE_REQUESTS_TOTAL);
     for (result, n) in &process.cache_requests {
-        w.sample("hypertool_cache_requests_total", &[("result", result)], *n);
+        w.sample(f::CACHE_REQUESTS_TOTAL.name, &[("result", result)], *n);
     }
-    w.header(
-        "hypertool_cache_tokens_saved_total",
-        "counter",
-        "Tokens (prompt + completion) that cache hits did not spend.",
-    );
+    w.header_of(&f::CACHE_TOKENS_SAVED_TOTAL);
     w.sample(
-        "hypertool_cache_tokens_saved_total",
+        f::CACHE_TOKENS_SAVED_TOTAL.name,
         &[],
         process.cache_tokens_saved,
     );
-    w.header(
-        "hypertool_gateway_tools_removed_total",
-        "counter",
-        "Tools removed from (or refused in) gateway calls because the persona's allowedTools does not list them.",
-    );
+    w.header_of(&f::GATEWAY_TOOLS_REMOVED_TOTAL);
     for (persona, n) in &process.tools_removed {
         w.sample(
-            "hypertool_gateway_tools_removed_total",
+            f::GATEWAY_TOOLS_REMOVED_TOTAL.name,
             &[("persona", persona)],
             *n,
         );
     }
-    w.header(
-        "hypertool_prompt_truncations_total",
-        "counter",
-        "Prompts cut to their workflow stage's max_prompt_tokens (oldest non-system messages first).",
-    );
+    w.header_of(&f::PROMPT_TRUNCATIONS_TOTAL);
     for ((workflow, stage), n, _) in &process.truncations {
         w.sample(
-            "hypertool_prompt_truncations_total",
+            f::PROMPT_TRUNCATIONS_TOTAL.name,
             &[("workflow", workflow), ("stage", stage)],
             *n,
         );
     }
-    w.header(
-        "hypertool_prompt_tokens_truncated_total",
-        "counter",
-        "Prompt tokens removed by truncation to a stage's max_prompt_tokens.",
-    );
+    w.header_of(&f::PROMPT_TOKENS_TRUNCATED_TOTAL);
     for ((workflow, stage), _, tokens) in &process.truncations {
         w.sample(
-            "hypertool_prompt_tokens_truncated_total",
+            f::PROMPT_TOKENS_TRUNCATED_TOTAL.name,
             &[("workflow", workflow), ("stage", stage)],
             *tokens,
         );
     }
-    w.header(
-        "hypertool_alerts_firing",
-        "gauge",
-        "Alert instances firing in hypertool's embedded alert engine.",
-    );
+    w.header_of(&f::ALERTS_FIRING);
     for ((alertname, severity), n) in &process.alerts_firing {
         w.sample(
-            "hypertool_alerts_firing",
+            f::ALERTS_FIRING.name,
             &[("alertname", alertname), ("severity", severity)],
             *n,
         );
     }
-    w.header(
-        "hypertool_alert_transitions_total",
-        "counter",
-        "State changes of the embedded alert engine's alerts, by the state entered.",
-    );
+    w.header_of(&f::ALERT_TRANSITIONS_TOTAL);
     for ((alertname, to), n) in &process.alert_transitions {
         w.sample(
-            "hypertool_alert_transitions_total",
+            f::ALERT_TRANSITIONS_TOTAL.name,
             &[("alertname", alertname), ("state", to)],
             *n,
         );
     }
-    w.header(
-        "hypertool_alert_deliveries_total",
-        "counter",
-        "Alert notifications sent to Alertmanager or the webhook, by target and result \
-         (delivered, failed after retries, rejected, dropped on a full queue).",
-    );
+    w.header_of(&f::ALERT_DELIVERIES_TOTAL);
     for ((target, result), n) in &process.alert_deliveries {
         w.sample(
-            "hypertool_alert_deliveries_total",
+            f::ALERT_DELIVERIES_TOTAL.name,
             &[("target", target), ("result", result)],
             *n,
         );
     }
-    w.header(
-        "hypertool_config_reloads_total",
-        "counter",
-        "Configuration reloads, by result (a failed reload keeps the last good configuration).",
-    );
+    w.header_of(&f::CONFIG_RELOADS_TOTAL);
     w.sample(
-        "hypertool_config_reloads_total",
+        f::CONFIG_RELOADS_TOTAL.name,
         &[("result", "success")],
         process.config_reload_success,
     );
     w.sample(
-        "hypertool_config_reloads_total",
+        f::CONFIG_RELOADS_TOTAL.name,
         &[("result", "failure")],
         process.config_reload_failure,
     );
-    w.header(
-        "hypertool_config_last_reload_successful",
-        "gauge",
-        "1 when the configuration on disk is the one in force, 0 when the last reload was refused.",
-    );
+    w.header_of(&f::CONFIG_LAST_RELOAD_SUCCESSFUL);
     w.sample(
-        "hypertool_config_last_reload_successful",
+        f::CONFIG_LAST_RELOAD_SUCCESSFUL.name,
         &[],
         if process.config_last_reload_ok {
             1.0
@@ -549,19 +387,11 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
             0.0
         },
     );
-    w.header(
-        "hypertool_build_info",
-        "gauge",
-        "The running hypertool version (always 1).",
-    );
-    w.sample("hypertool_build_info", &[("version", process.version)], 1.0);
-    w.header(
-        "hypertool_start_time_seconds",
-        "gauge",
-        "When this hypertool process started, in Unix seconds.",
-    );
+    w.header_of(&f::BUILD_INFO);
+    w.sample(f::BUILD_INFO.name, &[("version", process.version)], 1.0);
+    w.header_of(&f::START_TIME_SECONDS);
     w.sample(
-        "hypertool_start_time_seconds",
+        f::START_TIME_SECONDS.name,
         &[],
         process.start_time_ms as f64 / 1000.0,
     );

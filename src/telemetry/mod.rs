@@ -2,3 +2,4 @@
 //! and OpenTelemetry).
 
 pub mod exposition;
+pub mod families;

@@ -420,3 +420,59 @@ async fn a_hundred_thousand_persona_names_cannot_grow_the_exposition() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_declared_family_is_exported_as_declared_and_nothing_else_is() {
+    use hypertool::telemetry::families::{Kind, ALL};
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    // Series in every family that traffic creates: usage, a switch, a stage, a gateway call.
+    let (status, _) = s
+        .post_events(json!([
+            usage("backend-engineer", "dev", "gpt-4o", 10, 5),
+            {"type": "persona_switch", "session": "s1", "from": "backend-engineer", "to": "testing-specialist", "chatmode": "dev"},
+            {"type": "stage", "workflow": "w", "stage": "st", "persona": "backend-engineer", "model": "m", "duration_seconds": 3, "gate": "pass"},
+        ]))
+        .await;
+    assert_eq!(status, 200);
+    let text = s.metrics_text().await;
+    for f in ALL {
+        assert!(
+            text.contains(&format!("# TYPE {} {}\n", f.name, f.kind.as_str())),
+            "{} is not exported as a {}",
+            f.name,
+            f.kind.as_str()
+        );
+        assert!(text.contains(&format!("# HELP {} ", f.name)), "{}", f.name);
+    }
+    // Every family in the exposition is declared, and every sample's labels are its family's.
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(
+                ALL.iter().any(|f| f.name == name),
+                "{name} is not declared in telemetry::families"
+            );
+        }
+    }
+    for sample in Exposition::parse(&text).samples {
+        let family = ALL
+            .iter()
+            .find(|f| {
+                sample.name == f.name
+                    || (f.kind == Kind::Histogram
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|sfx| sample.name == format!("{}{sfx}", f.name)))
+            })
+            .unwrap_or_else(|| panic!("sample {} has no family", sample.name));
+        for (k, _) in &sample.labels {
+            assert!(
+                family.labels.contains(&k.as_str()) || k == "le",
+                "{} has label {k}, not declared",
+                sample.name
+            );
+        }
+    }
+    s.stop().await;
+}

@@ -1,0 +1,347 @@
+//! Every metric family hypertool exports, declared once: name, type, help and label names. The
+//! exposition writes them from here, the alert rules name them from here, and the tests read
+//! them from here, so a name cannot drift between the three. The names of the runbook's contract
+//! (`hypertool_persona_*`, `hypertool_workflow_*`, `langfuse_*`) are fixed by the runbook.
+
+/// A metric family's type, as the exposition's `# TYPE` line says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    /// Label names, in the order the exposition writes them (`le` of histograms not included).
+    pub labels: &'static [&'static str],
+}
+
+pub const PERSONA_SWITCHES_TOTAL: Family = Family {
+    name: "hypertool_persona_switches_total",
+    kind: Kind::Counter,
+    help:
+        "Persona switches within a session, explicit or inferred from usage under another persona.",
+    labels: &["from_persona", "to_persona", "chatmode"],
+};
+
+pub const PERSONA_DURATION_SECONDS: Family = Family {
+    name: "hypertool_persona_duration_seconds",
+    kind: Kind::Histogram,
+    help: "Time a session spent in a persona before switching away or going idle.",
+    labels: &["persona", "chatmode"],
+};
+
+pub const PERSONA_TOKENS_USED_TOTAL: Family = Family {
+    name: "hypertool_persona_tokens_used_total",
+    kind: Kind::Counter,
+    help: "Tokens (prompt + completion) used by a persona.",
+    labels: &["persona", "chatmode", "model"],
+};
+
+pub const BUDGET_SOFT_LIMIT_REACHED_TOTAL: Family = Family {
+    name: "hypertool_budget_soft_limit_reached_total",
+    kind: Kind::Counter,
+    help: "Times a persona's usage reached the soft limit of its budget (at most once per period).",
+    labels: &["persona"],
+};
+
+pub const PERSONA_COST_USD_TOTAL: Family = Family {
+    name: "hypertool_persona_cost_usd_total",
+    kind: Kind::Counter,
+    help: "Cost in US dollars attributed to a persona.",
+    labels: &["persona", "chatmode", "model"],
+};
+
+pub const WORKFLOW_STAGE_DURATION_SECONDS: Family = Family {
+    name: "hypertool_workflow_stage_duration_seconds",
+    kind: Kind::Histogram,
+    help: "Duration of a workflow stage, retries included.",
+    labels: &["workflow", "stage", "persona"],
+};
+
+pub const WORKFLOW_QUALITY_GATE_TOTAL: Family = Family {
+    name: "hypertool_workflow_quality_gate_total",
+    kind: Kind::Counter,
+    help: "Quality gate verdicts per workflow stage; result is pass or fail.",
+    labels: &["workflow", "stage", "model", "result"],
+};
+
+pub const WORKFLOW_RUNS_STARTED_TOTAL: Family = Family {
+    name: "hypertool_workflow_runs_started_total",
+    kind: Kind::Counter,
+    help: "Workflow runs started (POST /v1/workflows/{workflow}/runs).",
+    labels: &["workflow"],
+};
+
+pub const WORKFLOW_RUNS_FINISHED_TOTAL: Family = Family {
+    name: "hypertool_workflow_runs_finished_total",
+    kind: Kind::Counter,
+    help: "Workflow runs finished, by status (completed, failed, cancelled).",
+    labels: &["workflow", "status"],
+};
+
+pub const PERSONA_SWITCHES_SUPPRESSED_TOTAL: Family = Family {
+    name: "hypertool_persona_switches_suppressed_total",
+    kind: Kind::Counter,
+    help: "Persona switches refused by the switch policy; reason is cooldown or oscillation.",
+    labels: &["chatmode", "reason"],
+};
+
+pub const PERSONA_OSCILLATIONS_TOTAL: Family = Family {
+    name: "hypertool_persona_oscillations_total",
+    kind: Kind::Counter,
+    help: "Sessions seen switching A->B->A->B within the oscillation window.",
+    labels: &["chatmode"],
+};
+
+pub const LANGFUSE_GENERATION_DURATION_SECONDS: Family = Family {
+    name: "langfuse_generation_duration_seconds",
+    kind: Kind::Histogram,
+    help: "Duration of one LLM call (generation), by model.",
+    labels: &["model"],
+};
+
+pub const EVENTS_APPLIED_TOTAL: Family = Family {
+    name: "hypertool_events_applied_total",
+    kind: Kind::Counter,
+    help: "Events stored in the ledger and applied to the core, by type.",
+    labels: &["type"],
+};
+
+pub const LABEL_VALUES_FOLDED_TOTAL: Family = Family {
+    name: "hypertool_label_values_folded_total",
+    kind: Kind::Counter,
+    help: "Label values folded into \"other\" because the label reached its cap.",
+    labels: &["label"],
+};
+
+pub const PERSONA_TOKEN_BUDGET_REMAINING: Family = Family {
+    name: "hypertool_persona_token_budget_remaining",
+    kind: Kind::Gauge,
+    help: "Tokens left in the persona's budget for the current period; negative when over budget.",
+    labels: &["persona"],
+};
+
+pub const PERSONA_TOKEN_BUDGET_LIMIT: Family = Family {
+    name: "hypertool_persona_token_budget_limit",
+    kind: Kind::Gauge,
+    help: "Tokens allowed per period by the persona's budget.",
+    labels: &["persona"],
+};
+
+pub const PERSONA_TOKEN_BUDGET_USED: Family = Family {
+    name: "hypertool_persona_token_budget_used",
+    kind: Kind::Gauge,
+    help: "Tokens used by the persona in the current budget period.",
+    labels: &["persona"],
+};
+
+pub const PERSONA_COST_BUDGET_REMAINING_USD: Family = Family {
+    name: "hypertool_persona_cost_budget_remaining_usd",
+    kind: Kind::Gauge,
+    help:
+        "USD left in the persona's cost budget for the current period; negative when over budget.",
+    labels: &["persona"],
+};
+
+pub const WORKFLOW_STAGE_RUNNING_SECONDS: Family = Family {
+    name: "hypertool_workflow_stage_running_seconds",
+    kind: Kind::Gauge,
+    help: "Age of the oldest stage still running, per workflow and stage (a hung stage shows here before it ever ends).",
+    labels: &["workflow", "stage"],
+};
+
+pub const PERSONA_INFO: Family = Family {
+    name: "hypertool_persona_info",
+    kind: Kind::Gauge,
+    help: "Static facts about each configured persona (always 1).",
+    labels: &["persona", "display_name", "aliases"],
+};
+
+pub const LANGFUSE_TRACE_CREATED_TOTAL: Family = Family {
+    name: "langfuse_trace_created_total",
+    kind: Kind::Counter,
+    help: "Traces created in Langfuse by hypertool's exporter.",
+    labels: &[],
+};
+
+pub const EVENTS_REJECTED_TOTAL: Family = Family {
+    name: "hypertool_events_rejected_total",
+    kind: Kind::Counter,
+    help: "Events refused by the events API, by reason.",
+    labels: &["reason"],
+};
+
+pub const AUTH_FAILURES_TOTAL: Family = Family {
+    name: "hypertool_auth_failures_total",
+    kind: Kind::Counter,
+    help: "API requests refused at the door: missing_key, unknown_key (401), role, other_persona (403).",
+    labels: &["reason"],
+};
+
+pub const RATE_LIMITED_TOTAL: Family = Family {
+    name: "hypertool_rate_limited_total",
+    kind: Kind::Counter,
+    help:
+        "Gateway calls refused by requests_per_minute or tokens_per_minute (of a key or a persona).",
+    labels: &["persona", "kind"],
+};
+
+pub const SESSIONS_OPEN: Family = Family {
+    name: "hypertool_sessions_open",
+    kind: Kind::Gauge,
+    help: "Agent sessions with an open persona period.",
+    labels: &[],
+};
+
+pub const GATEWAY_REQUESTS_TOTAL: Family = Family {
+    name: "hypertool_gateway_requests_total",
+    kind: Kind::Counter,
+    help:
+        "Calls through the gateway, by upstream and outcome (ok, cache_hit, budget_exceeded, \
+         rate_limited, overloaded, upstream_error, model_not_found, retry, fallback, downgraded, gate_retry).",
+    labels: &["upstream", "outcome"],
+};
+
+pub const CACHE_REQUESTS_TOTAL: Family = Family {
+    name: "hypertool_cache_requests_total",
+    kind: Kind::Counter,
+    help: "Gateway response cache lookups: hit, miss, bypass (Cache-Control: no-cache), skip (not cacheable).",
+    labels: &["result"],
+};
+
+pub const CACHE_TOKENS_SAVED_TOTAL: Family = Family {
+    name: "hypertool_cache_tokens_saved_total",
+    kind: Kind::Counter,
+    help: "Tokens (prompt + completion) that cache hits did not spend.",
+    labels: &[],
+};
+
+pub const GATEWAY_TOOLS_REMOVED_TOTAL: Family = Family {
+    name: "hypertool_gateway_tools_removed_total",
+    kind: Kind::Counter,
+    help: "Tools removed from (or refused in) gateway calls because the persona's allowedTools does not list them.",
+    labels: &["persona"],
+};
+
+pub const PROMPT_TRUNCATIONS_TOTAL: Family = Family {
+    name: "hypertool_prompt_truncations_total",
+    kind: Kind::Counter,
+    help: "Prompts cut to their workflow stage's max_prompt_tokens (oldest non-system messages first).",
+    labels: &["workflow", "stage"],
+};
+
+pub const PROMPT_TOKENS_TRUNCATED_TOTAL: Family = Family {
+    name: "hypertool_prompt_tokens_truncated_total",
+    kind: Kind::Counter,
+    help: "Prompt tokens removed by truncation to a stage's max_prompt_tokens.",
+    labels: &["workflow", "stage"],
+};
+
+pub const ALERTS_FIRING: Family = Family {
+    name: "hypertool_alerts_firing",
+    kind: Kind::Gauge,
+    help: "Alert instances firing in hypertool's embedded alert engine.",
+    labels: &["alertname", "severity"],
+};
+
+pub const ALERT_TRANSITIONS_TOTAL: Family = Family {
+    name: "hypertool_alert_transitions_total",
+    kind: Kind::Counter,
+    help: "State changes of the embedded alert engine's alerts, by the state entered.",
+    labels: &["alertname", "state"],
+};
+
+pub const ALERT_DELIVERIES_TOTAL: Family = Family {
+    name: "hypertool_alert_deliveries_total",
+    kind: Kind::Counter,
+    help: "Alert notifications sent to Alertmanager or the webhook, by target and result \
+         (delivered, failed after retries, rejected, dropped on a full queue).",
+    labels: &["target", "result"],
+};
+
+pub const CONFIG_RELOADS_TOTAL: Family = Family {
+    name: "hypertool_config_reloads_total",
+    kind: Kind::Counter,
+    help: "Configuration reloads, by result (a failed reload keeps the last good configuration).",
+    labels: &["result"],
+};
+
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: Family = Family {
+    name: "hypertool_config_last_reload_successful",
+    kind: Kind::Gauge,
+    help:
+        "1 when the configuration on disk is the one in force, 0 when the last reload was refused.",
+    labels: &[],
+};
+
+pub const BUILD_INFO: Family = Family {
+    name: "hypertool_build_info",
+    kind: Kind::Gauge,
+    help: "The running hypertool version (always 1).",
+    labels: &["version"],
+};
+
+pub const START_TIME_SECONDS: Family = Family {
+    name: "hypertool_start_time_seconds",
+    kind: Kind::Gauge,
+    help: "When this hypertool process started, in Unix seconds.",
+    labels: &[],
+};
+
+/// Every family, in exposition order.
+pub const ALL: &[Family] = &[
+    PERSONA_SWITCHES_TOTAL,
+    PERSONA_DURATION_SECONDS,
+    PERSONA_TOKENS_USED_TOTAL,
+    BUDGET_SOFT_LIMIT_REACHED_TOTAL,
+    PERSONA_COST_USD_TOTAL,
+    WORKFLOW_STAGE_DURATION_SECONDS,
+    WORKFLOW_QUALITY_GATE_TOTAL,
+    WORKFLOW_RUNS_STARTED_TOTAL,
+    WORKFLOW_RUNS_FINISHED_TOTAL,
+    PERSONA_SWITCHES_SUPPRESSED_TOTAL,
+    PERSONA_OSCILLATIONS_TOTAL,
+    LANGFUSE_GENERATION_DURATION_SECONDS,
+    EVENTS_APPLIED_TOTAL,
+    LABEL_VALUES_FOLDED_TOTAL,
+    PERSONA_TOKEN_BUDGET_REMAINING,
+    PERSONA_TOKEN_BUDGET_LIMIT,
+    PERSONA_TOKEN_BUDGET_USED,
+    PERSONA_COST_BUDGET_REMAINING_USD,
+    WORKFLOW_STAGE_RUNNING_SECONDS,
+    PERSONA_INFO,
+    LANGFUSE_TRACE_CREATED_TOTAL,
+    EVENTS_REJECTED_TOTAL,
+    AUTH_FAILURES_TOTAL,
+    RATE_LIMITED_TOTAL,
+    SESSIONS_OPEN,
+    GATEWAY_REQUESTS_TOTAL,
+    CACHE_REQUESTS_TOTAL,
+    CACHE_TOKENS_SAVED_TOTAL,
+    GATEWAY_TOOLS_REMOVED_TOTAL,
+    PROMPT_TRUNCATIONS_TOTAL,
+    PROMPT_TOKENS_TRUNCATED_TOTAL,
+    ALERTS_FIRING,
+    ALERT_TRANSITIONS_TOTAL,
+    ALERT_DELIVERIES_TOTAL,
+    CONFIG_RELOADS_TOTAL,
+    CONFIG_LAST_RELOAD_SUCCESSFUL,
+    BUILD_INFO,
+    START_TIME_SECONDS,
+];
