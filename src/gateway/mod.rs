@@ -1,11 +1,14 @@
-//! The OpenAI-compatible gateway: `POST /v1/chat/completions` (plain and SSE streaming) and
-//! `GET /v1/models` in front of any OpenAI-compatible upstream, every call attributed to a persona.
+//! The OpenAI-compatible gateway: `POST /v1/chat/completions` (plain and SSE streaming),
+//! `POST /v1/embeddings` and `GET /v1/models` in front of any OpenAI-compatible upstream, every call
+//! attributed to a persona.
 //!
-//! A call goes (`chat_completions`): authenticate (virtual key, required off loopback) → attribute (key, then
-//! `X-Hypertool-*` headers) → route the model → admission (`Engine::admit` reserves the estimated
-//! tokens; `block` budgets refuse with 429) → upstream → usage (the upstream's, else estimated with
-//! tiktoken) → a usage event through the ledger writer → release the reservation. The upstream call
-//! and its accounting run in a task of their own, so a client that goes away never leaves a call
+//! The door (`web::auth`) has decided who calls before a handler runs. A chat call then goes
+//! (`handlers::chat_completions`): `request` (model and headers checked) → `stage` (which workflow
+//! stage and run) → `core::policy` (the stage's model, attribution, tool scope) → cache lookup →
+//! `admission` (rates, an in-flight slot, `Engine::admit_call`: the persona's and the run stage's
+//! budgets reserved at once) → `dispatch` or `relay` (the `Provider`, retries, fallbacks, the quality
+//! gate) → `accounting` (usage to the ledger writer with the reservations it settles). The upstream
+//! call and its accounting run in a task of their own, so a client that goes away never leaves a call
 //! unaccounted.
 
 mod accounting;
