@@ -87,9 +87,8 @@ pub(super) fn rate_check(
             state.count(&meta.route.upstream, "rate_limited");
             let what = r.kind.as_str();
             let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "rate_limited",
+ ErrorKind::RateLimited,
+ "rate_limited",
                 match r.retry_after {
                     Some(_) => format!(
                         "{} may make {} {what} per minute; retry later",
@@ -150,9 +149,8 @@ pub(super) fn policy_error(refusal: policy::PolicyRefusal) -> ApiError {
         )
         .param("model"),
         policy::PolicyRefusal::ToolsNotAllowed { persona, tools } => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "invalid_request_error",
-            "tool_not_allowed",
+ ErrorKind::Forbidden,
+ "tool_not_allowed",
             format!(
                 "persona `{persona}` may not use the tools {}: they are not in its allowedTools",
                 tools.join(", ")
@@ -176,9 +174,8 @@ pub(super) fn refused(refusal: &Refusal, estimate: u64, cost_estimate: f64) -> A
             in_flight,
         } => {
             return ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "budget_exceeded",
-                "stage_budget_exceeded",
+ ErrorKind::BudgetExceeded,
+ "stage_budget_exceeded",
                 format!(
                     "stage `{stage}` of run `{run}` has used {used} of its {budget}-token budget (budget_tokens in workflow `{workflow}`; {in_flight} more reserved by calls in flight) and this call needs about {estimate}"
                 ),
@@ -186,9 +183,8 @@ pub(super) fn refused(refusal: &Refusal, estimate: u64, cost_estimate: f64) -> A
         }
         Refusal::RunNotRunning { run, status } => {
             return ApiError::new(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                "run_finished",
+ ErrorKind::Conflict,
+ "run_finished",
                 format!("run `{run}` is {status}; start a new run for more work"),
             )
         }
@@ -216,12 +212,7 @@ pub(super) fn refused(refusal: &Refusal, estimate: u64, cost_estimate: f64) -> A
             "persona `{persona}` has used {used} of its {limit}-token budget ({in_flight} more reserved by calls in flight; this call needs about {estimate}); {resets}"
         ),
     };
-    ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "budget_exceeded",
-        "budget_exceeded",
-        message,
-    )
+    ApiError::new(ErrorKind::BudgetExceeded, "budget_exceeded", message)
 }
 
 /// Load shedding: a bounded number of calls go upstream at once; as many again may wait up to
@@ -254,8 +245,7 @@ pub(super) async fn acquire_slot(
     permit.map_err(|()| {
         state.count(upstream, "overloaded");
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
+            ErrorKind::Unavailable,
             "overloaded",
             format!(
                 "hypertool has {} calls in flight (gateway.max_in_flight); retry shortly",

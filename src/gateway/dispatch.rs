@@ -5,7 +5,7 @@ use super::*;
 
 pub(super) fn gateway_error(e: &UpstreamError) -> ApiError {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    ApiError::new(status, "upstream_error", e.code(), e.message())
+    ApiError::new(ErrorKind::Upstream(status), e.code(), e.message())
 }
 
 pub(super) fn timeout_of(settings: &GatewaySettings, route: &ModelRoute) -> Duration {

@@ -27,8 +27,7 @@ pub(super) fn allowed_route(
     if let Some(k) = key {
         if !k.models.is_empty() && !k.models.contains(&route.name) {
             return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
+                ErrorKind::Forbidden,
                 "model_not_allowed",
                 format!(
                     "this gateway key may not use `{}`; allowed: {}",

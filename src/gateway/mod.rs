@@ -49,7 +49,7 @@ use crate::core::workflow::GateVerdict;
 use crate::core::workflow::Workflows;
 use crate::store::writer::lock;
 use crate::web::auth::Caller;
-use crate::web::error::ApiError;
+use crate::web::error::{ApiError, ErrorKind};
 use provider::{sse, Provider};
 use request::header;
 use upstream::{Completion, UpstreamError};

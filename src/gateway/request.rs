@@ -82,7 +82,7 @@ mod tests {
         let long = format!("mock/{}", "x".repeat(1_000_000));
         let body = json!({"model": long});
         let err = model(body.as_object().unwrap()).unwrap_err();
-        assert_eq!(err.status.as_u16(), 400);
+        assert_eq!(err.status().as_u16(), 400);
         assert_eq!(err.param.as_deref(), Some("model"));
         assert!(err.message.len() < 200, "{}", err.message);
     }

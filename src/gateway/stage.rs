@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 
 use super::request::header;
 use super::GatewayState;
@@ -16,7 +16,7 @@ use crate::core::engine::Engine;
 use crate::core::runs::Run;
 use crate::core::workflow::{QualityGate, Stage, Workflow};
 use crate::store::writer::lock;
-use crate::web::error::ApiError;
+use crate::web::error::{ApiError, ErrorKind};
 
 /// The configured stage a call belongs to.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ pub fn resolve(
         (Some(w), Some(stage), run) => {
             let s = w.stage(&stage).ok_or_else(|| {
                 let mut e = unknown_stage(w, &stage);
-                e.status = StatusCode::BAD_REQUEST;
+                e.kind = ErrorKind::InvalidRequest;
                 e.param("x-hypertool-stage")
             })?;
             if let Some(r) = &run {
@@ -141,8 +141,7 @@ pub fn with_run<T>(
     };
     if r.workflow != workflow {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
+            ErrorKind::Conflict,
             "run_workflow_mismatch",
             format!(
                 "run `{run}` belongs to workflow `{}`, not `{workflow}`",

@@ -16,7 +16,7 @@ use crate::core::clock::to_rfc3339;
 use crate::core::event::{Event, Stamped};
 use crate::core::persona::Persona;
 use crate::store::writer::lock;
-use crate::web::error::ApiError;
+use crate::web::error::{ApiError, ErrorKind};
 
 /// A persona's budget as the API and CLI show it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -115,7 +115,7 @@ fn status_of(state: &AppState, persona: &str) -> Result<BudgetStatus, ApiError> 
 }
 
 fn unknown_persona(engine: &crate::core::engine::Engine, persona: &str) -> ApiError {
-    ApiError::unknown_persona(engine, persona, StatusCode::NOT_FOUND, "persona")
+    ApiError::unknown_persona(engine, persona, ErrorKind::NotFound, "persona")
 }
 
 pub async fn get_budget(

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -38,7 +38,7 @@ use crate::store::writer::{self, lock, WriterHandle};
 use crate::store::{Ledger, LedgerError};
 use crate::telemetry::exposition::{self, Format, ProcessInfo};
 use crate::web::auth::{Door, MetricsGate};
-use crate::web::error::ApiError;
+use crate::web::error::{ApiError, ErrorKind};
 
 /// Counters kept outside the engine (requests refused before they became events; reloads).
 #[derive(Debug, Default)]
@@ -654,8 +654,7 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request_error",
+        ErrorKind::MethodNotAllowed,
         "method_not_allowed",
         "this route does not accept that method",
     )

@@ -13,7 +13,6 @@
 //! `switching.oscillation_action = "suppress"`).
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,7 +25,7 @@ use crate::core::labels::NameField;
 use crate::core::routing;
 use crate::store::writer::lock;
 use crate::web::auth::{other_persona, Caller};
-use crate::web::error::ApiError;
+use crate::web::error::{ApiError, ErrorKind};
 use crate::web::json::{BodyShape, JsonBody};
 
 #[derive(Debug, Deserialize)]
@@ -66,7 +65,7 @@ pub async fn switch(
         match engine.personas().get(&req.to) {
             Some(p) => p.name.clone(),
             None => {
-                let status = StatusCode::BAD_REQUEST;
+                let status = ErrorKind::InvalidRequest;
                 return Err(ApiError::unknown_persona(&engine, &req.to, status, "to"));
             }
         }

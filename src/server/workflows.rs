@@ -33,7 +33,7 @@ use crate::core::runs::{Run, RunStatus, StageStatus};
 use crate::core::workflow::{CodeBlock, ModelChoice, QualityGate, Stage, Workflow};
 use crate::store::writer::lock;
 use crate::web::auth::{other_persona, Caller};
-use crate::web::error::ApiError;
+use crate::web::error::{ApiError, ErrorKind};
 use crate::web::json::{BodyShape, JsonBody};
 
 fn unknown_workflow(state: &AppState, name: &str) -> ApiError {
@@ -81,7 +81,7 @@ pub fn with_run<T>(
 }
 
 fn conflict(code: &'static str, message: String) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, "invalid_request_error", code, message)
+    ApiError::new(ErrorKind::Conflict, code, message)
 }
 
 fn choice_json(settings: &GatewaySettings, choice: &Option<ModelChoice>) -> (Value, Value) {
@@ -429,7 +429,7 @@ pub async fn start_stage(
     if let Some(p) = &req.persona {
         let engine = lock(&state.engine);
         if engine.personas().get(p).is_none() {
-            let status = StatusCode::BAD_REQUEST;
+            let status = ErrorKind::InvalidRequest;
             return Err(ApiError::unknown_persona(&engine, p, status, "persona"));
         }
     }

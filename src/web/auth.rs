@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorKind};
 use crate::config::gateway::VirtualKey;
 use crate::config::secret::KeyHash;
 use crate::config::settings::AuthSettings;
@@ -114,8 +114,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
         // Only a route outside the door could miss this; refuse rather than guess a role.
         parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
             ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
+                ErrorKind::Internal,
                 "no_access_decision",
                 "this route was reached without an access decision",
             )
@@ -127,8 +126,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub fn other_persona(door: &Door, field: &str, named: &str, own: &str) -> ApiError {
     door.count_other_persona();
     ApiError::new(
-        StatusCode::FORBIDDEN,
-        "invalid_request_error",
+        ErrorKind::Forbidden,
         "persona_not_allowed",
         format!("this key belongs to persona `{own}` and may not act for `{named}`"),
     )
@@ -355,21 +353,11 @@ impl Door {
 }
 
 fn unauthorized(message: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "invalid_request_error",
-        "invalid_api_key",
-        message,
-    )
+    ApiError::new(ErrorKind::Unauthorized, "invalid_api_key", message)
 }
 
 fn forbidden(message: String) -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "invalid_request_error",
-        "permission_denied",
-        message,
-    )
+    ApiError::new(ErrorKind::Forbidden, "permission_denied", message)
 }
 
 /// `%XX` sequences of a path segment decoded (persona names in paths may be encoded by clients).
@@ -403,20 +391,20 @@ pub struct Entry {
 /// costs no body read), then the body is read within its time and size, then the handler runs with
 /// the [`Caller`]. One layer, not two: each layer costs every request a boxed future.
 pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) -> Response {
-    let caller = match entry
-        .door
-        .decide(req.method(), req.uri().path(), req.headers())
-    {
-        Ok(caller) => caller,
-        Err(e) => return e.into_response(),
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let resp = match entry.door.decide(&method, uri.path(), req.headers()) {
+        Err(e) => e.into_response(),
+        Ok(caller) => match super::body::read(&entry.body, req).await {
+            Ok(mut req) => {
+                req.extensions_mut().insert(caller);
+                next.run(req).await
+            }
+            Err(refusal) => refusal,
+        },
     };
-    match super::body::read(&entry.body, req).await {
-        Ok(mut req) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        Err(refusal) => refusal,
-    }
+    // Every error answer, from here or from a handler, is logged once, at its kind's level.
+    super::error::log(&method, uri.path(), &resp);
+    resp
 }
 
 /// The metrics listener's check: with `server.metrics_bearer_token_env` set, a scrape must send

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorKind};
 
 /// Told of each body refused, with the request's path and the reason (`body_too_large`,
 /// `body_timeout`, `invalid_body`), so the server can count it where it belongs.
@@ -54,9 +54,8 @@ pub async fn read(limits: &BodyLimits, req: Request) -> Result<Request, Response
             refused("body_timeout");
             Err(closing(
                 ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "invalid_request_error",
-                    "body_timeout",
+ ErrorKind::RequestTimeout,
+ "body_timeout",
                     format!(
                         "the request body did not arrive within {} ms (server.body_timeout); send it at once",
                         limits.timeout.as_millis()

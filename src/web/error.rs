@@ -1,15 +1,91 @@
 //! One error type for every route, rendered in OpenAI's error shape:
 //! `{"error": {"message", "type", "param", "code"}}`. Messages never carry secrets or payloads.
+//!
+//! What went wrong is an [`ErrorKind`], mapped once — here — to the HTTP status, OpenAI's error
+//! `type` and the level it is logged at. Rendering has no side effects: the response carries the
+//! kind and code in its extensions, and the layer in front of the API logs them ([`log`]).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+/// What went wrong, from the client's side of the door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 400: the request is malformed or names something it may not.
+    InvalidRequest,
+    /// 401: no key, or a key hypertool does not know.
+    Unauthorized,
+    /// 403: a known key outside its role, or a persona acting for another.
+    Forbidden,
+    /// 404: no such route, model, persona, workflow, stage or run.
+    NotFound,
+    /// 405: the route does not take that method.
+    MethodNotAllowed,
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
+    /// 409: the request conflicts with the state (a finished run, another workflow's run).
+    Conflict,
+    /// 413: the body is over `server.max_body_bytes`.
+    PayloadTooLarge,
+    /// 429: a rate limit.
+    RateLimited,
+    /// 429: a `block` budget (the persona's, or the run stage's).
+    BudgetExceeded,
+    /// The upstream failed; its status (502, 504, or the upstream's own 4xx) is passed on.
+    Upstream(StatusCode),
+    /// 503: hypertool cannot serve this now (overloaded, ledger unavailable, draining).
+    Unavailable,
+    /// 500: a bug: a route reached without an access decision.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::RateLimited | ErrorKind::BudgetExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Upstream(status) => status,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's error `type`.
+    pub fn openai_type(self) -> &'static str {
+        match self {
+            ErrorKind::RateLimited => "rate_limit_error",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
+            ErrorKind::Upstream(_) => "upstream_error",
+            ErrorKind::Unavailable | ErrorKind::Internal => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// How loudly an answer of this kind is logged. Only a bug is an error. Everything else is
+    /// debug: a refusal is counted where it is decided (`hypertool_auth_failures_total`,
+    /// `hypertool_gateway_requests_total`, …), and what needs an operator's attention (an upstream
+    /// outage, load shedding) is logged there, throttled, so that a flood of refused requests
+    /// cannot become a flood of log lines.
+    pub fn log_level(self) -> tracing::Level {
+        match self {
+            ErrorKind::Internal => tracing::Level::ERROR,
+            _ => tracing::Level::DEBUG,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub kind: &'static str,
+    pub kind: ErrorKind,
     pub code: &'static str,
     pub message: String,
     pub param: Option<String>,
@@ -18,14 +94,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(
-        status: StatusCode,
-        kind: &'static str,
-        code: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
         Self {
-            status,
             kind,
             code,
             message: message.into(),
@@ -34,27 +104,21 @@ impl ApiError {
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.kind.status()
+    }
+
     pub fn param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
         self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            code,
-            message,
-        )
+        Self::new(ErrorKind::InvalidRequest, code, message)
     }
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            code,
-            message,
-        )
+        Self::new(ErrorKind::NotFound, code, message)
     }
 
     /// `unknown_persona`, listing the personas there are: 404 when the persona names the resource
@@ -62,7 +126,7 @@ impl ApiError {
     pub fn unknown_persona(
         engine: &crate::core::engine::Engine,
         name: &str,
-        status: StatusCode,
+        kind: ErrorKind,
         param: &str,
     ) -> Self {
         let known: Vec<&str> = engine.personas().iter().map(|p| p.name.as_str()).collect();
@@ -70,22 +134,16 @@ impl ApiError {
             "unknown persona `{name}`; known personas: {}",
             known.join(", ")
         );
-        Self::new(status, "invalid_request_error", "unknown_persona", message).param(param)
+        Self::new(kind, "unknown_persona", message).param(param)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "unavailable",
-            message,
-        )
+        Self::new(ErrorKind::Unavailable, "unavailable", message)
     }
 
     pub fn too_large(limit: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
+            ErrorKind::PayloadTooLarge,
             "body_too_large",
             format!(
                 "request body exceeds the limit of {limit} bytes; send smaller batches or raise \
@@ -143,12 +201,16 @@ impl IntoResponse for ApiError {
         let body = json!({
             "error": {
                 "message": self.message,
-                "type": self.kind,
+                "type": self.kind.openai_type(),
                 "param": self.param,
                 "code": self.code,
             }
         });
-        let mut resp = (self.status, Json(body)).into_response();
+        let mut resp = (self.kind.status(), Json(body)).into_response();
+        resp.extensions_mut().insert(Logged {
+            kind: self.kind,
+            code: self.code,
+        });
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
@@ -163,5 +225,56 @@ impl From<crate::store::LedgerError> for ApiError {
         ApiError::unavailable(format!(
             "{e}; nothing from this request was stored, retry it"
         ))
+    }
+}
+
+/// What the layer in front of the API logs about an error answer (the message is not logged: it
+/// may quote the request).
+#[derive(Debug, Clone, Copy)]
+pub struct Logged {
+    pub kind: ErrorKind,
+    pub code: &'static str,
+}
+
+/// Logs an error answer at its kind's level, once, outside the handler.
+pub fn log(method: &axum::http::Method, path: &str, resp: &Response) {
+    let Some(e) = resp.extensions().get::<Logged>() else {
+        return;
+    };
+    let status = e.kind.status().as_u16();
+    match e.kind.log_level() {
+        tracing::Level::ERROR => {
+            tracing::error!(%method, path, status, code = e.code, "request failed")
+        }
+        tracing::Level::WARN => {
+            tracing::warn!(%method, path, status, code = e.code, "request failed")
+        }
+        tracing::Level::INFO => {
+            tracing::info!(%method, path, status, code = e.code, "request refused")
+        }
+        _ => tracing::debug!(%method, path, status, code = e.code, "request refused"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_maps_once_to_status_type_and_level() {
+        let mut e = ApiError::new(ErrorKind::RateLimited, "rate_limited", "slow down");
+        e.retry_after_secs = Some(20);
+        let resp = e.into_response();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "20");
+        let logged = resp.extensions().get::<Logged>().unwrap();
+        assert_eq!(logged.kind.openai_type(), "rate_limit_error");
+        assert_eq!(logged.kind.log_level(), tracing::Level::DEBUG);
+        let upstream = ErrorKind::Upstream(StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(upstream.status(), 504);
+        assert_eq!(ErrorKind::Internal.log_level(), tracing::Level::ERROR);
+        assert_eq!(ErrorKind::BudgetExceeded.status(), 429);
+        assert_eq!(ErrorKind::BudgetExceeded.openai_type(), "budget_exceeded");
+        assert_eq!(ErrorKind::InvalidRequest.log_level(), tracing::Level::DEBUG);
     }
 }
