@@ -554,3 +554,41 @@ async fn rate_limits_per_key_and_per_persona_answer_429_with_retry_after() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_hypertool_api_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with_keys(dir.path(), "").await;
+    let cli = |env: Option<(&str, &str)>, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::process::BIN);
+        cmd.args(["budget", "status", "--server", &s.api])
+            .args(extra)
+            .env_remove("HYPERTOOL_API_KEY");
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = cli(Some(("HYPERTOOL_API_KEY", VIEWER_KEY)), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backend-engineer"));
+    // Another variable, named with --api-key-env.
+    let out = cli(
+        Some(("MY_HT_KEY", ADMIN_KEY)),
+        &["--api-key-env", "MY_HT_KEY"],
+    );
+    assert!(out.status.success());
+    // Without a key: the fix is named, and no key is printed.
+    let out = cli(None, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("401") && err.contains("HYPERTOOL_API_KEY"),
+        "{err}"
+    );
+    s.stop().await;
+}
