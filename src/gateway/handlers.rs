@@ -80,11 +80,8 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
-    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = caller.persona_key();
-    request::check_headers(&headers)?;
-    let mut request = ApiError::json_object(&body)?;
-    let model = request::model(&request)?;
+    let (mut request, model) = request::read(&headers, body, state.max_body_bytes)?;
     if !request.get("messages").is_some_and(Value::is_array) {
         return Err(ApiError::bad_request(
             "missing_messages",
@@ -336,11 +333,8 @@ pub async fn embeddings(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
-    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
     let key = caller.persona_key();
-    request::check_headers(&headers)?;
-    let mut request = ApiError::json_object(&body)?;
-    let model = request::model(&request)?;
+    let (mut request, model) = request::read(&headers, body, state.max_body_bytes)?;
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {

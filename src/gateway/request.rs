@@ -56,6 +56,19 @@ pub fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A gateway call's body and headers, read and checked: the JSON object and its model.
+pub fn read(
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    limit: usize,
+) -> Result<(Map<String, Value>, String), ApiError> {
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, limit))?;
+    check_headers(headers)?;
+    let request = ApiError::json_object(&body)?;
+    let model = model(&request)?;
+    Ok((request, model))
+}
+
 /// The `model` of a request body: required, a string, and a valid name.
 pub fn model(request: &Map<String, Value>) -> Result<String, ApiError> {
     let Some(raw) = request.get("model").and_then(Value::as_str) else {

@@ -294,12 +294,7 @@ async fn every_route_by_every_kind_of_caller() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     // An unknown path needs a key before it is a 404.
-    let resp = s
-        .http
-        .get(format!("{}/api/nothing-here", s.api))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get_as("/api/nothing-here", None).await;
     assert_eq!(resp.status(), 401);
     s.stop().await;
 }
@@ -361,20 +356,12 @@ async fn a_persona_key_reports_only_its_own_persona_and_the_gateway_attributes_t
     assert_eq!(resp.headers()["x-hypertool-persona"], "testing-specialist");
     // A persona key reads its own budget, not another's.
     let own = s
-        .http
-        .get(format!("{}/api/budgets/tta-testing-specialist", s.api))
-        .bearer_auth(TESTING_KEY)
-        .send()
-        .await
-        .unwrap();
+        .get_as("/api/budgets/tta-testing-specialist", Some(TESTING_KEY))
+        .await;
     assert_eq!(own.status(), 200);
     let other = s
-        .http
-        .get(format!("{}/api/budgets/backend-engineer", s.api))
-        .bearer_auth(TESTING_KEY)
-        .send()
-        .await
-        .unwrap();
+        .get_as("/api/budgets/backend-engineer", Some(TESTING_KEY))
+        .await;
     assert_eq!(other.status(), 403);
     s.stop().await;
 }

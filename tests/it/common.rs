@@ -84,6 +84,15 @@ impl TestServer {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET path` on the API, with `key` as the bearer token when given.
+    pub async fn get_as(&self, path: &str, key: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}{}", self.api, path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send().await.unwrap()
+    }
+
     pub async fn metrics_text(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.metrics))
