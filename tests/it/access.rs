@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hypertool::config::Source;
 use hypertool::core::clock::ManualClock;
@@ -576,6 +577,41 @@ async fn the_cli_sends_hypertool_api_key() {
     assert!(
         err.contains("401") && err.contains("HYPERTOOL_API_KEY"),
         "{err}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_from_the_configuration_is_refused_after_the_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with_keys(dir.path(), "").await;
+    let chat = |key: &'static str| {
+        s.http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .bearer_auth(key)
+            .json(&json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    assert_eq!(chat(TESTING_KEY).await.unwrap().status(), 200);
+    // Revoke testing-specialist's key: its entry leaves hypertool.toml, no restart.
+    let toml = dir.path().join("config/hypertool.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replace(
+        "[[gateway.keys]]\nkey_env = \"HYPERTOOL_TEST_ACCESS_TS\"\npersona = \"testing-specialist\"\n",
+        "",
+    );
+    assert!(!text.contains("HYPERTOOL_TEST_ACCESS_TS"));
+    std::fs::write(&toml, text).unwrap();
+    eventually(
+        "the revoked key refused",
+        Duration::from_secs(5),
+        || async { (chat(TESTING_KEY).await.unwrap().status() == 401).then_some(()) },
+    )
+    .await;
+    // The other keys still work.
+    assert_eq!(chat(BACKEND_KEY).await.unwrap().status(), 200);
+    assert_eq!(
+        s.get_as("/api/budgets", Some(VIEWER_KEY)).await.status(),
+        200
     );
     s.stop().await;
 }
