@@ -363,41 +363,54 @@ impl Settings {
         let header_timeout = timeout("header_timeout", raw.server.header_timeout, 10);
         let body_timeout = timeout("body_timeout", raw.server.body_timeout, 30);
         let mut auth = AuthSettings::default();
-        let mut role_key = |key_path: String, key_env: &str| match key_from_env(key_env) {
-            Ok(hash) => Some(RoleKey {
-                hash,
-                key_env: key_env.to_string(),
-            }),
-            Err(message) => {
-                errors.push(
-                    ConfigError::new(
-                        file,
-                        line_of_key(text, "key_env"),
-                        format!("`{key_path}`: {message}"),
-                    )
-                    .fix("export the variable, or remove the entry"),
-                );
-                None
-            }
+        // The line naming the variable (a file entry), or none (the HYPERTOOL_ADMIN_KEY shortcut).
+        let line_naming = |key_env: &str| {
+            let quoted = format!("\"{key_env}\"");
+            text.lines()
+                .position(|l| l.contains(&quoted))
+                .map(|i| i + 1)
         };
+        let mut role_key =
+            |key_path: String, key_env: &str, from_file: bool| match key_from_env(key_env) {
+                Ok(hash) => Some(RoleKey {
+                    hash,
+                    key_env: key_env.to_string(),
+                }),
+                Err(message) => {
+                    let (line, fix) = if from_file {
+                        (
+                            line_naming(key_env),
+                            "export the variable, or remove the entry",
+                        )
+                    } else {
+                        (None, "set it to a long random value, or unset it")
+                    };
+                    errors.push(
+                        ConfigError::new(file, line, format!("`{key_path}`: {message}")).fix(fix),
+                    );
+                    None
+                }
+            };
         for (i, k) in raw.server.admin_keys.iter().enumerate() {
             auth.admin.extend(role_key(
                 format!("server.admin_keys[{i}].key_env"),
                 &k.key_env,
+                true,
             ));
         }
         if std::env::var(ADMIN_KEY_ENV).is_ok_and(|v| !v.is_empty()) {
             auth.admin
-                .extend(role_key(ADMIN_KEY_ENV.to_string(), ADMIN_KEY_ENV));
+                .extend(role_key(ADMIN_KEY_ENV.to_string(), ADMIN_KEY_ENV, false));
         }
         for (i, k) in raw.server.viewer_keys.iter().enumerate() {
             auth.viewer.extend(role_key(
                 format!("server.viewer_keys[{i}].key_env"),
                 &k.key_env,
+                true,
             ));
         }
         if let Some(env) = &raw.server.metrics_bearer_token_env {
-            auth.metrics_token = role_key("server.metrics_bearer_token_env".into(), env);
+            auth.metrics_token = role_key("server.metrics_bearer_token_env".into(), env, true);
         }
         let max_values_per_label = raw.labels.max_values_per_label.unwrap_or(50);
         if max_values_per_label == 0 {
@@ -548,6 +561,23 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_variable_that_is_not_set_is_named_with_its_line() {
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[server.viewer_keys]]\nkey_env = \"HT_UNIT_TEST_NEVER_SET\"\n";
+        let errs = Settings::parse("h.toml", text).unwrap_err();
+        let shown = errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(shown.contains("h.toml:5"), "{shown}");
+        assert!(shown.contains("server.viewer_keys[0].key_env"), "{shown}");
+        assert!(
+            shown.contains("$HT_UNIT_TEST_NEVER_SET is not set"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn empty_file_gives_defaults() {
