@@ -93,6 +93,25 @@ pub async fn chat_completions(
     let chatmode = header(&headers, "x-hypertool-chatmode")
         .unwrap_or_else(|| settings.default_chatmode.clone());
     let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
+    // A persona key works only in the stages its persona runs.
+    if let (Some(k), Some(persona)) = (
+        key,
+        stage_call.as_ref().and_then(|c| c.stage.persona.as_deref()),
+    ) {
+        let engine = lock(&state.engine);
+        let personas = engine.personas();
+        if personas.canonical(&k.persona) != personas.canonical(persona) {
+            return Err(ApiError::new(
+                ErrorKind::Forbidden,
+                "persona_not_allowed",
+                format!(
+                    "this key belongs to persona `{}`; the stage is run by `{persona}`",
+                    k.persona
+                ),
+            )
+            .param("x-hypertool-stage"));
+        }
+    }
     // A stage that sets a model (or tier) decides the model: the runbook's STAGE_MODEL_MAPPING.
     let stage_model = stage_call
         .as_ref()

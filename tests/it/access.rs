@@ -355,6 +355,20 @@ async fn a_persona_key_reports_only_its_own_persona_and_the_gateway_attributes_t
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-hypertool-persona"], "testing-specialist");
+    // Nor does it work in a stage another persona runs (design is backend-engineer's).
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .bearer_auth(TESTING_KEY)
+        .header("x-hypertool-workflow", "feature-development")
+        .header("x-hypertool-stage", "design")
+        .json(&json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "x-hypertool-stage");
     // A persona key reads its own budget, not another's.
     let own = s
         .get_as("/api/budgets/tta-testing-specialist", Some(TESTING_KEY))
