@@ -629,3 +629,60 @@ async fn a_key_removed_from_the_configuration_is_refused_after_the_reload() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_with_the_bearer_token_and_fails_without_it() {
+    const TOKEN: &str = "ht-metrics-token-PROMETHEUS-8d7c6b5a4e";
+    std::env::set_var("HYPERTOOL_TEST_PROM_TOKEN", TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_edited(
+        dir.path(),
+        &[(
+            "[server]",
+            "[server]\nmetrics_bearer_token_env = \"HYPERTOOL_TEST_PROM_TOKEN\"",
+        )],
+    )
+    .await;
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let target = s.metrics.trim_start_matches("http://");
+    // Two jobs: one sends the token from a file (Prometheus's `authorization` option), one does not.
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n\
+             \x20 - job_name: with_token\n    authorization:\n      credentials_file: token\n    static_configs:\n      - targets: [\"{target}\"]\n\
+             \x20 - job_name: without_token\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _prom = spawn(
+        "prometheus",
+        &[
+            "--config.file=prometheus.yml",
+            "--storage.tsdb.path=prom-data",
+            &format!("--web.listen-address={listen}"),
+        ],
+        dir.path(),
+    );
+    let http = reqwest::Client::new();
+    let up = |job: &'static str| {
+        let http = http.clone();
+        let url = format!("http://{listen}/api/v1/query?query=up%7Bjob%3D%22{job}%22%7D");
+        async move {
+            let v: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+            v["data"]["result"][0]["value"][1]
+                .as_str()
+                .map(str::to_string)
+        }
+    };
+    eventually("both jobs scraped", Duration::from_secs(30), || async {
+        match (up("with_token").await, up("without_token").await) {
+            (Some(a), Some(b)) => Some((a, b)),
+            _ => None,
+        }
+        .filter(|(a, b)| a == "1" && b == "0")
+    })
+    .await;
+    s.stop().await;
+}
