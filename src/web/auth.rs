@@ -276,11 +276,13 @@ impl Door {
             .collect()
     }
 
-    /// The access of `method path`; a path or method outside the table needs any key (the router
-    /// then answers 404 or 405, so nothing is reached without a decision).
+    /// The access of `method path`. A path outside the table needs an admin key (deny by default:
+    /// were a route ever added to the router without its entry, only admins could reach it; for
+    /// anyone else an unknown path is 401 or 403, for an admin 404). A method the table does not
+    /// list for a known path needs any key (then the router answers 405).
     fn access(&self, method: &Method, path: &str) -> (Access, Option<String>) {
         let Ok(m) = self.routes.at(path) else {
-            return (Access::AnyKey, None);
+            return (Access::Admin, None);
         };
         let persona = m.params.get("persona").map(percent_decode);
         let access = m

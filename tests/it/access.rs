@@ -294,9 +294,29 @@ async fn every_route_by_every_kind_of_caller() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    // An unknown path needs a key before it is a 404.
-    let resp = s.get_as("/api/nothing-here", None).await;
-    assert_eq!(resp.status(), 401);
+    // A path outside the table is denied by default: only an admin learns that it is a 404.
+    assert_eq!(s.get_as("/api/nothing-here", None).await.status(), 401);
+    assert_eq!(
+        s.get_as("/api/nothing-here", Some(VIEWER_KEY))
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        s.get_as("/api/nothing-here", Some(ADMIN_KEY))
+            .await
+            .status(),
+        404
+    );
+    // A method a known route does not take: 405 for any key.
+    let resp = s
+        .http
+        .delete(format!("{}/api/alerts", s.api))
+        .bearer_auth(VIEWER_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
     s.stop().await;
 }
 
