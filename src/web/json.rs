@@ -22,10 +22,17 @@ impl<T: BodyShape, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = usize::MAX;
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(|r| ApiError::from_body_rejection(r, limit))?;
+        let body = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    super::error::ErrorKind::PayloadTooLarge,
+                    "body_too_large",
+                    "request body exceeds `server.max_body_bytes`",
+                )
+            } else {
+                ApiError::bad_request("invalid_body", r.body_text())
+            }
+        })?;
         parse(&body).map(JsonBody)
     }
 }
