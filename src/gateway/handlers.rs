@@ -89,29 +89,11 @@ pub async fn chat_completions(
         )
         .param("messages"));
     }
-    let mut notes: Vec<(&'static str, String)> = Vec::new();
+    let mut notes: Notes = Vec::new();
     let chatmode = header(&headers, "x-hypertool-chatmode")
         .unwrap_or_else(|| settings.default_chatmode.clone());
     let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
-    // A persona key works only in the stages its persona runs.
-    if let (Some(k), Some(persona)) = (
-        key,
-        stage_call.as_ref().and_then(|c| c.stage.persona.as_deref()),
-    ) {
-        let engine = lock(&state.engine);
-        let personas = engine.personas();
-        if personas.canonical(&k.persona) != personas.canonical(persona) {
-            return Err(ApiError::new(
-                ErrorKind::Forbidden,
-                "persona_not_allowed",
-                format!(
-                    "this key belongs to persona `{}`; the stage is run by `{persona}`",
-                    k.persona
-                ),
-            )
-            .param("x-hypertool-stage"));
-        }
-    }
+    own_stage(&state, key, stage_call.as_deref())?;
     // A stage that sets a model (or tier) decides the model: the runbook's STAGE_MODEL_MAPPING.
     let stage_model = stage_call
         .as_ref()
@@ -123,58 +105,10 @@ pub async fn chat_completions(
         notes.push(("x-hypertool-stage-model", replaced));
     }
     let model = decision.model;
-    // The stage's prompt limit: the oldest non-system messages go first (`truncate_context`).
-    if let Some(c) = stage_call.as_ref() {
-        if let (Some(max), Some(Value::Array(msgs))) =
-            (c.stage.max_prompt_tokens, request.get_mut("messages"))
-        {
-            match tokens::truncate_messages(msgs, max) {
-                Ok(None) => {}
-                Ok(Some(t)) => {
-                    state.count_truncation(&c.workflow.name, &c.stage.name, &t);
-                    tracing::info!(workflow = %c.workflow.name, stage = %c.stage.name,
-                        removed = t.removed_messages, before = t.tokens_before, after = t.tokens_after,
-                        "prompt cut to the stage's max_prompt_tokens");
-                    notes.push((
-                        "x-hypertool-truncated",
-                        format!(
-                            "{} messages removed; prompt {} -> {} tokens (max_prompt_tokens {max})",
-                            t.removed_messages, t.tokens_before, t.tokens_after
-                        ),
-                    ));
-                }
-                Err(tokens) => {
-                    return Err(ApiError::bad_request(
-                        "context_length_exceeded",
-                        format!(
-                            "the system messages and the last message alone are {tokens} tokens, over the max_prompt_tokens of {max} of stage `{}` in workflow `{}`; shorten them or raise the limit",
-                            c.stage.name, c.workflow.name
-                        ),
-                    )
-                    .param("messages"));
-                }
-            }
-        }
-    }
-    let messages: &[Value] = request
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
+    truncate_for_stage(&state, stage_call.as_deref(), &mut request, &mut notes)?;
     let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
-    // Tokenizing costs more than the rest of the call's bookkeeping: do it only when a budget
-    // enforces (the persona's in block or downgrade mode, or the run stage's budget); otherwise a
-    // rough count is enough to reserve with.
-    let stage_budgeted = stage_call
-        .as_ref()
-        .is_some_and(|c| c.run.is_some() && c.stage.budget_tokens.is_some());
-    let precise = stage_budgeted || lock(&state.engine).enforces(&persona);
-    let prompt_estimate = if precise {
-        tokens::count_messages(messages)
-    } else {
-        tokens::rough_count_messages(messages)
-    };
+    let prompt_estimate = estimate_prompt(&state, stage_call.as_deref(), &persona, &request);
     let max_tokens = request
         .get("max_completion_tokens")
         .or_else(|| request.get("max_tokens"))
@@ -183,79 +117,14 @@ pub async fn chat_completions(
     let mut meta = CallMeta::new(&settings, &headers, persona, route, prompt_estimate);
     meta.workflow = workflow_name;
     meta.stage_call = stage_call;
-    // Tool scope: tools the persona's allowedTools does not list are removed (or refused).
-    if let Some(tools) = request.get("tools").and_then(Value::as_array) {
-        let allowed = lock(&state.engine)
-            .personas()
-            .get(&meta.persona)
-            .map(|p| p.allowed_tools.clone())
-            .unwrap_or_default();
-        let scope = policy::scope_tools(&meta.persona, tools, &allowed, settings.tool_policy);
-        if let Err(policy::PolicyRefusal::ToolsNotAllowed { tools, .. }) = &scope {
-            state.count_tools(&meta.persona, tools.len() as u64);
-        }
-        if let policy::ToolScope::Filtered { keep, removed } = scope.map_err(policy_error)? {
-            state.count_tools(&meta.persona, removed.len() as u64);
-            tracing::info!(persona = %meta.persona, tools = %removed.join(","), "tools outside the persona's allowedTools removed");
-            notes.push(("x-hypertool-tools-removed", removed.join(",")));
-            if keep.is_empty() {
-                request.remove("tools");
-                request.remove("tool_choice");
-            } else {
-                request.insert("tools".into(), Value::Array(keep));
-            }
-        }
-    }
+    scope_request_tools(&state, &settings, &meta.persona, &mut request, &mut notes)?;
 
     // The cache answers before admission: a hit spends no budget.
-    let no_cache = headers
-        .get(header::CACHE_CONTROL)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
-    let cache_key = cache::ResponseCache::key(&settings.cache, &meta.route.name, &request);
-    let streamed = request
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let cache_result = match (&cache_key, no_cache) {
-        (None, _) => cache::CacheResult::Skip,
-        (Some(_), true) => cache::CacheResult::Bypass,
-        (Some(key), false) => match state.cache.get(key, state.clock.now_ms()) {
-            Some(entry) => {
-                state.cache.count(
-                    cache::CacheResult::Hit,
-                    entry.prompt_tokens + entry.completion_tokens,
-                );
-                state.count(&meta.route.upstream, "cache_hit");
-                let wants_usage = request
-                    .get("stream_options")
-                    .and_then(|o| o.get("include_usage"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                let mut resp = if streamed {
-                    cached_stream(&entry, wants_usage)
-                } else {
-                    json_bytes(entry.response.clone())
-                };
-                response_headers(&mut resp, &meta);
-                resp.headers_mut()
-                    .insert("x-hypertool-cache", HeaderValue::from_static("hit"));
-                return Ok(resp);
-            }
-            None => cache::CacheResult::Miss,
-        },
-    };
-    state.cache.count(cache_result, 0);
-    notes.push(("x-hypertool-cache", cache_result.as_str().to_string()));
-    let mut cache_slot = match (cache_result, cache_key) {
-        (cache::CacheResult::Miss | cache::CacheResult::Bypass, Some(key)) => {
-            let ttl = settings
-                .cache
-                .ttl_for(&meta.persona, &meta.chatmode, &meta.route.name);
-            Some((key, ttl))
-        }
-        _ => None,
-    };
+    let mut cache_slot =
+        match lookup_cache(&state, &settings, &headers, &meta, &request, &mut notes) {
+            CacheOutcome::Hit(resp) => return Ok(resp),
+            CacheOutcome::Miss(slot) => slot,
+        };
 
     rate_check(
         &state,
@@ -279,32 +148,8 @@ pub async fn chat_completions(
     if start_stage {
         start_run_stage(&state, &meta).await?;
     }
-    if downgraded {
-        let canonical = lock(&state.engine)
-            .personas()
-            .canonical(&meta.persona)
-            .to_string();
-        let target = policy::downgrade_target(
-            &canonical,
-            &meta.route.name,
-            &settings.persona_downgrade,
-            meta.route.downgrade_to.as_deref(),
-        )
-        .and_then(|t| settings.route(t));
-        match target {
-            Some(cheaper) if cheaper.name != meta.route.name => {
-                tracing::info!(persona = %canonical, from = %meta.route.name, to = %cheaper.name, "budget spent: call downgraded");
-                notes.push((
-                    "x-hypertool-downgraded",
-                    format!("{} -> {}", meta.route.name, cheaper.name),
-                ));
-                state.count(&cheaper.upstream, "downgraded");
-                cache_slot = None;
-                meta.route = cheaper;
-            }
-            _ => tracing::warn!(persona = %canonical, model = %meta.route.name,
-                "budget spent in downgrade mode but no cheaper model is configured (gateway.downgrade or the model's downgrade_to); the call goes through unchanged"),
-        }
+    if downgraded && downgrade(&state, &settings, &mut meta, &mut notes) {
+        cache_slot = None;
     }
 
     let stream = request
@@ -429,5 +274,238 @@ pub async fn embeddings(
         Err(_) => Err(ApiError::unavailable(
             "the call was interrupted (server shutting down?); retry it",
         )),
+    }
+}
+
+/// Response headers a call collects on its way (`X-Hypertool-*`), set on its answer.
+type Notes = Vec<(&'static str, String)>;
+
+/// A persona key works only in the stages its persona runs.
+fn own_stage(
+    state: &GatewayState,
+    key: Option<&VirtualKey>,
+    stage_call: Option<&stage::StageCall>,
+) -> Result<(), ApiError> {
+    let (Some(k), Some(persona)) = (key, stage_call.and_then(|c| c.stage.persona.as_deref()))
+    else {
+        return Ok(());
+    };
+    let engine = lock(&state.engine);
+    let personas = engine.personas();
+    if personas.canonical(&k.persona) == personas.canonical(persona) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorKind::Forbidden,
+        "persona_not_allowed",
+        format!(
+            "this key belongs to persona `{}`; the stage is run by `{persona}`",
+            k.persona
+        ),
+    )
+    .param("x-hypertool-stage"))
+}
+
+/// The stage's prompt limit: the oldest non-system messages go first (`truncate_context`).
+fn truncate_for_stage(
+    state: &GatewayState,
+    stage_call: Option<&stage::StageCall>,
+    request: &mut Map<String, Value>,
+    notes: &mut Notes,
+) -> Result<(), ApiError> {
+    let Some(c) = stage_call else {
+        return Ok(());
+    };
+    let (Some(max), Some(Value::Array(msgs))) =
+        (c.stage.max_prompt_tokens, request.get_mut("messages"))
+    else {
+        return Ok(());
+    };
+    match tokens::truncate_messages(msgs, max) {
+        Ok(None) => Ok(()),
+        Ok(Some(t)) => {
+            state.count_truncation(&c.workflow.name, &c.stage.name, &t);
+            tracing::info!(workflow = %c.workflow.name, stage = %c.stage.name,
+                removed = t.removed_messages, before = t.tokens_before, after = t.tokens_after,
+                "prompt cut to the stage's max_prompt_tokens");
+            notes.push((
+                "x-hypertool-truncated",
+                format!(
+                    "{} messages removed; prompt {} -> {} tokens (max_prompt_tokens {max})",
+                    t.removed_messages, t.tokens_before, t.tokens_after
+                ),
+            ));
+            Ok(())
+        }
+        Err(tokens) => Err(ApiError::bad_request(
+            "context_length_exceeded",
+            format!(
+                "the system messages and the last message alone are {tokens} tokens, over the max_prompt_tokens of {max} of stage `{}` in workflow `{}`; shorten them or raise the limit",
+                c.stage.name, c.workflow.name
+            ),
+        )
+        .param("messages")),
+    }
+}
+
+/// The prompt's tokens as admission reserves them. Tokenizing costs more than the rest of the
+/// call's bookkeeping: it is done only when a budget enforces (the persona's in block or
+/// downgrade mode, or the run stage's budget); otherwise a rough count is enough.
+fn estimate_prompt(
+    state: &GatewayState,
+    stage_call: Option<&stage::StageCall>,
+    persona: &str,
+    request: &Map<String, Value>,
+) -> u64 {
+    let messages: &[Value] = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let stage_budgeted =
+        stage_call.is_some_and(|c| c.run.is_some() && c.stage.budget_tokens.is_some());
+    if stage_budgeted || lock(&state.engine).enforces(persona) {
+        tokens::count_messages(messages)
+    } else {
+        tokens::rough_count_messages(messages)
+    }
+}
+
+/// Tool scope: tools the persona's allowedTools does not list are removed (or refused).
+fn scope_request_tools(
+    state: &GatewayState,
+    settings: &GatewaySettings,
+    persona: &str,
+    request: &mut Map<String, Value>,
+    notes: &mut Notes,
+) -> Result<(), ApiError> {
+    let Some(tools) = request.get("tools").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let allowed = lock(&state.engine)
+        .personas()
+        .get(persona)
+        .map(|p| p.allowed_tools.clone())
+        .unwrap_or_default();
+    let scope = policy::scope_tools(persona, tools, &allowed, settings.tool_policy);
+    if let Err(policy::PolicyRefusal::ToolsNotAllowed { tools, .. }) = &scope {
+        state.count_tools(persona, tools.len() as u64);
+    }
+    if let policy::ToolScope::Filtered { keep, removed } = scope.map_err(policy_error)? {
+        state.count_tools(persona, removed.len() as u64);
+        tracing::info!(persona = %persona, tools = %removed.join(","), "tools outside the persona's allowedTools removed");
+        notes.push(("x-hypertool-tools-removed", removed.join(",")));
+        if keep.is_empty() {
+            request.remove("tools");
+            request.remove("tool_choice");
+        } else {
+            request.insert("tools".into(), Value::Array(keep));
+        }
+    }
+    Ok(())
+}
+
+/// What the response cache said about a call.
+enum CacheOutcome {
+    /// The cached answer, ready to send.
+    Hit(Response),
+    /// Not answered from the cache; `Some((key, ttl))` when the answer should be stored.
+    Miss(Option<(String, Duration)>),
+}
+
+/// Looks the call up in the response cache (unless it is not cacheable or asks not to be).
+fn lookup_cache(
+    state: &GatewayState,
+    settings: &GatewaySettings,
+    headers: &HeaderMap,
+    meta: &CallMeta,
+    request: &Map<String, Value>,
+    notes: &mut Notes,
+) -> CacheOutcome {
+    let no_cache = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
+    let cache_key = cache::ResponseCache::key(&settings.cache, &meta.route.name, request);
+    let result = match (&cache_key, no_cache) {
+        (None, _) => cache::CacheResult::Skip,
+        (Some(_), true) => cache::CacheResult::Bypass,
+        (Some(key), false) => match state.cache.get(key, state.clock.now_ms()) {
+            Some(entry) => {
+                state.cache.count(
+                    cache::CacheResult::Hit,
+                    entry.prompt_tokens + entry.completion_tokens,
+                );
+                state.count(&meta.route.upstream, "cache_hit");
+                let streamed = request
+                    .get("stream")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let wants_usage = request
+                    .get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let mut resp = if streamed {
+                    cached_stream(&entry, wants_usage)
+                } else {
+                    json_bytes(entry.response.clone())
+                };
+                response_headers(&mut resp, meta);
+                resp.headers_mut()
+                    .insert("x-hypertool-cache", HeaderValue::from_static("hit"));
+                return CacheOutcome::Hit(resp);
+            }
+            None => cache::CacheResult::Miss,
+        },
+    };
+    state.cache.count(result, 0);
+    notes.push(("x-hypertool-cache", result.as_str().to_string()));
+    CacheOutcome::Miss(match (result, cache_key) {
+        (cache::CacheResult::Miss | cache::CacheResult::Bypass, Some(key)) => {
+            let ttl = settings
+                .cache
+                .ttl_for(&meta.persona, &meta.chatmode, &meta.route.name);
+            Some((key, ttl))
+        }
+        _ => None,
+    })
+}
+
+/// A spent `downgrade` budget: the call goes to the cheaper model, if one is configured. Returns
+/// whether the route changed (the answer is then not cached under the requested model).
+fn downgrade(
+    state: &GatewayState,
+    settings: &GatewaySettings,
+    meta: &mut CallMeta,
+    notes: &mut Notes,
+) -> bool {
+    let canonical = lock(&state.engine)
+        .personas()
+        .canonical(&meta.persona)
+        .to_string();
+    let target = policy::downgrade_target(
+        &canonical,
+        &meta.route.name,
+        &settings.persona_downgrade,
+        meta.route.downgrade_to.as_deref(),
+    )
+    .and_then(|t| settings.route(t));
+    match target {
+        Some(cheaper) if cheaper.name != meta.route.name => {
+            tracing::info!(persona = %canonical, from = %meta.route.name, to = %cheaper.name, "budget spent: call downgraded");
+            notes.push((
+                "x-hypertool-downgraded",
+                format!("{} -> {}", meta.route.name, cheaper.name),
+            ));
+            state.count(&cheaper.upstream, "downgraded");
+            meta.route = cheaper;
+            true
+        }
+        _ => {
+            tracing::warn!(persona = %canonical, model = %meta.route.name,
+                "budget spent in downgrade mode but no cheaper model is configured (gateway.downgrade or the model's downgrade_to); the call goes through unchanged");
+            false
+        }
     }
 }
