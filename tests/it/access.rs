@@ -706,3 +706,30 @@ async fn a_real_prometheus_scrapes_with_the_bearer_token_and_fails_without_it() 
     .await;
     s.stop().await;
 }
+
+#[test]
+fn a_metrics_listener_off_loopback_without_a_token_is_warned_about() {
+    // 192.0.2.1 (TEST-NET-1) is assigned to no interface here: the warning comes before the bind,
+    // which then fails, so nothing ever listens off loopback.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(crate::process::BIN)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "192.0.2.1:0",
+        ])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("off loopback without a bearer token")
+            && err.contains("metrics_bearer_token_env"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(2), "{err}");
+}
