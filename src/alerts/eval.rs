@@ -172,6 +172,13 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
             up.into_iter().filter(|(_, v)| *v == 0.0).collect()
         }
         AlertId::LangfuseIntegrationFailing => {
+            // Only where traces are expected: `... and on () hypertool_langfuse_enabled == 1`.
+            let expected = db
+                .instant(crate::telemetry::families::LANGFUSE_ENABLED.name, at)
+                .any(|(_, v)| v == 1.0);
+            if !expected {
+                return Vec::new();
+            }
             let used = sum_rate_by(
                 db,
                 "hypertool_persona_tokens_used_total",

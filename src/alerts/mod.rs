@@ -28,7 +28,7 @@ use tsdb::{Labels, Tsdb};
 const RESOLVED_RETENTION_MS: i64 = 15 * 60 * 1000;
 
 /// The metric families the rules read; nothing else is kept.
-pub const RULE_INPUTS: [&str; 8] = [
+pub const RULE_INPUTS: [&str; 9] = [
     "hypertool_persona_token_budget_remaining",
     "hypertool_persona_tokens_used_total",
     "hypertool_persona_switches_total",
@@ -36,6 +36,7 @@ pub const RULE_INPUTS: [&str; 8] = [
     "hypertool_workflow_stage_duration_seconds_bucket",
     "hypertool_workflow_stage_running_seconds",
     "langfuse_trace_created_total",
+    "hypertool_langfuse_enabled",
     "up",
 ];
 
@@ -91,11 +92,18 @@ struct RuleState {
 /// Why LangfuseIntegrationFailing fires, when the engine knows more than the rule can.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LangfuseStatus {
-    /// `langfuse.enabled = false`: the alert is not evaluated.
+    /// `langfuse.enabled = false`, or `"auto"` with no key set: the alert is not evaluated.
     Disabled,
-    /// Credentials are not set.
-    NotConfigured,
+    /// Langfuse is expected but these key variables are not set (names, never values).
+    NotConfigured(Vec<String>),
     Configured,
+}
+
+impl LangfuseStatus {
+    /// Whether traces are expected to reach Langfuse (`hypertool_langfuse_enabled`).
+    pub fn expected(&self) -> bool {
+        !matches!(self, LangfuseStatus::Disabled)
+    }
 }
 
 pub struct AlertEngine {
@@ -162,6 +170,11 @@ impl AlertEngine {
         self.db.append("up", labels, at, if up { 1.0 } else { 0.0 });
     }
 
+    /// What the engine knows about Langfuse.
+    pub fn langfuse(&self) -> &LangfuseStatus {
+        &self.langfuse
+    }
+
     pub fn tsdb(&self) -> &Tsdb {
         &self.db
     }
@@ -198,12 +211,13 @@ impl AlertEngine {
         out: &mut Vec<Transition>,
     ) {
         let templates = rule.annotations(&self.settings.runbook_url);
-        let note = (rule.id == AlertId::LangfuseIntegrationFailing && self.langfuse == LangfuseStatus::NotConfigured)
-            .then(|| {
-                "Langfuse credentials are missing: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY are not set \
-                 (set them, or set `langfuse.enabled = false` to silence this alert)"
-                    .to_string()
-            });
+        let note = match (&self.langfuse, rule.id) {
+            (LangfuseStatus::NotConfigured(missing), AlertId::LangfuseIntegrationFailing) => Some(format!(
+                "Langfuse credentials are missing: {} not set (set them, or set `langfuse.enabled = false` to silence this alert)",
+                missing.join(" and ")
+            )),
+            _ => None,
+        };
         let state = self.states.entry(rule.id).or_default();
         let mut seen = Vec::with_capacity(results.len());
         for (series, value) in results {

@@ -415,6 +415,7 @@ impl Rule {
         let running = f::WORKFLOW_STAGE_RUNNING_SECONDS.name;
         let tokens = f::PERSONA_TOKENS_USED_TOTAL.name;
         let traces = f::LANGFUSE_TRACE_CREATED_TOTAL.name;
+        let langfuse_on = f::LANGFUSE_ENABLED.name;
         match self.id {
             AlertId::TokenBudgetExceeded => format!(
                 "min by (persona) ({remaining}) < {}",
@@ -451,7 +452,9 @@ impl Rule {
             AlertId::LangfuseIntegrationFailing => format!(
                 "sum(rate({tokens}[{w}])) > 0\n\
                  and on ()\n\
-                 (\n  sum(increase({traces}[{w}])) == 0\n  or on ()\n  absent({traces})\n)"
+                 (\n  sum(increase({traces}[{w}])) == 0\n  or on ()\n  absent({traces})\n)\n\
+                 and on ()\n\
+                 {langfuse_on} == 1"
             ),
         }
     }

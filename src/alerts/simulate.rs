@@ -321,6 +321,7 @@ pub fn run(scenario: Scenario, engine_config: EngineConfig, settings: AlertSetti
     let process = ProcessInfo {
         version: env!("CARGO_PKG_VERSION"),
         config_last_reload_ok: true,
+        langfuse_enabled: true,
         ..ProcessInfo::default()
     };
     let steps = scenario.minutes * 60_000 / step_ms;

@@ -88,18 +88,39 @@ impl Default for SwitchingSettings {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLangfuse {
-    enabled: Option<bool>,
+    enabled: Option<RawLangfuseEnabled>,
     host: Option<String>,
     public_key_env: Option<String>,
     secret_key_env: Option<String>,
+}
+
+/// `[langfuse] enabled`: `true`, `false` or `"auto"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawLangfuseEnabled {
+    Flag(bool),
+    Word(String),
+}
+
+/// Whether hypertool is to send traces to Langfuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LangfuseMode {
+    /// On when both keys are set, off when neither is (the default: a fresh install without
+    /// Langfuse has no alert about Langfuse); one key alone is a mistake, reported as such.
+    #[default]
+    Auto,
+    /// On: a missing key is reported, and LangfuseIntegrationFailing names it.
+    On,
+    /// Off on purpose: LangfuseIntegrationFailing is not evaluated.
+    Off,
 }
 
 /// Where Langfuse is and which environment variables hold its keys (the keys themselves never
 /// appear in configuration files, logs or errors).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LangfuseSettings {
-    /// `false` silences LangfuseIntegrationFailing: the operator chose to run without Langfuse.
-    pub enabled: bool,
+    /// `[langfuse] enabled`: `"auto"` (default), `true` or `false`.
+    pub enabled: LangfuseMode,
     pub host: String,
     pub public_key_env: String,
     pub secret_key_env: String,
@@ -108,8 +129,16 @@ pub struct LangfuseSettings {
 impl LangfuseSettings {
     /// Whether both keys are present in the environment.
     pub fn credentials_present(&self) -> bool {
+        self.missing_keys().is_empty()
+    }
+
+    /// The variables of the keys that are not set (names only, never values).
+    pub fn missing_keys(&self) -> Vec<&str> {
         let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-        set(&self.public_key_env) && set(&self.secret_key_env)
+        [self.public_key_env.as_str(), self.secret_key_env.as_str()]
+            .into_iter()
+            .filter(|v| !set(v))
+            .collect()
     }
 }
 
@@ -502,6 +531,23 @@ impl Settings {
             ),
             oscillation_action: raw.switching.oscillation_action.unwrap_or_default(),
         };
+        let langfuse_mode = match raw.langfuse.enabled {
+            None => LangfuseMode::Auto,
+            Some(RawLangfuseEnabled::Flag(true)) => LangfuseMode::On,
+            Some(RawLangfuseEnabled::Flag(false)) => LangfuseMode::Off,
+            Some(RawLangfuseEnabled::Word(w)) if w == "auto" => LangfuseMode::Auto,
+            Some(RawLangfuseEnabled::Word(w)) => {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        line_of_key(text, "enabled"),
+                        format!("`langfuse.enabled` = {w:?} is not true, false or \"auto\""),
+                    )
+                    .fix("write enabled = \"auto\" (on when both keys are set), true or false"),
+                );
+                LangfuseMode::Auto
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -515,10 +561,12 @@ impl Settings {
             gateway,
             alerts,
             langfuse: LangfuseSettings {
-                enabled: raw.langfuse.enabled.unwrap_or(true),
-                host: raw
-                    .langfuse
-                    .host
+                enabled: langfuse_mode,
+                // The environment wins, as in Langfuse's own clients.
+                host: std::env::var("LANGFUSE_HOST")
+                    .ok()
+                    .filter(|h| !h.trim().is_empty())
+                    .or(raw.langfuse.host)
                     .unwrap_or_else(|| "https://cloud.langfuse.com".into()),
                 public_key_env: raw
                     .langfuse
@@ -576,6 +624,32 @@ mod tests {
         assert!(
             shown.contains("$HT_UNIT_TEST_NEVER_SET is not set"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn langfuse_enabled_is_auto_true_or_false() {
+        let mode = |v: &str| {
+            Settings::parse("h.toml", &format!("[langfuse]\nenabled = {v}\n"))
+                .map(|s| s.langfuse.enabled)
+                .map_err(|e| {
+                    e.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+        };
+        assert_eq!(
+            Settings::parse("h.toml", "").unwrap().langfuse.enabled,
+            LangfuseMode::Auto
+        );
+        assert_eq!(mode("\"auto\""), Ok(LangfuseMode::Auto));
+        assert_eq!(mode("true"), Ok(LangfuseMode::On));
+        assert_eq!(mode("false"), Ok(LangfuseMode::Off));
+        let err = mode("\"maybe\"").unwrap_err();
+        assert!(
+            err.contains("h.toml:2") && err.contains("\"auto\""),
+            "{err}"
         );
     }
 

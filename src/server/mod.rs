@@ -300,7 +300,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         last_reload_ok: AtomicBool::new(true),
         ..ServerStats::default()
     });
-    let alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse_status(&cfg));
+    let langfuse = langfuse_status(&cfg);
+    log_langfuse_status(&langfuse);
+    let alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse);
     let delivery_stats = Arc::new(DeliveryStats::default());
     let generator_url = format!("http://{api_addr}/api/alerts");
     let deliverer = Deliverer::start(
@@ -534,13 +536,28 @@ fn spawn_background(
 
 /// What the embedded engine knows about Langfuse that a Prometheus rule cannot.
 pub fn langfuse_status(cfg: &Config) -> LangfuseStatus {
+    use crate::config::settings::LangfuseMode;
     let lf = &cfg.settings.langfuse;
-    if !lf.enabled {
-        LangfuseStatus::Disabled
-    } else if lf.credentials_present() {
-        LangfuseStatus::Configured
-    } else {
-        LangfuseStatus::NotConfigured
+    let missing: Vec<String> = lf.missing_keys().into_iter().map(str::to_string).collect();
+    match (lf.enabled, missing.len()) {
+        (LangfuseMode::Off, _) | (LangfuseMode::Auto, 2) => LangfuseStatus::Disabled,
+        (_, 0) => LangfuseStatus::Configured,
+        _ => LangfuseStatus::NotConfigured(missing),
+    }
+}
+
+/// Says at start-up what the Langfuse configuration means for alert 7.
+fn log_langfuse_status(status: &LangfuseStatus) {
+    match status {
+        LangfuseStatus::Disabled => tracing::info!(
+            "Langfuse is off (langfuse.enabled = false, or \"auto\" with no key set): LangfuseIntegrationFailing is not evaluated"
+        ),
+        LangfuseStatus::NotConfigured(missing) => tracing::warn!(
+            missing = %missing.join(","),
+            "Langfuse is on but {} not set: LangfuseIntegrationFailing will fire until it is, or until langfuse.enabled = false",
+            missing.join(" and ")
+        ),
+        LangfuseStatus::Configured => {}
     }
 }
 
@@ -689,6 +706,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         config_reload_failure: state.stats.reload_failure.load(Ordering::Relaxed) as f64,
         config_last_reload_ok: state.stats.last_reload_ok.load(Ordering::Relaxed),
         auth_failures: state.door.failures(),
+        langfuse_enabled: lock_alerts(&state.alerts).langfuse().expected(),
         rate_limited: state.gateway.limits.refused(),
         events_rejected: {
             let mut rejected = state

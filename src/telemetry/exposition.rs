@@ -50,6 +50,8 @@ pub struct ProcessInfo {
     pub config_reload_failure: f64,
     pub config_last_reload_ok: bool,
     pub events_rejected: Vec<(String, f64)>,
+    /// Whether traces are expected to reach Langfuse (gates LangfuseIntegrationFailing).
+    pub langfuse_enabled: bool,
     /// Requests the access layer refused, per reason.
     pub auth_failures: Vec<(String, f64)>,
     /// Gateway calls refused by a rate limit, per (persona, kind).
@@ -268,6 +270,12 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         );
     }
 
+    w.header_of(&f::LANGFUSE_ENABLED);
+    w.sample(
+        f::LANGFUSE_ENABLED.name,
+        &[],
+        if process.langfuse_enabled { 1.0 } else { 0.0 },
+    );
     w.header_of(&f::LANGFUSE_TRACE_CREATED_TOTAL);
     w.sample(
         f::LANGFUSE_TRACE_CREATED_TOTAL.name,

@@ -173,6 +173,13 @@ pub const PERSONA_INFO: Family = Family {
     labels: &["persona", "display_name", "aliases"],
 };
 
+pub const LANGFUSE_ENABLED: Family = Family {
+    name: "hypertool_langfuse_enabled",
+    kind: Kind::Gauge,
+    help: "1 when traces are expected to reach Langfuse ([langfuse] enabled = true, or \"auto\" with a key set); LangfuseIntegrationFailing is evaluated only then.",
+    labels: &[],
+};
+
 pub const LANGFUSE_TRACE_CREATED_TOTAL: Family = Family {
     name: "langfuse_trace_created_total",
     kind: Kind::Counter,
@@ -326,6 +333,7 @@ pub const ALL: &[Family] = &[
     PERSONA_COST_BUDGET_REMAINING_USD,
     WORKFLOW_STAGE_RUNNING_SECONDS,
     PERSONA_INFO,
+    LANGFUSE_ENABLED,
     LANGFUSE_TRACE_CREATED_TOTAL,
     EVENTS_REJECTED_TOTAL,
     AUTH_FAILURES_TOTAL,

@@ -126,15 +126,29 @@ async fn token_budget_exceeded_fires_after_its_for_and_resolves_after_a_reset() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn langfuse_alert_says_credentials_are_missing_unless_disabled() {
-    for disabled in [false, true] {
+async fn langfuse_alert_names_the_missing_key_when_on_and_stays_quiet_when_off() {
+    // (enabled, expected state): "auto" with no key set is off (the default configuration of a
+    // fresh install must not alert about a Langfuse nobody set up); true with a key missing fires
+    // and names the variable; false is off.
+    for (enabled, expect) in [
+        ("\"auto\"", "disabled"),
+        ("true", "firing"),
+        ("false", "disabled"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let enabled = format!("[langfuse]\nenabled = {}", !disabled);
+        let line = format!("enabled = {enabled}");
         let s = start_edited(
             dir.path(),
             &[
-                ("public_key_env = \"LANGFUSE_PUBLIC_KEY\"", "public_key_env = \"HYPERTOOL_TEST_NEVER_SET_PK\""),
-                ("[langfuse]\n# false: run without Langfuse on purpose (LangfuseIntegrationFailing is then not evaluated).\nenabled = true", &enabled),
+                (
+                    "public_key_env = \"LANGFUSE_PUBLIC_KEY\"",
+                    "public_key_env = \"HYPERTOOL_TEST_NEVER_SET_PK\"",
+                ),
+                (
+                    "secret_key_env = \"LANGFUSE_SECRET_KEY\"",
+                    "secret_key_env = \"HYPERTOOL_TEST_NEVER_SET_SK\"",
+                ),
+                ("enabled = \"auto\"", &line),
             ],
         )
         .await;
@@ -147,19 +161,22 @@ async fn langfuse_alert_says_credentials_are_missing_unless_disabled() {
         }
         let (_, view) = s.get_json("/api/alerts").await;
         let a = alert(&view, "LangfuseIntegrationFailing");
-        if disabled {
-            assert_eq!(a["state"], "disabled");
-            assert!(a["instances"].as_array().unwrap().is_empty());
+        assert_eq!(a["state"], expect, "enabled = {enabled}: {a}");
+        let m = s.metrics().await;
+        assert_eq!(
+            m.get("hypertool_langfuse_enabled", &[]),
+            Some(if expect == "firing" { 1.0 } else { 0.0 })
+        );
+        if expect == "firing" {
+            let note = a["instances"][0]["note"].as_str().unwrap();
+            assert!(note.contains("credentials are missing"), "{note}");
+            assert!(
+                note.contains("HYPERTOOL_TEST_NEVER_SET_PK")
+                    && note.contains("HYPERTOOL_TEST_NEVER_SET_SK"),
+                "{note}"
+            );
         } else {
-            assert_eq!(a["state"], "firing", "{a}");
-            assert!(a["instances"][0]["note"]
-                .as_str()
-                .unwrap()
-                .contains("credentials are missing"));
-            assert!(!a["instances"][0]["note"]
-                .as_str()
-                .unwrap()
-                .contains("HYPERTOOL_TEST_NEVER_SET_PK="));
+            assert!(a["instances"].as_array().unwrap().is_empty());
         }
         // The self-scrape works: metrics are reported.
         assert_eq!(
