@@ -25,6 +25,12 @@ async fn server_with(dir: &Path, extra: &str) -> TestServer {
         &format!("job = \"hypertool\"\n{extra}\n"),
     );
     std::fs::write(&toml, text).unwrap();
+    // The clock runs near real time (Alertmanager judges alerts by it), so a daily budget could
+    // start a new period in the middle of a test run just after midnight UTC: use no period.
+    let budgets = toml.parent().unwrap().join("budgets.yml");
+    let b = std::fs::read_to_string(&budgets).unwrap();
+    assert!(b.contains("  period: daily\n"));
+    std::fs::write(&budgets, b.replace("  period: daily\n", "  period: none\n")).unwrap();
     let clock = Arc::new(ManualClock::new(SystemClock.now_ms() - 120_000));
     start(Source::File(toml), &dir.join("data"), clock).await
 }
