@@ -236,11 +236,6 @@ impl Door {
             Arc::new(Keyring::new(auth, persona_keys));
     }
 
-    /// Whether any key is configured (then every non-public route needs one).
-    pub fn keys_configured(&self) -> bool {
-        !self.keyring().entries.is_empty()
-    }
-
     fn keyring(&self) -> Arc<Keyring> {
         self.keyring
             .read()
@@ -364,23 +359,9 @@ fn forbidden(message: String) -> ApiError {
 
 /// `%XX` sequences of a path segment decoded (persona names in paths may be encoded by clients).
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// What the one layer in front of the API needs: the door, and the body's limits.
