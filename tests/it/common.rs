@@ -252,6 +252,23 @@ where
     }
 }
 
+/// The API and metrics URLs of a `hypertool serve` that logs JSON lines to `log`, once it serves.
+pub async fn serving_at(log: &Path) -> (String, String) {
+    eventually("the server", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["fields"]["message"] == "hypertool serving")
+            .map(|v| {
+                let f = |k: &str| format!("http://{}", v["fields"][k].as_str().unwrap());
+                (f("api"), f("metrics"))
+            });
+        async move { found }
+    })
+    .await
+}
+
 /// A copy of the repository's `config/` in a temporary directory, to edit freely.
 pub fn config_copy(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");

@@ -430,16 +430,7 @@ async fn keys_stay_secret_and_are_required_off_loopback() {
         .env("RUST_LOG", "debug")
         .spawn()
         .unwrap();
-    let api = eventually("the server", Duration::from_secs(30), || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let api = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["fields"]["message"] == "hypertool serving")
-            .map(|v| format!("http://{}", v["fields"]["api"].as_str().unwrap()));
-        async move { api }
-    })
-    .await;
+    let (api, _) = serving_at(&log).await;
     let http = reqwest::Client::new();
     let call = |key: Option<&str>, model: &str| {
         let mut req = http

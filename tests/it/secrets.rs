@@ -77,19 +77,7 @@ async fn no_secret_reaches_logs_metrics_answers_or_the_ledger() {
         .env("RUST_LOG", "debug")
         .spawn()
         .unwrap();
-    let (api, metrics) = eventually("the server", Duration::from_secs(30), || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["fields"]["message"] == "hypertool serving")
-            .map(|v| {
-                let f = |k: &str| format!("http://{}", v["fields"][k].as_str().unwrap());
-                (f("api"), f("metrics"))
-            });
-        async move { found }
-    })
-    .await;
+    let (api, metrics) = serving_at(&log).await;
     let http = reqwest::Client::new();
     let mut answers = String::new();
     let chat =
