@@ -4,7 +4,6 @@
 //! the ledger on disk. (Keys are presented as credentials, never as data: a client that writes
 //! its key into a model name stores it as a model name.)
 
-
 use serde_json::{json, Value};
 
 use crate::common::*;
