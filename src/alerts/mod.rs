@@ -106,11 +106,15 @@ impl LangfuseStatus {
     }
 }
 
+/// Asked when LangfuseIntegrationFailing is evaluated: what the exporter has seen go wrong.
+pub type LangfuseDiagnosis = Box<dyn Fn() -> Option<String> + Send>;
+
 pub struct AlertEngine {
     settings: AlertSettings,
     db: Tsdb,
     states: BTreeMap<AlertId, RuleState>,
     langfuse: LangfuseStatus,
+    langfuse_diagnosis: Option<LangfuseDiagnosis>,
     last_evaluation: Option<UnixMillis>,
 }
 
@@ -131,8 +135,15 @@ impl AlertEngine {
             settings,
             states: BTreeMap::new(),
             langfuse,
+            langfuse_diagnosis: None,
             last_evaluation: None,
         }
+    }
+
+    /// Where the alert's note learns the exporter's evidence (refused keys, unreachable host,
+    /// spool growing).
+    pub fn set_langfuse_diagnosis(&mut self, diagnosis: LangfuseDiagnosis) {
+        self.langfuse_diagnosis = Some(diagnosis);
     }
 
     pub fn settings(&self) -> &AlertSettings {
@@ -211,11 +222,15 @@ impl AlertEngine {
         out: &mut Vec<Transition>,
     ) {
         let templates = rule.annotations(&self.settings.runbook_url);
+        // The causes in the order of the evidence: keys missing, then what the exporter saw.
         let note = match (&self.langfuse, rule.id) {
             (LangfuseStatus::NotConfigured(missing), AlertId::LangfuseIntegrationFailing) => Some(format!(
                 "Langfuse credentials are missing: {} not set (set them, or set `langfuse.enabled = false` to silence this alert)",
                 missing.join(" and ")
             )),
+            (_, AlertId::LangfuseIntegrationFailing) => {
+                self.langfuse_diagnosis.as_ref().and_then(|d| d())
+            }
             _ => None,
         };
         let state = self.states.entry(rule.id).or_default();
@@ -229,6 +244,7 @@ impl AlertEngine {
                 Some(a) if a.state != AlertState::Inactive => {
                     a.value = value;
                     a.annotations = annotations;
+                    a.note = note.clone();
                 }
                 _ => {
                     let mut labels = series.clone();

@@ -12,6 +12,7 @@ pub mod personas;
 pub mod reload;
 pub mod secret;
 pub mod settings;
+pub mod tracing;
 pub mod workflows;
 
 use std::collections::{hash_map::DefaultHasher, BTreeMap, HashMap};

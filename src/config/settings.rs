@@ -32,6 +32,8 @@ struct RawSettings {
     #[serde(default)]
     langfuse: RawLangfuse,
     #[serde(default)]
+    tracing: super::tracing::RawTracing,
+    #[serde(default)]
     gateway: RawGateway,
     #[serde(default)]
     workflows: RawWorkflows,
@@ -92,6 +94,9 @@ struct RawLangfuse {
     host: Option<String>,
     public_key_env: Option<String>,
     secret_key_env: Option<String>,
+    capture_content: Option<bool>,
+    #[serde(default)]
+    redact: Vec<String>,
 }
 
 /// `[langfuse] enabled`: `true`, `false` or `"auto"`.
@@ -117,13 +122,29 @@ pub enum LangfuseMode {
 
 /// Where Langfuse is and which environment variables hold its keys (the keys themselves never
 /// appear in configuration files, logs or errors).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LangfuseSettings {
     /// `[langfuse] enabled`: `"auto"` (default), `true` or `false`.
     pub enabled: LangfuseMode,
     pub host: String,
     pub public_key_env: String,
     pub secret_key_env: String,
+    /// Send each generation's prompt and answer (after redaction); default true.
+    pub capture_content: bool,
+    /// Patterns replaced by `[REDACTED]` before content leaves the process.
+    pub redact: Vec<regex::Regex>,
+}
+
+impl PartialEq for LangfuseSettings {
+    fn eq(&self, other: &Self) -> bool {
+        let patterns = |r: &[regex::Regex]| r.iter().map(|r| r.as_str().to_string()).collect::<Vec<_>>();
+        self.enabled == other.enabled
+            && self.host == other.host
+            && self.public_key_env == other.public_key_env
+            && self.secret_key_env == other.secret_key_env
+            && self.capture_content == other.capture_content
+            && patterns(&self.redact) == patterns(&other.redact)
+    }
 }
 
 impl LangfuseSettings {
@@ -277,6 +298,8 @@ pub struct Settings {
     pub reload_interval_ms: u64,
     pub alerts: AlertSettings,
     pub langfuse: LangfuseSettings,
+    /// `[tracing]`: the OTLP exporter (OpenTelemetry collector) and the exporter's bounds.
+    pub tracing: super::tracing::TracingSettings,
     pub gateway: GatewaySettings,
     /// Directory of workflow files (`*.yml`), relative to hypertool.toml.
     pub workflows_dir: String,
@@ -548,10 +571,19 @@ impl Settings {
                 LangfuseMode::Auto
             }
         };
+        let tracing = raw.tracing.validate(file, text, &mut errors);
+        let langfuse_redact = super::tracing::compile_redactions(
+            file,
+            text,
+            "langfuse",
+            &raw.langfuse.redact,
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Settings {
+            tracing,
             workflows_dir: raw.workflows.dir.unwrap_or_else(|| "workflows".into()),
             chatmodes_file: raw
                 .workflows
@@ -576,6 +608,8 @@ impl Settings {
                     .langfuse
                     .secret_key_env
                     .unwrap_or_else(|| "LANGFUSE_SECRET_KEY".into()),
+                capture_content: raw.langfuse.capture_content.unwrap_or(true),
+                redact: langfuse_redact,
             },
             listen,
             metrics_listen,

@@ -234,6 +234,29 @@ pub enum Refusal {
     RunNotRunning { run: String, status: &'static str },
 }
 
+/// What applying an event did beyond what the event says, for adapters that describe it elsewhere
+/// (spans: a stage span needs its start, a switch inferred from usage has no event of its own).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// A usage event moved its session to another persona.
+    InferredSwitch {
+        session: String,
+        from: Option<String>,
+        to: String,
+        chatmode: String,
+    },
+    /// A stage ended (finished, superseded by the next stage, or ended with its run).
+    StageEnded(crate::core::runs::EndedStage),
+    /// A run finished.
+    RunEnded {
+        run: String,
+        workflow: String,
+        session: Option<String>,
+        started_at: UnixMillis,
+        status: &'static str,
+    },
+}
+
 /// The mutable heart of hypertool.
 #[derive(Debug)]
 pub struct Engine {
@@ -259,6 +282,9 @@ pub struct Engine {
     quiet: bool,
     runs: Runs,
     oscillation_notices: std::collections::VecDeque<OscillationNotice>,
+    /// What `apply` did that the events do not say, collected only while an adapter (the trace
+    /// exporter) takes it: `None` costs nothing.
+    observations: Option<Vec<Observation>>,
     /// The latest time the engine has seen (events and ticks): what "running for" is measured to.
     now: UnixMillis,
 }
@@ -281,6 +307,7 @@ impl Engine {
             quiet: false,
             runs: Runs::default(),
             oscillation_notices: std::collections::VecDeque::new(),
+            observations: None,
             now,
         };
         engine.reconfigure(config, now);
@@ -513,6 +540,28 @@ impl Engine {
         }
         // The closure above borrows the metrics; from here on the function is called directly.
         let cap = config.label_cap;
+        if let Some(obs) = self.observations.as_mut() {
+            if let (Event::Usage(u), Some(t)) = (&stamped.event, &closed.transition) {
+                obs.push(Observation::InferredSwitch {
+                    session: u.session.clone().unwrap_or_default(),
+                    from: t.from.as_ref().map(|f| f.to_string()),
+                    to: t.to.to_string(),
+                    chatmode: t.chatmode.to_string(),
+                });
+            }
+            obs.extend(ended.iter().cloned().map(Observation::StageEnded));
+            if let Event::RunFinished { run, .. } = &stamped.event {
+                if let Some(r) = runs.get(run) {
+                    obs.push(Observation::RunEnded {
+                        run: r.id.clone(),
+                        workflow: r.workflow.clone(),
+                        session: r.session.clone(),
+                        started_at: r.created_at,
+                        status: r.status.as_str(),
+                    });
+                }
+            }
+        }
         for e in ended {
             let workflow = self::admit(labels, metrics, cap, LabelKind::Workflow, &e.workflow);
             let stage = self::admit(labels, metrics, cap, LabelKind::Stage, &e.stage);
@@ -785,6 +834,16 @@ impl Engine {
             let from = t.from.unwrap_or_else(|| self.none.clone());
             self.metrics.switches.inc_by([from, t.to, t.chatmode], 1.0);
         }
+    }
+
+    /// Starts (or stops) collecting [`Observation`]s for [`Engine::take_observations`].
+    pub fn set_observing(&mut self, on: bool) {
+        self.observations = on.then(Vec::new);
+    }
+
+    /// The observations of the events applied since the last call.
+    pub fn take_observations(&mut self) -> Vec<Observation> {
+        self.observations.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// While quiet (ledger replay at start-up), warnings already given are not logged again.

@@ -107,9 +107,12 @@ impl Run {
 /// A stage that just ended: what the duration histogram observes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndedStage {
+    pub run: String,
     pub workflow: String,
     pub stage: String,
     pub persona: Option<String>,
+    pub started_at: UnixMillis,
+    pub status: StageStatus,
     pub seconds: f64,
 }
 
@@ -201,7 +204,7 @@ impl Runs {
         }
         for (name, s) in run.stages.iter_mut() {
             if s.status == StageStatus::Running {
-                ended.push(end(&run.workflow, name, s, at));
+                ended.push(end(&run.id, &run.workflow, name, s, at));
             }
         }
         let entry = run
@@ -240,7 +243,7 @@ impl Runs {
         if s.status != StageStatus::Running {
             return None;
         }
-        Some(end(&run.workflow, stage, s, at))
+        Some(end(&run.id, &run.workflow, stage, s, at))
     }
 
     /// Ends the run and any stage still running in it.
@@ -254,7 +257,7 @@ impl Runs {
         }
         for (name, s) in run.stages.iter_mut() {
             if s.status == StageStatus::Running {
-                ended.push(end(&run.workflow, name, s, at));
+                ended.push(end(&run.id, &run.workflow, name, s, at));
             }
         }
         run.status = status;
@@ -315,7 +318,7 @@ impl Runs {
     }
 }
 
-fn end(workflow: &str, stage: &str, s: &mut StageRun, at: UnixMillis) -> EndedStage {
+fn end(run: &str, workflow: &str, stage: &str, s: &mut StageRun, at: UnixMillis) -> EndedStage {
     let seconds = (at - s.started_at).max(0) as f64 / 1000.0;
     s.status = match s.last_gate {
         Some(GateResult::Pass) => StageStatus::Passed,
@@ -325,9 +328,12 @@ fn end(workflow: &str, stage: &str, s: &mut StageRun, at: UnixMillis) -> EndedSt
     s.finished_at = Some(at);
     s.duration_seconds = Some(seconds);
     EndedStage {
+        run: run.to_string(),
         workflow: workflow.to_string(),
         stage: stage.to_string(),
         persona: s.persona.clone(),
+        started_at: s.started_at,
+        status: s.status,
         seconds,
     }
 }

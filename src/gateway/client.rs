@@ -186,6 +186,12 @@ impl UpstreamClient {
             value.set_sensitive(true);
             builder = builder.header(http::header::AUTHORIZATION, value);
         }
+        // The traced attempt this request is (see `gateway::trace`).
+        if let Some(tp) = super::trace::outgoing_traceparent()
+            .and_then(|t| HeaderValue::from_str(&t).ok())
+        {
+            builder = builder.header("traceparent", tp);
+        }
         let request = builder.body(body).map_err(|_| {
             SendError::Build("the upstream URL is not a valid request target".into())
         })?;

@@ -2,6 +2,7 @@
 //! retries on the escalation model, in a tracked task that the client cannot cancel.
 
 use super::*;
+use crate::telemetry::trace::ids::SpanId;
 
 pub(super) fn gateway_error(e: &UpstreamError) -> ApiError {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -44,13 +45,16 @@ pub(super) async fn attempt_plain(
 }
 
 /// Tries the route with retries (429, 5xx, connection errors; exponential backoff, honouring
-/// `Retry-After`), then each fallback the same way. Returns the route that answered.
+/// `Retry-After`), then each fallback the same way. Returns the route that answered and, when
+/// traced, the span of the attempt that answered. Every attempt is a generation span.
 pub(super) async fn call_with_fallbacks(
     state: &GatewayState,
     settings: &GatewaySettings,
-    route: &Arc<ModelRoute>,
+    meta: &CallMeta,
+    gate_attempt: u32,
     request: &mut Map<String, Value>,
-) -> Result<(Arc<ModelRoute>, Completion), UpstreamError> {
+) -> Result<(Arc<ModelRoute>, Completion, Option<SpanId>), UpstreamError> {
+    let route = &meta.route;
     let mut last = None;
     for (i, candidate) in candidates(settings, route).into_iter().enumerate() {
         if i > 0 {
@@ -66,8 +70,36 @@ pub(super) async fn call_with_fallbacks(
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 0;
         loop {
-            match attempt_plain(state, settings, &candidate, body).await {
-                Ok(v) => return Ok((candidate, v)),
+            let traced = trace::Attempt::begin(state, meta);
+            let span_id = traced.as_ref().map(|a| a.span_id);
+            let result = trace::Attempt::scope(
+                traced.as_ref(),
+                attempt_plain(state, settings, &candidate, body),
+            )
+            .await;
+            if traced.is_some() {
+                let (usage, output, error) = match &result {
+                    Ok(c) => (c.usage, Some(c.text.as_str()), None),
+                    Err(e) => (None, None, Some(e)),
+                };
+                trace::generation(
+                    state,
+                    meta,
+                    traced,
+                    body.get("messages"),
+                    trace::AttemptOutcome {
+                        route: &candidate,
+                        usage,
+                        output,
+                        error,
+                        gate_attempt,
+                        retry: attempt,
+                        streamed: false,
+                    },
+                );
+            }
+            match result {
+                Ok(v) => return Ok((candidate, v, span_id)),
                 Err(e) if e.retryable() && attempt < candidate.retries => {
                     attempt += 1;
                     state.count(&candidate.upstream, "retry");
@@ -103,13 +135,15 @@ pub(super) struct Answer {
 }
 
 /// Judges an answer by the stage's gate and records the verdict (one `quality_gate` event per
-/// attempt, so the metric shows every failure that led to a retry).
+/// attempt, so the metric shows every failure that led to a retry). When traced, the verdict is
+/// a span under the generation it judged (`generation`) and a score on it.
 pub(super) async fn judge(
     state: &GatewayState,
     meta: &CallMeta,
     text: &str,
     completion_tokens: u64,
     attempt: u32,
+    generation: Option<SpanId>,
 ) -> Option<GateVerdict> {
     let call = meta.stage_call.as_ref()?;
     let gate = call.gate()?;
@@ -123,14 +157,13 @@ pub(super) async fn judge(
         run: call.run.clone(),
         attempt,
     });
-    if let Err(e) = state
-        .writer
-        .append(vec![Stamped {
-            at: state.clock.now_ms(),
-            event,
-        }])
-        .await
-    {
+    let at = state.clock.now_ms();
+    if let (Event::QualityGate(g), Some(t)) = (&event, &meta.trace) {
+        state
+            .tracer
+            .gate_verdict(at, g, Some((t.trace_id, generation.unwrap_or(t.span_id))));
+    }
+    if let Err(e) = state.writer.append(vec![Stamped { at, event }]).await {
         tracing::error!(workflow = %call.workflow.name, stage = %call.stage.name,
             "a quality-gate verdict could not be stored: {e}");
     }
@@ -173,8 +206,8 @@ pub(super) async fn plain_call(
         loop {
             let attempt_started = if attempt == 1 { started } else { Instant::now() };
             let route = attempt_meta.route.clone();
-            let result = call_with_fallbacks(&state, &settings, &route, &mut request).await;
-            let (answered_by, completion) = match result {
+            let result = call_with_fallbacks(&state, &settings, &attempt_meta, attempt, &mut request).await;
+            let (answered_by, completion, generation) = match result {
                 Ok(ok) => ok,
                 Err(e) => {
                     state.count(&attempt_meta.route.upstream, "upstream_error");
@@ -196,7 +229,7 @@ pub(super) async fn plain_call(
                 Some((p, c)) => (p, c, false),
                 None => (counted_prompt(&request), tokens::count_text(&text), true),
             };
-            let verdict = judge(&state, &attempt_meta, &text, completion, attempt).await;
+            let verdict = judge(&state, &attempt_meta, &text, completion, attempt, generation).await;
             let failed = verdict.as_ref().is_some_and(|v| v.result == GateResult::Fail);
             // Another attempt, on the escalation model, if the gate failed and retries are left
             // (and the budget admits it).
@@ -239,6 +272,17 @@ pub(super) async fn plain_call(
                         let expires = state.clock.now_ms() + ttl.as_millis() as i64;
                         state.cache.insert(key, body.clone(), prompt, completion, expires);
                     }
+                    trace::request(
+                        &state,
+                        &attempt_meta,
+                        trace::CallOutcome {
+                            status: 200,
+                            attempts: attempt,
+                            verdict: verdict.as_ref(),
+                            usage: Some((prompt, completion)),
+                            ..Default::default()
+                        },
+                    );
                     let _ = answer_tx.send(Ok(Answer {
                         meta: attempt_meta.clone(),
                         body,

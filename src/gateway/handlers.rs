@@ -119,10 +119,52 @@ pub async fn chat_completions(
     meta.stage_call = stage_call;
     scope_request_tools(&state, &settings, &meta.persona, &mut request, &mut notes)?;
 
+    meta.trace = trace::CallTrace::begin(&state, &headers, meta.stage_call.as_deref());
+    // Kept only when traced: a refusal or a failed call still ends its request span.
+    let traced = meta.trace.is_some().then(|| meta.clone());
+    let result = dispatch_call(state.clone(), settings, &headers, key, meta, request, notes, max_tokens, prompt_estimate).await;
+    if let (Err(e), Some(meta)) = (&result, &traced) {
+        trace::request(
+            &state,
+            meta,
+            trace::CallOutcome {
+                status: e.status().as_u16(),
+                error: Some(e.message.clone()),
+                ..Default::default()
+            },
+        );
+    }
+    result
+}
+
+/// The rest of a chat call once it is attributed: cache, rates, admission, the upstream.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch_call(
+    state: GatewayState,
+    settings: Arc<GatewaySettings>,
+    headers: &HeaderMap,
+    key: Option<&VirtualKey>,
+    mut meta: CallMeta,
+    request: Map<String, Value>,
+    mut notes: Notes,
+    max_tokens: u64,
+    prompt_estimate: u64,
+) -> Result<Response, ApiError> {
     // The cache answers before admission: a hit spends no budget.
     let mut cache_slot =
-        match lookup_cache(&state, &settings, &headers, &meta, &request, &mut notes) {
-            CacheOutcome::Hit(resp) => return Ok(resp),
+        match lookup_cache(&state, &settings, headers, &meta, &request, &mut notes) {
+            CacheOutcome::Hit(resp) => {
+                trace::request(
+                    &state,
+                    &meta,
+                    trace::CallOutcome {
+                        status: 200,
+                        cache_hit: true,
+                        ..Default::default()
+                    },
+                );
+                return Ok(resp);
+            }
             CacheOutcome::Miss(slot) => slot,
         };
 

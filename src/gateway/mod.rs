@@ -23,6 +23,7 @@ mod relay;
 pub mod request;
 pub mod stage;
 pub mod tokens;
+pub mod trace;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,7 @@ pub struct Shared {
     /// Work that must finish before the ledger closes (call tasks, stream relays).
     pub tasks: tokio_util::task::TaskTracker,
     pub max_body_bytes: usize,
+    pub tracer: crate::telemetry::trace::Tracer,
 }
 
 /// The gateway: its configuration (hot-reloaded), HTTP client, cache, limits and counters, and
@@ -83,6 +85,8 @@ pub struct Gateway {
     pub clock: Arc<dyn crate::core::clock::Clock>,
     pub tasks: tokio_util::task::TaskTracker,
     pub max_body_bytes: usize,
+    /// Spans of calls and their upstream attempts.
+    pub tracer: crate::telemetry::trace::Tracer,
     /// Answered calls whose usage the ledger could not store.
     ledger_failures: std::sync::atomic::AtomicU64,
     settings: RwLock<Arc<GatewaySettings>>,
@@ -148,6 +152,7 @@ impl Gateway {
             clock: shared.clock,
             tasks: shared.tasks,
             max_body_bytes: shared.max_body_bytes,
+            tracer: shared.tracer,
             ledger_failures: std::sync::atomic::AtomicU64::new(0),
             workflows: RwLock::new(Arc::new(workflows)),
             cache: cache::ResponseCache::new(settings.cache.max_entries),
@@ -268,6 +273,8 @@ struct CallMeta {
     prompt_estimate: u64,
     /// The configured workflow stage the call is for, if any.
     stage_call: Option<Arc<stage::StageCall>>,
+    /// Where the call's spans go (`None` when nothing takes spans).
+    trace: Option<trace::CallTrace>,
 }
 
 impl CallMeta {
@@ -295,6 +302,7 @@ impl CallMeta {
             route,
             prompt_estimate,
             stage_call: None,
+            trace: None,
         }
     }
 }

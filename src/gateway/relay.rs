@@ -91,16 +91,35 @@ pub(super) async fn stream_call(
     for candidate in candidates(&settings, &meta.route) {
         body["model"] = Value::String(candidate.upstream_model.clone());
         let attempt_body = &body;
-        let opening = match Provider::of(&settings, &state.http, &candidate) {
-            Ok(provider) => provider.open_stream(attempt_body, &candidate.name).await,
-            Err(e) => Err(e),
-        };
+        let traced = trace::Attempt::begin(&state, &meta);
+        let opening = trace::Attempt::scope(traced.as_ref(), async {
+            match Provider::of(&settings, &state.http, &candidate) {
+                Ok(provider) => provider.open_stream(attempt_body, &candidate.name).await,
+                Err(e) => Err(e),
+            }
+        })
+        .await;
         match opening {
             Ok(s) => {
-                opened = Some((candidate, s));
+                opened = Some((candidate, s, traced));
                 break;
             }
             Err(e) => {
+                trace::generation(
+                    &state,
+                    &meta,
+                    traced,
+                    body.get("messages"),
+                    trace::AttemptOutcome {
+                        route: &candidate,
+                        usage: None,
+                        output: None,
+                        error: Some(&e),
+                        gate_attempt: 1,
+                        retry: 0,
+                        streamed: true,
+                    },
+                );
                 if let Some(held_back) =
                     state
                         .warnings
@@ -112,7 +131,7 @@ pub(super) async fn stream_call(
             }
         }
     }
-    let Some((answered_by, source)) = opened else {
+    let Some((answered_by, source, traced)) = opened else {
         state.count(&meta.route.upstream, "upstream_error");
         let e = last_error.unwrap_or(UpstreamError::Unreachable {
             upstream: meta.route.upstream.clone(),
@@ -135,6 +154,7 @@ pub(super) async fn stream_call(
         timeout,
         reservation,
         started,
+        traced,
     ));
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut resp = Response::new(Body::from_stream(stream));
@@ -161,7 +181,10 @@ pub(super) async fn relay(
     timeout: Duration,
     reservation: Reservation,
     started: Instant,
+    traced: Option<trace::Attempt>,
 ) {
+    let generation = traced.as_ref().map(|a| a.span_id);
+    let mut verdict = None;
     let mut buffer: Vec<u8> = Vec::new();
     let mut content = String::new();
     let mut usage: Option<(u64, u64)> = None;
@@ -203,7 +226,8 @@ pub(super) async fn relay(
                     let completion = usage
                         .map(|u| u.1)
                         .unwrap_or_else(|| tokens::count_text(&content));
-                    match judge(&state, &meta, &content, completion, 1).await {
+                    verdict = judge(&state, &meta, &content, completion, 1, generation).await;
+                    match &verdict {
                         Some(v) => Some(Bytes::from(format!(
                             ": x-hypertool-quality-gate: {}\n\ndata: [DONE]\n\n",
                             stage::header_safe(&v.summary())
@@ -295,6 +319,35 @@ pub(super) async fn relay(
     };
     if client_gone {
         tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
+    }
+    if meta.trace.is_some() {
+        trace::generation(
+            &state,
+            &meta,
+            traced,
+            request.get("messages"),
+            trace::AttemptOutcome {
+                route: &meta.route,
+                usage: Some((prompt, completion)),
+                output: Some(&content),
+                error: failure.as_ref(),
+                gate_attempt: 1,
+                retry: 0,
+                streamed: true,
+            },
+        );
+        trace::request(
+            &state,
+            &meta,
+            trace::CallOutcome {
+                status: 200,
+                attempts: 1,
+                verdict: verdict.as_ref(),
+                usage: Some((prompt, completion)),
+                error: failure.as_ref().map(|e| e.message()),
+                ..Default::default()
+            },
+        );
     }
     record(
         &state,

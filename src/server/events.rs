@@ -119,7 +119,11 @@ pub async fn post_events(
     }
     let n = accepted.len();
     if n > 0 {
+        let verdicts = gate_verdicts(&state, &accepted);
         state.writer.append(accepted).await?;
+        for (at, g) in verdicts {
+            state.tracer.gate_verdict(at, &g, None);
+        }
     }
     let status = if n == 0 && !rejected.is_empty() {
         StatusCode::UNPROCESSABLE_ENTITY
@@ -595,4 +599,22 @@ mod tests {
             Event::PersonaSwitch(PersonaSwitch { from: None, .. })
         ));
     }
+}
+
+/// The quality-gate verdicts among `events`, when they are traced (each a span and a score once
+/// stored; the gateway traces its own verdicts under the generation they judged).
+pub fn gate_verdicts(
+    state: &AppState,
+    events: &[Stamped],
+) -> Vec<(i64, crate::core::event::GateVerdictEvent)> {
+    if !state.tracer.exports() {
+        return Vec::new();
+    }
+    events
+        .iter()
+        .filter_map(|s| match &s.event {
+            Event::QualityGate(g) => Some((s.at, g.clone())),
+            _ => None,
+        })
+        .collect()
 }

@@ -104,6 +104,8 @@ impl axum::extract::FromRef<AppState> for crate::gateway::GatewayState {
 #[derive(Clone)]
 pub struct AppInner {
     pub engine: Arc<Mutex<Engine>>,
+    /// Spans to the OTLP collector and Langfuse (a no-op without a destination).
+    pub tracer: crate::telemetry::trace::Tracer,
     pub alerts: Arc<Mutex<AlertEngine>>,
     /// The metrics listener's address: the embedded engine scrapes it for `up`.
     pub metrics_addr: SocketAddr,
@@ -176,6 +178,8 @@ pub enum StartError {
     Insecure { addr: SocketAddr },
     #[error("refusing to serve the API on {addr} without an admin key: anyone who can reach it could change budgets; set HYPERTOOL_ADMIN_KEY (a long random value, e.g. `openssl rand -hex 24`) or [[server.admin_keys]] in hypertool.toml, or listen on 127.0.0.1")]
     NoAdminKey { addr: SocketAddr },
+    #[error("{0}")]
+    Tracing(String),
 }
 
 fn bind_error(
@@ -291,10 +295,16 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     );
 
     let engine = Arc::new(Mutex::new(engine));
-    let (writer, writer_thread) = writer::spawn(
+    let tracer = start_tracer(&cfg, &opts.data_dir, clock.clone())?;
+    let observer: Option<writer::Observer> = tracer.exports().then(|| {
+        let tracer = tracer.clone();
+        Box::new(move |e: &crate::core::event::Stamped, o| tracer.on_applied(e, o)) as writer::Observer
+    });
+    let (writer, writer_thread) = writer::spawn_observed(
         Box::new(ledger) as Box<dyn Ledger>,
         engine.clone(),
         clock.clone(),
+        observer,
     );
     let stats = Arc::new(ServerStats {
         last_reload_ok: AtomicBool::new(true),
@@ -302,7 +312,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     });
     let langfuse = langfuse_status(&cfg);
     log_langfuse_status(&langfuse);
-    let alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse);
+    let mut alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse);
+    let diagnosis = tracer.clone();
+    alerts.set_langfuse_diagnosis(Box::new(move || diagnosis.langfuse_diagnosis()));
     let delivery_stats = Arc::new(DeliveryStats::default());
     let generator_url = format!("http://{api_addr}/api/alerts");
     let deliverer = Deliverer::start(
@@ -337,6 +349,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
                     clock: clock.clone(),
                     tasks: tasks.clone(),
                     max_body_bytes: cfg.settings.max_body_bytes,
+                    tracer: tracer.clone(),
                 },
             );
             gateway
@@ -346,6 +359,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         },
         switch_lock: Arc::new(tokio::sync::Mutex::new(())),
         tasks: tasks.clone(),
+        tracer: tracer.clone(),
         generator_url,
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
@@ -425,6 +439,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         // Everything acknowledged is already committed; this flushes what was queued behind it.
         drain_state.writer.shutdown().await;
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        // The spans of the last calls go to the spool; what a destination does not take within a
+        // few seconds is sent at the next start.
+        drain_state.tracer.shutdown(grace.min(Duration::from_secs(5))).await;
         tracing::info!("ledger flushed; stopped");
     });
 
@@ -532,6 +549,29 @@ fn spawn_background(
         },
     )));
     tasks
+}
+
+/// Starts the trace exporter for the destinations `[tracing]`, `[langfuse]` and the environment
+/// name; a warning for anything asked for that cannot be done.
+fn start_tracer(
+    cfg: &Config,
+    data_dir: &std::path::Path,
+    clock: Arc<dyn crate::core::clock::Clock>,
+) -> Result<crate::telemetry::trace::Tracer, StartError> {
+    use crate::telemetry::trace::{Plan, Tracer};
+    let plan = Plan::resolve(
+        &cfg.settings.tracing,
+        &cfg.settings.langfuse,
+        data_dir,
+        &|k| std::env::var(k).ok(),
+    );
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    if plan.destinations.is_empty() {
+        tracing::info!("no trace destination configured (set OTEL_EXPORTER_OTLP_ENDPOINT or [tracing] endpoint, or the Langfuse keys)");
+    }
+    Tracer::start(plan, clock).map_err(StartError::Tracing)
 }
 
 /// What the embedded engine knows about Langfuse that a Prometheus rule cannot.
@@ -692,6 +732,19 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         .map(|((a, to), n)| ((a.to_string(), to.to_string()), *n as f64))
         .collect();
     let process = ProcessInfo {
+        trace_destinations: state
+            .tracer
+            .stats()
+            .into_iter()
+            .map(|(name, st)| exposition::TraceDestinationInfo {
+                name,
+                results: st.results(),
+                spool_bytes: st.spool_bytes.load(Ordering::Relaxed),
+                last_success_ms: st.last_success_ms.load(Ordering::Relaxed),
+                queue_dropped: st.queue_dropped.load(Ordering::Relaxed),
+                traces_accepted: st.traces_accepted.load(Ordering::Relaxed),
+            })
+            .collect(),
         gateway_requests: state.gateway.outcomes(),
         tools_removed: state.gateway.tools_removed(),
         truncations: state.gateway.truncations(),

@@ -260,15 +260,15 @@ fn new_run_id(state: &AppState) -> String {
 
 async fn store(state: &AppState, events: Vec<Event>) -> Result<(), ApiError> {
     let at = state.clock.now_ms();
-    state
-        .writer
-        .append(
-            events
-                .into_iter()
-                .map(|event| Stamped { at, event })
-                .collect(),
-        )
-        .await?;
+    let stamped: Vec<Stamped> = events
+        .into_iter()
+        .map(|event| Stamped { at, event })
+        .collect();
+    let verdicts = super::events::gate_verdicts(state, &stamped);
+    state.writer.append(stamped).await?;
+    for (at, g) in verdicts {
+        state.tracer.gate_verdict(at, &g, None);
+    }
     Ok(())
 }
 

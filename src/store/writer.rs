@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Ledger, LedgerError, LedgerTotals};
 use crate::core::budget::BudgetSpec;
 use crate::core::clock::Clock;
-use crate::core::engine::Engine;
+use crate::core::engine::{Engine, Observation};
 use crate::core::event::Stamped;
 
 /// Most events committed in one transaction.
@@ -155,16 +155,34 @@ impl WriterHandle {
     }
 }
 
+/// Told of each event right after it is applied, with what the engine observed applying it
+/// (the trace exporter's spans of runs, stages and switches). Runs on the writer thread under the
+/// engine's lock: it must only hand work off.
+pub type Observer = Box<dyn Fn(&Stamped, Vec<Observation>) + Send>;
+
 /// Starts the writer thread.
 pub fn spawn(
     ledger: Box<dyn Ledger>,
     engine: Arc<Mutex<Engine>>,
     clock: Arc<dyn Clock>,
 ) -> (WriterHandle, JoinHandle<()>) {
+    spawn_observed(ledger, engine, clock, None)
+}
+
+/// Starts the writer thread with an observer of applied events.
+pub fn spawn_observed(
+    ledger: Box<dyn Ledger>,
+    engine: Arc<Mutex<Engine>>,
+    clock: Arc<dyn Clock>,
+    observer: Option<Observer>,
+) -> (WriterHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    if observer.is_some() {
+        lock(&engine).set_observing(true);
+    }
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || run(ledger, engine, clock, rx))
+        .spawn(move || run(ledger, engine, clock, rx, observer))
         .unwrap_or_else(|e| {
             // Without a writer thread nothing can be stored: there is no way to continue.
             tracing::error!("cannot start the ledger writer thread: {e}");
@@ -178,6 +196,7 @@ fn run(
     engine: Arc<Mutex<Engine>>,
     clock: Arc<dyn Clock>,
     mut rx: mpsc::Receiver<Command>,
+    observer: Option<Observer>,
 ) {
     let mut carried: Option<Command> = None;
     loop {
@@ -218,6 +237,9 @@ fn run(
                         let mut engine = lock(&engine);
                         for e in &batch {
                             engine.apply(e);
+                            if let Some(observe) = &observer {
+                                observe(e, engine.take_observations());
+                            }
                         }
                         drop(engine);
                         for ack in acks {

@@ -71,6 +71,22 @@ pub struct ProcessInfo {
     pub alert_deliveries: Vec<((String, String), f64)>,
     /// Alert state changes per (alertname, new state).
     pub alert_transitions: Vec<((String, String), f64)>,
+    /// Each trace destination's export outcomes and spool.
+    pub trace_destinations: Vec<TraceDestinationInfo>,
+}
+
+/// What one trace destination (`otlp`, `langfuse`) did.
+#[derive(Debug, Clone, Default)]
+pub struct TraceDestinationInfo {
+    pub name: &'static str,
+    /// Batches per result (ok, retry, auth_refused, rejected, dropped).
+    pub results: Vec<(&'static str, u64)>,
+    pub spool_bytes: u64,
+    /// Unix ms of the last accepted batch; 0 before the first.
+    pub last_success_ms: i64,
+    pub queue_dropped: u64,
+    /// Traces the destination accepted.
+    pub traces_accepted: u64,
 }
 
 struct Writer {
@@ -276,12 +292,53 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         &[],
         if process.langfuse_enabled { 1.0 } else { 0.0 },
     );
+    // Traces Langfuse accepted (2xx), never traces attempted.
+    let accepted: u64 = process
+        .trace_destinations
+        .iter()
+        .filter(|d| d.name == "langfuse")
+        .map(|d| d.traces_accepted)
+        .sum();
     w.header_of(&f::LANGFUSE_TRACE_CREATED_TOTAL);
     w.sample(
         f::LANGFUSE_TRACE_CREATED_TOTAL.name,
         &[],
-        m.langfuse_traces_created,
+        m.langfuse_traces_created + accepted as f64,
     );
+    w.header_of(&f::TRACE_EXPORT_TOTAL);
+    for d in &process.trace_destinations {
+        for (result, n) in &d.results {
+            w.sample(
+                f::TRACE_EXPORT_TOTAL.name,
+                &[("destination", d.name), ("result", result)],
+                *n as f64,
+            );
+        }
+    }
+    w.header_of(&f::TRACE_SPOOL_BYTES);
+    for d in &process.trace_destinations {
+        w.sample(
+            f::TRACE_SPOOL_BYTES.name,
+            &[("destination", d.name)],
+            d.spool_bytes as f64,
+        );
+    }
+    w.header_of(&f::TRACE_EXPORT_LAST_SUCCESS);
+    for d in process.trace_destinations.iter().filter(|d| d.last_success_ms > 0) {
+        w.sample(
+            f::TRACE_EXPORT_LAST_SUCCESS.name,
+            &[("destination", d.name)],
+            d.last_success_ms as f64 / 1000.0,
+        );
+    }
+    w.header_of(&f::TRACE_QUEUE_DROPPED_TOTAL);
+    for d in &process.trace_destinations {
+        w.sample(
+            f::TRACE_QUEUE_DROPPED_TOTAL.name,
+            &[("destination", d.name)],
+            d.queue_dropped as f64,
+        );
+    }
     w.histogram_vec(
         &f::LANGFUSE_GENERATION_DURATION_SECONDS,
         &m.generation_duration,

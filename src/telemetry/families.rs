@@ -183,8 +183,38 @@ pub const LANGFUSE_ENABLED: Family = Family {
 pub const LANGFUSE_TRACE_CREATED_TOTAL: Family = Family {
     name: "langfuse_trace_created_total",
     kind: Kind::Counter,
-    help: "Traces created in Langfuse by hypertool's exporter.",
+    help: "Traces Langfuse accepted from hypertool's exporter (2xx answers; not traces attempted).",
     labels: &[],
+};
+
+pub const TRACE_EXPORT_TOTAL: Family = Family {
+    name: "hypertool_trace_export_total",
+    kind: Kind::Counter,
+    help: "Trace batches posted per destination (otlp, langfuse) and result: ok (accepted), retry \
+         (unreachable, 5xx, 429: kept in the spool), auth_refused (401/403), rejected (other 4xx, \
+         dropped), dropped (the spool was full).",
+    labels: &["destination", "result"],
+};
+
+pub const TRACE_SPOOL_BYTES: Family = Family {
+    name: "hypertool_trace_spool_bytes",
+    kind: Kind::Gauge,
+    help: "Bytes of trace batches spooled on disk, waiting for their destination to accept them.",
+    labels: &["destination"],
+};
+
+pub const TRACE_EXPORT_LAST_SUCCESS: Family = Family {
+    name: "hypertool_trace_export_last_success_timestamp_seconds",
+    kind: Kind::Gauge,
+    help: "When the destination last accepted a batch (absent before the first).",
+    labels: &["destination"],
+};
+
+pub const TRACE_QUEUE_DROPPED_TOTAL: Family = Family {
+    name: "hypertool_trace_queue_dropped_total",
+    kind: Kind::Counter,
+    help: "Spans and scores dropped because a destination's in-memory queue was full (the exporter could not keep up).",
+    labels: &["destination"],
 };
 
 pub const EVENTS_REJECTED_TOTAL: Family = Family {
@@ -335,6 +365,10 @@ pub const ALL: &[Family] = &[
     PERSONA_INFO,
     LANGFUSE_ENABLED,
     LANGFUSE_TRACE_CREATED_TOTAL,
+    TRACE_EXPORT_TOTAL,
+    TRACE_SPOOL_BYTES,
+    TRACE_EXPORT_LAST_SUCCESS,
+    TRACE_QUEUE_DROPPED_TOTAL,
     EVENTS_REJECTED_TOTAL,
     AUTH_FAILURES_TOTAL,
     RATE_LIMITED_TOTAL,

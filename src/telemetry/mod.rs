@@ -1,5 +1,6 @@
-//! Adapters that export the core's state: the Prometheus exposition (and later alerts, Langfuse
-//! and OpenTelemetry).
+//! Adapters that export the core's state: the Prometheus exposition, and traces (OpenTelemetry
+//! spans over OTLP to a collector and to Langfuse).
 
 pub mod exposition;
 pub mod families;
+pub mod trace;

@@ -1,0 +1,446 @@
+//! One trace destination (an OTLP collector, or Langfuse): a bounded queue that never makes a call
+//! wait, a batcher that writes each batch to the spool, and a sender that posts the spool oldest
+//! first, removing a batch only once the destination accepted it.
+//!
+//! Answers are read the way OTLP/HTTP says: 2xx accepted; 408, 429, 5xx and connection failures
+//! retried with backoff (the batch stays spooled, across restarts too); 401/403 mean the keys are
+//! wrong, which no retry fixes: logged once a minute with the variable to fix, counted, and tried
+//! again only once a minute (new keys need a restart, which sends the spool); any other 4xx
+//! refuses the batch for good (logged, counted, removed).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::otlp::{self, EncodeOptions};
+use super::span::{Score, SpanRecord};
+use super::spool::{ItemKind, Spool};
+use crate::core::clock::Clock;
+
+/// How a destination is reached, and its bounds.
+#[derive(Clone)]
+pub struct DestinationConfig {
+    /// `otlp` or `langfuse` (the `destination` label).
+    pub name: &'static str,
+    /// Where spans are posted (OTLP/HTTP protobuf).
+    pub traces_url: String,
+    /// Where scores are posted (Langfuse's ingestion API), if this destination takes scores.
+    pub scores_url: Option<String>,
+    /// Extra headers (`OTEL_EXPORTER_OTLP_HEADERS`, Langfuse's Basic auth): never logged.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub encode: EncodeOptions,
+    pub timeout: Duration,
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+    pub batch_interval: Duration,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub max_backoff: Duration,
+    /// What to check when the destination refuses the credentials (names of variables, not values).
+    pub auth_fix: String,
+}
+
+impl std::fmt::Debug for DestinationConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationConfig")
+            .field("name", &self.name)
+            .field("traces_url", &self.traces_url)
+            .field("headers", &format_args!("[{} hidden]", self.headers.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Outcomes of posting a batch, the `result` label of `hypertool_trace_export_total`.
+pub const RESULTS: [&str; 5] = ["ok", "retry", "auth_refused", "rejected", "dropped"];
+
+/// Why the destination is not getting traces, as far as the evidence goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trouble {
+    /// 401/403 seen on the last attempt.
+    AuthRefused(u16),
+    /// The last attempt could not reach the destination, or it answered 5xx/429.
+    Unreachable(String),
+}
+
+/// What a destination did, read by the exposition and the alert engine.
+#[derive(Debug, Default)]
+pub struct DestinationStats {
+    results: [AtomicU64; 5],
+    pub spool_bytes: AtomicU64,
+    pub spool_batches: AtomicU64,
+    /// Unix ms of the last accepted batch; 0 before the first.
+    pub last_success_ms: AtomicI64,
+    /// Traces the destination accepted (the spans that begin a trace).
+    pub traces_accepted: AtomicU64,
+    pub scores_accepted: AtomicU64,
+    /// Spans and scores dropped because the in-memory queue was full.
+    pub queue_dropped: AtomicU64,
+    /// Whether the last attempt was accepted (true before the first).
+    pub healthy: AtomicBool,
+    trouble: Mutex<Option<Trouble>>,
+}
+
+impl DestinationStats {
+    fn new() -> DestinationStats {
+        DestinationStats {
+            healthy: AtomicBool::new(true),
+            ..DestinationStats::default()
+        }
+    }
+
+    fn count(&self, result: &str) {
+        if let Some(i) = RESULTS.iter().position(|r| *r == result) {
+            self.results[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn results(&self) -> Vec<(&'static str, u64)> {
+        RESULTS
+            .iter()
+            .zip(&self.results)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    pub fn result(&self, result: &str) -> u64 {
+        self.results()
+            .into_iter()
+            .find(|(r, _)| *r == result)
+            .map_or(0, |(_, n)| n)
+    }
+
+    pub fn trouble(&self) -> Option<Trouble> {
+        self.trouble.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_trouble(&self, t: Option<Trouble>) {
+        self.healthy.store(t.is_none(), Ordering::Relaxed);
+        *self.trouble.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+}
+
+pub enum Message {
+    Span(Arc<SpanRecord>),
+    Score(Arc<Score>),
+    /// Write what is queued to the spool, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// A running destination: the queue's sending side and the stats.
+pub struct Destination {
+    pub config: DestinationConfig,
+    pub stats: Arc<DestinationStats>,
+    tx: mpsc::Sender<Message>,
+    stop: CancellationToken,
+    sender_done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Destination {
+    /// Opens the spool and starts the batcher and the sender.
+    pub fn start(config: DestinationConfig, clock: Arc<dyn Clock>) -> std::io::Result<Destination> {
+        let spool = Spool::open(&config.spool_dir, config.spool_max_bytes)?;
+        let stats = Arc::new(DestinationStats::new());
+        stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+        stats.spool_batches.store(spool.batches() as u64, Ordering::Relaxed);
+        if spool.batches() > 0 {
+            tracing::info!(destination = config.name, batches = spool.batches(), bytes = spool.bytes(),
+                "trace batches left by an earlier run are spooled; sending them first");
+        }
+        let spool = Arc::new(Mutex::new(spool));
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let wake = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        tokio::spawn(batcher(config.clone(), rx, spool.clone(), stats.clone(), wake.clone()));
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .build()
+            .map_err(std::io::Error::other)?;
+        let sender = tokio::spawn(sender(
+            config.clone(),
+            client,
+            spool,
+            stats.clone(),
+            wake,
+            stop.clone(),
+            clock,
+        ));
+        Ok(Destination {
+            config,
+            stats,
+            tx,
+            stop,
+            sender_done: Mutex::new(Some(sender)),
+        })
+    }
+
+    /// Queues without waiting; a full queue drops and counts (the call never waits on tracing).
+    pub fn offer(&self, msg: Message) {
+        if self.tx.try_send(msg).is_err() {
+            let n = self.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::error!(destination = self.config.name, dropped = n + 1,
+                    "the trace queue is full (the exporter cannot keep up); spans are being dropped");
+            }
+        }
+    }
+
+    pub fn takes_scores(&self) -> bool {
+        self.config.scores_url.is_some()
+    }
+
+    /// Writes everything queued to the spool, then gives the sender until `grace` to deliver it;
+    /// what is left stays spooled for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+        let handle = self.sender_done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut handle) = handle {
+            let drained = async {
+                loop {
+                    if self.stats.spool_batches.load(Ordering::Relaxed) == 0
+                        || !self.stats.healthy.load(Ordering::Relaxed)
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let _ = tokio::time::timeout(grace, drained).await;
+            self.stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut handle).await;
+        }
+    }
+}
+
+async fn batcher(
+    config: DestinationConfig,
+    mut rx: mpsc::Receiver<Message>,
+    spool: Arc<Mutex<Spool>>,
+    stats: Arc<DestinationStats>,
+    wake: Arc<Notify>,
+) {
+    let mut spans: Vec<Arc<SpanRecord>> = Vec::new();
+    let mut scores: Vec<Arc<Score>> = Vec::new();
+    let mut tick = tokio::time::interval(config.batch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let flush_now = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Message::Span(s)) => { spans.push(s); spans.len() >= config.max_batch.max(1) }
+                Some(Message::Score(s)) => { scores.push(s); scores.len() >= config.max_batch.max(1) }
+                Some(Message::Flush(done)) => {
+                    write_batches(&config, &mut spans, &mut scores, &spool, &stats);
+                    wake.notify_one();
+                    let _ = done.send(());
+                    false
+                }
+                None => {
+                    write_batches(&config, &mut spans, &mut scores, &spool, &stats);
+                    wake.notify_one();
+                    return;
+                }
+            },
+            _ = tick.tick() => true,
+        };
+        if flush_now && (!spans.is_empty() || !scores.is_empty()) {
+            write_batches(&config, &mut spans, &mut scores, &spool, &stats);
+            wake.notify_one();
+        }
+    }
+}
+
+fn write_batches(
+    config: &DestinationConfig,
+    spans: &mut Vec<Arc<SpanRecord>>,
+    scores: &mut Vec<Arc<Score>>,
+    spool: &Mutex<Spool>,
+    stats: &DestinationStats,
+) {
+    let mut batches = Vec::new();
+    if !spans.is_empty() {
+        let payload = otlp::encode(spans, &config.encode);
+        batches.push((ItemKind::Spans, otlp::roots(spans), payload));
+        spans.clear();
+    }
+    if !scores.is_empty() {
+        let payload = super::langfuse::score_batch(scores);
+        batches.push((ItemKind::Scores, scores.len() as u32, payload));
+        scores.clear();
+    }
+    let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+    for (kind, count, payload) in batches {
+        match spool.push(kind, count, &payload) {
+            Ok(dropped) if dropped.batches > 0 => {
+                for _ in 0..dropped.batches {
+                    stats.count("dropped");
+                }
+                tracing::error!(destination = config.name, batches = dropped.batches, bytes = dropped.bytes,
+                    bound = config.spool_max_bytes,
+                    "the trace spool is full: the oldest batches were dropped (is the destination down? raise the spool bound to keep more)");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                stats.count("dropped");
+                tracing::error!(destination = config.name, dir = %config.spool_dir.display(),
+                    "a trace batch could not be spooled and was dropped: {e}");
+            }
+        }
+        stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+        stats.spool_batches.store(spool.batches() as u64, Ordering::Relaxed);
+    }
+}
+
+/// How one post went.
+enum Sent {
+    Accepted,
+    Retry(String),
+    Auth(u16),
+    Rejected(u16, String),
+}
+
+async fn post(
+    client: &reqwest::Client,
+    config: &DestinationConfig,
+    kind: ItemKind,
+    payload: Vec<u8>,
+) -> Sent {
+    let (url, content_type) = match kind {
+        ItemKind::Spans => (config.traces_url.as_str(), "application/x-protobuf"),
+        ItemKind::Scores => match &config.scores_url {
+            Some(u) => (u.as_str(), "application/json"),
+            None => return Sent::Rejected(0, "this destination takes no scores".into()),
+        },
+    };
+    let mut req = client
+        .post(url)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(payload);
+    for (k, v) in &config.headers {
+        req = req.header(k.clone(), v.clone());
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            if status.is_success() {
+                return Sent::Accepted;
+            }
+            let code = status.as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            let text: String = text.chars().take(300).collect();
+            match code {
+                401 | 403 => Sent::Auth(code),
+                408 | 429 | 500..=599 => Sent::Retry(format!("HTTP {code}: {}", text.trim())),
+                _ => Sent::Rejected(code, text.trim().to_string()),
+            }
+        }
+        // Without the URL: it is configuration the operator has, and could carry credentials.
+        Err(e) => Sent::Retry(e.without_url().to_string()),
+    }
+}
+
+async fn sender(
+    config: DestinationConfig,
+    client: reqwest::Client,
+    spool: Arc<Mutex<Spool>>,
+    stats: Arc<DestinationStats>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+    clock: Arc<dyn Clock>,
+) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+    const AUTH_RETRY: Duration = Duration::from_secs(60);
+    let mut backoff = FIRST_BACKOFF;
+    let mut last_auth_log: Option<std::time::Instant> = None;
+    let mut last_retry_log: Option<std::time::Instant> = None;
+    loop {
+        let next = spool.lock().unwrap_or_else(|p| p.into_inner()).oldest();
+        let item = match next {
+            None => {
+                tokio::select! {
+                    _ = wake.notified() => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+            Some(Err(e)) => {
+                stats.count("rejected");
+                tracing::error!(destination = config.name, "a spooled trace batch was unreadable and is skipped: {e}");
+                continue;
+            }
+            Some(Ok(item)) => item,
+        };
+        let (seq, kind, count) = (item.seq, item.kind, item.count);
+        let outcome = tokio::select! {
+            sent = post(&client, &config, kind, item.payload) => sent,
+            _ = stop.cancelled() => return,
+        };
+        let wait = match outcome {
+            Sent::Accepted => {
+                stats.count("ok");
+                stats.last_success_ms.store(clock.now_ms(), Ordering::Relaxed);
+                match kind {
+                    ItemKind::Spans => stats.traces_accepted.fetch_add(u64::from(count), Ordering::Relaxed),
+                    ItemKind::Scores => stats.scores_accepted.fetch_add(u64::from(count), Ordering::Relaxed),
+                };
+                if !stats.healthy.load(Ordering::Relaxed) {
+                    tracing::info!(destination = config.name, "traces are being delivered again");
+                }
+                stats.set_trouble(None);
+                remove(&spool, &stats, seq);
+                backoff = FIRST_BACKOFF;
+                None
+            }
+            Sent::Retry(why) => {
+                stats.count("retry");
+                let first = stats.healthy.load(Ordering::Relaxed);
+                stats.set_trouble(Some(Trouble::Unreachable(why.clone())));
+                if first || last_retry_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    last_retry_log = Some(std::time::Instant::now());
+                    tracing::warn!(destination = config.name, url = %config.traces_url,
+                        spooled_bytes = stats.spool_bytes.load(Ordering::Relaxed),
+                        "traces cannot be delivered ({why}); they are spooled and re-sent when it answers");
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(config.max_backoff.max(FIRST_BACKOFF));
+                Some(wait)
+            }
+            Sent::Auth(code) => {
+                stats.count("auth_refused");
+                stats.set_trouble(Some(Trouble::AuthRefused(code)));
+                if last_auth_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    last_auth_log = Some(std::time::Instant::now());
+                    tracing::error!(destination = config.name, status = code,
+                        "the trace destination refused hypertool's credentials: {}; batches stay spooled and are tried again once a minute",
+                        config.auth_fix);
+                }
+                Some(AUTH_RETRY.min(config.max_backoff.max(FIRST_BACKOFF) * 8))
+            }
+            Sent::Rejected(code, why) => {
+                stats.count("rejected");
+                tracing::error!(destination = config.name, status = code,
+                    "the trace destination refused a batch for good ({why}); it is dropped");
+                remove(&spool, &stats, seq);
+                None
+            }
+        };
+        if let Some(wait) = wait {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn remove(spool: &Mutex<Spool>, stats: &DestinationStats, seq: u64) {
+    let mut s = spool.lock().unwrap_or_else(|p| p.into_inner());
+    s.remove(seq);
+    stats.spool_bytes.store(s.bytes(), Ordering::Relaxed);
+    stats.spool_batches.store(s.batches() as u64, Ordering::Relaxed);
+}

@@ -1,0 +1,381 @@
+//! Traces: OpenTelemetry spans of every gateway call (its upstream attempts as children), every
+//! workflow run and stage, persona switch and quality-gate verdict, exported over OTLP/HTTP
+//! (protobuf) to an OpenTelemetry collector and to Langfuse — each destination with its own queue,
+//! spool and metrics (`export.rs`).
+//!
+//! Nothing here can slow or fail a call: spans are handed to a bounded queue without waiting, and
+//! batches are spooled on disk before they are sent, so a destination that is down (or a restart)
+//! loses nothing; a full spool drops its oldest batches, loudly.
+//!
+//! The call path asks [`Tracer::exports`] before building anything, so with no destination the
+//! cost is one branch.
+
+pub mod events;
+pub mod export;
+pub mod ids;
+pub mod langfuse;
+pub mod otlp;
+pub mod span;
+pub mod spool;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::config::settings::LangfuseSettings;
+use crate::config::tracing::TracingSettings;
+use crate::core::clock::Clock;
+use export::{Destination, DestinationConfig, DestinationStats, Message, Trouble};
+use otlp::{EncodeOptions, Flavour};
+use span::{Role, Score, SpanRecord};
+
+/// The handle every producer of spans holds (a clone is one pointer).
+#[derive(Clone, Default)]
+pub struct Tracer {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    destinations: Vec<Destination>,
+    /// Any destination sends prompts and answers.
+    content: bool,
+    redact: Vec<Regex>,
+    /// Langfuse is expected but has no destination (a key is missing): generations go to the log.
+    langfuse_missing: bool,
+}
+
+/// Where traces go, resolved from the configuration and the environment.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub destinations: Vec<DestinationConfig>,
+    pub redact: Vec<Regex>,
+    pub langfuse_missing: bool,
+    /// What the operator should know (e.g. an unsupported protocol asked for).
+    pub warnings: Vec<String>,
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+}
+
+/// `key=value,key2=value2` (`OTEL_EXPORTER_OTLP_HEADERS`; values percent-decoded). A pair that
+/// is not a valid header is reported by its key only: values are often secrets.
+fn parse_headers(
+    raw: &str,
+    var: &str,
+    warnings: &mut Vec<String>,
+) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    let mut out = Vec::new();
+    for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            warnings.push(format!("{var}: an entry has no `=` and is ignored"));
+            continue;
+        };
+        let value = percent_encoding::percent_decode_str(v.trim()).decode_utf8_lossy();
+        match (
+            http::HeaderName::from_bytes(k.trim().as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            (Ok(name), Ok(mut value)) => {
+                value.set_sensitive(true);
+                out.push((name, value));
+            }
+            _ => warnings.push(format!("{var}: header `{}` is not valid and is ignored", k.trim())),
+        }
+    }
+    out
+}
+
+impl Plan {
+    /// Resolves `[tracing]`, `[langfuse]` and the standard variables (`OTEL_EXPORTER_OTLP_*`,
+    /// `OTEL_SERVICE_NAME`, `OTEL_SDK_DISABLED`, `LANGFUSE_*`; a variable wins over the file).
+    pub fn resolve(
+        tracing: &TracingSettings,
+        langfuse: &LangfuseSettings,
+        data_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Plan {
+        let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let mut plan = Plan {
+            redact: tracing.redact.clone(),
+            ..Plan::default()
+        };
+        plan.redact.extend(langfuse.redact.iter().cloned());
+        let service_name = env("OTEL_SERVICE_NAME").unwrap_or_else(|| tracing.service_name.clone());
+        let timeout = env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(tracing.timeout);
+        let base = |name: &'static str, url: String, flavour, capture, headers, scores, auth_fix: String| {
+            DestinationConfig {
+                name,
+                traces_url: url,
+                scores_url: scores,
+                headers,
+                encode: EncodeOptions {
+                    flavour,
+                    service_name: service_name.clone(),
+                    capture_content: capture,
+                },
+                timeout,
+                queue_capacity: tracing.queue_capacity,
+                max_batch: tracing.max_batch_spans,
+                batch_interval: tracing.batch_interval,
+                spool_dir: data_dir.join("spool").join(name),
+                spool_max_bytes: tracing.spool_max_bytes,
+                max_backoff: tracing.max_backoff,
+                auth_fix,
+            }
+        };
+        let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| truthy(&v))
+            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim() == "none");
+        let endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| {
+                env("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .map(|b| format!("{}/v1/traces", b.trim().trim_end_matches('/')))
+            })
+            .or_else(|| tracing.endpoint.clone());
+        if let (Some(url), false) = (endpoint, disabled) {
+            if let Some(p) = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+                if p.trim() != "http/protobuf" {
+                    plan.warnings.push(format!(
+                        "OTEL_EXPORTER_OTLP_PROTOCOL = {p:?}: hypertool exports OTLP over HTTP with protobuf only (http/protobuf); point the endpoint at the collector's HTTP port (4318)"
+                    ));
+                }
+            }
+            let mut headers = Vec::new();
+            for var in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+                if let Some(raw) = env(var) {
+                    headers.extend(parse_headers(&raw, var, &mut plan.warnings));
+                }
+            }
+            plan.destinations.push(base(
+                "otlp",
+                url.trim().to_string(),
+                Flavour::Otlp,
+                tracing.capture_content,
+                headers,
+                None,
+                "check the credentials in OTEL_EXPORTER_OTLP_HEADERS".into(),
+            ));
+        }
+        use crate::config::settings::LangfuseMode;
+        let public = env(&langfuse.public_key_env);
+        let secret = env(&langfuse.secret_key_env);
+        let wanted = match langfuse.enabled {
+            LangfuseMode::Off => false,
+            LangfuseMode::On => true,
+            LangfuseMode::Auto => public.is_some() || secret.is_some(),
+        };
+        if wanted {
+            match (public, secret) {
+                (Some(pk), Some(sk)) => {
+                    // `LANGFUSE_HOST` has already won over `[langfuse] host` in the settings.
+                    let host = langfuse.host.clone();
+                    let auth = basic_auth(&pk, &sk);
+                    let mut headers = vec![(
+                        http::HeaderName::from_static("x-langfuse-ingestion-version"),
+                        http::HeaderValue::from_static("4"),
+                    )];
+                    if let Some(a) = auth {
+                        headers.push((http::header::AUTHORIZATION, a));
+                    }
+                    plan.destinations.push(base(
+                        "langfuse",
+                        langfuse::traces_url(&host),
+                        Flavour::Langfuse,
+                        langfuse.capture_content,
+                        headers,
+                        Some(langfuse::scores_url(&host)),
+                        format!(
+                            "check {} and {} (a key pair belongs to one Langfuse project on one host: LANGFUSE_HOST is {host})",
+                            langfuse.public_key_env, langfuse.secret_key_env
+                        ),
+                    ));
+                }
+                _ => plan.langfuse_missing = true,
+            }
+        }
+        plan
+    }
+}
+
+/// `Basic base64(public:secret)`, marked sensitive (never printed by `http`'s Debug).
+fn basic_auth(public: &str, secret: &str) -> Option<http::HeaderValue> {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{public}:{secret}"));
+    let mut v = http::HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+impl Tracer {
+    /// No destination: every call is a no-op.
+    pub fn off() -> Tracer {
+        Tracer { inner: None }
+    }
+
+    /// Starts every planned destination (each opens its spool and starts sending what an earlier
+    /// run left in it).
+    pub fn start(plan: Plan, clock: Arc<dyn Clock>) -> Result<Tracer, String> {
+        if plan.destinations.is_empty() && !plan.langfuse_missing {
+            return Ok(Tracer::off());
+        }
+        let mut destinations = Vec::new();
+        for config in plan.destinations {
+            let name = config.name;
+            let dir = config.spool_dir.clone();
+            let d = Destination::start(config, clock.clone()).map_err(|e| {
+                format!(
+                    "the {name} trace spool {} cannot be opened: {e}",
+                    dir.display()
+                )
+            })?;
+            tracing::info!(destination = name, url = %d.config.traces_url, "exporting traces");
+            destinations.push(d);
+        }
+        let content = destinations.iter().any(|d| d.config.encode.capture_content)
+            || plan.langfuse_missing;
+        Ok(Tracer {
+            inner: Some(Arc::new(Inner {
+                destinations,
+                content,
+                redact: plan.redact,
+                langfuse_missing: plan.langfuse_missing,
+            })),
+        })
+    }
+
+    /// Whether anything takes spans (a destination, or the generation log of a missing Langfuse).
+    pub fn exports(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Whether generations should carry their prompt and answer.
+    pub fn wants_content(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.content)
+    }
+
+    /// `text` with every redaction pattern's matches replaced by `[REDACTED]`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = std::borrow::Cow::Borrowed(text);
+        if let Some(i) = &self.inner {
+            for r in &i.redact {
+                if let std::borrow::Cow::Owned(s) = r.replace_all(&out, "[REDACTED]") {
+                    out = std::borrow::Cow::Owned(s);
+                }
+            }
+        }
+        out.into_owned()
+    }
+
+    pub fn emit(&self, span: SpanRecord) {
+        let Some(inner) = &self.inner else { return };
+        if span.role == Role::Generation && self.langfuse_unreachable() {
+            log_generation(&span);
+        }
+        let span = Arc::new(span);
+        for d in &inner.destinations {
+            d.offer(Message::Span(span.clone()));
+        }
+    }
+
+    pub fn score(&self, score: Score) {
+        let Some(inner) = &self.inner else { return };
+        let score = Arc::new(score);
+        for d in inner.destinations.iter().filter(|d| d.takes_scores()) {
+            d.offer(Message::Score(score.clone()));
+        }
+    }
+
+    /// Every destination's name and stats (for the exposition).
+    pub fn stats(&self) -> Vec<(&'static str, Arc<DestinationStats>)> {
+        self.inner
+            .iter()
+            .flat_map(|i| i.destinations.iter())
+            .map(|d| (d.config.name, d.stats.clone()))
+            .collect()
+    }
+
+    pub fn langfuse(&self) -> Option<Arc<DestinationStats>> {
+        self.stats()
+            .into_iter()
+            .find(|(n, _)| *n == "langfuse")
+            .map(|(_, s)| s)
+    }
+
+    /// Langfuse is expected and is not getting traces right now (missing keys, or the last
+    /// attempt failed): generations are then also written to the log.
+    fn langfuse_unreachable(&self) -> bool {
+        match &self.inner {
+            Some(i) if i.langfuse_missing => true,
+            Some(_) => self
+                .langfuse()
+                .is_some_and(|s| !s.healthy.load(Ordering::Relaxed)),
+            None => false,
+        }
+    }
+
+    /// Why Langfuse is not getting traces, in the order of the evidence, for the alert's note;
+    /// `None` when nothing is known to be wrong.
+    pub fn langfuse_diagnosis(&self) -> Option<String> {
+        let stats = self.langfuse()?;
+        let spooled = stats.spool_bytes.load(Ordering::Relaxed);
+        let mut causes = Vec::new();
+        match stats.trouble() {
+            Some(Trouble::AuthRefused(code)) => causes.push(format!(
+                "Langfuse refused the keys (HTTP {code}): check LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY, and that LANGFUSE_HOST is the host of their project"
+            )),
+            Some(Trouble::Unreachable(why)) => causes.push(format!(
+                "Langfuse is unreachable (last error: {why}): check LANGFUSE_HOST and the network"
+            )),
+            None => {}
+        }
+        if spooled > 0 && !stats.healthy.load(Ordering::Relaxed) {
+            causes.push(format!(
+                "{spooled} bytes of traces are spooled, waiting to be sent (hypertool_trace_spool_bytes)"
+            ));
+        }
+        (!causes.is_empty()).then(|| causes.join("; "))
+    }
+
+    /// Writes what is queued to the spools and gives the destinations `grace` to take it; the
+    /// rest is sent at the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        if let Some(i) = &self.inner {
+            let all = i.destinations.iter().map(|d| d.shutdown(grace));
+            futures_util::future::join_all(all).await;
+        }
+    }
+}
+
+/// The runbook's "fallback to local logging": a generation that Langfuse is not getting.
+fn log_generation(s: &SpanRecord) {
+    let get = |k: &str| s.attr(k).map(|v| match v {
+        span::Value::Str(x) => x.clone(),
+        span::Value::Int(n) => n.to_string(),
+        span::Value::Float(f) => f.to_string(),
+        span::Value::Bool(b) => b.to_string(),
+    });
+    tracing::info!(
+        target: "hypertool::generation",
+        trace_id = %s.trace_id,
+        span_id = %s.span_id,
+        persona = get("hypertool.persona").unwrap_or_default(),
+        chatmode = get("hypertool.chatmode").unwrap_or_default(),
+        workflow = get("hypertool.workflow").unwrap_or_default(),
+        stage = get("hypertool.stage").unwrap_or_default(),
+        session = get("session.id").unwrap_or_default(),
+        model = get("gen_ai.response.model").or(get("gen_ai.request.model")).unwrap_or_default(),
+        input_tokens = get("gen_ai.usage.input_tokens").unwrap_or_default(),
+        output_tokens = get("gen_ai.usage.output_tokens").unwrap_or_default(),
+        cost_usd = get("hypertool.cost_usd").unwrap_or_default(),
+        duration_ms = (s.end_ns.saturating_sub(s.start_ns)) / 1_000_000,
+        error = s.error.clone().unwrap_or_default(),
+        "generation (Langfuse is not getting traces)"
+    );
+}
