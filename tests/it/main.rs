@@ -16,4 +16,5 @@ mod persistence;
 mod process;
 mod secrets;
 mod switching;
+mod traces;
 mod workflows;

@@ -1,0 +1,354 @@
+//! Traces: the spans hypertool sends, decoded from the protobuf by a receiver in the test (an
+//! OTLP collector and a stand-in for Langfuse), and what happens when the destination is down,
+//! refuses the keys, or hypertool restarts in between.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use hypertool::config::Source;
+use hypertool::core::clock::{Clock, ManualClock, SystemClock};
+use hypertool::server::evaluate_alerts;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// What the receiver got.
+#[derive(Default)]
+struct Received {
+    spans: Vec<Span>,
+    /// (path, headers) of every request
+    requests: Vec<(String, HeaderMap)>,
+    scores: Vec<Value>,
+    service_names: Vec<String>,
+}
+
+/// An OTLP/HTTP receiver and Langfuse stand-in on one port; `answer` is the status it gives.
+#[derive(Clone)]
+struct Receiver {
+    got: Arc<Mutex<Received>>,
+    answer: Arc<AtomicU16>,
+    port: u16,
+    stop: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+}
+
+async fn traces(State(r): State<Receiver>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let status = StatusCode::from_u16(r.answer.load(Ordering::SeqCst)).unwrap();
+    let mut got = r.got.lock().unwrap();
+    got.requests.push((uri.path().to_string(), headers));
+    if !status.is_success() {
+        return status;
+    }
+    let req = ExportTraceServiceRequest::decode(body).expect("a valid OTLP protobuf body");
+    for rs in req.resource_spans {
+        for kv in rs.resource.unwrap().attributes {
+            if kv.key == "service.name" {
+                if let Some(Any::StringValue(s)) = kv.value.and_then(|v| v.value) {
+                    got.service_names.push(s);
+                }
+            }
+        }
+        for ss in rs.scope_spans {
+            got.spans.extend(ss.spans);
+        }
+    }
+    status
+}
+
+async fn ingestion(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+    let status = StatusCode::from_u16(r.answer.load(Ordering::SeqCst)).unwrap();
+    let mut got = r.got.lock().unwrap();
+    got.requests.push(("/api/public/ingestion".into(), headers));
+    if !status.is_success() {
+        return (status, String::new());
+    }
+    let v: Value = serde_json::from_slice(&body).expect("JSON");
+    got.scores.extend(v["batch"].as_array().unwrap().iter().cloned());
+    (StatusCode::MULTI_STATUS, json!({"successes": [], "errors": []}).to_string())
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let r = Receiver {
+            got: Arc::default(),
+            answer: Arc::new(AtomicU16::new(200)),
+            port: free_port(),
+            stop: Arc::default(),
+        };
+        r.listen().await;
+        r
+    }
+
+    /// (Re)starts listening on the receiver's port.
+    async fn listen(&self) {
+        let app = axum::Router::new()
+            .route("/v1/traces", post(traces))
+            .route("/api/public/otel/v1/traces", post(traces))
+            .route("/api/public/ingestion", post(ingestion))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.stop.lock().unwrap() = Some(tx);
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+    }
+
+    /// Stops listening (connections close: hypertool sees the receiver gone).
+    async fn shut(&self) {
+        if let Some(tx) = self.stop.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        // Until a connection is refused.
+        eventually("the receiver to stop", Duration::from_secs(10), || async {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err().then_some(())
+        })
+        .await;
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.got.lock().unwrap().spans.clone()
+    }
+}
+
+fn attr(s: &Span, key: &str) -> Option<Any> {
+    s.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.clone()).and_then(|v| v.value)
+}
+
+fn attr_str(s: &Span, key: &str) -> Option<String> {
+    match attr(s, key) {
+        Some(Any::StringValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
+fn attr_int(s: &Span, key: &str) -> Option<i64> {
+    match attr(s, key) {
+        Some(Any::IntValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+const WORKFLOW: &str = r#"
+name: traced
+description: stages for the trace tests
+stages:
+  - name: code
+    persona: backend-engineer
+    model: weak
+    retries: 1
+    escalation_model: strong
+    quality_gate:
+      code_block: python
+      must_not_match: ['TODO']
+  - name: review
+    model: ok
+"#;
+
+/// hypertool on the fake upstream, with each `(from, to)` replaced in hypertool.toml (each `from`
+/// must be there).
+async fn server(dir: &Path, upstream: &FakeUpstream, edits: &[(&str, &str)]) -> TestServer {
+    let toml = gateway_config(dir, &upstream.base_url, "");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "hypertool.toml has no `{from}`");
+        text = text.replacen(from, to, 1);
+    }
+    std::fs::write(&toml, text).unwrap();
+    std::fs::write(toml.parent().unwrap().join("workflows/traced.yml"), WORKFLOW).unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    start(Source::File(toml), &dir.join("data"), clock).await
+}
+
+async fn chat(s: &TestServer, model: &str, headers: &[(&str, &str)], content: &str) -> reqwest::Response {
+    let mut req = s.http.post(format!("{}/v1/chat/completions", s.api));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": content}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let rx = Receiver::start().await;
+    let endpoint = format!("endpoint = \"{}/v1/traces\"", rx.url());
+    let s = server(
+        dir.path(),
+        &upstream,
+        &[
+            ("# endpoint = \"http://127.0.0.1:4318/v1/traces\"", &endpoint),
+            ("batch_interval = \"1s\"", "batch_interval = \"50ms\""),
+            ("service_name = \"hypertool\"", "service_name = \"ht-test\""),
+        ],
+    )
+    .await;
+
+    // A call continuing the client's trace.
+    let remote_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let remote_parent = "00f067aa0ba902b7";
+    chat(
+        &s,
+        "ok",
+        &[
+            ("traceparent", &format!("00-{remote_trace}-{remote_parent}-01")),
+            ("x-hypertool-persona", "frontend-engineer"),
+            ("x-hypertool-session", "sess-1"),
+        ],
+        "hello",
+    )
+    .await;
+
+    // A run with two stages; the first is gated (weak fails, strong passes on the retry).
+    let (status, run) = s.post_raw("/v1/workflows/traced/runs", json!({"session": "sess-run"}).to_string()).await;
+    assert_eq!(status, 201, "{run}");
+    let run_id = run["id"].as_str().unwrap().to_string();
+    let in_run = |stage: &'static str| {
+        vec![
+            ("x-hypertool-persona", "backend-engineer"),
+            ("x-hypertool-workflow", "traced"),
+            ("x-hypertool-stage", stage),
+        ]
+    };
+    let mut h = in_run("code");
+    h.push(("x-hypertool-run", &run_id));
+    chat(&s, "whatever", &h, "write it").await;
+    let mut h = in_run("review");
+    h.push(("x-hypertool-run", &run_id));
+    chat(&s, "ok", &h, "review it").await;
+    let (status, body) = s
+        .post_raw(&format!("/v1/workflows/traced/runs/{run_id}/finish"), json!({"status": "completed"}).to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // An explicit switch, and one inferred from usage.
+    let (status, body) = s
+        .post_raw("/v1/personas/switch", json!({"session": "sess-sw", "to": "testing-specialist"}).to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut a = usage("backend-engineer", "dev", "m", 1, 1);
+    a["session"] = json!("sess-inf");
+    let mut b = usage("frontend-engineer", "dev", "m", 1, 1);
+    b["session"] = json!("sess-inf");
+    assert_eq!(s.post_events(json!([a])).await.0, 200);
+    assert_eq!(s.post_events(json!([b])).await.0, 200);
+
+    let spans = eventually("every span", Duration::from_secs(20), || {
+        let spans = rx.spans();
+        let have = |name: &str| spans.iter().filter(|s| s.name == name).count();
+        let ok = have("workflow traced") == 1
+            && have("stage code") == 1
+            && have("stage review") == 1
+            && have("POST /v1/chat/completions") == 3
+            && have("quality_gate") == 2
+            && spans.iter().filter(|s| s.name == "persona_switch").count() >= 2;
+        async move { ok.then_some(spans) }
+    })
+    .await;
+    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+    assert_eq!(by_id.len(), spans.len(), "every span once");
+    assert!(rx.got.lock().unwrap().service_names.iter().all(|n| n == "ht-test"));
+    let requests: Vec<&Span> = spans.iter().filter(|s| s.name == "POST /v1/chat/completions").collect();
+    let children = |parent: &Span| -> Vec<&Span> {
+        spans.iter().filter(|s| s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id).collect()
+    };
+
+    // 1. The continued trace: the request's parent is the client's span; the upstream attempt is
+    // its child and went upstream with its own traceparent.
+    let continued = requests.iter().find(|s| hex(&s.trace_id) == remote_trace).expect("the continued trace");
+    assert_eq!(hex(&continued.parent_span_id), remote_parent);
+    assert_eq!(continued.kind, 2, "server");
+    assert_eq!(attr_str(continued, "hypertool.persona").as_deref(), Some("frontend-engineer"));
+    assert_eq!(attr_str(continued, "session.id").as_deref(), Some("sess-1"));
+    assert_eq!(attr(continued, "hypertool.cache_hit"), Some(Any::BoolValue(false)));
+    let gens = children(continued);
+    assert_eq!(gens.len(), 1, "one upstream attempt");
+    let g = gens[0];
+    assert_eq!(g.name, "chat ok");
+    assert_eq!(g.kind, 3, "client");
+    assert_eq!(attr_str(g, "gen_ai.request.model").as_deref(), Some("ok"));
+    assert_eq!(attr_str(g, "gen_ai.operation.name").as_deref(), Some("chat"));
+    assert!(attr_int(g, "gen_ai.usage.input_tokens").unwrap() > 0);
+    assert!(attr_int(g, "gen_ai.usage.output_tokens").unwrap() > 0);
+    assert!(g.start_time_unix_nano >= continued.start_time_unix_nano && g.end_time_unix_nano <= continued.end_time_unix_nano);
+    assert_eq!(attr(g, "gen_ai.input.messages"), None, "no content unless capture_content");
+    let sent = upstream.stats().await["traceparents"].clone();
+    let expected = format!("00-{remote_trace}-{}-01", hex(&g.span_id));
+    assert!(sent.as_array().unwrap().iter().any(|t| t == &json!(expected)), "{sent} lacks {expected}");
+
+    // 2. The run: its span is the root of its trace, each stage its child, each call under its
+    // stage, the gated call with two attempts (weak, then strong) and a verdict under each.
+    let run_span = spans.iter().find(|s| s.name == "workflow traced").unwrap();
+    assert!(run_span.parent_span_id.is_empty());
+    assert_eq!(attr_str(run_span, "hypertool.run").as_deref(), Some(run_id.as_str()));
+    assert_eq!(attr_str(run_span, "session.id").as_deref(), Some("sess-run"));
+    let stages: BTreeMap<String, &Span> = children(run_span).into_iter().map(|s| (s.name.clone(), s)).collect();
+    assert_eq!(stages.keys().collect::<Vec<_>>(), ["stage code", "stage review"]);
+    let code = stages["stage code"];
+    assert!(code.start_time_unix_nano <= code.end_time_unix_nano);
+    assert!(code.end_time_unix_nano <= stages["stage review"].start_time_unix_nano + 1_000_000, "code ended when review started");
+    assert_eq!(attr_str(code, "hypertool.stage.status").as_deref(), Some("passed"));
+    let code_call = children(code).into_iter().find(|s| s.name == "POST /v1/chat/completions").expect("the code call under its stage");
+    assert_eq!(attr_int(code_call, "hypertool.attempts"), Some(2));
+    assert_eq!(attr_str(code_call, "hypertool.gate.result").as_deref(), Some("pass"));
+    let mut attempts: Vec<&Span> = children(code_call).into_iter().filter(|s| s.name.starts_with("chat ")).collect();
+    attempts.sort_by_key(|s| attr_int(s, "hypertool.gate_attempt"));
+    assert_eq!(attempts.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["chat weak", "chat strong"]);
+    for (attempt, verdict) in attempts.iter().zip(["fail", "pass"]) {
+        let gates: Vec<&Span> = children(attempt).into_iter().filter(|s| s.name == "quality_gate").collect();
+        assert_eq!(gates.len(), 1);
+        assert_eq!(attr_str(gates[0], "hypertool.gate.result").as_deref(), Some(verdict));
+    }
+    let fail_gate = children(attempts[0]).into_iter().find(|s| s.name == "quality_gate").unwrap();
+    assert_eq!(fail_gate.status.as_ref().unwrap().code, 2, "a failed verdict is an error span");
+    assert!(attr_str(fail_gate, "hypertool.gate.failed_criteria").unwrap().contains("TODO"));
+    let review_call = children(stages["stage review"]).into_iter().find(|s| s.name == "POST /v1/chat/completions");
+    assert!(review_call.is_some(), "the review call under its stage");
+
+    // 3. Switches: explicit and inferred, named as the runbook's Jaeger query expects.
+    let switches: Vec<&Span> = spans.iter().filter(|s| s.name == "persona_switch").collect();
+    let explicit = switches.iter().find(|s| attr_str(s, "session.id").as_deref() == Some("sess-sw")).unwrap();
+    assert_eq!(attr_str(explicit, "hypertool.switch.kind").as_deref(), Some("explicit"));
+    assert_eq!(attr_str(explicit, "hypertool.persona.to").as_deref(), Some("testing-specialist"));
+    let inferred = switches.iter().find(|s| attr_str(s, "session.id").as_deref() == Some("sess-inf")
+        && attr_str(s, "hypertool.persona.to").as_deref() == Some("frontend-engineer")).expect("the inferred switch");
+    assert_eq!(attr_str(inferred, "hypertool.switch.kind").as_deref(), Some("inferred"));
+    assert_eq!(attr_str(inferred, "hypertool.persona.from").as_deref(), Some("backend-engineer"));
+
+    // The export is counted.
+    let m = s.metrics().await;
+    assert!(m.get("hypertool_trace_export_total", &[("destination", "otlp"), ("result", "ok")]).unwrap() >= 1.0);
+    assert_eq!(m.get("hypertool_trace_spool_bytes", &[("destination", "otlp")]), Some(0.0));
+    assert!(m.get("hypertool_trace_export_last_success_timestamp_seconds", &[("destination", "otlp")]).unwrap() > 0.0);
+    s.stop().await;
+}
