@@ -352,3 +352,229 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
     assert!(m.get("hypertool_trace_export_last_success_timestamp_seconds", &[("destination", "otlp")]).unwrap() > 0.0);
     s.stop().await;
 }
+
+/// The Langfuse edits: keys from `pk_env`/`sk_env`, the stand-in as host, quick batches and retries.
+fn langfuse_edits<'a>(host: &'a str, pk_env: &'a str, sk_env: &'a str) -> Vec<(&'a str, String)> {
+    vec![
+        ("public_key_env = \"LANGFUSE_PUBLIC_KEY\"", format!("public_key_env = \"{pk_env}\"")),
+        ("secret_key_env = \"LANGFUSE_SECRET_KEY\"", format!("secret_key_env = \"{sk_env}\"")),
+        ("host = \"https://cloud.langfuse.com\"", format!("host = \"{host}\"")),
+        // The first `redact` is [langfuse]'s.
+        ("redact = []", "redact = [\"secret-[0-9]+\"]".to_string()),
+        ("batch_interval = \"1s\"", "batch_interval = \"50ms\"".to_string()),
+        ("max_backoff = \"30s\"", "max_backoff = \"200ms\"".to_string()),
+    ]
+}
+
+/// A run of workflow `traced` with one gated call (two attempts, two verdicts), finished.
+async fn gated_run(s: &TestServer, session: &str) {
+    let (status, run) = s.post_raw("/v1/workflows/traced/runs", json!({"session": session}).to_string()).await;
+    assert_eq!(status, 201, "{run}");
+    let run_id = run["id"].as_str().unwrap().to_string();
+    chat(
+        s,
+        "whatever",
+        &[
+            ("x-hypertool-persona", "backend-engineer"),
+            ("x-hypertool-workflow", "traced"),
+            ("x-hypertool-stage", "code"),
+            ("x-hypertool-run", &run_id),
+            ("x-hypertool-session", session),
+        ],
+        "write it, my token is secret-12345",
+    )
+    .await;
+    let (status, body) = s
+        .post_raw(&format!("/v1/workflows/traced/runs/{run_id}/finish"), json!({"status": "completed"}).to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn plain_call(s: &TestServer, n: usize) {
+    chat(s, "ok", &[("x-hypertool-persona", "frontend-engineer")], &format!("call {n}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("HYPERTOOL_TEST_LF_PK", "pk-lf-test-public");
+    std::env::set_var("HYPERTOOL_TEST_LF_SK", "sk-lf-test-secret-value");
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let rx = Receiver::start().await;
+    let host = rx.url();
+    let edits = langfuse_edits(&host, "HYPERTOOL_TEST_LF_PK", "HYPERTOOL_TEST_LF_SK");
+    let edits: Vec<(&str, &str)> = edits.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let s = server(dir.path(), &upstream, &edits).await;
+
+    // Up: two gated runs and a plain call arrive.
+    gated_run(&s, "sess-a").await;
+    gated_run(&s, "sess-b").await;
+    plain_call(&s, 1).await;
+    let requests = |rx: &Receiver| rx.spans().iter().filter(|s| s.name == "POST /v1/chat/completions").count();
+    eventually("the first spans", Duration::from_secs(20), || async {
+        (requests(&rx) == 3 && rx.got.lock().unwrap().scores.len() == 4).then_some(())
+    })
+    .await;
+
+    // Down: calls go on, their spans are spooled.
+    rx.shut().await;
+    plain_call(&s, 2).await;
+    plain_call(&s, 3).await;
+    eventually("spooling", Duration::from_secs(20), || async {
+        let m = s.metrics().await;
+        let retried = m.get("hypertool_trace_export_total", &[("destination", "langfuse"), ("result", "retry")]).unwrap_or(0.0);
+        let spooled = m.get("hypertool_trace_spool_bytes", &[("destination", "langfuse")]).unwrap_or(0.0);
+        (retried >= 1.0 && spooled > 0.0).then_some(())
+    })
+    .await;
+    // hypertool stops: what is queued goes to the spool, nothing is lost.
+    s.stop().await;
+    let spool = dir.path().join("data/spool/langfuse");
+    assert!(std::fs::read_dir(&spool).unwrap().count() > 0, "batches spooled at shutdown");
+
+    // Restarted, still without Langfuse: one more run.
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let s = start(Source::File(dir.path().join("config/hypertool.toml")), &dir.path().join("data"), clock).await;
+    gated_run(&s, "sess-c").await;
+    assert_eq!(requests(&rx), 3, "nothing arrives while the stand-in is down");
+
+    // Langfuse is back: everything arrives, each span and score exactly once.
+    rx.listen().await;
+    eventually("every span and score", Duration::from_secs(30), || async {
+        (requests(&rx) >= 6 && rx.got.lock().unwrap().scores.len() >= 6).then_some(())
+    })
+    .await;
+    eventually("the spool to empty", Duration::from_secs(20), || async {
+        let m = s.metrics().await;
+        (m.get("hypertool_trace_spool_bytes", &[("destination", "langfuse")]) == Some(0.0)).then_some(())
+    })
+    .await;
+    let spans = rx.spans();
+    let mut ids: Vec<&Vec<u8>> = spans.iter().map(|s| &s.span_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), spans.len(), "each span exactly once");
+    assert_eq!(requests(&rx), 6);
+    assert_eq!(spans.iter().filter(|s| s.name == "workflow traced").count(), 3);
+    let got = rx.got.lock().unwrap();
+    let mut score_ids: Vec<&str> = got.scores.iter().map(|s| s["body"]["id"].as_str().unwrap()).collect();
+    score_ids.sort();
+    score_ids.dedup();
+    assert_eq!(score_ids.len(), 6, "each score exactly once: {:?}", got.scores);
+
+    // Langfuse's protocol: paths, Basic auth of public:secret, the ingestion version.
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("pk-lf-test-public:sk-lf-test-secret-value")
+    );
+    assert!(!got.requests.is_empty());
+    for (path, headers) in &got.requests {
+        assert!(path == "/api/public/otel/v1/traces" || path == "/api/public/ingestion", "{path}");
+        assert_eq!(headers["authorization"], basic.as_str());
+        if path.ends_with("/traces") {
+            assert_eq!(headers["x-langfuse-ingestion-version"], "4");
+            assert_eq!(headers["content-type"], "application/x-protobuf");
+        }
+    }
+
+    // Langfuse's attributes: generations with user, session, trace metadata, usage, content
+    // (redacted before it left the process).
+    let generation = spans
+        .iter()
+        .find(|s| s.name == "chat weak" && attr_str(s, "session.id").as_deref() == Some("sess-a"))
+        .expect("the weak attempt of run a");
+    assert_eq!(attr_str(generation, "langfuse.observation.type").as_deref(), Some("generation"));
+    assert_eq!(attr_str(generation, "user.id").as_deref(), Some("backend-engineer"));
+    assert_eq!(attr_str(generation, "langfuse.trace.metadata.workflow").as_deref(), Some("traced"));
+    assert_eq!(attr_str(generation, "langfuse.trace.metadata.stage").as_deref(), Some("code"));
+    assert!(attr_str(generation, "langfuse.trace.metadata.run").is_some());
+    assert_eq!(attr_str(generation, "langfuse.observation.model.name").as_deref(), Some("weak"));
+    let usage: Value = serde_json::from_str(&attr_str(generation, "langfuse.observation.usage_details").unwrap()).unwrap();
+    assert!(usage["input"].as_i64().unwrap() > 0 && usage["output"].as_i64().unwrap() > 0);
+    let input = attr_str(generation, "langfuse.observation.input").unwrap();
+    assert!(input.contains("[REDACTED]") && !input.contains("secret-12345"), "{input}");
+    assert!(attr_str(generation, "langfuse.observation.output").unwrap().contains("TODO"));
+    let run_root = spans.iter().find(|s| s.name == "workflow traced").unwrap();
+    assert_eq!(attr_str(run_root, "langfuse.trace.name").as_deref(), Some("workflow traced"));
+
+    // Scores: quality_gate on the generation each verdict judged; failed criteria as the comment.
+    let weak_hex = hex(&generation.span_id);
+    let on_weak = got.scores.iter().find(|s| s["body"]["observationId"] == json!(weak_hex)).expect("a score on the weak attempt");
+    assert_eq!(on_weak["type"], "score-create");
+    assert_eq!(on_weak["body"]["name"], "quality_gate");
+    assert_eq!(on_weak["body"]["value"], 0.0);
+    assert_eq!(on_weak["body"]["traceId"], json!(hex(&generation.trace_id)));
+    assert!(on_weak["body"]["comment"].as_str().unwrap().contains("TODO"));
+    assert_eq!(got.scores.iter().filter(|s| s["body"]["value"] == 1.0).count(), 3);
+    drop(got);
+
+    // Counted as accepted by this process: the two spooled calls and run c (one trace each).
+    let m = s.metrics().await;
+    assert_eq!(m.get("langfuse_trace_created_total", &[]), Some(3.0));
+    assert!(m.get("hypertool_trace_export_total", &[("destination", "langfuse"), ("result", "ok")]).unwrap() >= 2.0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("HYPERTOOL_TEST_LF_WRONG_PK", "pk-lf-wrong");
+    std::env::set_var("HYPERTOOL_TEST_LF_WRONG_SK", "sk-lf-wrong-secret");
+    let rx = Receiver::start().await;
+    rx.answer.store(401, Ordering::SeqCst);
+    let host = rx.url();
+    let edits = langfuse_edits(&host, "HYPERTOOL_TEST_LF_WRONG_PK", "HYPERTOOL_TEST_LF_WRONG_SK");
+    let edits: Vec<(&str, &str)> = edits.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let s = start_edited(dir.path(), &edits).await;
+    let state = s.running.as_ref().unwrap().state.clone();
+    for _ in 0..22 {
+        let resp = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .header("x-hypertool-persona", "devops-engineer")
+            .json(&json!({"model": "mock/x", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "a refused trace never fails a call");
+        evaluate_alerts(&state).await;
+        s.clock.advance_secs(15);
+    }
+    eventually("a refused batch", Duration::from_secs(20), || async {
+        let m = s.metrics().await;
+        let refused = m.get("hypertool_trace_export_total", &[("destination", "langfuse"), ("result", "auth_refused")]);
+        (refused.unwrap_or(0.0) >= 1.0).then_some(())
+    })
+    .await;
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    let a = view["alerts"].as_array().unwrap().iter().find(|a| a["alertname"] == "LangfuseIntegrationFailing").unwrap();
+    assert_eq!(a["state"], "firing", "{a}");
+    let note = a["instances"][0]["note"].as_str().unwrap();
+    assert!(note.contains("refused the keys") && note.contains("LANGFUSE_PUBLIC_KEY"), "{note}");
+    let m = s.metrics().await;
+    assert_eq!(m.get("langfuse_trace_created_total", &[]), Some(0.0), "refused traces are not created traces");
+    assert_eq!(m.get("hypertool_langfuse_enabled", &[]), Some(1.0));
+    // The keys never reach the note or the metrics.
+    let text = s.metrics_text().await;
+    assert!(!text.contains("sk-lf-wrong-secret") && !note.contains("sk-lf-wrong-secret"));
+
+    // The keys are fixed (here: Langfuse accepts them again): the spooled traces arrive, the
+    // alert resolves.
+    rx.answer.store(200, Ordering::SeqCst);
+    eventually("the spooled traces", Duration::from_secs(90), || async {
+        let m = s.metrics().await;
+        (m.get("langfuse_trace_created_total", &[]).unwrap_or(0.0) >= 22.0).then_some(())
+    })
+    .await;
+    for _ in 0..2 {
+        evaluate_alerts(&state).await;
+        s.clock.advance_secs(15);
+    }
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    let a = view["alerts"].as_array().unwrap().iter().find(|a| a["alertname"] == "LangfuseIntegrationFailing").unwrap();
+    assert_ne!(a["state"], "firing", "{a}");
+    s.stop().await;
+}
