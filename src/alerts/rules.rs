@@ -546,13 +546,18 @@ impl Rule {
                     .to_string(),
             ),
             AlertId::LangfuseIntegrationFailing => (
-                "LLM calls are made but no Langfuse traces are created".to_string(),
+                "LLM calls are made but Langfuse accepts no traces".to_string(),
                 format!(
-                    "Tokens are being used ({v2} per second) and no Langfuse trace was created in {w}. \
-                     Most likely the Langfuse credentials are missing or wrong."
+                    "Tokens are being used ({v2} per second) and Langfuse accepted no trace in {w}. \
+                     Causes, most likely first: keys missing (the start-up warning and the alert's note \
+                     name the variable); keys refused (hypertool_trace_export_total{{destination=\"langfuse\",result=\"auth_refused\"}} \
+                     rising); host unreachable (result=\"retry\" rising, last error in hypertool's log); \
+                     traces waiting in the spool (hypertool_trace_spool_bytes{{destination=\"langfuse\"}} growing)."
                 ),
-                "Check LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY and LANGFUSE_HOST, then hypertool's log for \
-                 Langfuse errors; test the connection to the Langfuse host."
+                "Set LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY of the project on LANGFUSE_HOST and restart hypertool \
+                 (or set [langfuse] enabled = false if Langfuse is not used); check that LANGFUSE_HOST answers from \
+                 this machine. Nothing is lost meanwhile: batches stay spooled under the data dir and are re-sent \
+                 when Langfuse takes them, and each generation is logged (target hypertool::generation)."
                     .to_string(),
             ),
         };

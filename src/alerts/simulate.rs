@@ -33,7 +33,7 @@ pub struct Scenario {
     pub expect_firing: &'static [AlertId],
 }
 
-pub const SCENARIOS: [Scenario; 11] = [
+pub const SCENARIOS: [Scenario; 13] = [
     Scenario {
         name: "healthy",
         about: "steady work within budget, gates passing, few switches, Langfuse working",
@@ -73,6 +73,20 @@ pub const SCENARIOS: [Scenario; 11] = [
     Scenario {
         name: "langfuse-down",
         about: "Langfuse traces are created for 4 minutes, then stop while LLM calls go on",
+        minutes: 16,
+        expect_firing: &[AlertId::LangfuseIntegrationFailing],
+    },
+    Scenario {
+        name: "langfuse-never-configured",
+        about: "LLM calls go on and no Langfuse key was ever set (enabled = \"auto\"): no trace is \
+                expected, so no alert",
+        minutes: 16,
+        expect_firing: &[],
+    },
+    Scenario {
+        name: "langfuse-wrong-keys",
+        about: "both Langfuse keys are set but Langfuse refuses them (401) from the start: no trace is \
+                ever created while LLM calls go on",
         minutes: 16,
         expect_firing: &[AlertId::LangfuseIntegrationFailing],
     },
@@ -246,6 +260,10 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
                 traces = 0;
             }
         }
+        "langfuse-never-configured" | "langfuse-wrong-keys" => {
+            events.push(usage("devops-engineer", "ops", "gpt-4", 5, None));
+            traces = 0;
+        }
         "metrics-down" => {
             events.push(usage("devops-engineer", "ops", "gpt-4", 5, None));
             up = t_min < 3.0;
@@ -316,14 +334,19 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
 pub fn run(scenario: Scenario, engine_config: EngineConfig, settings: AlertSettings) -> Run {
     let step_ms = settings.evaluation_interval.ms();
     let mut core = Engine::new(engine_config, 0);
-    let mut alerts = AlertEngine::new(settings.clone(), LangfuseStatus::Configured);
-    alerts.keep_full_history();
-    let process = ProcessInfo {
+    let langfuse = if scenario.name == "langfuse-never-configured" {
+        LangfuseStatus::Disabled
+    } else {
+        LangfuseStatus::Configured
+    };
+    let mut process = ProcessInfo {
         version: env!("CARGO_PKG_VERSION"),
         config_last_reload_ok: true,
-        langfuse_enabled: true,
+        langfuse_enabled: langfuse.expected(),
         ..ProcessInfo::default()
     };
+    let mut alerts = AlertEngine::new(settings.clone(), langfuse);
+    alerts.keep_full_history();
     let steps = scenario.minutes * 60_000 / step_ms;
     let mut evaluations = Vec::new();
     for i in 0..=steps {
@@ -340,6 +363,15 @@ pub fn run(scenario: Scenario, engine_config: EngineConfig, settings: AlertSetti
             core.apply(&Stamped { at: t, event });
         }
         core.metrics_mut().langfuse_traces_created += f64::from(traces);
+        if scenario.name == "langfuse-wrong-keys" {
+            // One refused batch per step, as the exporter counts them.
+            process.trace_destinations = vec![crate::telemetry::exposition::TraceDestinationInfo {
+                name: "langfuse",
+                results: vec![("auth_refused", (i + 1) as u64)],
+                spool_bytes: 1024 * (i + 1) as u64,
+                ..Default::default()
+            }];
+        }
         core.tick(at);
         alerts.ingest_exposition(at, &render(&core, &process, Format::Classic));
         alerts.ingest_up(at, SIM_INSTANCE, up);

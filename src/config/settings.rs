@@ -137,7 +137,8 @@ pub struct LangfuseSettings {
 
 impl PartialEq for LangfuseSettings {
     fn eq(&self, other: &Self) -> bool {
-        let patterns = |r: &[regex::Regex]| r.iter().map(|r| r.as_str().to_string()).collect::<Vec<_>>();
+        let patterns =
+            |r: &[regex::Regex]| r.iter().map(|r| r.as_str().to_string()).collect::<Vec<_>>();
         self.enabled == other.enabled
             && self.host == other.host
             && self.public_key_env == other.public_key_env

@@ -97,7 +97,9 @@ pub(super) fn compile_redactions(
                 ConfigError::new(
                     file,
                     line_of_key(text, "redact"),
-                    format!("`{section}.redact` pattern {p:?} is not a valid regular expression: {e}"),
+                    format!(
+                        "`{section}.redact` pattern {p:?} is not a valid regular expression: {e}"
+                    ),
                 )
                 .fix("write a Rust regex (https://docs.rs/regex), e.g. \"sk-[A-Za-z0-9]{20,}\""),
             ),
@@ -114,13 +116,20 @@ impl RawTracing {
         errors: &mut Vec<ConfigError>,
     ) -> TracingSettings {
         let d = TracingSettings::default();
-        let dur = |v: Option<PromDuration>, default: Duration, key: &str, errors: &mut Vec<ConfigError>| match v {
+        let dur = |v: Option<PromDuration>,
+                   default: Duration,
+                   key: &str,
+                   errors: &mut Vec<ConfigError>| match v {
             None => default,
             Some(p) if p.ms() > 0 => Duration::from_millis(p.ms() as u64),
             Some(_) => {
                 errors.push(
-                    ConfigError::new(file, line_of_key(text, key), format!("`tracing.{key}` must be longer than 0"))
-                        .fix("write a duration such as \"10s\""),
+                    ConfigError::new(
+                        file,
+                        line_of_key(text, key),
+                        format!("`tracing.{key}` must be longer than 0"),
+                    )
+                    .fix("write a duration such as \"10s\""),
                 );
                 default
             }
@@ -140,9 +149,20 @@ impl RawTracing {
             capture_content: self.capture_content.unwrap_or(d.capture_content),
             redact: compile_redactions(file, text, "tracing", &self.redact, errors),
             timeout: dur(self.timeout, d.timeout, "timeout", errors),
-            queue_capacity: self.queue_capacity.unwrap_or(d.queue_capacity).clamp(1, 10_000_000),
-            max_batch_spans: self.max_batch_spans.unwrap_or(d.max_batch_spans).clamp(1, 100_000),
-            batch_interval: dur(self.batch_interval, d.batch_interval, "batch_interval", errors),
+            queue_capacity: self
+                .queue_capacity
+                .unwrap_or(d.queue_capacity)
+                .clamp(1, 10_000_000),
+            max_batch_spans: self
+                .max_batch_spans
+                .unwrap_or(d.max_batch_spans)
+                .clamp(1, 100_000),
+            batch_interval: dur(
+                self.batch_interval,
+                d.batch_interval,
+                "batch_interval",
+                errors,
+            ),
             spool_max_bytes: self.spool_max_bytes.unwrap_or(d.spool_max_bytes).max(4096),
             max_backoff: dur(self.max_backoff, d.max_backoff, "max_backoff", errors),
         }

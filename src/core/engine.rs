@@ -843,7 +843,10 @@ impl Engine {
 
     /// The observations of the events applied since the last call.
     pub fn take_observations(&mut self) -> Vec<Observation> {
-        self.observations.as_mut().map(std::mem::take).unwrap_or_default()
+        self.observations
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// While quiet (ledger replay at start-up), warnings already given are not logged again.

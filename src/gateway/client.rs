@@ -187,8 +187,8 @@ impl UpstreamClient {
             builder = builder.header(http::header::AUTHORIZATION, value);
         }
         // The traced attempt this request is (see `gateway::trace`).
-        if let Some(tp) = super::trace::outgoing_traceparent()
-            .and_then(|t| HeaderValue::from_str(&t).ok())
+        if let Some(tp) =
+            super::trace::outgoing_traceparent().and_then(|t| HeaderValue::from_str(&t).ok())
         {
             builder = builder.header("traceparent", tp);
         }

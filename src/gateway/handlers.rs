@@ -122,7 +122,18 @@ pub async fn chat_completions(
     meta.trace = trace::CallTrace::begin(&state, &headers, meta.stage_call.as_deref());
     // Kept only when traced: a refusal or a failed call still ends its request span.
     let traced = meta.trace.is_some().then(|| meta.clone());
-    let result = dispatch_call(state.clone(), settings, &headers, key, meta, request, notes, max_tokens, prompt_estimate).await;
+    let result = dispatch_call(
+        state.clone(),
+        settings,
+        &headers,
+        key,
+        meta,
+        request,
+        notes,
+        max_tokens,
+        prompt_estimate,
+    )
+    .await;
     if let (Err(e), Some(meta)) = (&result, &traced) {
         trace::request(
             &state,
@@ -151,22 +162,22 @@ async fn dispatch_call(
     prompt_estimate: u64,
 ) -> Result<Response, ApiError> {
     // The cache answers before admission: a hit spends no budget.
-    let mut cache_slot =
-        match lookup_cache(&state, &settings, headers, &meta, &request, &mut notes) {
-            CacheOutcome::Hit(resp) => {
-                trace::request(
-                    &state,
-                    &meta,
-                    trace::CallOutcome {
-                        status: 200,
-                        cache_hit: true,
-                        ..Default::default()
-                    },
-                );
-                return Ok(resp);
-            }
-            CacheOutcome::Miss(slot) => slot,
-        };
+    let mut cache_slot = match lookup_cache(&state, &settings, headers, &meta, &request, &mut notes)
+    {
+        CacheOutcome::Hit(resp) => {
+            trace::request(
+                &state,
+                &meta,
+                trace::CallOutcome {
+                    status: 200,
+                    cache_hit: true,
+                    ..Default::default()
+                },
+            );
+            return Ok(resp);
+        }
+        CacheOutcome::Miss(slot) => slot,
+    };
 
     rate_check(
         &state,

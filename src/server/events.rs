@@ -488,6 +488,24 @@ pub fn parse_event(
     Ok(Stamped { at, event })
 }
 
+/// The quality-gate verdicts among `events`, when they are traced (each a span and a score once
+/// stored; the gateway traces its own verdicts under the generation they judged).
+pub fn gate_verdicts(
+    state: &AppState,
+    events: &[Stamped],
+) -> Vec<(i64, crate::core::event::GateVerdictEvent)> {
+    if !state.tracer.exports() {
+        return Vec::new();
+    }
+    events
+        .iter()
+        .filter_map(|s| match &s.event {
+            Event::QualityGate(g) => Some((s.at, g.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,22 +617,4 @@ mod tests {
             Event::PersonaSwitch(PersonaSwitch { from: None, .. })
         ));
     }
-}
-
-/// The quality-gate verdicts among `events`, when they are traced (each a span and a score once
-/// stored; the gateway traces its own verdicts under the generation they judged).
-pub fn gate_verdicts(
-    state: &AppState,
-    events: &[Stamped],
-) -> Vec<(i64, crate::core::event::GateVerdictEvent)> {
-    if !state.tracer.exports() {
-        return Vec::new();
-    }
-    events
-        .iter()
-        .filter_map(|s| match &s.event {
-            Event::QualityGate(g) => Some((s.at, g.clone())),
-            _ => None,
-        })
-        .collect()
 }

@@ -298,7 +298,8 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let tracer = start_tracer(&cfg, &opts.data_dir, clock.clone())?;
     let observer: Option<writer::Observer> = tracer.exports().then(|| {
         let tracer = tracer.clone();
-        Box::new(move |e: &crate::core::event::Stamped, o| tracer.on_applied(e, o)) as writer::Observer
+        Box::new(move |e: &crate::core::event::Stamped, o| tracer.on_applied(e, o))
+            as writer::Observer
     });
     let (writer, writer_thread) = writer::spawn_observed(
         Box::new(ledger) as Box<dyn Ledger>,
@@ -441,7 +442,10 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         // The spans of the last calls go to the spool; what a destination does not take within a
         // few seconds is sent at the next start.
-        drain_state.tracer.shutdown(grace.min(Duration::from_secs(5))).await;
+        drain_state
+            .tracer
+            .shutdown(grace.min(Duration::from_secs(5)))
+            .await;
         tracing::info!("ledger flushed; stopped");
     });
 

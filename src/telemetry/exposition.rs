@@ -324,7 +324,11 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         );
     }
     w.header_of(&f::TRACE_EXPORT_LAST_SUCCESS);
-    for d in process.trace_destinations.iter().filter(|d| d.last_success_ms > 0) {
+    for d in process
+        .trace_destinations
+        .iter()
+        .filter(|d| d.last_success_ms > 0)
+    {
         w.sample(
             f::TRACE_EXPORT_LAST_SUCCESS.name,
             &[("destination", d.name)],

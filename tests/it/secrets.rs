@@ -204,13 +204,23 @@ async fn no_secret_reaches_logs_metrics_answers_or_the_ledger() {
     leaks("an answer", &answers);
     leaks("the exposition", &exposition);
     leaks("the log", &std::fs::read_to_string(&log).unwrap());
-    // The ledger and its write-ahead log, byte for byte.
-    for entry in std::fs::read_dir(&data).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        leaks(
-            &path.display().to_string(),
-            &String::from_utf8_lossy(&bytes),
-        );
+    // The ledger, its write-ahead log and the trace spools, byte for byte.
+    let mut dirs = vec![data.clone()];
+    let mut files = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            files += 1;
+            let bytes = std::fs::read(&path).unwrap();
+            leaks(
+                &path.display().to_string(),
+                &String::from_utf8_lossy(&bytes),
+            );
+        }
     }
+    assert!(files > 0);
 }

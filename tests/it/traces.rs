@@ -42,7 +42,12 @@ struct Receiver {
     stop: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
 }
 
-async fn traces(State(r): State<Receiver>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn traces(
+    State(r): State<Receiver>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let status = StatusCode::from_u16(r.answer.load(Ordering::SeqCst)).unwrap();
     let mut got = r.got.lock().unwrap();
     got.requests.push((uri.path().to_string(), headers));
@@ -65,7 +70,11 @@ async fn traces(State(r): State<Receiver>, uri: axum::http::Uri, headers: Header
     status
 }
 
-async fn ingestion(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+async fn ingestion(
+    State(r): State<Receiver>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
     let status = StatusCode::from_u16(r.answer.load(Ordering::SeqCst)).unwrap();
     let mut got = r.got.lock().unwrap();
     got.requests.push(("/api/public/ingestion".into(), headers));
@@ -73,8 +82,12 @@ async fn ingestion(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -
         return (status, String::new());
     }
     let v: Value = serde_json::from_slice(&body).expect("JSON");
-    got.scores.extend(v["batch"].as_array().unwrap().iter().cloned());
-    (StatusCode::MULTI_STATUS, json!({"successes": [], "errors": []}).to_string())
+    got.scores
+        .extend(v["batch"].as_array().unwrap().iter().cloned());
+    (
+        StatusCode::MULTI_STATUS,
+        json!({"successes": [], "errors": []}).to_string(),
+    )
 }
 
 impl Receiver {
@@ -96,7 +109,9 @@ impl Receiver {
             .route("/api/public/otel/v1/traces", post(traces))
             .route("/api/public/ingestion", post(ingestion))
             .with_state(self.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         *self.stop.lock().unwrap() = Some(tx);
         tokio::spawn(async move {
@@ -116,7 +131,9 @@ impl Receiver {
         }
         // Until a connection is refused.
         eventually("the receiver to stop", Duration::from_secs(10), || async {
-            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err().then_some(())
+            std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .is_err()
+                .then_some(())
         })
         .await;
     }
@@ -131,7 +148,11 @@ impl Receiver {
 }
 
 fn attr(s: &Span, key: &str) -> Option<Any> {
-    s.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.clone()).and_then(|v| v.value)
+    s.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone())
+        .and_then(|v| v.value)
 }
 
 fn attr_str(s: &Span, key: &str) -> Option<String> {
@@ -178,12 +199,21 @@ async fn server(dir: &Path, upstream: &FakeUpstream, edits: &[(&str, &str)]) -> 
         text = text.replacen(from, to, 1);
     }
     std::fs::write(&toml, text).unwrap();
-    std::fs::write(toml.parent().unwrap().join("workflows/traced.yml"), WORKFLOW).unwrap();
+    std::fs::write(
+        toml.parent().unwrap().join("workflows/traced.yml"),
+        WORKFLOW,
+    )
+    .unwrap();
     let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
     start(Source::File(toml), &dir.join("data"), clock).await
 }
 
-async fn chat(s: &TestServer, model: &str, headers: &[(&str, &str)], content: &str) -> reqwest::Response {
+async fn chat(
+    s: &TestServer,
+    model: &str,
+    headers: &[(&str, &str)],
+    content: &str,
+) -> reqwest::Response {
     let mut req = s.http.post(format!("{}/v1/chat/completions", s.api));
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -207,7 +237,10 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
         dir.path(),
         &upstream,
         &[
-            ("# endpoint = \"http://127.0.0.1:4318/v1/traces\"", &endpoint),
+            (
+                "# endpoint = \"http://127.0.0.1:4318/v1/traces\"",
+                &endpoint,
+            ),
             ("batch_interval = \"1s\"", "batch_interval = \"50ms\""),
             ("service_name = \"hypertool\"", "service_name = \"ht-test\""),
         ],
@@ -221,7 +254,10 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
         &s,
         "ok",
         &[
-            ("traceparent", &format!("00-{remote_trace}-{remote_parent}-01")),
+            (
+                "traceparent",
+                &format!("00-{remote_trace}-{remote_parent}-01"),
+            ),
             ("x-hypertool-persona", "frontend-engineer"),
             ("x-hypertool-session", "sess-1"),
         ],
@@ -230,7 +266,12 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
     .await;
 
     // A run with two stages; the first is gated (weak fails, strong passes on the retry).
-    let (status, run) = s.post_raw("/v1/workflows/traced/runs", json!({"session": "sess-run"}).to_string()).await;
+    let (status, run) = s
+        .post_raw(
+            "/v1/workflows/traced/runs",
+            json!({"session": "sess-run"}).to_string(),
+        )
+        .await;
     assert_eq!(status, 201, "{run}");
     let run_id = run["id"].as_str().unwrap().to_string();
     let in_run = |stage: &'static str| {
@@ -247,13 +288,19 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
     h.push(("x-hypertool-run", &run_id));
     chat(&s, "ok", &h, "review it").await;
     let (status, body) = s
-        .post_raw(&format!("/v1/workflows/traced/runs/{run_id}/finish"), json!({"status": "completed"}).to_string())
+        .post_raw(
+            &format!("/v1/workflows/traced/runs/{run_id}/finish"),
+            json!({"status": "completed"}).to_string(),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
 
     // An explicit switch, and one inferred from usage.
     let (status, body) = s
-        .post_raw("/v1/personas/switch", json!({"session": "sess-sw", "to": "testing-specialist"}).to_string())
+        .post_raw(
+            "/v1/personas/switch",
+            json!({"session": "sess-sw", "to": "testing-specialist"}).to_string(),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let mut a = usage("backend-engineer", "dev", "m", 1, 1);
@@ -277,98 +324,242 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
     .await;
     let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
     assert_eq!(by_id.len(), spans.len(), "every span once");
-    assert!(rx.got.lock().unwrap().service_names.iter().all(|n| n == "ht-test"));
-    let requests: Vec<&Span> = spans.iter().filter(|s| s.name == "POST /v1/chat/completions").collect();
+    assert!(rx
+        .got
+        .lock()
+        .unwrap()
+        .service_names
+        .iter()
+        .all(|n| n == "ht-test"));
+    let requests: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "POST /v1/chat/completions")
+        .collect();
     let children = |parent: &Span| -> Vec<&Span> {
-        spans.iter().filter(|s| s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id).collect()
+        spans
+            .iter()
+            .filter(|s| s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id)
+            .collect()
     };
 
     // 1. The continued trace: the request's parent is the client's span; the upstream attempt is
     // its child and went upstream with its own traceparent.
-    let continued = requests.iter().find(|s| hex(&s.trace_id) == remote_trace).expect("the continued trace");
+    let continued = requests
+        .iter()
+        .find(|s| hex(&s.trace_id) == remote_trace)
+        .expect("the continued trace");
     assert_eq!(hex(&continued.parent_span_id), remote_parent);
     assert_eq!(continued.kind, 2, "server");
-    assert_eq!(attr_str(continued, "hypertool.persona").as_deref(), Some("frontend-engineer"));
+    assert_eq!(
+        attr_str(continued, "hypertool.persona").as_deref(),
+        Some("frontend-engineer")
+    );
     assert_eq!(attr_str(continued, "session.id").as_deref(), Some("sess-1"));
-    assert_eq!(attr(continued, "hypertool.cache_hit"), Some(Any::BoolValue(false)));
+    assert_eq!(
+        attr(continued, "hypertool.cache_hit"),
+        Some(Any::BoolValue(false))
+    );
     let gens = children(continued);
     assert_eq!(gens.len(), 1, "one upstream attempt");
     let g = gens[0];
     assert_eq!(g.name, "chat ok");
     assert_eq!(g.kind, 3, "client");
     assert_eq!(attr_str(g, "gen_ai.request.model").as_deref(), Some("ok"));
-    assert_eq!(attr_str(g, "gen_ai.operation.name").as_deref(), Some("chat"));
+    assert_eq!(
+        attr_str(g, "gen_ai.operation.name").as_deref(),
+        Some("chat")
+    );
     assert!(attr_int(g, "gen_ai.usage.input_tokens").unwrap() > 0);
     assert!(attr_int(g, "gen_ai.usage.output_tokens").unwrap() > 0);
-    assert!(g.start_time_unix_nano >= continued.start_time_unix_nano && g.end_time_unix_nano <= continued.end_time_unix_nano);
-    assert_eq!(attr(g, "gen_ai.input.messages"), None, "no content unless capture_content");
+    assert!(
+        g.start_time_unix_nano >= continued.start_time_unix_nano
+            && g.end_time_unix_nano <= continued.end_time_unix_nano
+    );
+    assert_eq!(
+        attr(g, "gen_ai.input.messages"),
+        None,
+        "no content unless capture_content"
+    );
     let sent = upstream.stats().await["traceparents"].clone();
     let expected = format!("00-{remote_trace}-{}-01", hex(&g.span_id));
-    assert!(sent.as_array().unwrap().iter().any(|t| t == &json!(expected)), "{sent} lacks {expected}");
+    assert!(
+        sent.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == &json!(expected)),
+        "{sent} lacks {expected}"
+    );
 
     // 2. The run: its span is the root of its trace, each stage its child, each call under its
     // stage, the gated call with two attempts (weak, then strong) and a verdict under each.
     let run_span = spans.iter().find(|s| s.name == "workflow traced").unwrap();
     assert!(run_span.parent_span_id.is_empty());
-    assert_eq!(attr_str(run_span, "hypertool.run").as_deref(), Some(run_id.as_str()));
-    assert_eq!(attr_str(run_span, "session.id").as_deref(), Some("sess-run"));
-    let stages: BTreeMap<String, &Span> = children(run_span).into_iter().map(|s| (s.name.clone(), s)).collect();
-    assert_eq!(stages.keys().collect::<Vec<_>>(), ["stage code", "stage review"]);
+    assert_eq!(
+        attr_str(run_span, "hypertool.run").as_deref(),
+        Some(run_id.as_str())
+    );
+    assert_eq!(
+        attr_str(run_span, "session.id").as_deref(),
+        Some("sess-run")
+    );
+    let stages: BTreeMap<String, &Span> = children(run_span)
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    assert_eq!(
+        stages.keys().collect::<Vec<_>>(),
+        ["stage code", "stage review"]
+    );
     let code = stages["stage code"];
     assert!(code.start_time_unix_nano <= code.end_time_unix_nano);
-    assert!(code.end_time_unix_nano <= stages["stage review"].start_time_unix_nano + 1_000_000, "code ended when review started");
-    assert_eq!(attr_str(code, "hypertool.stage.status").as_deref(), Some("passed"));
-    let code_call = children(code).into_iter().find(|s| s.name == "POST /v1/chat/completions").expect("the code call under its stage");
+    assert!(
+        code.end_time_unix_nano <= stages["stage review"].start_time_unix_nano + 1_000_000,
+        "code ended when review started"
+    );
+    assert_eq!(
+        attr_str(code, "hypertool.stage.status").as_deref(),
+        Some("passed")
+    );
+    let code_call = children(code)
+        .into_iter()
+        .find(|s| s.name == "POST /v1/chat/completions")
+        .expect("the code call under its stage");
     assert_eq!(attr_int(code_call, "hypertool.attempts"), Some(2));
-    assert_eq!(attr_str(code_call, "hypertool.gate.result").as_deref(), Some("pass"));
-    let mut attempts: Vec<&Span> = children(code_call).into_iter().filter(|s| s.name.starts_with("chat ")).collect();
+    assert_eq!(
+        attr_str(code_call, "hypertool.gate.result").as_deref(),
+        Some("pass")
+    );
+    let mut attempts: Vec<&Span> = children(code_call)
+        .into_iter()
+        .filter(|s| s.name.starts_with("chat "))
+        .collect();
     attempts.sort_by_key(|s| attr_int(s, "hypertool.gate_attempt"));
-    assert_eq!(attempts.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["chat weak", "chat strong"]);
+    assert_eq!(
+        attempts.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["chat weak", "chat strong"]
+    );
     for (attempt, verdict) in attempts.iter().zip(["fail", "pass"]) {
-        let gates: Vec<&Span> = children(attempt).into_iter().filter(|s| s.name == "quality_gate").collect();
+        let gates: Vec<&Span> = children(attempt)
+            .into_iter()
+            .filter(|s| s.name == "quality_gate")
+            .collect();
         assert_eq!(gates.len(), 1);
-        assert_eq!(attr_str(gates[0], "hypertool.gate.result").as_deref(), Some(verdict));
+        assert_eq!(
+            attr_str(gates[0], "hypertool.gate.result").as_deref(),
+            Some(verdict)
+        );
     }
-    let fail_gate = children(attempts[0]).into_iter().find(|s| s.name == "quality_gate").unwrap();
-    assert_eq!(fail_gate.status.as_ref().unwrap().code, 2, "a failed verdict is an error span");
-    assert!(attr_str(fail_gate, "hypertool.gate.failed_criteria").unwrap().contains("TODO"));
-    let review_call = children(stages["stage review"]).into_iter().find(|s| s.name == "POST /v1/chat/completions");
+    let fail_gate = children(attempts[0])
+        .into_iter()
+        .find(|s| s.name == "quality_gate")
+        .unwrap();
+    assert_eq!(
+        fail_gate.status.as_ref().unwrap().code,
+        2,
+        "a failed verdict is an error span"
+    );
+    assert!(attr_str(fail_gate, "hypertool.gate.failed_criteria")
+        .unwrap()
+        .contains("TODO"));
+    let review_call = children(stages["stage review"])
+        .into_iter()
+        .find(|s| s.name == "POST /v1/chat/completions");
     assert!(review_call.is_some(), "the review call under its stage");
 
     // 3. Switches: explicit and inferred, named as the runbook's Jaeger query expects.
-    let switches: Vec<&Span> = spans.iter().filter(|s| s.name == "persona_switch").collect();
-    let explicit = switches.iter().find(|s| attr_str(s, "session.id").as_deref() == Some("sess-sw")).unwrap();
-    assert_eq!(attr_str(explicit, "hypertool.switch.kind").as_deref(), Some("explicit"));
-    assert_eq!(attr_str(explicit, "hypertool.persona.to").as_deref(), Some("testing-specialist"));
-    let inferred = switches.iter().find(|s| attr_str(s, "session.id").as_deref() == Some("sess-inf")
-        && attr_str(s, "hypertool.persona.to").as_deref() == Some("frontend-engineer")).expect("the inferred switch");
-    assert_eq!(attr_str(inferred, "hypertool.switch.kind").as_deref(), Some("inferred"));
-    assert_eq!(attr_str(inferred, "hypertool.persona.from").as_deref(), Some("backend-engineer"));
+    let switches: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "persona_switch")
+        .collect();
+    let explicit = switches
+        .iter()
+        .find(|s| attr_str(s, "session.id").as_deref() == Some("sess-sw"))
+        .unwrap();
+    assert_eq!(
+        attr_str(explicit, "hypertool.switch.kind").as_deref(),
+        Some("explicit")
+    );
+    assert_eq!(
+        attr_str(explicit, "hypertool.persona.to").as_deref(),
+        Some("testing-specialist")
+    );
+    let inferred = switches
+        .iter()
+        .find(|s| {
+            attr_str(s, "session.id").as_deref() == Some("sess-inf")
+                && attr_str(s, "hypertool.persona.to").as_deref() == Some("frontend-engineer")
+        })
+        .expect("the inferred switch");
+    assert_eq!(
+        attr_str(inferred, "hypertool.switch.kind").as_deref(),
+        Some("inferred")
+    );
+    assert_eq!(
+        attr_str(inferred, "hypertool.persona.from").as_deref(),
+        Some("backend-engineer")
+    );
 
     // The export is counted.
     let m = s.metrics().await;
-    assert!(m.get("hypertool_trace_export_total", &[("destination", "otlp"), ("result", "ok")]).unwrap() >= 1.0);
-    assert_eq!(m.get("hypertool_trace_spool_bytes", &[("destination", "otlp")]), Some(0.0));
-    assert!(m.get("hypertool_trace_export_last_success_timestamp_seconds", &[("destination", "otlp")]).unwrap() > 0.0);
+    assert!(
+        m.get(
+            "hypertool_trace_export_total",
+            &[("destination", "otlp"), ("result", "ok")]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        m.get("hypertool_trace_spool_bytes", &[("destination", "otlp")]),
+        Some(0.0)
+    );
+    assert!(
+        m.get(
+            "hypertool_trace_export_last_success_timestamp_seconds",
+            &[("destination", "otlp")]
+        )
+        .unwrap()
+            > 0.0
+    );
     s.stop().await;
 }
 
 /// The Langfuse edits: keys from `pk_env`/`sk_env`, the stand-in as host, quick batches and retries.
 fn langfuse_edits<'a>(host: &'a str, pk_env: &'a str, sk_env: &'a str) -> Vec<(&'a str, String)> {
     vec![
-        ("public_key_env = \"LANGFUSE_PUBLIC_KEY\"", format!("public_key_env = \"{pk_env}\"")),
-        ("secret_key_env = \"LANGFUSE_SECRET_KEY\"", format!("secret_key_env = \"{sk_env}\"")),
-        ("host = \"https://cloud.langfuse.com\"", format!("host = \"{host}\"")),
+        (
+            "public_key_env = \"LANGFUSE_PUBLIC_KEY\"",
+            format!("public_key_env = \"{pk_env}\""),
+        ),
+        (
+            "secret_key_env = \"LANGFUSE_SECRET_KEY\"",
+            format!("secret_key_env = \"{sk_env}\""),
+        ),
+        (
+            "host = \"https://cloud.langfuse.com\"",
+            format!("host = \"{host}\""),
+        ),
         // The first `redact` is [langfuse]'s.
         ("redact = []", "redact = [\"secret-[0-9]+\"]".to_string()),
-        ("batch_interval = \"1s\"", "batch_interval = \"50ms\"".to_string()),
-        ("max_backoff = \"30s\"", "max_backoff = \"200ms\"".to_string()),
+        (
+            "batch_interval = \"1s\"",
+            "batch_interval = \"50ms\"".to_string(),
+        ),
+        (
+            "max_backoff = \"30s\"",
+            "max_backoff = \"200ms\"".to_string(),
+        ),
     ]
 }
 
 /// A run of workflow `traced` with one gated call (two attempts, two verdicts), finished.
 async fn gated_run(s: &TestServer, session: &str) {
-    let (status, run) = s.post_raw("/v1/workflows/traced/runs", json!({"session": session}).to_string()).await;
+    let (status, run) = s
+        .post_raw(
+            "/v1/workflows/traced/runs",
+            json!({"session": session}).to_string(),
+        )
+        .await;
     assert_eq!(status, 201, "{run}");
     let run_id = run["id"].as_str().unwrap().to_string();
     chat(
@@ -385,13 +576,22 @@ async fn gated_run(s: &TestServer, session: &str) {
     )
     .await;
     let (status, body) = s
-        .post_raw(&format!("/v1/workflows/traced/runs/{run_id}/finish"), json!({"status": "completed"}).to_string())
+        .post_raw(
+            &format!("/v1/workflows/traced/runs/{run_id}/finish"),
+            json!({"status": "completed"}).to_string(),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
 }
 
 async fn plain_call(s: &TestServer, n: usize) {
-    chat(s, "ok", &[("x-hypertool-persona", "frontend-engineer")], &format!("call {n}")).await;
+    chat(
+        s,
+        "ok",
+        &[("x-hypertool-persona", "frontend-engineer")],
+        &format!("call {n}"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,7 +610,12 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
     gated_run(&s, "sess-a").await;
     gated_run(&s, "sess-b").await;
     plain_call(&s, 1).await;
-    let requests = |rx: &Receiver| rx.spans().iter().filter(|s| s.name == "POST /v1/chat/completions").count();
+    let requests = |rx: &Receiver| {
+        rx.spans()
+            .iter()
+            .filter(|s| s.name == "POST /v1/chat/completions")
+            .count()
+    };
     eventually("the first spans", Duration::from_secs(20), || async {
         (requests(&rx) == 3 && rx.got.lock().unwrap().scores.len() == 4).then_some(())
     })
@@ -422,21 +627,43 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
     plain_call(&s, 3).await;
     eventually("spooling", Duration::from_secs(20), || async {
         let m = s.metrics().await;
-        let retried = m.get("hypertool_trace_export_total", &[("destination", "langfuse"), ("result", "retry")]).unwrap_or(0.0);
-        let spooled = m.get("hypertool_trace_spool_bytes", &[("destination", "langfuse")]).unwrap_or(0.0);
+        let retried = m
+            .get(
+                "hypertool_trace_export_total",
+                &[("destination", "langfuse"), ("result", "retry")],
+            )
+            .unwrap_or(0.0);
+        let spooled = m
+            .get(
+                "hypertool_trace_spool_bytes",
+                &[("destination", "langfuse")],
+            )
+            .unwrap_or(0.0);
         (retried >= 1.0 && spooled > 0.0).then_some(())
     })
     .await;
     // hypertool stops: what is queued goes to the spool, nothing is lost.
     s.stop().await;
     let spool = dir.path().join("data/spool/langfuse");
-    assert!(std::fs::read_dir(&spool).unwrap().count() > 0, "batches spooled at shutdown");
+    assert!(
+        std::fs::read_dir(&spool).unwrap().count() > 0,
+        "batches spooled at shutdown"
+    );
 
     // Restarted, still without Langfuse: one more run.
     let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
-    let s = start(Source::File(dir.path().join("config/hypertool.toml")), &dir.path().join("data"), clock).await;
+    let s = start(
+        Source::File(dir.path().join("config/hypertool.toml")),
+        &dir.path().join("data"),
+        clock,
+    )
+    .await;
     gated_run(&s, "sess-c").await;
-    assert_eq!(requests(&rx), 3, "nothing arrives while the stand-in is down");
+    assert_eq!(
+        requests(&rx),
+        3,
+        "nothing arrives while the stand-in is down"
+    );
 
     // Langfuse is back: everything arrives, each span and score exactly once.
     rx.listen().await;
@@ -446,7 +673,11 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
     .await;
     eventually("the spool to empty", Duration::from_secs(20), || async {
         let m = s.metrics().await;
-        (m.get("hypertool_trace_spool_bytes", &[("destination", "langfuse")]) == Some(0.0)).then_some(())
+        (m.get(
+            "hypertool_trace_spool_bytes",
+            &[("destination", "langfuse")],
+        ) == Some(0.0))
+        .then_some(())
     })
     .await;
     let spans = rx.spans();
@@ -455,22 +686,39 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
     ids.dedup();
     assert_eq!(ids.len(), spans.len(), "each span exactly once");
     assert_eq!(requests(&rx), 6);
-    assert_eq!(spans.iter().filter(|s| s.name == "workflow traced").count(), 3);
-    let got = rx.got.lock().unwrap();
-    let mut score_ids: Vec<&str> = got.scores.iter().map(|s| s["body"]["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        spans.iter().filter(|s| s.name == "workflow traced").count(),
+        3
+    );
+    // Taken out whole: no lock is held across the awaits below.
+    let got = std::mem::take(&mut *rx.got.lock().unwrap());
+    let mut score_ids: Vec<&str> = got
+        .scores
+        .iter()
+        .map(|s| s["body"]["id"].as_str().unwrap())
+        .collect();
     score_ids.sort();
     score_ids.dedup();
-    assert_eq!(score_ids.len(), 6, "each score exactly once: {:?}", got.scores);
+    assert_eq!(
+        score_ids.len(),
+        6,
+        "each score exactly once: {:?}",
+        got.scores
+    );
 
     // Langfuse's protocol: paths, Basic auth of public:secret, the ingestion version.
     use base64::Engine as _;
     let basic = format!(
         "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("pk-lf-test-public:sk-lf-test-secret-value")
+        base64::engine::general_purpose::STANDARD
+            .encode("pk-lf-test-public:sk-lf-test-secret-value")
     );
     assert!(!got.requests.is_empty());
     for (path, headers) in &got.requests {
-        assert!(path == "/api/public/otel/v1/traces" || path == "/api/public/ingestion", "{path}");
+        assert!(
+            path == "/api/public/otel/v1/traces" || path == "/api/public/ingestion",
+            "{path}"
+        );
         assert_eq!(headers["authorization"], basic.as_str());
         if path.ends_with("/traces") {
             assert_eq!(headers["x-langfuse-ingestion-version"], "4");
@@ -484,35 +732,79 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
         .iter()
         .find(|s| s.name == "chat weak" && attr_str(s, "session.id").as_deref() == Some("sess-a"))
         .expect("the weak attempt of run a");
-    assert_eq!(attr_str(generation, "langfuse.observation.type").as_deref(), Some("generation"));
-    assert_eq!(attr_str(generation, "user.id").as_deref(), Some("backend-engineer"));
-    assert_eq!(attr_str(generation, "langfuse.trace.metadata.workflow").as_deref(), Some("traced"));
-    assert_eq!(attr_str(generation, "langfuse.trace.metadata.stage").as_deref(), Some("code"));
+    assert_eq!(
+        attr_str(generation, "langfuse.observation.type").as_deref(),
+        Some("generation")
+    );
+    assert_eq!(
+        attr_str(generation, "user.id").as_deref(),
+        Some("backend-engineer")
+    );
+    assert_eq!(
+        attr_str(generation, "langfuse.trace.metadata.workflow").as_deref(),
+        Some("traced")
+    );
+    assert_eq!(
+        attr_str(generation, "langfuse.trace.metadata.stage").as_deref(),
+        Some("code")
+    );
     assert!(attr_str(generation, "langfuse.trace.metadata.run").is_some());
-    assert_eq!(attr_str(generation, "langfuse.observation.model.name").as_deref(), Some("weak"));
-    let usage: Value = serde_json::from_str(&attr_str(generation, "langfuse.observation.usage_details").unwrap()).unwrap();
+    assert_eq!(
+        attr_str(generation, "langfuse.observation.model.name").as_deref(),
+        Some("weak")
+    );
+    let usage: Value =
+        serde_json::from_str(&attr_str(generation, "langfuse.observation.usage_details").unwrap())
+            .unwrap();
     assert!(usage["input"].as_i64().unwrap() > 0 && usage["output"].as_i64().unwrap() > 0);
     let input = attr_str(generation, "langfuse.observation.input").unwrap();
-    assert!(input.contains("[REDACTED]") && !input.contains("secret-12345"), "{input}");
-    assert!(attr_str(generation, "langfuse.observation.output").unwrap().contains("TODO"));
+    assert!(
+        input.contains("[REDACTED]") && !input.contains("secret-12345"),
+        "{input}"
+    );
+    assert!(attr_str(generation, "langfuse.observation.output")
+        .unwrap()
+        .contains("TODO"));
     let run_root = spans.iter().find(|s| s.name == "workflow traced").unwrap();
-    assert_eq!(attr_str(run_root, "langfuse.trace.name").as_deref(), Some("workflow traced"));
+    assert_eq!(
+        attr_str(run_root, "langfuse.trace.name").as_deref(),
+        Some("workflow traced")
+    );
 
     // Scores: quality_gate on the generation each verdict judged; failed criteria as the comment.
     let weak_hex = hex(&generation.span_id);
-    let on_weak = got.scores.iter().find(|s| s["body"]["observationId"] == json!(weak_hex)).expect("a score on the weak attempt");
+    let on_weak = got
+        .scores
+        .iter()
+        .find(|s| s["body"]["observationId"] == json!(weak_hex))
+        .expect("a score on the weak attempt");
     assert_eq!(on_weak["type"], "score-create");
     assert_eq!(on_weak["body"]["name"], "quality_gate");
     assert_eq!(on_weak["body"]["value"], 0.0);
     assert_eq!(on_weak["body"]["traceId"], json!(hex(&generation.trace_id)));
-    assert!(on_weak["body"]["comment"].as_str().unwrap().contains("TODO"));
-    assert_eq!(got.scores.iter().filter(|s| s["body"]["value"] == 1.0).count(), 3);
-    drop(got);
+    assert!(on_weak["body"]["comment"]
+        .as_str()
+        .unwrap()
+        .contains("TODO"));
+    assert_eq!(
+        got.scores
+            .iter()
+            .filter(|s| s["body"]["value"] == 1.0)
+            .count(),
+        3
+    );
 
     // Counted as accepted by this process: the two spooled calls and run c (one trace each).
     let m = s.metrics().await;
     assert_eq!(m.get("langfuse_trace_created_total", &[]), Some(3.0));
-    assert!(m.get("hypertool_trace_export_total", &[("destination", "langfuse"), ("result", "ok")]).unwrap() >= 2.0);
+    assert!(
+        m.get(
+            "hypertool_trace_export_total",
+            &[("destination", "langfuse"), ("result", "ok")]
+        )
+        .unwrap()
+            >= 2.0
+    );
     s.stop().await;
 }
 
@@ -524,7 +816,11 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
     let rx = Receiver::start().await;
     rx.answer.store(401, Ordering::SeqCst);
     let host = rx.url();
-    let edits = langfuse_edits(&host, "HYPERTOOL_TEST_LF_WRONG_PK", "HYPERTOOL_TEST_LF_WRONG_SK");
+    let edits = langfuse_edits(
+        &host,
+        "HYPERTOOL_TEST_LF_WRONG_PK",
+        "HYPERTOOL_TEST_LF_WRONG_SK",
+    );
     let edits: Vec<(&str, &str)> = edits.iter().map(|(a, b)| (*a, b.as_str())).collect();
     let s = start_edited(dir.path(), &edits).await;
     let state = s.running.as_ref().unwrap().state.clone();
@@ -543,18 +839,33 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
     }
     eventually("a refused batch", Duration::from_secs(20), || async {
         let m = s.metrics().await;
-        let refused = m.get("hypertool_trace_export_total", &[("destination", "langfuse"), ("result", "auth_refused")]);
+        let refused = m.get(
+            "hypertool_trace_export_total",
+            &[("destination", "langfuse"), ("result", "auth_refused")],
+        );
         (refused.unwrap_or(0.0) >= 1.0).then_some(())
     })
     .await;
     evaluate_alerts(&state).await;
     let (_, view) = s.get_json("/api/alerts").await;
-    let a = view["alerts"].as_array().unwrap().iter().find(|a| a["alertname"] == "LangfuseIntegrationFailing").unwrap();
+    let a = view["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alertname"] == "LangfuseIntegrationFailing")
+        .unwrap();
     assert_eq!(a["state"], "firing", "{a}");
     let note = a["instances"][0]["note"].as_str().unwrap();
-    assert!(note.contains("refused the keys") && note.contains("LANGFUSE_PUBLIC_KEY"), "{note}");
+    assert!(
+        note.contains("refused the keys") && note.contains("LANGFUSE_PUBLIC_KEY"),
+        "{note}"
+    );
     let m = s.metrics().await;
-    assert_eq!(m.get("langfuse_trace_created_total", &[]), Some(0.0), "refused traces are not created traces");
+    assert_eq!(
+        m.get("langfuse_trace_created_total", &[]),
+        Some(0.0),
+        "refused traces are not created traces"
+    );
     assert_eq!(m.get("hypertool_langfuse_enabled", &[]), Some(1.0));
     // The keys never reach the note or the metrics.
     let text = s.metrics_text().await;
@@ -574,7 +885,12 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
     }
     evaluate_alerts(&state).await;
     let (_, view) = s.get_json("/api/alerts").await;
-    let a = view["alerts"].as_array().unwrap().iter().find(|a| a["alertname"] == "LangfuseIntegrationFailing").unwrap();
+    let a = view["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alertname"] == "LangfuseIntegrationFailing")
+        .unwrap();
     assert_ne!(a["state"], "firing", "{a}");
     s.stop().await;
 }

@@ -143,8 +143,8 @@ impl Tracer {
             (None, None) => (TraceId::random(), None),
         };
         let span_id = SpanId::random();
-        let mut s = SpanRecord::new(trace, span_id, parent, "quality_gate", Role::Gate)
-            .between_ms(at, at);
+        let mut s =
+            SpanRecord::new(trace, span_id, parent, "quality_gate", Role::Gate).between_ms(at, at);
         s.set("hypertool.workflow", g.workflow.as_str());
         s.set("hypertool.stage", g.stage.as_str());
         s.set_opt("hypertool.run", g.run.clone());
@@ -154,7 +154,11 @@ impl Tracer {
         s.set("hypertool.gate.attempt", g.attempt);
         s.set_opt("hypertool.gate.failed_criteria", g.reasons.clone());
         if !pass {
-            s.error = Some(g.reasons.clone().unwrap_or_else(|| "quality gate failed".into()));
+            s.error = Some(
+                g.reasons
+                    .clone()
+                    .unwrap_or_else(|| "quality gate failed".into()),
+            );
         }
         self.emit(s);
         self.score(Score {

@@ -114,7 +114,10 @@ impl DestinationStats {
     }
 
     pub fn trouble(&self) -> Option<Trouble> {
-        self.trouble.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.trouble
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_trouble(&self, t: Option<Trouble>) {
@@ -145,16 +148,28 @@ impl Destination {
         let spool = Spool::open(&config.spool_dir, config.spool_max_bytes)?;
         let stats = Arc::new(DestinationStats::new());
         stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
-        stats.spool_batches.store(spool.batches() as u64, Ordering::Relaxed);
+        stats
+            .spool_batches
+            .store(spool.batches() as u64, Ordering::Relaxed);
         if spool.batches() > 0 {
-            tracing::info!(destination = config.name, batches = spool.batches(), bytes = spool.bytes(),
-                "trace batches left by an earlier run are spooled; sending them first");
+            tracing::info!(
+                destination = config.name,
+                batches = spool.batches(),
+                bytes = spool.bytes(),
+                "trace batches left by an earlier run are spooled; sending them first"
+            );
         }
         let spool = Arc::new(Mutex::new(spool));
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let wake = Arc::new(Notify::new());
         let stop = CancellationToken::new();
-        tokio::spawn(batcher(config.clone(), rx, spool.clone(), stats.clone(), wake.clone()));
+        tokio::spawn(batcher(
+            config.clone(),
+            rx,
+            spool.clone(),
+            stats.clone(),
+            wake.clone(),
+        ));
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
@@ -200,7 +215,11 @@ impl Destination {
         if self.tx.send(Message::Flush(done)).await.is_ok() {
             let _ = wait.await;
         }
-        let handle = self.sender_done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self
+            .sender_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(mut handle) = handle {
             let drained = async {
                 loop {
@@ -293,7 +312,9 @@ fn write_batches(
             }
         }
         stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
-        stats.spool_batches.store(spool.batches() as u64, Ordering::Relaxed);
+        stats
+            .spool_batches
+            .store(spool.batches() as u64, Ordering::Relaxed);
     }
 }
 
@@ -370,7 +391,10 @@ async fn sender(
             }
             Some(Err(e)) => {
                 stats.count("rejected");
-                tracing::error!(destination = config.name, "a spooled trace batch was unreadable and is skipped: {e}");
+                tracing::error!(
+                    destination = config.name,
+                    "a spooled trace batch was unreadable and is skipped: {e}"
+                );
                 continue;
             }
             Some(Ok(item)) => item,
@@ -383,13 +407,22 @@ async fn sender(
         let wait = match outcome {
             Sent::Accepted => {
                 stats.count("ok");
-                stats.last_success_ms.store(clock.now_ms(), Ordering::Relaxed);
+                stats
+                    .last_success_ms
+                    .store(clock.now_ms(), Ordering::Relaxed);
                 match kind {
-                    ItemKind::Spans => stats.traces_accepted.fetch_add(u64::from(count), Ordering::Relaxed),
-                    ItemKind::Scores => stats.scores_accepted.fetch_add(u64::from(count), Ordering::Relaxed),
+                    ItemKind::Spans => stats
+                        .traces_accepted
+                        .fetch_add(u64::from(count), Ordering::Relaxed),
+                    ItemKind::Scores => stats
+                        .scores_accepted
+                        .fetch_add(u64::from(count), Ordering::Relaxed),
                 };
                 if !stats.healthy.load(Ordering::Relaxed) {
-                    tracing::info!(destination = config.name, "traces are being delivered again");
+                    tracing::info!(
+                        destination = config.name,
+                        "traces are being delivered again"
+                    );
                 }
                 stats.set_trouble(None);
                 remove(&spool, &stats, seq);
@@ -423,8 +456,11 @@ async fn sender(
             }
             Sent::Rejected(code, why) => {
                 stats.count("rejected");
-                tracing::error!(destination = config.name, status = code,
-                    "the trace destination refused a batch for good ({why}); it is dropped");
+                tracing::error!(
+                    destination = config.name,
+                    status = code,
+                    "the trace destination refused a batch for good ({why}); it is dropped"
+                );
                 remove(&spool, &stats, seq);
                 None
             }
@@ -442,5 +478,7 @@ fn remove(spool: &Mutex<Spool>, stats: &DestinationStats, seq: u64) {
     let mut s = spool.lock().unwrap_or_else(|p| p.into_inner());
     s.remove(seq);
     stats.spool_bytes.store(s.bytes(), Ordering::Relaxed);
-    stats.spool_batches.store(s.batches() as u64, Ordering::Relaxed);
+    stats
+        .spool_batches
+        .store(s.batches() as u64, Ordering::Relaxed);
 }

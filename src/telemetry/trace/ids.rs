@@ -210,16 +210,22 @@ mod tests {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }
         // A later version may carry more fields.
-        assert!(TraceParent::parse(
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-more"
-        )
-        .is_some_and(|t| !t.sampled));
+        assert!(
+            TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-more")
+                .is_some_and(|t| !t.sampled)
+        );
     }
 
     #[test]
     fn derived_ids_are_stable_and_distinct() {
-        assert_eq!(TraceId::derived(&["run", "r1"]), TraceId::derived(&["run", "r1"]));
-        assert_ne!(TraceId::derived(&["run", "r1"]), TraceId::derived(&["run", "r2"]));
+        assert_eq!(
+            TraceId::derived(&["run", "r1"]),
+            TraceId::derived(&["run", "r1"])
+        );
+        assert_ne!(
+            TraceId::derived(&["run", "r1"]),
+            TraceId::derived(&["run", "r2"])
+        );
         assert_ne!(SpanId::derived(&["ab", "c"]), SpanId::derived(&["a", "bc"]));
         assert_ne!(SpanId::random(), SpanId::random());
     }

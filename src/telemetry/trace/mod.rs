@@ -83,7 +83,10 @@ fn parse_headers(
                 value.set_sensitive(true);
                 out.push((name, value));
             }
-            _ => warnings.push(format!("{var}: header `{}` is not valid and is ignored", k.trim())),
+            _ => warnings.push(format!(
+                "{var}: header `{}` is not valid and is ignored",
+                k.trim()
+            )),
         }
     }
     out
@@ -110,7 +113,13 @@ impl Plan {
             .and_then(|ms| ms.trim().parse::<u64>().ok())
             .map(Duration::from_millis)
             .unwrap_or(tracing.timeout);
-        let base = |name: &'static str, url: String, flavour, capture, headers, scores, auth_fix: String| {
+        let base = |name: &'static str,
+                    url: String,
+                    flavour,
+                    capture,
+                    headers,
+                    scores,
+                    auth_fix: String| {
             DestinationConfig {
                 name,
                 traces_url: url,
@@ -140,7 +149,9 @@ impl Plan {
             })
             .or_else(|| tracing.endpoint.clone());
         if let (Some(url), false) = (endpoint, disabled) {
-            if let Some(p) = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+            if let Some(p) = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            {
                 if p.trim() != "http/protobuf" {
                     plan.warnings.push(format!(
                         "OTEL_EXPORTER_OTLP_PROTOCOL = {p:?}: hypertool exports OTLP over HTTP with protobuf only (http/protobuf); point the endpoint at the collector's HTTP port (4318)"
@@ -148,7 +159,10 @@ impl Plan {
                 }
             }
             let mut headers = Vec::new();
-            for var in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+            for var in [
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            ] {
                 if let Some(raw) = env(var) {
                     headers.extend(parse_headers(&raw, var, &mut plan.warnings));
                 }
@@ -238,8 +252,8 @@ impl Tracer {
             tracing::info!(destination = name, url = %d.config.traces_url, "exporting traces");
             destinations.push(d);
         }
-        let content = destinations.iter().any(|d| d.config.encode.capture_content)
-            || plan.langfuse_missing;
+        let content =
+            destinations.iter().any(|d| d.config.encode.capture_content) || plan.langfuse_missing;
         Ok(Tracer {
             inner: Some(Arc::new(Inner {
                 destinations,
@@ -355,12 +369,14 @@ impl Tracer {
 
 /// The runbook's "fallback to local logging": a generation that Langfuse is not getting.
 fn log_generation(s: &SpanRecord) {
-    let get = |k: &str| s.attr(k).map(|v| match v {
-        span::Value::Str(x) => x.clone(),
-        span::Value::Int(n) => n.to_string(),
-        span::Value::Float(f) => f.to_string(),
-        span::Value::Bool(b) => b.to_string(),
-    });
+    let get = |k: &str| {
+        s.attr(k).map(|v| match v {
+            span::Value::Str(x) => x.clone(),
+            span::Value::Int(n) => n.to_string(),
+            span::Value::Float(f) => f.to_string(),
+            span::Value::Bool(b) => b.to_string(),
+        })
+    };
     tracing::info!(
         target: "hypertool::generation",
         trace_id = %s.trace_id,

@@ -5,7 +5,9 @@
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
+use opentelemetry_proto::tonic::trace::v1::{
+    span, status, ResourceSpans, ScopeSpans, Span, Status,
+};
 use prost::Message;
 
 use super::span::{Kind, Role, SpanRecord, Value};
@@ -145,20 +147,32 @@ fn langfuse_attributes(s: &SpanRecord, out: &mut Vec<KeyValue>) {
         out.push(str_kv("langfuse.observation.level", "ERROR"));
     }
     if s.role == Role::Generation {
-        if let Some(m) = s.attr_str("gen_ai.response.model").or(s.attr_str("gen_ai.request.model")) {
+        if let Some(m) = s
+            .attr_str("gen_ai.response.model")
+            .or(s.attr_str("gen_ai.request.model"))
+        {
             out.push(str_kv("langfuse.observation.model.name", m));
         }
         let int = |k: &str| match s.attr(k) {
             Some(Value::Int(n)) => Some(*n),
             _ => None,
         };
-        if let (Some(i), Some(o)) = (int("gen_ai.usage.input_tokens"), int("gen_ai.usage.output_tokens")) {
+        if let (Some(i), Some(o)) = (
+            int("gen_ai.usage.input_tokens"),
+            int("gen_ai.usage.output_tokens"),
+        ) {
             let usage = serde_json::json!({"input": i, "output": o, "total": i.saturating_add(o)});
-            out.push(str_kv("langfuse.observation.usage_details", &usage.to_string()));
+            out.push(str_kv(
+                "langfuse.observation.usage_details",
+                &usage.to_string(),
+            ));
         }
         if let Some(Value::Float(c)) = s.attr("hypertool.cost_usd") {
             let cost = serde_json::json!({"total": c});
-            out.push(str_kv("langfuse.observation.cost_details", &cost.to_string()));
+            out.push(str_kv(
+                "langfuse.observation.cost_details",
+                &cost.to_string(),
+            ));
         }
     }
 }

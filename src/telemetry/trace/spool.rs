@@ -56,7 +56,10 @@ impl Spool {
             let entry = entry?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(seq) = name.strip_suffix(".batch").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(seq) = name
+                .strip_suffix(".batch")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 files.insert(seq, entry.metadata()?.len());
             } else if name.ends_with(".tmp") {
                 // A batch being written when the process died: it was never acknowledged.
@@ -90,20 +93,23 @@ impl Spool {
     /// dropping the oldest batches first if the bound requires it.
     pub fn push(&mut self, kind: ItemKind, count: u32, payload: &[u8]) -> std::io::Result<Dropped> {
         let size = (HEADER + payload.len()) as u64;
+        if size > self.max_bytes {
+            // A single batch above the bound cannot be kept at all (and must not evict the rest).
+            return Ok(Dropped {
+                batches: 1,
+                bytes: size,
+            });
+        }
         let mut dropped = Dropped::default();
         while self.bytes + size > self.max_bytes {
-            let Some((&seq, &len)) = self.files.iter().next() else { break };
+            let Some((&seq, &len)) = self.files.iter().next() else {
+                break;
+            };
             let _ = std::fs::remove_file(self.path(seq));
             self.files.remove(&seq);
             self.bytes -= len;
             dropped.batches += 1;
             dropped.bytes += len;
-        }
-        if size > self.max_bytes {
-            // A single batch above the bound cannot be kept at all.
-            dropped.batches += 1;
-            dropped.bytes += size;
-            return Ok(dropped);
         }
         let seq = self.next;
         self.next += 1;
@@ -175,10 +181,19 @@ mod tests {
         let mut s = Spool::open(dir.path(), 100).expect("reopen");
         assert_eq!((s.batches(), s.bytes()), (2, 90));
         let first = s.oldest().expect("item").expect("readable");
-        assert_eq!((first.kind, first.count, first.payload[0]), (ItemKind::Spans, 1, 1));
+        assert_eq!(
+            (first.kind, first.count, first.payload[0]),
+            (ItemKind::Spans, 1, 1)
+        );
         // A third batch does not fit: the oldest goes.
         let dropped = s.push(ItemKind::Spans, 3, &[3; 40]).expect("push");
-        assert_eq!(dropped, Dropped { batches: 1, bytes: 45 });
+        assert_eq!(
+            dropped,
+            Dropped {
+                batches: 1,
+                bytes: 45
+            }
+        );
         let next = s.oldest().expect("item").expect("readable");
         assert_eq!((next.kind, next.payload[0]), (ItemKind::Scores, 2));
         s.remove(next.seq);
