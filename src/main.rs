@@ -420,6 +420,20 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 cfg.workflows.workflows.len(),
                 cfg.workflows.chatmodes.len()
             );
+            // Where traces would go from here, with this environment (doctor-style: what is
+            // missing is named).
+            let plan = hypertool::telemetry::trace::Plan::resolve(
+                &cfg.settings.tracing,
+                &cfg.settings.langfuse,
+                std::path::Path::new("data"),
+                &|k| std::env::var(k).ok(),
+            );
+            for line in plan.describe() {
+                println!("{line}");
+            }
+            for w in &plan.warnings {
+                println!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -504,6 +504,7 @@ fn spawn_background(
 
     let reload_state = state.clone();
     let reject_stats = state.stats.clone();
+    let trace_settings = Mutex::new((cfg.settings.tracing.clone(), cfg.settings.langfuse.clone()));
     let initial = cfg.settings.clone();
     let source = cfg.source.clone();
     let interval = Duration::from_millis(cfg.settings.reload_interval_ms);
@@ -533,7 +534,16 @@ fn spawn_background(
                 .metrics_gate
                 .reconfigure(new.settings.auth.metrics_token.as_ref().map(|k| k.hash));
             let old_delivery = lock_alerts(&reload_state.alerts).settings().delivery.clone();
-            lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), langfuse_status(&new));
+            // The exporter runs with the destinations it started with; alert 7 keeps judging them.
+            let running_langfuse = lock_alerts(&reload_state.alerts).langfuse().clone();
+            {
+                let mut traced = trace_settings.lock().unwrap_or_else(|p| p.into_inner());
+                if traced.0 != new.settings.tracing || traced.1 != new.settings.langfuse {
+                    tracing::warn!("[tracing] or [langfuse] changed: trace destinations change at the next restart");
+                    *traced = (new.settings.tracing.clone(), new.settings.langfuse.clone());
+                }
+            }
+            lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), running_langfuse);
             if new.settings.alerts.delivery != old_delivery {
                 let fresh = Deliverer::start(
                     &new.settings.alerts.delivery,
@@ -596,12 +606,8 @@ fn log_langfuse_status(status: &LangfuseStatus) {
         LangfuseStatus::Disabled => tracing::info!(
             "Langfuse is off (langfuse.enabled = false, or \"auto\" with no key set): LangfuseIntegrationFailing is not evaluated"
         ),
-        LangfuseStatus::NotConfigured(missing) => tracing::warn!(
-            missing = %missing.join(","),
-            "Langfuse is on but {} not set: LangfuseIntegrationFailing will fire until it is, or until langfuse.enabled = false",
-            missing.join(" and ")
-        ),
-        LangfuseStatus::Configured => {}
+        // Named by the trace exporter's plan (`start_tracer`), with what it means for traces.
+        LangfuseStatus::NotConfigured(_) | LangfuseStatus::Configured => {}
     }
 }
 

@@ -185,7 +185,16 @@ impl Plan {
             LangfuseMode::On => true,
             LangfuseMode::Auto => public.is_some() || secret.is_some(),
         };
-        if wanted {
+        let host_ok = reqwest::Url::parse(&langfuse.host)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if wanted && !host_ok {
+            plan.warnings.push(format!(
+                "the Langfuse host {:?} (LANGFUSE_HOST, else [langfuse] host) is not an http(s) URL: no trace can reach Langfuse; set it to e.g. https://cloud.langfuse.com",
+                langfuse.host
+            ));
+            plan.langfuse_missing = true;
+        }
+        if wanted && host_ok {
             match (public, secret) {
                 (Some(pk), Some(sk)) => {
                     // `LANGFUSE_HOST` has already won over `[langfuse] host` in the settings.
@@ -211,10 +220,48 @@ impl Plan {
                         ),
                     ));
                 }
-                _ => plan.langfuse_missing = true,
+                (pk, sk) => {
+                    let missing: Vec<&str> = [
+                        (pk.is_none(), &langfuse.public_key_env),
+                        (sk.is_none(), &langfuse.secret_key_env),
+                    ]
+                    .into_iter()
+                    .filter(|(absent, _)| *absent)
+                    .map(|(_, name)| name.as_str())
+                    .collect();
+                    plan.warnings.push(format!(
+                        "Langfuse is on but {} not set: no trace reaches Langfuse (generations are logged instead) and LangfuseIntegrationFailing will fire until it is set, or until [langfuse] enabled = false",
+                        missing.join(" and ")
+                    ));
+                    plan.langfuse_missing = true;
+                }
             }
         }
         plan
+    }
+
+    /// One line per destination, for `hypertool check`.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .destinations
+            .iter()
+            .map(|d| {
+                format!(
+                    "traces: {} -> {}{}",
+                    d.name,
+                    d.traces_url,
+                    if d.encode.capture_content {
+                        " (with prompts and answers)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        if out.is_empty() && !self.langfuse_missing {
+            out.push("traces: no destination (set OTEL_EXPORTER_OTLP_ENDPOINT or [tracing] endpoint, or the Langfuse keys)".into());
+        }
+        out
     }
 }
 
@@ -252,8 +299,7 @@ impl Tracer {
             tracing::info!(destination = name, url = %d.config.traces_url, "exporting traces");
             destinations.push(d);
         }
-        let content =
-            destinations.iter().any(|d| d.config.encode.capture_content) || plan.langfuse_missing;
+        let content = destinations.iter().any(|d| d.config.encode.capture_content);
         Ok(Tracer {
             inner: Some(Arc::new(Inner {
                 destinations,
@@ -394,4 +440,148 @@ fn log_generation(s: &SpanRecord) {
         error = s.error.clone().unwrap_or_default(),
         "generation (Langfuse is not getting traces)"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::settings::LangfuseMode;
+
+    fn langfuse(enabled: LangfuseMode) -> LangfuseSettings {
+        LangfuseSettings {
+            enabled,
+            host: "https://langfuse.example".into(),
+            public_key_env: "PK".into(),
+            secret_key_env: "SK".into(),
+            capture_content: true,
+            redact: Vec::new(),
+        }
+    }
+
+    fn plan(tracing: &TracingSettings, lf: &LangfuseSettings, vars: &[(&str, &str)]) -> Plan {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Plan::resolve(tracing, lf, Path::new("/data"), &|k| vars.get(k).cloned())
+    }
+
+    use std::collections::HashMap;
+
+    #[test]
+    fn the_standard_variables_win_and_langfuse_needs_both_keys() {
+        let file = TracingSettings {
+            endpoint: Some("http://file:4318/v1/traces".into()),
+            ..TracingSettings::default()
+        };
+        let off = langfuse(LangfuseMode::Auto);
+        let p = plan(&file, &off, &[]);
+        assert_eq!(p.destinations.len(), 1);
+        assert_eq!(p.destinations[0].traces_url, "http://file:4318/v1/traces");
+        assert_eq!(p.destinations[0].spool_dir, Path::new("/data/spool/otlp"));
+
+        let p = plan(
+            &file,
+            &off,
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318/")],
+        );
+        assert_eq!(p.destinations[0].traces_url, "http://env:4318/v1/traces");
+        let p = plan(
+            &file,
+            &off,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:9/x"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=a%20b,bad header=1"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "1500"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_SERVICE_NAME", "svc"),
+            ],
+        );
+        let d = &p.destinations[0];
+        assert_eq!(d.traces_url, "http://traces:9/x");
+        assert_eq!(d.headers.len(), 1);
+        assert_eq!(d.headers[0].1, "a b");
+        assert_eq!(d.timeout, Duration::from_millis(1500));
+        assert_eq!(d.encode.service_name, "svc");
+        assert!(p
+            .warnings
+            .iter()
+            .any(|w| w.contains("bad header") && !w.contains("=1")));
+        assert!(p.warnings.iter().any(|w| w.contains("http/protobuf")));
+        assert!(plan(&file, &off, &[("OTEL_SDK_DISABLED", "true")])
+            .destinations
+            .is_empty());
+        assert!(plan(&file, &off, &[("OTEL_TRACES_EXPORTER", "none")])
+            .destinations
+            .is_empty());
+
+        // Langfuse: auto with both keys on, with one key a warning naming the other.
+        let none = TracingSettings::default();
+        let p = plan(&none, &off, &[("PK", "pk-1"), ("SK", "sk-1")]);
+        let lf = &p.destinations[0];
+        assert_eq!(
+            lf.traces_url,
+            "https://langfuse.example/api/public/otel/v1/traces"
+        );
+        assert_eq!(
+            lf.scores_url.as_deref(),
+            Some("https://langfuse.example/api/public/ingestion")
+        );
+        assert!(lf
+            .headers
+            .iter()
+            .any(|(k, v)| k == "x-langfuse-ingestion-version" && v == "4"));
+        assert!(lf
+            .headers
+            .iter()
+            .any(|(k, v)| k == "authorization" && v == "Basic cGstMTpzay0x"));
+        let p = plan(&none, &off, &[("PK", "pk-1")]);
+        assert!(p.destinations.is_empty() && p.langfuse_missing);
+        assert!(p.warnings.iter().any(|w| w.contains("SK not set")));
+        assert!(
+            !plan(&none, &off, &[]).langfuse_missing,
+            "auto with no key is off"
+        );
+        let p = plan(&none, &langfuse(LangfuseMode::On), &[]);
+        assert!(p.langfuse_missing && p.warnings.iter().any(|w| w.contains("PK and SK not set")));
+        assert!(plan(
+            &none,
+            &langfuse(LangfuseMode::Off),
+            &[("PK", "a"), ("SK", "b")]
+        )
+        .destinations
+        .is_empty());
+        let mut bad_host = langfuse(LangfuseMode::On);
+        bad_host.host = "langfuse.example".into();
+        let p = plan(&none, &bad_host, &[("PK", "a"), ("SK", "b")]);
+        assert!(
+            p.destinations.is_empty()
+                && p.warnings.iter().any(|w| w.contains("not an http(s) URL"))
+        );
+    }
+
+    #[test]
+    fn redaction_replaces_every_pattern_before_content_leaves() {
+        let plan = Plan {
+            redact: vec![
+                Regex::new("sk-[a-z0-9]+").expect("regex"),
+                Regex::new(r"\d{3}-\d{4}").expect("regex"),
+            ],
+            langfuse_missing: true,
+            ..Plan::default()
+        };
+        let clock: Arc<dyn Clock> = Arc::new(crate::core::clock::ManualClock::new(0));
+        let t = Tracer::start(plan, clock).expect("start");
+        assert_eq!(
+            t.redact("key sk-abc123 and 555-1234, sk-zz"),
+            "key [REDACTED] and [REDACTED], [REDACTED]"
+        );
+        assert!(
+            t.exports(),
+            "a missing Langfuse still takes generations (to the log)"
+        );
+        assert!(!t.wants_content(), "the log gets no prompts or answers");
+        assert_eq!(Tracer::off().redact("sk-abc"), "sk-abc");
+    }
 }
