@@ -249,6 +249,119 @@ async fn throughput(
     via_max
 }
 
+/// Starts the release `hypertool serve` in `dir/name` on the bench upstream, with `extra` appended
+/// to its configuration; returns it and its API address once it answers.
+async fn start_hypertool(
+    http: &reqwest::Client,
+    dir: &Path,
+    name: &str,
+    upstream_addr: SocketAddr,
+    extra: &str,
+) -> (Hypertool, SocketAddr) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let home = dir.join(name);
+    if let Err(e) = std::fs::create_dir_all(&home) {
+        panic!("{}: {e}", home.display());
+    }
+    let config = home.join("hypertool.toml");
+    let text = format!(
+        "[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n\n[[gateway.upstreams]]\nname = \"bench\"\nbase_url = \"http://{upstream_addr}/v1\"\ntimeout = \"10s\"\n\n[[gateway.models]]\nname = \"bench-model\"\nupstream = \"bench\"\nretries = 0\n{extra}",
+        repo.join("config/personas").display().to_string(),
+        repo.join("config/budgets.yml").display().to_string()
+    );
+    if let Err(e) = std::fs::write(&config, text) {
+        panic!("config: {e}");
+    }
+    let api = free_addr();
+    let metrics = free_addr();
+    let child = Command::new(env!("CARGO_BIN_EXE_hypertool"))
+        .args(["serve", "--config", &config.display().to_string()])
+        .args(["--data-dir", &home.join("data").display().to_string()])
+        .args([
+            "--listen",
+            &api.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn();
+    let hypertool = match child {
+        Ok(c) => Hypertool(c),
+        Err(e) => panic!("hypertool: {e}"),
+    };
+    let start = Instant::now();
+    while http
+        .get(format!("http://{api}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("hypertool did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (hypertool, api)
+}
+
+/// Trace export's cost: hypertool exporting every span over OTLP to a live receiver (in this
+/// process: it reads each request whole and answers 200) against the same hypertool with no
+/// destination, in interleaved closed-loop rounds.
+async fn trace_export_cost(
+    http: &reqwest::Client,
+    dir: &Path,
+    upstream_addr: SocketAddr,
+    plain: &str,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let receiver_addr = free_addr();
+    let received = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let counts = received.clone();
+    let listener = match tokio::net::TcpListener::bind(receiver_addr).await {
+        Ok(l) => l,
+        Err(e) => panic!("receiver bind: {e}"),
+    };
+    tokio::spawn(async move {
+        let app = Router::new().route(
+            "/v1/traces",
+            post(move |body: Bytes| {
+                let counts = counts.clone();
+                async move {
+                    counts.0.fetch_add(1, Ordering::Relaxed);
+                    counts.1.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    "{}"
+                }
+            }),
+        );
+        let _ = axum::serve(listener, app).await;
+    });
+    let extra = format!("\n[tracing]\nendpoint = \"http://{receiver_addr}/v1/traces\"\n");
+    let (exporting, api) = start_hypertool(http, dir, "exporting", upstream_addr, &extra).await;
+    let traced = format!("http://{api}/v1/chat/completions");
+    let _ = open_loop(http, &traced, 200, 1).await;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        off.push(closed_loop(http, plain, 3).await);
+        on.push(closed_loop(http, &traced, 3).await);
+    }
+    let (off, on) = (median(off), median(on));
+    // The last batches are sent within the batch interval (1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    println!(
+        "trace export (every span over OTLP to a live receiver): {on:.0}/s with, {off:.0}/s without, ratio {:.3} (target >= 0.95); the receiver took {} requests, {:.1} MB",
+        on / off,
+        received.0.load(Ordering::Relaxed),
+        received.1.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    println!(
+        "exporting hypertool's peak RSS: {:.1} MB",
+        peak_rss_mb(exporting.0.id())
+    );
+}
+
 fn main() {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -329,51 +442,11 @@ async fn run() {
         Ok(d) => d,
         Err(e) => panic!("tempdir: {e}"),
     };
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = dir.path().join("hypertool.toml");
-    let text = format!(
-        "[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n\n[[gateway.upstreams]]\nname = \"bench\"\nbase_url = \"http://{upstream_addr}/v1\"\ntimeout = \"10s\"\n\n[[gateway.models]]\nname = \"bench-model\"\nupstream = \"bench\"\nretries = 0\n",
-        repo.join("config/personas").display().to_string(),
-        repo.join("config/budgets.yml").display().to_string()
-    );
-    if let Err(e) = std::fs::write(&config, text) {
-        panic!("config: {e}");
-    }
-    let api = free_addr();
-    let metrics = free_addr();
-    let child = Command::new(env!("CARGO_BIN_EXE_hypertool"))
-        .args(["serve", "--config", &config.display().to_string()])
-        .args(["--data-dir", &dir.path().join("data").display().to_string()])
-        .args([
-            "--listen",
-            &api.to_string(),
-            "--metrics-listen",
-            &metrics.to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn();
-    let hypertool = match child {
-        Ok(c) => Hypertool(c),
-        Err(e) => panic!("hypertool: {e}"),
-    };
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .build()
         .unwrap_or_default();
-    let start = Instant::now();
-    while http
-        .get(format!("http://{api}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        if start.elapsed() > Duration::from_secs(30) {
-            panic!("hypertool did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (hypertool, api) = start_hypertool(&http, dir.path(), "plain", upstream_addr, "").await;
     let direct = format!("http://{upstream_addr}/v1/chat/completions");
     let via = format!("http://{api}/v1/chat/completions");
     // Warm up connections and caches both ways.
@@ -431,6 +504,8 @@ async fn run() {
         "hypertool peak RSS over the whole run: {:.1} MB",
         peak_rss_mb(hypertool.0.id())
     );
+    println!();
+    trace_export_cost(&http, dir.path(), upstream_addr, &via).await;
 
     // Placement 2: hypertool (and the zero-logic proxy) on CPU 0, load generator and upstream on
     // CPU 1.
