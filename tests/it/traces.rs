@@ -894,3 +894,102 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
     assert_ne!(a["state"], "firing", "{a}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_go_to_the_log_while_langfuse_cannot_be_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("ht.log");
+    // A port nobody listens on: Langfuse is unreachable.
+    let host = format!("http://127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(crate::process::BIN)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--log-file", log.to_str().unwrap()])
+        .env("LANGFUSE_PUBLIC_KEY", "pk-lf-fallback")
+        .env("LANGFUSE_SECRET_KEY", "sk-lf-fallback-secret")
+        .env("LANGFUSE_HOST", &host)
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap();
+    let (api, metrics) = serving_at(&log).await;
+    let http = reqwest::Client::new();
+    let call = |n: usize| {
+        let (http, api) = (http.clone(), api.clone());
+        async move {
+            let resp = http
+                .post(format!("{api}/v1/chat/completions"))
+                .header("x-hypertool-persona", "data-scientist")
+                .json(&json!({"model": "mock/fallback", "messages": [{"role": "user", "content": format!("n{n}")}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.status(),
+                200,
+                "an unreachable Langfuse never fails a call"
+            );
+        }
+    };
+    call(0).await;
+    // Once the exporter has failed to reach Langfuse, generations are logged.
+    eventually("a failed export", Duration::from_secs(20), || {
+        let (http, metrics) = (http.clone(), metrics.clone());
+        async move {
+            let text = http
+                .get(format!("{metrics}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let m = Exposition::parse(&text);
+            (m.get(
+                "hypertool_trace_export_total",
+                &[("destination", "langfuse"), ("result", "retry")],
+            )? >= 1.0)
+                .then_some(())
+        }
+    })
+    .await;
+    call(1).await;
+    let line = eventually("a logged generation", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["target"] == "hypertool::generation");
+        async move { found }
+    })
+    .await;
+    let f = &line["fields"];
+    assert_eq!(f["persona"], "data-scientist", "{line}");
+    assert_eq!(f["model"], "mock/fallback", "{line}");
+    assert!(
+        f["input_tokens"]
+            .as_str()
+            .is_some_and(|t| t.parse::<u64>().unwrap() > 0),
+        "{line}"
+    );
+    assert_eq!(f["trace_id"].as_str().map(str::len), Some(32), "{line}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("traces cannot be delivered"),
+        "the outage is logged"
+    );
+    assert!(
+        !text.contains("sk-lf-fallback-secret"),
+        "the key never reaches the log"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
