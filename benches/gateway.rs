@@ -19,6 +19,10 @@
 //!   server's cores. Then "direct" and "via" offer the same work to the client and upstream, and the
 //!   ratio shows whether one core of hypertool keeps up with them.
 //!
+//! Last, the cost of trace export: a second hypertool exporting every span over OTLP to a live
+//! receiver against the first (no destination), in interleaved closed-loop rounds
+//! (`HYPERTOOL_BENCH=traces` runs only this part).
+//!
 //! Read the ratios of one run, not absolute numbers: these machines are noisy.
 
 use std::net::SocketAddr;
@@ -343,7 +347,7 @@ async fn trace_export_cost(
     let traced = format!("http://{api}/v1/chat/completions");
     let _ = open_loop(http, &traced, 200, 1).await;
     let (mut off, mut on) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..5 {
         off.push(closed_loop(http, plain, 3).await);
         on.push(closed_loop(http, &traced, 3).await);
     }
@@ -449,6 +453,12 @@ async fn run() {
     let (hypertool, api) = start_hypertool(&http, dir.path(), "plain", upstream_addr, "").await;
     let direct = format!("http://{upstream_addr}/v1/chat/completions");
     let via = format!("http://{api}/v1/chat/completions");
+    // `HYPERTOOL_BENCH=traces` measures the trace export's cost alone.
+    if std::env::var("HYPERTOOL_BENCH").is_ok_and(|v| v == "traces") {
+        let _ = open_loop(&http, &via, 200, 1).await;
+        trace_export_cost(&http, dir.path(), upstream_addr, &via).await;
+        return;
+    }
     // Warm up connections and caches both ways.
     let _ = open_loop(&http, &direct, 200, 1).await;
     let _ = open_loop(&http, &via, 200, 1).await;

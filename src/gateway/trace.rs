@@ -150,7 +150,9 @@ pub(super) fn generation(
     .kind(Kind::Client);
     s.start_ns = a.start_ns;
     s.end_ns = a.start_ns.saturating_add(elapsed_ns(a.started));
-    attribute(&mut s, meta);
+    // The call's attribution is on its request span (the parent); the persona stays here too, as
+    // the generation's user.
+    s.set("hypertool.persona", meta.persona.as_str());
     s.set("gen_ai.operation.name", "chat");
     s.set("gen_ai.provider.name", o.route.upstream.as_str());
     s.set("gen_ai.request.model", o.route.name.as_str());
@@ -163,8 +165,12 @@ pub(super) fn generation(
         }
     }
     s.set("hypertool.gate_attempt", o.gate_attempt);
-    s.set("hypertool.retry", o.retry);
-    s.set("hypertool.streamed", o.streamed);
+    if o.retry > 0 {
+        s.set("hypertool.retry", o.retry);
+    }
+    if o.streamed {
+        s.set("hypertool.streamed", true);
+    }
     if let Some(e) = o.error {
         s.set("error.type", e.code());
         s.error = Some(e.message());
@@ -179,7 +185,41 @@ pub(super) fn generation(
             });
         }
     }
+    if state.tracer.langfuse_unreachable() {
+        log_generation(meta, &s);
+    }
     state.tracer.emit(s);
+}
+
+/// The runbook's "fallback to local logging": a generation that Langfuse is not getting.
+fn log_generation(meta: &CallMeta, s: &SpanRecord) {
+    use crate::telemetry::trace::span::Value;
+    let int = |k: &str| match s.attr(k) {
+        Some(Value::Int(n)) => *n,
+        _ => 0,
+    };
+    let cost = match s.attr("hypertool.cost_usd") {
+        Some(Value::Float(c)) => Some(*c),
+        _ => None,
+    };
+    tracing::info!(
+        target: "hypertool::generation",
+        trace_id = %s.trace_id,
+        span_id = %s.span_id,
+        persona = %meta.persona,
+        chatmode = %meta.chatmode,
+        workflow = meta.workflow.as_deref().unwrap_or(""),
+        stage = meta.stage.as_deref().unwrap_or(""),
+        run = meta.run().as_deref().unwrap_or(""),
+        session = meta.session.as_deref().unwrap_or(""),
+        model = s.attr_str("gen_ai.request.model").unwrap_or(""),
+        input_tokens = int("gen_ai.usage.input_tokens"),
+        output_tokens = int("gen_ai.usage.output_tokens"),
+        cost_usd = cost,
+        duration_ms = s.end_ns.saturating_sub(s.start_ns) / 1_000_000,
+        error = s.error.as_deref().unwrap_or(""),
+        "generation (Langfuse is not getting traces)"
+    );
 }
 
 /// How the call ended, for the request span.

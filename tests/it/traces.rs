@@ -728,10 +728,34 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
 
     // Langfuse's attributes: generations with user, session, trace metadata, usage, content
     // (redacted before it left the process).
+    let call = spans
+        .iter()
+        .find(|s| {
+            s.name == "POST /v1/chat/completions"
+                && attr_str(s, "session.id").as_deref() == Some("sess-a")
+        })
+        .expect("the call of run a");
+    assert_eq!(
+        attr_str(call, "user.id").as_deref(),
+        Some("backend-engineer")
+    );
+    assert_eq!(
+        attr_str(call, "langfuse.trace.metadata.workflow").as_deref(),
+        Some("traced")
+    );
+    assert_eq!(
+        attr_str(call, "langfuse.trace.metadata.stage").as_deref(),
+        Some("code")
+    );
+    assert_eq!(
+        attr_str(call, "langfuse.trace.metadata.chatmode").as_deref(),
+        Some("default")
+    );
+    assert!(attr_str(call, "langfuse.trace.metadata.run").is_some());
     let generation = spans
         .iter()
-        .find(|s| s.name == "chat weak" && attr_str(s, "session.id").as_deref() == Some("sess-a"))
-        .expect("the weak attempt of run a");
+        .find(|s| s.name == "chat weak" && s.parent_span_id == call.span_id)
+        .expect("the weak attempt of run a, under its call");
     assert_eq!(
         attr_str(generation, "langfuse.observation.type").as_deref(),
         Some("generation")
@@ -740,15 +764,6 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
         attr_str(generation, "user.id").as_deref(),
         Some("backend-engineer")
     );
-    assert_eq!(
-        attr_str(generation, "langfuse.trace.metadata.workflow").as_deref(),
-        Some("traced")
-    );
-    assert_eq!(
-        attr_str(generation, "langfuse.trace.metadata.stage").as_deref(),
-        Some("code")
-    );
-    assert!(attr_str(generation, "langfuse.trace.metadata.run").is_some());
     assert_eq!(
         attr_str(generation, "langfuse.observation.model.name").as_deref(),
         Some("weak")
@@ -901,23 +916,28 @@ async fn generations_go_to_the_log_while_langfuse_cannot_be_reached() {
     let log = dir.path().join("ht.log");
     // A port nobody listens on: Langfuse is unreachable.
     let host = format!("http://127.0.0.1:{}", free_port());
-    let mut child = std::process::Command::new(crate::process::BIN)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
-        .args(["--log-file", log.to_str().unwrap()])
-        .env("LANGFUSE_PUBLIC_KEY", "pk-lf-fallback")
-        .env("LANGFUSE_SECRET_KEY", "sk-lf-fallback-secret")
-        .env("LANGFUSE_HOST", &host)
-        .env("RUST_LOG", "info")
-        .spawn()
-        .unwrap();
+    // Killed on drop, also when an assertion fails.
+    let mut child = Service(
+        std::process::Command::new(crate::process::BIN)
+            .current_dir(dir.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+            .args(["--log-file", log.to_str().unwrap()])
+            .env("LANGFUSE_PUBLIC_KEY", "pk-lf-fallback")
+            .env("LANGFUSE_SECRET_KEY", "sk-lf-fallback-secret")
+            .env("LANGFUSE_HOST", &host)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (api, metrics) = serving_at(&log).await;
     let http = reqwest::Client::new();
     let call = |n: usize| {
@@ -972,12 +992,8 @@ async fn generations_go_to_the_log_while_langfuse_cannot_be_reached() {
     let f = &line["fields"];
     assert_eq!(f["persona"], "data-scientist", "{line}");
     assert_eq!(f["model"], "mock/fallback", "{line}");
-    assert!(
-        f["input_tokens"]
-            .as_str()
-            .is_some_and(|t| t.parse::<u64>().unwrap() > 0),
-        "{line}"
-    );
+    assert!(f["input_tokens"].as_u64().is_some_and(|t| t > 0), "{line}");
+    assert_eq!(f["chatmode"], "default", "{line}");
     assert_eq!(f["trace_id"].as_str().map(str::len), Some(32), "{line}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -989,7 +1005,7 @@ async fn generations_go_to_the_log_while_langfuse_cannot_be_reached() {
         "the key never reaches the log"
     );
     let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status();
-    let _ = child.wait();
+    let _ = child.0.wait();
 }

@@ -284,9 +284,9 @@ fn write_batches(
 ) {
     let mut batches = Vec::new();
     if !spans.is_empty() {
-        let payload = otlp::encode(spans, &config.encode);
-        batches.push((ItemKind::Spans, otlp::roots(spans), payload));
-        spans.clear();
+        let roots = otlp::roots(spans);
+        let payload = otlp::encode(std::mem::take(spans), &config.encode);
+        batches.push((ItemKind::Spans, roots, payload));
     }
     if !scores.is_empty() {
         let payload = super::langfuse::score_batch(scores);

@@ -30,7 +30,7 @@ use crate::config::tracing::TracingSettings;
 use crate::core::clock::Clock;
 use export::{Destination, DestinationConfig, DestinationStats, Message, Trouble};
 use otlp::{EncodeOptions, Flavour};
-use span::{Role, Score, SpanRecord};
+use span::{Score, SpanRecord};
 
 /// The handle every producer of spans holds (a clone is one pointer).
 #[derive(Clone, Default)]
@@ -335,9 +335,6 @@ impl Tracer {
 
     pub fn emit(&self, span: SpanRecord) {
         let Some(inner) = &self.inner else { return };
-        if span.role == Role::Generation && self.langfuse_unreachable() {
-            log_generation(&span);
-        }
         let span = Arc::new(span);
         for d in &inner.destinations {
             d.offer(Message::Span(span.clone()));
@@ -370,12 +367,13 @@ impl Tracer {
 
     /// Langfuse is expected and is not getting traces right now (missing keys, or the last
     /// attempt failed): generations are then also written to the log.
-    fn langfuse_unreachable(&self) -> bool {
+    pub fn langfuse_unreachable(&self) -> bool {
         match &self.inner {
             Some(i) if i.langfuse_missing => true,
-            Some(_) => self
-                .langfuse()
-                .is_some_and(|s| !s.healthy.load(Ordering::Relaxed)),
+            Some(i) => i
+                .destinations
+                .iter()
+                .any(|d| d.config.name == "langfuse" && !d.stats.healthy.load(Ordering::Relaxed)),
             None => false,
         }
     }
@@ -411,35 +409,6 @@ impl Tracer {
             futures_util::future::join_all(all).await;
         }
     }
-}
-
-/// The runbook's "fallback to local logging": a generation that Langfuse is not getting.
-fn log_generation(s: &SpanRecord) {
-    let get = |k: &str| {
-        s.attr(k).map(|v| match v {
-            span::Value::Str(x) => x.clone(),
-            span::Value::Int(n) => n.to_string(),
-            span::Value::Float(f) => f.to_string(),
-            span::Value::Bool(b) => b.to_string(),
-        })
-    };
-    tracing::info!(
-        target: "hypertool::generation",
-        trace_id = %s.trace_id,
-        span_id = %s.span_id,
-        persona = get("hypertool.persona").unwrap_or_default(),
-        chatmode = get("hypertool.chatmode").unwrap_or_default(),
-        workflow = get("hypertool.workflow").unwrap_or_default(),
-        stage = get("hypertool.stage").unwrap_or_default(),
-        session = get("session.id").unwrap_or_default(),
-        model = get("gen_ai.response.model").or(get("gen_ai.request.model")).unwrap_or_default(),
-        input_tokens = get("gen_ai.usage.input_tokens").unwrap_or_default(),
-        output_tokens = get("gen_ai.usage.output_tokens").unwrap_or_default(),
-        cost_usd = get("hypertool.cost_usd").unwrap_or_default(),
-        duration_ms = (s.end_ns.saturating_sub(s.start_ns)) / 1_000_000,
-        error = s.error.clone().unwrap_or_default(),
-        "generation (Langfuse is not getting traces)"
-    );
 }
 
 #[cfg(test)]

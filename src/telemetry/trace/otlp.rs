@@ -2,13 +2,13 @@
 //! destination reads: plain OpenTelemetry (`gen_ai.*` semantic conventions) or, for Langfuse, the
 //! same plus Langfuse's attributes (generation, user, session, trace metadata and name).
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
 };
 use prost::Message;
+use std::sync::Arc;
 
 use super::span::{Kind, Role, SpanRecord, Value};
 
@@ -28,12 +28,12 @@ pub struct EncodeOptions {
     pub capture_content: bool,
 }
 
-fn kv(key: impl Into<String>, value: &Value) -> KeyValue {
+fn kv(key: impl Into<String>, value: Value) -> KeyValue {
     let value = match value {
-        Value::Str(s) => any_value::Value::StringValue(s.clone()),
-        Value::Int(n) => any_value::Value::IntValue(*n),
-        Value::Float(f) => any_value::Value::DoubleValue(*f),
-        Value::Bool(b) => any_value::Value::BoolValue(*b),
+        Value::Str(s) => any_value::Value::StringValue(s),
+        Value::Int(n) => any_value::Value::IntValue(n),
+        Value::Float(f) => any_value::Value::DoubleValue(f),
+        Value::Bool(b) => any_value::Value::BoolValue(b),
     };
     KeyValue {
         key: key.into(),
@@ -43,55 +43,82 @@ fn kv(key: impl Into<String>, value: &Value) -> KeyValue {
 }
 
 fn str_kv(key: &str, value: &str) -> KeyValue {
-    kv(key, &Value::Str(value.to_string()))
+    kv(key, Value::Str(value.to_string()))
 }
 
-/// The protobuf body of one export request holding `spans`.
-pub fn encode(spans: &[impl AsRef<SpanRecord>], opts: &EncodeOptions) -> Vec<u8> {
-    let spans: Vec<Span> = spans.iter().map(|s| span_of(s.as_ref(), opts)).collect();
-    let request = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![
-                    str_kv("service.name", &opts.service_name),
-                    str_kv("service.version", env!("CARGO_PKG_VERSION")),
-                    str_kv("telemetry.sdk.name", "hypertool"),
-                ],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "hypertool".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
-                spans,
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        }],
-    };
-    request.encode_to_vec()
+/// The protobuf body of one export request holding `spans`. A span no other destination holds is
+/// taken apart rather than copied.
+///
+/// Each span is encoded once, as it is converted, and the three envelopes around them
+/// (`ExportTraceServiceRequest.resource_spans` = 1, `ResourceSpans.scope_spans` = 2,
+/// `ScopeSpans.spans` = 2) are written around the encoded spans: protobuf appends repeated fields,
+/// so this is byte for byte what encoding the whole tree gives, without walking every span once per
+/// envelope to learn its length (which made encoding cost more than building the spans).
+pub fn encode(spans: Vec<Arc<SpanRecord>>, opts: &EncodeOptions) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let mut encoded_spans = Vec::with_capacity(spans.len() * 512);
+    for s in spans {
+        let span = span_of(
+            Arc::try_unwrap(s).unwrap_or_else(|shared| (*shared).clone()),
+            opts,
+        );
+        prost::encoding::message::encode(2, &span, &mut encoded_spans);
+    }
+    let scope = ScopeSpans {
+        scope: Some(InstrumentationScope {
+            name: "hypertool".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        }),
+        spans: Vec::new(),
+        schema_url: String::new(),
+    }
+    .encode_to_vec();
+    let resource = ResourceSpans {
+        resource: Some(Resource {
+            attributes: vec![
+                str_kv("service.name", &opts.service_name),
+                str_kv("service.version", env!("CARGO_PKG_VERSION")),
+                str_kv("telemetry.sdk.name", "hypertool"),
+            ],
+            ..Default::default()
+        }),
+        scope_spans: Vec::new(),
+        schema_url: String::new(),
+    }
+    .encode_to_vec();
+    let scope_len = scope.len() + encoded_spans.len();
+    let mut resource_spans = resource;
+    encode_key(2, WireType::LengthDelimited, &mut resource_spans);
+    encode_varint(scope_len as u64, &mut resource_spans);
+    let mut out = Vec::with_capacity(resource_spans.len() + scope_len + 16);
+    encode_key(1, WireType::LengthDelimited, &mut out);
+    encode_varint((resource_spans.len() + scope_len) as u64, &mut out);
+    out.extend_from_slice(&resource_spans);
+    out.extend_from_slice(&scope);
+    out.extend_from_slice(&encoded_spans);
+    out
 }
 
-fn span_of(s: &SpanRecord, opts: &EncodeOptions) -> Span {
-    let mut attributes: Vec<KeyValue> = s
-        .attributes
-        .iter()
-        .map(|(k, v)| kv(k.as_ref(), v))
-        .collect();
+fn span_of(mut s: SpanRecord, opts: &EncodeOptions) -> Span {
+    let mut attributes: Vec<KeyValue> = Vec::with_capacity(s.attributes.len() + 12);
+    if opts.flavour == Flavour::Langfuse {
+        langfuse_attributes(&s, &mut attributes);
+    }
+    attributes.extend(
+        std::mem::take(&mut s.attributes)
+            .into_iter()
+            .map(|(k, v)| kv(k, v)),
+    );
     if opts.capture_content {
-        if let Some(c) = &s.content {
+        if let Some(c) = s.content.take() {
             let (input_key, output_key) = match opts.flavour {
                 Flavour::Langfuse => ("langfuse.observation.input", "langfuse.observation.output"),
                 Flavour::Otlp => ("gen_ai.input.messages", "gen_ai.output.messages"),
             };
-            attributes.push(str_kv(input_key, &c.input));
-            attributes.push(str_kv(output_key, &c.output));
+            attributes.push(kv(input_key, Value::Str(c.input)));
+            attributes.push(kv(output_key, Value::Str(c.output)));
         }
-    }
-    if opts.flavour == Flavour::Langfuse {
-        langfuse_attributes(s, &mut attributes);
     }
     Span {
         trace_id: s.trace_id.0.to_vec(),
@@ -99,7 +126,7 @@ fn span_of(s: &SpanRecord, opts: &EncodeOptions) -> Span {
         parent_span_id: s.parent.map(|p| p.0.to_vec()).unwrap_or_default(),
         // Sampled; the parent's remoteness as the OTLP flags say it (bits 8 and 9).
         flags: 0x1 | 0x100 | if s.parent_is_remote { 0x200 } else { 0 },
-        name: s.name.clone(),
+        name: s.name,
         kind: match s.kind {
             Kind::Internal => span::SpanKind::Internal,
             Kind::Server => span::SpanKind::Server,
@@ -108,9 +135,9 @@ fn span_of(s: &SpanRecord, opts: &EncodeOptions) -> Span {
         start_time_unix_nano: s.start_ns,
         end_time_unix_nano: s.end_ns.max(s.start_ns),
         attributes,
-        status: Some(match &s.error {
+        status: Some(match s.error {
             Some(message) => Status {
-                message: message.clone(),
+                message,
                 code: status::StatusCode::Error as i32,
             },
             None => Status {
@@ -181,4 +208,53 @@ fn langfuse_attributes(s: &SpanRecord, out: &mut Vec<KeyValue>) {
 /// Langfuse accepted them).
 pub fn roots(spans: &[impl AsRef<SpanRecord>]) -> u32 {
     spans.iter().filter(|s| s.as_ref().is_root()).count() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::trace::ids::{SpanId, TraceId};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+    #[test]
+    fn the_spliced_envelope_is_what_prost_writes_for_the_whole_request() {
+        let opts = EncodeOptions {
+            flavour: Flavour::Langfuse,
+            service_name: "svc".into(),
+            capture_content: true,
+        };
+        let spans: Vec<Arc<SpanRecord>> = (0..3)
+            .map(|i| {
+                let mut s = SpanRecord::new(
+                    TraceId::random(),
+                    SpanId::random(),
+                    None,
+                    format!("s{i}"),
+                    Role::Generation,
+                );
+                s.set("hypertool.persona", "p");
+                s.set("gen_ai.usage.input_tokens", 3u64);
+                Arc::new(s)
+            })
+            .collect();
+        let bytes = encode(spans.clone(), &opts);
+        let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("decodes");
+        let whole = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: decoded.resource_spans[0].resource.clone(),
+                scope_spans: vec![ScopeSpans {
+                    scope: decoded.resource_spans[0].scope_spans[0].scope.clone(),
+                    spans: spans
+                        .iter()
+                        .map(|s| span_of((**s).clone(), &opts))
+                        .collect(),
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        assert_eq!(whole.encode_to_vec(), bytes);
+        assert_eq!(decoded.resource_spans[0].scope_spans[0].spans.len(), 3);
+        assert_eq!(roots(&spans), 3);
+    }
 }

@@ -111,7 +111,8 @@ impl SpanRecord {
             role,
             start_ns: 0,
             end_ns: 0,
-            attributes: Vec::new(),
+            // Sized for a generation's attributes: no regrowth on the call path.
+            attributes: Vec::with_capacity(24),
             error: None,
             content: None,
         }
