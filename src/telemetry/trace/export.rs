@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::otlp::{self, EncodeOptions};
@@ -129,15 +129,39 @@ impl DestinationStats {
 pub enum Message {
     Span(Arc<SpanRecord>),
     Score(Arc<Score>),
-    /// Write what is queued to the spool, then answer.
-    Flush(oneshot::Sender<()>),
+}
+
+/// What waits for the batcher. A mutex-guarded buffer rather than a channel: a channel wakes its
+/// receiver for every span (a cross-thread wake-up per span, which cost more than the span); here
+/// the batcher sleeps for `batch_interval` and is woken only when a full batch is waiting.
+#[derive(Default)]
+struct Pending {
+    spans: Vec<Arc<SpanRecord>>,
+    scores: Vec<Arc<Score>>,
+}
+
+struct Queue {
+    pending: Mutex<Pending>,
+    capacity: usize,
+    max_batch: usize,
+    /// A full batch is waiting.
+    full: Notify,
+}
+
+impl Queue {
+    fn take(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// A running destination: the queue's sending side and the stats.
 pub struct Destination {
     pub config: DestinationConfig,
     pub stats: Arc<DestinationStats>,
-    tx: mpsc::Sender<Message>,
+    queue: Arc<Queue>,
+    spool: Arc<Mutex<Spool>>,
+    /// Tells the sender a batch was spooled.
+    wake: Arc<Notify>,
     stop: CancellationToken,
     sender_done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -160,15 +184,21 @@ impl Destination {
             );
         }
         let spool = Arc::new(Mutex::new(spool));
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending::default()),
+            capacity: config.queue_capacity.max(1),
+            max_batch: config.max_batch.max(1),
+            full: Notify::new(),
+        });
         let wake = Arc::new(Notify::new());
         let stop = CancellationToken::new();
         tokio::spawn(batcher(
             config.clone(),
-            rx,
+            queue.clone(),
             spool.clone(),
             stats.clone(),
             wake.clone(),
+            stop.clone(),
         ));
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -178,16 +208,18 @@ impl Destination {
         let sender = tokio::spawn(sender(
             config.clone(),
             client,
-            spool,
+            spool.clone(),
             stats.clone(),
-            wake,
+            wake.clone(),
             stop.clone(),
             clock,
         ));
         Ok(Destination {
             config,
             stats,
-            tx,
+            queue,
+            spool,
+            wake,
             stop,
             sender_done: Mutex::new(Some(sender)),
         })
@@ -195,12 +227,30 @@ impl Destination {
 
     /// Queues without waiting; a full queue drops and counts (the call never waits on tracing).
     pub fn offer(&self, msg: Message) {
-        if self.tx.try_send(msg).is_err() {
+        let q = &self.queue;
+        let mut p = q.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.spans.len() + p.scores.len() >= q.capacity {
+            drop(p);
             let n = self.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 tracing::error!(destination = self.config.name, dropped = n + 1,
                     "the trace queue is full (the exporter cannot keep up); spans are being dropped");
             }
+            return;
+        }
+        let waiting = match msg {
+            Message::Span(s) => {
+                p.spans.push(s);
+                p.spans.len()
+            }
+            Message::Score(s) => {
+                p.scores.push(s);
+                p.scores.len()
+            }
+        };
+        drop(p);
+        if waiting == q.max_batch {
+            q.full.notify_one();
         }
     }
 
@@ -211,15 +261,10 @@ impl Destination {
     /// Writes everything queued to the spool, then gives the sender until `grace` to deliver it;
     /// what is left stays spooled for the next start.
     pub async fn shutdown(&self, grace: Duration) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Message::Flush(done)).await.is_ok() {
-            let _ = wait.await;
-        }
-        let handle = self
-            .sender_done
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let Pending { spans, scores } = self.queue.take();
+        write_batches(&self.config, spans, scores, &self.spool, &self.stats);
+        self.wake.notify_one();
+        let handle = self.sender_done.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut handle) = handle {
             let drained = async {
                 loop {
@@ -238,60 +283,51 @@ impl Destination {
     }
 }
 
+/// Every `batch_interval`, or as soon as a full batch waits: what is queued, encoded and spooled.
 async fn batcher(
     config: DestinationConfig,
-    mut rx: mpsc::Receiver<Message>,
+    queue: Arc<Queue>,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<DestinationStats>,
     wake: Arc<Notify>,
+    stop: CancellationToken,
 ) {
-    let mut spans: Vec<Arc<SpanRecord>> = Vec::new();
-    let mut scores: Vec<Arc<Score>> = Vec::new();
-    let mut tick = tokio::time::interval(config.batch_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let flush_now = tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(Message::Span(s)) => { spans.push(s); spans.len() >= config.max_batch.max(1) }
-                Some(Message::Score(s)) => { scores.push(s); scores.len() >= config.max_batch.max(1) }
-                Some(Message::Flush(done)) => {
-                    write_batches(&config, &mut spans, &mut scores, &spool, &stats);
-                    wake.notify_one();
-                    let _ = done.send(());
-                    false
-                }
-                None => {
-                    write_batches(&config, &mut spans, &mut scores, &spool, &stats);
-                    wake.notify_one();
-                    return;
-                }
-            },
-            _ = tick.tick() => true,
-        };
-        if flush_now && (!spans.is_empty() || !scores.is_empty()) {
-            write_batches(&config, &mut spans, &mut scores, &spool, &stats);
-            wake.notify_one();
+        tokio::select! {
+            _ = queue.full.notified() => {}
+            _ = tokio::time::sleep(config.batch_interval) => {}
+            _ = stop.cancelled() => return,
         }
+        let Pending { spans, scores } = queue.take();
+        if spans.is_empty() && scores.is_empty() {
+            continue;
+        }
+        write_batches(&config, spans, scores, &spool, &stats);
+        wake.notify_one();
     }
 }
 
+/// Encodes and spools what was queued, `max_batch` at most per batch.
 fn write_batches(
     config: &DestinationConfig,
-    spans: &mut Vec<Arc<SpanRecord>>,
-    scores: &mut Vec<Arc<Score>>,
+    mut spans: Vec<Arc<SpanRecord>>,
+    mut scores: Vec<Arc<Score>>,
     spool: &Mutex<Spool>,
     stats: &DestinationStats,
 ) {
+    let max = config.max_batch.max(1);
     let mut batches = Vec::new();
-    if !spans.is_empty() {
-        let roots = otlp::roots(spans);
-        let payload = otlp::encode(std::mem::take(spans), &config.encode);
-        batches.push((ItemKind::Spans, roots, payload));
+    while !spans.is_empty() {
+        let rest = spans.split_off(spans.len().min(max));
+        let chunk = std::mem::replace(&mut spans, rest);
+        let roots = otlp::roots(&chunk);
+        batches.push((ItemKind::Spans, roots, otlp::encode(chunk, &config.encode)));
     }
-    if !scores.is_empty() {
-        let payload = super::langfuse::score_batch(scores);
-        batches.push((ItemKind::Scores, scores.len() as u32, payload));
-        scores.clear();
+    while !scores.is_empty() {
+        let rest = scores.split_off(scores.len().min(max));
+        let chunk = std::mem::replace(&mut scores, rest);
+        let payload = super::langfuse::score_batch(&chunk);
+        batches.push((ItemKind::Scores, chunk.len() as u32, payload));
     }
     let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
     for (kind, count, payload) in batches {
