@@ -264,7 +264,11 @@ impl Destination {
         let Pending { spans, scores } = self.queue.take();
         write_batches(&self.config, spans, scores, &self.spool, &self.stats);
         self.wake.notify_one();
-        let handle = self.sender_done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self
+            .sender_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(mut handle) = handle {
             let drained = async {
                 loop {
