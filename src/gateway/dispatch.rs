@@ -95,6 +95,7 @@ pub(super) async fn call_with_fallbacks(
                         gate_attempt,
                         retry: attempt,
                         streamed: false,
+                        operation: "chat",
                     },
                 );
             }

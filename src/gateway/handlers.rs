@@ -251,7 +251,7 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (mut request, model) = request::read(&headers, body, state.max_body_bytes)?;
+    let (request, model) = request::read(&headers, body, state.max_body_bytes)?;
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {
@@ -271,7 +271,44 @@ pub async fn embeddings(
     let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
     let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
-    let meta = CallMeta::new(&settings, &headers, persona, route, estimate);
+    let mut meta = CallMeta::new(&settings, &headers, persona, route, estimate);
+    meta.trace = trace::CallTrace::begin(&state, &headers, None);
+    let traced = meta.trace.is_some().then(|| meta.clone());
+    let result = embed(
+        state.clone(),
+        settings,
+        key,
+        meta,
+        request,
+        inputs,
+        estimate,
+    )
+    .await;
+    if let (Err(e), Some(meta)) = (&result, &traced) {
+        trace::request(
+            &state,
+            meta,
+            trace::CallOutcome {
+                route: "/v1/embeddings",
+                status: e.status().as_u16(),
+                error: Some(e.message.clone()),
+                ..Default::default()
+            },
+        );
+    }
+    result
+}
+
+/// An attributed embeddings call: rates, admission, the upstream, accounting.
+async fn embed(
+    state: GatewayState,
+    settings: Arc<GatewaySettings>,
+    key: Option<&VirtualKey>,
+    meta: CallMeta,
+    mut request: Map<String, Value>,
+    inputs: Vec<String>,
+    estimate: u64,
+) -> Result<Response, ApiError> {
     rate_check(&state, key, &meta, estimate)?;
     let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
     let cost_estimate = cost_of(&meta.route, estimate, 0);
@@ -293,14 +330,53 @@ pub async fn embeddings(
     let task = state.tasks.spawn(async move {
         let state = task_state;
         let meta = task_meta;
-        let result = match Provider::of(&settings, &state.http, &meta.route) {
-            Ok(provider) => {
-                provider
-                    .embeddings(&Value::Object(request), &inputs, &meta.route.name)
-                    .await
+        let attempt = trace::Attempt::begin(&state, &meta);
+        let result = trace::Attempt::scope(attempt.as_ref(), async {
+            match Provider::of(&settings, &state.http, &meta.route) {
+                Ok(provider) => {
+                    provider
+                        .embeddings(&Value::Object(request), &inputs, &meta.route.name)
+                        .await
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        };
+        })
+        .await;
+        if meta.trace.is_some() {
+            let usage = result.as_ref().ok().map(|v| {
+                let prompt = v.pointer("/usage/prompt_tokens").and_then(Value::as_u64);
+                (prompt.unwrap_or(meta.prompt_estimate), 0)
+            });
+            trace::generation(
+                &state,
+                &meta,
+                attempt,
+                None,
+                trace::AttemptOutcome {
+                    route: &meta.route,
+                    usage,
+                    output: None,
+                    error: result.as_ref().err(),
+                    gate_attempt: 1,
+                    retry: 0,
+                    streamed: false,
+                    operation: "embeddings",
+                },
+            );
+            if let Some(u) = usage {
+                trace::request(
+                    &state,
+                    &meta,
+                    trace::CallOutcome {
+                        route: "/v1/embeddings",
+                        status: 200,
+                        attempts: 1,
+                        usage: Some(u),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
         if let Ok(value) = &result {
             let (prompt, estimated) = match value
                 .pointer("/usage/prompt_tokens")

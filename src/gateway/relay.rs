@@ -118,6 +118,7 @@ pub(super) async fn stream_call(
                         gate_attempt: 1,
                         retry: 0,
                         streamed: true,
+                        operation: "chat",
                     },
                 );
                 if let Some(held_back) =
@@ -334,6 +335,7 @@ pub(super) async fn relay(
                 gate_attempt: 1,
                 retry: 0,
                 streamed: true,
+                operation: "chat",
             },
         );
         trace::request(

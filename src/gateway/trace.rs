@@ -127,6 +127,8 @@ pub(super) struct AttemptOutcome<'a> {
     /// Retries of this route before this attempt.
     pub(super) retry: u32,
     pub(super) streamed: bool,
+    /// `chat` or `embeddings` (OpenTelemetry's `gen_ai.operation.name`).
+    pub(super) operation: &'static str,
 }
 
 /// Emits the generation span of one upstream attempt.
@@ -144,7 +146,7 @@ pub(super) fn generation(
         t.trace_id,
         a.span_id,
         Some(t.span_id),
-        format!("chat {}", o.route.name),
+        format!("{} {}", o.operation, o.route.name),
         Role::Generation,
     )
     .kind(Kind::Client);
@@ -153,7 +155,7 @@ pub(super) fn generation(
     // The call's attribution is on its request span (the parent); the persona stays here too, as
     // the generation's user.
     s.set("hypertool.persona", meta.persona.as_str());
-    s.set("gen_ai.operation.name", "chat");
+    s.set("gen_ai.operation.name", o.operation);
     s.set("gen_ai.provider.name", o.route.upstream.as_str());
     s.set("gen_ai.request.model", o.route.name.as_str());
     s.set("gen_ai.response.model", o.route.upstream_model.as_str());
@@ -227,6 +229,8 @@ fn log_generation(meta: &CallMeta, s: &SpanRecord) {
 /// How the call ended, for the request span.
 #[derive(Default)]
 pub(super) struct CallOutcome<'a> {
+    /// The route called; `/v1/chat/completions` when empty.
+    pub(super) route: &'static str,
     pub(super) status: u16,
     pub(super) cache_hit: bool,
     pub(super) attempts: u32,
@@ -240,11 +244,16 @@ pub(super) fn request(state: &GatewayState, meta: &CallMeta, o: CallOutcome<'_>)
     let Some(t) = meta.trace.as_ref() else {
         return;
     };
+    let route = if o.route.is_empty() {
+        "/v1/chat/completions"
+    } else {
+        o.route
+    };
     let mut s = SpanRecord::new(
         t.trace_id,
         t.span_id,
         t.parent,
-        "POST /v1/chat/completions",
+        format!("POST {route}"),
         Role::Request,
     )
     .kind(Kind::Server);

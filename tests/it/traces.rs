@@ -233,6 +233,11 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
     let upstream = FakeUpstream::start(dir.path()).await;
     let rx = Receiver::start().await;
     let endpoint = format!("endpoint = \"{}/v1/traces\"", rx.url());
+    // Langfuse too, at a receiver of its own: both destinations at once.
+    let langfuse = Receiver::start().await;
+    std::env::set_var("HYPERTOOL_TEST_LF_BOTH_PK", "pk-lf-both");
+    std::env::set_var("HYPERTOOL_TEST_LF_BOTH_SK", "sk-lf-both");
+    let langfuse_host = format!("host = \"{}\"", langfuse.url());
     let s = server(
         dir.path(),
         &upstream,
@@ -243,6 +248,15 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
             ),
             ("batch_interval = \"1s\"", "batch_interval = \"50ms\""),
             ("service_name = \"hypertool\"", "service_name = \"ht-test\""),
+            (
+                "public_key_env = \"LANGFUSE_PUBLIC_KEY\"",
+                "public_key_env = \"HYPERTOOL_TEST_LF_BOTH_PK\"",
+            ),
+            (
+                "secret_key_env = \"LANGFUSE_SECRET_KEY\"",
+                "secret_key_env = \"HYPERTOOL_TEST_LF_BOTH_SK\"",
+            ),
+            ("host = \"https://cloud.langfuse.com\"", &langfuse_host),
         ],
     )
     .await;
@@ -500,8 +514,73 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
         Some("backend-engineer")
     );
 
-    // The export is counted.
+    // An embeddings call is traced the same way.
+    let resp = s
+        .http
+        .post(format!("{}/v1/embeddings", s.api))
+        .header("x-hypertool-persona", "data-scientist")
+        .json(&json!({"model": "mock/embed", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let embed = eventually("the embeddings spans", Duration::from_secs(20), || async {
+        rx.spans()
+            .into_iter()
+            .find(|s| s.name == "POST /v1/embeddings")
+    })
+    .await;
+    assert_eq!(
+        attr_str(&embed, "hypertool.persona").as_deref(),
+        Some("data-scientist")
+    );
+    let embed_gen = eventually(
+        "the embeddings generation",
+        Duration::from_secs(20),
+        || async {
+            rx.spans()
+                .into_iter()
+                .find(|s| s.parent_span_id == embed.span_id && s.name == "embeddings mock/embed")
+        },
+    )
+    .await;
+    assert_eq!(
+        attr_str(&embed_gen, "gen_ai.operation.name").as_deref(),
+        Some("embeddings")
+    );
+
+    // Langfuse got every span the collector got, with the same ids.
+    let otlp_ids: std::collections::BTreeSet<Vec<u8>> =
+        rx.spans().into_iter().map(|s| s.span_id).collect();
+    eventually(
+        "Langfuse to have every span",
+        Duration::from_secs(20),
+        || async {
+            let ids: std::collections::BTreeSet<Vec<u8>> =
+                langfuse.spans().into_iter().map(|s| s.span_id).collect();
+            otlp_ids.is_subset(&ids).then_some(())
+        },
+    )
+    .await;
+    assert!(langfuse
+        .spans()
+        .iter()
+        .all(|s| attr_str(s, "langfuse.observation.type").is_some()));
+    assert!(rx
+        .spans()
+        .iter()
+        .all(|s| attr_str(s, "langfuse.observation.type").is_none()));
+
+    // The export is counted, per destination.
     let m = s.metrics().await;
+    assert!(
+        m.get(
+            "hypertool_trace_export_total",
+            &[("destination", "langfuse"), ("result", "ok")]
+        )
+        .unwrap()
+            >= 1.0
+    );
     assert!(
         m.get(
             "hypertool_trace_export_total",
