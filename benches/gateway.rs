@@ -312,13 +312,9 @@ async fn start_hypertool(
 
 /// Trace export's cost: hypertool exporting every span over OTLP to a live receiver (in this
 /// process: it reads each request whole and answers 200) against the same hypertool with no
-/// destination, in interleaved closed-loop rounds.
-async fn trace_export_cost(
-    http: &reqwest::Client,
-    dir: &Path,
-    upstream_addr: SocketAddr,
-    plain: &str,
-) {
+/// destination, both started fresh for this (a ledger with the history of the runs above would
+/// handicap one of them), in interleaved closed-loop rounds.
+async fn trace_export_cost(http: &reqwest::Client, dir: &Path, upstream_addr: SocketAddr) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     let receiver_addr = free_addr();
@@ -344,8 +340,11 @@ async fn trace_export_cost(
     });
     let extra = format!("\n[tracing]\nendpoint = \"http://{receiver_addr}/v1/traces\"\n");
     let (exporting, api) = start_hypertool(http, dir, "exporting", upstream_addr, &extra).await;
+    let (_silent, silent_api) = start_hypertool(http, dir, "silent", upstream_addr, "").await;
     let traced = format!("http://{api}/v1/chat/completions");
+    let plain = &format!("http://{silent_api}/v1/chat/completions");
     let _ = open_loop(http, &traced, 200, 1).await;
+    let _ = open_loop(http, plain, 200, 1).await;
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         off.push(closed_loop(http, plain, 3).await);
@@ -456,7 +455,7 @@ async fn run() {
     // `HYPERTOOL_BENCH=traces` measures the trace export's cost alone.
     if std::env::var("HYPERTOOL_BENCH").is_ok_and(|v| v == "traces") {
         let _ = open_loop(&http, &via, 200, 1).await;
-        trace_export_cost(&http, dir.path(), upstream_addr, &via).await;
+        trace_export_cost(&http, dir.path(), upstream_addr).await;
         return;
     }
     // Warm up connections and caches both ways.
@@ -515,7 +514,7 @@ async fn run() {
         peak_rss_mb(hypertool.0.id())
     );
     println!();
-    trace_export_cost(&http, dir.path(), upstream_addr, &via).await;
+    trace_export_cost(&http, dir.path(), upstream_addr).await;
 
     // Placement 2: hypertool (and the zero-logic proxy) on CPU 0, load generator and upstream on
     // CPU 1.
