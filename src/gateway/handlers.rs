@@ -134,16 +134,8 @@ pub async fn chat_completions(
         prompt_estimate,
     )
     .await;
-    if let (Err(e), Some(meta)) = (&result, &traced) {
-        trace::request(
-            &state,
-            meta,
-            trace::CallOutcome {
-                status: e.status().as_u16(),
-                error: Some(e.message.clone()),
-                ..Default::default()
-            },
-        );
+    if let Err(e) = &result {
+        trace::refused(&state, traced.as_ref(), "/v1/chat/completions", e);
     }
     result
 }
@@ -284,17 +276,8 @@ pub async fn embeddings(
         estimate,
     )
     .await;
-    if let (Err(e), Some(meta)) = (&result, &traced) {
-        trace::request(
-            &state,
-            meta,
-            trace::CallOutcome {
-                route: "/v1/embeddings",
-                status: e.status().as_u16(),
-                error: Some(e.message.clone()),
-                ..Default::default()
-            },
-        );
+    if let Err(e) = &result {
+        trace::refused(&state, traced.as_ref(), "/v1/embeddings", e);
     }
     result
 }

@@ -239,6 +239,28 @@ pub(super) struct CallOutcome<'a> {
     pub(super) error: Option<String>,
 }
 
+/// Ends the request span of a call refused or failed before it was answered (`traced` is the
+/// call's attribution, kept only when it is traced).
+pub(super) fn refused(
+    state: &GatewayState,
+    traced: Option<&CallMeta>,
+    route: &'static str,
+    e: &ApiError,
+) {
+    if let Some(meta) = traced {
+        request(
+            state,
+            meta,
+            CallOutcome {
+                route,
+                status: e.status().as_u16(),
+                error: Some(e.message.clone()),
+                ..Default::default()
+            },
+        );
+    }
+}
+
 /// Emits the request span of a call.
 pub(super) fn request(state: &GatewayState, meta: &CallMeta, o: CallOutcome<'_>) {
     let Some(t) = meta.trace.as_ref() else {

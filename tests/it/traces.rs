@@ -169,6 +169,30 @@ fn attr_int(s: &Span, key: &str) -> Option<i64> {
     }
 }
 
+/// LangfuseIntegrationFailing as `GET /api/alerts` shows it.
+async fn alert_7(s: &TestServer) -> Value {
+    let (_, view) = s.get_json("/api/alerts").await;
+    view["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alertname"] == "LangfuseIntegrationFailing")
+        .cloned()
+        .unwrap()
+}
+
+/// Asserts each `(key, value)` string attribute of `s`.
+fn assert_attrs(s: &Span, expected: &[(&str, &str)]) {
+    for (key, value) in expected {
+        assert_eq!(
+            attr_str(s, key).as_deref(),
+            Some(*value),
+            "{key} of {}",
+            s.name
+        );
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -364,11 +388,13 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
         .expect("the continued trace");
     assert_eq!(hex(&continued.parent_span_id), remote_parent);
     assert_eq!(continued.kind, 2, "server");
-    assert_eq!(
-        attr_str(continued, "hypertool.persona").as_deref(),
-        Some("frontend-engineer")
+    assert_attrs(
+        continued,
+        &[
+            ("hypertool.persona", "frontend-engineer"),
+            ("session.id", "sess-1"),
+        ],
     );
-    assert_eq!(attr_str(continued, "session.id").as_deref(), Some("sess-1"));
     assert_eq!(
         attr(continued, "hypertool.cache_hit"),
         None,
@@ -379,10 +405,12 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
     let g = gens[0];
     assert_eq!(g.name, "chat ok");
     assert_eq!(g.kind, 3, "client");
-    assert_eq!(attr_str(g, "gen_ai.request.model").as_deref(), Some("ok"));
-    assert_eq!(
-        attr_str(g, "gen_ai.operation.name").as_deref(),
-        Some("chat")
+    assert_attrs(
+        g,
+        &[
+            ("gen_ai.request.model", "ok"),
+            ("gen_ai.operation.name", "chat"),
+        ],
     );
     assert!(attr_int(g, "gen_ai.usage.input_tokens").unwrap() > 0);
     assert!(attr_int(g, "gen_ai.usage.output_tokens").unwrap() > 0);
@@ -490,13 +518,12 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
         .iter()
         .find(|s| attr_str(s, "session.id").as_deref() == Some("sess-sw"))
         .unwrap();
-    assert_eq!(
-        attr_str(explicit, "hypertool.switch.kind").as_deref(),
-        Some("explicit")
-    );
-    assert_eq!(
-        attr_str(explicit, "hypertool.persona.to").as_deref(),
-        Some("testing-specialist")
+    assert_attrs(
+        explicit,
+        &[
+            ("hypertool.switch.kind", "explicit"),
+            ("hypertool.persona.to", "testing-specialist"),
+        ],
     );
     let inferred = switches
         .iter()
@@ -505,13 +532,12 @@ async fn calls_runs_stages_switches_and_gated_retries_arrive_as_linked_spans() {
                 && attr_str(s, "hypertool.persona.to").as_deref() == Some("frontend-engineer")
         })
         .expect("the inferred switch");
-    assert_eq!(
-        attr_str(inferred, "hypertool.switch.kind").as_deref(),
-        Some("inferred")
-    );
-    assert_eq!(
-        attr_str(inferred, "hypertool.persona.from").as_deref(),
-        Some("backend-engineer")
+    assert_attrs(
+        inferred,
+        &[
+            ("hypertool.switch.kind", "inferred"),
+            ("hypertool.persona.from", "backend-engineer"),
+        ],
     );
 
     // An embeddings call is traced the same way.
@@ -815,38 +841,27 @@ async fn langfuse_gets_generations_and_scores_once_across_its_outage_and_a_resta
                 && attr_str(s, "session.id").as_deref() == Some("sess-a")
         })
         .expect("the call of run a");
-    assert_eq!(
-        attr_str(call, "user.id").as_deref(),
-        Some("backend-engineer")
-    );
-    assert_eq!(
-        attr_str(call, "langfuse.trace.metadata.workflow").as_deref(),
-        Some("traced")
-    );
-    assert_eq!(
-        attr_str(call, "langfuse.trace.metadata.stage").as_deref(),
-        Some("code")
-    );
-    assert_eq!(
-        attr_str(call, "langfuse.trace.metadata.chatmode").as_deref(),
-        Some("default")
+    assert_attrs(
+        call,
+        &[
+            ("user.id", "backend-engineer"),
+            ("langfuse.trace.metadata.workflow", "traced"),
+            ("langfuse.trace.metadata.stage", "code"),
+            ("langfuse.trace.metadata.chatmode", "default"),
+        ],
     );
     assert!(attr_str(call, "langfuse.trace.metadata.run").is_some());
     let generation = spans
         .iter()
         .find(|s| s.name == "chat weak" && s.parent_span_id == call.span_id)
         .expect("the weak attempt of run a, under its call");
-    assert_eq!(
-        attr_str(generation, "langfuse.observation.type").as_deref(),
-        Some("generation")
-    );
-    assert_eq!(
-        attr_str(generation, "user.id").as_deref(),
-        Some("backend-engineer")
-    );
-    assert_eq!(
-        attr_str(generation, "langfuse.observation.model.name").as_deref(),
-        Some("weak")
+    assert_attrs(
+        generation,
+        &[
+            ("langfuse.observation.type", "generation"),
+            ("user.id", "backend-engineer"),
+            ("langfuse.observation.model.name", "weak"),
+        ],
     );
     let usage: Value =
         serde_json::from_str(&attr_str(generation, "langfuse.observation.usage_details").unwrap())
@@ -919,7 +934,8 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
     let edits: Vec<(&str, &str)> = edits.iter().map(|(a, b)| (*a, b.as_str())).collect();
     let s = start_edited(dir.path(), &edits).await;
     let state = s.running.as_ref().unwrap().state.clone();
-    for _ in 0..22 {
+    // 26 evaluations, 15 s apart: the 5 m `for` with a margin for the first usage to land.
+    for _ in 0..26 {
         let resp = s
             .http
             .post(format!("{}/v1/chat/completions", s.api))
@@ -942,13 +958,7 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
     })
     .await;
     evaluate_alerts(&state).await;
-    let (_, view) = s.get_json("/api/alerts").await;
-    let a = view["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["alertname"] == "LangfuseIntegrationFailing")
-        .unwrap();
+    let a = alert_7(&s).await;
     assert_eq!(a["state"], "firing", "{a}");
     let note = a["instances"][0]["note"].as_str().unwrap();
     assert!(
@@ -971,7 +981,7 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
     rx.answer.store(200, Ordering::SeqCst);
     eventually("the spooled traces", Duration::from_secs(90), || async {
         let m = s.metrics().await;
-        (m.get("langfuse_trace_created_total", &[]).unwrap_or(0.0) >= 22.0).then_some(())
+        (m.get("langfuse_trace_created_total", &[]).unwrap_or(0.0) >= 26.0).then_some(())
     })
     .await;
     for _ in 0..2 {
@@ -979,13 +989,7 @@ async fn refused_langfuse_keys_are_counted_named_and_fire_alert_7() {
         s.clock.advance_secs(15);
     }
     evaluate_alerts(&state).await;
-    let (_, view) = s.get_json("/api/alerts").await;
-    let a = view["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["alertname"] == "LangfuseIntegrationFailing")
-        .unwrap();
+    let a = alert_7(&s).await;
     assert_ne!(a["state"], "firing", "{a}");
     s.stop().await;
 }
