@@ -285,6 +285,8 @@ pub struct Engine {
     /// What `apply` did that the events do not say, collected only while an adapter (the trace
     /// exporter) takes it: `None` costs nothing.
     observations: Option<Vec<Observation>>,
+    /// Gateway calls admitted and not yet settled by their usage (in flight, or cut off by a crash).
+    unsettled: HashMap<String, (UnixMillis, crate::core::event::CallAdmission)>,
     /// The latest time the engine has seen (events and ticks): what "running for" is measured to.
     now: UnixMillis,
 }
@@ -308,6 +310,7 @@ impl Engine {
             runs: Runs::default(),
             oscillation_notices: std::collections::VecDeque::new(),
             observations: None,
+            unsettled: HashMap::new(),
             now,
         };
         engine.reconfigure(config, now);
@@ -389,6 +392,7 @@ impl Engine {
             quiet,
             runs,
             stage_starting,
+            unsettled,
             ..
         } = self;
         let personas = &config.personas;
@@ -400,6 +404,9 @@ impl Engine {
         let mut changed: Option<(String, Arc<str>)> = None;
         match &stamped.event {
             Event::Usage(u) => {
+                if let Some(call) = &u.call {
+                    unsettled.remove(call);
+                }
                 let canonical = personas.canonical(&u.persona);
                 let persona = admit(LabelKind::Persona, canonical);
                 let chatmode = admit(LabelKind::Chatmode, &u.chatmode);
@@ -526,6 +533,14 @@ impl Engine {
                 let stage = admit(LabelKind::Stage, stage);
                 let model = admit(LabelKind::Model, model);
                 count_gate(metrics, kinds, [workflow, stage, model], *result);
+            }
+            Event::CallAdmitted(c) => {
+                // In flight: its reservation is in memory already (live); a replay keeps it
+                // until its usage comes, and what is left at the end was cut off by a crash.
+                unsettled.insert(c.call.clone(), (at, c.clone()));
+            }
+            Event::CallReleased { call } => {
+                unsettled.remove(call);
             }
             Event::SwitchSuppressed {
                 chatmode, reason, ..
@@ -836,6 +851,14 @@ impl Engine {
         }
     }
 
+    /// Gateway calls admitted whose usage never came: after a replay, the calls a crash cut off.
+    /// Each with the time it was admitted.
+    pub fn unsettled_calls(&self) -> Vec<(UnixMillis, crate::core::event::CallAdmission)> {
+        let mut calls: Vec<_> = self.unsettled.values().cloned().collect();
+        calls.sort_by(|a, b| (a.0, &a.1.call).cmp(&(b.0, &b.1.call)));
+        calls
+    }
+
     /// Starts (or stops) collecting [`Observation`]s for [`Engine::take_observations`].
     pub fn set_observing(&mut self, on: bool) {
         self.observations = on.then(Vec::new);
@@ -1109,6 +1132,7 @@ mod tests {
                 cost_usd: None,
                 duration_seconds: None,
                 estimated: false,
+                call: None,
             }),
         ));
         e.release_stage(first.stage.as_ref().unwrap());

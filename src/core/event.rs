@@ -55,6 +55,58 @@ pub enum Event {
         /// cooldown | oscillation
         reason: String,
     },
+    /// A gateway call admitted, stored before its upstream is called and settled by the usage event
+    /// that names it (`Usage::call`). One that a crash left unsettled is counted at its estimate
+    /// when the ledger is next opened: an answered call is never missing from the ledger.
+    CallAdmitted(CallAdmission),
+    /// A gateway call that ended without usage (the upstream failed before answering): its
+    /// admission is void.
+    CallReleased {
+        call: String,
+    },
+}
+
+/// What a gateway call was admitted with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallAdmission {
+    /// Unique per upstream attempt that draws on a reservation (a gate retry has its own).
+    pub call: String,
+    pub persona: String,
+    pub chatmode: String,
+    pub model: String,
+    /// Tokens reserved: the prompt's estimate plus the completion's limit.
+    pub estimate: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+}
+
+impl CallAdmission {
+    /// The usage to count for a call that never settled: its whole estimate, marked estimated.
+    pub fn as_settlement(&self) -> Usage {
+        Usage {
+            persona: self.persona.clone(),
+            chatmode: self.chatmode.clone(),
+            model: self.model.clone(),
+            prompt_tokens: self.estimate,
+            completion_tokens: 0,
+            workflow: self.workflow.clone(),
+            stage: self.stage.clone(),
+            session: self.session.clone(),
+            run: self.run.clone(),
+            cost_usd: self.cost_usd,
+            duration_seconds: None,
+            estimated: true,
+            call: Some(self.call.clone()),
+        }
+    }
 }
 
 /// One quality-gate verdict, as counted by `hypertool_workflow_quality_gate_total`.
@@ -103,6 +155,9 @@ pub struct Usage {
     /// went away mid-stream), not reported by the upstream.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub estimated: bool,
+    /// The gateway call (`Event::CallAdmitted`) this usage settles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
 }
 
 impl Usage {
@@ -163,6 +218,8 @@ impl Event {
     pub fn kind(&self) -> &'static str {
         match self {
             Event::Usage(_) => "usage",
+            Event::CallAdmitted(_) => "call_admitted",
+            Event::CallReleased { .. } => "call_released",
             Event::PersonaSwitch(_) => "persona_switch",
             Event::Stage(_) => "stage",
             Event::BudgetReset { .. } => "budget_reset",

@@ -42,6 +42,7 @@ pub(super) fn usage_event(
         cost_usd: meta.route.prices.map(|p| p.cost(prompt, completion)),
         duration_seconds: Some(started.elapsed().as_secs_f64()),
         estimated,
+        call: meta.call_id.clone(),
     });
     Stamped {
         at: state.clock.now_ms(),
@@ -75,6 +76,67 @@ pub(super) async fn store_usage(
             }
             drop(settles);
         })
+        .await;
+}
+
+/// Stores the admission of the call's next upstream attempt before the upstream is called (see
+/// `Event::CallAdmitted`): from here on a crash can over-count the call by its estimate, never
+/// lose it. `Err` when the ledger cannot store it: then nothing may go upstream.
+pub(super) async fn store_admission(
+    state: &GatewayState,
+    meta: &mut CallMeta,
+    estimate: u64,
+    cost: f64,
+) -> Result<(), ApiError> {
+    let call = crate::telemetry::trace::ids::TraceId::random().hex();
+    let event = Event::CallAdmitted(CallAdmission {
+        call: call.clone(),
+        persona: meta.persona.clone(),
+        chatmode: meta.chatmode.clone(),
+        model: meta.route.name.clone(),
+        estimate,
+        cost_usd: (cost > 0.0).then_some(cost),
+        workflow: meta.workflow.clone(),
+        stage: meta.stage.clone(),
+        session: meta.session.clone(),
+        run: meta.run(),
+    });
+    let at = state.clock.now_ms();
+    match state.writer.append(vec![Stamped { at, event }]).await {
+        Ok(()) => {
+            meta.call_id = Some(call);
+            Ok(())
+        }
+        Err(e) => {
+            state.ledger_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(persona = %meta.persona, "a gateway call was refused: the ledger cannot store its admission: {e}");
+            Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "ledger_unavailable",
+                "the ledger cannot store this call's admission, so it was not sent upstream; retry it",
+            ))
+        }
+    }
+}
+
+/// Voids the admission of a call that ended without usage (its upstream failed before
+/// answering), and gives back its reservations once that is stored.
+pub(super) async fn release_admission(
+    state: &GatewayState,
+    meta: &CallMeta,
+    settles: Vec<Reservation>,
+) {
+    let Some(call) = meta.call_id.clone() else {
+        drop(settles);
+        return;
+    };
+    let event = Stamped {
+        at: state.clock.now_ms(),
+        event: Event::CallReleased { call },
+    };
+    state
+        .writer
+        .append_accounting(vec![event], move |_| drop(settles))
         .await;
 }
 

@@ -217,7 +217,10 @@ pub(super) async fn plain_call(
                             similar_held_back = held_back, "{}", e.message());
                     }
                     let _ = answer_tx.send(Err(e));
-                    if !earlier_attempts.is_empty() {
+                    if earlier_attempts.is_empty() {
+                        release_admission(&state, &attempt_meta, held).await;
+                    } else {
+                        release_admission(&state, &attempt_meta, Vec::new()).await;
                         store_usage(&state, &attempt_meta.persona, earlier_attempts, held).await;
                     }
                     break;
@@ -248,15 +251,23 @@ pub(super) async fn plain_call(
                         None
                     }
                     Ok((reservation, _, _)) => {
-                        held.push(reservation);
-                        Some(target)
+                        // The retry's own admission, stored before it goes upstream.
+                        let mut retry = attempt_meta.clone();
+                        retry.route = target.clone();
+                        match store_admission(&state, &mut retry, estimate, cost).await {
+                            Ok(()) => {
+                                held.push(reservation);
+                                Some((target, retry.call_id))
+                            }
+                            Err(_) => None,
+                        }
                     }
                 }
             } else {
                 None
             };
             match next {
-                Some(target) => {
+                Some((target, retry_call)) => {
                     // Stored with the last attempt (one commit, and the client is not kept
                     // waiting for it); its reservation is held until then.
                     earlier_attempts.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
@@ -265,6 +276,7 @@ pub(super) async fn plain_call(
                     tracing::info!(from = %attempt_meta.route.name, to = %target.name, attempt = attempt + 1,
                         "retrying a call whose output failed the quality gate");
                     attempt_meta.route = target;
+                    attempt_meta.call_id = retry_call;
                     attempt += 1;
                 }
                 None => {

@@ -196,6 +196,8 @@ async fn dispatch_call(
     if downgraded && downgrade(&state, &settings, &mut meta, &mut notes) {
         cache_slot = None;
     }
+    // Durable before anything goes upstream: an answered call is never missing after a crash.
+    store_admission(&state, &mut meta, estimate, cost_estimate).await?;
 
     let stream = request
         .get("stream")
@@ -287,7 +289,7 @@ async fn embed(
     state: GatewayState,
     settings: Arc<GatewaySettings>,
     key: Option<&VirtualKey>,
-    meta: CallMeta,
+    mut meta: CallMeta,
     mut request: Map<String, Value>,
     inputs: Vec<String>,
     estimate: u64,
@@ -303,6 +305,7 @@ async fn embed(
                 refused(&refusal, estimate, cost_estimate)
             },
         )?;
+    store_admission(&state, &mut meta, estimate, cost_estimate).await?;
     request.insert(
         "model".into(),
         Value::String(meta.route.upstream_model.clone()),
@@ -372,7 +375,7 @@ async fn embed(
             state.count(&meta.route.upstream, "ok");
         } else {
             state.count(&meta.route.upstream, "upstream_error");
-            drop(reservation);
+            release_admission(&state, &meta, vec![reservation]).await;
         }
         result
     });

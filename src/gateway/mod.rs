@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 
 use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
 use crate::core::engine::{Admission, CallClaim, Engine, Refusal, StageClaim, StageHold};
-use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped, Usage};
+use crate::core::event::{CallAdmission, Event, GateResult, GateVerdictEvent, Stamped, Usage};
 use crate::core::policy;
 use crate::core::workflow::GateVerdict;
 use crate::core::workflow::Workflows;
@@ -275,6 +275,8 @@ struct CallMeta {
     stage_call: Option<Arc<stage::StageCall>>,
     /// Where the call's spans go (`None` when nothing takes spans).
     trace: Option<trace::CallTrace>,
+    /// The admission record (`Event::CallAdmitted`) the usage of the current attempt settles.
+    call_id: Option<String>,
 }
 
 impl CallMeta {
@@ -303,6 +305,7 @@ impl CallMeta {
             prompt_estimate,
             stage_call: None,
             trace: None,
+            call_id: None,
         }
     }
 }

@@ -137,6 +137,7 @@ pub(super) async fn stream_call(
         let e = last_error.unwrap_or(UpstreamError::Unreachable {
             upstream: meta.route.upstream.clone(),
         });
+        release_admission(&state, &meta, vec![reservation]).await;
         return Err(gateway_error(&e));
     };
     let mut meta = meta;

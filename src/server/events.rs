@@ -412,6 +412,8 @@ pub fn parse_event(
                 cost_usd: f.bounded("cost_usd", false, MAX_COST_PER_EVENT_USD)?,
                 duration_seconds: f.bounded("duration_seconds", false, MAX_DURATION_SECONDS)?,
                 estimated,
+                // Only the gateway settles its own calls.
+                call: None,
             })
         }
         "persona_switch" => {

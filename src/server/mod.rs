@@ -307,6 +307,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         clock.clone(),
         observer,
     );
+    settle_cut_off_calls(&engine, &writer).await?;
     let stats = Arc::new(ServerStats {
         last_reload_ok: AtomicBool::new(true),
         ..ServerStats::default()
@@ -563,6 +564,36 @@ fn spawn_background(
         },
     )));
     tasks
+}
+
+/// Gateway calls that a crash cut off between their admission and their usage are counted at
+/// their admission's estimate (stamped when they were admitted), before anything is served: an
+/// answered call is never missing, and a call that died mid-way is over-counted by at most its
+/// estimate. Stored as usage events that settle them, so the next start does not count them again.
+async fn settle_cut_off_calls(
+    engine: &Arc<Mutex<Engine>>,
+    writer: &writer::WriterHandle,
+) -> Result<(), StartError> {
+    let cut_off = lock(engine).unsettled_calls();
+    if cut_off.is_empty() {
+        return Ok(());
+    }
+    let tokens: u64 = cut_off.iter().map(|(_, c)| c.estimate).sum();
+    let n = cut_off.len();
+    let events = cut_off
+        .into_iter()
+        .map(|(at, c)| crate::core::event::Stamped {
+            at,
+            event: crate::core::event::Event::Usage(c.as_settlement()),
+        })
+        .collect();
+    writer.append(events).await?;
+    tracing::warn!(
+        calls = n,
+        tokens,
+        "gateway calls were cut off (crash or kill) between their admission and their usage; each is counted at its admission estimate"
+    );
+    Ok(())
 }
 
 /// Starts the trace exporter for the destinations `[tracing]`, `[langfuse]` and the environment

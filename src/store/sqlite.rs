@@ -121,6 +121,15 @@ impl Ledger for SqliteLedger {
                         None,
                         None,
                     ),
+                    Event::CallAdmitted(c) => (
+                        Some(c.persona.as_str()),
+                        Some(c.chatmode.as_str()),
+                        Some(c.model.as_str()),
+                        None,
+                        None,
+                        None,
+                    ),
+                    Event::CallReleased { .. } => (None, None, None, None, None, None),
                     Event::RunStarted { .. }
                     | Event::StageFinished { .. }
                     | Event::RunFinished { .. } => (None, None, None, None, None, None),

@@ -176,3 +176,144 @@ async fn kill_9_in_the_middle_of_a_load_loses_nothing_acknowledged() {
     );
     s.stop().await;
 }
+
+/// The sessions of the usage events in the ledger file, and how often each gateway call (`call`)
+/// is settled (by usage or by release) and admitted.
+fn ledger_calls(data: &std::path::Path) -> (BTreeMap<String, i64>, BTreeMap<String, (i64, i64)>) {
+    let conn = rusqlite::Connection::open(data.join("hypertool.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT json_extract(body, '$.session'), COUNT(*) FROM events WHERE kind = 'usage' GROUP BY 1")
+        .unwrap();
+    let sessions = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                r.get(1)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut stmt = conn
+        .prepare(
+            "SELECT json_extract(body, '$.call'), SUM(kind = 'call_admitted'), SUM(kind IN ('usage', 'call_released')) \
+             FROM events WHERE json_extract(body, '$.call') IS NOT NULL GROUP BY 1",
+        )
+        .unwrap();
+    let calls = stmt
+        .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    (sessions, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_gateway_calls_loses_no_answered_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = dir.path().join("hypertool.toml");
+    // The mock upstream answers after 15 ms, so calls are in flight when the process dies.
+    std::fs::write(
+        &toml,
+        format!(
+            "[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
+            repo.join("config/personas"),
+            repo.join("config/budgets.yml")
+        ),
+    )
+    .unwrap();
+    for round in 0..2 {
+        let daemon = Daemon::spawn(
+            dir.path(),
+            &[
+                "--config",
+                toml.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        );
+        let api = daemon.api.clone();
+        // Sessions of calls whose answer (or its first byte, for a stream) reached the client.
+        let answered: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let http = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for worker in 0..16 {
+            let (api, answered, http) = (api.clone(), answered.clone(), http.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0.. {
+                    let session = format!("r{round}-w{worker}-{n}");
+                    let stream = worker % 2 == 1;
+                    let resp = http
+                        .post(format!("{api}/v1/chat/completions"))
+                        .header("x-hypertool-persona", "load-tester")
+                        .header("x-hypertool-session", &session)
+                        .json(&json!({"model": "mock/load", "stream": stream,
+                                      "messages": [{"role": "user", "content": format!("call {n}")}]}))
+                        .send()
+                        .await;
+                    match resp {
+                        Ok(r) if r.status() == 200 => {
+                            answered.lock().unwrap().insert(session);
+                            if r.bytes().await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+            }));
+        }
+        eventually(
+            "300 answered calls",
+            std::time::Duration::from_secs(120),
+            || {
+                let n = answered.lock().unwrap().len();
+                async move { (n >= 300).then_some(()) }
+            },
+        )
+        .await;
+        daemon.kill9();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let answered = answered.lock().unwrap().clone();
+
+        // A restart settles what the crash cut off; then every answered call is in the ledger.
+        let now = hypertool::core::clock::Clock::now_ms(&hypertool::core::clock::SystemClock);
+        let clock = Arc::new(hypertool::core::clock::ManualClock::new(now));
+        let s = start(Source::File(toml.clone()), &data, clock).await;
+        let m = s.metrics().await;
+        s.stop().await;
+        let (sessions, calls) = ledger_calls(&data);
+        for session in &answered {
+            assert_eq!(
+                sessions.get(session),
+                Some(&1),
+                "round {round}: answered call {session} lost or counted twice"
+            );
+        }
+        for (call, (admitted, settled)) in &calls {
+            assert_eq!(
+                (*admitted, *settled),
+                (1, 1),
+                "round {round}: call {call} admitted {admitted}, settled {settled} times"
+            );
+        }
+        assert!(calls.len() >= answered.len());
+        // The engine counts exactly the ledger's usage.
+        let conn = rusqlite::Connection::open(data.join("hypertool.db")).unwrap();
+        let ledger_tokens: i64 = conn
+            .query_row(
+                "SELECT SUM(prompt_tokens + completion_tokens) FROM events WHERE kind = 'usage'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            m.sum("hypertool_persona_tokens_used_total"),
+            ledger_tokens as f64
+        );
+    }
+}
