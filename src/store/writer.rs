@@ -80,6 +80,34 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Command>,
+    /// Cuts a lingering group short: an append somebody awaits (an event batch, a gateway call's
+    /// admission before its upstream) must not wait out another append's linger.
+    urgent: Arc<Urgent>,
+}
+
+/// Set by an awaited append; the writer's linger waits on it instead of sleeping blind.
+#[derive(Default)]
+struct Urgent {
+    waiting: Mutex<bool>,
+    wake: std::sync::Condvar,
+}
+
+impl Urgent {
+    fn raise(&self) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits until `deadline` or until an awaited append arrives; clears the flag.
+    fn linger_until(&self, deadline: std::time::Instant) {
+        let guard = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let timeout = deadline.saturating_duration_since(std::time::Instant::now());
+        let (mut guard, _) = self
+            .wake
+            .wait_timeout_while(guard, timeout, |waiting| !*waiting)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard = false;
+    }
 }
 
 fn gone() -> LedgerError {
@@ -100,6 +128,7 @@ impl WriterHandle {
             })
             .await
             .map_err(|_| gone())?;
+        self.urgent.raise();
         rx.await.map_err(|_| gone())?
     }
 
@@ -177,18 +206,20 @@ pub fn spawn_observed(
     observer: Option<Observer>,
 ) -> (WriterHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let urgent = Arc::new(Urgent::default());
+    let writer_urgent = urgent.clone();
     if observer.is_some() {
         lock(&engine).set_observing(true);
     }
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || run(ledger, engine, clock, rx, observer))
+        .spawn(move || run(ledger, engine, clock, rx, observer, writer_urgent))
         .unwrap_or_else(|e| {
             // Without a writer thread nothing can be stored: there is no way to continue.
             tracing::error!("cannot start the ledger writer thread: {e}");
             std::process::exit(1)
         });
-    (WriterHandle { tx }, thread)
+    (WriterHandle { tx, urgent }, thread)
 }
 
 fn run(
@@ -197,6 +228,7 @@ fn run(
     clock: Arc<dyn Clock>,
     mut rx: mpsc::Receiver<Command>,
     observer: Option<Observer>,
+    urgent: Arc<Urgent>,
 ) {
     let mut carried: Option<Command> = None;
     loop {
@@ -226,9 +258,10 @@ fn run(
                             if !lingering || batch.len() >= LINGER_MAX_EVENTS || now >= deadline {
                                 break;
                             }
-                            // One sleep for the rest of the window (not a polling loop: on a
-                            // busy core every wake-up would preempt request handling).
-                            std::thread::sleep(deadline - now);
+                            // One wait for the rest of the window (not a polling loop: on a
+                            // busy core every wake-up would preempt request handling), cut short
+                            // when an append somebody awaits arrives.
+                            urgent.linger_until(deadline);
                         }
                     }
                 }
