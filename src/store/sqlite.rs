@@ -15,6 +15,64 @@ use crate::core::event::{Event, Stamped};
 
 pub struct SqliteLedger {
     conn: Connection,
+    /// Stops the checkpointer thread when the ledger is dropped.
+    _checkpointer: Option<Checkpointer>,
+}
+
+/// Checkpoints the WAL from a thread and connection of its own. SQLite's automatic checkpoint runs
+/// inside the commit that crosses the threshold, with an fsync of the database: that commit — and
+/// the gateway call waiting on it (its admission) — took milliseconds. A PASSIVE checkpoint here
+/// never blocks the writer, whose commits (synchronous = NORMAL) do not wait on the disk.
+struct Checkpointer {
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the WAL is checkpointed.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Checkpointer {
+    fn start(path: &Path) -> Option<Checkpointer> {
+        let conn = Connection::open(path).ok()?;
+        conn.execute_batch("PRAGMA busy_timeout=5000;").ok()?;
+        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || {
+                let (lock, wake) = &*flag;
+                loop {
+                    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let (guard, _) = wake
+                        .wait_timeout_while(guard, CHECKPOINT_EVERY, |stopped| !*stopped)
+                        .unwrap_or_else(|p| p.into_inner());
+                    let stopped = *guard;
+                    drop(guard);
+                    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                        tracing::warn!("ledger checkpoint failed (retried): {e}");
+                    }
+                    if stopped {
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -61,7 +119,16 @@ impl SqliteLedger {
         .map_err(|e| LedgerError::new("open", e))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| LedgerError::new("migrate", e))?;
-        Ok(Self { conn })
+        // Checkpoints move to their own thread; without it, SQLite's automatic one stays on.
+        let checkpointer = Checkpointer::start(path);
+        if checkpointer.is_some() {
+            conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
+                .map_err(|e| LedgerError::new("open", e))?;
+        }
+        Ok(Self {
+            conn,
+            _checkpointer: checkpointer,
+        })
     }
 }
 
