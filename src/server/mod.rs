@@ -412,16 +412,21 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
             }
         };
         tokio::pin!(servers);
+        // One deadline for the whole drain: connections, then the calls still running, then traces.
+        let mut deadline = None;
         tokio::select! {
             _ = &mut servers => {}
             _ = wait_for_changed(&mut rx) => {
                 drain_state.draining.store(true, Ordering::SeqCst);
-                if tokio::time::timeout(grace, &mut servers).await.is_err() {
+                let at = tokio::time::Instant::now() + grace;
+                deadline = Some(at);
+                if tokio::time::timeout_at(at, &mut servers).await.is_err() {
                     tracing::warn!(grace_seconds = grace.as_secs(),
-                        "in-flight requests did not finish within the grace period; they were not acknowledged");
+                        "connections still open at the end of the grace period were closed; a call still running on one was not answered (it is accounted all the same)");
                 }
             }
         }
+        let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + grace);
         drain_state.draining.store(true, Ordering::SeqCst);
         for task in background {
             task.abort();
@@ -429,13 +434,13 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         // Gateway calls still being accounted (a client that left, a stream being relayed) finish
         // first, within the grace period; then the writer flushes what is queued.
         drain_state.tasks.close();
-        if tokio::time::timeout(grace, drain_state.tasks.wait())
+        if tokio::time::timeout_at(deadline, drain_state.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 tasks = drain_state.tasks.len(),
-                "gateway calls still running at the end of the grace period were cut off"
+                "gateway calls still running at the end of the grace period were cut off; each is counted at its admission estimate at the next start"
             );
         }
         // Everything acknowledged is already committed; this flushes what was queued behind it.
@@ -443,9 +448,10 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         // The spans of the last calls go to the spool; what a destination does not take within a
         // few seconds is sent at the next start.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         drain_state
             .tracer
-            .shutdown(grace.min(Duration::from_secs(5)))
+            .shutdown(left.min(Duration::from_secs(5)))
             .await;
         tracing::info!("ledger flushed; stopped");
     });

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::common::*;
 use crate::process::Daemon;
+use std::time::Duration;
 
 /// The samples a restart must reproduce (process-level ones like start time are excluded).
 fn durable(m: &Exposition) -> BTreeMap<String, f64> {
@@ -316,4 +317,110 @@ async fn kill_9_during_gateway_calls_loses_no_answered_call() {
             ledger_tokens as f64
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_to_its_grace_and_a_call_it_cuts_off_is_counted_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("ht.log");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = dir.path().join("hypertool.toml");
+    // A 3 s grace, and an upstream that takes 60 s: the call outlives the grace.
+    std::fs::write(
+        &toml,
+        format!(
+            "[server]\nshutdown_grace_seconds = 3\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 60000\n",
+            repo.join("config/personas"),
+            repo.join("config/budgets.yml")
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::spawn(
+        dir.path(),
+        &[
+            "--config",
+            toml.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--log-file",
+            "ht.log",
+        ],
+    );
+    let api = daemon.api.clone();
+    let call = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{api}/v1/chat/completions"))
+            .header("x-hypertool-persona", "data-scientist")
+            .header("x-hypertool-session", "cut-off")
+            .json(&json!({"model": "mock/slow", "max_tokens": 50,
+                          "messages": [{"role": "user", "content": "take your time"}]}))
+            .send()
+            .await
+    });
+    // The call is admitted (its admission is in the ledger) before the signal.
+    let db = data.join("hypertool.db");
+    eventually("the admission", Duration::from_secs(20), || {
+        let n: i64 = rusqlite::Connection::open(&db)
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM events WHERE kind = 'call_admitted'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap_or(0);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let signalled = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || daemon.wait_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(exit.code(), Some(0));
+    // One deadline for the whole drain (it used to be one per phase: 14 s for a 10 s grace).
+    assert!(
+        took < Duration::from_secs(3 + 2),
+        "shutdown took {took:?} for a 3 s grace"
+    );
+    // The client sees its connection close, not an answer.
+    let answered = call
+        .await
+        .unwrap()
+        .map(|r| r.status().is_success())
+        .unwrap_or(false);
+    assert!(!answered, "a call cut off at shutdown is not answered");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("not acknowledged"),
+        "no misleading claim about acknowledgements"
+    );
+    assert!(text.contains("cut off"), "the cut-off call is reported");
+
+    // The next start counts it at its admission estimate: it is in the ledger once.
+    let now = hypertool::core::clock::Clock::now_ms(&hypertool::core::clock::SystemClock);
+    let clock = Arc::new(hypertool::core::clock::ManualClock::new(now));
+    let s = start(Source::File(toml.clone()), &data, clock).await;
+    s.stop().await;
+    let (sessions, calls) = ledger_calls(&data);
+    assert_eq!(sessions.get("cut-off"), Some(&1));
+    assert!(calls.values().all(|c| *c == (1, 1)), "{calls:?}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (tokens, estimated): (i64, bool) = conn
+        .query_row(
+            "SELECT prompt_tokens + completion_tokens, json_extract(body, '$.estimated') FROM events \
+             WHERE kind = 'usage' AND json_extract(body, '$.session') = 'cut-off'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        estimated && tokens >= 50,
+        "counted at its estimate (prompt + max_tokens): {tokens}"
+    );
 }
