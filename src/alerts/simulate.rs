@@ -342,6 +342,7 @@ pub fn run(scenario: Scenario, engine_config: EngineConfig, settings: AlertSetti
     let mut process = ProcessInfo {
         version: env!("CARGO_PKG_VERSION"),
         config_last_reload_ok: true,
+        ledger_writable: true,
         langfuse_enabled: langfuse.expected(),
         ..ProcessInfo::default()
     };

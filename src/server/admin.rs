@@ -222,6 +222,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "draining"})),
         )
+    } else if let Some((since, error)) = state.writer.health.outage() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "ledger_unavailable",
+                "reason": format!("the ledger cannot write: {error}"),
+                "since": crate::core::clock::to_rfc3339(since),
+            })),
+        )
     } else {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     }

@@ -488,10 +488,18 @@ fn spawn_background(
     let ticker_state = state.clone();
     tasks.push(tokio::spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
         loop {
             interval.tick().await;
             let now = ticker_state.clock.now_ms();
             lock(&ticker_state.engine).tick(now);
+            // A ledger that cannot write is tried again every 2 s, so that service resumes by
+            // itself even when nothing else writes (a load balancer sends nothing to an unready
+            // instance).
+            ticks += 1;
+            if ticks % 2 == 0 && ticker_state.writer.health.failing() {
+                ticker_state.writer.probe();
+            }
         }
     }));
 
@@ -779,6 +787,8 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         .map(|((a, to), n)| ((a.to_string(), to.to_string()), *n as f64))
         .collect();
     let process = ProcessInfo {
+        ledger_writable: !state.writer.health.failing(),
+        ledger_write_failures: state.writer.health.failures.load(Ordering::Relaxed) as f64,
         trace_destinations: state
             .tracer
             .stats()

@@ -46,4 +46,6 @@ pub trait Ledger: Send {
     fn set_override(&mut self, persona: &str, spec: Option<&BudgetSpec>)
         -> Result<(), LedgerError>;
     fn totals(&self) -> Result<LedgerTotals, LedgerError>;
+    /// A write that stores nothing of substance, to learn whether writes succeed again.
+    fn probe(&mut self, now: i64) -> Result<(), LedgerError>;
 }

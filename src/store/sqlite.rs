@@ -133,6 +133,16 @@ impl SqliteLedger {
 }
 
 impl Ledger for SqliteLedger {
+    fn probe(&mut self, now: i64) -> Result<(), LedgerError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_probe_ms', ?1)",
+                params![now.to_string()],
+            )
+            .map(|_| ())
+            .map_err(|e| LedgerError::new("probe", e))
+    }
+
     fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError> {
         let tx = self
             .conn

@@ -66,6 +66,63 @@ enum Command {
     Shutdown {
         ack: oneshot::Sender<()>,
     },
+    /// Try a write (while the ledger is failing) to learn whether it can write again.
+    Probe,
+}
+
+/// Whether the ledger can write: set by the writer at every commit and probe, read by `/readyz`
+/// and the exposition.
+#[derive(Debug, Default)]
+pub struct LedgerHealth {
+    failing: std::sync::atomic::AtomicBool,
+    /// Unix ms of the first failure of the current outage.
+    since_ms: std::sync::atomic::AtomicI64,
+    pub failures: std::sync::atomic::AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl LedgerHealth {
+    pub fn failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// (since when, the last error) while the ledger cannot write.
+    pub fn outage(&self) -> Option<(i64, String)> {
+        if !self.failing() {
+            return None;
+        }
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        Some((
+            self.since_ms.load(std::sync::atomic::Ordering::Relaxed),
+            error,
+        ))
+    }
+
+    fn failed(&self, now: i64, error: &LedgerError) {
+        use std::sync::atomic::Ordering;
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            self.since_ms.store(now, Ordering::Relaxed);
+            tracing::error!(
+                "the ledger cannot write ({error}): gateway calls and events are refused with 503 and /readyz says so until it can (tried again every few seconds)"
+            );
+        }
+    }
+
+    fn succeeded(&self) {
+        if self
+            .failing
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!("the ledger writes again: service resumed");
+        }
+    }
 }
 
 /// Locks the engine, recovering it if a panic elsewhere poisoned the lock (its state stays valid:
@@ -80,6 +137,7 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Command>,
+    pub health: Arc<LedgerHealth>,
     /// Cuts a lingering group short: an append somebody awaits (an event batch, a gateway call's
     /// admission before its upstream) must not wait out another append's linger.
     urgent: Arc<Urgent>,
@@ -175,6 +233,12 @@ impl WriterHandle {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Asks the writer to try a write, to learn whether a failing ledger writes again (not
+    /// awaited: the outcome shows in [`LedgerHealth`]).
+    pub fn probe(&self) {
+        let _ = self.tx.try_send(Command::Probe);
+    }
+
     /// Finishes everything queued before this call, then stops the writer.
     pub async fn shutdown(&self) {
         let (ack, rx) = oneshot::channel();
@@ -208,18 +272,30 @@ pub fn spawn_observed(
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let urgent = Arc::new(Urgent::default());
     let writer_urgent = urgent.clone();
+    let health = Arc::new(LedgerHealth::default());
+    let writer_health = health.clone();
     if observer.is_some() {
         lock(&engine).set_observing(true);
     }
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || run(ledger, engine, clock, rx, observer, writer_urgent))
+        .spawn(move || {
+            run(
+                ledger,
+                engine,
+                clock,
+                rx,
+                observer,
+                writer_urgent,
+                writer_health,
+            )
+        })
         .unwrap_or_else(|e| {
             // Without a writer thread nothing can be stored: there is no way to continue.
             tracing::error!("cannot start the ledger writer thread: {e}");
             std::process::exit(1)
         });
-    (WriterHandle { tx, urgent }, thread)
+    (WriterHandle { tx, urgent, health }, thread)
 }
 
 fn run(
@@ -229,6 +305,7 @@ fn run(
     mut rx: mpsc::Receiver<Command>,
     observer: Option<Observer>,
     urgent: Arc<Urgent>,
+    health: Arc<LedgerHealth>,
 ) {
     let mut carried: Option<Command> = None;
     loop {
@@ -267,6 +344,7 @@ fn run(
                 }
                 match ledger.append(&batch) {
                     Ok(()) => {
+                        health.succeeded();
                         let mut engine = lock(&engine);
                         for e in &batch {
                             engine.apply(e);
@@ -280,7 +358,8 @@ fn run(
                         }
                     }
                     Err(e) => {
-                        tracing::error!(
+                        health.failed(clock.now_ms(), &e);
+                        tracing::debug!(
                             events = batch.len(),
                             "{e}; the batch was not acknowledged"
                         );
@@ -310,6 +389,10 @@ fn run(
             Command::Totals { ack } => {
                 let _ = ack.send(ledger.totals());
             }
+            Command::Probe => match ledger.probe(clock.now_ms()) {
+                Ok(()) => health.succeeded(),
+                Err(e) => health.failed(clock.now_ms(), &e),
+            },
             Command::Shutdown { ack } => {
                 // Everything queued before the shutdown has been handled (FIFO); stop here.
                 drop(ledger);

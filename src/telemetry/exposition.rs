@@ -73,6 +73,10 @@ pub struct ProcessInfo {
     pub alert_transitions: Vec<((String, String), f64)>,
     /// Each trace destination's export outcomes and spool.
     pub trace_destinations: Vec<TraceDestinationInfo>,
+    /// Whether the ledger's last write (commit or probe) succeeded.
+    pub ledger_writable: bool,
+    /// Commits and probes that failed.
+    pub ledger_write_failures: f64,
 }
 
 /// What one trace destination (`otlp`, `langfuse`) did.
@@ -304,6 +308,18 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         f::LANGFUSE_TRACE_CREATED_TOTAL.name,
         &[],
         m.langfuse_traces_created + accepted as f64,
+    );
+    w.header_of(&f::LEDGER_WRITABLE);
+    w.sample(
+        f::LEDGER_WRITABLE.name,
+        &[],
+        if process.ledger_writable { 1.0 } else { 0.0 },
+    );
+    w.header_of(&f::LEDGER_WRITE_FAILURES_TOTAL);
+    w.sample(
+        f::LEDGER_WRITE_FAILURES_TOTAL.name,
+        &[],
+        process.ledger_write_failures,
     );
     w.header_of(&f::TRACE_EXPORT_TOTAL);
     for d in &process.trace_destinations {

@@ -187,6 +187,20 @@ pub const LANGFUSE_TRACE_CREATED_TOTAL: Family = Family {
     labels: &[],
 };
 
+pub const LEDGER_WRITABLE: Family = Family {
+    name: "hypertool_ledger_writable",
+    kind: Kind::Gauge,
+    help: "1 while the ledger's writes succeed; 0 while it cannot write (disk full, read-only, locked): gateway calls and events are then refused with 503 and /readyz is 503.",
+    labels: &[],
+};
+
+pub const LEDGER_WRITE_FAILURES_TOTAL: Family = Family {
+    name: "hypertool_ledger_write_failures_total",
+    kind: Kind::Counter,
+    help: "Ledger commits and recovery probes that failed.",
+    labels: &[],
+};
+
 pub const TRACE_EXPORT_TOTAL: Family = Family {
     name: "hypertool_trace_export_total",
     kind: Kind::Counter,
@@ -365,6 +379,8 @@ pub const ALL: &[Family] = &[
     PERSONA_INFO,
     LANGFUSE_ENABLED,
     LANGFUSE_TRACE_CREATED_TOTAL,
+    LEDGER_WRITABLE,
+    LEDGER_WRITE_FAILURES_TOTAL,
     TRACE_EXPORT_TOTAL,
     TRACE_SPOOL_BYTES,
     TRACE_EXPORT_LAST_SUCCESS,

@@ -424,3 +424,59 @@ async fn shutdown_keeps_to_its_grace_and_a_call_it_cuts_off_is_counted_at_the_ne
         "counted at its estimate (prompt + max_tokens): {tokens}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_that_cannot_write_fails_closed_says_so_and_resumes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    assert_eq!(s.get_json("/readyz").await.0, 200);
+    // Another process holds the ledger's write lock: every write fails (after SQLite's 5 s wait).
+    let blocker = rusqlite::Connection::open(dir.path().join("hypertool.db")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE;").unwrap();
+
+    let (status, body) = s
+        .post_events(json!([usage("backend-engineer", "c", "m", 1, 1)]))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let (status, ready) = s.get_json("/readyz").await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["status"], "ledger_unavailable");
+    assert!(
+        ready["reason"].as_str().unwrap().contains("locked"),
+        "{ready}"
+    );
+    let m = s.metrics().await;
+    assert_eq!(m.get("hypertool_ledger_writable", &[]), Some(0.0));
+    assert!(m.get("hypertool_ledger_write_failures_total", &[]).unwrap() >= 1.0);
+    // A gateway call is refused before anything goes upstream: no answer nobody could account for.
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "backend-engineer")
+        .json(&json!({"model": "mock/x", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "ledger_unavailable", "{err}");
+
+    // The lock goes away: the probe finds out, with no request needed, and service resumes.
+    blocker.execute_batch("ROLLBACK;").unwrap();
+    drop(blocker);
+    eventually("/readyz to recover", Duration::from_secs(30), || async {
+        (s.get_json("/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    let (status, _) = s
+        .post_events(json!([usage("backend-engineer", "c", "m", 1, 1)]))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        s.metrics().await.get("hypertool_ledger_writable", &[]),
+        Some(1.0)
+    );
+    // Nothing refused was stored; what was accepted was, once.
+    assert_eq!(s.ledger_totals().await.tokens, 2);
+    s.stop().await;
+}
