@@ -137,30 +137,12 @@ pub struct LangfuseSettings {
 
 impl PartialEq for LangfuseSettings {
     fn eq(&self, other: &Self) -> bool {
-        let patterns =
-            |r: &[regex::Regex]| r.iter().map(|r| r.as_str().to_string()).collect::<Vec<_>>();
         self.enabled == other.enabled
             && self.host == other.host
             && self.public_key_env == other.public_key_env
             && self.secret_key_env == other.secret_key_env
             && self.capture_content == other.capture_content
-            && patterns(&self.redact) == patterns(&other.redact)
-    }
-}
-
-impl LangfuseSettings {
-    /// Whether both keys are present in the environment.
-    pub fn credentials_present(&self) -> bool {
-        self.missing_keys().is_empty()
-    }
-
-    /// The variables of the keys that are not set (names only, never values).
-    pub fn missing_keys(&self) -> Vec<&str> {
-        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-        [self.public_key_env.as_str(), self.secret_key_env.as_str()]
-            .into_iter()
-            .filter(|v| !set(v))
-            .collect()
+            && super::tracing::same_patterns(&self.redact, &other.redact)
     }
 }
 

@@ -65,13 +65,17 @@ impl Default for TracingSettings {
     }
 }
 
+/// Two lists of compiled patterns are the same configuration when their sources are.
+pub(super) fn same_patterns(a: &[Regex], b: &[Regex]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.as_str() == y.as_str())
+}
+
 impl PartialEq for TracingSettings {
     fn eq(&self, other: &Self) -> bool {
-        let patterns = |r: &[Regex]| r.iter().map(|r| r.as_str().to_string()).collect::<Vec<_>>();
         self.endpoint == other.endpoint
             && self.service_name == other.service_name
             && self.capture_content == other.capture_content
-            && patterns(&self.redact) == patterns(&other.redact)
+            && same_patterns(&self.redact, &other.redact)
             && self.timeout == other.timeout
             && self.queue_capacity == other.queue_capacity
             && self.max_batch_spans == other.max_batch_spans

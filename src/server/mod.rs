@@ -295,7 +295,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     );
 
     let engine = Arc::new(Mutex::new(engine));
-    let tracer = start_tracer(&cfg, &opts.data_dir, clock.clone())?;
+    let (tracer, langfuse) = start_tracer(&cfg, &opts.data_dir, clock.clone())?;
     let observer: Option<writer::Observer> = tracer.exports().then(|| {
         let tracer = tracer.clone();
         Box::new(move |e: &crate::core::event::Stamped, o| tracer.on_applied(e, o))
@@ -312,7 +312,6 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         last_reload_ok: AtomicBool::new(true),
         ..ServerStats::default()
     });
-    let langfuse = langfuse_status(&cfg);
     log_langfuse_status(&langfuse);
     let mut alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse);
     let diagnosis = tracer.clone();
@@ -611,12 +610,13 @@ async fn settle_cut_off_calls(
 }
 
 /// Starts the trace exporter for the destinations `[tracing]`, `[langfuse]` and the environment
-/// name; a warning for anything asked for that cannot be done.
+/// name; a warning for anything asked for that cannot be done. Also says what the embedded alert
+/// engine knows about Langfuse that a Prometheus rule cannot (decided by the same plan).
 fn start_tracer(
     cfg: &Config,
     data_dir: &std::path::Path,
     clock: Arc<dyn crate::core::clock::Clock>,
-) -> Result<crate::telemetry::trace::Tracer, StartError> {
+) -> Result<(crate::telemetry::trace::Tracer, LangfuseStatus), StartError> {
     use crate::telemetry::trace::{Plan, Tracer};
     let plan = Plan::resolve(
         &cfg.settings.tracing,
@@ -630,19 +630,13 @@ fn start_tracer(
     if plan.destinations.is_empty() {
         tracing::info!("no trace destination configured (set OTEL_EXPORTER_OTLP_ENDPOINT or [tracing] endpoint, or the Langfuse keys)");
     }
-    Tracer::start(plan, clock).map_err(StartError::Tracing)
-}
-
-/// What the embedded engine knows about Langfuse that a Prometheus rule cannot.
-pub fn langfuse_status(cfg: &Config) -> LangfuseStatus {
-    use crate::config::settings::LangfuseMode;
-    let lf = &cfg.settings.langfuse;
-    let missing: Vec<String> = lf.missing_keys().into_iter().map(str::to_string).collect();
-    match (lf.enabled, missing.len()) {
-        (LangfuseMode::Off, _) | (LangfuseMode::Auto, 2) => LangfuseStatus::Disabled,
-        (_, 0) => LangfuseStatus::Configured,
-        _ => LangfuseStatus::NotConfigured(missing),
-    }
+    let langfuse = match (plan.langfuse_wanted, plan.langfuse_missing_keys.is_empty()) {
+        (false, _) => LangfuseStatus::Disabled,
+        (true, true) => LangfuseStatus::Configured,
+        (true, false) => LangfuseStatus::NotConfigured(plan.langfuse_missing_keys.clone()),
+    };
+    let tracer = Tracer::start(plan, clock).map_err(StartError::Tracing)?;
+    Ok((tracer, langfuse))
 }
 
 /// Says at start-up what the Langfuse configuration means for alert 7.

@@ -52,6 +52,11 @@ struct Inner {
 pub struct Plan {
     pub destinations: Vec<DestinationConfig>,
     pub redact: Vec<Regex>,
+    /// Langfuse is expected (`[langfuse] enabled`, and for "auto" a key set): what alert 7 judges.
+    pub langfuse_wanted: bool,
+    /// The key variables Langfuse is expected with but that are not set (names only).
+    pub langfuse_missing_keys: Vec<String>,
+    /// Langfuse is expected but cannot be a destination (a key missing, or no valid host).
     pub langfuse_missing: bool,
     /// What the operator should know (e.g. an unsupported protocol asked for).
     pub warnings: Vec<String>,
@@ -185,6 +190,7 @@ impl Plan {
             LangfuseMode::On => true,
             LangfuseMode::Auto => public.is_some() || secret.is_some(),
         };
+        plan.langfuse_wanted = wanted;
         let host_ok = reqwest::Url::parse(&langfuse.host)
             .is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
         if wanted && !host_ok {
@@ -233,6 +239,7 @@ impl Plan {
                         "Langfuse is on but {} not set: no trace reaches Langfuse (generations are logged instead) and LangfuseIntegrationFailing will fire until it is set, or until [langfuse] enabled = false",
                         missing.join(" and ")
                     ));
+                    plan.langfuse_missing_keys = missing.into_iter().map(str::to_string).collect();
                     plan.langfuse_missing = true;
                 }
             }
@@ -507,6 +514,10 @@ mod tests {
             .any(|(k, v)| k == "authorization" && v == "Basic cGstMTpzay0x"));
         let p = plan(&none, &off, &[("PK", "pk-1")]);
         assert!(p.destinations.is_empty() && p.langfuse_missing);
+        assert_eq!(
+            (p.langfuse_wanted, p.langfuse_missing_keys.clone()),
+            (true, vec!["SK".to_string()])
+        );
         assert!(p.warnings.iter().any(|w| w.contains("SK not set")));
         assert!(
             !plan(&none, &off, &[]).langfuse_missing,
