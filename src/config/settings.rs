@@ -196,6 +196,10 @@ pub struct AuthSettings {
 #[serde(deny_unknown_fields)]
 struct RawLedger {
     sync: Option<LedgerSync>,
+    on_outage: Option<OnOutage>,
+    outage_buffer_events: Option<usize>,
+    snapshot_interval: Option<PromDuration>,
+    retain_days: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -249,6 +253,32 @@ pub enum LedgerSync {
     Full,
 }
 
+/// What the gateway and the events API do while the ledger cannot write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOutage {
+    /// Refuse with 503 until the ledger writes again (nothing is acknowledged that is not stored).
+    #[default]
+    FailClosed,
+    /// Keep serving; hold usage in memory (applied to budgets) up to `outage_buffer_events`, and
+    /// write it when the ledger returns. Past the bound, fail closed.
+    Buffer,
+}
+
+/// `[ledger]`: durability, outages, snapshots and retention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerSettings {
+    pub sync: LedgerSync,
+    pub on_outage: OnOutage,
+    /// Most events held in memory during an outage (both policies hold the accounting of calls
+    /// already answered; `buffer` holds everything).
+    pub outage_buffer_events: usize,
+    /// How often the core's state is snapshotted (also at shutdown); start-up replays only what came after.
+    pub snapshot_interval: std::time::Duration,
+    /// Raw events older than this are removed once a snapshot covers them; `None` keeps them all.
+    pub retain_days: Option<u32>,
+}
+
 /// The validated `hypertool.toml`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -267,7 +297,7 @@ pub struct Settings {
     pub body_timeout: std::time::Duration,
     pub auth: AuthSettings,
     pub shutdown_grace_seconds: u64,
-    pub ledger_sync: LedgerSync,
+    pub ledger: LedgerSettings,
     pub personas_dir: String,
     pub alias_prefixes: Vec<String>,
     pub budgets_file: String,
@@ -289,6 +319,57 @@ pub struct Settings {
     /// Chatmode → workflow and switch cooldown, relative to hypertool.toml.
     pub chatmodes_file: String,
     pub switching: SwitchingSettings,
+}
+
+fn ledger_settings(
+    file: &str,
+    text: &str,
+    raw: &RawLedger,
+    errors: &mut Vec<ConfigError>,
+) -> LedgerSettings {
+    let outage_buffer_events = raw.outage_buffer_events.unwrap_or(100_000);
+    if !(1..=10_000_000).contains(&outage_buffer_events) {
+        errors.push(
+            ConfigError::new(
+                file,
+                line_of_key(text, "outage_buffer_events"),
+                format!("`ledger.outage_buffer_events` = {outage_buffer_events} is out of range"),
+            )
+            .fix("use from 1 to 10000000 (the default is 100000; each held event takes a few hundred bytes)"),
+        );
+    }
+    let snapshot = raw.snapshot_interval.unwrap_or(PromDuration::secs(300));
+    if snapshot.ms() < 1_000 || snapshot.ms() > 86_400_000 {
+        errors.push(
+            ConfigError::new(
+                file,
+                line_of_key(text, "snapshot_interval"),
+                format!("`ledger.snapshot_interval` = {snapshot} is out of range"),
+            )
+            .fix("use from 1s to 24h (the default is 5m)"),
+        );
+    }
+    if let Some(days) = raw.retain_days {
+        if days < 2 {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "retain_days"),
+                    format!("`ledger.retain_days` = {days} would remove the events the runbook's investigations read"),
+                )
+                .fix("use at least 2, or remove the key to keep every event"),
+            );
+        }
+    }
+    LedgerSettings {
+        sync: raw.sync.unwrap_or_default(),
+        on_outage: raw.on_outage.unwrap_or_default(),
+        outage_buffer_events: outage_buffer_events.clamp(1, 10_000_000),
+        snapshot_interval: std::time::Duration::from_millis(
+            snapshot.ms().clamp(1_000, 86_400_000) as u64,
+        ),
+        retain_days: raw.retain_days.map(|d| d.max(2)),
+    }
 }
 
 impl Settings {
@@ -397,6 +478,7 @@ impl Settings {
         };
         let header_timeout = timeout("header_timeout", raw.server.header_timeout, 10);
         let body_timeout = timeout("body_timeout", raw.server.body_timeout, 30);
+        let ledger = ledger_settings(file, text, &raw.ledger, &mut errors);
         let mut auth = AuthSettings::default();
         // The line naming the variable (a file entry), or none (the HYPERTOOL_ADMIN_KEY shortcut).
         let line_naming = |key_env: &str| {
@@ -604,7 +686,7 @@ impl Settings {
             body_timeout,
             auth,
             shutdown_grace_seconds: raw.server.shutdown_grace_seconds.unwrap_or(10),
-            ledger_sync: raw.ledger.sync.unwrap_or_default(),
+            ledger,
             personas_dir: raw.personas.dir.unwrap_or_else(|| "personas".into()),
             alias_prefixes: raw
                 .personas

@@ -227,8 +227,18 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
                 "status": "ledger_unavailable",
-                "reason": format!("the ledger cannot write: {error}"),
+                "reason": error,
                 "since": crate::core::clock::to_rfc3339(since),
+            })),
+        )
+    } else if state.writer.health.failing() {
+        // on_outage = "buffer": still serving, from memory.
+        (
+            StatusCode::OK,
+            Json(json!({
+                "status": "ready",
+                "ledger": "buffering",
+                "held_events": state.writer.health.held(),
             })),
         )
     } else {

@@ -274,7 +274,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let engine_cfg = cfg.engine_config();
     let replay_clock = clock.clone();
     let (ledger, engine, replayed) = tokio::task::spawn_blocking(move || {
-        let ledger = SqliteLedger::open(&db_path, settings.ledger_sync)?;
+        let ledger = SqliteLedger::open(&db_path, settings.ledger.sync)?;
         let now = replay_clock.now_ms();
         let mut engine = Engine::new(engine_cfg, now);
         for (persona, spec) in ledger.overrides()? {
@@ -306,6 +306,10 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         engine.clone(),
         clock.clone(),
         observer,
+        writer::OutagePolicy {
+            buffer: cfg.settings.ledger.on_outage == crate::config::settings::OnOutage::Buffer,
+            max_events: cfg.settings.ledger.outage_buffer_events,
+        },
     );
     settle_cut_off_calls(&engine, &writer).await?;
     let stats = Arc::new(ServerStats {
@@ -783,6 +787,8 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
     let process = ProcessInfo {
         ledger_writable: !state.writer.health.failing(),
         ledger_write_failures: state.writer.health.failures.load(Ordering::Relaxed) as f64,
+        ledger_held_events: state.writer.health.held() as f64,
+        snapshot_age_seconds: state.writer.health.snapshot_age_seconds(state.clock.now_ms()),
         trace_destinations: state
             .tracer
             .stats()

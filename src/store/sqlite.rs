@@ -98,17 +98,58 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 ";
 
+/// Why a ledger file may not be writable, and what to do, when its directory is the reason.
+fn not_writable_hint(path: &Path) -> String {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let probe = dir.join(".hypertool-write-test");
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            String::new()
+        }
+        Err(e) => format!(
+            " (the data directory {} cannot be written: {e}); hypertool stores its ledger there: mount it read-write, give this user write access, or start with --data-dir on a writable disk",
+            dir.display()
+        ),
+    }
+}
+
 impl SqliteLedger {
     pub fn open(path: &Path, sync: LedgerSync) -> Result<Self, LedgerError> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| {
-                    LedgerError::new("open", format!("cannot create {}: {e}", dir.display()))
+                    LedgerError::new(
+                        "open",
+                        format!(
+                            "cannot create the data directory {}: {e}; hypertool stores its ledger there: create it writable, or start with --data-dir on a writable disk",
+                            dir.display()
+                        ),
+                    )
                 })?;
             }
         }
-        let conn = Connection::open(path)
-            .map_err(|e| LedgerError::new("open", format!("{}: {e}", path.display())))?;
+        let conn = Connection::open(path).map_err(|e| {
+            LedgerError::new(
+                "open",
+                format!("{}: {e}{}", path.display(), not_writable_hint(path)),
+            )
+        })?;
+        // On a read-only file system SQLite quietly opens the file read-only; hypertool would then
+        // fail at its first write. Say so now, with the fix.
+        if conn.is_readonly(rusqlite::DatabaseName::Main).unwrap_or(false) {
+            return Err(LedgerError::new(
+                "open",
+                format!(
+                    "{} can only be opened read-only{}",
+                    path.display(),
+                    not_writable_hint(path)
+                ),
+            ));
+        }
         let sync = match sync {
             LedgerSync::Normal => "NORMAL",
             LedgerSync::Full => "FULL",
@@ -117,8 +158,9 @@ impl SqliteLedger {
             "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000;"
         ))
         .map_err(|e| LedgerError::new("open", e))?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|e| LedgerError::new("migrate", e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| {
+            LedgerError::new("migrate", format!("{e}{}", not_writable_hint(path)))
+        })?;
         // Checkpoints move to their own thread; without it, SQLite's automatic one stays on.
         let checkpointer = Checkpointer::start(path);
         if checkpointer.is_some() {

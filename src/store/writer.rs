@@ -78,40 +78,102 @@ pub struct LedgerHealth {
     /// Unix ms of the first failure of the current outage.
     since_ms: std::sync::atomic::AtomicI64,
     pub failures: std::sync::atomic::AtomicU64,
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<(&'static str, String)>>,
+    /// `on_outage = "buffer"`: calls are served during an outage while the buffer has room.
+    buffering: bool,
+    /// Events applied but held in memory until the ledger writes again.
+    held: std::sync::atomic::AtomicU64,
+    /// The buffer could not take an append: refusing until it is written.
+    buffer_full: std::sync::atomic::AtomicBool,
+    /// Unix ms of the last snapshot of the core's state (0: none yet).
+    pub last_snapshot_ms: std::sync::atomic::AtomicI64,
 }
 
 impl LedgerHealth {
+    /// The ledger cannot write (whether or not calls are still served from the buffer).
     pub fn failing(&self) -> bool {
         self.failing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// (since when, the last error) while the ledger cannot write.
+    /// Seconds since the last snapshot of the core's state, if there was one.
+    pub fn snapshot_age_seconds(&self, now: i64) -> Option<f64> {
+        let at = self
+            .last_snapshot_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (at > 0).then(|| (now - at).max(0) as f64 / 1000.0)
+    }
+
+    /// Events applied during an outage and not yet stored.
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// (since when, why) while writes are refused: the ledger cannot write and either the policy
+    /// fails closed or the outage buffer is full.
     pub fn outage(&self) -> Option<(i64, String)> {
-        if !self.failing() {
+        use std::sync::atomic::Ordering;
+        if !self.failing() || (self.buffering && !self.buffer_full.load(Ordering::Relaxed)) {
             return None;
         }
-        let error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_default();
-        Some((
-            self.since_ms.load(std::sync::atomic::Ordering::Relaxed),
-            error,
-        ))
+        let error = self.last_error();
+        let why = if self.buffering {
+            format!(
+                "the ledger cannot write ({error}) and the outage buffer is full ({} events held)",
+                self.held()
+            )
+        } else {
+            format!("the ledger cannot write: {error}")
+        };
+        Some((self.since_ms.load(Ordering::Relaxed), why))
+    }
+
+    /// The error of the current outage, for appends refused while it lasts.
+    fn last_error(&self) -> LedgerError {
+        match &*self.last_error.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((op, message)) => LedgerError {
+                op,
+                message: message.clone(),
+            },
+            None => LedgerError::new("append", "the ledger cannot write"),
+        }
+    }
+
+    fn set_held(&self, n: usize) {
+        use std::sync::atomic::Ordering;
+        self.held.store(n as u64, Ordering::Relaxed);
+        if n == 0 {
+            self.buffer_full.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn set_buffer_full(&self) {
+        if !self
+            .buffer_full
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(
+                held = self.held(),
+                "the ledger outage buffer is full: gateway calls and events are refused with 503 until the ledger writes again ([ledger] outage_buffer_events)"
+            );
+        }
     }
 
     fn failed(&self, now: i64, error: &LedgerError) {
         use std::sync::atomic::Ordering;
         self.failures.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((error.op, error.message.clone()));
         if !self.failing.swap(true, Ordering::Relaxed) {
             self.since_ms.store(now, Ordering::Relaxed);
-            tracing::error!(
-                "the ledger cannot write ({error}): gateway calls and events are refused with 503 and /readyz says so until it can (tried again every few seconds)"
-            );
+            if self.buffering {
+                tracing::error!(
+                    "the ledger cannot write ({error}): calls are served and their usage held in memory, applied to budgets, until it can ([ledger] on_outage = \"buffer\"; tried again every few seconds)"
+                );
+            } else {
+                tracing::error!(
+                    "the ledger cannot write ({error}): gateway calls and events are refused with 503 and /readyz says so until it can (tried again every few seconds)"
+                );
+            }
         }
     }
 
@@ -259,7 +321,7 @@ pub fn spawn(
     engine: Arc<Mutex<Engine>>,
     clock: Arc<dyn Clock>,
 ) -> (WriterHandle, JoinHandle<()>) {
-    spawn_observed(ledger, engine, clock, None)
+    spawn_observed(ledger, engine, clock, None, OutagePolicy::default())
 }
 
 /// Starts the writer thread with an observer of applied events.
@@ -268,11 +330,15 @@ pub fn spawn_observed(
     engine: Arc<Mutex<Engine>>,
     clock: Arc<dyn Clock>,
     observer: Option<Observer>,
+    policy: OutagePolicy,
 ) -> (WriterHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let urgent = Arc::new(Urgent::default());
     let writer_urgent = urgent.clone();
-    let health = Arc::new(LedgerHealth::default());
+    let health = Arc::new(LedgerHealth {
+        buffering: policy.buffer,
+        ..LedgerHealth::default()
+    });
     let writer_health = health.clone();
     if observer.is_some() {
         lock(&engine).set_observing(true);
@@ -288,6 +354,7 @@ pub fn spawn_observed(
                 observer,
                 writer_urgent,
                 writer_health,
+                policy,
             )
         })
         .unwrap_or_else(|e| {
@@ -298,6 +365,38 @@ pub fn spawn_observed(
     (WriterHandle { tx, urgent, health }, thread)
 }
 
+/// What the writer does with a batch the ledger refused (`[ledger] on_outage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutagePolicy {
+    /// Events somebody awaits (event batches, gateway admissions) are held in memory too, so that
+    /// calls keep being served; otherwise only accounting of calls already answered is held.
+    pub buffer: bool,
+    /// Most events held in memory while the ledger cannot write; past it, appends are refused.
+    pub max_events: usize,
+}
+
+impl Default for OutagePolicy {
+    fn default() -> Self {
+        Self {
+            buffer: false,
+            max_events: 100_000,
+        }
+    }
+}
+
+/// Events applied to the engine but not yet stored (the ledger could not write). They are written
+/// first, in order, before anything else, so the ledger's order stays the order they were applied.
+struct Held {
+    events: Vec<Stamped>,
+    policy: OutagePolicy,
+}
+
+impl Held {
+    fn room_for(&self, n: usize) -> bool {
+        self.events.len() + n <= self.policy.max_events
+    }
+}
+
 fn run(
     mut ledger: Box<dyn Ledger>,
     engine: Arc<Mutex<Engine>>,
@@ -306,7 +405,21 @@ fn run(
     observer: Option<Observer>,
     urgent: Arc<Urgent>,
     health: Arc<LedgerHealth>,
+    policy: OutagePolicy,
 ) {
+    let mut held = Held {
+        events: Vec::new(),
+        policy,
+    };
+    let apply = |events: &[Stamped]| {
+        let mut engine = lock(&engine);
+        for e in events {
+            engine.apply(e);
+            if let Some(observe) = &observer {
+                observe(e, engine.take_observations());
+            }
+        }
+    };
     let mut carried: Option<Command> = None;
     loop {
         let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
@@ -317,14 +430,14 @@ fn run(
                 let mut batch = events;
                 // Linger only while every append in the group is accounting nobody waits on.
                 let mut lingering = ack.lingers();
-                let mut acks = vec![ack];
+                let mut acks = vec![(ack, batch.len())];
                 let deadline = std::time::Instant::now() + LINGER;
                 while batch.len() < MAX_GROUP_EVENTS {
                     match rx.try_recv() {
                         Ok(Command::Append { events, ack }) => {
                             batch.extend(events);
                             lingering &= ack.lingers();
-                            acks.push(ack);
+                            acks.push((ack, batch.len()));
                         }
                         Ok(other) => {
                             carried = Some(other);
@@ -342,33 +455,41 @@ fn run(
                         }
                     }
                 }
-                match ledger.append(&batch) {
+                // During an outage the ledger is not tried again per append (a locked database
+                // makes each try wait out the busy timeout; a buffer would be re-encoded every
+                // time): the probe, every 2 s, tries it. What an outage left in memory goes first,
+                // in the same transaction.
+                let result = if health.failing() {
+                    Err(health.last_error())
+                } else if held.events.is_empty() {
+                    ledger.append(&batch)
+                } else {
+                    let mut all = std::mem::take(&mut held.events);
+                    let before = all.len();
+                    all.extend_from_slice(&batch);
+                    let result = ledger.append(&all);
+                    all.truncate(before);
+                    if result.is_ok() {
+                        tracing::info!(events = before, "events held during the ledger outage are stored");
+                    } else {
+                        held.events = all;
+                    }
+                    result
+                };
+                match result {
                     Ok(()) => {
                         health.succeeded();
-                        let mut engine = lock(&engine);
-                        for e in &batch {
-                            engine.apply(e);
-                            if let Some(observe) = &observer {
-                                observe(e, engine.take_observations());
-                            }
-                        }
-                        drop(engine);
-                        for ack in acks {
+                        health.set_held(0);
+                        apply(&batch);
+                        for (ack, _) in acks {
                             ack.done(Ok(()));
                         }
                     }
                     Err(e) => {
-                        health.failed(clock.now_ms(), &e);
-                        tracing::debug!(
-                            events = batch.len(),
-                            "{e}; the batch was not acknowledged"
-                        );
-                        for ack in acks {
-                            ack.done(Err(LedgerError {
-                                op: e.op,
-                                message: e.message.clone(),
-                            }));
+                        if !health.failing() {
+                            health.failed(clock.now_ms(), &e);
                         }
+                        hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
                     }
                 }
             }
@@ -389,18 +510,94 @@ fn run(
             Command::Totals { ack } => {
                 let _ = ack.send(ledger.totals());
             }
-            Command::Probe => match ledger.probe(clock.now_ms()) {
-                Ok(()) => health.succeeded(),
+            Command::Probe => match write_held(&mut *ledger, &mut held, clock.now_ms()) {
+                Ok(()) => {
+                    health.succeeded();
+                    health.set_held(0);
+                }
                 Err(e) => health.failed(clock.now_ms(), &e),
             },
             Command::Shutdown { ack } => {
                 // Everything queued before the shutdown has been handled (FIFO); stop here.
+                if !held.events.is_empty() {
+                    match write_held(&mut *ledger, &mut held, clock.now_ms()) {
+                        Ok(()) => health.set_held(0),
+                        Err(e) => tracing::error!(
+                            events = held.events.len(),
+                            "the ledger still cannot write at shutdown ({e}): the events held in memory since the outage began are lost (calls admitted but not settled are counted at their estimate at the next start)"
+                        ),
+                    }
+                }
                 drop(ledger);
                 let _ = ack.send(());
                 return;
             }
         }
     }
+}
+
+/// Writes what an outage left in memory (or, with nothing held, tries a harmless write).
+fn write_held(ledger: &mut dyn Ledger, held: &mut Held, now: i64) -> Result<(), LedgerError> {
+    if held.events.is_empty() {
+        return ledger.probe(now);
+    }
+    ledger.append(&held.events)?;
+    tracing::info!(
+        events = held.events.len(),
+        "events held during the ledger outage are stored"
+    );
+    held.events.clear();
+    Ok(())
+}
+
+/// The ledger refused `batch`: each append in it is held in memory (applied, acknowledged, written
+/// when the ledger returns) or refused. Accounting of calls already answered is always held while
+/// there is room (refusing it would only lose it); awaited appends only with `on_outage = "buffer"`.
+/// `acks` pairs each append with the end of its events in `batch`.
+fn hold_or_refuse(
+    held: &mut Held,
+    health: &LedgerHealth,
+    batch: Vec<Stamped>,
+    acks: Vec<(Ack, usize)>,
+    error: &LedgerError,
+    apply: &dyn Fn(&[Stamped]),
+) {
+    let mut start = 0;
+    let mut refused = 0usize;
+    let mut outcomes = Vec::with_capacity(acks.len());
+    for (ack, end) in acks {
+        let events = &batch[start..end];
+        start = end;
+        let holdable = held.policy.buffer || ack.lingers();
+        if holdable && held.room_for(events.len()) {
+            held.events.extend_from_slice(events);
+            apply(events);
+            outcomes.push((ack, true));
+        } else {
+            refused += events.len();
+            outcomes.push((ack, false));
+        }
+    }
+    // Health first: whoever is told the outcome may look at it at once.
+    health.set_held(held.events.len());
+    if refused > 0 && held.policy.buffer {
+        health.set_buffer_full();
+    }
+    for (ack, ok) in outcomes {
+        ack.done(if ok {
+            Ok(())
+        } else {
+            Err(LedgerError {
+                op: error.op,
+                message: error.message.clone(),
+            })
+        });
+    }
+    tracing::debug!(
+        refused,
+        held = held.events.len(),
+        "{error}; refused appends were not acknowledged"
+    );
 }
 
 #[cfg(test)]
@@ -455,5 +652,169 @@ mod tests {
             .await;
         assert!(rx.await.unwrap(), "a stopped writer reports the failure");
         assert_eq!(used(&lock(&engine)), 7);
+    }
+
+    /// A ledger in memory whose writes fail while `down` is set.
+    struct Flaky {
+        stored: Arc<Mutex<Vec<Stamped>>>,
+        down: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Ledger for Flaky {
+        fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(LedgerError::new("commit", "database or disk is full"));
+            }
+            self.stored.lock().unwrap().extend_from_slice(events);
+            Ok(())
+        }
+        fn replay(&self, _: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+            Ok(0)
+        }
+        fn overrides(&self) -> Result<Vec<(String, BudgetSpec)>, LedgerError> {
+            Ok(Vec::new())
+        }
+        fn set_override(&mut self, _: &str, _: Option<&BudgetSpec>) -> Result<(), LedgerError> {
+            Ok(())
+        }
+        fn totals(&self) -> Result<LedgerTotals, LedgerError> {
+            Ok(LedgerTotals::default())
+        }
+        fn probe(&mut self, _: i64) -> Result<(), LedgerError> {
+            self.append(&[])
+        }
+    }
+
+    struct Rig {
+        writer: WriterHandle,
+        engine: Arc<Mutex<Engine>>,
+        stored: Arc<Mutex<Vec<Stamped>>>,
+        down: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    fn rig(policy: OutagePolicy) -> Rig {
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ledger = Flaky {
+            stored: stored.clone(),
+            down: down.clone(),
+        };
+        let engine = Arc::new(Mutex::new(Engine::new(
+            load(&Source::Embedded).unwrap().engine_config(),
+            0,
+        )));
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+        let (writer, _thread) =
+            spawn_observed(Box::new(ledger), engine.clone(), clock, None, policy);
+        Rig {
+            writer,
+            engine,
+            stored,
+            down,
+        }
+    }
+
+    fn used(rig: &Rig) -> u64 {
+        lock(&rig.engine)
+            .budget("backend-engineer")
+            .map_or(0, |b| b.used_tokens())
+    }
+
+    fn stored_tokens(rig: &Rig) -> Vec<u64> {
+        rig.stored
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|s| match &s.event {
+                Event::Usage(u) => Some(u.prompt_tokens),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn accounting(writer: &WriterHandle, tokens: u64) -> bool {
+        let (tx, rx) = oneshot::channel();
+        writer
+            .append_accounting(vec![usage(tokens)], move |r| {
+                let _ = tx.send(r.is_ok());
+            })
+            .await;
+        rx.await.unwrap()
+    }
+
+    async fn probe_until_written(rig: &Rig) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while rig.writer.health.failing() {
+            assert!(std::time::Instant::now() < deadline, "the probe never wrote");
+            rig.writer.probe();
+            // The probe is answered on the writer thread; a totals request queued behind it
+            // returns once it has run.
+            let _ = rig.writer.totals().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn fail_closed_refuses_awaited_appends_but_keeps_the_accounting_of_answered_calls() {
+        let rig = rig(OutagePolicy::default());
+        assert!(rig.writer.append(vec![usage(1)]).await.is_ok());
+        rig.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(rig.writer.append(vec![usage(2)]).await.is_err());
+        assert!(rig.writer.health.outage().is_some(), "refusing: /readyz is 503");
+        // Usage of a call already answered is held and applied, not dropped.
+        assert!(accounting(&rig.writer, 4).await);
+        assert_eq!(used(&rig), 5);
+        assert_eq!(rig.writer.health.held(), 1);
+        assert!(rig.writer.append(vec![usage(8)]).await.is_err());
+        rig.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        probe_until_written(&rig).await;
+        assert!(rig.writer.health.outage().is_none());
+        assert_eq!(rig.writer.health.held(), 0);
+        assert!(rig.writer.append(vec![usage(16)]).await.is_ok());
+        // Stored once each, in the order applied; refused appends neither stored nor applied.
+        assert_eq!(stored_tokens(&rig), vec![1, 4, 16]);
+        assert_eq!(used(&rig), 21);
+    }
+
+    #[tokio::test]
+    async fn buffer_serves_through_an_outage_up_to_its_bound_and_writes_everything_once() {
+        let rig = rig(OutagePolicy {
+            buffer: true,
+            max_events: 3,
+        });
+        rig.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(rig.writer.append(vec![usage(1)]).await.is_ok());
+        assert!(rig.writer.health.failing());
+        assert!(rig.writer.health.outage().is_none(), "still ready while buffering");
+        assert!(accounting(&rig.writer, 2).await);
+        assert!(rig.writer.append(vec![usage(4)]).await.is_ok());
+        assert_eq!(used(&rig), 7, "held events count against budgets");
+        // Past the bound: refused, and now /readyz says so.
+        assert!(rig.writer.append(vec![usage(8)]).await.is_err());
+        assert!(rig.writer.health.outage().is_some());
+        assert_eq!(rig.writer.health.held(), 3);
+        // Still down: a probe writes nothing and loses nothing.
+        rig.writer.probe();
+        let _ = rig.writer.totals().await;
+        assert_eq!(rig.writer.health.held(), 3);
+        assert!(stored_tokens(&rig).is_empty());
+        rig.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        probe_until_written(&rig).await;
+        assert!(rig.writer.append(vec![usage(16)]).await.is_ok());
+        assert_eq!(stored_tokens(&rig), vec![1, 2, 4, 16]);
+        assert_eq!(used(&rig), 23);
+        assert!(rig.writer.health.outage().is_none());
+    }
+
+    #[tokio::test]
+    async fn events_held_at_shutdown_are_written_when_the_ledger_is_back() {
+        let rig = rig(OutagePolicy {
+            buffer: true,
+            max_events: 10,
+        });
+        rig.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(rig.writer.append(vec![usage(3)]).await.is_ok());
+        rig.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        rig.writer.shutdown().await;
+        assert_eq!(stored_tokens(&rig), vec![3]);
     }
 }

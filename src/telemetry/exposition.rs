@@ -77,6 +77,10 @@ pub struct ProcessInfo {
     pub ledger_writable: bool,
     /// Commits and probes that failed.
     pub ledger_write_failures: f64,
+    /// Events held in memory during a ledger outage.
+    pub ledger_held_events: f64,
+    /// Seconds since the last snapshot of the core's state (None: none yet).
+    pub snapshot_age_seconds: Option<f64>,
 }
 
 /// What one trace destination (`otlp`, `langfuse`) did.
@@ -320,6 +324,18 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         f::LEDGER_WRITE_FAILURES_TOTAL.name,
         &[],
         process.ledger_write_failures,
+    );
+    w.header_of(&f::LEDGER_OUTAGE_HELD_EVENTS);
+    w.sample(
+        f::LEDGER_OUTAGE_HELD_EVENTS.name,
+        &[],
+        process.ledger_held_events,
+    );
+    w.header_of(&f::LEDGER_SNAPSHOT_AGE_SECONDS);
+    w.sample(
+        f::LEDGER_SNAPSHOT_AGE_SECONDS.name,
+        &[],
+        process.snapshot_age_seconds.unwrap_or(-1.0),
     );
     w.header_of(&f::TRACE_EXPORT_TOTAL);
     for d in &process.trace_destinations {

@@ -190,7 +190,7 @@ pub const LANGFUSE_TRACE_CREATED_TOTAL: Family = Family {
 pub const LEDGER_WRITABLE: Family = Family {
     name: "hypertool_ledger_writable",
     kind: Kind::Gauge,
-    help: "1 while the ledger's writes succeed; 0 while it cannot write (disk full, read-only, locked): gateway calls and events are then refused with 503 and /readyz is 503.",
+    help: "1 while the ledger's writes succeed; 0 while it cannot write (disk full, read-only, locked): gateway calls and events are then refused with 503 and /readyz is 503 (with on_outage = \"buffer\": until the outage buffer is full).",
     labels: &[],
 };
 
@@ -198,6 +198,20 @@ pub const LEDGER_WRITE_FAILURES_TOTAL: Family = Family {
     name: "hypertool_ledger_write_failures_total",
     kind: Kind::Counter,
     help: "Ledger commits and recovery probes that failed.",
+    labels: &[],
+};
+
+pub const LEDGER_OUTAGE_HELD_EVENTS: Family = Family {
+    name: "hypertool_ledger_outage_held_events",
+    kind: Kind::Gauge,
+    help: "Events applied to budgets and counters but held in memory because the ledger cannot write; stored when it can (bounded by ledger.outage_buffer_events).",
+    labels: &[],
+};
+
+pub const LEDGER_SNAPSHOT_AGE_SECONDS: Family = Family {
+    name: "hypertool_ledger_snapshot_age_seconds",
+    kind: Kind::Gauge,
+    help: "Seconds since the core's state was last snapshotted (start-up replays only the events after it); -1 before the first.",
     labels: &[],
 };
 
@@ -381,6 +395,8 @@ pub const ALL: &[Family] = &[
     LANGFUSE_TRACE_CREATED_TOTAL,
     LEDGER_WRITABLE,
     LEDGER_WRITE_FAILURES_TOTAL,
+    LEDGER_OUTAGE_HELD_EVENTS,
+    LEDGER_SNAPSHOT_AGE_SECONDS,
     TRACE_EXPORT_TOTAL,
     TRACE_SPOOL_BYTES,
     TRACE_EXPORT_LAST_SUCCESS,

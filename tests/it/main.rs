@@ -7,6 +7,7 @@ mod bad_input;
 mod common;
 mod config_reload;
 mod delivery;
+mod disk_faults;
 mod embedded_alerts;
 mod events_api;
 mod gateway;
