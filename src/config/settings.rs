@@ -366,7 +366,7 @@ fn ledger_settings(
         on_outage: raw.on_outage.unwrap_or_default(),
         outage_buffer_events: outage_buffer_events.clamp(1, 10_000_000),
         snapshot_interval: std::time::Duration::from_millis(
-            snapshot.ms().clamp(1_000, 86_400_000) as u64,
+            snapshot.ms().clamp(1_000, 86_400_000) as u64
         ),
         retain_days: raw.retain_days.map(|d| d.max(2)),
     }

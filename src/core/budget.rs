@@ -127,7 +127,7 @@ pub struct BudgetSpec {
 }
 
 /// Where a persona's budget came from, most specific first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetSource {
     /// `PUT /api/budgets/{persona}` (stored in the ledger; wins over files until removed).
@@ -139,7 +139,7 @@ pub enum BudgetSource {
 }
 
 /// Usage and budget of one persona.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BudgetState {
     pub spec: BudgetSpec,
     pub source: BudgetSource,

@@ -86,7 +86,7 @@ pub enum SwitchDecision {
 }
 
 /// An oscillation the engine noticed (kept for `GET /api/oscillations`, newest last).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OscillationNotice {
     pub at: UnixMillis,
     pub session: String,
@@ -97,7 +97,7 @@ pub struct OscillationNotice {
 const MAX_OSCILLATION_NOTICES: usize = 200;
 
 /// Every series the core keeps. Budget gauges and persona info are derived at render time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Metrics {
     /// from_persona, to_persona, chatmode
     pub switches: CounterVec<3>,
@@ -257,6 +257,22 @@ pub enum Observation {
     },
 }
 
+/// What the ledger's events have made of the engine: everything a snapshot keeps, so that a start
+/// can load it and replay only the events after it. Not in it: the configuration (the current
+/// one is applied on restore, as a reload would), budget overrides (their own table), and what
+/// calls in flight hold (no call is in flight across a restart).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EngineState {
+    budgets: BTreeMap<String, BudgetState>,
+    labels: LabelGuard,
+    sessions: Sessions,
+    metrics: Metrics,
+    runs: Runs,
+    oscillation_notices: std::collections::VecDeque<OscillationNotice>,
+    unsettled: HashMap<String, (UnixMillis, crate::core::event::CallAdmission)>,
+    now: UnixMillis,
+}
+
 /// The mutable heart of hypertool.
 #[derive(Debug)]
 pub struct Engine {
@@ -315,6 +331,69 @@ impl Engine {
         };
         engine.reconfigure(config, now);
         engine
+    }
+
+    /// A copy of the state the ledger's events built (see [`EngineState`]).
+    pub fn state(&self) -> EngineState {
+        EngineState {
+            budgets: self.budgets.clone(),
+            labels: self.labels.clone(),
+            sessions: self.sessions.clone(),
+            metrics: self.metrics.clone(),
+            runs: self.runs.clone(),
+            oscillation_notices: self.oscillation_notices.clone(),
+            unsettled: self.unsettled.clone(),
+            now: self.now,
+        }
+    }
+
+    /// An engine in `state` (from a snapshot) under `config` and the stored budget `overrides`,
+    /// as if it had replayed the events the snapshot covers and then been reconfigured.
+    pub fn restore(
+        config: EngineConfig,
+        overrides: Vec<(String, BudgetSpec)>,
+        state: EngineState,
+        now: UnixMillis,
+    ) -> Result<Engine, String> {
+        let mut engine = Engine::new(config.clone(), now);
+        let EngineState {
+            budgets,
+            labels,
+            sessions,
+            metrics,
+            runs,
+            oscillation_notices,
+            unsettled,
+            now: then,
+        } = state;
+        let fresh = Metrics::default();
+        let mut restored = Metrics {
+            persona_duration: fresh.persona_duration,
+            stage_duration: fresh.stage_duration,
+            generation_duration: fresh.generation_duration,
+            ..metrics.clone()
+        };
+        restored.persona_duration.adopt(metrics.persona_duration)?;
+        restored.stage_duration.adopt(metrics.stage_duration)?;
+        restored
+            .generation_duration
+            .adopt(metrics.generation_duration)?;
+        engine.metrics = restored;
+        engine.budgets = budgets;
+        engine.labels = labels;
+        engine.sessions = sessions;
+        engine.runs = runs;
+        engine.oscillation_notices = oscillation_notices;
+        engine.unsettled = unsettled;
+        engine.now = then;
+        for (persona, spec) in overrides {
+            if let Some(p) = engine.config.personas.get(&persona).map(|p| p.name.clone()) {
+                engine.overrides.insert(p, spec);
+            }
+        }
+        // The configuration's labels, session bounds and budgets win, as after a reload.
+        engine.reconfigure(config, now.max(then));
+        Ok(engine)
     }
 
     /// Applies a new configuration (start-up or hot reload). Usage so far is kept.

@@ -103,8 +103,10 @@ impl LabelKind {
 }
 
 /// The admitted values of one label.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct LabelValues {
+    /// From the configuration, set again at every (re)configuration: not part of a snapshot.
+    #[serde(skip)]
     configured: HashSet<Arc<str>>,
     admitted: HashSet<Arc<str>>,
     folded: u64,
@@ -119,11 +121,16 @@ pub struct Admitted {
 }
 
 /// The admission state of every client-supplied label.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LabelGuard {
     cap: usize,
     labels: [LabelValues; 5],
+    #[serde(skip, default = "other_value")]
     other: Arc<str>,
+}
+
+fn other_value() -> Arc<str> {
+    Arc::from(OTHER)
 }
 
 impl LabelGuard {

@@ -16,4 +16,5 @@ pub mod routing;
 pub mod runs;
 pub mod series;
 pub mod session;
+pub mod synthetic;
 pub mod workflow;

@@ -10,13 +10,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::clock::UnixMillis;
 use super::event::GateResult;
 
 /// Where a stage of a run stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StageStatus {
     Running,
@@ -29,7 +29,7 @@ pub enum StageStatus {
 }
 
 /// One stage within one run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageRun {
     pub status: StageStatus,
     pub persona: Option<String>,
@@ -54,7 +54,7 @@ pub struct StageRun {
 }
 
 /// Where a run stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Running,
@@ -84,7 +84,7 @@ impl RunStatus {
 }
 
 /// One run of a workflow.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     pub id: String,
     pub workflow: String,
@@ -117,7 +117,7 @@ pub struct EndedStage {
 }
 
 /// Every run kept, bounded: finished runs are forgotten oldest first beyond `max_finished`.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Runs {
     runs: HashMap<Arc<str>, Run>,
     finished: VecDeque<Arc<str>>,

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 /// Label values of one series, in the family's label order.
 pub type Key<const N: usize> = [Arc<str>; N];
 
@@ -63,8 +65,45 @@ impl<const N: usize> CounterVec<N> {
     }
 }
 
+/// Series as (label values, value) pairs: snapshots are JSON, whose map keys must be strings.
+fn serialize_series<S: Serializer, const N: usize, V: Serialize>(
+    series: &HashMap<Key<N>, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(series.iter().map(|(k, v)| (k.as_slice(), v)))
+}
+
+fn deserialize_series<'de, D: Deserializer<'de>, const N: usize, V: Deserialize<'de>>(
+    d: D,
+) -> Result<HashMap<Key<N>, V>, D::Error> {
+    let pairs: Vec<(Vec<Arc<str>>, V)> = Vec::deserialize(d)?;
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            let n = k.len();
+            <Key<N>>::try_from(k)
+                .map(|k| (k, v))
+                .map_err(|_| serde::de::Error::custom(format!("{n} label values, {N} expected")))
+        })
+        .collect()
+}
+
+impl<const N: usize> Serialize for CounterVec<N> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_series(&self.values, s)
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for CounterVec<N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            values: deserialize_series(d)?,
+        })
+    }
+}
+
 /// One histogram series: cumulative buckets are computed at render time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Histogram {
     /// Non-cumulative counts per bucket; the last slot is the +Inf overflow.
     counts: Vec<u64>,
@@ -93,12 +132,46 @@ pub struct HistogramVec<const N: usize> {
     series: HashMap<Key<N>, Histogram>,
 }
 
+/// Only the series are stored: the bounds are the family's, restored with [`HistogramVec::adopt`].
+impl<const N: usize> Serialize for HistogramVec<N> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_series(&self.series, s)
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for HistogramVec<N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            bounds: &[],
+            series: deserialize_series(d)?,
+        })
+    }
+}
+
 impl<const N: usize> HistogramVec<N> {
     pub fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
             series: HashMap::new(),
         }
+    }
+
+    /// Takes the series of a restored family (which has no bounds of its own) into this one;
+    /// refused when a series has another number of buckets (the family's buckets changed).
+    pub fn adopt(&mut self, restored: HistogramVec<N>) -> Result<(), String> {
+        let slots = self.bounds.len() + 1;
+        if let Some((k, h)) = restored
+            .series
+            .iter()
+            .find(|(_, h)| h.counts.len() != slots)
+        {
+            return Err(format!(
+                "a histogram series {k:?} has {} buckets, {slots} expected",
+                h.counts.len()
+            ));
+        }
+        self.series = restored.series;
+        Ok(())
     }
 
     pub fn observe(&mut self, key: Key<N>, value: f64) {

@@ -11,11 +11,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::clock::UnixMillis;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SessionState {
     persona: Arc<str>,
     chatmode: Arc<str>,
@@ -67,7 +67,7 @@ pub struct SessionOutcome {
 }
 
 /// The open sessions, bounded in number.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sessions {
     open: HashMap<Box<str>, SessionState>,
     idle_timeout_ms: i64,

@@ -273,26 +273,35 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let db_path = opts.data_dir.join("hypertool.db");
     let engine_cfg = cfg.engine_config();
     let replay_clock = clock.clone();
-    let (ledger, engine, replayed) = tokio::task::spawn_blocking(move || {
+    let snapshots = crate::store::snapshot::Snapshots::new(&opts.data_dir);
+    let recover_from = snapshots.clone();
+    let (ledger, recovered) = tokio::task::spawn_blocking(move || {
         let ledger = SqliteLedger::open(&db_path, settings.ledger.sync)?;
-        let now = replay_clock.now_ms();
-        let mut engine = Engine::new(engine_cfg, now);
-        for (persona, spec) in ledger.overrides()? {
-            engine.set_override(&persona, Some(spec), now);
-        }
-        engine.set_quiet(true);
-        let replayed = ledger.replay(&mut |s| engine.apply(&s))?;
-        engine.set_quiet(false);
-        engine.tick(replay_clock.now_ms());
-        Ok::<_, LedgerError>((ledger, engine, replayed))
+        let recovered = crate::store::snapshot::recover(
+            &ledger,
+            &recover_from,
+            engine_cfg,
+            replay_clock.now_ms(),
+        )?;
+        Ok::<_, LedgerError>((ledger, recovered))
     })
     .await
     .map_err(|e| StartError::Ledger(LedgerError::new("start", e)))??;
-    tracing::info!(
-        events = replayed,
-        ledger = %opts.data_dir.join("hypertool.db").display(),
-        "ledger replayed"
-    );
+    match recovered.snapshot {
+        Some((seq, at)) => tracing::info!(
+            events = recovered.replayed,
+            snapshot_seq = seq,
+            snapshot_at = %crate::core::clock::to_rfc3339(at),
+            ledger = %opts.data_dir.join("hypertool.db").display(),
+            "state loaded from a snapshot; the events after it replayed"
+        ),
+        None => tracing::info!(
+            events = recovered.replayed,
+            ledger = %opts.data_dir.join("hypertool.db").display(),
+            "ledger replayed"
+        ),
+    }
+    let engine = recovered.engine;
 
     let engine = Arc::new(Mutex::new(engine));
     let (tracer, langfuse) = start_tracer(&cfg, &opts.data_dir, clock.clone())?;
@@ -306,9 +315,21 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         engine.clone(),
         clock.clone(),
         observer,
-        writer::OutagePolicy {
-            buffer: cfg.settings.ledger.on_outage == crate::config::settings::OnOutage::Buffer,
-            max_events: cfg.settings.ledger.outage_buffer_events,
+        writer::WriterOptions {
+            outage: writer::OutagePolicy {
+                buffer: cfg.settings.ledger.on_outage == crate::config::settings::OnOutage::Buffer,
+                max_events: cfg.settings.ledger.outage_buffer_events,
+            },
+            snapshots: Some(writer::SnapshotPlan {
+                store: snapshots,
+                every_ms: cfg.settings.ledger.snapshot_interval.as_millis() as i64,
+                retain_ms: cfg
+                    .settings
+                    .ledger
+                    .retain_days
+                    .map(|d| i64::from(d) * 86_400_000),
+                loaded_at_ms: recovered.snapshot.map_or(0, |(_, at)| at),
+            }),
         },
     );
     settle_cut_off_calls(&engine, &writer).await?;
@@ -788,7 +809,10 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         ledger_writable: !state.writer.health.failing(),
         ledger_write_failures: state.writer.health.failures.load(Ordering::Relaxed) as f64,
         ledger_held_events: state.writer.health.held() as f64,
-        snapshot_age_seconds: state.writer.health.snapshot_age_seconds(state.clock.now_ms()),
+        snapshot_age_seconds: state
+            .writer
+            .health
+            .snapshot_age_seconds(state.clock.now_ms()),
         trace_destinations: state
             .tracer
             .stats()

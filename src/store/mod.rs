@@ -4,6 +4,7 @@
 //! [`writer`] owns the ledger on a thread of its own and applies each stored batch to the engine in
 //! ledger order, so the in-memory state is always a replay of what is on disk.
 
+pub mod snapshot;
 pub mod sqlite;
 pub mod writer;
 
@@ -40,7 +41,26 @@ pub trait Ledger: Send {
     /// Stores `events` atomically (all or none), in order.
     fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError>;
     /// Calls `f` with every stored event in the order stored.
-    fn replay(&self, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError>;
+    fn replay(&self, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+        self.replay_after(0, f)
+    }
+    /// Calls `f` with every stored event after position `seq`, in the order stored.
+    fn replay_after(&self, seq: u64, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError>;
+    /// The position of the last stored event (0 when empty). Positions only grow.
+    fn last_seq(&self) -> Result<u64, LedgerError>;
+    /// The position of the oldest event still stored (retention removes older ones), if any.
+    fn first_seq(&self) -> Result<Option<u64>, LedgerError>;
+    /// An identifier given to this ledger when it was created: a snapshot names the ledger it
+    /// was taken from, so that a ledger restored from elsewhere is never paired with it.
+    fn ledger_id(&self) -> Result<String, LedgerError>;
+    /// Removes up to `limit` of the oldest events that are at or before position `through` and
+    /// older than `before_ms`; returns how many were removed.
+    fn remove_old(
+        &mut self,
+        through: u64,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<u64, LedgerError>;
     /// Budget overrides set through the admin API, by persona.
     fn overrides(&self) -> Result<Vec<(String, BudgetSpec)>, LedgerError>;
     fn set_override(&mut self, persona: &str, spec: Option<&BudgetSpec>)

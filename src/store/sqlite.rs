@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS budget_overrides (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', lower(hex(randomblob(16))));
 ";
 
 /// Why a ledger file may not be writable, and what to do, when its directory is the reason.
@@ -140,7 +141,10 @@ impl SqliteLedger {
         })?;
         // On a read-only file system SQLite quietly opens the file read-only; hypertool would then
         // fail at its first write. Say so now, with the fix.
-        if conn.is_readonly(rusqlite::DatabaseName::Main).unwrap_or(false) {
+        if conn
+            .is_readonly(rusqlite::DatabaseName::Main)
+            .unwrap_or(false)
+        {
             return Err(LedgerError::new(
                 "open",
                 format!(
@@ -158,9 +162,8 @@ impl SqliteLedger {
             "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000;"
         ))
         .map_err(|e| LedgerError::new("open", e))?;
-        conn.execute_batch(SCHEMA).map_err(|e| {
-            LedgerError::new("migrate", format!("{e}{}", not_writable_hint(path)))
-        })?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| LedgerError::new("migrate", format!("{e}{}", not_writable_hint(path))))?;
         // Checkpoints move to their own thread; without it, SQLite's automatic one stays on.
         let checkpointer = Checkpointer::start(path);
         if checkpointer.is_some() {
@@ -270,12 +273,15 @@ impl Ledger for SqliteLedger {
         tx.commit().map_err(|e| LedgerError::new("commit", e))
     }
 
-    fn replay(&self, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+    fn replay_after(&self, after: u64, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT seq, at_ms, body FROM events ORDER BY seq")
+            .prepare("SELECT seq, at_ms, body FROM events WHERE seq > ?1 ORDER BY seq")
             .map_err(|e| LedgerError::new("replay", e))?;
-        let mut rows = stmt.query([]).map_err(|e| LedgerError::new("replay", e))?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let mut rows = stmt
+            .query(params![after])
+            .map_err(|e| LedgerError::new("replay", e))?;
         let mut n = 0;
         while let Some(row) = rows.next().map_err(|e| LedgerError::new("replay", e))? {
             let seq: i64 = row.get(0).map_err(|e| LedgerError::new("replay", e))?;
@@ -288,6 +294,53 @@ impl Ledger for SqliteLedger {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn last_seq(&self) -> Result<u64, LedgerError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| LedgerError::new("last_seq", e))
+    }
+
+    fn first_seq(&self) -> Result<Option<u64>, LedgerError> {
+        self.conn
+            .query_row("SELECT MIN(seq) FROM events", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|n| n.map(|n| n.max(0) as u64))
+            .map_err(|e| LedgerError::new("first_seq", e))
+    }
+
+    fn ledger_id(&self) -> Result<String, LedgerError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = 'ledger_id'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .map_err(|e| LedgerError::new("ledger_id", e))
+    }
+
+    fn remove_old(
+        &mut self,
+        through: u64,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<u64, LedgerError> {
+        let through = i64::try_from(through).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Oldest first by position; an event is removed only when both bounds allow it. The
+        // newest event always stays: positions must keep growing (SQLite would reuse them in an
+        // emptied table, and a snapshot's position would then hide new events).
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq <= ?1 \
+                 AND at_ms < ?2 AND seq < (SELECT MAX(seq) FROM events) ORDER BY seq LIMIT ?3)",
+                params![through, before_ms, limit],
+            )
+            .map(|n| n as u64)
+            .map_err(|e| LedgerError::new("retention", e))
     }
 
     fn overrides(&self) -> Result<Vec<(String, BudgetSpec)>, LedgerError> {

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::snapshot::Snapshots;
 use super::{Ledger, LedgerError, LedgerTotals};
 use crate::core::budget::BudgetSpec;
 use crate::core::clock::Clock;
@@ -68,6 +69,8 @@ enum Command {
     },
     /// Try a write (while the ledger is failing) to learn whether it can write again.
     Probe,
+    /// The snapshot thread finished (so the writer notes it, and starts retention, even when idle).
+    SnapshotWritten,
 }
 
 /// Whether the ledger can write: set by the writer at every commit and probe, read by `/readyz`
@@ -321,7 +324,7 @@ pub fn spawn(
     engine: Arc<Mutex<Engine>>,
     clock: Arc<dyn Clock>,
 ) -> (WriterHandle, JoinHandle<()>) {
-    spawn_observed(ledger, engine, clock, None, OutagePolicy::default())
+    spawn_observed(ledger, engine, clock, None, WriterOptions::default())
 }
 
 /// Starts the writer thread with an observer of applied events.
@@ -330,13 +333,17 @@ pub fn spawn_observed(
     engine: Arc<Mutex<Engine>>,
     clock: Arc<dyn Clock>,
     observer: Option<Observer>,
-    policy: OutagePolicy,
+    options: WriterOptions,
 ) -> (WriterHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let wake = tx.downgrade();
     let urgent = Arc::new(Urgent::default());
     let writer_urgent = urgent.clone();
     let health = Arc::new(LedgerHealth {
-        buffering: policy.buffer,
+        buffering: options.outage.buffer,
+        last_snapshot_ms: std::sync::atomic::AtomicI64::new(
+            options.snapshots.as_ref().map_or(0, |p| p.loaded_at_ms),
+        ),
         ..LedgerHealth::default()
     });
     let writer_health = health.clone();
@@ -352,9 +359,12 @@ pub fn spawn_observed(
                 clock,
                 rx,
                 observer,
-                writer_urgent,
-                writer_health,
-                policy,
+                Signals {
+                    urgent: writer_urgent,
+                    health: writer_health,
+                    wake,
+                },
+                options,
             )
         })
         .unwrap_or_else(|e| {
@@ -384,6 +394,151 @@ impl Default for OutagePolicy {
     }
 }
 
+/// Snapshots of the engine taken by the writer, and the retention they allow.
+#[derive(Debug, Clone)]
+pub struct SnapshotPlan {
+    pub store: Snapshots,
+    /// A snapshot is taken when events were applied and this long has passed since the last.
+    pub every_ms: i64,
+    /// Events older than this (and covered by the older kept snapshot) are removed.
+    pub retain_ms: Option<i64>,
+    /// When the snapshot start-up loaded was taken (0: none was).
+    pub loaded_at_ms: i64,
+}
+
+/// What the writer is given beside the ledger and the engine.
+#[derive(Debug, Clone, Default)]
+pub struct WriterOptions {
+    pub outage: OutagePolicy,
+    pub snapshots: Option<SnapshotPlan>,
+}
+
+/// What the writer thread shares with the handles: the linger's wake-up, the health it reports,
+/// and a way to queue a note to itself.
+struct Signals {
+    urgent: Arc<Urgent>,
+    health: Arc<LedgerHealth>,
+    wake: mpsc::WeakSender<Command>,
+}
+
+/// Rows removed per retention step: small enough that a queued append waits only a moment.
+const RETENTION_CHUNK: usize = 5_000;
+
+/// The writer's side of snapshots: when to take one, the one being written, the retention it allows.
+struct Keeper {
+    plan: SnapshotPlan,
+    ledger_id: String,
+    last_ms: i64,
+    /// Events were applied since the last snapshot.
+    dirty: bool,
+    writing: Option<JoinHandle<std::io::Result<(u64, i64)>>>,
+    /// Tells the writer when a snapshot is written (weak: it must not keep the queue open).
+    wake: mpsc::WeakSender<Command>,
+    /// Events through this position may be removed (once old enough).
+    retention_through: Option<u64>,
+}
+
+impl Keeper {
+    /// Notes a snapshot written in the background, if one finished.
+    fn reap(&mut self, health: &LedgerHealth, wait: bool) {
+        let done = self
+            .writing
+            .as_ref()
+            .is_some_and(|t| wait || t.is_finished());
+        if !done {
+            return;
+        }
+        let Some(thread) = self.writing.take() else {
+            return;
+        };
+        match thread.join() {
+            Ok(Ok((seq, at))) => {
+                health
+                    .last_snapshot_ms
+                    .store(at, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(seq, "snapshot of the core's state written");
+                if self.plan.retain_ms.is_some() {
+                    self.retention_through = self.plan.store.oldest_kept_seq();
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(
+                "cannot write a snapshot of the core's state ({e}); start-up replays more of the ledger until one is written"
+            ),
+            Err(_) => tracing::warn!("the snapshot writer panicked"),
+        }
+    }
+
+    /// Takes a snapshot when one is due: the state is copied under the engine's lock, written on
+    /// a thread of its own. Only called when everything applied is stored (nothing held).
+    fn maybe_take(&mut self, ledger: &dyn Ledger, engine: &Mutex<Engine>, now: i64) {
+        if !self.dirty || self.writing.is_some() || now - self.last_ms < self.plan.every_ms {
+            return;
+        }
+        self.last_ms = now;
+        let seq = match ledger.last_seq() {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::warn!("cannot take a snapshot: {e}");
+                return;
+            }
+        };
+        let state = lock(engine).state();
+        self.dirty = false;
+        let (store, id) = (self.plan.store.clone(), self.ledger_id.clone());
+        let wake = self.wake.clone();
+        self.writing = std::thread::Builder::new()
+            .name("ledger-snapshot".into())
+            .spawn(move || {
+                let written = store.write(&id, seq, now, &state).map(|_| (seq, now));
+                if let Some(tx) = wake.upgrade() {
+                    let _ = tx.try_send(Command::SnapshotWritten);
+                }
+                written
+            })
+            .map_err(|e| tracing::warn!("cannot start the snapshot thread: {e}"))
+            .ok();
+    }
+
+    /// At shutdown: the last snapshot, written before the process ends.
+    fn finish(
+        &mut self,
+        ledger: &dyn Ledger,
+        engine: &Mutex<Engine>,
+        health: &LedgerHealth,
+        now: i64,
+    ) {
+        self.reap(health, true);
+        if !self.dirty {
+            return;
+        }
+        self.last_ms = i64::MIN / 2;
+        self.maybe_take(ledger, engine, now);
+        self.reap(health, true);
+    }
+
+    /// One step of retention; false when there is nothing (more) to remove now.
+    fn retain_step(&mut self, ledger: &mut dyn Ledger, now: i64) -> bool {
+        let (Some(through), Some(retain_ms)) = (self.retention_through, self.plan.retain_ms) else {
+            return false;
+        };
+        match ledger.remove_old(through, now - retain_ms, RETENTION_CHUNK) {
+            Ok(n) if n as usize == RETENTION_CHUNK => true,
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(removed = n, "old events removed (retention)");
+                }
+                self.retention_through = None;
+                false
+            }
+            Err(e) => {
+                tracing::warn!("retention: {e}");
+                self.retention_through = None;
+                false
+            }
+        }
+    }
+}
+
 /// Events applied to the engine but not yet stored (the ledger could not write). They are written
 /// first, in order, before anything else, so the ledger's order stays the order they were applied.
 struct Held {
@@ -403,14 +558,33 @@ fn run(
     clock: Arc<dyn Clock>,
     mut rx: mpsc::Receiver<Command>,
     observer: Option<Observer>,
-    urgent: Arc<Urgent>,
-    health: Arc<LedgerHealth>,
-    policy: OutagePolicy,
+    signals: Signals,
+    options: WriterOptions,
 ) {
+    let Signals {
+        urgent,
+        health,
+        wake,
+    } = signals;
     let mut held = Held {
         events: Vec::new(),
-        policy,
+        policy: options.outage,
     };
+    let mut keeper = options.snapshots.and_then(|plan| {
+        let ledger_id = ledger
+            .ledger_id()
+            .map_err(|e| tracing::warn!("snapshots are off: {e}"))
+            .ok()?;
+        Some(Keeper {
+            last_ms: plan.loaded_at_ms,
+            plan,
+            ledger_id,
+            dirty: false,
+            writing: None,
+            wake,
+            retention_through: None,
+        })
+    });
     let apply = |events: &[Stamped]| {
         let mut engine = lock(&engine);
         for e in events {
@@ -422,8 +596,27 @@ fn run(
     };
     let mut carried: Option<Command> = None;
     loop {
-        let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
-            return;
+        if let Some(k) = keeper.as_mut() {
+            k.reap(&health, false);
+        }
+        let first = match carried.take() {
+            Some(command) => command,
+            None => match rx.try_recv() {
+                Ok(command) => command,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Idle: remove a chunk of old events if retention has work, then look again.
+                    if let Some(k) = keeper.as_mut() {
+                        if k.retain_step(&mut *ledger, clock.now_ms()) {
+                            continue;
+                        }
+                    }
+                    match rx.blocking_recv() {
+                        Some(command) => command,
+                        None => return,
+                    }
+                }
+            },
         };
         match first {
             Command::Append { events, ack } => {
@@ -470,7 +663,10 @@ fn run(
                     let result = ledger.append(&all);
                     all.truncate(before);
                     if result.is_ok() {
-                        tracing::info!(events = before, "events held during the ledger outage are stored");
+                        tracing::info!(
+                            events = before,
+                            "events held during the ledger outage are stored"
+                        );
                     } else {
                         held.events = all;
                     }
@@ -483,6 +679,10 @@ fn run(
                         apply(&batch);
                         for (ack, _) in acks {
                             ack.done(Ok(()));
+                        }
+                        if let Some(k) = keeper.as_mut() {
+                            k.dirty = true;
+                            k.maybe_take(&*ledger, &engine, clock.now_ms());
                         }
                     }
                     Err(e) => {
@@ -510,6 +710,11 @@ fn run(
             Command::Totals { ack } => {
                 let _ = ack.send(ledger.totals());
             }
+            Command::SnapshotWritten => {
+                if let Some(k) = keeper.as_mut() {
+                    k.reap(&health, true);
+                }
+            }
             Command::Probe => match write_held(&mut *ledger, &mut held, clock.now_ms()) {
                 Ok(()) => {
                     health.succeeded();
@@ -526,6 +731,13 @@ fn run(
                             events = held.events.len(),
                             "the ledger still cannot write at shutdown ({e}): the events held in memory since the outage began are lost (calls admitted but not settled are counted at their estimate at the next start)"
                         ),
+                    }
+                }
+                if let Some(k) = keeper.as_mut() {
+                    if held.events.is_empty() {
+                        k.finish(&*ledger, &engine, &health, clock.now_ms());
+                    } else {
+                        k.reap(&health, true);
                     }
                 }
                 drop(ledger);
@@ -668,7 +880,19 @@ mod tests {
             self.stored.lock().unwrap().extend_from_slice(events);
             Ok(())
         }
-        fn replay(&self, _: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+        fn replay_after(&self, _: u64, _: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+            Ok(0)
+        }
+        fn last_seq(&self) -> Result<u64, LedgerError> {
+            Ok(self.stored.lock().unwrap().len() as u64)
+        }
+        fn first_seq(&self) -> Result<Option<u64>, LedgerError> {
+            Ok(None)
+        }
+        fn ledger_id(&self) -> Result<String, LedgerError> {
+            Ok("flaky".into())
+        }
+        fn remove_old(&mut self, _: u64, _: i64, _: usize) -> Result<u64, LedgerError> {
             Ok(0)
         }
         fn overrides(&self) -> Result<Vec<(String, BudgetSpec)>, LedgerError> {
@@ -704,8 +928,16 @@ mod tests {
             0,
         )));
         let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
-        let (writer, _thread) =
-            spawn_observed(Box::new(ledger), engine.clone(), clock, None, policy);
+        let (writer, _thread) = spawn_observed(
+            Box::new(ledger),
+            engine.clone(),
+            clock,
+            None,
+            WriterOptions {
+                outage: policy,
+                snapshots: None,
+            },
+        );
         Rig {
             writer,
             engine,
@@ -745,7 +977,10 @@ mod tests {
     async fn probe_until_written(rig: &Rig) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while rig.writer.health.failing() {
-            assert!(std::time::Instant::now() < deadline, "the probe never wrote");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the probe never wrote"
+            );
             rig.writer.probe();
             // The probe is answered on the writer thread; a totals request queued behind it
             // returns once it has run.
@@ -759,7 +994,10 @@ mod tests {
         assert!(rig.writer.append(vec![usage(1)]).await.is_ok());
         rig.down.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(rig.writer.append(vec![usage(2)]).await.is_err());
-        assert!(rig.writer.health.outage().is_some(), "refusing: /readyz is 503");
+        assert!(
+            rig.writer.health.outage().is_some(),
+            "refusing: /readyz is 503"
+        );
         // Usage of a call already answered is held and applied, not dropped.
         assert!(accounting(&rig.writer, 4).await);
         assert_eq!(used(&rig), 5);
@@ -784,7 +1022,10 @@ mod tests {
         rig.down.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(rig.writer.append(vec![usage(1)]).await.is_ok());
         assert!(rig.writer.health.failing());
-        assert!(rig.writer.health.outage().is_none(), "still ready while buffering");
+        assert!(
+            rig.writer.health.outage().is_none(),
+            "still ready while buffering"
+        );
         assert!(accounting(&rig.writer, 2).await);
         assert!(rig.writer.append(vec![usage(4)]).await.is_ok());
         assert_eq!(used(&rig), 7, "held events count against budgets");

@@ -195,10 +195,7 @@ async fn with_on_outage_buffer_a_full_disk_keeps_serving_block_budgets_hold_and_
     let Some(disk) = Tmpfs::mount(&data, "8m") else {
         return;
     };
-    let edits = [(
-        "[ledger]\n",
-        "[ledger]\non_outage = \"buffer\"\noutage_buffer_events = 100000\n",
-    )];
+    let edits = [("on_outage = \"fail_closed\"", "on_outage = \"buffer\"")];
     let s = start_edited(dir.path(), &edits).await;
     let resp = s
         .http
@@ -271,12 +268,16 @@ async fn with_on_outage_buffer_a_full_disk_keeps_serving_block_budgets_hold_and_
 
     // Space returns: the held events are written, in order, once.
     std::fs::remove_file(&filler).unwrap();
-    eventually("the held events to be written", Duration::from_secs(30), || async {
-        let m = s.metrics().await;
-        (m.get("hypertool_ledger_outage_held_events", &[]) == Some(0.0)
-            && m.get("hypertool_ledger_writable", &[]) == Some(1.0))
-        .then_some(())
-    })
+    eventually(
+        "the held events to be written",
+        Duration::from_secs(30),
+        || async {
+            let m = s.metrics().await;
+            (m.get("hypertool_ledger_outage_held_events", &[]) == Some(0.0)
+                && m.get("hypertool_ledger_writable", &[]) == Some(1.0))
+            .then_some(())
+        },
+    )
     .await;
     assert_eq!(s.get_json("/readyz").await.1, json!({"status": "ready"}));
     let s = Arc::into_inner(s).unwrap();

@@ -480,3 +480,96 @@ async fn a_ledger_that_cannot_write_fails_closed_says_so_and_resumes_by_itself()
     assert_eq!(s.ledger_totals().await.tokens, 2);
     s.stop().await;
 }
+
+/// Rows in the ledger's events table, read beside the running server.
+fn ledger_rows(data: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(data.join("hypertool.db"))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn snapshot_files(data: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data.join("snapshots"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".snap"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_events_and_counters_and_budgets_stay_exact_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let edits = [
+        ("snapshot_interval = \"5m\"", "snapshot_interval = \"1s\""),
+        ("# retain_days = 90", "retain_days = 2"),
+    ];
+    let s = start_edited(dir.path(), &edits).await;
+    let batch = |n: u64| {
+        json!((0..n)
+            .map(|i| usage("backend-engineer", "c", "m", 10 + i, 1))
+            .collect::<Vec<_>>())
+    };
+    // Day 0: 20 events (the first append also takes the first snapshot).
+    assert_eq!(s.post_events(batch(20)).await.0, 200);
+    eventually("the first snapshot", Duration::from_secs(10), || async {
+        (snapshot_files(&data).len() == 1).then_some(())
+    })
+    .await;
+    // Three days later: 5 more events and a second snapshot; the first now bounds retention.
+    s.clock.advance_secs(3 * 86_400);
+    assert_eq!(s.post_events(batch(5)).await.0, 200);
+    eventually(
+        "the day-0 events removed",
+        Duration::from_secs(10),
+        || async { (ledger_rows(&data) == 5).then_some(()) },
+    )
+    .await;
+    assert_eq!(snapshot_files(&data).len(), 2);
+    let before = durable(&s.metrics().await);
+    assert_eq!(
+        s.metrics().await.get(
+            "hypertool_persona_tokens_used_total",
+            &[
+                ("persona", "backend-engineer"),
+                ("chatmode", "c"),
+                ("model", "m")
+            ]
+        ),
+        Some((20 * 11 + 190 + 5 * 11 + 10) as f64)
+    );
+    s.stop().await;
+
+    // The restart loads a snapshot: counters still count the removed events.
+    let toml = dir.path().join("config/hypertool.toml");
+    let s = start(
+        Source::File(toml.clone()),
+        &data,
+        Arc::new(hypertool::core::clock::ManualClock::new(
+            T0 + 3 * 86_400_000,
+        )),
+    )
+    .await;
+    assert_eq!(durable(&s.metrics().await), before);
+    s.stop().await;
+
+    // With the newest snapshot gone, the older one and the events after it give the same.
+    let newest = snapshot_files(&data).pop().unwrap();
+    std::fs::remove_file(data.join("snapshots").join(newest)).unwrap();
+    let s = start(
+        Source::File(toml),
+        &data,
+        Arc::new(hypertool::core::clock::ManualClock::new(
+            T0 + 3 * 86_400_000,
+        )),
+    )
+    .await;
+    assert_eq!(durable(&s.metrics().await), before);
+    s.stop().await;
+}
