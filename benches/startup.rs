@@ -23,7 +23,9 @@ use hypertool::store::Ledger;
 const T0: i64 = 1_795_856_400_000;
 const AFTER_SNAPSHOT: u64 = 10_000;
 
-fn main() {
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> Result<(), Error> {
     let events: u64 = std::env::var("HYPERTOOL_BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -33,8 +35,8 @@ fn main() {
         .join(format!("bench-startup-{events}"));
     let data = home.join("data");
     if !home.join("complete").exists() {
-        build(&data, events);
-        std::fs::write(home.join("complete"), b"").expect("marker");
+        build(&data, events)?;
+        std::fs::write(home.join("complete"), b"")?;
     }
     let db = data.join("hypertool.db");
     let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
@@ -42,14 +44,14 @@ fn main() {
         "ledger: {events} events, {:.1} GB, snapshot {AFTER_SNAPSHOT} events before the end",
         size as f64 / 1e9
     );
-    let config = || load(&Source::Embedded).expect("config").engine_config();
+    let config = load(&Source::Embedded)?.engine_config();
     let now = T0 + events as i64 * 10 + 1_000;
 
     let mut with_snapshot = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
-        let ledger = SqliteLedger::open(&db, LedgerSync::Normal).expect("open");
-        let r = recover(&ledger, &Snapshots::new(&data), config(), now).expect("recover");
+        let ledger = SqliteLedger::open(&db, LedgerSync::Normal)?;
+        let r = recover(&ledger, &Snapshots::new(&data), config.clone(), now)?;
         with_snapshot.push(started.elapsed());
         assert!(r.snapshot.is_some(), "the snapshot was not used");
         assert!(r.replayed >= AFTER_SNAPSHOT);
@@ -61,14 +63,13 @@ fn main() {
     );
 
     let started = Instant::now();
-    let ledger = SqliteLedger::open(&db, LedgerSync::Normal).expect("open");
+    let ledger = SqliteLedger::open(&db, LedgerSync::Normal)?;
     let r = recover(
         &ledger,
         &Snapshots::new(&home.join("no-snapshots")),
-        config(),
+        config.clone(),
         now,
-    )
-    .expect("recover");
+    )?;
     let full = started.elapsed();
     assert_eq!(r.snapshot, None);
     println!(
@@ -81,7 +82,7 @@ fn main() {
 
     let mut serve = Vec::new();
     for _ in 0..3 {
-        serve.push(serve_until_ready(&home, &data));
+        serve.push(serve_until_ready(&home, &data)?);
     }
     let serve = median(&mut serve);
     println!(
@@ -92,6 +93,7 @@ fn main() {
         "ratio full replay / snapshot start: {:.1}x",
         full.as_secs_f64() / snapshot.as_secs_f64()
     );
+    Ok(())
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -101,12 +103,11 @@ fn median(v: &mut [Duration]) -> Duration {
 
 /// Appends the synthetic stream in large transactions, applying it to an engine on the way, and
 /// snapshots that engine `AFTER_SNAPSHOT` events before the end.
-fn build(data: &Path, events: u64) {
+fn build(data: &Path, events: u64) -> Result<(), Error> {
     let _ = std::fs::remove_dir_all(data);
-    std::fs::create_dir_all(data).expect("data dir");
-    let mut ledger =
-        SqliteLedger::open(&data.join("hypertool.db"), LedgerSync::Normal).expect("open");
-    let mut engine = Engine::new(load(&Source::Embedded).expect("config").engine_config(), T0);
+    std::fs::create_dir_all(data)?;
+    let mut ledger = SqliteLedger::open(&data.join("hypertool.db"), LedgerSync::Normal)?;
+    let mut engine = Engine::new(load(&Source::Embedded)?.engine_config(), T0);
     let started = Instant::now();
     let cut = events.saturating_sub(AFTER_SNAPSHOT);
     let mut next = 0;
@@ -115,18 +116,16 @@ fn build(data: &Path, events: u64) {
             .min(events)
             .min(if next < cut { cut } else { events });
         let batch: Vec<_> = synthetic::events(T0, next..end).collect();
-        ledger.append(&batch).expect("append");
+        ledger.append(&batch)?;
         batch.iter().for_each(|e| engine.apply(e));
         next = end;
         if next == cut {
-            let seq = ledger.last_seq().expect("seq");
+            let seq = ledger.last_seq()?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
-            Snapshots::new(data)
-                .write(&ledger.ledger_id().expect("id"), seq, now, &engine.state())
-                .expect("snapshot");
+            Snapshots::new(data).write(&ledger.ledger_id()?, seq, now, &engine.state())?;
         }
         if next % 1_000_000 == 0 {
             eprintln!(
@@ -135,14 +134,14 @@ fn build(data: &Path, events: u64) {
             );
         }
     }
+    Ok(())
 }
 
 /// `hypertool serve` on the bench ledger: time from exec until `/readyz` answers 200.
-fn serve_until_ready(home: &Path, data: &Path) -> Duration {
+fn serve_until_ready(home: &Path, data: &Path) -> Result<Duration, Error> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
+        .map(|a| a.port())?;
     let config = home.join("hypertool.toml");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     // No periodic snapshot during the measurement: each start finds the same snapshot.
@@ -154,7 +153,7 @@ fn serve_until_ready(home: &Path, data: &Path) -> Duration {
             repo.join("budgets.yml")
         ),
     )
-    .expect("config");
+    ?;
     let started = Instant::now();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"))
         .args(["serve", "--config"])
@@ -165,8 +164,7 @@ fn serve_until_ready(home: &Path, data: &Path) -> Duration {
         .args(["--metrics-listen", "127.0.0.1:0"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn hypertool");
+        .spawn()?;
     let ready = loop {
         if ready(port) {
             break started.elapsed();
@@ -179,7 +177,7 @@ fn serve_until_ready(home: &Path, data: &Path) -> Duration {
     };
     let _ = child.kill();
     let _ = child.wait();
-    ready
+    Ok(ready)
 }
 
 fn ready(port: u16) -> bool {
