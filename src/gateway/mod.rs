@@ -21,6 +21,7 @@ pub mod provider;
 pub mod ratelimit;
 mod relay;
 pub mod request;
+pub mod sse;
 pub mod stage;
 pub mod tokens;
 pub mod trace;

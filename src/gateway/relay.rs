@@ -187,7 +187,8 @@ pub(super) async fn relay(
 ) {
     let generation = traced.as_ref().map(|a| a.span_id);
     let mut verdict = None;
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut decoder = super::sse::SseDecoder::default();
+    let mut datas: Vec<String> = Vec::new();
     let mut content = String::new();
     let mut usage: Option<(u64, u64)> = None;
     let mut done = false;
@@ -212,77 +213,76 @@ pub(super) async fn relay(
                 break;
             }
         };
-        buffer.extend_from_slice(&bytes);
-        while let Some(end) = find_event_end(&buffer) {
-            let event: Vec<u8> = buffer.drain(..end.0).collect();
-            buffer.drain(..end.1);
-            let text = String::from_utf8_lossy(&event);
-            for line in text.lines() {
-                let Some(data) = line.strip_prefix("data:").map(str::trim) else {
-                    continue;
-                };
-                let out = if data == "[DONE]" {
-                    done = true;
-                    // A gated stage: the verdict on the complete output goes out as an SSE
-                    // comment (clients ignore comments; headers are long gone).
-                    let completion = usage
-                        .map(|u| u.1)
-                        .unwrap_or_else(|| tokens::count_text(&content));
-                    verdict = judge(&state, &meta, &content, completion, 1, generation).await;
-                    match &verdict {
-                        Some(v) => Some(Bytes::from(format!(
-                            ": x-hypertool-quality-gate: {}\n\ndata: [DONE]\n\n",
-                            stage::header_safe(&v.summary())
-                        ))),
-                        None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
-                    }
-                } else {
-                    match serde_json::from_str::<Value>(data) {
-                        Ok(mut chunk) => {
-                            if let Some(u) = usage_of(&chunk) {
-                                usage = Some(u);
-                            }
-                            for c in chunk
-                                .get("choices")
-                                .and_then(Value::as_array)
-                                .into_iter()
-                                .flatten()
+        datas.clear();
+        if decoder.push(&bytes, &mut datas).is_err() {
+            failure = Some(UpstreamError::Invalid {
+                upstream: meta.route.upstream.clone(),
+                detail: format!("a stream line longer than {} bytes", super::sse::MAX_LINE),
+            });
+            break;
+        }
+        for data in &datas {
+            let data = data.as_str();
+            let out = if data.trim() == "[DONE]" {
+                done = true;
+                // A gated stage: the verdict on the complete output goes out as an SSE
+                // comment (clients ignore comments; headers are long gone).
+                let completion = usage
+                    .map(|u| u.1)
+                    .unwrap_or_else(|| tokens::count_text(&content));
+                verdict = judge(&state, &meta, &content, completion, 1, generation).await;
+                match &verdict {
+                    Some(v) => Some(Bytes::from(format!(
+                        ": x-hypertool-quality-gate: {}\n\ndata: [DONE]\n\n",
+                        stage::header_safe(&v.summary())
+                    ))),
+                    None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+                }
+            } else {
+                match serde_json::from_str::<Value>(data) {
+                    Ok(mut chunk) => {
+                        if let Some(u) = usage_of(&chunk) {
+                            usage = Some(u);
+                        }
+                        for c in chunk
+                            .get("choices")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            if let Some(piece) = c.pointer("/delta/content").and_then(Value::as_str)
                             {
-                                if let Some(piece) =
-                                    c.pointer("/delta/content").and_then(Value::as_str)
-                                {
-                                    content.push_str(piece);
-                                }
-                                if let Some(calls) = c.pointer("/delta/tool_calls") {
-                                    content.push_str(&calls.to_string());
-                                }
+                                content.push_str(piece);
                             }
-                            if client_wants_usage {
-                                Some(sse(data))
-                            } else {
-                                let no_choices = chunk
-                                    .get("choices")
-                                    .and_then(Value::as_array)
-                                    .is_some_and(|c| c.is_empty());
-                                if no_choices && chunk.get("usage").is_some_and(|u| !u.is_null()) {
-                                    None
-                                } else if let Some(obj) = chunk.as_object_mut() {
-                                    obj.remove("usage");
-                                    Some(sse(&Value::Object(obj.clone()).to_string()))
-                                } else {
-                                    Some(sse(data))
-                                }
+                            if let Some(calls) = c.pointer("/delta/tool_calls") {
+                                content.push_str(&calls.to_string());
                             }
                         }
-                        // Not JSON: pass it on untouched.
-                        Err(_) => Some(sse(data)),
+                        if client_wants_usage {
+                            Some(sse(data))
+                        } else {
+                            let no_choices = chunk
+                                .get("choices")
+                                .and_then(Value::as_array)
+                                .is_some_and(|c| c.is_empty());
+                            if no_choices && chunk.get("usage").is_some_and(|u| !u.is_null()) {
+                                None
+                            } else if let Some(obj) = chunk.as_object_mut() {
+                                obj.remove("usage");
+                                Some(sse(&Value::Object(obj.clone()).to_string()))
+                            } else {
+                                Some(sse(data))
+                            }
+                        }
                     }
-                };
-                if let Some(out) = out {
-                    if tx.send(Ok(out)).await.is_err() {
-                        client_gone = true;
-                        break 'read;
-                    }
+                    // Not JSON: pass it on untouched.
+                    Err(_) => Some(sse(data)),
+                }
+            };
+            if let Some(out) = out {
+                if tx.send(Ok(out)).await.is_err() {
+                    client_gone = true;
+                    break 'read;
                 }
             }
         }
@@ -369,19 +369,6 @@ pub(super) async fn relay(
             "ok"
         },
     );
-}
-
-/// Position of the end of the first SSE event in `buf`: (event length, separator length).
-pub(super) fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    for i in 0..buf.len() {
-        if buf[i..].starts_with(b"\n\n") {
-            return Some((i, 2));
-        }
-        if buf[i..].starts_with(b"\r\n\r\n") {
-            return Some((i, 4));
-        }
-    }
-    None
 }
 
 #[cfg(test)]
