@@ -377,7 +377,13 @@ impl Settings {
     pub fn parse(file: &str, text: &str) -> Result<Settings, Vec<ConfigError>> {
         let raw: RawSettings = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of_offset(text, s.start));
-            vec![ConfigError::new(file, line, e.message().trim().to_string()).fix(
+            // The TOML parser says nothing for some malformed values (`key =` at the end of a line).
+            let message = match e.message().trim() {
+                "" => "this line is not valid TOML: a value is missing or malformed after `=`"
+                    .to_string(),
+                m => m.to_string(),
+            };
+            vec![ConfigError::new(file, line, message).fix(
                 "compare with the commented defaults in config/hypertool.toml of the hypertool repository",
             )]
         })?;
@@ -708,6 +714,27 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the mutation property test: the TOML parser gives no message for a key with no
+    /// value at the end of the file, and the error said only "h.toml:2: ".
+    #[test]
+    fn a_key_without_its_value_is_an_error_that_says_so() {
+        for text in [
+            "[server]\nlisten =",
+            "[server]\nlisten =\n",
+            "[ledger]\nsync = ",
+        ] {
+            let errs = Settings::parse("h.toml", text).unwrap_err();
+            assert_eq!(errs[0].line, Some(2), "{text:?}");
+            assert!(!errs[0].message.trim().is_empty(), "{:?}", errs[0]);
+        }
+        let errs = Settings::parse("h.toml", "[server]\nlisten =").unwrap_err();
+        assert!(
+            errs[0].message.contains("value is missing"),
+            "{:?}",
+            errs[0]
+        );
+    }
 
     #[test]
     fn a_key_variable_that_is_not_set_is_named_with_its_line() {

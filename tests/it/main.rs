@@ -15,6 +15,7 @@ mod gateway_stages;
 mod metrics_contract;
 mod persistence;
 mod process;
+mod properties;
 mod secrets;
 mod switching;
 mod traces;
