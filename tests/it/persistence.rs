@@ -210,22 +210,23 @@ fn ledger_calls(data: &std::path::Path) -> (BTreeMap<String, i64>, BTreeMap<Stri
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_during_gateway_calls_loses_no_answered_call() {
+async fn kill_9_under_gateway_and_events_load_loses_nothing_answered_or_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let toml = dir.path().join("hypertool.toml");
-    // The mock upstream answers after 15 ms, so calls are in flight when the process dies.
+    // The mock upstream answers after 15 ms, so calls are in flight when the process dies; a
+    // snapshot every second, so one may be half-written when it does.
     std::fs::write(
         &toml,
         format!(
-            "[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
+            "[ledger]\nsnapshot_interval = \"1s\"\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
             repo.join("config/personas"),
             repo.join("config/budgets.yml")
         ),
     )
     .unwrap();
-    for round in 0..2 {
+    for round in 0..3 {
         let daemon = Daemon::spawn(
             dir.path(),
             &[
@@ -266,12 +267,39 @@ async fn kill_9_during_gateway_calls_loses_no_answered_call() {
                 }
             }));
         }
+        // Agents reporting through the events API at the same time: batches of 10 usage events,
+        // one session per batch.
+        let acknowledged: Arc<Mutex<HashSet<String>>> = Arc::default();
+        for worker in 0..4 {
+            let (api, acknowledged, http) = (api.clone(), acknowledged.clone(), http.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0.. {
+                    let session = format!("ev-r{round}-w{worker}-{n}");
+                    let events: Vec<_> = (0..10)
+                        .map(|_| json!({"type": "usage", "persona": "backend-engineer", "chatmode": "agents",
+                                        "model": "m", "prompt_tokens": 3, "completion_tokens": 2, "session": session}))
+                        .collect();
+                    let resp = http
+                        .post(format!("{api}/v1/events"))
+                        .json(&json!({ "events": events }))
+                        .send()
+                        .await;
+                    match resp {
+                        Ok(r) if r.status() == 200 => {
+                            acknowledged.lock().unwrap().insert(session);
+                        }
+                        _ => return,
+                    }
+                }
+            }));
+        }
         eventually(
-            "300 answered calls",
+            "300 answered calls and 100 acknowledged batches",
             std::time::Duration::from_secs(120),
             || {
                 let n = answered.lock().unwrap().len();
-                async move { (n >= 300).then_some(()) }
+                let b = acknowledged.lock().unwrap().len();
+                async move { (n >= 300 && b >= 100).then_some(()) }
             },
         )
         .await;
@@ -280,6 +308,7 @@ async fn kill_9_during_gateway_calls_loses_no_answered_call() {
             t.await.unwrap();
         }
         let answered = answered.lock().unwrap().clone();
+        let acknowledged = acknowledged.lock().unwrap().clone();
 
         // A restart settles what the crash cut off; then every answered call is in the ledger.
         let now = hypertool::core::clock::Clock::now_ms(&hypertool::core::clock::SystemClock);
@@ -295,6 +324,20 @@ async fn kill_9_during_gateway_calls_loses_no_answered_call() {
                 "round {round}: answered call {session} lost or counted twice"
             );
         }
+        for session in &acknowledged {
+            assert_eq!(
+                sessions.get(session),
+                Some(&10),
+                "round {round}: acknowledged batch {session} lost or stored twice"
+            );
+        }
+        assert!(
+            sessions
+                .iter()
+                .filter(|(s, _)| s.starts_with("ev-"))
+                .all(|(_, n)| *n == 10),
+            "round {round}: a batch stored in part or twice"
+        );
         for (call, (admitted, settled)) in &calls {
             assert_eq!(
                 (*admitted, *settled),
