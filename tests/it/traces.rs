@@ -1093,3 +1093,183 @@ async fn generations_go_to_the_log_while_langfuse_cannot_be_reached() {
         .status();
     let _ = child.0.wait();
 }
+
+/// Three faults at once, under load: an upstream that streams slowly (and one that hangs past its
+/// timeout), the trace receiver down, and a configuration reload in the middle. Every call gets
+/// its answer (fast calls are not held up behind slow ones), the reload takes effect, the ledger
+/// holds exactly the upstream's usage, nothing is dropped from the trace queue, and once the
+/// receiver is back every call's span arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_a_dead_trace_receiver_and_a_reload_at_once_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let rx = Receiver::start().await;
+    rx.shut().await;
+    let endpoint = format!("endpoint = \"{}/v1/traces\"", rx.url());
+    let s = server(
+        dir.path(),
+        &upstream,
+        &[
+            (
+                "# endpoint = \"http://127.0.0.1:4318/v1/traces\"",
+                &endpoint,
+            ),
+            ("batch_interval = \"1s\"", "batch_interval = \"50ms\""),
+            ("max_backoff = \"30s\"", "max_backoff = \"200ms\""),
+        ],
+    )
+    .await;
+    let s = Arc::new(s);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    // Slow streams (3 s each) and calls that hang past their model's 1 s timeout.
+    for (model, n) in [("slow-stream", 4), ("hang", 2)] {
+        for i in 0..n {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let resp = s
+                    .http
+                    .post(format!("{}/v1/chat/completions", s.api))
+                    .header("x-hypertool-persona", "backend-engineer")
+                    .header("x-hypertool-session", format!("{model}-{i}"))
+                    .json(&json!({"model": model, "stream": model == "slow-stream",
+                                  "stream_options": {"include_usage": true},
+                                  "messages": [{"role": "user", "content": "take your time"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let body = resp.text().await.unwrap();
+                (model, status, body, Duration::ZERO)
+            }));
+        }
+    }
+    // Fast calls meanwhile, each timed.
+    for w in 0..4 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut last = (0, String::new());
+            for i in 0..25 {
+                let t = std::time::Instant::now();
+                let resp = s
+                    .http
+                    .post(format!("{}/v1/chat/completions", s.api))
+                    .header("x-hypertool-persona", "frontend-engineer")
+                    .header("x-hypertool-session", format!("fast-{w}-{i}"))
+                    .json(
+                        &json!({"model": "ok", "messages": [{"role": "user", "content": "quick"}]}),
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let body = resp.text().await.unwrap();
+                slowest = slowest.max(t.elapsed());
+                if status != 200 {
+                    return ("ok", status, body, slowest);
+                }
+                last = (status, body);
+            }
+            ("ok", last.0, last.1, slowest)
+        }));
+    }
+    // The reload, while all of that runs: a new budget for a persona being called.
+    let budgets = dir.path().join("config/budgets.yml");
+    let text = std::fs::read_to_string(&budgets).unwrap();
+    std::fs::write(
+        &budgets,
+        text.replacen(
+            "  frontend-engineer:\n    tokens: 1800",
+            "  frontend-engineer:\n    tokens: 987654",
+            1,
+        ),
+    )
+    .unwrap();
+    eventually("the reload to apply", Duration::from_secs(20), || async {
+        let (_, b) = s.get_json("/api/budgets/frontend-engineer").await;
+        (b["limit_tokens"] == 987654 || b["tokens"] == 987654).then_some(())
+    })
+    .await;
+    for t in tasks {
+        let (model, status, body, slowest) = t.await.unwrap();
+        match model {
+            "slow-stream" => {
+                assert_eq!(status, 200, "{body}");
+                assert!(
+                    body.trim_end().ends_with("data: [DONE]"),
+                    "a whole stream: {body}"
+                );
+            }
+            "hang" => assert_eq!(status, 504, "{body}"),
+            _ => {
+                assert_eq!(status, 200, "{body}");
+                assert!(
+                    slowest < Duration::from_secs(2),
+                    "a fast call waited {slowest:?} behind the slow ones"
+                );
+            }
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the slow streams were slow"
+    );
+
+    // The ledger holds exactly what the upstream reported; nothing stays reserved.
+    let stats = upstream.stats().await;
+    let upstream_tokens =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    assert_eq!(stats["calls"], 4 + 100);
+    settled(&s, upstream_tokens).await;
+    let m = s.metrics().await;
+    assert!(
+        m.get("hypertool_config_reloads_total", &[("result", "success")])
+            .unwrap()
+            >= 1.0
+    );
+    assert!(
+        m.get(
+            "hypertool_trace_export_total",
+            &[("destination", "otlp"), ("result", "retry")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "the dead receiver was retried"
+    );
+    assert!(
+        m.get("hypertool_trace_spool_bytes", &[("destination", "otlp")])
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_trace_queue_dropped_total",
+            &[("destination", "otlp")]
+        ),
+        Some(0.0)
+    );
+
+    // The receiver returns: every call's request span arrives (each once, whatever was re-sent).
+    rx.listen().await;
+    let expected = 4 + 2 + 100;
+    eventually("every call's span", Duration::from_secs(30), || async {
+        let ids: std::collections::HashSet<Vec<u8>> = rx
+            .spans()
+            .into_iter()
+            .filter(|sp| sp.name == "POST /v1/chat/completions")
+            .map(|sp| sp.span_id)
+            .collect();
+        (ids.len() == expected).then_some(())
+    })
+    .await;
+    eventually("the spool to empty", Duration::from_secs(30), || async {
+        (s.metrics()
+            .await
+            .get("hypertool_trace_spool_bytes", &[("destination", "otlp")])
+            == Some(0.0))
+        .then_some(())
+    })
+    .await;
+    Arc::into_inner(s).unwrap().stop().await;
+}
