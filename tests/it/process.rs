@@ -372,3 +372,72 @@ async fn cli_commands_talk_to_a_running_server() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach hypertool"));
 }
+
+/// `deploy/systemd/hypertool.service`: what the issue asks of it, `systemd-analyze verify` finds
+/// nothing to say, and its two commands work as written (paths swapped for a temporary install).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemd_unit_verifies_and_its_commands_check_and_serve() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(repo.join("deploy/systemd/hypertool.service")).unwrap();
+    let value = |key: &str| -> String {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("the unit has no {key}="))
+            .to_string()
+    };
+    assert_eq!(value("Restart"), "on-failure");
+    assert_eq!(value("User"), "hypertool");
+    assert_eq!(
+        value("StateDirectory"),
+        "hypertool",
+        "data in /var/lib/hypertool"
+    );
+    assert_eq!(value("StandardError"), "journal");
+    assert!(value("ExecStartPre").contains("hypertool check --config"));
+    let timeout: u64 = value("TimeoutStopSec").parse().unwrap();
+    assert!(timeout > 10, "longer than the default shutdown grace");
+
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_copy(dir.path());
+    let state = dir.path().join("var-lib-hypertool");
+    let local = |line: String| -> Vec<String> {
+        line.replace("/etc/hypertool/hypertool.toml", toml.to_str().unwrap())
+            .replace("/var/lib/hypertool", state.to_str().unwrap())
+            .split_whitespace()
+            .skip(1) // the binary
+            .map(String::from)
+            .collect()
+    };
+
+    if let Ok(out) = Command::new("systemd-analyze").arg("--version").output() {
+        if out.status.success() {
+            let copy = dir.path().join("hypertool.service");
+            std::fs::write(&copy, unit.replace("/usr/local/bin/hypertool", BIN)).unwrap();
+            let out = Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&copy)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && said.trim().is_empty(), "{said}");
+        }
+    }
+
+    let check = Command::new(BIN)
+        .args(local(value("ExecStartPre")))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{:?}", check);
+    let args = local(value("ExecStart"));
+    let args: Vec<&str> = args.iter().map(String::as_str).skip(1).collect();
+    let daemon = Daemon::spawn(dir.path(), &args);
+    let ready = reqwest::get(format!("{}/readyz", daemon.api))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert!(
+        state.join("hypertool.db").exists(),
+        "the ledger is in the state directory"
+    );
+    daemon.kill9();
+}
