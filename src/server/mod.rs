@@ -330,6 +330,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
                     .map(|d| i64::from(d) * 86_400_000),
                 loaded_at_ms: recovered.snapshot.map_or(0, |(_, at)| at),
             }),
+            applied_seq: recovered.applied_seq,
         },
     );
     settle_cut_off_calls(&engine, &writer).await?;
@@ -526,6 +527,19 @@ fn spawn_background(
             }
         }
     }));
+
+    if state.writer.shared {
+        // Several replicas on one ledger: apply what the others stored, so that budgets and
+        // counters here follow the fleet within a fraction of a second.
+        let writer = state.writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                interval.tick().await;
+                writer.tail();
+            }
+        }));
+    }
 
     let alert_state = state.clone();
     tasks.push(tokio::spawn(async move {

@@ -38,14 +38,20 @@ pub struct LedgerTotals {
 
 /// Durable storage of events and budget overrides.
 pub trait Ledger: Send {
-    /// Stores `events` atomically (all or none), in order.
-    fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError>;
+    /// Stores `events` atomically (all or none), in order, at consecutive positions; returns the
+    /// position of the last (the ledger's last position when `events` is empty).
+    fn append(&mut self, events: &[Stamped]) -> Result<u64, LedgerError>;
     /// Calls `f` with every stored event in the order stored.
-    fn replay(&self, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+    fn replay(&self, f: &mut dyn FnMut(u64, Stamped)) -> Result<u64, LedgerError> {
         self.replay_after(0, f)
     }
-    /// Calls `f` with every stored event after position `seq`, in the order stored.
-    fn replay_after(&self, seq: u64, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError>;
+    /// Calls `f` with every stored event after position `seq`, with its position, in order.
+    fn replay_after(&self, seq: u64, f: &mut dyn FnMut(u64, Stamped)) -> Result<u64, LedgerError>;
+    /// Other processes append to this ledger too (several replicas on one database): the writer
+    /// then applies their events, in ledger order, as well as its own.
+    fn shared(&self) -> bool {
+        false
+    }
     /// The position of the last stored event (0 when empty). Positions only grow.
     fn last_seq(&self) -> Result<u64, LedgerError>;
     /// The position of the oldest event still stored (retention removes older ones), if any.

@@ -171,6 +171,8 @@ pub struct Recovered {
     pub replayed: u64,
     /// (position, time) of the snapshot loaded, if one was.
     pub snapshot: Option<(u64, UnixMillis)>,
+    /// The position of the last event in the engine.
+    pub applied_seq: u64,
 }
 
 /// Rebuilds the engine: the newest usable snapshot plus the events after it, else a full replay.
@@ -200,13 +202,18 @@ pub fn recover(
             }
         };
         engine.set_quiet(true);
-        let replayed = ledger.replay_after(loaded.seq, &mut |s| engine.apply(&s))?;
+        let mut applied_seq = loaded.seq;
+        let replayed = ledger.replay_after(loaded.seq, &mut |seq, s| {
+            engine.apply(&s);
+            applied_seq = seq;
+        })?;
         engine.set_quiet(false);
         engine.tick(now);
         return Ok(Recovered {
             engine,
             replayed,
             snapshot: Some((loaded.seq, loaded.at_ms)),
+            applied_seq,
         });
     }
     if let Some(first) = ledger.first_seq()? {
@@ -221,13 +228,18 @@ pub fn recover(
         engine.set_override(&persona, Some(spec), now);
     }
     engine.set_quiet(true);
-    let replayed = ledger.replay(&mut |s| engine.apply(&s))?;
+    let mut applied_seq = 0;
+    let replayed = ledger.replay(&mut |seq, s| {
+        engine.apply(&s);
+        applied_seq = seq;
+    })?;
     engine.set_quiet(false);
     engine.tick(now);
     Ok(Recovered {
         engine,
         replayed,
         snapshot: None,
+        applied_seq,
     })
 }
 

@@ -188,7 +188,7 @@ impl Ledger for SqliteLedger {
             .map_err(|e| LedgerError::new("probe", e))
     }
 
-    fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError> {
+    fn append(&mut self, events: &[Stamped]) -> Result<u64, LedgerError> {
         let tx = self
             .conn
             .transaction()
@@ -270,10 +270,19 @@ impl Ledger for SqliteLedger {
                 .map_err(|e| LedgerError::new("append", e))?;
             }
         }
-        tx.commit().map_err(|e| LedgerError::new("commit", e))
+        let last = tx.last_insert_rowid();
+        tx.commit().map_err(|e| LedgerError::new("commit", e))?;
+        if events.is_empty() {
+            return self.last_seq();
+        }
+        Ok(last.max(0) as u64)
     }
 
-    fn replay_after(&self, after: u64, f: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+    fn replay_after(
+        &self,
+        after: u64,
+        f: &mut dyn FnMut(u64, Stamped),
+    ) -> Result<u64, LedgerError> {
         let mut stmt = self
             .conn
             .prepare("SELECT seq, at_ms, body FROM events WHERE seq > ?1 ORDER BY seq")
@@ -290,7 +299,7 @@ impl Ledger for SqliteLedger {
             let event: Event = serde_json::from_str(&body).map_err(|e| {
                 LedgerError::new("replay", format!("event #{seq} cannot be read back: {e}"))
             })?;
-            f(Stamped { at, event });
+            f(seq.max(0) as u64, Stamped { at, event });
             n += 1;
         }
         Ok(n)

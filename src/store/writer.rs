@@ -71,6 +71,8 @@ enum Command {
     Probe,
     /// The snapshot thread finished (so the writer notes it, and starts retention, even when idle).
     SnapshotWritten,
+    /// Apply what other replicas stored since (a shared ledger).
+    Tail,
 }
 
 /// Whether the ledger can write: set by the writer at every commit and probe, read by `/readyz`
@@ -202,6 +204,8 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Command>,
+    /// Other replicas append to the same ledger: [`WriterHandle::tail`] should be called often.
+    pub shared: bool,
     pub health: Arc<LedgerHealth>,
     /// Cuts a lingering group short: an append somebody awaits (an event batch, a gateway call's
     /// admission before its upstream) must not wait out another append's linger.
@@ -298,6 +302,11 @@ impl WriterHandle {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Asks the writer to apply what other replicas stored (a shared ledger; not awaited).
+    pub fn tail(&self) {
+        let _ = self.tx.try_send(Command::Tail);
+    }
+
     /// Asks the writer to try a write, to learn whether a failing ledger writes again (not
     /// awaited: the outcome shows in [`LedgerHealth`]).
     pub fn probe(&self) {
@@ -337,6 +346,7 @@ pub fn spawn_observed(
 ) -> (WriterHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let wake = tx.downgrade();
+    let shared = ledger.shared();
     let urgent = Arc::new(Urgent::default());
     let writer_urgent = urgent.clone();
     let health = Arc::new(LedgerHealth {
@@ -372,7 +382,15 @@ pub fn spawn_observed(
             tracing::error!("cannot start the ledger writer thread: {e}");
             std::process::exit(1)
         });
-    (WriterHandle { tx, urgent, health }, thread)
+    (
+        WriterHandle {
+            tx,
+            shared,
+            urgent,
+            health,
+        },
+        thread,
+    )
 }
 
 /// What the writer does with a batch the ledger refused (`[ledger] on_outage`).
@@ -411,6 +429,8 @@ pub struct SnapshotPlan {
 pub struct WriterOptions {
     pub outage: OutagePolicy,
     pub snapshots: Option<SnapshotPlan>,
+    /// The position of the last event the engine has applied (from start-up's recovery).
+    pub applied_seq: u64,
 }
 
 /// What the writer thread shares with the handles: the linger's wake-up, the health it reports,
@@ -470,18 +490,11 @@ impl Keeper {
 
     /// Takes a snapshot when one is due: the state is copied under the engine's lock, written on
     /// a thread of its own. Only called when everything applied is stored (nothing held).
-    fn maybe_take(&mut self, ledger: &dyn Ledger, engine: &Mutex<Engine>, now: i64) {
+    fn maybe_take(&mut self, seq: u64, engine: &Mutex<Engine>, now: i64) {
         if !self.dirty || self.writing.is_some() || now - self.last_ms < self.plan.every_ms {
             return;
         }
         self.last_ms = now;
-        let seq = match ledger.last_seq() {
-            Ok(seq) => seq,
-            Err(e) => {
-                tracing::warn!("cannot take a snapshot: {e}");
-                return;
-            }
-        };
         let state = lock(engine).state();
         self.dirty = false;
         let (store, id) = (self.plan.store.clone(), self.ledger_id.clone());
@@ -500,19 +513,13 @@ impl Keeper {
     }
 
     /// At shutdown: the last snapshot, written before the process ends.
-    fn finish(
-        &mut self,
-        ledger: &dyn Ledger,
-        engine: &Mutex<Engine>,
-        health: &LedgerHealth,
-        now: i64,
-    ) {
+    fn finish(&mut self, seq: u64, engine: &Mutex<Engine>, health: &LedgerHealth, now: i64) {
         self.reap(health, true);
         if !self.dirty {
             return;
         }
         self.last_ms = i64::MIN / 2;
-        self.maybe_take(ledger, engine, now);
+        self.maybe_take(seq, engine, now);
         self.reap(health, true);
     }
 
@@ -570,6 +577,7 @@ fn run(
         events: Vec::new(),
         policy: options.outage,
     };
+    let mut applied_seq = options.applied_seq;
     let mut keeper = options.snapshots.and_then(|plan| {
         let ledger_id = ledger
             .ledger_id()
@@ -652,10 +660,11 @@ fn run(
                 // makes each try wait out the busy timeout; a buffer would be re-encoded every
                 // time): the probe, every 2 s, tries it. What an outage left in memory goes first,
                 // in the same transaction.
+                // (last position, events before the batch that were applied already: held ones)
                 let result = if health.failing() {
                     Err(health.last_error())
                 } else if held.events.is_empty() {
-                    ledger.append(&batch)
+                    ledger.append(&batch).map(|last| (last, 0))
                 } else {
                     let mut all = std::mem::take(&mut held.events);
                     let before = all.len();
@@ -670,19 +679,24 @@ fn run(
                     } else {
                         held.events = all;
                     }
-                    result
+                    result.map(|last| (last, before))
                 };
                 match result {
-                    Ok(()) => {
+                    Ok((last, held_before)) => {
                         health.succeeded();
                         health.set_held(0);
-                        apply(&batch);
+                        let own = Own {
+                            first: (last + 1).saturating_sub((held_before + batch.len()) as u64),
+                            last,
+                            applied_already: held_before as u64,
+                        };
+                        catch_up(&*ledger, &mut applied_seq, Some((own, &batch)), &apply);
                         for (ack, _) in acks {
                             ack.done(Ok(()));
                         }
                         if let Some(k) = keeper.as_mut() {
                             k.dirty = true;
-                            k.maybe_take(&*ledger, &engine, clock.now_ms());
+                            k.maybe_take(applied_seq, &engine, clock.now_ms());
                         }
                     }
                     Err(e) => {
@@ -715,7 +729,14 @@ fn run(
                     k.reap(&health, true);
                 }
             }
-            Command::Probe => match write_held(&mut *ledger, &mut held, clock.now_ms()) {
+            Command::Tail => catch_up(&*ledger, &mut applied_seq, None, &apply),
+            Command::Probe => match write_held(
+                &mut *ledger,
+                &mut held,
+                clock.now_ms(),
+                &mut applied_seq,
+                &apply,
+            ) {
                 Ok(()) => {
                     health.succeeded();
                     health.set_held(0);
@@ -725,7 +746,13 @@ fn run(
             Command::Shutdown { ack } => {
                 // Everything queued before the shutdown has been handled (FIFO); stop here.
                 if !held.events.is_empty() {
-                    match write_held(&mut *ledger, &mut held, clock.now_ms()) {
+                    match write_held(
+                        &mut *ledger,
+                        &mut held,
+                        clock.now_ms(),
+                        &mut applied_seq,
+                        &apply,
+                    ) {
                         Ok(()) => health.set_held(0),
                         Err(e) => tracing::error!(
                             events = held.events.len(),
@@ -735,7 +762,7 @@ fn run(
                 }
                 if let Some(k) = keeper.as_mut() {
                     if held.events.is_empty() {
-                        k.finish(&*ledger, &engine, &health, clock.now_ms());
+                        k.finish(applied_seq, &engine, &health, clock.now_ms());
                     } else {
                         k.reap(&health, true);
                     }
@@ -749,17 +776,77 @@ fn run(
 }
 
 /// Writes what an outage left in memory (or, with nothing held, tries a harmless write).
-fn write_held(ledger: &mut dyn Ledger, held: &mut Held, now: i64) -> Result<(), LedgerError> {
+fn write_held(
+    ledger: &mut dyn Ledger,
+    held: &mut Held,
+    now: i64,
+    applied_seq: &mut u64,
+    apply: &dyn Fn(&[Stamped]),
+) -> Result<(), LedgerError> {
     if held.events.is_empty() {
         return ledger.probe(now);
     }
-    ledger.append(&held.events)?;
+    let last = ledger.append(&held.events)?;
+    let n = held.events.len() as u64;
     tracing::info!(
-        events = held.events.len(),
+        events = n,
         "events held during the ledger outage are stored"
     );
     held.events.clear();
+    let own = Own {
+        first: (last + 1).saturating_sub(n),
+        last,
+        applied_already: n,
+    };
+    catch_up(&*ledger, applied_seq, Some((own, &[])), apply);
     Ok(())
+}
+
+/// This writer's events just stored at positions `first..=last`, of which the first
+/// `applied_already` were applied before they were stored (held during an outage).
+struct Own {
+    first: u64,
+    last: u64,
+    applied_already: u64,
+}
+
+/// Brings the engine to the ledger's end, in ledger order: other replicas' events (a shared ledger)
+/// as they are, this writer's own (`own`, with the batch it stored after any held events) through
+/// `apply`, which also shows them to the observer. Alone on its ledger, the writer's batch is always
+/// next: applied directly, nothing read back.
+fn catch_up(
+    ledger: &dyn Ledger,
+    applied_seq: &mut u64,
+    own: Option<(Own, &[Stamped])>,
+    apply: &dyn Fn(&[Stamped]),
+) {
+    if !ledger.shared() {
+        if let Some((own, batch)) = own {
+            apply(batch);
+            *applied_seq = own.last;
+        }
+        return;
+    }
+    if let Some((own, batch)) = &own {
+        if own.applied_already == 0 && own.first == *applied_seq + 1 {
+            apply(batch);
+            *applied_seq = own.last;
+        }
+    }
+    let range = own
+        .as_ref()
+        .map(|(o, _)| (o.first, o.first + o.applied_already));
+    let result = ledger.replay_after(*applied_seq, &mut |seq, event| {
+        match range {
+            // Held events: applied when they were held.
+            Some((first, fresh)) if seq >= first && seq < fresh => {}
+            _ => apply(std::slice::from_ref(&event)),
+        }
+        *applied_seq = seq;
+    });
+    if let Err(e) = result {
+        tracing::warn!("cannot read the ledger's newer events (tried again shortly): {e}");
+    }
 }
 
 /// The ledger refused `batch`: each append in it is held in memory (applied, acknowledged, written
@@ -873,14 +960,19 @@ mod tests {
     }
 
     impl Ledger for Flaky {
-        fn append(&mut self, events: &[Stamped]) -> Result<(), LedgerError> {
+        fn append(&mut self, events: &[Stamped]) -> Result<u64, LedgerError> {
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(LedgerError::new("commit", "database or disk is full"));
             }
-            self.stored.lock().unwrap().extend_from_slice(events);
-            Ok(())
+            let mut stored = self.stored.lock().unwrap();
+            stored.extend_from_slice(events);
+            Ok(stored.len() as u64)
         }
-        fn replay_after(&self, _: u64, _: &mut dyn FnMut(Stamped)) -> Result<u64, LedgerError> {
+        fn replay_after(
+            &self,
+            _: u64,
+            _: &mut dyn FnMut(u64, Stamped),
+        ) -> Result<u64, LedgerError> {
             Ok(0)
         }
         fn last_seq(&self) -> Result<u64, LedgerError> {
@@ -905,7 +997,7 @@ mod tests {
             Ok(LedgerTotals::default())
         }
         fn probe(&mut self, _: i64) -> Result<(), LedgerError> {
-            self.append(&[])
+            self.append(&[]).map(|_| ())
         }
     }
 
@@ -935,7 +1027,7 @@ mod tests {
             None,
             WriterOptions {
                 outage: policy,
-                snapshots: None,
+                ..WriterOptions::default()
             },
         );
         Rig {
