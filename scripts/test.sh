@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every hypertool test, with its set-up, on a fresh Debian machine that has only the Rust toolchain.
 # Installs what the tests need (Debian's prometheus, for prometheus and promtool,
-# prometheus-alertmanager and systemd, for systemd-analyze; PyPI's openai), then runs formatting,
+# prometheus-alertmanager, systemd for systemd-analyze, postgresql; PyPI's openai), then runs formatting,
 # lints and the whole test suite. Services the tests use are started by the tests themselves, on
 # loopback, in temporary directories.
 set -euo pipefail
@@ -12,6 +12,8 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 # systemd-analyze verifies deploy/systemd/hypertool.service.
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# The replica tests start their own PostgreSQL (initdb, postgres) on loopback.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

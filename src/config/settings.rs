@@ -200,6 +200,7 @@ struct RawLedger {
     outage_buffer_events: Option<usize>,
     snapshot_interval: Option<PromDuration>,
     retain_days: Option<u32>,
+    url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +278,9 @@ pub struct LedgerSettings {
     pub snapshot_interval: std::time::Duration,
     /// Raw events older than this are removed once a snapshot covers them; `None` keeps them all.
     pub retain_days: Option<u32>,
+    /// A PostgreSQL ledger shared by several replicas (`[ledger] url` or `HYPERTOOL_LEDGER_URL`,
+    /// which wins); `None`: the SQLite file in the data directory. May hold a password: never shown.
+    pub url: Option<String>,
 }
 
 /// The validated `hypertool.toml`.
@@ -361,7 +365,27 @@ fn ledger_settings(
             );
         }
     }
+    let url = std::env::var("HYPERTOOL_LEDGER_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .or_else(|| raw.url.clone());
+    if let Some(u) = &url {
+        if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    line_of_key(text, "url"),
+                    format!(
+                        "`ledger.url` = {:?} is not a PostgreSQL URL",
+                        crate::store::postgres::redacted(u)
+                    ),
+                )
+                .fix("write postgres://USER@HOST:PORT/DATABASE (the password is better in HYPERTOOL_LEDGER_URL), or remove it for the SQLite ledger in the data directory"),
+            );
+        }
+    }
     LedgerSettings {
+        url,
         sync: raw.sync.unwrap_or_default(),
         on_outage: raw.on_outage.unwrap_or_default(),
         outage_buffer_events: outage_buffer_events.clamp(1, 10_000_000),

@@ -456,6 +456,15 @@ impl Engine {
         true
     }
 
+    /// Applies an event another replica stored (a shared ledger): budgets, sessions, runs and
+    /// admissions follow it, but this replica's counters and histograms do not — each replica
+    /// counts what it stored, so that Prometheus's `sum` over replicas is the fleet.
+    pub fn apply_foreign(&mut self, stamped: &Stamped) {
+        let own = std::mem::take(&mut self.metrics);
+        self.apply(stamped);
+        self.metrics = own;
+    }
+
     /// Applies one event. Events must arrive in ledger order.
     pub fn apply(&mut self, stamped: &Stamped) {
         let at = stamped.at;

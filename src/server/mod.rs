@@ -271,14 +271,25 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
 
     // Open and replay the ledger on a blocking thread: it may be large.
     let db_path = opts.data_dir.join("hypertool.db");
+    let data_dir = opts.data_dir.clone();
     let engine_cfg = cfg.engine_config();
     let replay_clock = clock.clone();
     let snapshots = crate::store::snapshot::Snapshots::new(&opts.data_dir);
+    let ledger_shown = match &cfg.settings.ledger.url {
+        Some(url) => crate::store::postgres::redacted(url),
+        None => opts.data_dir.join("hypertool.db").display().to_string(),
+    };
     let recover_from = snapshots.clone();
     let (ledger, recovered) = tokio::task::spawn_blocking(move || {
-        let ledger = SqliteLedger::open(&db_path, settings.ledger.sync)?;
+        let ledger: Box<dyn Ledger> = match &settings.ledger.url {
+            Some(url) => Box::new(crate::store::postgres::PostgresLedger::open(
+                url,
+                &crate::store::postgres::replica_id(&data_dir)?,
+            )?),
+            None => Box::new(SqliteLedger::open(&db_path, settings.ledger.sync)?),
+        };
         let recovered = crate::store::snapshot::recover(
-            &ledger,
+            &*ledger,
             &recover_from,
             engine_cfg,
             replay_clock.now_ms(),
@@ -292,12 +303,12 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
             events = recovered.replayed,
             snapshot_seq = seq,
             snapshot_at = %crate::core::clock::to_rfc3339(at),
-            ledger = %opts.data_dir.join("hypertool.db").display(),
+            ledger = %ledger_shown,
             "state loaded from a snapshot; the events after it replayed"
         ),
         None => tracing::info!(
             events = recovered.replayed,
-            ledger = %opts.data_dir.join("hypertool.db").display(),
+            ledger = %ledger_shown,
             "ledger replayed"
         ),
     }
@@ -311,7 +322,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
             as writer::Observer
     });
     let (writer, writer_thread) = writer::spawn_observed(
-        Box::new(ledger) as Box<dyn Ledger>,
+        ledger,
         engine.clone(),
         clock.clone(),
         observer,

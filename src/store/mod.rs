@@ -4,12 +4,13 @@
 //! [`writer`] owns the ledger on a thread of its own and applies each stored batch to the engine in
 //! ledger order, so the in-memory state is always a replay of what is on disk.
 
+pub mod postgres;
 pub mod snapshot;
 pub mod sqlite;
 pub mod writer;
 
 use crate::core::budget::BudgetSpec;
-use crate::core::event::Stamped;
+use crate::core::event::{Event, Stamped};
 
 /// Storage errors carry the operation and the underlying message; never event contents.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,93 @@ impl LedgerError {
     }
 }
 
+/// The columns stored beside each event's JSON, for the queries analysts (and the runbook's
+/// investigations) run most.
+#[derive(Debug, Default, PartialEq)]
+pub struct Columns<'a> {
+    pub persona: Option<&'a str>,
+    pub chatmode: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub cost_usd: Option<f64>,
+}
+
+impl<'a> Columns<'a> {
+    pub fn of(event: &'a Event) -> Columns<'a> {
+        let (persona, chatmode, model, prompt_tokens, completion_tokens, cost_usd) = match event {
+            Event::Usage(u) => (
+                Some(u.persona.as_str()),
+                Some(u.chatmode.as_str()),
+                Some(u.model.as_str()),
+                i64::try_from(u.prompt_tokens).ok(),
+                i64::try_from(u.completion_tokens).ok(),
+                u.cost_usd,
+            ),
+            Event::PersonaSwitch(p) => (
+                Some(p.to.as_str()),
+                Some(p.chatmode.as_str()),
+                None,
+                None,
+                None,
+                None,
+            ),
+            Event::Stage(st) => (
+                Some(st.persona.as_str()),
+                None,
+                Some(st.model.as_str()),
+                None,
+                None,
+                None,
+            ),
+            Event::BudgetReset { persona } => {
+                (Some(persona.as_str()), None, None, None, None, None)
+            }
+            Event::StageStarted { persona, .. } => {
+                (persona.as_deref(), None, None, None, None, None)
+            }
+            Event::QualityGate(g) => (None, None, Some(g.model.as_str()), None, None, None),
+            Event::SwitchSuppressed { to, chatmode, .. } => (
+                Some(to.as_str()),
+                Some(chatmode.as_str()),
+                None,
+                None,
+                None,
+                None,
+            ),
+            Event::CallAdmitted(c) => (
+                Some(c.persona.as_str()),
+                Some(c.chatmode.as_str()),
+                Some(c.model.as_str()),
+                None,
+                None,
+                None,
+            ),
+            Event::CallReleased { .. } => (None, None, None, None, None, None),
+            Event::RunStarted { .. } | Event::StageFinished { .. } | Event::RunFinished { .. } => {
+                (None, None, None, None, None, None)
+            }
+        };
+        Columns {
+            persona,
+            chatmode,
+            model,
+            prompt_tokens,
+            completion_tokens,
+            cost_usd,
+        }
+    }
+}
+
+/// Who stored an event, as far as the replica reading the ledger is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This replica (always, for a ledger of its own).
+    Own,
+    /// Another replica on the same ledger: its budgets and sessions count here, its counters do not.
+    Other,
+}
+
 /// Totals straight from storage, to check against the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LedgerTotals {
@@ -42,11 +130,16 @@ pub trait Ledger: Send {
     /// position of the last (the ledger's last position when `events` is empty).
     fn append(&mut self, events: &[Stamped]) -> Result<u64, LedgerError>;
     /// Calls `f` with every stored event in the order stored.
-    fn replay(&self, f: &mut dyn FnMut(u64, Stamped)) -> Result<u64, LedgerError> {
+    fn replay(&self, f: &mut dyn FnMut(u64, Stamped, Origin)) -> Result<u64, LedgerError> {
         self.replay_after(0, f)
     }
-    /// Calls `f` with every stored event after position `seq`, with its position, in order.
-    fn replay_after(&self, seq: u64, f: &mut dyn FnMut(u64, Stamped)) -> Result<u64, LedgerError>;
+    /// Calls `f` with every stored event after position `seq`, with its position and whether this
+    /// replica stored it, in order.
+    fn replay_after(
+        &self,
+        seq: u64,
+        f: &mut dyn FnMut(u64, Stamped, Origin),
+    ) -> Result<u64, LedgerError>;
     /// Other processes append to this ledger too (several replicas on one database): the writer
     /// then applies their events, in ledger order, as well as its own.
     fn shared(&self) -> bool {

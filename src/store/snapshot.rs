@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Ledger, LedgerError};
+use super::{Ledger, LedgerError, Origin};
 use crate::core::clock::UnixMillis;
 use crate::core::engine::{Engine, EngineConfig, EngineState};
 
@@ -203,8 +203,11 @@ pub fn recover(
         };
         engine.set_quiet(true);
         let mut applied_seq = loaded.seq;
-        let replayed = ledger.replay_after(loaded.seq, &mut |seq, s| {
-            engine.apply(&s);
+        let replayed = ledger.replay_after(loaded.seq, &mut |seq, s, origin| {
+            match origin {
+                Origin::Own => engine.apply(&s),
+                Origin::Other => engine.apply_foreign(&s),
+            }
             applied_seq = seq;
         })?;
         engine.set_quiet(false);
@@ -229,8 +232,11 @@ pub fn recover(
     }
     engine.set_quiet(true);
     let mut applied_seq = 0;
-    let replayed = ledger.replay(&mut |seq, s| {
-        engine.apply(&s);
+    let replayed = ledger.replay(&mut |seq, s, origin| {
+        match origin {
+            Origin::Own => engine.apply(&s),
+            Origin::Other => engine.apply_foreign(&s),
+        }
         applied_seq = seq;
     })?;
     engine.set_quiet(false);

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Ledger, LedgerError, LedgerTotals};
+use super::{Columns, Ledger, LedgerError, LedgerTotals, Origin};
 use crate::config::LedgerSync;
 use crate::core::budget::BudgetSpec;
 use crate::core::event::{Event, Stamped};
@@ -203,59 +203,14 @@ impl Ledger for SqliteLedger {
             for s in events {
                 let body =
                     serde_json::to_string(&s.event).map_err(|e| LedgerError::new("append", e))?;
-                let (persona, chatmode, model, pt, ct, cost) = match &s.event {
-                    Event::Usage(u) => (
-                        Some(u.persona.as_str()),
-                        Some(u.chatmode.as_str()),
-                        Some(u.model.as_str()),
-                        i64::try_from(u.prompt_tokens).ok(),
-                        i64::try_from(u.completion_tokens).ok(),
-                        u.cost_usd,
-                    ),
-                    Event::PersonaSwitch(p) => (
-                        Some(p.to.as_str()),
-                        Some(p.chatmode.as_str()),
-                        None,
-                        None,
-                        None,
-                        None,
-                    ),
-                    Event::Stage(st) => (
-                        Some(st.persona.as_str()),
-                        None,
-                        Some(st.model.as_str()),
-                        None,
-                        None,
-                        None,
-                    ),
-                    Event::BudgetReset { persona } => {
-                        (Some(persona.as_str()), None, None, None, None, None)
-                    }
-                    Event::StageStarted { persona, .. } => {
-                        (persona.as_deref(), None, None, None, None, None)
-                    }
-                    Event::QualityGate(g) => (None, None, Some(g.model.as_str()), None, None, None),
-                    Event::SwitchSuppressed { to, chatmode, .. } => (
-                        Some(to.as_str()),
-                        Some(chatmode.as_str()),
-                        None,
-                        None,
-                        None,
-                        None,
-                    ),
-                    Event::CallAdmitted(c) => (
-                        Some(c.persona.as_str()),
-                        Some(c.chatmode.as_str()),
-                        Some(c.model.as_str()),
-                        None,
-                        None,
-                        None,
-                    ),
-                    Event::CallReleased { .. } => (None, None, None, None, None, None),
-                    Event::RunStarted { .. }
-                    | Event::StageFinished { .. }
-                    | Event::RunFinished { .. } => (None, None, None, None, None, None),
-                };
+                let Columns {
+                    persona,
+                    chatmode,
+                    model,
+                    prompt_tokens: pt,
+                    completion_tokens: ct,
+                    cost_usd: cost,
+                } = Columns::of(&s.event);
                 stmt.execute(params![
                     s.at,
                     s.event.kind(),
@@ -281,7 +236,7 @@ impl Ledger for SqliteLedger {
     fn replay_after(
         &self,
         after: u64,
-        f: &mut dyn FnMut(u64, Stamped),
+        f: &mut dyn FnMut(u64, Stamped, Origin),
     ) -> Result<u64, LedgerError> {
         let mut stmt = self
             .conn
@@ -299,7 +254,7 @@ impl Ledger for SqliteLedger {
             let event: Event = serde_json::from_str(&body).map_err(|e| {
                 LedgerError::new("replay", format!("event #{seq} cannot be read back: {e}"))
             })?;
-            f(seq.max(0) as u64, Stamped { at, event });
+            f(seq.max(0) as u64, Stamped { at, event }, Origin::Own);
             n += 1;
         }
         Ok(n)

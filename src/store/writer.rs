@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::snapshot::Snapshots;
-use super::{Ledger, LedgerError, LedgerTotals};
+use super::{Ledger, LedgerError, LedgerTotals, Origin};
 use crate::core::budget::BudgetSpec;
 use crate::core::clock::Clock;
 use crate::core::engine::{Engine, Observation};
@@ -602,6 +602,7 @@ fn run(
             }
         }
     };
+    let apply_foreign = |e: &Stamped| lock(&engine).apply_foreign(e);
     let mut carried: Option<Command> = None;
     loop {
         if let Some(k) = keeper.as_mut() {
@@ -690,7 +691,13 @@ fn run(
                             last,
                             applied_already: held_before as u64,
                         };
-                        catch_up(&*ledger, &mut applied_seq, Some((own, &batch)), &apply);
+                        catch_up(
+                            &*ledger,
+                            &mut applied_seq,
+                            Some((own, &batch)),
+                            &apply,
+                            &apply_foreign,
+                        );
                         for (ack, _) in acks {
                             ack.done(Ok(()));
                         }
@@ -729,13 +736,14 @@ fn run(
                     k.reap(&health, true);
                 }
             }
-            Command::Tail => catch_up(&*ledger, &mut applied_seq, None, &apply),
+            Command::Tail => catch_up(&*ledger, &mut applied_seq, None, &apply, &apply_foreign),
             Command::Probe => match write_held(
                 &mut *ledger,
                 &mut held,
                 clock.now_ms(),
                 &mut applied_seq,
                 &apply,
+                &apply_foreign,
             ) {
                 Ok(()) => {
                     health.succeeded();
@@ -752,6 +760,7 @@ fn run(
                         clock.now_ms(),
                         &mut applied_seq,
                         &apply,
+                        &apply_foreign,
                     ) {
                         Ok(()) => health.set_held(0),
                         Err(e) => tracing::error!(
@@ -782,6 +791,7 @@ fn write_held(
     now: i64,
     applied_seq: &mut u64,
     apply: &dyn Fn(&[Stamped]),
+    apply_foreign: &dyn Fn(&Stamped),
 ) -> Result<(), LedgerError> {
     if held.events.is_empty() {
         return ledger.probe(now);
@@ -798,7 +808,13 @@ fn write_held(
         last,
         applied_already: n,
     };
-    catch_up(&*ledger, applied_seq, Some((own, &[])), apply);
+    catch_up(
+        &*ledger,
+        applied_seq,
+        Some((own, &[])),
+        apply,
+        apply_foreign,
+    );
     Ok(())
 }
 
@@ -819,6 +835,7 @@ fn catch_up(
     applied_seq: &mut u64,
     own: Option<(Own, &[Stamped])>,
     apply: &dyn Fn(&[Stamped]),
+    apply_foreign: &dyn Fn(&Stamped),
 ) {
     if !ledger.shared() {
         if let Some((own, batch)) = own {
@@ -836,11 +853,12 @@ fn catch_up(
     let range = own
         .as_ref()
         .map(|(o, _)| (o.first, o.first + o.applied_already));
-    let result = ledger.replay_after(*applied_seq, &mut |seq, event| {
-        match range {
+    let result = ledger.replay_after(*applied_seq, &mut |seq, event, origin| {
+        match (range, origin) {
             // Held events: applied when they were held.
-            Some((first, fresh)) if seq >= first && seq < fresh => {}
-            _ => apply(std::slice::from_ref(&event)),
+            (Some((first, fresh)), _) if seq >= first && seq < fresh => {}
+            (_, Origin::Own) => apply(std::slice::from_ref(&event)),
+            (_, Origin::Other) => apply_foreign(&event),
         }
         *applied_seq = seq;
     });
@@ -971,7 +989,7 @@ mod tests {
         fn replay_after(
             &self,
             _: u64,
-            _: &mut dyn FnMut(u64, Stamped),
+            _: &mut dyn FnMut(u64, Stamped, Origin),
         ) -> Result<u64, LedgerError> {
             Ok(0)
         }

@@ -461,3 +461,173 @@ pub async fn settled(s: &TestServer, tokens: u64) {
     )
     .await;
 }
+
+/// A PostgreSQL server of the test's own (Debian's `postgresql`, installed by scripts/test.sh), on
+/// loopback, its data in a temporary directory; stopped when dropped.
+pub struct Postgres {
+    pub url: String,
+    data: PathBuf,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Postgres {
+    fn bin(tool: &str) -> PathBuf {
+        let root = Path::new("/usr/lib/postgresql");
+        let newest = std::fs::read_dir(root)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no {} ({e}): scripts/test.sh installs postgresql",
+                    root.display()
+                )
+            })
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .max()
+            .expect("a PostgreSQL version under /usr/lib/postgresql");
+        root.join(newest.to_string()).join("bin").join(tool)
+    }
+
+    /// As the `postgres` user when running as root (PostgreSQL refuses to run as root).
+    fn command(tool: &str) -> std::process::Command {
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(Self::bin(tool));
+            c
+        } else {
+            std::process::Command::new(Self::bin(tool))
+        }
+    }
+
+    pub async fn start(dir: &Path) -> Postgres {
+        let home = dir.join("pg");
+        std::fs::create_dir_all(&home).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            // The postgres user must reach its directory through the test's private temp dir.
+            let mut p = home.clone();
+            while p != Path::new("/") && p.starts_with(std::env::temp_dir()) {
+                let _ = std::process::Command::new("chmod")
+                    .arg("o+x")
+                    .arg(&p)
+                    .status();
+                if !p.pop() {
+                    break;
+                }
+            }
+            let ok = std::process::Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&home)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "chown postgres {}", home.display());
+        }
+        let data = home.join("data");
+        let out = Self::command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "hypertool",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Postgres {
+            url: String::new(),
+            data,
+            port: free_port(),
+            child: None,
+        };
+        pg.url = format!("postgres://hypertool@127.0.0.1:{}/postgres", pg.port);
+        pg.run().await;
+        pg
+    }
+
+    async fn run(&mut self) {
+        let child = Self::command("postgres")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(self.data.parent().unwrap())
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        eventually(
+            "PostgreSQL to accept connections",
+            Duration::from_secs(30),
+            || async move {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        // Accepting TCP is not yet accepting queries.
+        let url = self.url.clone();
+        eventually("PostgreSQL to answer", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    postgres::Client::connect(&url, postgres::NoTls)
+                        .and_then(|mut c| c.simple_query("SELECT 1"))
+                        .ok()
+                        .map(|_| ())
+                })
+                .await
+                .unwrap()
+            }
+        })
+        .await;
+    }
+
+    /// A fast shutdown (SIGINT: connections are cut, everything committed is kept), and back.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.run().await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // pg_ctl signals the postmaster itself (runuser, the child here, forwards nothing).
+            let _ = Self::command("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "fast", "-w", "-t", "30", "stop"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A SQL query's rows, for the test to read the ledger directly.
+    pub fn query(&self, sql: &str) -> Vec<postgres::Row> {
+        // The synchronous client runs a runtime of its own: not on an async worker's thread.
+        tokio::task::block_in_place(|| {
+            let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+            c.query(sql, &[]).unwrap()
+        })
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -16,6 +16,7 @@ mod metrics_contract;
 mod persistence;
 mod process;
 mod properties;
+mod replicas;
 mod secrets;
 mod switching;
 mod traces;

@@ -1,0 +1,476 @@
+//! The ledger on PostgreSQL, for several replicas behind one load balancer.
+//!
+//! Positions come from a one-row counter (`hypertool_sequence`) that each append moves forward in
+//! its own transaction: the row lock is held until the commit, so positions are handed out in
+//! commit order and a reader that has seen position `n` has seen everything before it. That is
+//! what lets every replica apply the whole fleet's events in one order ([`Ledger::shared`]).
+//!
+//! The schema is versioned (`hypertool_schema_migrations`); start-up applies what is missing under
+//! an advisory lock, so replicas starting together migrate once, and refuses a database migrated
+//! by a newer hypertool. The URL may carry a password: it is never logged nor put in an error
+//! (errors show [`redacted`]).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Config, NoTls};
+
+use super::{Columns, Ledger, LedgerError, LedgerTotals, Origin};
+use crate::core::budget::BudgetSpec;
+use crate::core::event::{Event, Stamped};
+
+/// Each migration once, in order; never edit one that shipped, add the next.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE hypertool_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     INSERT INTO hypertool_meta (key, value) VALUES ('ledger_id', md5(random()::text || clock_timestamp()::text));
+     CREATE TABLE hypertool_sequence (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), last BIGINT NOT NULL);
+     INSERT INTO hypertool_sequence (one, last) VALUES (TRUE, 0);
+     CREATE TABLE hypertool_events (
+         seq BIGINT PRIMARY KEY,
+         at_ms BIGINT NOT NULL,
+         kind TEXT NOT NULL,
+         persona TEXT,
+         chatmode TEXT,
+         model TEXT,
+         prompt_tokens BIGINT,
+         completion_tokens BIGINT,
+         cost_usd DOUBLE PRECISION,
+         origin TEXT NOT NULL,
+         body TEXT NOT NULL
+     );
+     CREATE INDEX hypertool_events_persona_at ON hypertool_events (persona, at_ms);
+     CREATE TABLE hypertool_budget_overrides (
+         persona TEXT PRIMARY KEY,
+         spec TEXT NOT NULL,
+         updated_at_ms BIGINT NOT NULL
+     );",
+)];
+
+/// Taken while migrating (an arbitrary constant: "hypertool").
+const MIGRATION_LOCK: i64 = 0x6879_7065_7274_6f6f;
+
+pub struct PostgresLedger {
+    config: Config,
+    /// This replica's name in the `origin` column (its events count in its own counters).
+    origin: String,
+    /// `None` after the connection was lost: the next use reconnects.
+    client: Mutex<Option<Client>>,
+    shown: String,
+}
+
+/// `url` with any password replaced, for logs and errors: both the URL form
+/// (`postgres://user:secret@host/db`) and the keyword form (`host=… password=secret`).
+pub fn redacted(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => authority.to_string(),
+            },
+            None => authority.to_string(),
+        };
+        // A password can also ride in the query string.
+        let tail = tail
+            .split('&')
+            .map(|p| match p.split_once("password=") {
+                Some((head, _)) => format!("{head}password=***"),
+                None => p.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        return format!("{scheme}://{authority}{tail}");
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+
+/// This replica's name on a shared ledger: made once, kept in `DATA_DIR/replica-id` (so each
+/// replica needs a data directory of its own, which it has anyway for snapshots and spools).
+pub fn replica_id(data_dir: &std::path::Path) -> Result<String, LedgerError> {
+    let path = data_dir.join("replica-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| LedgerError::new("open", "no randomness for the replica id"))?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| std::fs::write(&path, &id))
+        .map_err(|e| LedgerError::new("open", format!("cannot write {}: {e}", path.display())))?;
+    Ok(id)
+}
+
+fn pg(op: &'static str, e: postgres::Error) -> LedgerError {
+    LedgerError::new(op, e)
+}
+
+impl PostgresLedger {
+    /// Connects, applies missing migrations, and checks the schema is one this hypertool knows.
+    pub fn open(url: &str, origin: &str) -> Result<Self, LedgerError> {
+        let shown = redacted(url);
+        let mut config: Config = url.parse().map_err(|e| {
+            LedgerError::new(
+                "open",
+                format!("{shown} is not a PostgreSQL URL ({e}); write postgres://USER:PASSWORD@HOST:PORT/DATABASE"),
+            )
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("hypertool");
+        let mut client = config
+            .connect(NoTls)
+            .map_err(|e| LedgerError::new("open", format!("cannot connect to {shown}: {e}")))?;
+        migrate(&mut client)?;
+        Ok(Self {
+            config,
+            origin: origin.to_string(),
+            client: Mutex::new(Some(client)),
+            shown,
+        })
+    }
+
+    /// Runs `f` on the connection, reconnecting first when it was lost.
+    fn with<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, LedgerError> {
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = None;
+            let client = self.config.connect(NoTls).map_err(|e| {
+                LedgerError::new(op, format!("cannot connect to {}: {e}", self.shown))
+            })?;
+            *slot = Some(client);
+        }
+        let Some(client) = slot.as_mut() else {
+            return Err(LedgerError::new(op, "no connection"));
+        };
+        let result = f(client);
+        if result.is_err() && client.is_closed() {
+            *slot = None;
+        }
+        result.map_err(|e| pg(op, e))
+    }
+}
+
+fn migrate(client: &mut Client) -> Result<(), LedgerError> {
+    let mut tx = client.transaction().map_err(|e| pg("migrate", e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(|e| pg("migrate", e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS hypertool_schema_migrations (
+             version INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .map_err(|e| pg("migrate", e))?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM hypertool_schema_migrations", &[])
+        .map_err(|e| pg("migrate", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(newer) = applied.iter().copied().filter(|v| *v > known).max() {
+        return Err(LedgerError::new(
+            "migrate",
+            format!("the ledger's schema is at version {newer}, this hypertool knows up to {known}: run a hypertool at least as new as the one that migrated it"),
+        ));
+    }
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql).map_err(|e| pg("migrate", e))?;
+        tx.execute(
+            "INSERT INTO hypertool_schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .map_err(|e| pg("migrate", e))?;
+        tracing::info!(version, "ledger schema migrated");
+    }
+    tx.commit().map_err(|e| pg("migrate", e))
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Ledger for PostgresLedger {
+    fn append(&mut self, events: &[Stamped]) -> Result<u64, LedgerError> {
+        if events.is_empty() {
+            return self.last_seq();
+        }
+        let n = events.len() as i64;
+        let mut ats = Vec::with_capacity(events.len());
+        let mut kinds = Vec::with_capacity(events.len());
+        let mut personas = Vec::with_capacity(events.len());
+        let mut chatmodes = Vec::with_capacity(events.len());
+        let mut models = Vec::with_capacity(events.len());
+        let mut prompts = Vec::with_capacity(events.len());
+        let mut completions = Vec::with_capacity(events.len());
+        let mut costs = Vec::with_capacity(events.len());
+        let mut bodies = Vec::with_capacity(events.len());
+        for s in events {
+            let c = Columns::of(&s.event);
+            ats.push(s.at);
+            kinds.push(s.event.kind());
+            personas.push(c.persona);
+            chatmodes.push(c.chatmode);
+            models.push(c.model);
+            prompts.push(c.prompt_tokens);
+            completions.push(c.completion_tokens);
+            costs.push(c.cost_usd);
+            bodies
+                .push(serde_json::to_string(&s.event).map_err(|e| LedgerError::new("append", e))?);
+        }
+        let origin = &self.origin;
+        self.with("append", |client| {
+            let mut tx = client.transaction()?;
+            // Holds the counter's row lock until the commit: positions in commit order.
+            let last: i64 = tx
+                .query_one(
+                    "UPDATE hypertool_sequence SET last = last + $1 RETURNING last",
+                    &[&n],
+                )?
+                .get(0);
+            let seqs: Vec<i64> = (last - n + 1..=last).collect();
+            tx.execute(
+                "INSERT INTO hypertool_events (seq, at_ms, kind, persona, chatmode, model, \
+                 prompt_tokens, completion_tokens, cost_usd, body, origin) \
+                 SELECT *, $11 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+                 $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::float8[], $10::text[])",
+                &[
+                    &seqs,
+                    &ats,
+                    &kinds,
+                    &personas,
+                    &chatmodes,
+                    &models,
+                    &prompts,
+                    &completions,
+                    &costs,
+                    &bodies,
+                    origin,
+                ],
+            )?;
+            tx.commit()?;
+            Ok(last.max(0) as u64)
+        })
+    }
+
+    fn replay_after(
+        &self,
+        after: u64,
+        f: &mut dyn FnMut(u64, Stamped, Origin),
+    ) -> Result<u64, LedgerError> {
+        let mut bad: Option<LedgerError> = None;
+        let me = self.origin.as_str();
+        let n = self.with("replay", |client| {
+            let mut rows = client.query_raw(
+                "SELECT seq, at_ms, body, origin FROM hypertool_events WHERE seq > $1 ORDER BY seq",
+                [i64_of(after)],
+            )?;
+            let mut n = 0u64;
+            while let Some(row) = rows.next()? {
+                let seq: i64 = row.get(0);
+                let at: i64 = row.get(1);
+                let body: &str = row.get(2);
+                let origin = if row.get::<_, &str>(3) == me {
+                    Origin::Own
+                } else {
+                    Origin::Other
+                };
+                match serde_json::from_str::<Event>(body) {
+                    Ok(event) => {
+                        f(seq.max(0) as u64, Stamped { at, event }, origin);
+                        n += 1;
+                    }
+                    Err(e) => {
+                        bad = Some(LedgerError::new(
+                            "replay",
+                            format!("event #{seq} cannot be read back: {e}"),
+                        ));
+                        break;
+                    }
+                }
+            }
+            Ok(n)
+        })?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn last_seq(&self) -> Result<u64, LedgerError> {
+        self.with("last_seq", |c| {
+            c.query_one("SELECT last FROM hypertool_sequence", &[])
+                .map(|r| r.get::<_, i64>(0).max(0) as u64)
+        })
+    }
+
+    fn first_seq(&self) -> Result<Option<u64>, LedgerError> {
+        self.with("first_seq", |c| {
+            c.query_one("SELECT MIN(seq) FROM hypertool_events", &[])
+                .map(|r| r.get::<_, Option<i64>>(0).map(|n| n.max(0) as u64))
+        })
+    }
+
+    fn ledger_id(&self) -> Result<String, LedgerError> {
+        self.with("ledger_id", |c| {
+            c.query_one(
+                "SELECT value FROM hypertool_meta WHERE key = 'ledger_id'",
+                &[],
+            )
+            .map(|r| r.get(0))
+        })
+    }
+
+    fn remove_old(
+        &mut self,
+        through: u64,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<u64, LedgerError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with("retention", |c| {
+            c.execute(
+                "DELETE FROM hypertool_events WHERE seq IN (SELECT seq FROM hypertool_events \
+                 WHERE seq <= $1 AND at_ms < $2 ORDER BY seq LIMIT $3)",
+                &[&i64_of(through), &before_ms, &limit],
+            )
+        })
+    }
+
+    fn overrides(&self) -> Result<Vec<(String, BudgetSpec)>, LedgerError> {
+        let rows = self.with("overrides", |c| {
+            c.query(
+                "SELECT persona, spec FROM hypertool_budget_overrides ORDER BY persona",
+                &[],
+            )
+        })?;
+        rows.iter()
+            .map(|r| {
+                let persona: String = r.get(0);
+                let spec: String = r.get(1);
+                serde_json::from_str(&spec)
+                    .map(|spec| (persona.clone(), spec))
+                    .map_err(|e| {
+                        LedgerError::new(
+                            "overrides",
+                            format!("override of {persona} unreadable: {e}"),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    fn set_override(
+        &mut self,
+        persona: &str,
+        spec: Option<&BudgetSpec>,
+    ) -> Result<(), LedgerError> {
+        match spec {
+            Some(spec) => {
+                let text =
+                    serde_json::to_string(spec).map_err(|e| LedgerError::new("override", e))?;
+                let now = chrono::Utc::now().timestamp_millis();
+                self.with("override", |c| {
+                    c.execute(
+                        "INSERT INTO hypertool_budget_overrides (persona, spec, updated_at_ms) \
+                         VALUES ($1, $2, $3) ON CONFLICT (persona) DO UPDATE \
+                         SET spec = excluded.spec, updated_at_ms = excluded.updated_at_ms",
+                        &[&persona, &text, &now],
+                    )
+                })?;
+            }
+            None => {
+                self.with("override", |c| {
+                    c.execute(
+                        "DELETE FROM hypertool_budget_overrides WHERE persona = $1",
+                        &[&persona],
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn totals(&self) -> Result<LedgerTotals, LedgerError> {
+        self.with("totals", |c| {
+            c.query_one(
+                "SELECT COUNT(*), COALESCE(SUM((kind = 'usage')::int), 0)::bigint, \
+                 COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0)::bigint \
+                 FROM hypertool_events",
+                &[],
+            )
+            .map(|r| LedgerTotals {
+                events: r.get::<_, i64>(0).max(0) as u64,
+                usage_events: r.get::<_, i64>(1).max(0) as u64,
+                tokens: r.get::<_, i64>(2).max(0) as u64,
+            })
+        })
+    }
+
+    fn probe(&mut self, now: i64) -> Result<(), LedgerError> {
+        let now = now.to_string();
+        self.with("probe", |c| {
+            c.execute(
+                "INSERT INTO hypertool_meta (key, value) VALUES ('last_probe_ms', $1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&now],
+            )
+            .map(|_| ())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_never_show() {
+        for (url, shown) in [
+            (
+                "postgres://ht:s3cret@db:5432/ht",
+                "postgres://ht:***@db:5432/ht",
+            ),
+            ("postgresql://ht@db/ht", "postgresql://ht@db/ht"),
+            (
+                "postgres://db/ht?user=a&password=s3cret",
+                "postgres://db/ht?user=a&password=***",
+            ),
+            (
+                "host=db user=ht password=s3cret dbname=ht",
+                "host=db user=ht password=*** dbname=ht",
+            ),
+        ] {
+            assert_eq!(redacted(url), shown);
+            assert!(!redacted(url).contains("s3cret"));
+        }
+    }
+}
