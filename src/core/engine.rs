@@ -987,6 +987,30 @@ impl Engine {
         &self.budgets
     }
 
+    /// Tokens a new call of `persona` may still reserve fleet-wide, by the ledger alone: the
+    /// `block` budget's limit less its usage and the estimates of every admitted call not yet
+    /// settled, whichever replica admitted it. `None` when no `block` budget applies.
+    pub fn fleet_room(&self, persona: &str) -> Option<u64> {
+        let canonical = self.config.personas.canonical(persona);
+        let budget = self.budgets.get(canonical)?;
+        if budget.spec.mode != super::budget::BudgetMode::Block {
+            return None;
+        }
+        let in_flight: u64 = self
+            .unsettled
+            .values()
+            .filter(|(_, c)| self.config.personas.canonical(&c.persona) == canonical)
+            .map(|(_, c)| c.estimate)
+            .fold(0, u64::saturating_add);
+        Some(
+            budget
+                .spec
+                .tokens
+                .saturating_sub(budget.used_tokens())
+                .saturating_sub(in_flight),
+        )
+    }
+
     pub fn budget(&self, persona: &str) -> Option<&BudgetState> {
         let canonical = self.config.personas.canonical(persona);
         self.budgets.get(canonical)

@@ -107,6 +107,17 @@ pub(super) async fn store_admission(
             meta.call_id = Some(call);
             Ok(())
         }
+        Err(e) if e.op == crate::store::writer::BUDGET_REFUSED => {
+            tracing::info!(persona = %meta.persona, "call refused: budget exceeded across the replicas");
+            Err(ApiError::new(
+                ErrorKind::BudgetExceeded,
+                "budget_exceeded",
+                format!(
+                    "persona `{}` has no tokens left in its budget for this call (about {estimate}): usage and calls in flight on every replica count",
+                    meta.persona
+                ),
+            ))
+        }
         Err(e) => {
             state.ledger_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(persona = %meta.persona, "a gateway call was refused: the ledger cannot store its admission: {e}");

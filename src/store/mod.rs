@@ -140,6 +140,27 @@ pub trait Ledger: Send {
         seq: u64,
         f: &mut dyn FnMut(u64, Stamped, Origin),
     ) -> Result<u64, LedgerError>;
+    /// Appends under the ledger's write lock: first `sync` is called with every event stored
+    /// since position `applied` (other writers'), then `decide` says which of `events` to store
+    /// (one flag per event), and those are stored. Returns the position of the last stored one.
+    /// A ledger of its own has nothing to sync: it decides and appends.
+    fn append_synced(
+        &mut self,
+        events: &[Stamped],
+        applied: u64,
+        sync: &mut dyn FnMut(u64, Stamped, Origin),
+        decide: &mut dyn FnMut() -> Vec<bool>,
+    ) -> Result<u64, LedgerError> {
+        let _ = (applied, sync);
+        let keep = decide();
+        let kept: Vec<Stamped> = events
+            .iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(e, _)| e.clone())
+            .collect();
+        self.append(&kept)
+    }
     /// Other processes append to this ledger too (several replicas on one database): the writer
     /// then applies their events, in ledger order, as well as its own.
     fn shared(&self) -> bool {

@@ -95,7 +95,6 @@ pub fn redacted(url: &str) -> String {
         .join(" ")
 }
 
-
 /// This replica's name on a shared ledger: made once, kept in `DATA_DIR/replica-id` (so each
 /// replica needs a data directory of its own, which it has anyway for snapshots and spools).
 pub fn replica_id(data_dir: &std::path::Path) -> Result<String, LedgerError> {
@@ -210,6 +209,79 @@ fn migrate(client: &mut Client) -> Result<(), LedgerError> {
     tx.commit().map_err(|e| pg("migrate", e))
 }
 
+/// Events as the columns of one multi-row insert.
+struct Rows<'a> {
+    ats: Vec<i64>,
+    kinds: Vec<&'static str>,
+    personas: Vec<Option<&'a str>>,
+    chatmodes: Vec<Option<&'a str>>,
+    models: Vec<Option<&'a str>>,
+    prompts: Vec<Option<i64>>,
+    completions: Vec<Option<i64>>,
+    costs: Vec<Option<f64>>,
+    bodies: Vec<String>,
+}
+
+impl<'a> Rows<'a> {
+    fn of(events: &'a [Stamped]) -> Result<Rows<'a>, LedgerError> {
+        let mut rows = Rows {
+            ats: Vec::with_capacity(events.len()),
+            kinds: Vec::with_capacity(events.len()),
+            personas: Vec::with_capacity(events.len()),
+            chatmodes: Vec::with_capacity(events.len()),
+            models: Vec::with_capacity(events.len()),
+            prompts: Vec::with_capacity(events.len()),
+            completions: Vec::with_capacity(events.len()),
+            costs: Vec::with_capacity(events.len()),
+            bodies: Vec::with_capacity(events.len()),
+        };
+        for s in events {
+            let c = Columns::of(&s.event);
+            rows.ats.push(s.at);
+            rows.kinds.push(s.event.kind());
+            rows.personas.push(c.persona);
+            rows.chatmodes.push(c.chatmode);
+            rows.models.push(c.model);
+            rows.prompts.push(c.prompt_tokens);
+            rows.completions.push(c.completion_tokens);
+            rows.costs.push(c.cost_usd);
+            rows.bodies
+                .push(serde_json::to_string(&s.event).map_err(|e| LedgerError::new("append", e))?);
+        }
+        Ok(rows)
+    }
+
+    /// One statement for the whole batch, at positions from `first` on.
+    fn insert(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        first: i64,
+        origin: &str,
+    ) -> Result<(), postgres::Error> {
+        let seqs: Vec<i64> = (first..first + self.ats.len() as i64).collect();
+        tx.execute(
+            "INSERT INTO hypertool_events (seq, at_ms, kind, persona, chatmode, model, \
+             prompt_tokens, completion_tokens, cost_usd, body, origin) \
+             SELECT *, $11 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::float8[], $10::text[])",
+            &[
+                &seqs,
+                &self.ats,
+                &self.kinds,
+                &self.personas,
+                &self.chatmodes,
+                &self.models,
+                &self.prompts,
+                &self.completions,
+                &self.costs,
+                &self.bodies,
+                &origin,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
 fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -219,29 +291,7 @@ impl Ledger for PostgresLedger {
         if events.is_empty() {
             return self.last_seq();
         }
-        let n = events.len() as i64;
-        let mut ats = Vec::with_capacity(events.len());
-        let mut kinds = Vec::with_capacity(events.len());
-        let mut personas = Vec::with_capacity(events.len());
-        let mut chatmodes = Vec::with_capacity(events.len());
-        let mut models = Vec::with_capacity(events.len());
-        let mut prompts = Vec::with_capacity(events.len());
-        let mut completions = Vec::with_capacity(events.len());
-        let mut costs = Vec::with_capacity(events.len());
-        let mut bodies = Vec::with_capacity(events.len());
-        for s in events {
-            let c = Columns::of(&s.event);
-            ats.push(s.at);
-            kinds.push(s.event.kind());
-            personas.push(c.persona);
-            chatmodes.push(c.chatmode);
-            models.push(c.model);
-            prompts.push(c.prompt_tokens);
-            completions.push(c.completion_tokens);
-            costs.push(c.cost_usd);
-            bodies
-                .push(serde_json::to_string(&s.event).map_err(|e| LedgerError::new("append", e))?);
-        }
+        let rows = Rows::of(events)?;
         let origin = &self.origin;
         self.with("append", |client| {
             let mut tx = client.transaction()?;
@@ -249,32 +299,81 @@ impl Ledger for PostgresLedger {
             let last: i64 = tx
                 .query_one(
                     "UPDATE hypertool_sequence SET last = last + $1 RETURNING last",
-                    &[&n],
+                    &[&(events.len() as i64)],
                 )?
                 .get(0);
-            let seqs: Vec<i64> = (last - n + 1..=last).collect();
-            tx.execute(
-                "INSERT INTO hypertool_events (seq, at_ms, kind, persona, chatmode, model, \
-                 prompt_tokens, completion_tokens, cost_usd, body, origin) \
-                 SELECT *, $11 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
-                 $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::float8[], $10::text[])",
-                &[
-                    &seqs,
-                    &ats,
-                    &kinds,
-                    &personas,
-                    &chatmodes,
-                    &models,
-                    &prompts,
-                    &completions,
-                    &costs,
-                    &bodies,
-                    origin,
-                ],
-            )?;
+            rows.insert(&mut tx, last - events.len() as i64 + 1, origin)?;
             tx.commit()?;
             Ok(last.max(0) as u64)
         })
+    }
+
+    fn append_synced(
+        &mut self,
+        events: &[Stamped],
+        applied: u64,
+        sync: &mut dyn FnMut(u64, Stamped, Origin),
+        decide: &mut dyn FnMut() -> Vec<bool>,
+    ) -> Result<u64, LedgerError> {
+        let me = self.origin.clone();
+        let mut bad: Option<LedgerError> = None;
+        let mut rows_error: Option<LedgerError> = None;
+        let last =
+            self.with("append", |client| {
+                let mut tx = client.transaction()?;
+                // The write lock first: everything stored before it is committed and visible now.
+                let last: i64 = tx
+                    .query_one("SELECT last FROM hypertool_sequence FOR UPDATE", &[])?
+                    .get(0);
+                for row in tx.query(
+                "SELECT seq, at_ms, body, origin FROM hypertool_events WHERE seq > $1 ORDER BY seq",
+                &[&i64_of(applied)],
+            )? {
+                let seq: i64 = row.get(0);
+                let origin = if row.get::<_, &str>(3) == me {
+                    Origin::Own
+                } else {
+                    Origin::Other
+                };
+                match serde_json::from_str::<Event>(row.get(2)) {
+                    Ok(event) => sync(seq.max(0) as u64, Stamped { at: row.get(1), event }, origin),
+                    Err(e) => {
+                        bad = Some(LedgerError::new(
+                            "append",
+                            format!("event #{seq} cannot be read back: {e}"),
+                        ));
+                        return Ok(last);
+                    }
+                }
+            }
+                let keep = decide();
+                let kept: Vec<Stamped> = events
+                    .iter()
+                    .zip(keep)
+                    .filter(|(_, k)| *k)
+                    .map(|(e, _)| e.clone())
+                    .collect();
+                if kept.is_empty() {
+                    tx.commit()?;
+                    return Ok(last);
+                }
+                let rows = match Rows::of(&kept) {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        rows_error = Some(e);
+                        return Ok(last);
+                    }
+                };
+                let n = kept.len() as i64;
+                tx.execute("UPDATE hypertool_sequence SET last = $1", &[&(last + n)])?;
+                rows.insert(&mut tx, last + 1, &me)?;
+                tx.commit()?;
+                Ok(last + n)
+            })?;
+        match bad.or(rows_error) {
+            Some(e) => Err(e),
+            None => Ok(last.max(0) as u64),
+        }
     }
 
     fn replay_after(

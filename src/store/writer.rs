@@ -441,6 +441,45 @@ struct Signals {
     wake: mpsc::WeakSender<Command>,
 }
 
+/// The `op` of the error an admission gets when the fleet-wide check refuses it.
+pub const BUDGET_REFUSED: &str = "budget";
+
+/// Which events of `batch` to store: each append (a range) whole or not at all; an append whose
+/// admissions would take a `block` budget past what the fleet has left (usage and every call in
+/// flight, whichever replica admitted it, plus what this batch already took) is refused.
+fn fleet_decide(engine: &Mutex<Engine>, batch: &[Stamped], ranges: &[(usize, usize)]) -> Vec<bool> {
+    let engine = lock(engine);
+    let mut taken: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut mask = Vec::with_capacity(batch.len());
+    for &(start, end) in ranges {
+        let mut ok = true;
+        let mut adds: Vec<(&str, u64)> = Vec::new();
+        for e in &batch[start..end] {
+            if let crate::core::event::Event::CallAdmitted(c) = &e.event {
+                if let Some(room) = engine.fleet_room(&c.persona) {
+                    let before = taken.get(c.persona.as_str()).copied().unwrap_or(0)
+                        + adds
+                            .iter()
+                            .filter(|(p, _)| *p == c.persona)
+                            .map(|(_, n)| n)
+                            .sum::<u64>();
+                    if before.saturating_add(c.estimate) > room {
+                        ok = false;
+                    }
+                    adds.push((c.persona.as_str(), c.estimate));
+                }
+            }
+        }
+        if ok {
+            for (p, n) in adds {
+                *taken.entry(p).or_default() += n;
+            }
+        }
+        mask.extend(std::iter::repeat_n(ok, end - start));
+    }
+    mask
+}
+
 /// Rows removed per retention step: small enough that a queued append waits only a moment.
 const RETENTION_CHUNK: usize = 5_000;
 
@@ -661,6 +700,70 @@ fn run(
                 // makes each try wait out the busy timeout; a buffer would be re-encoded every
                 // time): the probe, every 2 s, tries it. What an outage left in memory goes first,
                 // in the same transaction.
+                // Several replicas: an admission is decided again under the ledger's write lock,
+                // on the whole fleet's usage and calls in flight.
+                if ledger.shared()
+                    && held.events.is_empty()
+                    && !health.failing()
+                    && batch
+                        .iter()
+                        .any(|e| matches!(e.event, crate::core::event::Event::CallAdmitted(_)))
+                {
+                    let mut ranges = Vec::with_capacity(acks.len());
+                    let mut start = 0;
+                    for (_, end) in &acks {
+                        ranges.push((start, *end));
+                        start = *end;
+                    }
+                    let mut mask: Vec<bool> = Vec::new();
+                    let result = ledger.append_synced(
+                        &batch,
+                        applied_seq,
+                        &mut |seq, event, origin| {
+                            match origin {
+                                Origin::Own => apply(std::slice::from_ref(&event)),
+                                Origin::Other => apply_foreign(&event),
+                            }
+                            applied_seq = seq;
+                        },
+                        &mut || {
+                            mask = fleet_decide(&engine, &batch, &ranges);
+                            mask.clone()
+                        },
+                    );
+                    match result {
+                        Ok(last) => {
+                            health.succeeded();
+                            let kept: Vec<Stamped> = batch
+                                .iter()
+                                .zip(&mask)
+                                .filter(|(_, k)| **k)
+                                .map(|(e, _)| e.clone())
+                                .collect();
+                            apply(&kept);
+                            applied_seq = applied_seq.max(last);
+                            for ((ack, _), (start, _)) in acks.into_iter().zip(&ranges) {
+                                if mask.get(*start).copied().unwrap_or(true) {
+                                    ack.done(Ok(()));
+                                } else {
+                                    ack.done(Err(LedgerError::new(
+                                        BUDGET_REFUSED,
+                                        "the persona's block budget is spent across the replicas (their calls in flight count)",
+                                    )));
+                                }
+                            }
+                            if let Some(k) = keeper.as_mut() {
+                                k.dirty = true;
+                                k.maybe_take(applied_seq, &engine, clock.now_ms());
+                            }
+                        }
+                        Err(e) => {
+                            health.failed(clock.now_ms(), &e);
+                            hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
+                        }
+                    }
+                    continue;
+                }
                 // (last position, events before the batch that were applied already: held ones)
                 let result = if health.failing() {
                     Err(health.last_error())

@@ -203,3 +203,98 @@ async fn a_postgresql_restart_under_load_follows_on_outage_and_loses_nothing() {
     Arc::into_inner(a).unwrap().stop().await;
     Arc::into_inner(b).unwrap().stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_budget_holds_across_replicas_as_it_does_on_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path()).await;
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let home = dir.path().join(name);
+        let toml = config_copy(&home);
+        let budgets = toml.parent().unwrap().join("budgets.yml");
+        let text = std::fs::read_to_string(&budgets).unwrap();
+        assert!(text.contains("  backend-engineer:\n    tokens: 2000\n"));
+        std::fs::write(
+            &budgets,
+            text.replacen(
+                "  backend-engineer:\n    tokens: 2000\n",
+                "  backend-engineer:\n    tokens: 1000\n    mode: block\n",
+                1,
+            ),
+        )
+        .unwrap();
+        let mut t = std::fs::read_to_string(&toml).unwrap();
+        t = t.replacen(
+            "[ledger]\n",
+            &format!("[ledger]\nurl = \"{}\"\n", pg.url),
+            1,
+        );
+        std::fs::write(&toml, t).unwrap();
+        replicas.push(Arc::new(
+            start(
+                Source::File(toml),
+                &home.join("data"),
+                Arc::new(ManualClock::new(T0)),
+            )
+            .await,
+        ));
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let s = replicas[w % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut used, mut refused) = (0u64, 0u64);
+            for n in 0..30 {
+                let resp = s
+                    .http
+                    .post(format!("{}/v1/chat/completions", s.api))
+                    .header("x-hypertool-persona", "backend-engineer")
+                    .header("x-hypertool-session", format!("w{w}-{n}"))
+                    .json(&json!({"model": "mock/x", "max_tokens": 16,
+                                  "messages": [{"role": "user", "content": "hello there"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                match resp.status().as_u16() {
+                    200 => {
+                        let body: Value = resp.json().await.unwrap();
+                        used += body["usage"]["total_tokens"].as_u64().unwrap();
+                    }
+                    429 => refused += 1,
+                    other => panic!("unexpected {other}: {}", resp.text().await.unwrap()),
+                }
+            }
+            (used, refused)
+        }));
+    }
+    let (mut used, mut refused) = (0, 0);
+    for t in tasks {
+        let (u, r) = t.await.unwrap();
+        used += u;
+        refused += r;
+    }
+    assert!(refused > 0, "the budget never refused");
+    // Each call reserved its estimate (prompt + max_tokens) and used no more: the fleet cannot
+    // pass the limit, exactly as one replica cannot.
+    assert!(
+        used <= 1000,
+        "the fleet overshot its block budget: {used} tokens"
+    );
+    assert!(used >= 1000 - 2 * 30, "the budget was not used up: {used}");
+    for s in &replicas {
+        eventually(
+            "every replica to agree",
+            Duration::from_secs(20),
+            || async { (used_tokens(s).await == used).then_some(()) },
+        )
+        .await;
+    }
+    for s in replicas {
+        Arc::into_inner(s).unwrap().stop().await;
+    }
+}
+
+async fn used_tokens(s: &TestServer) -> u64 {
+    used(s, "backend-engineer").await
+}
