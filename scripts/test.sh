@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every hypertool test, with its set-up, on a fresh Debian machine that has only the Rust toolchain.
 # Installs what the tests need (Debian's prometheus, for prometheus and promtool,
-# prometheus-alertmanager, systemd for systemd-analyze, postgresql; PyPI's openai), then runs formatting,
+# prometheus-alertmanager, systemd for systemd-analyze, postgresql, redis-server; PyPI's openai), then runs formatting,
 # lints and the whole test suite. Services the tests use are started by the tests themselves, on
 # loopback, in temporary directories.
 set -euo pipefail
@@ -14,6 +14,8 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alert
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # The replica tests start their own PostgreSQL (initdb, postgres) on loopback.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+# ... and their own Redis for the shared response cache.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -45,6 +45,7 @@ struct RawCache {
     cache_nonzero_temperature: Option<bool>,
     #[serde(default)]
     ttl_overrides: Vec<RawTtl>,
+    url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +67,8 @@ pub struct CacheSettings {
     pub max_entries: u64,
     pub cache_nonzero_temperature: bool,
     pub ttl_overrides: Vec<TtlOverride>,
+    /// Redis shared by the replicas (`url` or `HYPERTOOL_CACHE_URL`, which wins); read at start.
+    pub url: Option<String>,
 }
 
 /// A TTL for calls matching every field given.
@@ -269,6 +272,7 @@ impl Default for GatewaySettings {
                 max_entries: 10_000,
                 cache_nonzero_temperature: false,
                 ttl_overrides: Vec::new(),
+                url: None,
             },
             tiers: [
                 (ModelTier::Fast, "mock/fast".to_string()),
@@ -322,6 +326,21 @@ impl GatewaySettings {
         }
         if let Some(v) = c.cache_nonzero_temperature {
             s.cache.cache_nonzero_temperature = v;
+        }
+        s.cache.url = std::env::var("HYPERTOOL_CACHE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .or(c.url);
+        if let Some(u) = &s.cache.url {
+            if !(u.starts_with("redis://")
+                || u.starts_with("rediss://")
+                || u.starts_with("unix://"))
+            {
+                errors.push((
+                    "gateway.cache.url".into(),
+                    "must be a Redis URL, e.g. redis://127.0.0.1:6379/0".into(),
+                ));
+            }
         }
         s.cache.ttl_overrides = c
             .ttl_overrides

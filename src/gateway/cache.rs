@@ -68,6 +68,8 @@ impl CacheResult {
 }
 
 pub struct ResponseCache {
+    /// Redis shared by the replicas, behind the local cache.
+    pub shared: Option<Arc<super::shared_cache::SharedCache>>,
     /// Replaced (emptied) when `gateway.cache.max_entries` changes on reload; the counters stay.
     entries: std::sync::RwLock<moka::sync::Cache<u64, Arc<Entry>>>,
     counts: [AtomicU64; 4],
@@ -102,6 +104,7 @@ impl ResponseCache {
 
     pub fn new(max_entries: u64) -> Self {
         ResponseCache {
+            shared: None,
             entries: std::sync::RwLock::new(moka::sync::Cache::new(max_entries.max(1))),
             counts: Default::default(),
             tokens_saved: AtomicU64::new(0),
@@ -143,6 +146,31 @@ impl ResponseCache {
         Some(Value::Object(key).to_string())
     }
 
+    /// The local cache, then the shared one (a hit there is kept locally for what Redis has left
+    /// of its time).
+    pub async fn lookup(&self, canonical: &str, now: UnixMillis) -> Option<Arc<Entry>> {
+        if let Some(entry) = self.get(canonical, now) {
+            return Some(entry);
+        }
+        let shared = self.shared.as_ref()?;
+        let found = shared.get(canonical).await?;
+        let entry = Arc::new(Entry {
+            canonical: canonical.to_string(),
+            response: found.response,
+            prompt_tokens: found.prompt_tokens,
+            completion_tokens: found.completion_tokens,
+            // PTTL is negative for a key without expiry (never set so by hypertool): a minute.
+            expires_at: now
+                + if found.ttl_ms > 0 {
+                    found.ttl_ms
+                } else {
+                    60_000
+                },
+        });
+        self.store().insert(hash(canonical), entry.clone());
+        Some(entry)
+    }
+
     pub fn get(&self, canonical: &str, now: UnixMillis) -> Option<Arc<Entry>> {
         let id = hash(canonical);
         let entries = self.store();
@@ -176,6 +204,20 @@ impl ResponseCache {
                 expires_at,
             }),
         );
+    }
+
+    /// Offers an answer to the other replicas (when a shared cache is configured).
+    pub fn share(
+        &self,
+        canonical: &str,
+        response: &bytes::Bytes,
+        prompt: u64,
+        completion: u64,
+        ttl: std::time::Duration,
+    ) {
+        if let Some(shared) = &self.shared {
+            shared.put(canonical, response, prompt, completion, ttl);
+        }
     }
 
     pub fn count(&self, result: CacheResult, tokens_saved: u64) {

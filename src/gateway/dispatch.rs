@@ -283,6 +283,7 @@ pub(super) async fn plain_call(
                     let cacheable = !fell_back && !estimated && !failed && attempt == 1;
                     if let Some((key, ttl)) = cache_slot.filter(|_| cacheable) {
                         let expires = state.clock.now_ms() + ttl.as_millis() as i64;
+                        state.cache.share(&key, &body, prompt, completion, ttl);
                         state.cache.insert(key, body.clone(), prompt, completion, expires);
                     }
                     trace::request(

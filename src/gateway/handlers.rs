@@ -154,22 +154,22 @@ async fn dispatch_call(
     prompt_estimate: u64,
 ) -> Result<Response, ApiError> {
     // The cache answers before admission: a hit spends no budget.
-    let mut cache_slot = match lookup_cache(&state, &settings, headers, &meta, &request, &mut notes)
-    {
-        CacheOutcome::Hit(resp) => {
-            trace::request(
-                &state,
-                &meta,
-                trace::CallOutcome {
-                    status: 200,
-                    cache_hit: true,
-                    ..Default::default()
-                },
-            );
-            return Ok(resp);
-        }
-        CacheOutcome::Miss(slot) => slot,
-    };
+    let mut cache_slot =
+        match lookup_cache(&state, &settings, headers, &meta, &request, &mut notes).await {
+            CacheOutcome::Hit(resp) => {
+                trace::request(
+                    &state,
+                    &meta,
+                    trace::CallOutcome {
+                        status: 200,
+                        cache_hit: true,
+                        ..Default::default()
+                    },
+                );
+                return Ok(resp);
+            }
+            CacheOutcome::Miss(slot) => slot,
+        };
 
     rate_check(
         &state,
@@ -529,7 +529,7 @@ enum CacheOutcome {
 }
 
 /// Looks the call up in the response cache (unless it is not cacheable or asks not to be).
-fn lookup_cache(
+async fn lookup_cache(
     state: &GatewayState,
     settings: &GatewaySettings,
     headers: &HeaderMap,
@@ -545,7 +545,7 @@ fn lookup_cache(
     let result = match (&cache_key, no_cache) {
         (None, _) => cache::CacheResult::Skip,
         (Some(_), true) => cache::CacheResult::Bypass,
-        (Some(key), false) => match state.cache.get(key, state.clock.now_ms()) {
+        (Some(key), false) => match state.cache.lookup(key, state.clock.now_ms()).await {
             Some(entry) => {
                 state.cache.count(
                     cache::CacheResult::Hit,

@@ -21,6 +21,7 @@ pub mod provider;
 pub mod ratelimit;
 mod relay;
 pub mod request;
+pub mod shared_cache;
 pub mod sse;
 pub mod stage;
 pub mod tokens;
@@ -156,7 +157,16 @@ impl Gateway {
             tracer: shared.tracer,
             ledger_failures: std::sync::atomic::AtomicU64::new(0),
             workflows: RwLock::new(Arc::new(workflows)),
-            cache: cache::ResponseCache::new(settings.cache.max_entries),
+            cache: {
+                let mut cache = cache::ResponseCache::new(settings.cache.max_entries);
+                cache.shared = settings.cache.url.as_deref().and_then(|url| {
+                    shared_cache::SharedCache::open(url)
+                        .map(std::sync::Arc::new)
+                        .map_err(|e| tracing::error!("the shared response cache is off: {e}"))
+                        .ok()
+                });
+                cache
+            },
             in_flight: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             http: client::UpstreamClient::new(&settings.extra_roots),

@@ -856,6 +856,13 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
         truncations: state.gateway.truncations(),
         cache_requests: state.gateway.cache.stats().0,
         cache_tokens_saved: state.gateway.cache.stats().1,
+        cache_shared: state
+            .gateway
+            .cache
+            .shared
+            .as_ref()
+            .map(|s| s.stats.results())
+            .unwrap_or_default(),
         alert_deliveries: state.delivery_stats.snapshot(),
         alerts_firing,
         alert_transitions,

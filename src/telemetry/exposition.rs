@@ -67,6 +67,8 @@ pub struct ProcessInfo {
     /// Response cache lookups per result, and tokens the hits saved.
     pub cache_requests: Vec<(&'static str, f64)>,
     pub cache_tokens_saved: f64,
+    /// The shared (Redis) cache's outcomes, when one is configured.
+    pub cache_shared: Vec<(&'static str, f64)>,
     /// Alert notifications per (target, result).
     pub alert_deliveries: Vec<((String, String), f64)>,
     /// Alert state changes per (alertname, new state).
@@ -412,6 +414,10 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
     w.header_of(&f::CACHE_REQUESTS_TOTAL);
     for (result, n) in &process.cache_requests {
         w.sample(f::CACHE_REQUESTS_TOTAL.name, &[("result", result)], *n);
+    }
+    w.header_of(&f::CACHE_SHARED_TOTAL);
+    for (result, n) in &process.cache_shared {
+        w.sample(f::CACHE_SHARED_TOTAL.name, &[("result", result)], *n);
     }
     w.header_of(&f::CACHE_TOKENS_SAVED_TOTAL);
     w.sample(

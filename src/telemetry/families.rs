@@ -201,6 +201,13 @@ pub const LEDGER_WRITE_FAILURES_TOTAL: Family = Family {
     labels: &[],
 };
 
+pub const CACHE_SHARED_TOTAL: Family = Family {
+    name: "hypertool_cache_shared_total",
+    kind: Kind::Counter,
+    help: "The shared (Redis) response cache: hit, miss, error (timed out or unreachable: the call went on without it), stored, write_dropped (too many writes in flight).",
+    labels: &["result"],
+};
+
 pub const LEDGER_OUTAGE_HELD_EVENTS: Family = Family {
     name: "hypertool_ledger_outage_held_events",
     kind: Kind::Gauge,
@@ -397,6 +404,7 @@ pub const ALL: &[Family] = &[
     LEDGER_WRITE_FAILURES_TOTAL,
     LEDGER_OUTAGE_HELD_EVENTS,
     LEDGER_SNAPSHOT_AGE_SECONDS,
+    CACHE_SHARED_TOTAL,
     TRACE_EXPORT_TOTAL,
     TRACE_SPOOL_BYTES,
     TRACE_EXPORT_LAST_SUCCESS,

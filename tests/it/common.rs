@@ -631,3 +631,65 @@ impl Drop for Postgres {
         self.stop();
     }
 }
+
+/// A Redis server of the test's own (Debian's `redis-server`, installed by scripts/test.sh), on
+/// loopback, nothing persisted; stopped when dropped.
+pub struct Redis {
+    pub url: String,
+    port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Redis {
+    pub async fn start(dir: &Path) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            url: String::new(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        r.url = format!("redis://127.0.0.1:{}/0", r.port);
+        r.run().await;
+        r
+    }
+
+    async fn run(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}): scripts/test.sh installs it")
+            });
+        self.child = Some(child);
+        let port = self.port;
+        eventually("Redis to listen", Duration::from_secs(20), || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.run().await;
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

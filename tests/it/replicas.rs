@@ -298,3 +298,113 @@ async fn a_block_budget_holds_across_replicas_as_it_does_on_one() {
 async fn used_tokens(s: &TestServer) -> u64 {
     used(s, "backend-engineer").await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cached_through_one_replica_is_served_by_the_other_and_a_redis_outage_fails_nothing(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let mut redis = Redis::start(dir.path()).await;
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let home = dir.path().join(name);
+        let extra = format!("\n[gateway.cache]\nurl = \"{}\"\n", redis.url);
+        let toml = gateway_config(&home, &upstream.base_url, "");
+        let mut text = std::fs::read_to_string(&toml).unwrap();
+        // The repository's file has a [gateway.cache] table already: add the url to it.
+        assert!(text.contains("[gateway.cache]\n"));
+        text = text.replacen("[gateway.cache]\n", &extra[1..], 1);
+        std::fs::write(&toml, text).unwrap();
+        replicas.push(
+            start(
+                Source::File(toml),
+                &home.join("data"),
+                Arc::new(ManualClock::new(T0)),
+            )
+            .await,
+        );
+    }
+    let ask = |s: &TestServer, question: &str| {
+        let req = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .header("x-hypertool-persona", "backend-engineer")
+            .json(&json!({"model": "ok", "temperature": 0,
+                          "messages": [{"role": "user", "content": question}]}));
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let cache = resp
+                .headers()
+                .get("x-hypertool-cache")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let body: Value = resp.json().await.unwrap();
+            (status, cache, body)
+        }
+    };
+    let (status, cache, first) = ask(&replicas[0], "what is a ledger?").await;
+    assert_eq!((status, cache.as_str()), (200, "miss"));
+    // The write to Redis happens after the answer: wait for it to be stored.
+    eventually("the answer in Redis", Duration::from_secs(10), || async {
+        (replicas[0]
+            .metrics()
+            .await
+            .get("hypertool_cache_shared_total", &[("result", "stored")])
+            == Some(1.0))
+        .then_some(())
+    })
+    .await;
+    let (status, cache, second) = ask(&replicas[1], "what is a ledger?").await;
+    assert_eq!((status, cache.as_str()), (200, "hit"), "{second}");
+    assert_eq!(
+        first, second,
+        "the same answer, from the other replica's call"
+    );
+    assert_eq!(
+        upstream.stats().await["calls"],
+        1,
+        "one upstream call for both"
+    );
+
+    // Redis goes away: calls go on, as misses, counted.
+    redis.stop();
+    for i in 0..5 {
+        let (status, _, body) = ask(&replicas[1], &format!("question {i}")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let m = replicas[1].metrics().await;
+    assert!(
+        m.get("hypertool_cache_shared_total", &[("result", "error")])
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    // And back: sharing resumes by itself (the first command on a broken connection may fail
+    // while it reconnects, so a fresh question each round).
+    redis.restart().await;
+    let round = std::sync::atomic::AtomicU32::new(0);
+    eventually("sharing to resume", Duration::from_secs(30), || async {
+        let q = format!(
+            "after the outage {}",
+            round.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let stored =
+            |m: &Exposition| m.get("hypertool_cache_shared_total", &[("result", "stored")]);
+        let before = stored(&replicas[0].metrics().await);
+        let _ = ask(&replicas[0], &q).await;
+        // Until the write has been tried (stored or failed).
+        for _ in 0..100 {
+            let m = replicas[0].metrics().await;
+            if stored(&m) > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (status, cache, _) = ask(&replicas[1], &q).await;
+        (status == 200 && cache == "hit").then_some(())
+    })
+    .await;
+    for s in replicas {
+        s.stop().await;
+    }
+}
