@@ -437,6 +437,11 @@ impl Engine {
         self.budgets = next;
     }
 
+    /// The runtime budget overrides in force, by canonical persona.
+    pub fn overrides(&self) -> &HashMap<String, BudgetSpec> {
+        &self.overrides
+    }
+
     /// Sets (or with `None` removes) the runtime override of a persona's budget.
     /// Returns false when the persona is unknown.
     pub fn set_override(

@@ -441,6 +441,35 @@ struct Signals {
     wake: mpsc::WeakSender<Command>,
 }
 
+/// Makes the engine's budget overrides those of the (shared) ledger.
+fn sync_overrides(ledger: &dyn Ledger, engine: &Mutex<Engine>, now: i64) {
+    let stored: std::collections::HashMap<String, BudgetSpec> = match ledger.overrides() {
+        Ok(o) => o.into_iter().collect(),
+        Err(e) => {
+            tracing::debug!("cannot read the budget overrides: {e}");
+            return;
+        }
+    };
+    let mut engine = lock(engine);
+    if *engine.overrides() == stored {
+        return;
+    }
+    let gone: Vec<String> = engine
+        .overrides()
+        .keys()
+        .filter(|p| !stored.contains_key(*p))
+        .cloned()
+        .collect();
+    for persona in gone {
+        engine.set_override(&persona, None, now);
+    }
+    for (persona, spec) in stored {
+        if engine.overrides().get(&persona) != Some(&spec) {
+            engine.set_override(&persona, Some(spec), now);
+        }
+    }
+}
+
 /// The `op` of the error an admission gets when the fleet-wide check refuses it.
 pub const BUDGET_REFUSED: &str = "budget";
 
@@ -642,6 +671,7 @@ fn run(
         }
     };
     let apply_foreign = |e: &Stamped| lock(&engine).apply_foreign(e);
+    let mut tails = 0u64;
     let mut carried: Option<Command> = None;
     loop {
         if let Some(k) = keeper.as_mut() {
@@ -839,7 +869,14 @@ fn run(
                     k.reap(&health, true);
                 }
             }
-            Command::Tail => catch_up(&*ledger, &mut applied_seq, None, &apply, &apply_foreign),
+            Command::Tail => {
+                catch_up(&*ledger, &mut applied_seq, None, &apply, &apply_foreign);
+                // Budget overrides set through another replica (their own table, not events).
+                tails += 1;
+                if tails % 5 == 0 {
+                    sync_overrides(&*ledger, &engine, clock.now_ms());
+                }
+            }
             Command::Probe => match write_held(
                 &mut *ledger,
                 &mut held,

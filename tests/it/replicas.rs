@@ -120,6 +120,25 @@ async fn two_replicas_share_one_ledger_budgets_agree_and_counters_add_up() {
         ),
     );
 
+    // A budget set through one replica holds on the other.
+    let resp = a
+        .http
+        .put(format!("{}/api/budgets/frontend-engineer", a.api))
+        .json(&json!({"tokens": 4321, "mode": "block"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    eventually(
+        "the override on the other replica",
+        Duration::from_secs(10),
+        || async {
+            let (_, budget) = b.get_json("/api/budgets/frontend-engineer").await;
+            (budget["tokens"] == 4321 && budget["mode"] == "block").then_some(())
+        },
+    )
+    .await;
+
     // A restarted replica rebuilds the same from the shared ledger (and its own snapshot).
     let a = Arc::into_inner(a).unwrap();
     a.stop().await;
