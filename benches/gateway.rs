@@ -24,6 +24,12 @@
 //! (`HYPERTOOL_BENCH=traces` runs only this part; `HYPERTOOL_BENCH=latency` only the latency added
 //! at 1,000/s).
 //!
+//! `HYPERTOOL_BENCH=replicas`: the embedded defaults (SQLite ledger, in-memory cache) beside a
+//! hypertool on a PostgreSQL ledger and a Redis cache (Debian's `postgresql` and `redis-server`,
+//! started here on loopback), in interleaved rounds: throughput, latency added at 1,000/s, and the
+//! throughput of calls that are all cache misses (temperature 0, each one different: a Redis lookup
+//! and a background write each).
+//!
 //! Read the ratios of one run, not absolute numbers: these machines are noisy.
 
 use std::net::SocketAddr;
@@ -366,6 +372,224 @@ async fn trace_export_cost(http: &reqwest::Client, dir: &Path, upstream_addr: So
     );
 }
 
+/// One chat call that the cache may keep (temperature 0) and never saw (a new question each time).
+async fn one_cacheable_call(http: &reqwest::Client, url: &str, n: u64) -> bool {
+    let body = format!(
+        r#"{{"model":"bench-model","temperature":0,"messages":[{{"role":"user","content":"question {n}"}}]}}"#
+    );
+    http.post(url)
+        .header("content-type", "application/json")
+        .header("x-hypertool-persona", "backend-engineer")
+        .body(body)
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
+}
+
+/// 64 clients, each call cacheable and new: requests per second.
+async fn closed_loop_misses(http: &reqwest::Client, url: &str, secs: u64, seed: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for client in 0..64u64 {
+        let (http, url) = (http.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                i += 1;
+                if one_cacheable_call(&http, &url, seed * 1_000_000_000 + client * 10_000_000 + i)
+                    .await
+                {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    total as f64 / secs as f64
+}
+
+/// A service of this benchmark's own (PostgreSQL or Redis), stopped when dropped.
+struct Service(Child, Option<std::path::PathBuf>);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(data) = &self.1 {
+            let _ = as_postgres("pg_ctl")
+                .arg("-D")
+                .arg(data)
+                .args(["-m", "immediate", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn postgres_bin(tool: &str) -> std::path::PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    let newest = std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+                .max()
+                .unwrap_or(15)
+        })
+        .unwrap_or(15);
+    root.join(newest.to_string()).join("bin").join(tool)
+}
+
+/// A PostgreSQL tool, as the `postgres` user when this runs as root.
+fn as_postgres(tool: &str) -> Command {
+    if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(postgres_bin(tool));
+        c
+    } else {
+        Command::new(postgres_bin(tool))
+    }
+}
+
+async fn wait_for_port(addr: SocketAddr, what: &str) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("{what} did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// PostgreSQL (durable as deployed: fsync on) and Redis on loopback; their URLs.
+async fn start_postgres_and_redis(dir: &Path) -> (Service, String, Service, String) {
+    let home = dir.join("pg");
+    if let Err(e) = std::fs::create_dir_all(&home) {
+        panic!("{e}");
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        let mut p = home.clone();
+        while p.starts_with(std::env::temp_dir()) && p != Path::new("/") {
+            let _ = Command::new("chmod").arg("o+x").arg(&p).status();
+            if !p.pop() {
+                break;
+            }
+        }
+        let _ = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&home)
+            .status();
+    }
+    let data = home.join("data");
+    let init = as_postgres("initdb")
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "hypertool", "-A", "trust", "-E", "UTF8", "--locale=C"])
+        .stdout(Stdio::null())
+        .status();
+    if !init.is_ok_and(|s| s.success()) {
+        panic!("initdb failed (is Debian's postgresql installed?)");
+    }
+    let pg_addr = free_addr();
+    let pg = as_postgres("postgres")
+        .arg("-D")
+        .arg(&data)
+        .args(["-p", &pg_addr.port().to_string(), "-k"])
+        .arg(&home)
+        .args(["-c", "listen_addresses=127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let pg = match pg {
+        Ok(c) => Service(c, Some(data)),
+        Err(e) => panic!("postgres: {e}"),
+    };
+    wait_for_port(pg_addr, "PostgreSQL").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let redis_addr = free_addr();
+    let redis = Command::new("redis-server")
+        .args([
+            "--port",
+            &redis_addr.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn();
+    let redis = match redis {
+        Ok(c) => Service(c, None),
+        Err(e) => panic!("redis-server: {e}"),
+    };
+    wait_for_port(redis_addr, "Redis").await;
+    (
+        pg,
+        format!("postgres://hypertool@{pg_addr}/postgres"),
+        redis,
+        format!("redis://{redis_addr}/0"),
+    )
+}
+
+/// The embedded defaults against PostgreSQL + Redis, in the same run.
+async fn replicas_cost(http: &reqwest::Client, dir: &Path, upstream_addr: SocketAddr) {
+    let (_pg, pg_url, _redis, redis_url) = start_postgres_and_redis(dir).await;
+    let extra =
+        format!("\n[ledger]\nurl = \"{pg_url}\"\n\n[gateway.cache]\nurl = \"{redis_url}\"\n");
+    let (_shared, shared_api) = start_hypertool(http, dir, "shared", upstream_addr, &extra).await;
+    let (_embedded, embedded_api) = start_hypertool(http, dir, "embedded", upstream_addr, "").await;
+    let shared = format!("http://{shared_api}/v1/chat/completions");
+    let embedded = format!("http://{embedded_api}/v1/chat/completions");
+    let direct = format!("http://{upstream_addr}/v1/chat/completions");
+    let _ = open_loop(http, &shared, 200, 1).await;
+    let _ = open_loop(http, &embedded, 200, 1).await;
+    let (mut e_max, mut s_max, mut e_miss, mut s_miss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut e50, mut e99, mut s50, mut s99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..5u64 {
+        e_max.push(closed_loop(http, &embedded, 3).await);
+        s_max.push(closed_loop(http, &shared, 3).await);
+        e_miss.push(closed_loop_misses(http, &embedded, 3, round * 2).await);
+        s_miss.push(closed_loop_misses(http, &shared, 3, round * 2 + 1).await);
+        let (d, _) = open_loop(http, &direct, 1000, 3).await;
+        let (e, ee) = open_loop(http, &embedded, 1000, 3).await;
+        let (s, se) = open_loop(http, &shared, 1000, 3).await;
+        let p = |xs: &[Duration], q: f64| percentile(xs, q);
+        println!(
+            "round {}: max {:.0}/s embedded, {:.0}/s PostgreSQL+Redis | all-miss {:.0}/s vs {:.0}/s | 1000/s p50/p99 direct {:.3}/{:.3}, embedded {:.3}/{:.3}, PostgreSQL+Redis {:.3}/{:.3} (errors {ee}/{se})",
+            round + 1,
+            e_max[e_max.len() - 1],
+            s_max[s_max.len() - 1],
+            e_miss[e_miss.len() - 1],
+            s_miss[s_miss.len() - 1],
+            p(&d, 0.5), p(&d, 0.99), p(&e, 0.5), p(&e, 0.99), p(&s, 0.5), p(&s, 0.99),
+        );
+        e50.push(p(&e, 0.5) - p(&d, 0.5));
+        e99.push(p(&e, 0.99) - p(&d, 0.99));
+        s50.push(p(&s, 0.5) - p(&d, 0.5));
+        s99.push(p(&s, 0.99) - p(&d, 0.99));
+    }
+    let (e_max, s_max) = (median(e_max), median(s_max));
+    let (e_miss, s_miss) = (median(e_miss), median(s_miss));
+    println!(
+        "medians of 5 rounds: max throughput embedded {e_max:.0}/s, PostgreSQL+Redis {s_max:.0}/s, ratio {:.2}; all cache misses {e_miss:.0}/s vs {s_miss:.0}/s, ratio {:.2}",
+        s_max / e_max,
+        s_miss / e_miss
+    );
+    println!(
+        "added at 1000/s over direct (p50 / p99, ms): embedded {:.3} / {:.3}, PostgreSQL+Redis {:.3} / {:.3}",
+        median(e50),
+        median(e99),
+        median(s50),
+        median(s99)
+    );
+}
+
 fn main() {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -453,6 +677,12 @@ async fn run() {
     let (hypertool, api) = start_hypertool(&http, dir.path(), "plain", upstream_addr, "").await;
     let direct = format!("http://{upstream_addr}/v1/chat/completions");
     let via = format!("http://{api}/v1/chat/completions");
+    // `HYPERTOOL_BENCH=replicas`: PostgreSQL and Redis beside the embedded defaults.
+    if std::env::var("HYPERTOOL_BENCH").is_ok_and(|v| v == "replicas") {
+        drop(hypertool);
+        replicas_cost(&http, dir.path(), upstream_addr).await;
+        return;
+    }
     // `HYPERTOOL_BENCH=traces` measures the trace export's cost alone.
     if std::env::var("HYPERTOOL_BENCH").is_ok_and(|v| v == "traces") {
         let _ = open_loop(&http, &via, 200, 1).await;
