@@ -270,8 +270,16 @@ pub struct EngineState {
     runs: Runs,
     oscillation_notices: std::collections::VecDeque<OscillationNotice>,
     unsettled: HashMap<String, (UnixMillis, crate::core::event::CallAdmission)>,
+    /// Of those, the calls other replicas admitted (theirs to settle).
+    #[serde(default)]
+    foreign_calls: std::collections::HashSet<String>,
     now: UnixMillis,
 }
+
+/// An admission older than this no longer counts as in flight fleet-wide: its replica died
+/// without settling it (it settles it when it comes back), and a dead replica must not hold a
+/// budget forever. Longer than any upstream timeout hypertool allows.
+pub const STALE_ADMISSION_MS: i64 = 15 * 60_000;
 
 /// The mutable heart of hypertool.
 #[derive(Debug)]
@@ -303,6 +311,10 @@ pub struct Engine {
     observations: Option<Vec<Observation>>,
     /// Gateway calls admitted and not yet settled by their usage (in flight, or cut off by a crash).
     unsettled: HashMap<String, (UnixMillis, crate::core::event::CallAdmission)>,
+    /// Unsettled calls another replica admitted (a shared ledger): never settled here.
+    foreign_calls: std::collections::HashSet<String>,
+    /// Applying another replica's event (see [`Engine::apply_foreign`]).
+    applying_foreign: bool,
     /// The latest time the engine has seen (events and ticks): what "running for" is measured to.
     now: UnixMillis,
 }
@@ -327,6 +339,8 @@ impl Engine {
             oscillation_notices: std::collections::VecDeque::new(),
             observations: None,
             unsettled: HashMap::new(),
+            foreign_calls: std::collections::HashSet::new(),
+            applying_foreign: false,
             now,
         };
         engine.reconfigure(config, now);
@@ -343,6 +357,7 @@ impl Engine {
             runs: self.runs.clone(),
             oscillation_notices: self.oscillation_notices.clone(),
             unsettled: self.unsettled.clone(),
+            foreign_calls: self.foreign_calls.clone(),
             now: self.now,
         }
     }
@@ -364,6 +379,7 @@ impl Engine {
             runs,
             oscillation_notices,
             unsettled,
+            foreign_calls,
             now: then,
         } = state;
         let fresh = Metrics::default();
@@ -385,6 +401,7 @@ impl Engine {
         engine.runs = runs;
         engine.oscillation_notices = oscillation_notices;
         engine.unsettled = unsettled;
+        engine.foreign_calls = foreign_calls;
         engine.now = then;
         for (persona, spec) in overrides {
             if let Some(p) = engine.config.personas.get(&persona).map(|p| p.name.clone()) {
@@ -466,7 +483,9 @@ impl Engine {
     /// counts what it stored, so that Prometheus's `sum` over replicas is the fleet.
     pub fn apply_foreign(&mut self, stamped: &Stamped) {
         let own = std::mem::take(&mut self.metrics);
+        self.applying_foreign = true;
         self.apply(stamped);
+        self.applying_foreign = false;
         self.metrics = own;
     }
 
@@ -486,6 +505,8 @@ impl Engine {
             runs,
             stage_starting,
             unsettled,
+            foreign_calls,
+            applying_foreign,
             ..
         } = self;
         let personas = &config.personas;
@@ -499,6 +520,7 @@ impl Engine {
             Event::Usage(u) => {
                 if let Some(call) = &u.call {
                     unsettled.remove(call);
+                    foreign_calls.remove(call);
                 }
                 let canonical = personas.canonical(&u.persona);
                 let persona = admit(LabelKind::Persona, canonical);
@@ -631,9 +653,13 @@ impl Engine {
                 // In flight: its reservation is in memory already (live); a replay keeps it
                 // until its usage comes, and what is left at the end was cut off by a crash.
                 unsettled.insert(c.call.clone(), (at, c.clone()));
+                if *applying_foreign {
+                    foreign_calls.insert(c.call.clone());
+                }
             }
             Event::CallReleased { call } => {
                 unsettled.remove(call);
+                foreign_calls.remove(call);
             }
             Event::SwitchSuppressed {
                 chatmode, reason, ..
@@ -947,7 +973,13 @@ impl Engine {
     /// Gateway calls admitted whose usage never came: after a replay, the calls a crash cut off.
     /// Each with the time it was admitted.
     pub fn unsettled_calls(&self) -> Vec<(UnixMillis, crate::core::event::CallAdmission)> {
-        let mut calls: Vec<_> = self.unsettled.values().cloned().collect();
+        // Another replica's calls are its own to settle (when it comes back).
+        let mut calls: Vec<_> = self
+            .unsettled
+            .iter()
+            .filter(|(call, _)| !self.foreign_calls.contains(*call))
+            .map(|(_, v)| v.clone())
+            .collect();
         calls.sort_by(|a, b| (a.0, &a.1.call).cmp(&(b.0, &b.1.call)));
         calls
     }
@@ -1004,7 +1036,10 @@ impl Engine {
         let in_flight: u64 = self
             .unsettled
             .values()
-            .filter(|(_, c)| self.config.personas.canonical(&c.persona) == canonical)
+            .filter(|(at, c)| {
+                *at >= self.now - STALE_ADMISSION_MS
+                    && self.config.personas.canonical(&c.persona) == canonical
+            })
             .map(|(_, c)| c.estimate)
             .fold(0, u64::saturating_add);
         Some(

@@ -427,3 +427,71 @@ async fn an_answer_cached_through_one_replica_is_served_by_the_other_and_a_redis
         s.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_restarts_leaves_the_other_replicas_calls_in_flight_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path()).await;
+    // Replica a's upstream (the built-in mock) takes 3 s: its call is in flight while b restarts.
+    let home_a = dir.path().join("a");
+    let toml_a = config_copy(&home_a);
+    let text = std::fs::read_to_string(&toml_a).unwrap();
+    assert!(text.contains("latency_ms = 0\n"));
+    let text = text
+        .replacen("latency_ms = 0\n", "latency_ms = 3000\n", 1)
+        .replacen(
+            "[ledger]\n",
+            &format!("[ledger]\nurl = \"{}\"\n", pg.url),
+            1,
+        );
+    std::fs::write(&toml_a, text).unwrap();
+    let a = Arc::new(
+        start(
+            Source::File(toml_a),
+            &home_a.join("data"),
+            Arc::new(ManualClock::new(T0)),
+        )
+        .await,
+    );
+    let b = replica(&dir.path().join("b"), &pg.url, "").await;
+    let call = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.http
+                .post(format!("{}/v1/chat/completions", a.api))
+                .header("x-hypertool-persona", "backend-engineer")
+                .json(
+                    &json!({"model": "mock/x", "messages": [{"role": "user", "content": "slow"}]}),
+                )
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    eventually("a's admission stored", Duration::from_secs(10), || async {
+        (pg.query("SELECT COUNT(*) FROM hypertool_events WHERE kind = 'call_admitted'")[0]
+            .get::<_, i64>(0)
+            == 1)
+            .then_some(())
+    })
+    .await;
+    // b restarts while a's call is in flight: it must not count that call as cut off.
+    b.stop().await;
+    let b = replica_again(&dir.path().join("b")).await;
+    assert_eq!(call.await.unwrap(), 200);
+    eventually("a's usage stored", Duration::from_secs(10), || async {
+        (pg.query("SELECT COUNT(*) FROM hypertool_events WHERE kind = 'usage'")[0].get::<_, i64>(0)
+            >= 1)
+            .then_some(())
+    })
+    .await;
+    let settled: i64 = pg.query(
+        "SELECT COUNT(*) FROM hypertool_events WHERE kind = 'usage' AND body LIKE '%\"call\"%'",
+    )[0]
+    .get(0);
+    assert_eq!(settled, 1, "the call was settled once, by its own replica");
+    b.stop().await;
+    Arc::into_inner(a).unwrap().stop().await;
+}
