@@ -107,6 +107,16 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// The events whose flag in `keep` is set.
+pub fn kept(events: &[Stamped], keep: &[bool]) -> Vec<Stamped> {
+    events
+        .iter()
+        .zip(keep)
+        .filter(|(_, k)| **k)
+        .map(|(e, _)| e.clone())
+        .collect()
+}
+
 /// Who stored an event, as far as the replica reading the ledger is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -152,14 +162,7 @@ pub trait Ledger: Send {
         decide: &mut dyn FnMut() -> Vec<bool>,
     ) -> Result<u64, LedgerError> {
         let _ = (applied, sync);
-        let keep = decide();
-        let kept: Vec<Stamped> = events
-            .iter()
-            .zip(keep)
-            .filter(|(_, k)| *k)
-            .map(|(e, _)| e.clone())
-            .collect();
-        self.append(&kept)
+        self.append(&kept(events, &decide()))
     }
     /// Other processes append to this ledger too (several replicas on one database): the writer
     /// then applies their events, in ledger order, as well as its own.

@@ -48,6 +48,12 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      );",
 )];
 
+/// Every event after a position, in order, with who stored it.
+const EVENTS_AFTER: &str =
+    "SELECT seq, at_ms, body, origin FROM hypertool_events WHERE seq > $1 ORDER BY seq";
+/// The ledger's write lock: the position counter's row, held until the commit.
+const LOCK_COUNTER: &str = "SELECT last FROM hypertool_sequence FOR UPDATE";
+
 /// Taken while migrating (an arbitrary constant: "hypertool").
 const MIGRATION_LOCK: i64 = 0x6879_7065_7274_6f6f;
 
@@ -318,17 +324,11 @@ impl Ledger for PostgresLedger {
         let me = self.origin.clone();
         let mut bad: Option<LedgerError> = None;
         let mut rows_error: Option<LedgerError> = None;
-        let last =
-            self.with("append", |client| {
-                let mut tx = client.transaction()?;
-                // The write lock first: everything stored before it is committed and visible now.
-                let last: i64 = tx
-                    .query_one("SELECT last FROM hypertool_sequence FOR UPDATE", &[])?
-                    .get(0);
-                for row in tx.query(
-                "SELECT seq, at_ms, body, origin FROM hypertool_events WHERE seq > $1 ORDER BY seq",
-                &[&i64_of(applied)],
-            )? {
+        let last = self.with("append", |client| {
+            let mut tx = client.transaction()?;
+            // The write lock first: everything stored before it is committed and visible now.
+            let last: i64 = tx.query_one(LOCK_COUNTER, &[])?.get(0);
+            for row in tx.query(EVENTS_AFTER, &[&i64_of(applied)])? {
                 let seq: i64 = row.get(0);
                 let origin = if row.get::<_, &str>(3) == me {
                     Origin::Own
@@ -336,40 +336,35 @@ impl Ledger for PostgresLedger {
                     Origin::Other
                 };
                 match serde_json::from_str::<Event>(row.get(2)) {
-                    Ok(event) => sync(seq.max(0) as u64, Stamped { at: row.get(1), event }, origin),
+                    Ok(event) => {
+                        let at = row.get(1);
+                        sync(seq.max(0) as u64, Stamped { at, event }, origin);
+                    }
                     Err(e) => {
-                        bad = Some(LedgerError::new(
-                            "append",
-                            format!("event #{seq} cannot be read back: {e}"),
-                        ));
+                        let why = format!("event #{seq} cannot be read back: {e}");
+                        bad = Some(LedgerError::new("append", why));
                         return Ok(last);
                     }
                 }
             }
-                let keep = decide();
-                let kept: Vec<Stamped> = events
-                    .iter()
-                    .zip(keep)
-                    .filter(|(_, k)| *k)
-                    .map(|(e, _)| e.clone())
-                    .collect();
-                if kept.is_empty() {
-                    tx.commit()?;
+            let kept = super::kept(events, &decide());
+            if kept.is_empty() {
+                tx.commit()?;
+                return Ok(last);
+            }
+            let rows = match Rows::of(&kept) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    rows_error = Some(e);
                     return Ok(last);
                 }
-                let rows = match Rows::of(&kept) {
-                    Ok(rows) => rows,
-                    Err(e) => {
-                        rows_error = Some(e);
-                        return Ok(last);
-                    }
-                };
-                let n = kept.len() as i64;
-                tx.execute("UPDATE hypertool_sequence SET last = $1", &[&(last + n)])?;
-                rows.insert(&mut tx, last + 1, &me)?;
-                tx.commit()?;
-                Ok(last + n)
-            })?;
+            };
+            let n = kept.len() as i64;
+            tx.execute("UPDATE hypertool_sequence SET last = $1", &[&(last + n)])?;
+            rows.insert(&mut tx, last + 1, &me)?;
+            tx.commit()?;
+            Ok(last + n)
+        })?;
         match bad.or(rows_error) {
             Some(e) => Err(e),
             None => Ok(last.max(0) as u64),
@@ -384,10 +379,7 @@ impl Ledger for PostgresLedger {
         let mut bad: Option<LedgerError> = None;
         let me = self.origin.as_str();
         let n = self.with("replay", |client| {
-            let mut rows = client.query_raw(
-                "SELECT seq, at_ms, body, origin FROM hypertool_events WHERE seq > $1 ORDER BY seq",
-                [i64_of(after)],
-            )?;
+            let mut rows = client.query_raw(EVENTS_AFTER, [i64_of(after)])?;
             let mut n = 0u64;
             while let Some(row) = rows.next()? {
                 let seq: i64 = row.get(0);

@@ -164,6 +164,28 @@ fn sha256(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Applies the events after position `after` (this replica's own as they are, other replicas' as
+/// foreign), quietly, then ticks to `now`; returns how many and the last position applied.
+fn replay_into(
+    ledger: &dyn Ledger,
+    engine: &mut Engine,
+    after: u64,
+    now: UnixMillis,
+) -> Result<(u64, u64), LedgerError> {
+    engine.set_quiet(true);
+    let mut applied_seq = after;
+    let replayed = ledger.replay_after(after, &mut |seq, s, origin| {
+        match origin {
+            Origin::Own => engine.apply(&s),
+            Origin::Other => engine.apply_foreign(&s),
+        }
+        applied_seq = seq;
+    });
+    engine.set_quiet(false);
+    engine.tick(now);
+    Ok((replayed?, applied_seq))
+}
+
 /// The engine rebuilt at start-up, and how.
 pub struct Recovered {
     pub engine: Engine,
@@ -201,17 +223,7 @@ pub fn recover(
                 continue;
             }
         };
-        engine.set_quiet(true);
-        let mut applied_seq = loaded.seq;
-        let replayed = ledger.replay_after(loaded.seq, &mut |seq, s, origin| {
-            match origin {
-                Origin::Own => engine.apply(&s),
-                Origin::Other => engine.apply_foreign(&s),
-            }
-            applied_seq = seq;
-        })?;
-        engine.set_quiet(false);
-        engine.tick(now);
+        let (replayed, applied_seq) = replay_into(ledger, &mut engine, loaded.seq, now)?;
         return Ok(Recovered {
             engine,
             replayed,
@@ -230,17 +242,7 @@ pub fn recover(
     for (persona, spec) in overrides {
         engine.set_override(&persona, Some(spec), now);
     }
-    engine.set_quiet(true);
-    let mut applied_seq = 0;
-    let replayed = ledger.replay(&mut |seq, s, origin| {
-        match origin {
-            Origin::Own => engine.apply(&s),
-            Origin::Other => engine.apply_foreign(&s),
-        }
-        applied_seq = seq;
-    })?;
-    engine.set_quiet(false);
-    engine.tick(now);
+    let (replayed, applied_seq) = replay_into(ledger, &mut engine, 0, now)?;
     Ok(Recovered {
         engine,
         replayed,

@@ -764,12 +764,7 @@ fn run(
                     match result {
                         Ok(last) => {
                             health.succeeded();
-                            let kept: Vec<Stamped> = batch
-                                .iter()
-                                .zip(&mask)
-                                .filter(|(_, k)| **k)
-                                .map(|(e, _)| e.clone())
-                                .collect();
+                            let kept = super::kept(&batch, &mask);
                             apply(&kept);
                             applied_seq = applied_seq.max(last);
                             for ((ack, _), (start, _)) in acks.into_iter().zip(&ranges) {
