@@ -1205,6 +1205,54 @@ mod tests {
     use crate::core::budget::{BudgetMode, BudgetSpec, Period};
     use crate::core::event::Usage;
 
+    #[test]
+    fn fleet_room_counts_every_replicas_calls_in_flight_until_they_go_stale_and_settles_only_its_own(
+    ) {
+        let config = load(&Source::Embedded).unwrap().engine_config();
+        let mut engine = Engine::new(config, 0);
+        let spec = BudgetSpec {
+            tokens: 1_000,
+            cost_usd: None,
+            period: Period::None,
+            mode: BudgetMode::Block,
+            soft_limit: None,
+        };
+        assert!(engine.set_override("backend-engineer", Some(spec), 0));
+        let admitted = |call: &str, estimate| Stamped {
+            at: 0,
+            event: Event::CallAdmitted(crate::core::event::CallAdmission {
+                call: call.into(),
+                persona: "backend-engineer".into(),
+                chatmode: "c".into(),
+                model: "m".into(),
+                estimate,
+                cost_usd: None,
+                workflow: None,
+                stage: None,
+                session: None,
+                run: None,
+            }),
+        };
+        engine.apply(&admitted("mine", 300));
+        engine.apply_foreign(&admitted("theirs", 500));
+        assert_eq!(engine.fleet_room("backend-engineer"), Some(200));
+        // Only this replica's own call is its to settle after a crash.
+        let own: Vec<String> = engine
+            .unsettled_calls()
+            .into_iter()
+            .map(|(_, c)| c.call)
+            .collect();
+        assert_eq!(own, vec!["mine".to_string()]);
+        // A replica that never came back does not hold the budget forever.
+        engine.tick(STALE_ADMISSION_MS + 1);
+        assert_eq!(engine.fleet_room("backend-engineer"), Some(1_000));
+        assert_eq!(
+            engine.fleet_room("frontend-engineer"),
+            None,
+            "not a block budget"
+        );
+    }
+
     fn engine_with_cost_budget(usd: f64) -> Engine {
         let config = load(&Source::Embedded).unwrap().engine_config();
         let mut engine = Engine::new(config, 0);
