@@ -17,6 +17,16 @@ pub enum ClientError {
     },
 }
 
+/// The server's base URL: `http://` added when no scheme is given, no trailing slash.
+pub fn server_url(server: &str) -> String {
+    let trimmed = server.trim().trim_end_matches('/');
+    if trimmed.contains("://") {
+        trimmed.to_string()
+    } else {
+        format!("http://{trimmed}")
+    }
+}
+
 pub struct Client {
     server: String,
     http: reqwest::Client,
@@ -25,10 +35,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// `server` may omit the scheme (`127.0.0.1:8080`): plain `http://` is meant, as for curl.
     pub fn new(server: &str, key: Option<String>) -> Self {
         Self {
             key,
-            server: server.trim_end_matches('/').to_string(),
+            server: server_url(server),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(30))
                 .build()
@@ -52,7 +63,7 @@ impl Client {
         }
         let resp = req.send().await.map_err(|e| ClientError::Unreachable {
             server: self.server.clone(),
-            reason: e.to_string(),
+            reason: error_chain(&e),
         })?;
         let status = resp.status();
         let value: Value = resp.json().await.unwrap_or(Value::Null);
@@ -251,4 +262,31 @@ pub fn alerts_table(v: &Value) -> String {
         ],
         &rows,
     )
+}
+
+/// An error with its causes (reqwest's own message is often just "error sending request").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_without_scheme_means_http() {
+        assert_eq!(server_url("127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(server_url("http://h:1/"), "http://h:1");
+        assert_eq!(server_url("https://h"), "https://h");
+    }
 }

@@ -42,16 +42,21 @@ enum Command {
         #[arg(long, env = "HYPERTOOL_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Print the Prometheus rules for the seven runbook alerts, rendered from the configuration.
+    /// Print the Prometheus rules for the runbook's alerts, rendered from the configuration.
     Rules {
+        /// hypertool.toml whose `[alerts]` thresholds to use (default: ./config/hypertool.toml, else
+        /// the built-in defaults).
         #[arg(long, env = "HYPERTOOL_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Run a runbook situation on a virtual clock and print the alert timeline.
     Simulate {
-        /// Scenario name, or `all`. Scenarios: healthy, budget-overrun, depletion-trend,
-        /// gate-failures, persona-thrash, slow-stage, langfuse-down, metrics-down.
+        /// Scenario name, or `all`. Scenarios: healthy, budget-overrun, soft-limit, depletion-trend,
+        /// gate-failures, persona-thrash, slow-stage, langfuse-down, langfuse-never-configured,
+        /// langfuse-wrong-keys, metrics-down, gate-escalation, oscillating-session, hung-stage.
         scenario: String,
+        /// hypertool.toml whose personas, budgets and thresholds to simulate (default:
+        /// ./config/hypertool.toml, else the built-in defaults).
         #[arg(long, env = "HYPERTOOL_CONFIG")]
         config: Option<PathBuf>,
         /// Print every evaluation as JSON.
@@ -128,19 +133,28 @@ enum PersonasCommand {
 enum BudgetCommand {
     /// Show budgets (all, or one persona's).
     Status {
+        /// A persona (name or alias); all personas when omitted.
         persona: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Override a persona's budget at runtime (kept across restarts until `budget unset`).
     Set {
+        /// The persona (name or alias) whose budget to override.
         persona: String,
+        /// Tokens (prompt + completion) allowed per period; a whole number ≥ 0.
         #[arg(long)]
         tokens: u64,
+        /// Also limit cost per period, in US dollars (e.g. 12.5); no cost limit when omitted.
         #[arg(long)]
         cost_usd: Option<f64>,
+        /// The budget's period: hourly, daily, weekly, monthly or none (never resets); the
+        /// configured period when omitted.
         #[arg(long, value_parser = parse_period)]
         period: Option<Period>,
+        /// What happens when it is spent: observe (count and alert only), block (the gateway refuses
+        /// with 429) or downgrade (the gateway uses the model's `downgrade_to`); the configured mode
+        /// when omitted.
         #[arg(long, value_parser = parse_mode)]
         mode: Option<BudgetMode>,
         #[command(flatten)]
@@ -148,12 +162,14 @@ enum BudgetCommand {
     },
     /// Remove a runtime override: the configured budget applies again.
     Unset {
+        /// The persona (name or alias) whose override to remove.
         persona: String,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Forget the usage of the current period: the persona starts afresh.
     Reset {
+        /// The persona (name or alias) whose period usage to forget.
         persona: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -371,9 +387,8 @@ fn simulate(
 
 fn runbook(alert: Option<&str>) -> ExitCode {
     use hypertool::alerts::rules::AlertId;
-    use hypertool::server::admin::RUNBOOK;
     let Some(name) = alert else {
-        print!("{RUNBOOK}");
+        print!("{}", hypertool::runbook::TEXT);
         return ExitCode::SUCCESS;
     };
     let Some(id) = AlertId::from_name(name) else {
@@ -384,18 +399,10 @@ fn runbook(alert: Option<&str>) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let number = AlertId::ALL.iter().position(|a| *a == id).unwrap_or(0) + 1;
-    let heading = format!("## Alert {number}:");
-    let Some(start) = RUNBOOK.find(&heading) else {
-        print!("{RUNBOOK}");
-        return ExitCode::SUCCESS;
-    };
-    let rest = &RUNBOOK[start..];
-    let end = rest[3..].find("\n## ").map(|i| i + 3).unwrap_or(rest.len());
-    println!(
-        "{}",
-        rest[..end].trim_end().trim_end_matches("---").trim_end()
-    );
+    match hypertool::runbook::section(id) {
+        Some(text) => println!("{text}"),
+        None => print!("{}", hypertool::runbook::TEXT),
+    }
     ExitCode::SUCCESS
 }
 
@@ -542,5 +549,49 @@ async fn main() -> ExitCode {
                 client_command(&client, Method::POST, &path, None, budgets_table).await
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option and argument of every command says what it is (`--help` is the manual).
+    #[test]
+    fn every_command_describes_every_option() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && !path.is_empty() {
+                missing.push(format!("{path}: no description"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "undescribed: {missing:#?}");
+    }
+
+    #[test]
+    fn simulate_help_lists_every_scenario() {
+        let mut cli = Cli::command();
+        let simulate = cli.find_subcommand_mut("simulate").expect("simulate");
+        let help = simulate.render_long_help().to_string();
+        for s in SCENARIOS {
+            assert!(help.contains(s.name), "{} missing from:\n{help}", s.name);
+        }
     }
 }

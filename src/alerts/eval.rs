@@ -1,4 +1,4 @@
-//! The seven conditions, evaluated on the [`Tsdb`] with the semantics of their PromQL in
+//! The alerts' conditions, evaluated on the [`Tsdb`] with the semantics of their PromQL in
 //! [`Rule::expr`]. Each returns the series that satisfy the condition, with the value Prometheus
 //! would give `$value`.
 
@@ -210,6 +210,29 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
             } else {
                 Vec::new()
             }
+        }
+        AlertId::TokenBudgetSoftLimitReached => {
+            let instant = |name: &str| {
+                db.instant(name, at)
+                    .map(|(l, v)| (l.clone(), v))
+                    .collect::<Vec<_>>()
+            };
+            let used = max_by(
+                instant("hypertool_persona_token_budget_used").into_iter(),
+                &["persona"],
+            );
+            let soft = max_by(
+                instant("hypertool_persona_token_budget_soft_limit").into_iter(),
+                &["persona"],
+            );
+            let within = min_by(
+                instant("hypertool_persona_token_budget_remaining").into_iter(),
+                &["persona"],
+            );
+            used.into_iter()
+                .filter(|(p, u)| soft.get(p).is_some_and(|s| u >= s))
+                .filter(|(p, _)| within.get(p).is_some_and(|r| *r >= 0.0))
+                .collect()
         }
     }
 }

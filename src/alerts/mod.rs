@@ -28,8 +28,10 @@ use tsdb::{Labels, Tsdb};
 const RESOLVED_RETENTION_MS: i64 = 15 * 60 * 1000;
 
 /// The metric families the rules read; nothing else is kept.
-pub const RULE_INPUTS: [&str; 9] = [
+pub const RULE_INPUTS: [&str; 11] = [
     "hypertool_persona_token_budget_remaining",
+    "hypertool_persona_token_budget_used",
+    "hypertool_persona_token_budget_soft_limit",
     "hypertool_persona_tokens_used_total",
     "hypertool_persona_switches_total",
     "hypertool_workflow_quality_gate_total",

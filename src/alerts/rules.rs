@@ -1,4 +1,4 @@
-//! The seven runbook alerts as data: conditions, thresholds, `for`, labels and annotations.
+//! The runbook's eight alerts as data: conditions, thresholds, `for`, labels and annotations.
 //!
 //! One definition feeds both evaluators: [`render_rules_yaml`] writes it as Prometheus rules
 //! (`hypertool rules`, `deploy/prometheus/persona_alerts.yml`), and `alerts::eval` evaluates the same
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::delivery::DeliverySettings;
 use super::duration::PromDuration;
 
-/// Which of the seven alerts.
+/// Which of the runbook's alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AlertId {
     TokenBudgetExceeded,
@@ -24,10 +24,12 @@ pub enum AlertId {
     TokenBudgetDepletionPredicted,
     HypertoolMetricsNotReported,
     LangfuseIntegrationFailing,
+    /// The first of the graduated budget alerts: the budget's `soft_limit` reached.
+    TokenBudgetSoftLimitReached,
 }
 
 impl AlertId {
-    pub const ALL: [AlertId; 7] = [
+    pub const ALL: [AlertId; 8] = [
         AlertId::TokenBudgetExceeded,
         AlertId::HighQualityGateFailureRate,
         AlertId::ExcessivePersonaSwitching,
@@ -35,6 +37,7 @@ impl AlertId {
         AlertId::TokenBudgetDepletionPredicted,
         AlertId::HypertoolMetricsNotReported,
         AlertId::LangfuseIntegrationFailing,
+        AlertId::TokenBudgetSoftLimitReached,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +49,7 @@ impl AlertId {
             AlertId::TokenBudgetDepletionPredicted => "TokenBudgetDepletionPredicted",
             AlertId::HypertoolMetricsNotReported => "HypertoolMetricsNotReported",
             AlertId::LangfuseIntegrationFailing => "LangfuseIntegrationFailing",
+            AlertId::TokenBudgetSoftLimitReached => "TokenBudgetSoftLimitReached",
         }
     }
 
@@ -63,6 +67,7 @@ impl AlertId {
             AlertId::TokenBudgetDepletionPredicted => "alert-5-token-budget-depletion-predicted",
             AlertId::HypertoolMetricsNotReported => "alert-6-hypertool-metrics-not-reported",
             AlertId::LangfuseIntegrationFailing => "alert-7-langfuse-integration-failing",
+            AlertId::TokenBudgetSoftLimitReached => "alert-8-token-budget-soft-limit-reached",
         }
     }
 
@@ -76,7 +81,9 @@ impl AlertId {
 
     fn category(self) -> &'static str {
         match self {
-            AlertId::TokenBudgetExceeded | AlertId::TokenBudgetDepletionPredicted => "cost",
+            AlertId::TokenBudgetExceeded
+            | AlertId::TokenBudgetDepletionPredicted
+            | AlertId::TokenBudgetSoftLimitReached => "cost",
             AlertId::HighQualityGateFailureRate => "quality",
             AlertId::ExcessivePersonaSwitching | AlertId::SlowWorkflowStage => "performance",
             AlertId::HypertoolMetricsNotReported => "availability",
@@ -127,6 +134,8 @@ pub struct RawAlerts {
     pub hypertool_metrics_not_reported: RawRule,
     #[serde(rename = "LangfuseIntegrationFailing", default)]
     pub langfuse_integration_failing: RawRule,
+    #[serde(rename = "TokenBudgetSoftLimitReached", default)]
+    pub token_budget_soft_limit_reached: RawRule,
 }
 
 /// One alert, resolved: what the evaluators and the rule renderer use.
@@ -146,6 +155,9 @@ pub struct Rule {
 pub struct AlertSettings {
     pub evaluation_interval: PromDuration,
     pub runbook_url: String,
+    /// No `runbook_url` was configured: the links point at the copy this server serves, at the
+    /// address it actually listens on ([`AlertSettings::served_at`]).
+    pub runbook_on_listener: bool,
     pub job: String,
     pub rules: Vec<Rule>,
     pub delivery: DeliverySettings,
@@ -205,6 +217,13 @@ fn defaults(id: AlertId) -> Rule {
             PromDuration(0),
             0.0,
         ),
+        AlertId::TokenBudgetSoftLimitReached => (
+            PromDuration::mins(1),
+            0.0,
+            PromDuration(0),
+            PromDuration(0),
+            0.0,
+        ),
     };
     Rule {
         id,
@@ -222,6 +241,7 @@ impl Default for AlertSettings {
         AlertSettings {
             evaluation_interval: PromDuration::secs(15),
             runbook_url: DEFAULT_RUNBOOK_URL.into(),
+            runbook_on_listener: true,
             job: "hypertool".into(),
             rules: AlertId::ALL.into_iter().map(defaults).collect(),
             delivery: default_delivery(),
@@ -256,6 +276,10 @@ impl AlertSettings {
                 AlertId::LangfuseIntegrationFailing,
                 raw.langfuse_integration_failing,
             ),
+            (
+                AlertId::TokenBudgetSoftLimitReached,
+                raw.token_budget_soft_limit_reached,
+            ),
         ];
         let mut rules = Vec::new();
         for (id, r) in pairs {
@@ -264,7 +288,9 @@ impl AlertSettings {
             let applies = |k: &str| match k {
                 "threshold" => !matches!(
                     id,
-                    AlertId::HypertoolMetricsNotReported | AlertId::LangfuseIntegrationFailing
+                    AlertId::HypertoolMetricsNotReported
+                        | AlertId::LangfuseIntegrationFailing
+                        | AlertId::TokenBudgetSoftLimitReached
                 ),
                 "window" => rule_has_window(id),
                 "horizon" => id == AlertId::TokenBudgetDepletionPredicted,
@@ -361,6 +387,7 @@ impl AlertSettings {
             Ok(AlertSettings {
                 delivery,
                 evaluation_interval,
+                runbook_on_listener: raw.runbook_url.is_none(),
                 runbook_url: raw
                     .runbook_url
                     .unwrap_or_else(|| DEFAULT_RUNBOOK_URL.into()),
@@ -370,6 +397,28 @@ impl AlertSettings {
         } else {
             Err(errors)
         }
+    }
+
+    /// Points the runbook links at this server's own `/runbook` on the address the API listener
+    /// is bound to, unless `alerts.runbook_url` names a copy elsewhere. A wildcard address (0.0.0.0,
+    /// ::) is not one a browser can open: the machine's host name stands for it.
+    pub fn served_at(&mut self, api: std::net::SocketAddr) {
+        if !self.runbook_on_listener {
+            return;
+        }
+        let host = if api.ip().is_unspecified() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "127.0.0.1".into())
+        } else {
+            match api.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        self.runbook_url = format!("http://{host}:{}/runbook", api.port());
     }
 
     pub fn rule(&self, id: AlertId) -> Option<&Rule> {
@@ -390,7 +439,9 @@ fn default_delivery() -> DeliverySettings {
 fn rule_has_window(id: AlertId) -> bool {
     !matches!(
         id,
-        AlertId::TokenBudgetExceeded | AlertId::HypertoolMetricsNotReported
+        AlertId::TokenBudgetExceeded
+            | AlertId::HypertoolMetricsNotReported
+            | AlertId::TokenBudgetSoftLimitReached
     )
 }
 
@@ -416,6 +467,8 @@ impl Rule {
         let tokens = f::PERSONA_TOKENS_USED_TOTAL.name;
         let traces = f::LANGFUSE_TRACE_CREATED_TOTAL.name;
         let langfuse_on = f::LANGFUSE_ENABLED.name;
+        let used = f::PERSONA_TOKEN_BUDGET_USED.name;
+        let soft = f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT.name;
         match self.id {
             AlertId::TokenBudgetExceeded => format!(
                 "min by (persona) ({remaining}) < {}",
@@ -455,6 +508,15 @@ impl Rule {
                  (\n  sum(increase({traces}[{w}])) == 0\n  or on ()\n  absent({traces})\n)\n\
                  and on ()\n\
                  {langfuse_on} == 1"
+            ),
+            // Past the soft limit and not yet over the budget: past it, TokenBudgetExceeded
+            // (critical) takes over, so one persona never holds both.
+            AlertId::TokenBudgetSoftLimitReached => format!(
+                "max by (persona) ({used})\n\
+                 >= on (persona)\n\
+                 max by (persona) ({soft})\n\
+                 and on (persona)\n\
+                 min by (persona) ({remaining}) >= 0"
             ),
         }
     }
@@ -560,7 +622,22 @@ impl Rule {
                  when Langfuse takes them, and each generation is logged (target hypertool::generation)."
                     .to_string(),
             ),
+            AlertId::TokenBudgetSoftLimitReached => (
+                "Persona {{ $labels.persona }} reached the soft limit of its token budget".to_string(),
+                format!(
+                    "Persona {{{{ $labels.persona }}}} has used {v0} tokens of its budget period, past the \
+                     budget's soft_limit and not yet over the budget."
+                ),
+                "Check whether the usage is expected (hypertool budget status {{ $labels.persona }}); if not, \
+                 cut it before the budget is spent (caching, max_prompt_tokens, a cheaper tier) or raise the \
+                 budget (hypertool budget set {{ $labels.persona }} --tokens N)."
+                    .to_string(),
+            ),
         };
+        let action = format!(
+            "`hypertool runbook {}` runs this investigation and ranks the causes. {action}",
+            self.id.name()
+        );
         BTreeMap::from([
             ("summary".to_string(), summary),
             ("description".to_string(), description),

@@ -33,7 +33,7 @@ pub struct Scenario {
     pub expect_firing: &'static [AlertId],
 }
 
-pub const SCENARIOS: [Scenario; 13] = [
+pub const SCENARIOS: [Scenario; 14] = [
     Scenario {
         name: "healthy",
         about: "steady work within budget, gates passing, few switches, Langfuse working",
@@ -45,6 +45,16 @@ pub const SCENARIOS: [Scenario; 13] = [
         about: "backend-engineer spends 100 tokens every 15 s against a 2000-token budget",
         minutes: 8,
         expect_firing: &[AlertId::TokenBudgetExceeded],
+    },
+    Scenario {
+        name: "soft-limit",
+        about: "frontend-engineer spends 100 tokens a minute against an 1800-token budget: past its soft \
+                limit (80 %, 1440) after 15 minutes and still within budget; the trend predicts the rest",
+        minutes: 17,
+        expect_firing: &[
+            AlertId::TokenBudgetSoftLimitReached,
+            AlertId::TokenBudgetDepletionPredicted,
+        ],
     },
     Scenario {
         name: "depletion-trend",
@@ -113,7 +123,7 @@ pub const SCENARIOS: [Scenario; 13] = [
     Scenario {
         name: "hung-stage",
         about: "an incident-response run's diagnosis stage starts and never ends: no duration is ever \
-                observed, its running age is",
+                observed, but its running age is, and passes 300 s",
         minutes: 16,
         expect_firing: &[AlertId::SlowWorkflowStage],
     },
@@ -217,6 +227,7 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
         }
         "budget-overrun" => events.push(usage("backend-engineer", "feature", "gpt-4", 100, None)),
         "depletion-trend" => events.push(usage("data-scientist", "analysis", "gpt-4", 10, None)),
+        "soft-limit" => events.push(usage("frontend-engineer", "feature", "gpt-4", 25, None)),
         "gate-failures" => {
             events.push(usage("backend-engineer", "feature", "gpt-4", 2, None));
             events.push(stage(

@@ -581,13 +581,12 @@ impl Settings {
                 .fix("use a value from 50 to 60000 (the default is 500)"),
             );
         }
-        let runbook_default = format!("http://{listen}/runbook");
-        let mut raw_alerts = raw.alerts;
-        if raw_alerts.runbook_url.is_none() {
-            raw_alerts.runbook_url = Some(runbook_default);
-        }
-        let alerts = match AlertSettings::from_raw(raw_alerts) {
-            Ok(a) => a,
+        let alerts = match AlertSettings::from_raw(raw.alerts) {
+            Ok(mut a) => {
+                // Until the listener is bound (`served_at`), the configured address.
+                a.served_at(listen);
+                a
+            }
             Err(problems) => {
                 for (key, message) in problems {
                     let leaf = key.rsplit('.').next().unwrap_or(&key).to_string();

@@ -153,6 +153,9 @@ pub struct BudgetState {
     lifetime: (u64, f64),
     /// The period start for which the soft-limit warning was given.
     soft_warned: Option<UnixMillis>,
+    /// The period start for which the over-budget warning was given.
+    #[serde(default)]
+    hard_warned: Option<UnixMillis>,
 }
 
 impl BudgetState {
@@ -166,17 +169,33 @@ impl BudgetState {
             hourly: BTreeMap::new(),
             lifetime: (0, 0.0),
             soft_warned: None,
+            hard_warned: None,
         }
+    }
+
+    /// The soft limit in tokens, when the budget has one.
+    pub fn soft_limit_tokens(&self) -> Option<u64> {
+        self.spec
+            .soft_limit
+            .map(|fraction| (self.spec.tokens as f64 * fraction).ceil() as u64)
     }
 
     /// True once per period, when usage first reaches the soft limit.
     pub fn crossed_soft_limit(&mut self) -> bool {
-        let Some(fraction) = self.spec.soft_limit else {
+        let Some(threshold) = self.soft_limit_tokens() else {
             return false;
         };
-        let threshold = (self.spec.tokens as f64 * fraction).ceil() as u64;
         if self.used_tokens >= threshold && self.soft_warned != Some(self.period_start) {
             self.soft_warned = Some(self.period_start);
+            return true;
+        }
+        false
+    }
+
+    /// True once per period, when usage first goes past the budget itself (the hard limit).
+    pub fn crossed_hard_limit(&mut self) -> bool {
+        if self.used_tokens > self.spec.tokens && self.hard_warned != Some(self.period_start) {
+            self.hard_warned = Some(self.period_start);
             return true;
         }
         false
@@ -369,6 +388,20 @@ mod tests {
         assert!(!b.crossed_soft_limit(), "once per period");
         b.record(at("2026-11-28T11:00:01Z"), 85, 0.0);
         assert!(b.crossed_soft_limit(), "again in the next period");
+    }
+
+    #[test]
+    fn going_past_the_budget_is_told_once_per_period() {
+        let now = at("2026-11-28T10:30:00Z");
+        let mut b = BudgetState::new(spec(100, Period::Hourly), BudgetSource::BudgetsFile, now);
+        b.record(now, 100, 0.0);
+        assert!(!b.crossed_hard_limit(), "exactly the budget is not over it");
+        b.record(now, 1, 0.0);
+        assert!(b.crossed_hard_limit());
+        b.record(now, 50, 0.0);
+        assert!(!b.crossed_hard_limit(), "once per period");
+        b.record(at("2026-11-28T11:00:01Z"), 101, 0.0);
+        assert!(b.crossed_hard_limit(), "again in the next period");
     }
 
     #[test]

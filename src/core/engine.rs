@@ -15,7 +15,7 @@ use super::persona::PersonaRegistry;
 use super::runs::{EndedStage, RunStatus, Runs};
 use super::series::{
     CounterVec, HistogramVec, GENERATION_DURATION_BUCKETS, PERSONA_DURATION_BUCKETS,
-    STAGE_DURATION_BUCKETS,
+    PROMPT_TOKENS_BUCKETS, STAGE_DURATION_BUCKETS,
 };
 use super::session::{SessionOutcome, SessionView, Sessions};
 
@@ -113,6 +113,9 @@ pub struct Metrics {
     pub quality_gates: CounterVec<4>,
     /// model (fed by the gateway)
     pub generation_duration: HistogramVec<1>,
+    /// persona, model: prompt tokens per call (snapshots from before it start it empty)
+    #[serde(default = "crate::core::series::prompt_tokens_histogram")]
+    pub prompt_tokens: HistogramVec<2>,
     /// Traces created in Langfuse (fed by the Langfuse exporter).
     pub langfuse_traces_created: f64,
     /// type
@@ -141,6 +144,7 @@ impl Default for Metrics {
             stage_duration: HistogramVec::new(STAGE_DURATION_BUCKETS),
             quality_gates: CounterVec::default(),
             generation_duration: HistogramVec::new(GENERATION_DURATION_BUCKETS),
+            prompt_tokens: HistogramVec::new(PROMPT_TOKENS_BUCKETS),
             langfuse_traces_created: 0.0,
             events_applied: CounterVec::default(),
             label_values_folded: CounterVec::default(),
@@ -387,8 +391,10 @@ impl Engine {
             persona_duration: fresh.persona_duration,
             stage_duration: fresh.stage_duration,
             generation_duration: fresh.generation_duration,
+            prompt_tokens: fresh.prompt_tokens,
             ..metrics.clone()
         };
+        restored.prompt_tokens.adopt(metrics.prompt_tokens)?;
         restored.persona_duration.adopt(metrics.persona_duration)?;
         restored.stage_duration.adopt(metrics.stage_duration)?;
         restored
@@ -539,19 +545,36 @@ impl Engine {
                 }
                 if let Some(budget) = budgets.get_mut(canonical) {
                     budget.record(at, tokens, cost);
-                    if budget.crossed_soft_limit() {
+                    // One usage can jump past both limits: it is counted as reaching the soft
+                    // limit, and said as what it is, over budget.
+                    let soft = budget.crossed_soft_limit();
+                    let hard = budget.crossed_hard_limit();
+                    if soft {
                         metrics.soft_limit_reached.inc_by([persona.clone()], 1.0);
-                        if !*quiet {
+                    }
+                    if !*quiet && (soft || hard) {
+                        let (used, limit) = (budget.used_tokens(), budget.spec.tokens);
+                        if hard {
                             tracing::warn!(
                                 persona = canonical,
-                                used = budget.used_tokens(),
-                                limit = budget.spec.tokens,
-                                "persona `{canonical}` reached the soft limit of its token budget ({} of {} used)",
-                                budget.used_tokens(),
-                                budget.spec.tokens
+                                used,
+                                limit,
+                                "persona `{canonical}` is over its token budget ({used} of {limit} used)"
+                            );
+                        } else {
+                            tracing::warn!(
+                                persona = canonical,
+                                used,
+                                limit,
+                                "persona `{canonical}` reached the soft limit of its token budget ({used} of {limit} used)"
                             );
                         }
                     }
+                }
+                if u.prompt_tokens > 0 {
+                    metrics
+                        .prompt_tokens
+                        .observe([persona.clone(), model.clone()], u.prompt_tokens as f64);
                 }
                 if let Some(d) = u.duration_seconds {
                     metrics.generation_duration.observe([model.clone()], d);

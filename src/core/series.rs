@@ -230,6 +230,17 @@ pub const GENERATION_DURATION_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// Bucket bounds of `hypertool_prompt_tokens` (prompt tokens of one call): powers of two from 64
+/// to 256k, the range of today's context windows.
+pub const PROMPT_TOKENS_BUCKETS: &[f64] = &[
+    64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0,
+    262144.0,
+];
+
+pub fn prompt_tokens_histogram() -> HistogramVec<2> {
+    HistogramVec::new(PROMPT_TOKENS_BUCKETS)
+}
+
 /// `a + b` for the non-negative sums of counters, costs and durations: at the largest finite
 /// value it stays there instead of becoming `+Inf` (which would make a counter, a budget's
 /// remaining cost and every alert on them meaningless).

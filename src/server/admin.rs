@@ -250,15 +250,31 @@ pub async fn list_alerts(State(state): State<AppState>) -> Json<serde_json::Valu
     Json(super::lock_alerts(&state.alerts).view())
 }
 
-/// The operator runbook the alerts link to (a copy of it is embedded at build time).
-pub const RUNBOOK: &str = include_str!("../../docs/ALERT_RUNBOOK.md");
-
-pub async fn runbook() -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/markdown; charset=utf-8",
-        )],
-        RUNBOOK,
-    )
+/// The operator runbook the alerts link to: HTML with anchors for browsers (the alerts' links jump
+/// to their sections), the markdown source for `Accept: text/markdown` or `?format=markdown`.
+pub async fn runbook(
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> impl IntoResponse {
+    let wants_markdown = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "format=markdown" || kv == "format=md")
+    }) || headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.starts_with("text/markdown"));
+    if wants_markdown {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/markdown; charset=utf-8",
+            )],
+            crate::runbook::TEXT,
+        )
+    } else {
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            crate::runbook::html(),
+        )
+    }
 }

@@ -118,6 +118,8 @@ pub struct AppInner {
     pub tasks: tokio_util::task::TaskTracker,
     /// Where alert notifications point back to (`/api/alerts` on the API listener).
     pub generator_url: String,
+    /// The address the API listener is bound to (the runbook links point here).
+    pub api_addr: SocketAddr,
     pub delivery_stats: Arc<DeliveryStats>,
     pub writer: WriterHandle,
     pub clock: Arc<dyn Clock>,
@@ -350,7 +352,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         ..ServerStats::default()
     });
     log_langfuse_status(&langfuse);
-    let mut alerts = AlertEngine::new(cfg.settings.alerts.clone(), langfuse);
+    let mut alert_settings = cfg.settings.alerts.clone();
+    alert_settings.served_at(api_addr);
+    let mut alerts = AlertEngine::new(alert_settings, langfuse);
     let diagnosis = tracer.clone();
     alerts.set_langfuse_diagnosis(Box::new(move || diagnosis.langfuse_diagnosis()));
     let delivery_stats = Arc::new(DeliveryStats::default());
@@ -399,6 +403,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         tasks: tasks.clone(),
         tracer: tracer.clone(),
         generator_url,
+        api_addr,
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
         engine: engine.clone(),
@@ -607,7 +612,9 @@ fn spawn_background(
                     *traced = (new.settings.tracing.clone(), new.settings.langfuse.clone());
                 }
             }
-            lock_alerts(&reload_state.alerts).reconfigure(new.settings.alerts.clone(), running_langfuse);
+            let mut alert_settings = new.settings.alerts.clone();
+            alert_settings.served_at(reload_state.api_addr);
+            lock_alerts(&reload_state.alerts).reconfigure(alert_settings, running_langfuse);
             if new.settings.alerts.delivery != old_delivery {
                 let fresh = Deliverer::start(
                     &new.settings.alerts.delivery,

@@ -251,6 +251,16 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
             b.used_tokens() as f64,
         );
     }
+    w.header_of(&f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT);
+    for (persona, b) in engine.budgets() {
+        if let Some(tokens) = b.soft_limit_tokens() {
+            w.sample(
+                f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT.name,
+                &[("persona", persona)],
+                tokens as f64,
+            );
+        }
+    }
     w.header_of(&f::PERSONA_COST_BUDGET_REMAINING_USD);
     for (persona, b) in engine.budgets() {
         if let Some(left) = b.remaining_cost() {
@@ -381,6 +391,7 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         &f::LANGFUSE_GENERATION_DURATION_SECONDS,
         &m.generation_duration,
     );
+    w.histogram_vec(&f::PROMPT_TOKENS, &m.prompt_tokens);
 
     w.counter_vec(&f::EVENTS_APPLIED_TOTAL, &m.events_applied);
     w.header_of(&f::EVENTS_REJECTED_TOTAL);

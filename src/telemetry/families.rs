@@ -109,6 +109,13 @@ pub const PERSONA_OSCILLATIONS_TOTAL: Family = Family {
     labels: &["chatmode"],
 };
 
+pub const PROMPT_TOKENS: Family = Family {
+    name: "hypertool_prompt_tokens",
+    kind: Kind::Histogram,
+    help: "Prompt tokens per LLM call, by persona and model (prompt length monitoring).",
+    labels: &["persona", "model"],
+};
+
 pub const LANGFUSE_GENERATION_DURATION_SECONDS: Family = Family {
     name: "langfuse_generation_duration_seconds",
     kind: Kind::Histogram,
@@ -148,6 +155,13 @@ pub const PERSONA_TOKEN_BUDGET_USED: Family = Family {
     name: "hypertool_persona_token_budget_used",
     kind: Kind::Gauge,
     help: "Tokens used by the persona in the current budget period.",
+    labels: &["persona"],
+};
+
+pub const PERSONA_TOKEN_BUDGET_SOFT_LIMIT: Family = Family {
+    name: "hypertool_persona_token_budget_soft_limit",
+    kind: Kind::Gauge,
+    help: "Tokens at which the persona's budget reaches its soft limit (budgets with a soft_limit only).",
     labels: &["persona"],
 };
 
@@ -390,11 +404,13 @@ pub const ALL: &[Family] = &[
     PERSONA_SWITCHES_SUPPRESSED_TOTAL,
     PERSONA_OSCILLATIONS_TOTAL,
     LANGFUSE_GENERATION_DURATION_SECONDS,
+    PROMPT_TOKENS,
     EVENTS_APPLIED_TOTAL,
     LABEL_VALUES_FOLDED_TOTAL,
     PERSONA_TOKEN_BUDGET_REMAINING,
     PERSONA_TOKEN_BUDGET_LIMIT,
     PERSONA_TOKEN_BUDGET_USED,
+    PERSONA_TOKEN_BUDGET_SOFT_LIMIT,
     PERSONA_COST_BUDGET_REMAINING_USD,
     WORKFLOW_STAGE_RUNNING_SECONDS,
     PERSONA_INFO,

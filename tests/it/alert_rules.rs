@@ -55,7 +55,7 @@ fn promtool_checks_and_tests_the_rules() {
             .to_str()
             .unwrap(),
     ]);
-    assert!(ok && text.contains("7 rules found"), "{text}");
+    assert!(ok && text.contains("8 rules found"), "{text}");
     let (ok, text) = promtool(&[
         "test",
         "rules",

@@ -217,3 +217,106 @@ async fn a_metrics_listener_that_does_not_answer_fires_metrics_not_reported() {
     assert_eq!(a["instances"][0]["labels"]["job"], "hypertool");
     s.stop().await;
 }
+
+/// The links point at the server as it actually listens (here a port chosen at start, not the
+/// configured 8080), and land on an HTML page where the section's anchor exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runbook_links_point_at_the_listening_server_and_jump_to_their_sections() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    for name in [
+        "TokenBudgetExceeded",
+        "LangfuseIntegrationFailing",
+        "TokenBudgetSoftLimitReached",
+    ] {
+        let link = alert(&view, name)["runbook"].as_str().unwrap().to_string();
+        let (page, anchor) = link.split_once('#').unwrap();
+        assert_eq!(page, format!("{}/runbook", s.api), "{link}");
+        let resp = s.http.get(page).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let html = resp.text().await.unwrap();
+        assert!(html.contains(&format!("id=\"{anchor}\"")), "{anchor}");
+    }
+    // The markdown source, for tools.
+    let md = s
+        .http
+        .get(format!("{}/runbook?format=markdown", s.api))
+        .send()
+        .await
+        .unwrap();
+    assert!(md.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/markdown"));
+    assert!(md
+        .text()
+        .await
+        .unwrap()
+        .starts_with("# hypertool Alert Runbook"));
+}
+
+/// `alerts.runbook_url` (a copy that outlives the process) wins over the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_runbook_url_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_edited(
+        dir.path(),
+        &[(
+            "# runbook_url = \"https://wiki.example.com/hypertool/runbook\"",
+            "runbook_url = \"https://wiki.example.com/hypertool/runbook\"",
+        )],
+    )
+    .await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    assert_eq!(
+        alert(&view, "SlowWorkflowStage")["runbook"],
+        "https://wiki.example.com/hypertool/runbook#alert-4-slow-workflow-stage"
+    );
+}
+
+/// The graduated budget alerts in order: soft limit (warning) first, then, once over the budget,
+/// TokenBudgetExceeded takes over and the soft-limit alert resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_limit_alert_fires_before_the_budget_is_spent_and_hands_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let state = s.running.as_ref().unwrap().state.clone();
+    // backend-engineer: 2000 tokens, soft limit 0.8 → 1600.
+    s.post_events(json!([usage("backend-engineer", "c", "m", 1599, 0)]))
+        .await;
+    evaluate_alerts(&state).await;
+    s.clock.advance_secs(120);
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    assert_eq!(
+        alert(&view, "TokenBudgetSoftLimitReached")["state"],
+        "inactive",
+        "1599 of a 1600 soft limit"
+    );
+    s.post_events(json!([usage("backend-engineer", "c", "m", 1, 0)]))
+        .await;
+    evaluate_alerts(&state).await;
+    s.clock.advance_secs(60);
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    let a = alert(&view, "TokenBudgetSoftLimitReached");
+    assert_eq!(a["state"], "firing");
+    assert_eq!(a["instances"][0]["labels"]["persona"], "backend-engineer");
+    assert_eq!(a["instances"][0]["labels"]["severity"], "warning");
+    assert_eq!(a["instances"][0]["value"], 1600.0);
+
+    s.post_events(json!([usage("backend-engineer", "c", "m", 401, 0)]))
+        .await;
+    evaluate_alerts(&state).await;
+    let (_, view) = s.get_json("/api/alerts").await;
+    assert_ne!(
+        alert(&view, "TokenBudgetSoftLimitReached")["state"],
+        "firing"
+    );
+    assert_eq!(alert(&view, "TokenBudgetExceeded")["state"], "pending");
+}
