@@ -264,6 +264,288 @@ pub fn alerts_table(v: &Value) -> String {
     )
 }
 
+/// The verdicts of `GET /api/quality-gates/history` for a terminal: per stage, the failed
+/// criteria, then the verdicts.
+pub fn gates_table(v: &Value) -> String {
+    let mut out = String::new();
+    let stages: Vec<Vec<String>> = v["stages"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    vec![
+                        format!(
+                            "{}/{}",
+                            s["workflow"].as_str().unwrap_or(""),
+                            s["stage"].as_str().unwrap_or("")
+                        ),
+                        s["verdicts"].to_string(),
+                        s["failed"].to_string(),
+                        format!("{:.0} %", s["failure_rate"].as_f64().unwrap_or(0.0) * 100.0),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "quality-gate verdicts from {} to {}\n",
+        v["since"].as_str().unwrap_or("?"),
+        v["until"].as_str().unwrap_or("?")
+    ));
+    out.push_str(&table(&["STAGE", "VERDICTS", "FAILED", "RATE"], &stages));
+    let criteria: Vec<Vec<String>> = v["failed_criteria"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    vec![
+                        c["criterion"].as_str().unwrap_or("").to_string(),
+                        c["failures"].to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !criteria.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["FAILED CRITERION", "FAILURES"], &criteria));
+    }
+    let verdicts: Vec<Vec<String>> = v["verdicts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    vec![
+                        x["at"].as_str().unwrap_or("").to_string(),
+                        format!(
+                            "{}/{}",
+                            x["workflow"].as_str().unwrap_or(""),
+                            x["stage"].as_str().unwrap_or("")
+                        ),
+                        x["run"].as_str().unwrap_or("-").to_string(),
+                        x["attempt"].to_string(),
+                        x["model"].as_str().unwrap_or("").to_string(),
+                        x["result"].as_str().unwrap_or("").to_string(),
+                        x["reasons"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "AT", "STAGE", "RUN", "ATTEMPT", "MODEL", "RESULT", "REASONS",
+        ],
+        &verdicts,
+    ));
+    if v["truncated"] == true {
+        out.push_str("(older verdicts left out: narrow --since or raise --limit)\n");
+    }
+    out
+}
+
+/// `GET /api/budgets/suggestions` for a terminal.
+pub fn suggestions_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["suggestions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    let current = match (s["current_tokens"].as_u64(), s["current_period"].as_str())
+                    {
+                        (Some(t), Some(p)) => format!("{t} {p}"),
+                        _ => "none".into(),
+                    };
+                    vec![
+                        s["persona"].as_str().unwrap_or("").to_string(),
+                        s["days"].to_string(),
+                        s["p95_daily_tokens"].to_string(),
+                        current,
+                        format!("{} daily", s["suggested_daily_tokens"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if rows.is_empty() {
+        return format!(
+            "{}\nno usage before today in the ledger: nothing to suggest yet\n",
+            v["method"].as_str().unwrap_or("")
+        );
+    }
+    format!(
+        "{}\n{}",
+        v["method"].as_str().unwrap_or(""),
+        table(
+            &["PERSONA", "DAYS", "P95/DAY", "CURRENT", "SUGGESTED"],
+            &rows
+        )
+    )
+}
+
+/// `budgets.yml` with each persona's `tokens` set, comments and everything else kept. A persona
+/// without an entry gets one under `personas:`.
+pub fn set_budget_tokens(text: &str, tokens: &[(String, u64)]) -> Result<String, String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let Some(personas_at) = lines.iter().position(|l| l.trim_end() == "personas:") else {
+        return Err("no `personas:` section at the top level".into());
+    };
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let content = |l: &str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
+    for (persona, n) in tokens {
+        // The personas block: the lines after `personas:` until the next top-level key.
+        let end = lines[personas_at + 1..]
+            .iter()
+            .position(|l| content(l) && indent(l) == 0)
+            .map_or(lines.len(), |i| personas_at + 1 + i);
+        let key = format!("{persona}:");
+        let entry = (personas_at + 1..end).find(|i| {
+            let l = &lines[*i];
+            content(l)
+                && indent(l) == 2
+                && l.trim().starts_with(&key)
+                && l.trim()[key.len()..].trim().is_empty()
+        });
+        match entry {
+            Some(at) => {
+                let block_end = lines[at + 1..end]
+                    .iter()
+                    .position(|l| content(l) && indent(l) <= 2)
+                    .map_or(end, |i| at + 1 + i);
+                match (at + 1..block_end).find(|i| lines[*i].trim_start().starts_with("tokens:")) {
+                    Some(t) => {
+                        let pad = " ".repeat(indent(&lines[t]));
+                        // A trailing comment is kept, with the spaces before it.
+                        let comment = lines[t]
+                            .find(" #")
+                            .map(|c| {
+                                let start = lines[t][..c].trim_end().len();
+                                lines[t][start..].to_string()
+                            })
+                            .unwrap_or_default();
+                        lines[t] = format!("{pad}tokens: {n}{comment}");
+                    }
+                    None => lines.insert(at + 1, format!("    tokens: {n}")),
+                }
+            }
+            None => {
+                // After the last content line of the block.
+                let last = (personas_at..end)
+                    .rev()
+                    .find(|i| content(&lines[*i]))
+                    .unwrap_or(personas_at);
+                lines.insert(last + 1, format!("  {persona}:"));
+                lines.insert(last + 2, format!("    tokens: {n}"));
+            }
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    Ok(out)
+}
+
+/// Every query of `alert`'s runbook section, run on Prometheus: `[{title, query, series, result}]`.
+pub async fn prometheus_evidence(
+    prometheus: &str,
+    alert: crate::alerts::rules::AlertId,
+) -> Vec<Value> {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    let base = server_url(prometheus);
+    let mut out = Vec::new();
+    for q in crate::runbook::queries()
+        .into_iter()
+        .filter(|q| q.alert == Some(alert))
+    {
+        let resp = http
+            .get(format!("{base}/api/v1/query"))
+            .query(&[("query", q.expr.as_str())])
+            .send()
+            .await;
+        let entry = match resp {
+            Ok(r) => match r.json::<Value>().await {
+                Ok(v) if v["status"] == "success" => {
+                    let result = v.pointer("/data/result").cloned().unwrap_or(Value::Null);
+                    let series = result.as_array().map_or(0, Vec::len);
+                    serde_json::json!({"title": q.title, "query": q.expr, "series": series,
+                        "result": result.as_array().map(|a| a.iter().take(10).cloned().collect::<Vec<_>>())})
+                }
+                Ok(v) => {
+                    serde_json::json!({"title": q.title, "query": q.expr, "error": v["error"]})
+                }
+                Err(e) => {
+                    serde_json::json!({"title": q.title, "query": q.expr, "error": error_chain(&e)})
+                }
+            },
+            Err(e) => {
+                serde_json::json!({"title": q.title, "query": q.expr, "error": error_chain(&e)})
+            }
+        };
+        out.push(entry);
+    }
+    // The alert's own state in Prometheus.
+    if let Ok(r) = http.get(format!("{base}/api/v1/alerts")).send().await {
+        if let Ok(v) = r.json::<Value>().await {
+            let mine: Vec<Value> = v
+                .pointer("/data/alerts")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter(|x| {
+                            x.pointer("/labels/alertname").and_then(Value::as_str)
+                                == Some(alert.name())
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(serde_json::json!({"title": format!("{} in Prometheus", alert.name()), "query": "GET /api/v1/alerts", "series": mine.len(), "result": mine}));
+        }
+    }
+    out
+}
+
+/// What Prometheus said, for a terminal.
+pub fn prometheus_text(evidence: &[Value]) -> String {
+    let mut s = String::from("\nPrometheus:\n");
+    for e in evidence {
+        s.push_str(&format!(
+            "  {}\n    {}\n",
+            e["title"].as_str().unwrap_or(""),
+            e["query"].as_str().unwrap_or("").replace('\n', " ")
+        ));
+        if let Some(err) = e.get("error") {
+            s.push_str(&format!("    error: {err}\n"));
+            continue;
+        }
+        let rows = e["result"].as_array().cloned().unwrap_or_default();
+        if rows.is_empty() {
+            s.push_str("    (no series)\n");
+        }
+        for r in rows {
+            let labels = r["metric"]
+                .as_object()
+                .or_else(|| r["labels"].as_object())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let value = r["value"][1]
+                .as_str()
+                .or_else(|| r["state"].as_str())
+                .unwrap_or("");
+            s.push_str(&format!("    {{{labels}}} {value}\n"));
+        }
+    }
+    s
+}
+
 /// An error with its causes (reqwest's own message is often just "error sending request").
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -282,6 +564,25 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_tokens_are_set_in_place_keeping_comments() {
+        let text = "# budgets\ndefaults:\n  period: daily\n\npersonas:\n  backend-engineer:\n    tokens: 2000  # main\n    mode: block\n  data-scientist:\n    mode: observe\n\n# end\n";
+        let out = set_budget_tokens(
+            text,
+            &[
+                ("backend-engineer".into(), 2500),
+                ("data-scientist".into(), 900),
+                ("new-persona".into(), 100),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "# budgets\ndefaults:\n  period: daily\n\npersonas:\n  backend-engineer:\n    tokens: 2500  # main\n    mode: block\n  data-scientist:\n    tokens: 900\n    mode: observe\n  new-persona:\n    tokens: 100\n\n# end\n"
+        );
+        assert!(set_budget_tokens("defaults: {}\n", &[]).is_err());
+    }
 
     #[test]
     fn a_server_without_scheme_means_http() {

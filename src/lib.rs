@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod doctor;
 pub mod gateway;
 pub mod runbook;
 pub mod server;

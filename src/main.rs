@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 
 use hypertool::alerts::rules::render_rules_yaml;
 use hypertool::alerts::simulate::{self as sim, Scenario, SCENARIOS};
-use hypertool::cli::{alerts_table, budgets_table, personas_table, Client};
+use hypertool::cli::{
+    alerts_table, budgets_table, gates_table, personas_table, suggestions_table, Client,
+};
 use hypertool::config::{self, Source};
 use hypertool::core::budget::{BudgetMode, Period};
 use hypertool::core::clock::SystemClock;
@@ -67,10 +69,17 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         promtool_test: Option<PathBuf>,
     },
-    /// Print the operator runbook, or the section for one alert.
-    Runbook {
-        /// An alert name, e.g. TokenBudgetExceeded.
-        alert: Option<String>,
+    /// The runbook: with no alert, list the alerts; with one, run its investigation against the
+    /// running hypertool (and Prometheus with --prometheus) and rank the root causes by the
+    /// evidence; --print prints the text instead.
+    Runbook(RunbookArgs),
+    /// Every health check at once (configuration, server, ledger, metrics endpoint, upstreams,
+    /// trace destinations, Alertmanager, Prometheus), one line each; exit 1 if any fails.
+    Doctor(DoctorArgs),
+    /// Quality gates of a running server.
+    Gates {
+        #[command(subcommand)]
+        command: GatesCommand,
     },
     /// Alerts of a running server (state, labels, value, since when, runbook link).
     Alerts(ClientArgs),
@@ -123,6 +132,82 @@ struct ClientArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct RunbookArgs {
+    /// An alert name (e.g. TokenBudgetExceeded); none: list the alerts.
+    alert: Option<String>,
+    /// Print the runbook's text (the whole runbook, or the alert's section) instead of
+    /// investigating.
+    #[arg(long)]
+    print: bool,
+    /// Also query this Prometheus (e.g. http://127.0.0.1:9090): the section's PromQL, the alert's
+    /// state there, and for HypertoolMetricsNotReported the target's scrape state.
+    #[arg(long, value_name = "URL")]
+    prometheus: Option<String>,
+    /// How far back the investigation looks: a duration from 1m to 7d (default 1h).
+    #[arg(long, default_value = "1h")]
+    window: String,
+    /// hypertool.toml, for HypertoolMetricsNotReported's checks (where the metrics listener is).
+    #[arg(long, env = "HYPERTOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// The metrics listener to check (default: the configuration's server.metrics_listen).
+    #[arg(long, value_name = "URL")]
+    metrics: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// hypertool.toml to check with (default: ./config/hypertool.toml, else the built-in defaults).
+    #[arg(long, env = "HYPERTOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// The data directory the server uses (checked when the server is not running).
+    #[arg(long, env = "HYPERTOOL_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// The API to check (default: the configuration's server.listen).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// The metrics listener to check (default: the configuration's server.metrics_listen).
+    #[arg(long, value_name = "URL")]
+    metrics: Option<String>,
+    /// Also check this Prometheus's targets of the hypertool job (e.g. http://127.0.0.1:9090).
+    #[arg(long, value_name = "URL")]
+    prometheus: Option<String>,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum GatesCommand {
+    /// Quality-gate verdicts from the ledger: failure rates by stage, the failed criteria, and the
+    /// verdicts (newest last).
+    History {
+        /// Only this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only this stage.
+        #[arg(long)]
+        stage: Option<String>,
+        /// From: a duration back from now (30m, 1h, 7d), an RFC 3339 time, or Unix milliseconds
+        /// (default 1d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Until (same forms as --since; default now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only verdicts with this result: pass or fail.
+        #[arg(long)]
+        result: Option<String>,
+        /// At most this many verdicts, the newest (1 to 10000; default 500).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
 #[derive(Subcommand)]
 enum PersonasCommand {
     /// List personas with their budgets.
@@ -164,6 +249,22 @@ enum BudgetCommand {
     Unset {
         /// The persona (name or alias) whose override to remove.
         persona: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Suggest budgets from the ledger's history: the p95 of daily usage per persona plus 20 %,
+    /// beside the current budget; --apply writes them to budgets.yml (reloaded within seconds).
+    Suggest {
+        /// Look at the last N days (1 to 366; default 90).
+        #[arg(long)]
+        days: Option<u32>,
+        /// Write the suggestions into budgets.yml (personas with a daily budget, or none yet);
+        /// the file is checked before it replaces the old one.
+        #[arg(long)]
+        apply: bool,
+        /// hypertool.toml whose budgets.yml --apply edits (default: ./config/hypertool.toml).
+        #[arg(long, env = "HYPERTOOL_CONFIG")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -385,10 +486,17 @@ fn simulate(
     }
 }
 
-fn runbook(alert: Option<&str>) -> ExitCode {
+async fn runbook(args: RunbookArgs) -> ExitCode {
     use hypertool::alerts::rules::AlertId;
-    let Some(name) = alert else {
-        print!("{}", hypertool::runbook::TEXT);
+    let Some(name) = args.alert.as_deref() else {
+        if args.print {
+            print!("{}", hypertool::runbook::TEXT);
+        } else {
+            println!("The runbook's alerts (hypertool runbook ALERT runs one's investigation; --print shows its section):");
+            for id in AlertId::ALL {
+                println!("  {:<32} {}", id.name(), hypertool::runbook::summary(id));
+            }
+        }
         return ExitCode::SUCCESS;
     };
     let Some(id) = AlertId::from_name(name) else {
@@ -399,10 +507,203 @@ fn runbook(alert: Option<&str>) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    match hypertool::runbook::section(id) {
-        Some(text) => println!("{text}"),
-        None => print!("{}", hypertool::runbook::TEXT),
+    if args.print {
+        match hypertool::runbook::section(id) {
+            Some(text) => println!("{text}"),
+            None => print!("{}", hypertool::runbook::TEXT),
+        }
+        return ExitCode::SUCCESS;
     }
+    let report = if id == AlertId::HypertoolMetricsNotReported {
+        let target = hypertool::doctor::Target {
+            config: args.config.clone(),
+            data_dir: PathBuf::from("data"),
+            server: Some(args.client.server.clone()),
+            metrics: args.metrics.clone(),
+            prometheus: args.prometheus.clone(),
+            api_key: None,
+        };
+        serde_json::to_value(hypertool::doctor::metrics_investigation(&target).await)
+            .unwrap_or(Value::Null)
+    } else {
+        let key = std::env::var(&args.client.api_key_env)
+            .ok()
+            .filter(|k| !k.trim().is_empty());
+        let path = format!(
+            "/api/investigations/{}?window={}",
+            id.name(),
+            encode(&args.window)
+        );
+        match Client::new(&args.client.server, key)
+            .call(reqwest::Method::GET, &path, None)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let prometheus = match &args.prometheus {
+        Some(p) => Some(hypertool::cli::prometheus_evidence(p, id).await),
+        None => None,
+    };
+    if args.client.json {
+        let doc = json!({ "investigation": report, "prometheus": prometheus });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        print!("{}", hypertool::runbook::investigate::text_of(&report));
+        if let Some(p) = &prometheus {
+            print!("{}", hypertool::cli::prometheus_text(p));
+        }
+        println!(
+            "\nRunbook: hypertool runbook {} --print, or {}/runbook#{}",
+            id.name(),
+            hypertool::cli::server_url(&args.client.server),
+            id.runbook_anchor()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn doctor(args: DoctorArgs) -> ExitCode {
+    let target = hypertool::doctor::Target {
+        config: args.config,
+        data_dir: args.data_dir,
+        server: args.server,
+        metrics: args.metrics,
+        prometheus: args.prometheus,
+        api_key: None,
+    };
+    let checks = hypertool::doctor::doctor(&target).await;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&checks).unwrap_or_default()
+        );
+    } else {
+        for c in &checks {
+            println!("{}", c.line());
+        }
+    }
+    let failed = checks
+        .iter()
+        .filter(|c| c.status == hypertool::runbook::investigate::Status::Fail)
+        .count();
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        if !args.json {
+            eprintln!("{failed} check(s) failed");
+        }
+        ExitCode::from(1)
+    }
+}
+
+async fn budget_suggest(
+    days: Option<u32>,
+    apply: bool,
+    config: Option<PathBuf>,
+    client: ClientArgs,
+) -> ExitCode {
+    let key = std::env::var(&client.api_key_env)
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    let path = match days {
+        Some(d) => format!("/api/budgets/suggestions?days={d}"),
+        None => "/api/budgets/suggestions".to_string(),
+    };
+    let v = match Client::new(&client.server, key)
+        .call(reqwest::Method::GET, &path, None)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if client.json && !apply {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", suggestions_table(&v));
+    if !apply {
+        return ExitCode::SUCCESS;
+    }
+    let source = Source::discover(config.as_deref());
+    let Source::File(toml) = &source else {
+        eprintln!("error: the built-in defaults have no budgets.yml to write\n  fix: pass --config with the hypertool.toml the server runs with");
+        return ExitCode::from(2);
+    };
+    let cfg = match config::load(&source) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    let file = toml
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(&cfg.settings.budgets_file);
+    let mut changes = Vec::new();
+    for s in v["suggestions"].as_array().cloned().unwrap_or_default() {
+        let (Some(persona), Some(tokens)) =
+            (s["persona"].as_str(), s["suggested_daily_tokens"].as_u64())
+        else {
+            continue;
+        };
+        match s["current_period"].as_str() {
+            None | Some("daily") => changes.push((persona.to_string(), tokens)),
+            Some(other) => println!(
+                "{persona}: not changed (its budget is {other}; the suggestion is per day)"
+            ),
+        }
+    }
+    let old = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let new = match hypertool::cli::set_budget_tokens(&old, &changes) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    // Written beside, checked, then moved into place: a bad edit never reaches the server.
+    let staged = file.with_extension("yml.suggested");
+    if let Err(e) = std::fs::write(&staged, &new) {
+        eprintln!("error: cannot write {}: {e}", staged.display());
+        return ExitCode::from(1);
+    }
+    let checked =
+        config::budgets::resolve_budgets(&staged.display().to_string(), Some(&new), &cfg.personas);
+    if let Err(errors) = checked {
+        let _ = std::fs::remove_file(&staged);
+        for e in errors {
+            eprintln!("{e}");
+        }
+        eprintln!(
+            "error: the edited budgets.yml would not load; {} is unchanged",
+            file.display()
+        );
+        return ExitCode::from(1);
+    }
+    if let Err(e) = std::fs::rename(&staged, &file) {
+        eprintln!("error: cannot replace {}: {e}", file.display());
+        return ExitCode::from(1);
+    }
+    println!(
+        "wrote {} budget(s) to {} (the server reloads it within seconds)",
+        changes.len(),
+        file.display()
+    );
     ExitCode::SUCCESS
 }
 
@@ -498,7 +799,40 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Check { config } => check(config),
         Command::Rules { config } => rules(config),
-        Command::Runbook { alert } => runbook(alert.as_deref()),
+        Command::Runbook(args) => runbook(args).await,
+        Command::Doctor(args) => doctor(args).await,
+        Command::Gates {
+            command:
+                GatesCommand::History {
+                    workflow,
+                    stage,
+                    since,
+                    until,
+                    result,
+                    limit,
+                    client,
+                },
+        } => {
+            let mut params = Vec::new();
+            for (k, v) in [
+                ("workflow", workflow),
+                ("stage", stage),
+                ("since", since),
+                ("until", until),
+                ("result", result),
+                ("limit", limit.map(|l| l.to_string())),
+            ] {
+                if let Some(v) = v {
+                    params.push(format!("{k}={}", encode(&v)));
+                }
+            }
+            let path = if params.is_empty() {
+                "/api/quality-gates/history".to_string()
+            } else {
+                format!("/api/quality-gates/history?{}", params.join("&"))
+            };
+            client_command(&client, Method::GET, &path, None, gates_table).await
+        }
         Command::Simulate {
             scenario,
             config,
@@ -544,6 +878,12 @@ async fn main() -> ExitCode {
                 let path = format!("/api/budgets/{}", encode(&persona));
                 client_command(&client, Method::DELETE, &path, None, budgets_table).await
             }
+            BudgetCommand::Suggest {
+                days,
+                apply,
+                config,
+                client,
+            } => budget_suggest(days, apply, config, client).await,
             BudgetCommand::Reset { persona, client } => {
                 let path = format!("/api/budgets/{}/reset", encode(&persona));
                 client_command(&client, Method::POST, &path, None, budgets_table).await

@@ -267,6 +267,14 @@ impl BudgetState {
         self.used_cost = cost;
     }
 
+    /// Tokens recorded from `from` to `to` (whole UTC hours; the last 32 days since the last reset).
+    pub fn usage_between(&self, from: UnixMillis, to: UnixMillis) -> u64 {
+        self.hourly
+            .range(floor_to(from, HOUR_MS)..to)
+            .map(|(_, (tokens, _))| *tokens)
+            .sum()
+    }
+
     pub fn used_tokens(&self) -> u64 {
         self.used_tokens
     }

@@ -684,6 +684,8 @@ impl Engine {
                 unsettled.remove(call);
                 foreign_calls.remove(call);
             }
+            // History for the runbook's investigation; nothing to count.
+            Event::GateChanged { .. } => {}
             Event::SwitchSuppressed {
                 chatmode, reason, ..
             } => {
@@ -1354,6 +1356,7 @@ mod tests {
                 session: None,
                 cost_usd: None,
                 duration_seconds: None,
+                prompt_hash: None,
                 estimated: false,
                 call: None,
             }),

@@ -64,6 +64,17 @@ pub enum Event {
     CallReleased {
         call: String,
     },
+    /// A stage's quality gate changed in the configuration (seen at a reload, or at a start after
+    /// the files changed while hypertool was down): what it was and what it is, as
+    /// `GET /v1/workflows` shows them (`None`: no gate).
+    GateChanged {
+        workflow: String,
+        stage: String,
+        #[serde(default)]
+        before: Option<serde_json::Value>,
+        #[serde(default)]
+        after: Option<serde_json::Value>,
+    },
 }
 
 /// What a gateway call was admitted with.
@@ -103,6 +114,7 @@ impl CallAdmission {
             run: self.run.clone(),
             cost_usd: self.cost_usd,
             duration_seconds: None,
+            prompt_hash: None,
             estimated: true,
             call: Some(self.call.clone()),
         }
@@ -151,6 +163,10 @@ pub struct Usage {
     /// How long the LLM call took (feeds `langfuse_generation_duration_seconds{model}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<f64>,
+    /// A digest of the prompt (the gateway: SHA-256 of the messages, 32 hex digits), so that
+    /// repeated identical prompts can be found in the ledger without keeping the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_hash: Option<String>,
     /// The token counts were estimated with a tokenizer (the upstream gave no usage, or the client
     /// went away mid-stream), not reported by the upstream.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -220,6 +236,7 @@ impl Event {
             Event::Usage(_) => "usage",
             Event::CallAdmitted(_) => "call_admitted",
             Event::CallReleased { .. } => "call_released",
+            Event::GateChanged { .. } => "gate_changed",
             Event::PersonaSwitch(_) => "persona_switch",
             Event::Stage(_) => "stage",
             Event::BudgetReset { .. } => "budget_reset",

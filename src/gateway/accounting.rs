@@ -12,6 +12,19 @@ pub(super) fn counted_prompt(request: &Map<String, Value>) -> u64 {
         .unwrap_or(0)
 }
 
+/// The prompt's digest kept in the ledger: SHA-256 of the messages as JSON (serde_json writes an
+/// object's keys in order, so equal prompts give equal text), 32 hex digits.
+pub(super) fn prompt_digest(messages: Option<&Value>) -> Option<String> {
+    let text = messages?.to_string();
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    Some(
+        digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
 pub(super) fn usage_of(v: &Value) -> Option<(u64, u64)> {
     let u = v.get("usage")?;
     Some((
@@ -41,6 +54,7 @@ pub(super) fn usage_event(
         session: meta.session.clone(),
         cost_usd: meta.route.prices.map(|p| p.cost(prompt, completion)),
         duration_seconds: Some(started.elapsed().as_secs_f64()),
+        prompt_hash: meta.prompt_hash.clone(),
         estimated,
         call: meta.call_id.clone(),
     });

@@ -115,6 +115,7 @@ pub async fn chat_completions(
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let mut meta = CallMeta::new(&settings, &headers, persona, route, prompt_estimate);
+    meta.prompt_hash = accounting::prompt_digest(request.get("messages"));
     meta.workflow = workflow_name;
     meta.stage_call = stage_call;
     scope_request_tools(&state, &settings, &meta.persona, &mut request, &mut notes)?;
@@ -266,6 +267,7 @@ pub async fn embeddings(
     let persona = attributed_persona(&settings, &headers, key);
     let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
     let mut meta = CallMeta::new(&settings, &headers, persona, route, estimate);
+    meta.prompt_hash = accounting::prompt_digest(request.get("input"));
     meta.trace = trace::CallTrace::begin(&state, &headers, None);
     let traced = meta.trace.is_some().then(|| meta.clone());
     let result = embed(

@@ -288,6 +288,8 @@ struct CallMeta {
     trace: Option<trace::CallTrace>,
     /// The admission record (`Event::CallAdmitted`) the usage of the current attempt settles.
     call_id: Option<String>,
+    /// The prompt's digest, for the ledger (repeated prompts: the runbook's "inefficient caching").
+    prompt_hash: Option<String>,
 }
 
 impl CallMeta {
@@ -317,6 +319,7 @@ impl CallMeta {
             stage_call: None,
             trace: None,
             call_id: None,
+            prompt_hash: None,
         }
     }
 }

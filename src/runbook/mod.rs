@@ -5,6 +5,8 @@
 
 use std::sync::OnceLock;
 
+pub mod investigate;
+
 use pulldown_cmark::{CowStr, Event, Options, Parser, Tag, TagEnd};
 
 use crate::alerts::rules::AlertId;
@@ -101,6 +103,26 @@ pub fn section(id: AlertId) -> Option<&'static str> {
     Some(rest[..end].trim_end().trim_end_matches("---").trim_end())
 }
 
+/// One line on what the alert means: the first sentence of its description ("Fires when …").
+pub fn summary(id: AlertId) -> String {
+    let Some(section) = section(id) else {
+        return String::new();
+    };
+    let text: String = section
+        .split("\n\n")
+        .find(|p| p.starts_with("Fires when"))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let end = [text.find(" ("), text.find(". ")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(text.len());
+    text[..end].trim_end_matches('.').to_string()
+}
+
 /// A PromQL query of the runbook: the comment line above it, and the query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Query {
@@ -185,6 +207,7 @@ mod tests {
                 "section of {} does not name it",
                 id.name()
             );
+            assert!(summary(id).starts_with("Fires when"), "{}", id.name());
             assert!(
                 section.contains(&format!("hypertool runbook {}", id.name())),
                 "section of {} does not run its investigation",

@@ -385,6 +385,7 @@ pub fn parse_event(
                 "session",
                 "cost_usd",
                 "duration_seconds",
+                "prompt_hash",
                 "estimated",
                 "timestamp",
             ])?;
@@ -411,6 +412,8 @@ pub fn parse_event(
                 session: f.opt_label("session", NameField::Session)?,
                 cost_usd: f.bounded("cost_usd", false, MAX_COST_PER_EVENT_USD)?,
                 duration_seconds: f.bounded("duration_seconds", false, MAX_DURATION_SECONDS)?,
+                // Any digest the client keeps (1–256 bytes, no control characters).
+                prompt_hash: f.opt_label("prompt_hash", NameField::Session)?,
                 estimated,
                 // Only the gateway settles its own calls.
                 call: None,

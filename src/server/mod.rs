@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod events;
+pub mod insight;
 pub mod listener;
 pub mod personas;
 pub mod routes;
@@ -120,6 +121,12 @@ pub struct AppInner {
     pub generator_url: String,
     /// The address the API listener is bound to (the runbook links point here).
     pub api_addr: SocketAddr,
+    /// Reads the ledger beside the writer (investigations, gate history, budget suggestions).
+    pub reader: crate::store::reader::LedgerReader,
+    /// `[langfuse]` as started with (its destinations change at a restart only).
+    pub langfuse: crate::config::settings::LangfuseSettings,
+    /// The gates in force, to record what a reload changes.
+    pub gates: Arc<insight::GateBaseline>,
     pub delivery_stats: Arc<DeliveryStats>,
     pub writer: WriterHandle,
     pub clock: Arc<dyn Clock>,
@@ -282,6 +289,10 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         None => opts.data_dir.join("hypertool.db").display().to_string(),
     };
     let recover_from = snapshots.clone();
+    let reader = match &cfg.settings.ledger.url {
+        Some(url) => crate::store::reader::LedgerReader::Postgres(url.clone()),
+        None => crate::store::reader::LedgerReader::Sqlite(db_path.clone()),
+    };
     let (ledger, recovered) = tokio::task::spawn_blocking(move || {
         let ledger: Box<dyn Ledger> = match &settings.ledger.url {
             Some(url) => Box::new(crate::store::postgres::PostgresLedger::open(
@@ -347,6 +358,18 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         },
     );
     settle_cut_off_calls(&engine, &writer).await?;
+    // Gates changed while hypertool was down are recorded now; reloads record theirs.
+    let recorded = {
+        let reader = reader.clone();
+        tokio::task::spawn_blocking(move || insight::recorded_gates(&reader))
+            .await
+            .map_err(|e| StartError::Ledger(LedgerError::new("start", e)))??
+    };
+    let (gate_baseline, gate_changes) =
+        insight::GateBaseline::start(&cfg.workflows, &recorded, clock.now_ms());
+    if !gate_changes.is_empty() {
+        writer.append(gate_changes).await?;
+    }
     let stats = Arc::new(ServerStats {
         last_reload_ok: AtomicBool::new(true),
         ..ServerStats::default()
@@ -404,6 +427,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         tracer: tracer.clone(),
         generator_url,
         api_addr,
+        reader,
+        langfuse: cfg.settings.langfuse.clone(),
+        gates: Arc::new(gate_baseline),
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
         engine: engine.clone(),
@@ -592,6 +618,15 @@ fn spawn_background(
             reload_state
                 .gateway
                 .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
+            let gate_changes = reload_state.gates.reload(&new.workflows, now);
+            if !gate_changes.is_empty() {
+                let writer = reload_state.writer.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = writer.append(gate_changes).await {
+                        tracing::warn!("the gate changes of this reload could not be recorded: {e}");
+                    }
+                });
+            }
             reload_state
                 .door
                 .reconfigure(&new.settings.auth, &new.settings.gateway.keys);

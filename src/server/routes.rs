@@ -4,7 +4,7 @@
 
 use axum::routing::{delete, get, post, put, MethodRouter};
 
-use super::{admin, events, personas, workflows, AppState};
+use super::{admin, events, insight, personas, workflows, AppState};
 use crate::web::auth::{Access, RouteAccess};
 
 /// The routes, their access and their handlers.
@@ -103,6 +103,18 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
         ),
         (r("GET", "/api/personas", View), get(admin::list_personas)),
         (r("GET", "/api/budgets", View), get(admin::list_budgets)),
+        (
+            r("GET", "/api/budgets/suggestions", View),
+            get(insight::budget_suggestions),
+        ),
+        (
+            r("GET", "/api/quality-gates/history", View),
+            get(insight::gate_history),
+        ),
+        (
+            r("GET", "/api/investigations/{alert}", View),
+            get(insight::investigation),
+        ),
         (
             r("GET", "/api/budgets/{persona}", ViewOrOwnPersona),
             get(admin::get_budget),

@@ -5,6 +5,7 @@
 //! ledger order, so the in-memory state is always a replay of what is on disk.
 
 pub mod postgres;
+pub mod reader;
 pub mod snapshot;
 pub mod sqlite;
 pub mod writer;
@@ -91,7 +92,9 @@ impl<'a> Columns<'a> {
                 None,
                 None,
             ),
-            Event::CallReleased { .. } => (None, None, None, None, None, None),
+            Event::CallReleased { .. } | Event::GateChanged { .. } => {
+                (None, None, None, None, None, None)
+            }
             Event::RunStarted { .. } | Event::StageFinished { .. } | Event::RunFinished { .. } => {
                 (None, None, None, None, None, None)
             }

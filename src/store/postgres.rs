@@ -21,8 +21,9 @@ use crate::core::budget::BudgetSpec;
 use crate::core::event::{Event, Stamped};
 
 /// Each migration once, in order; never edit one that shipped, add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
     "CREATE TABLE hypertool_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      INSERT INTO hypertool_meta (key, value) VALUES ('ledger_id', md5(random()::text || clock_timestamp()::text));
      CREATE TABLE hypertool_sequence (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), last BIGINT NOT NULL);
@@ -46,7 +47,13 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          spec TEXT NOT NULL,
          updated_at_ms BIGINT NOT NULL
      );",
-)];
+    ),
+    // The runbook's investigations and the gate history read by kind and time.
+    (
+        2,
+        "CREATE INDEX hypertool_events_kind_at ON hypertool_events (kind, at_ms);",
+    ),
+];
 
 /// Every event after a position, in order, with who stored it.
 const EVENTS_AFTER: &str =

@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_persona_at ON events (persona, at_ms);
+CREATE INDEX IF NOT EXISTS events_kind_at ON events (kind, at_ms);
 CREATE TABLE IF NOT EXISTS budget_overrides (
     persona TEXT PRIMARY KEY,
     spec TEXT NOT NULL,

@@ -109,7 +109,12 @@ fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
         ("GET", "/api/oscillations" | "/api/personas" | "/api/budgets" | "/api/alerts") => {
             (path.into(), None)
         }
-        ("GET", "/runbook") => (path.into(), None),
+        ("GET", "/runbook" | "/api/budgets/suggestions" | "/api/quality-gates/history") => {
+            (path.into(), None)
+        }
+        ("GET", "/api/investigations/{alert}") => {
+            ("/api/investigations/TokenBudgetExceeded".into(), None)
+        }
         ("POST", "/v1/chat/completions") => (path.into(), Some(chat)),
         ("POST", "/v1/embeddings") => (
             path.into(),
