@@ -13,6 +13,7 @@ mod events_api;
 mod gateway;
 mod gateway_stages;
 mod metrics_contract;
+mod operator;
 mod persistence;
 mod process;
 mod properties;
