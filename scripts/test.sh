@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every hypertool test, with its set-up, on a fresh Debian machine that has only the Rust toolchain.
 # Installs what the tests need (Debian's prometheus, for prometheus and promtool,
-# prometheus-alertmanager, systemd for systemd-analyze, postgresql, redis-server; PyPI's openai), then runs formatting,
+# prometheus-alertmanager, systemd for systemd-analyze, postgresql, redis-server, chromium; PyPI's openai), then runs formatting,
 # lints and the whole test suite. Services the tests use are started by the tests themselves, on
 # loopback, in temporary directories.
 set -euo pipefail
@@ -16,6 +16,8 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 # ... and their own Redis for the shared response cache.
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The dashboard is tested in a real headless browser, driven over the DevTools protocol.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

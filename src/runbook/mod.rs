@@ -82,7 +82,7 @@ fn render_page(markdown: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>hypertool alert runbook</title><style>{STYLE}</style></head>\
+         <title>hypertool alert runbook</title><link rel=\"icon\" href=\"data:,\"><style>{STYLE}</style></head>\
          <body><main>\n{body}</main></body></html>\n"
     )
 }

@@ -6,6 +6,7 @@
 //! flush the ledger, return — all within `server.shutdown_grace_seconds`.
 
 pub mod admin;
+pub mod dashboard;
 pub mod events;
 pub mod insight;
 pub mod listener;

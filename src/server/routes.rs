@@ -4,7 +4,7 @@
 
 use axum::routing::{delete, get, post, put, MethodRouter};
 
-use super::{admin, events, insight, personas, workflows, AppState};
+use super::{admin, dashboard, events, insight, personas, workflows, AppState};
 use crate::web::auth::{Access, RouteAccess};
 
 /// The routes, their access and their handlers.
@@ -133,6 +133,9 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
         ),
         (r("GET", "/api/alerts", View), get(admin::list_alerts)),
         (r("GET", "/runbook", View), get(admin::runbook)),
+        // The dashboard: a page and the one document it polls.
+        (r("GET", "/", View), get(dashboard::page)),
+        (r("GET", "/api/dashboard", View), get(dashboard::data)),
     ]
 }
 

@@ -171,18 +171,38 @@ impl Keyring {
     }
 }
 
-/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    let bearer = headers
+/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`, else a
+/// browser's `Authorization: Basic` with the key as the password (the user name is ignored).
+pub fn presented_key(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
-        });
+        .and_then(|v| v.trim().split_once(' '));
+    let bearer = authorization
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, rest)| Cow::Borrowed(rest.trim()));
+    let basic = || {
+        let (scheme, rest) = authorization?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (_, password) = text.split_once(':')?;
+        Some(Cow::Owned(password.trim().to_string()))
+    };
     bearer
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim)
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(|k| Cow::Borrowed(k.trim()))
+        })
+        .or_else(basic)
         .filter(|k| !k.is_empty())
 }
 
@@ -312,7 +332,7 @@ impl Door {
                 "this route needs a key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)",
             ));
         };
-        let Some(caller) = keyring.identify(presented) else {
+        let Some(caller) = keyring.identify(&presented) else {
             self.count("unknown_key");
             return Err(unauthorized("the key is not known to this hypertool"));
         };
@@ -422,7 +442,7 @@ impl MetricsGate {
         if !self.required() {
             return true;
         }
-        let Some(presented) = presented_key(headers).map(KeyHash::of) else {
+        let Some(presented) = presented_key(headers).map(|k| KeyHash::of(&k)) else {
             return false;
         };
         let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
@@ -459,12 +479,19 @@ mod tests {
     }
 
     #[test]
-    fn bearer_and_x_api_key() {
+    fn bearer_x_api_key_and_a_browsers_basic() {
         let mut h = HeaderMap::new();
         assert_eq!(presented_key(&h), None);
         h.insert("x-api-key", "k1".parse().unwrap());
-        assert_eq!(presented_key(&h), Some("k1"));
+        assert_eq!(presented_key(&h).as_deref(), Some("k1"));
         h.insert(header::AUTHORIZATION, "bearer  k2 ".parse().unwrap());
-        assert_eq!(presented_key(&h), Some("k2"));
+        assert_eq!(presented_key(&h).as_deref(), Some("k2"));
+        // base64("viewer:k3"); x-api-key wins over Basic.
+        h.insert(header::AUTHORIZATION, "Basic dmlld2VyOmsz".parse().unwrap());
+        assert_eq!(presented_key(&h).as_deref(), Some("k1"));
+        h.remove("x-api-key");
+        assert_eq!(presented_key(&h).as_deref(), Some("k3"));
+        h.insert(header::AUTHORIZATION, "Basic !!!".parse().unwrap());
+        assert_eq!(presented_key(&h), None);
     }
 }

@@ -215,6 +215,16 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
         }
+        if self.kind == ErrorKind::Unauthorized {
+            // A browser (the dashboard, the runbook page) asks for the key: any user name, the
+            // key as the password. API clients send `Authorization: Bearer`.
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(
+                    "Basic realm=\"hypertool\", charset=\"UTF-8\"",
+                ),
+            );
+        }
         resp
     }
 }

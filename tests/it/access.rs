@@ -109,9 +109,14 @@ fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
         ("GET", "/api/oscillations" | "/api/personas" | "/api/budgets" | "/api/alerts") => {
             (path.into(), None)
         }
-        ("GET", "/runbook" | "/api/budgets/suggestions" | "/api/quality-gates/history") => {
-            (path.into(), None)
-        }
+        (
+            "GET",
+            "/"
+            | "/runbook"
+            | "/api/dashboard"
+            | "/api/budgets/suggestions"
+            | "/api/quality-gates/history",
+        ) => (path.into(), None),
         ("GET", "/api/investigations/{alert}") => {
             ("/api/investigations/TokenBudgetExceeded".into(), None)
         }

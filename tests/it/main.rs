@@ -6,6 +6,7 @@ mod alert_rules;
 mod bad_input;
 mod common;
 mod config_reload;
+mod dashboard;
 mod delivery;
 mod disk_faults;
 mod embedded_alerts;

@@ -1,0 +1,145 @@
+//! The built-in dashboard: `GET /` (one self-contained HTML page: no external resources, it works
+//! offline) and `GET /api/dashboard` (everything it shows, in one JSON document it polls).
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::response::{Html, IntoResponse};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{lock, lock_alerts, AppState};
+use crate::alerts::promql::bucket_quantile;
+use crate::core::clock::to_rfc3339;
+
+/// The page (see `src/server/dashboard.html`).
+pub async fn page() -> impl IntoResponse {
+    Html(include_str!("dashboard.html"))
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// `GET /api/dashboard`.
+pub async fn data(State(state): State<AppState>) -> Json<Value> {
+    let now = state.clock.now_ms();
+    let alerts = lock_alerts(&state.alerts).view();
+    let (cache_results, tokens_saved) = state.gateway.cache.stats();
+    let mut engine = lock(&state.engine);
+    engine.tick(now);
+    let m = engine.metrics();
+
+    // Budgets: bars, burn-down (remaining at the end of each hour of the period) and the ETA at
+    // the pace of the last hour.
+    let personas: Vec<Value> = engine
+        .budgets()
+        .iter()
+        .map(|(persona, b)| {
+            let start = b.period_start().max(now - 48 * HOUR_MS);
+            let mut burn = Vec::new();
+            let mut hour = start - start.rem_euclid(HOUR_MS);
+            let before = b.used_tokens() as i64 - b.usage_between(start, now + 1) as i64;
+            let mut used = before.max(0);
+            burn.push(json!({"at": to_rfc3339(start), "remaining": b.spec.tokens as i64 - used}));
+            while hour < now {
+                let next = (hour + HOUR_MS).min(now);
+                used += b.usage_between(hour, hour + HOUR_MS) as i64;
+                burn.push(json!({"at": to_rfc3339(next), "remaining": b.spec.tokens as i64 - used}));
+                hour += HOUR_MS;
+            }
+            let last_hour = b.usage_between(now - HOUR_MS, now + 1) as f64;
+            let remaining = b.remaining_tokens();
+            let depletion = (last_hour > 0.0 && remaining > 0)
+                .then(|| now + (remaining as f64 / last_hour * HOUR_MS as f64) as i64);
+            json!({
+                "persona": persona,
+                "limit": b.spec.tokens,
+                "used": b.used_tokens(),
+                "remaining": remaining,
+                "soft_limit": b.soft_limit_tokens(),
+                "period": b.spec.period.as_str(),
+                "mode": b.spec.mode.as_str(),
+                "resets_at": b.resets_at().map(to_rfc3339),
+                "depletion_at": depletion.map(to_rfc3339),
+                "cost_usd": m.cost_usd.sorted().iter().filter(|(k, _)| &*k[0] == persona.as_str()).map(|(_, v)| v).sum::<f64>(),
+                "burn": burn,
+            })
+        })
+        .collect();
+
+    // Persona transitions (all chatmodes).
+    let mut matrix: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for (k, v) in m.switches.sorted() {
+        *matrix
+            .entry((k[0].to_string(), k[1].to_string()))
+            .or_default() += v;
+    }
+
+    // Stage durations: p95 from the histogram, and what is running now.
+    let mut stage_buckets: BTreeMap<(String, String), (Vec<(f64, f64)>, u64)> = BTreeMap::new();
+    for (k, h) in m.stage_duration.sorted() {
+        let entry = stage_buckets
+            .entry((k[0].to_string(), k[1].to_string()))
+            .or_insert_with(|| {
+                let mut b: Vec<(f64, f64)> =
+                    m.stage_duration.bounds.iter().map(|b| (*b, 0.0)).collect();
+                b.push((f64::INFINITY, 0.0));
+                (b, 0)
+            });
+        for (slot, c) in entry.0.iter_mut().zip(h.cumulative()) {
+            slot.1 += c as f64;
+        }
+        entry.1 += h.count;
+    }
+    let stages: Vec<Value> = stage_buckets
+        .into_iter()
+        .map(|((w, s), (mut buckets, n))| {
+            let p95 = bucket_quantile(0.95, &mut buckets);
+            json!({"workflow": w, "stage": s, "p95_seconds": p95.is_finite().then_some(p95), "ended": n})
+        })
+        .collect();
+    let running: Vec<Value> = engine
+        .runs()
+        .oldest_running()
+        .into_iter()
+        .map(|((w, s), since)| json!({"workflow": w, "stage": s, "age_seconds": (now - since) as f64 / 1000.0}))
+        .collect();
+
+    // Gate pass rates by stage and by model.
+    let mut by_stage: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
+    let mut by_model: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (k, v) in m.quality_gates.sorted() {
+        let pass = &*k[3] == "pass";
+        let s = by_stage
+            .entry((k[0].to_string(), k[1].to_string()))
+            .or_default();
+        let md = by_model.entry(k[2].to_string()).or_default();
+        s.0 += v;
+        md.0 += v;
+        if pass {
+            s.1 += v;
+            md.1 += v;
+        }
+    }
+    let rate = |(n, p): (f64, f64)| if n > 0.0 { Some(p / n) } else { None };
+    let cache: BTreeMap<&str, f64> = cache_results.into_iter().collect();
+    let lookups =
+        cache.get("hit").copied().unwrap_or(0.0) + cache.get("miss").copied().unwrap_or(0.0);
+    Json(json!({
+        "at": to_rfc3339(now),
+        "personas": personas,
+        "alerts": alerts["alerts"],
+        "transitions": matrix.into_iter().map(|((f, t), n)| json!({"from": f, "to": t, "switches": n})).collect::<Vec<_>>(),
+        "stages": stages,
+        "running": running,
+        "gates_by_stage": by_stage.into_iter().map(|((w, s), c)| json!({"workflow": w, "stage": s, "verdicts": c.0, "pass_rate": rate(c)})).collect::<Vec<_>>(),
+        "gates_by_model": by_model.into_iter().map(|(model, c)| json!({"model": model, "verdicts": c.0, "pass_rate": rate(c)})).collect::<Vec<_>>(),
+        "cache": {
+            "hits": cache.get("hit"),
+            "misses": cache.get("miss"),
+            "hit_rate": if lookups > 0.0 { Some(cache.get("hit").copied().unwrap_or(0.0) / lookups) } else { None },
+            "tokens_saved": tokens_saved,
+        },
+        "cost_usd": m.cost_usd.sum(),
+        "tokens": m.tokens.sum(),
+    }))
+}
