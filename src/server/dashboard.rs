@@ -75,7 +75,9 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
     }
 
     // Stage durations: p95 from the histogram, and what is running now.
-    let mut stage_buckets: BTreeMap<(String, String), (Vec<(f64, f64)>, u64)> = BTreeMap::new();
+    // (workflow, stage) → cumulative buckets summed over personas, and the count.
+    type Buckets = (Vec<(f64, f64)>, u64);
+    let mut stage_buckets: BTreeMap<(String, String), Buckets> = BTreeMap::new();
     for (k, h) in m.stage_duration.sorted() {
         let entry = stage_buckets
             .entry((k[0].to_string(), k[1].to_string()))
