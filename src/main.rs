@@ -76,6 +76,13 @@ enum Command {
     /// Every health check at once (configuration, server, ledger, metrics endpoint, upstreams,
     /// trace destinations, Alertmanager, Prometheus), one line each; exit 1 if any fails.
     Doctor(DoctorArgs),
+    /// Write the Grafana dashboards (persona_overview.json, workflow_performance.json), built
+    /// from the runbook's queries, into a directory.
+    Grafana {
+        /// The directory to write them to (created if missing).
+        #[arg(long, default_value = "deploy/grafana")]
+        out: PathBuf,
+    },
     /// Quality gates of a running server.
     Gates {
         #[command(subcommand)]
@@ -801,6 +808,22 @@ async fn main() -> ExitCode {
         Command::Rules { config } => rules(config),
         Command::Runbook(args) => runbook(args).await,
         Command::Doctor(args) => doctor(args).await,
+        Command::Grafana { out } => {
+            if let Err(e) = std::fs::create_dir_all(&out) {
+                eprintln!("error: cannot create {}: {e}", out.display());
+                return ExitCode::from(1);
+            }
+            for (file, dashboard) in hypertool::runbook::grafana::dashboards() {
+                let path = out.join(file);
+                let text = serde_json::to_string_pretty(&dashboard).unwrap_or_default() + "\n";
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!("error: cannot write {}: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+                println!("wrote {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
         Command::Gates {
             command:
                 GatesCommand::History {

@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+pub mod grafana;
 pub mod investigate;
 
 use pulldown_cmark::{CowStr, Event, Options, Parser, Tag, TagEnd};

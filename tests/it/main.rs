@@ -13,6 +13,7 @@ mod embedded_alerts;
 mod events_api;
 mod gateway;
 mod gateway_stages;
+mod grafana;
 mod metrics_contract;
 mod operator;
 mod persistence;
