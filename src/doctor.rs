@@ -244,6 +244,7 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
                             "writable".to_string()
                         },
                     ));
+                    true
                 }
                 Some("ledger_unavailable") => {
                     out.push(Check::new(
@@ -260,17 +261,26 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
                             body["reason"].as_str().unwrap_or("?")
                         ),
                     ));
+                    true
                 }
-                other => out.push(Check::new(
-                    "server",
-                    Status::Fail,
-                    format!(
-                        "{api}/readyz answered {status} {}",
-                        other.unwrap_or("(not hypertool)")
-                    ),
-                )),
+                // Draining, or not hypertool at all: the checks of a server that is not there.
+                Some("draining") => {
+                    out.push(Check::new(
+                        "server",
+                        Status::Fail,
+                        format!("{api} is shutting down (draining)"),
+                    ));
+                    true
+                }
+                _ => {
+                    out.push(Check::new(
+                        "server",
+                        Status::Fail,
+                        format!("{api}/readyz answered {status} without hypertool's readiness: another program holds the address?"),
+                    ));
+                    false
+                }
             }
-            true
         }
         Err(e) => {
             let procs = serve_processes();
@@ -298,6 +308,23 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
         }
     };
     if !serving {
+        // The ports: free for hypertool to take, or held by something else.
+        if let Some(c) = cfg {
+            for (what, addr) in [
+                ("API port", c.settings.listen),
+                ("metrics port", c.settings.metrics_listen),
+            ] {
+                out.push(match std::net::TcpListener::bind(addr) {
+                    Ok(_) => Check::new(what, Status::Ok, format!("{addr} is free for hypertool")),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Check::new(
+                        what,
+                        Status::Fail,
+                        format!("{addr} is held by another process (`ss -ltnp 'sport = :{}'` names it): hypertool cannot start there", addr.port()),
+                    ),
+                    Err(e) => Check::new(what, Status::Fail, format!("{addr}: {e}")),
+                });
+            }
+        }
         // The ledger as the server would open it.
         match cfg.and_then(|c| c.settings.ledger.url.clone()) {
             Some(url) => {

@@ -575,3 +575,148 @@ async fn doctor_and_the_runbook_command_as_an_operator_runs_them() {
         "fail"
     );
 }
+
+/// With hypertool down and its configured port taken by another program, doctor names the port
+/// and the holder's answer, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_a_port_held_by_another_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let held = squatter.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(squatter, axum::Router::new()).await.unwrap();
+    });
+    let free = free_port();
+    let toml = config_copy(dir.path());
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let text = text
+        .replacen(
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"{held}\""),
+            1,
+        )
+        .replacen(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            &format!("metrics_listen = \"127.0.0.1:{free}\""),
+            1,
+        );
+    assert!(text.contains(&held.to_string()) && text.contains(&free.to_string()));
+    std::fs::write(&toml, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["doctor", "--config", toml.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL server:") && text.contains("without hypertool's readiness"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("FAIL API port: {held} is held by another process")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("ok   metrics port: 127.0.0.1:{free} is free")),
+        "{text}"
+    );
+    assert!(
+        text.contains("ok   ledger:") && text.contains("is writable"),
+        "{text}"
+    );
+}
+
+/// Langfuse refusing the keys: the investigation calls it with them, says so, ranks wrong
+/// credentials first, and never shows a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_langfuse_investigation_makes_an_authenticated_test_call() {
+    use axum::http::{HeaderMap, StatusCode};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = format!("http://{}", listener.local_addr().unwrap());
+    // Accepts only pk-lf-right:sk-lf-right (base64 "pk-lf-right:sk-lf-right").
+    let app = axum::Router::new().route(
+        "/api/public/projects",
+        axum::routing::get(|headers: HeaderMap| async move {
+            let ok = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v == "Basic cGstbGYtcmlnaHQ6c2stbGYtcmlnaHQ=");
+            if ok {
+                (StatusCode::OK, "{\"data\":[]}")
+            } else {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    "{\"message\":\"Invalid credentials\"}",
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    std::env::set_var("HYPERTOOL_TEST_OPS_LF_PK", "pk-lf-wrong");
+    std::env::set_var("HYPERTOOL_TEST_OPS_LF_SK", "sk-lf-wrong-secret");
+    std::env::set_var("HYPERTOOL_TEST_OPS_LF_PK2", "pk-lf-right");
+    std::env::set_var("HYPERTOOL_TEST_OPS_LF_SK2", "sk-lf-right");
+    for (pk, sk, first) in [
+        (
+            "HYPERTOOL_TEST_OPS_LF_PK",
+            "HYPERTOOL_TEST_OPS_LF_SK",
+            "Wrong credentials",
+        ),
+        (
+            "HYPERTOOL_TEST_OPS_LF_PK2",
+            "HYPERTOOL_TEST_OPS_LF_SK2",
+            "accepted",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = start_edited(
+            dir.path(),
+            &[
+                (
+                    "host = \"https://cloud.langfuse.com\"",
+                    &format!("host = \"{host}\""),
+                ),
+                (
+                    "public_key_env = \"LANGFUSE_PUBLIC_KEY\"",
+                    &format!("public_key_env = \"{pk}\""),
+                ),
+                (
+                    "secret_key_env = \"LANGFUSE_SECRET_KEY\"",
+                    &format!("secret_key_env = \"{sk}\""),
+                ),
+            ],
+        )
+        .await;
+        let (status, r) = s
+            .get_json("/api/investigations/LangfuseIntegrationFailing")
+            .await;
+        assert_eq!(status, 200);
+        let text = r.to_string();
+        assert!(
+            !text.contains("sk-lf-wrong-secret") && !text.contains("sk-lf-right\""),
+            "a key leaked: {text}"
+        );
+        let vars = finding(&r, "variables")["found"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            vars.contains(&format!("{pk} set")) && vars.contains(&format!("{sk} set")),
+            "{vars}"
+        );
+        let call = &finding(&r, "authenticated test call");
+        if first == "accepted" {
+            assert_eq!(call["status"], "ok", "{r}");
+            assert_eq!(cause(&r, "Wrong credentials")["score"], 0.0);
+        } else {
+            assert_eq!(
+                call["data"],
+                json!({"result": "refused", "status": 401}),
+                "{r}"
+            );
+            assert_eq!(r["causes"][0]["cause"], first, "{r}");
+        }
+        s.stop().await;
+    }
+}
