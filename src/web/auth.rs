@@ -11,6 +11,9 @@
 //! (`[[server.viewer_keys]]`) may read `/api/*`, alerts and the runbook. With no key configured at
 //! all, every caller is an admin: hypertool then refuses to listen off loopback (see `server`).
 //!
+//! A key comes as `Authorization: Bearer`, `x-api-key`, or — for a browser on the dashboard or the
+//! runbook page — as the password of `Authorization: Basic` (a 401 carries the Basic challenge).
+//!
 //! Keys are kept only as SHA-256 digests and compared in constant time against every known key (no
 //! early exit), so neither a log line nor the time an answer takes says anything about a key.
 
