@@ -533,23 +533,14 @@ async fn runbook(args: RunbookArgs) -> ExitCode {
         serde_json::to_value(hypertool::doctor::metrics_investigation(&target).await)
             .unwrap_or(Value::Null)
     } else {
-        let key = std::env::var(&args.client.api_key_env)
-            .ok()
-            .filter(|k| !k.trim().is_empty());
         let path = format!(
             "/api/investigations/{}?window={}",
             id.name(),
             encode(&args.window)
         );
-        match Client::new(&args.client.server, key)
-            .call(reqwest::Method::GET, &path, None)
-            .await
-        {
+        match get(&args.client, &path).await {
             Ok(v) => v,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         }
     };
     let prometheus = match &args.prometheus {
@@ -614,22 +605,13 @@ async fn budget_suggest(
     config: Option<PathBuf>,
     client: ClientArgs,
 ) -> ExitCode {
-    let key = std::env::var(&client.api_key_env)
-        .ok()
-        .filter(|k| !k.trim().is_empty());
     let path = match days {
         Some(d) => format!("/api/budgets/suggestions?days={d}"),
         None => "/api/budgets/suggestions".to_string(),
     };
-    let v = match Client::new(&client.server, key)
-        .call(reqwest::Method::GET, &path, None)
-        .await
-    {
+    let v = match get(&client, &path).await {
         Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     if client.json && !apply {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -759,6 +741,29 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// One call to the running server with the key from `args`; a failure is printed (exit 1).
+async fn call(
+    args: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, ExitCode> {
+    let key = std::env::var(&args.api_key_env)
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    Client::new(&args.server, key)
+        .call(method, path, body)
+        .await
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        })
+}
+
+async fn get(args: &ClientArgs, path: &str) -> Result<Value, ExitCode> {
+    call(args, reqwest::Method::GET, path, None).await
+}
+
 async fn client_command(
     args: &ClientArgs,
     method: reqwest::Method,
@@ -766,11 +771,7 @@ async fn client_command(
     body: Option<Value>,
     render: fn(&Value) -> String,
 ) -> ExitCode {
-    let key = std::env::var(&args.api_key_env)
-        .ok()
-        .filter(|k| !k.trim().is_empty());
-    let client = Client::new(&args.server, key);
-    match client.call(method, path, body).await {
+    match call(args, method, path, body).await {
         Ok(v) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -779,10 +780,7 @@ async fn client_command(
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
+        Err(code) => code,
     }
 }
 

@@ -961,6 +961,30 @@ pub fn verdicts(events: &[Stamped]) -> Vec<Verdict> {
         .collect()
 }
 
+/// Verdicts and failures per (workflow, stage), and failures per criterion.
+pub type Tally = (
+    BTreeMap<(String, String), (u64, u64)>,
+    BTreeMap<String, u64>,
+);
+
+/// Counts `verdicts` by stage (verdicts, failed) and their failed criteria.
+pub fn tally<'a>(verdicts: impl IntoIterator<Item = &'a Verdict>) -> Tally {
+    let (mut by_stage, mut criteria) = (BTreeMap::new(), BTreeMap::new());
+    for v in verdicts {
+        let e: &mut (u64, u64) = by_stage
+            .entry((v.workflow.clone(), v.stage.clone()))
+            .or_default();
+        e.0 += 1;
+        if v.result == "fail" {
+            e.1 += 1;
+            for c in &v.failed {
+                *criteria.entry(c.clone()).or_default() += 1;
+            }
+        }
+    }
+    (by_stage, criteria)
+}
+
 fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
     let now = ev.now;
     let all = verdicts(&ev.events);
@@ -972,16 +996,7 @@ fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
     let mut scored: Scored = Vec::new();
 
     // 1. Failing stages.
-    let mut by_stage: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    for v in &window {
-        let e = by_stage
-            .entry((v.workflow.clone(), v.stage.clone()))
-            .or_default();
-        e.0 += 1;
-        if v.result == "fail" {
-            e.1 += 1;
-        }
-    }
+    let (by_stage, _) = tally(window.iter().copied());
     let mut failing: Vec<((String, String), u64, u64, f64)> = by_stage
         .iter()
         .map(|(k, (n, f))| (k.clone(), *n, *f, *f as f64 / *n as f64))

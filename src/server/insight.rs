@@ -223,20 +223,7 @@ pub async fn gate_history(
         .filter(|v| q.workflow.as_ref().is_none_or(|w| &v.workflow == w))
         .filter(|v| q.stage.as_ref().is_none_or(|s| &v.stage == s))
         .collect();
-    let mut by_stage: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    let mut criteria: BTreeMap<String, u64> = BTreeMap::new();
-    for v in &verdicts {
-        let e = by_stage
-            .entry((v.workflow.clone(), v.stage.clone()))
-            .or_default();
-        e.0 += 1;
-        if v.result == "fail" {
-            e.1 += 1;
-            for c in &v.failed {
-                *criteria.entry(c.clone()).or_default() += 1;
-            }
-        }
-    }
+    let (by_stage, criteria) = investigate::tally(&verdicts);
     if let Some(r) = &result {
         verdicts.retain(|v| v.result == r);
     }
