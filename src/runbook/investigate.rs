@@ -2071,4 +2071,87 @@ mod tests {
         let r = investigate(AlertId::HighQualityGateFailureRate, &ev);
         assert_eq!(r.causes[0].cause, "Prompt issues", "{}", r.to_text());
     }
+
+    #[test]
+    fn an_oscillating_session_is_an_infinite_loop() {
+        let mut events = Vec::new();
+        for i in 0..40 {
+            let persona = if i % 2 == 0 {
+                "backend-engineer"
+            } else {
+                "testing-specialist"
+            };
+            events.push(Stamped {
+                at: NOW - 600_000 + i * 1000,
+                event: Event::Usage(Usage {
+                    persona: persona.into(),
+                    chatmode: "feature".into(),
+                    model: "m".into(),
+                    prompt_tokens: 10,
+                    session: Some("loop".into()),
+                    ..Usage::default()
+                }),
+            });
+        }
+        let ev = Evidence {
+            now: NOW,
+            window_ms: 3_600_000,
+            events,
+            oscillations: vec![(
+                NOW - 500_000,
+                "loop".into(),
+                "feature".into(),
+                ["backend-engineer".into(), "testing-specialist".into()],
+            )],
+            switch_threshold: 2.0,
+            ..Evidence::default()
+        };
+        let r = investigate(AlertId::ExcessivePersonaSwitching, &ev);
+        assert_eq!(r.causes[0].cause, "Infinite loop", "{}", r.to_text());
+        assert!(
+            r.findings[0].found.starts_with("39 switches"),
+            "{}",
+            r.findings[0].found
+        );
+        assert_eq!(r.findings[0].data[0]["from"], "backend-engineer");
+        assert_eq!(r.findings[0].data[0]["switches"], 20);
+        let missing_state = r
+            .causes
+            .iter()
+            .find(|c| c.cause == "Missing state")
+            .unwrap();
+        assert_eq!(
+            missing_state.score, 1.0,
+            "every switch was inferred: no cooldown applied"
+        );
+    }
+
+    #[test]
+    fn a_stage_left_open_without_calls_is_a_sequential_bottleneck() {
+        let mut runs = crate::core::runs::Runs::new(10);
+        runs.start_run("r1", "incident-response", None, NOW - 3_000_000);
+        runs.start_stage("r1", "diagnosis", Some("devops-engineer"), NOW - 2_000_000);
+        let ev = Evidence {
+            now: NOW,
+            window_ms: 3_600_000,
+            runs: runs.iter().cloned().collect(),
+            slow_threshold_seconds: 300.0,
+            ..Evidence::default()
+        };
+        let r = investigate(AlertId::SlowWorkflowStage, &ev);
+        assert_eq!(r.findings[1].status, Status::Fail, "{}", r.to_text());
+        assert!(
+            r.findings[1]
+                .found
+                .contains("incident-response/diagnosis run r1: 2000s"),
+            "{}",
+            r.findings[1].found
+        );
+        assert_eq!(
+            r.causes[0].cause,
+            "Sequential bottleneck",
+            "{}",
+            r.to_text()
+        );
+    }
 }

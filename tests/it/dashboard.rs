@@ -230,6 +230,43 @@ async fn the_dashboard_shows_the_ledger_updates_itself_and_logs_no_error() {
         ]),
     )
     .await;
+    // A stage left running, and one cached answer out of two lookups.
+    let run: Value = s
+        .http
+        .post(format!("{}/v1/workflows/incident-response/runs", s.api))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let resp = s
+        .http
+        .post(format!(
+            "{}/v1/workflows/incident-response/runs/{}/stages/diagnosis/start",
+            s.api,
+            run["id"].as_str().unwrap()
+        ))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for _ in 0..2 {
+        let resp = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .bearer_auth(crate::access::TESTING_KEY)
+            .json(&json!({"model": "mock/gpt-4o", "temperature": 0,
+                          "messages": [{"role": "user", "content": "the same question"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
     // The page without a key asks for one (a browser then prompts).
     let resp = s.http.get(format!("{}/", s.api)).send().await.unwrap();
     assert_eq!(resp.status(), 401);
@@ -291,6 +328,19 @@ async fn the_dashboard_shows_the_ledger_updates_itself_and_logs_no_error() {
         b.eval(r#"document.querySelector('[data-gate-model="gpt-4o-mini"]').dataset.passRate"#)
             .await,
         "1"
+    );
+    // The running stage and the cache.
+    assert_eq!(
+        b.eval(
+            r#"document.querySelectorAll('[data-running="incident-response/diagnosis"]').length"#
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        b.eval(r#"document.querySelector('[data-kpi="cache-hit-rate"] .value').innerText"#)
+            .await,
+        "50 %"
     );
     // Alerts with their runbook links.
     let link = b
