@@ -218,6 +218,38 @@ mod tests {
         assert!(page.contains("<table>"), "tables render as tables");
     }
 
+    /// It is hypertool's runbook: the original's steps for another system are gone, and the
+    /// features that answer them are named.
+    #[test]
+    fn the_runbook_speaks_of_hypertool_only() {
+        for gone in [
+            "persona_metrics.py",
+            ".augment/",
+            ".cline/",
+            "collector.",
+            "pip install langfuse",
+            "absent(langfuse_trace_created_total)",
+            "CachePrimitive",
+            "restart-hypertool.sh",
+        ] {
+            assert!(!TEXT.contains(gone), "the runbook still says {gone}");
+        }
+        for named in [
+            "hypertool budget set",
+            "budgets.yml",
+            "config/workflows/",
+            "/v1/personas/switch",
+            "/api/oscillations",
+            "/api/alerts",
+            "hypertool doctor",
+            "hypertool budget suggest",
+            "hypertool gates history",
+            "runbook_url",
+        ] {
+            assert!(TEXT.contains(named), "the runbook never mentions {named}");
+        }
+    }
+
     #[test]
     fn repeated_headings_get_numbered_anchors() {
         let page = render_page("# A\n## Impact\n## Impact\n");
