@@ -1,8 +1,16 @@
 //! Gateway overhead benchmark; prints numbers and ratios, asserts nothing.
 //!
-//!   cargo bench --bench gateway
+//!   cargo bench --bench gateway [-- --litellm]
 //!
-//! A minimal OpenAI-compatible upstream runs in this process; the release `hypertool serve` runs as
+//! By default, against independent references (`support/reference.rs`): Debian's `nginx` as the
+//! fixed-answer upstream and, beside hypertool, as a zero-logic reverse proxy (one worker each), with
+//! `hey` as the load generator; `--litellm` adds LiteLLM's proxy (from PyPI, two workers).
+//! hypertool runs with every governance feature on: keys, the ledger, metrics, the embedded alert
+//! engine, and trace export to a live OTLP receiver. Rounds are interleaved (every path in each
+//! round) and each target is printed with its ratio against the reference measured beside it.
+//!
+//! `HYPERTOOL_BENCH=placements` runs the earlier in-process comparison: a minimal OpenAI-compatible
+//! upstream runs in this process; the release `hypertool serve` runs as
 //! a child process in front of it (ledger, metrics and the embedded alert engine on), and so does a
 //! zero-logic proxy (body in, body out, with the same HTTP client as hypertool) for comparison. The
 //! load generator offers 100 and 1,000 requests per second open-loop to the upstream directly,
@@ -45,6 +53,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+#[path = "support/reference.rs"]
+mod reference;
+
 const BODY: &str = r#"{"model":"bench-model","messages":[{"role":"user","content":"Summarise the design of a persona-aware gateway in one line."}]}"#;
 
 fn free_addr() -> SocketAddr {
@@ -54,11 +65,11 @@ fn free_addr() -> SocketAddr {
     }
 }
 
+/// The upstream's one answer (in-process and nginx alike).
+const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"A gateway that attributes every call to a persona."},"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":11,"total_tokens":35}}"#;
+
 async fn upstream_answer() -> ([(&'static str, &'static str); 1], &'static str) {
-    (
-        [("content-type", "application/json")],
-        r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"A gateway that attributes every call to a persona."},"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":11,"total_tokens":35}}"#,
-    )
+    ([("content-type", "application/json")], ANSWER)
 }
 
 /// Pins every thread of process `pid` (or this process when `None`) whose name satisfies `which` to
@@ -602,6 +613,11 @@ fn main() {
 }
 
 async fn run() {
+    let mode = std::env::var("HYPERTOOL_BENCH").unwrap_or_default();
+    if mode.is_empty() || mode == "references" {
+        against_references(std::env::args().any(|a| a == "--litellm")).await;
+        return;
+    }
     // The upstream.
     let upstream_addr = free_addr();
     let listener = match tokio::net::TcpListener::bind(upstream_addr).await {
@@ -778,4 +794,194 @@ async fn run() {
         "hypertool peak RSS over the whole run: {:.1} MB (target <= 100 MB)",
         peak_rss_mb(pid)
     );
+}
+
+/// A live OTLP receiver in this process (reads each request whole, answers 200): its address.
+async fn otlp_receiver() -> SocketAddr {
+    let addr = free_addr();
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => panic!("receiver bind: {e}"),
+    };
+    tokio::spawn(async move {
+        let app = Router::new().route("/v1/traces", post(|_body: Bytes| async { "{}" }));
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+fn vm_kb(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The default run: hypertool against nginx (as upstream and as proxy) and optionally LiteLLM,
+/// with `hey`, in interleaved rounds; prints the table and each target with its ratio.
+async fn against_references(with_litellm: bool) {
+    use reference::{hey, Call, Nginx};
+    reference::ensure_tools();
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("tempdir: {e}"),
+    };
+    let upstream = Nginx::upstream(dir.path(), ANSWER);
+    let proxy = Nginx::proxy(dir.path(), upstream.addr);
+    let receiver = otlp_receiver().await;
+    // Every governance feature on: keys (a persona key for the calls, an admin key), the ledger,
+    // metrics and the embedded alert engine (defaults), trace export to a live receiver.
+    std::env::set_var(
+        "HYPERTOOL_BENCH_ADMIN_KEY",
+        "ht-bench-admin-0123456789abcdef",
+    );
+    std::env::set_var(
+        "HYPERTOOL_BENCH_PERSONA_KEY",
+        "ht-bench-persona-0123456789abcdef",
+    );
+    // HYPERTOOL_BENCH_GOVERNANCE=defaults: no keys and no trace export (to see what they cost).
+    let governed = std::env::var("HYPERTOOL_BENCH_GOVERNANCE").map_or(true, |v| v != "defaults");
+    let extra = if !governed {
+        String::new()
+    } else {
+        format!(
+        "\n[[server.admin_keys]]\nkey_env = \"HYPERTOOL_BENCH_ADMIN_KEY\"\n\n[[gateway.keys]]\nkey_env = \"HYPERTOOL_BENCH_PERSONA_KEY\"\npersona = \"backend-engineer\"\n\n[tracing]\nendpoint = \"http://{receiver}/v1/traces\"\n"
+        )
+    };
+    let http = reqwest::Client::new();
+    let (hypertool, api) =
+        start_hypertool(&http, dir.path(), "governed", upstream.addr, &extra).await;
+    let pid = hypertool.0.id();
+    let body_file = dir.path().join("body.json");
+    if let Err(e) = std::fs::write(&body_file, BODY) {
+        panic!("body: {e}");
+    }
+    let call = |addr: SocketAddr, auth: &str| Call {
+        url: format!("http://{addr}/v1/chat/completions"),
+        body_file: body_file.clone(),
+        headers: vec![format!("Authorization: Bearer {auth}")],
+    };
+    let litellm = if with_litellm {
+        reference::litellm(dir.path(), upstream.addr)
+    } else {
+        None
+    };
+    let mut paths: Vec<(&str, Call)> = vec![
+        ("upstream direct", call(upstream.addr, "none")),
+        (
+            "nginx as a reverse proxy (1 worker)",
+            call(proxy.addr, "none"),
+        ),
+        (
+            if governed {
+                "hypertool (every governance feature on)"
+            } else {
+                "hypertool (defaults: no keys, no trace export)"
+            },
+            call(api, "ht-bench-persona-0123456789abcdef"),
+        ),
+    ];
+    if let Some((_, addr)) = &litellm {
+        paths.push(("LiteLLM proxy (2 workers)", call(*addr, "sk-bench")));
+    }
+    let (direct, nginx_at, ours) = (0, 1, 2);
+    for (_, c) in &paths {
+        let _ = hey(c, 10, Some(200), 1);
+    }
+    let n = paths.len();
+    let mut at100: Vec<Vec<(f64, f64, usize)>> = vec![Vec::new(); n];
+    let mut at1000: Vec<Vec<(f64, f64, usize)>> = vec![Vec::new(); 3];
+    let mut max: Vec<Vec<f64>> = vec![Vec::new(); n];
+    for _ in 0..3 {
+        for (i, (_, c)) in paths.iter().enumerate() {
+            let r = hey(c, 10, Some(100), 5);
+            at100[i].push((r.quantile(0.5), r.quantile(0.99), r.errors));
+        }
+    }
+    for _ in 0..5 {
+        for (i, (_, c)) in paths.iter().take(3).enumerate() {
+            let r = hey(c, 10, Some(1000), 5);
+            at1000[i].push((r.quantile(0.5), r.quantile(0.99), r.errors));
+        }
+    }
+    let rss_1000 = vm_kb(pid, "VmRSS:");
+    for _ in 0..3 {
+        for (i, (_, c)) in paths.iter().enumerate() {
+            max[i].push(hey(c, 64, None, 5).rate());
+        }
+    }
+    let peak = vm_kb(pid, "VmHWM:");
+    let med = |xs: Vec<f64>| median(xs);
+    let p = |rounds: &[(f64, f64, usize)], which: usize| {
+        med(rounds
+            .iter()
+            .map(|r| if which == 0 { r.0 } else { r.1 })
+            .collect())
+    };
+    let errors = |rounds: &[(f64, f64, usize)]| rounds.iter().map(|r| r.2).sum::<usize>();
+    println!("one run, {} cores; hey: 10 workers at a fixed rate, 64 unthrottled; medians over interleaved rounds (3 at 100/s, 5 at 1,000/s, 3 unthrottled)", std::thread::available_parallelism().map_or(1, |c| c.get()));
+    println!("| path | p50 / p99 at 100 req/s (ms) | at 1,000 req/s | max throughput |");
+    println!("|---|---|---|---|");
+    for (i, (name, _)) in paths.iter().enumerate() {
+        let thousand = if i < 3 {
+            format!("{:.2} / {:.2}", p(&at1000[i], 0), p(&at1000[i], 1))
+        } else {
+            "—".into()
+        };
+        println!(
+            "| {name} | {:.2} / {:.2} | {thousand} | {:.0}/s |",
+            p(&at100[i], 0),
+            p(&at100[i], 1),
+            med(max[i].clone())
+        );
+        let e = errors(&at100[i]) + if i < 3 { errors(&at1000[i]) } else { 0 };
+        if e > 0 {
+            println!("|   ({name}: {e} errors at fixed rates) | | | |");
+        }
+    }
+    let (d_max, n_max, h_max) = (
+        med(max[direct].clone()),
+        med(max[nginx_at].clone()),
+        med(max[ours].clone()),
+    );
+    // Added latency: the median over rounds of each round's difference (the rounds interleave).
+    let added = |a: usize, b: usize, which: usize| {
+        med(at1000[a]
+            .iter()
+            .zip(&at1000[b])
+            .map(|(x, y)| if which == 0 { x.0 - y.0 } else { x.1 - y.1 })
+            .collect())
+    };
+    println!();
+    println!("targets:");
+    println!(
+        "  throughput: hypertool {h_max:.0}/s = {:.2} of nginx-as-proxy ({n_max:.0}/s) (target >= 0.85); {:.2} of direct; nginx {:.2} of direct",
+        h_max / n_max,
+        h_max / d_max,
+        n_max / d_max
+    );
+    println!(
+        "  added at 1,000/s: p50 {:.3} ms over nginx-as-proxy (target <= 0.15); p99 {:.3} ms over direct (target <= 1)",
+        added(ours, nginx_at, 0),
+        added(ours, direct, 1)
+    );
+    println!("  RSS: {rss_1000:.1} MB after the 1,000/s rounds (target <= 100); peak {peak:.1} MB after the unthrottled rounds");
+    if paths.len() > 3 {
+        let l_max = med(max[3].clone());
+        println!(
+            "  vs LiteLLM: {:.0}× its throughput ({l_max:.0}/s; target >= 50×); p99 at 100/s {:.0}× lower (target >= 20×)",
+            h_max / l_max,
+            p(&at100[3], 1) / p(&at100[ours], 1)
+        );
+    } else {
+        println!("  vs LiteLLM: not measured (cargo bench --bench gateway -- --litellm)");
+    }
+    println!("  POST /v1/events: see cargo bench --bench ingest (target >= 150k events/s)");
+    drop(litellm);
+    drop(hypertool);
+    drop(proxy);
+    drop(upstream);
 }
