@@ -53,8 +53,6 @@ pub struct Target {
     /// The metrics listener, else the configuration's `server.metrics_listen`.
     pub metrics: Option<String>,
     pub prometheus: Option<String>,
-    /// The key for the API (admin or viewer), when set.
-    pub api_key: Option<String>,
 }
 
 fn client() -> reqwest::Client {

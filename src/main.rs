@@ -528,7 +528,6 @@ async fn runbook(args: RunbookArgs) -> ExitCode {
             server: Some(args.client.server.clone()),
             metrics: args.metrics.clone(),
             prometheus: args.prometheus.clone(),
-            api_key: None,
         };
         serde_json::to_value(hypertool::doctor::metrics_investigation(&target).await)
             .unwrap_or(Value::Null)
@@ -572,7 +571,6 @@ async fn doctor(args: DoctorArgs) -> ExitCode {
         server: args.server,
         metrics: args.metrics,
         prometheus: args.prometheus,
-        api_key: None,
     };
     let checks = hypertool::doctor::doctor(&target).await;
     if args.json {

@@ -27,6 +27,11 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
     let mut engine = lock(&state.engine);
     engine.tick(now);
     let m = engine.metrics();
+    // Cost per persona, summed once over the (persona, chatmode, model) series.
+    let mut cost: BTreeMap<String, f64> = BTreeMap::new();
+    for (k, v) in m.cost_usd.sorted() {
+        *cost.entry(k[0].to_string()).or_default() += v;
+    }
 
     // Budgets: bars, burn-down (remaining at the end of each hour of the period) and the ETA at
     // the pace of the last hour.
@@ -43,7 +48,9 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
             while hour < now {
                 let next = (hour + HOUR_MS).min(now);
                 used += b.usage_between(hour, hour + HOUR_MS) as i64;
-                burn.push(json!({"at": to_rfc3339(next), "remaining": b.spec.tokens as i64 - used}));
+                burn.push(
+                    json!({"at": to_rfc3339(next), "remaining": b.spec.tokens as i64 - used}),
+                );
                 hour += HOUR_MS;
             }
             let last_hour = b.usage_between(now - HOUR_MS, now + 1) as f64;
@@ -60,7 +67,7 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
                 "mode": b.spec.mode.as_str(),
                 "resets_at": b.resets_at().map(to_rfc3339),
                 "depletion_at": depletion.map(to_rfc3339),
-                "cost_usd": m.cost_usd.sorted().iter().filter(|(k, _)| &*k[0] == persona.as_str()).map(|(_, v)| v).sum::<f64>(),
+                "cost_usd": cost.get(persona.as_str()).copied().unwrap_or(0.0),
                 "burn": burn,
             })
         })

@@ -74,9 +74,6 @@ impl LedgerReader {
                     "SELECT at_ms, body FROM events WHERE kind IN ({placeholders}) \
                      AND at_ms >= ? AND at_ms < ? ORDER BY at_ms DESC, seq DESC LIMIT ?"
                 );
-                let mut stmt = conn
-                    .prepare(&sql)
-                    .map_err(|e| LedgerError::new("read", e))?;
                 let mut params: Vec<rusqlite::types::Value> = kinds
                     .iter()
                     .map(|k| rusqlite::types::Value::Text(k.clone()))
@@ -84,14 +81,9 @@ impl LedgerReader {
                 params.push(query.from_ms.into());
                 params.push(query.to_ms.into());
                 params.push(fetch.into());
-                let mapped = stmt
-                    .query_map(rusqlite::params_from_iter(params), |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                    })
-                    .map_err(|e| LedgerError::new("read", e))?;
-                mapped
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| LedgerError::new("read", e))?
+                sqlite_rows(&conn, &sql, rusqlite::params_from_iter(params), |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })?
             }
             LedgerReader::Postgres(url) => {
                 let mut client = connect_postgres(url)?;
@@ -125,20 +117,15 @@ impl LedgerReader {
         let rows: Vec<(String, i64, i64)> = match self {
             LedgerReader::Sqlite(path) => {
                 let conn = open_sqlite(path)?;
-                let mut stmt = conn
-                    .prepare(
-                        "SELECT persona, (at_ms / ?1) * ?1 AS day, \
-                         SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)) \
-                         FROM events WHERE kind = 'usage' AND persona IS NOT NULL \
-                         GROUP BY persona, day ORDER BY persona, day",
-                    )
-                    .map_err(|e| LedgerError::new("read", e))?;
-                let mapped = stmt
-                    .query_map([DAY_MS], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .map_err(|e| LedgerError::new("read", e))?;
-                mapped
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| LedgerError::new("read", e))?
+                sqlite_rows(
+                    &conn,
+                    "SELECT persona, (at_ms / ?1) * ?1 AS day, \
+                     SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)) \
+                     FROM events WHERE kind = 'usage' AND persona IS NOT NULL \
+                     GROUP BY persona, day ORDER BY persona, day",
+                    [DAY_MS],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?
             }
             LedgerReader::Postgres(url) => {
                 let mut client = connect_postgres(url)?;
@@ -165,6 +152,19 @@ impl LedgerReader {
             })
             .collect())
     }
+}
+
+/// Every row of one SQLite query, mapped.
+fn sqlite_rows<T>(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, LedgerError> {
+    let read = |e: rusqlite::Error| LedgerError::new("read", e);
+    let mut stmt = conn.prepare(sql).map_err(read)?;
+    let rows = stmt.query_map(params, map).map_err(read)?;
+    rows.collect::<Result<_, _>>().map_err(read)
 }
 
 fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, LedgerError> {
