@@ -132,6 +132,15 @@ pub(super) async fn store_admission(
                 ),
             ))
         }
+        Err(e) if e.in_doubt.is_some() => {
+            state.ledger_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(persona = %meta.persona, "a gateway call was refused: the ledger's connection dropped while its admission was committed: {e}");
+            Err(ApiError::new(
+                ErrorKind::Unavailable,
+                crate::web::error::OUTCOME_UNKNOWN,
+                "the connection to the ledger dropped while this call's admission was committed, so it was not sent upstream; if the admission was stored, hypertool voids it when the ledger is back. Retry it",
+            ))
+        }
         Err(e) => {
             state.ledger_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(persona = %meta.persona, "a gateway call was refused: the ledger cannot store its admission: {e}");

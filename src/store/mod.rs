@@ -19,6 +19,9 @@ use crate::core::event::{Event, Stamped};
 pub struct LedgerError {
     pub op: &'static str,
     pub message: String,
+    /// The connection was lost while the batch's COMMIT was under way, so whether it was stored is
+    /// not known yet: these are the positions it would have (see [`Ledger::stored_own`]).
+    pub in_doubt: Option<(u64, u64)>,
 }
 
 impl LedgerError {
@@ -26,6 +29,14 @@ impl LedgerError {
         Self {
             op,
             message: e.to_string(),
+            in_doubt: None,
+        }
+    }
+
+    pub fn in_doubt(self, positions: Option<(u64, u64)>) -> Self {
+        Self {
+            in_doubt: positions,
+            ..self
         }
     }
 }
@@ -194,4 +205,13 @@ pub trait Ledger: Send {
     fn totals(&self) -> Result<LedgerTotals, LedgerError>;
     /// A write that stores nothing of substance, to learn whether writes succeed again.
     fn probe(&mut self, now: i64) -> Result<(), LedgerError>;
+    /// Whether this replica's batch at positions `first..=last` — one whose commit was in doubt
+    /// ([`LedgerError::in_doubt`]) — was stored. Only a ledger across a network has such batches.
+    fn stored_own(&self, first: u64, last: u64) -> Result<bool, LedgerError> {
+        let _ = (first, last);
+        Err(LedgerError::new(
+            "resolve",
+            "this ledger has no commits in doubt",
+        ))
+    }
 }

@@ -295,6 +295,21 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// Commits a batch stored at `positions`. When the connection is lost before PostgreSQL's answer
+/// arrives (no SQLSTATE: an I/O error, not a refusal), the commit may or may not have happened:
+/// the positions are kept in `doubt`, to be looked up once the database is back.
+fn commit(
+    tx: postgres::Transaction<'_>,
+    positions: (i64, i64),
+    doubt: &mut Option<(u64, u64)>,
+) -> Result<(), postgres::Error> {
+    tx.commit().inspect_err(|e| {
+        if e.code().is_none() {
+            *doubt = Some((positions.0.max(0) as u64, positions.1.max(0) as u64));
+        }
+    })
+}
+
 fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -306,6 +321,7 @@ impl Ledger for PostgresLedger {
         }
         let rows = Rows::of(events)?;
         let origin = &self.origin;
+        let mut doubt = None;
         self.with("append", |client| {
             let mut tx = client.transaction()?;
             // Holds the counter's row lock until the commit: positions in commit order.
@@ -315,10 +331,12 @@ impl Ledger for PostgresLedger {
                     &[&(events.len() as i64)],
                 )?
                 .get(0);
-            rows.insert(&mut tx, last - events.len() as i64 + 1, origin)?;
-            tx.commit()?;
+            let first = last - events.len() as i64 + 1;
+            rows.insert(&mut tx, first, origin)?;
+            commit(tx, (first, last), &mut doubt)?;
             Ok(last.max(0) as u64)
         })
+        .map_err(|e| e.in_doubt(doubt))
     }
 
     fn append_synced(
@@ -331,47 +349,50 @@ impl Ledger for PostgresLedger {
         let me = self.origin.clone();
         let mut bad: Option<LedgerError> = None;
         let mut rows_error: Option<LedgerError> = None;
-        let last = self.with("append", |client| {
-            let mut tx = client.transaction()?;
-            // The write lock first: everything stored before it is committed and visible now.
-            let last: i64 = tx.query_one(LOCK_COUNTER, &[])?.get(0);
-            for row in tx.query(EVENTS_AFTER, &[&i64_of(applied)])? {
-                let seq: i64 = row.get(0);
-                let origin = if row.get::<_, &str>(3) == me {
-                    Origin::Own
-                } else {
-                    Origin::Other
-                };
-                match serde_json::from_str::<Event>(row.get(2)) {
-                    Ok(event) => {
-                        let at = row.get(1);
-                        sync(seq.max(0) as u64, Stamped { at, event }, origin);
-                    }
-                    Err(e) => {
-                        let why = format!("event #{seq} cannot be read back: {e}");
-                        bad = Some(LedgerError::new("append", why));
-                        return Ok(last);
+        let mut doubt = None;
+        let last = self
+            .with("append", |client| {
+                let mut tx = client.transaction()?;
+                // The write lock first: everything stored before it is committed and visible now.
+                let last: i64 = tx.query_one(LOCK_COUNTER, &[])?.get(0);
+                for row in tx.query(EVENTS_AFTER, &[&i64_of(applied)])? {
+                    let seq: i64 = row.get(0);
+                    let origin = if row.get::<_, &str>(3) == me {
+                        Origin::Own
+                    } else {
+                        Origin::Other
+                    };
+                    match serde_json::from_str::<Event>(row.get(2)) {
+                        Ok(event) => {
+                            let at = row.get(1);
+                            sync(seq.max(0) as u64, Stamped { at, event }, origin);
+                        }
+                        Err(e) => {
+                            let why = format!("event #{seq} cannot be read back: {e}");
+                            bad = Some(LedgerError::new("append", why));
+                            return Ok(last);
+                        }
                     }
                 }
-            }
-            let kept = super::kept(events, &decide());
-            if kept.is_empty() {
-                tx.commit()?;
-                return Ok(last);
-            }
-            let rows = match Rows::of(&kept) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    rows_error = Some(e);
+                let kept = super::kept(events, &decide());
+                if kept.is_empty() {
+                    tx.commit()?;
                     return Ok(last);
                 }
-            };
-            let n = kept.len() as i64;
-            tx.execute("UPDATE hypertool_sequence SET last = $1", &[&(last + n)])?;
-            rows.insert(&mut tx, last + 1, &me)?;
-            tx.commit()?;
-            Ok(last + n)
-        })?;
+                let rows = match Rows::of(&kept) {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        rows_error = Some(e);
+                        return Ok(last);
+                    }
+                };
+                let n = kept.len() as i64;
+                tx.execute("UPDATE hypertool_sequence SET last = $1", &[&(last + n)])?;
+                rows.insert(&mut tx, last + 1, &me)?;
+                commit(tx, (last + 1, last + n), &mut doubt)?;
+                Ok(last + n)
+            })
+            .map_err(|e| e.in_doubt(doubt))?;
         match bad.or(rows_error) {
             Some(e) => Err(e),
             None => Ok(last.max(0) as u64),
@@ -421,6 +442,27 @@ impl Ledger for PostgresLedger {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn stored_own(&self, first: u64, last: u64) -> Result<bool, LedgerError> {
+        let expected = last.saturating_sub(first) as i64 + 1;
+        let found: i64 = self.with("resolve", |c| {
+            c.query_one(
+                "SELECT COUNT(*) FROM hypertool_events WHERE seq BETWEEN $1 AND $2 AND origin = $3",
+                &[&i64_of(first), &i64_of(last), &self.origin],
+            )
+            .map(|r| r.get(0))
+        })?;
+        // The batch is one transaction: all of its rows or none. (Without it, another replica
+        // may have stored its own events at these positions.)
+        match found {
+            0 => Ok(false),
+            n if n == expected => Ok(true),
+            n => Err(LedgerError::new(
+                "resolve",
+                format!("{n} of the {expected} events at positions {first}..={last} are stored: the ledger was changed by hand"),
+            )),
+        }
     }
 
     fn last_seq(&self) -> Result<u64, LedgerError> {

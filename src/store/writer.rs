@@ -15,7 +15,7 @@ use super::{Ledger, LedgerError, LedgerTotals, Origin};
 use crate::core::budget::BudgetSpec;
 use crate::core::clock::Clock;
 use crate::core::engine::{Engine, Observation};
-use crate::core::event::Stamped;
+use crate::core::event::{Event, Stamped};
 
 /// Most events committed in one transaction.
 const MAX_GROUP_EVENTS: usize = 16_384;
@@ -135,10 +135,7 @@ impl LedgerHealth {
     /// The error of the current outage, for appends refused while it lasts.
     fn last_error(&self) -> LedgerError {
         match &*self.last_error.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((op, message)) => LedgerError {
-                op,
-                message: message.clone(),
-            },
+            Some((op, message)) => LedgerError::new(op, message),
             None => LedgerError::new("append", "the ledger cannot write"),
         }
     }
@@ -671,6 +668,7 @@ fn run(
         }
     };
     let apply_foreign = |e: &Stamped| lock(&engine).apply_foreign(e);
+    let mut doubt: Option<Doubt> = None;
     let mut tails = 0u64;
     let mut carried: Option<Command> = None;
     loop {
@@ -784,7 +782,12 @@ fn run(
                         }
                         Err(e) => {
                             health.failed(clock.now_ms(), &e);
-                            hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
+                            let attempted: Vec<bool> = (0..batch.len())
+                                .map(|i| mask.get(i).copied().unwrap_or(true))
+                                .collect();
+                            let now_held =
+                                hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
+                            doubt = Doubt::of(&e, 0, &attempted, &now_held);
                         }
                     }
                     continue;
@@ -838,7 +841,11 @@ fn run(
                         if !health.failing() {
                             health.failed(clock.now_ms(), &e);
                         }
-                        hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
+                        // Held events went first in the same transaction.
+                        let held_before = held.events.len();
+                        let attempted = vec![true; batch.len()];
+                        let now_held = hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
+                        doubt = Doubt::of(&e, held_before, &attempted, &now_held);
                     }
                 }
             }
@@ -865,6 +872,10 @@ fn run(
                 }
             }
             Command::Tail => {
+                if doubt.is_some() {
+                    // Nothing is read until the batch in doubt is resolved (by the probe).
+                    continue;
+                }
                 catch_up(&*ledger, &mut applied_seq, None, &apply, &apply_foreign);
                 // Budget overrides set through another replica (their own table, not events).
                 tails += 1;
@@ -875,6 +886,7 @@ fn run(
             Command::Probe => match write_held(
                 &mut *ledger,
                 &mut held,
+                &mut doubt,
                 clock.now_ms(),
                 &mut applied_seq,
                 &apply,
@@ -888,10 +900,11 @@ fn run(
             },
             Command::Shutdown { ack } => {
                 // Everything queued before the shutdown has been handled (FIFO); stop here.
-                if !held.events.is_empty() {
+                if !held.events.is_empty() || doubt.is_some() {
                     match write_held(
                         &mut *ledger,
                         &mut held,
+                        &mut doubt,
                         clock.now_ms(),
                         &mut applied_seq,
                         &apply,
@@ -919,19 +932,31 @@ fn run(
     }
 }
 
-/// Writes what an outage left in memory (or, with nothing held, tries a harmless write).
+/// Writes what an outage left in memory (or, with nothing held, tries a harmless write), after
+/// resolving a batch whose commit was in doubt.
 fn write_held(
     ledger: &mut dyn Ledger,
     held: &mut Held,
+    doubt: &mut Option<Doubt>,
     now: i64,
     applied_seq: &mut u64,
     apply: &dyn Fn(&[Stamped]),
     apply_foreign: &dyn Fn(&Stamped),
 ) -> Result<(), LedgerError> {
+    if let Some(d) = doubt.as_mut() {
+        d.resolve(ledger, held, now, applied_seq, apply, apply_foreign)?;
+        *doubt = None;
+    }
     if held.events.is_empty() {
         return ledger.probe(now);
     }
-    let last = ledger.append(&held.events)?;
+    let last = match ledger.append(&held.events) {
+        Ok(last) => last,
+        Err(e) => {
+            *doubt = Doubt::of(&e, held.events.len(), &[], &[]);
+            return Err(e);
+        }
+    };
     let n = held.events.len() as u64;
     tracing::info!(
         events = n,
@@ -951,6 +976,126 @@ fn write_held(
         apply_foreign,
     );
     Ok(())
+}
+
+/// A batch whose COMMIT was in doubt: the connection to the ledger dropped before its answer
+/// came. Until the ledger answers again nobody can tell whether it was stored, so nothing is
+/// read or written before [`Doubt::resolve`] has asked.
+struct Doubt {
+    first: u64,
+    last: u64,
+    /// Per event stored at `first..=last` (in order): the engine applied it already (it was held).
+    applied: Vec<bool>,
+    /// Per event at the front of `held`: it is one of the batch's (a copy not to write twice).
+    held_copy: Vec<bool>,
+    /// Learned from the ledger; kept when the catch-up after it failed half-way.
+    stored: Option<bool>,
+}
+
+impl Doubt {
+    /// From a failed append of `held_before` held events followed by a batch: `attempted` flags
+    /// the batch's events that were in the transaction, `now_held` those held since.
+    fn of(
+        error: &LedgerError,
+        held_before: usize,
+        attempted: &[bool],
+        now_held: &[bool],
+    ) -> Option<Doubt> {
+        let (first, last) = error.in_doubt?;
+        let held = |i: usize| now_held.get(i).copied().unwrap_or(false);
+        let mut applied = vec![true; held_before];
+        let mut held_copy = vec![true; held_before];
+        for (i, &was_attempted) in attempted.iter().enumerate() {
+            if was_attempted {
+                applied.push(held(i));
+            }
+            if held(i) {
+                held_copy.push(was_attempted);
+            }
+        }
+        tracing::warn!(
+            first,
+            last,
+            "the ledger's connection dropped during a commit: whether those events were stored is learned when it is back"
+        );
+        Some(Doubt {
+            first,
+            last,
+            applied,
+            held_copy,
+            stored: None,
+        })
+    }
+
+    /// Asks the ledger whether the batch was stored and makes the engine and `held` agree with
+    /// it. Stored: the held copies are dropped (never written twice), and the events that were
+    /// refused (answered `ledger_outcome_unknown`) are applied, since they count; a gateway
+    /// admission among them is voided right after (its call was never sent). Not stored: the held
+    /// copies are written as usual, and the refused events are gone, as their answer allowed.
+    fn resolve(
+        &mut self,
+        ledger: &mut dyn Ledger,
+        held: &mut Held,
+        now: i64,
+        applied_seq: &mut u64,
+        apply: &dyn Fn(&[Stamped]),
+        apply_foreign: &dyn Fn(&Stamped),
+    ) -> Result<(), LedgerError> {
+        let stored = match self.stored {
+            Some(stored) => stored,
+            None => {
+                let stored = ledger.stored_own(self.first, self.last)?;
+                if stored {
+                    let mut i = 0;
+                    held.events.retain(|_| {
+                        let copy = self.held_copy.get(i).copied().unwrap_or(false);
+                        i += 1;
+                        !copy
+                    });
+                }
+                tracing::info!(
+                    first = self.first,
+                    last = self.last,
+                    stored,
+                    "the commit in doubt is resolved"
+                );
+                self.stored = Some(stored);
+                stored
+            }
+        };
+        if !stored {
+            return Ok(());
+        }
+        let (first, last) = (self.first, self.last);
+        let applied = &self.applied;
+        ledger.replay_after(*applied_seq, &mut |seq, event, origin| {
+            if (first..=last).contains(&seq) {
+                let i = (seq - first) as usize;
+                if !applied.get(i).copied().unwrap_or(true) {
+                    let admitted = match &event.event {
+                        Event::CallAdmitted(a) => Some(a.call.clone()),
+                        _ => None,
+                    };
+                    apply(std::slice::from_ref(&event));
+                    if let Some(call) = admitted {
+                        let release = Stamped {
+                            at: now,
+                            event: Event::CallReleased { call },
+                        };
+                        apply(std::slice::from_ref(&release));
+                        held.events.push(release);
+                    }
+                }
+            } else {
+                match origin {
+                    Origin::Own => apply(std::slice::from_ref(&event)),
+                    Origin::Other => apply_foreign(&event),
+                }
+            }
+            *applied_seq = seq;
+        })?;
+        Ok(())
+    }
 }
 
 /// This writer's events just stored at positions `first..=last`, of which the first
@@ -1016,22 +1161,24 @@ fn hold_or_refuse(
     acks: Vec<(Ack, usize)>,
     error: &LedgerError,
     apply: &dyn Fn(&[Stamped]),
-) {
+) -> Vec<bool> {
     let mut start = 0;
     let mut refused = 0usize;
     let mut outcomes = Vec::with_capacity(acks.len());
+    let mut kept = Vec::with_capacity(batch.len());
     for (ack, end) in acks {
         let events = &batch[start..end];
         start = end;
         let holdable = held.policy.buffer || ack.lingers();
-        if holdable && held.room_for(events.len()) {
+        let hold = holdable && held.room_for(events.len());
+        if hold {
             held.events.extend_from_slice(events);
             apply(events);
-            outcomes.push((ack, true));
         } else {
             refused += events.len();
-            outcomes.push((ack, false));
         }
+        kept.extend(std::iter::repeat_n(hold, events.len()));
+        outcomes.push((ack, hold));
     }
     // Health first: whoever is told the outcome may look at it at once.
     health.set_held(held.events.len());
@@ -1042,10 +1189,7 @@ fn hold_or_refuse(
         ack.done(if ok {
             Ok(())
         } else {
-            Err(LedgerError {
-                op: error.op,
-                message: error.message.clone(),
-            })
+            Err(LedgerError::new(error.op, &error.message).in_doubt(error.in_doubt))
         });
     }
     tracing::debug!(
@@ -1053,6 +1197,7 @@ fn hold_or_refuse(
         held = held.events.len(),
         "{error}; refused appends were not acknowledged"
     );
+    kept
 }
 
 #[cfg(test)]
@@ -1109,10 +1254,20 @@ mod tests {
         assert_eq!(used(&lock(&engine)), 7);
     }
 
+    /// The connection drops during the next commit: `Landed` after PostgreSQL committed it,
+    /// `Lost` before.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Drop {
+        No,
+        Landed,
+        Lost,
+    }
+
     /// A ledger in memory whose writes fail while `down` is set.
     struct Flaky {
         stored: Arc<Mutex<Vec<Stamped>>>,
         down: Arc<std::sync::atomic::AtomicBool>,
+        drop: Arc<Mutex<Drop>>,
     }
 
     impl Ledger for Flaky {
@@ -1121,15 +1276,48 @@ mod tests {
                 return Err(LedgerError::new("commit", "database or disk is full"));
             }
             let mut stored = self.stored.lock().unwrap();
+            let first = stored.len() as u64 + 1;
+            let last = stored.len() as u64 + events.len() as u64;
+            let drop = std::mem::replace(&mut *self.drop.lock().unwrap(), Drop::No);
+            if drop != Drop::No && !events.is_empty() {
+                if drop == Drop::Landed {
+                    stored.extend_from_slice(events);
+                }
+                self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(
+                    LedgerError::new("append", "connection closed").in_doubt(Some((first, last)))
+                );
+            }
             stored.extend_from_slice(events);
             Ok(stored.len() as u64)
         }
         fn replay_after(
             &self,
-            _: u64,
-            _: &mut dyn FnMut(u64, Stamped, Origin),
+            after: u64,
+            f: &mut dyn FnMut(u64, Stamped, Origin),
         ) -> Result<u64, LedgerError> {
-            Ok(0)
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(LedgerError::new("replay", "connection refused"));
+            }
+            let stored = self.stored.lock().unwrap().clone();
+            let mut n = 0;
+            for (i, e) in stored.into_iter().enumerate().skip(after as usize) {
+                f(i as u64 + 1, e, Origin::Own);
+                n += 1;
+            }
+            Ok(n)
+        }
+        fn shared(&self) -> bool {
+            // Only a ledger across a network has commits in doubt.
+            true
+        }
+        fn stored_own(&self, first: u64, last: u64) -> Result<bool, LedgerError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(LedgerError::new("resolve", "connection refused"));
+            }
+            let stored = self.stored.lock().unwrap().len() as u64;
+            assert!(stored < first || stored >= last);
+            Ok(stored >= last)
         }
         fn last_seq(&self) -> Result<u64, LedgerError> {
             Ok(self.stored.lock().unwrap().len() as u64)
@@ -1162,14 +1350,17 @@ mod tests {
         engine: Arc<Mutex<Engine>>,
         stored: Arc<Mutex<Vec<Stamped>>>,
         down: Arc<std::sync::atomic::AtomicBool>,
+        drop: Arc<Mutex<Drop>>,
     }
 
     fn rig(policy: OutagePolicy) -> Rig {
         let stored = Arc::new(Mutex::new(Vec::new()));
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drop = Arc::new(Mutex::new(Drop::No));
         let ledger = Flaky {
             stored: stored.clone(),
             down: down.clone(),
+            drop: drop.clone(),
         };
         let engine = Arc::new(Mutex::new(Engine::new(
             load(&Source::Embedded).unwrap().engine_config(),
@@ -1191,6 +1382,7 @@ mod tests {
             engine,
             stored,
             down,
+            drop,
         }
     }
 
@@ -1305,5 +1497,94 @@ mod tests {
         rig.down.store(false, std::sync::atomic::Ordering::SeqCst);
         rig.writer.shutdown().await;
         assert_eq!(stored_tokens(&rig), vec![3]);
+    }
+
+    fn admission(call: &str, tokens: u64) -> Stamped {
+        Stamped {
+            at: 1,
+            event: Event::CallAdmitted(crate::core::event::CallAdmission {
+                call: call.into(),
+                persona: "backend-engineer".into(),
+                chatmode: "c".into(),
+                model: "m".into(),
+                estimate: tokens,
+                cost_usd: None,
+                workflow: None,
+                stage: None,
+                session: None,
+                run: None,
+            }),
+        }
+    }
+
+    /// A commit in doubt, then the ledger back: what was stored is stored once and counted once.
+    async fn in_doubt(policy: OutagePolicy, drop: Drop) -> (Rig, Result<(), LedgerError>) {
+        let rig = rig(policy);
+        assert!(rig.writer.append(vec![usage(1)]).await.is_ok());
+        *rig.drop.lock().unwrap() = drop;
+        let answer = rig.writer.append(vec![usage(2)]).await;
+        assert!(rig.writer.health.failing());
+        // A tail while the ledger is unreachable, and one once it is back, before the probe: the
+        // events in doubt are not read as if nothing had happened.
+        rig.writer.tail();
+        let _ = rig.writer.totals().await;
+        rig.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        rig.writer.tail();
+        let _ = rig.writer.totals().await;
+        probe_until_written(&rig).await;
+        assert!(rig.writer.append(vec![usage(4)]).await.is_ok());
+        (rig, answer)
+    }
+
+    #[tokio::test]
+    async fn a_held_batch_whose_commit_landed_unseen_is_not_written_twice() {
+        let buffer = OutagePolicy {
+            buffer: true,
+            max_events: 10,
+        };
+        let (rig, answer) = in_doubt(buffer, Drop::Landed).await;
+        assert!(answer.is_ok(), "held and acknowledged");
+        assert_eq!(stored_tokens(&rig), vec![1, 2, 4]);
+        assert_eq!(used(&rig), 7);
+
+        let (rig, answer) = in_doubt(buffer, Drop::Lost).await;
+        assert!(answer.is_ok());
+        assert_eq!(stored_tokens(&rig), vec![1, 2, 4]);
+        assert_eq!(used(&rig), 7);
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_whose_commit_landed_unseen_is_counted_once_the_ledger_is_back() {
+        let (rig, answer) = in_doubt(OutagePolicy::default(), Drop::Landed).await;
+        let e = answer.expect_err("fail closed refuses");
+        assert_eq!(e.in_doubt, Some((2, 2)), "the answer says it may be stored");
+        assert_eq!(stored_tokens(&rig), vec![1, 2, 4]);
+        assert_eq!(used(&rig), 7, "stored, so counted");
+
+        let (rig, answer) = in_doubt(OutagePolicy::default(), Drop::Lost).await;
+        assert!(answer.expect_err("refused").in_doubt.is_some());
+        assert_eq!(stored_tokens(&rig), vec![1, 4]);
+        assert_eq!(used(&rig), 5, "not stored, not counted");
+    }
+
+    #[tokio::test]
+    async fn an_admission_refused_in_doubt_that_landed_is_voided() {
+        let rig = rig(OutagePolicy::default());
+        *rig.drop.lock().unwrap() = Drop::Landed;
+        let answer = rig.writer.append(vec![admission("c1", 300)]).await;
+        assert!(answer.expect_err("refused").in_doubt.is_some());
+        assert_eq!(lock(&rig.engine).reserved("backend-engineer"), 0);
+        rig.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        probe_until_written(&rig).await;
+        // Stored, so applied; its call never went upstream, so it is released in the ledger too.
+        assert_eq!(lock(&rig.engine).reserved("backend-engineer"), 0);
+        let kinds: Vec<&str> = rig
+            .stored
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.event.kind())
+            .collect();
+        assert_eq!(kinds, vec!["call_admitted", "call_released"]);
     }
 }

@@ -229,9 +229,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The error code of a request whose events may or may not have been stored (a commit in doubt).
+pub const OUTCOME_UNKNOWN: &str = "ledger_outcome_unknown";
+
 impl From<crate::store::LedgerError> for ApiError {
     fn from(e: crate::store::LedgerError) -> Self {
         tracing::error!("{e}");
+        if e.in_doubt.is_some() {
+            return ApiError::new(
+                ErrorKind::Unavailable,
+                OUTCOME_UNKNOWN,
+                format!("{e}: the connection to the ledger dropped while this request's events were being committed, so they may have been stored; hypertool learns which when the ledger is back and counts them if they were (see its log), so resending them may count them twice"),
+            );
+        }
         ApiError::unavailable(format!(
             "{e}; nothing from this request was stored, retry it"
         ))

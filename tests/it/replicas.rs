@@ -39,18 +39,43 @@ async fn used(s: &TestServer, persona: &str) -> u64 {
 
 /// Posts `batches` batches of 5 usage events (3 + 2 tokens each) for `persona`; returns the tokens
 /// acknowledged.
-async fn report(s: Arc<TestServer>, persona: &'static str, batches: usize) -> u64 {
-    let mut acknowledged = 0;
-    for _ in 0..batches {
-        let events: Vec<Value> = (0..5).map(|_| usage(persona, "fleet", "m", 3, 2)).collect();
+/// What a client reporting usage was told.
+#[derive(Default)]
+struct Reported {
+    /// Tokens of the batches answered 200.
+    acknowledged: u64,
+    /// Batches answered 503 `ledger_outcome_unknown` (the connection dropped during their commit:
+    /// stored or not, hypertool learns later), by the session that marks their events.
+    in_doubt: Vec<String>,
+}
+
+/// Posts `batches` batches of 5 usage events of 5 tokens each; each batch's events carry a session
+/// of their own (`tag-N`), so that a batch in doubt can be looked up in the ledger.
+async fn report(
+    s: Arc<TestServer>,
+    persona: &'static str,
+    batches: usize,
+    tag: String,
+) -> Reported {
+    let mut told = Reported::default();
+    for n in 0..batches {
+        let session = format!("{tag}-{n}");
+        let events: Vec<Value> = (0..5)
+            .map(|_| {
+                let mut e = usage(persona, "fleet", "m", 3, 2);
+                e["session"] = json!(session);
+                e
+            })
+            .collect();
         let (status, body) = s.post_events(Value::Array(events)).await;
         match status {
-            200 => acknowledged += 25,
+            200 => told.acknowledged += 25,
+            503 if body["error"]["code"] == "ledger_outcome_unknown" => told.in_doubt.push(session),
             503 => {}
             other => panic!("unexpected {other}: {body}"),
         }
     }
-    acknowledged
+    told
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,12 +86,17 @@ async fn two_replicas_share_one_ledger_budgets_agree_and_counters_add_up() {
     let b = Arc::new(replica(&dir.path().join("b"), &pg.url, "").await);
 
     let mut tasks = Vec::new();
-    for s in [&a, &b, &a, &b] {
-        tasks.push(tokio::spawn(report(s.clone(), "backend-engineer", 40)));
+    for (i, s) in [&a, &b, &a, &b].into_iter().enumerate() {
+        tasks.push(tokio::spawn(report(
+            s.clone(),
+            "backend-engineer",
+            40,
+            format!("w{i}"),
+        )));
     }
     let mut total = 0;
     for t in tasks {
-        total += t.await.unwrap();
+        total += t.await.unwrap().acknowledged;
     }
     assert_eq!(total, 4 * 40 * 25);
     // Gateway calls through both (the built-in mock upstream).
@@ -168,8 +198,13 @@ async fn a_postgresql_restart_under_load_follows_on_outage_and_loses_nothing() {
     let a = Arc::new(replica(&dir.path().join("a"), &pg.url, "on_outage = \"buffer\"").await);
     let b = Arc::new(replica(&dir.path().join("b"), &pg.url, "").await);
     let mut tasks = Vec::new();
-    for s in [&a, &b] {
-        tasks.push(tokio::spawn(report(s.clone(), "devops-engineer", 600)));
+    for (s, tag) in [(&a, "a"), (&b, "b")] {
+        tasks.push(tokio::spawn(report(
+            s.clone(),
+            "devops-engineer",
+            600,
+            tag.to_string(),
+        )));
     }
     // Restart PostgreSQL in the middle of it.
     eventually("some load stored", Duration::from_secs(20), || async {
@@ -177,9 +212,11 @@ async fn a_postgresql_restart_under_load_follows_on_outage_and_loses_nothing() {
     })
     .await;
     pg.restart().await;
-    let mut acknowledged = 0;
+    let (mut acknowledged, mut in_doubt) = (0, Vec::new());
     for t in tasks {
-        acknowledged += t.await.unwrap();
+        let told = t.await.unwrap();
+        acknowledged += told.acknowledged;
+        in_doubt.extend(told.in_doubt);
     }
     // Once both have written what they hold, the ledger has every acknowledged event, once.
     for s in [&a, &b] {
@@ -206,11 +243,30 @@ async fn a_postgresql_restart_under_load_follows_on_outage_and_loses_nothing() {
             .get("hypertool_ledger_write_failures_total", &[])
             .unwrap();
     assert!(failures >= 1.0, "PostgreSQL restarted after the load ended");
+    // A batch answered "outcome unknown" is stored whole or not at all, and counts if stored.
+    let mut landed = 0;
+    for session in &in_doubt {
+        let events: i64 = pg.query(&format!(
+            "SELECT COUNT(*) FROM hypertool_events WHERE body::jsonb->>'session' = '{session}'"
+        ))[0]
+            .get(0);
+        assert!(
+            events == 0 || events == 5,
+            "{session}: {events} of 5 stored"
+        );
+        landed += events as u64 * 5;
+    }
     let stored: i64 = pg.query(
         "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0)::bigint FROM hypertool_events WHERE persona = 'devops-engineer'",
     )[0]
     .get(0);
-    assert_eq!(stored as u64, acknowledged);
+    assert_eq!(
+        stored as u64,
+        acknowledged + landed,
+        "{} batches in doubt",
+        in_doubt.len()
+    );
+    let acknowledged = acknowledged + landed;
     for s in [&a, &b] {
         eventually(
             "budgets to agree with the ledger",
