@@ -4,10 +4,13 @@
 //!
 //! By default, against independent references (`support/reference.rs`): Debian's `nginx` as the
 //! fixed-answer upstream and, beside hypertool, as a zero-logic reverse proxy (one worker each), with
-//! `hey` as the load generator; `--litellm` adds LiteLLM's proxy (from PyPI, two workers).
-//! hypertool runs with every governance feature on: keys, the ledger, metrics, the embedded alert
-//! engine, and trace export to a live OTLP receiver. Rounds are interleaved (every path in each
-//! round) and each target is printed with its ratio against the reference measured beside it.
+//! `oha` timing the fixed-rate rounds (per request, to the nanosecond; installed with `cargo install`
+//! when missing) and `hey` driving the unthrottled ones; `--litellm` adds LiteLLM's proxy (from
+//! PyPI, two workers). hypertool runs with every governance feature on: keys, the ledger, metrics,
+//! the embedded alert engine, and trace export to a live OTLP receiver. Rounds are interleaved
+//! (every path in each round) and each target is printed with its ratio against the reference
+//! measured beside it. Last, the CPU each proxy spends per call at 4,000/s (from `/proc`), and
+//! hypertool's by thread: where the difference is.
 //!
 //! `HYPERTOOL_BENCH=placements` runs the earlier in-process comparison: a minimal OpenAI-compatible
 //! upstream runs in this process; the release `hypertool serve` runs as
@@ -823,7 +826,7 @@ fn vm_kb(pid: u32, field: &str) -> f64 {
 /// The default run: hypertool against nginx (as upstream and as proxy) and optionally LiteLLM,
 /// with `hey`, in interleaved rounds; prints the table and each target with its ratio.
 async fn against_references(with_litellm: bool) {
-    use reference::{hey, Call, Nginx};
+    use reference::{hey, oha, Call, Nginx};
     reference::ensure_tools();
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
@@ -897,13 +900,13 @@ async fn against_references(with_litellm: bool) {
     let mut max: Vec<Vec<f64>> = vec![Vec::new(); n];
     for _ in 0..3 {
         for (i, (_, c)) in paths.iter().enumerate() {
-            let r = hey(c, 10, Some(100), 5);
+            let r = oha(c, 10, 100, 5);
             at100[i].push((r.quantile(0.5), r.quantile(0.99), r.errors));
         }
     }
     for _ in 0..5 {
         for (i, (_, c)) in paths.iter().take(3).enumerate() {
-            let r = hey(c, 10, Some(1000), 5);
+            let r = oha(c, 10, 1000, 5);
             at1000[i].push((r.quantile(0.5), r.quantile(0.99), r.errors));
         }
     }
@@ -914,6 +917,19 @@ async fn against_references(with_litellm: bool) {
         }
     }
     let peak = vm_kb(pid, "VmHWM:");
+    // Where the difference comes from: CPU per call at 4,000/s, for each proxy (3 rounds each,
+    // interleaved; the median of each thread's share).
+    let mut nginx_cpu = Vec::new();
+    let mut ours_cpu = Vec::new();
+    let mut ours_parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for _ in 0..3 {
+        nginx_cpu.push(reference::cpu_per_call(&paths[nginx_at].1, &proxy.pids(), 4000, 4).0);
+        let (total, parts) = reference::cpu_per_call(&paths[ours].1, &[pid], 4000, 4);
+        ours_cpu.push(total);
+        for (name, us) in parts {
+            ours_parts.entry(name).or_default().push(us);
+        }
+    }
     let med = |xs: Vec<f64>| median(xs);
     let p = |rounds: &[(f64, f64, usize)], which: usize| {
         med(rounds
@@ -922,7 +938,7 @@ async fn against_references(with_litellm: bool) {
             .collect())
     };
     let errors = |rounds: &[(f64, f64, usize)]| rounds.iter().map(|r| r.2).sum::<usize>();
-    println!("one run, {} cores; hey: 10 workers at a fixed rate, 64 unthrottled; medians over interleaved rounds (3 at 100/s, 5 at 1,000/s, 3 unthrottled)", std::thread::available_parallelism().map_or(1, |c| c.get()));
+    println!("one run, {} cores; latency: oha, 10 connections at a fixed rate; throughput: hey, 64 workers unthrottled; medians over interleaved rounds (3 at 100/s, 5 at 1,000/s, 3 unthrottled)", std::thread::available_parallelism().map_or(1, |c| c.get()));
     println!("| path | p50 / p99 at 100 req/s (ms) | at 1,000 req/s | max throughput |");
     println!("|---|---|---|---|");
     for (i, (name, _)) in paths.iter().enumerate() {
@@ -980,6 +996,21 @@ async fn against_references(with_litellm: bool) {
         println!("  vs LiteLLM: not measured (cargo bench --bench gateway -- --litellm)");
     }
     println!("  POST /v1/events: see cargo bench --bench ingest (target >= 150k events/s)");
+    println!();
+    let (n_cpu, h_cpu) = (median(nginx_cpu), median(ours_cpu));
+    println!(
+        "CPU per call at 4,000/s: nginx-as-proxy {n_cpu:.0} µs, hypertool {h_cpu:.0} µs ({:.1}×); hypertool by thread:",
+        h_cpu / n_cpu
+    );
+    let mut parts: Vec<(String, f64)> = ours_parts
+        .into_iter()
+        .map(|(name, xs)| (name, median(xs)))
+        .filter(|(_, us)| *us >= 1.0)
+        .collect();
+    parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (name, us) in parts {
+        println!("  {name:<16} {us:>6.0} µs");
+    }
     drop(litellm);
     drop(hypertool);
     drop(proxy);

@@ -1,6 +1,7 @@
 //! The independent references of the gateway benchmark: Debian's `nginx` as the fixed-answer
-//! upstream and as a zero-logic reverse proxy, `hey` as the load generator (a process of its own,
-//! so the client's cost is nobody's), and, when asked, LiteLLM's proxy from PyPI.
+//! upstream and as a zero-logic reverse proxy, `oha` and `hey` as load generators (processes of
+//! their own, so the client's cost is nobody's), the CPU a process spends per call (from `/proc`),
+//! and, when asked, LiteLLM's proxy from PyPI.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,18 +12,32 @@ use std::time::{Duration, Instant};
 pub fn ensure_tools() {
     let missing: Vec<&str> = [("nginx", "nginx"), ("hey", "hey")]
         .into_iter()
-        .filter(|(bin, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {bin}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
+        .filter(|(bin, _)| !on_path(bin))
         .map(|(_, pkg)| pkg)
         .collect();
-    if missing.is_empty() {
-        return;
+    if !missing.is_empty() {
+        apt_install(&missing);
     }
+    // oha (crates.io) times each request to the nanosecond, where hey's CSV stops at 0.1 ms: the
+    // latency targets are differences of about that size.
+    if !on_path("oha") {
+        let ok = Command::new("cargo")
+            .args(["install", "oha", "--locked", "--quiet"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not install oha (cargo install oha --locked)");
+    }
+}
+
+fn on_path(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn apt_install(missing: &[&str]) {
     let sudo = if unsafe { libc::geteuid() } == 0 {
         ""
     } else {
@@ -85,7 +100,7 @@ impl Drop for Process {
 /// One nginx with one worker process, as the reference measured it.
 pub struct Nginx {
     /// Kept for its `Drop`: nginx stops with the benchmark.
-    _process: Process,
+    process: Process,
     pub addr: SocketAddr,
 }
 
@@ -143,10 +158,17 @@ http {{
             Err(e) => panic!("nginx: {e}"),
         };
         wait_listening(addr, "nginx");
-        Nginx {
-            _process: process,
-            addr,
-        }
+        Nginx { process, addr }
+    }
+
+    /// The master's pid and its worker's: the processes whose CPU the proxy costs.
+    pub fn pids(&self) -> Vec<u32> {
+        let master = self.process.0.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        std::iter::once(master)
+            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect()
     }
 
     /// Answers every chat call with `answer` (a fixed JSON body).
@@ -250,6 +272,54 @@ pub fn hey(call: &Call, workers: u32, rate: Option<u64>, secs: u64) -> Run {
     run
 }
 
+/// `oha` with `connections` connections for `secs` seconds at `rate` requests per second in all:
+/// each request's time, to the nanosecond (its CSV output).
+pub fn oha(call: &Call, connections: u32, rate: u64, secs: u64) -> Run {
+    let mut cmd = Command::new("oha");
+    cmd.args(["-z", &format!("{secs}s"), "-c", &connections.to_string()])
+        .args([
+            "-q",
+            &rate.to_string(),
+            "--no-tui",
+            "--output-format",
+            "csv",
+        ])
+        .args(["-m", "POST", "-T", "application/json"])
+        .arg("-D")
+        .arg(&call.body_file);
+    for h in &call.headers {
+        cmd.args(["-H", h]);
+    }
+    cmd.arg(&call.url);
+    let out = match cmd.stdout(Stdio::piped()).stderr(Stdio::null()).output() {
+        Ok(o) => o,
+        Err(e) => panic!("oha: {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut run = Run {
+        seconds: secs as f64,
+        ..Run::default()
+    };
+    // request-start,DNS,DNS+dialup,Response-delay,request-duration,bytes,status
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split(',').collect();
+        if cols.len() < 7 {
+            continue;
+        }
+        let (Ok(t), Ok(status)) = (cols[4].parse::<f64>(), cols[6].parse::<u16>()) else {
+            run.errors += 1;
+            continue;
+        };
+        if (200..300).contains(&status) {
+            run.latencies_ms.push(t * 1000.0);
+        } else {
+            run.errors += 1;
+        }
+    }
+    run.latencies_ms.sort_by(f64::total_cmp);
+    run
+}
+
 /// LiteLLM's proxy (installed from PyPI into a virtualenv under `dir` when asked), with two
 /// workers, routing `bench-model` to `upstream`.
 pub fn litellm(dir: &Path, upstream: SocketAddr) -> Option<(Process, SocketAddr)> {
@@ -296,4 +366,53 @@ pub fn litellm(dir: &Path, upstream: SocketAddr) -> Option<(Process, SocketAddr)
         std::thread::sleep(Duration::from_millis(200));
     }
     Some((process, addr))
+}
+
+/// CPU time (user + system) used so far by each thread of `pids`, by thread name, in seconds.
+pub fn cpu_by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut by_name = std::collections::BTreeMap::new();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ... ; comm may hold spaces, so split after the last ')'.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let name = stat[open + 1..close].trim().to_string();
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // After the comm: state is field 0, utime 11, stime 12.
+            let used: f64 = [11, 12]
+                .iter()
+                .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+                .sum();
+            *by_name.entry(name).or_insert(0.0) += used / ticks;
+        }
+    }
+    by_name
+}
+
+/// CPU per answered call, in microseconds, of the processes `pids` while `hey` drives `call` at
+/// `rate` for `secs` seconds: total, and by thread name (largest first).
+pub fn cpu_per_call(call: &Call, pids: &[u32], rate: u64, secs: u64) -> (f64, Vec<(String, f64)>) {
+    let before = cpu_by_thread(pids);
+    let run = hey(call, 20, Some(rate), secs);
+    let after = cpu_by_thread(pids);
+    let calls = run.latencies_ms.len().max(1) as f64;
+    let mut parts: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, t)| {
+            let spent = t - before.get(name).copied().unwrap_or(0.0);
+            (name.clone(), spent * 1e6 / calls)
+        })
+        .filter(|(_, us)| *us > 0.0)
+        .collect();
+    parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    (parts.iter().map(|p| p.1).sum(), parts)
 }

@@ -212,25 +212,48 @@ pub struct WriterHandle {
 /// Set by an awaited append; the writer's linger waits on it instead of sleeping blind.
 #[derive(Default)]
 struct Urgent {
-    waiting: Mutex<bool>,
+    state: Mutex<UrgentState>,
     wake: std::sync::Condvar,
 }
 
+#[derive(Default)]
+struct UrgentState {
+    /// An awaited append was queued since the writer last looked.
+    waiting: bool,
+    /// The writer is in `linger_until`: only then does a raise need to wake it (a condvar
+    /// notification is a system call even with nobody waiting, once per gateway call otherwise).
+    lingering: bool,
+}
+
 impl Urgent {
+    fn state(&self) -> MutexGuard<'_, UrgentState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn raise(&self) {
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.wake.notify_one();
+        let mut state = self.state();
+        state.waiting = true;
+        if state.lingering {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Forgets raises of appends already taken (they are in the group being formed).
+    fn clear(&self) {
+        self.state().waiting = false;
     }
 
     /// Waits until `deadline` or until an awaited append arrives; clears the flag.
     fn linger_until(&self, deadline: std::time::Instant) {
-        let guard = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.state();
+        guard.lingering = true;
         let timeout = deadline.saturating_duration_since(std::time::Instant::now());
         let (mut guard, _) = self
             .wake
-            .wait_timeout_while(guard, timeout, |waiting| !*waiting)
+            .wait_timeout_while(guard, timeout, |state| !state.waiting)
             .unwrap_or_else(|p| p.into_inner());
-        *guard = false;
+        guard.waiting = false;
+        guard.lingering = false;
     }
 }
 
@@ -699,6 +722,9 @@ fn run(
                 let mut batch = events;
                 // Linger only while every append in the group is accounting nobody waits on.
                 let mut lingering = ack.lingers();
+                if lingering {
+                    urgent.clear();
+                }
                 let mut acks = vec![(ack, batch.len())];
                 let deadline = std::time::Instant::now() + LINGER;
                 while batch.len() < MAX_GROUP_EVENTS {
