@@ -917,18 +917,22 @@ async fn against_references(with_litellm: bool) {
         }
     }
     let peak = vm_kb(pid, "VmHWM:");
-    // Where the difference comes from: CPU per call at 4,000/s, for each proxy (3 rounds each,
-    // interleaved; the median of each thread's share).
-    let mut nginx_cpu = Vec::new();
-    let mut ours_cpu = Vec::new();
-    let mut ours_parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for _ in 0..3 {
-        nginx_cpu.push(reference::cpu_per_call(&paths[nginx_at].1, &proxy.pids(), 4000, 4).0);
-        let (total, parts) = reference::cpu_per_call(&paths[ours].1, &[pid], 4000, 4);
-        ours_cpu.push(total);
-        for (name, us) in parts {
-            ours_parts.entry(name).or_default().push(us);
+    // Where the difference comes from: CPU per call at 4,000/s and unthrottled, for each proxy
+    // (3 rounds each, interleaved; the median of each thread's share).
+    let mut cpu = Vec::new();
+    for rate in [Some(4000), None] {
+        let mut nginx_cpu = Vec::new();
+        let mut ours_cpu = Vec::new();
+        let mut ours_parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for _ in 0..3 {
+            nginx_cpu.push(reference::cpu_per_call(&paths[nginx_at].1, &proxy.pids(), rate, 4).0);
+            let (total, parts) = reference::cpu_per_call(&paths[ours].1, &[pid], rate, 4);
+            ours_cpu.push(total);
+            for (name, us) in parts {
+                ours_parts.entry(name).or_default().push(us);
+            }
         }
+        cpu.push((rate, nginx_cpu, ours_cpu, ours_parts));
     }
     let med = |xs: Vec<f64>| median(xs);
     let p = |rounds: &[(f64, f64, usize)], which: usize| {
@@ -996,20 +1000,23 @@ async fn against_references(with_litellm: bool) {
         println!("  vs LiteLLM: not measured (cargo bench --bench gateway -- --litellm)");
     }
     println!("  POST /v1/events: see cargo bench --bench ingest (target >= 150k events/s)");
-    println!();
-    let (n_cpu, h_cpu) = (median(nginx_cpu), median(ours_cpu));
-    println!(
-        "CPU per call at 4,000/s: nginx-as-proxy {n_cpu:.0} µs, hypertool {h_cpu:.0} µs ({:.1}×); hypertool by thread:",
-        h_cpu / n_cpu
-    );
-    let mut parts: Vec<(String, f64)> = ours_parts
-        .into_iter()
-        .map(|(name, xs)| (name, median(xs)))
-        .filter(|(_, us)| *us >= 1.0)
-        .collect();
-    parts.sort_by(|a, b| b.1.total_cmp(&a.1));
-    for (name, us) in parts {
-        println!("  {name:<16} {us:>6.0} µs");
+    for (rate, nginx_cpu, ours_cpu, ours_parts) in cpu {
+        println!();
+        let (n_cpu, h_cpu) = (median(nginx_cpu), median(ours_cpu));
+        let at = rate.map_or("unthrottled (64 workers)".to_string(), |r| format!("{r}/s"));
+        println!(
+            "CPU per call at {at}: nginx-as-proxy {n_cpu:.0} µs, hypertool {h_cpu:.0} µs ({:.1}×); hypertool by thread:",
+            h_cpu / n_cpu
+        );
+        let mut parts: Vec<(String, f64)> = ours_parts
+            .into_iter()
+            .map(|(name, xs)| (name, median(xs)))
+            .filter(|(_, us)| *us >= 1.0)
+            .collect();
+        parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (name, us) in parts {
+            println!("  {name:<16} {us:>6.0} µs");
+        }
     }
     drop(litellm);
     drop(hypertool);

@@ -399,10 +399,16 @@ pub fn cpu_by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, f64> {
 }
 
 /// CPU per answered call, in microseconds, of the processes `pids` while `hey` drives `call` at
-/// `rate` for `secs` seconds: total, and by thread name (largest first).
-pub fn cpu_per_call(call: &Call, pids: &[u32], rate: u64, secs: u64) -> (f64, Vec<(String, f64)>) {
+/// `rate` for `secs` seconds (20 workers; `None`: 64 workers as fast as they can): total, and by
+/// thread name (largest first).
+pub fn cpu_per_call(
+    call: &Call,
+    pids: &[u32],
+    rate: Option<u64>,
+    secs: u64,
+) -> (f64, Vec<(String, f64)>) {
     let before = cpu_by_thread(pids);
-    let run = hey(call, 20, Some(rate), secs);
+    let run = hey(call, if rate.is_some() { 20 } else { 64 }, rate, secs);
     let after = cpu_by_thread(pids);
     let calls = run.latencies_ms.len().max(1) as f64;
     let mut parts: Vec<(String, f64)> = after
