@@ -888,7 +888,10 @@ async fn against_references(with_litellm: bool) {
         ),
     ];
     if let Some((_, addr)) = &litellm {
-        paths.push(("LiteLLM proxy (2 workers)", call(*addr, "sk-bench")));
+        paths.push((
+            "LiteLLM proxy (2 workers)",
+            call(*addr, reference::LITELLM_KEY),
+        ));
     }
     let (direct, nginx_at, ours) = (0, 1, 2);
     for (_, c) in &paths {

@@ -320,6 +320,9 @@ pub fn oha(call: &Call, connections: u32, rate: u64, secs: u64) -> Run {
     run
 }
 
+/// LiteLLM's master key, which the benchmark's calls to it present.
+pub const LITELLM_KEY: &str = "sk-bench-0123456789abcdef0123456789abcdef";
+
 /// LiteLLM's proxy (installed from PyPI into a virtualenv under `dir` when asked), with two
 /// workers, routing `bench-model` to `upstream`.
 pub fn litellm(dir: &Path, upstream: SocketAddr) -> Option<(Process, SocketAddr)> {
@@ -348,19 +351,30 @@ pub fn litellm(dir: &Path, upstream: SocketAddr) -> Option<(Process, SocketAddr)
         return None;
     }
     let addr = free_addr();
+    let log_path = dir.join("litellm.log");
+    let log = std::fs::File::create(&log_path).ok()?;
     let child = Command::new(venv.join("bin/litellm"))
         .args(["--config", &config.display().to_string()])
         .args(["--host", "127.0.0.1", "--port", &addr.port().to_string()])
         .args(["--num_workers", "2"])
+        // Recent releases refuse to start without a master key; the calls present it.
+        .env("LITELLM_MASTER_KEY", LITELLM_KEY)
+        // The price list ships with the package: no fetch from GitHub (retried for a minute here).
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .ok()?;
     let process = Process(child);
     let start = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
         if start.elapsed() > Duration::from_secs(120) {
-            println!("LiteLLM did not start within 120 s; skipped");
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            println!("LiteLLM did not start within 120 s; skipped. The end of its log:");
+            for line in tail.into_iter().rev() {
+                println!("  {line}");
+            }
             return None;
         }
         std::thread::sleep(Duration::from_millis(200));
