@@ -61,12 +61,7 @@ mod reference;
 
 const BODY: &str = r#"{"model":"bench-model","messages":[{"role":"user","content":"Summarise the design of a persona-aware gateway in one line."}]}"#;
 
-fn free_addr() -> SocketAddr {
-    match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-        Ok(a) => a,
-        Err(e) => panic!("no free port: {e}"),
-    }
-}
+use reference::free_addr;
 
 /// The upstream's one answer (in-process and nginx alike).
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"A gateway that attributes every call to a persona."},"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":11,"total_tokens":35}}"#;

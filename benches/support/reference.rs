@@ -54,7 +54,8 @@ fn apt_install(missing: &[&str]) {
     assert!(ok, "could not install {}", missing.join(", "));
 }
 
-fn free_addr() -> SocketAddr {
+/// A loopback address nobody listens on yet.
+pub fn free_addr() -> SocketAddr {
     match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
         Ok(a) => a,
         Err(e) => panic!("no free port: {e}"),
@@ -240,32 +241,57 @@ pub fn hey(call: &Call, workers: u32, rate: Option<u64>, secs: u64) -> Run {
         let per_worker = (r as f64 / f64::from(workers)).max(1.0);
         cmd.args(["-q", &format!("{per_worker}")]);
     }
+    // response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset
+    run_csv(
+        cmd,
+        call,
+        "hey",
+        secs,
+        Csv {
+            columns: 8,
+            time: 0,
+            status: 6,
+        },
+    )
+}
+
+/// Where a load generator's CSV (one line per request, after a header) keeps what we read.
+struct Csv {
+    columns: usize,
+    /// Seconds from send to the whole answer.
+    time: usize,
+    status: usize,
+}
+
+/// Runs a load generator `cmd` against `call` (its headers and URL added here) and reads each
+/// request's time from its CSV output; a line whose time or status cannot be read is an error.
+fn run_csv(mut cmd: Command, call: &Call, what: &str, secs: u64, csv: Csv) -> Run {
     for h in &call.headers {
         cmd.args(["-H", h]);
     }
     cmd.arg(&call.url);
     let out = match cmd.stdout(Stdio::piped()).stderr(Stdio::null()).output() {
         Ok(o) => o,
-        Err(e) => panic!("hey: {e}"),
+        Err(e) => panic!("{what}: {e}"),
     };
     let text = String::from_utf8_lossy(&out.stdout);
     let mut run = Run {
         seconds: secs as f64,
         ..Run::default()
     };
-    // response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset
     for line in text.lines().skip(1) {
         let cols: Vec<&str> = line.split(',').collect();
-        if cols.len() < 8 {
+        if cols.len() < csv.columns {
             continue;
         }
-        let (Ok(t), Ok(status)) = (cols[0].parse::<f64>(), cols[6].parse::<u16>()) else {
-            continue;
-        };
-        if (200..300).contains(&status) {
-            run.latencies_ms.push(t * 1000.0);
-        } else {
-            run.errors += 1;
+        match (
+            cols[csv.time].parse::<f64>(),
+            cols[csv.status].parse::<u16>(),
+        ) {
+            (Ok(t), Ok(status)) if (200..300).contains(&status) => {
+                run.latencies_ms.push(t * 1000.0)
+            }
+            _ => run.errors += 1,
         }
     }
     run.latencies_ms.sort_by(f64::total_cmp);
@@ -287,37 +313,18 @@ pub fn oha(call: &Call, connections: u32, rate: u64, secs: u64) -> Run {
         .args(["-m", "POST", "-T", "application/json"])
         .arg("-D")
         .arg(&call.body_file);
-    for h in &call.headers {
-        cmd.args(["-H", h]);
-    }
-    cmd.arg(&call.url);
-    let out = match cmd.stdout(Stdio::piped()).stderr(Stdio::null()).output() {
-        Ok(o) => o,
-        Err(e) => panic!("oha: {e}"),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut run = Run {
-        seconds: secs as f64,
-        ..Run::default()
-    };
     // request-start,DNS,DNS+dialup,Response-delay,request-duration,bytes,status
-    for line in text.lines().skip(1) {
-        let cols: Vec<&str> = line.split(',').collect();
-        if cols.len() < 7 {
-            continue;
-        }
-        let (Ok(t), Ok(status)) = (cols[4].parse::<f64>(), cols[6].parse::<u16>()) else {
-            run.errors += 1;
-            continue;
-        };
-        if (200..300).contains(&status) {
-            run.latencies_ms.push(t * 1000.0);
-        } else {
-            run.errors += 1;
-        }
-    }
-    run.latencies_ms.sort_by(f64::total_cmp);
-    run
+    run_csv(
+        cmd,
+        call,
+        "oha",
+        secs,
+        Csv {
+            columns: 7,
+            time: 4,
+            status: 6,
+        },
+    )
 }
 
 /// LiteLLM's master key, which the benchmark's calls to it present.

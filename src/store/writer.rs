@@ -813,7 +813,10 @@ fn run(
                                 .collect();
                             let now_held =
                                 hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
-                            doubt = Doubt::of(&e, 0, &attempted, &now_held);
+                            // Refused without a try (an outage already) leaves a pending doubt be.
+                            if let Some(d) = Doubt::of(&e, 0, &attempted, &now_held) {
+                                doubt = Some(d);
+                            }
                         }
                     }
                     continue;
@@ -871,7 +874,10 @@ fn run(
                         let held_before = held.events.len();
                         let attempted = vec![true; batch.len()];
                         let now_held = hold_or_refuse(&mut held, &health, batch, acks, &e, &apply);
-                        doubt = Doubt::of(&e, held_before, &attempted, &now_held);
+                        // Refused without a try (an outage already) leaves a pending doubt be.
+                        if let Some(d) = Doubt::of(&e, held_before, &attempted, &now_held) {
+                            doubt = Some(d);
+                        }
                     }
                 }
             }
@@ -1550,8 +1556,10 @@ mod tests {
         *rig.drop.lock().unwrap() = drop;
         let answer = rig.writer.append(vec![usage(2)]).await;
         assert!(rig.writer.health.failing());
-        // A tail while the ledger is unreachable, and one once it is back, before the probe: the
-        // events in doubt are not read as if nothing had happened.
+        // An append refused during the outage (not tried: nothing new in doubt), a tail while the
+        // ledger is unreachable, and one once it is back, before the probe: the events in doubt are
+        // neither forgotten nor read as if nothing had happened.
+        assert!(accounting(&rig.writer, 8).await, "held");
         rig.writer.tail();
         let _ = rig.writer.totals().await;
         rig.down.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1570,13 +1578,13 @@ mod tests {
         };
         let (rig, answer) = in_doubt(buffer, Drop::Landed).await;
         assert!(answer.is_ok(), "held and acknowledged");
-        assert_eq!(stored_tokens(&rig), vec![1, 2, 4]);
-        assert_eq!(used(&rig), 7);
+        assert_eq!(stored_tokens(&rig), vec![1, 2, 8, 4]);
+        assert_eq!(used(&rig), 15);
 
         let (rig, answer) = in_doubt(buffer, Drop::Lost).await;
         assert!(answer.is_ok());
-        assert_eq!(stored_tokens(&rig), vec![1, 2, 4]);
-        assert_eq!(used(&rig), 7);
+        assert_eq!(stored_tokens(&rig), vec![1, 2, 8, 4]);
+        assert_eq!(used(&rig), 15);
     }
 
     #[tokio::test]
@@ -1584,13 +1592,13 @@ mod tests {
         let (rig, answer) = in_doubt(OutagePolicy::default(), Drop::Landed).await;
         let e = answer.expect_err("fail closed refuses");
         assert_eq!(e.in_doubt, Some((2, 2)), "the answer says it may be stored");
-        assert_eq!(stored_tokens(&rig), vec![1, 2, 4]);
-        assert_eq!(used(&rig), 7, "stored, so counted");
+        assert_eq!(stored_tokens(&rig), vec![1, 2, 8, 4]);
+        assert_eq!(used(&rig), 15, "stored, so counted");
 
         let (rig, answer) = in_doubt(OutagePolicy::default(), Drop::Lost).await;
         assert!(answer.expect_err("refused").in_doubt.is_some());
-        assert_eq!(stored_tokens(&rig), vec![1, 4]);
-        assert_eq!(used(&rig), 5, "not stored, not counted");
+        assert_eq!(stored_tokens(&rig), vec![1, 8, 4]);
+        assert_eq!(used(&rig), 13, "not stored, not counted");
     }
 
     #[tokio::test]

@@ -281,6 +281,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_ledger_failure_says_whether_the_request_may_have_been_stored() {
+        let refused = ApiError::from(crate::store::LedgerError::new("commit", "disk full"));
+        assert_eq!(
+            (refused.kind.status().as_u16(), refused.code),
+            (503, "unavailable")
+        );
+        assert!(refused
+            .message
+            .contains("nothing from this request was stored"));
+        let unknown = ApiError::from(
+            crate::store::LedgerError::new("append", "connection closed").in_doubt(Some((7, 9))),
+        );
+        assert_eq!(
+            (unknown.kind.status().as_u16(), unknown.code),
+            (503, OUTCOME_UNKNOWN)
+        );
+        assert!(unknown.message.contains("may have been stored"));
+    }
+
+    #[test]
     fn each_kind_maps_once_to_status_type_and_level() {
         let mut e = ApiError::new(ErrorKind::RateLimited, "rate_limited", "slow down");
         e.retry_after_secs = Some(20);
