@@ -12,5 +12,6 @@ pub mod gateway;
 pub mod runbook;
 pub mod server;
 pub mod store;
+pub mod switchboard;
 pub mod telemetry;
 pub mod web;

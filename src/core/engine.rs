@@ -132,6 +132,12 @@ pub struct Metrics {
     pub runs_started: CounterVec<1>,
     /// workflow, status
     pub runs_finished: CounterVec<2>,
+    /// persona, server, tool, result: tool calls through the MCP proxy
+    #[serde(default)]
+    pub mcp_tool_calls: CounterVec<4>,
+    /// persona, server, tool
+    #[serde(default = "crate::core::series::tool_call_duration_histogram")]
+    pub mcp_tool_duration: HistogramVec<3>,
 }
 
 impl Default for Metrics {
@@ -153,6 +159,8 @@ impl Default for Metrics {
             oscillations: CounterVec::default(),
             runs_started: CounterVec::default(),
             runs_finished: CounterVec::default(),
+            mcp_tool_calls: CounterVec::default(),
+            mcp_tool_duration: crate::core::series::tool_call_duration_histogram(),
         }
     }
 }
@@ -392,8 +400,10 @@ impl Engine {
             stage_duration: fresh.stage_duration,
             generation_duration: fresh.generation_duration,
             prompt_tokens: fresh.prompt_tokens,
+            mcp_tool_duration: fresh.mcp_tool_duration,
             ..metrics.clone()
         };
+        restored.mcp_tool_duration.adopt(metrics.mcp_tool_duration)?;
         restored.prompt_tokens.adopt(metrics.prompt_tokens)?;
         restored.persona_duration.adopt(metrics.persona_duration)?;
         restored.stage_duration.adopt(metrics.stage_duration)?;
@@ -686,6 +696,24 @@ impl Engine {
             }
             // History for the runbook's investigation; nothing to count.
             Event::GateChanged { .. } => {}
+            Event::McpToolCall(c) => {
+                let persona = admit(LabelKind::Persona, personas.canonical(&c.persona));
+                let server = admit(LabelKind::Server, &c.server);
+                let tool = admit(LabelKind::Tool, &c.tool);
+                let result: Arc<str> = Arc::from(c.result.as_str());
+                metrics.mcp_tool_calls.inc_by(
+                    [persona.clone(), server.clone(), tool.clone(), result],
+                    1.0,
+                );
+                metrics
+                    .mcp_tool_duration
+                    .observe([persona, server, tool], c.duration_seconds);
+                // A tool call is the session's activity in its persona (no switch is inferred:
+                // the proxy switches explicitly).
+                if let Some(session) = &c.session {
+                    sessions.touch(session, at);
+                }
+            }
             Event::SwitchSuppressed {
                 chatmode, reason, ..
             } => {

@@ -75,6 +75,46 @@ pub enum Event {
         #[serde(default)]
         after: Option<serde_json::Value>,
     },
+    /// A tool call through the MCP proxy (`hypertool mcp`, `/mcp`): sent to a downstream server,
+    /// or refused because the persona in force may not use it.
+    McpToolCall(McpToolCall),
+}
+
+/// One tool call through the MCP proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpToolCall {
+    /// The MCP session (its persona is the session's persona in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    pub persona: String,
+    /// The downstream server (`hypertool` for the built-in tools).
+    pub server: String,
+    /// The tool's name on that server.
+    pub tool: String,
+    pub result: ToolCallResult,
+    pub duration_seconds: f64,
+}
+
+/// How a tool call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolCallResult {
+    /// The server answered (a result, not an error).
+    Ok,
+    /// The server answered with an error, or could not be reached.
+    Error,
+    /// Not sent: the persona in force may not call it (or it does not exist).
+    Refused,
+}
+
+impl ToolCallResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolCallResult::Ok => "ok",
+            ToolCallResult::Error => "error",
+            ToolCallResult::Refused => "refused",
+        }
+    }
 }
 
 /// What a gateway call was admitted with.
@@ -246,6 +286,7 @@ impl Event {
             Event::RunFinished { .. } => "run_finished",
             Event::QualityGate(_) => "quality_gate",
             Event::SwitchSuppressed { .. } => "switch_suppressed",
+            Event::McpToolCall(_) => "mcp_tool_call",
         }
     }
 }

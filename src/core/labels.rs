@@ -22,6 +22,10 @@ pub enum NameField {
     Stage,
     Session,
     Run,
+    /// A downstream MCP server's name.
+    Server,
+    /// An MCP tool's name.
+    Tool,
 }
 
 /// The longest persona, chatmode, model, workflow or stage name accepted.
@@ -76,15 +80,21 @@ pub enum LabelKind {
     Model,
     Workflow,
     Stage,
+    /// A downstream MCP server.
+    Server,
+    /// A tool of a downstream MCP server.
+    Tool,
 }
 
 impl LabelKind {
-    pub const ALL: [LabelKind; 5] = [
+    pub const ALL: [LabelKind; 7] = [
         LabelKind::Persona,
         LabelKind::Chatmode,
         LabelKind::Model,
         LabelKind::Workflow,
         LabelKind::Stage,
+        LabelKind::Server,
+        LabelKind::Tool,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +104,8 @@ impl LabelKind {
             LabelKind::Model => "model",
             LabelKind::Workflow => "workflow",
             LabelKind::Stage => "stage",
+            LabelKind::Server => "server",
+            LabelKind::Tool => "tool",
         }
     }
 
@@ -124,9 +136,38 @@ pub struct Admitted {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LabelGuard {
     cap: usize,
-    labels: [LabelValues; 5],
+    /// One per [`LabelKind`]; a snapshot from before a kind existed has fewer (padded on load).
+    #[serde(deserialize_with = "padded_labels")]
+    labels: [LabelValues; LabelKind::ALL.len()],
     #[serde(skip, default = "other_value")]
     other: Arc<str>,
+}
+
+fn fresh_values() -> LabelValues {
+    LabelValues {
+        configured: HashSet::new(),
+        admitted: HashSet::new(),
+        folded: 0,
+    }
+}
+
+fn padded_labels<'de, D>(d: D) -> Result<[LabelValues; LabelKind::ALL.len()], D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::Deserialize;
+    let mut stored = Vec::<LabelValues>::deserialize(d)?;
+    if stored.len() > LabelKind::ALL.len() {
+        return Err(serde::de::Error::custom(format!(
+            "{} label kinds stored, this version knows {}",
+            stored.len(),
+            LabelKind::ALL.len()
+        )));
+    }
+    stored.resize_with(LabelKind::ALL.len(), fresh_values);
+    stored
+        .try_into()
+        .map_err(|_| serde::de::Error::custom("label kinds"))
 }
 
 fn other_value() -> Arc<str> {
@@ -135,14 +176,9 @@ fn other_value() -> Arc<str> {
 
 impl LabelGuard {
     pub fn new(cap: usize) -> Self {
-        let fresh = || LabelValues {
-            configured: HashSet::new(),
-            admitted: HashSet::new(),
-            folded: 0,
-        };
         Self {
             cap,
-            labels: [fresh(), fresh(), fresh(), fresh(), fresh()],
+            labels: std::array::from_fn(|_| fresh_values()),
             other: Arc::from(OTHER),
         }
     }

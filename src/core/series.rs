@@ -237,6 +237,16 @@ pub const PROMPT_TOKENS_BUCKETS: &[f64] = &[
     262144.0,
 ];
 
+/// Bucket bounds of `hypertool_mcp_tool_call_duration_seconds` (one tool call: a clock read, a git
+/// log, a browser step).
+pub const TOOL_CALL_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+pub fn tool_call_duration_histogram() -> HistogramVec<3> {
+    HistogramVec::new(TOOL_CALL_DURATION_BUCKETS)
+}
+
 pub fn prompt_tokens_histogram() -> HistogramVec<2> {
     HistogramVec::new(PROMPT_TOKENS_BUCKETS)
 }

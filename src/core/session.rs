@@ -156,6 +156,18 @@ impl Sessions {
         outcome
     }
 
+    /// Activity of an open session that changes nothing else (a tool call through the MCP proxy):
+    /// it keeps the session from going idle.
+    pub fn touch(&mut self, session: &str, at: UnixMillis) {
+        let idle = self.idle_timeout_ms;
+        if let Some(state) = self.open.get_mut(session) {
+            // An idle session is closed by the next tick; activity does not revive it.
+            if at - state.last_activity <= idle {
+                state.last_activity = state.last_activity.max(at);
+            }
+        }
+    }
+
     /// The session, as the API shows it.
     pub fn view(&self, session: &str) -> Option<SessionView> {
         self.open.get(session).map(|s| SessionView {

@@ -15,7 +15,9 @@ use serde_json::{Map, Value};
 
 use super::AppState;
 use crate::core::clock::UnixMillis;
-use crate::core::event::{Event, GateResult, PersonaSwitch, StageResult, Stamped, Usage};
+use crate::core::event::{
+    Event, GateResult, McpToolCall, PersonaSwitch, StageResult, Stamped, ToolCallResult, Usage,
+};
 use crate::core::labels::{check_name, NameField};
 use crate::web::auth::Caller;
 use crate::web::error::ApiError;
@@ -154,6 +156,7 @@ fn own_persona(
         Event::Usage(u) => ("persona", u.persona.as_str()),
         Event::Stage(s) => ("persona", s.persona.as_str()),
         Event::PersonaSwitch(s) => ("to", s.to.as_str()),
+        Event::McpToolCall(c) => ("persona", c.persona.as_str()),
         // Other kinds do not come through this API.
         _ => return Ok(e),
     };
@@ -367,7 +370,7 @@ pub fn parse_event(
             return Err(reject(
                 Some("type"),
                 "missing_field",
-                "`type` is required: usage, persona_switch or stage",
+                "`type` is required: usage, persona_switch, stage or mcp_tool_call",
             ))
         }
     };
@@ -481,11 +484,52 @@ pub fn parse_event(
                 reason,
             })
         }
+        "mcp_tool_call" => {
+            f.only(&[
+                "type",
+                "session",
+                "persona",
+                "server",
+                "tool",
+                "result",
+                "duration_seconds",
+                "timestamp",
+            ])?;
+            let result = match obj.get("result") {
+                Some(Value::String(r)) if r == "ok" => ToolCallResult::Ok,
+                Some(Value::String(r)) if r == "error" => ToolCallResult::Error,
+                Some(Value::String(r)) if r == "refused" => ToolCallResult::Refused,
+                None | Some(Value::Null) => {
+                    return Err(reject(
+                        Some("result"),
+                        "missing_field",
+                        "`result` is required: \"ok\", \"error\" or \"refused\"",
+                    ))
+                }
+                Some(v) => {
+                    return Err(reject(
+                        Some("result"),
+                        "invalid_field",
+                        format!("`result` must be \"ok\", \"error\" or \"refused\", got {v}"),
+                    ))
+                }
+            };
+            Event::McpToolCall(McpToolCall {
+                session: f.opt_label("session", NameField::Session)?,
+                persona: f.label("persona", NameField::Persona)?,
+                server: f.label("server", NameField::Server)?,
+                tool: f.label("tool", NameField::Tool)?,
+                result,
+                duration_seconds: f
+                    .bounded("duration_seconds", true, MAX_DURATION_SECONDS)?
+                    .unwrap_or(0.0),
+            })
+        }
         other => {
             return Err(reject(
                 Some("type"),
                 "unknown_type",
-                format!("unknown event type {other:?}; use usage, persona_switch or stage"),
+                format!("unknown event type {other:?}; use usage, persona_switch, stage or mcp_tool_call"),
             ))
         }
     };

@@ -86,6 +86,16 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// Persona switches, decided and recorded as the API and the MCP proxy both do.
+    pub fn switchboard(&self) -> crate::switchboard::Switchboard {
+        crate::switchboard::Switchboard {
+            engine: self.engine.clone(),
+            writer: self.writer.clone(),
+            serial: self.switch_lock.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
     /// The same server state with the self-scrape pointed at `metrics_addr` (used to test a metrics
     /// listener that does not answer).
     pub fn scraping(&self, metrics_addr: SocketAddr) -> AppState {

@@ -19,8 +19,6 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::core::clock::to_rfc3339;
-use crate::core::engine::SwitchDecision;
-use crate::core::event::{Event, PersonaSwitch, Stamped};
 use crate::core::labels::NameField;
 use crate::core::routing;
 use crate::store::writer::lock;
@@ -73,77 +71,11 @@ pub async fn switch(
     let chatmode = req
         .chatmode
         .unwrap_or_else(|| state.gateway.settings().default_chatmode.clone());
-    // One decision at a time: two concurrent requests must not both pass a cooldown.
-    let _serial = state.switch_lock.lock().await;
-    let now = state.clock.now_ms();
-    let decision = lock(&state.engine).decide_switch(&req.session, &to, &chatmode, now);
-    let oscillation_json = |o: &Option<(String, String)>| {
-        o.as_ref()
-            .map(|(a, b)| json!({ "personas": [a, b] }))
-            .unwrap_or(Value::Null)
-    };
-    match decision {
-        SwitchDecision::AlreadyCurrent => Ok(Json(json!({
-            "session": req.session,
-            "persona": to,
-            "switched": false,
-            "reason": "already_current",
-        }))),
-        SwitchDecision::Switch { from, oscillation } => {
-            state
-                .writer
-                .append(vec![Stamped {
-                    at: now,
-                    event: Event::PersonaSwitch(PersonaSwitch {
-                        session: req.session.clone(),
-                        from: from.clone(),
-                        to: to.clone(),
-                        chatmode: chatmode.clone(),
-                    }),
-                }])
-                .await?;
-            Ok(Json(json!({
-                "session": req.session,
-                "persona": to,
-                "switched": true,
-                "from": from,
-                "chatmode": chatmode,
-                "oscillation": oscillation_json(&oscillation),
-            })))
-        }
-        SwitchDecision::Keep {
-            current,
-            reason,
-            retry_after_ms,
-            oscillation,
-        } => {
-            state
-                .writer
-                .append(vec![Stamped {
-                    at: now,
-                    event: Event::SwitchSuppressed {
-                        session: req.session.clone(),
-                        from: Some(current.clone()),
-                        to: to.clone(),
-                        chatmode: chatmode.clone(),
-                        reason: reason.to_string(),
-                    },
-                }])
-                .await?;
-            tracing::info!(session = %req.session, persona = %current, requested = %to,
-                chatmode = %chatmode, reason, "persona switch suppressed");
-            Ok(Json(json!({
-                "session": req.session,
-                "persona": current,
-                "switched": false,
-                "requested": to,
-                "chatmode": chatmode,
-                "reason": reason,
-                "retry_after_seconds": retry_after_ms.map(|ms| ms as f64 / 1000.0),
-                "oscillation": oscillation_json(&oscillation),
-            })))
-        }
-    }
+    let answer = state
+        .switchboard()
+        .switch(&req.session, &to, &chatmode)
+        .await?;
+    Ok(Json(answer))
 }
 
 #[derive(Debug, Deserialize)]

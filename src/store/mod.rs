@@ -103,6 +103,7 @@ impl<'a> Columns<'a> {
                 None,
                 None,
             ),
+            Event::McpToolCall(c) => (Some(c.persona.as_str()), None, None, None, None, None),
             Event::CallReleased { .. } | Event::GateChanged { .. } => {
                 (None, None, None, None, None, None)
             }

@@ -286,6 +286,8 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
     }
     w.counter_vec(&f::WORKFLOW_RUNS_STARTED_TOTAL, &m.runs_started);
     w.counter_vec(&f::WORKFLOW_RUNS_FINISHED_TOTAL, &m.runs_finished);
+    w.counter_vec(&f::MCP_TOOL_CALLS_TOTAL, &m.mcp_tool_calls);
+    w.histogram_vec(&f::MCP_TOOL_CALL_DURATION_SECONDS, &m.mcp_tool_duration);
     w.counter_vec(
         &f::PERSONA_SWITCHES_SUPPRESSED_TOTAL,
         &m.switches_suppressed,

@@ -109,6 +109,20 @@ pub const PERSONA_OSCILLATIONS_TOTAL: Family = Family {
     labels: &["chatmode"],
 };
 
+pub const MCP_TOOL_CALLS_TOTAL: Family = Family {
+    name: "hypertool_mcp_tool_calls_total",
+    kind: Kind::Counter,
+    help: "Tool calls through the MCP proxy, by persona, downstream server and tool; result is ok, error or refused.",
+    labels: &["persona", "server", "tool", "result"],
+};
+
+pub const MCP_TOOL_CALL_DURATION_SECONDS: Family = Family {
+    name: "hypertool_mcp_tool_call_duration_seconds",
+    kind: Kind::Histogram,
+    help: "Duration of a tool call through the MCP proxy, from the client's request to the downstream server's answer.",
+    labels: &["persona", "server", "tool"],
+};
+
 pub const PROMPT_TOKENS: Family = Family {
     name: "hypertool_prompt_tokens",
     kind: Kind::Histogram,
@@ -403,6 +417,8 @@ pub const ALL: &[Family] = &[
     WORKFLOW_RUNS_FINISHED_TOTAL,
     PERSONA_SWITCHES_SUPPRESSED_TOTAL,
     PERSONA_OSCILLATIONS_TOTAL,
+    MCP_TOOL_CALLS_TOTAL,
+    MCP_TOOL_CALL_DURATION_SECONDS,
     LANGFUSE_GENERATION_DURATION_SECONDS,
     PROMPT_TOKENS,
     EVENTS_APPLIED_TOTAL,
