@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every hypertool test, with its set-up, on a fresh Debian machine that has only the Rust toolchain.
 # Installs what the tests need (Debian's prometheus, for prometheus and promtool,
-# prometheus-alertmanager, systemd for systemd-analyze, postgresql, redis-server, chromium; PyPI's openai), then runs formatting,
+# prometheus-alertmanager, systemd for systemd-analyze, postgresql, redis-server, chromium, git, nodejs;
+# PyPI's openai, mcp, mcp-server-time, mcp-server-git; npm's @modelcontextprotocol/server-everything), then runs formatting,
 # lints and the whole test suite. Services the tests use are started by the tests themselves, on
 # loopback, in temporary directories.
 set -euo pipefail
@@ -18,6 +19,9 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # The dashboard is tested in a real headless browser, driven over the DevTools protocol.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# The MCP proxy's tests start real downstream servers: mcp-server-git needs git, server-everything node.
+command -v git >/dev/null 2>&1 || missing+=(git)
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -28,6 +32,14 @@ fi
 
 # The official OpenAI client, to prove the gateway's compatibility.
 python3 -c 'import openai' >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check openai
+
+# The official MCP Python SDK as the client of `hypertool mcp`, and two reference servers behind it.
+python3 -c 'import mcp, mcp_server_time, mcp_server_git' >/dev/null 2>&1 ||
+  python3 -m pip install -q --disable-pip-version-check 'mcp==2.3.0' 'mcp-server-time==2026.10.19' 'mcp-server-git==2026.10.19'
+# ... and the reference "everything" server from npm, where tests/it/mcp.rs looks for it.
+everything=target/mcp-node/node_modules/@modelcontextprotocol/server-everything/dist/index.js
+[ -f "$everything" ] ||
+  npm install --prefix target/mcp-node --no-audit --no-fund --silent @modelcontextprotocol/server-everything@2026.8.31
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod doctor;
 pub mod gateway;
+pub mod mcp;
 pub mod runbook;
 pub mod server;
 pub mod store;

@@ -38,6 +38,9 @@ struct Cli {
 enum Command {
     /// Run the server: events API, admin API and the Prometheus metrics listener.
     Serve(ServeArgs),
+    /// Serve MCP on stdio: the tools of the persona in force from the downstream MCP servers,
+    /// and list-personas / equip-persona / current-persona.
+    Mcp(McpArgs),
     /// Validate the configuration and report every problem with file, line and fix.
     Check {
         /// hypertool.toml to check (default: ./config/hypertool.toml, else the built-in defaults).
@@ -115,6 +118,45 @@ struct ServeArgs {
     listen: Option<SocketAddr>,
     /// Metrics address (default from the configuration: 127.0.0.1:9464).
     #[arg(long, env = "HYPERTOOL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Write logs to this file as JSON lines instead of to stderr.
+    #[arg(long, env = "HYPERTOOL_LOG_FILE")]
+    log_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct McpArgs {
+    /// The persona in force from the start (none: only hypertool's own tools until equip-persona).
+    #[arg(long, env = "HYPERTOOL_PERSONA")]
+    persona: Option<String>,
+    /// The downstream servers, an `.mcp.json`-style file (default: `[mcp] servers` of
+    /// hypertool.toml).
+    #[arg(long, env = "HYPERTOOL_MCP_CONFIG")]
+    mcp_config: Option<PathBuf>,
+    /// hypertool.toml (default: ./config/hypertool.toml, else the built-in defaults).
+    #[arg(long, env = "HYPERTOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where this process's own ledger lives (without --server).
+    #[arg(long, env = "HYPERTOOL_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// A running `hypertool serve` that records switches and tool calls (its key from
+    /// HYPERTOOL_API_KEY); without it this process keeps a ledger of its own.
+    #[arg(long)]
+    server: Option<String>,
+    /// The environment variable holding the key sent to --server (a persona key: its persona only).
+    #[arg(long, default_value = "HYPERTOOL_API_KEY")]
+    api_key_env: String,
+    /// The session id in events and the ledger (default: a random one per run).
+    #[arg(long)]
+    session: Option<String>,
+    /// The chatmode whose switch cooldown applies (default: the gateway's default chatmode).
+    #[arg(long)]
+    chatmode: Option<String>,
+    /// API address of this process's own core (without --server; default: a free loopback port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Metrics address of this process's own core (without --server; default: a free loopback port).
+    #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Write logs to this file as JSON lines instead of to stderr.
     #[arg(long, env = "HYPERTOOL_LOG_FILE")]
@@ -296,7 +338,8 @@ fn parse_mode(s: &str) -> Result<BudgetMode, String> {
 
 fn init_logging(log_file: Option<&PathBuf>) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rmcp=warn"));
     match log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -367,6 +410,34 @@ async fn serve(args: ServeArgs) -> ExitCode {
             running.run_until(shutdown_signal()).await;
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn mcp(args: McpArgs) -> ExitCode {
+    if let Err(e) = init_logging(args.log_file.as_ref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let opts = hypertool::mcp::stdio::StdioOptions {
+        config: Source::discover(args.config.as_deref()),
+        data_dir: args.data_dir,
+        mcp_config: args.mcp_config,
+        persona: args.persona,
+        key: std::env::var(&args.api_key_env)
+            .ok()
+            .filter(|k| !k.is_empty()),
+        server: args.server,
+        session: args.session,
+        chatmode: args.chatmode,
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+    };
+    match hypertool::mcp::stdio::run(opts, Arc::new(SystemClock), shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
@@ -800,6 +871,7 @@ async fn main() -> ExitCode {
     use reqwest::Method;
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Mcp(args) => mcp(args).await,
         Command::Check { config } => check(config),
         Command::Rules { config } => rules(config),
         Command::Runbook(args) => runbook(args).await,

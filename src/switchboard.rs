@@ -31,7 +31,12 @@ impl Switchboard {
     /// names the persona in force: `{"session", "persona", "switched", …}` — with `reason`
     /// (`already_current`, `cooldown`, `oscillation`) and `retry_after_seconds` when it did not
     /// switch.
-    pub async fn switch(&self, session: &str, to: &str, chatmode: &str) -> Result<Value, LedgerError> {
+    pub async fn switch(
+        &self,
+        session: &str,
+        to: &str,
+        chatmode: &str,
+    ) -> Result<Value, LedgerError> {
         let _serial = self.serial.lock().await;
         let now = self.clock.now_ms();
         let decision = lock(&self.engine).decide_switch(session, to, chatmode, now);

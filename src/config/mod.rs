@@ -209,6 +209,9 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
             let mut settings = Settings::parse(&display, &text)?;
             let base = path.parent().unwrap_or(Path::new("."));
             let mut errors = Vec::new();
+            if let Some(servers) = settings.mcp.servers.take() {
+                settings.mcp.servers = Some(base.join(servers));
+            }
             if let Some(ca) = settings.gateway.ca_file.clone() {
                 let ca_path = base.join(&ca);
                 let loaded = std::fs::read(&ca_path)

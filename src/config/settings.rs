@@ -39,6 +39,22 @@ struct RawSettings {
     workflows: RawWorkflows,
     #[serde(default)]
     switching: RawSwitching,
+    #[serde(default)]
+    mcp: RawMcp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMcp {
+    servers: Option<String>,
+}
+
+/// `[mcp]`: the MCP proxy (`hypertool mcp`, `/mcp`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct McpSettings {
+    /// The downstream servers' `.mcp.json`, relative to hypertool.toml (`None`: no downstream
+    /// servers; hypertool's own tools only).
+    pub servers: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -323,6 +339,7 @@ pub struct Settings {
     /// Chatmode → workflow and switch cooldown, relative to hypertool.toml.
     pub chatmodes_file: String,
     pub switching: SwitchingSettings,
+    pub mcp: McpSettings,
 }
 
 fn ledger_settings(
@@ -677,6 +694,9 @@ impl Settings {
             return Err(errors);
         }
         Ok(Settings {
+            mcp: McpSettings {
+                servers: raw.mcp.servers.map(std::path::PathBuf::from),
+            },
             tracing,
             workflows_dir: raw.workflows.dir.unwrap_or_else(|| "workflows".into()),
             chatmodes_file: raw

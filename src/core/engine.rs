@@ -403,7 +403,9 @@ impl Engine {
             mcp_tool_duration: fresh.mcp_tool_duration,
             ..metrics.clone()
         };
-        restored.mcp_tool_duration.adopt(metrics.mcp_tool_duration)?;
+        restored
+            .mcp_tool_duration
+            .adopt(metrics.mcp_tool_duration)?;
         restored.prompt_tokens.adopt(metrics.prompt_tokens)?;
         restored.persona_duration.adopt(metrics.persona_duration)?;
         restored.stage_duration.adopt(metrics.stage_duration)?;
@@ -701,10 +703,9 @@ impl Engine {
                 let server = admit(LabelKind::Server, &c.server);
                 let tool = admit(LabelKind::Tool, &c.tool);
                 let result: Arc<str> = Arc::from(c.result.as_str());
-                metrics.mcp_tool_calls.inc_by(
-                    [persona.clone(), server.clone(), tool.clone(), result],
-                    1.0,
-                );
+                metrics
+                    .mcp_tool_calls
+                    .inc_by([persona.clone(), server.clone(), tool.clone(), result], 1.0);
                 metrics
                     .mcp_tool_duration
                     .observe([persona, server, tool], c.duration_seconds);

@@ -34,7 +34,7 @@ pub fn event(t0: i64, i: u64) -> Stamped {
     let persona = PERSONAS[((i / 7 / 5_000 / 50 + (i / 7) % 5_000) % 6) as usize];
     let chatmode = ["backend-dev", "frontend-dev", "ops"][(i % 3) as usize];
     // A new model name now and then, so the label cap folds some into `other`.
-    let model = if i % 10_007 == 0 {
+    let model = if i.is_multiple_of(10_007) {
         format!("model-{}", i / 10_007)
     } else {
         ["gpt-4o", "gpt-4o-mini", "claude-sonnet", "llama-70b"][(i % 4) as usize].to_string()
@@ -69,11 +69,11 @@ pub fn event(t0: i64, i: u64) -> Stamped {
         }),
         // Now and then an admission is never settled (a crash cut its call off): its usage is a
         // plain report instead.
-        0..=9 if (i - 1) % 1_000_000 == 0 => Event::Usage(usage(None)),
+        0..=9 if (i - 1).is_multiple_of(1_000_000) => Event::Usage(usage(None)),
         0..=9 => Event::Usage(usage(Some(format!("c{}", i - 1)))),
         10..=13 => Event::Usage(usage(None)),
         14 => {
-            if i % 997 == 0 {
+            if i.is_multiple_of(997) {
                 Event::SwitchSuppressed {
                     session: session.clone(),
                     from: Some(persona.into()),
@@ -105,12 +105,12 @@ pub fn event(t0: i64, i: u64) -> Stamped {
             workflow: workflow.into(),
             stage: stages[(block % 3) as usize].into(),
             model,
-            result: if block % 5 == 0 {
+            result: if block.is_multiple_of(5) {
                 GateResult::Fail
             } else {
                 GateResult::Pass
             },
-            reasons: (block % 5 == 0).then(|| "min_length".to_string()),
+            reasons: block.is_multiple_of(5).then(|| "min_length".to_string()),
             run: Some(run),
             attempt: 1,
         }),
@@ -125,7 +125,7 @@ pub fn event(t0: i64, i: u64) -> Stamped {
         _ => Event::RunFinished {
             run,
             workflow: workflow.into(),
-            status: if block % 7 == 0 {
+            status: if block.is_multiple_of(7) {
                 "failed"
             } else {
                 "completed"

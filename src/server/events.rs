@@ -529,7 +529,9 @@ pub fn parse_event(
             return Err(reject(
                 Some("type"),
                 "unknown_type",
-                format!("unknown event type {other:?}; use usage, persona_switch, stage or mcp_tool_call"),
+                format!(
+                "unknown event type {other:?}; use usage, persona_switch, stage or mcp_tool_call"
+            ),
             ))
         }
     };

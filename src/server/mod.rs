@@ -575,7 +575,7 @@ fn spawn_background(
             // itself even when nothing else writes (a load balancer sends nothing to an unready
             // instance).
             ticks += 1;
-            if ticks % 2 == 0 && ticker_state.writer.health.failing() {
+            if ticks.is_multiple_of(2) && ticker_state.writer.health.failing() {
                 ticker_state.writer.probe();
             }
         }

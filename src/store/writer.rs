@@ -911,7 +911,7 @@ fn run(
                 catch_up(&*ledger, &mut applied_seq, None, &apply, &apply_foreign);
                 // Budget overrides set through another replica (their own table, not events).
                 tails += 1;
-                if tails % 5 == 0 {
+                if tails.is_multiple_of(5) {
                     sync_overrides(&*ledger, &engine, clock.now_ms());
                 }
             }

@@ -14,6 +14,7 @@ mod events_api;
 mod gateway;
 mod gateway_stages;
 mod grafana;
+mod mcp;
 mod metrics_contract;
 mod operator;
 mod persistence;

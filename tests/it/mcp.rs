@@ -1,0 +1,246 @@
+//! `hypertool mcp` driven by the official MCP Python SDK over stdio, in front of real downstream
+//! servers: mcp-server-time and mcp-server-git (PyPI) and @modelcontextprotocol/server-everything
+//! (npm), all installed by `scripts/test.sh`. The client's view is asserted by
+//! `tests/fixtures/mcp_client.py`; the metrics and the ledger are asserted here.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::common::{free_port, Exposition};
+
+/// Where `scripts/test.sh` installs @modelcontextprotocol/server-everything.
+fn server_everything() -> PathBuf {
+    let path = std::env::var("HYPERTOOL_TEST_SERVER_EVERYTHING")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(
+                "target/mcp-node/node_modules/@modelcontextprotocol/server-everything/dist/index.js",
+            )
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: scripts/test.sh installs it (npm install --prefix target/mcp-node @modelcontextprotocol/server-everything)",
+        path.display()
+    );
+    path
+}
+
+fn persona(name: &str, servers: &[&str], tools: Value) -> String {
+    json!({
+        "name": name,
+        "displayName": name,
+        "description": format!("{name}, for the MCP proxy test"),
+        "allowedServers": servers,
+        "allowedTools": tools,
+    })
+    .to_string()
+}
+
+/// A configuration with two personas and the three downstream servers; a git repository for
+/// mcp-server-git. Returns (hypertool.toml, the repository).
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let config = dir.join("config");
+    std::fs::create_dir_all(config.join("personas")).unwrap();
+    std::fs::write(
+        config.join("personas/timekeeper.json"),
+        persona("timekeeper", &["time"], json!({"time": ["get_*"]})),
+    )
+    .unwrap();
+    std::fs::write(
+        config.join("personas/archivist.json"),
+        persona(
+            "archivist",
+            &["git", "everything"],
+            json!({"everything": ["echo", "get-tiny-*"]}),
+        ),
+    )
+    .unwrap();
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    std::fs::write(repo.join("README"), "hello\n").unwrap();
+    git(&["add", "README"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.com",
+        "commit",
+        "-qm",
+        "first",
+    ]);
+    std::fs::write(
+        config.join("mcp.json"),
+        json!({"mcpServers": {
+            "time": {"command": "python3", "args": ["-m", "mcp_server_time", "--local-timezone=UTC"]},
+            "git": {"command": "python3", "args": ["-m", "mcp_server_git", "--repository", repo.to_str().unwrap()]},
+            "everything": {"command": "node", "args": [server_everything().to_str().unwrap(), "stdio"]},
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        config.join("hypertool.toml"),
+        "[personas]\ndir = \"personas\"\n\n[switching]\ncooldown_seconds = 600\n\n[mcp]\nservers = \"mcp.json\"\n",
+    )
+    .unwrap();
+    (config.join("hypertool.toml"), repo)
+}
+
+fn run_client(dir: &Path, scenario: Value) -> Vec<Value> {
+    let path = dir.join("scenario.json");
+    std::fs::write(&path, scenario.to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mcp_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the MCP client failed (pip install mcp mcp-server-time mcp-server-git; scripts/test.sh does):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn env_for_children() -> Value {
+    let mut env = serde_json::Map::new();
+    for k in ["PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV"] {
+        if let Ok(v) = std::env::var(k) {
+            env.insert(k.into(), json!(v));
+        }
+    }
+    env.insert("RUST_LOG".into(), json!("info,rmcp=warn"));
+    Value::Object(env)
+}
+
+#[test]
+fn a_stdio_session_sees_its_personas_tools_switches_under_the_policy_and_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, repo) = setup(dir.path());
+    let data = dir.path().join("data");
+    let metrics_port = free_port();
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let steps = run_client(
+        dir.path(),
+        json!({
+            "command": [
+                env!("CARGO_BIN_EXE_hypertool"), "mcp",
+                "--config", config, "--data-dir", data,
+                "--persona", "timekeeper", "--session", "mcp-test-session",
+                "--metrics-listen", format!("127.0.0.1:{metrics_port}"),
+            ],
+            "env": env_for_children(),
+            "repo": repo,
+            "git_server_marker": format!("mcp_server_git --repository {}", repo.display()),
+            "metrics": metrics,
+            "last_call_line": "hypertool_mcp_tool_calls_total{persona=\"archivist\",server=\"git\",tool=\"git_status\",result=\"ok\"} 2",
+        }),
+    );
+    let body = steps
+        .iter()
+        .find(|s| s["step"] == "metrics")
+        .and_then(|s| s["body"].as_str())
+        .unwrap();
+    let m = Exposition::parse(body);
+    let calls = |persona: &str, server: &str, tool: &str, result: &str| {
+        m.get(
+            "hypertool_mcp_tool_calls_total",
+            &[
+                ("persona", persona),
+                ("server", server),
+                ("tool", tool),
+                ("result", result),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(calls("timekeeper", "time", "get_current_time", "ok"), 1.0);
+    assert_eq!(calls("timekeeper", "git", "git_status", "refused"), 1.0);
+    assert_eq!(calls("timekeeper", "time", "convert_time", "refused"), 1.0);
+    assert_eq!(calls("timekeeper", "unknown", "nosuch", "refused"), 1.0);
+    assert_eq!(calls("archivist", "everything", "echo", "ok"), 1.0);
+    assert_eq!(calls("timekeeper", "hypertool", "equip-persona", "ok"), 1.0);
+    assert_eq!(
+        calls("archivist", "hypertool", "equip-persona", "error"),
+        1.0
+    );
+    // Before the crash and after the restart (calls while it was down are errors, as many as
+    // the client's polls found it down).
+    assert_eq!(calls("archivist", "git", "git_status", "ok"), 2.0);
+    assert_eq!(
+        m.get(
+            "hypertool_mcp_tool_call_duration_seconds_count",
+            &[
+                ("persona", "timekeeper"),
+                ("server", "time"),
+                ("tool", "get_current_time")
+            ]
+        ),
+        Some(1.0)
+    );
+    let switch = |from: &str, to: &str| {
+        m.get(
+            "hypertool_persona_switches_total",
+            &[
+                ("from_persona", from),
+                ("to_persona", to),
+                ("chatmode", "default"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        switch("none", "timekeeper"),
+        1.0,
+        "the persona given at the start"
+    );
+    assert_eq!(switch("timekeeper", "archivist"), 1.0);
+    assert_eq!(switch("archivist", "timekeeper"), 0.0);
+    assert_eq!(
+        m.get(
+            "hypertool_persona_switches_suppressed_total",
+            &[("chatmode", "default"), ("reason", "cooldown")]
+        ),
+        Some(1.0)
+    );
+
+    // The ledger holds every call and switch of the session (the process has exited: durable).
+    let db = rusqlite::Connection::open(data.join("hypertool.db")).unwrap();
+    let kinds: Vec<(String, i64)> = db
+        .prepare("SELECT kind, COUNT(*) FROM events GROUP BY kind ORDER BY kind")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let count = |k: &str| kinds.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
+    assert_eq!(count("persona_switch"), 2, "{kinds:?}");
+    assert_eq!(count("switch_suppressed"), 1, "{kinds:?}");
+    let tool_calls = m.sum("hypertool_mcp_tool_calls_total") as i64;
+    assert_eq!(count("mcp_tool_call"), tool_calls, "{kinds:?}");
+    let sessions: Vec<String> = db
+        .prepare("SELECT DISTINCT json_extract(body, '$.session') FROM events WHERE kind = 'mcp_tool_call'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(sessions, ["mcp-test-session"]);
+}
