@@ -165,6 +165,7 @@ async fn http_ingestion(now: i64) {
             data_dir: dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().ok(),
             metrics_listen: "127.0.0.1:0".parse().ok(),
+            mcp_servers: None,
         },
         Arc::new(ManualClock::new(now)),
     )

@@ -397,6 +397,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
+        mcp_servers: None,
     };
     match server::start(opts, Arc::new(SystemClock)).await {
         Ok(running) => {

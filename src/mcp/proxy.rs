@@ -59,7 +59,11 @@ pub struct McpSession {
 struct SessionState {
     id: String,
     chatmode: String,
-    locked_to: Option<String>,
+    /// A persona key's persona: the only one this session may equip.
+    locked_to: Mutex<Option<String>>,
+    /// Over HTTP, the key that opened the session (`None` inside: an admin key, or no keys
+    /// configured); another key may not use it.
+    owner: Mutex<Option<Option<String>>>,
     /// The persona in force (canonical), as the switch policy last answered.
     persona: Mutex<Option<String>>,
     /// Recorded as the session's first switch once the client is initialized.
@@ -83,7 +87,8 @@ impl Proxy {
                 chatmode: start
                     .chatmode
                     .unwrap_or_else(|| self.default_chatmode.clone()),
-                locked_to: canonical(start.locked_to),
+                locked_to: Mutex::new(canonical(start.locked_to)),
+                owner: Mutex::new(None),
                 initial: Mutex::new(persona.clone()),
                 persona: Mutex::new(persona),
             }),
@@ -131,6 +136,53 @@ fn builtin_tools() -> Vec<Tool> {
 }
 
 impl McpSession {
+    /// Over HTTP, the API's door has decided who calls (`Caller`, in the request's parts): a
+    /// persona key's session is that persona's (it starts in it and cannot equip another), and a
+    /// session belongs to the key that opened it. Over stdio there are no parts: nothing to do.
+    fn adopt_caller(&self, extensions: &rmcp::model::Extensions) -> Result<(), McpError> {
+        use crate::web::auth::Caller;
+        let Some(caller) = extensions
+            .get::<http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Caller>())
+        else {
+            return Ok(());
+        };
+        let who = match caller {
+            Caller::Persona(key) => Some(
+                self.proxy
+                    .hub
+                    .persona(&key.persona)
+                    .map(|p| p.name)
+                    .unwrap_or_else(|| key.persona.clone()),
+            ),
+            _ => None,
+        };
+        let mut owner = self.state.owner.lock().unwrap_or_else(|p| p.into_inner());
+        match &*owner {
+            Some(o) if *o == who => Ok(()),
+            Some(_) => Err(McpError::invalid_request(
+                "this MCP session was opened with another key; open a session of your own",
+                None,
+            )),
+            None => {
+                *owner = Some(who.clone());
+                if let Some(p) = who {
+                    *self
+                        .state
+                        .locked_to
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+                    let mut persona = self.state.persona.lock().unwrap_or_else(|e| e.into_inner());
+                    if persona.is_none() {
+                        *persona = Some(p.clone());
+                        *self.state.initial.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub fn id(&self) -> &str {
         &self.state.id
     }
@@ -310,8 +362,14 @@ impl McpSession {
                         None,
                     ));
                 };
-                if let Some(own) = &self.state.locked_to {
-                    if *own != persona.name {
+                let locked = self
+                    .state
+                    .locked_to
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let Some(own) = locked {
+                    if own != persona.name {
                         return Err(McpError::invalid_params(
                             format!("this session's key belongs to persona `{own}`; it cannot equip `{}`", persona.name),
                             None,
@@ -356,6 +414,10 @@ impl ServerHandler for McpSession {
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        if let Err(e) = self.adopt_caller(&context.extensions) {
+            tracing::warn!(session = %self.state.id, "{}", e.message);
+            return;
+        }
         self.record_initial().await;
         self.watch_downstreams(context.peer);
     }
@@ -363,8 +425,9 @@ impl ServerHandler for McpSession {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
+        self.adopt_caller(&context.extensions)?;
         let mut tools = builtin_tools();
         let (exposed, downstream) = self.exposure();
         for e in exposed {
@@ -385,6 +448,7 @@ impl ServerHandler for McpSession {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        self.adopt_caller(&context.extensions)?;
         let started = Instant::now();
         let at = self.proxy.hub.now_ms();
         let name = request.name.to_string();

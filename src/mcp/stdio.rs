@@ -59,15 +59,6 @@ pub async fn run(
                 )
             })?
     };
-    let servers = match opts
-        .mcp_config
-        .clone()
-        .or_else(|| cfg.settings.mcp.servers.clone())
-    {
-        Some(path) => mcp_config::load(&path, &|k| std::env::var(k).ok())
-            .map_err(|errors| errors.to_string())?,
-        None => McpServers::default(),
-    };
     if let Some(p) = &opts.persona {
         if cfg.personas.get(p).is_none() {
             let known: Vec<&str> = cfg.personas.iter().map(|p| p.name.as_str()).collect();
@@ -78,11 +69,26 @@ pub async fn run(
         }
     }
     let default_chatmode = cfg.settings.gateway.default_chatmode.clone();
-    let (hub, core) = match &opts.server {
-        Some(url) => (
-            Hub::remote(url, opts.key.clone(), cfg.personas.clone(), clock.clone())?,
-            None,
-        ),
+    // Beside a server: the downstream servers are this process's own. Standalone: the core this
+    // process starts runs them (the same ones its `/mcp` serves).
+    let (proxy, core) = match &opts.server {
+        Some(url) => {
+            let servers = match opts
+                .mcp_config
+                .clone()
+                .or_else(|| cfg.settings.mcp.servers.clone())
+            {
+                Some(path) => mcp_config::load(&path, &|k| std::env::var(k).ok())
+                    .map_err(|errors| errors.to_string())?,
+                None => McpServers::default(),
+            };
+            let proxy = Arc::new(Proxy {
+                hub: Hub::remote(url, opts.key.clone(), cfg.personas.clone(), clock.clone())?,
+                downstreams: Downstreams::start(&servers),
+                default_chatmode,
+            });
+            (proxy, None)
+        }
         None => {
             let loopback = |a: Option<SocketAddr>| {
                 Some(a.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
@@ -93,6 +99,7 @@ pub async fn run(
                     data_dir: opts.data_dir.clone(),
                     listen: loopback(opts.listen),
                     metrics_listen: loopback(opts.metrics_listen),
+                    mcp_servers: opts.mcp_config.clone(),
                 },
                 clock.clone(),
             )
@@ -100,23 +107,17 @@ pub async fn run(
             .map_err(|e| e.to_string())?;
             tracing::info!(api = %running.api_addr, metrics = %running.metrics_addr,
                 data_dir = %opts.data_dir.display(), "hypertool mcp: core started with a ledger of its own");
-            (Hub::Local(running.state.switchboard()), Some(running))
+            (running.state.mcp.proxy.clone(), Some(running))
         }
     };
-    let downstreams = Downstreams::start(&servers);
-    downstreams.settled(SETTLE).await;
-    let proxy = Arc::new(Proxy {
-        hub: hub.clone(),
-        downstreams: downstreams.clone(),
-        default_chatmode,
-    });
+    proxy.downstreams.settled(SETTLE).await;
     let session = proxy.session(SessionStart {
         id: opts.session.clone(),
         persona: opts.persona.clone(),
         locked_to: None,
         chatmode: opts.chatmode.clone(),
     });
-    tracing::info!(session = %session.id(), persona = ?session.persona(), servers = servers.servers.len(),
+    tracing::info!(session = %session.id(), persona = ?session.persona(),
         "hypertool mcp: serving MCP on stdio");
     let outcome = match session.serve(rmcp::transport::stdio()).await {
         Ok(running) => {
@@ -134,8 +135,8 @@ pub async fn run(
         }
         Err(e) => Err(format!("the MCP client did not initialize: {e}")),
     };
-    downstreams.shutdown().await;
-    hub.flush(Duration::from_secs(5)).await;
+    proxy.downstreams.shutdown().await;
+    proxy.hub.flush(Duration::from_secs(5)).await;
     if let Some(running) = core {
         running.shutdown().await;
     }

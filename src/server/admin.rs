@@ -242,7 +242,19 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             })),
         )
     } else {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
+        let mut body = json!({"status": "ready"});
+        // The MCP proxy's downstream servers: named with their state only (this route is public;
+        // their errors are in `hypertool doctor` and the log). A server down does not make the
+        // gateway unready: it is being restarted.
+        let servers = state.mcp.proxy.downstreams.health();
+        if !servers.is_empty() {
+            body["mcp_servers"] = servers
+                .iter()
+                .map(|h| (h.name.clone(), json!(h.status)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        (StatusCode::OK, Json(body))
     }
 }
 

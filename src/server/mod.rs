@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod events;
 pub mod insight;
 pub mod listener;
+pub mod mcp;
 pub mod personas;
 pub mod routes;
 pub mod workflows;
@@ -112,9 +113,74 @@ impl axum::extract::FromRef<AppState> for crate::gateway::GatewayState {
     }
 }
 
+/// The MCP proxy as `/mcp` serves it (streamable HTTP), and its downstream servers.
+#[derive(Clone)]
+pub struct McpEndpoint {
+    pub proxy: Arc<crate::mcp::proxy::Proxy>,
+    pub http: rmcp::transport::streamable_http_server::StreamableHttpService<
+        crate::mcp::proxy::McpSession,
+        rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
+    >,
+    /// Ends every MCP session (at shutdown).
+    pub http_cancel: tokio_util::sync::CancellationToken,
+}
+
+/// Starts the downstream MCP servers (`[mcp] servers`, or `servers` when given) and the `/mcp`
+/// endpoint over them; switches and tool calls go to this server's engine and ledger.
+fn start_mcp(
+    cfg: &Config,
+    servers: Option<&std::path::Path>,
+    switchboard: crate::switchboard::Switchboard,
+    api_addr: SocketAddr,
+) -> Result<McpEndpoint, StartError> {
+    use crate::mcp::proxy::{Proxy, SessionStart};
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let specs = match servers.or(cfg.settings.mcp.servers.as_deref()) {
+        Some(path) => {
+            crate::mcp::config::load(path, &|k| std::env::var(k).ok()).map_err(|errors| {
+                StartError::Config {
+                    source_name: path.display().to_string(),
+                    errors,
+                }
+            })?
+        }
+        None => crate::mcp::config::McpServers::default(),
+    };
+    let proxy = Arc::new(Proxy {
+        hub: crate::mcp::hub::Hub::Local(switchboard),
+        downstreams: crate::mcp::downstream::Downstreams::start(&specs),
+        default_chatmode: cfg.settings.gateway.default_chatmode.clone(),
+    });
+    let http_cancel = tokio_util::sync::CancellationToken::new();
+    let mut config =
+        StreamableHttpServerConfig::default().with_cancellation_token(http_cancel.clone());
+    config.max_request_body_bytes = cfg.settings.max_body_bytes;
+    // On loopback the SDK's Host check (loopback names only) stops DNS rebinding from a browser;
+    // off loopback every request carries a key (the server refuses to start without them), and
+    // the names it is reached by are the operator's.
+    if !api_addr.ip().is_loopback() {
+        config = config.disable_allowed_hosts();
+    }
+    let sessions = proxy.clone();
+    let http = StreamableHttpService::new(
+        move || Ok(sessions.session(SessionStart::default())),
+        Default::default(),
+        config,
+    );
+    Ok(McpEndpoint {
+        proxy,
+        http,
+        http_cancel,
+    })
+}
+
 /// What every route can reach.
 #[derive(Clone)]
 pub struct AppInner {
+    /// The MCP proxy at `/mcp`.
+    pub mcp: McpEndpoint,
     pub engine: Arc<Mutex<Engine>>,
     /// Spans to the OTLP collector and Langfuse (a no-op without a destination).
     pub tracer: crate::telemetry::trace::Tracer,
@@ -176,6 +242,8 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
+    /// The MCP proxy's downstream servers (`.mcp.json`); `None`: `[mcp] servers`.
+    pub mcp_servers: Option<PathBuf>,
 }
 
 /// Why the server could not start. Each message says what to do.
@@ -411,7 +479,20 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         cfg.settings.auth.metrics_token.as_ref().map(|k| k.hash),
         &scrape_token,
     ));
+    let switch_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let mcp = start_mcp(
+        &cfg,
+        opts.mcp_servers.as_deref(),
+        crate::switchboard::Switchboard {
+            engine: engine.clone(),
+            writer: writer.clone(),
+            serial: switch_lock.clone(),
+            clock: clock.clone(),
+        },
+        api_addr,
+    )?;
     let state = AppState(Arc::new(AppInner {
+        mcp,
         door,
         metrics_gate,
         scrape_token,
@@ -433,7 +514,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
                 .configure(&cfg.settings.gateway.keys, &cfg.rate_limits);
             Arc::new(gateway)
         },
-        switch_lock: Arc::new(tokio::sync::Mutex::new(())),
+        switch_lock,
         tasks: tasks.clone(),
         tracer: tracer.clone(),
         generator_url,
@@ -509,6 +590,10 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         for task in background {
             task.abort();
         }
+        // MCP sessions end (their event streams would hold the drain open) and the downstream
+        // servers are stopped; their last tool calls are already queued to the writer.
+        drain_state.mcp.http_cancel.cancel();
+        drain_state.mcp.proxy.downstreams.shutdown().await;
         // Gateway calls still being accounted (a client that left, a stream being relayed) finish
         // first, within the grace period; then the writer flushes what is queued.
         drain_state.tasks.close();
@@ -906,6 +991,14 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
             .collect(),
         gateway_requests: state.gateway.outcomes(),
         tools_removed: state.gateway.tools_removed(),
+        mcp_servers: state
+            .mcp
+            .proxy
+            .downstreams
+            .health()
+            .into_iter()
+            .map(|h| (h.name, h.status == "ready", h.restarts as f64))
+            .collect(),
         truncations: state.gateway.truncations(),
         cache_requests: state.gateway.cache.stats().0,
         cache_tokens_saved: state.gateway.cache.stats().1,

@@ -4,7 +4,7 @@
 
 use axum::routing::{delete, get, post, put, MethodRouter};
 
-use super::{admin, dashboard, events, insight, personas, workflows, AppState};
+use super::{admin, dashboard, events, insight, mcp, personas, workflows, AppState};
 use crate::web::auth::{Access, RouteAccess};
 
 /// The routes, their access and their handlers.
@@ -44,6 +44,10 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
             r("POST", "/v1/personas/route", PersonaScoped),
             post(personas::route),
         ),
+        // The MCP proxy (streamable HTTP): a persona key's session is its persona's.
+        (r("POST", "/mcp", PersonaScoped), post(mcp::endpoint)),
+        (r("GET", "/mcp", PersonaScoped), get(mcp::endpoint)),
+        (r("DELETE", "/mcp", PersonaScoped), delete(mcp::endpoint)),
         (
             r("POST", "/v1/quality-gates/evaluate", PersonaScoped),
             post(workflows::evaluate_gate),

@@ -62,6 +62,8 @@ pub struct ProcessInfo {
     pub gateway_requests: Vec<((String, String), f64)>,
     /// Tools removed from calls because the persona may not use them, per persona.
     pub tools_removed: Vec<(String, f64)>,
+    /// The MCP proxy's downstream servers: (server, up, restarts).
+    pub mcp_servers: Vec<(String, bool, f64)>,
     /// ((workflow, stage), prompts cut, tokens removed)
     pub truncations: Vec<((String, String), f64, f64)>,
     /// Response cache lookups per result, and tokens the hits saved.
@@ -444,6 +446,22 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
             f::GATEWAY_TOOLS_REMOVED_TOTAL.name,
             &[("persona", persona)],
             *n,
+        );
+    }
+    w.header_of(&f::MCP_SERVER_UP);
+    for (server, up, _) in &process.mcp_servers {
+        w.sample(
+            f::MCP_SERVER_UP.name,
+            &[("server", server)],
+            if *up { 1.0 } else { 0.0 },
+        );
+    }
+    w.header_of(&f::MCP_SERVER_RESTARTS_TOTAL);
+    for (server, _, restarts) in &process.mcp_servers {
+        w.sample(
+            f::MCP_SERVER_RESTARTS_TOTAL.name,
+            &[("server", server)],
+            *restarts,
         );
     }
     w.header_of(&f::PROMPT_TRUNCATIONS_TOTAL);

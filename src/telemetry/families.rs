@@ -123,6 +123,21 @@ pub const MCP_TOOL_CALL_DURATION_SECONDS: Family = Family {
     labels: &["persona", "server", "tool"],
 };
 
+pub const MCP_SERVER_UP: Family = Family {
+    name: "hypertool_mcp_server_up",
+    kind: Kind::Gauge,
+    help: "1 when a downstream MCP server of the proxy is connected and has listed its tools, 0 while it is starting or restarting.",
+    labels: &["server"],
+};
+
+pub const MCP_SERVER_RESTARTS_TOTAL: Family = Family {
+    name: "hypertool_mcp_server_restarts_total",
+    kind: Kind::Counter,
+    help:
+        "Times a downstream MCP server went down or failed to start (it is restarted with backoff).",
+    labels: &["server"],
+};
+
 pub const PROMPT_TOKENS: Family = Family {
     name: "hypertool_prompt_tokens",
     kind: Kind::Histogram,
@@ -419,6 +434,8 @@ pub const ALL: &[Family] = &[
     PERSONA_OSCILLATIONS_TOTAL,
     MCP_TOOL_CALLS_TOTAL,
     MCP_TOOL_CALL_DURATION_SECONDS,
+    MCP_SERVER_UP,
+    MCP_SERVER_RESTARTS_TOTAL,
     LANGFUSE_GENERATION_DURATION_SECONDS,
     PROMPT_TOKENS,
     EVENTS_APPLIED_TOTAL,

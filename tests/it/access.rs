@@ -167,6 +167,15 @@ fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
             Some(json!({"tokens": 100000})),
         ),
         ("DELETE", "/api/budgets/{persona}") => ("/api/budgets/backend-engineer".into(), None),
+        // The MCP proxy: an initialize (the SDK answers 4xx to what is not MCP; the door decides
+        // first), the event stream and the end of a session (none open: 4xx from the SDK).
+        ("POST", "/mcp") => (
+            path.into(),
+            Some(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {},
+                "clientInfo": {"name": "access-test", "version": "1"}}})),
+        ),
+        ("GET" | "DELETE", "/mcp") => (path.into(), None),
         ("POST", "/api/budgets/{persona}/reset") => {
             ("/api/budgets/backend-engineer/reset".into(), None)
         }
@@ -202,6 +211,8 @@ fn expected(access: Access, who: Who, method: &str, path: &str) -> Option<u16> {
                 ("POST", "/v1/personas/route") => None,
                 ("POST", "/v1/workflows/{workflow}/runs") => None,
                 ("POST", "/v1/workflows/{workflow}/runs/{run}/finish") => None,
+                // An MCP session of its own: its persona's tools (tests/it/mcp.rs).
+                (_, "/mcp") => None,
                 // Refused per event (422 with the field named), checked below.
                 ("POST", "/v1/events") => Some(422),
                 _ => Some(403),
@@ -481,6 +492,7 @@ async fn off_loopback_needs_an_admin_key() {
             data_dir: dir.path().join("data"),
             listen: Some("0.0.0.0:0".parse().unwrap()),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            mcp_servers: None,
         },
         Arc::new(ManualClock::new(T0)),
     )

@@ -28,6 +28,7 @@ pub async fn start(source: Source, data_dir: &Path, clock: Arc<ManualClock>) -> 
             data_dir: data_dir.to_path_buf(),
             listen: Some("127.0.0.1:0".parse().unwrap()),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            mcp_servers: None,
         },
         clock.clone() as Arc<dyn Clock>,
     )

@@ -330,6 +330,7 @@ async fn a_read_only_data_dir_is_refused_at_start_with_the_fix_and_its_ledger_is
             data_dir: data.clone(),
             listen: Some("127.0.0.1:0".parse().unwrap()),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            mcp_servers: None,
         },
         Arc::new(ManualClock::new(T0)),
     )

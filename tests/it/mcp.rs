@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::common::{free_port, Exposition};
+use hypertool::core::clock::Clock;
+
+use crate::common::{free_port, start, Exposition};
 
 /// Where `scripts/test.sh` installs @modelcontextprotocol/server-everything.
 fn server_everything() -> PathBuf {
@@ -99,7 +101,13 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn run_client(dir: &Path, scenario: Value) -> Vec<Value> {
-    let path = dir.join("scenario.json");
+    let path = dir.join(format!(
+        "scenario-{}.json",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
     std::fs::write(&path, scenario.to_string()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mcp_client.py");
     let out = std::process::Command::new("python3")
@@ -140,6 +148,7 @@ fn a_stdio_session_sees_its_personas_tools_switches_under_the_policy_and_survive
     let steps = run_client(
         dir.path(),
         json!({
+            "mode": "stdio",
             "command": [
                 env!("CARGO_BIN_EXE_hypertool"), "mcp",
                 "--config", config, "--data-dir", data,
@@ -243,4 +252,141 @@ fn a_stdio_session_sees_its_personas_tools_switches_under_the_policy_and_survive
         .map(Result::unwrap)
         .collect();
     assert_eq!(sessions, ["mcp-test-session"]);
+}
+
+const ADMIN_KEY: &str = "ht-mcp-admin-key-REAL-LOOKING-51c0ffee";
+const TIMEKEEPER_KEY: &str = "ht-mcp-timekeeper-REAL-LOOKING-2bd4a9";
+
+/// `hypertool serve` with keys: `/mcp` over streamable HTTP, and `hypertool mcp --server` beside
+/// it, each opened with timekeeper's persona key — its tools, never another persona's, and every
+/// call in the server's metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persona_key_sees_only_its_personas_tools_over_http_and_beside_a_server() {
+    // Names used by no other test: set before the server reads them.
+    std::env::set_var("HYPERTOOL_TEST_MCP_ADMIN", ADMIN_KEY);
+    std::env::set_var("HYPERTOOL_TEST_MCP_TIMEKEEPER", TIMEKEEPER_KEY);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _repo) = setup(dir.path());
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(
+        "\n[[server.admin_keys]]\nkey_env = \"HYPERTOOL_TEST_MCP_ADMIN\"\n\n[[gateway.keys]]\nkey_env = \"HYPERTOOL_TEST_MCP_TIMEKEEPER\"\npersona = \"timekeeper\"\n",
+    );
+    std::fs::write(&config, toml).unwrap();
+    let s = start(
+        hypertool::config::Source::File(config.clone()),
+        &dir.path().join("data"),
+        // The real time: `hypertool mcp --server` stamps its events with the system clock, and the
+        // events API refuses timestamps in the future.
+        std::sync::Arc::new(hypertool::core::clock::ManualClock::new(
+            hypertool::core::clock::SystemClock.now_ms(),
+        )),
+    )
+    .await;
+
+    // The door: no key, no session.
+    let anonymous = s
+        .http
+        .post(format!("{}/mcp", s.api))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // The downstream servers are up before the clients look (readiness names them).
+    crate::common::eventually(
+        "the MCP servers ready",
+        std::time::Duration::from_secs(30),
+        || async {
+            let (_, body) = s.get_json("/readyz").await;
+            (body["mcp_servers"]["time"] == "ready").then_some(())
+        },
+    )
+    .await;
+
+    let over_http =
+        json!({"mode": "persona-key", "url": format!("{}/mcp", s.api), "key": TIMEKEEPER_KEY});
+    let client_dir = dir.path().to_path_buf();
+    let steps = tokio::task::spawn_blocking(move || run_client(&client_dir, over_http))
+        .await
+        .unwrap();
+    assert!(steps.iter().any(|s| s["step"] == "equip_other_refused"));
+
+    let mut env = env_for_children();
+    env["HYPERTOOL_API_KEY"] = json!(TIMEKEEPER_KEY);
+    // The same hypertool.toml (its personas) names the server's keys.
+    env["HYPERTOOL_TEST_MCP_ADMIN"] = json!(ADMIN_KEY);
+    env["HYPERTOOL_TEST_MCP_TIMEKEEPER"] = json!(TIMEKEEPER_KEY);
+    let beside = json!({
+        "mode": "persona-key",
+        "command": [
+            env!("CARGO_BIN_EXE_hypertool"), "mcp", "--config", config,
+            "--server", s.api, "--persona", "timekeeper",
+        ],
+        "env": env,
+    });
+    let client_dir = dir.path().to_path_buf();
+    let steps = tokio::task::spawn_blocking(move || run_client(&client_dir, beside))
+        .await
+        .unwrap();
+    assert!(steps.iter().any(|s| s["step"] == "equip_other_refused"));
+
+    // Both sessions' calls reached this server's metrics (the second through its events API).
+    let m = crate::common::eventually(
+        "both sessions' calls applied",
+        std::time::Duration::from_secs(10),
+        || async {
+            let m = s.metrics().await;
+            let calls = m.get(
+                "hypertool_mcp_tool_calls_total",
+                &[
+                    ("persona", "timekeeper"),
+                    ("server", "time"),
+                    ("tool", "get_current_time"),
+                    ("result", "ok"),
+                ],
+            );
+            (calls == Some(2.0)).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(
+        m.get(
+            "hypertool_mcp_tool_calls_total",
+            &[
+                ("persona", "timekeeper"),
+                ("server", "hypertool"),
+                ("tool", "equip-persona"),
+                ("result", "error")
+            ],
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_persona_switches_total",
+            &[
+                ("from_persona", "none"),
+                ("to_persona", "timekeeper"),
+                ("chatmode", "default")
+            ],
+        ),
+        Some(2.0),
+        "each session starts in the key's persona"
+    );
+    assert_eq!(
+        m.get("hypertool_mcp_server_up", &[("server", "time")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.sum_where(
+            "hypertool_persona_switches_total",
+            "to_persona",
+            "archivist"
+        ),
+        0.0
+    );
+    s.stop().await;
 }

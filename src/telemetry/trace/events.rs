@@ -60,6 +60,7 @@ impl Tracer {
                 "suppressed",
                 Some(reason),
             )),
+            Event::McpToolCall(c) => self.emit(tool_call_span(at, c)),
             _ => {}
         }
         for o in observations {
@@ -171,6 +172,34 @@ impl Tracer {
             at_ms: at,
         });
     }
+}
+
+/// `mcp.tools/call`: a tool call through the MCP proxy, from the client's request to the answer
+/// (the MCP semantic conventions' span name and `mcp.method.name`, `gen_ai.tool.name`).
+fn tool_call_span(at: i64, c: &crate::core::event::McpToolCall) -> SpanRecord {
+    let end = at + (c.duration_seconds * 1000.0).round() as i64;
+    let mut s = SpanRecord::new(
+        TraceId::random(),
+        SpanId::random(),
+        None,
+        "mcp.tools/call",
+        Role::Tool,
+    )
+    .kind(crate::telemetry::trace::span::Kind::Client)
+    .between_ms(at, end);
+    s.set("mcp.method.name", "tools/call");
+    s.set("gen_ai.tool.name", c.tool.clone());
+    s.set("gen_ai.operation.name", "execute_tool");
+    s.set("hypertool.mcp.server", c.server.clone());
+    s.set("hypertool.persona", c.persona.clone());
+    s.set("hypertool.mcp.result", c.result.as_str());
+    if let Some(session) = &c.session {
+        s.set("session.id", session.clone());
+    }
+    if c.result != crate::core::event::ToolCallResult::Ok {
+        s.error = Some(format!("tool call {}", c.result.as_str()));
+    }
+    s
 }
 
 fn switch_span(

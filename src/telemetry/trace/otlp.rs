@@ -155,6 +155,7 @@ fn langfuse_attributes(s: &SpanRecord, out: &mut Vec<KeyValue>) {
     let kind = match s.role {
         Role::Generation => "generation",
         Role::Gate => "event",
+        Role::Tool => "tool",
         _ => "span",
     };
     out.push(str_kv("langfuse.observation.type", kind));

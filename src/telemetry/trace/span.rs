@@ -64,6 +64,8 @@ pub enum Role {
     Stage,
     Switch,
     Gate,
+    /// A tool call through the MCP proxy: Langfuse's tool observation.
+    Tool,
 }
 
 /// The prompt and answer of a generation, already redacted; a destination sends them only when
