@@ -189,6 +189,39 @@ fn metrics_token(cfg: Option<&Config>) -> Option<String> {
 }
 
 /// Every health check at once.
+/// The MCP proxy's downstream servers (`[mcp] servers`): the file checked, then each server
+/// started once, its tools listed, and stopped — as `hypertool serve` and `hypertool mcp` would.
+async fn mcp_checks(cfg: Option<&Config>, out: &mut Vec<Check>) {
+    let Some(path) = cfg.and_then(|c| c.settings.mcp.servers.clone()) else {
+        return;
+    };
+    let servers = match crate::mcp::config::load(&path, &|k| std::env::var(k).ok()) {
+        Ok(s) => s,
+        Err(errors) => {
+            out.push(Check::new("MCP servers", Status::Fail, errors.to_string()));
+            return;
+        }
+    };
+    out.push(Check::new(
+        "MCP servers",
+        Status::Ok,
+        format!("{}: {} server(s)", path.display(), servers.servers.len()),
+    ));
+    for spec in &servers.servers {
+        let what = format!("MCP server {}", spec.name);
+        out.push(
+            match crate::mcp::downstream::probe(spec, std::time::Duration::from_secs(15)).await {
+                Ok(tools) => Check::new(
+                    &what,
+                    Status::Ok,
+                    format!("{}: starts and lists {tools} tools", spec.describe()),
+                ),
+                Err(why) => Check::new(&what, Status::Fail, format!("{}: {why}", spec.describe())),
+            },
+        );
+    }
+}
+
 pub async fn doctor(target: &Target) -> Vec<Check> {
     let http = client();
     let mut out = Vec::new();
@@ -224,6 +257,24 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
             let body: Value = r.json().await.unwrap_or(Value::Null);
             match body["status"].as_str() {
                 Some("ready") => {
+                    if let Some(servers) = body["mcp_servers"].as_object() {
+                        for (name, state) in servers {
+                            let state = state.as_str().unwrap_or("?");
+                            out.push(Check::new(
+                                &format!("MCP server {name} (in the server)"),
+                                match state {
+                                    "ready" => Status::Ok,
+                                    "starting" => Status::Warn,
+                                    _ => Status::Fail,
+                                },
+                                match state {
+                                    "ready" => "ready".to_string(),
+                                    "starting" => "starting".to_string(),
+                                    _ => format!("{state}: being restarted with backoff; the server's log says why"),
+                                },
+                            ));
+                        }
+                    }
                     let buffering = body["ledger"] == "buffering";
                     out.push(Check::new(
                         "server",
@@ -305,6 +356,7 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
             false
         }
     };
+    mcp_checks(cfg, &mut out).await;
     if !serving {
         // The ports: free for hypertool to take, or held by something else.
         if let Some(c) = cfg {

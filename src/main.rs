@@ -801,6 +801,21 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             for w in &plan.warnings {
                 println!("warning: {w}");
             }
+            // The MCP proxy's downstream servers (started by `hypertool doctor`, not here).
+            if let Some(path) = &cfg.settings.mcp.servers {
+                match hypertool::mcp::config::load(path, &|k| std::env::var(k).ok()) {
+                    Ok(servers) => println!(
+                        "{}: ok ({} MCP servers)",
+                        path.display(),
+                        servers.servers.len()
+                    ),
+                    Err(errors) => {
+                        eprintln!("{errors}");
+                        eprintln!("{} error(s) in {}", errors.0.len(), path.display());
+                        return ExitCode::from(1);
+                    }
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -125,6 +125,46 @@ impl std::fmt::Display for CallError {
     }
 }
 
+impl Downstream {
+    fn new(spec: ServerSpec) -> Downstream {
+        Downstream {
+            spec,
+            link: RwLock::new(Link {
+                status: Status::Starting,
+                peer: None,
+                tools: Arc::new(Vec::new()),
+                last_error: None,
+            }),
+            restarts: AtomicU64::new(0),
+            stderr: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+/// Starts `spec` once, as the supervisor would, lists its tools and stops it: `hypertool doctor`'s
+/// check of a downstream server. The number of tools, or why not (with its stderr's last lines).
+pub async fn probe(spec: &ServerSpec, limit: Duration) -> Result<usize, String> {
+    let server = Arc::new(Downstream::new(spec.clone()));
+    let (refresh, _ignored) = mpsc::channel(1);
+    let attempt = async {
+        let running = connect(&server, Listener { refresh }).await?;
+        let tools = list_tools(running.peer()).await;
+        let _ = running.cancel().await;
+        tools.map(|t| t.len())
+    };
+    let outcome = match tokio::time::timeout(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "did not start and list its tools within {} s",
+            limit.as_secs()
+        )),
+    };
+    outcome.map_err(|why| match server.stderr_tail() {
+        Some(tail) => format!("{why}; stderr: {tail}"),
+        None => why,
+    })
+}
+
 /// All downstream servers.
 pub struct Downstreams {
     servers: Vec<Arc<Downstream>>,
@@ -141,19 +181,7 @@ impl Downstreams {
             servers: specs
                 .servers
                 .iter()
-                .map(|spec| {
-                    Arc::new(Downstream {
-                        spec: spec.clone(),
-                        link: RwLock::new(Link {
-                            status: Status::Starting,
-                            peer: None,
-                            tools: Arc::new(Vec::new()),
-                            last_error: None,
-                        }),
-                        restarts: AtomicU64::new(0),
-                        stderr: Mutex::new(VecDeque::new()),
-                    })
-                })
+                .map(|spec| Arc::new(Downstream::new(spec.clone())))
                 .collect(),
             changed,
             stop: CancellationToken::new(),

@@ -171,9 +171,11 @@ fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
         // first), the event stream and the end of a session (none open: 4xx from the SDK).
         ("POST", "/mcp") => (
             path.into(),
-            Some(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            Some(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
                 "protocolVersion": "2025-11-25", "capabilities": {},
-                "clientInfo": {"name": "access-test", "version": "1"}}})),
+                "clientInfo": {"name": "access-test", "version": "1"}}}),
+            ),
         ),
         ("GET" | "DELETE", "/mcp") => (path.into(), None),
         ("POST", "/api/budgets/{persona}/reset") => {

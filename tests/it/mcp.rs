@@ -390,3 +390,72 @@ async fn a_persona_key_sees_only_its_personas_tools_over_http_and_beside_a_serve
     );
     s.stop().await;
 }
+
+/// `hypertool check` reads the MCP servers file (a mistake named with its line);
+/// `hypertool doctor` starts each server once and says which does not come up, and why.
+#[test]
+fn check_and_doctor_name_what_is_wrong_with_the_mcp_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _repo) = setup(dir.path());
+    let hypertool = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let config_arg = config.to_str().unwrap();
+    let (code, text) = hypertool(&["check", "--config", config_arg]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("mcp.json: ok (3 MCP servers)"), "{text}");
+
+    let servers = config.parent().unwrap().join("mcp.json");
+    std::fs::write(
+        &servers,
+        "{\"mcpServers\": {\n  \"time\": {\"command\": \"python3\", \"args\": [\"-m\", \"mcp_server_time\"]},\n  \"gone\": {\"command\": \"/nonexistent/mcp-server\"},\n  \"broken\": {\"type\": \"http\"}\n}}",
+    )
+    .unwrap();
+    let (code, text) = hypertool(&["check", "--config", config_arg]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("mcp.json:4: server `broken`: has neither"),
+        "{text}"
+    );
+
+    // A server whose command does not exist: doctor fails it by name, the good one passes.
+    std::fs::write(
+        &servers,
+        "{\"mcpServers\": {\n  \"time\": {\"command\": \"python3\", \"args\": [\"-m\", \"mcp_server_time\"]},\n  \"gone\": {\"command\": \"/nonexistent/mcp-server\"}\n}}",
+    )
+    .unwrap();
+    let port = free_port();
+    let (code, text) = hypertool(&[
+        "doctor",
+        "--config",
+        config_arg,
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--server",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
+    assert_eq!(code, Some(1), "{text}");
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| {
+                l.contains(&format!("MCP server {name}:"))
+                    || l.contains(&format!("MCP server {name} "))
+            })
+            .unwrap_or_else(|| panic!("no check of {name}:\n{text}"))
+            .to_string()
+    };
+    assert!(line("time").contains("starts and lists 2 tools"), "{text}");
+    assert!(
+        line("gone").contains("cannot start `/nonexistent/mcp-server`"),
+        "{text}"
+    );
+}

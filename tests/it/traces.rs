@@ -1273,3 +1273,91 @@ async fn a_slow_upstream_a_dead_trace_receiver_and_a_reload_at_once_lose_nothing
     .await;
     Arc::into_inner(s).unwrap().stop().await;
 }
+
+/// An MCP proxy's tool calls (here reported through the events API, as `hypertool mcp --server`
+/// reports them) and switches arrive as `mcp.tools/call` and `persona_switch` spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_tool_calls_and_switches_arrive_as_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let rx = Receiver::start().await;
+    let endpoint = format!("endpoint = \"{}/v1/traces\"", rx.url());
+    let s = server(
+        dir.path(),
+        &upstream,
+        &[
+            (
+                "# endpoint = \"http://127.0.0.1:4318/v1/traces\"",
+                &endpoint,
+            ),
+            ("batch_interval = \"1s\"", "batch_interval = \"50ms\""),
+        ],
+    )
+    .await;
+    let (status, body) = s
+        .post_events(json!([
+            {"type": "mcp_tool_call", "session": "mcp-s1", "persona": "backend-engineer",
+             "server": "git", "tool": "git_status", "result": "ok", "duration_seconds": 0.25},
+            {"type": "mcp_tool_call", "session": "mcp-s1", "persona": "backend-engineer",
+             "server": "git", "tool": "git_push", "result": "refused", "duration_seconds": 0.0},
+        ]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s
+        .post_raw(
+            "/v1/personas/switch",
+            json!({"session": "mcp-s1", "to": "frontend-engineer", "chatmode": "dev"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let spans = eventually(
+        "the tool-call and switch spans",
+        Duration::from_secs(20),
+        || {
+            let spans = rx.spans();
+            async move {
+                let n = spans
+                    .iter()
+                    .filter(|s| s.name == "mcp.tools/call" || s.name == "persona_switch")
+                    .count();
+                (n >= 3).then_some(spans)
+            }
+        },
+    )
+    .await;
+    let calls: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "mcp.tools/call")
+        .collect();
+    assert_eq!(calls.len(), 2);
+    let ok = calls
+        .iter()
+        .find(|s| attr_str(s, "gen_ai.tool.name").as_deref() == Some("git_status"))
+        .unwrap();
+    assert_attrs(
+        ok,
+        &[
+            ("mcp.method.name", "tools/call"),
+            ("hypertool.mcp.server", "git"),
+            ("hypertool.persona", "backend-engineer"),
+            ("session.id", "mcp-s1"),
+            ("hypertool.mcp.result", "ok"),
+        ],
+    );
+    assert_eq!(ok.end_time_unix_nano - ok.start_time_unix_nano, 250_000_000);
+    assert_eq!(ok.status.as_ref().map(|s| s.code), Some(1), "ok");
+    let refused = calls
+        .iter()
+        .find(|s| attr_str(s, "gen_ai.tool.name").as_deref() == Some("git_push"))
+        .unwrap();
+    assert_eq!(refused.status.as_ref().map(|s| s.code), Some(2), "error");
+    let switch = spans.iter().find(|s| s.name == "persona_switch").unwrap();
+    assert_attrs(
+        switch,
+        &[
+            ("hypertool.persona.to", "frontend-engineer"),
+            ("session.id", "mcp-s1"),
+        ],
+    );
+    s.stop().await;
+}
