@@ -42,6 +42,42 @@ fn persona(name: &str, servers: &[&str], tools: Value) -> String {
 /// A configuration with two personas and the three downstream servers; a git repository for
 /// mcp-server-git. Returns (hypertool.toml, the repository).
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    setup_with(
+        dir,
+        json!({"command": "node", "args": [server_everything().to_str().unwrap(), "stdio"]}),
+    )
+}
+
+/// server-everything over streamable HTTP on a free loopback port (killed when dropped), and
+/// the `.mcp.json` entry that reaches it (a header from the environment, as secrets are given).
+fn everything_over_http() -> (crate::common::Service, Value) {
+    let port = free_port();
+    let child = std::process::Command::new("node")
+        .arg(server_everything())
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let service = crate::common::Service(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server-everything did not listen on {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let entry = json!({
+        "type": "http",
+        "url": format!("http://127.0.0.1:{port}/mcp"),
+        "headers": {"X-Hypertool-Test": "${HYPERTOOL_TEST_MCP_HEADER:-from-the-default}"},
+    });
+    (service, entry)
+}
+
+fn setup_with(dir: &Path, everything: Value) -> (PathBuf, PathBuf) {
     let config = dir.join("config");
     std::fs::create_dir_all(config.join("personas")).unwrap();
     std::fs::write(
@@ -87,7 +123,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
         json!({"mcpServers": {
             "time": {"command": "python3", "args": ["-m", "mcp_server_time", "--local-timezone=UTC"]},
             "git": {"command": "python3", "args": ["-m", "mcp_server_git", "--repository", repo.to_str().unwrap()]},
-            "everything": {"command": "node", "args": [server_everything().to_str().unwrap(), "stdio"]},
+            "everything": everything,
         }})
         .to_string(),
     )
@@ -141,7 +177,9 @@ fn env_for_children() -> Value {
 #[test]
 fn a_stdio_session_sees_its_personas_tools_switches_under_the_policy_and_survives_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let (config, repo) = setup(dir.path());
+    // time and git over stdio, everything over streamable HTTP.
+    let (_everything, entry) = everything_over_http();
+    let (config, repo) = setup_with(dir.path(), entry);
     let data = dir.path().join("data");
     let metrics_port = free_port();
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
