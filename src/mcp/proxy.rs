@@ -229,6 +229,10 @@ impl McpSession {
         started: Instant,
         at: i64,
     ) {
+        // The client names the tool: a name the events API would refuse (empty, over 200 bytes,
+        // control characters) is counted as `invalid`, never put on a label as it is.
+        let tool = crate::core::labels::check_name(crate::core::labels::NameField::Tool, tool)
+            .unwrap_or("invalid");
         let call = McpToolCall {
             session: Some(self.state.id.clone()),
             persona: persona.clone().unwrap_or_else(|| "none".into()),

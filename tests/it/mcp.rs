@@ -222,6 +222,8 @@ fn a_stdio_session_sees_its_personas_tools_switches_under_the_policy_and_survive
     assert_eq!(calls("timekeeper", "git", "git_status", "refused"), 1.0);
     assert_eq!(calls("timekeeper", "time", "convert_time", "refused"), 1.0);
     assert_eq!(calls("timekeeper", "unknown", "nosuch", "refused"), 1.0);
+    // A name no label may carry (a newline, 300 bytes) is counted, as `invalid`.
+    assert_eq!(calls("timekeeper", "unknown", "invalid", "refused"), 1.0);
     assert_eq!(calls("archivist", "everything", "echo", "ok"), 1.0);
     assert_eq!(calls("timekeeper", "hypertool", "equip-persona", "ok"), 1.0);
     assert_eq!(
