@@ -92,9 +92,24 @@ impl Downstream {
         f(&mut self.link.write().unwrap_or_else(|p| p.into_inner()));
     }
 
-    fn stderr_tail(&self) -> Option<String> {
+    /// `why`, with the last lines the server wrote to its stderr (usually the reason).
+    fn explained(&self, why: String) -> String {
         let lines = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
-        (!lines.is_empty()).then(|| lines.iter().cloned().collect::<Vec<_>>().join(" | "))
+        if lines.is_empty() {
+            return why;
+        }
+        let tail: Vec<&str> = lines.iter().map(String::as_str).collect();
+        format!("{why}; stderr: {}", tail.join(" | "))
+    }
+
+    /// Down (counted as a restart), for `why`.
+    fn mark_down(&self, why: String) {
+        self.set(|l| {
+            l.status = Status::Down;
+            l.peer = None;
+            l.last_error = Some(why);
+        });
+        self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -159,10 +174,7 @@ pub async fn probe(spec: &ServerSpec, limit: Duration) -> Result<usize, String> 
             limit.as_secs()
         )),
     };
-    outcome.map_err(|why| match server.stderr_tail() {
-        Some(tail) => format!("{why}; stderr: {tail}"),
-        None => why,
-    })
+    outcome.map_err(|why| server.explained(why))
 }
 
 /// All downstream servers.
@@ -451,35 +463,19 @@ async fn supervise(server: Arc<Downstream>, changed: watch::Sender<u64>, stop: C
                         }
                     }
                 };
-                let why = match server.stderr_tail() {
-                    Some(tail) => format!("{why}; stderr: {tail}"),
-                    None => why,
-                };
+                let why = server.explained(why);
                 tracing::warn!(server = %server.spec.name, "MCP server went down: {why}; restarting");
-                server.set(|l| {
-                    l.status = Status::Down;
-                    l.peer = None;
-                    l.last_error = Some(why);
-                });
-                server.restarts.fetch_add(1, Ordering::Relaxed);
+                server.mark_down(why);
                 bump();
                 if up_since.elapsed() >= HEALTHY_AFTER {
                     backoff = FIRST_BACKOFF;
                 }
             }
             Err(why) => {
-                let why = match server.stderr_tail() {
-                    Some(tail) => format!("{why}; stderr: {tail}"),
-                    None => why,
-                };
+                let why = server.explained(why);
                 tracing::warn!(server = %server.spec.name, target = %server.spec.describe(),
                     retry_in_ms = backoff.as_millis() as u64, "MCP server failed to start: {why}");
-                server.set(|l| {
-                    l.status = Status::Down;
-                    l.peer = None;
-                    l.last_error = Some(why);
-                });
-                server.restarts.fetch_add(1, Ordering::Relaxed);
+                server.mark_down(why);
                 bump();
             }
         }

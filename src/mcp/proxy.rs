@@ -96,6 +96,12 @@ impl Proxy {
     }
 }
 
+/// A lock that a panic elsewhere did not poison for good (the state stays consistent: every
+/// critical section here is a plain read or write).
+fn held<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn text_result(value: &Value, is_error: bool) -> CallToolResult {
     let text = serde_json::to_string_pretty(value).unwrap_or_default();
     let mut result = if is_error {
@@ -157,7 +163,7 @@ impl McpSession {
             ),
             _ => None,
         };
-        let mut owner = self.state.owner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut owner = held(&self.state.owner);
         match &*owner {
             Some(o) if *o == who => Ok(()),
             Some(_) => Err(McpError::invalid_request(
@@ -167,15 +173,11 @@ impl McpSession {
             None => {
                 *owner = Some(who.clone());
                 if let Some(p) = who {
-                    *self
-                        .state
-                        .locked_to
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
-                    let mut persona = self.state.persona.lock().unwrap_or_else(|e| e.into_inner());
+                    *held(&self.state.locked_to) = Some(p.clone());
+                    let mut persona = held(&self.state.persona);
                     if persona.is_none() {
                         *persona = Some(p.clone());
-                        *self.state.initial.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                        *held(&self.state.initial) = Some(p);
                     }
                 }
                 Ok(())
@@ -188,15 +190,11 @@ impl McpSession {
     }
 
     pub fn persona(&self) -> Option<String> {
-        self.state
-            .persona
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        held(&self.state.persona).clone()
     }
 
     fn set_persona(&self, p: Option<String>) {
-        *self.state.persona.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        *held(&self.state.persona) = p;
     }
 
     /// The downstream tools the persona in force sees now.
@@ -246,12 +244,7 @@ impl McpSession {
 
     /// Records the persona given at the start as the session's first switch.
     async fn record_initial(&self) {
-        let initial = self
-            .state
-            .initial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let initial = held(&self.state.initial).take();
         if let Some(p) = initial {
             match self
                 .proxy
@@ -366,12 +359,7 @@ impl McpSession {
                         None,
                     ));
                 };
-                let locked = self
-                    .state
-                    .locked_to
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
+                let locked = held(&self.state.locked_to).clone();
                 if let Some(own) = locked {
                     if own != persona.name {
                         return Err(McpError::invalid_params(

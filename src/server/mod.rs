@@ -125,6 +125,48 @@ pub struct McpEndpoint {
     pub http_cancel: tokio_util::sync::CancellationToken,
 }
 
+/// Takes the data directory for this process (an advisory lock on `hypertool.lock`, released
+/// when the process ends however it ends), or says who holds it and what to do.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    const WRITABLE: &str = "hypertool needs a writable data directory: fix its permissions or mount, or choose another with --data-dir";
+    let fail = StartError::DataDir;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        fail(format!(
+            "cannot create the data directory {}: {e}; {WRITABLE}",
+            dir.display()
+        ))
+    })?;
+    let path = dir.join("hypertool.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fail(format!("cannot open {}: {e}; {WRITABLE}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {
+            use std::io::{Seek, Write};
+            let _ = file.set_len(0);
+            let _ = file.seek(std::io::SeekFrom::Start(0));
+            let _ = write!(file, "{}", std::process::id());
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(fail(format!(
+                "the data directory {} is in use by another hypertool (pid {}); run one process per data directory: beside a running server, `hypertool mcp --server URL` reports to it; otherwise choose another --data-dir",
+                dir.display(),
+                holder.trim()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(format!(
+            "cannot lock {}: {e}; {WRITABLE}",
+            path.display()
+        ))),
+    }
+}
+
 /// Starts the downstream MCP servers (`[mcp] servers`, or `servers` when given) and the `/mcp`
 /// endpoint over them; switches and tool calls go to this server's engine and ledger.
 fn start_mcp(
@@ -268,6 +310,9 @@ pub enum StartError {
     NoAdminKey { addr: SocketAddr },
     #[error("{0}")]
     Tracing(String),
+    /// The data directory cannot be taken (in use by another process, or not writable).
+    #[error("{0}")]
+    DataDir(String),
 }
 
 fn bind_error(
@@ -357,6 +402,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let api_addr = api_listener.local_addr().unwrap_or(api_addr);
     let metrics_addr = metrics_listener.local_addr().unwrap_or(metrics_addr);
 
+    // One process per data directory: two would each take snapshots of their own view and replay
+    // each other's events into nothing.
+    let data_lock = lock_data_dir(&opts.data_dir)?;
     // Open and replay the ledger on a blocking thread: it may be large.
     let db_path = opts.data_dir.join("hypertool.db");
     let data_dir = opts.data_dir.clone();
@@ -560,6 +608,8 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let metrics = metrics_router(state.clone());
     let drain_state = state.clone();
     let task = tokio::spawn(async move {
+        // Held until the ledger is flushed and closed, at the end of this task.
+        let _data_lock = data_lock;
         let api_server = listener::serve(api_listener, api, connection_limits, shutdown_rx.clone());
         let metrics_server = axum::serve(metrics_listener, metrics)
             .with_graceful_shutdown(wait_for(shutdown_rx.clone()));

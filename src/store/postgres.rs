@@ -295,19 +295,30 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// Commits a batch stored at `positions`. When the connection is lost before PostgreSQL's answer
-/// arrives (no SQLSTATE: an I/O error, not a refusal), the commit may or may not have happened:
-/// the positions are kept in `doubt`, to be looked up once the database is back.
+/// Commits a batch stored at `positions`. When the answer to COMMIT does not say it was refused,
+/// the commit may or may not have happened: the positions are kept in `doubt`, to be looked up
+/// once the database is back. That is the case when the connection is lost before the answer (no
+/// SQLSTATE: an I/O error), and when the server is shutting the session down (class 57: a fast
+/// shutdown's `57P01 admin_shutdown` can answer a COMMIT whose record is already durable) or
+/// reports the connection broken (class 08).
 fn commit(
     tx: postgres::Transaction<'_>,
     positions: (i64, i64),
     doubt: &mut Option<(u64, u64)>,
 ) -> Result<(), postgres::Error> {
     tx.commit().inspect_err(|e| {
-        if e.code().is_none() {
+        if outcome_unknown(e.code().map(|c| c.code())) {
             *doubt = Some((positions.0.max(0) as u64, positions.1.max(0) as u64));
         }
     })
+}
+
+/// Whether an error answering COMMIT leaves its outcome unknown (see [`commit`]).
+fn outcome_unknown(sqlstate: Option<&str>) -> bool {
+    match sqlstate {
+        None => true,
+        Some(code) => code.starts_with("57") || code.starts_with("08"),
+    }
 }
 
 fn i64_of(n: u64) -> i64 {
@@ -590,6 +601,24 @@ impl Ledger for PostgresLedger {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_answered_by_a_shutdown_or_a_broken_connection_is_in_doubt() {
+        assert!(outcome_unknown(None));
+        assert!(outcome_unknown(Some("57P01")), "admin_shutdown");
+        assert!(outcome_unknown(Some("57P02")), "crash_shutdown");
+        assert!(outcome_unknown(Some("08006")), "connection_failure");
+        assert!(
+            !outcome_unknown(Some("40001")),
+            "serialization_failure: rolled back"
+        );
+        assert!(
+            !outcome_unknown(Some("23505")),
+            "unique_violation: rolled back"
+        );
+    }
+
     use super::redacted;
 
     #[test]

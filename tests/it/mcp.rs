@@ -262,6 +262,14 @@ fn a_stdio_session_sees_its_personas_tools_switches_under_the_policy_and_survive
     );
     assert_eq!(switch("timekeeper", "archivist"), 1.0);
     assert_eq!(switch("archivist", "timekeeper"), 0.0);
+    // The time spent as timekeeper, observed when the session left it.
+    assert_eq!(
+        m.get(
+            "hypertool_persona_duration_seconds_count",
+            &[("persona", "timekeeper"), ("chatmode", "default")]
+        ),
+        Some(1.0)
+    );
     assert_eq!(
         m.get(
             "hypertool_persona_switches_suppressed_total",
@@ -498,4 +506,46 @@ fn check_and_doctor_name_what_is_wrong_with_the_mcp_servers() {
         line("gone").contains("cannot start `/nonexistent/mcp-server`"),
         "{text}"
     );
+}
+
+/// `hypertool mcp` without `--server` on the data directory of a running server is refused, and
+/// told what to do — two processes on one ledger would each keep half of the picture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_per_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _repo) = setup(dir.path());
+    let data = dir.path().join("data");
+    let s = start(
+        hypertool::config::Source::File(config.clone()),
+        &data,
+        std::sync::Arc::new(hypertool::core::clock::ManualClock::new(crate::common::T0)),
+    )
+    .await;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"))
+            .args(["mcp", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(std::process::Stdio::null())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is in use by another hypertool (pid {})",
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--server URL"), "{stderr}");
+    // The server is unharmed.
+    let (status, _) = s.get_json("/readyz").await;
+    assert_eq!(status, 200);
+    s.stop().await;
 }
