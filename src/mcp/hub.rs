@@ -73,6 +73,32 @@ impl Hub {
         Ok(Hub::Remote(remote))
     }
 
+    /// The key's persona at the server, for a persona key (`GET /v1/whoami`); `None` for a local
+    /// hub, or a key of another role.
+    pub async fn key_persona(&self) -> Result<Option<String>, String> {
+        let Hub::Remote(r) = self else {
+            return Ok(None);
+        };
+        let mut req = r.http.get(format!("{}/v1/whoami", r.base));
+        if let Some(key) = &r.key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("{} cannot be reached: {}", r.base, without_url(&e)))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            return Err(format!(
+                "{} refused the key ({status}): {}",
+                r.base,
+                body["error"]["message"].as_str().unwrap_or("no message")
+            ));
+        }
+        Ok(body["persona"].as_str().map(str::to_string))
+    }
+
     pub fn now_ms(&self) -> i64 {
         match self {
             Hub::Local(s) => s.clock.now_ms(),

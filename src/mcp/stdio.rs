@@ -71,7 +71,7 @@ pub async fn run(
     let default_chatmode = cfg.settings.gateway.default_chatmode.clone();
     // Beside a server: the downstream servers are this process's own. Standalone: the core this
     // process starts runs them (the same ones its `/mcp` serves).
-    let (proxy, core) = match &opts.server {
+    let (proxy, core, key_persona) = match &opts.server {
         Some(url) => {
             let servers = match opts
                 .mcp_config
@@ -82,12 +82,30 @@ pub async fn run(
                     .map_err(|errors| errors.to_string())?,
                 None => McpServers::default(),
             };
+            let hub = Hub::remote(url, opts.key.clone(), cfg.personas.clone(), clock.clone())?;
+            // With a persona key the session is the key's persona (the server would refuse any
+            // other), asked of the server so that it need not be said twice.
+            let key_persona = match hub.key_persona().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("cannot ask the server whose key this is: {e}");
+                    None
+                }
+            };
+            if let (Some(asked), Some(own)) = (&opts.persona, &key_persona) {
+                let asked = cfg.personas.canonical(asked);
+                if asked != own.as_str() {
+                    return Err(format!(
+                        "--persona {asked}, but the key in the environment belongs to persona `{own}`; use that persona's key, or drop --persona"
+                    ));
+                }
+            }
             let proxy = Arc::new(Proxy {
-                hub: Hub::remote(url, opts.key.clone(), cfg.personas.clone(), clock.clone())?,
+                hub,
                 downstreams: Downstreams::start(&servers),
                 default_chatmode,
             });
-            (proxy, None)
+            (proxy, None, key_persona)
         }
         None => {
             let loopback = |a: Option<SocketAddr>| {
@@ -107,14 +125,14 @@ pub async fn run(
             .map_err(|e| e.to_string())?;
             tracing::info!(api = %running.api_addr, metrics = %running.metrics_addr,
                 data_dir = %opts.data_dir.display(), "hypertool mcp: core started with a ledger of its own");
-            (running.state.mcp.proxy.clone(), Some(running))
+            (running.state.mcp.proxy.clone(), Some(running), None)
         }
     };
     proxy.downstreams.settled(SETTLE).await;
     let session = proxy.session(SessionStart {
         id: opts.session.clone(),
-        persona: opts.persona.clone(),
-        locked_to: None,
+        persona: opts.persona.clone().or_else(|| key_persona.clone()),
+        locked_to: key_persona,
         chatmode: opts.chatmode.clone(),
     });
     tracing::info!(session = %session.id(), persona = ?session.persona(),

@@ -212,6 +212,19 @@ pub async fn reset_budget(
     status_of(&state, &canonical).map(Json)
 }
 
+/// Who the key is: its role and, for a persona key, its persona (canonical) — so a client such as
+/// `hypertool mcp --server` can start as the key's persona without being told twice.
+pub async fn whoami(
+    State(state): State<AppState>,
+    caller: crate::web::auth::Caller,
+) -> Json<serde_json::Value> {
+    let mut body = json!({"role": caller.role()});
+    if let Some(key) = caller.persona_key() {
+        body["persona"] = json!(state.door.canonical(&key.persona));
+    }
+    Json(body)
+}
+
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }

@@ -52,6 +52,7 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
             r("POST", "/v1/quality-gates/evaluate", PersonaScoped),
             post(workflows::evaluate_gate),
         ),
+        (r("GET", "/v1/whoami", AnyKey), get(admin::whoami)),
         (
             r("GET", "/v1/workflows", AnyKey),
             get(workflows::list_workflows),

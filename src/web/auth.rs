@@ -100,7 +100,7 @@ impl Caller {
         }
     }
 
-    fn role(&self) -> &'static str {
+    pub fn role(&self) -> &'static str {
         match self {
             Caller::Anonymous => "anonymous",
             Caller::Admin { .. } => "admin",

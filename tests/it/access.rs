@@ -105,7 +105,9 @@ fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
     let wf = "feature-development";
     let chat = json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
     match (method, path) {
-        ("GET", "/healthz" | "/readyz" | "/v1/models" | "/v1/workflows") => (path.into(), None),
+        ("GET", "/healthz" | "/readyz" | "/v1/models" | "/v1/workflows" | "/v1/whoami") => {
+            (path.into(), None)
+        }
         ("GET", "/api/oscillations" | "/api/personas" | "/api/budgets" | "/api/alerts") => {
             (path.into(), None)
         }

@@ -371,7 +371,8 @@ async fn a_persona_key_sees_only_its_personas_tools_over_http_and_beside_a_serve
         "mode": "persona-key",
         "command": [
             env!("CARGO_BIN_EXE_hypertool"), "mcp", "--config", config,
-            "--server", s.api, "--persona", "timekeeper",
+            // No --persona: the key's persona, asked of the server.
+            "--server", s.api,
         ],
         "env": env,
     });
