@@ -9,6 +9,7 @@
 //!               `notifications/tools/list_changed`, also when a downstream server's tools change
 //! ```
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -35,7 +36,20 @@ pub struct Proxy {
     pub hub: Hub,
     pub downstreams: Arc<Downstreams>,
     pub default_chatmode: String,
+    /// Sessions alive now (HTTP sessions end on DELETE or after 5 minutes idle).
+    live: Arc<AtomicUsize>,
 }
+
+impl Proxy {
+    /// MCP sessions alive now.
+    pub fn sessions(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+}
+
+/// Most MCP sessions one proxy keeps at once: each holds a little state and a task, and keys
+/// open them at will.
+pub const MAX_SESSIONS: usize = 1000;
 
 /// How a session begins.
 #[derive(Debug, Clone, Default)]
@@ -68,10 +82,40 @@ struct SessionState {
     persona: Mutex<Option<String>>,
     /// Recorded as the session's first switch once the client is initialized.
     initial: Mutex<Option<String>>,
+    /// Cancelled when the session ends: its watcher of the downstream servers stops.
+    ended: tokio_util::sync::CancellationToken,
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.ended.cancel();
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Proxy {
+    pub fn new(hub: Hub, downstreams: Arc<Downstreams>, default_chatmode: String) -> Proxy {
+        Proxy {
+            hub,
+            downstreams,
+            default_chatmode,
+            live: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A new session for the streamable HTTP endpoint, unless [`MAX_SESSIONS`] are open.
+    pub fn http_session(self: &Arc<Self>) -> Result<McpSession, std::io::Error> {
+        if self.live.load(Ordering::SeqCst) >= MAX_SESSIONS {
+            return Err(std::io::Error::other(format!(
+                "{MAX_SESSIONS} MCP sessions are open: end idle ones (DELETE /mcp) or wait for them to expire (5 minutes idle)"
+            )));
+        }
+        Ok(self.session(SessionStart::default()))
+    }
+
     pub fn session(self: &Arc<Self>, start: SessionStart) -> McpSession {
+        self.live.fetch_add(1, Ordering::SeqCst);
         let canonical =
             |p: Option<String>| p.map(|p| self.hub.persona(&p).map(|x| x.name).unwrap_or(p));
         let persona = canonical(start.persona.or_else(|| start.locked_to.clone()));
@@ -90,6 +134,8 @@ impl Proxy {
                 locked_to: Mutex::new(canonical(start.locked_to)),
                 owner: Mutex::new(None),
                 initial: Mutex::new(persona.clone()),
+                ended: tokio_util::sync::CancellationToken::new(),
+                live: self.live.clone(),
                 persona: Mutex::new(persona),
             }),
         }
@@ -271,8 +317,13 @@ impl McpSession {
         let proxy = self.proxy.clone();
         let mut rx = proxy.downstreams.subscribe();
         let mut shown: Vec<String> = self.exposure().0.into_iter().map(|e| e.name).collect();
+        let ended = self.state.ended.clone();
         tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = ended.cancelled() => return,
+                }
                 let Some(state) = state.upgrade() else {
                     return;
                 };

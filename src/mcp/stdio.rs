@@ -100,11 +100,11 @@ pub async fn run(
                     ));
                 }
             }
-            let proxy = Arc::new(Proxy {
+            let proxy = Arc::new(Proxy::new(
                 hub,
-                downstreams: Downstreams::start(&servers),
+                Downstreams::start(&servers),
                 default_chatmode,
-            });
+            ));
             (proxy, None, key_persona)
         }
         None => {

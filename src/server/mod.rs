@@ -175,7 +175,7 @@ fn start_mcp(
     switchboard: crate::switchboard::Switchboard,
     api_addr: SocketAddr,
 ) -> Result<McpEndpoint, StartError> {
-    use crate::mcp::proxy::{Proxy, SessionStart};
+    use crate::mcp::proxy::Proxy;
     use rmcp::transport::streamable_http_server::{
         StreamableHttpServerConfig, StreamableHttpService,
     };
@@ -190,11 +190,11 @@ fn start_mcp(
         }
         None => crate::mcp::config::McpServers::default(),
     };
-    let proxy = Arc::new(Proxy {
-        hub: crate::mcp::hub::Hub::Local(switchboard),
-        downstreams: crate::mcp::downstream::Downstreams::start(&specs),
-        default_chatmode: cfg.settings.gateway.default_chatmode.clone(),
-    });
+    let proxy = Arc::new(Proxy::new(
+        crate::mcp::hub::Hub::Local(switchboard),
+        crate::mcp::downstream::Downstreams::start(&specs),
+        cfg.settings.gateway.default_chatmode.clone(),
+    ));
     let http_cancel = tokio_util::sync::CancellationToken::new();
     let mut config =
         StreamableHttpServerConfig::default().with_cancellation_token(http_cancel.clone());
@@ -206,11 +206,8 @@ fn start_mcp(
         config = config.disable_allowed_hosts();
     }
     let sessions = proxy.clone();
-    let http = StreamableHttpService::new(
-        move || Ok(sessions.session(SessionStart::default())),
-        Default::default(),
-        config,
-    );
+    let http =
+        StreamableHttpService::new(move || sessions.http_session(), Default::default(), config);
     Ok(McpEndpoint {
         proxy,
         http,
@@ -1041,6 +1038,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
             .collect(),
         gateway_requests: state.gateway.outcomes(),
         tools_removed: state.gateway.tools_removed(),
+        mcp_sessions: state.mcp.proxy.sessions() as f64,
         mcp_servers: state
             .mcp
             .proxy

@@ -64,6 +64,8 @@ pub struct ProcessInfo {
     pub tools_removed: Vec<(String, f64)>,
     /// The MCP proxy's downstream servers: (server, up, restarts).
     pub mcp_servers: Vec<(String, bool, f64)>,
+    /// MCP sessions open at the proxy.
+    pub mcp_sessions: f64,
     /// ((workflow, stage), prompts cut, tokens removed)
     pub truncations: Vec<((String, String), f64, f64)>,
     /// Response cache lookups per result, and tokens the hits saved.
@@ -448,6 +450,8 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
             *n,
         );
     }
+    w.header_of(&f::MCP_SESSIONS_OPEN);
+    w.sample(f::MCP_SESSIONS_OPEN.name, &[], process.mcp_sessions);
     w.header_of(&f::MCP_SERVER_UP);
     for (server, up, _) in &process.mcp_servers {
         w.sample(

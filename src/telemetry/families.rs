@@ -123,6 +123,13 @@ pub const MCP_TOOL_CALL_DURATION_SECONDS: Family = Family {
     labels: &["persona", "server", "tool"],
 };
 
+pub const MCP_SESSIONS_OPEN: Family = Family {
+    name: "hypertool_mcp_sessions_open",
+    kind: Kind::Gauge,
+    help: "MCP sessions open at the proxy (stdio: one; /mcp: until DELETE or 5 minutes idle; at most 1000).",
+    labels: &[],
+};
+
 pub const MCP_SERVER_UP: Family = Family {
     name: "hypertool_mcp_server_up",
     kind: Kind::Gauge,
@@ -434,6 +441,7 @@ pub const ALL: &[Family] = &[
     PERSONA_OSCILLATIONS_TOTAL,
     MCP_TOOL_CALLS_TOTAL,
     MCP_TOOL_CALL_DURATION_SECONDS,
+    MCP_SESSIONS_OPEN,
     MCP_SERVER_UP,
     MCP_SERVER_RESTARTS_TOTAL,
     LANGFUSE_GENERATION_DURATION_SECONDS,

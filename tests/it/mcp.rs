@@ -361,6 +361,16 @@ async fn a_persona_key_sees_only_its_personas_tools_over_http_and_beside_a_serve
         .await
         .unwrap();
     assert!(steps.iter().any(|s| s["step"] == "equip_other_refused"));
+    // The client ended its session (DELETE): nothing of it is left open.
+    crate::common::eventually(
+        "the HTTP session to end",
+        std::time::Duration::from_secs(10),
+        || async {
+            let m = s.metrics().await;
+            (m.get("hypertool_mcp_sessions_open", &[]) == Some(0.0)).then_some(())
+        },
+    )
+    .await;
 
     let mut env = env_for_children();
     env["HYPERTOOL_API_KEY"] = json!(TIMEKEEPER_KEY);
