@@ -79,23 +79,9 @@ impl Hub {
         let Hub::Remote(r) = self else {
             return Ok(None);
         };
-        let mut req = r.http.get(format!("{}/v1/whoami", r.base));
-        if let Some(key) = &r.key {
-            req = req.bearer_auth(key);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| format!("{} cannot be reached: {}", r.base, without_url(&e)))?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(format!(
-                "{} refused the key ({status}): {}",
-                r.base,
-                body["error"]["message"].as_str().unwrap_or("no message")
-            ));
-        }
+        let body = r
+            .call(r.http.get(format!("{}/v1/whoami", r.base)), "the key")
+            .await?;
         Ok(body["persona"].as_str().map(str::to_string))
     }
 
@@ -131,31 +117,11 @@ impl Hub {
                 .await
                 .map_err(|e| format!("the switch could not be recorded: {e}")),
             Hub::Remote(r) => {
-                let mut req = r
+                let switch = r
                     .http
                     .post(format!("{}/v1/personas/switch", r.base))
                     .json(&json!({"session": session, "to": to, "chatmode": chatmode}));
-                if let Some(key) = &r.key {
-                    req = req.bearer_auth(key);
-                }
-                let resp = req
-                    .send()
-                    .await
-                    .map_err(|e| format!("{} cannot be reached: {}", r.base, without_url(&e)))?;
-                let status = resp.status();
-                let body: Value = resp.json().await.unwrap_or(Value::Null);
-                if status.is_success() {
-                    Ok(body)
-                } else {
-                    let message = body["error"]["message"]
-                        .as_str()
-                        .unwrap_or("no message")
-                        .to_string();
-                    Err(format!(
-                        "{} refused the switch ({status}): {message}",
-                        r.base
-                    ))
-                }
+                r.call(switch, "the switch").await
             }
         }
     }
@@ -215,6 +181,30 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Remote {
+    /// Sends `req` with the key; the answer's JSON on success, else why (`what` names the request).
+    async fn call(&self, mut req: reqwest::RequestBuilder, what: &str) -> Result<Value, String> {
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("{} cannot be reached: {}", self.base, without_url(&e)))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(format!(
+                "{} refused {what} ({status}): {}",
+                self.base,
+                body["error"]["message"].as_str().unwrap_or("no message")
+            ))
         }
     }
 }
