@@ -195,7 +195,7 @@ async fn mcp_checks(cfg: Option<&Config>, out: &mut Vec<Check>) {
     let Some(path) = cfg.and_then(|c| c.settings.mcp.servers.clone()) else {
         return;
     };
-    let servers = match crate::mcp::config::load(&path, &|k| std::env::var(k).ok()) {
+    let servers = match crate::mcp::config::load_configured(Some(&path)) {
         Ok(s) => s,
         Err(errors) => {
             out.push(Check::new("MCP servers", Status::Fail, errors.to_string()));

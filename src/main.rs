@@ -803,7 +803,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             }
             // The MCP proxy's downstream servers (started by `hypertool doctor`, not here).
             if let Some(path) = &cfg.settings.mcp.servers {
-                match hypertool::mcp::config::load(path, &|k| std::env::var(k).ok()) {
+                match hypertool::mcp::config::load_configured(Some(path)) {
                     Ok(servers) => println!(
                         "{}: ok ({} MCP servers)",
                         path.display(),

@@ -151,6 +151,14 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<McpServ
     Ok(servers)
 }
 
+/// The servers of `path` (none without one), `${VAR}` taken from this process's environment.
+pub fn load_configured(path: Option<&Path>) -> Result<McpServers, ConfigErrors> {
+    match path {
+        Some(path) => load(path, &|k| std::env::var(k).ok()),
+        None => Ok(McpServers::default()),
+    }
+}
+
 /// Checks the text of an `.mcp.json` file (`file` names it in messages).
 pub fn parse(
     text: &str,

@@ -54,17 +54,13 @@ impl Status {
     }
 }
 
-/// One server's health, for `/readyz`, `hypertool doctor` and the metrics.
-#[derive(Debug, Clone, serde::Serialize)]
+/// One server's health, for `/readyz`, the metrics and the proxy's answers.
+#[derive(Debug, Clone)]
 pub struct ServerHealth {
     pub name: String,
-    /// The command or the URL's origin (no arguments, environment or headers).
-    pub target: String,
     pub status: &'static str,
-    pub tools: usize,
     /// Times it went down after having been up, or failed to start.
     pub restarts: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
 
@@ -206,15 +202,6 @@ impl Downstreams {
         this
     }
 
-    /// No downstream servers (hypertool's own tools only).
-    pub fn none() -> Arc<Downstreams> {
-        Downstreams::start(&McpServers::default())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.servers.is_empty()
-    }
-
     /// Bumped whenever a server's tools appear, change or go away.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -238,9 +225,7 @@ impl Downstreams {
                 let link = s.link();
                 ServerHealth {
                     name: s.spec.name.clone(),
-                    target: s.spec.describe(),
                     status: link.status.as_str(),
-                    tools: link.tools.len(),
                     restarts: s.restarts.load(Ordering::Relaxed),
                     last_error: link.last_error.clone(),
                 }

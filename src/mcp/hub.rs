@@ -37,7 +37,7 @@ pub struct Remote {
     clock: Arc<dyn Clock>,
     events: mpsc::Sender<Value>,
     /// Tool-call events dropped because the server could not take them fast enough.
-    pub dropped: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
     /// The last failure to deliver events (for the log, once per change).
     last_failure: Mutex<Option<String>>,
     /// Events queued or being sent (for [`Hub::flush`]).

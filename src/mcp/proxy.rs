@@ -40,13 +40,6 @@ pub struct Proxy {
     live: Arc<AtomicUsize>,
 }
 
-impl Proxy {
-    /// MCP sessions alive now.
-    pub fn sessions(&self) -> usize {
-        self.live.load(Ordering::SeqCst)
-    }
-}
-
 /// Most MCP sessions one proxy keeps at once: each holds a little state and a task, and keys
 /// open them at will.
 pub const MAX_SESSIONS: usize = 1000;
@@ -102,6 +95,11 @@ impl Proxy {
             default_chatmode,
             live: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// MCP sessions alive now.
+    pub fn sessions(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
     }
 
     /// A new session for the streamable HTTP endpoint, unless [`MAX_SESSIONS`] are open.
@@ -534,27 +532,25 @@ impl ServerHandler for McpSession {
                 .await;
             return Ok(answer.into());
         }
-        // Not in the persona's toolset. Name the server when the name says it.
-        let (server, tool) = match name.split_once(SEPARATOR) {
-            Some((s, t)) if self.proxy.downstreams.health().iter().any(|h| h.name == s) => {
-                (s.to_string(), t.to_string())
-            }
-            _ => ("unknown".to_string(), name.clone()),
+        // Not in the persona's toolset. Name the server when the name says it; a tool the persona
+        // may use on a server that is down now is an error, not a refusal.
+        let health = self.proxy.downstreams.health();
+        let named = name
+            .split_once(SEPARATOR)
+            .and_then(|(s, t)| health.iter().find(|h| h.name == s).map(|h| (h, t)));
+        let (server, tool) = match named {
+            Some((h, t)) => (h.name.clone(), t.to_string()),
+            None => ("unknown".to_string(), name.clone()),
         };
-        let allowed_but_down = persona
-            .as_ref()
-            .and_then(|p| self.proxy.hub.persona(p))
-            .is_some_and(|p| Allowance::of(&p).allows(&server, &tool))
-            && !self.proxy.downstreams.tools().contains_key(&server);
-        if allowed_but_down {
-            let why = self
-                .proxy
-                .downstreams
-                .health()
-                .into_iter()
-                .find(|h| h.name == server)
-                .and_then(|h| h.last_error)
-                .unwrap_or_else(|| "starting".into());
+        let down = named.filter(|(h, t)| {
+            h.status != "ready"
+                && persona
+                    .as_ref()
+                    .and_then(|p| self.proxy.hub.persona(p))
+                    .is_some_and(|p| Allowance::of(&p).allows(&h.name, t))
+        });
+        if let Some((h, _)) = down {
+            let why = h.last_error.clone().unwrap_or_else(|| "starting".into());
             self.record(
                 &persona,
                 (&server, &tool),

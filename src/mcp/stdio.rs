@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rmcp::ServiceExt;
 
-use super::config::{self as mcp_config, McpServers};
+use super::config as mcp_config;
 use super::downstream::Downstreams;
 use super::hub::Hub;
 use super::proxy::{Proxy, SessionStart};
@@ -73,15 +73,12 @@ pub async fn run(
     // process starts runs them (the same ones its `/mcp` serves).
     let (proxy, core, key_persona) = match &opts.server {
         Some(url) => {
-            let servers = match opts
-                .mcp_config
-                .clone()
-                .or_else(|| cfg.settings.mcp.servers.clone())
-            {
-                Some(path) => mcp_config::load(&path, &|k| std::env::var(k).ok())
-                    .map_err(|errors| errors.to_string())?,
-                None => McpServers::default(),
-            };
+            let servers = mcp_config::load_configured(
+                opts.mcp_config
+                    .as_deref()
+                    .or(cfg.settings.mcp.servers.as_deref()),
+            )
+            .map_err(|errors| errors.to_string())?;
             let hub = Hub::remote(url, opts.key.clone(), cfg.personas.clone(), clock.clone())?;
             // With a persona key the session is the key's persona (the server would refuse any
             // other), asked of the server so that it need not be said twice.

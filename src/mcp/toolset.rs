@@ -9,7 +9,7 @@
 //!   length (64) every client and model API accepts; a name that had to be shortened or changed
 //!   ends with a short digest of the original so that two cannot collide.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use globset::{Glob, GlobMatcher};
 
@@ -145,16 +145,6 @@ pub fn expose(allowance: &Allowance, tools: &BTreeMap<String, Vec<String>>) -> V
         }
     }
     out
-}
-
-/// Finds what an exposed name stands for among `exposed`.
-pub fn resolve<'a>(exposed: &'a [Exposed], name: &str) -> Option<&'a Exposed> {
-    exposed.iter().find(|e| e.name == name)
-}
-
-/// Index of exposed names, for many lookups.
-pub fn index(exposed: &[Exposed]) -> HashMap<&str, &Exposed> {
-    exposed.iter().map(|e| (e.name.as_str(), e)).collect()
 }
 
 #[cfg(test)]

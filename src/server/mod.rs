@@ -179,17 +179,11 @@ fn start_mcp(
     use rmcp::transport::streamable_http_server::{
         StreamableHttpServerConfig, StreamableHttpService,
     };
-    let specs = match servers.or(cfg.settings.mcp.servers.as_deref()) {
-        Some(path) => {
-            crate::mcp::config::load(path, &|k| std::env::var(k).ok()).map_err(|errors| {
-                StartError::Config {
-                    source_name: path.display().to_string(),
-                    errors,
-                }
-            })?
-        }
-        None => crate::mcp::config::McpServers::default(),
-    };
+    let path = servers.or(cfg.settings.mcp.servers.as_deref());
+    let specs = crate::mcp::config::load_configured(path).map_err(|errors| StartError::Config {
+        source_name: path.map(|p| p.display().to_string()).unwrap_or_default(),
+        errors,
+    })?;
     let proxy = Arc::new(Proxy::new(
         crate::mcp::hub::Hub::Local(switchboard),
         crate::mcp::downstream::Downstreams::start(&specs),
