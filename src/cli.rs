@@ -104,10 +104,50 @@ fn cell(v: Option<&Value>) -> String {
     }
 }
 
+/// `text` as it may reach a terminal: every control character but newline and tab, and every
+/// bidirectional-override or invisible character, written as a visible `\uXXXX` (also a valid
+/// JSON escape, so `--json` output stays JSON). Text from a server or a ledger — a gate's reasons,
+/// a name — can then neither recolour nor rewrite the operator's terminal.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t') || crate::core::labels::is_deceptive(c)
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The widest a table cell is shown (longer ones are cut, with `…`): a server's answer decides
+/// what is in a cell, and must not decide the width of the operator's table.
+pub const MAX_CELL_CHARS: usize = 120;
+
+fn shown_cell(text: &str) -> String {
+    let one_line = text.replace(['\n', '\r', '\t'], " ");
+    match one_line.char_indices().nth(MAX_CELL_CHARS - 1) {
+        Some((end, _)) if one_line.chars().count() > MAX_CELL_CHARS => {
+            format!("{}…", &one_line[..end])
+        }
+        _ => one_line,
+    }
+}
+
 /// A plain aligned table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| shown_cell(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, c) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(c.chars().count());
@@ -125,7 +165,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     };
     line(headers.iter().map(|h| h.to_string()).collect(), &mut out);
-    for row in rows {
+    for row in &rows {
         line(row.clone(), &mut out);
     }
     out

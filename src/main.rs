@@ -18,6 +18,21 @@ use hypertool::core::budget::{BudgetMode, Period};
 use hypertool::core::clock::SystemClock;
 use hypertool::server::{self, ServeOptions};
 
+// Everything the CLI prints goes through these: names and texts come from a server or a ledger,
+// and a control or bidirectional-override character in them (`\u001b[31m`, U+202E) must reach the
+// terminal as visible text, never as an instruction to it (see `hypertool::cli::terminal_safe`).
+macro_rules! outln {
+    () => { println!() };
+    ($($t:tt)*) => { println!("{}", hypertool::cli::terminal_safe(&format!($($t)*))) };
+}
+macro_rules! out {
+    ($($t:tt)*) => { print!("{}", hypertool::cli::terminal_safe(&format!($($t)*))) };
+}
+macro_rules! errln {
+    () => { eprintln!() };
+    ($($t:tt)*) => { eprintln!("{}", hypertool::cli::terminal_safe(&format!($($t)*))) };
+}
+
 // mimalloc: the gateway allocates per request (JSON, headers); glibc's malloc showed up at ~15 % of
 // the profile under load, mimalloc roughly halves that.
 #[global_allocator]
@@ -388,7 +403,7 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = init_logging(args.log_file.as_ref()) {
-        eprintln!("error: {e}");
+        errln!("error: {e}");
         return ExitCode::from(2);
     }
     let source = Source::discover(args.config.as_deref());
@@ -412,7 +427,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             ExitCode::from(2)
         }
     }
@@ -420,7 +435,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
 
 async fn mcp(args: McpArgs) -> ExitCode {
     if let Err(e) = init_logging(args.log_file.as_ref()) {
-        eprintln!("error: {e}");
+        errln!("error: {e}");
         return ExitCode::from(2);
     }
     let opts = hypertool::mcp::stdio::StdioOptions {
@@ -440,7 +455,7 @@ async fn mcp(args: McpArgs) -> ExitCode {
     match hypertool::mcp::stdio::run(opts, Arc::new(SystemClock), shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             ExitCode::from(2)
         }
     }
@@ -449,8 +464,8 @@ async fn mcp(args: McpArgs) -> ExitCode {
 fn load_or_exit(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
     let source = Source::discover(path);
     config::load(&source).map_err(|errors| {
-        eprintln!("{errors}");
-        eprintln!("{} error(s) in {}", errors.0.len(), source.describe());
+        errln!("{errors}");
+        errln!("{} error(s) in {}", errors.0.len(), source.describe());
         ExitCode::from(1)
     })
 }
@@ -458,7 +473,7 @@ fn load_or_exit(path: Option<&std::path::Path>) -> Result<config::Config, ExitCo
 fn rules(path: Option<PathBuf>) -> ExitCode {
     match load_or_exit(path.as_deref()) {
         Ok(cfg) => {
-            print!("{}", render_rules_yaml(&cfg.settings.alerts));
+            out!("{}", render_rules_yaml(&cfg.settings.alerts));
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -482,7 +497,7 @@ fn simulate(
             Some(s) => vec![s],
             None => {
                 let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
-                eprintln!(
+                errln!(
                     "error: unknown scenario `{name}`\n  fix: use one of: {}, or all",
                     names.join(", ")
                 );
@@ -504,10 +519,10 @@ fn simulate(
                 "evaluations": run.evaluations,
             }));
         } else {
-            print!("{}", run.timeline());
+            out!("{}", run.timeline());
             if !run.as_expected() {
                 let want: Vec<&str> = scenario.expect_firing.iter().map(|a| a.name()).collect();
-                println!(
+                outln!(
                     "  (expected firing: {}; the configured thresholds differ from the runbook's?)",
                     want.join(", ")
                 );
@@ -516,7 +531,7 @@ fn simulate(
         if let Some(target) = &promtool {
             let test_path = if name == "all" {
                 if let Err(e) = std::fs::create_dir_all(target) {
-                    eprintln!("error: cannot create {}: {e}", target.display());
+                    errln!("error: cannot create {}: {e}", target.display());
                     return ExitCode::from(1);
                 }
                 target.join(format!("{}.test.yml", scenario.name))
@@ -538,11 +553,11 @@ fn simulate(
             let written = std::fs::write(&rules_path, render_rules_yaml(&cfg.settings.alerts))
                 .and_then(|()| std::fs::write(&test_path, run.promtool_test(&rules_name)));
             if let Err(e) = written {
-                eprintln!("error: cannot write {}: {e}", test_path.display());
+                errln!("error: cannot write {}: {e}", test_path.display());
                 return ExitCode::from(1);
             }
             if !json_out {
-                println!(
+                outln!(
                     "  promtool test written to {} (run: promtool test rules {})",
                     test_path.display(),
                     test_path.display()
@@ -556,7 +571,7 @@ fn simulate(
         } else {
             json!(json_runs)
         };
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     }
     if all_as_expected {
         ExitCode::SUCCESS
@@ -569,18 +584,18 @@ async fn runbook(args: RunbookArgs) -> ExitCode {
     use hypertool::alerts::rules::AlertId;
     let Some(name) = args.alert.as_deref() else {
         if args.print {
-            print!("{}", hypertool::runbook::TEXT);
+            out!("{}", hypertool::runbook::TEXT);
         } else {
-            println!("The runbook's alerts (hypertool runbook ALERT runs one's investigation; --print shows its section):");
+            outln!("The runbook's alerts (hypertool runbook ALERT runs one's investigation; --print shows its section):");
             for id in AlertId::ALL {
-                println!("  {:<32} {}", id.name(), hypertool::runbook::summary(id));
+                outln!("  {:<32} {}", id.name(), hypertool::runbook::summary(id));
             }
         }
         return ExitCode::SUCCESS;
     };
     let Some(id) = AlertId::from_name(name) else {
         let names: Vec<&str> = AlertId::ALL.iter().map(|a| a.name()).collect();
-        eprintln!(
+        errln!(
             "error: unknown alert `{name}`\n  fix: use one of: {}",
             names.join(", ")
         );
@@ -588,8 +603,8 @@ async fn runbook(args: RunbookArgs) -> ExitCode {
     };
     if args.print {
         match hypertool::runbook::section(id) {
-            Some(text) => println!("{text}"),
-            None => print!("{}", hypertool::runbook::TEXT),
+            Some(text) => outln!("{text}"),
+            None => out!("{}", hypertool::runbook::TEXT),
         }
         return ExitCode::SUCCESS;
     }
@@ -620,13 +635,13 @@ async fn runbook(args: RunbookArgs) -> ExitCode {
     };
     if args.client.json {
         let doc = json!({ "investigation": report, "prometheus": prometheus });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        print!("{}", hypertool::runbook::investigate::text_of(&report));
+        out!("{}", hypertool::runbook::investigate::text_of(&report));
         if let Some(p) = &prometheus {
-            print!("{}", hypertool::cli::prometheus_text(p));
+            out!("{}", hypertool::cli::prometheus_text(p));
         }
-        println!(
+        outln!(
             "\nRunbook: hypertool runbook {} --print, or {}/runbook#{}",
             id.name(),
             hypertool::cli::server_url(&args.client.server),
@@ -646,13 +661,13 @@ async fn doctor(args: DoctorArgs) -> ExitCode {
     };
     let checks = hypertool::doctor::doctor(&target).await;
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&checks).unwrap_or_default()
         );
     } else {
         for c in &checks {
-            println!("{}", c.line());
+            outln!("{}", c.line());
         }
     }
     let failed = checks
@@ -663,7 +678,7 @@ async fn doctor(args: DoctorArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         if !args.json {
-            eprintln!("{failed} check(s) failed");
+            errln!("{failed} check(s) failed");
         }
         ExitCode::from(1)
     }
@@ -684,22 +699,22 @@ async fn budget_suggest(
         Err(code) => return code,
     };
     if client.json && !apply {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    print!("{}", suggestions_table(&v));
+    out!("{}", suggestions_table(&v));
     if !apply {
         return ExitCode::SUCCESS;
     }
     let source = Source::discover(config.as_deref());
     let Source::File(toml) = &source else {
-        eprintln!("error: the built-in defaults have no budgets.yml to write\n  fix: pass --config with the hypertool.toml the server runs with");
+        errln!("error: the built-in defaults have no budgets.yml to write\n  fix: pass --config with the hypertool.toml the server runs with");
         return ExitCode::from(2);
     };
     let cfg = match config::load(&source) {
         Ok(c) => c,
         Err(errors) => {
-            eprintln!("{errors}");
+            errln!("{errors}");
             return ExitCode::from(1);
         }
     };
@@ -716,29 +731,29 @@ async fn budget_suggest(
         };
         match s["current_period"].as_str() {
             None | Some("daily") => changes.push((persona.to_string(), tokens)),
-            Some(other) => println!(
-                "{persona}: not changed (its budget is {other}; the suggestion is per day)"
-            ),
+            Some(other) => {
+                outln!("{persona}: not changed (its budget is {other}; the suggestion is per day)")
+            }
         }
     }
     let old = match std::fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: cannot read {}: {e}", file.display());
+            errln!("error: cannot read {}: {e}", file.display());
             return ExitCode::from(1);
         }
     };
     let new = match hypertool::cli::set_budget_tokens(&old, &changes) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {}: {e}", file.display());
+            errln!("error: {}: {e}", file.display());
             return ExitCode::from(1);
         }
     };
     // Written beside, checked, then moved into place: a bad edit never reaches the server.
     let staged = file.with_extension("yml.suggested");
     if let Err(e) = std::fs::write(&staged, &new) {
-        eprintln!("error: cannot write {}: {e}", staged.display());
+        errln!("error: cannot write {}: {e}", staged.display());
         return ExitCode::from(1);
     }
     let checked =
@@ -746,19 +761,19 @@ async fn budget_suggest(
     if let Err(errors) = checked {
         let _ = std::fs::remove_file(&staged);
         for e in errors {
-            eprintln!("{e}");
+            errln!("{e}");
         }
-        eprintln!(
+        errln!(
             "error: the edited budgets.yml would not load; {} is unchanged",
             file.display()
         );
         return ExitCode::from(1);
     }
     if let Err(e) = std::fs::rename(&staged, &file) {
-        eprintln!("error: cannot replace {}: {e}", file.display());
+        errln!("error: cannot replace {}: {e}", file.display());
         return ExitCode::from(1);
     }
-    println!(
+    outln!(
         "wrote {} budget(s) to {} (the server reloads it within seconds)",
         changes.len(),
         file.display()
@@ -770,7 +785,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     let source = Source::discover(path.as_deref());
     if let Source::File(p) = &source {
         if !p.is_file() {
-            eprintln!(
+            errln!(
                 "error: {}: no such file\n  fix: pass the path of a hypertool.toml",
                 p.display()
             );
@@ -779,7 +794,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
     match config::load(&source) {
         Ok(cfg) => {
-            println!(
+            outln!(
                 "{}: ok ({} personas, {} budgets, {} workflows, {} chatmodes)",
                 source.describe(),
                 cfg.personas.len(),
@@ -796,22 +811,22 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 &|k| std::env::var(k).ok(),
             );
             for line in plan.describe() {
-                println!("{line}");
+                outln!("{line}");
             }
             for w in &plan.warnings {
-                println!("warning: {w}");
+                outln!("warning: {w}");
             }
             // The MCP proxy's downstream servers (started by `hypertool doctor`, not here).
             if let Some(path) = &cfg.settings.mcp.servers {
                 match hypertool::mcp::config::load_configured(Some(path)) {
-                    Ok(servers) => println!(
+                    Ok(servers) => outln!(
                         "{}: ok ({} MCP servers)",
                         path.display(),
                         servers.servers.len()
                     ),
                     Err(errors) => {
-                        eprintln!("{errors}");
-                        eprintln!("{} error(s) in {}", errors.0.len(), path.display());
+                        errln!("{errors}");
+                        errln!("{} error(s) in {}", errors.0.len(), path.display());
                         return ExitCode::from(1);
                     }
                 }
@@ -819,8 +834,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!("{} error(s) in {}", errors.0.len(), source.describe());
+            errln!("{errors}");
+            errln!("{} error(s) in {}", errors.0.len(), source.describe());
             ExitCode::from(1)
         }
     }
@@ -840,7 +855,7 @@ async fn call(
         .call(method, path, body)
         .await
         .map_err(|e| {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             ExitCode::from(1)
         })
 }
@@ -859,9 +874,9 @@ async fn client_command(
     match call(args, method, path, body).await {
         Ok(v) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                print!("{}", render(&v));
+                out!("{}", render(&v));
             }
             ExitCode::SUCCESS
         }
@@ -894,17 +909,17 @@ async fn main() -> ExitCode {
         Command::Doctor(args) => doctor(args).await,
         Command::Grafana { out } => {
             if let Err(e) = std::fs::create_dir_all(&out) {
-                eprintln!("error: cannot create {}: {e}", out.display());
+                errln!("error: cannot create {}: {e}", out.display());
                 return ExitCode::from(1);
             }
             for (file, dashboard) in hypertool::runbook::grafana::dashboards() {
                 let path = out.join(file);
                 let text = serde_json::to_string_pretty(&dashboard).unwrap_or_default() + "\n";
                 if let Err(e) = std::fs::write(&path, text) {
-                    eprintln!("error: cannot write {}: {e}", path.display());
+                    errln!("error: cannot write {}: {e}", path.display());
                     return ExitCode::from(1);
                 }
-                println!("wrote {}", path.display());
+                outln!("wrote {}", path.display());
             }
             ExitCode::SUCCESS
         }

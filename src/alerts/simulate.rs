@@ -326,6 +326,7 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
                     run: "run-hung".into(),
                     workflow: "incident-response".into(),
                     session: None,
+                    owner: None,
                 });
                 events.push(Event::StageStarted {
                     run: "run-hung".into(),

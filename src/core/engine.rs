@@ -633,8 +633,10 @@ impl Engine {
                 run,
                 workflow,
                 session,
+                owner,
             } => {
-                if runs.start_run(run, workflow, session.as_deref(), at) {
+                let owner = owner.as_deref().map(|p| personas.canonical(p));
+                if runs.start_run(run, workflow, session.as_deref(), owner, at) {
                     let workflow = admit(LabelKind::Workflow, workflow);
                     metrics.runs_started.inc_by([workflow], 1.0);
                 }
@@ -1332,6 +1334,7 @@ mod tests {
                 run: "r1".into(),
                 workflow: "feature-development".into(),
                 session: None,
+                owner: None,
             },
         ));
         let claim = |estimate| CallClaim {

@@ -22,6 +22,9 @@ pub enum Event {
         workflow: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session: Option<String>,
+        /// The persona whose key created the run (absent: an admin key).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     /// A stage of a run began (through the API, or implicitly with the run's first call for it).
     StageStarted {

@@ -48,9 +48,20 @@ pub struct NameError {
     pub reason: String,
 }
 
+/// Characters no name may hold although they are not "control" characters to Rust: the
+/// bidirectional overrides, embeddings and isolates (after U+202E, a terminal or a
+/// dashboard shows the rest of a name reversed), the line and paragraph separators (U+2028 ends a line in JavaScript and
+/// in some terminals), zero-width characters and the byte-order mark (two names that look the same).
+pub fn is_deceptive(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
+        | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
 /// Checks a client-supplied name: 1 to `field.max_len()` bytes after trimming, no control
-/// characters (which would break the exposition format and response headers). Returns the trimmed
-/// value. The error never echoes the value (it may be a megabyte long).
+/// characters (which would break the exposition format and response headers) and no
+/// [deceptive](is_deceptive) ones. Returns the trimmed value. The error never echoes the value (it
+/// may be a megabyte long).
 pub fn check_name(field: NameField, raw: &str) -> Result<&str, NameError> {
     let v = raw.trim();
     let max = field.max_len();
@@ -64,9 +75,12 @@ pub fn check_name(field: NameField, raw: &str) -> Result<&str, NameError> {
             reason: format!("is {} bytes long; at most {max} are accepted", v.len()),
         });
     }
-    if v.chars().any(char::is_control) {
+    if let Some(c) = v.chars().find(|&c| c.is_control() || is_deceptive(c)) {
         return Err(NameError {
-            reason: "must not contain control characters".into(),
+            reason: format!(
+                "must not contain control, bidirectional-override or invisible characters (found U+{:04X})",
+                c as u32
+            ),
         });
     }
     Ok(v)
@@ -242,6 +256,31 @@ impl LabelGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_refuse_control_bidi_and_invisible_characters() {
+        for bad in [
+            "a\u{1b}[31m",
+            "a\0b",
+            "evil\u{202E}txt",
+            "a\u{2028}b",
+            "a\u{200B}b",
+            "\u{FEFF}x",
+            "a\u{2066}b",
+        ] {
+            let e = check_name(NameField::Persona, bad).unwrap_err();
+            assert!(e.reason.contains("U+"), "{bad:?}: {}", e.reason);
+        }
+        for good in [
+            "backend-engineer",
+            "ingénieur",
+            "工程师",
+            "a b",
+            "model/gpt-4o:2024",
+        ] {
+            assert_eq!(check_name(NameField::Persona, good), Ok(good));
+        }
+    }
 
     #[test]
     fn configured_values_survive_the_cap_and_new_ones_fold() {

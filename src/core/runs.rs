@@ -96,6 +96,10 @@ pub struct Run {
     pub finished_at: Option<UnixMillis>,
     /// By stage name.
     pub stages: BTreeMap<String, StageRun>,
+    /// The persona whose key created the run (canonical); `None` when an admin key did. A persona
+    /// key may finish only a run of its own persona.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl Run {
@@ -160,6 +164,7 @@ impl Runs {
         id: &str,
         workflow: &str,
         session: Option<&str>,
+        owner: Option<&str>,
         at: UnixMillis,
     ) -> bool {
         if self.runs.contains_key(id) {
@@ -175,6 +180,7 @@ impl Runs {
                 created_at: at,
                 finished_at: None,
                 stages: BTreeMap::new(),
+                owner: owner.map(str::to_string),
             },
         );
         true
@@ -345,8 +351,8 @@ mod tests {
     #[test]
     fn a_stage_lasts_from_start_to_end_retries_included() {
         let mut runs = Runs::default();
-        assert!(runs.start_run("r1", "wf", None, 0));
-        assert!(!runs.start_run("r1", "wf", None, 5));
+        assert!(runs.start_run("r1", "wf", None, None, 0));
+        assert!(!runs.start_run("r1", "wf", None, None, 5));
         assert!(runs
             .start_stage("r1", "design", Some("be"), 1_000)
             .is_empty());
@@ -374,7 +380,7 @@ mod tests {
     #[test]
     fn next_stage_and_run_end_close_running_stages() {
         let mut runs = Runs::default();
-        runs.start_run("r", "wf", None, 0);
+        runs.start_run("r", "wf", None, None, 0);
         runs.start_stage("r", "a", None, 0);
         let ended = runs.start_stage("r", "b", None, 10_000);
         assert_eq!(ended.len(), 1);
@@ -392,10 +398,10 @@ mod tests {
         let mut runs = Runs::new(2);
         for i in 0..5 {
             let id = format!("r{i}");
-            runs.start_run(&id, "wf", None, i);
+            runs.start_run(&id, "wf", None, None, i);
             runs.finish_run(&id, RunStatus::Completed, i + 1);
         }
-        runs.start_run("live", "wf", None, 9);
+        runs.start_run("live", "wf", None, None, 9);
         assert_eq!(runs.len(), 3);
         assert!(runs.get("r4").is_some() && runs.get("r2").is_none());
         assert!(runs.get("live").is_some());

@@ -94,6 +94,7 @@ pub fn event(t0: i64, i: u64) -> Stamped {
             run,
             workflow: workflow.into(),
             session: Some(session),
+            owner: None,
         },
         16 => Event::StageStarted {
             run,

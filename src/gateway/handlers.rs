@@ -75,6 +75,7 @@ pub async fn list_models(
 
 pub async fn chat_completions(
     State(state): State<GatewayState>,
+    State(door): State<std::sync::Arc<crate::web::auth::Door>>,
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -93,7 +94,13 @@ pub async fn chat_completions(
     let chatmode = header(&headers, "x-hypertool-chatmode")
         .unwrap_or_else(|| settings.default_chatmode.clone());
     let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
-    own_stage(&state, key, stage_call.as_deref())?;
+    // A persona key works only in the stages its persona runs (the door's one ownership rule).
+    if let Some(call) = stage_call.as_deref() {
+        if let Some(persona) = call.stage.persona.as_deref() {
+            let what = format!("stage `{}`", call.stage.name);
+            door.require_own(&caller, "x-hypertool-stage", &what, Some(persona))?;
+        }
+    }
     // A stage that sets a model (or tier) decides the model: the runbook's STAGE_MODEL_MAPPING.
     let stage_model = stage_call
         .as_ref()
@@ -396,32 +403,6 @@ async fn embed(
 
 /// Response headers a call collects on its way (`X-Hypertool-*`), set on its answer.
 type Notes = Vec<(&'static str, String)>;
-
-/// A persona key works only in the stages its persona runs.
-fn own_stage(
-    state: &GatewayState,
-    key: Option<&VirtualKey>,
-    stage_call: Option<&stage::StageCall>,
-) -> Result<(), ApiError> {
-    let (Some(k), Some(persona)) = (key, stage_call.and_then(|c| c.stage.persona.as_deref()))
-    else {
-        return Ok(());
-    };
-    let engine = lock(&state.engine);
-    let personas = engine.personas();
-    if personas.canonical(&k.persona) == personas.canonical(persona) {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        ErrorKind::Forbidden,
-        "persona_not_allowed",
-        format!(
-            "this key belongs to persona `{}`; the stage is run by `{persona}`",
-            k.persona
-        ),
-    )
-    .param("x-hypertool-stage"))
-}
 
 /// The stage's prompt limit: the oldest non-system messages go first (`truncate_context`).
 fn truncate_for_stage(

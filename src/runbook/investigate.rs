@@ -2129,7 +2129,7 @@ mod tests {
     #[test]
     fn a_stage_left_open_without_calls_is_a_sequential_bottleneck() {
         let mut runs = crate::core::runs::Runs::new(10);
-        runs.start_run("r1", "incident-response", None, NOW - 3_000_000);
+        runs.start_run("r1", "incident-response", None, None, NOW - 3_000_000);
         runs.start_stage("r1", "diagnosis", Some("devops-engineer"), NOW - 2_000_000);
         let ev = Evidence {
             now: NOW,

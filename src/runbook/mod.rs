@@ -88,7 +88,8 @@ fn render_page(markdown: &str) -> String {
     )
 }
 
-const STYLE: &str =
+/// The runbook page's one inline style (named by its hash in the pages' CSP).
+pub const STYLE: &str =
     "body{font:15px/1.5 system-ui,sans-serif;margin:0;background:#fafafa;color:#222}\
 main{max-width:60rem;margin:0 auto;padding:1rem 2rem;background:#fff}\
 pre{background:#f3f3f3;padding:.75rem;overflow-x:auto}code{font-size:90%}\

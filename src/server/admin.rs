@@ -296,10 +296,18 @@ pub async fn runbook(
             )],
             crate::runbook::TEXT,
         )
+            .into_response()
     } else {
         (
-            [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            [
+                (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (
+                    axum::http::header::CONTENT_SECURITY_POLICY,
+                    super::dashboard::content_security_policy(),
+                ),
+            ],
             crate::runbook::html(),
         )
+            .into_response()
     }
 }

@@ -31,16 +31,31 @@ pub const MAX_COST_PER_EVENT_USD: f64 = 1e6;
 /// The longest duration one event may report (seconds): about 115 days.
 pub const MAX_DURATION_SECONDS: f64 = 1e7;
 
-/// What one event may claim (`server.max_tokens_per_event`).
+/// The most events one request may carry: a larger batch is refused whole (413), before any event
+/// of it is looked at, so what a request costs is bounded whatever it holds.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+/// The most rejections an answer lists (the rest are counted in `rejected_count`).
+pub const MAX_REJECTIONS_LISTED: usize = 100;
+/// The longest `reason` of a rejection (it may quote what was sent).
+const MAX_REJECTION_REASON: usize = 300;
+/// How old an event's timestamp may be by default: the longest budget period (a month) is kept in
+/// hourly buckets of 32 days, so an older event could count in the usage counters but never in the
+/// budget that TokenBudgetExceeded watches.
+pub const MAX_EVENT_AGE_DAYS: u32 = 31;
+
+/// What one event may claim (`server.max_tokens_per_event`) and how old it may be (31 days, or
+/// `ledger.retain_days` when shorter: an event the ledger would delete at once is not taken).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventLimits {
     pub max_tokens: u64,
+    pub max_age_days: u32,
 }
 
 impl Default for EventLimits {
     fn default() -> Self {
         EventLimits {
             max_tokens: 1_000_000_000,
+            max_age_days: MAX_EVENT_AGE_DAYS,
         }
     }
 }
@@ -60,7 +75,133 @@ pub struct EventRejection {
 #[derive(Debug, Serialize)]
 struct EventsResponse {
     accepted: usize,
+    /// The first [`MAX_REJECTIONS_LISTED`] rejections, in the batch's order.
     rejected: Vec<EventRejection>,
+    /// Every rejection, listed or not.
+    rejected_count: usize,
+}
+
+/// What is wrong with a batch as a whole.
+enum BatchProblem {
+    TooMany,
+    UnknownField(String),
+}
+
+/// The `events` array, each event left unparsed (borrowed from the body) and at most
+/// [`MAX_EVENTS_PER_REQUEST`] of them: reading stops at the first event past the bound.
+struct BoundedEvents<'p>(&'p std::cell::Cell<Option<BatchProblem>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedEvents<'_> {
+    type Value = Vec<&'de serde_json::value::RawValue>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedEvents<'_> {
+    type Value = Vec<&'de serde_json::value::RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut events = Vec::new();
+        while let Some(e) = seq.next_element()? {
+            if events.len() == MAX_EVENTS_PER_REQUEST {
+                self.0.set(Some(BatchProblem::TooMany));
+                return Err(serde::de::Error::custom("too many events"));
+            }
+            events.push(e);
+        }
+        Ok(events)
+    }
+}
+
+/// The body `{"events": [...]}`.
+struct Batch<'p>(&'p std::cell::Cell<Option<BatchProblem>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Batch<'_> {
+    type Value = Option<Vec<&'de serde_json::value::RawValue>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Batch<'_> {
+    type Value = Option<Vec<&'de serde_json::value::RawValue>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object {\"events\": [...]}")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut events = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key != "events" {
+                let name = crate::web::error::bounded(&key, 100).into_owned();
+                self.0.set(Some(BatchProblem::UnknownField(name)));
+                return Err(serde::de::Error::custom("unknown field"));
+            }
+            events = Some(map.next_value_seed(BoundedEvents(self.0))?);
+        }
+        Ok(events)
+    }
+}
+
+fn missing_events() -> ApiError {
+    ApiError::bad_request(
+        "missing_events",
+        "request body must be a JSON object with an \"events\" array: {\"events\": [...]}",
+    )
+    .param("events")
+}
+
+/// The events of a body, unparsed, or the answer that refuses the whole batch.
+fn batch_of<'b>(
+    state: &AppState,
+    body: &'b [u8],
+) -> Result<Vec<&'b serde_json::value::RawValue>, ApiError> {
+    let problem = std::cell::Cell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde::de::DeserializeSeed::deserialize(Batch(&problem), &mut de)
+        .and_then(|events| de.end().map(|()| events));
+    match (parsed, problem.take()) {
+        (Ok(Some(events)), _) => Ok(events),
+        (Ok(None), _) => {
+            state.stats.reject("malformed_json", 1);
+            Err(missing_events())
+        }
+        (Err(_), Some(BatchProblem::TooMany)) => {
+            state.stats.reject("too_many_events", 1);
+            Err(ApiError::new(
+                crate::web::error::ErrorKind::PayloadTooLarge,
+                "too_many_events",
+                format!(
+                    "a request carries at most {MAX_EVENTS_PER_REQUEST} events; send the rest in further requests"
+                ),
+            )
+            .param("events"))
+        }
+        (Err(_), Some(BatchProblem::UnknownField(extra))) => Err(ApiError::bad_request(
+            "unknown_field",
+            format!("unknown top-level field `{extra}`; the body is {{\"events\": [...]}}"),
+        )
+        .param(extra)),
+        (Err(e), None) if e.is_data() => {
+            state.stats.reject("malformed_json", 1);
+            Err(missing_events())
+        }
+        (Err(e), None) => {
+            state.stats.reject("malformed_json", 1);
+            Err(ApiError::bad_request(
+                "malformed_json",
+                format!("request body is not valid JSON: {e}"),
+            ))
+        }
+    }
 }
 
 pub async fn post_events(
@@ -74,48 +215,30 @@ pub async fn post_events(
         }
         ApiError::from_body_rejection(r, state.max_body_bytes)
     })?;
-    let doc: Value = serde_json::from_slice(&body).map_err(|e| {
-        state.stats.reject("malformed_json", 1);
-        ApiError::bad_request(
-            "malformed_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
-    let Some(events) = doc.get("events").and_then(Value::as_array) else {
-        state.stats.reject("malformed_json", 1);
-        return Err(ApiError::bad_request(
-            "missing_events",
-            "request body must be a JSON object with an \"events\" array: {\"events\": [...]}",
-        )
-        .param("events"));
-    };
-    if let Some(extra) = doc
-        .as_object()
-        .and_then(|o| o.keys().find(|k| k.as_str() != "events"))
-    {
-        return Err(ApiError::bad_request(
-            "unknown_field",
-            format!("unknown top-level field `{extra}`; the body is {{\"events\": [...]}}"),
-        )
-        .param(extra.clone()));
-    }
+    let events = batch_of(&state, &body)?;
 
     let now = state.clock.now_ms();
-    // A persona key's own persona, canonical, looked up once per batch.
-    let own = caller
-        .persona_key()
-        .map(|k| (k.persona.as_str(), state.door.canonical(&k.persona)));
     let mut accepted = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
+    let mut rejected_count = 0;
     for (index, raw) in events.iter().enumerate() {
-        match parse_event(raw, now, &state.event_limits)
-            .and_then(|e| own_persona(&state, own.as_ref(), e))
+        // One event's tree at a time: the batch is never held as one.
+        let parsed = serde_json::from_str::<Value>(raw.get())
+            .map_err(|e| reject(None, "malformed_json", format!("not valid JSON: {e}")));
+        match parsed
+            .and_then(|raw| parse_event(&raw, now, &state.event_limits))
+            .and_then(|e| own_persona(&state, &caller, e))
         {
             Ok(stamped) => accepted.push(stamped),
             Err(mut r) => {
                 r.index = index;
                 state.stats.reject(r.category, 1);
-                rejected.push(r);
+                rejected_count += 1;
+                if rejected.len() < MAX_REJECTIONS_LISTED {
+                    r.reason =
+                        crate::web::error::bounded(&r.reason, MAX_REJECTION_REASON).into_owned();
+                    rejected.push(r);
+                }
             }
         }
     }
@@ -127,7 +250,7 @@ pub async fn post_events(
             state.tracer.gate_verdict(at, &g, None);
         }
     }
-    let status = if n == 0 && !rejected.is_empty() {
+    let status = if n == 0 && rejected_count > 0 {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
         StatusCode::OK
@@ -137,41 +260,43 @@ pub async fn post_events(
         Json(EventsResponse {
             accepted: n,
             rejected,
+            rejected_count,
         }),
     )
         .into_response())
 }
 
-/// A persona key may report facts about its own persona only: the persona of a usage or stage
-/// event, the persona switched *to* by a switch (the agent that becomes that persona reports it).
-fn own_persona(
-    state: &AppState,
-    own: Option<&(&str, String)>,
-    e: Stamped,
-) -> Result<Stamped, EventRejection> {
-    let Some((key_persona, canonical)) = own else {
+/// A persona key may report facts about its own persona only (the door's one ownership rule):
+/// the persona of a usage or tool-call event, the persona switched *to* by a switch (the agent
+/// that becomes that persona reports it), and for a stage event the persona its workflow gives the
+/// stage — never the one the event names (a configured stage is run by its configured persona).
+fn own_persona(state: &AppState, caller: &Caller, e: Stamped) -> Result<Stamped, EventRejection> {
+    if caller.persona_key().is_none() {
         return Ok(e);
-    };
-    let (field, named) = match &e.event {
-        Event::Usage(u) => ("persona", u.persona.as_str()),
-        Event::Stage(s) => ("persona", s.persona.as_str()),
-        Event::PersonaSwitch(s) => ("to", s.to.as_str()),
-        Event::McpToolCall(c) => ("persona", c.persona.as_str()),
+    }
+    let (field, owner, what): (&str, String, &str) = match &e.event {
+        Event::Usage(u) => ("persona", u.persona.clone(), "a usage event"),
+        Event::Stage(s) => {
+            let configured = state
+                .gateway
+                .workflows()
+                .get(&s.workflow)
+                .and_then(|w| w.stage(&s.stage).and_then(|st| st.persona.clone()));
+            (
+                "persona",
+                configured.unwrap_or_else(|| s.persona.clone()),
+                "a stage event",
+            )
+        }
+        Event::PersonaSwitch(s) => ("to", s.to.clone(), "a switch"),
+        Event::McpToolCall(c) => ("persona", c.persona.clone(), "a tool call"),
         // Other kinds do not come through this API.
         _ => return Ok(e),
     };
-    // The usual case, the key's own name, needs no registry lookup.
-    if named == *key_persona || named == canonical || state.door.canonical(named) == *canonical {
-        return Ok(e);
+    match state.door.require_own(caller, field, what, Some(&owner)) {
+        Ok(()) => Ok(e),
+        Err(refusal) => Err(reject(Some(field), "other_persona", refusal.message)),
     }
-    state.door.count_other_persona();
-    Err(reject(
-        Some(field),
-        "other_persona",
-        format!(
-            "this key belongs to persona `{key_persona}` and may not report events for `{named}`"
-        ),
-    ))
 }
 
 fn reject(
@@ -278,7 +403,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn timestamp(&self, now: UnixMillis) -> Result<UnixMillis, EventRejection> {
+    fn timestamp(&self, now: UnixMillis, max_age_days: u32) -> Result<UnixMillis, EventRejection> {
         let at = match self.obj.get("timestamp") {
             None | Some(Value::Null) => return Ok(now),
             Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
@@ -313,6 +438,15 @@ impl<'a> Fields<'a> {
                 Some("timestamp"),
                 "future_timestamp",
                 "`timestamp` is more than 5 minutes in the future; check the client's clock",
+            ));
+        }
+        if at < now - i64::from(max_age_days) * 86_400_000 {
+            return Err(reject(
+                Some("timestamp"),
+                "old_timestamp",
+                format!(
+                    "`timestamp` is more than {max_age_days} days in the past: no budget period reaches back that far (31 days at most, less with ledger.retain_days); check the client's clock"
+                ),
             ));
         }
         Ok(at)
@@ -535,7 +669,7 @@ pub fn parse_event(
             ))
         }
     };
-    let at = f.timestamp(now)?;
+    let at = f.timestamp(now, limits.max_age_days)?;
     Ok(Stamped { at, event })
 }
 

@@ -11,6 +11,13 @@
 //! until a slot frees; clients behind that one wait in the kernel's accept queue. A plain cap would let idle keep-alive connections hold every
 //! slot and starve new clients for good. Idle connections also close by themselves after
 //! 30 seconds without a request (hyper's header-read timeout, which also stops slow-header clients).
+//!
+//! Asking is not enough for a connection that never finishes its request: a client that sends a
+//! head with `Content-Length: 100000` and then one byte would hold its slot until the body timeout
+//! (30 s), and a few addresses holding every slot that way locked everyone else out for that long.
+//! So a connection asked to close whose request has not reached a handler (between requests, in
+//! its head, or in its body: `web::conn`) is closed at once — nothing of it was acted on — and
+//! only a connection whose request is being handled is let finish its answer.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,7 +27,6 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -182,7 +188,8 @@ pub async fn serve(
             open.by_age.insert(id, close.clone());
             id
         };
-        let service = TowerToHyperService::new(app.clone());
+        let conn_state = crate::web::conn::ConnState::default();
+        let service = tracked(app.clone(), conn_state.clone());
         let (limits, mut stop) = (limits.clone(), shutdown.clone());
         connections.spawn(async move {
             let _client_slot = client_slot;
@@ -194,8 +201,11 @@ pub async fn serve(
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = close.notified() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.as_mut().await;
+                    // Polled by this task only: while it is here, no request of it can move on.
+                    if conn_state.is_handling() {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.as_mut().await;
+                    }
                 }
                 _ = stopped(&mut stop) => {
                     conn.as_mut().graceful_shutdown();
@@ -208,6 +218,34 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// The router as one connection's service: each request carries the connection's state (marked
+/// handling by the door), and the end of each answer's body marks it waiting again.
+fn tracked(
+    app: Router,
+    state: crate::web::conn::ConnState,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::web::conn::TrackedBody>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<
+        Output = Result<hyper::Response<crate::web::conn::TrackedBody>, std::convert::Infallible>,
+    > + Send,
+> + Clone {
+    use tower_service::Service;
+    hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        state.answered();
+        req.extensions_mut().insert(state.clone());
+        let (mut router, state) = (app.clone(), state.clone());
+        async move {
+            let resp = match router.call(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            };
+            Ok(resp.map(|body| crate::web::conn::TrackedBody::new(body, state)))
+        }
+    })
 }
 
 /// A connection counted against its client address until it closes.

@@ -113,6 +113,13 @@ impl axum::extract::FromRef<AppState> for crate::gateway::GatewayState {
     }
 }
 
+/// Handlers outside `server` (the gateway) reach the door for its one ownership rule.
+impl axum::extract::FromRef<AppState> for Arc<Door> {
+    fn from_ref(state: &AppState) -> Self {
+        state.door.clone()
+    }
+}
+
 /// The MCP proxy as `/mcp` serves it (streamable HTTP), and its downstream servers.
 #[derive(Clone)]
 pub struct McpEndpoint {
@@ -123,6 +130,8 @@ pub struct McpEndpoint {
     >,
     /// Ends every MCP session (at shutdown).
     pub http_cancel: tokio_util::sync::CancellationToken,
+    /// Which persona opened each HTTP session (the ownership rule for its stream and its end).
+    pub owners: Arc<mcp::SessionOwners>,
 }
 
 /// Takes the data directory for this process (an advisory lock on `hypertool.lock`, released
@@ -206,6 +215,7 @@ fn start_mcp(
         proxy,
         http,
         http_cancel,
+        owners: Arc::default(),
     })
 }
 
@@ -578,6 +588,13 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         max_body_bytes: cfg.settings.max_body_bytes,
         event_limits: events::EventLimits {
             max_tokens: cfg.settings.max_tokens_per_event,
+            max_age_days: cfg
+                .settings
+                .ledger
+                .retain_days
+                .map_or(events::MAX_EVENT_AGE_DAYS, |d| {
+                    d.clamp(1, events::MAX_EVENT_AGE_DAYS)
+                }),
         },
     }));
 

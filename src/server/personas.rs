@@ -22,7 +22,7 @@ use crate::core::clock::to_rfc3339;
 use crate::core::labels::NameField;
 use crate::core::routing;
 use crate::store::writer::lock;
-use crate::web::auth::{other_persona, Caller};
+use crate::web::auth::Caller;
 use crate::web::error::{ApiError, ErrorKind};
 use crate::web::json::{BodyShape, JsonBody};
 
@@ -53,11 +53,9 @@ pub async fn switch(
         ApiError::name(NameField::Chatmode, "chatmode", c)?;
     }
     // A persona key announces only its own persona taking over a session.
-    if let Some(key) = caller.persona_key() {
-        if !caller.may_act_for(&req.to, |p| state.door.canonical(p)) {
-            return Err(other_persona(&state.door, "to", &req.to, &key.persona));
-        }
-    }
+    state
+        .door
+        .require_own(&caller, "to", "a switch", Some(&req.to))?;
     let to = {
         let engine = lock(&state.engine);
         match engine.personas().get(&req.to) {
@@ -78,6 +76,9 @@ pub async fn switch(
     Ok(Json(answer))
 }
 
+/// The longest task description routed (the router scores words; a task is a sentence or two).
+const MAX_TASK_BYTES: usize = 16 * 1024;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteRequest {
@@ -93,6 +94,16 @@ pub async fn route(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<RouteRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    if req.task.len() > MAX_TASK_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_task",
+            format!(
+                "task is {} bytes long; at most {MAX_TASK_BYTES} are accepted (describe the work, not its material)",
+                req.task.len()
+            ),
+        )
+        .param("task"));
+    }
     if req.task.trim().is_empty() {
         return Err(
             ApiError::bad_request("invalid_task", "task must describe the work to route")

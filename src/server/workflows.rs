@@ -32,7 +32,7 @@ use crate::core::labels::NameField;
 use crate::core::runs::{Run, RunStatus, StageStatus};
 use crate::core::workflow::{CodeBlock, ModelChoice, QualityGate, Stage, Workflow};
 use crate::store::writer::lock;
-use crate::web::auth::{other_persona, Caller};
+use crate::web::auth::Caller;
 use crate::web::error::{ApiError, ErrorKind};
 use crate::web::json::{BodyShape, JsonBody};
 
@@ -78,6 +78,31 @@ pub fn with_run<T>(
     read: impl FnOnce(&Run) -> T,
 ) -> Result<T, ApiError> {
     crate::gateway::stage::with_run(&state.engine, workflow, run, read)
+}
+
+/// The longest free text a request may store (a verdict's reasons): it is printed by the CLI and
+/// shown on the dashboard.
+pub const MAX_FREE_TEXT_BYTES: usize = 2000;
+
+fn check_free_text(field: &str, text: &str) -> Result<(), ApiError> {
+    if text.len() > MAX_FREE_TEXT_BYTES {
+        return Err(ApiError::bad_request(
+            "text_too_long",
+            format!(
+                "`{field}` is {} bytes long; at most {MAX_FREE_TEXT_BYTES} are accepted",
+                text.len()
+            ),
+        )
+        .param(field));
+    }
+    if text.contains('\0') {
+        return Err(ApiError::bad_request(
+            "invalid_text",
+            format!("`{field}` must not contain NUL characters"),
+        )
+        .param(field));
+    }
+    Ok(())
 }
 
 fn conflict(code: &'static str, message: String) -> ApiError {
@@ -278,6 +303,7 @@ fn current_run(state: &AppState, workflow: &str, run: &str) -> Result<Json<Value
 
 pub async fn create_run(
     State(state): State<AppState>,
+    caller: Caller,
     Path(workflow): Path<String>,
     JsonBody(req): JsonBody<CreateRun>,
 ) -> Result<Response, ApiError> {
@@ -292,6 +318,10 @@ pub async fn create_run(
             run: id.clone(),
             workflow: w.name.clone(),
             session: req.session,
+            // The run is its creator's: a persona key finishes only the runs of its persona.
+            owner: caller
+                .persona_key()
+                .map(|k| state.door.canonical(&k.persona)),
         }],
     )
     .await?;
@@ -390,50 +420,67 @@ pub async fn ensure_stage_started(
     .await
 }
 
-/// A persona key may start, finish and judge only the stages its persona runs: the persona the
-/// request names, else the stage's configured persona. Admin keys may act for any.
+/// The persona that runs `stage`: the workflow's, never the request's. A request may name it
+/// (`persona` of a stage start) only as the workflow does; a stage the workflow gives no persona
+/// is run by the persona named, else by the caller's own.
+fn stage_persona(
+    state: &AppState,
+    caller: &Caller,
+    stage: &Stage,
+    named: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    match (stage.persona.as_deref(), named) {
+        (Some(configured), Some(named))
+            if state.door.canonical(configured) != state.door.canonical(named) =>
+        {
+            Err(ApiError::bad_request(
+                "persona_mismatch",
+                format!(
+                    "stage `{}` is run by persona `{configured}` (its workflow says so); omit `persona` or name that one",
+                    stage.name
+                ),
+            )
+            .param("persona"))
+        }
+        (Some(configured), _) => Ok(Some(configured.to_string())),
+        (None, Some(named)) => Ok(Some(named.to_string())),
+        (None, None) => Ok(caller.persona_key().map(|k| k.persona.clone())),
+    }
+}
+
+/// The ownership rule for a stage: a persona key starts, finishes and judges only the stages its
+/// persona runs.
 fn own_stage(
     state: &AppState,
     caller: &Caller,
-    stage: &crate::core::workflow::Stage,
-    named: Option<&str>,
+    stage: &str,
+    persona: Option<&str>,
 ) -> Result<(), ApiError> {
-    let Some(key) = caller.persona_key() else {
-        return Ok(());
-    };
-    let (field, persona) = match (named, stage.persona.as_deref()) {
-        (Some(p), _) => ("persona", p),
-        (None, Some(p)) => ("stage", p),
-        (None, None) => return Ok(()),
-    };
-    if caller.may_act_for(persona, |p| state.door.canonical(p)) {
-        Ok(())
-    } else {
-        Err(other_persona(&state.door, field, persona, &key.persona))
-    }
+    state
+        .door
+        .require_own(caller, "stage", &format!("stage `{stage}`"), persona)
 }
 
 pub async fn start_stage(
     State(state): State<AppState>,
     caller: Caller,
     Path((workflow, run, stage)): Path<(String, String, String)>,
-    JsonBody(mut req): JsonBody<StartStage>,
+    JsonBody(req): JsonBody<StartStage>,
 ) -> Result<Json<Value>, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
-    own_stage(&state, &caller, s, req.persona.as_deref())?;
-    if req.persona.is_none() && s.persona.is_none() {
-        // A persona key's stage is run by its persona.
-        req.persona = caller.persona_key().map(|k| k.persona.clone());
-    }
     if let Some(p) = &req.persona {
+        ApiError::name(NameField::Persona, "persona", p)?;
+    }
+    let persona = stage_persona(&state, &caller, s, req.persona.as_deref())?;
+    own_stage(&state, &caller, &stage, persona.as_deref())?;
+    if let Some(p) = &persona {
         let engine = lock(&state.engine);
         if engine.personas().get(p).is_none() {
             let status = ErrorKind::InvalidRequest;
             return Err(ApiError::unknown_persona(&engine, p, status, "persona"));
         }
     }
-    let persona = req.persona.or_else(|| s.persona.clone());
     ensure_stage_started(&state, &w, &run, &stage, persona).await?;
     current_run(&state, &workflow, &run)
 }
@@ -459,8 +506,19 @@ pub async fn finish_stage(
 ) -> Result<Json<Value>, ApiError> {
     let w = workflow_named(&state, &workflow)?;
     let s = w.stage(&stage).ok_or_else(|| unknown_stage(&w, &stage))?;
-    own_stage(&state, &caller, s, None)?;
+    if let Some(model) = &req.model {
+        ApiError::name(NameField::Model, "model", model)?;
+    }
+    if let Some(reasons) = &req.reasons {
+        check_free_text("reasons", reasons)?;
+    }
     let r = run_of(&state, &workflow, &run)?;
+    // The workflow's persona, else the one the stage was started by.
+    let persona = s
+        .persona
+        .clone()
+        .or_else(|| r.stages.get(&stage).and_then(|st| st.persona.clone()));
+    own_stage(&state, &caller, &stage, persona.as_deref())?;
     if !r
         .stages
         .get(&stage)
@@ -513,6 +571,7 @@ impl BodyShape for FinishRun {
 
 pub async fn finish_run(
     State(state): State<AppState>,
+    caller: Caller,
     Path((workflow, run)): Path<(String, String)>,
     JsonBody(req): JsonBody<FinishRun>,
 ) -> Result<Json<Value>, ApiError> {
@@ -528,6 +587,9 @@ pub async fn finish_run(
         })?,
     };
     let r = run_of(&state, &workflow, &run)?;
+    state
+        .door
+        .require_own(&caller, "run", &format!("run `{run}`"), r.owner.as_deref())?;
     if r.status != RunStatus::Running {
         return Err(conflict(
             "run_finished",
@@ -600,7 +662,8 @@ pub async fn evaluate_gate(
     let record = req.record.unwrap_or(true);
     if record {
         // Recording a verdict is a fact about the stage's persona; a dry evaluation is not.
-        own_stage(&state, &caller, s, None)?;
+        let persona = stage_persona(&state, &caller, s, None)?;
+        own_stage(&state, &caller, &s.name, persona.as_deref())?;
         let attempt = match &req.run {
             Some(run) => lock(&state.engine)
                 .runs()

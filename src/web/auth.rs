@@ -7,7 +7,7 @@
 //!
 //! Roles: **admin** keys (`[[server.admin_keys]]`, `HYPERTOOL_ADMIN_KEY`) may do everything;
 //! **persona** keys (`[[gateway.keys]]`) may call the gateway and post facts for their own persona
-//! only (handlers check the persona a body names with [`Caller::may_act_for`]); **viewer** keys
+//! only (handlers ask [`Door::require_own`], the one ownership rule); **viewer** keys
 //! (`[[server.viewer_keys]]`) may read `/api/*`, alerts and the runbook. With no key configured at
 //! all, every caller is an admin: hypertool then refuses to listen off loopback (see `server`).
 //!
@@ -90,16 +90,6 @@ impl Caller {
         }
     }
 
-    /// Whether this caller may act for `persona` (canonical names on both sides: the caller passes
-    /// `canonical`, which maps an alias such as `tta-backend-engineer` to `backend-engineer`).
-    pub fn may_act_for(&self, persona: &str, canonical: impl Fn(&str) -> String) -> bool {
-        match self {
-            Caller::Admin { .. } => true,
-            Caller::Persona(k) => canonical(&k.persona) == canonical(persona),
-            Caller::Anonymous | Caller::Viewer => false,
-        }
-    }
-
     pub fn role(&self) -> &'static str {
         match self {
             Caller::Anonymous => "anonymous",
@@ -126,14 +116,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// The 403 a handler answers when a persona key names another persona (`field` names where).
-pub fn other_persona(door: &Door, field: &str, named: &str, own: &str) -> ApiError {
-    door.count_other_persona();
-    ApiError::new(
-        ErrorKind::Forbidden,
-        "persona_not_allowed",
-        format!("this key belongs to persona `{own}` and may not act for `{named}`"),
-    )
-    .param(field)
+fn other_persona(own: &str, field: &str, what: &str, owner: Option<&str>) -> ApiError {
+    let message = match owner {
+        Some(owner) => format!(
+            "this key belongs to persona `{own}` and may not act on {what} of persona `{owner}`"
+        ),
+        None => format!(
+            "this key belongs to persona `{own}` and may not act on {what}, which an admin key created"
+        ),
+    };
+    ApiError::new(ErrorKind::Forbidden, "persona_not_allowed", message).param(field)
 }
 
 /// Every configured key, hashed, with the caller it makes.
@@ -270,9 +262,44 @@ impl Door {
         (self.canonical)(persona)
     }
 
-    /// Counts a persona key refused for naming another persona (handlers check bodies).
-    pub fn count_other_persona(&self) {
+    /// The one ownership rule, for every route: a persona key acts only on what belongs to its
+    /// own persona — a persona it names, a run its persona created, a stage its persona runs (the
+    /// workflow says which), a session, an event. `owner` is that persona (`None`: nothing of a
+    /// persona's, e.g. a run an admin key created). Admin keys act on anything. A refusal is
+    /// counted (`hypertool_auth_failures_total{reason="other_persona"}`) and names `field`, the
+    /// part of the request that named it, and `what`, e.g. "run `r1`".
+    pub fn require_own(
+        &self,
+        caller: &Caller,
+        field: &str,
+        what: &str,
+        owner: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let key = match caller {
+            Caller::Admin { .. } => return Ok(()),
+            Caller::Persona(key) => key,
+            // Neither reaches a route that acts for a persona (the door refuses them first).
+            Caller::Anonymous | Caller::Viewer => {
+                self.count("role");
+                return Err(forbidden(format!(
+                    "a {} key may not act on {what}",
+                    caller.role()
+                )));
+            }
+        };
+        // The usual case, the key's own name, needs no registry lookup.
+        if let Some(owner) = owner {
+            if owner == key.persona || self.canonical(owner) == self.canonical(&key.persona) {
+                return Ok(());
+            }
+        }
         self.count("other_persona");
+        Err(other_persona(
+            &key.persona,
+            field,
+            what,
+            owner.map(|o| crate::web::error::bounded(o, 200)).as_deref(),
+        ))
     }
 
     fn count(&self, reason: &'static str) {
@@ -296,33 +323,87 @@ impl Door {
 
     /// The access of `method path`. A path outside the table needs an admin key (deny by default:
     /// were a route ever added to the router without its entry, only admins could reach it; for
-    /// anyone else an unknown path is 401 or 403, for an admin 404). A method the table does not
-    /// list for a known path needs any key (then the router answers 405).
-    fn access(&self, method: &Method, path: &str) -> (Access, Option<String>) {
+    /// anyone else an unknown path is 401 or 403, for an admin 404). `HEAD` is decided as the
+    /// `GET` it runs (axum answers HEAD with the GET handler). A method the table does not list
+    /// for a known path needs any key, and is then answered 405 here, before any handler.
+    fn access(&self, method: &Method, path: &str) -> Decision {
         let Ok(m) = self.routes.at(path) else {
-            return (Access::Admin, None);
+            return Decision::Route(Access::Admin, None, None);
         };
-        let persona = m.params.get("persona").map(percent_decode);
-        let access = m
-            .value
-            .iter()
-            .find(|(allowed, _)| allowed == method)
-            .map_or(Access::AnyKey, |(_, a)| *a);
-        (access, persona)
+        let runs = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
+        match m.value.iter().find(|(allowed, _)| allowed == runs) {
+            Some((_, access)) => {
+                // Every name in a path follows the rules of every other name.
+                let bad_name = m.params.iter().find_map(|(param, raw)| {
+                    let field = path_name_field(param);
+                    let decoded = percent_decode(raw);
+                    crate::core::labels::check_name(field, &decoded)
+                        .err()
+                        .map(|e| (param.to_string(), e.reason))
+                });
+                Decision::Route(
+                    *access,
+                    m.params.get("persona").map(percent_decode),
+                    bad_name,
+                )
+            }
+            None => Decision::MethodNotAllowed(
+                m.value
+                    .iter()
+                    .map(|(allowed, _)| allowed.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        }
     }
 
     /// Decides one request: the caller, or the refusal (401 without or with an unknown key, 403
-    /// for a known key outside its role), counted by reason.
+    /// for a known key outside its role, 405 for a method the route does not take), counted by
+    /// reason.
     pub fn decide(
         &self,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
     ) -> Result<Caller, ApiError> {
-        let (access, path_persona) = self.access(method, path);
+        let (access, path_persona, not_allowed, bad_name) = match self.access(method, path) {
+            Decision::Route(access, persona, bad_name) => (access, persona, None, bad_name),
+            Decision::MethodNotAllowed(allow) => (Access::AnyKey, None, Some(allow), None),
+        };
         if access == Access::Public {
             return Ok(Caller::Anonymous);
         }
+        let caller = self.identify(access, path_persona.as_deref(), method, path, headers)?;
+        if let Some((param, reason)) = bad_name {
+            return Err(ApiError::bad_request(
+                "invalid_name",
+                format!("`{param}` in the path {reason}"),
+            )
+            .param(param));
+        }
+        if let Some(allow) = not_allowed {
+            return Err(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                "method_not_allowed",
+                format!("{path} does not take {method}; it takes {allow}"),
+            )
+            .allow(allow));
+        }
+        Ok(caller)
+    }
+
+    fn identify(
+        &self,
+        access: Access,
+        path_persona: Option<&str>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Caller, ApiError> {
         let keyring = self.keyring();
         if keyring.entries.is_empty() {
             return Ok(Caller::Admin {
@@ -346,9 +427,8 @@ impl Door {
             (Access::View, Caller::Viewer) => true,
             (Access::ViewOrOwnPersona, Caller::Viewer) => true,
             (Access::ViewOrOwnPersona, Caller::Persona(k)) => {
-                let own = path_persona
-                    .as_deref()
-                    .is_some_and(|p| self.canonical(p) == self.canonical(&k.persona));
+                let own =
+                    path_persona.is_some_and(|p| self.canonical(p) == self.canonical(&k.persona));
                 if !own {
                     self.count("other_persona");
                     return Err(forbidden(format!(
@@ -363,13 +443,23 @@ impl Door {
         if !allowed {
             self.count("role");
             return Err(forbidden(format!(
-                "a {} key may not call {method} {path}; it needs {}",
+                "a {} key may not call {method} {}; it needs {}",
                 caller.role(),
+                crate::web::error::bounded(path, 200),
                 access.who()
             )));
         }
         Ok(caller)
     }
+}
+
+/// What the table says of a request's method and path.
+enum Decision {
+    /// The route's access, the persona its path names (`/api/budgets/{persona}`), and the first
+    /// name in the path that breaks the name rules (the parameter, and why).
+    Route(Access, Option<String>, Option<(String, String)>),
+    /// A known path that does not take this method: the methods it takes.
+    MethodNotAllowed(String),
 }
 
 fn unauthorized(message: &str) -> ApiError {
@@ -378,6 +468,19 @@ fn unauthorized(message: &str) -> ApiError {
 
 fn forbidden(message: String) -> ApiError {
     ApiError::new(ErrorKind::Forbidden, "permission_denied", message)
+}
+
+/// The name rules a path parameter follows (`{run}` and `{session}` are ids, the rest names).
+fn path_name_field(param: &str) -> crate::core::labels::NameField {
+    use crate::core::labels::NameField;
+    match param {
+        "persona" => NameField::Persona,
+        "workflow" => NameField::Workflow,
+        "stage" => NameField::Stage,
+        "run" => NameField::Run,
+        "session" => NameField::Session,
+        _ => NameField::Model,
+    }
 }
 
 /// `%XX` sequences of a path segment decoded (persona names in paths may be encoded by clients).
@@ -396,13 +499,24 @@ pub struct Entry {
 /// The layer in front of the whole API: the door decides from the head alone (a refused request
 /// costs no body read), then the body is read within its time and size, then the handler runs with
 /// the [`Caller`]. One layer, not two: each layer costs every request a boxed future.
+///
+/// A `GET` or `HEAD` has no body to read: whatever a client sends after its head is left unread
+/// (hyper closes such a connection after the answer), so a public route never waits on a body.
 pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) -> Response {
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let resp = match entry.door.decide(&method, uri.path(), req.headers()) {
+    let mut resp = match entry.door.decide(&method, uri.path(), req.headers()) {
         Err(e) => e.into_response(),
+        Ok(caller) if method == Method::GET || method == Method::HEAD => {
+            let (mut parts, _unread) = req.into_parts();
+            parts.extensions.insert(caller);
+            super::conn::handling(&parts.extensions);
+            next.run(Request::from_parts(parts, axum::body::Body::empty()))
+                .await
+        }
         Ok(caller) => match super::body::read(&entry.body, req).await {
             Ok(mut req) => {
                 req.extensions_mut().insert(caller);
+                super::conn::handling(req.extensions());
                 next.run(req).await
             }
             Err(refusal) => refusal,
@@ -410,6 +524,10 @@ pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) ->
     };
     // Every error answer, from here or from a handler, is logged once, at its kind's level.
     super::error::log(&method, uri.path(), &resp);
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 

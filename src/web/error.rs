@@ -91,6 +91,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Sent as `Retry-After` (seconds) with a 429 or 503.
     pub retry_after_secs: Option<u64>,
+    /// Sent as `Allow` with a 405: the methods the route takes.
+    pub allow: Option<String>,
 }
 
 impl ApiError {
@@ -101,7 +103,14 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after_secs: None,
+            allow: None,
         }
+    }
+
+    /// The methods the route takes, for a 405's `Allow`.
+    pub fn allow(mut self, methods: impl Into<String>) -> Self {
+        self.allow = Some(methods.into());
+        self
     }
 
     pub fn status(&self) -> StatusCode {
@@ -198,11 +207,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // A message may quote what the client sent (serde names the value it could not take): the
+        // answer stays small whatever the request was.
         let body = json!({
             "error": {
-                "message": self.message,
+                "message": bounded(&self.message, MAX_MESSAGE_BYTES),
                 "type": self.kind.openai_type(),
-                "param": self.param,
+                "param": self.param.as_deref().map(|p| bounded(p, MAX_PARAM_BYTES)),
                 "code": self.code,
             }
         });
@@ -214,6 +225,13 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        if let Some(allow) = self
+            .allow
+            .as_deref()
+            .and_then(|a| axum::http::HeaderValue::from_str(a).ok())
+        {
+            resp.headers_mut().insert(axum::http::header::ALLOW, allow);
         }
         if self.kind == ErrorKind::Unauthorized {
             // A browser (the dashboard, the runbook page) asks for the key: any user name, the
@@ -227,6 +245,23 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// The longest error message sent (a message naming a value the client sent is cut here).
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+const MAX_PARAM_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes at a character boundary, with `…` where it was cut: for any
+/// text from a client quoted back in an answer or a log line.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &text[..end]))
 }
 
 /// The error code of a request whose events may or may not have been stored (a commit in doubt).
@@ -279,6 +314,17 @@ pub fn log(method: &axum::http::Method, path: &str, resp: &Response) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_text_is_bounded_at_a_character_boundary() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = "é".repeat(1000);
+        let cut = bounded(&long, 101);
+        assert!(cut.len() <= 101 && cut.ends_with('…'), "{cut}");
+        let e = ApiError::bad_request("x", "y".repeat(3 << 20)).into_response();
+        let size = axum::body::HttpBody::size_hint(e.body()).exact().unwrap();
+        assert!(size < 2 * MAX_MESSAGE_BYTES as u64, "{size}");
+    }
 
     #[test]
     fn a_ledger_failure_says_whether_the_request_may_have_been_stored() {

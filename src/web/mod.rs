@@ -4,5 +4,6 @@
 
 pub mod auth;
 pub mod body;
+pub mod conn;
 pub mod error;
 pub mod json;

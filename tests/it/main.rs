@@ -9,6 +9,7 @@ mod config_reload;
 mod dashboard;
 mod delivery;
 mod disk_faults;
+mod door;
 mod embedded_alerts;
 mod events_api;
 mod gateway;
