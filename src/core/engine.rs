@@ -698,6 +698,14 @@ impl Engine {
                 unsettled.remove(call);
                 foreign_calls.remove(call);
             }
+            Event::CallProgress {
+                call,
+                completion_tokens,
+            } => {
+                if let Some((_, admission)) = unsettled.get_mut(call) {
+                    admission.streamed_tokens = admission.streamed_tokens.max(*completion_tokens);
+                }
+            }
             // History for the runbook's investigation; nothing to count.
             Event::GateChanged { .. } => {}
             Event::McpToolCall(c) => {
@@ -1287,9 +1295,25 @@ mod tests {
                 stage: None,
                 session: None,
                 run: None,
+                streamed_tokens: 0,
             }),
         };
         engine.apply(&admitted("mine", 300));
+        // What a stream cut off by a crash had sent is counted on top of its estimate.
+        for (at, n) in [(1, 40), (2, 25)] {
+            engine.apply(&Stamped {
+                at,
+                event: Event::CallProgress {
+                    call: "mine".into(),
+                    completion_tokens: n,
+                },
+            });
+        }
+        let settled = engine.unsettled_calls()[0].1.as_settlement();
+        assert_eq!(
+            (settled.prompt_tokens, settled.completion_tokens),
+            (300, 40)
+        );
         engine.apply_foreign(&admitted("theirs", 500));
         assert_eq!(engine.fleet_room("backend-engineer"), Some(200));
         // Only this replica's own call is its to settle after a crash.

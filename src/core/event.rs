@@ -67,6 +67,13 @@ pub enum Event {
     CallReleased {
         call: String,
     },
+    /// How much of a streamed call's completion has gone to the client so far (written about
+    /// once a second while it streams, never awaited): a crash that cuts the stream off settles
+    /// the call at its estimate plus this much, not at the estimate alone.
+    CallProgress {
+        call: String,
+        completion_tokens: u64,
+    },
     /// A stage's quality gate changed in the configuration (seen at a reload, or at a start after
     /// the files changed while hypertool was down): what it was and what it is, as
     /// `GET /v1/workflows` shows them (`None`: no gate).
@@ -140,17 +147,26 @@ pub struct CallAdmission {
     pub session: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
+    /// Completion tokens streamed to the client so far, from the call's `call_progress` events
+    /// (kept by the engine beside the admission; never part of the stored admission).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub streamed_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl CallAdmission {
-    /// The usage to count for a call that never settled: its whole estimate, marked estimated.
+    /// The usage to count for a call that never settled: its whole estimate plus what it had
+    /// streamed (a call without `max_tokens` reserves no completion), marked estimated.
     pub fn as_settlement(&self) -> Usage {
         Usage {
             persona: self.persona.clone(),
             chatmode: self.chatmode.clone(),
             model: self.model.clone(),
             prompt_tokens: self.estimate,
-            completion_tokens: 0,
+            completion_tokens: self.streamed_tokens,
             workflow: self.workflow.clone(),
             stage: self.stage.clone(),
             session: self.session.clone(),
@@ -279,6 +295,7 @@ impl Event {
             Event::Usage(_) => "usage",
             Event::CallAdmitted(_) => "call_admitted",
             Event::CallReleased { .. } => "call_released",
+            Event::CallProgress { .. } => "call_progress",
             Event::GateChanged { .. } => "gate_changed",
             Event::PersonaSwitch(_) => "persona_switch",
             Event::Stage(_) => "stage",

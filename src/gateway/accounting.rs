@@ -64,11 +64,13 @@ pub(super) fn usage_event(
     }
 }
 
-/// Hands usage events of answered calls to the ledger writer with the reservations they settle.
-/// The writer gives those back once the usage is applied (so admission never sees the tokens
-/// neither reserved nor used), and nothing has to wake this task for it. A ledger failure is
-/// logged and counted but the answer has gone to the client: the tokens were spent upstream, and a
-/// retry would spend them twice.
+/// Stores usage events of a call with the reservations they settle, and returns once they are
+/// stored: the caller releases the answer (or a stream's last event) only then, so a call a client
+/// was answered is in the ledger with its real numbers whenever the process dies (`kill -9`
+/// included). The writer gives the reservations back once the usage is applied (so admission
+/// never sees the tokens neither reserved nor used). A ledger failure is logged and counted, and
+/// the answer still goes to the client: the tokens were spent upstream, and a retry would spend
+/// them twice.
 pub(super) async fn store_usage(
     state: &GatewayState,
     persona: &str,
@@ -80,7 +82,7 @@ pub(super) async fn store_usage(
     let persona = persona.to_string();
     state
         .writer
-        .append_accounting(events, move |result| {
+        .append_accounting_stored(events, move |result| {
             if let Err(e) = result {
                 counter
                     .ledger_failures
@@ -104,6 +106,7 @@ pub(super) async fn store_admission(
 ) -> Result<(), ApiError> {
     let call = crate::telemetry::trace::ids::TraceId::random().hex();
     let event = Event::CallAdmitted(CallAdmission {
+        streamed_tokens: 0,
         call: call.clone(),
         persona: meta.persona.clone(),
         chatmode: meta.chatmode.clone(),

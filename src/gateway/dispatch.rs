@@ -187,9 +187,9 @@ pub(super) async fn plain_call(
     let task_state = state.clone();
     let task_meta = meta.clone();
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<Answer, UpstreamError>>();
-    // The call and its accounting finish even if the client goes away; the answer goes back as
-    // soon as the upstream has given it (and, for a gated stage, the gate has judged it), and the
-    // usage is stored right after (the reservation is held until then, so admission stays
+    // The call and its accounting finish even if the client goes away; the answer goes back once
+    // the upstream has given it (and, for a gated stage, the gate has judged it) and its usage is
+    // stored (the reservation is held until the usage is applied, so admission stays
     // conservative). Shutdown waits for these tasks.
     state.tasks.spawn(async move {
         let state = task_state;
@@ -297,15 +297,17 @@ pub(super) async fn plain_call(
                             ..Default::default()
                         },
                     );
+                    // The usage is stored before the answer is released: an answered call is
+                    // never missing from the ledger, nor there as an estimate.
+                    let mut events = std::mem::take(&mut earlier_attempts);
+                    events.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
+                    store_usage(&state, &attempt_meta.persona, events, held).await;
                     let _ = answer_tx.send(Ok(Answer {
                         meta: attempt_meta.clone(),
                         body,
                         verdict,
                         attempts: attempt,
                     }));
-                    let mut events = std::mem::take(&mut earlier_attempts);
-                    events.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
-                    store_usage(&state, &attempt_meta.persona, events, held).await;
                     state.count(&attempt_meta.route.upstream, "ok");
                     break;
                 }

@@ -194,6 +194,10 @@ pub(super) async fn relay(
     let mut done = false;
     let mut client_gone = false;
     let mut failure: Option<UpstreamError> = None;
+    // Taken when the usage is stored (at `[DONE]`, or after the stream when it was cut).
+    let mut unsettled = Some(reservation);
+    // When the completion streamed so far was last written down (`call_progress`).
+    let mut progress_at = Instant::now();
     'read: loop {
         let next = match tokio::time::timeout(timeout, source.next()).await {
             Ok(n) => n,
@@ -227,10 +231,22 @@ pub(super) async fn relay(
                 done = true;
                 // A gated stage: the verdict on the complete output goes out as an SSE
                 // comment (clients ignore comments; headers are long gone).
-                let completion = usage
-                    .map(|u| u.1)
-                    .unwrap_or_else(|| tokens::count_text(&content));
+                let (prompt, completion, estimated) = final_usage(usage, &request, &meta, &content);
                 verdict = judge(&state, &meta, &content, completion, 1, generation).await;
+                // The usage is stored before the last event goes out: a client that saw the
+                // stream end finds its call in the ledger with these numbers, however the
+                // process ends after.
+                if let Some(reservation) = unsettled.take() {
+                    record(
+                        &state,
+                        &meta,
+                        (prompt, completion),
+                        estimated,
+                        started,
+                        reservation,
+                    )
+                    .await;
+                }
                 match &verdict {
                     Some(v) => Some(Bytes::from(format!(
                         ": x-hypertool-quality-gate: {}\n\ndata: [DONE]\n\n",
@@ -286,6 +302,10 @@ pub(super) async fn relay(
                 }
             }
         }
+        if !done && progress_at.elapsed() >= PROGRESS_EVERY {
+            progress_at = Instant::now();
+            note_progress(&state, &meta, tokens::count_text(&content)).await;
+        }
     }
     drop(source);
     if failure.is_none() && !done && !client_gone {
@@ -308,17 +328,7 @@ pub(super) async fn relay(
         let _ = tx.send(Ok(sse(&err.to_string()))).await;
     }
     drop(tx);
-    let (prompt, completion, estimated) = match usage {
-        Some((p, c)) => (p, c, false),
-        None => (
-            request
-                .as_object()
-                .map(counted_prompt)
-                .unwrap_or(meta.prompt_estimate),
-            tokens::count_text(&content),
-            true,
-        ),
-    };
+    let (prompt, completion, estimated) = final_usage(usage, &request, &meta, &content);
     if client_gone {
         tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
     }
@@ -352,15 +362,19 @@ pub(super) async fn relay(
             },
         );
     }
-    record(
-        &state,
-        &meta,
-        (prompt, completion),
-        estimated,
-        started,
-        reservation,
-    )
-    .await;
+    // A stream cut before `[DONE]` (the client left, the upstream failed): its completion so
+    // far, counted, or the upstream's usage if it came.
+    if let Some(reservation) = unsettled.take() {
+        record(
+            &state,
+            &meta,
+            (prompt, completion),
+            estimated,
+            started,
+            reservation,
+        )
+        .await;
+    }
     state.count(
         &meta.route.upstream,
         if failure.is_some() {
@@ -369,6 +383,47 @@ pub(super) async fn relay(
             "ok"
         },
     );
+}
+
+/// How often a stream's completion so far is written down: a crash then under-counts a stream
+/// it cuts off by at most this long of its output.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes down how much of the call's completion has been streamed (not awaited: it shares the
+/// writer's next commit).
+async fn note_progress(state: &GatewayState, meta: &CallMeta, completion_tokens: u64) {
+    let Some(call) = meta.call_id.clone() else {
+        return;
+    };
+    let event = Stamped {
+        at: state.clock.now_ms(),
+        event: Event::CallProgress {
+            call,
+            completion_tokens,
+        },
+    };
+    state.writer.append_accounting(vec![event], |_| {}).await;
+}
+
+/// A stream's usage: the upstream's, else the prompt counted and the completion so far counted
+/// (`estimated`).
+fn final_usage(
+    usage: Option<(u64, u64)>,
+    request: &Value,
+    meta: &CallMeta,
+    content: &str,
+) -> (u64, u64, bool) {
+    match usage {
+        Some((p, c)) => (p, c, false),
+        None => (
+            request
+                .as_object()
+                .map(counted_prompt)
+                .unwrap_or(meta.prompt_estimate),
+            tokens::count_text(content),
+            true,
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -837,7 +837,10 @@ async fn settle_cut_off_calls(
     if cut_off.is_empty() {
         return Ok(());
     }
-    let tokens: u64 = cut_off.iter().map(|(_, c)| c.estimate).sum();
+    let tokens: u64 = cut_off
+        .iter()
+        .map(|(_, c)| c.estimate + c.streamed_tokens)
+        .sum();
     let n = cut_off.len();
     let events = cut_off
         .into_iter()
@@ -850,7 +853,7 @@ async fn settle_cut_off_calls(
     tracing::warn!(
         calls = n,
         tokens,
-        "gateway calls were cut off (crash or kill) between their admission and their usage; each is counted at its admission estimate"
+        "gateway calls were cut off (crash or kill) between their admission and their usage; each is counted at its admission estimate plus what it had streamed"
     );
     Ok(())
 }

@@ -104,7 +104,7 @@ impl<'a> Columns<'a> {
                 None,
             ),
             Event::McpToolCall(c) => (Some(c.persona.as_str()), None, None, None, None, None),
-            Event::CallReleased { .. } | Event::GateChanged { .. } => {
+            Event::CallReleased { .. } | Event::CallProgress { .. } | Event::GateChanged { .. } => {
                 (None, None, None, None, None, None)
             }
             Event::RunStarted { .. } | Event::StageFinished { .. } | Event::RunFinished { .. } => {

@@ -299,6 +299,26 @@ impl WriterHandle {
         }
     }
 
+    /// As [`WriterHandle::append_accounting`], but returns only once the events are stored (or,
+    /// in an outage, held under the outage policy) and `then` has run: for the usage of a call
+    /// whose answer waits for it, so that an answered call is in the ledger with its real numbers
+    /// whenever the process dies. It cuts the writer's linger short like an awaited append.
+    pub async fn append_accounting_stored(
+        &self,
+        events: Vec<Stamped>,
+        then: impl FnOnce(Result<(), LedgerError>) + Send + 'static,
+    ) {
+        let (stored, stored_rx) = oneshot::channel::<()>();
+        self.append_accounting(events, move |result| {
+            then(result);
+            let _ = stored.send(());
+        })
+        .await;
+        self.urgent.raise();
+        // A writer that stopped dropped the callback after running it with an error.
+        let _ = stored_rx.await;
+    }
+
     /// Sets or removes a persona's budget override; false when the persona is unknown.
     pub async fn set_override(
         &self,
@@ -1545,6 +1565,7 @@ mod tests {
                 stage: None,
                 session: None,
                 run: None,
+                streamed_tokens: 0,
             }),
         }
     }

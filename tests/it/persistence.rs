@@ -1,10 +1,10 @@
 //! Nothing acknowledged is lost: across a clean restart and across `kill -9` in the middle of a load.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use hypertool::config::Source;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::common::*;
 use crate::process::Daemon;
@@ -178,6 +178,30 @@ async fn kill_9_in_the_middle_of_a_load_loses_nothing_acknowledged() {
     s.stop().await;
 }
 
+/// Each usage event's prompt and completion tokens and whether they were estimated, by session.
+fn ledger_usage(data: &std::path::Path) -> HashMap<String, (u64, u64, bool)> {
+    let conn = rusqlite::Connection::open(data.join("hypertool.db")).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT json_extract(body, '$.session'), prompt_tokens, completion_tokens, \
+             COALESCE(json_extract(body, '$.estimated'), 0) FROM events WHERE kind = 'usage'",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+            (
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? != 0,
+            ),
+        ))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
 /// The sessions of the usage events in the ledger file, and how often each gateway call (`call`)
 /// is settled (by usage or by release) and admitted.
 fn ledger_calls(data: &std::path::Path) -> (BTreeMap<String, i64>, BTreeMap<String, (i64, i64)>) {
@@ -237,8 +261,9 @@ async fn kill_9_under_gateway_and_events_load_loses_nothing_answered_or_acknowle
             ],
         );
         let api = daemon.api.clone();
-        // Sessions of calls whose answer (or its first byte, for a stream) reached the client.
-        let answered: Arc<Mutex<HashSet<String>>> = Arc::default();
+        // Calls whose whole answer reached the client (a stream: through `[DONE]`), by session,
+        // with the usage they were answered with (a stream asks for its usage chunk).
+        let answered: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
         let http = reqwest::Client::new();
         let mut tasks = Vec::new();
         for worker in 0..16 {
@@ -252,18 +277,32 @@ async fn kill_9_under_gateway_and_events_load_loses_nothing_answered_or_acknowle
                         .header("x-hypertool-persona", "load-tester")
                         .header("x-hypertool-session", &session)
                         .json(&json!({"model": "mock/load", "stream": stream,
+                                      "stream_options": {"include_usage": true},
                                       "messages": [{"role": "user", "content": format!("call {n}")}]}))
                         .send()
                         .await;
-                    match resp {
-                        Ok(r) if r.status() == 200 => {
-                            answered.lock().unwrap().insert(session);
-                            if r.bytes().await.is_err() {
-                                return;
-                            }
-                        }
-                        _ => return,
+                    let Ok(r) = resp else { return };
+                    if r.status() != 200 {
+                        return;
                     }
+                    let Ok(body) = r.text().await else { return };
+                    let usage = if stream {
+                        if !body.contains("data: [DONE]") {
+                            return;
+                        }
+                        body.lines()
+                            .filter_map(|l| l.strip_prefix("data: "))
+                            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                            .find_map(|c| c.get("usage").filter(|u| !u.is_null()).cloned())
+                    } else {
+                        serde_json::from_str::<Value>(&body).ok().and_then(|v| v.get("usage").cloned())
+                    };
+                    let usage = usage.expect("an answer carries its usage");
+                    let numbers = (
+                        usage["prompt_tokens"].as_u64().unwrap(),
+                        usage["completion_tokens"].as_u64().unwrap(),
+                    );
+                    answered.lock().unwrap().insert(session, numbers);
                 }
             }));
         }
@@ -317,13 +356,27 @@ async fn kill_9_under_gateway_and_events_load_loses_nothing_answered_or_acknowle
         let m = s.metrics().await;
         s.stop().await;
         let (sessions, calls) = ledger_calls(&data);
-        for session in &answered {
+        let recorded = ledger_usage(&data);
+        for (session, numbers) in &answered {
             assert_eq!(
                 sessions.get(session),
                 Some(&1),
                 "round {round}: answered call {session} lost or counted twice"
             );
+            // Exactly what the client was answered: the real numbers, not an estimate.
+            assert_eq!(
+                recorded.get(session),
+                Some(&(numbers.0, numbers.1, false)),
+                "round {round}: answered call {session} recorded otherwise than answered"
+            );
         }
+        let answered_tokens: u64 = answered.values().map(|(p, c)| p + c).sum();
+        let recorded_tokens: u64 = answered
+            .keys()
+            .filter_map(|s| recorded.get(s))
+            .map(|(p, c, _)| p + c)
+            .sum();
+        assert_eq!(recorded_tokens, answered_tokens, "round {round}");
         for session in &acknowledged {
             assert_eq!(
                 sessions.get(session),
