@@ -597,12 +597,16 @@ pub fn parse_event(
             };
             let reason = match obj.get("reason") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.len() <= MAX_REASON_LEN => Some(s.clone()),
+                Some(Value::String(s)) if s.len() <= MAX_REASON_LEN && !s.contains('\0') => {
+                    Some(s.clone())
+                }
                 Some(_) => {
                     return Err(reject(
                         Some("reason"),
                         "invalid_field",
-                        format!("`reason` must be a string of at most {MAX_REASON_LEN} bytes"),
+                        format!(
+                        "`reason` must be a string of at most {MAX_REASON_LEN} bytes, without NUL"
+                    ),
                     ))
                 }
             };

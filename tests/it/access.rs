@@ -101,7 +101,7 @@ impl Who {
 
 /// A concrete request for each route of the table, naming backend-engineer wherever a persona is
 /// named. A route without a case here fails the test: decide its access and add its case.
-fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
+pub fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
     let wf = "feature-development";
     let chat = json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
     match (method, path) {

@@ -305,6 +305,97 @@ async fn every_route_refuses_bad_names_in_its_path() {
     s.stop().await;
 }
 
+/// Every route of the table with each name and free text of its sample body (the one the access
+/// test sends) at 3 MB, and with a newline: refused with a short answer, and nothing grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_refuses_oversized_names_and_texts_in_its_body() {
+    const NAMES: [&str; 12] = [
+        "model", "persona", "chatmode", "session", "to", "from", "workflow", "stage", "run",
+        "reasons", "reason", "task",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with_keys(dir.path(), "").await;
+    let metrics_before = s.metrics_text().await.len();
+    let huge = "n".repeat(3 << 20);
+    let mut walked = 0;
+    for route in hypertool::server::routes::table() {
+        let (_, run) = post_as(
+            &s,
+            ADMIN_KEY,
+            "/v1/workflows/feature-development/runs",
+            json!({}),
+        )
+        .await;
+        let run = run["id"].as_str().unwrap().to_string();
+        let (path, Some(body)) = crate::access::sample(route.method, route.path, &run) else {
+            continue;
+        };
+        // The fields to spoil: the body's own, or those of its one event.
+        let events = body.get("events").is_some();
+        let fields: Vec<String> = if events {
+            body["events"][0]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        } else {
+            body.as_object().unwrap().keys().cloned().collect()
+        };
+        let mut fields: Vec<String> = fields
+            .into_iter()
+            .filter(|f| NAMES.contains(&f.as_str()))
+            .collect();
+        // Free text the sample leaves out.
+        if route.path.ends_with("/stages/{stage}/finish") {
+            fields.extend(["model".to_string(), "reasons".to_string()]);
+        }
+        for field in fields {
+            for bad in [huge.as_str(), "two\nlines"] {
+                // "two\nlines" is a name rule only: free text may hold newlines.
+                if bad.len() < 100 && ["reasons", "reason", "task"].contains(&field.as_str()) {
+                    continue;
+                }
+                let mut spoiled = body.clone();
+                let target = if events {
+                    &mut spoiled["events"][0]
+                } else {
+                    &mut spoiled
+                };
+                target[field.as_str()] = json!(bad);
+                if route.path.ends_with("/stages/{stage}/finish") {
+                    post_as(&s, ADMIN_KEY, &path.replace("/finish", "/start"), json!({})).await;
+                }
+                let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
+                let resp = s
+                    .http
+                    .request(method, format!("{}{path}", s.api))
+                    .bearer_auth(ADMIN_KEY)
+                    .header("accept", "application/json, text/event-stream")
+                    .json(&spoiled)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let answer = resp.bytes().await.unwrap();
+                let what = format!(
+                    "{} {path} with `{field}` of {} bytes: {status} {}",
+                    route.method,
+                    bad.len(),
+                    String::from_utf8_lossy(&answer[..answer.len().min(300)])
+                );
+                assert!((400..500).contains(&status), "{what}");
+                assert!(answer.len() < 2048, "{what}");
+                walked += 1;
+            }
+        }
+    }
+    assert!(walked >= 20, "{walked} requests");
+    let grown = s.metrics_text().await.len().saturating_sub(metrics_before);
+    assert!(grown < 4096, "/metrics grew by {grown} bytes");
+    s.stop().await;
+}
+
 /// `curl -I` with a persona key answered 200 on the viewer's routes (and ran the investigation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_is_decided_as_get_and_unlisted_methods_are_405_at_the_door() {

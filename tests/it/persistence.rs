@@ -240,17 +240,19 @@ async fn kill_9_under_gateway_and_events_load_loses_nothing_answered_or_acknowle
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let toml = dir.path().join("hypertool.toml");
     // The mock upstream answers after 15 ms, so calls are in flight when the process dies; a
-    // snapshot every second, so one may be half-written when it does.
+    // snapshot every second, so one may be half-written when it does; every commit synced to the
+    // disk (`sync = "full"`), so that the moment between an answer and its usage's commit — if
+    // there were one — would be long enough for the kill to find it (it did, 4 runs in 4).
     std::fs::write(
         &toml,
         format!(
-            "[ledger]\nsnapshot_interval = \"1s\"\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
+            "[ledger]\nsnapshot_interval = \"1s\"\nsync = \"full\"\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
             repo.join("config/personas"),
             repo.join("config/budgets.yml")
         ),
     )
     .unwrap();
-    for round in 0..3 {
+    for round in 0..5 {
         let daemon = Daemon::spawn(
             dir.path(),
             &[
@@ -266,7 +268,7 @@ async fn kill_9_under_gateway_and_events_load_loses_nothing_answered_or_acknowle
         let answered: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
         let http = reqwest::Client::new();
         let mut tasks = Vec::new();
-        for worker in 0..16 {
+        for worker in 0..48 {
             let (api, answered, http) = (api.clone(), answered.clone(), http.clone());
             tasks.push(tokio::spawn(async move {
                 for n in 0.. {
@@ -668,4 +670,101 @@ async fn retention_removes_old_events_and_counters_and_budgets_stay_exact_across
     .await;
     assert_eq!(durable(&s.metrics().await), before);
     s.stop().await;
+}
+
+/// The probe's own set-up: eight agents on the official `openai` SDK (`mock/gpt-4o`, no
+/// `max_tokens`, plain and streamed), `kill -9` after about 3 s, restart. Every call an agent was
+/// answered is in the ledger with the numbers it was answered with — before, 11 answered calls per
+/// round were there as their admission estimate only (10 + 0 tokens instead of 12 + 16).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_openai_sdk_agents_keeps_every_answered_call_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = dir.path().join("hypertool.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[ledger]\nsync = \"full\"\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
+            repo.join("config/personas"),
+            repo.join("config/budgets.yml")
+        ),
+    )
+    .unwrap();
+    for round in 0..3 {
+        let daemon = Daemon::spawn(
+            dir.path(),
+            &[
+                "--config",
+                toml.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        );
+        let script = repo.join("tests/fixtures/openai_load.py");
+        let answered_file = |w: usize| dir.path().join(format!("answered-{round}-{w}.jsonl"));
+        let mut agents: Vec<std::process::Child> = (0..8)
+            .map(|w| {
+                std::process::Command::new("python3")
+                    .arg(&script)
+                    .arg(format!("{}/v1", daemon.api))
+                    .arg(answered_file(w))
+                    .arg(format!("{round}{w}"))
+                    .spawn()
+                    .expect("python3 with the openai package (scripts/test.sh installs it)")
+            })
+            .collect();
+        let read_answered = || {
+            let mut answered: HashMap<String, (u64, u64)> = HashMap::new();
+            for w in 0..8 {
+                let text = std::fs::read_to_string(answered_file(w)).unwrap_or_default();
+                // A line is whole once its newline is written (the agent flushes after each).
+                for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+                    let v: Value = serde_json::from_str(line).unwrap();
+                    answered.insert(
+                        v["session"].as_str().unwrap().to_string(),
+                        (
+                            v["prompt"].as_u64().unwrap(),
+                            v["completion"].as_u64().unwrap(),
+                        ),
+                    );
+                }
+            }
+            answered
+        };
+        // About 3 s of load (at least 200 answered calls, so the kill lands among calls in flight).
+        let started = std::time::Instant::now();
+        eventually("200 answered calls", Duration::from_secs(120), || {
+            let enough =
+                read_answered().len() >= 200 && started.elapsed() >= Duration::from_secs(3);
+            async move { enough.then_some(()) }
+        })
+        .await;
+        daemon.kill9();
+        for agent in &mut agents {
+            agent.wait().unwrap();
+        }
+        let answered = read_answered();
+
+        let now = hypertool::core::clock::Clock::now_ms(&hypertool::core::clock::SystemClock);
+        let clock = Arc::new(hypertool::core::clock::ManualClock::new(now));
+        let s = start(Source::File(toml.clone()), &data, clock).await;
+        s.stop().await;
+        let recorded = ledger_usage(&data);
+        let mut tokens = (0, 0);
+        for (session, (prompt, completion)) in &answered {
+            assert_eq!(
+                recorded.get(session),
+                Some(&(*prompt, *completion, false)),
+                "round {round}: answered call {session} recorded otherwise than answered"
+            );
+            tokens.0 += prompt + completion;
+            tokens.1 += recorded[session].0 + recorded[session].1;
+        }
+        assert_eq!(
+            tokens.1, tokens.0,
+            "round {round}: ledger tokens of the answered calls"
+        );
+        assert!(answered.len() >= 200);
+    }
 }
