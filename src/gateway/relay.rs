@@ -236,17 +236,14 @@ pub(super) async fn relay(
                 // The usage is stored before the last event goes out: a client that saw the
                 // stream end finds its call in the ledger with these numbers, however the
                 // process ends after.
-                if let Some(reservation) = unsettled.take() {
-                    record(
-                        &state,
-                        &meta,
-                        (prompt, completion),
-                        estimated,
-                        started,
-                        reservation,
-                    )
-                    .await;
-                }
+                settle_once(
+                    &state,
+                    &meta,
+                    &mut unsettled,
+                    (prompt, completion, estimated),
+                    started,
+                )
+                .await;
                 match &verdict {
                     Some(v) => Some(Bytes::from(format!(
                         ": x-hypertool-quality-gate: {}\n\ndata: [DONE]\n\n",
@@ -364,17 +361,14 @@ pub(super) async fn relay(
     }
     // A stream cut before `[DONE]` (the client left, the upstream failed): its completion so
     // far, counted, or the upstream's usage if it came.
-    if let Some(reservation) = unsettled.take() {
-        record(
-            &state,
-            &meta,
-            (prompt, completion),
-            estimated,
-            started,
-            reservation,
-        )
-        .await;
-    }
+    settle_once(
+        &state,
+        &meta,
+        &mut unsettled,
+        (prompt, completion, estimated),
+        started,
+    )
+    .await;
     state.count(
         &meta.route.upstream,
         if failure.is_some() {
@@ -383,6 +377,28 @@ pub(super) async fn relay(
             "ok"
         },
     );
+}
+
+/// Stores the stream's usage (and settles its reservation) unless that was done already: at
+/// `[DONE]`, or after a stream that was cut before it.
+async fn settle_once(
+    state: &GatewayState,
+    meta: &CallMeta,
+    unsettled: &mut Option<Reservation>,
+    (prompt, completion, estimated): (u64, u64, bool),
+    started: Instant,
+) {
+    if let Some(reservation) = unsettled.take() {
+        record(
+            state,
+            meta,
+            (prompt, completion),
+            estimated,
+            started,
+            reservation,
+        )
+        .await;
+    }
 }
 
 /// How often a stream's completion so far is written down: a crash then under-counts a stream

@@ -122,7 +122,7 @@ fn other_persona(own: &str, field: &str, what: &str, owner: Option<&str>) -> Api
             "this key belongs to persona `{own}` and may not act on {what} of persona `{owner}`"
         ),
         None => format!(
-            "this key belongs to persona `{own}` and may not act on {what}, which an admin key created"
+            "this key belongs to persona `{own}` and may not act on {what}: it is no persona's (an admin key created it, or nothing names its persona)"
         ),
     };
     ApiError::new(ErrorKind::Forbidden, "persona_not_allowed", message).param(field)

@@ -178,6 +178,37 @@ async fn kill_9_in_the_middle_of_a_load_loses_nothing_acknowledged() {
     s.stop().await;
 }
 
+/// The configuration of the `kill -9` tests in `dir`: the shipped personas and budgets, the mock
+/// upstream answering after 15 ms (so calls are in flight when the process dies), and `ledger` as
+/// the `[ledger]` section.
+fn kill_config(dir: &std::path::Path, ledger: &str) -> std::path::PathBuf {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = dir.join("hypertool.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[ledger]\n{ledger}\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
+            repo.join("config/personas"),
+            repo.join("config/budgets.yml")
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+/// `hypertool serve` on `toml` and `data`, as its own process (to be killed).
+fn serve_on(dir: &std::path::Path, toml: &std::path::Path, data: &std::path::Path) -> Daemon {
+    Daemon::spawn(
+        dir,
+        &[
+            "--config",
+            toml.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    )
+}
+
 /// Each usage event's prompt and completion tokens and whether they were estimated, by session.
 fn ledger_usage(data: &std::path::Path) -> HashMap<String, (u64, u64, bool)> {
     let conn = rusqlite::Connection::open(data.join("hypertool.db")).unwrap();
@@ -237,31 +268,13 @@ fn ledger_calls(data: &std::path::Path) -> (BTreeMap<String, i64>, BTreeMap<Stri
 async fn kill_9_under_gateway_and_events_load_loses_nothing_answered_or_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let toml = dir.path().join("hypertool.toml");
-    // The mock upstream answers after 15 ms, so calls are in flight when the process dies; a
-    // snapshot every second, so one may be half-written when it does; every commit synced to the
-    // disk (`sync = "full"`), so that the moment between an answer and its usage's commit — if
-    // there were one — would be long enough for the kill to find it (it did, 4 runs in 4).
-    std::fs::write(
-        &toml,
-        format!(
-            "[ledger]\nsnapshot_interval = \"1s\"\nsync = \"full\"\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
-            repo.join("config/personas"),
-            repo.join("config/budgets.yml")
-        ),
-    )
-    .unwrap();
+    // A snapshot every second, so one may be half-written when the process dies; every commit
+    // synced to the disk (`sync = "full"`), so that the moment between an answer and its usage's
+    // commit — if there were one — would be long enough for the kill to find it (it did, 4 runs
+    // in 4).
+    let toml = kill_config(dir.path(), "snapshot_interval = \"1s\"\nsync = \"full\"");
     for round in 0..5 {
-        let daemon = Daemon::spawn(
-            dir.path(),
-            &[
-                "--config",
-                toml.to_str().unwrap(),
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-        );
+        let daemon = serve_on(dir.path(), &toml, &data);
         let api = daemon.api.clone();
         // Calls whose whole answer reached the client (a stream: through `[DONE]`), by session,
         // with the usage they were answered with (a stream asks for its usage chunk).
@@ -680,28 +693,11 @@ async fn retention_removes_old_events_and_counters_and_budgets_stay_exact_across
 async fn kill_9_under_openai_sdk_agents_keeps_every_answered_call_exact() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let toml = dir.path().join("hypertool.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "[ledger]\nsync = \"full\"\n[personas]\ndir = {:?}\n[budgets]\nfile = {:?}\n[gateway.mock]\nlatency_ms = 15\n",
-            repo.join("config/personas"),
-            repo.join("config/budgets.yml")
-        ),
-    )
-    .unwrap();
+    let toml = kill_config(dir.path(), "sync = \"full\"");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_load.py");
     for round in 0..3 {
-        let daemon = Daemon::spawn(
-            dir.path(),
-            &[
-                "--config",
-                toml.to_str().unwrap(),
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-        );
-        let script = repo.join("tests/fixtures/openai_load.py");
+        let daemon = serve_on(dir.path(), &toml, &data);
         let answered_file = |w: usize| dir.path().join(format!("answered-{round}-{w}.jsonl"));
         let mut agents: Vec<std::process::Child> = (0..8)
             .map(|w| {
