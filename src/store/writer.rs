@@ -30,10 +30,13 @@ const LINGER_MAX_EVENTS: usize = 256;
 enum Ack {
     /// A caller awaits the result.
     Waiting(oneshot::Sender<Result<(), LedgerError>>),
-    /// Nobody waits (the gateway's usage, after the client was answered): run this on the writer
-    /// thread once the events are applied. No task has to be woken for it, and the append may
-    /// linger briefly so that other appends share its commit.
+    /// Accounting nobody waits on (a stream's progress, a failed call's release): run this on
+    /// the writer thread once the events are applied. The append may linger briefly so that other
+    /// appends share its commit.
     Then(Box<dyn FnOnce(Result<(), LedgerError>) + Send>),
+    /// Accounting whose commit a call's answer waits for (its usage): run on the writer thread
+    /// like `Then`, but never lingered on.
+    ThenAtOnce(Box<dyn FnOnce(Result<(), LedgerError>) + Send>),
 }
 
 impl Ack {
@@ -41,12 +44,18 @@ impl Ack {
         matches!(self, Ack::Then(_))
     }
 
+    /// The accounting of calls (spent upstream already): held in memory through an outage under
+    /// either policy.
+    fn is_accounting(&self) -> bool {
+        matches!(self, Ack::Then(_) | Ack::ThenAtOnce(_))
+    }
+
     fn done(self, result: Result<(), LedgerError>) {
         match self {
             Ack::Waiting(tx) => {
                 let _ = tx.send(result);
             }
-            Ack::Then(then) => then(result),
+            Ack::Then(then) | Ack::ThenAtOnce(then) => then(result),
         }
     }
 }
@@ -302,18 +311,26 @@ impl WriterHandle {
     /// As [`WriterHandle::append_accounting`], but returns only once the events are stored (or,
     /// in an outage, held under the outage policy) and `then` has run: for the usage of a call
     /// whose answer waits for it, so that an answered call is in the ledger with its real numbers
-    /// whenever the process dies. It cuts the writer's linger short like an awaited append.
+    /// whenever the process dies. It is never lingered on, and cuts a lingering group short.
     pub async fn append_accounting_stored(
         &self,
         events: Vec<Stamped>,
         then: impl FnOnce(Result<(), LedgerError>) + Send + 'static,
     ) {
         let (stored, stored_rx) = oneshot::channel::<()>();
-        self.append_accounting(events, move |result| {
-            then(result);
-            let _ = stored.send(());
-        })
-        .await;
+        let command = Command::Append {
+            events,
+            ack: Ack::ThenAtOnce(Box::new(move |result| {
+                then(result);
+                let _ = stored.send(());
+            })),
+        };
+        if let Err(mpsc::error::SendError(Command::Append { ack, .. })) =
+            self.tx.send(command).await
+        {
+            ack.done(Err(gone()));
+        }
+        // A group already lingering is cut short (this append does not linger itself).
         self.urgent.raise();
         // A writer that stopped dropped the callback after running it with an error.
         let _ = stored_rx.await;
@@ -1221,7 +1238,7 @@ fn hold_or_refuse(
     for (ack, end) in acks {
         let events = &batch[start..end];
         start = end;
-        let holdable = held.policy.buffer || ack.lingers();
+        let holdable = held.policy.buffer || ack.is_accounting();
         let hold = holdable && held.room_for(events.len());
         if hold {
             held.events.extend_from_slice(events);

@@ -426,16 +426,8 @@ impl Door {
             (Access::Gateway | Access::PersonaScoped, Caller::Persona(_)) => true,
             (Access::View, Caller::Viewer) => true,
             (Access::ViewOrOwnPersona, Caller::Viewer) => true,
-            (Access::ViewOrOwnPersona, Caller::Persona(k)) => {
-                let own =
-                    path_persona.is_some_and(|p| self.canonical(p) == self.canonical(&k.persona));
-                if !own {
-                    self.count("other_persona");
-                    return Err(forbidden(format!(
-                        "this key belongs to persona `{}` and may read only its own budget",
-                        k.persona
-                    )));
-                }
+            (Access::ViewOrOwnPersona, Caller::Persona(_)) => {
+                self.require_own(&caller, "persona", "the budget", path_persona)?;
                 true
             }
             _ => false,
