@@ -86,6 +86,30 @@ pub fn check_name(field: NameField, raw: &str) -> Result<&str, NameError> {
     Ok(v)
 }
 
+/// The longest free text a client may have stored (a gate verdict's reasons): the CLI prints it
+/// and the dashboard shows it.
+pub const MAX_TEXT_LEN: usize = 2000;
+
+/// Checks client-supplied free text that is stored: at most [`MAX_TEXT_LEN`] bytes, no NUL
+/// (newlines and other characters are kept; whatever prints it escapes them). The error never
+/// echoes the text.
+pub fn check_text(raw: &str) -> Result<(), NameError> {
+    if raw.len() > MAX_TEXT_LEN {
+        return Err(NameError {
+            reason: format!(
+                "is {} bytes long; at most {MAX_TEXT_LEN} are accepted",
+                raw.len()
+            ),
+        });
+    }
+    if raw.contains('\0') {
+        return Err(NameError {
+            reason: "must not contain NUL characters".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The labels whose values come from clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LabelKind {
@@ -256,6 +280,13 @@ impl LabelGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_text_is_bounded_and_refuses_nul_only() {
+        assert_eq!(check_text("two\nlines \u{1b}[31m"), Ok(()));
+        assert!(check_text("a\0b").is_err());
+        assert!(check_text(&"r".repeat(MAX_TEXT_LEN + 1)).is_err());
+    }
 
     #[test]
     fn names_refuse_control_bidi_and_invisible_characters() {

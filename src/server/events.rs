@@ -24,7 +24,6 @@ use crate::web::error::ApiError;
 
 /// How far in the future a client's timestamp may be (clock skew).
 const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
-const MAX_REASON_LEN: usize = 2000;
 /// The largest cost one event may report (USD): far above any real call, and small enough that
 /// no number of events can sum to infinity.
 pub const MAX_COST_PER_EVENT_USD: f64 = 1e6;
@@ -597,16 +596,21 @@ pub fn parse_event(
             };
             let reason = match obj.get("reason") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.len() <= MAX_REASON_LEN && !s.contains('\0') => {
-                    Some(s.clone())
-                }
+                Some(Value::String(s)) => match crate::core::labels::check_text(s) {
+                    Ok(()) => Some(s.clone()),
+                    Err(e) => {
+                        return Err(reject(
+                            Some("reason"),
+                            "invalid_field",
+                            format!("`reason` {}", e.reason),
+                        ))
+                    }
+                },
                 Some(_) => {
                     return Err(reject(
                         Some("reason"),
                         "invalid_field",
-                        format!(
-                        "`reason` must be a string of at most {MAX_REASON_LEN} bytes, without NUL"
-                    ),
+                        "`reason` must be a string",
                     ))
                 }
             };

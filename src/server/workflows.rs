@@ -80,31 +80,6 @@ pub fn with_run<T>(
     crate::gateway::stage::with_run(&state.engine, workflow, run, read)
 }
 
-/// The longest free text a request may store (a verdict's reasons): it is printed by the CLI and
-/// shown on the dashboard.
-pub const MAX_FREE_TEXT_BYTES: usize = 2000;
-
-fn check_free_text(field: &str, text: &str) -> Result<(), ApiError> {
-    if text.len() > MAX_FREE_TEXT_BYTES {
-        return Err(ApiError::bad_request(
-            "text_too_long",
-            format!(
-                "`{field}` is {} bytes long; at most {MAX_FREE_TEXT_BYTES} are accepted",
-                text.len()
-            ),
-        )
-        .param(field));
-    }
-    if text.contains('\0') {
-        return Err(ApiError::bad_request(
-            "invalid_text",
-            format!("`{field}` must not contain NUL characters"),
-        )
-        .param(field));
-    }
-    Ok(())
-}
-
 fn conflict(code: &'static str, message: String) -> ApiError {
     ApiError::new(ErrorKind::Conflict, code, message)
 }
@@ -510,7 +485,10 @@ pub async fn finish_stage(
         ApiError::name(NameField::Model, "model", model)?;
     }
     if let Some(reasons) = &req.reasons {
-        check_free_text("reasons", reasons)?;
+        crate::core::labels::check_text(reasons).map_err(|e| {
+            ApiError::bad_request("invalid_text", format!("`reasons` {}", e.reason))
+                .param("reasons")
+        })?;
     }
     let r = run_of(&state, &workflow, &run)?;
     // The workflow's persona, else the one the stage was started by.

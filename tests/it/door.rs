@@ -200,7 +200,7 @@ async fn stage_finish_follows_the_name_rules_and_bounds_its_reasons() {
         (
             json!({"gate": "fail", "reasons": "r".repeat(70_000)}),
             "reasons",
-            "text_too_long",
+            "invalid_text",
         ),
     ] {
         let (status, _) = s.post_raw(&format!("{stage}/start"), "{}").await;

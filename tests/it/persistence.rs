@@ -764,3 +764,51 @@ async fn kill_9_under_openai_sdk_agents_keeps_every_answered_call_exact() {
         assert!(answered.len() >= 200);
     }
 }
+
+/// A stream a crash cuts off is counted with what it had streamed: its completion so far is
+/// written down about once a second (`call_progress`), and the restart settles the call at its
+/// estimate plus that — not at an estimate with no completion (this call sends no `max_tokens`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_kill_9_is_counted_with_its_completion_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let toml = gateway_config(dir.path(), &upstream.base_url, "");
+    let daemon = serve_on(dir.path(), &toml, &data);
+    // 100 words, 30 ms apart: read about 1.5 s of them, then kill.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", daemon.api))
+        .header("x-hypertool-persona", "frontend-engineer")
+        .header("x-hypertool-session", "cut-stream")
+        .json(&json!({"model": "slow-stream", "stream": true,
+                      "messages": [{"role": "user", "content": "a long answer"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut words = 0;
+    while words < 50 {
+        let chunk = futures_util::StreamExt::next(&mut body)
+            .await
+            .unwrap()
+            .unwrap();
+        words += String::from_utf8_lossy(&chunk).matches("word").count();
+    }
+    daemon.kill9();
+    drop(body);
+
+    let now = hypertool::core::clock::Clock::now_ms(&hypertool::core::clock::SystemClock);
+    let clock = Arc::new(hypertool::core::clock::ManualClock::new(now));
+    let s = start(Source::File(toml), &data, clock).await;
+    s.stop().await;
+    let (prompt, completion, estimated) = ledger_usage(&data)["cut-stream"];
+    assert!(estimated);
+    assert!(prompt > 0);
+    // At least the words streamed by the last progress (at about 1 s: some 30 words, 2 tokens
+    // each), at most the whole answer (the server reads ahead of this client).
+    assert!(
+        (20..=210).contains(&completion),
+        "completion {completion} for {words} words seen"
+    );
+}
