@@ -938,6 +938,11 @@ fn run(
             Command::SnapshotWritten => {
                 if let Some(k) = keeper.as_mut() {
                     k.reap(&health, true);
+                    // Appends that came while it was being written found a snapshot under way
+                    // and took none: the one they made due is taken now, not at the next append.
+                    if held.events.is_empty() && doubt.is_none() && !health.failing() {
+                        k.maybe_take(applied_seq, &engine, clock.now_ms());
+                    }
                 }
             }
             Command::Tail => {
