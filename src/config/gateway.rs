@@ -111,6 +111,8 @@ struct RawMock {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: String,
+    #[serde(default)]
+    kind: UpstreamKind,
     base_url: String,
     api_key_env: Option<String>,
     timeout: Option<PromDuration>,
@@ -158,11 +160,23 @@ pub struct MockSettings {
     pub completion_tokens: u64,
 }
 
-/// An OpenAI-compatible upstream. Its key is read from `api_key_env` at call time and never stored
-/// in configuration, logs or errors.
+/// The API an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// OpenAI Chat Completions (`{base_url}/chat/completions`): OpenAI, vLLM, Ollama, LiteLLM, …
+    #[default]
+    Openai,
+    /// Anthropic Messages (`{base_url}/v1/messages`, `x-api-key`, `anthropic-version`).
+    Anthropic,
+}
+
+/// An upstream. Its key is read from `api_key_env` at call time and never stored in
+/// configuration, logs or errors.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub name: String,
+    pub kind: UpstreamKind,
     pub base_url: String,
     pub api_key_env: Option<String>,
     pub timeout: Duration,
@@ -171,6 +185,10 @@ pub struct UpstreamSettings {
     /// configuration (a base URL that does not parse is refused).
     pub chat_url: Option<http::Uri>,
     pub embeddings_url: Option<http::Uri>,
+    /// An Anthropic upstream's `…/v1/messages` and `…/v1/messages/count_tokens` (the base URL
+    /// may end in `/v1` or not).
+    pub messages_url: Option<http::Uri>,
+    pub count_tokens_url: Option<http::Uri>,
     /// An HTTP(S) proxy for this upstream only (may carry credentials: never logged). Without
     /// it, the environment's `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` decide.
     pub proxy: Option<String>,
@@ -384,6 +402,14 @@ impl GatewaySettings {
                     .filter(|u| u.host().is_some())
             };
             let (chat_url, embeddings_url) = (endpoint("chat/completions"), endpoint("embeddings"));
+            let v1 = if base_url.ends_with("/v1") { "" } else { "v1/" };
+            let (messages_url, count_tokens_url) = match u.kind {
+                UpstreamKind::Anthropic => (
+                    endpoint(&format!("{v1}messages")),
+                    endpoint(&format!("{v1}messages/count_tokens")),
+                ),
+                UpstreamKind::Openai => (None, None),
+            };
             if chat_url.is_none() {
                 errors.push((
                     format!("{key}.base_url"),
@@ -405,11 +431,14 @@ impl GatewaySettings {
                 u.name.clone(),
                 UpstreamSettings {
                     name: u.name,
+                    kind: u.kind,
                     base_url,
                     api_key_env: u.api_key_env,
                     timeout,
                     chat_url,
                     embeddings_url,
+                    messages_url,
+                    count_tokens_url,
                     proxy: u.proxy,
                 },
             );

@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use serde_json::Value;
 
 /// What to do with requested tools a persona's `allowedTools` does not list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -72,10 +71,10 @@ pub fn choose_model(
 pub enum ToolScope {
     /// Nothing to remove (no tools, no `allowedTools`, or every tool allowed).
     Unchanged,
-    /// `keep` replaces the request's tools (empty: drop `tools` and `tool_choice`); `removed` names
-    /// what went.
+    /// Only the tools named in `keep` stay (none: drop `tools` and `tool_choice`); `removed`
+    /// names what went.
     Filtered {
-        keep: Vec<Value>,
+        keep: Vec<String>,
         removed: Vec<String>,
     },
 }
@@ -98,25 +97,19 @@ fn permitted(allowed: &BTreeMap<String, Vec<String>>, name: &str) -> bool {
 /// Applies the persona's `allowedTools` (empty: no restriction) to the requested `tools`.
 pub fn scope_tools(
     persona: &str,
-    tools: &[Value],
+    tools: &[String],
     allowed: &BTreeMap<String, Vec<String>>,
     policy: ToolPolicy,
 ) -> Result<ToolScope, PolicyRefusal> {
     if allowed.is_empty() || tools.is_empty() {
         return Ok(ToolScope::Unchanged);
     }
-    let name_of = |t: &Value| {
-        t.pointer("/function/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    let (keep, removed): (Vec<&Value>, Vec<&Value>) =
-        tools.iter().partition(|t| permitted(allowed, &name_of(t)));
+    let (keep, removed): (Vec<&String>, Vec<&String>) =
+        tools.iter().partition(|t| permitted(allowed, t));
     if removed.is_empty() {
         return Ok(ToolScope::Unchanged);
     }
-    let removed: Vec<String> = removed.into_iter().map(name_of).collect();
+    let removed: Vec<String> = removed.into_iter().cloned().collect();
     if policy == ToolPolicy::Refuse {
         return Err(PolicyRefusal::ToolsNotAllowed {
             persona: persona.to_string(),
@@ -148,7 +141,6 @@ pub fn downgrade_target<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn the_key_wins_then_the_header_then_unattributed() {
@@ -174,7 +166,7 @@ mod tests {
     #[test]
     fn tools_outside_allowed_tools_are_removed_or_refused() {
         let allowed = BTreeMap::from([("github".to_string(), vec!["create_issue".to_string()])]);
-        let tool = |n: &str| json!({"type": "function", "function": {"name": n}});
+        let tool = |n: &str| n.to_string();
         let tools = vec![
             tool("create_issue"),
             tool("github__create_issue"),

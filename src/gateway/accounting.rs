@@ -4,12 +4,8 @@
 use super::*;
 
 /// Prompt tokens of a request counted with the real tokenizer (when the upstream reports none).
-pub(super) fn counted_prompt(request: &Map<String, Value>) -> u64 {
-    request
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(|m| tokens::count_messages(m))
-        .unwrap_or(0)
+pub(super) fn counted_prompt(request: &CallRequest) -> u64 {
+    tokens::count_messages(&request.prompt())
 }
 
 /// The prompt's digest kept in the ledger: SHA-256 of the messages as JSON (serde_json writes an
@@ -23,14 +19,6 @@ pub(super) fn prompt_digest(messages: Option<&Value>) -> Option<String> {
             .map(|b| format!("{b:02x}"))
             .collect(),
     )
-}
-
-pub(super) fn usage_of(v: &Value) -> Option<(u64, u64)> {
-    let u = v.get("usage")?;
-    Some((
-        u.get("prompt_tokens")?.as_u64()?,
-        u.get("completion_tokens")?.as_u64()?,
-    ))
 }
 
 /// The usage event of one answered attempt.

@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 use crate::config::gateway::CacheSettings;
 use crate::core::clock::UnixMillis;
 
-/// The request fields that decide the answer.
-const KEY_FIELDS: [&str; 18] = [
+/// The request fields that decide the answer (in either dialect: Messages' own are at the end).
+const KEY_FIELDS: [&str; 23] = [
     "messages",
     "tools",
     "tool_choice",
@@ -33,6 +33,11 @@ const KEY_FIELDS: [&str; 18] = [
     "logit_bias",
     "logprobs",
     "parallel_tool_calls",
+    "system",
+    "stop_sequences",
+    "top_k",
+    "thinking",
+    "output_format",
 ];
 
 #[derive(Debug)]
@@ -115,8 +120,9 @@ impl ResponseCache {
     pub fn key(
         settings: &CacheSettings,
         model: &str,
-        request: &Map<String, Value>,
+        call: &crate::gateway::dialect::CallRequest,
     ) -> Option<String> {
+        let request = &call.body;
         if !settings.enabled {
             return None;
         }
@@ -137,6 +143,13 @@ impl ResponseCache {
         }
         let mut key = Map::new();
         key.insert("model".into(), Value::String(model.to_string()));
+        // An answer is stored in its client's dialect: a chat key stays as it always was.
+        if call.dialect != crate::gateway::dialect::Dialect::Chat {
+            key.insert(
+                "dialect".into(),
+                Value::String(call.dialect.as_str().to_string()),
+            );
+        }
         for field in KEY_FIELDS {
             if let Some(v) = request.get(field) {
                 key.insert(field.into(), v.clone());

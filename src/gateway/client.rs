@@ -27,6 +27,16 @@ use rustls::pki_types::CertificateDer;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How an upstream is sent its key.
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamKey<'a> {
+    None,
+    /// `Authorization: Bearer` (OpenAI-compatible upstreams).
+    Bearer(&'a str),
+    /// `x-api-key` (Anthropic).
+    ApiKey(&'a str),
+}
+
 /// Why a send failed, as far as the caller needs to know: no answer is an answer it can classify.
 #[derive(Debug)]
 pub enum SendError {
@@ -166,12 +176,14 @@ impl UpstreamClient {
         }
     }
 
-    /// POSTs a JSON body. `proxy` is the upstream's own proxy from the configuration.
+    /// POSTs a JSON body with `headers` beside the key. `proxy` is the upstream's own proxy from
+    /// the configuration.
     pub async fn post_json(
         &self,
         uri: Uri,
         body: Bytes,
-        bearer: Option<&str>,
+        key: UpstreamKey<'_>,
+        headers: &[(&'static str, String)],
         proxy: Option<&str>,
     ) -> Result<UpstreamResponse, SendError> {
         let via_proxy = self.proxied(&uri, proxy)?;
@@ -179,12 +191,23 @@ impl UpstreamClient {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(key) = bearer {
-            let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+        let (name, value) = match key {
+            UpstreamKey::None => (None, None),
+            UpstreamKey::Bearer(k) => (Some("authorization"), Some(format!("Bearer {k}"))),
+            UpstreamKey::ApiKey(k) => (Some("x-api-key"), Some(k.to_string())),
+        };
+        if let (Some(name), Some(value)) = (name, value) {
+            let mut value = HeaderValue::from_str(&value).map_err(|_| {
                 SendError::Build("the upstream key holds characters a header cannot carry".into())
             })?;
             value.set_sensitive(true);
-            builder = builder.header(http::header::AUTHORIZATION, value);
+            builder = builder.header(name, value);
+        }
+        for (name, value) in headers {
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                SendError::Build(format!("`{name}` holds characters a header cannot carry"))
+            })?;
+            builder = builder.header(*name, value);
         }
         // The traced attempt this request is (see `gateway::trace`).
         if let Some(tp) =

@@ -37,10 +37,10 @@ pub(super) async fn attempt_plain(
     state: &GatewayState,
     settings: &GatewaySettings,
     route: &ModelRoute,
-    body: &Map<String, Value>,
+    request: &CallRequest,
 ) -> Result<Completion, UpstreamError> {
     Provider::of(settings, &state.http, route)?
-        .complete(body, &route.name)
+        .complete(request, &route.name)
         .await
 }
 
@@ -52,7 +52,7 @@ pub(super) async fn call_with_fallbacks(
     settings: &GatewaySettings,
     meta: &CallMeta,
     gate_attempt: u32,
-    request: &mut Map<String, Value>,
+    request: &mut CallRequest,
 ) -> Result<(Arc<ModelRoute>, Completion, Option<SpanId>), UpstreamError> {
     let route = &meta.route;
     let mut last = None;
@@ -62,7 +62,7 @@ pub(super) async fn call_with_fallbacks(
             tracing::warn!(from = %route.name, to = %candidate.name, "falling back to the next model");
         }
         // The model is set in place for each candidate: no copy of the (possibly large) request.
-        request.insert(
+        request.body.insert(
             "model".into(),
             Value::String(candidate.upstream_model.clone()),
         );
@@ -86,7 +86,7 @@ pub(super) async fn call_with_fallbacks(
                     state,
                     meta,
                     traced,
-                    body.get("messages"),
+                    body.body.get("messages"),
                     trace::AttemptOutcome {
                         route: &candidate,
                         usage,
@@ -179,7 +179,7 @@ pub(super) async fn plain_call(
     state: GatewayState,
     settings: Arc<GatewaySettings>,
     meta: CallMeta,
-    mut request: Map<String, Value>,
+    mut request: CallRequest,
     reservation: Reservation,
     started: Instant,
     cache_slot: Option<(String, Duration)>,

@@ -54,25 +54,45 @@ pub(super) fn attributed_persona(
     )
 }
 
+/// `GET /v1/models`: the models the caller may use, in Anthropic's shape when the caller sent
+/// `anthropic-version` (Claude Code, the `anthropic` SDKs), else OpenAI's.
 pub async fn list_models(
     State(state): State<GatewayState>,
     caller: Caller,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let mut data: Vec<Value> = Vec::new();
+    let mut names: Vec<(&str, &str)> = Vec::new();
     for m in &settings.models {
+        if key.is_some_and(|k| !k.models.is_empty() && !k.models.contains(&m.name)) {
+            continue;
+        }
         for name in std::iter::once(&m.name).chain(m.aliases.iter()) {
-            if key.is_some_and(|k| !k.models.is_empty() && !k.models.contains(&m.name)) {
-                continue;
-            }
-            data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": m.upstream}));
+            names.push((name, &m.upstream));
         }
     }
-    data.push(json!({"id": "mock/default", "object": "model", "created": 0, "owned_by": "hypertool-mock"}));
+    names.push(("mock/default", "hypertool-mock"));
+    if headers.contains_key("anthropic-version") {
+        let data: Vec<Value> = names
+            .iter()
+            .map(|(id, _)| json!({"type": "model", "id": id, "display_name": id, "created_at": "1970-01-01T00:00:00Z"}))
+            .collect();
+        return Ok(Json(json!({
+            "data": data,
+            "has_more": false,
+            "first_id": names.first().map(|n| n.0),
+            "last_id": names.last().map(|n| n.0),
+        })));
+    }
+    let data: Vec<Value> = names
+        .iter()
+        .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+/// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<GatewayState>,
     State(door): State<std::sync::Arc<crate::web::auth::Door>>,
@@ -80,16 +100,96 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    model_call(state, &door, caller, headers, body, Dialect::Chat).await
+}
+
+/// `POST /v1/messages` (Anthropic Messages).
+pub async fn messages(
+    State(state): State<GatewayState>,
+    State(door): State<std::sync::Arc<crate::web::auth::Door>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    model_call(state, &door, caller, headers, body, Dialect::Messages).await
+}
+
+/// The request in its dialect, checked: the body's shape, and the headers a provider of the same
+/// dialect is sent.
+fn call_request(
+    dialect: Dialect,
+    headers: &HeaderMap,
+    body: Map<String, Value>,
+) -> Result<CallRequest, ApiError> {
+    match dialect {
+        Dialect::Chat => {
+            if !body.get("messages").is_some_and(Value::is_array) {
+                return Err(ApiError::bad_request(
+                    "missing_messages",
+                    "`messages` is required (an array of {role, content})",
+                )
+                .param("messages"));
+            }
+            Ok(CallRequest::new(dialect, body))
+        }
+        Dialect::Messages => {
+            dialect::messages::check_request(&body)?;
+            let mut request = CallRequest::new(dialect, body);
+            for name in ["anthropic-version", "anthropic-beta"] {
+                let Some(raw) = headers.get(name) else {
+                    continue;
+                };
+                match raw.to_str() {
+                    Ok(v) if v.len() <= 1024 => request.forward.push((name, v.to_string())),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_header",
+                            format!("`{name}` must be visible ASCII, at most 1 KiB"),
+                        )
+                        .param(name))
+                    }
+                }
+            }
+            Ok(request)
+        }
+    }
+}
+
+/// The session a Messages call names in `metadata.user_id` (Claude Code puts its session there),
+/// when no header names one: as sent when it is a valid name, else its digest.
+fn session_of_metadata(request: &CallRequest) -> Option<String> {
+    let raw = request.body.get("metadata")?.get("user_id")?.as_str()?;
+    // Claude Code's user_id is JSON naming its session: that session is the one meant.
+    let inner = serde_json::from_str::<Value>(raw).ok();
+    let user = inner
+        .as_ref()
+        .and_then(|v| v.get("session_id"))
+        .and_then(Value::as_str)
+        .unwrap_or(raw);
+    if user.trim().is_empty() {
+        return None;
+    }
+    match crate::core::labels::check_name(crate::core::labels::NameField::Session, user) {
+        Ok(name) => Some(name.to_string()),
+        Err(_) => accounting::prompt_digest(Some(&Value::String(user.to_string())))
+            .map(|d| format!("user-{d}")),
+    }
+}
+
+/// A model call in any dialect: one pipeline — the stage, the model, the prompt's limits, the
+/// route, attribution, tool scope — then [`dispatch_call`].
+async fn model_call(
+    state: GatewayState,
+    door: &crate::web::auth::Door,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    dialect: Dialect,
+) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (mut request, model) = request::read(&headers, body, state.max_body_bytes)?;
-    if !request.get("messages").is_some_and(Value::is_array) {
-        return Err(ApiError::bad_request(
-            "missing_messages",
-            "`messages` is required (an array of {role, content})",
-        )
-        .param("messages"));
-    }
+    let (body, model) = request::read(&headers, body, state.max_body_bytes)?;
+    let mut request = call_request(dialect, &headers, body)?;
     let mut notes: Notes = Vec::new();
     let chatmode = header(&headers, "x-hypertool-chatmode")
         .unwrap_or_else(|| settings.default_chatmode.clone());
@@ -116,13 +216,13 @@ pub async fn chat_completions(
     let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
     let prompt_estimate = estimate_prompt(&state, stage_call.as_deref(), &persona, &request);
-    let max_tokens = request
-        .get("max_completion_tokens")
-        .or_else(|| request.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
+    let max_tokens = request.max_tokens();
     let mut meta = CallMeta::new(&settings, &headers, persona, route, prompt_estimate);
-    meta.prompt_hash = accounting::prompt_digest(request.get("messages"));
+    meta.dialect = dialect;
+    if meta.session.is_none() && dialect == Dialect::Messages {
+        meta.session = session_of_metadata(&request);
+    }
+    meta.prompt_hash = accounting::prompt_digest(request.digest_source().as_ref());
     meta.workflow = workflow_name;
     meta.stage_call = stage_call;
     scope_request_tools(&state, &settings, &meta.persona, &mut request, &mut notes)?;
@@ -143,9 +243,34 @@ pub async fn chat_completions(
     )
     .await;
     if let Err(e) = &result {
-        trace::refused(&state, traced.as_ref(), "/v1/chat/completions", e);
+        trace::refused(&state, traced.as_ref(), dialect.route(), e);
     }
     result
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's input tokens, as the route's model counts them
+/// (an Anthropic upstream is asked; otherwise hypertool counts, as admission does). Nothing is
+/// spent, so nothing is admitted or recorded.
+pub async fn count_tokens(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let settings = state.settings();
+    let key = caller.persona_key();
+    let (body, model) = request::read(&headers, body, state.max_body_bytes)?;
+    let mut request = call_request(Dialect::Messages, &headers, body)?;
+    let route = allowed_route(&state, &settings, key, &model)?;
+    request
+        .body
+        .insert("model".into(), Value::String(route.upstream_model.clone()));
+    let provider = Provider::of(&settings, &state.http, &route).map_err(|e| gateway_error(&e))?;
+    let tokens = provider
+        .count_tokens(&request)
+        .await
+        .map_err(|e| gateway_error(&e))?;
+    Ok(Json(json!({"input_tokens": tokens})).into_response())
 }
 
 /// The rest of a chat call once it is attributed: cache, rates, admission, the upstream.
@@ -156,7 +281,7 @@ async fn dispatch_call(
     headers: &HeaderMap,
     key: Option<&VirtualKey>,
     mut meta: CallMeta,
-    request: Map<String, Value>,
+    request: CallRequest,
     mut notes: Notes,
     max_tokens: u64,
     prompt_estimate: u64,
@@ -207,12 +332,8 @@ async fn dispatch_call(
     // Durable before anything goes upstream: an answered call is never missing after a crash.
     store_admission(&state, &mut meta, estimate, cost_estimate).await?;
 
-    let stream = request
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let started = Instant::now();
-    let mut resp = if stream {
+    let mut resp = if request.stream() {
         stream_call(state, settings, meta, request, reservation, started).await?
     } else {
         plain_call(
@@ -408,15 +529,13 @@ type Notes = Vec<(&'static str, String)>;
 fn truncate_for_stage(
     state: &GatewayState,
     stage_call: Option<&stage::StageCall>,
-    request: &mut Map<String, Value>,
+    request: &mut CallRequest,
     notes: &mut Notes,
 ) -> Result<(), ApiError> {
     let Some(c) = stage_call else {
         return Ok(());
     };
-    let (Some(max), Some(Value::Array(msgs))) =
-        (c.stage.max_prompt_tokens, request.get_mut("messages"))
-    else {
+    let (Some(max), Some(msgs)) = (c.stage.max_prompt_tokens, request.messages_mut()) else {
         return Ok(());
     };
     match tokens::truncate_messages(msgs, max) {
@@ -453,13 +572,10 @@ fn estimate_prompt(
     state: &GatewayState,
     stage_call: Option<&stage::StageCall>,
     persona: &str,
-    request: &Map<String, Value>,
+    request: &CallRequest,
 ) -> u64 {
-    let messages: &[Value] = request
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
+    let prompt = request.prompt();
+    let messages: &[Value] = &prompt;
     let stage_budgeted =
         stage_call.is_some_and(|c| c.run.is_some() && c.stage.budget_tokens.is_some());
     if stage_budgeted || lock(&state.engine).enforces(persona) {
@@ -474,18 +590,19 @@ fn scope_request_tools(
     state: &GatewayState,
     settings: &GatewaySettings,
     persona: &str,
-    request: &mut Map<String, Value>,
+    request: &mut CallRequest,
     notes: &mut Notes,
 ) -> Result<(), ApiError> {
-    let Some(tools) = request.get("tools").and_then(Value::as_array) else {
+    let tools = request.tool_names();
+    if tools.is_empty() {
         return Ok(());
-    };
+    }
     let allowed = lock(&state.engine)
         .personas()
         .get(persona)
         .map(|p| p.allowed_tools.clone())
         .unwrap_or_default();
-    let scope = policy::scope_tools(persona, tools, &allowed, settings.tool_policy);
+    let scope = policy::scope_tools(persona, &tools, &allowed, settings.tool_policy);
     if let Err(policy::PolicyRefusal::ToolsNotAllowed { tools, .. }) = &scope {
         state.count_tools(persona, tools.len() as u64);
     }
@@ -493,12 +610,7 @@ fn scope_request_tools(
         state.count_tools(persona, removed.len() as u64);
         tracing::info!(persona = %persona, tools = %removed.join(","), "tools outside the persona's allowedTools removed");
         notes.push(("x-hypertool-tools-removed", removed.join(",")));
-        if keep.is_empty() {
-            request.remove("tools");
-            request.remove("tool_choice");
-        } else {
-            request.insert("tools".into(), Value::Array(keep));
-        }
+        request.retain_tools(|name| keep.iter().any(|k| k == name));
     }
     Ok(())
 }
@@ -517,7 +629,7 @@ async fn lookup_cache(
     settings: &GatewaySettings,
     headers: &HeaderMap,
     meta: &CallMeta,
-    request: &Map<String, Value>,
+    request: &CallRequest,
     notes: &mut Notes,
 ) -> CacheOutcome {
     let no_cache = headers
@@ -535,17 +647,8 @@ async fn lookup_cache(
                     entry.prompt_tokens + entry.completion_tokens,
                 );
                 state.count(&meta.route.upstream, "cache_hit");
-                let streamed = request
-                    .get("stream")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                let wants_usage = request
-                    .get("stream_options")
-                    .and_then(|o| o.get("include_usage"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                let mut resp = if streamed {
-                    cached_stream(&entry, wants_usage)
+                let mut resp = if request.stream() {
+                    cached_stream(&entry, request, meta.prompt_estimate)
                 } else {
                     json_bytes(entry.response.clone())
                 };

@@ -15,6 +15,7 @@ mod accounting;
 mod admission;
 pub mod cache;
 pub mod client;
+pub mod dialect;
 mod dispatch;
 mod handlers;
 pub mod provider;
@@ -53,7 +54,8 @@ use crate::core::workflow::Workflows;
 use crate::store::writer::lock;
 use crate::web::auth::Caller;
 use crate::web::error::{ApiError, ErrorKind};
-use provider::{sse, Provider};
+use dialect::{CallRequest, Dialect};
+use provider::Provider;
 use request::header;
 use upstream::{Completion, UpstreamError};
 
@@ -61,7 +63,7 @@ use accounting::*;
 use admission::*;
 use dispatch::*;
 use handlers::response_headers;
-pub use handlers::{chat_completions, embeddings, list_models};
+pub use handlers::{chat_completions, count_tokens, embeddings, list_models, messages};
 use relay::*;
 
 /// What every gateway handler and call task holds: one pointer (a clone is one increment).
@@ -274,6 +276,8 @@ impl Gateway {
 /// Who a call is for and what it asked.
 #[derive(Clone)]
 struct CallMeta {
+    /// The dialect the client speaks (its route, its answers' shape).
+    dialect: Dialect,
     persona: String,
     chatmode: String,
     workflow: Option<String>,
@@ -308,6 +312,7 @@ impl CallMeta {
         prompt_estimate: u64,
     ) -> Self {
         CallMeta {
+            dialect: Dialect::Chat,
             persona,
             chatmode: header(headers, "x-hypertool-chatmode")
                 .unwrap_or_else(|| settings.default_chatmode.clone()),

@@ -1,19 +1,27 @@
 //! Where a route's calls go: one interface over every upstream, chosen once per call from the
-//! route. [`Provider::OpenAiCompatible`] speaks HTTP to a configured upstream (`upstream.rs`);
-//! [`Provider::Mock`] is the built-in upstream that answers `mock/*` models at once, so a fresh
-//! install works with no model server (and the benchmarks and tests have a fixed, free upstream).
-//! Nothing else in the gateway asks which kind of upstream a route has.
+//! route. [`Provider::Http`] speaks HTTP to a configured upstream in its kind's dialect (OpenAI
+//! Chat Completions or Anthropic Messages; `upstream.rs` sends); [`Provider::Mock`] is the built-in
+//! upstream that answers `mock/*` models at once in the client's own dialect, so a fresh install
+//! works with no model server (and the benchmarks and tests have a fixed, free upstream).
+//!
+//! A request in the provider's dialect is sent as the client wrote it (only `model` set); in
+//! another, it is translated (`dialect::translate_request`), and the answer is translated back
+//! through the canonical `Answer`. Nothing else in the gateway asks which kind of upstream a route
+//! has.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use futures_util::Stream;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use super::client::UpstreamClient;
+use super::dialect::{self, Answer, Block, CallRequest, Dialect, StopReason, TokenUsage};
+use super::tokens;
 use super::upstream::{self, Completion, UpstreamError};
 use crate::config::gateway::{
-    GatewaySettings, MockSettings, ModelRoute, UpstreamSettings, MOCK_UPSTREAM,
+    GatewaySettings, MockSettings, ModelRoute, UpstreamKind, UpstreamSettings, MOCK_UPSTREAM,
 };
 
 /// The SSE bytes of a streamed answer.
@@ -22,7 +30,7 @@ pub type SseStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamE
 /// A route's upstream, with what calling it needs.
 pub enum Provider<'a> {
     Mock(&'a MockSettings),
-    OpenAiCompatible {
+    Http {
         upstream: &'a UpstreamSettings,
         http: &'a UpstreamClient,
         timeout: Duration,
@@ -40,7 +48,7 @@ impl<'a> Provider<'a> {
             return Ok(Provider::Mock(&settings.mock));
         }
         match settings.upstreams.get(&route.upstream) {
-            Some(upstream) => Ok(Provider::OpenAiCompatible {
+            Some(upstream) => Ok(Provider::Http {
                 upstream,
                 http,
                 timeout: route.timeout.unwrap_or(upstream.timeout),
@@ -51,29 +59,103 @@ impl<'a> Provider<'a> {
         }
     }
 
-    /// A plain chat completion, answered whole.
+    /// The dialect this provider is called in for a client speaking `client` (the mock speaks
+    /// every client's own).
+    pub fn dialect(&self, client: Dialect) -> Dialect {
+        match self {
+            Provider::Mock(_) => client,
+            Provider::Http { upstream, .. } => match upstream.kind {
+                UpstreamKind::Openai => Dialect::Chat,
+                UpstreamKind::Anthropic => Dialect::Messages,
+            },
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Provider::Mock(_) => MOCK_UPSTREAM,
+            Provider::Http { upstream, .. } => &upstream.name,
+        }
+    }
+
+    /// The body sent upstream: the client's (its `model` already set) or its translation.
+    fn body<'r>(
+        &self,
+        request: &'r CallRequest,
+        stream: bool,
+    ) -> Result<(Dialect, Cow<'r, Map<String, Value>>), UpstreamError> {
+        let to = self.dialect(request.dialect);
+        let mut body =
+            dialect::translate_request(request, to).map_err(|u| UpstreamError::Untranslatable {
+                upstream: self.name().to_string(),
+                detail: u.0,
+            })?;
+        if let Cow::Owned(b) = &mut body {
+            if let Some(model) = request.body.get("model") {
+                b.insert("model".into(), model.clone());
+            }
+            if stream && to == Dialect::Chat {
+                b.insert("stream_options".into(), json!({"include_usage": true}));
+            }
+        }
+        Ok((to, body))
+    }
+
+    /// The headers an upstream of `to` is sent beside its key.
+    fn headers(request: &CallRequest, to: Dialect) -> Vec<(&'static str, String)> {
+        if to != Dialect::Messages {
+            return Vec::new();
+        }
+        let mut out: Vec<(&'static str, String)> = Vec::new();
+        if request.dialect == Dialect::Messages {
+            out.extend(request.forward.iter().cloned());
+        }
+        if !out.iter().any(|(n, _)| *n == "anthropic-version") {
+            out.push((
+                "anthropic-version",
+                dialect::messages::DEFAULT_VERSION.to_string(),
+            ));
+        }
+        out
+    }
+
+    fn path(to: Dialect) -> &'static str {
+        match to {
+            Dialect::Chat => "chat/completions",
+            Dialect::Messages => "messages",
+        }
+    }
+
+    /// A plain answer, whole, in the client's dialect.
     pub async fn complete(
         &self,
-        body: &Map<String, Value>,
+        request: &CallRequest,
         model: &str,
     ) -> Result<Completion, UpstreamError> {
         match self {
             Provider::Mock(mock) => {
                 tokio::time::sleep(mock.latency).await;
-                let (value, _, _) = upstream::mock_completion(
-                    mock,
-                    body,
-                    model,
-                    &new_id(),
-                    chrono::Utc::now().timestamp(),
-                );
-                Completion::parse(MOCK_UPSTREAM, Bytes::from(value.to_string()))
+                let answer = mock_answer(mock, request, model);
+                Ok(Completion::of_answer(&answer, request.dialect))
             }
-            Provider::OpenAiCompatible {
+            Provider::Http {
                 upstream,
                 http,
                 timeout,
-            } => upstream::complete(http, upstream, body, *timeout).await,
+            } => {
+                let (to, body) = self.body(request, false)?;
+                let headers = Self::headers(request, to);
+                let bytes = upstream::post_answer(
+                    http,
+                    upstream,
+                    Self::path(to),
+                    &body,
+                    &headers,
+                    *timeout,
+                )
+                .await?;
+                Completion::read(&upstream.name, to, request.dialect, bytes)
+            }
         }
     }
 
@@ -89,7 +171,13 @@ impl<'a> Provider<'a> {
                 tokio::time::sleep(mock.latency).await;
                 Ok(upstream::mock_embeddings(inputs, model).0)
             }
-            Provider::OpenAiCompatible {
+            Provider::Http { upstream, .. } if upstream.kind == UpstreamKind::Anthropic => {
+                Err(UpstreamError::Untranslatable {
+                    upstream: upstream.name.clone(),
+                    detail: "Anthropic's API has no embeddings".into(),
+                })
+            }
+            Provider::Http {
                 upstream,
                 http,
                 timeout,
@@ -97,72 +185,164 @@ impl<'a> Provider<'a> {
         }
     }
 
-    /// Opens a streamed chat completion.
-    pub async fn open_stream(&self, body: &Value, model: &str) -> Result<SseStream, UpstreamError> {
+    /// Opens a streamed answer; its events are in the returned dialect (the upstream's).
+    pub async fn open_stream(
+        &self,
+        request: &CallRequest,
+        model: &str,
+    ) -> Result<(SseStream, Dialect), UpstreamError> {
         match self {
             Provider::Mock(mock) => {
                 tokio::time::sleep(mock.latency).await;
-                let chunks = mock_stream(mock, body, model);
-                Ok(Box::pin(futures_util::stream::iter(
-                    chunks.into_iter().map(Ok),
-                )))
+                let answer = mock_answer(mock, request, model);
+                let prompt = answer.usage.map_or(0, |u| u.input);
+                let events = dialect::answer_stream(&answer, request.dialect, true, prompt, true);
+                Ok((
+                    Box::pin(futures_util::stream::iter(events.into_iter().map(Ok))),
+                    request.dialect,
+                ))
             }
-            Provider::OpenAiCompatible {
+            Provider::Http {
                 upstream,
                 http,
                 timeout,
-            } => Ok(Box::pin(
-                upstream::open_stream(http, upstream, body, *timeout).await?,
-            )),
+            } => {
+                let (to, body) = self.body(request, true)?;
+                let headers = Self::headers(request, to);
+                let stream = upstream::open_stream(
+                    http,
+                    upstream,
+                    Self::path(to),
+                    &body,
+                    &headers,
+                    *timeout,
+                )
+                .await?;
+                Ok((Box::pin(stream), to))
+            }
+        }
+    }
+
+    /// The prompt's input tokens as the model counts them: an Anthropic upstream is asked; for
+    /// others (and the mock) they are counted here, as admission counts them.
+    pub async fn count_tokens(&self, request: &CallRequest) -> Result<u64, UpstreamError> {
+        match self {
+            Provider::Http {
+                upstream,
+                http,
+                timeout,
+            } if upstream.kind == UpstreamKind::Anthropic => {
+                let (to, body) = self.body(request, false)?;
+                let mut body = body.into_owned();
+                // count_tokens takes the prompt only.
+                for field in [
+                    "max_tokens",
+                    "stream",
+                    "temperature",
+                    "top_p",
+                    "stop_sequences",
+                    "metadata",
+                ] {
+                    body.remove(field);
+                }
+                let headers = Self::headers(request, to);
+                let bytes = upstream::post_answer(
+                    http,
+                    upstream,
+                    "messages/count_tokens",
+                    &body,
+                    &headers,
+                    *timeout,
+                )
+                .await?;
+                serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("input_tokens").and_then(Value::as_u64))
+                    .ok_or_else(|| UpstreamError::Invalid {
+                        upstream: upstream.name.clone(),
+                        detail: "no `input_tokens` in the count".into(),
+                    })
+            }
+            _ => Ok(tokens::count_messages(&request.prompt())),
         }
     }
 }
 
-/// An id in OpenAI's shape for answers hypertool makes itself.
-pub fn new_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "chatcmpl-ht{:x}{:06x}",
-        chrono::Utc::now().timestamp_millis(),
-        SEQ.fetch_add(1, Ordering::Relaxed) & 0xff_ffff
-    )
-}
-
-/// One SSE event.
+/// One SSE event of a chat stream.
 pub fn sse(json: &str) -> Bytes {
-    Bytes::from(format!("data: {json}\n\n"))
+    dialect::chat::sse(json)
 }
 
-/// The mock's answer as SSE chunks: the role, a chunk per word, the finish, usage, `[DONE]`.
-fn mock_stream(mock: &MockSettings, body: &Value, model: &str) -> Vec<Bytes> {
-    use serde_json::json;
-    let id = new_id();
-    let created = chrono::Utc::now().timestamp();
-    let empty = Map::new();
-    let request = body.as_object().unwrap_or(&empty);
-    let (_, prompt, content) = upstream::mock_completion(mock, request, model, &id, created);
-    let chunk = |delta: Value, finish: Value| {
-        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-        .to_string()
+/// The mock's answer: deterministic text echoing the last user message, or — when the client
+/// made a tool call mandatory (`tool_choice` required/any or a named tool) and the conversation
+/// does not end in a tool's result — a call of that tool with arguments from its schema.
+pub fn mock_answer(mock: &MockSettings, request: &CallRequest, model: &str) -> Answer {
+    let prompt = tokens::count_messages(&request.prompt());
+    let forced = request
+        .forced_tool()
+        .filter(|_| !request.ends_with_tool_result());
+    let tool = forced.and_then(|name| request.tool(name.as_deref()));
+    let (blocks, stop) = match tool {
+        Some((name, schema)) => (
+            vec![Block::ToolCall {
+                id: format!(
+                    "call_{}",
+                    &dialect::new_id(Dialect::Messages)["msg_".len()..]
+                ),
+                name,
+                arguments: example_of(&schema).to_string(),
+            }],
+            StopReason::ToolUse,
+        ),
+        None => {
+            let echo: String = request.last_user_text().chars().take(60).collect();
+            (
+                vec![Block::Text(format!(
+                    "Mock answer from hypertool to: {echo}"
+                ))],
+                StopReason::EndTurn,
+            )
+        }
     };
-    let mut out = vec![sse(&chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    ))];
-    for (i, word) in content.split(' ').enumerate() {
-        let piece = if i == 0 {
-            word.to_string()
-        } else {
-            format!(" {word}")
-        };
-        out.push(sse(&chunk(json!({"content": piece}), Value::Null)));
+    Answer {
+        id: dialect::new_id(request.dialect),
+        model: model.to_string(),
+        blocks,
+        stop,
+        usage: Some(TokenUsage {
+            input: prompt,
+            output: mock.completion_tokens,
+            ..Default::default()
+        }),
     }
-    out.push(sse(&chunk(json!({}), json!("stop"))));
-    let completion = mock.completion_tokens;
-    out.push(sse(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}).to_string()));
-    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    out
+}
+
+/// A value that fits a JSON schema's required properties (the mock's tool arguments).
+fn example_of(schema: &Value) -> Value {
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") | None => {
+            let mut out = Map::new();
+            let props = schema.get("properties").and_then(Value::as_object);
+            for name in schema
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let sub = props.and_then(|p| p.get(name)).unwrap_or(&Value::Null);
+                out.insert(name.to_string(), example_of(sub));
+            }
+            Value::Object(out)
+        }
+        Some("string") => schema
+            .get("enum")
+            .and_then(Value::as_array)
+            .and_then(|e| e.first().cloned())
+            .unwrap_or(json!("mock")),
+        Some("integer" | "number") => json!(1),
+        Some("boolean") => json!(true),
+        Some("array") => json!([]),
+        _ => Value::Null,
+    }
 }

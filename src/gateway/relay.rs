@@ -6,7 +6,6 @@ use super::*;
 pub(super) type SourceStream =
     std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
 
-/// A cached answer replayed as an SSE stream.
 /// A JSON response from bytes that already are JSON.
 pub(super) fn json_bytes(body: Bytes) -> Response {
     let mut resp = Response::new(Body::from(body));
@@ -17,42 +16,8 @@ pub(super) fn json_bytes(body: Bytes) -> Response {
     resp
 }
 
-pub(super) fn cached_stream(entry: &cache::Entry, wants_usage: bool) -> Response {
-    let value = Completion::value(&entry.response);
-    let r = &value;
-    let id = r.get("id").cloned().unwrap_or(Value::Null);
-    let model = r.get("model").cloned().unwrap_or(Value::Null);
-    let created = r.get("created").cloned().unwrap_or(Value::Null);
-    let mut out: Vec<Result<Bytes, Infallible>> = Vec::new();
-    for c in r
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let index = c.get("index").cloned().unwrap_or(json!(0));
-        let message = c.get("message").cloned().unwrap_or(json!({}));
-        let chunk = |delta: Value, finish: Value| {
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
-            .to_string()
-        };
-        let mut delta = json!({"role": "assistant", "content": message.get("content").cloned().unwrap_or(Value::Null)});
-        if let Some(calls) = message.get("tool_calls") {
-            delta["tool_calls"] = calls.clone();
-        }
-        out.push(Ok(sse(&chunk(delta, Value::Null))));
-        out.push(Ok(sse(&chunk(
-            json!({}),
-            c.get("finish_reason").cloned().unwrap_or(json!("stop")),
-        ))));
-    }
-    if wants_usage {
-        out.push(Ok(sse(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": r.get("usage").cloned().unwrap_or(Value::Null)}).to_string())));
-    }
-    out.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
-    let mut resp = Response::new(Body::from_stream(futures_util::stream::iter(out)));
+fn event_stream(body: Body) -> Response {
+    let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -62,46 +27,81 @@ pub(super) fn cached_stream(entry: &cache::Entry, wants_usage: bool) -> Response
     resp
 }
 
+/// A chat client's `stream_options.include_usage` (other dialects always carry usage).
+fn client_wants_usage(request: &CallRequest) -> bool {
+    request.dialect != Dialect::Chat
+        || request
+            .body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+}
+
+/// A cached answer (stored in the client's dialect) replayed as a stream in that dialect.
+pub(super) fn cached_stream(
+    entry: &cache::Entry,
+    request: &CallRequest,
+    prompt_estimate: u64,
+) -> Response {
+    let events = match dialect::parse_answer(request.dialect, &entry.response) {
+        Ok(answer) => dialect::answer_stream(
+            &answer,
+            request.dialect,
+            client_wants_usage(request),
+            prompt_estimate,
+            false,
+        ),
+        Err(_) => Vec::new(),
+    };
+    let chunks = events.into_iter().map(Ok::<Bytes, Infallible>);
+    event_stream(Body::from_stream(futures_util::stream::iter(chunks)))
+}
+
 pub(super) async fn stream_call(
     state: GatewayState,
     settings: Arc<GatewaySettings>,
     meta: CallMeta,
-    mut request: Map<String, Value>,
+    mut request: CallRequest,
     reservation: Reservation,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    // Ask the upstream for usage; remember whether the client asked, to strip it otherwise.
-    let client_wants_usage = request
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let mut options = request
-        .get("stream_options")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    options.insert("include_usage".into(), Value::Bool(true));
-    request.insert("stream_options".into(), Value::Object(options));
-    let mut body = Value::Object(request);
+    // A chat upstream is asked for usage; whether the client asked is remembered, to strip it
+    // otherwise.
+    let wants_usage = client_wants_usage(&request);
+    if request.dialect == Dialect::Chat {
+        let mut options = request
+            .body
+            .get("stream_options")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        options.insert("include_usage".into(), Value::Bool(true));
+        request
+            .body
+            .insert("stream_options".into(), Value::Object(options));
+    }
 
     // Streams are not retried once they have begun; before the first byte, fallbacks are tried.
     let mut opened = None;
     let mut last_error = None;
     for candidate in candidates(&settings, &meta.route) {
-        body["model"] = Value::String(candidate.upstream_model.clone());
-        let attempt_body = &body;
+        request.body.insert(
+            "model".into(),
+            Value::String(candidate.upstream_model.clone()),
+        );
+        let attempt_request = &request;
         let traced = trace::Attempt::begin(&state, &meta);
         let opening = trace::Attempt::scope(traced.as_ref(), async {
             match Provider::of(&settings, &state.http, &candidate) {
-                Ok(provider) => provider.open_stream(attempt_body, &candidate.name).await,
+                Ok(provider) => provider.open_stream(attempt_request, &candidate.name).await,
                 Err(e) => Err(e),
             }
         })
         .await;
         match opening {
-            Ok(s) => {
-                opened = Some((candidate, s, traced));
+            Ok((s, from)) => {
+                opened = Some((candidate, s, from, traced));
                 break;
             }
             Err(e) => {
@@ -109,7 +109,7 @@ pub(super) async fn stream_call(
                     &state,
                     &meta,
                     traced,
-                    body.get("messages"),
+                    request.body.get("messages"),
                     trace::AttemptOutcome {
                         route: &candidate,
                         usage: None,
@@ -132,7 +132,7 @@ pub(super) async fn stream_call(
             }
         }
     }
-    let Some((answered_by, source, traced)) = opened else {
+    let Some((answered_by, source, from, traced)) = opened else {
         state.count(&meta.route.upstream, "upstream_error");
         let e = last_error.unwrap_or(UpstreamError::Unreachable {
             upstream: meta.route.upstream.clone(),
@@ -149,52 +149,149 @@ pub(super) async fn stream_call(
     state.tasks.clone().spawn(relay(
         state,
         task_meta,
-        Arc::new(body),
-        source,
+        Arc::new(request),
+        Source {
+            events: source,
+            dialect: from,
+        },
         tx,
-        client_wants_usage,
+        wants_usage,
         timeout,
         reservation,
         started,
         traced,
     ));
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut resp = Response::new(Body::from_stream(stream));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let mut resp = event_stream(Body::from_stream(stream));
     response_headers(&mut resp, &meta);
     Ok(resp)
 }
 
-/// Copies the upstream's SSE events to the client, watching for usage, and records the call when
-/// the stream ends — with the upstream's usage, or estimated when there was none or the client left.
+/// An upstream's stream and the dialect of its events.
+pub(super) struct Source {
+    events: SourceStream,
+    dialect: Dialect,
+}
+
+/// How the upstream's events reach the client: forwarded as they came (the same dialect), or
+/// translated through their [`dialect::Delta`]s.
+enum Output {
+    Forward,
+    Translate(dialect::StreamEncoder),
+}
+
+/// An upstream event forwarded in its own dialect. A chat chunk's usage is removed unless the
+/// client asked for it (hypertool always asks the upstream).
+fn forward(
+    dialect: Dialect,
+    data: &str,
+    parsed: Option<Value>,
+    wants_usage: bool,
+    out: &mut Vec<Bytes>,
+) {
+    let Some(mut chunk) = parsed else {
+        // Not JSON: passed on untouched.
+        out.push(dialect::chat::sse(data));
+        return;
+    };
+    if dialect == Dialect::Messages {
+        let kind = chunk.get("type").and_then(Value::as_str);
+        out.push(dialect::messages::forward(data, kind));
+        return;
+    }
+    if wants_usage {
+        out.push(dialect::chat::sse(data));
+        return;
+    }
+    let no_choices = chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|c| c.is_empty());
+    if no_choices && chunk.get("usage").is_some_and(|u| !u.is_null()) {
+        return;
+    }
+    match chunk.as_object_mut() {
+        Some(obj) if obj.contains_key("usage") => {
+            obj.remove("usage");
+            out.push(dialect::chat::sse(&chunk.to_string()));
+        }
+        _ => out.push(dialect::chat::sse(data)),
+    }
+}
+
+/// What a stream has produced so far, read from its deltas.
+#[derive(Default)]
+struct Produced {
+    /// The text and tool calls (what a gate judges).
+    content: String,
+    /// The model's reasoning (counted, not judged).
+    reasoning: String,
+    usage: Option<dialect::TokenUsage>,
+}
+
+impl Produced {
+    fn absorb(&mut self, deltas: &[dialect::Delta]) {
+        use dialect::Delta;
+        for d in deltas {
+            match d {
+                Delta::Text(t) => self.content.push_str(t),
+                Delta::Thinking(t) => self.reasoning.push_str(t),
+                Delta::ToolStart { name, .. } => self.content.push_str(name),
+                Delta::ToolArgs { json, .. } => self.content.push_str(json),
+                Delta::Usage(u) => self.usage = Some(*u),
+                Delta::Start { .. } | Delta::ThinkingSignature(_) | Delta::Stop(_) => {}
+            }
+        }
+    }
+
+    /// The completion so far, counted.
+    fn counted(&self) -> u64 {
+        tokens::count_text(&self.content) + tokens::count_text(&self.reasoning)
+    }
+}
+
+/// Copies the upstream's stream events to the client — as they came, or translated into the
+/// client's dialect — reading usage and content on the way, and records the call when the stream
+/// ends: with the upstream's usage, or estimated when there was none or the stream was cut.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn relay(
     state: GatewayState,
     meta: CallMeta,
-    request: Arc<Value>,
-    mut source: SourceStream,
+    request: Arc<CallRequest>,
+    source: Source,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
-    client_wants_usage: bool,
+    wants_usage: bool,
     timeout: Duration,
     reservation: Reservation,
     started: Instant,
     traced: Option<trace::Attempt>,
 ) {
+    let Source {
+        events: mut source,
+        dialect: from,
+    } = source;
+    let to = request.dialect;
     let generation = traced.as_ref().map(|a| a.span_id);
     let mut verdict = None;
-    let mut decoder = super::sse::SseDecoder::default();
+    let mut sse_decoder = super::sse::SseDecoder::default();
+    let mut decoder = dialect::StreamDecoder::new(from);
+    let mut output = if from == to {
+        Output::Forward
+    } else {
+        Output::Translate(dialect::StreamEncoder::new(
+            to,
+            wants_usage,
+            meta.prompt_estimate,
+        ))
+    };
     let mut datas: Vec<String> = Vec::new();
-    let mut content = String::new();
-    let mut usage: Option<(u64, u64)> = None;
+    let mut deltas: Vec<dialect::Delta> = Vec::new();
+    let mut out: Vec<Bytes> = Vec::new();
+    let mut produced = Produced::default();
     let mut done = false;
     let mut client_gone = false;
     let mut failure: Option<UpstreamError> = None;
-    // Taken when the usage is stored (at `[DONE]`, or after the stream when it was cut).
+    // Taken when the usage is stored (at the stream's end, or after the stream when it was cut).
     let mut unsettled = Some(reservation);
     // When the completion streamed so far was last written down (`call_progress`).
     let mut progress_at = Instant::now();
@@ -218,7 +315,7 @@ pub(super) async fn relay(
             }
         };
         datas.clear();
-        if decoder.push(&bytes, &mut datas).is_err() {
+        if sse_decoder.push(&bytes, &mut datas).is_err() {
             failure = Some(UpstreamError::Invalid {
                 upstream: meta.route.upstream.clone(),
                 detail: format!("a stream line longer than {} bytes", super::sse::MAX_LINE),
@@ -226,89 +323,91 @@ pub(super) async fn relay(
             break;
         }
         for data in &datas {
-            let data = data.as_str();
-            let out = if data.trim() == "[DONE]" {
-                done = true;
-                // A gated stage: the verdict on the complete output goes out as an SSE
-                // comment (clients ignore comments; headers are long gone).
-                let (prompt, completion, estimated) = final_usage(usage, &request, &meta, &content);
-                verdict = judge(&state, &meta, &content, completion, 1, generation).await;
-                // The usage is stored before the last event goes out: a client that saw the
-                // stream end finds its call in the ledger with these numbers, however the
-                // process ends after.
-                settle_once(
-                    &state,
-                    &meta,
-                    &mut unsettled,
-                    (prompt, completion, estimated),
-                    started,
-                )
-                .await;
-                match &verdict {
-                    Some(v) => Some(Bytes::from(format!(
-                        ": x-hypertool-quality-gate: {}\n\ndata: [DONE]\n\n",
-                        stage::header_safe(&v.summary())
-                    ))),
-                    None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+            deltas.clear();
+            out.clear();
+            match decoder.decode(data, &mut deltas) {
+                dialect::Decoded::End => {
+                    done = true;
+                    let (prompt, completion, estimated) = final_usage(&produced, done, &request);
+                    // A gated stage: the verdict on the complete output goes out as an SSE
+                    // comment (clients ignore comments; headers are long gone).
+                    verdict =
+                        judge(&state, &meta, &produced.content, completion, 1, generation).await;
+                    // The usage is stored before the last event goes out: a client that saw the
+                    // stream end finds its call in the ledger with these numbers, however the
+                    // process ends after.
+                    settle_once(
+                        &state,
+                        &meta,
+                        &mut unsettled,
+                        (prompt, completion, estimated),
+                        started,
+                    )
+                    .await;
+                    let comment = verdict.as_ref().map(|v| {
+                        format!(
+                            "x-hypertool-quality-gate: {}",
+                            stage::header_safe(&v.summary())
+                        )
+                    });
+                    match &mut output {
+                        Output::Translate(encoder) => encoder.finish(comment.as_deref(), &mut out),
+                        Output::Forward => {
+                            out.extend(comment.as_deref().map(dialect::comment));
+                            out.push(match to {
+                                Dialect::Chat => Bytes::from_static(b"data: [DONE]\n\n"),
+                                Dialect::Messages => {
+                                    dialect::messages::forward(data, Some("message_stop"))
+                                }
+                            });
+                        }
+                    }
                 }
-            } else {
-                match serde_json::from_str::<Value>(data) {
-                    Ok(mut chunk) => {
-                        if let Some(u) = usage_of(&chunk) {
-                            usage = Some(u);
-                        }
-                        for c in chunk
-                            .get("choices")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                        {
-                            if let Some(piece) = c.pointer("/delta/content").and_then(Value::as_str)
-                            {
-                                content.push_str(piece);
-                            }
-                            if let Some(calls) = c.pointer("/delta/tool_calls") {
-                                content.push_str(&calls.to_string());
-                            }
-                        }
-                        if client_wants_usage {
-                            Some(sse(data))
-                        } else {
-                            let no_choices = chunk
-                                .get("choices")
-                                .and_then(Value::as_array)
-                                .is_some_and(|c| c.is_empty());
-                            if no_choices && chunk.get("usage").is_some_and(|u| !u.is_null()) {
-                                None
-                            } else if let Some(obj) = chunk.as_object_mut() {
-                                obj.remove("usage");
-                                Some(sse(&Value::Object(obj.clone()).to_string()))
-                            } else {
-                                Some(sse(data))
+                dialect::Decoded::Error(message) => {
+                    failure = Some(UpstreamError::Invalid {
+                        upstream: meta.route.upstream.clone(),
+                        detail: format!(
+                            "an error in the stream: {}",
+                            upstream::scrub(&message, None)
+                        ),
+                    });
+                    break 'read;
+                }
+                dialect::Decoded::Event(parsed) => {
+                    produced.absorb(&deltas);
+                    match &mut output {
+                        Output::Forward => forward(to, data, parsed, wants_usage, &mut out),
+                        Output::Translate(encoder) => {
+                            for d in &deltas {
+                                encoder.encode(d, &mut out);
                             }
                         }
                     }
-                    // Not JSON: pass it on untouched.
-                    Err(_) => Some(sse(data)),
                 }
-            };
-            if let Some(out) = out {
-                if tx.send(Ok(out)).await.is_err() {
+            }
+            for chunk in out.drain(..) {
+                if tx.send(Ok(chunk)).await.is_err() {
                     client_gone = true;
                     break 'read;
                 }
             }
+            if done {
+                break 'read;
+            }
         }
         if !done && progress_at.elapsed() >= PROGRESS_EVERY {
             progress_at = Instant::now();
-            note_progress(&state, &meta, tokens::count_text(&content)).await;
+            note_progress(&state, &meta, produced.counted()).await;
         }
     }
     drop(source);
     if failure.is_none() && !done && !client_gone {
         failure = Some(UpstreamError::Invalid {
             upstream: meta.route.upstream.clone(),
-            detail: "the stream ended before [DONE]".into(),
+            detail: match from {
+                Dialect::Chat => "the stream ended before [DONE]".into(),
+                Dialect::Messages => "the stream ended before message_stop".into(),
+            },
         });
     }
     if let Some(e) = &failure {
@@ -320,12 +419,14 @@ pub(super) async fn relay(
             tracing::warn!(persona = %meta.persona, model = %meta.route.name,
                 similar_held_back = held_back, "stream ended early: {}", e.message());
         }
-        let err =
-            json!({"error": {"message": e.message(), "type": "upstream_error", "code": e.code()}});
-        let _ = tx.send(Ok(sse(&err.to_string()))).await;
+        let error = match to {
+            Dialect::Chat => dialect::chat::error_event(e.code(), &e.message()),
+            Dialect::Messages => dialect::messages::error_event(e.code(), &e.message()),
+        };
+        let _ = tx.send(Ok(error)).await;
     }
     drop(tx);
-    let (prompt, completion, estimated) = final_usage(usage, &request, &meta, &content);
+    let (prompt, completion, estimated) = final_usage(&produced, done, &request);
     if client_gone {
         tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
     }
@@ -334,11 +435,11 @@ pub(super) async fn relay(
             &state,
             &meta,
             traced,
-            request.get("messages"),
+            request.body.get("messages"),
             trace::AttemptOutcome {
                 route: &meta.route,
                 usage: Some((prompt, completion)),
-                output: Some(&content),
+                output: Some(&produced.content),
                 error: failure.as_ref(),
                 gate_attempt: 1,
                 retry: 0,
@@ -359,7 +460,7 @@ pub(super) async fn relay(
             },
         );
     }
-    // A stream cut before `[DONE]` (the client left, the upstream failed): its completion so
+    // A stream cut before its end (the client left, the upstream failed): its completion so
     // far, counted, or the upstream's usage if it came.
     settle_once(
         &state,
@@ -421,24 +522,21 @@ async fn note_progress(state: &GatewayState, meta: &CallMeta, completion_tokens:
     state.writer.append_accounting(vec![event], |_| {}).await;
 }
 
-/// A stream's usage: the upstream's, else the prompt counted and the completion so far counted
-/// (`estimated`).
-fn final_usage(
-    usage: Option<(u64, u64)>,
-    request: &Value,
-    meta: &CallMeta,
-    content: &str,
-) -> (u64, u64, bool) {
-    match usage {
-        Some((p, c)) => (p, c, false),
-        None => (
-            request
-                .as_object()
-                .map(counted_prompt)
-                .unwrap_or(meta.prompt_estimate),
-            tokens::count_text(content),
-            true,
-        ),
+/// A stream's usage: the upstream's once the stream is complete; for a stream that was cut (or
+/// had none), the prompt as the upstream said or counted, and the larger of the completion the
+/// upstream had reported and what was streamed, counted (`estimated`): never zero for a stream
+/// that produced something.
+fn final_usage(produced: &Produced, done: bool, request: &CallRequest) -> (u64, u64, bool) {
+    match produced.usage {
+        Some(u) if done => (u.input, u.output, false),
+        reported => {
+            let prompt = match reported {
+                Some(u) if u.input > 0 => u.input,
+                _ => counted_prompt(request),
+            };
+            let completion = reported.map_or(0, |u| u.output).max(produced.counted());
+            (prompt, completion, true)
+        }
     }
 }
 

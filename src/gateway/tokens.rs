@@ -19,12 +19,23 @@ pub fn count_text(text: &str) -> u64 {
     }
 }
 
+/// The text of a message's content as counted: strings, text parts and blocks, and — for
+/// Messages blocks — a tool call's input and a tool result's content.
 fn content_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts
             .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(|p| match p.get("type").and_then(Value::as_str) {
+                Some("tool_use") => p.get("input").map(Value::to_string).unwrap_or_default(),
+                Some("tool_result") => p.get("content").map(content_text).unwrap_or_default(),
+                _ => p
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            })
+            .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()
             .join(" "),
         _ => String::new(),
@@ -74,6 +85,19 @@ pub struct Truncation {
     pub tokens_after: u64,
 }
 
+/// A chat `tool` message, or a Messages user message holding a `tool_result` block: it goes with
+/// the call it answers.
+fn answers_a_tool_call(m: &Value) -> bool {
+    role(m) == "tool"
+        || m.get("content")
+            .and_then(Value::as_array)
+            .is_some_and(|blocks| {
+                blocks
+                    .iter()
+                    .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            })
+}
+
 fn role(m: &Value) -> &str {
     m.get("role").and_then(Value::as_str).unwrap_or("")
 }
@@ -100,7 +124,7 @@ pub fn truncate_messages(messages: &mut Vec<Value>, max: u64) -> Result<Option<T
         now -= shares.remove(i);
         removed += 1;
         // Tool results of a removed call (or left orphaned at the front) go too.
-        while i < messages.len().saturating_sub(1) && role(&messages[i]) == "tool" {
+        while i < messages.len().saturating_sub(1) && answers_a_tool_call(&messages[i]) {
             messages.remove(i);
             now -= shares.remove(i);
             removed += 1;

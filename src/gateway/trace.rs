@@ -229,7 +229,7 @@ fn log_generation(meta: &CallMeta, s: &SpanRecord) {
 /// How the call ended, for the request span.
 #[derive(Default)]
 pub(super) struct CallOutcome<'a> {
-    /// The route called; `/v1/chat/completions` when empty.
+    /// The route called; the call's dialect's when empty.
     pub(super) route: &'static str,
     pub(super) status: u16,
     pub(super) cache_hit: bool,
@@ -267,7 +267,7 @@ pub(super) fn request(state: &GatewayState, meta: &CallMeta, o: CallOutcome<'_>)
         return;
     };
     let route = if o.route.is_empty() {
-        "/v1/chat/completions"
+        meta.dialect.route()
     } else {
         o.route
     };

@@ -9,9 +9,10 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::{json, Value};
 
-use super::client::{SendError, UpstreamClient, UpstreamResponse};
+use super::client::{SendError, UpstreamClient, UpstreamKey, UpstreamResponse};
+use super::dialect::{parse_answer, render_answer, Answer, Dialect};
 use super::tokens;
-use crate::config::gateway::{MockSettings, UpstreamSettings};
+use crate::config::gateway::{UpstreamKind, UpstreamSettings};
 
 /// Why an upstream call failed; each maps to an HTTP status and an OpenAI-style error.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +33,8 @@ pub enum UpstreamError {
     Invalid { upstream: String, detail: String },
     /// hypertool could not build the request (a key or URL a request cannot carry).
     Misconfigured { upstream: String, detail: String },
+    /// The request holds something the upstream's dialect cannot express (a 400 naming it).
+    Untranslatable { upstream: String, detail: String },
 }
 
 impl UpstreamError {
@@ -42,7 +45,8 @@ impl UpstreamError {
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
             UpstreamError::Timeout { .. }
             | UpstreamError::Invalid { .. }
-            | UpstreamError::Misconfigured { .. } => false,
+            | UpstreamError::Misconfigured { .. }
+            | UpstreamError::Untranslatable { .. } => false,
         }
     }
 
@@ -59,6 +63,7 @@ impl UpstreamError {
             | UpstreamError::Invalid { .. }
             | UpstreamError::Misconfigured { .. } => 502,
             UpstreamError::Timeout { .. } => 504,
+            UpstreamError::Untranslatable { .. } => 400,
             UpstreamError::Status { status, .. } => match *status {
                 429 => 429,
                 s if s >= 500 => 502,
@@ -75,6 +80,7 @@ impl UpstreamError {
             UpstreamError::Status { .. } => "upstream_error",
             UpstreamError::Invalid { .. } => "upstream_invalid_response",
             UpstreamError::Misconfigured { .. } => "upstream_misconfigured",
+            UpstreamError::Untranslatable { .. } => "unsupported_content",
         }
     }
 
@@ -101,6 +107,9 @@ impl UpstreamError {
                 format!(
                     "upstream `{upstream}` is misconfigured: {detail}; fix it in hypertool.toml"
                 )
+            }
+            UpstreamError::Untranslatable { upstream, detail } => {
+                format!("{detail} (upstream `{upstream}`); send it to a model of the other kind, or leave it out")
             }
         }
     }
@@ -141,9 +150,11 @@ fn api_key(upstream: &UpstreamSettings) -> Option<String> {
 
 /// `{base_url}/{path}` of `upstream`, parsed once at configuration load.
 fn endpoint(upstream: &UpstreamSettings, path: &str) -> Result<http::Uri, UpstreamError> {
-    let parsed = match path {
-        "chat/completions" => upstream.chat_url.clone(),
-        "embeddings" => upstream.embeddings_url.clone(),
+    let parsed = match (upstream.kind, path) {
+        (UpstreamKind::Openai, "chat/completions") => upstream.chat_url.clone(),
+        (UpstreamKind::Openai, "embeddings") => upstream.embeddings_url.clone(),
+        (UpstreamKind::Anthropic, "messages") => upstream.messages_url.clone(),
+        (UpstreamKind::Anthropic, "messages/count_tokens") => upstream.count_tokens_url.clone(),
         _ => None,
     };
     parsed.ok_or_else(|| UpstreamError::Misconfigured {
@@ -159,6 +170,7 @@ async fn send(
     upstream: &UpstreamSettings,
     path: &str,
     body: &(impl serde::Serialize + ?Sized),
+    headers: &[(&'static str, String)],
 ) -> Result<UpstreamResponse, UpstreamError> {
     let uri = endpoint(upstream, path)?;
     let json = serde_json::to_vec(body).map_err(|e| UpstreamError::Misconfigured {
@@ -166,11 +178,17 @@ async fn send(
         detail: format!("the request could not be encoded ({e})"),
     })?;
     let key = api_key(upstream);
+    let key = match (upstream.kind, key.as_deref()) {
+        (_, None) => UpstreamKey::None,
+        (UpstreamKind::Openai, Some(k)) => UpstreamKey::Bearer(k),
+        (UpstreamKind::Anthropic, Some(k)) => UpstreamKey::ApiKey(k),
+    };
     let resp = http
         .post_json(
             uri,
             Bytes::from(json),
-            key.as_deref(),
+            key,
+            headers,
             upstream.proxy.as_deref(),
         )
         .await
@@ -227,10 +245,11 @@ async fn post_bytes(
     upstream: &UpstreamSettings,
     path: &str,
     body: &(impl serde::Serialize + ?Sized),
+    headers: &[(&'static str, String)],
     timeout: Duration,
 ) -> Result<Bytes, UpstreamError> {
     let exchange = async {
-        let resp = send(http, upstream, path, body).await?;
+        let resp = send(http, upstream, path, body, headers).await?;
         resp.bytes().await.map_err(|()| UpstreamError::Invalid {
             upstream: upstream.name.clone(),
             detail: "the connection broke off in the middle of the answer".into(),
@@ -255,7 +274,7 @@ async fn post_json(
     timeout: Duration,
     required: &str,
 ) -> Result<Value, UpstreamError> {
-    let bytes = post_bytes(http, upstream, path, body, timeout).await?;
+    let bytes = post_bytes(http, upstream, path, body, &[], timeout).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Invalid {
         upstream: upstream.name.clone(),
         detail: format!("not JSON ({e})"),
@@ -339,21 +358,51 @@ impl Completion {
         Ok(Completion { body, usage, text })
     }
 
-    /// The answer as a JSON tree (cache hits replayed as SSE).
-    pub fn value(body: &[u8]) -> Value {
-        serde_json::from_slice(body).unwrap_or(Value::Null)
+    /// An answer hypertool made or translated, rendered in `dialect`.
+    pub fn of_answer(answer: &Answer, dialect: Dialect) -> Completion {
+        Completion {
+            body: Bytes::from(render_answer(answer, dialect).to_string()),
+            usage: answer.usage.map(|u| (u.input, u.output)),
+            text: answer.text(),
+        }
+    }
+
+    /// An upstream's answer in `from`, for a client of `to`: forwarded as it came when the two
+    /// are the same, else translated.
+    pub fn read(
+        upstream: &str,
+        from: Dialect,
+        to: Dialect,
+        body: Bytes,
+    ) -> Result<Completion, UpstreamError> {
+        if from == Dialect::Chat && to == Dialect::Chat {
+            return Completion::parse(upstream, body);
+        }
+        let answer = parse_answer(from, &body).map_err(|detail| UpstreamError::Invalid {
+            upstream: upstream.to_string(),
+            detail,
+        })?;
+        if from == to {
+            return Ok(Completion {
+                usage: answer.usage.map(|u| (u.input, u.output)),
+                text: answer.text(),
+                body,
+            });
+        }
+        Ok(Completion::of_answer(&answer, to))
     }
 }
 
-/// A non-streamed chat completion from an HTTP upstream.
-pub async fn complete(
+/// A non-streamed answer from an HTTP upstream, as its bytes (`path`: the dialect's endpoint).
+pub async fn post_answer(
     http: &UpstreamClient,
     upstream: &UpstreamSettings,
+    path: &str,
     body: &serde_json::Map<String, Value>,
+    headers: &[(&'static str, String)],
     timeout: Duration,
-) -> Result<Completion, UpstreamError> {
-    let bytes = post_bytes(http, upstream, "chat/completions", body, timeout).await?;
-    Completion::parse(&upstream.name, bytes)
+) -> Result<Bytes, UpstreamError> {
+    post_bytes(http, upstream, path, body, headers, timeout).await
 }
 
 /// Embeddings from an HTTP upstream.
@@ -398,10 +447,12 @@ pub fn mock_embeddings(inputs: &[String], model: &str) -> (Value, u64) {
 pub async fn open_stream(
     http: &UpstreamClient,
     upstream: &UpstreamSettings,
-    body: &Value,
+    path: &str,
+    body: &serde_json::Map<String, Value>,
+    headers: &[(&'static str, String)],
     timeout: Duration,
 ) -> Result<impl Stream<Item = Result<Bytes, UpstreamError>>, UpstreamError> {
-    let opened = tokio::time::timeout(timeout, send(http, upstream, "chat/completions", body));
+    let opened = tokio::time::timeout(timeout, send(http, upstream, path, body, headers));
     let resp = match opened.await {
         Ok(r) => r?,
         Err(_) => {
@@ -419,45 +470,6 @@ pub async fn open_stream(
             detail: "the stream broke off".into(),
         })
     }))
-}
-
-/// The built-in mock's answer: deterministic content and usage.
-pub fn mock_completion(
-    mock: &MockSettings,
-    body: &serde_json::Map<String, Value>,
-    model: &str,
-    id: &str,
-    created: i64,
-) -> (Value, u64, String) {
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let prompt_tokens = tokens::count_messages(&messages);
-    let last = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .and_then(|m| m.get("content"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let echo: String = last.chars().take(60).collect();
-    let content = format!("Mock answer from hypertool to: {echo}");
-    let completion_tokens = mock.completion_tokens;
-    let value = json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens
-        }
-    });
-    (value, prompt_tokens, content)
 }
 
 #[cfg(test)]

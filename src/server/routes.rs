@@ -31,6 +31,15 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
             r("GET", "/v1/models", Gateway),
             get(crate::gateway::list_models),
         ),
+        // Anthropic Messages (Claude Code, the `anthropic` SDKs); errors in Anthropic's shape.
+        (
+            r("POST", "/v1/messages", Gateway),
+            post(crate::gateway::messages),
+        ),
+        (
+            r("POST", "/v1/messages/count_tokens", Gateway),
+            post(crate::gateway::count_tokens),
+        ),
         // Facts reported by agents: a persona key only for its own persona (checked per event).
         (
             r("POST", "/v1/events", PersonaScoped),

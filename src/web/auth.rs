@@ -516,6 +516,10 @@ pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) ->
     };
     // Every error answer, from here or from a handler, is logged once, at its kind's level.
     super::error::log(&method, uri.path(), &resp);
+    // The Messages routes answer errors in Anthropic's shape, the door's own included.
+    if uri.path() == "/v1/messages" || uri.path().starts_with("/v1/messages/") {
+        resp = super::error::in_anthropic_shape(resp);
+    }
     resp.headers_mut().insert(
         header::X_CONTENT_TYPE_OPTIONS,
         axum::http::HeaderValue::from_static("nosniff"),

@@ -222,6 +222,9 @@ impl IntoResponse for ApiError {
             kind: self.kind,
             code: self.code,
         });
+        resp.extensions_mut().insert(Message(
+            bounded(&self.message, MAX_MESSAGE_BYTES).into_owned(),
+        ));
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
@@ -289,6 +292,55 @@ impl From<crate::store::LedgerError> for ApiError {
 pub struct Logged {
     pub kind: ErrorKind,
     pub code: &'static str,
+}
+
+/// An error answer's message, kept so that a route of another dialect can say it in its shape.
+#[derive(Debug, Clone)]
+struct Message(String);
+
+impl ErrorKind {
+    /// Anthropic's error `type` for an answer of this kind.
+    pub fn anthropic_type(self) -> &'static str {
+        match self {
+            ErrorKind::Unauthorized => "authentication_error",
+            ErrorKind::Forbidden => "permission_error",
+            ErrorKind::NotFound => "not_found_error",
+            ErrorKind::PayloadTooLarge => "request_too_large",
+            ErrorKind::RateLimited | ErrorKind::BudgetExceeded => "rate_limit_error",
+            ErrorKind::Unavailable => "overloaded_error",
+            ErrorKind::Internal => "api_error",
+            ErrorKind::Upstream(status) => match status.as_u16() {
+                400 | 422 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            },
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+/// An error answer said again in Anthropic's shape (`{"type": "error", "error": {"type",
+/// "message"}}`, hypertool's reason as `error.code`), same status and headers: what clients of
+/// the Messages routes read. Any other answer is returned as it is.
+pub fn in_anthropic_shape(resp: Response) -> Response {
+    let (Some(logged), Some(Message(message))) = (
+        resp.extensions().get::<Logged>().copied(),
+        resp.extensions().get::<Message>().cloned(),
+    ) else {
+        return resp;
+    };
+    let (mut parts, _) = resp.into_parts();
+    let body = json!({
+        "type": "error",
+        "error": {"type": logged.kind.anthropic_type(), "message": message, "code": logged.code},
+    });
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
 /// Logs an error answer at its kind's level, once, outside the handler.

@@ -123,6 +123,16 @@ pub fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
             ("/api/investigations/TokenBudgetExceeded".into(), None)
         }
         ("POST", "/v1/chat/completions") => (path.into(), Some(chat)),
+        ("POST", "/v1/messages") => (
+            path.into(),
+            Some(
+                json!({"model": "mock/claude", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}),
+            ),
+        ),
+        ("POST", "/v1/messages/count_tokens") => (
+            path.into(),
+            Some(json!({"model": "mock/claude", "messages": [{"role": "user", "content": "hi"}]})),
+        ),
         ("POST", "/v1/embeddings") => (
             path.into(),
             Some(json!({"model": "mock/embed", "input": "hello"})),

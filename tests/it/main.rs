@@ -8,6 +8,7 @@ mod common;
 mod config_reload;
 mod dashboard;
 mod delivery;
+mod dialects;
 mod disk_faults;
 mod door;
 mod embedded_alerts;

@@ -1,0 +1,810 @@
+//! The dialects agents speak, as adapters around one canonical call.
+//!
+//! A call arrives in its client's dialect ([`Dialect`]: OpenAI Chat Completions, Anthropic
+//! Messages) and stays in it as a [`CallRequest`] — the body as sent, so fields hypertool does not
+//! know (`cache_control`, betas, vendor options) survive. The pipeline (admission, routing, cache,
+//! gates, accounting, traces) reads it through the dialect-neutral views here: the prompt for
+//! counting, the tools for the persona's scope, `max_tokens`, `stream`. A provider speaks one dialect
+//! upstream: where it is the client's, the body goes as sent (only `model` rewritten); where not,
+//! [`translate_request`] renders it in the provider's dialect, and the answer comes back through the
+//! canonical [`Answer`] (plain) or [`Delta`]s (streamed), rendered in the client's dialect.
+//!
+//! `chat.rs` and `messages.rs` each hold one dialect: its request checks and translation, its
+//! answer's parse and render, its stream's decoder and encoder.
+
+pub mod chat;
+pub mod messages;
+
+use std::borrow::Cow;
+
+use axum::body::Bytes;
+use serde_json::{Map, Value};
+
+/// The wire format of a call, on either side of the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// OpenAI Chat Completions (`/v1/chat/completions`): what OpenAI-compatible upstreams speak.
+    Chat,
+    /// Anthropic Messages (`/v1/messages`): Claude Code, the `anthropic` SDKs, Anthropic's API.
+    Messages,
+}
+
+impl Dialect {
+    /// The route clients of this dialect call (for spans and logs).
+    pub fn route(self) -> &'static str {
+        match self {
+            Dialect::Chat => "/v1/chat/completions",
+            Dialect::Messages => "/v1/messages",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Chat => "chat",
+            Dialect::Messages => "messages",
+        }
+    }
+}
+
+/// A call's body in the dialect its client sent it, with the headers a provider of the same
+/// dialect must see (`anthropic-version`, `anthropic-beta`).
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    pub dialect: Dialect,
+    pub body: Map<String, Value>,
+    /// Headers forwarded to a provider that speaks the same dialect (checked: visible ASCII).
+    pub forward: Vec<(&'static str, String)>,
+}
+
+impl CallRequest {
+    pub fn new(dialect: Dialect, body: Map<String, Value>) -> Self {
+        CallRequest {
+            dialect,
+            body,
+            forward: Vec::new(),
+        }
+    }
+
+    pub fn stream(&self) -> bool {
+        self.body
+            .get("stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// The most output the client allows (0: not said).
+    pub fn max_tokens(&self) -> u64 {
+        let field = match self.dialect {
+            Dialect::Chat => self
+                .body
+                .get("max_completion_tokens")
+                .or_else(|| self.body.get("max_tokens")),
+            Dialect::Messages => self.body.get("max_tokens"),
+        };
+        field.and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    /// The prompt as chat-shaped messages (`role`, `content`), for counting and for the mock: the
+    /// system prompt first, as a system message.
+    pub fn prompt(&self) -> Cow<'_, [Value]> {
+        match self.dialect {
+            Dialect::Chat => Cow::Borrowed(
+                self.body
+                    .get("messages")
+                    .and_then(Value::as_array)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]),
+            ),
+            Dialect::Messages => Cow::Owned(messages::prompt_for_count(&self.body)),
+        }
+    }
+
+    /// What the prompt digest is taken of (equal prompts give equal digests).
+    pub fn digest_source(&self) -> Option<Value> {
+        match self.dialect {
+            Dialect::Chat => self.body.get("messages").cloned(),
+            Dialect::Messages => {
+                let mut v = Map::new();
+                for field in ["system", "messages"] {
+                    if let Some(x) = self.body.get(field) {
+                        v.insert(field.into(), x.clone());
+                    }
+                }
+                Some(Value::Object(v))
+            }
+        }
+    }
+
+    /// The names of the tools the call offers, in order.
+    pub fn tool_names(&self) -> Vec<String> {
+        self.body
+            .get("tools")
+            .and_then(Value::as_array)
+            .map(|tools| {
+                tools
+                    .iter()
+                    .map(|t| self.tool_name(t).to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn tool_name<'a>(&self, tool: &'a Value) -> &'a str {
+        let name = match self.dialect {
+            Dialect::Chat => tool.pointer("/function/name"),
+            Dialect::Messages => tool.get("name"),
+        };
+        name.and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// Keeps only the tools `keep` says yes to; with none left, the tool choice goes too.
+    pub fn retain_tools(&mut self, keep: impl Fn(&str) -> bool) {
+        let dialect = self.dialect;
+        let Some(Value::Array(tools)) = self.body.get_mut("tools") else {
+            return;
+        };
+        tools.retain(|t| {
+            let name = match dialect {
+                Dialect::Chat => t.pointer("/function/name"),
+                Dialect::Messages => t.get("name"),
+            };
+            keep(name.and_then(Value::as_str).unwrap_or(""))
+        });
+        if tools.is_empty() {
+            self.body.remove("tools");
+            self.body.remove("tool_choice");
+        }
+    }
+
+    /// The messages a stage's `max_prompt_tokens` may cut (the system prompt is never cut).
+    pub fn messages_mut(&mut self) -> Option<&mut Vec<Value>> {
+        match self.body.get_mut("messages") {
+            Some(Value::Array(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The text of the last user message (the mock echoes it).
+    pub fn last_user_text(&self) -> String {
+        let prompt = self.prompt();
+        prompt
+            .iter()
+            .rev()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+            .and_then(|m| m.get("content"))
+            .map(content_text)
+            .unwrap_or_default()
+    }
+
+    /// Whether the client made a tool call mandatory, and which tool (`None`: the first).
+    pub fn forced_tool(&self) -> Option<Option<String>> {
+        let choice = self.body.get("tool_choice")?;
+        match self.dialect {
+            Dialect::Chat => match choice {
+                Value::String(s) if s == "required" => Some(None),
+                Value::Object(o) => o
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .map(|n| Some(n.to_string())),
+                _ => None,
+            },
+            Dialect::Messages => match choice.get("type").and_then(Value::as_str) {
+                Some("any") => Some(None),
+                Some("tool") => choice
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(|n| Some(n.to_string())),
+                _ => None,
+            },
+        }
+    }
+
+    /// The tool's JSON schema and name, when the call offers it (the first, when `name` is None).
+    pub fn tool(&self, name: Option<&str>) -> Option<(String, Value)> {
+        let tools = self.body.get("tools")?.as_array()?;
+        let tool = tools
+            .iter()
+            .find(|t| name.is_none_or(|n| self.tool_name(t) == n))?;
+        let schema = match self.dialect {
+            Dialect::Chat => tool.pointer("/function/parameters"),
+            Dialect::Messages => tool.get("input_schema"),
+        };
+        Some((
+            self.tool_name(tool).to_string(),
+            schema.cloned().unwrap_or(Value::Null),
+        ))
+    }
+
+    /// The last message is the result of a tool call (the mock then answers in text).
+    pub fn ends_with_tool_result(&self) -> bool {
+        let Some(last) = self
+            .body
+            .get("messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+        else {
+            return false;
+        };
+        match self.dialect {
+            Dialect::Chat => last.get("role").and_then(Value::as_str) == Some("tool"),
+            Dialect::Messages => {
+                last.get("content")
+                    .and_then(Value::as_array)
+                    .is_some_and(|blocks| {
+                        blocks
+                            .iter()
+                            .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+                    })
+            }
+        }
+    }
+}
+
+/// The text of a message's content: a string, or the text of its parts and blocks.
+pub fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// Why a request cannot be rendered in another dialect (a 400 naming the part).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Untranslatable(pub String);
+
+/// The body a provider speaking `to` is sent, from the client's request (the model not yet set).
+pub fn translate_request(
+    request: &CallRequest,
+    to: Dialect,
+) -> Result<Cow<'_, Map<String, Value>>, Untranslatable> {
+    match (request.dialect, to) {
+        (from, to) if from == to => Ok(Cow::Borrowed(&request.body)),
+        (Dialect::Messages, Dialect::Chat) => messages::to_chat(&request.body).map(Cow::Owned),
+        (Dialect::Chat, Dialect::Messages) => messages::from_chat(&request.body).map(Cow::Owned),
+        _ => unreachable!("every pair of dialects is covered above"),
+    }
+}
+
+/// Token counts of one call, in every kind the dialects report. `input` counts every prompt token,
+/// cached ones included (as OpenAI's `prompt_tokens` does; Anthropic's `input_tokens` is only the
+/// uncached part); `cache_read` and `cache_write` are parts of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+    pub output: u64,
+    /// Part of `output`.
+    pub reasoning: u64,
+}
+
+/// Why the model stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopReason {
+    #[default]
+    EndTurn,
+    MaxTokens,
+    ToolUse,
+    StopSequence,
+    Refusal,
+}
+
+/// One part of an answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Block {
+    Text(String),
+    /// A tool call; `arguments` is JSON text.
+    ToolCall {
+        id: String,
+        name: String,
+        arguments: String,
+    },
+    Thinking {
+        text: String,
+        signature: Option<String>,
+    },
+}
+
+/// A whole answer in no dialect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub id: String,
+    pub model: String,
+    pub blocks: Vec<Block>,
+    pub stop: StopReason,
+    pub usage: Option<TokenUsage>,
+}
+
+impl Answer {
+    /// What a quality gate reads and an estimate counts: the text, then each tool call.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for b in &self.blocks {
+            if let Block::Text(t) = b {
+                out.push_str(t);
+            }
+        }
+        for b in &self.blocks {
+            if let Block::ToolCall {
+                id,
+                name,
+                arguments,
+            } = b
+            {
+                out.push_str(
+                    &serde_json::json!([{"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}])
+                        .to_string(),
+                );
+            }
+        }
+        out
+    }
+
+    /// The answer as the events of a stream: its start, the text (in word-sized pieces when
+    /// `by_word`, as the mock streams; whole, as the cache replays), each tool call, the stop and
+    /// the usage.
+    pub fn deltas(&self, by_word: bool) -> Vec<Delta> {
+        let mut out = vec![Delta::Start {
+            id: self.id.clone(),
+            model: self.model.clone(),
+        }];
+        for (index, b) in self.blocks.iter().enumerate() {
+            match b {
+                Block::Text(t) if !by_word => out.push(Delta::Text(t.clone())),
+                Block::Text(t) => {
+                    for (i, word) in t.split(' ').enumerate() {
+                        out.push(Delta::Text(if i == 0 {
+                            word.to_string()
+                        } else {
+                            format!(" {word}")
+                        }));
+                    }
+                }
+                Block::Thinking { text, signature } => {
+                    out.push(Delta::Thinking(text.clone()));
+                    if let Some(s) = signature {
+                        out.push(Delta::ThinkingSignature(s.clone()));
+                    }
+                }
+                Block::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                } => {
+                    out.push(Delta::ToolStart {
+                        index,
+                        id: id.clone(),
+                        name: name.clone(),
+                    });
+                    out.push(Delta::ToolArgs {
+                        index,
+                        json: arguments.clone(),
+                    });
+                }
+            }
+        }
+        out.push(Delta::Stop(self.stop));
+        if let Some(u) = self.usage {
+            out.push(Delta::Usage(u));
+        }
+        out
+    }
+}
+
+/// One event of a streamed answer, in no dialect. Tool calls are told apart by `index`, the
+/// source's own numbering; an encoder numbers them its dialect's way.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    Start {
+        id: String,
+        model: String,
+    },
+    Text(String),
+    Thinking(String),
+    ThinkingSignature(String),
+    ToolStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
+    ToolArgs {
+        index: usize,
+        json: String,
+    },
+    Stop(StopReason),
+    /// The usage so far (each one replaces the last).
+    Usage(TokenUsage),
+}
+
+/// What one upstream stream event meant.
+#[derive(Debug)]
+pub enum Decoded {
+    /// An event of the answer; for chat, the chunk as parsed (so forwarding does not parse twice).
+    Event(Option<Value>),
+    /// The end of the stream (`[DONE]`, `message_stop`): held back until the usage is stored.
+    End,
+    /// The upstream reported an error inside the stream.
+    Error(String),
+}
+
+/// Reads an upstream's stream events into [`Delta`]s.
+#[derive(Debug)]
+pub enum StreamDecoder {
+    Chat(chat::ChatDecoder),
+    Messages(messages::MessagesDecoder),
+}
+
+impl StreamDecoder {
+    pub fn new(dialect: Dialect) -> Self {
+        match dialect {
+            Dialect::Chat => StreamDecoder::Chat(chat::ChatDecoder::default()),
+            Dialect::Messages => StreamDecoder::Messages(messages::MessagesDecoder::default()),
+        }
+    }
+
+    /// One event's data; its deltas go onto `out`.
+    pub fn decode(&mut self, data: &str, out: &mut Vec<Delta>) -> Decoded {
+        match self {
+            StreamDecoder::Chat(d) => d.decode(data, out),
+            StreamDecoder::Messages(d) => d.decode(data, out),
+        }
+    }
+}
+
+/// Writes [`Delta`]s as a client's stream events.
+#[derive(Debug)]
+pub enum StreamEncoder {
+    Chat(chat::ChatEncoder),
+    Messages(messages::MessagesEncoder),
+}
+
+impl StreamEncoder {
+    /// `include_usage`: a chat client's `stream_options.include_usage` (other dialects always
+    /// carry usage); `prompt_estimate`: the input tokens a Messages `message_start` announces
+    /// before the upstream has said.
+    pub fn new(dialect: Dialect, include_usage: bool, prompt_estimate: u64) -> Self {
+        match dialect {
+            Dialect::Chat => StreamEncoder::Chat(chat::ChatEncoder::new(include_usage)),
+            Dialect::Messages => {
+                StreamEncoder::Messages(messages::MessagesEncoder::new(prompt_estimate))
+            }
+        }
+    }
+
+    pub fn encode(&mut self, delta: &Delta, out: &mut Vec<Bytes>) {
+        match self {
+            StreamEncoder::Chat(e) => e.encode(delta, out),
+            StreamEncoder::Messages(e) => e.encode(delta, out),
+        }
+    }
+
+    /// The end of the stream, after `comment` (the quality gate's verdict) if any.
+    pub fn finish(&mut self, comment: Option<&str>, out: &mut Vec<Bytes>) {
+        match self {
+            StreamEncoder::Chat(e) => e.finish(comment, out),
+            StreamEncoder::Messages(e) => e.finish(comment, out),
+        }
+    }
+
+    /// An error inside the stream, in the dialect's shape.
+    pub fn error(&mut self, code: &str, message: &str, out: &mut Vec<Bytes>) {
+        match self {
+            StreamEncoder::Chat(_) => out.push(chat::error_event(code, message)),
+            StreamEncoder::Messages(_) => out.push(messages::error_event(code, message)),
+        }
+    }
+}
+
+/// An SSE comment line (clients ignore it), made safe for one line.
+pub fn comment(text: &str) -> Bytes {
+    let safe: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    Bytes::from(format!(": {safe}\n\n"))
+}
+
+/// The whole answer as a client's stream (the mock's, word by word, and the cache's).
+pub fn answer_stream(
+    answer: &Answer,
+    dialect: Dialect,
+    include_usage: bool,
+    prompt_estimate: u64,
+    by_word: bool,
+) -> Vec<Bytes> {
+    let mut encoder = StreamEncoder::new(dialect, include_usage, prompt_estimate);
+    let mut out = Vec::new();
+    for d in answer.deltas(by_word) {
+        encoder.encode(&d, &mut out);
+    }
+    encoder.finish(None, &mut out);
+    out
+}
+
+/// Parses an answer in `dialect`.
+pub fn parse_answer(dialect: Dialect, body: &[u8]) -> Result<Answer, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
+    match dialect {
+        Dialect::Chat => chat::parse_answer(&value),
+        Dialect::Messages => messages::parse_answer(&value),
+    }
+}
+
+/// Renders an answer in `dialect`.
+pub fn render_answer(answer: &Answer, dialect: Dialect) -> Value {
+    match dialect {
+        Dialect::Chat => chat::render_answer(answer),
+        Dialect::Messages => messages::render_answer(answer),
+    }
+}
+
+/// A fresh id in `dialect`'s style for answers hypertool makes (the mock's, translated ones).
+pub fn new_id(dialect: Dialect) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let prefix = match dialect {
+        Dialect::Chat => "chatcmpl-ht",
+        Dialect::Messages => "msg_ht",
+    };
+    format!(
+        "{prefix}{:x}{:06x}",
+        chrono::Utc::now().timestamp_millis(),
+        SEQ.fetch_add(1, Ordering::Relaxed) & 0xff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Every event's data of an SSE text.
+    fn datas(events: &[Bytes]) -> Vec<String> {
+        let mut decoder = crate::gateway::sse::SseDecoder::default();
+        let mut out = Vec::new();
+        for e in events {
+            decoder.push(e, &mut out).unwrap();
+        }
+        out
+    }
+
+    /// Decodes a stream in `dialect` back into deltas, and says whether it ended properly.
+    fn decode(dialect: Dialect, events: &[Bytes]) -> (Vec<Delta>, bool) {
+        let mut d = StreamDecoder::new(dialect);
+        let mut out = Vec::new();
+        let mut ended = false;
+        for data in datas(events) {
+            if let Decoded::End = d.decode(&data, &mut out) {
+                ended = true;
+            }
+        }
+        (out, ended)
+    }
+
+    /// What a stream said: its text, tool calls (name, arguments), stop and usage.
+    type Said = (
+        String,
+        Vec<(String, String)>,
+        Option<StopReason>,
+        Option<TokenUsage>,
+    );
+
+    fn collapse(deltas: &[Delta]) -> Said {
+        let (mut text, mut tools, mut stop, mut usage) =
+            (String::new(), Vec::<(String, String)>::new(), None, None);
+        for d in deltas {
+            match d {
+                Delta::Text(t) => text.push_str(t),
+                Delta::ToolStart { name, .. } => tools.push((name.clone(), String::new())),
+                Delta::ToolArgs { json, .. } => tools.last_mut().unwrap().1.push_str(json),
+                Delta::Stop(s) => stop = Some(*s),
+                Delta::Usage(u) => usage = Some(*u),
+                _ => {}
+            }
+        }
+        (text, tools, stop, usage)
+    }
+
+    fn answer() -> Answer {
+        Answer {
+            id: "x".into(),
+            model: "m".into(),
+            blocks: vec![
+                Block::Text("Let me look it up.".into()),
+                Block::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Paris"}"#.into(),
+                },
+            ],
+            stop: StopReason::ToolUse,
+            usage: Some(TokenUsage {
+                input: 20,
+                cache_read: 5,
+                cache_write: 3,
+                output: 9,
+                reasoning: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_stream_survives_each_dialect_both_ways() {
+        for (first, second) in [
+            (Dialect::Messages, Dialect::Chat),
+            (Dialect::Chat, Dialect::Messages),
+        ] {
+            // The source stream, as an upstream of `first` sends it.
+            let source = answer_stream(&answer(), first, true, 0, true);
+            let (deltas, ended) = decode(first, &source);
+            assert!(ended, "{first:?} stream has its end");
+            // Relayed into `second`, then read back.
+            let mut enc = StreamEncoder::new(second, true, 0);
+            let mut out = Vec::new();
+            for d in &deltas {
+                enc.encode(d, &mut out);
+            }
+            enc.finish(Some("x-hypertool-quality-gate: pass"), &mut out);
+            let (back, ended) = decode(second, &out);
+            assert!(ended, "{second:?} stream has its end");
+            let (text, tools, stop, usage) = collapse(&back);
+            assert_eq!(text, "Let me look it up.");
+            assert_eq!(
+                tools,
+                [("get_weather".to_string(), r#"{"city":"Paris"}"#.to_string())]
+            );
+            assert_eq!(stop, Some(StopReason::ToolUse));
+            let u = usage.unwrap();
+            // Chat has no cache-write field: its total input survives, and the cached reads.
+            assert_eq!(
+                (u.input, u.output, u.cache_read),
+                (20, 9, 5),
+                "{first:?} -> {second:?}"
+            );
+            assert!(
+                out.iter()
+                    .any(|b| b.starts_with(b": x-hypertool-quality-gate: pass")),
+                "the gate's comment"
+            );
+        }
+    }
+
+    #[test]
+    fn answers_translate_both_ways_with_their_usage() {
+        let a = answer();
+        let m = render_answer(&a, Dialect::Messages);
+        assert_eq!(
+            m["usage"]["input_tokens"], 12,
+            "Anthropic counts the uncached part"
+        );
+        assert_eq!(m["content"][1]["input"], json!({"city": "Paris"}));
+        assert_eq!(m["stop_reason"], "tool_use");
+        let back = parse_answer(Dialect::Messages, m.to_string().as_bytes()).unwrap();
+        assert_eq!(back.usage, a.usage);
+        assert_eq!(back.blocks, a.blocks);
+        let c = render_answer(&back, Dialect::Chat);
+        assert_eq!(c["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(c["usage"]["prompt_tokens"], 20);
+        assert_eq!(c["usage"]["prompt_tokens_details"]["cached_tokens"], 5);
+        let again = parse_answer(Dialect::Chat, c.to_string().as_bytes()).unwrap();
+        assert_eq!(again.text(), a.text());
+    }
+
+    #[test]
+    fn requests_translate_with_system_tools_images_and_results() {
+        let m = json!({
+            "model": "claude", "max_tokens": 100, "stop_sequences": ["END"],
+            "system": [{"type": "text", "text": "be brief"}],
+            "metadata": {"user_id": "u1"},
+            "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any"},
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                    {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"},
+                                             {"type": "text", "text": "and?"}]}
+            ]
+        });
+        let body = m.as_object().unwrap();
+        messages::check_request(body).unwrap();
+        let chat = messages::to_chat(body).unwrap();
+        assert_eq!(chat["stop"], json!(["END"]));
+        assert_eq!(chat["user"], "u1");
+        assert_eq!(chat["tool_choice"], "required");
+        assert_eq!(chat["tools"][0]["function"]["name"], "get_weather");
+        let msgs = chat["messages"].as_array().unwrap();
+        let roles: Vec<&str> = msgs.iter().map(|m| m["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
+        assert_eq!(
+            msgs[1]["content"][1]["image_url"]["url"],
+            "data:image/png;base64,AAAA"
+        );
+        assert_eq!(
+            msgs[2]["tool_calls"][0]["function"]["arguments"],
+            r#"{"city":"Paris"}"#
+        );
+        assert_eq!(msgs[3]["tool_call_id"], "t1");
+        // And back: the tool's result joins the user's next words in one message.
+        let back = messages::from_chat(&chat).unwrap();
+        assert_eq!(back["system"], "be brief");
+        assert_eq!(back["tool_choice"], json!({"type": "any"}));
+        let msgs = back["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 3);
+        assert_eq!(msgs[1]["content"][0]["input"], json!({"city": "Paris"}));
+        assert_eq!(msgs[2]["content"][0]["type"], "tool_result");
+        assert_eq!(msgs[2]["content"][1]["text"], "and?");
+        assert_eq!(msgs[0]["content"][1]["source"]["data"], "AAAA");
+        messages::check_request(&back).unwrap();
+        // A chat request with no max_tokens gets Anthropic's required one.
+        let plain = json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 1.7});
+        let m = messages::from_chat(plain.as_object().unwrap()).unwrap();
+        assert_eq!(m["max_tokens"], messages::DEFAULT_MAX_TOKENS);
+        assert_eq!(m["temperature"], 1.0);
+        // A server tool has no chat form.
+        let server = json!({"messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}]});
+        assert!(messages::to_chat(server.as_object().unwrap()).is_err());
+    }
+
+    #[test]
+    fn bad_messages_requests_are_named_where_they_are_wrong() {
+        let check = |v: Value| {
+            messages::check_request(v.as_object().unwrap())
+                .err()
+                .map(|e| (e.code, e.param.unwrap_or_default()))
+        };
+        assert_eq!(
+            check(json!({"messages": [{"role": "user", "content": [{"type": "hologram"}]}]})),
+            Some((
+                "unsupported_content",
+                "messages[0].content[0].type".to_string()
+            ))
+        );
+        assert_eq!(
+            check(
+                json!({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope"}]}]})
+            ),
+            Some((
+                "invalid_tool_result",
+                "messages[0].content[0].tool_use_id".to_string()
+            ))
+        );
+        assert_eq!(
+            check(json!({"messages": [{"role": "robot", "content": "hi"}]})),
+            Some(("invalid_role", "messages[0].role".to_string()))
+        );
+        assert_eq!(
+            check(json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]})),
+            Some(("invalid_content", "messages[0].content[0]".to_string()))
+        );
+        assert_eq!(
+            check(json!({"messages": [{"role": "user", "content": [42]}]})),
+            Some(("invalid_content", "messages[0].content[0]".to_string()))
+        );
+        assert_eq!(
+            check(json!({"messages": []})).map(|e| e.0),
+            Some("missing_messages")
+        );
+        assert_eq!(
+            check(json!({"model": "m"})).map(|e| e.0),
+            Some("missing_messages")
+        );
+        // Unknown top-level fields pass.
+        assert_eq!(
+            check(
+                json!({"messages": [{"role": "user", "content": "hi"}], "context_management": {}})
+            ),
+            None
+        );
+    }
+}

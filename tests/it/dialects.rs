@@ -1,0 +1,455 @@
+//! Every agent's dialect through one pipeline: the official `anthropic` SDK on `/v1/messages`
+//! (against the mock, and translated to an OpenAI-compatible upstream), the `openai` SDK on a model
+//! behind a native Anthropic upstream (translated the other way), Claude Code itself end to end,
+//! and the governance of every call the same in each dialect: budgets, cut streams, the cache, stage
+//! models, bad input — each answered in the route's own error shape.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypertool::config::Source;
+use hypertool::core::clock::{Clock, ManualClock, SystemClock};
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Runs a fixture script with python3; its JSON summary.
+async fn python(name: &str, args: Vec<String>) -> Value {
+    let script = fixture(name);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{name} failed (scripts/test.sh installs the anthropic and openai packages):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The fake upstream as an Anthropic upstream too (`claude-*` models), and its tool model on the
+/// OpenAI-compatible side.
+fn both_kinds(upstream: &FakeUpstream) -> String {
+    format!(
+        r#"
+[[gateway.upstreams]]
+name = "anthropic-fake"
+kind = "anthropic"
+base_url = "{}"
+api_key_env = "HYPERTOOL_TEST_ANTHROPIC_KEY"
+timeout = "10s"
+
+[[gateway.models]]
+name = "claude-ok"
+upstream = "anthropic-fake"
+upstream_model = "ok"
+
+[[gateway.models]]
+name = "claude-tool"
+upstream = "anthropic-fake"
+upstream_model = "tool"
+
+[[gateway.models]]
+name = "claude-cut"
+upstream = "anthropic-fake"
+upstream_model = "cut-stream"
+
+[[gateway.models]]
+name = "tool"
+upstream = "fake"
+"#,
+        upstream.base_url
+    )
+}
+
+async fn server(dir: &Path, upstream: &FakeUpstream) -> TestServer {
+    static KEY: std::sync::Once = std::sync::Once::new();
+    // Named only here; set before any server of these tests reads it.
+    KEY.call_once(|| std::env::set_var("HYPERTOOL_TEST_ANTHROPIC_KEY", "sk-ant-test-KEY42"));
+    let toml = gateway_config(dir, &upstream.base_url, &both_kinds(upstream));
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    start(Source::File(toml), &dir.join("data"), clock).await
+}
+
+fn ledger_usage(dir: &Path) -> Vec<Value> {
+    let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT body FROM events WHERE kind = 'usage' ORDER BY seq")
+        .unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    rows.map(|r| serde_json::from_str(&r.unwrap()).unwrap())
+        .collect()
+}
+
+async fn post_messages(s: &TestServer, body: Value) -> reqwest::Response {
+    s.http
+        .post(format!("{}/v1/messages", s.api))
+        .header("x-hypertool-persona", "backend-engineer")
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_sdk_works_against_the_mock_and_its_tokens_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = server(dir.path(), &upstream).await;
+    let r = python(
+        "anthropic_client.py",
+        vec![s.api.clone(), "mock/claude".into(), "mock/claude".into()],
+    )
+    .await;
+    assert_eq!(r["plain"]["text"], "Mock answer from hypertool to: hello");
+    assert_eq!(r["plain"]["stop"], "end_turn");
+    assert_eq!(r["plain"]["id_ok"], true);
+    assert_eq!(r["plain"]["output"], 16);
+    assert_eq!(
+        r["stream"]["text"],
+        "Mock answer from hypertool to: stream please"
+    );
+    assert_eq!(r["stream"]["final_text"], r["stream"]["text"]);
+    assert_eq!(r["stream"]["output"], 16);
+    for kind in [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ] {
+        assert!(
+            r["event_types"].as_array().unwrap().contains(&json!(kind)),
+            "{kind} in {}",
+            r["event_types"]
+        );
+    }
+    // The mock calls the offered tool when the client makes a call mandatory, with arguments
+    // that fit its schema, and answers in text once it has the result.
+    assert_eq!(
+        r["tool_call"],
+        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use", "id_ok": true})
+    );
+    assert_eq!(
+        r["tool_answer"],
+        json!({"type": "text", "stop": "end_turn"})
+    );
+    assert_eq!(
+        r["tool_stream"],
+        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use"})
+    );
+    assert_eq!(r["tools_removed"], "delete_repo");
+    assert!(r["count_tokens"].as_u64().unwrap() > 0);
+    assert!(r["models"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("mock/default")));
+
+    // Six model calls (count_tokens and the model list spend nothing), each in the ledger with
+    // the numbers its client was told; the first, as the SDK saw it.
+    let usage = eventually("six usage events", Duration::from_secs(10), || {
+        let u = ledger_usage(dir.path());
+        async move { (u.len() == 6).then_some(u) }
+    })
+    .await;
+    assert!(usage.iter().all(|u| u["persona"] == "backend-engineer"
+        && u["session"] == "anthropic-1"
+        && u.get("estimated").is_none()));
+    assert_eq!(usage[0]["prompt_tokens"], r["plain"]["input"]);
+    assert_eq!(usage[0]["completion_tokens"], 16);
+    assert_eq!(usage[1]["prompt_tokens"], r["stream"]["input"]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_dialect_reaches_an_upstream_of_the_other_tools_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = server(dir.path(), &upstream).await;
+
+    // Messages → an OpenAI-compatible upstream.
+    let r = python(
+        "anthropic_client.py",
+        vec![s.api.clone(), "ok".into(), "tool".into()],
+    )
+    .await;
+    // system + user: two chat messages upstream, so the fake counts 10 + 2.
+    assert_eq!(r["plain"]["text"], "fake answer words");
+    assert_eq!(
+        (r["plain"]["input"].as_u64(), r["plain"]["output"].as_u64()),
+        (Some(12), Some(7))
+    );
+    assert_eq!(r["stream"]["text"], " word0 word1 word2");
+    assert_eq!(
+        (
+            r["stream"]["input"].as_u64(),
+            r["stream"]["output"].as_u64()
+        ),
+        (Some(11), Some(7))
+    );
+    assert_eq!(
+        r["tool_call"],
+        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use", "id_ok": true})
+    );
+    assert_eq!(
+        r["tool_answer"],
+        json!({"type": "text", "stop": "end_turn"})
+    );
+    assert_eq!(
+        r["tool_stream"],
+        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use"})
+    );
+    assert_eq!(r["tools_removed"], "delete_repo");
+    let stats = upstream.stats().await;
+    assert_eq!(stats["last_tools"], json!(["search"]));
+
+    // Chat → a native Anthropic upstream.
+    let o = python(
+        "openai_tools_client.py",
+        vec![
+            format!("{}/v1", s.api),
+            "claude-ok".into(),
+            "claude-tool".into(),
+        ],
+    )
+    .await;
+    // One user message (the system prompt goes to `system`): 10 + 1 uncached, 1 written to and
+    // 2 read from the cache — 14 in all, as OpenAI counts prompt tokens.
+    assert_eq!(
+        o["plain"],
+        json!({"content": "fake answer words", "finish": "stop", "prompt": 14, "completion": 7, "cached": 2})
+    );
+    assert_eq!(
+        o["stream"],
+        json!({"text": "fake answer words", "finish": ["stop"], "prompt": 14, "completion": 7})
+    );
+    assert_eq!(
+        o["tool_call"],
+        json!({"name": "search", "arguments": {"city": "Paris"}, "finish": "tool_calls"})
+    );
+    assert_eq!(
+        o["tool_answer"],
+        json!({"content": "it is sunny in Paris", "finish": "stop"})
+    );
+    assert_eq!(
+        o["tool_stream"],
+        json!({"name": "search", "arguments": {"city": "Paris"}, "finish": "tool_calls"})
+    );
+    let seen = upstream.stats().await["anthropic"].clone();
+    assert_eq!(
+        seen["x-api-key"], "sk-ant-test-KEY42",
+        "the key in x-api-key"
+    );
+    assert_eq!(seen["authorization"], Value::Null, "and nowhere else");
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert_eq!(seen["path"], "/v1/messages");
+    // The tool's result went as a tool_result block after the tool_use it answers.
+    let body = &seen["body"];
+    assert_eq!(body["tool_choice"], json!({"type": "any"}));
+    assert_eq!(body["tools"][0]["name"], "search");
+
+    // Every call's tokens, as each upstream reported them, are the ledger's.
+    let stats = upstream.stats().await;
+    let reported =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    settled(&s, reported).await;
+    assert!(ledger_usage(dir.path())
+        .iter()
+        .all(|u| u.get("estimated").is_none()));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_calls_are_governed_like_chat_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = server(dir.path(), &upstream).await;
+
+    // The cache answers a repeated deterministic call, plain and streamed, in Messages' shape.
+    let req = json!({"model": "claude-ok", "max_tokens": 50, "temperature": 0,
+        "messages": [{"role": "user", "content": "cache me"}]});
+    let first = post_messages(&s, req.clone()).await;
+    assert_eq!(first.headers()["x-hypertool-cache"], "miss");
+    let first: Value = first.json().await.unwrap();
+    let second = post_messages(&s, req.clone()).await;
+    assert_eq!(second.headers()["x-hypertool-cache"], "hit");
+    assert_eq!(
+        second.json::<Value>().await.unwrap()["content"],
+        first["content"]
+    );
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let resp = post_messages(&s, streamed).await;
+    assert_eq!(resp.headers()["x-hypertool-cache"], "hit");
+    let text = resp.text().await.unwrap();
+    assert!(text.starts_with("event: message_start\n"), "{text}");
+    assert!(
+        text.contains("fake answer words")
+            && text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+        "{text}"
+    );
+    // A chat call with the same words is another dialect: not the Messages answer.
+    let chat = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .json(
+            &json!({"model": "claude-ok", "temperature": 0, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "cache me"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.headers()["x-hypertool-cache"], "miss");
+    assert!(chat.json::<Value>().await.unwrap()["choices"].is_array());
+
+    // A stream the Anthropic upstream cuts, and one the OpenAI-compatible one cuts, each to a
+    // Messages client: an error event, and usage estimated from what was streamed — never zero.
+    let before = ledger_usage(dir.path()).len();
+    for model in ["claude-cut", "cut-stream"] {
+        let resp = post_messages(
+            &s,
+            json!({"model": model, "max_tokens": 50, "stream": true,
+                "messages": [{"role": "user", "content": "cut me"}]}),
+        )
+        .await;
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("event: error\n"), "{model}: {text}");
+        assert!(!text.contains("message_stop"), "{model}: {text}");
+    }
+    let usage = eventually("two estimated streams", Duration::from_secs(10), || {
+        let u = ledger_usage(dir.path());
+        async move { (u.len() == before + 2).then_some(u) }
+    })
+    .await;
+    for u in &usage[before..] {
+        assert_eq!(u["estimated"], true, "{u}");
+        assert!(u["completion_tokens"].as_u64().unwrap() > 0, "{u}");
+        assert!(u["prompt_tokens"].as_u64().unwrap() > 0, "{u}");
+    }
+
+    // A spent `block` budget refuses a Messages call in Anthropic's shape.
+    let resp = s
+        .http
+        .put(format!("{}/api/budgets/backend-engineer", s.api))
+        .json(&json!({"tokens": 1, "mode": "block"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = post_messages(
+        &s,
+        json!({"model": "claude-ok", "max_tokens": 50, "messages": [{"role": "user", "content": "more"}]}),
+    )
+    .await;
+    assert_eq!(resp.status(), 429);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_input_is_a_4xx_in_anthropics_shape_and_nothing_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = server(dir.path(), &upstream).await;
+    let huge_model = format!("mock/{}", "x".repeat(1 << 20));
+    let cases = [
+        (
+            json!({"model": "mock/claude", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+            400,
+            "invalid_content",
+        ),
+        (
+            json!({"model": "mock/claude", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t9", "content": "x"}]}]}),
+            400,
+            "invalid_tool_result",
+        ),
+        (
+            json!({"model": "mock/claude", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "hologram", "data": 1}]}]}),
+            400,
+            "unsupported_content",
+        ),
+        (
+            json!({"model": huge_model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+            400,
+            "invalid_model",
+        ),
+        (
+            json!({"model": "mock/claude", "max_tokens": 5}),
+            400,
+            "missing_messages",
+        ),
+        (
+            json!({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+            404,
+            "model_not_found",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let resp = post_messages(&s, body).await;
+        assert_eq!(resp.status().as_u16(), status, "{code}");
+        let text = resp.text().await.unwrap();
+        assert!(
+            text.len() < 2048,
+            "{code}: an answer of {} bytes",
+            text.len()
+        );
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["type"], "error", "{text}");
+        assert_eq!(v["error"]["code"], code, "{text}");
+        assert!(
+            v["error"]["type"].is_string() && v["error"]["message"].is_string(),
+            "{text}"
+        );
+    }
+    // A 16 MiB body: 413 from the door, in the same shape.
+    let big = format!(
+        r#"{{"model":"mock/claude","max_tokens":5,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(16 << 20)
+    );
+    let resp = s
+        .http
+        .post(format!("{}/v1/messages", s.api))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "request_too_large");
+    // Not JSON at all, on count_tokens too.
+    let resp = s
+        .http
+        .post(format!("{}/v1/messages/count_tokens", s.api))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<Value>().await.unwrap()["type"], "error");
+    // Nothing reached the ledger, nor an upstream.
+    let totals = s.ledger_totals().await;
+    assert_eq!(totals.tokens, 0);
+    assert!(ledger_usage(dir.path()).is_empty());
+    assert_eq!(upstream.stats().await["models"], json!([]));
+    s.stop().await;
+}
