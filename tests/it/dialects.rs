@@ -453,3 +453,114 @@ async fn bad_messages_input_is_a_4xx_in_anthropics_shape_and_nothing_is_recorded
     assert_eq!(upstream.stats().await["models"], json!([]));
     s.stop().await;
 }
+
+/// Claude Code (`claude -p`, from npm) against hypertool's mock: what it reports it spent.
+fn claude_code(api: &str, home: &Path, env: &[(&str, &str)]) -> Value {
+    let claude =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/agents/node_modules/.bin/claude");
+    assert!(
+        claude.exists(),
+        "{} is missing: scripts/test.sh installs @anthropic-ai/claude-code there",
+        claude.display()
+    );
+    std::fs::create_dir_all(home).unwrap();
+    let out = std::process::Command::new(&claude)
+        .args(["-p", "say hi", "--output-format", "json"])
+        .current_dir(home)
+        .env("HOME", home)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .env("ANTHROPIC_BASE_URL", api)
+        .env("ANTHROPIC_MODEL", "mock/claude")
+        .env("ANTHROPIC_SMALL_FAST_MODEL", "mock/claude-haiku")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "claude -p failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every token Claude Code says it spent, over all the models it used.
+fn reported_tokens(result: &Value) -> u64 {
+    result["modelUsage"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|m| {
+            [
+                "inputTokens",
+                "outputTokens",
+                "cacheReadInputTokens",
+                "cacheCreationInputTokens",
+            ]
+            .iter()
+            .map(|f| m[f].as_u64().unwrap_or(0))
+            .sum::<u64>()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_runs_on_the_mock_attributed_by_header_and_by_key() {
+    use crate::access::{ADMIN_KEY, BACKEND_KEY, TESTING_KEY};
+    let dir = tempfile::tempdir().unwrap();
+    let s = crate::access::start_with_keys(dir.path(), "").await;
+    let api = s.api.clone();
+    let home = dir.path().join("home");
+    let runs = tokio::task::spawn_blocking(move || {
+        [
+            // An admin key (x-api-key) and the persona in a header, as ANTHROPIC_CUSTOM_HEADERS sends it.
+            claude_code(
+                &api,
+                &home,
+                &[
+                    ("ANTHROPIC_API_KEY", ADMIN_KEY),
+                    (
+                        "ANTHROPIC_CUSTOM_HEADERS",
+                        "X-Hypertool-Persona: testing-specialist",
+                    ),
+                ],
+            ),
+            // A persona key as the API key: the key decides.
+            claude_code(&api, &home, &[("ANTHROPIC_API_KEY", BACKEND_KEY)]),
+            // ... and as a bearer token.
+            claude_code(&api, &home, &[("ANTHROPIC_AUTH_TOKEN", TESTING_KEY)]),
+        ]
+    })
+    .await
+    .unwrap();
+    for r in &runs {
+        assert!(
+            r["result"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Mock answer from hypertool"),
+            "{r}"
+        );
+    }
+    // Claude Code's own account of its tokens is the ledger's, persona by persona.
+    let mut by_persona: std::collections::BTreeMap<String, u64> = Default::default();
+    for u in ledger_usage(dir.path()) {
+        assert!(u.get("estimated").is_none(), "{u}");
+        *by_persona
+            .entry(u["persona"].as_str().unwrap().to_string())
+            .or_default() +=
+            u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap();
+    }
+    let expected = std::collections::BTreeMap::from([
+        ("backend-engineer".to_string(), reported_tokens(&runs[1])),
+        (
+            "testing-specialist".to_string(),
+            reported_tokens(&runs[0]) + reported_tokens(&runs[2]),
+        ),
+    ]);
+    assert_eq!(by_persona, expected);
+    s.stop().await;
+}
