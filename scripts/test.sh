@@ -3,7 +3,7 @@
 # Installs what the tests need (Debian's prometheus, for prometheus and promtool,
 # prometheus-alertmanager, systemd for systemd-analyze, postgresql, redis-server, chromium, git, nodejs;
 # PyPI's openai, anthropic, mcp, mcp-server-time, mcp-server-git; npm's @modelcontextprotocol/server-everything
-# and @anthropic-ai/claude-code), then runs formatting,
+# and @anthropic-ai/claude-code, @openai/codex), then runs formatting,
 # lints and the whole test suite. Services the tests use are started by the tests themselves, on
 # loopback, in temporary directories.
 set -euo pipefail
@@ -34,11 +34,11 @@ fi
 # The official OpenAI and Anthropic clients, to prove the gateway speaks each dialect.
 python3 -c 'import openai' >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check openai
 python3 -c 'import anthropic' >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check 'anthropic==2.15.0'
-# The real agents, end to end against hypertool's mock: Claude Code (tests/it/dialects.rs looks
-# for it here).
-claude=target/agents/node_modules/@anthropic-ai/claude-code/package.json
-[ -f "$claude" ] ||
-  npm install --prefix target/agents --no-audit --no-fund --silent @anthropic-ai/claude-code@2.1.332
+# The real agents, end to end against hypertool's mock: Claude Code and Codex (tests/it/dialects.rs
+# looks for them here).
+agents=target/agents/node_modules
+[ -f "$agents/@anthropic-ai/claude-code/package.json" ] && [ -f "$agents/@openai/codex/package.json" ] ||
+  npm install --prefix target/agents --no-audit --no-fund --silent @anthropic-ai/claude-code@2.1.332 @openai/codex@0.171.0
 
 # The official MCP Python SDK as the client of `hypertool mcp`, and two reference servers behind it.
 python3 -c 'import mcp, mcp_server_time, mcp_server_git' >/dev/null 2>&1 ||

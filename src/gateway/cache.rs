@@ -14,7 +14,7 @@ use crate::config::gateway::CacheSettings;
 use crate::core::clock::UnixMillis;
 
 /// The request fields that decide the answer (in either dialect: Messages' own are at the end).
-const KEY_FIELDS: [&str; 23] = [
+const KEY_FIELDS: [&str; 28] = [
     "messages",
     "tools",
     "tool_choice",
@@ -38,6 +38,11 @@ const KEY_FIELDS: [&str; 23] = [
     "top_k",
     "thinking",
     "output_format",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "reasoning",
+    "text",
 ];
 
 #[derive(Debug)]

@@ -114,6 +114,17 @@ pub async fn messages(
     model_call(state, &door, caller, headers, body, Dialect::Messages).await
 }
 
+/// `POST /v1/responses` (OpenAI Responses).
+pub async fn responses(
+    State(state): State<GatewayState>,
+    State(door): State<std::sync::Arc<crate::web::auth::Door>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    model_call(state, &door, caller, headers, body, Dialect::Responses).await
+}
+
 /// The request in its dialect, checked: the body's shape, and the headers a provider of the same
 /// dialect is sent.
 fn call_request(
@@ -130,6 +141,10 @@ fn call_request(
                 )
                 .param("messages"));
             }
+            Ok(CallRequest::new(dialect, body))
+        }
+        Dialect::Responses => {
+            dialect::responses::check_request(&body)?;
             Ok(CallRequest::new(dialect, body))
         }
         Dialect::Messages => {

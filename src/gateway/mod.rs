@@ -63,7 +63,7 @@ use accounting::*;
 use admission::*;
 use dispatch::*;
 use handlers::response_headers;
-pub use handlers::{chat_completions, count_tokens, embeddings, list_models, messages};
+pub use handlers::{chat_completions, count_tokens, embeddings, list_models, messages, responses};
 use relay::*;
 
 /// What every gateway handler and call task holds: one pointer (a clone is one increment).

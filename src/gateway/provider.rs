@@ -123,6 +123,7 @@ impl<'a> Provider<'a> {
         match to {
             Dialect::Chat => "chat/completions",
             Dialect::Messages => "messages",
+            Dialect::Responses => "responses",
         }
     }
 

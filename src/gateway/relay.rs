@@ -177,7 +177,7 @@ pub(super) struct Source {
 /// translated through their [`dialect::Delta`]s.
 enum Output {
     Forward,
-    Translate(dialect::StreamEncoder),
+    Translate(Box<dialect::StreamEncoder>),
 }
 
 /// An upstream event forwarded in its own dialect. A chat chunk's usage is removed unless the
@@ -194,7 +194,7 @@ fn forward(
         out.push(dialect::chat::sse(data));
         return;
     };
-    if dialect == Dialect::Messages {
+    if dialect != Dialect::Chat {
         let kind = chunk.get("type").and_then(Value::as_str);
         out.push(dialect::messages::forward(data, kind));
         return;
@@ -278,11 +278,11 @@ pub(super) async fn relay(
     let mut output = if from == to {
         Output::Forward
     } else {
-        Output::Translate(dialect::StreamEncoder::new(
+        Output::Translate(Box::new(dialect::StreamEncoder::new(
             to,
             wants_usage,
             meta.prompt_estimate,
-        ))
+        )))
     };
     let mut datas: Vec<String> = Vec::new();
     let mut deltas: Vec<dialect::Delta> = Vec::new();
@@ -327,6 +327,8 @@ pub(super) async fn relay(
             out.clear();
             match decoder.decode(data, &mut deltas) {
                 dialect::Decoded::End => {
+                    // The end may carry the usage (`response.completed`).
+                    produced.absorb(&deltas);
                     done = true;
                     let (prompt, completion, estimated) = final_usage(&produced, done, &request);
                     // A gated stage: the verdict on the complete output goes out as an SSE
@@ -356,8 +358,16 @@ pub(super) async fn relay(
                             out.extend(comment.as_deref().map(dialect::comment));
                             out.push(match to {
                                 Dialect::Chat => Bytes::from_static(b"data: [DONE]\n\n"),
-                                Dialect::Messages => {
-                                    dialect::messages::forward(data, Some("message_stop"))
+                                // The terminal event as it came (`message_stop`,
+                                // `response.completed`), its `event:` line from its type.
+                                Dialect::Messages | Dialect::Responses => {
+                                    let kind =
+                                        serde_json::from_str::<Value>(data).ok().and_then(|v| {
+                                            v.get("type")
+                                                .and_then(Value::as_str)
+                                                .map(str::to_string)
+                                        });
+                                    dialect::messages::forward(data, kind.as_deref())
                                 }
                             });
                         }
@@ -407,6 +417,7 @@ pub(super) async fn relay(
             detail: match from {
                 Dialect::Chat => "the stream ended before [DONE]".into(),
                 Dialect::Messages => "the stream ended before message_stop".into(),
+                Dialect::Responses => "the stream ended before response.completed".into(),
             },
         });
     }
@@ -422,6 +433,7 @@ pub(super) async fn relay(
         let error = match to {
             Dialect::Chat => dialect::chat::error_event(e.code(), &e.message()),
             Dialect::Messages => dialect::messages::error_event(e.code(), &e.message()),
+            Dialect::Responses => dialect::responses::error_event(e.code(), &e.message()),
         };
         let _ = tx.send(Ok(error)).await;
     }

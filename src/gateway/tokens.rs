@@ -89,6 +89,9 @@ pub struct Truncation {
 /// the call it answers.
 fn answers_a_tool_call(m: &Value) -> bool {
     role(m) == "tool"
+        || m.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.ends_with("_call_output"))
         || m.get("content")
             .and_then(Value::as_array)
             .is_some_and(|blocks| {

@@ -40,6 +40,11 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
             r("POST", "/v1/messages/count_tokens", Gateway),
             post(crate::gateway::count_tokens),
         ),
+        // OpenAI Responses (Codex, the `openai` SDKs' `responses`).
+        (
+            r("POST", "/v1/responses", Gateway),
+            post(crate::gateway::responses),
+        ),
         // Facts reported by agents: a persona key only for its own persona (checked per event).
         (
             r("POST", "/v1/events", PersonaScoped),

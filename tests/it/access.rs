@@ -129,6 +129,10 @@ pub fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
                 json!({"model": "mock/claude", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}),
             ),
         ),
+        ("POST", "/v1/responses") => (
+            path.into(),
+            Some(json!({"model": "mock/gpt-5", "input": "hi"})),
+        ),
         ("POST", "/v1/messages/count_tokens") => (
             path.into(),
             Some(json!({"model": "mock/claude", "messages": [{"role": "user", "content": "hi"}]})),

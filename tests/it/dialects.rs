@@ -564,3 +564,155 @@ async fn claude_code_runs_on_the_mock_attributed_by_header_and_by_key() {
     assert_eq!(by_persona, expected);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_responses_api_works_on_the_mock_and_on_upstreams_of_either_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = server(dir.path(), &upstream).await;
+    let base = format!("{}/v1", s.api);
+    let mut told = 0;
+    for (text_model, tool_model) in [
+        ("mock/gpt-5", "mock/gpt-5"),
+        // Translated to Chat Completions, and (through chat) to Anthropic Messages.
+        ("ok", "tool"),
+        ("claude-ok", "claude-tool"),
+    ] {
+        let r = python(
+            "openai_responses_client.py",
+            vec![base.clone(), text_model.into(), tool_model.into()],
+        )
+        .await;
+        assert_eq!(r["plain"]["status"], "completed", "{text_model}: {r}");
+        assert_eq!(r["plain"]["id_ok"], true);
+        assert_eq!(
+            r["stream"]["text"], r["stream"]["final_text"],
+            "{text_model}"
+        );
+        assert!(
+            !r["stream"]["text"].as_str().unwrap().is_empty(),
+            "{text_model}"
+        );
+        for kind in [
+            "response.created",
+            "response.output_item.added",
+            "response.output_text.delta",
+            "response.output_item.done",
+            "response.completed",
+        ] {
+            assert!(
+                r["event_types"].as_array().unwrap().contains(&json!(kind)),
+                "{text_model}: {kind} in {}",
+                r["event_types"]
+            );
+        }
+        assert_eq!(
+            r["tool_call"],
+            json!({"name": "search", "argument_keys": ["city"]}),
+            "{text_model}"
+        );
+        assert_eq!(
+            r["tool_answer"],
+            json!({"has_text": true, "calls": 0}),
+            "{text_model}"
+        );
+        assert_eq!(
+            r["tool_stream"],
+            json!({"name": "search", "argument_keys": ["city"]}),
+            "{text_model}"
+        );
+        told += r["tokens"].as_u64().unwrap();
+        if text_model == "ok" {
+            // instructions + input: two chat messages upstream.
+            assert_eq!(r["plain"]["input"], 12);
+            assert_eq!(r["plain"]["output"], 7);
+        }
+    }
+    // What the clients were told, call by call, is what the ledger holds.
+    settled(&s, told).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_runs_on_the_mock_attributed_by_header_and_its_tokens_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = server(dir.path(), &upstream).await;
+    let codex = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/agents/node_modules/.bin/codex");
+    assert!(
+        codex.exists(),
+        "{} is missing: scripts/test.sh installs @openai/codex there",
+        codex.display()
+    );
+    let home = dir.path().join("codex-home");
+    std::fs::create_dir_all(home.join(".codex")).unwrap();
+    std::fs::write(
+        home.join(".codex/config.toml"),
+        format!(
+            r#"model = "mock/gpt-5"
+model_provider = "hypertool"
+
+[model_providers.hypertool]
+name = "hypertool"
+base_url = "{}/v1"
+wire_api = "responses"
+http_headers = {{ "X-Hypertool-Persona" = "devops-engineer", "X-Hypertool-Session" = "codex-1" }}
+"#,
+            s.api
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(codex)
+            .args(["exec", "--json", "--skip-git-repo-check", "say hi"])
+            .current_dir(&home)
+            .env("HOME", &home)
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("CODEX_HOME")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "codex exec failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        events.iter().any(|e| e["item"]["type"] == "agent_message"
+            && e["item"]["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Mock answer from hypertool")),
+        "{stdout}"
+    );
+    let reported: u64 = events
+        .iter()
+        .filter(|e| e["type"] == "turn.completed")
+        .map(|e| {
+            e["usage"]["input_tokens"].as_u64().unwrap()
+                + e["usage"]["output_tokens"].as_u64().unwrap()
+        })
+        .sum();
+    assert!(reported > 0, "{stdout}");
+    let usage = ledger_usage(dir.path());
+    assert!(!usage.is_empty());
+    assert!(usage.iter().all(|u| u["persona"] == "devops-engineer"
+        && u["session"] == "codex-1"
+        && u.get("estimated").is_none()));
+    let ledger: u64 = usage
+        .iter()
+        .map(|u| u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        ledger, reported,
+        "Codex's own account of its tokens is the ledger's"
+    );
+    s.stop().await;
+}

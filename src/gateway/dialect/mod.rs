@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod messages;
+pub mod responses;
 
 use std::borrow::Cow;
 
@@ -27,6 +28,9 @@ pub enum Dialect {
     Chat,
     /// Anthropic Messages (`/v1/messages`): Claude Code, the `anthropic` SDKs, Anthropic's API.
     Messages,
+    /// OpenAI Responses (`/v1/responses`): Codex, the `openai` SDKs' `responses`. No upstream kind
+    /// speaks it: calls go to chat (or Messages) upstreams translated, or to the mock.
+    Responses,
 }
 
 impl Dialect {
@@ -35,6 +39,7 @@ impl Dialect {
         match self {
             Dialect::Chat => "/v1/chat/completions",
             Dialect::Messages => "/v1/messages",
+            Dialect::Responses => "/v1/responses",
         }
     }
 
@@ -42,6 +47,7 @@ impl Dialect {
         match self {
             Dialect::Chat => "chat",
             Dialect::Messages => "messages",
+            Dialect::Responses => "responses",
         }
     }
 }
@@ -80,6 +86,7 @@ impl CallRequest {
                 .get("max_completion_tokens")
                 .or_else(|| self.body.get("max_tokens")),
             Dialect::Messages => self.body.get("max_tokens"),
+            Dialect::Responses => self.body.get("max_output_tokens"),
         };
         field.and_then(Value::as_u64).unwrap_or(0)
     }
@@ -96,6 +103,7 @@ impl CallRequest {
                     .unwrap_or(&[]),
             ),
             Dialect::Messages => Cow::Owned(messages::prompt_for_count(&self.body)),
+            Dialect::Responses => Cow::Owned(responses::prompt_for_count(&self.body)),
         }
     }
 
@@ -103,9 +111,9 @@ impl CallRequest {
     pub fn digest_source(&self) -> Option<Value> {
         match self.dialect {
             Dialect::Chat => self.body.get("messages").cloned(),
-            Dialect::Messages => {
+            Dialect::Messages | Dialect::Responses => {
                 let mut v = Map::new();
-                for field in ["system", "messages"] {
+                for field in ["system", "messages", "instructions", "input"] {
                     if let Some(x) = self.body.get(field) {
                         v.insert(field.into(), x.clone());
                     }
@@ -132,7 +140,7 @@ impl CallRequest {
     fn tool_name<'a>(&self, tool: &'a Value) -> &'a str {
         let name = match self.dialect {
             Dialect::Chat => tool.pointer("/function/name"),
-            Dialect::Messages => tool.get("name"),
+            Dialect::Messages | Dialect::Responses => tool.get("name"),
         };
         name.and_then(Value::as_str).unwrap_or("")
     }
@@ -146,7 +154,7 @@ impl CallRequest {
         tools.retain(|t| {
             let name = match dialect {
                 Dialect::Chat => t.pointer("/function/name"),
-                Dialect::Messages => t.get("name"),
+                Dialect::Messages | Dialect::Responses => t.get("name"),
             };
             keep(name.and_then(Value::as_str).unwrap_or(""))
         });
@@ -158,7 +166,11 @@ impl CallRequest {
 
     /// The messages a stage's `max_prompt_tokens` may cut (the system prompt is never cut).
     pub fn messages_mut(&mut self) -> Option<&mut Vec<Value>> {
-        match self.body.get_mut("messages") {
+        let field = match self.dialect {
+            Dialect::Responses => "input",
+            _ => "messages",
+        };
+        match self.body.get_mut(field) {
             Some(Value::Array(m)) => Some(m),
             _ => None,
         }
@@ -189,6 +201,14 @@ impl CallRequest {
                     .map(|n| Some(n.to_string())),
                 _ => None,
             },
+            Dialect::Responses => match choice {
+                Value::String(s) if s == "required" => Some(None),
+                Value::Object(o) => o
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(|n| Some(n.to_string())),
+                _ => None,
+            },
             Dialect::Messages => match choice.get("type").and_then(Value::as_str) {
                 Some("any") => Some(None),
                 Some("tool") => choice
@@ -209,6 +229,7 @@ impl CallRequest {
         let schema = match self.dialect {
             Dialect::Chat => tool.pointer("/function/parameters"),
             Dialect::Messages => tool.get("input_schema"),
+            Dialect::Responses => tool.get("parameters"),
         };
         Some((
             self.tool_name(tool).to_string(),
@@ -218,15 +239,24 @@ impl CallRequest {
 
     /// The last message is the result of a tool call (the mock then answers in text).
     pub fn ends_with_tool_result(&self) -> bool {
+        let field = if self.dialect == Dialect::Responses {
+            "input"
+        } else {
+            "messages"
+        };
         let Some(last) = self
             .body
-            .get("messages")
+            .get(field)
             .and_then(Value::as_array)
             .and_then(|m| m.last())
         else {
             return false;
         };
         match self.dialect {
+            Dialect::Responses => last
+                .get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.ends_with("_output")),
             Dialect::Chat => last.get("role").and_then(Value::as_str) == Some("tool"),
             Dialect::Messages => {
                 last.get("content")
@@ -264,10 +294,19 @@ pub fn translate_request(
     to: Dialect,
 ) -> Result<Cow<'_, Map<String, Value>>, Untranslatable> {
     match (request.dialect, to) {
-        (from, to) if from == to => Ok(Cow::Borrowed(&request.body)),
+        (Dialect::Chat, Dialect::Chat)
+        | (Dialect::Messages, Dialect::Messages)
+        | (Dialect::Responses, Dialect::Responses) => Ok(Cow::Borrowed(&request.body)),
         (Dialect::Messages, Dialect::Chat) => messages::to_chat(&request.body).map(Cow::Owned),
         (Dialect::Chat, Dialect::Messages) => messages::from_chat(&request.body).map(Cow::Owned),
-        _ => unreachable!("every pair of dialects is covered above"),
+        (Dialect::Responses, Dialect::Chat) => responses::to_chat(&request.body).map(Cow::Owned),
+        (Dialect::Responses, Dialect::Messages) => {
+            messages::from_chat(&responses::to_chat(&request.body)?).map(Cow::Owned)
+        }
+        // No upstream speaks Responses (the mock answers every client in its own dialect).
+        (_, Dialect::Responses) => Err(Untranslatable(
+            "no upstream kind speaks OpenAI Responses".into(),
+        )),
     }
 }
 
@@ -438,6 +477,7 @@ pub enum Decoded {
 pub enum StreamDecoder {
     Chat(chat::ChatDecoder),
     Messages(messages::MessagesDecoder),
+    Responses(responses::ResponsesDecoder),
 }
 
 impl StreamDecoder {
@@ -445,6 +485,7 @@ impl StreamDecoder {
         match dialect {
             Dialect::Chat => StreamDecoder::Chat(chat::ChatDecoder::default()),
             Dialect::Messages => StreamDecoder::Messages(messages::MessagesDecoder::default()),
+            Dialect::Responses => StreamDecoder::Responses(responses::ResponsesDecoder),
         }
     }
 
@@ -453,6 +494,7 @@ impl StreamDecoder {
         match self {
             StreamDecoder::Chat(d) => d.decode(data, out),
             StreamDecoder::Messages(d) => d.decode(data, out),
+            StreamDecoder::Responses(d) => d.decode(data, out),
         }
     }
 }
@@ -462,6 +504,7 @@ impl StreamDecoder {
 pub enum StreamEncoder {
     Chat(chat::ChatEncoder),
     Messages(messages::MessagesEncoder),
+    Responses(responses::ResponsesEncoder),
 }
 
 impl StreamEncoder {
@@ -474,6 +517,7 @@ impl StreamEncoder {
             Dialect::Messages => {
                 StreamEncoder::Messages(messages::MessagesEncoder::new(prompt_estimate))
             }
+            Dialect::Responses => StreamEncoder::Responses(responses::ResponsesEncoder::default()),
         }
     }
 
@@ -481,6 +525,7 @@ impl StreamEncoder {
         match self {
             StreamEncoder::Chat(e) => e.encode(delta, out),
             StreamEncoder::Messages(e) => e.encode(delta, out),
+            StreamEncoder::Responses(e) => e.encode(delta, out),
         }
     }
 
@@ -489,6 +534,7 @@ impl StreamEncoder {
         match self {
             StreamEncoder::Chat(e) => e.finish(comment, out),
             StreamEncoder::Messages(e) => e.finish(comment, out),
+            StreamEncoder::Responses(e) => e.finish(comment, out),
         }
     }
 
@@ -497,6 +543,7 @@ impl StreamEncoder {
         match self {
             StreamEncoder::Chat(_) => out.push(chat::error_event(code, message)),
             StreamEncoder::Messages(_) => out.push(messages::error_event(code, message)),
+            StreamEncoder::Responses(_) => out.push(responses::error_event(code, message)),
         }
     }
 }
@@ -533,6 +580,7 @@ pub fn parse_answer(dialect: Dialect, body: &[u8]) -> Result<Answer, String> {
     match dialect {
         Dialect::Chat => chat::parse_answer(&value),
         Dialect::Messages => messages::parse_answer(&value),
+        Dialect::Responses => responses::parse_answer(&value),
     }
 }
 
@@ -541,6 +589,7 @@ pub fn render_answer(answer: &Answer, dialect: Dialect) -> Value {
     match dialect {
         Dialect::Chat => chat::render_answer(answer),
         Dialect::Messages => messages::render_answer(answer),
+        Dialect::Responses => responses::render_answer(answer),
     }
 }
 
@@ -551,6 +600,7 @@ pub fn new_id(dialect: Dialect) -> String {
     let prefix = match dialect {
         Dialect::Chat => "chatcmpl-ht",
         Dialect::Messages => "msg_ht",
+        Dialect::Responses => "resp_ht",
     };
     format!(
         "{prefix}{:x}{:06x}",
