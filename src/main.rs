@@ -816,6 +816,15 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             for w in &plan.warnings {
                 outln!("warning: {w}");
             }
+            // A model with no price spends tokens whose cost is unknown: said, not shown as $0.
+            for m in &cfg.settings.gateway.models {
+                if m.prices.is_none() && m.upstream != hypertool::config::gateway::MOCK_UPSTREAM {
+                    outln!(
+                        "warning: model `{}` has no prices (prompt_usd_per_1k, completion_usd_per_1k): its calls are counted in hypertool_gateway_unpriced_calls_total and shown as unpriced, not $0.00",
+                        m.name
+                    );
+                }
+            }
             // The MCP proxy's downstream servers (started by `hypertool doctor`, not here).
             if let Some(path) = &cfg.settings.mcp.servers {
                 match hypertool::mcp::config::load_configured(Some(path)) {

@@ -130,6 +130,10 @@ struct RawModel {
     timeout: Option<PromDuration>,
     prompt_usd_per_1k: Option<f64>,
     completion_usd_per_1k: Option<f64>,
+    /// Prompt tokens read from the provider's prompt cache (default: the prompt price).
+    cache_read_usd_per_1k: Option<f64>,
+    /// Prompt tokens written to it (default: the prompt price).
+    cache_write_usd_per_1k: Option<f64>,
     /// Models to try, in order, when this one fails after its retries.
     #[serde(default)]
     fallbacks: Vec<String>,
@@ -199,11 +203,31 @@ pub struct UpstreamSettings {
 pub struct Prices {
     pub prompt_per_1k: f64,
     pub completion_per_1k: f64,
+    /// Cached prompt tokens read and written, when priced apart from the prompt.
+    pub cache_read_per_1k: Option<f64>,
+    pub cache_write_per_1k: Option<f64>,
 }
 
 impl Prices {
     pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
         (prompt as f64 * self.prompt_per_1k + completion as f64 * self.completion_per_1k) / 1000.0
+    }
+
+    /// The cost of `prompt` tokens of which `cache_read` were read from and `cache_write` written
+    /// to the provider's prompt cache, each kind at its price, and `completion` tokens.
+    pub fn cost_with_cache(
+        &self,
+        prompt: u64,
+        cache_read: u64,
+        cache_write: u64,
+        completion: u64,
+    ) -> f64 {
+        let uncached = prompt.saturating_sub(cache_read.saturating_add(cache_write));
+        (uncached as f64 * self.prompt_per_1k
+            + cache_read as f64 * self.cache_read_per_1k.unwrap_or(self.prompt_per_1k)
+            + cache_write as f64 * self.cache_write_per_1k.unwrap_or(self.prompt_per_1k)
+            + completion as f64 * self.completion_per_1k)
+            / 1000.0
     }
 }
 
@@ -465,12 +489,26 @@ impl GatewaySettings {
                     ));
                 }
             }
+            let (cache_read, cache_write) = (m.cache_read_usd_per_1k, m.cache_write_usd_per_1k);
             let prices = match (m.prompt_usd_per_1k, m.completion_usd_per_1k) {
-                (None, None) => None,
+                (None, None) => {
+                    if cache_read.is_some() || cache_write.is_some() {
+                        errors.push((
+                            format!("{key}.cache_read_usd_per_1k"),
+                            "cache prices need the model's prompt_usd_per_1k and completion_usd_per_1k too".into(),
+                        ));
+                    }
+                    None
+                }
                 (p, c) => {
                     let p = p.unwrap_or(0.0);
                     let c = c.unwrap_or(0.0);
-                    if !(p.is_finite() && c.is_finite() && p >= 0.0 && c >= 0.0) {
+                    let valid = |x: f64| x.is_finite() && x >= 0.0;
+                    if !(valid(p)
+                        && valid(c)
+                        && cache_read.is_none_or(valid)
+                        && cache_write.is_none_or(valid))
+                    {
                         errors.push((
                             format!("{key}.prompt_usd_per_1k"),
                             "prices must be non-negative numbers".into(),
@@ -479,6 +517,8 @@ impl GatewaySettings {
                     Some(Prices {
                         prompt_per_1k: p,
                         completion_per_1k: c,
+                        cache_read_per_1k: cache_read,
+                        cache_write_per_1k: cache_write,
                     })
                 }
             };

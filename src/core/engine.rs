@@ -1415,6 +1415,8 @@ mod tests {
                 prompt_hash: None,
                 estimated: false,
                 call: None,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
             }),
         ));
         e.release_stage(first.stage.as_ref().unwrap());

@@ -176,6 +176,8 @@ impl CallAdmission {
             prompt_hash: None,
             estimated: true,
             call: Some(self.call.clone()),
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
         }
     }
 }
@@ -233,6 +235,13 @@ pub struct Usage {
     /// The gateway call (`Event::CallAdmitted`) this usage settles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<String>,
+    /// Of `prompt_tokens`: read from the provider's prompt cache (priced at the model's
+    /// `cache_read_usd_per_1k`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_read_tokens: u64,
+    /// Of `prompt_tokens`: written to the provider's prompt cache (`cache_write_usd_per_1k`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {

@@ -25,11 +25,14 @@ pub(super) fn prompt_digest(messages: Option<&Value>) -> Option<String> {
 pub(super) fn usage_event(
     state: &GatewayState,
     meta: &CallMeta,
-    prompt: u64,
-    completion: u64,
+    used: dialect::TokenUsage,
     estimated: bool,
     started: Instant,
 ) -> Stamped {
+    let (prompt, completion) = (used.input, used.output);
+    if prompt + completion > 0 {
+        state.count_unpriced(&meta.route);
+    }
     let event = Event::Usage(Usage {
         run: meta.run(),
         persona: meta.persona.clone(),
@@ -40,11 +43,16 @@ pub(super) fn usage_event(
         workflow: meta.workflow.clone(),
         stage: meta.stage.clone(),
         session: meta.session.clone(),
-        cost_usd: meta.route.prices.map(|p| p.cost(prompt, completion)),
+        cost_usd: meta
+            .route
+            .prices
+            .map(|p| p.cost_with_cache(prompt, used.cache_read, used.cache_write, completion)),
         duration_seconds: Some(started.elapsed().as_secs_f64()),
         prompt_hash: meta.prompt_hash.clone(),
         estimated,
         call: meta.call_id.clone(),
+        cache_read_tokens: used.cache_read,
+        cache_write_tokens: used.cache_write,
     });
     Stamped {
         at: state.clock.now_ms(),
@@ -169,11 +177,11 @@ pub(super) async fn release_admission(
 pub(super) async fn record(
     state: &GatewayState,
     meta: &CallMeta,
-    usage: (u64, u64),
+    used: dialect::TokenUsage,
     estimated: bool,
     started: Instant,
     settles: Reservation,
 ) {
-    let event = usage_event(state, meta, usage.0, usage.1, estimated, started);
+    let event = usage_event(state, meta, used, estimated, started);
     store_usage(state, &meta.persona, vec![event], vec![settles]).await;
 }

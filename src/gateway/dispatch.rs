@@ -79,7 +79,11 @@ pub(super) async fn call_with_fallbacks(
             .await;
             if traced.is_some() {
                 let (usage, output, error) = match &result {
-                    Ok(c) => (c.usage, Some(c.text.as_str()), None),
+                    Ok(c) => (
+                        c.usage.map(|u| (u.input, u.output)),
+                        Some(c.text.as_str()),
+                        None,
+                    ),
                     Err(e) => (None, None, Some(e)),
                 };
                 trace::generation(
@@ -229,10 +233,18 @@ pub(super) async fn plain_call(
             let fell_back = answered_by.name != route.name;
             attempt_meta.route = answered_by;
             let Completion { body, usage, text } = completion;
-            let (prompt, completion, estimated) = match usage {
-                Some((p, c)) => (p, c, false),
-                None => (counted_prompt(&request), tokens::count_text(&text), true),
+            let (used, estimated) = match usage {
+                Some(u) => (u, false),
+                None => (
+                    dialect::TokenUsage {
+                        input: counted_prompt(&request),
+                        output: tokens::count_text(&text),
+                        ..Default::default()
+                    },
+                    true,
+                ),
             };
+            let (prompt, completion) = (used.input, used.output);
             let verdict = judge(&state, &attempt_meta, &text, completion, attempt, generation).await;
             let failed = verdict.as_ref().is_some_and(|v| v.result == GateResult::Fail);
             // Another attempt, on the escalation model, if the gate failed and retries are left
@@ -270,7 +282,7 @@ pub(super) async fn plain_call(
                 Some((target, retry_call)) => {
                     // Stored with the last attempt (one commit, and the client is not kept
                     // waiting for it); its reservation is held until then.
-                    earlier_attempts.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
+                    earlier_attempts.push(usage_event(&state, &attempt_meta, used, estimated, attempt_started));
                     state.count(&attempt_meta.route.upstream, "ok");
                     state.count(&target.upstream, "gate_retry");
                     tracing::info!(from = %attempt_meta.route.name, to = %target.name, attempt = attempt + 1,
@@ -300,7 +312,7 @@ pub(super) async fn plain_call(
                     // The usage is stored before the answer is released: an answered call is
                     // never missing from the ledger, nor there as an estimate.
                     let mut events = std::mem::take(&mut earlier_attempts);
-                    events.push(usage_event(&state, &attempt_meta, prompt, completion, estimated, attempt_started));
+                    events.push(usage_event(&state, &attempt_meta, used, estimated, attempt_started));
                     store_usage(&state, &attempt_meta.persona, events, held).await;
                     let _ = answer_tx.send(Ok(Answer {
                         meta: attempt_meta.clone(),

@@ -516,7 +516,11 @@ async fn embed(
                 Some(p) => (p, false),
                 None => (meta.prompt_estimate, true),
             };
-            record(&state, &meta, (prompt, 0), estimated, started, reservation).await;
+            let used = dialect::TokenUsage {
+                input: prompt,
+                ..Default::default()
+            };
+            record(&state, &meta, used, estimated, started, reservation).await;
             state.count(&meta.route.upstream, "ok");
         } else {
             state.count(&meta.route.upstream, "upstream_error");

@@ -98,6 +98,8 @@ pub struct Gateway {
     http: client::UpstreamClient,
     outcomes: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tools_removed: Mutex<BTreeMap<String, u64>>,
+    /// Calls with tokens but no price, by model (configured models only: bounded).
+    unpriced: Mutex<BTreeMap<String, u64>>,
     /// (workflow, stage) → (prompts cut, tokens removed)
     truncations: Mutex<BTreeMap<(String, String), (u64, u64)>>,
     pub cache: cache::ResponseCache,
@@ -176,6 +178,7 @@ impl Gateway {
             outcomes: Mutex::new(BTreeMap::new()),
             warnings: WarnThrottle::default(),
             tools_removed: Mutex::new(BTreeMap::new()),
+            unpriced: Mutex::new(BTreeMap::new()),
             truncations: Mutex::new(BTreeMap::new()),
         }
     }
@@ -243,6 +246,26 @@ impl Gateway {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(p, n)| (p.clone(), *n as f64))
+            .collect()
+    }
+
+    /// A call that spent tokens on a model with no price (the built-in mock is free, not
+    /// unpriced).
+    fn count_unpriced(&self, route: &ModelRoute) {
+        if route.prices.is_some() || route.upstream == crate::config::gateway::MOCK_UPSTREAM {
+            return;
+        }
+        let mut m = self.unpriced.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(route.name.clone()).or_insert(0) += 1;
+    }
+
+    /// `hypertool_gateway_unpriced_calls_total{model}`.
+    pub fn unpriced(&self) -> Vec<(String, f64)> {
+        self.unpriced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(m, n)| (m.clone(), *n as f64))
             .collect()
     }
 

@@ -330,7 +330,8 @@ pub(super) async fn relay(
                     // The end may carry the usage (`response.completed`).
                     produced.absorb(&deltas);
                     done = true;
-                    let (prompt, completion, estimated) = final_usage(&produced, done, &request);
+                    let (used, estimated) = final_usage(&produced, done, &request);
+                    let completion = used.output;
                     // A gated stage: the verdict on the complete output goes out as an SSE
                     // comment (clients ignore comments; headers are long gone).
                     verdict =
@@ -338,14 +339,7 @@ pub(super) async fn relay(
                     // The usage is stored before the last event goes out: a client that saw the
                     // stream end finds its call in the ledger with these numbers, however the
                     // process ends after.
-                    settle_once(
-                        &state,
-                        &meta,
-                        &mut unsettled,
-                        (prompt, completion, estimated),
-                        started,
-                    )
-                    .await;
+                    settle_once(&state, &meta, &mut unsettled, (used, estimated), started).await;
                     let comment = verdict.as_ref().map(|v| {
                         format!(
                             "x-hypertool-quality-gate: {}",
@@ -438,7 +432,8 @@ pub(super) async fn relay(
         let _ = tx.send(Ok(error)).await;
     }
     drop(tx);
-    let (prompt, completion, estimated) = final_usage(&produced, done, &request);
+    let (used, estimated) = final_usage(&produced, done, &request);
+    let (prompt, completion) = (used.input, used.output);
     if client_gone {
         tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
     }
@@ -474,14 +469,7 @@ pub(super) async fn relay(
     }
     // A stream cut before its end (the client left, the upstream failed): its completion so
     // far, counted, or the upstream's usage if it came.
-    settle_once(
-        &state,
-        &meta,
-        &mut unsettled,
-        (prompt, completion, estimated),
-        started,
-    )
-    .await;
+    settle_once(&state, &meta, &mut unsettled, (used, estimated), started).await;
     state.count(
         &meta.route.upstream,
         if failure.is_some() {
@@ -498,19 +486,11 @@ async fn settle_once(
     state: &GatewayState,
     meta: &CallMeta,
     unsettled: &mut Option<Reservation>,
-    (prompt, completion, estimated): (u64, u64, bool),
+    (used, estimated): (dialect::TokenUsage, bool),
     started: Instant,
 ) {
     if let Some(reservation) = unsettled.take() {
-        record(
-            state,
-            meta,
-            (prompt, completion),
-            estimated,
-            started,
-            reservation,
-        )
-        .await;
+        record(state, meta, used, estimated, started, reservation).await;
     }
 }
 
@@ -538,16 +518,20 @@ async fn note_progress(state: &GatewayState, meta: &CallMeta, completion_tokens:
 /// had none), the prompt as the upstream said or counted, and the larger of the completion the
 /// upstream had reported and what was streamed, counted (`estimated`): never zero for a stream
 /// that produced something.
-fn final_usage(produced: &Produced, done: bool, request: &CallRequest) -> (u64, u64, bool) {
+fn final_usage(
+    produced: &Produced,
+    done: bool,
+    request: &CallRequest,
+) -> (dialect::TokenUsage, bool) {
     match produced.usage {
-        Some(u) if done => (u.input, u.output, false),
+        Some(u) if done => (u, false),
         reported => {
-            let prompt = match reported {
-                Some(u) if u.input > 0 => u.input,
-                _ => counted_prompt(request),
-            };
-            let completion = reported.map_or(0, |u| u.output).max(produced.counted());
-            (prompt, completion, true)
+            let mut used = reported.unwrap_or_default();
+            if used.input == 0 {
+                used.input = counted_prompt(request);
+            }
+            used.output = used.output.max(produced.counted());
+            (used, true)
         }
     }
 }

@@ -10,7 +10,7 @@ use futures_util::Stream;
 use serde_json::{json, Value};
 
 use super::client::{SendError, UpstreamClient, UpstreamKey, UpstreamResponse};
-use super::dialect::{parse_answer, render_answer, Answer, Dialect};
+use super::dialect::{parse_answer, render_answer, Answer, Dialect, TokenUsage};
 use super::tokens;
 use crate::config::gateway::{UpstreamKind, UpstreamSettings};
 
@@ -294,8 +294,8 @@ async fn post_json(
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub body: Bytes,
-    /// (prompt, completion) tokens, when the upstream reported both.
-    pub usage: Option<(u64, u64)>,
+    /// The tokens, when the upstream reported prompt and completion.
+    pub usage: Option<TokenUsage>,
     /// The answer's text (message contents, then tool calls), for gates and estimates.
     pub text: String,
 }
@@ -327,6 +327,18 @@ struct LightMessage<'a> {
 struct LightUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<LightDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<LightDetails>,
+}
+
+#[derive(serde::Deserialize)]
+struct LightDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
 }
 
 impl Completion {
@@ -352,9 +364,21 @@ impl Completion {
                 text.push_str(calls.get());
             }
         }
-        let usage = light
-            .usage
-            .and_then(|u| Some((u.prompt_tokens?, u.completion_tokens?)));
+        let usage = light.usage.and_then(|u| {
+            Some(TokenUsage {
+                input: u.prompt_tokens?,
+                output: u.completion_tokens?,
+                cache_read: u
+                    .prompt_tokens_details
+                    .and_then(|d| d.cached_tokens)
+                    .unwrap_or(0),
+                cache_write: 0,
+                reasoning: u
+                    .completion_tokens_details
+                    .and_then(|d| d.reasoning_tokens)
+                    .unwrap_or(0),
+            })
+        });
         Ok(Completion { body, usage, text })
     }
 
@@ -362,7 +386,7 @@ impl Completion {
     pub fn of_answer(answer: &Answer, dialect: Dialect) -> Completion {
         Completion {
             body: Bytes::from(render_answer(answer, dialect).to_string()),
-            usage: answer.usage.map(|u| (u.input, u.output)),
+            usage: answer.usage,
             text: answer.text(),
         }
     }
@@ -384,7 +408,7 @@ impl Completion {
         })?;
         if from == to {
             return Ok(Completion {
-                usage: answer.usage.map(|u| (u.input, u.output)),
+                usage: answer.usage,
                 text: answer.text(),
                 body,
             });
@@ -480,7 +504,7 @@ mod completion_tests {
     fn a_completion_is_read_without_rebuilding_it() {
         let raw = r#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"hi","tool_calls":[{"id":"c","function":{"name":"f","arguments":"{}"}}]}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"extra":{"deep":[1,2,3]}}"#;
         let c = Completion::parse("u", Bytes::from(raw)).unwrap();
-        assert_eq!(c.usage, Some((3, 2)));
+        assert_eq!(c.usage.map(|u| (u.input, u.output)), Some((3, 2)));
         assert!(c.text.starts_with("hi[{"));
         assert_eq!(&c.body[..], raw.as_bytes(), "forwarded byte for byte");
         let no_usage = Completion::parse(

@@ -86,6 +86,18 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
     for (k, v) in m.cost_usd.sorted() {
         *cost.entry(k[0].to_string()).or_default() += v;
     }
+    // Tokens with no cost beside them (a model without prices, an agent that reported none):
+    // their cost is unknown, and the page says so rather than showing $0.00. The mock is free.
+    let mut unpriced: BTreeMap<String, f64> = BTreeMap::new();
+    for (k, tokens) in m.tokens.sorted() {
+        let [persona, chatmode, model]: [&str; 3] = [&k[0], &k[1], &k[2]];
+        if tokens > 0.0
+            && !model.starts_with("mock/")
+            && m.cost_usd.get([persona, chatmode, model]) <= 0.0
+        {
+            *unpriced.entry(persona.to_string()).or_default() += tokens;
+        }
+    }
 
     // Budgets: bars, burn-down (remaining at the end of each hour of the period) and the ETA at
     // the pace of the last hour.
@@ -122,6 +134,7 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
                 "resets_at": b.resets_at().map(to_rfc3339),
                 "depletion_at": depletion.map(to_rfc3339),
                 "cost_usd": cost.get(persona.as_str()).copied().unwrap_or(0.0),
+                "unpriced_tokens": unpriced.get(persona.as_str()).copied().unwrap_or(0.0),
                 "burn": burn,
             })
         })
@@ -203,6 +216,7 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
             "tokens_saved": tokens_saved,
         },
         "cost_usd": m.cost_usd.sum(),
+        "unpriced_tokens": unpriced.values().sum::<f64>(),
         "tokens": m.tokens.sum(),
     }))
 }

@@ -553,6 +553,8 @@ pub fn parse_event(
                 estimated,
                 // Only the gateway settles its own calls.
                 call: None,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
             })
         }
         "persona_switch" => {

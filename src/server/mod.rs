@@ -1052,6 +1052,7 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
             .collect(),
         gateway_requests: state.gateway.outcomes(),
         tools_removed: state.gateway.tools_removed(),
+        unpriced_calls: state.gateway.unpriced(),
         mcp_sessions: state.mcp.proxy.sessions() as f64,
         mcp_servers: state
             .mcp

@@ -62,6 +62,8 @@ pub struct ProcessInfo {
     pub gateway_requests: Vec<((String, String), f64)>,
     /// Tools removed from calls because the persona may not use them, per persona.
     pub tools_removed: Vec<(String, f64)>,
+    /// Gateway calls on models with no price, by model.
+    pub unpriced_calls: Vec<(String, f64)>,
     /// The MCP proxy's downstream servers: (server, up, restarts).
     pub mcp_servers: Vec<(String, bool, f64)>,
     /// MCP sessions open at the proxy.
@@ -447,6 +449,14 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         w.sample(
             f::GATEWAY_TOOLS_REMOVED_TOTAL.name,
             &[("persona", persona)],
+            *n,
+        );
+    }
+    w.header_of(&f::GATEWAY_UNPRICED_CALLS_TOTAL);
+    for (model, n) in &process.unpriced_calls {
+        w.sample(
+            f::GATEWAY_UNPRICED_CALLS_TOTAL.name,
+            &[("model", model)],
             *n,
         );
     }

@@ -361,6 +361,13 @@ pub const GATEWAY_TOOLS_REMOVED_TOTAL: Family = Family {
     labels: &["persona"],
 };
 
+pub const GATEWAY_UNPRICED_CALLS_TOTAL: Family = Family {
+    name: "hypertool_gateway_unpriced_calls_total",
+    kind: Kind::Counter,
+    help: "Gateway calls that spent tokens on a model with no price (set prompt_usd_per_1k and completion_usd_per_1k): their cost is unknown, not zero.",
+    labels: &["model"],
+};
+
 pub const PROMPT_TRUNCATIONS_TOTAL: Family = Family {
     name: "hypertool_prompt_truncations_total",
     kind: Kind::Counter,
@@ -474,6 +481,7 @@ pub const ALL: &[Family] = &[
     CACHE_REQUESTS_TOTAL,
     CACHE_TOKENS_SAVED_TOTAL,
     GATEWAY_TOOLS_REMOVED_TOTAL,
+    GATEWAY_UNPRICED_CALLS_TOTAL,
     PROMPT_TRUNCATIONS_TOTAL,
     PROMPT_TOKENS_TRUNCATED_TOTAL,
     ALERTS_FIRING,

@@ -70,6 +70,15 @@ upstream_model = "cut-stream"
 [[gateway.models]]
 name = "tool"
 upstream = "fake"
+
+[[gateway.models]]
+name = "claude-priced"
+upstream = "anthropic-fake"
+upstream_model = "ok"
+prompt_usd_per_1k = 1.0
+completion_usd_per_1k = 2.0
+cache_read_usd_per_1k = 0.1
+cache_write_usd_per_1k = 1.25
 "#,
         upstream.base_url
     )
@@ -715,4 +724,83 @@ http_headers = {{ "X-Hypertool-Persona" = "devops-engineer", "X-Hypertool-Sessio
         "Codex's own account of its tokens is the ledger's"
     );
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_tokens_are_priced_apart_and_unpriced_models_are_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = server(dir.path(), &upstream).await;
+    for model in ["claude-priced", "ok", "mock/claude"] {
+        let resp = post_messages(
+            &s,
+            json!({"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "price me"}]}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{model}");
+    }
+    let usage = eventually("three usage events", Duration::from_secs(10), || {
+        let u = ledger_usage(dir.path());
+        async move { (u.len() == 3).then_some(u) }
+    })
+    .await;
+    // 11 uncached prompt tokens at $1/1k, 2 read from the cache at $0.10, 1 written at $1.25,
+    // 7 completion tokens at $2.
+    let priced = &usage[0];
+    assert_eq!(priced["model"], "claude-priced");
+    assert_eq!(
+        (
+            priced["prompt_tokens"].as_u64(),
+            priced["cache_read_tokens"].as_u64(),
+            priced["cache_write_tokens"].as_u64()
+        ),
+        (Some(14), Some(2), Some(1))
+    );
+    let cost = priced["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (11.0 + 0.2 + 1.25 + 14.0) / 1000.0).abs() < 1e-9,
+        "{cost}"
+    );
+    // No price: counted as unpriced (the mock is free, not unpriced), and the dashboard says so.
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get("hypertool_gateway_unpriced_calls_total", &[("model", "ok")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_gateway_unpriced_calls_total",
+            &[("model", "mock/claude")]
+        ),
+        None
+    );
+    assert_eq!(
+        m.get(
+            "hypertool_gateway_unpriced_calls_total",
+            &[("model", "claude-priced")]
+        ),
+        None
+    );
+    let (status, dash) = s.get_json("/api/dashboard").await;
+    assert_eq!(status, 200);
+    let unpriced_tokens = usage[1]["prompt_tokens"].as_u64().unwrap()
+        + usage[1]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        dash["unpriced_tokens"].as_f64(),
+        Some(unpriced_tokens as f64)
+    );
+    s.stop().await;
+    // `hypertool check` names the model with no price.
+    let out = std::process::Command::new(crate::process::BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("config/hypertool.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("warning: model `ok` has no prices"), "{text}");
+    assert!(
+        !text.contains("model `claude-priced` has no prices"),
+        "{text}"
+    );
 }
