@@ -1,7 +1,17 @@
 //! A gateway call's usage: read from the upstream's answer or estimated, and handed to the ledger
 //! writer with the reservations it settles.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::core::event::{CallAdmission, Event, Stamped, Usage};
+use crate::web::error::{ApiError, ErrorKind};
+
+use super::admission::Reservation;
+use super::dialect::CallRequest;
+use super::{dialect, tokens, CallMeta, GatewayState};
 
 /// Prompt tokens of a request counted with the real tokenizer (when the upstream reports none).
 pub(super) fn counted_prompt(request: &CallRequest) -> u64 {

@@ -2,7 +2,18 @@
 //! (the persona's and the run stage's, decided at once by `Engine::admit_call`), held until the
 //! call's usage is applied; the answers to the calls it refuses.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
+use crate::core::engine::{Admission, CallClaim, Engine, Refusal, StageClaim, StageHold};
+use crate::core::event::{Event, Stamped};
+use crate::core::policy;
+use crate::store::writer::lock;
+use crate::web::error::{ApiError, ErrorKind};
+
+use super::{CallMeta, GatewayState};
 
 /// Holds reserved tokens until dropped, so every exit path gives them back.
 pub(super) struct Reservation {
@@ -63,6 +74,63 @@ impl Reservation {
             _permit: permit,
         };
         Ok((reservation, admitted.downgrade, admitted.start_stage))
+    }
+}
+
+/// What admission gave a call: the reservation of its budgets (given back once its usage is
+/// stored, or when dropped), and whether a spent `downgrade` budget asks for the cheaper model.
+pub(super) struct Admitted {
+    pub(super) reservation: Reservation,
+    pub(super) downgrade: bool,
+    /// The tokens and USD reserved, which the admission record names.
+    estimate: u64,
+    cost_estimate: f64,
+}
+
+/// The one admission step of every model call — chat in any dialect, and embeddings: the key's
+/// and the persona's rates, an in-flight slot, the persona's budgets and (in a run) the stage's
+/// reserved at once (a spent `block` budget refuses), and the run's stage started when this call
+/// is its first. The caller may then move the call to a cheaper model (`downgrade`) before
+/// [`Admitted::record`] makes it durable.
+pub(super) async fn admit(
+    state: &GatewayState,
+    settings: &GatewaySettings,
+    key: Option<&VirtualKey>,
+    meta: &CallMeta,
+    prompt_estimate: u64,
+    max_tokens: u64,
+) -> Result<Admitted, ApiError> {
+    let estimate = prompt_estimate.saturating_add(max_tokens);
+    rate_check(state, key, meta, estimate)?;
+    let permit = acquire_slot(state, settings, &meta.route.upstream).await?;
+    let cost_estimate = cost_of(&meta.route, prompt_estimate, max_tokens);
+    let (reservation, downgrade, start_stage) =
+        Reservation::take(state, meta, estimate, cost_estimate, Some(permit)).map_err(
+            |refusal| {
+                state.count(&meta.route.upstream, "budget_exceeded");
+                refused(&refusal, estimate, cost_estimate)
+            },
+        )?;
+    if start_stage {
+        start_run_stage(state, meta).await?;
+    }
+    Ok(Admitted {
+        reservation,
+        downgrade,
+        estimate,
+        cost_estimate,
+    })
+}
+
+impl Admitted {
+    /// Stores the call's admission record before anything goes upstream (an answered call is
+    /// then never missing after a crash); `Err` when the ledger cannot: nothing may go upstream.
+    pub(super) async fn record(
+        &self,
+        state: &GatewayState,
+        meta: &mut CallMeta,
+    ) -> Result<(), ApiError> {
+        super::accounting::store_admission(state, meta, self.estimate, self.cost_estimate).await
     }
 }
 

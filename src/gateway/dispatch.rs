@@ -1,8 +1,30 @@
 //! A non-streamed call upstream: the route, its retries and fallbacks, the quality gate and its
 //! retries on the escalation model, in a tracked task that the client cannot cancel.
 
-use super::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
+use serde_json::Value;
+
+use crate::config::gateway::{GatewaySettings, ModelRoute};
+use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped};
+use crate::core::workflow::GateVerdict;
 use crate::telemetry::trace::ids::SpanId;
+use crate::web::error::{ApiError, ErrorKind};
+
+use super::accounting::{
+    counted_prompt, release_admission, store_admission, store_usage, usage_event,
+};
+use super::admission::{cost_of, Reservation};
+use super::dialect::CallRequest;
+use super::handlers::response_headers;
+use super::provider::Provider;
+use super::relay::json_bytes;
+use super::upstream::{Completion, UpstreamError};
+use super::{dialect, stage, tokens, trace, CallMeta, GatewayState};
 
 pub(super) fn gateway_error(e: &UpstreamError) -> ApiError {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);

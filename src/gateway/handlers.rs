@@ -2,7 +2,31 @@
 //! is a short pipeline over the modules beside it: request parsing, policy, admission, dispatch or
 //! relay, accounting.
 
-use super::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
+use crate::core::policy;
+use crate::store::writer::lock;
+use crate::web::auth::Caller;
+use crate::web::error::{ApiError, ErrorKind};
+
+use super::accounting::{record, release_admission};
+use super::admission::{admit, policy_error};
+use super::dialect::{CallRequest, Dialect};
+use super::dispatch::{gateway_error, plain_call};
+use super::provider::Provider;
+use super::relay::{cached_stream, json_bytes, stream_call};
+use super::request::header;
+use super::{accounting, cache, dialect, request, stage, tokens, trace, CallMeta, GatewayState};
 
 /// The route for `model`, if it exists and the key (if any) may use it.
 pub(super) fn allowed_route(
@@ -319,33 +343,12 @@ async fn dispatch_call(
             CacheOutcome::Miss(slot) => slot,
         };
 
-    rate_check(
-        &state,
-        key,
-        &meta,
-        prompt_estimate.saturating_add(max_tokens),
-    )?;
-    let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
-
-    // Admission: the persona's budgets and the run's stage budget reserved together; a spent
-    // `block` budget refuses. The first call of a stage starts it.
-    let estimate = prompt_estimate.saturating_add(max_tokens);
-    let cost_estimate = cost_of(&meta.route, prompt_estimate, max_tokens);
-    let (reservation, downgraded, start_stage) =
-        Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
-            |refusal| {
-                state.count(&meta.route.upstream, "budget_exceeded");
-                refused(&refusal, estimate, cost_estimate)
-            },
-        )?;
-    if start_stage {
-        start_run_stage(&state, &meta).await?;
-    }
-    if downgraded && downgrade(&state, &settings, &mut meta, &mut notes) {
+    let admitted = admit(&state, &settings, key, &meta, prompt_estimate, max_tokens).await?;
+    if admitted.downgrade && downgrade(&state, &settings, &mut meta, &mut notes) {
         cache_slot = None;
     }
-    // Durable before anything goes upstream: an answered call is never missing after a crash.
-    store_admission(&state, &mut meta, estimate, cost_estimate).await?;
+    admitted.record(&state, &mut meta).await?;
+    let reservation = admitted.reservation;
 
     let started = Instant::now();
     let mut resp = if request.stream() {
@@ -439,18 +442,11 @@ async fn embed(
     inputs: Vec<String>,
     estimate: u64,
 ) -> Result<Response, ApiError> {
-    rate_check(&state, key, &meta, estimate)?;
-    let permit = acquire_slot(&state, &settings, &meta.route.upstream).await?;
-    let cost_estimate = cost_of(&meta.route, estimate, 0);
-    // Embeddings are not stage calls (no stage claim): only the persona's budgets apply.
-    let (reservation, _, _) =
-        Reservation::take(&state, &meta, estimate, cost_estimate, Some(permit)).map_err(
-            |refusal| {
-                state.count(&meta.route.upstream, "budget_exceeded");
-                refused(&refusal, estimate, cost_estimate)
-            },
-        )?;
-    store_admission(&state, &mut meta, estimate, cost_estimate).await?;
+    // Embeddings are not stage calls (no stage claim): only the persona's budgets apply, and a
+    // downgrade budget has no cheaper embedding model to send them to.
+    let admitted = admit(&state, &settings, key, &meta, estimate, 0).await?;
+    admitted.record(&state, &mut meta).await?;
+    let reservation = admitted.reservation;
     request.insert(
         "model".into(),
         Value::String(meta.route.upstream_model.clone()),

@@ -30,41 +30,24 @@ pub mod trace;
 pub mod upstream;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use futures_util::{Stream, StreamExt};
-use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
+use axum::http::HeaderMap;
+use serde_json::Value;
 
-use crate::config::gateway::{GatewaySettings, ModelRoute, VirtualKey};
-use crate::core::engine::{Admission, CallClaim, Engine, Refusal, StageClaim, StageHold};
-use crate::core::event::{CallAdmission, Event, GateResult, GateVerdictEvent, Stamped, Usage};
-use crate::core::policy;
-use crate::core::workflow::GateVerdict;
-use crate::core::workflow::Workflows;
-use crate::store::writer::lock;
-use crate::web::auth::Caller;
-use crate::web::error::{ApiError, ErrorKind};
-use dialect::{CallRequest, Dialect};
-use provider::Provider;
+use crate::config::gateway::{GatewaySettings, ModelRoute};
+use crate::core::engine::Engine;
+use crate::core::event::GateResult;
+use crate::core::workflow::{GateVerdict, Workflows};
+use crate::web::error::ApiError;
+
+use dialect::Dialect;
 use request::header;
-use upstream::{Completion, UpstreamError};
+use upstream::UpstreamError;
 
-use accounting::*;
-use admission::*;
-use dispatch::*;
-use handlers::response_headers;
 pub use handlers::{chat_completions, count_tokens, embeddings, list_models, messages, responses};
-use relay::*;
 
 /// What every gateway handler and call task holds: one pointer (a clone is one increment).
 pub type GatewayState = Arc<Gateway>;
@@ -349,5 +332,36 @@ impl CallMeta {
             call_id: None,
             prompt_hash: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod warn_throttle_tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_logged_once_per_window_with_the_count_held_back() {
+        let t = WarnThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.admit("gpt", "upstream_timeout", t0), Some(0));
+        assert_eq!(
+            t.admit("gpt", "upstream_timeout", t0 + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            t.admit("gpt", "upstream_timeout", t0 + Duration::from_secs(9)),
+            None
+        );
+        // Another model or kind has its own window.
+        assert_eq!(
+            t.admit("gpt", "upstream_error", t0 + Duration::from_secs(9)),
+            Some(0)
+        );
+        assert_eq!(
+            t.admit("mini", "upstream_timeout", t0 + Duration::from_secs(9)),
+            Some(0)
+        );
+        assert_eq!(t.admit("gpt", "upstream_timeout", t0 + WARN_EVERY), Some(2));
+        assert_eq!(t.admit("gpt", "upstream_timeout", t0 + WARN_EVERY), None);
     }
 }

@@ -1,7 +1,29 @@
 //! Streamed calls: the upstream's SSE relayed chunk by chunk (usage read on the way, the gate's
 //! verdict as a comment before `[DONE]`), and cached or mocked answers as SSE.
 
-use super::*;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::config::gateway::GatewaySettings;
+use crate::core::event::{Event, Stamped};
+use crate::web::error::ApiError;
+
+use super::accounting::{counted_prompt, record, release_admission};
+use super::admission::Reservation;
+use super::dialect::{CallRequest, Dialect};
+use super::dispatch::{candidates, gateway_error, judge, timeout_of};
+use super::handlers::response_headers;
+use super::provider::Provider;
+use super::upstream::UpstreamError;
+use super::{cache, dialect, stage, tokens, trace, upstream, CallMeta, GatewayState};
 
 pub(super) type SourceStream =
     std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
@@ -533,36 +555,5 @@ fn final_usage(
             used.output = used.output.max(produced.counted());
             (used, true)
         }
-    }
-}
-
-#[cfg(test)]
-mod warn_throttle_tests {
-    use super::*;
-
-    #[test]
-    fn a_repeated_warning_is_logged_once_per_window_with_the_count_held_back() {
-        let t = WarnThrottle::default();
-        let t0 = Instant::now();
-        assert_eq!(t.admit("gpt", "upstream_timeout", t0), Some(0));
-        assert_eq!(
-            t.admit("gpt", "upstream_timeout", t0 + Duration::from_secs(1)),
-            None
-        );
-        assert_eq!(
-            t.admit("gpt", "upstream_timeout", t0 + Duration::from_secs(9)),
-            None
-        );
-        // Another model or kind has its own window.
-        assert_eq!(
-            t.admit("gpt", "upstream_error", t0 + Duration::from_secs(9)),
-            Some(0)
-        );
-        assert_eq!(
-            t.admit("mini", "upstream_timeout", t0 + Duration::from_secs(9)),
-            Some(0)
-        );
-        assert_eq!(t.admit("gpt", "upstream_timeout", t0 + WARN_EVERY), Some(2));
-        assert_eq!(t.admit("gpt", "upstream_timeout", t0 + WARN_EVERY), None);
     }
 }
