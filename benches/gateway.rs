@@ -41,6 +41,12 @@
 //! throughput of calls that are all cache misses (temperature 0, each one different: a Redis lookup
 //! and a background write each).
 //!
+//! Each dialect (part of the default run; `HYPERTOOL_BENCH=dialects` runs only this): the CPU
+//! hypertool spends per call at 2,000/s on Chat Completions against nginx's fixed chat answer, and
+//! on Anthropic Messages and OpenAI Responses — translated to that chat upstream, and Messages as
+//! sent to a second nginx answering in Anthropic's shape (chat translated to it, too) — in
+//! interleaved rounds, each with its ratio to chat's (target <= 1.15).
+//!
 //! Read the ratios of one run, not absolute numbers: these machines are noisy.
 
 use std::net::SocketAddr;
@@ -62,6 +68,13 @@ mod reference;
 const BODY: &str = r#"{"model":"bench-model","messages":[{"role":"user","content":"Summarise the design of a persona-aware gateway in one line."}]}"#;
 
 use reference::free_addr;
+
+/// The same question in Anthropic Messages and in OpenAI Responses.
+const MESSAGES_BODY: &str = r#"{"model":"bench-model","max_tokens":64,"messages":[{"role":"user","content":"Summarise the design of a persona-aware gateway in one line."}]}"#;
+const RESPONSES_BODY: &str = r#"{"model":"bench-model","input":"Summarise the design of a persona-aware gateway in one line.","store":false}"#;
+
+/// An Anthropic upstream's one answer.
+const ANTHROPIC_ANSWER: &str = r#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"A gateway that attributes every call to a persona."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":24,"output_tokens":11}}"#;
 
 /// The upstream's one answer (in-process and nginx alike).
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"A gateway that attributes every call to a persona."},"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":11,"total_tokens":35}}"#;
@@ -616,6 +629,16 @@ async fn run() {
         against_references(std::env::args().any(|a| a == "--litellm")).await;
         return;
     }
+    if mode == "dialects" {
+        reference::ensure_tools();
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let upstream = reference::Nginx::upstream(dir.path(), ANSWER);
+        dialects_cpu(&reqwest::Client::new(), dir.path(), upstream.addr).await;
+        return;
+    }
     // The upstream.
     let upstream_addr = free_addr();
     let listener = match tokio::net::TcpListener::bind(upstream_addr).await {
@@ -1019,5 +1042,87 @@ async fn against_references(with_litellm: bool) {
     drop(litellm);
     drop(hypertool);
     drop(proxy);
+    println!();
+    dialects_cpu(&http, dir.path(), upstream.addr).await;
     drop(upstream);
+}
+
+/// The CPU per call of each dialect, plain, against chat's: a hypertool of its own (defaults, a
+/// second upstream of kind `anthropic` on nginx), 3 interleaved rounds at 2,000/s.
+async fn dialects_cpu(http: &reqwest::Client, dir: &Path, chat_upstream: SocketAddr) {
+    use reference::{cpu_per_call, hey, Call, Nginx};
+    let anthropic_dir = dir.join("anthropic-upstream");
+    if let Err(e) = std::fs::create_dir_all(&anthropic_dir) {
+        panic!("{}: {e}", anthropic_dir.display());
+    }
+    let anthropic = Nginx::upstream(&anthropic_dir, ANTHROPIC_ANSWER);
+    let extra = format!(
+        "\n[[gateway.upstreams]]\nname = \"bench-anthropic\"\nkind = \"anthropic\"\nbase_url = \"http://{}\"\ntimeout = \"10s\"\n\n[[gateway.models]]\nname = \"claude-bench\"\nupstream = \"bench-anthropic\"\nretries = 0\n",
+        anthropic.addr
+    );
+    let (hypertool, api) = start_hypertool(http, dir, "dialects", chat_upstream, &extra).await;
+    let pid = hypertool.0.id();
+    let call = |name: &str, route: &str, body: String| {
+        let body_file = dir.join(format!("{name}.json"));
+        if let Err(e) = std::fs::write(&body_file, body) {
+            panic!("body: {e}");
+        }
+        Call {
+            url: format!("http://{api}{route}"),
+            body_file,
+            headers: vec!["anthropic-version: 2023-06-01".into()],
+        }
+    };
+    let claude = |body: &str| body.replace("bench-model", "claude-bench");
+    let paths: Vec<(&str, Call)> = vec![
+        (
+            "Chat Completions → OpenAI-compatible (as sent)",
+            call("chat", "/v1/chat/completions", BODY.into()),
+        ),
+        (
+            "Messages → OpenAI-compatible (translated)",
+            call("messages", "/v1/messages", MESSAGES_BODY.into()),
+        ),
+        (
+            "Responses → OpenAI-compatible (translated)",
+            call("responses", "/v1/responses", RESPONSES_BODY.into()),
+        ),
+        (
+            "Messages → Anthropic (as sent)",
+            call("messages-native", "/v1/messages", claude(MESSAGES_BODY)),
+        ),
+        (
+            "Chat Completions → Anthropic (translated)",
+            call("chat-to-anthropic", "/v1/chat/completions", claude(BODY)),
+        ),
+        (
+            "Responses → Anthropic (translated)",
+            call(
+                "responses-to-anthropic",
+                "/v1/responses",
+                claude(RESPONSES_BODY),
+            ),
+        ),
+    ];
+    for (name, c) in &paths {
+        let warm = hey(c, 10, Some(200), 1);
+        if warm.errors > 0 || warm.latencies_ms.is_empty() {
+            panic!("{name}: {} errors in the warm-up", warm.errors);
+        }
+    }
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    for _ in 0..3 {
+        for (i, (_, c)) in paths.iter().enumerate() {
+            cpu[i].push(cpu_per_call(c, &[pid], Some(2000), 4).0);
+        }
+    }
+    let cpu: Vec<f64> = cpu.into_iter().map(median).collect();
+    println!("CPU per call by dialect at 2,000/s (hypertool on its defaults; nginx's fixed answers; medians of 3 interleaved rounds):");
+    println!("| path | CPU per call | against chat (target <= 1.15) |");
+    println!("|---|---|---|");
+    for (i, (name, _)) in paths.iter().enumerate() {
+        println!("| {name} | {:.0} µs | {:.2} |", cpu[i], cpu[i] / cpu[0]);
+    }
+    drop(hypertool);
+    drop(anthropic);
 }

@@ -27,6 +27,9 @@ pub struct RawGateway {
     #[serde(default)]
     downgrade: BTreeMap<String, String>,
     tool_policy: Option<ToolPolicy>,
+    /// The coding agents' own tools, which tool scope leaves alone (default: Claude Code's and
+    /// Codex's built-ins).
+    agent_tools: Option<Vec<String>>,
     #[serde(default)]
     cache: RawCache,
     /// The model behind each stage tier (fast, balanced, quality).
@@ -164,6 +167,59 @@ pub struct MockSettings {
     pub completion_tokens: u64,
 }
 
+/// The built-in tools of the coding agents hypertool governs — Claude Code's (`Bash`, `Edit`, …)
+/// and Codex's (`exec_command`, `apply_patch`, …; its hosted `web_search` by type) — which a
+/// persona's `allowedTools` (a list of MCP servers' tools) does not scope: removing them would
+/// leave the agent unable to work. `gateway.agent_tools` replaces the list.
+pub const DEFAULT_AGENT_TOOLS: [&str; 44] = [
+    // Claude Code
+    "Agent",
+    "Task",
+    "Bash",
+    "BashOutput",
+    "KillShell",
+    "Edit",
+    "MultiEdit",
+    "Write",
+    "Read",
+    "Glob",
+    "Grep",
+    "LS",
+    "NotebookEdit",
+    "NotebookRead",
+    "WebFetch",
+    "WebSearch",
+    "TodoWrite",
+    "ExitPlanMode",
+    "Skill",
+    "SlashCommand",
+    "ToolSearch",
+    "ListAgents",
+    "ReportFindings",
+    "ScheduleWakeup",
+    "Workflow",
+    "DeferredToolPlaceholder",
+    // Codex
+    "shell",
+    "local_shell",
+    "exec_command",
+    "write_stdin",
+    "apply_patch",
+    "update_plan",
+    "view_image",
+    "request_user_input",
+    "get_goal",
+    "create_goal",
+    "update_goal",
+    "multi_agent_v1",
+    "web_search",
+    "web_search_preview",
+    "list_mcp_resources",
+    "list_mcp_resource_templates",
+    "read_mcp_resource",
+    "image_generation",
+];
+
 /// The API an upstream speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -284,6 +340,9 @@ pub struct GatewaySettings {
     pub keys: Vec<VirtualKey>,
     pub persona_downgrade: BTreeMap<String, String>,
     pub tool_policy: ToolPolicy,
+    /// Tools that are the agent's own (its shell, its editor), not MCP tools: a persona's
+    /// `allowedTools` does not scope them.
+    pub agent_tools: Vec<String>,
     pub cache: CacheSettings,
     /// Which model each stage tier means (`[gateway.tiers]`).
     pub tiers: BTreeMap<ModelTier, String>,
@@ -308,6 +367,7 @@ impl Default for GatewaySettings {
             keys: Vec::new(),
             persona_downgrade: BTreeMap::new(),
             tool_policy: ToolPolicy::Filter,
+            agent_tools: DEFAULT_AGENT_TOOLS.iter().map(|t| t.to_string()).collect(),
             cache: CacheSettings {
                 enabled: true,
                 ttl: Duration::from_secs(300),
@@ -558,6 +618,9 @@ impl GatewaySettings {
         s.persona_downgrade = raw.downgrade;
         if let Some(p) = raw.tool_policy {
             s.tool_policy = p;
+        }
+        if let Some(tools) = raw.agent_tools {
+            s.agent_tools = tools;
         }
         for (i, k) in raw.keys.into_iter().enumerate() {
             let key = format!("gateway.keys[{i}]");

@@ -89,7 +89,13 @@ fn permitted(allowed: &BTreeMap<String, Vec<String>>, name: &str) -> bool {
                     .and_then(|rest| rest.strip_prefix(sep))
                     .is_some_and(|tool| tool == t)
             };
-            name == t || joined("_") || joined("__") || joined(".")
+            // Claude Code names an MCP server's tool `mcp__{server}__{tool}`.
+            let claude_code = name
+                .strip_prefix("mcp__")
+                .and_then(|rest| rest.strip_prefix(server.as_str()))
+                .and_then(|rest| rest.strip_prefix("__"))
+                .is_some_and(|tool| tool == t);
+            name == t || joined("_") || joined("__") || joined(".") || claude_code
         })
     })
 }
@@ -171,13 +177,14 @@ mod tests {
             tool("create_issue"),
             tool("github__create_issue"),
             tool("github.create_issue"),
+            tool("mcp__github__create_issue"),
             tool("github_create_issue"),
             tool("delete_repo"),
             tool("gitlab_create_issue"),
         ];
         match scope_tools("p", &tools, &allowed, ToolPolicy::Filter).unwrap() {
             ToolScope::Filtered { keep, removed } => {
-                assert_eq!(keep.len(), 4);
+                assert_eq!(keep.len(), 5);
                 assert_eq!(removed, ["delete_repo", "gitlab_create_issue"]);
             }
             other => panic!("{other:?}"),

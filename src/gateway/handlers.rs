@@ -608,7 +608,12 @@ fn scope_request_tools(
     request: &mut CallRequest,
     notes: &mut Notes,
 ) -> Result<(), ApiError> {
-    let tools = request.tool_names();
+    // The agent's own tools (its shell, its editor) are not the persona's to scope.
+    let tools: Vec<String> = request
+        .tool_names()
+        .into_iter()
+        .filter(|t| !settings.agent_tools.contains(t))
+        .collect();
     if tools.is_empty() {
         return Ok(());
     }
@@ -625,7 +630,9 @@ fn scope_request_tools(
         state.count_tools(persona, removed.len() as u64);
         tracing::info!(persona = %persona, tools = %removed.join(","), "tools outside the persona's allowedTools removed");
         notes.push(("x-hypertool-tools-removed", removed.join(",")));
-        request.retain_tools(|name| keep.iter().any(|k| k == name));
+        request.retain_tools(|name| {
+            keep.iter().any(|k| k == name) || settings.agent_tools.iter().any(|a| a == name)
+        });
     }
     Ok(())
 }

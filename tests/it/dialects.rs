@@ -723,6 +723,9 @@ http_headers = {{ "X-Hypertool-Persona" = "devops-engineer", "X-Hypertool-Sessio
         ledger, reported,
         "Codex's own account of its tokens is the ledger's"
     );
+    // Its own tools (exec_command, apply_patch, its hosted web_search, …) are left alone.
+    let m = s.metrics().await;
+    assert_eq!(m.sum("hypertool_gateway_tools_removed_total"), 0.0);
     s.stop().await;
 }
 

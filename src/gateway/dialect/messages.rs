@@ -384,14 +384,14 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, Untransl
     out.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let mut chat_tools = Vec::new();
-        for (i, t) in tools.iter().enumerate() {
+        for t in tools {
+            // Anthropic's server tools (web search, code execution, …) run only at Anthropic:
+            // another model is offered the rest.
             if t.get("type")
                 .and_then(Value::as_str)
                 .is_some_and(|k| k != "custom")
             {
-                return Err(untranslatable(format!(
-                    "`tools[{i}]` is one of Anthropic's server tools, which an OpenAI-compatible model cannot run"
-                )));
+                continue;
             }
             let mut f = json!({"name": t.get("name"), "parameters": t.get("input_schema").cloned().unwrap_or(json!({"type": "object"}))});
             if let Some(d) = t.get("description") {

@@ -140,7 +140,9 @@ impl CallRequest {
     fn tool_name<'a>(&self, tool: &'a Value) -> &'a str {
         let name = match self.dialect {
             Dialect::Chat => tool.pointer("/function/name"),
-            Dialect::Messages | Dialect::Responses => tool.get("name"),
+            Dialect::Messages => tool.get("name"),
+            // A hosted tool (`web_search`) has no name: its type names it.
+            Dialect::Responses => tool.get("name").or_else(|| tool.get("type")),
         };
         name.and_then(Value::as_str).unwrap_or("")
     }
@@ -154,7 +156,8 @@ impl CallRequest {
         tools.retain(|t| {
             let name = match dialect {
                 Dialect::Chat => t.pointer("/function/name"),
-                Dialect::Messages | Dialect::Responses => t.get("name"),
+                Dialect::Messages => t.get("name"),
+                Dialect::Responses => t.get("name").or_else(|| t.get("type")),
             };
             keep(name.and_then(Value::as_str).unwrap_or(""))
         });
@@ -800,10 +803,13 @@ mod tests {
         let m = messages::from_chat(plain.as_object().unwrap()).unwrap();
         assert_eq!(m["max_tokens"], messages::DEFAULT_MAX_TOKENS);
         assert_eq!(m["temperature"], 1.0);
-        // A server tool has no chat form.
+        // A server tool runs only at Anthropic: a chat model is offered the other tools.
         let server = json!({"messages": [{"role": "user", "content": "hi"}],
-            "tools": [{"type": "web_search_20250305", "name": "web_search"}]});
-        assert!(messages::to_chat(server.as_object().unwrap()).is_err());
+            "tools": [{"type": "web_search_20250305", "name": "web_search"},
+                      {"name": "search", "input_schema": {"type": "object"}}]});
+        let chat = messages::to_chat(server.as_object().unwrap()).unwrap();
+        assert_eq!(chat["tools"].as_array().unwrap().len(), 1);
+        assert_eq!(chat["tools"][0]["function"]["name"], "search");
     }
 
     #[test]

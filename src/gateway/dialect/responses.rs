@@ -359,7 +359,7 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, Untransl
     out.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let mut chat_tools = Vec::new();
-        for (i, t) in tools.iter().enumerate() {
+        for t in tools {
             match t.get("type").and_then(Value::as_str) {
                 Some("function") => {
                     let mut f = json!({"name": t.get("name"),
@@ -378,12 +378,9 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, Untransl
                     }
                     chat_tools.push(json!({"type": "function", "function": f}));
                 }
-                other => {
-                    return Err(Untranslatable(format!(
-                    "`tools[{i}]` is a `{}` tool, which runs at OpenAI and no chat model can run",
-                    other.unwrap_or("untyped")
-                )))
-                }
+                // Hosted tools (web_search, file_search, code_interpreter, …) and tool
+                // namespaces run only at OpenAI: another model is offered the rest.
+                _ => {}
             }
         }
         out.insert("tools".into(), Value::Array(chat_tools));
