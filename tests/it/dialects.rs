@@ -84,10 +84,15 @@ cache_write_usd_per_1k = 1.25
     )
 }
 
-async fn server(dir: &Path, upstream: &FakeUpstream) -> TestServer {
+/// The Anthropic upstream's key in the environment (named only here; set once, before any server
+/// of these tests reads it).
+fn export_anthropic_key() {
     static KEY: std::sync::Once = std::sync::Once::new();
-    // Named only here; set before any server of these tests reads it.
     KEY.call_once(|| std::env::set_var("HYPERTOOL_TEST_ANTHROPIC_KEY", "sk-ant-test-KEY42"));
+}
+
+async fn server(dir: &Path, upstream: &FakeUpstream) -> TestServer {
+    export_anthropic_key();
     let toml = gateway_config(dir, &upstream.base_url, &both_kinds(upstream));
     let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
     start(Source::File(toml), &dir.join("data"), clock).await
@@ -806,4 +811,203 @@ async fn cache_tokens_are_priced_apart_and_unpriced_models_are_visible() {
         !text.contains("model `claude-priced` has no prices"),
         "{text}"
     );
+}
+
+const AGENTS_WORKFLOW: &str = r#"
+name: agents
+description: stages for the dialect tests
+stages:
+  - name: review
+    model: claude-ok
+  - name: checked
+    model: weak
+    retries: 1
+    escalation_model: strong
+    quality_gate:
+      code_block: python
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_models_gates_the_cache_cut_streams_and_bad_input_in_every_dialect() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    export_anthropic_key();
+    let mut extra = both_kinds(&upstream);
+    extra.push_str(
+        "\n[[gateway.models]]\nname = \"claude-fail\"\nupstream = \"anthropic-fake\"\nupstream_model = \"fail-500\"\nretries = 0\nfallbacks = [\"ok\"]\n",
+    );
+    let toml = gateway_config(dir.path(), &upstream.base_url, &extra);
+    std::fs::write(
+        toml.parent().unwrap().join("workflows/agents.yml"),
+        AGENTS_WORKFLOW,
+    )
+    .unwrap();
+    let s = start(
+        Source::File(toml),
+        &dir.path().join("data"),
+        Arc::new(ManualClock::new(SystemClock.now_ms())),
+    )
+    .await;
+    let call = |route: &'static str, stage: Option<&'static str>, body: Value| {
+        let mut r = s
+            .http
+            .post(format!("{}{route}", s.api))
+            .header("x-hypertool-persona", "backend-engineer")
+            .header("anthropic-version", "2023-06-01")
+            .header("anthropic-beta", "test-beta-2026-01-01");
+        if let Some(st) = stage {
+            r = r
+                .header("x-hypertool-workflow", "agents")
+                .header("x-hypertool-stage", st);
+        }
+        r.json(&body).send()
+    };
+    let hdr = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let messages = |model: &str| json!({"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "write it"}]});
+    let responses = |model: &str| json!({"model": model, "input": "write it"});
+
+    // The stage's model decides, in each dialect.
+    for (route, body) in [
+        ("/v1/messages", messages("whatever")),
+        ("/v1/responses", responses("whatever")),
+    ] {
+        let r = call(route, Some("review"), body).await.unwrap();
+        assert_eq!(r.status(), 200, "{route}");
+        assert_eq!(hdr(&r, "x-hypertool-model").as_deref(), Some("claude-ok"));
+        assert_eq!(
+            hdr(&r, "x-hypertool-stage-model").as_deref(),
+            Some("whatever -> claude-ok")
+        );
+        let v: Value = r.json().await.unwrap();
+        let text = if route == "/v1/messages" {
+            v["content"][0]["text"].clone()
+        } else {
+            v["output"][0]["content"][0]["text"].clone()
+        };
+        assert_eq!(text, "fake answer words", "{route}: {v}");
+    }
+    // Unknown fields and the beta header reach an Anthropic upstream as sent.
+    let mut with_extra = messages("claude-ok");
+    with_extra["context_management"] = json!({"edits": []});
+    let r = call("/v1/messages", None, with_extra).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = upstream.stats().await["anthropic"].clone();
+    assert_eq!(seen["anthropic-beta"], "test-beta-2026-01-01");
+    assert_eq!(seen["body"]["context_management"], json!({"edits": []}));
+
+    // A gated stage: the weak answer fails, the escalation model's passes — in Messages' shape.
+    let r = call("/v1/messages", Some("checked"), messages("whatever"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        hdr(&r, "x-hypertool-escalated").as_deref(),
+        Some("weak -> strong")
+    );
+    assert_eq!(hdr(&r, "x-hypertool-attempts").as_deref(), Some("2"));
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("```python"),
+        "{v}"
+    );
+    // Streamed, the verdict is a comment before the stream's end.
+    let mut streamed = responses("whatever");
+    streamed["stream"] = json!(true);
+    let text = call("/v1/responses", Some("checked"), streamed)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gate = text.find(": x-hypertool-quality-gate: fail").expect(&text);
+    assert!(
+        gate < text.find("event: response.completed").unwrap(),
+        "{text}"
+    );
+
+    // A fallback across kinds: the Anthropic model fails, the OpenAI-compatible one answers.
+    let r = call("/v1/messages", None, messages("claude-fail"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        hdr(&r, "x-hypertool-fallback").as_deref(),
+        Some("claude-fail -> ok")
+    );
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["content"][0]["text"],
+        "fake answer words"
+    );
+
+    // The cache in Responses: a hit, and its stream replayed as Responses events.
+    let mut cached = responses("ok");
+    cached["temperature"] = json!(0);
+    let first = call("/v1/responses", None, cached.clone()).await.unwrap();
+    assert_eq!(hdr(&first, "x-hypertool-cache").as_deref(), Some("miss"));
+    let second = call("/v1/responses", None, cached.clone()).await.unwrap();
+    assert_eq!(hdr(&second, "x-hypertool-cache").as_deref(), Some("hit"));
+    assert_eq!(
+        second.json::<Value>().await.unwrap()["output"][0]["content"][0]["text"],
+        "fake answer words"
+    );
+    cached["stream"] = json!(true);
+    let r = call("/v1/responses", None, cached).await.unwrap();
+    assert_eq!(hdr(&r, "x-hypertool-cache").as_deref(), Some("hit"));
+    let text = r.text().await.unwrap();
+    assert!(text.starts_with("event: response.created\n"), "{text}");
+    assert!(text.contains("\"delta\":\"fake answer words\""), "{text}");
+    assert!(text.contains("event: response.completed\n"), "{text}");
+
+    // A cut stream to a Responses client: an error event, usage estimated, never zero.
+    let before = ledger_usage(dir.path()).len();
+    let mut cut = responses("cut-stream");
+    cut["stream"] = json!(true);
+    let text = call("/v1/responses", None, cut)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("event: error\n"), "{text}");
+    assert!(!text.contains("response.completed"), "{text}");
+    let usage = eventually("the cut stream's usage", Duration::from_secs(10), || {
+        let u = ledger_usage(dir.path());
+        async move { (u.len() == before + 1).then_some(u) }
+    })
+    .await;
+    let last = usage.last().unwrap();
+    assert_eq!(last["estimated"], true);
+    assert!(last["completion_tokens"].as_u64().unwrap() > 0, "{last}");
+
+    // Bad Responses input: a 400 naming where, in OpenAI's shape; nothing recorded.
+    let before = ledger_usage(dir.path()).len();
+    for (body, code) in [
+        (
+            json!({"model": "ok", "input": [{"type": "hologram"}]}),
+            "unsupported_content",
+        ),
+        (
+            json!({"model": "ok", "input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}),
+            "invalid_tool_result",
+        ),
+        (
+            json!({"model": "ok", "input": "hi", "previous_response_id": "resp_1"}),
+            "previous_response_not_stored",
+        ),
+        (json!({"model": "ok"}), "missing_input"),
+    ] {
+        let r = call("/v1/responses", None, body).await.unwrap();
+        assert_eq!(r.status(), 400, "{code}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "{v}");
+    }
+    assert_eq!(ledger_usage(dir.path()).len(), before);
+    s.stop().await;
 }
