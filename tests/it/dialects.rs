@@ -108,6 +108,32 @@ fn ledger_usage(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The client script saw each of `kinds` among its stream's event types.
+fn assert_has_events(summary: &Value, kinds: &[&str], context: &str) {
+    let seen = summary["event_types"].as_array().unwrap();
+    for kind in kinds {
+        assert!(seen.contains(&json!(kind)), "{context}: {kind} in {seen:?}");
+    }
+}
+
+/// The anthropic client script's tool calls: the model called `search` (plain and streamed), had its
+/// result back and answered in text; `delete_repo`, outside the persona's allowedTools, was removed.
+fn assert_tool_round_trip(r: &Value) {
+    assert_eq!(
+        r["tool_call"],
+        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use", "id_ok": true})
+    );
+    assert_eq!(
+        r["tool_answer"],
+        json!({"type": "text", "stop": "end_turn"})
+    );
+    assert_eq!(
+        r["tool_stream"],
+        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use"})
+    );
+    assert_eq!(r["tools_removed"], "delete_repo");
+}
+
 async fn post_messages(s: &TestServer, body: Value) -> reqwest::Response {
     s.http
         .post(format!("{}/v1/messages", s.api))
@@ -139,35 +165,21 @@ async fn the_anthropic_sdk_works_against_the_mock_and_its_tokens_are_exact() {
     );
     assert_eq!(r["stream"]["final_text"], r["stream"]["text"]);
     assert_eq!(r["stream"]["output"], 16);
-    for kind in [
-        "message_start",
-        "content_block_start",
-        "content_block_delta",
-        "content_block_stop",
-        "message_delta",
-        "message_stop",
-    ] {
-        assert!(
-            r["event_types"].as_array().unwrap().contains(&json!(kind)),
-            "{kind} in {}",
-            r["event_types"]
-        );
-    }
+    assert_has_events(
+        &r,
+        &[
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ],
+        "mock",
+    );
     // The mock calls the offered tool when the client makes a call mandatory, with arguments
     // that fit its schema, and answers in text once it has the result.
-    assert_eq!(
-        r["tool_call"],
-        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use", "id_ok": true})
-    );
-    assert_eq!(
-        r["tool_answer"],
-        json!({"type": "text", "stop": "end_turn"})
-    );
-    assert_eq!(
-        r["tool_stream"],
-        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use"})
-    );
-    assert_eq!(r["tools_removed"], "delete_repo");
+    assert_tool_round_trip(&r);
     assert!(r["count_tokens"].as_u64().unwrap() > 0);
     assert!(r["models"]
         .as_array()
@@ -216,19 +228,7 @@ async fn each_dialect_reaches_an_upstream_of_the_other_tools_included() {
         ),
         (Some(11), Some(7))
     );
-    assert_eq!(
-        r["tool_call"],
-        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use", "id_ok": true})
-    );
-    assert_eq!(
-        r["tool_answer"],
-        json!({"type": "text", "stop": "end_turn"})
-    );
-    assert_eq!(
-        r["tool_stream"],
-        json!({"name": "search", "input_keys": ["city"], "stop": "tool_use"})
-    );
-    assert_eq!(r["tools_removed"], "delete_repo");
+    assert_tool_round_trip(&r);
     let stats = upstream.stats().await;
     assert_eq!(stats["last_tools"], json!(["search"]));
 
@@ -607,19 +607,17 @@ async fn the_openai_responses_api_works_on_the_mock_and_on_upstreams_of_either_k
             !r["stream"]["text"].as_str().unwrap().is_empty(),
             "{text_model}"
         );
-        for kind in [
-            "response.created",
-            "response.output_item.added",
-            "response.output_text.delta",
-            "response.output_item.done",
-            "response.completed",
-        ] {
-            assert!(
-                r["event_types"].as_array().unwrap().contains(&json!(kind)),
-                "{text_model}: {kind} in {}",
-                r["event_types"]
-            );
-        }
+        assert_has_events(
+            &r,
+            &[
+                "response.created",
+                "response.output_item.added",
+                "response.output_text.delta",
+                "response.output_item.done",
+                "response.completed",
+            ],
+            text_model,
+        );
         assert_eq!(
             r["tool_call"],
             json!({"name": "search", "argument_keys": ["city"]}),

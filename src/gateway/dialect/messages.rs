@@ -4,7 +4,10 @@
 use axum::body::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{content_text, Answer, Block, Decoded, Delta, StopReason, TokenUsage, Untranslatable};
+use super::{
+    bad, content_text, orphan_result, unknown_type, Answer, Block, Decoded, Delta, StopReason,
+    TokenUsage, Untranslatable,
+};
 use crate::web::error::ApiError;
 
 /// `max_tokens` of a Messages request translated from a chat request that set none (Anthropic
@@ -34,10 +37,6 @@ pub const KNOWN_BLOCKS: [&str; 16] = [
     "mcp_tool_use",
     "mcp_tool_result",
 ];
-
-fn bad(code: &'static str, param: String, message: String) -> ApiError {
-    ApiError::bad_request(code, message).param(param)
-}
 
 /// Checks a Messages request's shape: the messages, their roles and content blocks, each
 /// `tool_result` after the `tool_use` it answers, the system prompt and tools. The first problem
@@ -114,15 +113,7 @@ pub fn check_request(body: &Map<String, Value>) -> Result<(), ApiError> {
                 ));
             };
             if !KNOWN_BLOCKS.contains(&kind) {
-                let kind = crate::web::error::bounded(kind, 64);
-                return Err(bad(
-                    "unsupported_content",
-                    format!("{at}.type"),
-                    format!(
-                        "`{at}` has the content type `{kind}`, which hypertool does not know; known: {}",
-                        KNOWN_BLOCKS.join(", ")
-                    ),
-                ));
+                return Err(unknown_type(&at, kind, &KNOWN_BLOCKS));
             }
             let field_ok = |f: &str, check: fn(&Value) -> bool| b.get(f).is_some_and(check);
             let problem = match kind {
@@ -157,12 +148,7 @@ pub fn check_request(body: &Map<String, Value>) -> Result<(), ApiError> {
                 "tool_result" => {
                     let id = b.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
                     if !tool_uses.contains(&id) {
-                        let id = crate::web::error::bounded(id, 128);
-                        return Err(bad(
-                            "invalid_tool_result",
-                            format!("{at}.tool_use_id"),
-                            format!("`{at}` answers tool_use `{id}`, which no earlier assistant message holds; each tool_result must follow the tool_use it answers"),
-                        ));
+                        return Err(orphan_result(&at, "tool_use_id", id));
                     }
                 }
                 _ => {}

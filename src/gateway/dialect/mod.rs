@@ -287,6 +287,34 @@ pub fn content_text(content: &Value) -> String {
     }
 }
 
+/// A 400 naming the part of a request that is wrong (`param`: where).
+fn bad(code: &'static str, param: String, message: String) -> crate::web::error::ApiError {
+    crate::web::error::ApiError::bad_request(code, message).param(param)
+}
+
+/// A part of a request (`at`) whose type hypertool does not know: a 400 listing the known ones.
+fn unknown_type(at: &str, kind: &str, known: &[&str]) -> crate::web::error::ApiError {
+    let kind = crate::web::error::bounded(kind, 64);
+    bad(
+        "unsupported_content",
+        format!("{at}.type"),
+        format!(
+            "`{at}` has the type `{kind}`, which hypertool does not know; known: {}",
+            known.join(", ")
+        ),
+    )
+}
+
+/// A tool's result (`at`, its `field` naming call `id`) that follows no call of that id.
+fn orphan_result(at: &str, field: &str, id: &str) -> crate::web::error::ApiError {
+    let id = crate::web::error::bounded(id, 128);
+    bad(
+        "invalid_tool_result",
+        format!("{at}.{field}"),
+        format!("`{at}` answers the tool call `{id}`, which no earlier message makes; each result must follow the call it answers"),
+    )
+}
+
 /// Why a request cannot be rendered in another dialect (a 400 naming the part).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Untranslatable(pub String);

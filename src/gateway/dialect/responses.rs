@@ -6,7 +6,10 @@
 use axum::body::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{Answer, Block, Decoded, Delta, StopReason, TokenUsage, Untranslatable};
+use super::{
+    bad, orphan_result, unknown_type, Answer, Block, Decoded, Delta, StopReason, TokenUsage,
+    Untranslatable,
+};
 use crate::web::error::ApiError;
 
 /// Input item types hypertool reads or passes on; anything else is refused with the list.
@@ -24,10 +27,6 @@ pub const KNOWN_ITEMS: [&str; 12] = [
     "computer_call",
     "computer_call_output",
 ];
-
-fn bad(code: &'static str, param: String, message: String) -> ApiError {
-    ApiError::bad_request(code, message).param(param)
-}
 
 /// The type of an input item (a bare `{role, content}` is a message).
 fn item_type(item: &Value) -> Option<&str> {
@@ -73,15 +72,7 @@ pub fn check_request(body: &Map<String, Value>) -> Result<(), ApiError> {
             ));
         };
         if !KNOWN_ITEMS.contains(&kind) {
-            let kind = crate::web::error::bounded(kind, 64);
-            return Err(bad(
-                "unsupported_content",
-                format!("{at}.type"),
-                format!(
-                    "`{at}` has the type `{kind}`, which hypertool does not know; known: {}",
-                    KNOWN_ITEMS.join(", ")
-                ),
-            ));
+            return Err(unknown_type(&at, kind, &KNOWN_ITEMS));
         }
         match kind {
             "message" => {
@@ -133,12 +124,7 @@ pub fn check_request(body: &Map<String, Value>) -> Result<(), ApiError> {
             "function_call_output" | "custom_tool_call_output" | "local_shell_call_output" => {
                 let id = item.get("call_id").and_then(Value::as_str).unwrap_or("");
                 if !calls.contains(&id) {
-                    let id = crate::web::error::bounded(id, 128);
-                    return Err(bad(
-                        "invalid_tool_result",
-                        format!("{at}.call_id"),
-                        format!("`{at}` is the output of call `{id}`, which no earlier item makes; each output must follow its call"),
-                    ));
+                    return Err(orphan_result(&at, "call_id", id));
                 }
             }
             _ => {}
