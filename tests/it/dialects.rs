@@ -559,10 +559,19 @@ async fn claude_code_runs_on_the_mock_attributed_by_header_and_by_key() {
             "{r}"
         );
     }
-    // Claude Code's own account of its tokens is the ledger's, persona by persona.
+    // Claude Code's own account of its tokens is the ledger's, persona by persona; each call is in
+    // its session (named by Claude Code in metadata.user_id, no header needed).
+    let sessions: Vec<&str> = runs
+        .iter()
+        .map(|r| r["session_id"].as_str().unwrap())
+        .collect();
     let mut by_persona: std::collections::BTreeMap<String, u64> = Default::default();
     for u in ledger_usage(dir.path()) {
         assert!(u.get("estimated").is_none(), "{u}");
+        assert!(
+            sessions.contains(&u["session"].as_str().unwrap_or("")),
+            "{u} in {sessions:?}"
+        );
         *by_persona
             .entry(u["persona"].as_str().unwrap().to_string())
             .or_default() +=
