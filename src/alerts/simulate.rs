@@ -333,6 +333,7 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
                     workflow: "incident-response".into(),
                     stage: "diagnosis".into(),
                     persona: Some("devops-engineer".into()),
+                    variant: None,
                 });
             }
             events.push(usage("devops-engineer", "incident", "gpt-4", 2, None));

@@ -131,6 +131,8 @@ struct Files {
     /// (display name, file stem, text)
     workflows: Vec<(String, String, String)>,
     chatmodes: (String, Option<String>),
+    /// Prompt files by the name workflows give them (`prompts/<file>`).
+    prompts: BTreeMap<String, String>,
 }
 
 impl Files {
@@ -144,6 +146,8 @@ impl Files {
         self.budgets.hash(&mut h);
         self.workflows.hash(&mut h);
         self.chatmodes.hash(&mut h);
+        // An edited prompt is a new configuration (a reload applies it, and records the edit).
+        self.prompts.hash(&mut h);
         h.finish()
     }
 }
@@ -199,6 +203,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                         "<built-in>/chatmodes.yml".into(),
                         Some(embedded::CHATMODES_YML.into()),
                     ),
+                    prompts: BTreeMap::new(),
                 },
                 settings,
             ))
@@ -278,6 +283,29 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
             }
             let chatmodes_path = base.join(&settings.chatmodes_file);
             let chatmodes_text = read_optional(&chatmodes_path, &mut errors);
+            // Prompts are optional too; each is named as a workflow names it: `<dir>/<file>`.
+            let mut prompts = BTreeMap::new();
+            let prompts_dir = base.join(&settings.prompts_dir);
+            if let Ok(entries) = std::fs::read_dir(&prompts_dir) {
+                for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+                    if !p.is_file() {
+                        continue;
+                    }
+                    let name = format!(
+                        "{}/{}",
+                        settings.prompts_dir.trim_end_matches('/'),
+                        p.file_name()
+                            .map(|n| n.to_string_lossy())
+                            .unwrap_or_default()
+                    );
+                    match read(&p) {
+                        Ok(t) => {
+                            prompts.insert(name, t);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
             if !errors.is_empty() {
                 return Err(errors);
             }
@@ -288,6 +316,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                     budgets: (budgets_path.display().to_string(), budgets_text),
                     workflows,
                     chatmodes: (chatmodes_path.display().to_string(), chatmodes_text),
+                    prompts,
                 },
                 settings,
             ))
@@ -365,6 +394,7 @@ pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
         (&files.chatmodes.0, files.chatmodes.1.as_deref()),
         &registry,
         &settings.gateway,
+        &files.prompts,
     ) {
         Ok(w) => w,
         Err(mut e) => {

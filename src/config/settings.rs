@@ -62,6 +62,7 @@ pub struct McpSettings {
 struct RawWorkflows {
     dir: Option<String>,
     chatmodes_file: Option<String>,
+    prompts_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -338,6 +339,8 @@ pub struct Settings {
     pub workflows_dir: String,
     /// Chatmode → workflow and switch cooldown, relative to hypertool.toml.
     pub chatmodes_file: String,
+    /// Prompt files stage variants name (`prompts/<file>`), relative to hypertool.toml.
+    pub prompts_dir: String,
     pub switching: SwitchingSettings,
     pub mcp: McpSettings,
 }
@@ -699,6 +702,10 @@ impl Settings {
             },
             tracing,
             workflows_dir: raw.workflows.dir.unwrap_or_else(|| "workflows".into()),
+            prompts_dir: raw
+                .workflows
+                .prompts_dir
+                .unwrap_or_else(|| "prompts".into()),
             chatmodes_file: raw
                 .workflows
                 .chatmodes_file

@@ -13,7 +13,8 @@ use super::error::{line_of_key, ConfigError};
 use super::gateway::GatewaySettings;
 use crate::core::persona::PersonaRegistry;
 use crate::core::workflow::{
-    Chatmode, CodeBlock, ModelChoice, Pattern, QualityGate, Schema, Stage, Workflow, Workflows,
+    Chatmode, CodeBlock, ModelChoice, Pattern, Prompt, QualityGate, Schema, Stage, Variant,
+    Workflow, Workflows,
 };
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +37,20 @@ struct RawStage {
     escalation_model: Option<String>,
     max_prompt_tokens: Option<u64>,
     quality_gate: Option<RawGate>,
+    #[serde(default)]
+    variants: Vec<RawVariant>,
+    /// Each variant's share of the runs (relative weights); absent: equal shares.
+    allocation: Option<BTreeMap<String, f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVariant {
+    name: String,
+    model: Option<String>,
+    /// A prompt file, relative to the configuration's directory (`prompts/implementation-v3.md`).
+    prompt: Option<String>,
+    temperature: Option<f64>,
 }
 
 /// A string or a list of strings.
@@ -119,6 +134,7 @@ pub fn parse_workflow(
     text: &str,
     personas: &PersonaRegistry,
     gateway: &GatewaySettings,
+    prompts: &BTreeMap<String, String>,
 ) -> Result<Workflow, Vec<ConfigError>> {
     let raw: RawWorkflow = serde_yaml_ng::from_str(text).map_err(|e| {
         vec![yaml_error(file, &e).fix(
@@ -197,6 +213,113 @@ pub fn parse_workflow(
         };
         let model = model_of("model", raw_stage.model);
         let escalation_model = model_of("escalation_model", raw_stage.escalation_model);
+        let mut variants = Vec::new();
+        // Each variant's line, searched after the previous one's (names may repeat).
+        let mut cursor = at;
+        for v in raw_stage.variants {
+            let vat = line_after(text, cursor, &format!("name: {}", v.name)).or(Some(at));
+            if let Some(l) = vat {
+                cursor = l + 1;
+            }
+            let vhere = |key: &str| vat.and_then(|l| line_after(text, l, key)).or(vat);
+            if variants.iter().any(|x: &Variant| x.name == v.name) {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        vat,
+                        format!("stage `{stage_name}`: variant `{}` appears twice", v.name),
+                    )
+                    .fix("give each variant of a stage a unique name"),
+                );
+                continue;
+            }
+            let vmodel = match v.model {
+                None => None,
+                Some(m) => {
+                    let choice = ModelChoice::parse(&m);
+                    if let ModelChoice::Model(name) = &choice {
+                        if gateway.route(name).is_none() {
+                            errors.push(
+                                ConfigError::new(file, vhere("model:"), format!("stage `{stage_name}`, variant `{}`: `model` = `{name}` is neither a tier (fast, balanced, quality) nor a model in [gateway.models]", v.name))
+                                    .fix("use a tier, a configured model name or alias, or a mock/* model"),
+                            );
+                        }
+                    }
+                    Some(choice)
+                }
+            };
+            let prompt = match v.prompt {
+                None => None,
+                Some(p) => {
+                    let key = p.trim_start_matches("./").to_string();
+                    match prompts.get(&key) {
+                        Some(body) => Some(Prompt::new(&key, body)),
+                        None => {
+                            let known: Vec<&str> = prompts.keys().map(String::as_str).collect();
+                            errors.push(
+                                ConfigError::new(file, vhere("prompt:"), format!("stage `{stage_name}`, variant `{}`: prompt file `{key}` does not exist (prompt files: {})", v.name, if known.is_empty() { "none".to_string() } else { known.join(", ") }))
+                                    .fix("put the prompt in the configuration's prompts directory (`[workflows] prompts_dir`, default prompts/) and name it as prompts/<file>"),
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+            if v.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+                errors.push(
+                    ConfigError::new(file, vhere("temperature:"), format!("stage `{stage_name}`, variant `{}`: temperature must be between 0 and 2", v.name))
+                        .fix("use a sampling temperature such as 0.2"),
+                );
+            }
+            variants.push(Variant {
+                name: v.name,
+                model: vmodel,
+                prompt,
+                temperature: v.temperature,
+                weight: 1.0,
+            });
+        }
+        match raw_stage.allocation {
+            Some(_) if variants.is_empty() => errors.push(
+                ConfigError::new(
+                    file,
+                    here("allocation:"),
+                    format!("stage `{stage_name}`: `allocation` without `variants`"),
+                )
+                .fix("list the stage's variants under `variants:`, or remove `allocation`"),
+            ),
+            Some(weights) => {
+                let line = here("allocation:");
+                for name in weights.keys() {
+                    if !variants.iter().any(|v| &v.name == name) {
+                        errors.push(
+                            ConfigError::new(file, line, format!("stage `{stage_name}`: `allocation` names `{name}`, which is not one of its variants"))
+                                .fix("name the stage's variants in `allocation`"),
+                        );
+                    }
+                }
+                for v in &mut variants {
+                    match weights.get(&v.name) {
+                        Some(w) if w.is_finite() && *w >= 0.0 => v.weight = *w,
+                        Some(_) => errors.push(
+                            ConfigError::new(file, line, format!("stage `{stage_name}`: the weight of variant `{}` must be a number of 0 or more", v.name))
+                                .fix("give each variant a share such as 50"),
+                        ),
+                        None => errors.push(
+                            ConfigError::new(file, line, format!("stage `{stage_name}`: `allocation` gives variant `{}` no weight", v.name))
+                                .fix("give every variant a weight (0 to send it no runs)"),
+                        ),
+                    }
+                }
+                if variants.iter().map(|v| v.weight).sum::<f64>() <= 0.0 {
+                    errors.push(
+                        ConfigError::new(file, line, format!("stage `{stage_name}`: the weights in `allocation` add up to nothing"))
+                            .fix("give at least one variant a weight above 0"),
+                    );
+                }
+            }
+            None => {}
+        }
         let gate = match raw_stage.quality_gate {
             None => None,
             Some(g) => match compile_gate(file, text, at, &stage_name, g) {
@@ -226,6 +349,7 @@ pub fn parse_workflow(
             escalation_model,
             max_prompt_tokens: raw_stage.max_prompt_tokens,
             gate,
+            variants,
         });
     }
     if !errors.is_empty() {
@@ -403,12 +527,13 @@ pub fn resolve(
     chatmodes: (&str, Option<&str>),
     personas: &PersonaRegistry,
     gateway: &GatewaySettings,
+    prompts: &BTreeMap<String, String>,
 ) -> Result<Workflows, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut workflows: BTreeMap<String, Arc<Workflow>> = BTreeMap::new();
     let mut broken = BTreeSet::new();
     for (file, stem, text) in files {
-        match parse_workflow(file, stem, text, personas, gateway) {
+        match parse_workflow(file, stem, text, personas, gateway, prompts) {
             Ok(w) => {
                 if let Some(other) = workflows.get(&w.name) {
                     errors.push(
@@ -476,7 +601,16 @@ mod tests {
             text,
             &personas(),
             &GatewaySettings::default(),
+            &prompts(),
         )
+    }
+
+    /// The prompt files the tests' workflows may name.
+    fn prompts() -> BTreeMap<String, String> {
+        BTreeMap::from([(
+            "prompts/impl-v3.md".to_string(),
+            "You write Python with tests.".to_string(),
+        )])
     }
 
     #[test]
@@ -499,6 +633,69 @@ mod tests {
         let g = s.gate.as_ref().unwrap();
         assert_eq!(g.must_not_match.len(), 2);
         assert_eq!(g.code_block, Some(CodeBlock::Language("rust".into())));
+    }
+
+    #[test]
+    fn variants_parse_with_their_prompt_model_temperature_and_weights() {
+        let w = parse(
+            "stages:\n  - name: impl\n    model: fast\n    variants:\n      - name: a\n        prompt: prompts/impl-v3.md\n      - name: b\n        model: quality\n        temperature: 0.2\n    allocation: {a: 3, b: 1}\n",
+        )
+        .unwrap();
+        let s = w.stage("impl").unwrap();
+        assert_eq!(s.variants.len(), 2);
+        let a = s.variant("a").unwrap();
+        let p = a.prompt.as_ref().unwrap();
+        assert_eq!(&*p.text, "You write Python with tests.");
+        assert_eq!(p.version.len(), 12);
+        assert_eq!((a.weight, a.model.is_none()), (3.0, true));
+        let b = s.variant("b").unwrap();
+        assert_eq!(b.temperature, Some(0.2));
+        assert_eq!(
+            b.model,
+            Some(ModelChoice::Tier(crate::core::workflow::ModelTier::Quality))
+        );
+        // No allocation: equal shares.
+        let w = parse("stages:\n  - name: impl\n    variants:\n      - name: a\n      - name: b\n")
+            .unwrap();
+        assert!(w
+            .stage("impl")
+            .unwrap()
+            .variants
+            .iter()
+            .all(|v| v.weight == 1.0));
+    }
+
+    #[test]
+    fn bad_variants_are_named_with_file_and_line() {
+        let text = "stages:\n  - name: impl\n    variants:\n      - name: a\n        prompt: prompts/missing.md\n      - name: b\n        model: no-such-model\n      - name: b\n      - name: c\n        temperature: 7\n    allocation: {a: 0, b: 0, c: 0, d: 1}\n  - name: lone\n    allocation: {x: 1}\n";
+        let errors = parse(text).unwrap_err();
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let has = |prefix: &str| shown.iter().any(|e| e.starts_with(prefix));
+        assert!(has("wf.yml:5: stage `impl`, variant `a`: prompt file `prompts/missing.md` does not exist (prompt files: prompts/impl-v3.md)"), "{shown:#?}");
+        assert!(
+            has("wf.yml:7: stage `impl`, variant `b`: `model` = `no-such-model`"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("wf.yml:8: stage `impl`: variant `b` appears twice"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("wf.yml:10: stage `impl`, variant `c`: temperature must be between 0 and 2"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("wf.yml:11: stage `impl`: `allocation` names `d`"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("wf.yml:11: stage `impl`: the weights in `allocation` add up to nothing"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("wf.yml:13: stage `lone`: `allocation` without `variants`"),
+            "{shown:#?}"
+        );
     }
 
     #[test]

@@ -645,10 +645,11 @@ impl Engine {
                 run,
                 stage,
                 persona,
+                variant,
                 ..
             } => {
                 let persona = persona.as_deref().map(|p| personas.canonical(p));
-                ended = runs.start_stage(run, stage, persona, at);
+                ended = runs.start_stage(run, stage, persona, variant.as_deref(), at);
                 if !stage_starting.is_empty() {
                     stage_starting.remove(&(run.clone(), stage.clone()));
                 }
@@ -1395,6 +1396,7 @@ mod tests {
                 workflow: "feature-development".into(),
                 stage: "design".into(),
                 persona: Some("backend-engineer".into()),
+                variant: None,
             },
         ));
         // One call settles with 35 tokens; its hold is given back.
@@ -1417,6 +1419,8 @@ mod tests {
                 call: None,
                 cache_read_tokens: 0,
                 cache_write_tokens: 0,
+                variant: None,
+                prompt_version: None,
             }),
         ));
         e.release_stage(first.stage.as_ref().unwrap());

@@ -33,6 +33,10 @@ pub enum Event {
         stage: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         persona: Option<String>,
+        /// The stage's variant this run uses (a stage with variants): every call and retry of the
+        /// run's stage keeps it, whatever a reload changes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        variant: Option<String>,
     },
     /// A stage of a run ended; its duration is the time since it started.
     StageFinished {
@@ -178,6 +182,8 @@ impl CallAdmission {
             call: Some(self.call.clone()),
             cache_read_tokens: 0,
             cache_write_tokens: 0,
+            variant: None,
+            prompt_version: None,
         }
     }
 }
@@ -242,6 +248,12 @@ pub struct Usage {
     /// Of `prompt_tokens`: written to the provider's prompt cache (`cache_write_usd_per_1k`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cache_write_tokens: u64,
+    /// The stage variant the call used (a stage with variants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// The version (content digest) of the variant's prompt the call was sent with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_version: Option<String>,
 }
 
 impl Usage {

@@ -51,6 +51,9 @@ pub struct StageRun {
     pub last_model: Option<String>,
     /// Tokens used by calls of this stage in this run (all attempts).
     pub tokens: u64,
+    /// The stage's variant this run uses (fixed when the stage first starts in the run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
 }
 
 /// Where a run stands.
@@ -192,6 +195,7 @@ impl Runs {
         id: &str,
         stage: &str,
         persona: Option<&str>,
+        variant: Option<&str>,
         at: UnixMillis,
     ) -> Vec<EndedStage> {
         let mut ended = Vec::new();
@@ -229,7 +233,12 @@ impl Runs {
                 last_reasons: None,
                 last_model: None,
                 tokens: 0,
+                variant: None,
             });
+        // The first start of the stage in the run fixes its variant.
+        if entry.variant.is_none() {
+            entry.variant = variant.map(str::to_string);
+        }
         // A stage started again (after it ended) starts a new stretch of time; attempts and
         // tokens keep adding up within the run.
         entry.status = StageStatus::Running;
@@ -354,10 +363,12 @@ mod tests {
         assert!(runs.start_run("r1", "wf", None, None, 0));
         assert!(!runs.start_run("r1", "wf", None, None, 5));
         assert!(runs
-            .start_stage("r1", "design", Some("be"), 1_000)
+            .start_stage("r1", "design", Some("be"), None, 1_000)
             .is_empty());
         // Starting it again while it runs changes nothing.
-        assert!(runs.start_stage("r1", "design", None, 2_000).is_empty());
+        assert!(runs
+            .start_stage("r1", "design", None, None, 2_000)
+            .is_empty());
         runs.gate("r1", "design", "m", GateResult::Fail, Some("min_lines: 1"));
         runs.gate("r1", "design", "m2", GateResult::Pass, None);
         runs.usage("r1", "design", 30);
@@ -381,15 +392,15 @@ mod tests {
     fn next_stage_and_run_end_close_running_stages() {
         let mut runs = Runs::default();
         runs.start_run("r", "wf", None, None, 0);
-        runs.start_stage("r", "a", None, 0);
-        let ended = runs.start_stage("r", "b", None, 10_000);
+        runs.start_stage("r", "a", None, None, 0);
+        let ended = runs.start_stage("r", "b", None, None, 10_000);
         assert_eq!(ended.len(), 1);
         assert_eq!((ended[0].stage.as_str(), ended[0].seconds), ("a", 10.0));
         let ended = runs.finish_run("r", RunStatus::Completed, 15_000);
         assert_eq!((ended[0].stage.as_str(), ended[0].seconds), ("b", 5.0));
         assert_eq!(runs.get("r").unwrap().status, RunStatus::Completed);
         // A finished run takes no more stages.
-        assert!(runs.start_stage("r", "c", None, 20_000).is_empty());
+        assert!(runs.start_stage("r", "c", None, None, 20_000).is_empty());
         assert!(!runs.get("r").unwrap().stages.contains_key("c"));
     }
 

@@ -102,6 +102,7 @@ pub fn event(t0: i64, i: u64) -> Stamped {
             workflow: workflow.into(),
             stage: stages[(block % 3) as usize].into(),
             persona: Some(persona.into()),
+            variant: None,
         },
         17 => Event::QualityGate(GateVerdictEvent {
             workflow: workflow.into(),

@@ -389,6 +389,78 @@ pub struct Stage {
     /// Prompts longer than this are cut to fit, oldest non-system messages first.
     pub max_prompt_tokens: Option<u64>,
     pub gate: Option<QualityGate>,
+    /// Variants of the stage (an experiment): each run of the stage uses one, chosen by
+    /// `weights`. Empty: the stage's own model, no prompt.
+    pub variants: Vec<Variant>,
+}
+
+/// A prompt file of the configuration: its text and version (its content digest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    /// Its path as the workflow names it (`prompts/implementation-v3.md`).
+    pub name: String,
+    pub text: Arc<str>,
+    /// The first 12 hex digits of the SHA-256 of its text.
+    pub version: String,
+}
+
+impl Prompt {
+    pub fn new(name: &str, text: &str) -> Prompt {
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        Prompt {
+            name: name.to_string(),
+            text: Arc::from(text),
+            version: digest.as_ref()[..6]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
+}
+
+/// One variant of a stage: a model (or tier), a system prompt, a temperature — whichever it sets.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub model: Option<ModelChoice>,
+    pub prompt: Option<Prompt>,
+    pub temperature: Option<f64>,
+    /// Its share of the stage's runs (relative to the other variants'; above 0 in all).
+    pub weight: f64,
+}
+
+impl Stage {
+    /// The variant a run of this stage uses when the run has none yet: drawn by the variants'
+    /// weights from a number derived from `key` (the run id) alone, so every replica and every
+    /// restart draws the same. `None` when the stage has no variants.
+    pub fn draw_variant(&self, workflow: &str, key: &str) -> Option<&Variant> {
+        let total: f64 = self.variants.iter().map(|v| v.weight).sum();
+        if self.variants.is_empty() || total <= 0.0 {
+            return None;
+        }
+        let point = unit_interval(&format!("{workflow}\u{0}{}\u{0}{key}", self.name)) * total;
+        let mut acc = 0.0;
+        for v in &self.variants {
+            acc += v.weight;
+            if point < acc {
+                return Some(v);
+            }
+        }
+        self.variants.last()
+    }
+
+    /// The variant named `name`, if the stage still has it.
+    pub fn variant(&self, name: &str) -> Option<&Variant> {
+        self.variants.iter().find(|v| v.name == name)
+    }
+}
+
+/// A number in [0, 1) derived from `text` (SHA-256), the same wherever it is computed.
+fn unit_interval(text: &str) -> f64 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest.as_ref()[..8]);
+    (u64::from_be_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A workflow: stages in order.
@@ -445,6 +517,50 @@ impl Workflows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stage_with(weights: &[(&str, f64)]) -> Stage {
+        Stage {
+            name: "impl".into(),
+            persona: None,
+            model: None,
+            budget_tokens: None,
+            retries: 0,
+            escalation_model: None,
+            max_prompt_tokens: None,
+            gate: None,
+            variants: weights
+                .iter()
+                .map(|(n, w)| Variant {
+                    name: n.to_string(),
+                    model: None,
+                    prompt: None,
+                    temperature: None,
+                    weight: *w,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_runs_variant_is_drawn_by_weight_from_its_id_alone() {
+        let stage = stage_with(&[("a", 3.0), ("b", 1.0), ("never", 0.0)]);
+        let n = 20_000;
+        let mut a = 0;
+        for i in 0..n {
+            let key = format!("run-{i}");
+            let v = stage.draw_variant("wf", &key).unwrap();
+            // The same id draws the same, wherever and whenever.
+            assert_eq!(stage.draw_variant("wf", &key).unwrap().name, v.name);
+            assert_ne!(v.name, "never");
+            if v.name == "a" {
+                a += 1;
+            }
+        }
+        // 75 % ± 1.5 points (the binomial's sd at n = 20,000 is 0.3 points).
+        let share = a as f64 / n as f64;
+        assert!((share - 0.75).abs() < 0.015, "{share}");
+        assert!(stage_with(&[]).draw_variant("wf", "r").is_none());
+    }
 
     fn pattern(s: &str) -> Pattern {
         Pattern {

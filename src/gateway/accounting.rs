@@ -63,6 +63,11 @@ pub(super) fn usage_event(
         call: meta.call_id.clone(),
         cache_read_tokens: used.cache_read,
         cache_write_tokens: used.cache_write,
+        variant: meta.variant().map(|v| v.name.clone()),
+        prompt_version: meta
+            .variant()
+            .and_then(|v| v.prompt.as_ref())
+            .map(|p| p.version.clone()),
     });
     Stamped {
         at: state.clock.now_ms(),

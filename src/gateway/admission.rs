@@ -194,6 +194,7 @@ pub(super) async fn start_run_stage(state: &GatewayState, meta: &CallMeta) -> Re
             workflow: call.workflow.name.clone(),
             stage: call.stage.name.clone(),
             persona: Some(persona),
+            variant: call.variant.as_ref().map(|v| v.name.clone()),
         },
     };
     if let Err(e) = state.writer.append(vec![event]).await {

@@ -241,10 +241,29 @@ async fn model_call(
         }
     }
     // A stage that sets a model (or tier) decides the model: the runbook's STAGE_MODEL_MAPPING.
+    // A stage variant's model wins over the stage's own.
     let stage_model = stage_call
         .as_ref()
-        .and_then(|c| c.stage.model.as_ref())
+        .and_then(|c| {
+            c.variant
+                .as_ref()
+                .and_then(|v| v.model.as_ref())
+                .or(c.stage.model.as_ref())
+        })
         .and_then(|choice| settings.resolve_choice(choice));
+    // Its prompt goes first (as the system prompt, in the call's dialect), its temperature replaces
+    // the client's.
+    if let Some(v) = stage_call.as_ref().and_then(|c| c.variant.as_ref()) {
+        if let Some(p) = &v.prompt {
+            request.prepend_system(&p.text);
+        }
+        if let Some(t) = v.temperature {
+            request
+                .body
+                .insert("temperature".into(), serde_json::json!(t));
+        }
+        notes.push(("x-hypertool-variant", v.name.clone()));
+    }
     let decision = policy::choose_model(&model, stage_model.as_deref().map(|r| r.name.as_str()))
         .map_err(policy_error)?;
     if let Some(replaced) = decision.replaced {

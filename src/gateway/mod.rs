@@ -306,6 +306,11 @@ impl CallMeta {
     fn run(&self) -> Option<String> {
         self.stage_call.as_ref().and_then(|c| c.run.clone())
     }
+
+    /// The stage variant the call uses, if its stage has variants.
+    fn variant(&self) -> Option<&crate::core::workflow::Variant> {
+        self.stage_call.as_ref().and_then(|c| c.variant.as_ref())
+    }
 }
 
 impl CallMeta {

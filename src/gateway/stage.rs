@@ -14,7 +14,7 @@ use super::GatewayState;
 use crate::config::gateway::{GatewaySettings, ModelRoute};
 use crate::core::engine::Engine;
 use crate::core::runs::Run;
-use crate::core::workflow::{QualityGate, Stage, Workflow};
+use crate::core::workflow::{QualityGate, Stage, Variant, Workflow};
 use crate::store::writer::lock;
 use crate::web::error::{ApiError, ErrorKind};
 
@@ -25,6 +25,10 @@ pub struct StageCall {
     pub stage: Stage,
     /// The run the call belongs to (`X-Hypertool-Run`), checked to be of this workflow.
     pub run: Option<String>,
+    /// The stage's variant this call uses (a stage with variants): the run's, once its stage
+    /// has started with one; else drawn from the run id (or, outside a run, the session or the
+    /// call), so that every replica draws the same.
+    pub variant: Option<Variant>,
 }
 
 impl StageCall {
@@ -65,15 +69,33 @@ pub fn resolve(
                 e.kind = ErrorKind::InvalidRequest;
                 e.param("x-hypertool-stage")
             })?;
+            // The variant the run's stage already uses, if it has started with one.
+            let mut kept: Option<String> = None;
             if let Some(r) = &run {
-                with_run(&state.engine, &w.name, r, |_| ()).map_err(|e| e.param("x-hypertool-run"))?;
+                kept = with_run(&state.engine, &w.name, r, |run| {
+                    run.stages.get(&stage).and_then(|st| st.variant.clone())
+                })
+                .map_err(|e| e.param("x-hypertool-run"))?;
             }
+            let variant = if s.variants.is_empty() {
+                None
+            } else {
+                let key = run
+                    .clone()
+                    .or_else(|| header(headers, "x-hypertool-session"))
+                    .unwrap_or_else(|| crate::telemetry::trace::ids::TraceId::random().hex());
+                kept.as_deref()
+                    .and_then(|name| s.variant(name))
+                    .or_else(|| s.draw_variant(&w.name, &key))
+                    .cloned()
+            };
             Ok((
                 workflow_name,
                 Some(Arc::new(StageCall {
                     workflow: w.clone(),
                     stage: s.clone(),
                     run,
+                    variant,
                 })),
             ))
         }

@@ -82,6 +82,13 @@ fn attribute(s: &mut SpanRecord, meta: &CallMeta) {
     s.set_opt("hypertool.stage", meta.stage.clone());
     s.set_opt("hypertool.run", meta.run());
     s.set_opt("session.id", meta.session.clone());
+    if let Some(v) = meta.variant() {
+        s.set("hypertool.variant", v.name.as_str());
+        s.set_opt(
+            "hypertool.prompt_version",
+            v.prompt.as_ref().map(|p| p.version.clone()),
+        );
+    }
 }
 
 /// One upstream attempt being traced.

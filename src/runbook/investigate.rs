@@ -2130,7 +2130,13 @@ mod tests {
     fn a_stage_left_open_without_calls_is_a_sequential_bottleneck() {
         let mut runs = crate::core::runs::Runs::new(10);
         runs.start_run("r1", "incident-response", None, None, NOW - 3_000_000);
-        runs.start_stage("r1", "diagnosis", Some("devops-engineer"), NOW - 2_000_000);
+        runs.start_stage(
+            "r1",
+            "diagnosis",
+            Some("devops-engineer"),
+            None,
+            NOW - 2_000_000,
+        );
         let ev = Evidence {
             now: NOW,
             window_ms: 3_600_000,

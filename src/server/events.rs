@@ -555,6 +555,8 @@ pub fn parse_event(
                 call: None,
                 cache_read_tokens: 0,
                 cache_write_tokens: 0,
+                variant: None,
+                prompt_version: None,
             })
         }
         "persona_switch" => {

@@ -199,6 +199,7 @@ pub fn run_json(run: &Run) -> Value {
                     "last_reasons": s.last_reasons,
                     "last_model": s.last_model,
                     "tokens": s.tokens,
+                    "variant": s.variant,
                 }),
             )
         })
@@ -383,6 +384,12 @@ pub async fn ensure_stage_started(
     if running {
         return Ok(());
     }
+    // A stage with variants: the run's draw (the gateway draws the same from the run id; once
+    // recorded here, the run's stage keeps it).
+    let variant = workflow
+        .stage(stage)
+        .and_then(|s| s.draw_variant(&workflow.name, run))
+        .map(|v| v.name.clone());
     store(
         state,
         vec![Event::StageStarted {
@@ -390,6 +397,7 @@ pub async fn ensure_stage_started(
             workflow: workflow.name.clone(),
             stage: stage.to_string(),
             persona,
+            variant,
         }],
     )
     .await

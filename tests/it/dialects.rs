@@ -42,7 +42,7 @@ async fn python(name: &str, args: Vec<String>) -> Value {
 
 /// The fake upstream as an Anthropic upstream too (`claude-*` models), and its tool model on the
 /// OpenAI-compatible side.
-fn both_kinds(upstream: &FakeUpstream) -> String {
+pub fn both_kinds(upstream: &FakeUpstream) -> String {
     format!(
         r#"
 [[gateway.upstreams]]
@@ -86,7 +86,7 @@ cache_write_usd_per_1k = 1.25
 
 /// The Anthropic upstream's key in the environment (named only here; set once, before any server
 /// of these tests reads it).
-fn export_anthropic_key() {
+pub fn export_anthropic_key() {
     static KEY: std::sync::Once = std::sync::Once::new();
     KEY.call_once(|| std::env::set_var("HYPERTOOL_TEST_ANTHROPIC_KEY", "sk-ant-test-KEY42"));
 }
@@ -98,7 +98,7 @@ async fn server(dir: &Path, upstream: &FakeUpstream) -> TestServer {
     start(Source::File(toml), &dir.join("data"), clock).await
 }
 
-fn ledger_usage(dir: &Path) -> Vec<Value> {
+pub fn ledger_usage(dir: &Path) -> Vec<Value> {
     let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
     let mut stmt = conn
         .prepare("SELECT body FROM events WHERE kind = 'usage' ORDER BY seq")

@@ -13,6 +13,7 @@ mod disk_faults;
 mod door;
 mod embedded_alerts;
 mod events_api;
+mod experiments;
 mod gateway;
 mod gateway_stages;
 mod grafana;

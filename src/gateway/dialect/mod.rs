@@ -167,6 +167,38 @@ impl CallRequest {
         }
     }
 
+    /// Puts `text` first in the system prompt, in the dialect's place for it: a chat system
+    /// message, Messages' `system`, Responses' `instructions`.
+    pub fn prepend_system(&mut self, text: &str) {
+        match self.dialect {
+            Dialect::Chat => {
+                if let Some(Value::Array(messages)) = self.body.get_mut("messages") {
+                    messages.insert(0, serde_json::json!({"role": "system", "content": text}));
+                }
+            }
+            Dialect::Messages => {
+                let system = match self.body.remove("system") {
+                    None | Some(Value::Null) => Value::String(text.to_string()),
+                    Some(Value::String(s)) => Value::String(format!("{text}\n\n{s}")),
+                    Some(Value::Array(mut blocks)) => {
+                        blocks.insert(0, serde_json::json!({"type": "text", "text": text}));
+                        Value::Array(blocks)
+                    }
+                    Some(other) => other,
+                };
+                self.body.insert("system".into(), system);
+            }
+            Dialect::Responses => {
+                let instructions = match self.body.get("instructions").and_then(Value::as_str) {
+                    Some(s) => format!("{text}\n\n{s}"),
+                    None => text.to_string(),
+                };
+                self.body
+                    .insert("instructions".into(), Value::String(instructions));
+            }
+        }
+    }
+
     /// The messages a stage's `max_prompt_tokens` may cut (the system prompt is never cut).
     pub fn messages_mut(&mut self) -> Option<&mut Vec<Value>> {
         let field = match self.dialect {

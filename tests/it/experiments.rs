@@ -1,0 +1,207 @@
+//! Experiments on stages: variants (model, prompt, temperature) assigned per run — sticky across
+//! dialects, reloads and restarts — their prompts applied in every dialect and recorded with their
+//! version on each call.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypertool::config::Source;
+use hypertool::core::clock::{Clock, ManualClock, SystemClock};
+use hypertool::core::workflow::Prompt;
+use serde_json::json;
+
+use crate::common::*;
+use crate::dialects::{both_kinds, export_anthropic_key, ledger_usage};
+
+const V1: &str = "You are variant one: write Python with tests.";
+const V2: &str = "You are variant two: write Rust with tests.";
+
+fn workflow(weights: &str) -> String {
+    format!(
+        r#"
+name: exp
+description: two variants of one stage
+stages:
+  - name: implement
+    persona: backend-engineer
+    variants:
+      - name: chat-v1
+        model: ok
+        prompt: prompts/impl-v1.md
+      - name: claude-v2
+        model: claude-ok
+        prompt: prompts/impl-v2.md
+        temperature: 0.2
+    allocation: {weights}
+"#
+    )
+}
+
+async fn start_at(dir: &Path, toml: &Path) -> TestServer {
+    start(
+        Source::File(toml.to_path_buf()),
+        &dir.join("data"),
+        Arc::new(ManualClock::new(SystemClock.now_ms())),
+    )
+    .await
+}
+
+async fn new_run(s: &TestServer) -> String {
+    let (status, run) = s
+        .post_raw("/v1/workflows/exp/runs", json!({}).to_string())
+        .await;
+    assert_eq!(status, 201, "{run}");
+    run["id"].as_str().unwrap().to_string()
+}
+
+/// A call of the run's stage in `route`'s dialect; the variant it used.
+async fn stage_call(s: &TestServer, route: &str, run: &str) -> String {
+    let body = match route {
+        "/v1/chat/completions" => {
+            json!({"model": "any", "messages": [{"role": "user", "content": "go"}]})
+        }
+        "/v1/messages" => {
+            json!({"model": "any", "max_tokens": 50, "messages": [{"role": "user", "content": "go"}]})
+        }
+        _ => json!({"model": "any", "input": "go"}),
+    };
+    let r = s
+        .http
+        .post(format!("{}{route}", s.api))
+        .header("x-hypertool-persona", "backend-engineer")
+        .header("x-hypertool-workflow", "exp")
+        .header("x-hypertool-stage", "implement")
+        .header("x-hypertool-run", run)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{route}");
+    r.headers()["x-hypertool-variant"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_variant_holds_in_every_dialect_across_a_reload_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    export_anthropic_key();
+    let toml = gateway_config(dir.path(), &upstream.base_url, &both_kinds(&upstream));
+    let config = toml.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(config.join("prompts")).unwrap();
+    std::fs::write(config.join("prompts/impl-v1.md"), V1).unwrap();
+    std::fs::write(config.join("prompts/impl-v2.md"), V2).unwrap();
+    let wf = config.join("workflows/exp.yml");
+    std::fs::write(&wf, workflow("{chat-v1: 1, claude-v2: 1}")).unwrap();
+    let s = start_at(dir.path(), &toml).await;
+
+    // Forty runs, each assigned once (by its first call), about half each way.
+    let mut by_variant: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for _ in 0..40 {
+        let run = new_run(&s).await;
+        let v = stage_call(&s, "/v1/messages", &run).await;
+        by_variant.entry(v).or_default().push(run);
+    }
+    let shares: Vec<usize> = by_variant.values().map(Vec::len).collect();
+    assert_eq!(by_variant.len(), 2, "{by_variant:?}");
+    assert!(shares.iter().all(|n| *n >= 8), "{shares:?}");
+    let one = by_variant["chat-v1"][0].clone();
+    let two = by_variant["claude-v2"][0].clone();
+
+    // Every dialect's call of a run uses the run's variant, with its prompt first.
+    for route in ["/v1/chat/completions", "/v1/messages", "/v1/responses"] {
+        assert_eq!(stage_call(&s, route, &one).await, "chat-v1", "{route}");
+        let seen = upstream.stats().await["last_messages"][0].clone();
+        assert_eq!(seen["role"], "system", "{route}: {seen}");
+        assert!(
+            seen["content"].as_str().unwrap().starts_with(V1),
+            "{route}: {seen}"
+        );
+
+        assert_eq!(stage_call(&s, route, &two).await, "claude-v2", "{route}");
+        let body = upstream.stats().await["anthropic"]["body"].clone();
+        assert!(
+            body["system"].as_str().unwrap().starts_with(V2),
+            "{route}: {body}"
+        );
+        assert_eq!(body["temperature"], 0.2, "{route}");
+    }
+    // Each call is in the ledger with its variant and its prompt's version.
+    let (v1, v2) = (Prompt::new("p", V1).version, Prompt::new("p", V2).version);
+    let usage = ledger_usage(dir.path());
+    assert_eq!(usage.len(), 46);
+    for u in &usage {
+        let expected = match u["variant"].as_str() {
+            Some("chat-v1") => &v1,
+            Some("claude-v2") => &v2,
+            other => panic!("no variant on {u}: {other:?}"),
+        };
+        assert_eq!(u["prompt_version"].as_str(), Some(expected.as_str()), "{u}");
+    }
+
+    // A reload that sends every new run to claude-v2 does not move a running stage.
+    let reloads = |m: &Exposition| {
+        m.get("hypertool_config_reloads_total", &[("result", "success")])
+            .unwrap_or(0.0)
+    };
+    let before = reloads(&s.metrics().await);
+    std::fs::write(&wf, workflow("{chat-v1: 0, claude-v2: 1}")).unwrap();
+    eventually("the reload", Duration::from_secs(10), || async {
+        (reloads(&s.metrics().await) > before).then_some(())
+    })
+    .await;
+    assert_eq!(stage_call(&s, "/v1/responses", &one).await, "chat-v1");
+    for _ in 0..5 {
+        let run = new_run(&s).await;
+        assert_eq!(
+            stage_call(&s, "/v1/chat/completions", &run).await,
+            "claude-v2"
+        );
+    }
+    s.stop().await;
+
+    // After a restart (the assignment comes back from the ledger), still.
+    let s = start_at(dir.path(), &toml).await;
+    assert_eq!(stage_call(&s, "/v1/messages", &one).await, "chat-v1");
+    assert_eq!(stage_call(&s, "/v1/messages", &two).await, "claude-v2");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_started_by_the_api_draws_the_variant_its_calls_then_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    export_anthropic_key();
+    let toml = gateway_config(dir.path(), &upstream.base_url, &both_kinds(&upstream));
+    let config = toml.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(config.join("prompts")).unwrap();
+    std::fs::write(config.join("prompts/impl-v1.md"), V1).unwrap();
+    std::fs::write(config.join("prompts/impl-v2.md"), V2).unwrap();
+    std::fs::write(
+        config.join("workflows/exp.yml"),
+        workflow("{chat-v1: 1, claude-v2: 3}"),
+    )
+    .unwrap();
+    let s = start_at(dir.path(), &toml).await;
+    for _ in 0..6 {
+        let run = new_run(&s).await;
+        let (status, _) = s
+            .post_raw(
+                &format!("/v1/workflows/exp/runs/{run}/stages/implement/start"),
+                json!({}).to_string(),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let (_, r) = s.get_json(&format!("/v1/workflows/exp/runs/{run}")).await;
+        let drawn = r["stages"]["implement"]["variant"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no variant in {r}"))
+            .to_string();
+        assert_eq!(stage_call(&s, "/v1/chat/completions", &run).await, drawn);
+    }
+    s.stop().await;
+}
