@@ -300,6 +300,7 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
                         .then(|| "code_block: no fenced code block".to_string()),
                     run: None,
                     attempt,
+                    variant: None,
                 }));
             }
         }

@@ -429,6 +429,16 @@ impl Config {
                 (LabelKind::Model, s.models.clone()),
                 (LabelKind::Workflow, s.workflows.clone()),
                 (LabelKind::Stage, s.stages.clone()),
+                // Every configured variant: an experiment's arms are never folded away.
+                (
+                    LabelKind::Variant,
+                    self.workflows
+                        .workflows
+                        .values()
+                        .flat_map(|w| w.stages.iter())
+                        .flat_map(|st| st.variants.iter().map(|v| v.name.clone()))
+                        .collect(),
+                ),
             ],
             session_idle_timeout_ms: i64::try_from(s.session_idle_timeout_seconds)
                 .unwrap_or(i64::MAX / 1000)

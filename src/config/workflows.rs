@@ -13,8 +13,8 @@ use super::error::{line_of_key, ConfigError};
 use super::gateway::GatewaySettings;
 use crate::core::persona::PersonaRegistry;
 use crate::core::workflow::{
-    Chatmode, CodeBlock, ModelChoice, Pattern, Prompt, QualityGate, Schema, Stage, Variant,
-    Workflow, Workflows,
+    Allocation, Chatmode, CodeBlock, ModelChoice, Objective, Pattern, Prompt, QualityGate, Schema,
+    Stage, Variant, Workflow, Workflows,
 };
 
 #[derive(Debug, Deserialize)]
@@ -39,8 +39,29 @@ struct RawStage {
     quality_gate: Option<RawGate>,
     #[serde(default)]
     variants: Vec<RawVariant>,
-    /// Each variant's share of the runs (relative weights); absent: equal shares.
-    allocation: Option<BTreeMap<String, f64>>,
+    /// `adaptive`, `{adaptive: {objective, floor}}`, or each variant's share of the runs
+    /// (relative weights); absent: equal shares.
+    allocation: Option<RawAllocation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAllocation {
+    /// `adaptive`.
+    Mode(String),
+    Adaptive {
+        adaptive: RawAdaptive,
+    },
+    Weights(BTreeMap<String, f64>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdaptive {
+    /// `pass_rate` (default) or `pass_per_dollar`.
+    objective: Option<String>,
+    /// Each variant's least share of the runs (default 0.05).
+    floor: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,7 +300,57 @@ pub fn parse_workflow(
                 weight: 1.0,
             });
         }
-        match raw_stage.allocation {
+        let mut allocation = Allocation::Weights;
+        let mut raw_weights: Option<BTreeMap<String, f64>> = None;
+        let adaptive = match raw_stage.allocation {
+            Some(RawAllocation::Mode(m)) if m == "adaptive" => Some(RawAdaptive::default()),
+            Some(RawAllocation::Mode(m)) => {
+                errors.push(
+                    ConfigError::new(file, here("allocation:"), format!("stage `{stage_name}`: `allocation: {m}` is not an allocation"))
+                        .fix("write `allocation: adaptive`, `allocation: {adaptive: {objective: pass_per_dollar, floor: 0.1}}`, or each variant's weight: `allocation: {a: 50, b: 50}`"),
+                );
+                None
+            }
+            Some(RawAllocation::Adaptive { adaptive }) => Some(adaptive),
+            Some(RawAllocation::Weights(w)) => {
+                raw_weights = Some(w);
+                None
+            }
+            None => None,
+        };
+        if let Some(a) = adaptive {
+            let line = here("allocation:");
+            let objective = match a.objective.as_deref() {
+                None | Some("pass_rate") => Objective::PassRate,
+                Some("pass_per_dollar") => Objective::PassPerDollar,
+                Some(other) => {
+                    errors.push(
+                        ConfigError::new(file, line, format!("stage `{stage_name}`: objective `{other}` is not one hypertool knows"))
+                            .fix("use pass_rate or pass_per_dollar"),
+                    );
+                    Objective::PassRate
+                }
+            };
+            let floor = a.floor.unwrap_or(0.05);
+            let k = variants.len().max(1) as f64;
+            if variants.is_empty() {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        line,
+                        format!("stage `{stage_name}`: `allocation` without `variants`"),
+                    )
+                    .fix("list the stage's variants under `variants:`, or remove `allocation`"),
+                );
+            } else if !(floor.is_finite() && floor >= 0.0 && floor * k < 1.0) {
+                errors.push(
+                    ConfigError::new(file, line, format!("stage `{stage_name}`: a floor of {floor} for each of {k} variants leaves no runs to allocate"))
+                        .fix("give each variant a floor share such that all together stay below 1, e.g. 0.05"),
+                );
+            }
+            allocation = Allocation::Adaptive { objective, floor };
+        }
+        match raw_weights {
             Some(_) if variants.is_empty() => errors.push(
                 ConfigError::new(
                     file,
@@ -350,6 +421,7 @@ pub fn parse_workflow(
             max_prompt_tokens: raw_stage.max_prompt_tokens,
             gate,
             variants,
+            allocation,
         });
     }
     if !errors.is_empty() {
@@ -694,6 +766,42 @@ mod tests {
         );
         assert!(
             has("wf.yml:13: stage `lone`: `allocation` without `variants`"),
+            "{shown:#?}"
+        );
+    }
+
+    #[test]
+    fn adaptive_allocation_parses_and_its_mistakes_are_named() {
+        let w = parse("stages:\n  - name: impl\n    variants:\n      - name: a\n      - name: b\n    allocation: adaptive\n").unwrap();
+        assert_eq!(
+            w.stage("impl").unwrap().allocation,
+            Allocation::Adaptive {
+                objective: Objective::PassRate,
+                floor: 0.05
+            }
+        );
+        let w = parse("stages:\n  - name: impl\n    variants:\n      - name: a\n      - name: b\n    allocation: {adaptive: {objective: pass_per_dollar, floor: 0.1}}\n").unwrap();
+        assert_eq!(
+            w.stage("impl").unwrap().allocation,
+            Allocation::Adaptive {
+                objective: Objective::PassPerDollar,
+                floor: 0.1
+            }
+        );
+        let text = "stages:\n  - name: x\n    variants:\n      - name: a\n      - name: b\n    allocation: {adaptive: {objective: speed, floor: 0.6}}\n  - name: y\n    variants:\n      - name: a\n    allocation: random\n";
+        let shown: Vec<String> = parse(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let has = |prefix: &str| shown.iter().any(|e| e.starts_with(prefix));
+        assert!(has("wf.yml:6: stage `x`: objective `speed`"), "{shown:#?}");
+        assert!(
+            has("wf.yml:6: stage `x`: a floor of 0.6 for each of 2 variants"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("wf.yml:10: stage `y`: `allocation: random` is not an allocation"),
             "{shown:#?}"
         );
     }

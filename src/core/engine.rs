@@ -138,6 +138,18 @@ pub struct Metrics {
     /// persona, server, tool
     #[serde(default = "crate::core::series::tool_call_duration_histogram")]
     pub mcp_tool_duration: HistogramVec<3>,
+    /// workflow, stage, variant: runs whose stage started on the variant
+    #[serde(default)]
+    pub variant_runs: CounterVec<3>,
+    /// workflow, stage, variant, result: gate verdicts of the variant's outputs
+    #[serde(default)]
+    pub variant_gates: CounterVec<4>,
+    /// workflow, stage, variant: calls made on the variant
+    #[serde(default)]
+    pub variant_calls: CounterVec<3>,
+    /// workflow, stage, variant: their cost
+    #[serde(default)]
+    pub variant_cost_usd: CounterVec<3>,
 }
 
 impl Default for Metrics {
@@ -161,6 +173,10 @@ impl Default for Metrics {
             runs_finished: CounterVec::default(),
             mcp_tool_calls: CounterVec::default(),
             mcp_tool_duration: crate::core::series::tool_call_duration_histogram(),
+            variant_runs: CounterVec::default(),
+            variant_gates: CounterVec::default(),
+            variant_calls: CounterVec::default(),
+            variant_cost_usd: CounterVec::default(),
         }
     }
 }
@@ -555,6 +571,17 @@ impl Engine {
                 if let (Some(run), Some(stage)) = (&u.run, &u.stage) {
                     runs.usage(run, stage, tokens);
                 }
+                if let (Some(workflow), Some(stage), Some(variant)) =
+                    (&u.workflow, &u.stage, &u.variant)
+                {
+                    let key = [
+                        admit(LabelKind::Workflow, workflow),
+                        admit(LabelKind::Stage, stage),
+                        admit(LabelKind::Variant, variant),
+                    ];
+                    metrics.variant_calls.inc_by(key.clone(), 1.0);
+                    metrics.variant_cost_usd.inc_by(key, cost);
+                }
                 if let Some(budget) = budgets.get_mut(canonical) {
                     budget.record(at, tokens, cost);
                     // One usage can jump past both limits: it is counted as reaching the soft
@@ -643,13 +670,30 @@ impl Engine {
             }
             Event::StageStarted {
                 run,
+                workflow,
                 stage,
                 persona,
                 variant,
-                ..
             } => {
                 let persona = persona.as_deref().map(|p| personas.canonical(p));
+                let had_variant = runs
+                    .get(run)
+                    .and_then(|r| r.stages.get(stage))
+                    .is_some_and(|s| s.variant.is_some());
                 ended = runs.start_stage(run, stage, persona, variant.as_deref(), at);
+                // A run counts for the variant its stage first started on.
+                let fixed = runs
+                    .get(run)
+                    .and_then(|r| r.stages.get(stage))
+                    .and_then(|s| s.variant.clone());
+                if let (false, Some(v)) = (had_variant, fixed) {
+                    let key = [
+                        admit(LabelKind::Workflow, workflow),
+                        admit(LabelKind::Stage, stage),
+                        admit(LabelKind::Variant, &v),
+                    ];
+                    metrics.variant_runs.inc_by(key, 1.0);
+                }
                 if !stage_starting.is_empty() {
                     stage_starting.remove(&(run.clone(), stage.clone()));
                 }
@@ -685,6 +729,13 @@ impl Engine {
                 let workflow = admit(LabelKind::Workflow, workflow);
                 let stage = admit(LabelKind::Stage, stage);
                 let model = admit(LabelKind::Model, model);
+                if let Some(v) = &g.variant {
+                    let variant = admit(LabelKind::Variant, v);
+                    let result: Arc<str> = Arc::from(result.as_str());
+                    metrics
+                        .variant_gates
+                        .inc_by([workflow.clone(), stage.clone(), variant, result], 1.0);
+                }
                 count_gate(metrics, kinds, [workflow, stage, model], *result);
             }
             Event::CallAdmitted(c) => {
@@ -1131,6 +1182,23 @@ impl Engine {
 
     pub fn runs(&self) -> &Runs {
         &self.runs
+    }
+
+    /// What a stage variant did so far (runs, gate verdicts, cost), from the counters — which
+    /// the ledger rebuilds at start-up and which every replica applies alike.
+    pub fn variant_record(
+        &self,
+        workflow: &str,
+        stage: &str,
+        variant: &str,
+    ) -> crate::core::workflow::VariantRecord {
+        let m = &self.metrics;
+        crate::core::workflow::VariantRecord {
+            runs: m.variant_runs.get([workflow, stage, variant]),
+            passes: m.variant_gates.get([workflow, stage, variant, "pass"]),
+            failures: m.variant_gates.get([workflow, stage, variant, "fail"]),
+            cost_usd: m.variant_cost_usd.get([workflow, stage, variant]),
+        }
     }
 
     /// The latest time seen (events and ticks).

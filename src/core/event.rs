@@ -202,6 +202,9 @@ pub struct GateVerdictEvent {
     /// 1 for the first attempt of a call, 2 for its first gate retry, …
     #[serde(default = "one")]
     pub attempt: u32,
+    /// The stage variant whose output was judged (a stage with variants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
 }
 
 fn one() -> u32 {

@@ -122,10 +122,12 @@ pub enum LabelKind {
     Server,
     /// A tool of a downstream MCP server.
     Tool,
+    /// A variant of a workflow stage (an experiment).
+    Variant,
 }
 
 impl LabelKind {
-    pub const ALL: [LabelKind; 7] = [
+    pub const ALL: [LabelKind; 8] = [
         LabelKind::Persona,
         LabelKind::Chatmode,
         LabelKind::Model,
@@ -133,6 +135,7 @@ impl LabelKind {
         LabelKind::Stage,
         LabelKind::Server,
         LabelKind::Tool,
+        LabelKind::Variant,
     ];
 
     pub fn name(self) -> &'static str {
@@ -144,6 +147,7 @@ impl LabelKind {
             LabelKind::Stage => "stage",
             LabelKind::Server => "server",
             LabelKind::Tool => "tool",
+            LabelKind::Variant => "variant",
         }
     }
 

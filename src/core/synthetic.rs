@@ -116,6 +116,7 @@ pub fn event(t0: i64, i: u64) -> Stamped {
             reasons: block.is_multiple_of(5).then(|| "min_length".to_string()),
             run: Some(run),
             attempt: 1,
+            variant: None,
         }),
         18 => Event::StageFinished {
             run,

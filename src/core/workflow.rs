@@ -390,8 +390,39 @@ pub struct Stage {
     pub max_prompt_tokens: Option<u64>,
     pub gate: Option<QualityGate>,
     /// Variants of the stage (an experiment): each run of the stage uses one, chosen by
-    /// `weights`. Empty: the stage's own model, no prompt.
+    /// `allocation`. Empty: the stage's own model, no prompt.
     pub variants: Vec<Variant>,
+    pub allocation: Allocation,
+}
+
+/// How a stage's runs are shared among its variants.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Allocation {
+    /// By each variant's fixed `weight`.
+    #[default]
+    Weights,
+    /// Thompson sampling on what the gate said of each variant so far: each run goes to the
+    /// variant whose draw from its posterior is best, except a `floor` share per variant, which
+    /// keeps every variant measured.
+    Adaptive { objective: Objective, floor: f64 },
+}
+
+/// What adaptive allocation maximises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// The gate's pass rate.
+    PassRate,
+    /// Passes per dollar: the pass rate over the variant's cost per run.
+    PassPerDollar,
+}
+
+/// What the ledger says of one variant so far (the engine's counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VariantRecord {
+    pub runs: f64,
+    pub passes: f64,
+    pub failures: f64,
+    pub cost_usd: f64,
 }
 
 /// A prompt file of the configuration: its text and version (its content digest).
@@ -430,15 +461,85 @@ pub struct Variant {
 }
 
 impl Stage {
-    /// The variant a run of this stage uses when the run has none yet: drawn by the variants'
-    /// weights from a number derived from `key` (the run id) alone, so every replica and every
-    /// restart draws the same. `None` when the stage has no variants.
-    pub fn draw_variant(&self, workflow: &str, key: &str) -> Option<&Variant> {
+    /// The variant a run of this stage uses when the run has none yet, drawn from a generator
+    /// seeded by `key` (the run id) alone — so replicas that see the same records draw the same —
+    /// by the fixed weights, or adaptively from `records` (what each variant did so far).
+    /// `None` when the stage has no variants.
+    pub fn draw_variant(
+        &self,
+        workflow: &str,
+        key: &str,
+        records: &dyn Fn(&str) -> VariantRecord,
+    ) -> Option<&Variant> {
+        let seed = format!("{workflow}\u{0}{}\u{0}{key}", self.name);
+        match self.allocation {
+            Allocation::Weights => self.by_weight(&seed),
+            Allocation::Adaptive { objective, floor } => {
+                self.adaptively(&seed, objective, floor, records)
+            }
+        }
+    }
+
+    fn adaptively(
+        &self,
+        seed: &str,
+        objective: Objective,
+        floor: f64,
+        records: &dyn Fn(&str) -> VariantRecord,
+    ) -> Option<&Variant> {
+        use rand::{Rng, SeedableRng};
+        use rand_distr::Distribution;
+        if self.variants.is_empty() {
+            return None;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed_of(seed));
+        let k = self.variants.len();
+        // The floor: each variant gets this share of the runs whatever the evidence.
+        let explore: f64 = rng.random();
+        if explore < floor * k as f64 {
+            return self.variants.get(((explore / floor) as usize).min(k - 1));
+        }
+        let seen: Vec<VariantRecord> = self.variants.iter().map(|v| records(&v.name)).collect();
+        // A variant with no cost yet is taken at the mean cost per run of those with one.
+        let costs: Vec<f64> = seen
+            .iter()
+            .filter(|r| r.runs > 0.0 && r.cost_usd > 0.0)
+            .map(|r| r.cost_usd / r.runs)
+            .collect();
+        let mean_cost = if costs.is_empty() {
+            1.0
+        } else {
+            costs.iter().sum::<f64>() / costs.len() as f64
+        };
+        let mut best: Option<(usize, f64)> = None;
+        for (i, r) in seen.iter().enumerate() {
+            let theta = rand_distr::Beta::new(1.0 + r.passes, 1.0 + r.failures)
+                .map(|b| b.sample(&mut rng))
+                .unwrap_or(0.5);
+            let score = match objective {
+                Objective::PassRate => theta,
+                Objective::PassPerDollar => {
+                    let cost = if r.runs > 0.0 && r.cost_usd > 0.0 {
+                        r.cost_usd / r.runs
+                    } else {
+                        mean_cost
+                    };
+                    theta / cost.max(1e-9)
+                }
+            };
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((i, score));
+            }
+        }
+        best.and_then(|(i, _)| self.variants.get(i))
+    }
+
+    fn by_weight(&self, seed: &str) -> Option<&Variant> {
         let total: f64 = self.variants.iter().map(|v| v.weight).sum();
         if self.variants.is_empty() || total <= 0.0 {
             return None;
         }
-        let point = unit_interval(&format!("{workflow}\u{0}{}\u{0}{key}", self.name)) * total;
+        let point = unit_interval(seed) * total;
         let mut acc = 0.0;
         for v in &self.variants {
             acc += v.weight;
@@ -455,12 +556,17 @@ impl Stage {
     }
 }
 
-/// A number in [0, 1) derived from `text` (SHA-256), the same wherever it is computed.
-fn unit_interval(text: &str) -> f64 {
+/// 64 bits derived from `text` (SHA-256), the same wherever they are computed.
+fn seed_of(text: &str) -> u64 {
     let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest.as_ref()[..8]);
-    (u64::from_be_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+    u64::from_be_bytes(bytes)
+}
+
+/// A number in [0, 1) derived from `text`.
+fn unit_interval(text: &str) -> f64 {
+    (seed_of(text) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A workflow: stages in order.
@@ -528,6 +634,7 @@ mod tests {
             escalation_model: None,
             max_prompt_tokens: None,
             gate: None,
+            allocation: Allocation::Weights,
             variants: weights
                 .iter()
                 .map(|(n, w)| Variant {
@@ -544,13 +651,14 @@ mod tests {
     #[test]
     fn a_runs_variant_is_drawn_by_weight_from_its_id_alone() {
         let stage = stage_with(&[("a", 3.0), ("b", 1.0), ("never", 0.0)]);
+        let none = |_: &str| VariantRecord::default();
         let n = 20_000;
         let mut a = 0;
         for i in 0..n {
             let key = format!("run-{i}");
-            let v = stage.draw_variant("wf", &key).unwrap();
+            let v = stage.draw_variant("wf", &key, &none).unwrap();
             // The same id draws the same, wherever and whenever.
-            assert_eq!(stage.draw_variant("wf", &key).unwrap().name, v.name);
+            assert_eq!(stage.draw_variant("wf", &key, &none).unwrap().name, v.name);
             assert_ne!(v.name, "never");
             if v.name == "a" {
                 a += 1;
@@ -559,7 +667,65 @@ mod tests {
         // 75 % ± 1.5 points (the binomial's sd at n = 20,000 is 0.3 points).
         let share = a as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.015, "{share}");
-        assert!(stage_with(&[]).draw_variant("wf", "r").is_none());
+        assert!(stage_with(&[]).draw_variant("wf", "r", &none).is_none());
+    }
+
+    /// The share of 10,000 runs each variant gets from `records`.
+    fn shares(stage: &Stage, records: &dyn Fn(&str) -> VariantRecord) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for i in 0..10_000 {
+            let v = stage
+                .draw_variant("wf", &format!("run-{i}"), records)
+                .unwrap();
+            *out.entry(v.name.clone()).or_insert(0.0) += 1.0 / 10_000.0;
+        }
+        out
+    }
+
+    #[test]
+    fn adaptive_allocation_follows_the_evidence_above_a_floor() {
+        let mut stage = stage_with(&[("lo", 1.0), ("hi", 1.0)]);
+        stage.allocation = Allocation::Adaptive {
+            objective: Objective::PassRate,
+            floor: 0.05,
+        };
+        let record = |passes: f64, failures: f64, cost: f64| VariantRecord {
+            runs: passes + failures,
+            passes,
+            failures,
+            cost_usd: cost,
+        };
+        // No evidence: an even split.
+        let even = shares(&stage, &|_| VariantRecord::default());
+        assert!((even["lo"] - 0.5).abs() < 0.03, "{even:?}");
+        // 35 % against 80 % over 100 runs each: lo's draw practically never beats hi's, so hi
+        // gets all but lo's floor (5 %).
+        let evidence = |v: &str| {
+            if v == "hi" {
+                record(80.0, 20.0, 1.0)
+            } else {
+                record(35.0, 65.0, 0.1)
+            }
+        };
+        let s = shares(&stage, &evidence);
+        assert!((s["lo"] - 0.05).abs() < 0.01, "{s:?}");
+        // Per dollar, lo (0.35 a run at $0.001) beats hi (0.8 at $0.01).
+        stage.allocation = Allocation::Adaptive {
+            objective: Objective::PassPerDollar,
+            floor: 0.05,
+        };
+        let s = shares(&stage, &evidence);
+        assert!((s["hi"] - 0.05).abs() < 0.01, "{s:?}");
+        // Close evidence splits the runs (Thompson sampling's point: keep learning).
+        let close = |v: &str| {
+            if v == "hi" {
+                record(6.0, 4.0, 0.0)
+            } else {
+                record(5.0, 5.0, 0.0)
+            }
+        };
+        let s = shares(&stage, &close);
+        assert!(s["lo"] > 0.2 && s["hi"] > 0.5, "{s:?}");
     }
 
     fn pattern(s: &str) -> Pattern {

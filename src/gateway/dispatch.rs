@@ -183,6 +183,7 @@ pub(super) async fn judge(
         reasons: verdict.reasons(),
         run: call.run.clone(),
         attempt,
+        variant: meta.variant().map(|v| v.name.clone()),
     });
     let at = state.clock.now_ms();
     if let (Event::QualityGate(g), Some(t)) = (&event, &meta.trace) {

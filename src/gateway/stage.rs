@@ -84,9 +84,11 @@ pub fn resolve(
                     .clone()
                     .or_else(|| header(headers, "x-hypertool-session"))
                     .unwrap_or_else(|| crate::telemetry::trace::ids::TraceId::random().hex());
+                let engine = lock(&state.engine);
+                let records = |v: &str| engine.variant_record(&w.name, &stage, v);
                 kept.as_deref()
                     .and_then(|name| s.variant(name))
-                    .or_else(|| s.draw_variant(&w.name, &key))
+                    .or_else(|| s.draw_variant(&w.name, &key, &records))
                     .cloned()
             };
             Ok((

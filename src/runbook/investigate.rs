@@ -2030,6 +2030,7 @@ mod tests {
                     .then(|| "min_lines: 3 non-blank lines, at least 10 required".into()),
                 run: Some(format!("r{at}")),
                 attempt: 1,
+                variant: None,
             }),
         };
         let events: Vec<Stamped> = (0..20)

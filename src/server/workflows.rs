@@ -386,10 +386,12 @@ pub async fn ensure_stage_started(
     }
     // A stage with variants: the run's draw (the gateway draws the same from the run id; once
     // recorded here, the run's stage keeps it).
-    let variant = workflow
-        .stage(stage)
-        .and_then(|s| s.draw_variant(&workflow.name, run))
-        .map(|v| v.name.clone());
+    let variant = workflow.stage(stage).and_then(|s| {
+        let engine = lock(&state.engine);
+        let records = |v: &str| engine.variant_record(&workflow.name, stage, v);
+        s.draw_variant(&workflow.name, run, &records)
+            .map(|v| v.name.clone())
+    });
     store(
         state,
         vec![Event::StageStarted {
@@ -534,6 +536,7 @@ pub async fn finish_stage(
             reasons: req.reasons,
             run: Some(run.clone()),
             attempt: r.stages.get(&stage).map_or(1, |st| st.attempts + 1),
+            variant: None,
         }));
     }
     events.push(Event::StageFinished {
@@ -668,6 +671,7 @@ pub async fn evaluate_gate(
                 reasons: verdict.reasons(),
                 run: req.run,
                 attempt,
+                variant: None,
             })],
         )
         .await?;

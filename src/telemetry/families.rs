@@ -81,6 +81,34 @@ pub const WORKFLOW_QUALITY_GATE_TOTAL: Family = Family {
     labels: &["workflow", "stage", "model", "result"],
 };
 
+pub const VARIANT_RUNS_TOTAL: Family = Family {
+    name: "hypertool_variant_runs_total",
+    kind: Kind::Counter,
+    help: "Runs whose stage started on this variant (a stage with variants: an experiment).",
+    labels: &["workflow", "stage", "variant"],
+};
+
+pub const VARIANT_QUALITY_GATE_TOTAL: Family = Family {
+    name: "hypertool_variant_quality_gate_total",
+    kind: Kind::Counter,
+    help: "Quality-gate verdicts on the outputs of a stage variant, by result.",
+    labels: &["workflow", "stage", "variant", "result"],
+};
+
+pub const VARIANT_CALLS_TOTAL: Family = Family {
+    name: "hypertool_variant_calls_total",
+    kind: Kind::Counter,
+    help: "Gateway calls made on a stage variant (gate retries included).",
+    labels: &["workflow", "stage", "variant"],
+};
+
+pub const VARIANT_COST_USD_TOTAL: Family = Family {
+    name: "hypertool_variant_cost_usd_total",
+    kind: Kind::Counter,
+    help: "The cost of the calls made on a stage variant, in USD (priced models only).",
+    labels: &["workflow", "stage", "variant"],
+};
+
 pub const WORKFLOW_RUNS_STARTED_TOTAL: Family = Family {
     name: "hypertool_workflow_runs_started_total",
     kind: Kind::Counter,
@@ -444,6 +472,10 @@ pub const ALL: &[Family] = &[
     WORKFLOW_QUALITY_GATE_TOTAL,
     WORKFLOW_RUNS_STARTED_TOTAL,
     WORKFLOW_RUNS_FINISHED_TOTAL,
+    VARIANT_RUNS_TOTAL,
+    VARIANT_QUALITY_GATE_TOTAL,
+    VARIANT_CALLS_TOTAL,
+    VARIANT_COST_USD_TOTAL,
     PERSONA_SWITCHES_SUPPRESSED_TOTAL,
     PERSONA_OSCILLATIONS_TOTAL,
     MCP_TOOL_CALLS_TOTAL,

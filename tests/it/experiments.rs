@@ -205,3 +205,94 @@ async fn a_stage_started_by_the_api_draws_the_variant_its_calls_then_keep() {
     }
     s.stop().await;
 }
+
+/// A gated stage whose two variants' answers pass the gate 35 % and 80 % of the time.
+fn gated_workflow(allocation: &str) -> String {
+    format!(
+        r#"
+name: exp
+description: which model passes the gate more often
+stages:
+  - name: implement
+    quality_gate:
+      code_block: python
+    variants:
+      - name: lo
+        model: p35
+      - name: hi
+        model: p80
+    allocation: {allocation}
+"#
+    )
+}
+
+/// `runs` runs of the gated stage, one call each, in order; the variant of each.
+async fn run_gated(s: &TestServer, runs: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let run = new_run(s).await;
+        out.push(stage_call(s, "/v1/chat/completions", &run).await);
+    }
+    out
+}
+
+async fn gated_server(dir: &Path, upstream: &FakeUpstream, allocation: &str) -> TestServer {
+    let toml = gateway_config(
+        dir,
+        &upstream.base_url,
+        "\n[[gateway.models]]\nname = \"p35\"\nupstream = \"fake\"\n\n[[gateway.models]]\nname = \"p80\"\nupstream = \"fake\"\n",
+    );
+    std::fs::write(
+        toml.parent().unwrap().join("workflows/exp.yml"),
+        gated_workflow(allocation),
+    )
+    .unwrap();
+    start_at(dir, &toml).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gated_server(dir.path(), &upstream, "adaptive").await;
+    let variants = run_gated(&s, 200).await;
+    let late_hi = variants[100..].iter().filter(|v| *v == "hi").count();
+    assert!(late_hi >= 80, "{late_hi} of the last 100 runs on hi");
+    // The floor keeps the worse variant measured.
+    assert!(variants.iter().any(|v| v == "lo"));
+    // The counters it decided on are the exported ones.
+    let m = s.metrics().await;
+    let runs = |v: &str| {
+        m.get(
+            "hypertool_variant_runs_total",
+            &[("workflow", "exp"), ("stage", "implement"), ("variant", v)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(runs("lo") + runs("hi"), 200.0);
+    let passes = m
+        .get(
+            "hypertool_variant_quality_gate_total",
+            &[
+                ("workflow", "exp"),
+                ("stage", "implement"),
+                ("variant", "hi"),
+                ("result", "pass"),
+            ],
+        )
+        .unwrap_or(0.0);
+    assert!(passes > 0.5 * runs("hi"), "{passes} of {}", runs("hi"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_weights_give_the_configured_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let s = gated_server(dir.path(), &upstream, "{lo: 1, hi: 3}").await;
+    let variants = run_gated(&s, 400).await;
+    let hi = variants.iter().filter(|v| *v == "hi").count() as f64 / 400.0;
+    // 75 %; the binomial's sd at n = 400 is 2.2 points: ± 7 points is over 3 sd.
+    assert!((hi - 0.75).abs() < 0.07, "{hi}");
+    s.stop().await;
+}
