@@ -601,6 +601,88 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// One experiment of `GET /api/experiments` for a terminal: a line on the stage and its decision,
+/// then a row per variant.
+fn experiment_text(e: &Value) -> String {
+    let pct = |x: &Value| {
+        x.as_f64()
+            .map_or("—".to_string(), |p| format!("{:.0} %", p * 100.0))
+    };
+    let interval = |x: &Value| match (x[0].as_f64(), x[1].as_f64()) {
+        (Some(lo), Some(hi)) => format!("{:.0}–{:.0} %", lo * 100.0, hi * 100.0),
+        _ => "—".to_string(),
+    };
+    let num = |x: &Value, digits: usize| {
+        x.as_f64()
+            .map_or("—".to_string(), |n| format!("{n:.digits$}"))
+    };
+    let decision = match (e["decided"].as_str(), e["leader"].as_str()) {
+        (Some(d), _) => format!("decided: {d} is best (P ≥ {})", num(&e["decide_at"], 2)),
+        (None, Some(l)) => format!(
+            "not decided: {l} leads; decided at P ≥ {} after {} runs of every variant",
+            num(&e["decide_at"], 2),
+            e["min_runs"]
+        ),
+        _ => "no runs yet".to_string(),
+    };
+    let rows: Vec<Vec<String>> = e["variants"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| {
+                    vec![
+                        v["variant"].as_str().unwrap_or("").to_string(),
+                        num(&v["runs"], 0),
+                        pct(&v["pass_rate"]),
+                        interval(&v["pass_rate_interval"]),
+                        num(&v["attempts_per_run"], 2),
+                        v["cost_per_pass_usd"]
+                            .as_f64()
+                            .map_or("—".to_string(), |c| format!("${c:.4}")),
+                        pct(&v["p_best"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "{}/{} ({} allocation, best by {}): {decision}\n{}",
+        e["workflow"].as_str().unwrap_or(""),
+        e["stage"].as_str().unwrap_or(""),
+        e["allocation"].as_str().unwrap_or(""),
+        e["objective"].as_str().unwrap_or(""),
+        table(
+            &[
+                "VARIANT",
+                "RUNS",
+                "PASS RATE",
+                "95 % INTERVAL",
+                "ATTEMPTS/RUN",
+                "COST/PASS",
+                "P(BEST)",
+            ],
+            &rows
+        )
+    )
+}
+
+/// `GET /api/experiments` for a terminal.
+pub fn experiments_table(v: &Value) -> String {
+    let list = v["experiments"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        return "no experiments: no workflow stage lists variants\n".to_string();
+    }
+    list.iter()
+        .map(experiment_text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `GET /api/experiments/{workflow}/{stage}` for a terminal.
+pub fn experiment_table(v: &Value) -> String {
+    experiment_text(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

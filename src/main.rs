@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use hypertool::alerts::rules::render_rules_yaml;
 use hypertool::alerts::simulate::{self as sim, Scenario, SCENARIOS};
 use hypertool::cli::{
-    alerts_table, budgets_table, gates_table, personas_table, suggestions_table, Client,
+    alerts_table, budgets_table, experiment_table, experiments_table, gates_table, personas_table,
+    suggestions_table, Client,
 };
 use hypertool::config::{self, Source};
 use hypertool::core::budget::{BudgetMode, Period};
@@ -105,6 +106,13 @@ enum Command {
     Gates {
         #[command(subcommand)]
         command: GatesCommand,
+    },
+    /// Experiments (workflow stages with variants) of a running server: per variant its runs,
+    /// gate pass rate with a 95 % interval, attempts per run, cost per pass, and the probability
+    /// that it is the best.
+    Experiments {
+        #[command(subcommand)]
+        command: ExperimentsCommand,
     },
     /// Alerts of a running server (state, labels, value, since when, runbook link).
     Alerts(ClientArgs),
@@ -267,6 +275,21 @@ enum GatesCommand {
         /// At most this many verdicts, the newest (1 to 10000; default 500).
         #[arg(long)]
         limit: Option<usize>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentsCommand {
+    /// Every experiment, with its evidence and decision.
+    List(ClientArgs),
+    /// One experiment.
+    Show {
+        /// The workflow.
+        workflow: String,
+        /// The stage with variants.
+        stage: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -964,6 +987,26 @@ async fn main() -> ExitCode {
             };
             client_command(&client, Method::GET, &path, None, gates_table).await
         }
+        Command::Experiments { command } => match command {
+            ExperimentsCommand::List(client) => {
+                client_command(
+                    &client,
+                    Method::GET,
+                    "/api/experiments",
+                    None,
+                    experiments_table,
+                )
+                .await
+            }
+            ExperimentsCommand::Show {
+                workflow,
+                stage,
+                client,
+            } => {
+                let path = format!("/api/experiments/{}/{}", encode(&workflow), encode(&stage));
+                client_command(&client, Method::GET, &path, None, experiment_table).await
+            }
+        },
         Command::Simulate {
             scenario,
             config,

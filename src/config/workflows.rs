@@ -13,8 +13,8 @@ use super::error::{line_of_key, ConfigError};
 use super::gateway::GatewaySettings;
 use crate::core::persona::PersonaRegistry;
 use crate::core::workflow::{
-    Allocation, Chatmode, CodeBlock, ModelChoice, Objective, Pattern, Prompt, QualityGate, Schema,
-    Stage, Variant, Workflow, Workflows,
+    Allocation, Chatmode, CodeBlock, Decision, ModelChoice, Objective, Pattern, Prompt,
+    QualityGate, Schema, Stage, Variant, Workflow, Workflows,
 };
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +42,10 @@ struct RawStage {
     /// `adaptive`, `{adaptive: {objective, floor}}`, or each variant's share of the runs
     /// (relative weights); absent: equal shares.
     allocation: Option<RawAllocation>,
+    /// The experiment is decided when a variant is best with this probability (default 0.95)…
+    decide_at: Option<f64>,
+    /// … after at least this many runs of every variant (default 20).
+    min_runs_per_variant: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,6 +305,19 @@ pub fn parse_workflow(
             });
         }
         let mut allocation = Allocation::Weights;
+        let decide_at = raw_stage.decide_at;
+        if decide_at.is_some_and(|p| !(p > 0.5 && p < 1.0)) {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    here("decide_at:"),
+                    format!(
+                        "stage `{stage_name}`: decide_at must be a probability between 0.5 and 1"
+                    ),
+                )
+                .fix("use e.g. 0.95"),
+            );
+        }
         let mut raw_weights: Option<BTreeMap<String, f64>> = None;
         let adaptive = match raw_stage.allocation {
             Some(RawAllocation::Mode(m)) if m == "adaptive" => Some(RawAdaptive::default()),
@@ -422,6 +439,10 @@ pub fn parse_workflow(
             gate,
             variants,
             allocation,
+            experiment: Decision {
+                decide_at: decide_at.unwrap_or(0.95),
+                min_runs: raw_stage.min_runs_per_variant.unwrap_or(20),
+            },
         });
     }
     if !errors.is_empty() {

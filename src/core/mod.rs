@@ -9,6 +9,7 @@ pub mod budget;
 pub mod clock;
 pub mod engine;
 pub mod event;
+pub mod experiment;
 pub mod labels;
 pub mod persona;
 pub mod policy;

@@ -393,6 +393,25 @@ pub struct Stage {
     /// `allocation`. Empty: the stage's own model, no prompt.
     pub variants: Vec<Variant>,
     pub allocation: Allocation,
+    /// When its experiment counts as decided.
+    pub experiment: Decision,
+}
+
+/// An experiment is decided when one variant is best with probability `decide_at` after at
+/// least `min_runs` runs of every variant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    pub decide_at: f64,
+    pub min_runs: u64,
+}
+
+impl Default for Decision {
+    fn default() -> Self {
+        Decision {
+            decide_at: 0.95,
+            min_runs: 20,
+        }
+    }
 }
 
 /// How a stage's runs are shared among its variants.
@@ -635,6 +654,7 @@ mod tests {
             max_prompt_tokens: None,
             gate: None,
             allocation: Allocation::Weights,
+            experiment: Decision::default(),
             variants: weights
                 .iter()
                 .map(|(n, w)| Variant {

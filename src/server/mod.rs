@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod dashboard;
 pub mod events;
+pub mod experiments;
 pub mod insight;
 pub mod listener;
 pub mod mcp;

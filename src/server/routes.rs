@@ -4,7 +4,7 @@
 
 use axum::routing::{delete, get, post, put, MethodRouter};
 
-use super::{admin, dashboard, events, insight, mcp, personas, workflows, AppState};
+use super::{admin, dashboard, events, experiments, insight, mcp, personas, workflows, AppState};
 use crate::web::auth::{Access, RouteAccess};
 
 /// The routes, their access and their handlers.
@@ -129,6 +129,11 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
         (
             r("GET", "/api/quality-gates/history", View),
             get(insight::gate_history),
+        ),
+        (r("GET", "/api/experiments", View), get(experiments::list)),
+        (
+            r("GET", "/api/experiments/{workflow}/{stage}", View),
+            get(experiments::show),
         ),
         (
             r("GET", "/api/investigations/{alert}", View),

@@ -119,6 +119,10 @@ pub fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
             | "/api/budgets/suggestions"
             | "/api/quality-gates/history",
         ) => (path.into(), None),
+        ("GET", "/api/experiments") => (path.into(), None),
+        ("GET", "/api/experiments/{workflow}/{stage}") => {
+            (format!("/api/experiments/{wf}/design"), None)
+        }
         ("GET", "/api/investigations/{alert}") => {
             ("/api/investigations/TokenBudgetExceeded".into(), None)
         }

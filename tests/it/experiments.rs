@@ -216,6 +216,7 @@ stages:
   - name: implement
     quality_gate:
       code_block: python
+    min_runs_per_variant: 5
     variants:
       - name: lo
         model: p35
@@ -282,6 +283,42 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
         )
         .unwrap_or(0.0);
     assert!(passes > 0.5 * runs("hi"), "{passes} of {}", runs("hi"));
+
+    // The evidence: hi is best, decided, by the API and by the command.
+    let (status, report) = s.get_json("/api/experiments/exp/implement").await;
+    assert_eq!(status, 200);
+    assert_eq!(report["decided"], "hi", "{report}");
+    let hi = report["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["variant"] == "hi")
+        .unwrap()
+        .clone();
+    assert!(hi["p_best"].as_f64().unwrap() >= 0.95, "{hi}");
+    let (lo_bound, hi_bound) = (
+        hi["pass_rate_interval"][0].as_f64().unwrap(),
+        hi["pass_rate_interval"][1].as_f64().unwrap(),
+    );
+    assert!(
+        lo_bound < hi["pass_rate"].as_f64().unwrap() && hi_bound <= 1.0,
+        "{hi}"
+    );
+    let out = std::process::Command::new(crate::process::BIN)
+        .args([
+            "experiments",
+            "show",
+            "exp",
+            "implement",
+            "--server",
+            &s.api,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("decided: hi is best"), "{text}");
+    assert!(text.contains("P(BEST)"), "{text}");
     s.stop().await;
 }
 
