@@ -102,6 +102,13 @@ enum Command {
         #[arg(long, default_value = "deploy/grafana")]
         out: PathBuf,
     },
+    /// The prompt files of the configuration: each one's version (its content digest) and the
+    /// stage variants that use it.
+    Prompts {
+        /// hypertool.toml (default: ./config/hypertool.toml, else the built-in defaults).
+        #[arg(long, env = "HYPERTOOL_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Quality gates of a running server.
     Gates {
         #[command(subcommand)]
@@ -292,6 +299,19 @@ enum ExperimentsCommand {
         stage: String,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Leave a stage on one variant: rewrites its workflow file (comments kept), checked before
+    /// it replaces the file; the server applies it at its next reload, and records the change.
+    Promote {
+        /// The workflow.
+        workflow: String,
+        /// The stage with variants.
+        stage: String,
+        /// The variant to keep.
+        variant: String,
+        /// hypertool.toml (default: ./config/hypertool.toml).
+        #[arg(long, env = "HYPERTOOL_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -804,6 +824,112 @@ async fn budget_suggest(
     ExitCode::SUCCESS
 }
 
+/// `hypertool experiments promote`: the workflow file with the stage on one variant, checked
+/// with the whole configuration, then put in place (written beside it and renamed).
+fn promote(path: Option<PathBuf>, workflow: &str, stage: &str, variant: &str) -> ExitCode {
+    let source = Source::discover(path.as_deref());
+    let cfg = match config::load(&source) {
+        Ok(c) => c,
+        Err(errors) => {
+            errln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(w) = cfg.workflows.get(workflow) else {
+        let known: Vec<&str> = cfg.workflows.workflows.keys().map(String::as_str).collect();
+        errln!(
+            "error: no workflow `{workflow}` in {}; workflows: {}",
+            source.describe(),
+            known.join(", ")
+        );
+        return ExitCode::from(1);
+    };
+    let file = PathBuf::from(&w.file);
+    if !file.is_file() {
+        errln!(
+            "error: workflow `{workflow}` is built in ({}); copy the configuration to a directory and pass --config",
+            w.file
+        );
+        return ExitCode::from(1);
+    }
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) => {
+            errln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let promoted = match config::workflows::promote_variant(&text, stage, variant) {
+        Ok(t) => t,
+        Err(why) => {
+            errln!("error: {}: {why}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(errors) = config::load_with_workflow(&source, &file, &promoted) {
+        errln!("{errors}");
+        errln!(
+            "error: the promoted {} would not load; it was not written",
+            file.display()
+        );
+        return ExitCode::from(1);
+    }
+    let staged = file.with_extension("yml.promoting");
+    if let Err(e) = std::fs::write(&staged, &promoted) {
+        errln!("error: cannot write {}: {e}", staged.display());
+        return ExitCode::from(1);
+    }
+    if let Err(e) = std::fs::rename(&staged, &file) {
+        errln!("error: cannot replace {}: {e}", file.display());
+        return ExitCode::from(1);
+    }
+    outln!(
+        "promoted: stage `{stage}` of workflow `{workflow}` runs variant `{variant}` alone ({}); the server applies it at its next reload and records the change",
+        file.display()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `hypertool prompts`: each prompt file a stage variant uses, its version and where.
+fn prompts(path: Option<PathBuf>) -> ExitCode {
+    let source = Source::discover(path.as_deref());
+    let cfg = match config::load(&source) {
+        Ok(c) => c,
+        Err(errors) => {
+            errln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut used: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
+    for w in cfg.workflows.workflows.values() {
+        for s in &w.stages {
+            for v in &s.variants {
+                if let Some(p) = &v.prompt {
+                    used.entry((p.name.clone(), p.version.clone()))
+                        .or_default()
+                        .push(format!("{}/{}/{}", w.name, s.name, v.name));
+                }
+            }
+        }
+    }
+    if used.is_empty() {
+        outln!("no stage variant of {} names a prompt", source.describe());
+        return ExitCode::SUCCESS;
+    }
+    let rows: Vec<Vec<String>> = used
+        .into_iter()
+        .map(|((name, version), at)| vec![name, version, at.join(", ")])
+        .collect();
+    out!(
+        "{}",
+        hypertool::cli::table(
+            &["PROMPT", "VERSION", "USED BY (workflow/stage/variant)"],
+            &rows
+        )
+    );
+    ExitCode::SUCCESS
+}
+
 fn check(path: Option<PathBuf>) -> ExitCode {
     let source = Source::discover(path.as_deref());
     if let Source::File(p) = &source {
@@ -1006,7 +1132,14 @@ async fn main() -> ExitCode {
                 let path = format!("/api/experiments/{}/{}", encode(&workflow), encode(&stage));
                 client_command(&client, Method::GET, &path, None, experiment_table).await
             }
+            ExperimentsCommand::Promote {
+                workflow,
+                stage,
+                variant,
+                config,
+            } => promote(config, &workflow, &stage, &variant),
         },
+        Command::Prompts { config } => prompts(config),
         Command::Simulate {
             scenario,
             config,

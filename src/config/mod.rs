@@ -332,6 +332,31 @@ pub fn current_fingerprint(source: &Source) -> Option<u64> {
 /// Reads and validates everything.
 pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
     let (files, settings) = read_files(source).map_err(ConfigErrors)?;
+    build(source, files, settings)
+}
+
+/// Validates the configuration as it would be with the workflow file `path` holding `text`
+/// instead (an edit checked before it is written: `hypertool experiments promote`).
+pub fn load_with_workflow(
+    source: &Source,
+    path: &Path,
+    text: &str,
+) -> Result<Config, ConfigErrors> {
+    let (mut files, settings) = read_files(source).map_err(ConfigErrors)?;
+    let display = path.display().to_string();
+    let Some(file) = files.workflows.iter_mut().find(|(d, _, _)| *d == display) else {
+        return Err(ConfigErrors(vec![ConfigError::new(
+            display,
+            None,
+            "is not one of the configuration's workflow files",
+        )
+        .fix("name a file in the configuration's workflows directory")]));
+    };
+    file.2 = text.to_string();
+    build(source, files, settings)
+}
+
+fn build(source: &Source, files: Files, settings: Settings) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut personas: Vec<Persona> = Vec::new();
     let mut names: HashMap<String, String> = HashMap::new();

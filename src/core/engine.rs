@@ -759,7 +759,7 @@ impl Engine {
                 }
             }
             // History for the runbook's investigation; nothing to count.
-            Event::GateChanged { .. } => {}
+            Event::GateChanged { .. } | Event::VariantsChanged { .. } => {}
             Event::McpToolCall(c) => {
                 let persona = admit(LabelKind::Persona, personas.canonical(&c.persona));
                 let server = admit(LabelKind::Server, &c.server);

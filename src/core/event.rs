@@ -89,6 +89,17 @@ pub enum Event {
         #[serde(default)]
         after: Option<serde_json::Value>,
     },
+    /// A stage's variants changed (at a reload, or while hypertool was down): a prompt edited (a
+    /// new version), a variant added or removed, a promotion, new weights. `before`/`after`: the
+    /// variants and allocation as `GET /v1/workflows` shows them; absent: none.
+    VariantsChanged {
+        workflow: String,
+        stage: String,
+        #[serde(default)]
+        before: Option<serde_json::Value>,
+        #[serde(default)]
+        after: Option<serde_json::Value>,
+    },
     /// A tool call through the MCP proxy (`hypertool mcp`, `/mcp`): sent to a downstream server,
     /// or refused because the persona in force may not use it.
     McpToolCall(McpToolCall),
@@ -321,6 +332,7 @@ impl Event {
             Event::CallReleased { .. } => "call_released",
             Event::CallProgress { .. } => "call_progress",
             Event::GateChanged { .. } => "gate_changed",
+            Event::VariantsChanged { .. } => "variants_changed",
             Event::PersonaSwitch(_) => "persona_switch",
             Event::Stage(_) => "stage",
             Event::BudgetReset { .. } => "budget_reset",

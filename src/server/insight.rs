@@ -30,98 +30,157 @@ const GATE_HISTORY_DAYS_MS: i64 = 7 * 86_400_000;
 /// Each stage's gate as `GET /v1/workflows` shows it, by (workflow, stage).
 pub type GateMap = BTreeMap<(String, String), Option<Value>>;
 
-fn gates_of(workflows: &Workflows) -> GateMap {
-    workflows
-        .workflows
-        .values()
-        .flat_map(|w| {
-            w.stages.iter().map(|s| {
-                (
-                    (w.name.clone(), s.name.clone()),
-                    s.gate.as_ref().map(super::workflows::gate_json),
-                )
-            })
-        })
-        .collect()
+/// What of each stage is watched for edits, and the event an edit becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// Its quality gate (`gate_changed`).
+    Gate,
+    /// Its variants and their prompts' versions (`variants_changed`).
+    Variants,
 }
 
-fn changes(before: &GateMap, after: &GateMap, at: UnixMillis) -> Vec<Stamped> {
-    let mut keys: Vec<&(String, String)> = before.keys().chain(after.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter_map(|k| {
-            let (b, a) = (
-                before.get(k).cloned().flatten(),
-                after.get(k).cloned().flatten(),
-            );
-            (b != a).then(|| Stamped {
-                at,
-                event: Event::GateChanged {
-                    workflow: k.0.clone(),
-                    stage: k.1.clone(),
-                    before: b,
-                    after: a,
-                },
+impl Watched {
+    fn kind(self) -> &'static str {
+        match self {
+            Watched::Gate => "gate_changed",
+            Watched::Variants => "variants_changed",
+        }
+    }
+
+    /// Each stage's watched part, as `GET /v1/workflows` shows it.
+    fn of(self, workflows: &Workflows) -> GateMap {
+        workflows
+            .workflows
+            .values()
+            .flat_map(|w| {
+                w.stages.iter().map(move |s| {
+                    let value = match self {
+                        Watched::Gate => s.gate.as_ref().map(super::workflows::gate_json),
+                        Watched::Variants => super::workflows::variants_json(s),
+                    };
+                    ((w.name.clone(), s.name.clone()), value)
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
+
+    fn event(
+        self,
+        workflow: String,
+        stage: String,
+        before: Option<Value>,
+        after: Option<Value>,
+    ) -> Event {
+        match self {
+            Watched::Gate => Event::GateChanged {
+                workflow,
+                stage,
+                before,
+                after,
+            },
+            Watched::Variants => Event::VariantsChanged {
+                workflow,
+                stage,
+                before,
+                after,
+            },
+        }
+    }
+
+    fn changes(self, before: &GateMap, after: &GateMap, at: UnixMillis) -> Vec<Stamped> {
+        let mut keys: Vec<&(String, String)> = before.keys().chain(after.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter_map(|k| {
+                let (b, a) = (
+                    before.get(k).cloned().flatten(),
+                    after.get(k).cloned().flatten(),
+                );
+                (b != a).then(|| Stamped {
+                    at,
+                    event: self.event(k.0.clone(), k.1.clone(), b, a),
+                })
+            })
+            .collect()
+    }
 }
 
-/// The gates last recorded in the ledger (only stages whose gate ever changed are there).
-pub fn recorded_gates(reader: &LedgerReader) -> Result<GateMap, crate::store::LedgerError> {
+/// What the ledger last recorded of each stage's watched part.
+pub fn recorded(
+    reader: &LedgerReader,
+    watched: Watched,
+) -> Result<GateMap, crate::store::LedgerError> {
     let found = reader.events(&EventQuery {
         from_ms: i64::MIN,
         to_ms: i64::MAX,
-        kinds: vec!["gate_changed"],
+        kinds: vec![watched.kind()],
         limit: MAX_EVENTS,
     })?;
     let mut map = GateMap::new();
     for s in found.events {
-        if let Event::GateChanged {
-            workflow,
-            stage,
-            after,
-            ..
-        } = s.event
-        {
-            map.insert((workflow, stage), after);
+        match s.event {
+            Event::GateChanged {
+                workflow,
+                stage,
+                after,
+                ..
+            }
+            | Event::VariantsChanged {
+                workflow,
+                stage,
+                after,
+                ..
+            } => {
+                map.insert((workflow, stage), after);
+            }
+            _ => {}
         }
     }
     Ok(map)
 }
 
-/// The gates in force, to compare reloads against.
-pub struct GateBaseline(Mutex<GateMap>);
+/// The watched part of every stage in force, to compare reloads against.
+pub struct Baseline {
+    watched: Watched,
+    map: Mutex<GateMap>,
+}
 
-impl GateBaseline {
-    /// At start: the configuration in force becomes the baseline; stages whose gate the ledger
-    /// last recorded differently (changed while hypertool was down) give the events to store.
+impl Baseline {
+    /// At start: the configuration in force becomes the baseline; stages the ledger last
+    /// recorded differently (changed while hypertool was down) give the events to store.
     pub fn start(
+        watched: Watched,
         workflows: &Workflows,
         recorded: &GateMap,
         at: UnixMillis,
     ) -> (Self, Vec<Stamped>) {
-        let current = gates_of(workflows);
+        let current = watched.of(workflows);
         let relevant: GateMap = current
             .iter()
             .filter(|(k, _)| recorded.contains_key(*k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        // A recorded stage that no longer exists lost its gate.
+        // A recorded stage that no longer exists lost what was watched.
         let mut now = relevant;
         for k in recorded.keys() {
             now.entry(k.clone()).or_insert(None);
         }
-        let events = changes(recorded, &now, at);
-        (GateBaseline(Mutex::new(current)), events)
+        let events = watched.changes(recorded, &now, at);
+        (
+            Baseline {
+                watched,
+                map: Mutex::new(current),
+            },
+            events,
+        )
     }
 
     /// At a reload: the changes since the last configuration, which becomes the baseline.
     pub fn reload(&self, workflows: &Workflows, at: UnixMillis) -> Vec<Stamped> {
-        let current = gates_of(workflows);
-        let mut base = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let events = changes(&base, &current, at);
+        let current = self.watched.of(workflows);
+        let mut base = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let events = self.watched.changes(&base, &current, at);
         *base = current;
         events
     }

@@ -246,8 +246,9 @@ pub struct AppInner {
     pub reader: crate::store::reader::LedgerReader,
     /// `[langfuse]` as started with (its destinations change at a restart only).
     pub langfuse: crate::config::settings::LangfuseSettings,
-    /// The gates in force, to record what a reload changes.
-    pub gates: Arc<insight::GateBaseline>,
+    /// The gates and the variants in force, to record what a reload changes.
+    pub gates: Arc<insight::Baseline>,
+    pub variants: Arc<insight::Baseline>,
     pub delivery_stats: Arc<DeliveryStats>,
     pub writer: WriterHandle,
     pub clock: Arc<dyn Clock>,
@@ -487,18 +488,27 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         },
     );
     settle_cut_off_calls(&engine, &writer).await?;
-    // Gates changed while hypertool was down are recorded now; reloads record theirs.
-    let recorded = {
-        let reader = reader.clone();
-        tokio::task::spawn_blocking(move || insight::recorded_gates(&reader))
-            .await
-            .map_err(|e| StartError::Ledger(LedgerError::new("start", e)))??
-    };
-    let (gate_baseline, gate_changes) =
-        insight::GateBaseline::start(&cfg.workflows, &recorded, clock.now_ms());
-    if !gate_changes.is_empty() {
-        writer.append(gate_changes).await?;
+    // Gates and variants (prompts included) changed while hypertool was down are recorded now;
+    // reloads record theirs.
+    let mut baselines = Vec::new();
+    for watched in [insight::Watched::Gate, insight::Watched::Variants] {
+        let recorded = {
+            let reader = reader.clone();
+            tokio::task::spawn_blocking(move || insight::recorded(&reader, watched))
+                .await
+                .map_err(|e| StartError::Ledger(LedgerError::new("start", e)))??
+        };
+        let (baseline, changes) =
+            insight::Baseline::start(watched, &cfg.workflows, &recorded, clock.now_ms());
+        if !changes.is_empty() {
+            writer.append(changes).await?;
+        }
+        baselines.push(Arc::new(baseline));
     }
+    let (variant_baseline, gate_baseline) = match (baselines.pop(), baselines.pop()) {
+        (Some(v), Some(g)) => (v, g),
+        _ => unreachable!("two baselines were made just above"),
+    };
     let stats = Arc::new(ServerStats {
         last_reload_ok: AtomicBool::new(true),
         ..ServerStats::default()
@@ -571,7 +581,8 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         api_addr,
         reader,
         langfuse: cfg.settings.langfuse.clone(),
-        gates: Arc::new(gate_baseline),
+        gates: gate_baseline,
+        variants: variant_baseline,
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
         engine: engine.clone(),
@@ -773,7 +784,8 @@ fn spawn_background(
             reload_state
                 .gateway
                 .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
-            let gate_changes = reload_state.gates.reload(&new.workflows, now);
+            let mut gate_changes = reload_state.gates.reload(&new.workflows, now);
+            gate_changes.extend(reload_state.variants.reload(&new.workflows, now));
             if !gate_changes.is_empty() {
                 let writer = reload_state.writer.clone();
                 tokio::spawn(async move {

@@ -97,6 +97,40 @@ fn choice_json(settings: &GatewaySettings, choice: &Option<ModelChoice>) -> (Val
     }
 }
 
+/// A stage's variants and allocation as `GET /v1/workflows` shows them (`None`: no variants).
+pub fn variants_json(s: &Stage) -> Option<Value> {
+    if s.variants.is_empty() {
+        return None;
+    }
+    let variants: Vec<Value> = s
+        .variants
+        .iter()
+        .map(|v| {
+            json!({
+                "name": v.name,
+                "model": v.model.as_ref().map(|m| m.to_string()),
+                "prompt": v.prompt.as_ref().map(|p| p.name.clone()),
+                "prompt_version": v.prompt.as_ref().map(|p| p.version.clone()),
+                "temperature": v.temperature,
+                "weight": v.weight,
+            })
+        })
+        .collect();
+    let allocation = match s.allocation {
+        crate::core::workflow::Allocation::Weights => json!("weights"),
+        crate::core::workflow::Allocation::Adaptive { objective, floor } => json!({
+            "adaptive": {
+                "objective": match objective {
+                    crate::core::workflow::Objective::PassRate => "pass_rate",
+                    crate::core::workflow::Objective::PassPerDollar => "pass_per_dollar",
+                },
+                "floor": floor,
+            }
+        }),
+    };
+    Some(json!({"variants": variants, "allocation": allocation}))
+}
+
 pub fn gate_json(g: &QualityGate) -> Value {
     let mut m = serde_json::Map::new();
     let mut put = |k: &str, v: Value| {
@@ -158,6 +192,7 @@ fn stage_json(settings: &GatewaySettings, s: &Stage) -> Value {
         "resolved_escalation_model": escalation_resolved,
         "max_prompt_tokens": s.max_prompt_tokens,
         "quality_gate": s.gate.as_ref().map(gate_json),
+        "experiment": variants_json(s),
     })
 }
 

@@ -104,9 +104,10 @@ impl<'a> Columns<'a> {
                 None,
             ),
             Event::McpToolCall(c) => (Some(c.persona.as_str()), None, None, None, None, None),
-            Event::CallReleased { .. } | Event::CallProgress { .. } | Event::GateChanged { .. } => {
-                (None, None, None, None, None, None)
-            }
+            Event::CallReleased { .. }
+            | Event::CallProgress { .. }
+            | Event::GateChanged { .. }
+            | Event::VariantsChanged { .. } => (None, None, None, None, None, None),
             Event::RunStarted { .. } | Event::StageFinished { .. } | Event::RunFinished { .. } => {
                 (None, None, None, None, None, None)
             }

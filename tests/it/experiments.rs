@@ -143,6 +143,23 @@ async fn a_runs_variant_holds_in_every_dialect_across_a_reload_and_a_restart() {
         assert_eq!(u["prompt_version"].as_str(), Some(expected.as_str()), "{u}");
     }
 
+    // `hypertool prompts` lists each prompt with its version and the variants using it.
+    let out = std::process::Command::new(crate::process::BIN)
+        .args(["prompts", "--config"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("prompts/impl-v1.md") && text.contains(&v1),
+        "{text}"
+    );
+    assert!(
+        text.contains("exp/implement/claude-v2") && text.contains(&v2),
+        "{text}"
+    );
+
     // A reload that sends every new run to claude-v2 does not move a running stage.
     let reloads = |m: &Exposition| {
         m.get("hypertool_config_reloads_total", &[("result", "success")])
@@ -212,6 +229,7 @@ fn gated_workflow(allocation: &str) -> String {
         r#"
 name: exp
 description: which model passes the gate more often
+# which model passes the gate more often
 stages:
   - name: implement
     quality_gate:
@@ -319,7 +337,94 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("decided: hi is best"), "{text}");
     assert!(text.contains("P(BEST)"), "{text}");
+
+    // Promotion: the file keeps its comments and loses the other variant; the reload applies it,
+    // and the ledger records the change.
+    let toml = dir.path().join("config/hypertool.toml");
+    let wf = dir.path().join("config/workflows/exp.yml");
+    let before = reloads(&s.metrics().await);
+    let out = std::process::Command::new(crate::process::BIN)
+        .args([
+            "experiments",
+            "promote",
+            "exp",
+            "implement",
+            "hi",
+            "--config",
+        ])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&wf).unwrap();
+    assert!(
+        text.contains("# which model passes the gate more often"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("p35") && !text.contains("allocation"),
+        "{text}"
+    );
+    eventually("the reload", Duration::from_secs(10), || async {
+        (reloads(&s.metrics().await) > before).then_some(())
+    })
+    .await;
+    for v in run_gated(&s, 5).await {
+        assert_eq!(v, "hi");
+    }
+    let changes = ledger_kind(dir.path(), "variants_changed");
+    let last = changes.last().expect("a variants_changed event");
+    assert_eq!(
+        last["after"]["variants"].as_array().unwrap().len(),
+        1,
+        "{last}"
+    );
+    assert_eq!(
+        last["before"]["variants"].as_array().unwrap().len(),
+        2,
+        "{last}"
+    );
+    // A promotion the configuration would refuse is not written.
+    let out = std::process::Command::new(crate::process::BIN)
+        .args([
+            "experiments",
+            "promote",
+            "exp",
+            "implement",
+            "lo",
+            "--config",
+        ])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has no variant `lo`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&wf).unwrap(), text);
     s.stop().await;
+}
+
+fn reloads(m: &Exposition) -> f64 {
+    m.get("hypertool_config_reloads_total", &[("result", "success")])
+        .unwrap_or(0.0)
+}
+
+/// The ledger's events of one kind, oldest first.
+fn ledger_kind(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT body FROM events WHERE kind = ?1 ORDER BY seq")
+        .unwrap();
+    let rows = stmt.query_map([kind], |r| r.get::<_, String>(0)).unwrap();
+    rows.map(|r| serde_json::from_str(&r.unwrap()).unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
