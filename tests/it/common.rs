@@ -694,3 +694,14 @@ impl Drop for Redis {
         self.stop();
     }
 }
+
+/// The ledger's events of one kind, oldest first (the SQLite ledger in `dir/data`).
+pub fn ledger_events(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT body FROM events WHERE kind = ?1 ORDER BY seq")
+        .unwrap();
+    let rows = stmt.query_map([kind], |r| r.get::<_, String>(0)).unwrap();
+    rows.map(|r| serde_json::from_str(&r.unwrap()).unwrap())
+        .collect()
+}

@@ -99,13 +99,7 @@ async fn server(dir: &Path, upstream: &FakeUpstream) -> TestServer {
 }
 
 pub fn ledger_usage(dir: &Path) -> Vec<Value> {
-    let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT body FROM events WHERE kind = 'usage' ORDER BY seq")
-        .unwrap();
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
-    rows.map(|r| serde_json::from_str(&r.unwrap()).unwrap())
-        .collect()
+    ledger_events(dir, "usage")
 }
 
 /// The client script saw each of `kinds` among its stream's event types.

@@ -13,7 +13,7 @@ use hypertool::core::workflow::Prompt;
 use serde_json::json;
 
 use crate::common::*;
-use crate::dialects::{both_kinds, export_anthropic_key, ledger_usage};
+use crate::dialects::{both_kinds, export_anthropic_key};
 
 const V1: &str = "You are variant one: write Python with tests.";
 const V2: &str = "You are variant two: write Rust with tests.";
@@ -37,6 +37,24 @@ stages:
     allocation: {weights}
 "#
     )
+}
+
+/// The configuration of the two-prompt experiment (both upstream kinds, the prompt files, the
+/// workflow with `weights`): hypertool.toml and the workflow file.
+fn two_prompt_config(
+    dir: &Path,
+    upstream: &FakeUpstream,
+    weights: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    export_anthropic_key();
+    let toml = gateway_config(dir, &upstream.base_url, &both_kinds(upstream));
+    let config = toml.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(config.join("prompts")).unwrap();
+    std::fs::write(config.join("prompts/impl-v1.md"), V1).unwrap();
+    std::fs::write(config.join("prompts/impl-v2.md"), V2).unwrap();
+    let wf = config.join("workflows/exp.yml");
+    std::fs::write(&wf, workflow(weights)).unwrap();
+    (toml, wf)
 }
 
 async fn start_at(dir: &Path, toml: &Path) -> TestServer {
@@ -89,14 +107,7 @@ async fn stage_call(s: &TestServer, route: &str, run: &str) -> String {
 async fn a_runs_variant_holds_in_every_dialect_across_a_reload_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = FakeUpstream::start(dir.path()).await;
-    export_anthropic_key();
-    let toml = gateway_config(dir.path(), &upstream.base_url, &both_kinds(&upstream));
-    let config = toml.parent().unwrap().to_path_buf();
-    std::fs::create_dir_all(config.join("prompts")).unwrap();
-    std::fs::write(config.join("prompts/impl-v1.md"), V1).unwrap();
-    std::fs::write(config.join("prompts/impl-v2.md"), V2).unwrap();
-    let wf = config.join("workflows/exp.yml");
-    std::fs::write(&wf, workflow("{chat-v1: 1, claude-v2: 1}")).unwrap();
+    let (toml, wf) = two_prompt_config(dir.path(), &upstream, "{chat-v1: 1, claude-v2: 1}");
     let s = start_at(dir.path(), &toml).await;
 
     // Forty runs, each assigned once (by its first call), about half each way.
@@ -132,7 +143,7 @@ async fn a_runs_variant_holds_in_every_dialect_across_a_reload_and_a_restart() {
     }
     // Each call is in the ledger with its variant and its prompt's version.
     let (v1, v2) = (Prompt::new("p", V1).version, Prompt::new("p", V2).version);
-    let usage = ledger_usage(dir.path());
+    let usage = ledger_events(dir.path(), "usage");
     assert_eq!(usage.len(), 46);
     for u in &usage {
         let expected = match u["variant"].as_str() {
@@ -192,17 +203,7 @@ async fn a_runs_variant_holds_in_every_dialect_across_a_reload_and_a_restart() {
 async fn a_stage_started_by_the_api_draws_the_variant_its_calls_then_keep() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = FakeUpstream::start(dir.path()).await;
-    export_anthropic_key();
-    let toml = gateway_config(dir.path(), &upstream.base_url, &both_kinds(&upstream));
-    let config = toml.parent().unwrap().to_path_buf();
-    std::fs::create_dir_all(config.join("prompts")).unwrap();
-    std::fs::write(config.join("prompts/impl-v1.md"), V1).unwrap();
-    std::fs::write(config.join("prompts/impl-v2.md"), V2).unwrap();
-    std::fs::write(
-        config.join("workflows/exp.yml"),
-        workflow("{chat-v1: 1, claude-v2: 3}"),
-    )
-    .unwrap();
+    let (toml, _) = two_prompt_config(dir.path(), &upstream, "{chat-v1: 1, claude-v2: 3}");
     let s = start_at(dir.path(), &toml).await;
     for _ in 0..6 {
         let run = new_run(&s).await;
@@ -378,7 +379,7 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
     for v in run_gated(&s, 5).await {
         assert_eq!(v, "hi");
     }
-    let changes = ledger_kind(dir.path(), "variants_changed");
+    let changes = ledger_events(dir.path(), "variants_changed");
     let last = changes.last().expect("a variants_changed event");
     assert_eq!(
         last["after"]["variants"].as_array().unwrap().len(),
@@ -416,17 +417,6 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
 fn reloads(m: &Exposition) -> f64 {
     m.get("hypertool_config_reloads_total", &[("result", "success")])
         .unwrap_or(0.0)
-}
-
-/// The ledger's events of one kind, oldest first.
-fn ledger_kind(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    let conn = rusqlite::Connection::open(dir.join("data/hypertool.db")).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT body FROM events WHERE kind = ?1 ORDER BY seq")
-        .unwrap();
-    let rows = stmt.query_map([kind], |r| r.get::<_, String>(0)).unwrap();
-    rows.map(|r| serde_json::from_str(&r.unwrap()).unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
