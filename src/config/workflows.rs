@@ -152,6 +152,21 @@ fn yaml_error(file: &str, e: &serde_yaml_ng::Error) -> ConfigError {
     )
 }
 
+const MODEL_FIX: &str = "use a tier, a configured model name or alias, or a mock/* model";
+
+/// A stage's (or a variant's) model: a tier or a model, and — for a model the gateway does not
+/// route — why it is refused.
+fn model_choice(gateway: &GatewaySettings, value: &str) -> (ModelChoice, Option<String>) {
+    let choice = ModelChoice::parse(value);
+    let unknown = match &choice {
+        ModelChoice::Model(m) if gateway.route(m).is_none() => Some(format!(
+            "`{m}` is neither a tier (fast, balanced, quality) nor a model in [gateway.models]"
+        )),
+        _ => None,
+    };
+    (choice, unknown)
+}
+
 /// Parses one workflow file. `stem` (the file name without extension) is the default name.
 pub fn parse_workflow(
     file: &str,
@@ -221,18 +236,16 @@ pub fn parse_workflow(
         };
         let mut model_of = |key: &str, value: Option<String>| -> Option<ModelChoice> {
             let value = value?;
-            let choice = ModelChoice::parse(&value);
-            if let ModelChoice::Model(m) = &choice {
-                if gateway.route(m).is_none() {
-                    errors.push(
-                        ConfigError::new(
-                            file,
-                            here(&format!("{key}:")),
-                            format!("stage `{stage_name}`: `{key}` = `{m}` is neither a tier (fast, balanced, quality) nor a model in [gateway.models]"),
-                        )
-                        .fix("use a tier, a configured model name or alias, or a mock/* model"),
-                    );
-                }
+            let (choice, unknown) = model_choice(gateway, &value);
+            if let Some(why) = unknown {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        here(&format!("{key}:")),
+                        format!("stage `{stage_name}`: `{key}` = {why}"),
+                    )
+                    .fix(MODEL_FIX),
+                );
             }
             Some(choice)
         };
@@ -261,14 +274,19 @@ pub fn parse_workflow(
             let vmodel = match v.model {
                 None => None,
                 Some(m) => {
-                    let choice = ModelChoice::parse(&m);
-                    if let ModelChoice::Model(name) = &choice {
-                        if gateway.route(name).is_none() {
-                            errors.push(
-                                ConfigError::new(file, vhere("model:"), format!("stage `{stage_name}`, variant `{}`: `model` = `{name}` is neither a tier (fast, balanced, quality) nor a model in [gateway.models]", v.name))
-                                    .fix("use a tier, a configured model name or alias, or a mock/* model"),
-                            );
-                        }
+                    let (choice, unknown) = model_choice(gateway, &m);
+                    if let Some(why) = unknown {
+                        errors.push(
+                            ConfigError::new(
+                                file,
+                                vhere("model:"),
+                                format!(
+                                    "stage `{stage_name}`, variant `{}`: `model` = {why}",
+                                    v.name
+                                ),
+                            )
+                            .fix(MODEL_FIX),
+                        );
                     }
                     Some(choice)
                 }

@@ -468,6 +468,15 @@ fn push_blocks(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
     messages.push(json!({"role": role, "content": blocks}));
 }
 
+/// A chat tool call's JSON-text arguments as a `tool_use` block's `input` (an object; `{}` when the
+/// text is not one — a model's malformed arguments must not make the request unsendable).
+fn tool_input(arguments: &str) -> Value {
+    serde_json::from_str::<Value>(arguments)
+        .ok()
+        .filter(Value::is_object)
+        .unwrap_or(json!({}))
+}
+
 /// A chat request as a Messages request (the model not set).
 pub fn from_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, Untranslatable> {
     let mut out = Map::new();
@@ -531,10 +540,7 @@ pub fn from_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, Untran
                         .pointer("/function/arguments")
                         .and_then(Value::as_str)
                         .unwrap_or("{}");
-                    let input = serde_json::from_str::<Value>(args)
-                        .ok()
-                        .filter(Value::is_object)
-                        .unwrap_or(json!({}));
+                    let input = tool_input(args);
                     blocks.push(json!({"type": "tool_use", "id": call.get("id"), "name": call.pointer("/function/name"), "input": input}));
                 }
                 push_blocks(&mut messages, "assistant", blocks);
@@ -718,10 +724,7 @@ fn render_block(b: &Block) -> Value {
             name,
             arguments,
         } => {
-            let input = serde_json::from_str::<Value>(arguments)
-                .ok()
-                .filter(Value::is_object)
-                .unwrap_or(json!({}));
+            let input = tool_input(arguments);
             json!({"type": "tool_use", "id": tool_id(id), "name": name, "input": input})
         }
         Block::Thinking { text, signature } => {
