@@ -65,18 +65,21 @@ fn main() {
             passes: 70.0,
             failures: 50.0,
             cost_usd: 1.2,
+            ..VariantRecord::default()
         },
         "quality-v3" => VariantRecord {
             runs: 80.0,
             passes: 66.0,
             failures: 14.0,
             cost_usd: 3.1,
+            ..VariantRecord::default()
         },
         _ => VariantRecord {
             runs: 40.0,
             passes: 25.0,
             failures: 15.0,
             cost_usd: 0.4,
+            ..VariantRecord::default()
         },
     };
     let weights = stage(Allocation::Weights);

@@ -616,6 +616,7 @@ fn experiment_text(e: &Value) -> String {
         x.as_f64()
             .map_or("—".to_string(), |n| format!("{n:.digits$}"))
     };
+    let secs = |x: &Value| x.as_f64().map_or("—".to_string(), |s| format!("{s:.1} s"));
     let decision = match (e["decided"].as_str(), e["leader"].as_str()) {
         (Some(d), _) => format!("decided: {d} is best (P ≥ {})", num(&e["decide_at"], 2)),
         (None, Some(l)) => format!(
@@ -633,12 +634,16 @@ fn experiment_text(e: &Value) -> String {
                     vec![
                         v["variant"].as_str().unwrap_or("").to_string(),
                         num(&v["runs"], 0),
+                        pct(&v["traffic_share"]),
                         pct(&v["pass_rate"]),
                         interval(&v["pass_rate_interval"]),
-                        num(&v["attempts_per_run"], 2),
+                        num(&v["retries_per_run"], 2),
+                        num(&v["escalations_per_run"], 2),
                         v["cost_per_pass_usd"]
                             .as_f64()
                             .map_or("—".to_string(), |c| format!("${c:.4}")),
+                        secs(&v["duration_p50_seconds"]),
+                        secs(&v["duration_p95_seconds"]),
                         pct(&v["p_best"]),
                     ]
                 })
@@ -655,10 +660,14 @@ fn experiment_text(e: &Value) -> String {
             &[
                 "VARIANT",
                 "RUNS",
+                "SHARE",
                 "PASS RATE",
                 "95 % INTERVAL",
-                "ATTEMPTS/RUN",
+                "RETRIES/RUN",
+                "ESCALATIONS/RUN",
                 "COST/PASS",
+                "P50",
+                "P95",
                 "P(BEST)",
             ],
             &rows

@@ -301,6 +301,7 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
                     run: None,
                     attempt,
                     variant: None,
+                    escalated: false,
                 }));
             }
         }

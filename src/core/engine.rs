@@ -150,6 +150,18 @@ pub struct Metrics {
     /// workflow, stage, variant: their cost
     #[serde(default)]
     pub variant_cost_usd: CounterVec<3>,
+    /// workflow, stage, variant: gate retries (verdicts of attempts after the first)
+    #[serde(default)]
+    pub variant_retries: CounterVec<3>,
+    /// workflow, stage, variant: gate retries sent to the stage's escalation model
+    #[serde(default)]
+    pub variant_escalations: CounterVec<3>,
+    /// workflow, stage, variant: how long the variant's stages took
+    #[serde(default = "crate::core::series::stage_duration_histogram")]
+    pub variant_stage_duration: HistogramVec<3>,
+    /// workflow, stage, variant: experiments decided for the variant (once each)
+    #[serde(default)]
+    pub experiment_decisions: CounterVec<3>,
 }
 
 impl Default for Metrics {
@@ -177,6 +189,10 @@ impl Default for Metrics {
             variant_gates: CounterVec::default(),
             variant_calls: CounterVec::default(),
             variant_cost_usd: CounterVec::default(),
+            variant_retries: CounterVec::default(),
+            variant_escalations: CounterVec::default(),
+            variant_stage_duration: crate::core::series::stage_duration_histogram(),
+            experiment_decisions: CounterVec::default(),
         }
     }
 }
@@ -731,6 +747,13 @@ impl Engine {
                 let model = admit(LabelKind::Model, model);
                 if let Some(v) = &g.variant {
                     let variant = admit(LabelKind::Variant, v);
+                    let key = [workflow.clone(), stage.clone(), variant.clone()];
+                    if g.attempt > 1 {
+                        metrics.variant_retries.inc_by(key.clone(), 1.0);
+                    }
+                    if g.escalated {
+                        metrics.variant_escalations.inc_by(key, 1.0);
+                    }
                     let result: Arc<str> = Arc::from(result.as_str());
                     metrics
                         .variant_gates
@@ -760,6 +783,33 @@ impl Engine {
             }
             // History for the runbook's investigation; nothing to count.
             Event::GateChanged { .. } | Event::VariantsChanged { .. } => {}
+            Event::ExperimentDecided {
+                workflow,
+                stage,
+                variant,
+                p_best,
+                runs: total,
+            } => {
+                let key = [
+                    admit(LabelKind::Workflow, workflow),
+                    admit(LabelKind::Stage, stage),
+                    admit(LabelKind::Variant, variant),
+                ];
+                // Once per variant: replicas that both saw the decision store it twice.
+                if metrics
+                    .experiment_decisions
+                    .get([&*key[0], &*key[1], &*key[2]])
+                    == 0.0
+                {
+                    metrics.experiment_decisions.inc_by(key, 1.0);
+                    if !*quiet {
+                        tracing::info!(workflow = %workflow, stage = %stage, variant = %variant,
+                            "experiment decided: `{variant}` is the best variant of stage `{stage}` of workflow \
+                             `{workflow}` with probability {p_best:.3} after {total} runs; the allocation goes on \
+                             until you promote it (hypertool experiments promote {workflow} {stage} {variant})");
+                    }
+                }
+            }
             Event::McpToolCall(c) => {
                 let persona = admit(LabelKind::Persona, personas.canonical(&c.persona));
                 let server = admit(LabelKind::Server, &c.server);
@@ -819,6 +869,12 @@ impl Engine {
                 Some(p) => self::admit(labels, metrics, cap, LabelKind::Persona, p),
                 None => none.clone(),
             };
+            if let Some(v) = &e.variant {
+                let variant = self::admit(labels, metrics, cap, LabelKind::Variant, v);
+                metrics
+                    .variant_stage_duration
+                    .observe([workflow.clone(), stage.clone(), variant], e.seconds);
+            }
             metrics
                 .stage_duration
                 .observe([workflow, stage, persona], e.seconds);
@@ -1198,6 +1254,37 @@ impl Engine {
             passes: m.variant_gates.get([workflow, stage, variant, "pass"]),
             failures: m.variant_gates.get([workflow, stage, variant, "fail"]),
             cost_usd: m.variant_cost_usd.get([workflow, stage, variant]),
+            ..Default::default()
+        }
+    }
+
+    /// [`Engine::variant_record`] with what the evidence shows besides: gate retries,
+    /// escalations, and the p50/p95 of the variant's stage durations.
+    pub fn variant_evidence(
+        &self,
+        workflow: &str,
+        stage: &str,
+        variant: &str,
+    ) -> crate::core::workflow::VariantRecord {
+        let m = &self.metrics;
+        let durations = m.variant_stage_duration.get([workflow, stage, variant]);
+        let quantile = |q: f64| {
+            let h = durations.filter(|h| h.count > 0)?;
+            let bounds = m.variant_stage_duration.bounds.iter().copied();
+            let mut buckets: Vec<(f64, f64)> = bounds
+                .chain([f64::INFINITY])
+                .zip(h.cumulative())
+                .map(|(b, c)| (b, c as f64))
+                .collect();
+            let v = crate::core::series::bucket_quantile(q, &mut buckets);
+            v.is_finite().then_some(v)
+        };
+        crate::core::workflow::VariantRecord {
+            retries: m.variant_retries.get([workflow, stage, variant]),
+            escalations: m.variant_escalations.get([workflow, stage, variant]),
+            duration_p50_seconds: quantile(0.5),
+            duration_p95_seconds: quantile(0.95),
+            ..self.variant_record(workflow, stage, variant)
         }
     }
 
@@ -1414,6 +1501,93 @@ mod tests {
         };
         assert!(engine.set_override("backend-engineer", Some(spec), 0));
         engine
+    }
+
+    #[test]
+    fn a_variants_retries_escalations_durations_and_its_decision_are_kept() {
+        let config = load(&Source::Embedded).unwrap().engine_config();
+        let mut e = Engine::new(config, 0);
+        let mut apply = |at: UnixMillis, event: Event| e.apply(&Stamped { at, event });
+        let (w, st) = ("feature-development", "implementation");
+        for (i, seconds) in [10_i64, 20, 30, 40].into_iter().enumerate() {
+            let run = format!("r{i}");
+            let start = i as i64 * 100_000;
+            apply(
+                start,
+                Event::RunStarted {
+                    run: run.clone(),
+                    workflow: w.into(),
+                    session: None,
+                    owner: None,
+                },
+            );
+            apply(
+                start,
+                Event::StageStarted {
+                    run: run.clone(),
+                    workflow: w.into(),
+                    stage: st.into(),
+                    persona: None,
+                    variant: Some("v4".into()),
+                },
+            );
+            // The first two runs fail once and pass on a retry on the escalation model.
+            for (attempt, result) in if i < 2 {
+                vec![(1, GateResult::Fail), (2, GateResult::Pass)]
+            } else {
+                vec![(1, GateResult::Pass)]
+            } {
+                apply(
+                    start + 1,
+                    Event::QualityGate(GateVerdictEvent {
+                        workflow: w.into(),
+                        stage: st.into(),
+                        model: "m".into(),
+                        result,
+                        reasons: None,
+                        run: Some(run.clone()),
+                        attempt,
+                        variant: Some("v4".into()),
+                        escalated: attempt > 1,
+                    }),
+                );
+            }
+            apply(
+                start + seconds * 1000,
+                Event::StageFinished {
+                    run: run.clone(),
+                    workflow: w.into(),
+                    stage: st.into(),
+                },
+            );
+        }
+        let r = e.variant_evidence(w, st, "v4");
+        assert_eq!((r.runs, r.passes, r.failures), (4.0, 4.0, 2.0));
+        assert_eq!((r.retries, r.escalations), (2.0, 2.0));
+        // Quantiles from the stage-duration buckets (…, 15, 30, 60, …): 2 of 4 at most 30 s.
+        let (p50, p95) = (
+            r.duration_p50_seconds.unwrap(),
+            r.duration_p95_seconds.unwrap(),
+        );
+        assert!(
+            (15.0..=30.0).contains(&p50) && (30.0..=60.0).contains(&p95),
+            "{p50} {p95}"
+        );
+
+        // A decision counts once, however often it is stored (two replicas deciding together).
+        for at in [500_000, 500_001] {
+            e.apply(&Stamped {
+                at,
+                event: Event::ExperimentDecided {
+                    workflow: w.into(),
+                    stage: st.into(),
+                    variant: "v4".into(),
+                    p_best: 0.97,
+                    runs: 4,
+                },
+            });
+        }
+        assert_eq!(e.metrics().experiment_decisions.get([w, st, "v4"]), 1.0);
     }
 
     #[test]

@@ -103,6 +103,18 @@ pub enum Event {
     /// A tool call through the MCP proxy (`hypertool mcp`, `/mcp`): sent to a downstream server,
     /// or refused because the persona in force may not use it.
     McpToolCall(McpToolCall),
+    /// An experiment became decided: `variant` is the best of its stage's variants with
+    /// probability `p_best` (at least the stage's `decide_at`, after `min_runs_per_variant` runs
+    /// each). Recorded once per (workflow, stage, variant); the allocation goes on until the
+    /// operator promotes.
+    ExperimentDecided {
+        workflow: String,
+        stage: String,
+        variant: String,
+        p_best: f64,
+        /// Runs of the experiment (all variants) when it was decided.
+        runs: u64,
+    },
 }
 
 /// One tool call through the MCP proxy.
@@ -216,6 +228,9 @@ pub struct GateVerdictEvent {
     /// The stage variant whose output was judged (a stage with variants).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// A gate retry sent to the stage's escalation model (not to the model that failed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub escalated: bool,
 }
 
 fn one() -> u32 {
@@ -343,6 +358,7 @@ impl Event {
             Event::QualityGate(_) => "quality_gate",
             Event::SwitchSuppressed { .. } => "switch_suppressed",
             Event::McpToolCall(_) => "mcp_tool_call",
+            Event::ExperimentDecided { .. } => "experiment_decided",
         }
     }
 }

@@ -25,6 +25,14 @@ pub struct VariantEvidence {
     pub pass_rate_interval: Option<(f64, f64)>,
     /// Gate verdicts (attempts) per run: 1 means no gate retries.
     pub attempts_per_run: Option<f64>,
+    /// Gate retries per run, and those of them sent to the escalation model.
+    pub retries_per_run: Option<f64>,
+    pub escalations_per_run: Option<f64>,
+    /// The median and 95th percentile of the stage's duration on this variant.
+    pub duration_p50_seconds: Option<f64>,
+    pub duration_p95_seconds: Option<f64>,
+    /// This variant's share of the experiment's runs.
+    pub traffic_share: Option<f64>,
     pub cost_usd: f64,
     pub cost_per_pass_usd: Option<f64>,
     /// The probability that this variant is the best on the stage's objective, given the
@@ -123,6 +131,7 @@ pub fn report(
             .unwrap_or([0; 8]),
     );
     let p = p_best(&seen, objective, seed);
+    let total_runs: f64 = seen.iter().map(|r| r.runs).sum();
     let variants: Vec<VariantEvidence> = stage
         .variants
         .iter()
@@ -138,6 +147,11 @@ pub fn report(
                 pass_rate: (verdicts > 0.0).then(|| r.passes / verdicts),
                 pass_rate_interval: wilson(r.passes, verdicts),
                 attempts_per_run: (r.runs > 0.0).then(|| verdicts / r.runs),
+                retries_per_run: (r.runs > 0.0).then(|| r.retries / r.runs),
+                escalations_per_run: (r.runs > 0.0).then(|| r.escalations / r.runs),
+                duration_p50_seconds: r.duration_p50_seconds,
+                duration_p95_seconds: r.duration_p95_seconds,
+                traffic_share: (total_runs > 0.0).then(|| r.runs / total_runs),
                 cost_usd: r.cost_usd,
                 cost_per_pass_usd: (r.passes > 0.0 && r.cost_usd > 0.0)
                     .then(|| r.cost_usd / r.passes),
@@ -236,7 +250,7 @@ mod tests {
                 runs: p + f,
                 passes: p,
                 failures: f,
-                cost_usd: 0.0,
+                ..VariantRecord::default()
             };
             let sim = p_best(&[rec(a), rec(b)], Objective::PassRate, 1)[0];
             let reference = exact(a, b);

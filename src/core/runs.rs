@@ -121,6 +121,8 @@ pub struct EndedStage {
     pub started_at: UnixMillis,
     pub status: StageStatus,
     pub seconds: f64,
+    /// The run's variant of the stage (a stage with variants).
+    pub variant: Option<String>,
 }
 
 /// Every run kept, bounded: finished runs are forgotten oldest first beyond `max_finished`.
@@ -350,6 +352,7 @@ fn end(run: &str, workflow: &str, stage: &str, s: &mut StageRun, at: UnixMillis)
         started_at: s.started_at,
         status: s.status,
         seconds,
+        variant: s.variant.clone(),
     }
 }
 

@@ -247,6 +247,11 @@ pub fn tool_call_duration_histogram() -> HistogramVec<3> {
     HistogramVec::new(TOOL_CALL_DURATION_BUCKETS)
 }
 
+/// A histogram of stage durations by (workflow, stage, variant).
+pub fn stage_duration_histogram() -> HistogramVec<3> {
+    HistogramVec::new(STAGE_DURATION_BUCKETS)
+}
+
 pub fn prompt_tokens_histogram() -> HistogramVec<2> {
     HistogramVec::new(PROMPT_TOKENS_BUCKETS)
 }
@@ -263,6 +268,67 @@ pub fn saturating_sum(a: f64, b: f64) -> f64 {
     } else {
         f64::MAX.copysign(sum)
     }
+}
+
+/// `histogram_quantile(q, …)` over one group's `(le, value)` buckets, as Prometheus computes it.
+pub fn bucket_quantile(q: f64, buckets: &mut [(f64, f64)]) -> f64 {
+    if q.is_nan() {
+        return f64::NAN;
+    }
+    if q < 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if q > 1.0 {
+        return f64::INFINITY;
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if !buckets.last().is_some_and(|b| b.0 == f64::INFINITY) {
+        return f64::NAN;
+    }
+    // Coalesce buckets with the same bound.
+    let mut merged: Vec<(f64, f64)> = Vec::with_capacity(buckets.len());
+    for (le, c) in buckets.iter() {
+        match merged.last_mut() {
+            Some(last) if last.0 == *le => last.1 += c,
+            _ => merged.push((*le, *c)),
+        }
+    }
+    // Ensure monotonic counts.
+    let mut max = f64::NEG_INFINITY;
+    for b in merged.iter_mut() {
+        if b.1 > max {
+            max = b.1;
+        } else if b.1 < max {
+            b.1 = max;
+        }
+    }
+    if merged.len() < 2 {
+        return f64::NAN;
+    }
+    let observations = merged[merged.len() - 1].1;
+    if observations == 0.0 {
+        return f64::NAN;
+    }
+    let mut rank = q * observations;
+    let b = merged[..merged.len() - 1]
+        .iter()
+        .position(|(_, c)| *c >= rank)
+        .unwrap_or(merged.len() - 1);
+    if b == merged.len() - 1 {
+        return merged[merged.len() - 2].0;
+    }
+    if b == 0 && merged[0].0 <= 0.0 {
+        return merged[0].0;
+    }
+    let bucket_end = merged[b].0;
+    let mut count = merged[b].1;
+    let mut bucket_start = 0.0;
+    if b > 0 {
+        bucket_start = merged[b - 1].0;
+        count -= merged[b - 1].1;
+        rank -= merged[b - 1].1;
+    }
+    bucket_start + (bucket_end - bucket_start) * (rank / count)
 }
 
 #[cfg(test)]

@@ -117,6 +117,7 @@ pub fn event(t0: i64, i: u64) -> Stamped {
             run: Some(run),
             attempt: 1,
             variant: None,
+            escalated: false,
         }),
         18 => Event::StageFinished {
             run,

@@ -442,6 +442,13 @@ pub struct VariantRecord {
     pub passes: f64,
     pub failures: f64,
     pub cost_usd: f64,
+    /// Gate retries (attempts after a run's first); allocation does not read these.
+    pub retries: f64,
+    /// Gate retries sent to the escalation model.
+    pub escalations: f64,
+    /// The median and 95th percentile of the variant's stage durations (from the histogram).
+    pub duration_p50_seconds: Option<f64>,
+    pub duration_p95_seconds: Option<f64>,
 }
 
 /// A prompt file of the configuration: its text and version (its content digest).
@@ -714,6 +721,7 @@ mod tests {
             passes,
             failures,
             cost_usd: cost,
+            ..VariantRecord::default()
         };
         // No evidence: an even split.
         let even = shares(&stage, &|_| VariantRecord::default());

@@ -170,6 +170,7 @@ pub(super) async fn judge(
     text: &str,
     completion_tokens: u64,
     attempt: u32,
+    escalated: bool,
     generation: Option<SpanId>,
 ) -> Option<GateVerdict> {
     let call = meta.stage_call.as_ref()?;
@@ -184,6 +185,7 @@ pub(super) async fn judge(
         run: call.run.clone(),
         attempt,
         variant: meta.variant().map(|v| v.name.clone()),
+        escalated,
     });
     let at = state.clock.now_ms();
     if let (Event::QualityGate(g), Some(t)) = (&event, &meta.trace) {
@@ -222,6 +224,8 @@ pub(super) async fn plain_call(
         let state = task_state;
         let mut attempt_meta = task_meta.clone();
         let mut attempt: u32 = 1;
+        // Whether this attempt is a gate retry on the stage's escalation model.
+        let mut escalated = false;
         let retries = task_meta
             .stage_call
             .as_ref()
@@ -268,16 +272,15 @@ pub(super) async fn plain_call(
                 ),
             };
             let (prompt, completion) = (used.input, used.output);
-            let verdict = judge(&state, &attempt_meta, &text, completion, attempt, generation).await;
+            let verdict = judge(&state, &attempt_meta, &text, completion, attempt, escalated, generation).await;
             let failed = verdict.as_ref().is_some_and(|v| v.result == GateResult::Fail);
             // Another attempt, on the escalation model, if the gate failed and retries are left
             // (and the budget admits it).
             let next = if failed && attempt <= retries {
                 let call = attempt_meta.stage_call.clone();
-                let target = call
-                    .as_ref()
-                    .and_then(|c| c.escalation(&settings))
-                    .unwrap_or_else(|| attempt_meta.route.clone());
+                let escalation = call.as_ref().and_then(|c| c.escalation(&settings));
+                let escalating = escalation.is_some();
+                let target = escalation.unwrap_or_else(|| attempt_meta.route.clone());
                 let estimate = attempt_meta.prompt_estimate;
                 let cost = cost_of(&target, estimate, 0);
                 match Reservation::take(&state, &attempt_meta, estimate, cost, None) {
@@ -292,7 +295,7 @@ pub(super) async fn plain_call(
                         match store_admission(&state, &mut retry, estimate, cost).await {
                             Ok(()) => {
                                 held.push(reservation);
-                                Some((target, retry.call_id))
+                                Some((target, retry.call_id, escalating))
                             }
                             Err(_) => None,
                         }
@@ -302,7 +305,7 @@ pub(super) async fn plain_call(
                 None
             };
             match next {
-                Some((target, retry_call)) => {
+                Some((target, retry_call, escalating)) => {
                     // Stored with the last attempt (one commit, and the client is not kept
                     // waiting for it); its reservation is held until then.
                     earlier_attempts.push(usage_event(&state, &attempt_meta, used, estimated, attempt_started));
@@ -313,6 +316,7 @@ pub(super) async fn plain_call(
                     attempt_meta.route = target;
                     attempt_meta.call_id = retry_call;
                     attempt += 1;
+                    escalated = escalating;
                 }
                 None => {
                     let cacheable = !fell_back && !estimated && !failed && attempt == 1;

@@ -232,6 +232,9 @@ async fn model_call(
     let mut notes: Notes = Vec::new();
     let chatmode = header(&headers, "x-hypertool-chatmode")
         .unwrap_or_else(|| settings.default_chatmode.clone());
+    if let Some(run) = header(&headers, "x-hypertool-run") {
+        stage::learn_run(&state.writer, &state.engine, &run).await;
+    }
     let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
     // A persona key works only in the stages its persona runs (the door's one ownership rule).
     if let Some(call) = stage_call.as_deref() {

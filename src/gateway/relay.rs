@@ -356,8 +356,16 @@ pub(super) async fn relay(
                     let completion = used.output;
                     // A gated stage: the verdict on the complete output goes out as an SSE
                     // comment (clients ignore comments; headers are long gone).
-                    verdict =
-                        judge(&state, &meta, &produced.content, completion, 1, generation).await;
+                    verdict = judge(
+                        &state,
+                        &meta,
+                        &produced.content,
+                        completion,
+                        1,
+                        false,
+                        generation,
+                    )
+                    .await;
                     // The usage is stored before the last event goes out: a client that saw the
                     // stream end finds its call in the ledger with these numbers, however the
                     // process ends after.

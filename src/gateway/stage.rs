@@ -6,6 +6,7 @@
 //! workflow hypertool does not know keeps working as before: the names only label its metrics.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 
@@ -15,7 +16,7 @@ use crate::config::gateway::{GatewaySettings, ModelRoute};
 use crate::core::engine::Engine;
 use crate::core::runs::Run;
 use crate::core::workflow::{QualityGate, Stage, Variant, Workflow};
-use crate::store::writer::lock;
+use crate::store::writer::{lock, WriterHandle};
 use crate::web::error::{ApiError, ErrorKind};
 
 /// The configured stage a call belongs to.
@@ -146,6 +147,15 @@ pub fn unknown_stage(workflow: &Workflow, stage: &str) -> ApiError {
         ),
     )
     .param("stage")
+}
+
+/// Makes sure a run created through another replica a moment ago is known here: when this
+/// engine has not seen `run` and the ledger is shared, what the other replicas stored is applied
+/// first (waiting at most 2 s), rather than answering `unknown_run` until the periodic tail.
+pub async fn learn_run(writer: &WriterHandle, engine: &Mutex<Engine>, run: &str) {
+    if writer.shared && lock(engine).runs().get(run).is_none() {
+        writer.catch_up_now(Duration::from_secs(2)).await;
+    }
 }
 
 /// `read` applied to the run (checked to belong to `workflow`), without copying it.

@@ -141,13 +141,13 @@ const GATE_CAUSES: &[CauseSpec] = &[
         name: "Prompt issues",
         prior: "high",
         indicator: "one criterion fails most of the time, on every model",
-        fix: "tell the agent what that criterion wants (with an example); the failed criteria name it",
+        fix: "tell the agent what that criterion wants (with an example) in a new prompt file, and run it as a variant beside the current one (allocation: adaptive); promote it once decided",
     },
     CauseSpec {
         name: "Wrong model tier",
         prior: "medium",
         indicator: "the stage's model passes far less often than the escalation model",
-        fix: "model: quality on the stage, or retries with escalation_model: quality",
+        fix: "variants on the stage's model and on quality (allocation: adaptive), promoted once decided; or retries with escalation_model: quality",
     },
     CauseSpec {
         name: "Model degradation",
@@ -378,6 +378,8 @@ pub struct Evidence {
     pub slow_threshold_seconds: f64,
     pub switch_threshold: f64,
     pub langfuse: Option<LangfuseView>,
+    /// The experiments of the configuration in force (stages with variants), with their evidence.
+    pub experiments: Vec<crate::core::experiment::ExperimentReport>,
 }
 
 fn finding(check: &str, status: Status, found: impl Into<String>, data: Value) -> Finding {
@@ -1225,7 +1227,11 @@ fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
     };
     scored.push(("Model degradation", degradation, drop.1));
 
-    // 7. Failures concentrated in a few runs.
+    // 7. The experiments on the failing stages: a decided one has the fix ready to promote; a
+    // stage with none is where one would measure the alternatives.
+    out.push(experiments_finding(ev, &focus));
+
+    // 8. Failures concentrated in a few runs.
     let mut by_run: BTreeMap<&str, u64> = BTreeMap::new();
     for v in &fails {
         if let Some(r) = &v.run {
@@ -1249,6 +1255,78 @@ fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
         ));
     }
     (out, scored)
+}
+
+/// What the experiments of the failing stages (every stage with one, when none fails) say, and
+/// for a failing stage without one, the experiment to set up.
+fn experiments_finding(ev: &Evidence, focus: &BTreeSet<(String, String)>) -> Finding {
+    let relevant =
+        |w: &str, s: &str| focus.is_empty() || focus.contains(&(w.to_string(), s.to_string()));
+    let mut lines = Vec::new();
+    let mut data = Vec::new();
+    let mut status = Status::Info;
+    for e in ev
+        .experiments
+        .iter()
+        .filter(|e| relevant(&e.workflow, &e.stage))
+    {
+        let (w, s) = (&e.workflow, &e.stage);
+        let best = |name: &str| e.variants.iter().find(|v| v.variant == name);
+        let describe = |name: &str| {
+            best(name).map_or(String::new(), |v| {
+                format!(
+                    "passes {} over {} runs, P(best) {:.2}",
+                    v.pass_rate.map_or("–".to_string(), pct),
+                    v.runs,
+                    v.p_best
+                )
+            })
+        };
+        let line = match (&e.decided, &e.leader) {
+            (Some(d), _) => {
+                status = Status::Warn;
+                format!(
+                    "{w}/{s}: decided, `{d}` is best ({}); adopt it with `hypertool experiments promote {w} {s} {d}`",
+                    describe(d)
+                )
+            }
+            (None, Some(l)) => format!(
+                "{w}/{s}: running ({} allocation), `{l}` leads ({}); not decided before P(best) ≥ {} after {} runs of each variant — `hypertool experiments show {w} {s}`",
+                e.allocation,
+                describe(l),
+                e.decide_at,
+                e.min_runs
+            ),
+            _ => format!("{w}/{s}: running, no runs yet"),
+        };
+        lines.push(line);
+        data.push(json!({"workflow": w, "stage": s, "state": if e.decided.is_some() { "decided" } else { "running" },
+            "decided": e.decided, "leader": e.leader, "variants": e.variants}));
+    }
+    for (w, s) in focus {
+        if ev
+            .experiments
+            .iter()
+            .any(|e| &e.workflow == w && &e.stage == s)
+        {
+            continue;
+        }
+        lines.push(format!(
+            "{w}/{s}: no experiment — list `variants` on the stage in workflows/{w}.yml (its model and prompt as \
+             they are, beside a candidate: `model: quality`, or a revised prompt file) with `allocation: adaptive`; \
+             hypertool then measures which passes the gate more and says when one is best"
+        ));
+        data.push(json!({"workflow": w, "stage": s, "state": "none"}));
+    }
+    if lines.is_empty() {
+        lines.push("no workflow stage runs an experiment".into());
+    }
+    finding(
+        "experiments on the failing stages",
+        status,
+        lines.join("; "),
+        json!(data),
+    )
 }
 
 fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
@@ -2031,6 +2109,7 @@ mod tests {
                 run: Some(format!("r{at}")),
                 attempt: 1,
                 variant: None,
+                escalated: false,
             }),
         };
         let events: Vec<Stamped> = (0..20)
@@ -2071,6 +2150,88 @@ mod tests {
         };
         let r = investigate(AlertId::HighQualityGateFailureRate, &ev);
         assert_eq!(r.causes[0].cause, "Prompt issues", "{}", r.to_text());
+
+        // The failing stage has no experiment: the investigation says which one to set up.
+        let experiments = |r: &Report| {
+            r.findings
+                .iter()
+                .find(|f| f.check == "experiments on the failing stages")
+                .cloned()
+                .expect("the experiments finding")
+        };
+        let f = experiments(&r);
+        assert!(
+            f.found.starts_with("w/s: no experiment — list `variants`")
+                && f.found.contains("allocation: adaptive"),
+            "{}",
+            f.found
+        );
+        assert_eq!(f.data[0]["state"], "none");
+        // With a decided experiment on it, the finding names the variant and the command that
+        // adopts it; a running one, its leader and how to follow it.
+        use crate::core::workflow::{Allocation, Decision, Stage, Variant, VariantRecord};
+        let stage = Stage {
+            name: "s".into(),
+            persona: None,
+            model: None,
+            budget_tokens: None,
+            retries: 0,
+            escalation_model: None,
+            max_prompt_tokens: None,
+            gate: None,
+            allocation: Allocation::Weights,
+            experiment: Decision::default(),
+            variants: ["a", "b"]
+                .iter()
+                .map(|n| Variant {
+                    name: n.to_string(),
+                    model: None,
+                    prompt: None,
+                    temperature: None,
+                    weight: 1.0,
+                })
+                .collect(),
+        };
+        let evidence = |passes_b: f64| {
+            move |v: &str| {
+                let (p, f) = if v == "b" {
+                    (passes_b, 100.0 - passes_b)
+                } else {
+                    (35.0, 65.0)
+                };
+                VariantRecord {
+                    runs: 100.0,
+                    passes: p,
+                    failures: f,
+                    ..VariantRecord::default()
+                }
+            }
+        };
+        let decided = crate::core::experiment::report("w", &stage, &evidence(80.0));
+        let ev = Evidence {
+            experiments: vec![decided],
+            ..ev
+        };
+        let f = experiments(&investigate(AlertId::HighQualityGateFailureRate, &ev));
+        assert_eq!(f.status, Status::Warn);
+        assert!(
+            f.found.contains("w/s: decided, `b` is best")
+                && f.found.contains("hypertool experiments promote w s b"),
+            "{}",
+            f.found
+        );
+        let running = crate::core::experiment::report("w", &stage, &evidence(37.0));
+        let ev = Evidence {
+            experiments: vec![running],
+            ..ev
+        };
+        let f = experiments(&investigate(AlertId::HighQualityGateFailureRate, &ev));
+        assert!(
+            f.found.contains("w/s: running (weights allocation)")
+                && f.found.contains("hypertool experiments show w s"),
+            "{}",
+            f.found
+        );
     }
 
     #[test]

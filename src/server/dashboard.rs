@@ -78,6 +78,8 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
     let now = state.clock.now_ms();
     let alerts = lock_alerts(&state.alerts).view();
     let (cache_results, tokens_saved) = state.gateway.cache.stats();
+    // Before the engine is held here: the reports take it themselves.
+    let experiments = super::experiments::reports(&state);
     let mut engine = lock(&state.engine);
     engine.tick(now);
     let m = engine.metrics();
@@ -215,6 +217,7 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
             "hit_rate": if lookups > 0.0 { Some(cache.get("hit").copied().unwrap_or(0.0) / lookups) } else { None },
             "tokens_saved": tokens_saved,
         },
+        "experiments": experiments,
         "cost_usd": m.cost_usd.sum(),
         "unpriced_tokens": unpriced.values().sum::<f64>(),
         "tokens": m.tokens.sum(),

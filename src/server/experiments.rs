@@ -6,21 +6,71 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::{lock, AppState};
+use crate::core::event::{Event, Stamped};
 use crate::core::experiment::{report, ExperimentReport};
 use crate::web::error::ApiError;
 
 /// The reports of every experiment of the configuration in force, in workflow and stage order.
-fn reports(state: &AppState) -> Vec<ExperimentReport> {
+pub fn reports(state: &AppState) -> Vec<ExperimentReport> {
     let workflows = state.gateway.workflows();
     let engine = lock(&state.engine);
     let mut out = Vec::new();
     for w in workflows.workflows.values() {
         for stage in w.stages.iter().filter(|s| !s.variants.is_empty()) {
-            let records = |v: &str| engine.variant_record(&w.name, &stage.name, v);
+            let records = |v: &str| engine.variant_evidence(&w.name, &stage.name, v);
             out.push(report(&w.name, stage, &records));
         }
     }
     out
+}
+
+/// Stores an `experiment_decided` event for each experiment decided since the last look (once
+/// per variant: the engine counts the first and ignores the rest, so replicas that decide at the
+/// same moment still count it once). Run with every alert evaluation.
+pub async fn record_decisions(state: &AppState) {
+    let decided: Vec<ExperimentReport> = reports(state)
+        .into_iter()
+        .filter(|r| r.decided.is_some())
+        .collect();
+    if decided.is_empty() {
+        return;
+    }
+    let at = state.clock.now_ms();
+    let events: Vec<Stamped> = {
+        let engine = lock(&state.engine);
+        let counted = &engine.metrics().experiment_decisions;
+        decided
+            .into_iter()
+            .filter_map(|r| {
+                let variant = r.decided?;
+                if counted.get([&r.workflow, &r.stage, &variant]) > 0.0 {
+                    return None;
+                }
+                let p_best = r
+                    .variants
+                    .iter()
+                    .find(|v| v.variant == variant)
+                    .map_or(0.0, |v| v.p_best);
+                let runs = r.variants.iter().map(|v| v.runs).sum::<f64>() as u64;
+                Some(Stamped {
+                    at,
+                    event: Event::ExperimentDecided {
+                        workflow: r.workflow,
+                        stage: r.stage,
+                        variant,
+                        p_best,
+                        runs,
+                    },
+                })
+            })
+            .collect()
+    };
+    if events.is_empty() {
+        return;
+    }
+    if let Err(e) = state.writer.append(events).await {
+        tracing::warn!("an experiment's decision could not be recorded (tried again at the next evaluation): {e}");
+    }
 }
 
 /// `GET /api/experiments`.

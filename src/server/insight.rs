@@ -429,6 +429,7 @@ async fn gather(state: &AppState, id: AlertId, window_ms: i64) -> Result<Evidenc
             })
         })
         .collect();
+    ev.experiments = super::experiments::reports(state);
     {
         let alerts = lock_alerts(&state.alerts);
         let rule = |a: AlertId| alerts.settings().rule(a).map(|r| r.threshold);

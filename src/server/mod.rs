@@ -753,6 +753,7 @@ fn spawn_background(
     tasks.push(tokio::spawn(async move {
         loop {
             evaluate_alerts(&alert_state).await;
+            experiments::record_decisions(&alert_state).await;
             // Re-read each time: a reload may change the interval.
             let every = lock_alerts(&alert_state.alerts)
                 .settings()

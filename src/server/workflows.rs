@@ -66,17 +66,18 @@ pub fn workflow_named(state: &AppState, name: &str) -> Result<Arc<Workflow>, Api
 }
 
 /// The run, checked to belong to `workflow`.
-pub fn run_of(state: &AppState, workflow: &str, run: &str) -> Result<Run, ApiError> {
-    with_run(state, workflow, run, Run::clone)
+pub async fn run_of(state: &AppState, workflow: &str, run: &str) -> Result<Run, ApiError> {
+    with_run(state, workflow, run, Run::clone).await
 }
 
 /// Reads the run, checked to belong to `workflow` (see [`crate::gateway::stage::with_run`]).
-pub fn with_run<T>(
+pub async fn with_run<T>(
     state: &AppState,
     workflow: &str,
     run: &str,
     read: impl FnOnce(&Run) -> T,
 ) -> Result<T, ApiError> {
+    crate::gateway::stage::learn_run(&state.writer, &state.engine, run).await;
     crate::gateway::stage::with_run(&state.engine, workflow, run, read)
 }
 
@@ -308,8 +309,10 @@ async fn store(state: &AppState, events: Vec<Event>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn current_run(state: &AppState, workflow: &str, run: &str) -> Result<Json<Value>, ApiError> {
-    run_of(state, workflow, run).map(|r| Json(run_json(&r)))
+async fn current_run(state: &AppState, workflow: &str, run: &str) -> Result<Json<Value>, ApiError> {
+    run_of(state, workflow, run)
+        .await
+        .map(|r| Json(run_json(&r)))
 }
 
 pub async fn create_run(
@@ -336,7 +339,7 @@ pub async fn create_run(
         }],
     )
     .await?;
-    let run = run_of(&state, &w.name, &id)?;
+    let run = run_of(&state, &w.name, &id).await?;
     Ok((StatusCode::CREATED, Json(run_json(&run))).into_response())
 }
 
@@ -378,7 +381,7 @@ pub async fn get_run(
     Path((workflow, run)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     workflow_named(&state, &workflow)?;
-    current_run(&state, &workflow, &run)
+    current_run(&state, &workflow, &run).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -406,7 +409,8 @@ pub async fn ensure_stage_started(
                 .get(stage)
                 .is_some_and(|s| s.status == StageStatus::Running),
         )
-    })?;
+    })
+    .await?;
     if status != RunStatus::Running {
         return Err(conflict(
             "run_finished",
@@ -502,7 +506,7 @@ pub async fn start_stage(
         }
     }
     ensure_stage_started(&state, &w, &run, &stage, persona).await?;
-    current_run(&state, &workflow, &run)
+    current_run(&state, &workflow, &run).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -535,7 +539,7 @@ pub async fn finish_stage(
                 .param("reasons")
         })?;
     }
-    let r = run_of(&state, &workflow, &run)?;
+    let r = run_of(&state, &workflow, &run).await?;
     // The workflow's persona, else the one the stage was started by.
     let persona = s
         .persona
@@ -571,7 +575,9 @@ pub async fn finish_stage(
             reasons: req.reasons,
             run: Some(run.clone()),
             attempt: r.stages.get(&stage).map_or(1, |st| st.attempts + 1),
-            variant: None,
+            // The run's variant of the stage: an outside verdict counts for its experiment.
+            variant: r.stages.get(&stage).and_then(|st| st.variant.clone()),
+            escalated: false,
         }));
     }
     events.push(Event::StageFinished {
@@ -580,7 +586,7 @@ pub async fn finish_stage(
         stage: stage.clone(),
     });
     store(&state, events).await?;
-    current_run(&state, &workflow, &run)
+    current_run(&state, &workflow, &run).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -610,7 +616,7 @@ pub async fn finish_run(
             .param("status")
         })?,
     };
-    let r = run_of(&state, &workflow, &run)?;
+    let r = run_of(&state, &workflow, &run).await?;
     state
         .door
         .require_own(&caller, "run", &format!("run `{run}`"), r.owner.as_deref())?;
@@ -629,7 +635,7 @@ pub async fn finish_run(
         }],
     )
     .await?;
-    current_run(&state, &workflow, &run)
+    current_run(&state, &workflow, &run).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -677,7 +683,7 @@ pub async fn evaluate_gate(
         .param("stage"));
     };
     if let Some(run) = &req.run {
-        with_run(&state, &w.name, run, |_| ())?;
+        with_run(&state, &w.name, run, |_| ()).await?;
     }
     let completion_tokens = req
         .completion_tokens
@@ -688,13 +694,13 @@ pub async fn evaluate_gate(
         // Recording a verdict is a fact about the stage's persona; a dry evaluation is not.
         let persona = stage_persona(&state, &caller, s, None)?;
         own_stage(&state, &caller, &s.name, persona.as_deref())?;
-        let attempt = match &req.run {
+        let (attempt, variant) = match &req.run {
             Some(run) => lock(&state.engine)
                 .runs()
                 .get(run)
                 .and_then(|r| r.stages.get(&s.name))
-                .map_or(1, |st| st.attempts + 1),
-            None => 1,
+                .map_or((1, None), |st| (st.attempts + 1, st.variant.clone())),
+            None => (1, None),
         };
         store(
             &state,
@@ -706,7 +712,8 @@ pub async fn evaluate_gate(
                 reasons: verdict.reasons(),
                 run: req.run,
                 attempt,
-                variant: None,
+                variant,
+                escalated: false,
             })],
         )
         .await?;

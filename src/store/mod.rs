@@ -107,7 +107,8 @@ impl<'a> Columns<'a> {
             Event::CallReleased { .. }
             | Event::CallProgress { .. }
             | Event::GateChanged { .. }
-            | Event::VariantsChanged { .. } => (None, None, None, None, None, None),
+            | Event::VariantsChanged { .. }
+            | Event::ExperimentDecided { .. } => (None, None, None, None, None, None),
             Event::RunStarted { .. } | Event::StageFinished { .. } | Event::RunFinished { .. } => {
                 (None, None, None, None, None, None)
             }

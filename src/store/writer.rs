@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -80,8 +81,11 @@ enum Command {
     Probe,
     /// The snapshot thread finished (so the writer notes it, and starts retention, even when idle).
     SnapshotWritten,
-    /// Apply what other replicas stored since (a shared ledger).
-    Tail,
+    /// Apply what other replicas stored since (a shared ledger); `ack`, when given, is told
+    /// once it is applied.
+    Tail {
+        ack: Option<oneshot::Sender<()>>,
+    },
 }
 
 /// Whether the ledger can write: set by the writer at every commit and probe, read by `/readyz`
@@ -361,7 +365,20 @@ impl WriterHandle {
 
     /// Asks the writer to apply what other replicas stored (a shared ledger; not awaited).
     pub fn tail(&self) {
-        let _ = self.tx.try_send(Command::Tail);
+        let _ = self.tx.try_send(Command::Tail { ack: None });
+    }
+
+    /// Applies what other replicas stored up to now, and waits (at most `within`) until it is
+    /// applied: for a request naming what another replica created a moment ago (a run), before
+    /// the periodic tail has brought it. Nothing to do on a ledger of one's own.
+    pub async fn catch_up_now(&self, within: Duration) {
+        if !self.shared {
+            return;
+        }
+        let (ack, rx) = oneshot::channel();
+        if self.tx.send(Command::Tail { ack: Some(ack) }).await.is_ok() {
+            let _ = tokio::time::timeout(within, rx).await;
+        }
     }
 
     /// Asks the writer to try a write, to learn whether a failing ledger writes again (not
@@ -945,12 +962,15 @@ fn run(
                     }
                 }
             }
-            Command::Tail => {
+            Command::Tail { ack } => {
                 if doubt.is_some() {
                     // Nothing is read until the batch in doubt is resolved (by the probe).
                     continue;
                 }
                 catch_up(&*ledger, &mut applied_seq, None, &apply, &apply_foreign);
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
                 // Budget overrides set through another replica (their own table, not events).
                 tails += 1;
                 if tails.is_multiple_of(5) {

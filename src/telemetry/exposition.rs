@@ -295,6 +295,13 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
     w.counter_vec(&f::VARIANT_QUALITY_GATE_TOTAL, &m.variant_gates);
     w.counter_vec(&f::VARIANT_CALLS_TOTAL, &m.variant_calls);
     w.counter_vec(&f::VARIANT_COST_USD_TOTAL, &m.variant_cost_usd);
+    w.counter_vec(&f::VARIANT_GATE_RETRIES_TOTAL, &m.variant_retries);
+    w.counter_vec(&f::VARIANT_ESCALATIONS_TOTAL, &m.variant_escalations);
+    w.histogram_vec(
+        &f::VARIANT_STAGE_DURATION_SECONDS,
+        &m.variant_stage_duration,
+    );
+    w.counter_vec(&f::EXPERIMENT_DECISIONS_TOTAL, &m.experiment_decisions);
     w.counter_vec(&f::WORKFLOW_RUNS_FINISHED_TOTAL, &m.runs_finished);
     w.counter_vec(&f::MCP_TOOL_CALLS_TOTAL, &m.mcp_tool_calls);
     w.histogram_vec(&f::MCP_TOOL_CALL_DURATION_SECONDS, &m.mcp_tool_duration);

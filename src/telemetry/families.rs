@@ -109,6 +109,34 @@ pub const VARIANT_COST_USD_TOTAL: Family = Family {
     labels: &["workflow", "stage", "variant"],
 };
 
+pub const VARIANT_GATE_RETRIES_TOTAL: Family = Family {
+    name: "hypertool_variant_gate_retries_total",
+    kind: Kind::Counter,
+    help: "Gate retries on a stage variant's outputs (verdicts of attempts after the first).",
+    labels: &["workflow", "stage", "variant"],
+};
+
+pub const VARIANT_ESCALATIONS_TOTAL: Family = Family {
+    name: "hypertool_variant_escalations_total",
+    kind: Kind::Counter,
+    help: "Gate retries of a stage variant sent to the stage's escalation model.",
+    labels: &["workflow", "stage", "variant"],
+};
+
+pub const VARIANT_STAGE_DURATION_SECONDS: Family = Family {
+    name: "hypertool_variant_stage_duration_seconds",
+    kind: Kind::Histogram,
+    help: "Duration of a workflow stage run on a variant, retries included.",
+    labels: &["workflow", "stage", "variant"],
+};
+
+pub const EXPERIMENT_DECISIONS_TOTAL: Family = Family {
+    name: "hypertool_experiment_decisions_total",
+    kind: Kind::Counter,
+    help: "Experiments decided: the variant became the best of its stage with the stage's decide_at probability (once per variant).",
+    labels: &["workflow", "stage", "variant"],
+};
+
 pub const WORKFLOW_RUNS_STARTED_TOTAL: Family = Family {
     name: "hypertool_workflow_runs_started_total",
     kind: Kind::Counter,
@@ -476,6 +504,10 @@ pub const ALL: &[Family] = &[
     VARIANT_QUALITY_GATE_TOTAL,
     VARIANT_CALLS_TOTAL,
     VARIANT_COST_USD_TOTAL,
+    VARIANT_GATE_RETRIES_TOTAL,
+    VARIANT_ESCALATIONS_TOTAL,
+    VARIANT_STAGE_DURATION_SECONDS,
+    EXPERIMENT_DECISIONS_TOTAL,
     PERSONA_SWITCHES_SUPPRESSED_TOTAL,
     PERSONA_OSCILLATIONS_TOTAL,
     MCP_TOOL_CALLS_TOTAL,

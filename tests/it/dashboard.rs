@@ -16,7 +16,7 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A headless Chromium and one page of it.
-struct Browser {
+pub(crate) struct Browser {
     child: Child,
     _profile: tempfile::TempDir,
     socket: Socket,
@@ -33,7 +33,7 @@ impl Drop for Browser {
 }
 
 impl Browser {
-    async fn start() -> Browser {
+    pub(crate) async fn start() -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let child = Command::new("chromium")
             .args([
@@ -102,7 +102,7 @@ impl Browser {
     }
 
     /// One protocol command and its result (events meanwhile are kept).
-    async fn call(&mut self, method: &str, params: Value) -> Value {
+    pub(crate) async fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
         let msg = json!({"id": id, "method": method, "params": params});
@@ -129,7 +129,7 @@ impl Browser {
     }
 
     /// A JavaScript expression's value in the page.
-    async fn eval(&mut self, expression: &str) -> Value {
+    pub(crate) async fn eval(&mut self, expression: &str) -> Value {
         let r = self
             .call(
                 "Runtime.evaluate",
@@ -140,7 +140,7 @@ impl Browser {
     }
 
     /// Polls `expression` until `ok` holds of its value.
-    async fn wait_for(
+    pub(crate) async fn wait_for(
         &mut self,
         what: &str,
         expression: &str,
@@ -163,7 +163,7 @@ impl Browser {
 
     /// Errors the page logged: exceptions, console.error, and log entries of level error (a
     /// failed resource load is one).
-    fn errors(&self) -> Vec<String> {
+    pub(crate) fn errors(&self) -> Vec<String> {
         self.events
             .iter()
             .filter_map(|e| match e["method"].as_str() {

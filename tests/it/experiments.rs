@@ -262,6 +262,17 @@ async fn gated_server(dir: &Path, upstream: &FakeUpstream, allocation: &str) -> 
         &upstream.base_url,
         "\n[[gateway.models]]\nname = \"p35\"\nupstream = \"fake\"\n\n[[gateway.models]]\nname = \"p80\"\nupstream = \"fake\"\n",
     );
+    // Alerts (and experiments' decisions) evaluated every second.
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("evaluation_interval = \"15s\""));
+    std::fs::write(
+        &toml,
+        text.replace(
+            "evaluation_interval = \"15s\"",
+            "evaluation_interval = \"1s\"",
+        ),
+    )
+    .unwrap();
     std::fs::write(
         toml.parent().unwrap().join("workflows/exp.yml"),
         gated_workflow(allocation),
@@ -340,6 +351,105 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("decided: hi is best"), "{text}");
     assert!(text.contains("P(BEST)"), "{text}");
+    assert!(
+        text.contains("RETRIES/RUN") && text.contains("ESCALATIONS/RUN") && text.contains("P95"),
+        "{text}"
+    );
+    // Every run ended with its first verdict (no retries configured), and each run's stage was
+    // timed on its variant.
+    assert_eq!(hi["retries_per_run"], 0.0, "{hi}");
+    assert_eq!(hi["escalations_per_run"], 0.0, "{hi}");
+    let share = hi["traffic_share"].as_f64().unwrap();
+    assert!((share - runs("hi") / 300.0).abs() < 1e-9, "{hi}");
+
+    // The decision is recorded once (the alert evaluation, every second here, looks), counted,
+    // and stays counted once however often it is looked at again.
+    let decisions = |m: &Exposition| {
+        m.get(
+            "hypertool_experiment_decisions_total",
+            &[
+                ("workflow", "exp"),
+                ("stage", "implement"),
+                ("variant", "hi"),
+            ],
+        )
+    };
+    eventually("the decision counted", Duration::from_secs(20), || async {
+        (decisions(&s.metrics().await) == Some(1.0)).then_some(())
+    })
+    .await;
+    let state = &s.running.as_ref().unwrap().state;
+    hypertool::server::experiments::record_decisions(state).await;
+    hypertool::server::experiments::record_decisions(state).await;
+    assert_eq!(decisions(&s.metrics().await), Some(1.0));
+    let recorded = ledger_events(dir.path(), "experiment_decided");
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["variant"], "hi");
+    assert!(recorded[0]["p_best"].as_f64().unwrap() >= 0.95);
+
+    // The runbook's investigation of failing gates points to it, with the command that adopts it.
+    let (status, inv) = s
+        .get_json("/api/investigations/HighQualityGateFailureRate")
+        .await;
+    assert_eq!(status, 200, "{inv}");
+    let finding = inv["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "experiments on the failing stages")
+        .cloned()
+        .unwrap_or_else(|| panic!("no experiments finding: {inv}"));
+    assert!(
+        finding["found"]
+            .as_str()
+            .unwrap()
+            .contains("exp/implement: decided, `hi` is best"),
+        "{finding}"
+    );
+    assert!(
+        finding["found"]
+            .as_str()
+            .unwrap()
+            .contains("hypertool experiments promote exp implement hi"),
+        "{finding}"
+    );
+
+    // The dashboard's panel: each variant's share of the runs, pass rate with its interval and
+    // P(best), and the decision.
+    let mut b = crate::dashboard::Browser::start().await;
+    b.call("Page.navigate", json!({"url": format!("{}/", s.api)}))
+        .await;
+    let decided = b
+        .wait_for(
+            "the experiment panel",
+            r#"(document.querySelector('[data-experiment="exp/implement"]') || {dataset: {}}).dataset.decided || null"#,
+            |v| v.is_string(),
+        )
+        .await;
+    assert_eq!(decided, "hi");
+    let shown_share = b
+        .eval(r#"Number(document.querySelector('[data-experiment="exp/implement"] [data-variant="hi"]').dataset.share)"#)
+        .await;
+    assert!((shown_share.as_f64().unwrap() - share).abs() < 1e-9);
+    let shown = b
+        .eval(r#"document.querySelector('[data-experiment="exp/implement"]').innerText"#)
+        .await;
+    assert!(
+        shown
+            .as_str()
+            .unwrap()
+            .contains("hypertool experiments promote exp implement hi"),
+        "{shown}"
+    );
+    assert_eq!(
+        b.eval(
+            r#"document.querySelectorAll('[data-experiment="exp/implement"] .ci .range').length"#
+        )
+        .await,
+        2
+    );
+    assert!(b.errors().is_empty(), "console errors: {:#?}", b.errors());
+    drop(b);
 
     // Promotion: the file keeps its comments and loses the other variant; the reload applies it,
     // and the ledger records the change.
@@ -430,4 +540,198 @@ async fn fixed_weights_give_the_configured_shares() {
     // in about 1 run of 5,000).
     assert!((hi - 0.75).abs() < 0.08, "{hi}");
     s.stop().await;
+}
+
+/// The usage events of the ledger's `run`, in order.
+fn usage_of(dir: &Path, run: &str) -> Vec<serde_json::Value> {
+    ledger_events(dir, "usage")
+        .into_iter()
+        .filter(|u| u["run"] == run)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_edit_is_an_event_the_next_calls_carry_and_a_bad_variant_edit_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let (toml, wf) = two_prompt_config(dir.path(), &upstream, "{chat-v1: 1, claude-v2: 0}");
+    let s = start_at(dir.path(), &toml).await;
+    let run = new_run(&s).await;
+    assert_eq!(
+        stage_call(&s, "/v1/chat/completions", &run).await,
+        "chat-v1"
+    );
+    let (v1, edited) = (
+        Prompt::new("p", V1).version,
+        Prompt::new(
+            "p",
+            "You are variant one, edited: write Python with doctests.",
+        )
+        .version,
+    );
+
+    // The prompt file is edited: the reload records it, and the next calls of the same run (its
+    // variant kept) send the new text and carry its version.
+    let before = reloads(&s.metrics().await);
+    let prompt = toml.parent().unwrap().join("prompts/impl-v1.md");
+    std::fs::write(
+        &prompt,
+        "You are variant one, edited: write Python with doctests.",
+    )
+    .unwrap();
+    eventually("the reload", Duration::from_secs(10), || async {
+        (reloads(&s.metrics().await) > before).then_some(())
+    })
+    .await;
+    let changes = ledger_events(dir.path(), "variants_changed");
+    let change = changes.last().expect("the prompt edit recorded");
+    let versions = |side: &str| {
+        change[side]["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "chat-v1")
+            .map(|v| v["prompt_version"].clone())
+            .unwrap()
+    };
+    assert_eq!(versions("before"), json!(v1), "{change}");
+    assert_eq!(versions("after"), json!(edited), "{change}");
+    assert_eq!(stage_call(&s, "/v1/messages", &run).await, "chat-v1");
+    let seen = upstream.stats().await["last_messages"][0].clone();
+    assert!(
+        seen["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("You are variant one, edited"),
+        "{seen}"
+    );
+    let calls = usage_of(dir.path(), &run);
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["prompt_version"], json!(v1));
+    assert_eq!(calls[1]["prompt_version"], json!(edited));
+
+    // A variant edit the configuration refuses (a prompt file that does not exist, a duplicate
+    // name): `hypertool check` names file and line, the reload fails, and the running
+    // configuration stays — same variant, same prompt, no change recorded.
+    let failures = |m: &Exposition| {
+        m.get("hypertool_config_reloads_total", &[("result", "failure")])
+            .unwrap_or(0.0)
+    };
+    let failed_before = failures(&s.metrics().await);
+    let changes_before = ledger_events(dir.path(), "variants_changed").len();
+    let bad = workflow("{chat-v1: 1, claude-v2: 0}")
+        .replace("prompts/impl-v1.md", "prompts/impl-v9.md")
+        .replace("name: claude-v2", "name: chat-v1");
+    std::fs::write(&wf, &bad).unwrap();
+    eventually("the refused reload", Duration::from_secs(10), || async {
+        (failures(&s.metrics().await) > failed_before).then_some(())
+    })
+    .await;
+    let out = std::process::Command::new(crate::process::BIN)
+        .args(["check", "--config"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let file = wf.display();
+    assert!(
+        stderr.contains(&format!("{file}:10: stage `implement`, variant `chat-v1`: prompt file `prompts/impl-v9.md` does not exist")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{file}:11: stage `implement`: variant `chat-v1` appears twice"
+        )),
+        "{stderr}"
+    );
+    for _ in 0..3 {
+        let fresh = new_run(&s).await;
+        assert_eq!(stage_call(&s, "/v1/responses", &fresh).await, "chat-v1");
+        assert_eq!(
+            usage_of(dir.path(), &fresh)[0]["prompt_version"],
+            json!(edited)
+        );
+    }
+    assert_eq!(
+        ledger_events(dir.path(), "variants_changed").len(),
+        changes_before
+    );
+    let (_, shown) = s.get_json("/v1/workflows/exp").await;
+    assert_eq!(
+        shown["stages"][0]["experiment"]["variants"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{shown}"
+    );
+    s.stop().await;
+}
+
+/// A replica of the two-prompt experiment on the PostgreSQL ledger at `url`.
+async fn replica_on(
+    dir: &Path,
+    upstream: &FakeUpstream,
+    url: &str,
+    weights: &str,
+) -> (TestServer, std::path::PathBuf) {
+    let (toml, wf) = two_prompt_config(dir, upstream, weights);
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("[ledger]\n"));
+    std::fs::write(
+        &toml,
+        text.replacen("[ledger]\n", &format!("[ledger]\nurl = \"{url}\"\n"), 1),
+    )
+    .unwrap();
+    (start_at(dir, &toml).await, wf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_postgresql_ledger_give_a_run_one_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path()).await;
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let weights = "{chat-v1: 1, claude-v2: 1}";
+    let (a, _) = replica_on(&dir.path().join("a"), &upstream, &pg.url, weights).await;
+    let (b, b_workflow) = replica_on(&dir.path().join("b"), &upstream, &pg.url, weights).await;
+
+    // Each run's first call on one replica, its next at once on the other (before or after that
+    // one has read the first's assignment from the ledger: the draw is the run id's, so they
+    // agree either way), and the runs are spread over both variants.
+    let mut assigned: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..24 {
+        let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let run = new_run(first).await;
+        let v = stage_call(first, "/v1/chat/completions", &run).await;
+        assert_eq!(stage_call(second, "/v1/messages", &run).await, v, "{run}");
+        assigned.insert(run, v);
+    }
+    let on = |name: &str| assigned.values().filter(|v| *v == name).count();
+    assert!(on("chat-v1") >= 4 && on("claude-v2") >= 4, "{assigned:?}");
+
+    // Replica b's configuration now sends every new run to claude-v2: its new runs follow, and
+    // the runs already assigned keep their variant on both replicas.
+    let before = reloads(&b.metrics().await);
+    std::fs::write(&b_workflow, workflow("{chat-v1: 0, claude-v2: 1}")).unwrap();
+    eventually("b's reload", Duration::from_secs(10), || async {
+        (reloads(&b.metrics().await) > before).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        let run = new_run(&b).await;
+        assert_eq!(stage_call(&b, "/v1/responses", &run).await, "claude-v2");
+    }
+    for (run, v) in &assigned {
+        assert_eq!(&stage_call(&b, "/v1/responses", run).await, v, "{run} on b");
+        assert_eq!(&stage_call(&a, "/v1/responses", run).await, v, "{run} on a");
+    }
+    // One assignment per run in the shared ledger, whichever replica made it.
+    let started = pg.query(
+        "SELECT count(*), count(DISTINCT body::jsonb->>'run') FROM hypertool_events WHERE kind = 'stage_started'",
+    );
+    let (starts, runs): (i64, i64) = (started[0].get(0), started[0].get(1));
+    assert_eq!(runs, 27);
+    assert!(starts >= runs, "{starts} starts for {runs} runs");
+    a.stop().await;
+    b.stop().await;
 }

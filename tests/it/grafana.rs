@@ -139,6 +139,12 @@ async fn every_panel_query_returns_data_from_a_live_prometheus() {
         text.replace(commented, &format!("endpoint = \"{otlp}\"")),
     )
     .unwrap();
+    // An experiment: a gated stage with two variants, so that the variant panels have data.
+    std::fs::write(
+        toml.parent().unwrap().join("workflows/experiment.yml"),
+        "name: experiment\ndescription: two tiers of one stage\nstages:\n  - name: implement\n    quality_gate:\n      min_lines: 1\n    variants:\n      - name: fast\n        model: fast\n      - name: balanced\n        model: balanced\n",
+    )
+    .unwrap();
     // Two hours of virtual time that end a minute ago, one step a minute.
     let steps = 120;
     let real_now = chrono::Utc::now().timestamp_millis();
@@ -194,6 +200,28 @@ async fn every_panel_query_returns_data_from_a_live_prometheus() {
             .post(format!("{}/v1/chat/completions", s.api))
             .header("x-hypertool-persona", "backend-engineer")
             .json(&json!({"model": "mock/gpt-4o", "messages": [{"role": "user", "content": format!("step {i}")}]}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+        // A run of the experiment's stage: a variant drawn, a gate verdict on its output.
+        let run: Value = http
+            .post(format!("{}/v1/workflows/experiment/runs", s.api))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let status = http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .header("x-hypertool-persona", "backend-engineer")
+            .header("x-hypertool-workflow", "experiment")
+            .header("x-hypertool-stage", "implement")
+            .header("x-hypertool-run", run["id"].as_str().unwrap())
+            .json(&json!({"model": "any", "messages": [{"role": "user", "content": format!("implement {i}")}]}))
             .send()
             .await
             .unwrap()
