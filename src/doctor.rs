@@ -195,8 +195,11 @@ async fn mcp_checks(cfg: Option<&Config>, out: &mut Vec<Check>) {
     let Some(path) = cfg.and_then(|c| c.settings.mcp.servers.clone()) else {
         return;
     };
+    let trust = cfg
+        .map(|c| c.settings.trust.mcp.clone())
+        .unwrap_or_default();
     let servers = match crate::mcp::config::load_configured(Some(&path)) {
-        Ok(s) => s,
+        Ok(s) => s.trusting(&trust),
         Err(errors) => {
             out.push(Check::new("MCP servers", Status::Fail, errors.to_string()));
             return;
@@ -376,17 +379,18 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
             }
         }
         // The ledger as the server would open it.
-        match cfg.and_then(|c| c.settings.ledger.url.clone()) {
-            Some(url) => {
+        match cfg.and_then(|c| c.settings.ledger.url.clone().map(|u| (u, c))) {
+            Some((url, c)) => {
                 let shown = crate::store::postgres::redacted(&url);
+                let connector =
+                    crate::store::postgres::connector(&url, &c.settings, "hypertool-doctor");
                 let ok = tokio::task::spawn_blocking(move || {
-                    let mut config: postgres::Config =
-                        url.parse().map_err(|e: postgres::Error| e.to_string())?;
-                    config.connect_timeout(TIMEOUT);
-                    config
-                        .connect(postgres::NoTls)
+                    let mut connector = connector.map_err(|e| e.to_string())?;
+                    connector.config.connect_timeout(TIMEOUT);
+                    connector
+                        .connect()
                         .map(|_| ())
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| crate::store::postgres::explain(&e))
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));

@@ -15,4 +15,5 @@ pub mod server;
 pub mod store;
 pub mod switchboard;
 pub mod telemetry;
+pub mod tls;
 pub mod web;

@@ -36,6 +36,8 @@ pub struct DeliverySettings {
     pub max_retries: u32,
     /// The first retry waits this long; each next one twice as long.
     pub initial_backoff: Duration,
+    /// CA certificates trusted beside the webpki roots (`[alerts] ca_file`, else `[tls] ca_file`).
+    pub trust: crate::tls::Trust,
 }
 
 /// Delivery outcomes per target, for `hypertool_alert_deliveries_total`.
@@ -106,7 +108,9 @@ impl Deliverer {
         generator_url: String,
         stats: Arc<DeliveryStats>,
     ) -> Self {
-        let http = reqwest::Client::builder()
+        let http = settings
+            .trust
+            .reqwest(reqwest::Client::builder())
             .timeout(settings.timeout)
             .build()
             .unwrap_or_default();

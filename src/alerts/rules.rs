@@ -120,6 +120,8 @@ pub struct RawAlerts {
     pub webhook_url: Option<String>,
     pub delivery_timeout: Option<PromDuration>,
     pub delivery_max_retries: Option<u32>,
+    /// Trust for Alertmanager and the webhook (read by `config`; `[tls] ca_file` otherwise).
+    pub ca_file: Option<String>,
     #[serde(rename = "TokenBudgetExceeded", default)]
     pub token_budget_exceeded: RawRule,
     #[serde(rename = "HighQualityGateFailureRate", default)]
@@ -433,6 +435,7 @@ fn default_delivery() -> DeliverySettings {
         timeout: std::time::Duration::from_secs(5),
         max_retries: 5,
         initial_backoff: std::time::Duration::from_millis(500),
+        trust: crate::tls::Trust::default(),
     }
 }
 

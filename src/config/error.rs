@@ -85,6 +85,23 @@ pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// The 1-based line of `key =` inside TOML's `[section]` (its first one there), else anywhere.
+pub fn line_of_key_in_section(text: &str, section: &str, key: &str) -> Option<usize> {
+    let header = format!("[{section}]");
+    let start = text.lines().position(|l| l.trim() == header);
+    if let Some(start) = start {
+        let body: Vec<&str> = text
+            .lines()
+            .skip(start + 1)
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .collect();
+        if let Some(at) = line_of_key(&body.join("\n"), key) {
+            return Some(start + 1 + at);
+        }
+    }
+    line_of_key(text, key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

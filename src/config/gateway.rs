@@ -31,7 +31,7 @@ pub struct RawGateway {
     /// Codex's built-ins).
     agent_tools: Option<Vec<String>>,
     #[serde(default)]
-    cache: RawCache,
+    pub(super) cache: RawCache,
     /// The model behind each stage tier (fast, balanced, quality).
     #[serde(default)]
     tiers: BTreeMap<ModelTier, String>,
@@ -41,7 +41,7 @@ pub struct RawGateway {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawCache {
+pub(super) struct RawCache {
     enabled: Option<bool>,
     ttl: Option<PromDuration>,
     max_entries: Option<u64>,
@@ -49,6 +49,7 @@ struct RawCache {
     #[serde(default)]
     ttl_overrides: Vec<RawTtl>,
     url: Option<String>,
+    pub(super) ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +73,9 @@ pub struct CacheSettings {
     pub ttl_overrides: Vec<TtlOverride>,
     /// Redis shared by the replicas (`url` or `HYPERTOOL_CACHE_URL`, which wins); read at start.
     pub url: Option<String>,
+    /// Trust for a `rediss://` URL (`[gateway.cache] ca_file`, else `[tls] ca_file`; set by
+    /// `config::load`).
+    pub trust: crate::tls::Trust,
 }
 
 /// A TTL for calls matching every field given.
@@ -375,6 +379,7 @@ impl Default for GatewaySettings {
                 cache_nonzero_temperature: false,
                 ttl_overrides: Vec::new(),
                 url: None,
+                trust: crate::tls::Trust::default(),
             },
             tiers: [
                 (ModelTier::Fast, "mock/fast".to_string()),
@@ -699,25 +704,4 @@ impl GatewaySettings {
                 })
             })
     }
-}
-
-/// The CA certificates of a PEM file, each checked to be usable as a trust anchor.
-pub fn read_ca_file(
-    bytes: &[u8],
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut certs = Vec::new();
-    for cert in CertificateDer::pem_slice_iter(bytes) {
-        let cert = cert.map_err(|e| format!("not a PEM certificate file ({e})"))?;
-        let mut check = rustls::RootCertStore::empty();
-        check
-            .add(cert.clone())
-            .map_err(|e| format!("a certificate in it cannot be a trust anchor ({e})"))?;
-        certs.push(cert);
-    }
-    if certs.is_empty() {
-        return Err("it holds no `-----BEGIN CERTIFICATE-----` block".into());
-    }
-    Ok(certs)
 }

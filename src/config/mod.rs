@@ -217,23 +217,48 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
             if let Some(servers) = settings.mcp.servers.take() {
                 settings.mcp.servers = Some(base.join(servers));
             }
-            if let Some(ca) = settings.gateway.ca_file.clone() {
-                let ca_path = base.join(&ca);
-                let loaded = std::fs::read(&ca_path)
+            // Trust: `[tls] ca_file` for every outbound client, a section's own `ca_file` instead.
+            let mut read_ca = |section: &str, file: &str| -> crate::tls::Trust {
+                let path = base.join(file);
+                let loaded = std::fs::read(&path)
                     .map_err(|e| format!("cannot be read ({e})"))
-                    .and_then(|bytes| gateway::read_ca_file(&bytes));
+                    .and_then(|bytes| crate::tls::read_ca_file(&bytes));
                 match loaded {
-                    Ok(certs) => settings.gateway.extra_roots = certs,
-                    Err(why) => errors.push(
-                        ConfigError::new(
-                            display.clone(),
-                            error::line_of_key(&text, "ca_file"),
-                            format!("gateway.ca_file {}: {why}", ca_path.display()),
-                        )
-                        .fix("point `gateway.ca_file` at a PEM file of CA certificates"),
-                    ),
+                    Ok(certs) => crate::tls::Trust::new(certs),
+                    Err(why) => {
+                        errors.push(
+                            ConfigError::new(
+                                display.clone(),
+                                error::line_of_key_in_section(&text, section, "ca_file"),
+                                format!("{section}.ca_file {}: {why}", path.display()),
+                            )
+                            .fix(format!(
+                                "point `{section}.ca_file` at a PEM file of CA certificates"
+                            )),
+                        );
+                        crate::tls::Trust::default()
+                    }
                 }
-            }
+            };
+            let files = settings.trust_files.clone();
+            let mut own =
+                |section: &str, file: &Option<String>| file.as_deref().map(|f| read_ca(section, f));
+            let shared = own("tls", &files.shared).unwrap_or_default();
+            let gateway = own("gateway", &settings.gateway.ca_file.clone());
+            let trust = settings::TrustSettings {
+                ledger: own("ledger", &files.ledger).unwrap_or_else(|| shared.clone()),
+                cache: own("gateway.cache", &files.cache).unwrap_or_else(|| shared.clone()),
+                langfuse: own("langfuse", &files.langfuse).unwrap_or_else(|| shared.clone()),
+                tracing: own("tracing", &files.tracing).unwrap_or_else(|| shared.clone()),
+                alerts: own("alerts", &files.alerts).unwrap_or_else(|| shared.clone()),
+                mcp: own("mcp", &files.mcp).unwrap_or_else(|| shared.clone()),
+                config_dir: Some(base.to_path_buf()),
+                shared: shared.clone(),
+            };
+            settings.gateway.extra_roots = gateway.unwrap_or(shared).extra;
+            settings.gateway.cache.trust = trust.cache.clone();
+            settings.alerts.delivery.trust = trust.alerts.clone();
+            settings.trust = trust;
             let dir = base.join(&settings.personas_dir);
             let mut personas = Vec::new();
             match std::fs::read_dir(&dir) {

@@ -41,12 +41,69 @@ struct RawSettings {
     switching: RawSwitching,
     #[serde(default)]
     mcp: RawMcp,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+/// `[tls]`: the trust of every outbound client, configured once.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<String>,
+}
+
+/// Each `ca_file` as written (relative to hypertool.toml's directory): `[tls]`'s, shared by every
+/// outbound client, and the ones a client's own section sets instead. `config::load` reads them
+/// into [`crate::tls::Trust`]s.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrustFiles {
+    pub shared: Option<String>,
+    pub ledger: Option<String>,
+    pub cache: Option<String>,
+    pub langfuse: Option<String>,
+    pub tracing: Option<String>,
+    pub alerts: Option<String>,
+    pub mcp: Option<String>,
+}
+
+impl TrustFiles {
+    /// (section, its `ca_file`) of each one set, in file order of the sections.
+    pub fn each(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("tls", &self.shared),
+            ("ledger", &self.ledger),
+            ("gateway.cache", &self.cache),
+            ("langfuse", &self.langfuse),
+            ("tracing", &self.tracing),
+            ("alerts", &self.alerts),
+            ("mcp", &self.mcp),
+        ]
+        .into_iter()
+        .filter_map(|(section, file)| file.as_deref().map(|f| (section, f)))
+        .collect()
+    }
+}
+
+/// The trust of each outbound client: its own `ca_file`'s certificates, else `[tls] ca_file`'s,
+/// beside the webpki roots (the upstreams' is `gateway.extra_roots`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrustSettings {
+    pub shared: crate::tls::Trust,
+    pub ledger: crate::tls::Trust,
+    pub cache: crate::tls::Trust,
+    pub langfuse: crate::tls::Trust,
+    pub tracing: crate::tls::Trust,
+    pub alerts: crate::tls::Trust,
+    pub mcp: crate::tls::Trust,
+    /// The configuration's directory: a PostgreSQL URL's `sslrootcert=` is relative to it.
+    pub config_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMcp {
     servers: Option<String>,
+    ca_file: Option<String>,
 }
 
 /// `[mcp]`: the MCP proxy (`hypertool mcp`, `/mcp`).
@@ -114,6 +171,7 @@ struct RawLangfuse {
     capture_content: Option<bool>,
     #[serde(default)]
     redact: Vec<String>,
+    ca_file: Option<String>,
 }
 
 /// `[langfuse] enabled`: `true`, `false` or `"auto"`.
@@ -218,6 +276,7 @@ struct RawLedger {
     snapshot_interval: Option<PromDuration>,
     retain_days: Option<u32>,
     url: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -343,6 +402,10 @@ pub struct Settings {
     pub prompts_dir: String,
     pub switching: SwitchingSettings,
     pub mcp: McpSettings,
+    /// Each `ca_file` as written.
+    pub trust_files: TrustFiles,
+    /// Their certificates, per client (filled by `config::load`).
+    pub trust: TrustSettings,
 }
 
 fn ledger_settings(
@@ -431,6 +494,16 @@ impl Settings {
                 "compare with the commented defaults in config/hypertool.toml of the hypertool repository",
             )]
         })?;
+        let mut raw = raw;
+        let trust_files = TrustFiles {
+            shared: raw.tls.ca_file.take(),
+            ledger: raw.ledger.ca_file.take(),
+            cache: raw.gateway.cache.ca_file.take(),
+            langfuse: raw.langfuse.ca_file.take(),
+            tracing: raw.tracing.ca_file.take(),
+            alerts: raw.alerts.ca_file.take(),
+            mcp: raw.mcp.ca_file.take(),
+        };
         let mut errors = Vec::new();
         let mut addr = |key: &str, value: Option<String>, default: &str| -> SocketAddr {
             let value = value.unwrap_or_else(|| default.to_string());
@@ -697,6 +770,8 @@ impl Settings {
             return Err(errors);
         }
         Ok(Settings {
+            trust_files,
+            trust: TrustSettings::default(),
             mcp: McpSettings {
                 servers: raw.mcp.servers.map(std::path::PathBuf::from),
             },

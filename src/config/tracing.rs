@@ -25,6 +25,7 @@ pub(super) struct RawTracing {
     batch_interval: Option<PromDuration>,
     spool_max_bytes: Option<u64>,
     max_backoff: Option<PromDuration>,
+    pub(super) ca_file: Option<String>,
 }
 
 /// The exporter's settings (shared by every destination; each has its own queue and spool).

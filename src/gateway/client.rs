@@ -11,7 +11,7 @@
 //! roots: the webpki (Mozilla) roots and the certificates of `gateway.ca_file`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -110,31 +110,14 @@ const ENV_PROXY_VARS: [&str; 6] = [
     "all_proxy",
 ];
 
-/// TLS for upstreams: the webpki roots (Mozilla's, as reqwest uses) and `extra_roots`.
-fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Option<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    for cert in extra_roots {
-        // Checked when the configuration was loaded.
-        let _ = roots.add(cert.clone());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Some(config)
-}
-
 impl UpstreamClient {
     /// A client trusting the webpki roots and `extra_roots` (`gateway.ca_file`).
     pub fn new(extra_roots: &[CertificateDer<'static>]) -> Self {
         let connector = hyper_rustls::HttpsConnectorBuilder::new();
-        let connector = match tls_config(extra_roots) {
-            Some(config) => connector.with_tls_config(config),
-            None => {
+        let trust = crate::tls::Trust::new(extra_roots.to_vec());
+        let connector = match trust.client_config() {
+            Ok(config) => connector.with_tls_config(config),
+            Err(_) => {
                 tracing::error!(
                     "the TLS configuration could not be built; using the webpki roots only"
                 );
@@ -152,16 +135,8 @@ impl UpstreamClient {
         let env_named_a_proxy = ENV_PROXY_VARS
             .iter()
             .any(|v| std::env::var(v).is_ok_and(|p| !p.trim().is_empty()));
-        let extra: Vec<reqwest::Certificate> = extra_roots
-            .iter()
-            .filter_map(|c| reqwest::Certificate::from_der(c).ok())
-            .collect();
-        let reqwest_builder = move || {
-            extra.iter().fold(
-                reqwest::Client::builder().pool_max_idle_per_host(256),
-                |b, cert| b.add_root_certificate(cert.clone()),
-            )
-        };
+        let reqwest_builder =
+            move || trust.reqwest(reqwest::Client::builder().pool_max_idle_per_host(256));
         let (env_proxies, via_env_proxy) = if env_named_a_proxy {
             (Some(Matcher::from_env()), reqwest_builder().build().ok())
         } else {

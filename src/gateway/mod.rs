@@ -147,7 +147,7 @@ impl Gateway {
             cache: {
                 let mut cache = cache::ResponseCache::new(settings.cache.max_entries);
                 cache.shared = settings.cache.url.as_deref().and_then(|url| {
-                    shared_cache::SharedCache::open(url)
+                    shared_cache::SharedCache::open(url, &settings.cache.trust)
                         .map(std::sync::Arc::new)
                         .map_err(|e| tracing::error!("the shared response cache is off: {e}"))
                         .ok()

@@ -81,11 +81,25 @@ fn key(canonical: &str) -> String {
 }
 
 impl SharedCache {
-    /// Checks the URL; connects on first use.
-    pub fn open(url: &str) -> Result<SharedCache, String> {
+    /// Checks the URL; connects on first use (TLS for `rediss://`).
+    pub fn open(url: &str, trust: &crate::tls::Trust) -> Result<SharedCache, String> {
         let shown = crate::store::postgres::redacted(url);
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("{shown} is not a Redis URL ({e}); write redis://HOST:PORT/DB"))?;
+        let bad = |e: redis::RedisError| {
+            format!("{shown} is not a Redis URL ({e}); write redis://HOST:PORT/DB, or rediss:// for TLS")
+        };
+        // `rediss://`: TLS, verified against the system's roots and the trust's CA (the
+        // `#insecure` fragment, the redis crate's, skips the verification).
+        let client = match trust.pem() {
+            Some(root_cert) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .map_err(bad)?,
+            _ => redis::Client::open(url).map_err(bad)?,
+        };
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(WRITE_TIMEOUT))

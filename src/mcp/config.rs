@@ -47,6 +47,9 @@ pub enum Transport {
         url: String,
         /// Sent with every request (may hold secrets: never logged).
         headers: BTreeMap<String, String>,
+        /// CA certificates trusted beside the webpki roots (`[mcp] ca_file`, else `[tls]
+        /// ca_file`; see [`McpServers::trusting`]).
+        trust: crate::tls::Trust,
     },
 }
 
@@ -149,6 +152,18 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<McpServ
         }
     }
     Ok(servers)
+}
+
+impl McpServers {
+    /// Every HTTP server trusting `trust` (the configuration's `[mcp]` trust).
+    pub fn trusting(mut self, trust: &crate::tls::Trust) -> McpServers {
+        for s in &mut self.servers {
+            if let Transport::Http { trust: t, .. } = &mut s.transport {
+                *t = trust.clone();
+            }
+        }
+        self
+    }
 }
 
 /// The servers of `path` (none without one), `${VAR}` taken from this process's environment.
@@ -286,6 +301,7 @@ pub fn parse(
                         .into_iter()
                         .filter_map(|(k, v)| v.map(|v| (k, v)))
                         .collect(),
+                    trust: crate::tls::Trust::default(),
                 }
             }
             (Some("sse"), _, _) => {

@@ -340,7 +340,11 @@ async fn connect(
                 .await
                 .map_err(|e| format!("did not complete the MCP handshake: {e}"))
         }
-        Transport::Http { url, headers } => {
+        Transport::Http {
+            url,
+            headers,
+            trust,
+        } => {
             let mut custom = std::collections::HashMap::new();
             for (k, v) in headers {
                 let name = http::HeaderName::from_bytes(k.as_bytes())
@@ -353,7 +357,14 @@ async fn connect(
             }
             let config = rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(url.clone())
                 .custom_headers(custom);
-            let transport = rmcp::transport::StreamableHttpClientTransport::from_config(config);
+            // rmcp's client is reqwest 0.13; it gets the same rustls configuration as every
+            // other outbound client (webpki roots + the configured CA).
+            let client = reqwest013::Client::builder()
+                .tls_backend_preconfigured(trust.client_config()?)
+                .build()
+                .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            let transport =
+                rmcp::transport::StreamableHttpClientTransport::with_client(client, config);
             listener
                 .serve(transport)
                 .await

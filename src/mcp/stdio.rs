@@ -78,7 +78,8 @@ pub async fn run(
                     .as_deref()
                     .or(cfg.settings.mcp.servers.as_deref()),
             )
-            .map_err(|errors| errors.to_string())?;
+            .map_err(|errors| errors.to_string())?
+            .trusting(&cfg.settings.trust.mcp);
             let hub = Hub::remote(url, opts.key.clone(), cfg.personas.clone(), clock.clone())?;
             // With a persona key the session is the key's persona (the server would refuse any
             // other), asked of the server so that it need not be said twice.

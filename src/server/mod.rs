@@ -190,10 +190,12 @@ fn start_mcp(
         StreamableHttpServerConfig, StreamableHttpService,
     };
     let path = servers.or(cfg.settings.mcp.servers.as_deref());
-    let specs = crate::mcp::config::load_configured(path).map_err(|errors| StartError::Config {
-        source_name: path.map(|p| p.display().to_string()).unwrap_or_default(),
-        errors,
-    })?;
+    let specs = crate::mcp::config::load_configured(path)
+        .map_err(|errors| StartError::Config {
+            source_name: path.map(|p| p.display().to_string()).unwrap_or_default(),
+            errors,
+        })?
+        .trusting(&cfg.settings.trust.mcp);
     let proxy = Arc::new(Proxy::new(
         crate::mcp::hub::Hub::Local(switchboard),
         crate::mcp::downstream::Downstreams::start(&specs),
@@ -419,17 +421,30 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         None => opts.data_dir.join("hypertool.db").display().to_string(),
     };
     let recover_from = snapshots.clone();
-    let reader = match &cfg.settings.ledger.url {
-        Some(url) => crate::store::reader::LedgerReader::Postgres(url.clone()),
+    // A shared ledger's connections, with the TLS its URL's `sslmode` asks for.
+    let pg = match &cfg.settings.ledger.url {
+        Some(url) => Some(crate::store::postgres::connector(
+            url,
+            &cfg.settings,
+            "hypertool",
+        )?),
+        None => None,
+    };
+    let reader = match &pg {
+        Some(connector) => crate::store::reader::LedgerReader::Postgres(
+            Box::new(connector.clone()),
+            ledger_shown.clone(),
+        ),
         None => crate::store::reader::LedgerReader::Sqlite(db_path.clone()),
     };
     let (ledger, recovered) = tokio::task::spawn_blocking(move || {
-        let ledger: Box<dyn Ledger> = match &settings.ledger.url {
-            Some(url) => Box::new(crate::store::postgres::PostgresLedger::open(
+        let ledger: Box<dyn Ledger> = match (&settings.ledger.url, pg) {
+            (Some(url), Some(connector)) => Box::new(crate::store::postgres::PostgresLedger::open(
                 url,
+                connector,
                 &crate::store::postgres::replica_id(&data_dir)?,
             )?),
-            None => Box::new(SqliteLedger::open(&db_path, settings.ledger.sync)?),
+            _ => Box::new(SqliteLedger::open(&db_path, settings.ledger.sync)?),
         };
         let recovered = crate::store::snapshot::recover(
             &*ledger,
@@ -886,7 +901,8 @@ fn start_tracer(
         &cfg.settings.langfuse,
         data_dir,
         &|k| std::env::var(k).ok(),
-    );
+    )
+    .trusting(&cfg.settings.trust);
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
@@ -1062,6 +1078,10 @@ pub fn render_metrics(state: &AppState, format: Format) -> String {
                 last_success_ms: st.last_success_ms.load(Ordering::Relaxed),
                 queue_dropped: st.queue_dropped.load(Ordering::Relaxed),
                 traces_accepted: st.traces_accepted.load(Ordering::Relaxed),
+                item_errors: (
+                    st.item_errors_transient.load(Ordering::Relaxed),
+                    st.item_errors_permanent.load(Ordering::Relaxed),
+                ),
             })
             .collect(),
         gateway_requests: state.gateway.outcomes(),

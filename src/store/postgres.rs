@@ -14,7 +14,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, Config, NoTls};
+use postgres::Client;
+
+use crate::tls::PgConnector;
 
 use super::{Columns, Ledger, LedgerError, LedgerTotals, Origin};
 use crate::core::budget::BudgetSpec;
@@ -65,7 +67,7 @@ const LOCK_COUNTER: &str = "SELECT last FROM hypertool_sequence FOR UPDATE";
 const MIGRATION_LOCK: i64 = 0x6879_7065_7274_6f6f;
 
 pub struct PostgresLedger {
-    config: Config,
+    connector: PgConnector,
     /// This replica's name in the `origin` column (its events count in its own counters).
     origin: String,
     /// `None` after the connection was lost: the next use reconnects.
@@ -108,6 +110,37 @@ pub fn redacted(url: &str) -> String {
         .join(" ")
 }
 
+/// How to reach the ledger at `url` (the settings' `[ledger] url` or `HYPERTOOL_LEDGER_URL`), with
+/// the TLS its `sslmode` asks for and the ledger's trust. `application` names the connections in
+/// `pg_stat_activity`.
+pub fn connector(
+    url: &str,
+    settings: &crate::config::settings::Settings,
+    application: &str,
+) -> Result<PgConnector, LedgerError> {
+    PgConnector::new(
+        url,
+        &settings.trust.ledger,
+        settings.trust.config_dir.as_deref(),
+        application,
+        Duration::from_secs(5),
+    )
+    .map_err(|e| LedgerError::new("open", format!("{}: {e}", redacted(url))))
+}
+
+/// A connection error with its causes (a TLS refusal says why only in its source), and what to do
+/// about a certificate the trust does not accept.
+pub fn explain(e: &postgres::Error) -> String {
+    let text = crate::cli::error_chain(e);
+    if text.contains("invalid peer certificate") {
+        format!(
+            "{text} (the server's certificate is not accepted: sslrootcert=FILE or [ledger] ca_file / [tls] ca_file must hold the CA that signed it; verify-full also needs the URL's host in the certificate)"
+        )
+    } else {
+        text
+    }
+}
+
 /// This replica's name on a shared ledger: made once, kept in `DATA_DIR/replica-id` (so each
 /// replica needs a data directory of its own, which it has anyway for snapshots and spools).
 pub fn replica_id(data_dir: &std::path::Path) -> Result<String, LedgerError> {
@@ -134,24 +167,17 @@ fn pg(op: &'static str, e: postgres::Error) -> LedgerError {
 
 impl PostgresLedger {
     /// Connects, applies missing migrations, and checks the schema is one this hypertool knows.
-    pub fn open(url: &str, origin: &str) -> Result<Self, LedgerError> {
+    pub fn open(url: &str, connector: PgConnector, origin: &str) -> Result<Self, LedgerError> {
         let shown = redacted(url);
-        let mut config: Config = url.parse().map_err(|e| {
+        let mut client = connector.connect().map_err(|e| {
             LedgerError::new(
                 "open",
-                format!("{shown} is not a PostgreSQL URL ({e}); write postgres://USER:PASSWORD@HOST:PORT/DATABASE"),
+                format!("cannot connect to {shown}: {}", explain(&e)),
             )
         })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        config.application_name("hypertool");
-        let mut client = config
-            .connect(NoTls)
-            .map_err(|e| LedgerError::new("open", format!("cannot connect to {shown}: {e}")))?;
         migrate(&mut client)?;
         Ok(Self {
-            config,
+            connector,
             origin: origin.to_string(),
             client: Mutex::new(Some(client)),
             shown,
@@ -167,8 +193,11 @@ impl PostgresLedger {
         let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(Client::is_closed) {
             *slot = None;
-            let client = self.config.connect(NoTls).map_err(|e| {
-                LedgerError::new(op, format!("cannot connect to {}: {e}", self.shown))
+            let client = self.connector.connect().map_err(|e| {
+                LedgerError::new(
+                    op,
+                    format!("cannot connect to {}: {}", self.shown, explain(&e)),
+                )
             })?;
             *slot = Some(client);
         }

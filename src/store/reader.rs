@@ -17,8 +17,8 @@ use crate::core::event::{Event, Stamped};
 #[derive(Clone)]
 pub enum LedgerReader {
     Sqlite(PathBuf),
-    /// The connection URL (never shown: see `postgres::redacted`).
-    Postgres(String),
+    /// How to connect, and the URL as it may be shown (see `postgres::redacted`).
+    Postgres(Box<crate::tls::PgConnector>, String),
 }
 
 /// Which events to read.
@@ -85,8 +85,8 @@ impl LedgerReader {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
                 })?
             }
-            LedgerReader::Postgres(url) => {
-                let mut client = connect_postgres(url)?;
+            LedgerReader::Postgres(connector, shown) => {
+                let mut client = connect_postgres(connector, shown)?;
                 client
                     .query(
                         "SELECT at_ms, body FROM hypertool_events WHERE kind = ANY($1) \
@@ -127,8 +127,8 @@ impl LedgerReader {
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?
             }
-            LedgerReader::Postgres(url) => {
-                let mut client = connect_postgres(url)?;
+            LedgerReader::Postgres(connector, shown) => {
+                let mut client = connect_postgres(connector, shown)?;
                 client
                     .query(
                         "SELECT persona, (at_ms / $1) * $1 AS day, \
@@ -178,18 +178,21 @@ fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, LedgerErr
     Ok(conn)
 }
 
-fn connect_postgres(url: &str) -> Result<postgres::Client, LedgerError> {
-    let shown = super::postgres::redacted(url);
-    let mut config: postgres::Config = url
-        .parse()
-        .map_err(|e| LedgerError::new("read", format!("{shown}: {e}")))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
-    }
-    config.application_name("hypertool-reader");
-    config
-        .connect(postgres::NoTls)
-        .map_err(|e| LedgerError::new("read", format!("cannot connect to {shown}: {e}")))
+fn connect_postgres(
+    connector: &crate::tls::PgConnector,
+    shown: &str,
+) -> Result<postgres::Client, LedgerError> {
+    let mut connector = connector.clone();
+    connector.config.application_name("hypertool-reader");
+    connector.connect().map_err(|e| {
+        LedgerError::new(
+            "read",
+            format!(
+                "cannot connect to {shown}: {}",
+                super::postgres::explain(&e)
+            ),
+        )
+    })
 }
 
 #[cfg(test)]

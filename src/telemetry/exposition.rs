@@ -103,6 +103,8 @@ pub struct TraceDestinationInfo {
     pub queue_dropped: u64,
     /// Traces the destination accepted.
     pub traces_accepted: u64,
+    /// Items refused inside accepted batches: (transient, permanent).
+    pub item_errors: (u64, u64),
 }
 
 struct Writer {
@@ -405,6 +407,19 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
             &[("destination", d.name)],
             d.queue_dropped as f64,
         );
+    }
+    w.header_of(&f::TRACE_ITEM_ERRORS_TOTAL);
+    for d in &process.trace_destinations {
+        for (kind, n) in [
+            ("transient", d.item_errors.0),
+            ("permanent", d.item_errors.1),
+        ] {
+            w.sample(
+                f::TRACE_ITEM_ERRORS_TOTAL.name,
+                &[("destination", d.name), ("kind", kind)],
+                n as f64,
+            );
+        }
     }
     w.histogram_vec(
         &f::LANGFUSE_GENERATION_DURATION_SECONDS,

@@ -351,6 +351,15 @@ pub const TRACE_EXPORT_LAST_SUCCESS: Family = Family {
     labels: &["destination"],
 };
 
+pub const TRACE_ITEM_ERRORS_TOTAL: Family = Family {
+    name: "hypertool_trace_item_errors_total",
+    kind: Kind::Counter,
+    help:
+        "Items a destination refused inside an accepted batch (Langfuse's 207 answers), by kind: \
+         transient (5xx, 429: the items are sent again) or permanent (dropped).",
+    labels: &["destination", "kind"],
+};
+
 pub const TRACE_QUEUE_DROPPED_TOTAL: Family = Family {
     name: "hypertool_trace_queue_dropped_total",
     kind: Kind::Counter,
@@ -537,6 +546,7 @@ pub const ALL: &[Family] = &[
     TRACE_SPOOL_BYTES,
     TRACE_EXPORT_LAST_SUCCESS,
     TRACE_QUEUE_DROPPED_TOTAL,
+    TRACE_ITEM_ERRORS_TOTAL,
     EVENTS_REJECTED_TOTAL,
     AUTH_FAILURES_TOTAL,
     RATE_LIMITED_TOTAL,

@@ -467,6 +467,9 @@ pub async fn settled(s: &TestServer, tokens: u64) {
 /// loopback, its data in a temporary directory; stopped when dropped.
 pub struct Postgres {
     pub url: String,
+    /// Over the Unix socket (trusted, no TLS): for the test's own readiness checks and queries,
+    /// whatever the TCP side demands.
+    admin: String,
     data: PathBuf,
     port: u16,
     child: Option<std::process::Child>,
@@ -502,6 +505,16 @@ impl Postgres {
     }
 
     pub async fn start(dir: &Path) -> Postgres {
+        Self::start_with(dir, None).await
+    }
+
+    /// A PostgreSQL that speaks TLS only over TCP (`ssl = on`, `hostssl` lines alone in
+    /// pg_hba.conf), with `cert_pem`/`key_pem` as its certificate; `url` asks for no TLS mode.
+    pub async fn start_tls(dir: &Path, cert_pem: &str, key_pem: &str) -> Postgres {
+        Self::start_with(dir, Some((cert_pem, key_pem))).await
+    }
+
+    async fn start_with(dir: &Path, tls: Option<(&str, &str)>) -> Postgres {
         let home = dir.join("pg");
         std::fs::create_dir_all(&home).unwrap();
         if unsafe { libc::geteuid() } == 0 {
@@ -544,13 +557,46 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((cert, key)) = tls {
+            let owned = |name: &str, text: &str, mode: u32| {
+                let path = data.join(name);
+                std::fs::write(&path, text).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+                if unsafe { libc::geteuid() } == 0 {
+                    let ok = std::process::Command::new("chown")
+                        .args(["postgres:postgres"])
+                        .arg(&path)
+                        .status()
+                        .unwrap();
+                    assert!(ok.success());
+                }
+            };
+            owned("server.crt", cert, 0o644);
+            owned("server.key", key, 0o600);
+            owned(
+                "pg_hba.conf",
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+                0o600,
+            );
+            let conf = data.join("postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).unwrap();
+            text.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(&conf, text).unwrap();
+        }
+        let port = free_port();
         let mut pg = Postgres {
-            url: String::new(),
+            url: format!("postgres://hypertool@127.0.0.1:{port}/postgres"),
+            admin: format!(
+                "host={} port={port} user=hypertool dbname=postgres",
+                home.display()
+            ),
             data,
-            port: free_port(),
+            port,
             child: None,
         };
-        pg.url = format!("postgres://hypertool@127.0.0.1:{}/postgres", pg.port);
         pg.run().await;
         pg
     }
@@ -579,7 +625,7 @@ impl Postgres {
         )
         .await;
         // Accepting TCP is not yet accepting queries.
-        let url = self.url.clone();
+        let url = self.admin.clone();
         eventually("PostgreSQL to answer", Duration::from_secs(30), || {
             let url = url.clone();
             async move {
@@ -621,7 +667,7 @@ impl Postgres {
     pub fn query(&self, sql: &str) -> Vec<postgres::Row> {
         // The synchronous client runs a runtime of its own: not on an async worker's thread.
         tokio::task::block_in_place(|| {
-            let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+            let mut c = postgres::Client::connect(&self.admin, postgres::NoTls).unwrap();
             c.query(sql, &[]).unwrap()
         })
     }

@@ -26,5 +26,6 @@ mod properties;
 mod replicas;
 mod secrets;
 mod switching;
+mod tls;
 mod traces;
 mod workflows;

@@ -42,6 +42,9 @@ pub struct DestinationConfig {
     pub max_backoff: Duration,
     /// What to check when the destination refuses the credentials (names of variables, not values).
     pub auth_fix: String,
+    /// CA certificates trusted beside the webpki roots (`[tracing]`/`[langfuse] ca_file`, else
+    /// `[tls] ca_file`).
+    pub trust: crate::tls::Trust,
 }
 
 impl std::fmt::Debug for DestinationConfig {
@@ -79,6 +82,9 @@ pub struct DestinationStats {
     pub scores_accepted: AtomicU64,
     /// Spans and scores dropped because the in-memory queue was full.
     pub queue_dropped: AtomicU64,
+    /// Items a 207 answer refused: for now (sent again) and for good (dropped).
+    pub item_errors_transient: AtomicU64,
+    pub item_errors_permanent: AtomicU64,
     /// Whether the last attempt was accepted (true before the first).
     pub healthy: AtomicBool,
     trouble: Mutex<Option<Trouble>>,
@@ -200,7 +206,9 @@ impl Destination {
             wake.clone(),
             stop.clone(),
         ));
-        let client = reqwest::Client::builder()
+        let client = config
+            .trust
+            .reqwest(reqwest::Client::builder())
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .build()
@@ -361,9 +369,63 @@ fn write_batches(
 /// How one post went.
 enum Sent {
     Accepted,
+    /// 207 Multi-Status (Langfuse's ingestion API): some items accepted, some refused.
+    Partial(Partial),
     Retry(String),
     Auth(u16),
     Rejected(u16, String),
+}
+
+/// What a 207 answer said of the batch's items.
+#[derive(Debug, Default, PartialEq)]
+struct Partial {
+    /// Ids of the items refused for now (5xx, 429): sent again.
+    transient: Vec<String>,
+    /// Items refused for good, and the first of their messages (bounded).
+    permanent: u64,
+    message: Option<String>,
+}
+
+/// The body of a 207 answer: `{"successes": [{id, status}], "errors": [{id, status, message}]}`.
+fn partial(body: &str) -> Partial {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let mut out = Partial::default();
+    for e in v["errors"].as_array().into_iter().flatten() {
+        let status = e["status"].as_u64().unwrap_or(0);
+        if status == 429 || status >= 500 {
+            if let Some(id) = e["id"].as_str() {
+                out.transient.push(id.chars().take(200).collect());
+                continue;
+            }
+        }
+        out.permanent += 1;
+        if out.message.is_none() {
+            let text = e["message"]
+                .as_str()
+                .or(e["error"].as_str())
+                .unwrap_or("no message");
+            out.message = Some(format!(
+                "HTTP {status}: {}",
+                text.chars().take(300).collect::<String>()
+            ));
+        }
+    }
+    out
+}
+
+/// The ingestion batch `payload` with only the events whose id is in `ids` (`None`: not a batch).
+fn only_events(payload: &[u8], ids: &[String]) -> Option<(Vec<u8>, u32)> {
+    let mut v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let batch = v.get_mut("batch")?.as_array_mut()?;
+    batch.retain(|e| {
+        e["id"]
+            .as_str()
+            .is_some_and(|id| ids.iter().any(|i| i == id))
+    });
+    let n = batch.len() as u32;
+    (n > 0)
+        .then(|| serde_json::to_vec(&v).ok().map(|b| (b, n)))
+        .flatten()
 }
 
 async fn post(
@@ -389,6 +451,18 @@ async fn post(
     match req.send().await {
         Ok(resp) => {
             let status = resp.status();
+            if status.as_u16() == 207 {
+                // At most 1 MiB of it read: the item list is bounded by the batch.
+                let mut body = Vec::new();
+                let mut resp = resp;
+                while let Ok(Some(chunk)) = resp.chunk().await {
+                    body.extend_from_slice(&chunk);
+                    if body.len() > 1 << 20 {
+                        break;
+                    }
+                }
+                return Sent::Partial(partial(&String::from_utf8_lossy(&body)));
+            }
             if status.is_success() {
                 return Sent::Accepted;
             }
@@ -440,8 +514,9 @@ async fn sender(
             Some(Ok(item)) => item,
         };
         let (seq, kind, count) = (item.seq, item.kind, item.count);
+        let payload = item.payload;
         let outcome = tokio::select! {
-            sent = post(&client, &config, kind, item.payload) => sent,
+            sent = post(&client, &config, kind, payload.clone()) => sent,
             _ = stop.cancelled() => return,
         };
         let wait = match outcome {
@@ -468,6 +543,52 @@ async fn sender(
                 remove(&spool, &stats, seq);
                 backoff = FIRST_BACKOFF;
                 None
+            }
+            Sent::Partial(p) => {
+                stats.count("ok");
+                stats
+                    .last_success_ms
+                    .store(clock.now_ms(), Ordering::Relaxed);
+                // Items not named among the errors were taken.
+                let refused = p.permanent + p.transient.len() as u64;
+                if kind == ItemKind::Scores {
+                    stats
+                        .scores_accepted
+                        .fetch_add(u64::from(count).saturating_sub(refused), Ordering::Relaxed);
+                }
+                stats
+                    .item_errors_permanent
+                    .fetch_add(p.permanent, Ordering::Relaxed);
+                if let Some(message) = &p.message {
+                    tracing::warn!(destination = config.name, refused = p.permanent,
+                        "the trace destination refused {} item(s) of a batch for good ({message}); they are dropped",
+                        p.permanent);
+                }
+                // The items refused for now go back to the spool, alone, to be sent again.
+                let again = only_events(&payload, &p.transient);
+                if let Some((retry, n)) = &again {
+                    stats
+                        .item_errors_transient
+                        .fetch_add(u64::from(*n), Ordering::Relaxed);
+                    tracing::info!(destination = config.name, items = n,
+                        "the trace destination could not take {n} item(s) of a batch now; they are sent again");
+                    let mut s = spool.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = s.push(kind, *n, retry) {
+                        tracing::error!(
+                            destination = config.name,
+                            "the items to send again could not be spooled: {e}"
+                        );
+                    }
+                }
+                remove(&spool, &stats, seq);
+                if again.is_some() {
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(config.max_backoff.max(FIRST_BACKOFF));
+                    Some(wait)
+                } else {
+                    backoff = FIRST_BACKOFF;
+                    None
+                }
             }
             Sent::Retry(why) => {
                 stats.count("retry");
@@ -521,4 +642,34 @@ fn remove(spool: &Mutex<Spool>, stats: &DestinationStats, seq: u64) {
     stats
         .spool_batches
         .store(s.batches() as u64, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_207_answer_sends_again_what_was_refused_for_now_and_drops_the_rest() {
+        let answer = json!({
+            "successes": [{"id": "a", "status": 201}],
+            "errors": [
+                {"id": "b", "status": 500, "message": "try later"},
+                {"id": "c", "status": 400, "message": "invalid score value"},
+                {"id": "d", "status": 429},
+            ]
+        });
+        let p = partial(&answer.to_string());
+        assert_eq!(p.transient, vec!["b".to_string(), "d".to_string()]);
+        assert_eq!(p.permanent, 1);
+        assert_eq!(p.message.as_deref(), Some("HTTP 400: invalid score value"));
+        let batch = json!({"batch": [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d"}]});
+        let (again, n) = only_events(batch.to_string().as_bytes(), &p.transient).unwrap();
+        assert_eq!(n, 2);
+        let again: serde_json::Value = serde_json::from_slice(&again).unwrap();
+        assert_eq!(again, json!({"batch": [{"id": "b"}, {"id": "d"}]}));
+        // Nothing to send again: no batch; an unreadable answer refuses nothing.
+        assert_eq!(only_events(batch.to_string().as_bytes(), &[]), None);
+        assert_eq!(partial("not json"), Partial::default());
+    }
 }

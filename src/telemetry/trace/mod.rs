@@ -98,6 +98,18 @@ fn parse_headers(
 }
 
 impl Plan {
+    /// Each destination trusting what the configuration says for it: OTLP `[tracing]`'s trust,
+    /// Langfuse `[langfuse]`'s (each else `[tls] ca_file`).
+    pub fn trusting(mut self, trust: &crate::config::settings::TrustSettings) -> Plan {
+        for d in &mut self.destinations {
+            d.trust = match d.name {
+                "langfuse" => trust.langfuse.clone(),
+                _ => trust.tracing.clone(),
+            };
+        }
+        self
+    }
+
     /// Resolves `[tracing]`, `[langfuse]` and the standard variables (`OTEL_EXPORTER_OTLP_*`,
     /// `OTEL_SERVICE_NAME`, `OTEL_SDK_DISABLED`, `LANGFUSE_*`; a variable wins over the file).
     pub fn resolve(
@@ -143,6 +155,7 @@ impl Plan {
                 spool_max_bytes: tracing.spool_max_bytes,
                 max_backoff: tracing.max_backoff,
                 auth_fix,
+                trust: crate::tls::Trust::default(),
             }
         };
         let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| truthy(&v))
