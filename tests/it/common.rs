@@ -685,6 +685,8 @@ pub struct Redis {
     pub url: String,
     port: u16,
     dir: PathBuf,
+    /// TLS only: the certificate and key files the server presents (`rediss://`).
+    tls: Option<(PathBuf, PathBuf)>,
     child: Option<std::process::Child>,
 }
 
@@ -694,6 +696,7 @@ impl Redis {
             port: free_port(),
             url: String::new(),
             dir: dir.to_path_buf(),
+            tls: None,
             child: None,
         };
         r.url = format!("redis://127.0.0.1:{}/0", r.port);
@@ -701,9 +704,38 @@ impl Redis {
         r
     }
 
+    /// A Redis that speaks TLS only (`--tls-port`, no plain port), presenting `cert_pem`;
+    /// `url` is `rediss://localhost:PORT/0`.
+    pub async fn start_tls(dir: &Path, cert_pem: &str, key_pem: &str) -> Redis {
+        let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        let mut r = Redis {
+            port: free_port(),
+            url: String::new(),
+            dir: dir.to_path_buf(),
+            tls: Some((cert, key)),
+            child: None,
+        };
+        r.url = format!("rediss://localhost:{}/0", r.port);
+        r.run().await;
+        r
+    }
+
     async fn run(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = std::process::Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
             .stdout(std::process::Stdio::null())

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hypertool::config::Source;
 use hypertool::core::clock::{Clock, ManualClock};
@@ -47,8 +48,8 @@ pub fn pki(name: &str, names: &[&str]) -> Pki {
     }
 }
 
-/// A configuration copy whose ledger is `url` (plus `extra` TOML at the end; a line starting
-/// `ledger.` goes into `[ledger]`); its directory holds `ca.pem` (the servers' CA) and
+/// A configuration copy whose ledger is `url`, with `extra` lines `ledger.KEY = …` and
+/// `tls.KEY = …` in those sections; its directory holds `ca.pem` (the servers' CA) and
 /// `other-ca.pem` (one that signed nothing of theirs).
 fn config_with_ledger(dir: &Path, url: &str, pki: &Pki, extra: &str) -> PathBuf {
     let toml = config_copy(dir);
@@ -57,20 +58,22 @@ fn config_with_ledger(dir: &Path, url: &str, pki: &Pki, extra: &str) -> PathBuf 
     std::fs::write(config.join("other-ca.pem"), pki_other().ca_pem).unwrap();
     let mut text = std::fs::read_to_string(&toml).unwrap();
     assert!(text.contains("[ledger]\n"));
-    let (ledger, rest): (Vec<&str>, Vec<&str>) =
-        extra.lines().partition(|l| l.starts_with("ledger."));
-    let ledger: String = ledger
-        .iter()
-        .map(|l| format!("{}\n", l.trim_start_matches("ledger.")))
-        .collect();
+    // `ledger.KEY = …` and `tls.KEY = …` lines go into those sections (the file has both).
+    let in_section = |prefix: &str| -> String {
+        extra
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let (ledger, tls) = (in_section("ledger."), in_section("tls."));
     text = text.replacen(
         "[ledger]\n",
         &format!("[ledger]\nurl = \"{url}\"\n{ledger}"),
         1,
     );
-    text.push('\n');
-    text.push_str(&rest.join("\n"));
-    text.push('\n');
+    assert!(text.contains("\n[tls]\n"));
+    text = text.replacen("\n[tls]\n", &format!("\n[tls]\n{tls}"), 1);
     std::fs::write(&toml, text).unwrap();
     toml
 }
@@ -156,7 +159,7 @@ async fn postgresql_over_tls_by_sslmode_and_a_certificate_the_ca_did_not_sign_is
     let s = attempt(
         "shared-ca",
         url("localhost", "sslmode=verify-full"),
-        "[tls]\nca_file = \"ca.pem\"",
+        "tls.ca_file = \"ca.pem\"",
     )
     .await
     .expect("verify-full with [tls] ca_file");
@@ -165,7 +168,7 @@ async fn postgresql_over_tls_by_sslmode_and_a_certificate_the_ca_did_not_sign_is
     let e = attempt(
         "own-ca",
         url("localhost", "sslmode=verify-full"),
-        "ledger.ca_file = \"other-ca.pem\"\n[tls]\nca_file = \"ca.pem\"",
+        "ledger.ca_file = \"other-ca.pem\"\ntls.ca_file = \"ca.pem\"",
     )
     .await
     .err()
@@ -235,7 +238,7 @@ async fn postgresql_over_tls_by_sslmode_and_a_certificate_the_ca_did_not_sign_is
         &d,
         &url("localhost", "sslmode=verify-full"),
         &pki,
-        "[tls]\nca_file = \"missing.pem\"",
+        "tls.ca_file = \"missing.pem\"",
     );
     let e = serve(&toml, &d.join("data"))
         .await
@@ -245,4 +248,80 @@ async fn postgresql_over_tls_by_sslmode_and_a_certificate_the_ca_did_not_sign_is
         e.contains("tls.ca_file") && e.contains("missing.pem") && e.contains("cannot be read"),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_cache_over_rediss_with_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki("hypertool test CA", &["localhost"]);
+    let redis = Redis::start_tls(dir.path(), &pki.cert_pem, &pki.key_pem).await;
+    let upstream = FakeUpstream::start(dir.path()).await;
+    // `ca` is the CA file `[gateway.cache]` trusts (its own `ca_file`, or `[tls]`'s).
+    let serve_with = |name: &str, trust: &str| {
+        let home = dir.path().join(name);
+        let toml = gateway_config(&home, &upstream.base_url, "");
+        let config = toml.parent().unwrap().to_path_buf();
+        std::fs::write(config.join("ca.pem"), &pki.ca_pem).unwrap();
+        std::fs::write(config.join("other-ca.pem"), pki_other().ca_pem).unwrap();
+        let mut text = std::fs::read_to_string(&toml).unwrap();
+        assert!(text.contains("[gateway.cache]\n"));
+        let (cache, shared) = match trust.strip_prefix("tls:") {
+            Some(file) => (String::new(), format!("ca_file = \"{file}\"\n")),
+            None => (format!("ca_file = \"{trust}\"\n"), String::new()),
+        };
+        text = text.replacen(
+            "[gateway.cache]\n",
+            &format!("[gateway.cache]\nurl = \"{}\"\n{cache}", redis.url),
+            1,
+        );
+        assert!(text.contains("\n[tls]\n"));
+        text = text.replacen("\n[tls]\n", &format!("\n[tls]\n{shared}"), 1);
+        std::fs::write(&toml, text).unwrap();
+        async move {
+            start(
+                Source::File(toml),
+                &home.join("data"),
+                Arc::new(ManualClock::new(T0)),
+            )
+            .await
+        }
+    };
+    let ask = |s: &TestServer| {
+        let req = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .header("x-hypertool-persona", "backend-engineer")
+            .json(&json!({"model": "ok", "temperature": 0,
+                          "messages": [{"role": "user", "content": "what is a ledger?"}]}));
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let shared = |m: &Exposition, result: &str| {
+        m.get("hypertool_cache_shared_total", &[("result", result)])
+            .unwrap_or(0.0)
+    };
+    // Trusting the CA by its own ca_file: the answer is stored in Redis over TLS; by the shared
+    // one, a second hypertool is answered from there.
+    for (name, trust, result) in [("own", "ca.pem", "stored"), ("shared", "tls:ca.pem", "hit")] {
+        let s = serve_with(name, trust).await;
+        assert_eq!(ask(&s).await, 200);
+        eventually(
+            &format!("{name}: {result} in Redis"),
+            Duration::from_secs(10),
+            || async { (shared(&s.metrics().await, result) >= 1.0).then_some(()) },
+        )
+        .await;
+        assert_eq!(shared(&s.metrics().await, "error"), 0.0);
+        s.stop().await;
+    }
+    // Trusting another CA: Redis is never reached (counted as errors), and calls still succeed.
+    let s = serve_with("other", "other-ca.pem").await;
+    assert_eq!(ask(&s).await, 200);
+    eventually(
+        "the refused TLS handshake counted",
+        Duration::from_secs(10),
+        || async { (shared(&s.metrics().await, "error") >= 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(shared(&s.metrics().await, "stored"), 0.0);
+    s.stop().await;
 }

@@ -31,6 +31,10 @@ struct Received {
     requests: Vec<(String, HeaderMap)>,
     scores: Vec<Value>,
     service_names: Vec<String>,
+    /// Ingestion items still to refuse, for now (500) and for good (400), and the ids refused.
+    refuse: (u32, u32),
+    refused_for_now: Vec<String>,
+    refused_for_good: Vec<String>,
 }
 
 /// An OTLP/HTTP receiver and Langfuse stand-in on one port; `answer` is the status it gives.
@@ -82,11 +86,26 @@ async fn ingestion(
         return (status, String::new());
     }
     let v: Value = serde_json::from_slice(&body).expect("JSON");
-    got.scores
-        .extend(v["batch"].as_array().unwrap().iter().cloned());
+    // Langfuse's 207: each item a success or an error; refused items are not stored.
+    let (mut successes, mut errors) = (Vec::new(), Vec::new());
+    for item in v["batch"].as_array().unwrap() {
+        let id = item["id"].as_str().unwrap().to_string();
+        if got.refuse.0 > 0 {
+            got.refuse.0 -= 1;
+            got.refused_for_now.push(id.clone());
+            errors.push(json!({"id": id, "status": 500, "message": "busy, try again"}));
+        } else if got.refuse.1 > 0 {
+            got.refuse.1 -= 1;
+            got.refused_for_good.push(id.clone());
+            errors.push(json!({"id": id, "status": 400, "message": "invalid score", "error": "value must be numeric"}));
+        } else {
+            got.scores.push(item.clone());
+            successes.push(json!({"id": id, "status": 201}));
+        }
+    }
     (
         StatusCode::MULTI_STATUS,
-        json!({"successes": [], "errors": []}).to_string(),
+        json!({"successes": successes, "errors": errors}).to_string(),
     )
 }
 
@@ -698,6 +717,63 @@ async fn plain_call(s: &TestServer, n: usize) {
         &format!("call {n}"),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_langfuse_refuses_in_a_207_are_counted_and_the_transient_ones_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("HYPERTOOL_TEST_LF_PK", "pk-lf-test-public");
+    std::env::set_var("HYPERTOOL_TEST_LF_SK", "sk-lf-test-secret-value");
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let rx = Receiver::start().await;
+    rx.got.lock().unwrap().refuse = (1, 1);
+    let host = rx.url();
+    let edits = langfuse_edits(&host, "HYPERTOOL_TEST_LF_PK", "HYPERTOOL_TEST_LF_SK");
+    let edits: Vec<(&str, &str)> = edits.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let s = server(dir.path(), &upstream, &edits).await;
+    // Two gated runs: four scores, the first refused for now, the second for good.
+    gated_run(&s, "sess-a").await;
+    gated_run(&s, "sess-b").await;
+    // The item refused for now arrives again, alone; the one refused for good never does.
+    eventually(
+        "the refused item sent again",
+        Duration::from_secs(20),
+        || async {
+            let got = rx.got.lock().unwrap();
+            let again = got.refused_for_now.first()?;
+            got.scores
+                .iter()
+                .any(|s| s["id"].as_str() == Some(again.as_str()))
+                .then_some(())
+        },
+    )
+    .await;
+    let got = std::mem::take(&mut *rx.got.lock().unwrap());
+    let taken: Vec<&str> = got
+        .scores
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got.refused_for_now.len(), 1);
+    assert_eq!(got.refused_for_good.len(), 1);
+    assert!(
+        !taken.contains(&got.refused_for_good[0].as_str()),
+        "dropped: {taken:?}"
+    );
+    let mut once = taken.clone();
+    once.sort();
+    once.dedup();
+    assert_eq!(once.len(), taken.len(), "each item taken once: {taken:?}");
+    let m = s.metrics().await;
+    let errors = |kind: &str| {
+        m.get(
+            "hypertool_trace_item_errors_total",
+            &[("destination", "langfuse"), ("kind", kind)],
+        )
+    };
+    assert_eq!(errors("transient"), Some(1.0));
+    assert_eq!(errors("permanent"), Some(1.0));
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
