@@ -675,6 +675,49 @@ fn experiment_text(e: &Value) -> String {
     )
 }
 
+/// `GET /api/audit` for a terminal: one row per change, its before and after in short JSON.
+pub fn audit_table(v: &Value) -> String {
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    if entries.is_empty() {
+        return "no audited change in that period\n".to_string();
+    }
+    let short = |x: &Value| {
+        if x.is_null() {
+            "—".to_string()
+        } else {
+            let text = x.to_string();
+            if text.chars().count() > 60 {
+                format!("{}…", text.chars().take(59).collect::<String>())
+            } else {
+                text
+            }
+        }
+    };
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e["at"].as_str().unwrap_or("").to_string(),
+                e["actor"].as_str().unwrap_or("").to_string(),
+                e["action"].as_str().unwrap_or("").to_string(),
+                e["target"].as_str().unwrap_or("").to_string(),
+                short(&e["before"]),
+                short(&e["after"]),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["AT", "ACTOR", "ACTION", "TARGET", "BEFORE", "AFTER"],
+        &rows,
+    );
+    if v["truncated"] == true {
+        out.push_str(
+            "(older entries left out: narrow --since or raise --limit; --json has every field)\n",
+        );
+    }
+    out
+}
+
 /// `GET /api/experiments` for a terminal.
 pub fn experiments_table(v: &Value) -> String {
     let list = v["experiments"].as_array().cloned().unwrap_or_default();

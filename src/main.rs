@@ -109,6 +109,23 @@ enum Command {
         #[arg(long, env = "HYPERTOOL_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// The audit log of a running server: every change made through the admin API or the CLI
+    /// (budgets set, removed or reset, experiments promoted, reloads, switches an admin made),
+    /// who made it (the key's role and name), and the values before and after; newest first.
+    Audit {
+        /// From this long ago (`24h`, `7d`) or this time (RFC 3339); default 7 days.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this action (`budget.set`, `budget.remove`, `budget.reset`,
+        /// `experiment.promote`, `config.reload`, `persona.switch`).
+        #[arg(long)]
+        action: Option<String>,
+        /// At most this many entries (default 200, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Quality gates of a running server.
     Gates {
         #[command(subcommand)]
@@ -312,6 +329,13 @@ enum ExperimentsCommand {
         /// hypertool.toml (default: ./config/hypertool.toml).
         #[arg(long, env = "HYPERTOOL_CONFIG")]
         config: Option<PathBuf>,
+        /// Ask this running server to promote (with an admin key): its configuration is rewritten
+        /// and the audit log names the key. Without it the file is rewritten here.
+        #[arg(long)]
+        server: Option<String>,
+        /// The environment variable holding the admin key (with --server).
+        #[arg(long, default_value = "HYPERTOOL_API_KEY")]
+        api_key_env: String,
     },
 }
 
@@ -825,69 +849,47 @@ async fn budget_suggest(
 }
 
 /// `hypertool experiments promote`: the workflow file with the stage on one variant, checked
-/// with the whole configuration, then put in place (written beside it and renamed).
-fn promote(path: Option<PathBuf>, workflow: &str, stage: &str, variant: &str) -> ExitCode {
+/// with the whole configuration, then put in place — by the server when `--server` is given (the
+/// audit log then names the key), else here.
+async fn promote(
+    path: Option<PathBuf>,
+    client: Option<ClientArgs>,
+    workflow: &str,
+    stage: &str,
+    variant: &str,
+) -> ExitCode {
+    if let Some(c) = client {
+        let body = serde_json::json!({ "variant": variant });
+        let route = format!(
+            "/api/experiments/{}/{}/promote",
+            encode(workflow),
+            encode(stage)
+        );
+        return match call(&c, reqwest::Method::POST, &route, Some(body)).await {
+            Ok(v) => {
+                outln!(
+                    "promoted: stage `{stage}` of workflow `{workflow}` runs variant `{variant}` alone ({}); the server applies it at its next reload",
+                    v["file"].as_str().unwrap_or("its workflow file")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        };
+    }
     let source = Source::discover(path.as_deref());
-    let cfg = match config::load(&source) {
-        Ok(c) => c,
-        Err(errors) => {
-            errln!("{errors}");
-            return ExitCode::from(1);
+    match config::workflows::promote_in_place(&source, workflow, stage, variant) {
+        Ok(file) => {
+            outln!(
+                "promoted: stage `{stage}` of workflow `{workflow}` runs variant `{variant}` alone ({}); the server applies it at its next reload and records the change",
+                file.display()
+            );
+            ExitCode::SUCCESS
         }
-    };
-    let Some(w) = cfg.workflows.get(workflow) else {
-        let known: Vec<&str> = cfg.workflows.workflows.keys().map(String::as_str).collect();
-        errln!(
-            "error: no workflow `{workflow}` in {}; workflows: {}",
-            source.describe(),
-            known.join(", ")
-        );
-        return ExitCode::from(1);
-    };
-    let file = PathBuf::from(&w.file);
-    if !file.is_file() {
-        errln!(
-            "error: workflow `{workflow}` is built in ({}); copy the configuration to a directory and pass --config",
-            w.file
-        );
-        return ExitCode::from(1);
-    }
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(e) => {
-            errln!("error: cannot read {}: {e}", file.display());
-            return ExitCode::from(1);
-        }
-    };
-    let promoted = match config::workflows::promote_variant(&text, stage, variant) {
-        Ok(t) => t,
         Err(why) => {
-            errln!("error: {}: {why}", file.display());
-            return ExitCode::from(1);
+            errln!("{why}");
+            ExitCode::from(1)
         }
-    };
-    if let Err(errors) = config::load_with_workflow(&source, &file, &promoted) {
-        errln!("{errors}");
-        errln!(
-            "error: the promoted {} would not load; it was not written",
-            file.display()
-        );
-        return ExitCode::from(1);
     }
-    let staged = file.with_extension("yml.promoting");
-    if let Err(e) = std::fs::write(&staged, &promoted) {
-        errln!("error: cannot write {}: {e}", staged.display());
-        return ExitCode::from(1);
-    }
-    if let Err(e) = std::fs::rename(&staged, &file) {
-        errln!("error: cannot replace {}: {e}", file.display());
-        return ExitCode::from(1);
-    }
-    outln!(
-        "promoted: stage `{stage}` of workflow `{workflow}` runs variant `{variant}` alone ({}); the server applies it at its next reload and records the change",
-        file.display()
-    );
-    ExitCode::SUCCESS
 }
 
 /// `hypertool prompts`: each prompt file a stage variant uses, its version and where.
@@ -1081,6 +1083,34 @@ async fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Audit {
+            since,
+            action,
+            limit,
+            client,
+        } => {
+            let params: Vec<String> = [
+                ("since", since),
+                ("action", action),
+                ("limit", limit.map(|l| l.to_string())),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v))))
+            .collect();
+            let path = if params.is_empty() {
+                "/api/audit".to_string()
+            } else {
+                format!("/api/audit?{}", params.join("&"))
+            };
+            client_command(
+                &client,
+                Method::GET,
+                &path,
+                None,
+                hypertool::cli::audit_table,
+            )
+            .await
+        }
         Command::Gates {
             command:
                 GatesCommand::History {
@@ -1137,7 +1167,16 @@ async fn main() -> ExitCode {
                 stage,
                 variant,
                 config,
-            } => promote(config, &workflow, &stage, &variant),
+                server,
+                api_key_env,
+            } => {
+                let client = server.map(|server| ClientArgs {
+                    server,
+                    api_key_env,
+                    json: false,
+                });
+                promote(config, client, &workflow, &stage, &variant).await
+            }
         },
         Command::Prompts { config } => prompts(config),
         Command::Simulate {

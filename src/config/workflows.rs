@@ -917,6 +917,49 @@ mod tests {
 /// The workflow file `text` with `stage` left on `variant` alone: its other variants and its
 /// `allocation` removed, every other line (comments included) as it was. `Err` names what is
 /// missing. The result is checked by the caller (`config::load_with_workflow`) before it is written.
+/// Promotes `variant` of `stage` of `workflow` in the configuration at `source`: its workflow
+/// file rewritten by [`promote_variant`], checked with the whole configuration, then put in place
+/// (written beside it and renamed). The file's path, or what stopped it (nothing is written).
+pub fn promote_in_place(
+    source: &super::Source,
+    workflow: &str,
+    stage: &str,
+    variant: &str,
+) -> Result<std::path::PathBuf, String> {
+    let cfg = super::load(source).map_err(|errors| errors.to_string())?;
+    let Some(w) = cfg.workflows.get(workflow) else {
+        let known: Vec<&str> = cfg.workflows.workflows.keys().map(String::as_str).collect();
+        return Err(format!(
+            "error: no workflow `{workflow}` in {}; workflows: {}",
+            source.describe(),
+            known.join(", ")
+        ));
+    };
+    let file = std::path::PathBuf::from(&w.file);
+    if !file.is_file() {
+        return Err(format!(
+            "error: workflow `{workflow}` is built in ({}); copy the configuration to a directory and pass --config",
+            w.file
+        ));
+    }
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("error: cannot read {}: {e}", file.display()))?;
+    let promoted = promote_variant(&text, stage, variant)
+        .map_err(|why| format!("error: {}: {why}", file.display()))?;
+    if let Err(errors) = super::load_with_workflow(source, &file, &promoted) {
+        return Err(format!(
+            "{errors}\nerror: the promoted {} would not load; it was not written",
+            file.display()
+        ));
+    }
+    let staged = file.with_extension("yml.promoting");
+    std::fs::write(&staged, &promoted)
+        .map_err(|e| format!("error: cannot write {}: {e}", staged.display()))?;
+    std::fs::rename(&staged, &file)
+        .map_err(|e| format!("error: cannot replace {}: {e}", file.display()))?;
+    Ok(file)
+}
+
 pub fn promote_variant(text: &str, stage: &str, variant: &str) -> Result<String, String> {
     let lines: Vec<&str> = text.lines().collect();
     let indent = |l: &str| l.len() - l.trim_start().len();

@@ -782,7 +782,7 @@ impl Engine {
                 }
             }
             // History for the runbook's investigation; nothing to count.
-            Event::GateChanged { .. } | Event::VariantsChanged { .. } => {}
+            Event::GateChanged { .. } | Event::VariantsChanged { .. } | Event::Audit(_) => {}
             Event::ExperimentDecided {
                 workflow,
                 stage,

@@ -103,6 +103,10 @@ pub enum Event {
     /// A tool call through the MCP proxy (`hypertool mcp`, `/mcp`): sent to a downstream server,
     /// or refused because the persona in force may not use it.
     McpToolCall(McpToolCall),
+    /// A change made through the admin API or the CLI (a budget set or removed, a budget reset, an
+    /// experiment promoted, a reload, a switch an admin made): who (the key's role and configured
+    /// name — never the key), what, on what, and the values before and after.
+    Audit(AuditEntry),
     /// An experiment became decided: `variant` is the best of its stage's variants with
     /// probability `p_best` (at least the stage's `decide_at`, after `min_runs_per_variant` runs
     /// each). Recorded once per (workflow, stage, variant); the allocation goes on until the
@@ -209,6 +213,22 @@ impl CallAdmission {
             prompt_version: None,
         }
     }
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// `admin HYPERTOOL_ADMIN_KEY`, `viewer …`, `config files` (a reload the files' change made).
+    pub actor: String,
+    /// `budget.set`, `budget.remove`, `budget.reset`, `experiment.promote`, `config.reload`,
+    /// `persona.switch`.
+    pub action: String,
+    /// What it acted on: a persona, `workflow/stage`, a session, the configuration.
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<serde_json::Value>,
 }
 
 /// One quality-gate verdict, as counted by `hypertool_workflow_quality_gate_total`.
@@ -359,6 +379,7 @@ impl Event {
             Event::SwitchSuppressed { .. } => "switch_suppressed",
             Event::McpToolCall(_) => "mcp_tool_call",
             Event::ExperimentDecided { .. } => "experiment_decided",
+            Event::Audit(_) => "audit",
         }
     }
 }

@@ -125,8 +125,14 @@ pub async fn get_budget(
     status_of(&state, &persona).map(Json)
 }
 
+/// A budget as the audit log keeps it (`None`: the persona has no budget).
+fn budget_json(state: &AppState, persona: &str) -> Option<serde_json::Value> {
+    status_of(state, persona).ok().map(|s| json!(s))
+}
+
 pub async fn put_budget(
     State(state): State<AppState>,
+    caller: crate::web::auth::Caller,
     Path(persona): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BudgetStatus>, ApiError> {
@@ -162,6 +168,7 @@ pub async fn put_budget(
         current.map(|c| c.mode).unwrap_or_default(),
         current.and_then(|c| c.soft_limit),
     );
+    let before = budget_json(&state, &persona);
     if !state
         .writer
         .set_override(persona.clone(), Some(spec))
@@ -171,19 +178,41 @@ pub async fn put_budget(
         return Err(unknown_persona(&engine, &persona));
     }
     tracing::info!(persona = %persona, tokens = spec.tokens, period = spec.period.as_str(),
-        mode = spec.mode.as_str(), "budget override set");
+        mode = spec.mode.as_str(), actor = %caller.actor(), "budget override set");
+    let after = budget_json(&state, &persona);
+    let entry = super::audit::entry(
+        &state,
+        caller.actor(),
+        "budget.set",
+        &persona,
+        before,
+        after,
+    );
+    super::audit::record(&state, entry).await;
     status_of(&state, &persona).map(Json)
 }
 
 pub async fn delete_budget_override(
     State(state): State<AppState>,
+    caller: crate::web::auth::Caller,
     Path(persona): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let before = budget_json(&state, &persona);
     if !state.writer.set_override(persona.clone(), None).await? {
         let engine = lock(&state.engine);
         return Err(unknown_persona(&engine, &persona));
     }
-    tracing::info!(persona = %persona, "budget override removed");
+    tracing::info!(persona = %persona, actor = %caller.actor(), "budget override removed");
+    let after = budget_json(&state, &persona);
+    let entry = super::audit::entry(
+        &state,
+        caller.actor(),
+        "budget.remove",
+        &persona,
+        before,
+        after,
+    );
+    super::audit::record(&state, entry).await;
     match status_of(&state, &persona) {
         Ok(s) => Ok(Json(json!(s))),
         Err(_) => Ok(Json(json!({"persona": persona, "budget": null}))),
@@ -192,6 +221,7 @@ pub async fn delete_budget_override(
 
 pub async fn reset_budget(
     State(state): State<AppState>,
+    caller: crate::web::auth::Caller,
     Path(persona): Path<String>,
 ) -> Result<Json<BudgetStatus>, ApiError> {
     let canonical = {
@@ -207,8 +237,22 @@ pub async fn reset_budget(
             persona: canonical.clone(),
         },
     };
-    state.writer.append(vec![event]).await?;
-    tracing::info!(persona = %canonical, "budget reset for the current period");
+    // The reset and its audit entry in one append: neither is stored without the other.
+    let before = budget_json(&state, &canonical);
+    let after = before.clone().map(|mut b| {
+        b["used_tokens"] = json!(0);
+        b
+    });
+    let entry = super::audit::entry(
+        &state,
+        caller.actor(),
+        "budget.reset",
+        &canonical,
+        before,
+        after,
+    );
+    state.writer.append(vec![event, entry]).await?;
+    tracing::info!(persona = %canonical, actor = %caller.actor(), "budget reset for the current period");
     status_of(&state, &canonical).map(Json)
 }
 

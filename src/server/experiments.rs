@@ -94,3 +94,81 @@ pub async fn show(
             )
         })
 }
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteBody {
+    variant: String,
+}
+
+/// `POST /api/experiments/{workflow}/{stage}/promote {"variant": …}` (admin keys): the workflow
+/// file rewritten with the stage on that variant alone (checked with the whole configuration
+/// first), applied at the next reload; the audit log names the caller.
+pub async fn promote(
+    State(state): State<AppState>,
+    caller: crate::web::auth::Caller,
+    Path((workflow, stage)): Path<(String, String)>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.max_body_bytes))?;
+    let req: PromoteBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_promotion",
+            format!("{e}; the body is {{\"variant\": \"NAME\"}}"),
+        )
+    })?;
+    let before = {
+        let workflows = state.gateway.workflows();
+        let w = workflows.get(&workflow).ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_experiment",
+                format!("no workflow `{workflow}`; GET /api/experiments lists the experiments"),
+            )
+        })?;
+        let s = w.stage(&stage).filter(|s| !s.variants.is_empty()).ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_experiment",
+                format!("stage `{stage}` of workflow `{workflow}` has no variants; GET /api/experiments lists the experiments"),
+            )
+        })?;
+        super::workflows::variants_json(s)
+    };
+    let source = state.config_source.clone();
+    let (w, s, v) = (workflow.clone(), stage.clone(), req.variant.clone());
+    let file = tokio::task::spawn_blocking(move || {
+        crate::config::workflows::promote_in_place(&source, &w, &s, &v)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            crate::web::error::ErrorKind::Internal,
+            "promotion_failed",
+            format!("the promotion did not finish: {e}"),
+        )
+    })?
+    .map_err(|why| {
+        ApiError::new(
+            crate::web::error::ErrorKind::Conflict,
+            "promotion_refused",
+            crate::web::error::bounded(why.trim_start_matches("error: "), 2_000),
+        )
+    })?;
+    let after = json!({"variants": [req.variant], "file": file.display().to_string()});
+    let entry = super::audit::entry(
+        &state,
+        caller.actor(),
+        "experiment.promote",
+        &format!("{workflow}/{stage}"),
+        before,
+        Some(after),
+    );
+    super::audit::record(&state, entry).await;
+    tracing::info!(workflow = %workflow, stage = %stage, variant = %req.variant, actor = %caller.actor(),
+        "experiment promoted; the next reload applies it");
+    Ok(Json(json!({
+        "workflow": workflow,
+        "stage": stage,
+        "variant": req.variant,
+        "file": file.display().to_string(),
+    })))
+}

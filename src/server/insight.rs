@@ -188,7 +188,11 @@ impl Baseline {
 
 /// `since`/`until`: a duration back from now (`30m`, `1h`, `7d`), an RFC 3339 time, or Unix
 /// milliseconds.
-fn point_in_time(text: &str, now: UnixMillis, param: &'static str) -> Result<UnixMillis, ApiError> {
+pub(super) fn point_in_time(
+    text: &str,
+    now: UnixMillis,
+    param: &'static str,
+) -> Result<UnixMillis, ApiError> {
     if let Ok(d) = PromDuration::parse(text) {
         return Ok(now - d.ms());
     }
@@ -206,7 +210,7 @@ fn point_in_time(text: &str, now: UnixMillis, param: &'static str) -> Result<Uni
     })
 }
 
-async fn read(state: &AppState, query: EventQuery) -> Result<Found, ApiError> {
+pub(super) async fn read(state: &AppState, query: EventQuery) -> Result<Found, ApiError> {
     let reader = state.reader.clone();
     tokio::task::spawn_blocking(move || reader.events(&query))
         .await

@@ -6,6 +6,7 @@
 //! flush the ledger, return — all within `server.shutdown_grace_seconds`.
 
 pub mod admin;
+pub mod audit;
 pub mod dashboard;
 pub mod events;
 pub mod experiments;
@@ -225,6 +226,8 @@ fn start_mcp(
 /// What every route can reach.
 #[derive(Clone)]
 pub struct AppInner {
+    /// Where the configuration is read from (a promotion rewrites its workflow file).
+    pub config_source: config::Source,
     /// The MCP proxy at `/mcp`.
     pub mcp: McpEndpoint,
     pub engine: Arc<Mutex<Engine>>,
@@ -567,6 +570,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         api_addr,
     )?;
     let state = AppState(Arc::new(AppInner {
+        config_source: cfg.source.clone(),
         mcp,
         door,
         metrics_gate,
@@ -726,6 +730,27 @@ async fn wait_for_changed(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// What the audit log keeps of a configuration at a reload: its fingerprint, its keys by name
+/// (the variables they are read from, never the keys), and the size of what it configures.
+fn config_summary(cfg: &Config) -> serde_json::Value {
+    let names = |keys: &[crate::config::settings::RoleKey]| -> Vec<String> {
+        keys.iter().map(|k| k.key_env.clone()).collect()
+    };
+    serde_json::json!({
+        "fingerprint": format!("{:016x}", cfg.fingerprint),
+        "keys": {
+            "admin": names(&cfg.settings.auth.admin),
+            "viewer": names(&cfg.settings.auth.viewer),
+            "gateway": cfg.settings.gateway.keys.iter()
+                .map(|k| serde_json::json!({"key_env": k.key_env, "persona": k.persona}))
+                .collect::<Vec<_>>(),
+        },
+        "personas": cfg.personas.len(),
+        "budgets": cfg.budgets.len(),
+        "workflows": cfg.workflows.workflows.keys().collect::<Vec<_>>(),
+    })
+}
+
 /// The ticker (idle sessions, budget periods) and the configuration reloader.
 fn spawn_background(
     state: &AppState,
@@ -783,6 +808,7 @@ fn spawn_background(
     let reject_stats = state.stats.clone();
     let trace_settings = Mutex::new((cfg.settings.tracing.clone(), cfg.settings.langfuse.clone()));
     let initial = cfg.settings.clone();
+    let last_summary = Mutex::new(config_summary(&cfg));
     let source = cfg.source.clone();
     let interval = Duration::from_millis(cfg.settings.reload_interval_ms);
     tasks.push(tokio::spawn(config::reload::watch(
@@ -796,12 +822,33 @@ fn spawn_background(
                 tracing::warn!("listen addresses changed in the configuration; they take effect at the next restart");
             }
             let now = reload_state.clock.now_ms();
+            // The audit log's entry of the reload: what the files changed, keys by name.
+            let after = config_summary(&new);
+            let before = {
+                let mut last = last_summary.lock().unwrap_or_else(|p| p.into_inner());
+                std::mem::replace(&mut *last, after.clone())
+            };
+            let keys_changed = before["keys"] != after["keys"];
+            let mut audited = after.clone();
+            audited["keys_changed"] = serde_json::Value::Bool(keys_changed);
+            let audit_entry = audit::entry(
+                &reload_state,
+                "config files".to_string(),
+                "config.reload",
+                &new.source.describe(),
+                Some(before),
+                Some(audited),
+            );
+            if keys_changed {
+                tracing::warn!("the reload changed the configured keys (see GET /api/audit)");
+            }
             lock(&reload_state.engine).reconfigure(new.engine_config(), now);
             reload_state
                 .gateway
                 .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
             let mut gate_changes = reload_state.gates.reload(&new.workflows, now);
             gate_changes.extend(reload_state.variants.reload(&new.workflows, now));
+            gate_changes.push(audit_entry);
             if !gate_changes.is_empty() {
                 let writer = reload_state.writer.clone();
                 tokio::spawn(async move {

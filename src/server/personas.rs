@@ -73,6 +73,18 @@ pub async fn switch(
         .switchboard()
         .switch(&req.session, &to, &chatmode)
         .await?;
+    // A switch an admin made (not the agent's own) is an operator's change: audited.
+    if matches!(caller, Caller::Admin { .. }) && answer["switched"] == true {
+        let entry = super::audit::entry(
+            &state,
+            caller.actor(),
+            "persona.switch",
+            &req.session,
+            Some(json!({"persona": answer["from"]})),
+            Some(json!({"persona": answer["persona"], "chatmode": answer["chatmode"]})),
+        );
+        super::audit::record(&state, entry).await;
+    }
     Ok(Json(answer))
 }
 

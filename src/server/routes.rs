@@ -4,7 +4,9 @@
 
 use axum::routing::{delete, get, post, put, MethodRouter};
 
-use super::{admin, dashboard, events, experiments, insight, mcp, personas, workflows, AppState};
+use super::{
+    admin, audit, dashboard, events, experiments, insight, mcp, personas, workflows, AppState,
+};
 use crate::web::auth::{Access, RouteAccess};
 
 /// The routes, their access and their handlers.
@@ -156,6 +158,11 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
             post(admin::reset_budget),
         ),
         (r("GET", "/api/alerts", View), get(admin::list_alerts)),
+        (r("GET", "/api/audit", View), get(audit::list)),
+        (
+            r("POST", "/api/experiments/{workflow}/{stage}/promote", Admin),
+            post(experiments::promote),
+        ),
         (r("GET", "/runbook", View), get(admin::runbook)),
         // The dashboard: a page and the one document it polls.
         (r("GET", "/", View), get(dashboard::page)),

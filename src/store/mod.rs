@@ -108,7 +108,8 @@ impl<'a> Columns<'a> {
             | Event::CallProgress { .. }
             | Event::GateChanged { .. }
             | Event::VariantsChanged { .. }
-            | Event::ExperimentDecided { .. } => (None, None, None, None, None, None),
+            | Event::ExperimentDecided { .. }
+            | Event::Audit(_) => (None, None, None, None, None, None),
             Event::RunStarted { .. } | Event::StageFinished { .. } | Event::RunFinished { .. } => {
                 (None, None, None, None, None, None)
             }

@@ -76,8 +76,12 @@ pub enum Caller {
     /// An admin key, or any caller when no key is configured (`authenticated: false`).
     Admin {
         authenticated: bool,
+        /// How the configuration names the key: the variable it is read from.
+        key_env: Option<Arc<str>>,
     },
-    Viewer,
+    Viewer {
+        key_env: Arc<str>,
+    },
     Persona(Arc<VirtualKey>),
 }
 
@@ -94,8 +98,26 @@ impl Caller {
         match self {
             Caller::Anonymous => "anonymous",
             Caller::Admin { .. } => "admin",
-            Caller::Viewer => "viewer",
+            Caller::Viewer { .. } => "viewer",
             Caller::Persona(_) => "persona",
+        }
+    }
+
+    /// Who did something, as the audit log names them: the role and the key's configured name
+    /// (the variable it is read from) — never the key.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Anonymous => "anonymous".into(),
+            Caller::Admin {
+                authenticated: false,
+                ..
+            } => "admin (no keys configured: a loopback caller)".into(),
+            Caller::Admin { key_env, .. } => match key_env {
+                Some(k) => format!("admin {k}"),
+                None => "admin".into(),
+            },
+            Caller::Viewer { key_env } => format!("viewer {key_env}"),
+            Caller::Persona(k) => format!("persona {} ({})", k.persona, k.key_env),
         }
     }
 }
@@ -141,11 +163,17 @@ impl Keyring {
                 k.hash,
                 Caller::Admin {
                     authenticated: true,
+                    key_env: Some(Arc::from(k.key_env.as_str())),
                 },
             ));
         }
         for k in &auth.viewer {
-            entries.push((k.hash, Caller::Viewer));
+            entries.push((
+                k.hash,
+                Caller::Viewer {
+                    key_env: Arc::from(k.key_env.as_str()),
+                },
+            ));
         }
         for k in persona_keys {
             entries.push((k.hash, Caller::Persona(Arc::new(k.clone()))));
@@ -279,7 +307,7 @@ impl Door {
             Caller::Admin { .. } => return Ok(()),
             Caller::Persona(key) => key,
             // Neither reaches a route that acts for a persona (the door refuses them first).
-            Caller::Anonymous | Caller::Viewer => {
+            Caller::Anonymous | Caller::Viewer { .. } => {
                 self.count("role");
                 return Err(forbidden(format!(
                     "a {} key may not act on {what}",
@@ -408,6 +436,7 @@ impl Door {
         if keyring.entries.is_empty() {
             return Ok(Caller::Admin {
                 authenticated: false,
+                key_env: None,
             });
         }
         let Some(presented) = presented_key(headers) else {
@@ -424,8 +453,8 @@ impl Door {
             (_, Caller::Admin { .. }) => true,
             (Access::Public | Access::AnyKey, _) => true,
             (Access::Gateway | Access::PersonaScoped, Caller::Persona(_)) => true,
-            (Access::View, Caller::Viewer) => true,
-            (Access::ViewOrOwnPersona, Caller::Viewer) => true,
+            (Access::View, Caller::Viewer { .. }) => true,
+            (Access::ViewOrOwnPersona, Caller::Viewer { .. }) => true,
             (Access::ViewOrOwnPersona, Caller::Persona(_)) => {
                 self.require_own(&caller, "persona", "the budget", path_persona)?;
                 true

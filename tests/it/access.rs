@@ -119,7 +119,11 @@ pub fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
             | "/api/budgets/suggestions"
             | "/api/quality-gates/history",
         ) => (path.into(), None),
-        ("GET", "/api/experiments") => (path.into(), None),
+        ("GET", "/api/experiments" | "/api/audit") => (path.into(), None),
+        ("POST", "/api/experiments/{workflow}/{stage}/promote") => (
+            format!("/api/experiments/{wf}/design/promote"),
+            Some(json!({"variant": "none"})),
+        ),
         ("GET", "/api/experiments/{workflow}/{stage}") => {
             (format!("/api/experiments/{wf}/design"), None)
         }

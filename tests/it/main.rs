@@ -3,6 +3,7 @@
 
 mod access;
 mod alert_rules;
+mod audit;
 mod bad_input;
 mod common;
 mod config_reload;
