@@ -1223,6 +1223,29 @@ impl Engine {
         )
     }
 
+    /// USD a new call of `persona` may still reserve fleet-wide, as [`Engine::fleet_room`] for
+    /// tokens: the `block` budget's `cost_usd` less its cost so far and the cost estimates of every
+    /// admitted call not yet settled, whichever replica admitted it. `None` when no `block` budget
+    /// with a `cost_usd` applies.
+    pub fn fleet_cost_room(&self, persona: &str) -> Option<f64> {
+        let canonical = self.config.personas.canonical(persona);
+        let budget = self.budgets.get(canonical)?;
+        if budget.spec.mode != super::budget::BudgetMode::Block {
+            return None;
+        }
+        let limit = budget.spec.cost_usd?;
+        let in_flight: f64 = self
+            .unsettled
+            .values()
+            .filter(|(at, c)| {
+                *at >= self.now - STALE_ADMISSION_MS
+                    && self.config.personas.canonical(&c.persona) == canonical
+            })
+            .filter_map(|(_, c)| c.cost_usd)
+            .sum();
+        Some(limit - budget.used_cost() - in_flight)
+    }
+
     pub fn budget(&self, persona: &str) -> Option<&BudgetState> {
         let canonical = self.config.personas.canonical(persona);
         self.budgets.get(canonical)

@@ -141,8 +141,9 @@ pub(super) async fn store_admission(
                 ErrorKind::BudgetExceeded,
                 "budget_exceeded",
                 format!(
-                    "persona `{}` has no tokens left in its budget for this call (about {estimate}): usage and calls in flight on every replica count",
-                    meta.persona
+                    "persona `{}` has not enough budget left for this call (about {estimate} tokens{}): usage and calls in flight on every replica count",
+                    meta.persona,
+                    if cost > 0.0 { format!(", ${cost:.4}") } else { String::new() }
                 ),
             ))
         }

@@ -548,34 +548,50 @@ fn sync_overrides(ledger: &dyn Ledger, engine: &Mutex<Engine>, now: i64) {
 pub const BUDGET_REFUSED: &str = "budget";
 
 /// Which events of `batch` to store: each append (a range) whole or not at all; an append whose
-/// admissions would take a `block` budget past what the fleet has left (usage and every call in
-/// flight, whichever replica admitted it, plus what this batch already took) is refused.
+/// admissions would take a `block` budget — its tokens or its `cost_usd` — past what the fleet has
+/// left (usage and every call in flight, whichever replica admitted it, plus what this batch
+/// already took) is refused.
 fn fleet_decide(engine: &Mutex<Engine>, batch: &[Stamped], ranges: &[(usize, usize)]) -> Vec<bool> {
     let engine = lock(engine);
-    let mut taken: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    // What the batch's earlier appends took, per persona: tokens and USD.
+    let mut taken: std::collections::HashMap<&str, (u64, f64)> = std::collections::HashMap::new();
     let mut mask = Vec::with_capacity(batch.len());
     for &(start, end) in ranges {
         let mut ok = true;
-        let mut adds: Vec<(&str, u64)> = Vec::new();
+        let mut adds: Vec<(&str, u64, f64)> = Vec::new();
         for e in &batch[start..end] {
             if let crate::core::event::Event::CallAdmitted(c) = &e.event {
-                if let Some(room) = engine.fleet_room(&c.persona) {
-                    let before = taken.get(c.persona.as_str()).copied().unwrap_or(0)
-                        + adds
-                            .iter()
-                            .filter(|(p, _)| *p == c.persona)
-                            .map(|(_, n)| n)
-                            .sum::<u64>();
-                    if before.saturating_add(c.estimate) > room {
-                        ok = false;
-                    }
-                    adds.push((c.persona.as_str(), c.estimate));
+                let (rooms, cost_room) = (
+                    engine.fleet_room(&c.persona),
+                    engine.fleet_cost_room(&c.persona),
+                );
+                if rooms.is_none() && cost_room.is_none() {
+                    continue;
                 }
+                let (mut tokens, mut cost) =
+                    taken.get(c.persona.as_str()).copied().unwrap_or((0, 0.0));
+                for (p, n, usd) in &adds {
+                    if *p == c.persona {
+                        tokens += n;
+                        cost += usd;
+                    }
+                }
+                if rooms.is_some_and(|room| tokens.saturating_add(c.estimate) > room) {
+                    ok = false;
+                }
+                let usd = c.cost_usd.unwrap_or(0.0);
+                // A call with a cost estimate must fit the cost left (a tolerance for float sums).
+                if cost_room.is_some_and(|room| usd > 0.0 && cost + usd > room + 1e-9) {
+                    ok = false;
+                }
+                adds.push((c.persona.as_str(), c.estimate, usd));
             }
         }
         if ok {
-            for (p, n) in adds {
-                *taken.entry(p).or_default() += n;
+            for (p, n, usd) in adds {
+                let e = taken.entry(p).or_default();
+                e.0 += n;
+                e.1 += usd;
             }
         }
         mask.extend(std::iter::repeat_n(ok, end - start));

@@ -180,7 +180,12 @@ async fn admin_changes_are_audited_by_key_name_and_kept_across_a_restart() {
         (reloads(&s.metrics().await) > before).then_some(())
     })
     .await;
-    let (_, log) = audit(&s, ADMIN_KEY).await;
+    // A reload's entry is stored right after the reload is applied (not awaited by it).
+    let log = eventually("both reloads audited", Duration::from_secs(10), || async {
+        let (_, log) = audit(&s, ADMIN_KEY).await;
+        (entries(&log, "config.reload").len() == 2).then_some(log)
+    })
+    .await;
     let promotion = entries(&log, "experiment.promote");
     assert_eq!(promotion.len(), 1, "{log}");
     assert_eq!(promotion[0]["actor"], "admin HYPERTOOL_TEST_ACCESS_ADMIN");

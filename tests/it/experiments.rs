@@ -489,8 +489,13 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
     for v in run_gated(&s, 5).await {
         assert_eq!(v, "hi");
     }
-    let changes = ledger_events(dir.path(), "variants_changed");
-    let last = changes.last().expect("a variants_changed event");
+    // Recorded right after the reload is applied (not awaited by it).
+    let last = eventually(
+        "the promotion recorded",
+        Duration::from_secs(10),
+        || async { ledger_events(dir.path(), "variants_changed").pop() },
+    )
+    .await;
     assert_eq!(
         last["after"]["variants"].as_array().unwrap().len(),
         1,
@@ -583,8 +588,17 @@ async fn a_prompt_edit_is_an_event_the_next_calls_carry_and_a_bad_variant_edit_c
         (reloads(&s.metrics().await) > before).then_some(())
     })
     .await;
-    let changes = ledger_events(dir.path(), "variants_changed");
-    let change = changes.last().expect("the prompt edit recorded");
+    // Recorded right after the reload is applied (not awaited by it).
+    let changes = eventually(
+        "the prompt edit recorded",
+        Duration::from_secs(10),
+        || async {
+            let changes = ledger_events(dir.path(), "variants_changed");
+            (!changes.is_empty()).then_some(changes)
+        },
+    )
+    .await;
+    let change = changes.last().unwrap();
     let versions = |side: &str| {
         change[side]["variants"]
             .as_array()

@@ -551,3 +551,107 @@ async fn a_replica_that_restarts_leaves_the_other_replicas_calls_in_flight_alone
     b.stop().await;
     Arc::into_inner(a).unwrap().stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_cost_budget_holds_across_replicas_as_token_budgets_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path()).await;
+    let upstream = FakeUpstream::start(dir.path()).await;
+    // $1 per 1k tokens; the fake answers 11 + 7 tokens: $0.018 a call, reserved at its estimate
+    // (the prompt's estimate + max_tokens).
+    let priced = "\n[[gateway.models]]\nname = \"priced\"\nupstream = \"fake\"\nupstream_model = \"ok\"\nprompt_usd_per_1k = 1.0\ncompletion_usd_per_1k = 1.0\n";
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let home = dir.path().join(name);
+        let toml = gateway_config(&home, &upstream.base_url, priced);
+        let budgets = toml.parent().unwrap().join("budgets.yml");
+        let text = std::fs::read_to_string(&budgets).unwrap();
+        assert!(text.contains("  backend-engineer:\n    tokens: 2000\n"));
+        std::fs::write(
+            &budgets,
+            text.replacen(
+                "  backend-engineer:\n    tokens: 2000\n",
+                "  backend-engineer:\n    tokens: 1000000\n    cost_usd: 0.5\n    mode: block\n",
+                1,
+            ),
+        )
+        .unwrap();
+        let t = std::fs::read_to_string(&toml).unwrap();
+        std::fs::write(
+            &toml,
+            t.replacen(
+                "[ledger]\n",
+                &format!("[ledger]\nurl = \"{}\"\n", pg.url),
+                1,
+            ),
+        )
+        .unwrap();
+        replicas.push(Arc::new(
+            start(
+                Source::File(toml),
+                &home.join("data"),
+                Arc::new(ManualClock::new(T0)),
+            )
+            .await,
+        ));
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let s = replicas[w % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut spent, mut refused) = (0.0f64, 0u64);
+            for n in 0..12 {
+                let resp = s
+                    .http
+                    .post(format!("{}/v1/chat/completions", s.api))
+                    .header("x-hypertool-persona", "backend-engineer")
+                    .header("x-hypertool-session", format!("c{w}-{n}"))
+                    .json(&json!({"model": "priced", "max_tokens": 16,
+                                  "messages": [{"role": "user", "content": "hello there"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                match resp.status().as_u16() {
+                    200 => {
+                        let body: Value = resp.json().await.unwrap();
+                        spent += body["usage"]["total_tokens"].as_f64().unwrap() / 1000.0;
+                    }
+                    429 => refused += 1,
+                    other => panic!("unexpected {other}: {}", resp.text().await.unwrap()),
+                }
+            }
+            (spent, refused)
+        }));
+    }
+    let (mut spent, mut refused) = (0.0, 0);
+    for t in tasks {
+        let (s, r) = t.await.unwrap();
+        spent += s;
+        refused += r;
+    }
+    assert!(refused > 0, "the cost budget never refused");
+    // Each call reserved its cost estimate and cost less: the fleet cannot pass the limit.
+    assert!(
+        spent <= 0.5 + 1e-9,
+        "the fleet overshot its cost budget: ${spent}"
+    );
+    assert!(
+        spent >= 0.5 - 2.0 * 0.03,
+        "the cost budget was not used up: ${spent}"
+    );
+    for s in &replicas {
+        eventually(
+            "every replica to agree",
+            Duration::from_secs(20),
+            || async {
+                let (_, b) = s.get_json("/api/budgets/backend-engineer").await;
+                let used = b["used_cost_usd"].as_f64().unwrap_or(-1.0);
+                ((used - spent).abs() < 1e-6).then_some(())
+            },
+        )
+        .await;
+    }
+    for s in replicas {
+        Arc::into_inner(s).unwrap().stop().await;
+    }
+}
