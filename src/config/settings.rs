@@ -277,6 +277,7 @@ struct RawLedger {
     retain_days: Option<u32>,
     url: Option<String>,
     ca_file: Option<String>,
+    replica_lease: Option<PromDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,6 +358,9 @@ pub struct LedgerSettings {
     /// A PostgreSQL ledger shared by several replicas (`[ledger] url` or `HYPERTOOL_LEDGER_URL`,
     /// which wins); `None`: the SQLite file in the data directory. May hold a password: never shown.
     pub url: Option<String>,
+    /// On a shared ledger: a replica whose heartbeat is older than this is dead, and the calls
+    /// it had in flight stop holding budget.
+    pub replica_lease: std::time::Duration,
 }
 
 /// The validated `hypertool.toml`.
@@ -467,8 +471,20 @@ fn ledger_settings(
             );
         }
     }
+    let lease = raw.replica_lease.unwrap_or(PromDuration::secs(10));
+    if lease.ms() < 2_000 || lease.ms() > 3_600_000 {
+        errors.push(
+            ConfigError::new(
+                file,
+                line_of_key(text, "replica_lease"),
+                format!("`ledger.replica_lease` = {lease} is out of range"),
+            )
+            .fix("use from 2s (replicas heartbeat about once a second) to 1h; the default is 10s"),
+        );
+    }
     LedgerSettings {
         url,
+        replica_lease: std::time::Duration::from_millis(lease.ms().clamp(2_000, 3_600_000) as u64),
         sync: raw.sync.unwrap_or_default(),
         on_outage: raw.on_outage.unwrap_or_default(),
         outage_buffer_events: outage_buffer_events.clamp(1, 10_000_000),

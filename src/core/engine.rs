@@ -162,6 +162,9 @@ pub struct Metrics {
     /// workflow, stage, variant: experiments decided for the variant (once each)
     #[serde(default)]
     pub experiment_decisions: CounterVec<3>,
+    /// Usage events of a call already settled (stored twice across replicas), not counted.
+    #[serde(default)]
+    pub duplicate_settlements: f64,
 }
 
 impl Default for Metrics {
@@ -193,6 +196,7 @@ impl Default for Metrics {
             variant_escalations: CounterVec::default(),
             variant_stage_duration: crate::core::series::stage_duration_histogram(),
             experiment_decisions: CounterVec::default(),
+            duplicate_settlements: 0.0,
         }
     }
 }
@@ -361,6 +365,9 @@ pub struct Engine {
     applying_foreign: bool,
     /// The latest time the engine has seen (events and ticks): what "running for" is measured to.
     now: UnixMillis,
+    /// The replicas whose heartbeat lease holds (a shared ledger; `None`: not known, or a ledger
+    /// of its own). A call admitted by a replica outside it no longer holds budget.
+    live_replicas: Option<std::collections::HashSet<String>>,
 }
 
 impl Engine {
@@ -375,6 +382,7 @@ impl Engine {
             none: Arc::from("none"),
             kinds: Interned::default(),
             reserved: HashMap::new(),
+            live_replicas: None,
             reserved_cost: HashMap::new(),
             stage_reserved: HashMap::new(),
             stage_starting: std::collections::HashSet::new(),
@@ -569,7 +577,14 @@ impl Engine {
         match &stamped.event {
             Event::Usage(u) => {
                 if let Some(call) = &u.call {
-                    unsettled.remove(call);
+                    // A gateway call's usage settles its admission, once: a second settlement
+                    // of the same call (its replica, back, and a survivor past the replica's
+                    // lease both settled it) is the same tokens again, counted by no one —
+                    // every replica applies the ledger in one order, so all keep the first.
+                    if unsettled.remove(call).is_none() {
+                        metrics.duplicate_settlements += 1.0;
+                        return;
+                    }
                     foreign_calls.remove(call);
                 }
                 let canonical = personas.canonical(&u.persona);
@@ -1209,8 +1224,7 @@ impl Engine {
             .unsettled
             .values()
             .filter(|(at, c)| {
-                *at >= self.now - STALE_ADMISSION_MS
-                    && self.config.personas.canonical(&c.persona) == canonical
+                self.holds(*at, c) && self.config.personas.canonical(&c.persona) == canonical
             })
             .map(|(_, c)| c.estimate)
             .fold(0, u64::saturating_add);
@@ -1221,6 +1235,54 @@ impl Engine {
                 .saturating_sub(budget.used_tokens())
                 .saturating_sub(in_flight),
         )
+    }
+
+    /// The settlements this replica owes for calls other replicas admitted and can no longer
+    /// settle: their replica's lease lapsed (it died). One survivor settles them — the live
+    /// replica whose name sorts first (`me` is this one's) — at each call's estimate plus what it
+    /// had streamed, as the replica itself would at its restart; should both happen, the
+    /// ledger's first settlement counts and the other is ignored everywhere.
+    pub fn orphan_settlements(
+        &self,
+        me: &str,
+    ) -> Vec<(UnixMillis, crate::core::event::CallAdmission)> {
+        let Some(live) = &self.live_replicas else {
+            return Vec::new();
+        };
+        if live.iter().min().map(String::as_str) != Some(me) {
+            return Vec::new();
+        }
+        let mut orphans: Vec<_> = self
+            .unsettled
+            .iter()
+            .filter(|(call, (_, c))| {
+                self.foreign_calls.contains(*call)
+                    && c.replica.as_ref().is_some_and(|r| !live.contains(r))
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
+        orphans.sort_by(|a, b| (a.0, &a.1.call).cmp(&(b.0, &b.1.call)));
+        orphans
+    }
+
+    /// How many replicas are alive by their heartbeats (`None`: a ledger of its own).
+    pub fn live_replicas(&self) -> Option<usize> {
+        self.live_replicas.as_ref().map(|l| l.len())
+    }
+
+    /// The replicas alive by their heartbeats (from the writer, about once a second).
+    pub fn set_live_replicas(&mut self, live: Option<Vec<String>>) {
+        self.live_replicas = live.map(|v| v.into_iter().collect());
+    }
+
+    /// Whether an admitted call still holds budget fleet-wide: its replica's lease holds (when
+    /// known), and it is younger than [`STALE_ADMISSION_MS`] (the bound when it is not).
+    fn holds(&self, at: UnixMillis, c: &crate::core::event::CallAdmission) -> bool {
+        let alive = match (&self.live_replicas, &c.replica) {
+            (Some(live), Some(r)) => live.contains(r),
+            _ => true,
+        };
+        alive && at >= self.now - STALE_ADMISSION_MS
     }
 
     /// USD a new call of `persona` may still reserve fleet-wide, as [`Engine::fleet_room`] for
@@ -1238,8 +1300,7 @@ impl Engine {
             .unsettled
             .values()
             .filter(|(at, c)| {
-                *at >= self.now - STALE_ADMISSION_MS
-                    && self.config.personas.canonical(&c.persona) == canonical
+                self.holds(*at, c) && self.config.personas.canonical(&c.persona) == canonical
             })
             .filter_map(|(_, c)| c.cost_usd)
             .sum();
@@ -1475,6 +1536,7 @@ mod tests {
                 session: None,
                 run: None,
                 streamed_tokens: 0,
+                replica: None,
             }),
         };
         engine.apply(&admitted("mine", 300));
@@ -1524,6 +1586,40 @@ mod tests {
         };
         assert!(engine.set_override("backend-engineer", Some(spec), 0));
         engine
+    }
+
+    #[test]
+    fn a_call_settled_twice_counts_once() {
+        let config = load(&Source::Embedded).unwrap().engine_config();
+        let mut e = Engine::new(config, 0);
+        let admission = crate::core::event::CallAdmission {
+            call: "c1".into(),
+            persona: "backend-engineer".into(),
+            chatmode: "c".into(),
+            model: "m".into(),
+            estimate: 300,
+            cost_usd: None,
+            workflow: None,
+            stage: None,
+            session: None,
+            run: None,
+            replica: Some("dead".into()),
+            streamed_tokens: 0,
+        };
+        e.apply(&Stamped {
+            at: 1,
+            event: Event::CallAdmitted(admission.clone()),
+        });
+        // The survivor's settlement, then the replica's own at its restart: the first counts.
+        for at in [2, 3] {
+            e.apply(&Stamped {
+                at,
+                event: Event::Usage(admission.as_settlement()),
+            });
+        }
+        assert_eq!(e.budget("backend-engineer").unwrap().used_tokens(), 300);
+        assert_eq!(e.metrics().duplicate_settlements, 1.0);
+        assert!(e.unsettled_calls().is_empty());
     }
 
     #[test]

@@ -178,6 +178,10 @@ pub struct CallAdmission {
     pub session: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
+    /// The replica that admitted it (a shared ledger): while that replica's heartbeat lease
+    /// holds, the call holds budget fleet-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     /// Completion tokens streamed to the client so far, from the call's `call_progress` events
     /// (kept by the engine beside the admission; never part of the stored admission).
     #[serde(default, skip_serializing_if = "is_zero")]

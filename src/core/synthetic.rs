@@ -57,6 +57,7 @@ pub fn event(t0: i64, i: u64) -> Stamped {
     let event = match i % 20 {
         k @ 0..=9 if k % 2 == 0 => Event::CallAdmitted(CallAdmission {
             streamed_tokens: 0,
+            replica: None,
             call: format!("c{i}"),
             persona: persona.into(),
             chatmode: chatmode.into(),

@@ -128,6 +128,7 @@ pub(super) async fn store_admission(
         stage: meta.stage.clone(),
         session: meta.session.clone(),
         run: meta.run(),
+        replica: state.writer.origin.as_deref().map(str::to_string),
     });
     let at = state.clock.now_ms();
     match state.writer.append(vec![Stamped { at, event }]).await {

@@ -503,6 +503,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
                 loaded_at_ms: recovered.snapshot.map_or(0, |(_, at)| at),
             }),
             applied_seq: recovered.applied_seq,
+            replica_lease_ms: cfg.settings.ledger.replica_lease.as_millis() as i64,
         },
     );
     settle_cut_off_calls(&engine, &writer).await?;
@@ -766,6 +767,10 @@ fn spawn_background(
             interval.tick().await;
             let now = ticker_state.clock.now_ms();
             lock(&ticker_state.engine).tick(now);
+            // Calls a dead replica left in flight: settled by one survivor once its lease lapsed.
+            if let Some(me) = ticker_state.writer.origin.clone() {
+                settle_orphans(&ticker_state, &me).await;
+            }
             // A ledger that cannot write is tried again every 2 s, so that service resumes by
             // itself even when nothing else writes (a load balancer sends nothing to an unready
             // instance).
@@ -932,6 +937,36 @@ async fn settle_cut_off_calls(
         "gateway calls were cut off (crash or kill) between their admission and their usage; each is counted at its admission estimate plus what it had streamed"
     );
     Ok(())
+}
+
+/// Settles the calls replicas whose lease lapsed left in flight, when this replica is the one to
+/// (see `Engine::orphan_settlements`): each at its estimate plus what it had streamed.
+async fn settle_orphans(state: &AppState, me: &str) {
+    let orphans = lock(&state.engine).orphan_settlements(me);
+    if orphans.is_empty() {
+        return;
+    }
+    let n = orphans.len();
+    let replicas: std::collections::BTreeSet<String> = orphans
+        .iter()
+        .filter_map(|(_, c)| c.replica.clone())
+        .collect();
+    let events: Vec<crate::core::event::Stamped> = orphans
+        .into_iter()
+        .map(|(at, c)| crate::core::event::Stamped {
+            at,
+            event: crate::core::event::Event::Usage(c.as_settlement()),
+        })
+        .collect();
+    match state.writer.append(events).await {
+        Ok(()) => {
+            tracing::warn!(calls = n, replicas = %replicas.into_iter().collect::<Vec<_>>().join(","),
+            "calls of replicas whose heartbeat lapsed were settled here at their admission estimate")
+        }
+        Err(e) => tracing::warn!(
+            "the calls of a dead replica could not be settled yet (tried again in a second): {e}"
+        ),
+    }
 }
 
 /// Starts the trace exporter for the destinations `[tracing]`, `[langfuse]` and the environment

@@ -187,6 +187,21 @@ pub trait Ledger: Send {
     fn shared(&self) -> bool {
         false
     }
+    /// This replica's name among the writers of a shared ledger (`None` for a ledger of its own).
+    fn origin(&self) -> Option<String> {
+        None
+    }
+    /// Says this replica is alive at `now_ms` and answers which replicas are: those whose last
+    /// heartbeat is at most `lease_ms` old (this one included). A ledger of its own has no
+    /// other replicas: `None`.
+    fn heartbeat(
+        &mut self,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<Vec<String>>, LedgerError> {
+        let _ = (now_ms, lease_ms);
+        Ok(None)
+    }
     /// The position of the last stored event (0 when empty). Positions only grow.
     fn last_seq(&self) -> Result<u64, LedgerError>;
     /// The position of the oldest event still stored (retention removes older ones), if any.

@@ -55,6 +55,12 @@ const MIGRATIONS: &[(i32, &str)] = &[
         2,
         "CREATE INDEX hypertool_events_kind_at ON hypertool_events (kind, at_ms);",
     ),
+    // Each replica's heartbeat: the calls a replica admitted stop holding budget once its lease
+    // lapses (it died), instead of after STALE_ADMISSION_MS.
+    (
+        3,
+        "CREATE TABLE hypertool_replicas (origin TEXT PRIMARY KEY, seen_ms BIGINT NOT NULL);",
+    ),
 ];
 
 /// Every event after a position, in order, with who stored it.
@@ -478,6 +484,30 @@ impl Ledger for PostgresLedger {
             Some(e) => Err(e),
             None => Ok(n),
         }
+    }
+
+    fn origin(&self) -> Option<String> {
+        Some(self.origin.clone())
+    }
+
+    fn heartbeat(
+        &mut self,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<Vec<String>>, LedgerError> {
+        let me = self.origin.clone();
+        self.with("heartbeat", |client| {
+            client.execute(
+                "INSERT INTO hypertool_replicas (origin, seen_ms) VALUES ($1, $2) \
+                 ON CONFLICT (origin) DO UPDATE SET seen_ms = GREATEST(hypertool_replicas.seen_ms, EXCLUDED.seen_ms)",
+                &[&me, &now_ms],
+            )?;
+            let rows = client.query(
+                "SELECT origin FROM hypertool_replicas WHERE seen_ms >= $1",
+                &[&(now_ms - lease_ms)],
+            )?;
+            Ok(Some(rows.iter().map(|r| r.get::<_, String>(0)).collect()))
+        })
     }
 
     fn shared(&self) -> bool {

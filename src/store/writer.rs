@@ -216,6 +216,8 @@ pub struct WriterHandle {
     tx: mpsc::Sender<Command>,
     /// Other replicas append to the same ledger: [`WriterHandle::tail`] should be called often.
     pub shared: bool,
+    /// This replica's name on a shared ledger (the admissions it stores carry it).
+    pub origin: Option<Arc<str>>,
     pub health: Arc<LedgerHealth>,
     /// Cuts a lingering group short: an append somebody awaits (an event batch, a gateway call's
     /// admission before its upstream) must not wait out another append's linger.
@@ -421,6 +423,7 @@ pub fn spawn_observed(
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let wake = tx.downgrade();
     let shared = ledger.shared();
+    let origin: Option<Arc<str>> = ledger.origin().map(Arc::from);
     let urgent = Arc::new(Urgent::default());
     let writer_urgent = urgent.clone();
     let health = Arc::new(LedgerHealth {
@@ -460,6 +463,7 @@ pub fn spawn_observed(
         WriterHandle {
             tx,
             shared,
+            origin,
             urgent,
             health,
         },
@@ -505,7 +509,12 @@ pub struct WriterOptions {
     pub snapshots: Option<SnapshotPlan>,
     /// The position of the last event the engine has applied (from start-up's recovery).
     pub applied_seq: u64,
+    /// On a shared ledger: how long a replica's heartbeat keeps it alive (0: the default, 10 s).
+    pub replica_lease_ms: i64,
 }
+
+/// The lease when none is configured.
+pub const DEFAULT_REPLICA_LEASE_MS: i64 = 10_000;
 
 /// What the writer thread shares with the handles: the linger's wake-up, the health it reports,
 /// and a way to queue a note to itself.
@@ -987,8 +996,22 @@ fn run(
                 if let Some(ack) = ack {
                     let _ = ack.send(());
                 }
-                // Budget overrides set through another replica (their own table, not events).
+                // Budget overrides set through another replica (their own table, not events), and
+                // this replica's heartbeat (the others' calls stop holding budget once theirs
+                // lapses): about once a second.
                 tails += 1;
+                if tails % 5 == 1 {
+                    let lease = match options.replica_lease_ms {
+                        0 => DEFAULT_REPLICA_LEASE_MS,
+                        ms => ms,
+                    };
+                    match ledger.heartbeat(clock.now_ms(), lease) {
+                        Ok(live) => lock(&engine).set_live_replicas(live),
+                        Err(e) => tracing::debug!(
+                            "the replica heartbeat failed (tried again in a second): {e}"
+                        ),
+                    }
+                }
                 if tails.is_multiple_of(5) {
                     sync_overrides(&*ledger, &engine, clock.now_ms());
                 }
@@ -1624,6 +1647,7 @@ mod tests {
                 session: None,
                 run: None,
                 streamed_tokens: 0,
+                replica: None,
             }),
         }
     }

@@ -358,6 +358,16 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         &[],
         process.ledger_write_failures,
     );
+    w.header_of(&f::LEDGER_REPLICAS_LIVE);
+    if let Some(n) = engine.live_replicas() {
+        w.sample(f::LEDGER_REPLICAS_LIVE.name, &[], n as f64);
+    }
+    w.header_of(&f::LEDGER_DUPLICATE_SETTLEMENTS_TOTAL);
+    w.sample(
+        f::LEDGER_DUPLICATE_SETTLEMENTS_TOTAL.name,
+        &[],
+        m.duplicate_settlements,
+    );
     w.header_of(&f::LEDGER_OUTAGE_HELD_EVENTS);
     w.sample(
         f::LEDGER_OUTAGE_HELD_EVENTS.name,

@@ -300,6 +300,20 @@ pub const LEDGER_WRITABLE: Family = Family {
     labels: &[],
 };
 
+pub const LEDGER_REPLICAS_LIVE: Family = Family {
+    name: "hypertool_ledger_replicas_live",
+    kind: Kind::Gauge,
+    help: "Replicas on the shared ledger whose heartbeat lease holds, this one included (absent on a ledger of its own).",
+    labels: &[],
+};
+
+pub const LEDGER_DUPLICATE_SETTLEMENTS_TOTAL: Family = Family {
+    name: "hypertool_ledger_duplicate_settlements_total",
+    kind: Kind::Counter,
+    help: "Usage of a gateway call already settled (its replica, back, and a survivor past its lease both settled it): stored, not counted again.",
+    labels: &[],
+};
+
 pub const LEDGER_WRITE_FAILURES_TOTAL: Family = Family {
     name: "hypertool_ledger_write_failures_total",
     kind: Kind::Counter,
@@ -539,6 +553,8 @@ pub const ALL: &[Family] = &[
     LANGFUSE_TRACE_CREATED_TOTAL,
     LEDGER_WRITABLE,
     LEDGER_WRITE_FAILURES_TOTAL,
+    LEDGER_REPLICAS_LIVE,
+    LEDGER_DUPLICATE_SETTLEMENTS_TOTAL,
     LEDGER_OUTAGE_HELD_EVENTS,
     LEDGER_SNAPSHOT_AGE_SECONDS,
     CACHE_SHARED_TOTAL,

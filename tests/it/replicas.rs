@@ -655,3 +655,258 @@ async fn a_block_cost_budget_holds_across_replicas_as_token_budgets_do() {
         Arc::into_inner(s).unwrap().stop().await;
     }
 }
+
+/// A replica's configuration for the lease test: `backend-engineer` on a 1,000-token `block`
+/// budget, a 2 s replica lease, and the mock answering after `latency_ms`.
+fn leased(home: &Path, url: &str, latency_ms: u64) -> std::path::PathBuf {
+    let toml = config_copy(home);
+    let budgets = toml.parent().unwrap().join("budgets.yml");
+    let text = std::fs::read_to_string(&budgets).unwrap();
+    std::fs::write(
+        &budgets,
+        text.replacen(
+            "  backend-engineer:\n    tokens: 2000\n",
+            "  backend-engineer:\n    tokens: 1000\n    mode: block\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("latency_ms = 0\n"));
+    let text = text
+        .replacen(
+            "latency_ms = 0\n",
+            &format!("latency_ms = {latency_ms}\n"),
+            1,
+        )
+        .replacen(
+            "[ledger]\n",
+            &format!("[ledger]\nurl = \"{url}\"\nreplica_lease = \"2s\"\n"),
+            1,
+        );
+    std::fs::write(&toml, text).unwrap();
+    toml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_calls_stop_holding_budget_after_its_lease_and_are_settled_once() {
+    use hypertool::core::clock::{Clock, SystemClock};
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path()).await;
+    // Replica a: a process of its own, whose upstream (the mock) takes a minute.
+    let home_a = dir.path().join("a");
+    let toml_a = leased(&home_a, &pg.url, 60_000);
+    let a_args = [
+        "--config",
+        toml_a.to_str().unwrap(),
+        "--data-dir",
+        home_a.join("data").to_str().unwrap(),
+    ]
+    .map(str::to_string);
+    let args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let a = crate::process::Daemon::spawn(&home_a, &args);
+    // Replica b, the survivor, on a clock of the test's.
+    let home_b = dir.path().join("b");
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let b = start(
+        Source::File(leased(&home_b, &pg.url, 0)),
+        &home_b.join("data"),
+        clock.clone(),
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let ask = |api: String, max_tokens: u64| {
+        let http = http.clone();
+        async move {
+            http.post(format!("{api}/v1/chat/completions"))
+                .header("x-hypertool-persona", "backend-engineer")
+                .json(&json!({"model": "mock/x", "max_tokens": max_tokens,
+                              "messages": [{"role": "user", "content": "hello there"}]}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    };
+    // A call through b: its status and, answered, its tokens.
+    let (http_b, api_b) = (http.clone(), b.api.clone());
+    let answered = move |max_tokens: u64| {
+        let (http, api) = (http_b.clone(), api_b.clone());
+        async move {
+            let r = http
+                .post(format!("{api}/v1/chat/completions"))
+                .header("x-hypertool-persona", "backend-engineer")
+                .json(&json!({"model": "mock/x", "max_tokens": max_tokens,
+                              "messages": [{"role": "user", "content": "hello there"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, body["usage"]["total_tokens"].as_u64().unwrap_or(0))
+        }
+    };
+    // Three calls through a, in flight: their reservations hold ~900 of the 1,000 tokens.
+    let mut in_flight = Vec::new();
+    for _ in 0..3 {
+        in_flight.push(tokio::spawn(ask(a.api.clone(), 290)));
+    }
+    eventually(
+        "a's three admissions stored",
+        Duration::from_secs(20),
+        || async {
+            (pg.query("SELECT COUNT(*) FROM hypertool_events WHERE kind = 'call_admitted'")[0]
+                .get::<_, i64>(0)
+                == 3)
+                .then_some(())
+        },
+    )
+    .await;
+    // b counts them: a call that needs 300 more is refused fleet-wide.
+    eventually(
+        "b to refuse for want of budget",
+        Duration::from_secs(10),
+        || async { (ask(b.api.clone(), 290).await.ok() == Some(429)).then_some(()) },
+    )
+    .await;
+    // a dies. Within its lease, its calls still hold the budget.
+    a.kill9();
+    for t in in_flight {
+        assert!(t.await.unwrap().is_err(), "a's calls were cut off");
+    }
+    assert_eq!(ask(b.api.clone(), 290).await.ok(), Some(429));
+    // Past a's lease (b's clock moves past a's last heartbeat by more than 2 s), b serves again.
+    let ahead = SystemClock.now_ms() + 3_000 - clock.now_ms();
+    clock.advance_ms(ahead);
+    let mut answered_on_b = eventually(
+        "b to serve past a's lease",
+        Duration::from_secs(10),
+        || async {
+            let (status, tokens) = answered(290).await;
+            (status == 200).then_some(tokens)
+        },
+    )
+    .await;
+    assert_eq!(
+        b.metrics().await.get("hypertool_ledger_replicas_live", &[]),
+        Some(1.0),
+        "b alone is alive"
+    );
+    // Load on b meanwhile: four clients, each call answered or refused for the budget.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let answered = answered.clone();
+        clients.push(tokio::spawn(async move {
+            let mut tokens = 0;
+            for _ in 0..8 {
+                let (status, t) = answered(16).await;
+                assert!(status == 200 || status == 429, "{status}");
+                tokens += t;
+            }
+            tokens
+        }));
+    }
+    for c in clients {
+        answered_on_b += c.await.unwrap();
+    }
+    // b, the one survivor, settles a's three cut-off calls at their estimates, each once.
+    let admitted: Vec<String> = pg
+        .query(
+            "SELECT body FROM hypertool_events WHERE kind = 'call_admitted' ORDER BY seq LIMIT 3",
+        )
+        .iter()
+        .map(|r| {
+            let body: String = r.get(0);
+            serde_json::from_str::<Value>(&body).unwrap()["call"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let settlements = |call: &str| -> Vec<String> {
+        pg.query(&format!(
+            "SELECT origin FROM hypertool_events WHERE kind = 'usage' AND body::jsonb->>'call' = '{call}'"
+        ))
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+    };
+    for call in &admitted {
+        eventually(
+            "b to settle a's cut-off call",
+            Duration::from_secs(20),
+            || async { (!settlements(call).is_empty()).then_some(()) },
+        )
+        .await;
+    }
+    let b_origin = std::fs::read_to_string(home_b.join("data/replica-id")).unwrap();
+    for call in &admitted {
+        assert_eq!(
+            settlements(call),
+            vec![b_origin.trim().to_string()],
+            "{call}"
+        );
+    }
+    let used_on = |s: &TestServer| {
+        let s = s.api.clone();
+        let http = http.clone();
+        async move {
+            let b: Value = http
+                .get(format!("{s}/api/budgets/backend-engineer"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            b["used_tokens"].as_u64().unwrap()
+        }
+    };
+    let used = used_on(&b).await;
+    // Each settlement is its admission's estimate (nothing had streamed), and the budget is
+    // exactly what the ledger's usage rows hold: b's answered call and the three settlements.
+    for call in &admitted {
+        let row = pg.query(&format!(
+            "SELECT (SELECT (body::jsonb->>'estimate')::bigint FROM hypertool_events WHERE kind = 'call_admitted' AND body::jsonb->>'call' = '{call}'), \
+                    (SELECT prompt_tokens + completion_tokens FROM hypertool_events WHERE kind = 'usage' AND body::jsonb->>'call' = '{call}')"
+        ));
+        assert_eq!(row[0].get::<_, i64>(0), row[0].get::<_, i64>(1), "{call}");
+    }
+    let ledger_used: i64 = pg.query(
+        "SELECT SUM(prompt_tokens + completion_tokens)::BIGINT FROM hypertool_events WHERE kind = 'usage' AND persona = 'backend-engineer'",
+    )[0]
+    .get(0);
+    assert_eq!(used as i64, ledger_used);
+    // And exactly what b's clients were answered, plus the estimates a's cut-off calls reserved.
+    let estimates: i64 = pg.query(
+        "SELECT SUM((body::jsonb->>'estimate')::bigint)::BIGINT FROM hypertool_events WHERE kind = 'call_admitted' AND body::jsonb->>'replica' = (SELECT origin FROM hypertool_events WHERE kind = 'call_admitted' ORDER BY seq LIMIT 1)",
+    )[0]
+    .get(0);
+    assert_eq!(used as i64, answered_on_b as i64 + estimates);
+    // a comes back: it finds its calls settled and settles none again; both agree on the usage.
+    let a = crate::process::Daemon::spawn(&home_a, &args);
+    let a_used = async {
+        let b: Value = http
+            .get(format!("{}/api/budgets/backend-engineer", a.api))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        b["used_tokens"].as_u64().unwrap()
+    }
+    .await;
+    assert_eq!(a_used, used, "a after its restart and b agree");
+    for call in &admitted {
+        assert_eq!(
+            settlements(call).len(),
+            1,
+            "call {call} settled more than once"
+        );
+    }
+    a.kill9();
+    b.stop().await;
+}

@@ -94,7 +94,8 @@ async fn ingestion(
             got.refuse.0 -= 1;
             got.refused_for_now.push(id.clone());
             errors.push(json!({"id": id, "status": 500, "message": "busy, try again"}));
-        } else if got.refuse.1 > 0 {
+        } else if got.refuse.1 > 0 && !got.refused_for_now.contains(&id) {
+            // (An item sent again after a refusal for now is not the one refused for good.)
             got.refuse.1 -= 1;
             got.refused_for_good.push(id.clone());
             errors.push(json!({"id": id, "status": 400, "message": "invalid score", "error": "value must be numeric"}));
