@@ -365,9 +365,10 @@ pub struct Engine {
     applying_foreign: bool,
     /// The latest time the engine has seen (events and ticks): what "running for" is measured to.
     now: UnixMillis,
-    /// The replicas whose heartbeat lease holds (a shared ledger; `None`: not known, or a ledger
-    /// of its own). A call admitted by a replica outside it no longer holds budget.
-    live_replicas: Option<std::collections::HashSet<String>>,
+    /// The replicas by their heartbeats (a shared ledger; `None`: not known yet, or a ledger of
+    /// its own). A call admitted by a dead replica (its lease lapsed) no longer holds budget; one
+    /// with no heartbeat yet (just started) is not dead.
+    replicas: Option<crate::store::Replicas>,
 }
 
 impl Engine {
@@ -382,7 +383,7 @@ impl Engine {
             none: Arc::from("none"),
             kinds: Interned::default(),
             reserved: HashMap::new(),
-            live_replicas: None,
+            replicas: None,
             reserved_cost: HashMap::new(),
             stage_reserved: HashMap::new(),
             stage_starting: std::collections::HashSet::new(),
@@ -1246,10 +1247,10 @@ impl Engine {
         &self,
         me: &str,
     ) -> Vec<(UnixMillis, crate::core::event::CallAdmission)> {
-        let Some(live) = &self.live_replicas else {
+        let Some(replicas) = &self.replicas else {
             return Vec::new();
         };
-        if live.iter().min().map(String::as_str) != Some(me) {
+        if replicas.live.iter().min().map(String::as_str) != Some(me) {
             return Vec::new();
         }
         let mut orphans: Vec<_> = self
@@ -1257,7 +1258,9 @@ impl Engine {
             .iter()
             .filter(|(call, (_, c))| {
                 self.foreign_calls.contains(*call)
-                    && c.replica.as_ref().is_some_and(|r| !live.contains(r))
+                    && c.replica
+                        .as_ref()
+                        .is_some_and(|r| replicas.dead.contains(r))
             })
             .map(|(_, v)| v.clone())
             .collect();
@@ -1267,22 +1270,22 @@ impl Engine {
 
     /// How many replicas are alive by their heartbeats (`None`: a ledger of its own).
     pub fn live_replicas(&self) -> Option<usize> {
-        self.live_replicas.as_ref().map(|l| l.len())
+        self.replicas.as_ref().map(|r| r.live.len())
     }
 
-    /// The replicas alive by their heartbeats (from the writer, about once a second).
-    pub fn set_live_replicas(&mut self, live: Option<Vec<String>>) {
-        self.live_replicas = live.map(|v| v.into_iter().collect());
+    /// The replicas by their heartbeats (from the writer, about once a second).
+    pub fn set_replicas(&mut self, replicas: Option<crate::store::Replicas>) {
+        self.replicas = replicas;
     }
 
-    /// Whether an admitted call still holds budget fleet-wide: its replica's lease holds (when
+    /// Whether an admitted call still holds budget fleet-wide: its replica is not dead (when
     /// known), and it is younger than [`STALE_ADMISSION_MS`] (the bound when it is not).
     fn holds(&self, at: UnixMillis, c: &crate::core::event::CallAdmission) -> bool {
-        let alive = match (&self.live_replicas, &c.replica) {
-            (Some(live), Some(r)) => live.contains(r),
-            _ => true,
+        let dead = match (&self.replicas, &c.replica) {
+            (Some(replicas), Some(r)) => replicas.dead.contains(r),
+            _ => false,
         };
-        alive && at >= self.now - STALE_ADMISSION_MS
+        !dead && at >= self.now - STALE_ADMISSION_MS
     }
 
     /// USD a new call of `persona` may still reserve fleet-wide, as [`Engine::fleet_room`] for

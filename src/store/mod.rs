@@ -152,6 +152,13 @@ pub struct LedgerTotals {
     pub tokens: u64,
 }
 
+/// The replicas of a shared ledger by their heartbeats.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Replicas {
+    pub live: Vec<String>,
+    pub dead: Vec<String>,
+}
+
 /// Durable storage of events and budget overrides.
 pub trait Ledger: Send {
     /// Stores `events` atomically (all or none), in order, at consecutive positions; returns the
@@ -191,14 +198,11 @@ pub trait Ledger: Send {
     fn origin(&self) -> Option<String> {
         None
     }
-    /// Says this replica is alive at `now_ms` and answers which replicas are: those whose last
-    /// heartbeat is at most `lease_ms` old (this one included). A ledger of its own has no
+    /// Says this replica is alive at `now_ms` and answers which replicas are alive (their last
+    /// heartbeat at most `lease_ms` old, this one included) and which are dead (an older one). A
+    /// replica with no heartbeat yet is neither: it has just started. A ledger of its own has no
     /// other replicas: `None`.
-    fn heartbeat(
-        &mut self,
-        now_ms: i64,
-        lease_ms: i64,
-    ) -> Result<Option<Vec<String>>, LedgerError> {
+    fn heartbeat(&mut self, now_ms: i64, lease_ms: i64) -> Result<Option<Replicas>, LedgerError> {
         let _ = (now_ms, lease_ms);
         Ok(None)
     }

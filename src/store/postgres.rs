@@ -494,7 +494,7 @@ impl Ledger for PostgresLedger {
         &mut self,
         now_ms: i64,
         lease_ms: i64,
-    ) -> Result<Option<Vec<String>>, LedgerError> {
+    ) -> Result<Option<super::Replicas>, LedgerError> {
         let me = self.origin.clone();
         self.with("heartbeat", |client| {
             client.execute(
@@ -502,11 +502,16 @@ impl Ledger for PostgresLedger {
                  ON CONFLICT (origin) DO UPDATE SET seen_ms = GREATEST(hypertool_replicas.seen_ms, EXCLUDED.seen_ms)",
                 &[&me, &now_ms],
             )?;
-            let rows = client.query(
-                "SELECT origin FROM hypertool_replicas WHERE seen_ms >= $1",
-                &[&(now_ms - lease_ms)],
-            )?;
-            Ok(Some(rows.iter().map(|r| r.get::<_, String>(0)).collect()))
+            let mut replicas = super::Replicas::default();
+            for row in client.query("SELECT origin, seen_ms FROM hypertool_replicas", &[])? {
+                let (origin, seen): (String, i64) = (row.get(0), row.get(1));
+                if seen >= now_ms - lease_ms {
+                    replicas.live.push(origin);
+                } else {
+                    replicas.dead.push(origin);
+                }
+            }
+            Ok(Some(replicas))
         })
     }
 

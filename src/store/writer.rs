@@ -1006,7 +1006,7 @@ fn run(
                         ms => ms,
                     };
                     match ledger.heartbeat(clock.now_ms(), lease) {
-                        Ok(live) => lock(&engine).set_live_replicas(live),
+                        Ok(replicas) => lock(&engine).set_replicas(replicas),
                         Err(e) => tracing::debug!(
                             "the replica heartbeat failed (tried again in a second): {e}"
                         ),

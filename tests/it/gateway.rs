@@ -919,4 +919,30 @@ async fn tls_upstreams_are_verified_and_a_private_ca_can_be_trusted() {
         "{shown}"
     );
     assert!(errors.0.iter().any(|e| e.line.is_some()), "{shown}");
+
+    // The CA set once for every outbound client (`[tls] ca_file`) is the upstreams' trust too.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let toml = gateway_config(&shared, &upstream.base_url, "");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("\n[tls]\n"));
+    std::fs::write(
+        &toml,
+        text.replacen(
+            "\n[tls]\n",
+            &format!("\n[tls]\nca_file = {:?}\n", ca.display().to_string()),
+            1,
+        ),
+    )
+    .unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let s = start(Source::File(toml), &shared.join("data"), clock).await;
+    let (status, body) = chat(
+        &s,
+        "devops-engineer",
+        json!({"model": "ok", "messages": hello}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    s.stop().await;
 }
