@@ -361,6 +361,11 @@ impl Running {
         let _ = self.task.await;
     }
 
+    /// Asks the server to drain, without waiting (e.g. from a `Drop`).
+    pub fn request_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
     /// Waits for `signal`, then drains.
     pub async fn run_until(self, signal: impl Future<Output = ()>) {
         signal.await;

@@ -128,6 +128,39 @@ impl TestServer {
     }
 }
 
+/// A server a test did not stop (an assertion failed first) is told to drain, not left serving.
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(r) = &self.running {
+            r.request_shutdown();
+        }
+    }
+}
+
+/// A child process killed and reaped when dropped: a failed assertion must not leave a
+/// `hypertool serve` (or anything else) running.
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One sample of the classic text format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {

@@ -405,31 +405,33 @@ async fn keys_stay_secret_and_are_required_off_loopback() {
         "\n[[gateway.keys]]\nkey_env = \"HYPERTOOL_TEST_GATEWAY_KEY\"\npersona = \"data-scientist\"\nmodels = [\"ok\", \"leak-key\"]\n",
     );
     let log = dir.path().join("ht.log");
-    let mut child = std::process::Command::new(crate::process::BIN)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--config",
-            toml.to_str().unwrap(),
-        ])
-        .args([
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--log-file",
-            log.to_str().unwrap(),
-        ])
-        .env("HYPERTOOL_TEST_UPSTREAM_KEY", "sk-test-SECRET123")
-        .env(
-            "HYPERTOOL_TEST_GATEWAY_KEY",
-            "ht-gateway-key-0123456789abcdef",
-        )
-        .env("RUST_LOG", "debug")
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        std::process::Command::new(crate::process::BIN)
+            .current_dir(dir.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--config",
+                toml.to_str().unwrap(),
+            ])
+            .args([
+                "--data-dir",
+                dir.path().join("data").to_str().unwrap(),
+                "--log-file",
+                log.to_str().unwrap(),
+            ])
+            .env("HYPERTOOL_TEST_UPSTREAM_KEY", "sk-test-SECRET123")
+            .env(
+                "HYPERTOOL_TEST_GATEWAY_KEY",
+                "ht-gateway-key-0123456789abcdef",
+            )
+            .env("RUST_LOG", "debug")
+            .spawn()
+            .unwrap(),
+    );
     let (api, _) = serving_at(&log).await;
     let http = reqwest::Client::new();
     let call = |key: Option<&str>, model: &str| {

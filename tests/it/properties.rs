@@ -384,12 +384,17 @@ fn samples<S: Strategy>(strategy: S, n: usize) -> Vec<S::Value> {
         .collect()
 }
 
-/// A chat request: the usual fields, each either sensible or anything.
-fn chat_body() -> impl Strategy<Value = Value> {
+/// A chat request: the usual fields, each either sensible or anything; and whether it is well
+/// formed — every field present took its sensible value, the model is a mock, and the messages
+/// are one or more of user/system/assistant — so that the gateway must answer it 200.
+fn chat_body() -> impl Strategy<Value = (Value, bool)> {
     let field = |name: &'static str, sensible: BoxedStrategy<Value>| {
         (
             Just(name),
-            prop_oneof![3 => sensible, 1 => any_json()],
+            prop_oneof![
+                3 => sensible.prop_map(|v| (true, v)),
+                1 => any_json().prop_map(|v| (false, v)),
+            ],
             any::<bool>(),
         )
     };
@@ -428,12 +433,26 @@ fn chat_body() -> impl Strategy<Value = Value> {
         .prop_map(|fields| {
             let (a, b, c, d, e, f, g, h) = fields;
             let mut body = Map::new();
-            for (name, value, present) in [a, b, c, d, e, f, g, h] {
+            let mut sensible = true;
+            for (name, (ok, value), present) in [a, b, c, d, e, f, g, h] {
                 if present || name == "model" || name == "messages" {
+                    sensible &= ok;
                     body.insert(name.to_string(), value);
                 }
             }
-            Value::Object(body)
+            let model_ok = body["model"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("mock/"));
+            let messages_ok = body["messages"].as_array().is_some_and(|m| {
+                !m.is_empty()
+                    && m.iter().all(|m| {
+                        ["user", "system", "assistant"].contains(&m["role"].as_str().unwrap_or(""))
+                    })
+            });
+            let counts_ok = body.get("max_tokens").is_none_or(|n| n.as_u64() != Some(0))
+                && body.get("n").is_none_or(|n| n.as_u64() == Some(1));
+            let well_formed = sensible && model_ok && messages_ok && counts_ok;
+            (Value::Object(body), well_formed)
         })
 }
 
@@ -441,7 +460,8 @@ fn chat_body() -> impl Strategy<Value = Value> {
 async fn any_chat_request_or_event_batch_gets_an_answer_never_a_server_error() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_default(dir.path()).await;
-    for (n, body) in samples(chat_body(), 300).into_iter().enumerate() {
+    let mut well_formed_seen = 0;
+    for (n, (body, well_formed)) in samples(chat_body(), 300).into_iter().enumerate() {
         let resp = s
             .http
             .post(format!("{}/v1/chat/completions", s.api))
@@ -457,6 +477,15 @@ async fn any_chat_request_or_event_batch_gets_an_answer_never_a_server_error() {
             [200, 400, 404, 413, 422, 429].contains(&status),
             "{status} for {body}: {text}"
         );
+        // A well-formed request is answered (a gateway refusing everything would fail here).
+        if well_formed {
+            well_formed_seen += 1;
+            // (backend-engineer's budget observes: nothing is refused for budget here.)
+            assert_eq!(
+                status, 200,
+                "a well-formed request was refused: {status} for {body}: {text}"
+            );
+        }
         if status != 200 {
             let err: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             assert!(
@@ -466,6 +495,35 @@ async fn any_chat_request_or_event_batch_gets_an_answer_never_a_server_error() {
                 "an error names the problem: {status} {text} for {body}"
             );
         }
+    }
+    // And well-formed ones on purpose (rare among the samples above): each one answered.
+    let good: Vec<Value> = samples(chat_body(), 4_000)
+        .into_iter()
+        .filter(|(_, well_formed)| *well_formed)
+        .map(|(body, _)| body)
+        .take(40)
+        .collect();
+    assert_eq!(
+        good.len(),
+        40,
+        "too few well-formed samples ({well_formed_seen} above)"
+    );
+    for (n, body) in good.into_iter().enumerate() {
+        let resp = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .header("x-hypertool-persona", "backend-engineer")
+            .header("x-hypertool-session", format!("good-{n}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(
+            status, 200,
+            "a well-formed request was refused: {body}: {text}"
+        );
     }
     let batches = samples(
         prop::collection::vec(prop_oneof![any_json(), usage_event_with_noise()], 0..8),

@@ -53,28 +53,30 @@ async fn no_secret_reaches_logs_metrics_answers_or_the_ledger() {
     std::fs::write(&toml, text).unwrap();
     let log = dir.path().join("ht.log");
     let data = dir.path().join("data");
-    let mut child = std::process::Command::new(crate::process::BIN)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--config", toml.to_str().unwrap()])
-        .args(["--data-dir", data.to_str().unwrap()])
-        .args(["--log-file", log.to_str().unwrap()])
-        .env("HYPERTOOL_TEST_UPSTREAM_KEY", UPSTREAM)
-        .env("HYPERTOOL_ADMIN_KEY", ADMIN)
-        .env("HT_SECRET_TEST_VIEWER", VIEWER)
-        .env("HT_SECRET_TEST_PERSONA", PERSONA)
-        .env("HT_SECRET_TEST_METRICS", METRICS)
-        .env("LANGFUSE_PUBLIC_KEY", LANGFUSE_PK)
-        .env("LANGFUSE_SECRET_KEY", LANGFUSE_SK)
-        .env("RUST_LOG", "debug")
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        std::process::Command::new(crate::process::BIN)
+            .current_dir(dir.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--config", toml.to_str().unwrap()])
+            .args(["--data-dir", data.to_str().unwrap()])
+            .args(["--log-file", log.to_str().unwrap()])
+            .env("HYPERTOOL_TEST_UPSTREAM_KEY", UPSTREAM)
+            .env("HYPERTOOL_ADMIN_KEY", ADMIN)
+            .env("HT_SECRET_TEST_VIEWER", VIEWER)
+            .env("HT_SECRET_TEST_PERSONA", PERSONA)
+            .env("HT_SECRET_TEST_METRICS", METRICS)
+            .env("LANGFUSE_PUBLIC_KEY", LANGFUSE_PK)
+            .env("LANGFUSE_SECRET_KEY", LANGFUSE_SK)
+            .env("RUST_LOG", "debug")
+            .spawn()
+            .unwrap(),
+    );
     let (api, metrics) = serving_at(&log).await;
     let http = reqwest::Client::new();
     let mut answers = String::new();
