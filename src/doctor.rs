@@ -89,7 +89,7 @@ pub async fn scrape(http: &reqwest::Client, metrics_url: &str, token: Option<&st
         Ok(r) => {
             let status = r.status().as_u16();
             let body = r.text().await.unwrap_or_default();
-            if status == 200 && body.contains("hypertool_build_info") {
+            if status == 200 && body.contains(crate::telemetry::families::BUILD_INFO.name) {
                 Scrape::Hypertool
             } else {
                 Scrape::Other(status)

@@ -8,6 +8,7 @@ use super::promql::{bucket_quantile, extrapolated_rate, predict_linear};
 use super::rules::{AlertId, Rule};
 use super::tsdb::{Labels, Tsdb};
 use crate::core::clock::UnixMillis;
+use crate::telemetry::families as f;
 
 /// `sum by (keys) (rate(name{filter}[w]))` (or `increase` when `is_rate` is false).
 fn sum_rate_by(
@@ -65,7 +66,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
     match rule.id {
         AlertId::TokenBudgetExceeded => {
             let values = db
-                .instant("hypertool_persona_token_budget_remaining", at)
+                .instant(f::PERSONA_TOKEN_BUDGET_REMAINING.name, at)
                 .map(|(l, v)| (l.clone(), v));
             min_by(values, &["persona"])
                 .into_iter()
@@ -73,7 +74,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
                 .collect()
         }
         AlertId::HighQualityGateFailureRate => {
-            let name = "hypertool_workflow_quality_gate_total";
+            let name = f::WORKFLOW_QUALITY_GATE_TOTAL.name;
             let keys = ["workflow", "stage"];
             let fails = sum_rate_by(
                 db,
@@ -94,7 +95,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
         AlertId::ExcessivePersonaSwitching => {
             let sum = sum_rate_by(
                 db,
-                "hypertool_persona_switches_total",
+                f::PERSONA_SWITCHES_TOTAL.name,
                 at,
                 w,
                 &[],
@@ -109,7 +110,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
             let mut groups: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
             let rates = sum_rate_by(
                 db,
-                "hypertool_workflow_stage_duration_seconds_bucket",
+                &format!("{}_bucket", f::WORKFLOW_STAGE_DURATION_SECONDS.name),
                 at,
                 w,
                 &["le", "workflow", "stage"],
@@ -137,7 +138,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
             // `or max by (workflow, stage) (hypertool_workflow_stage_running_seconds) > threshold`:
             // series the left side already has keep its value.
             let running = db
-                .instant("hypertool_workflow_stage_running_seconds", at)
+                .instant(f::WORKFLOW_STAGE_RUNNING_SECONDS.name, at)
                 .map(|(l, v)| (l.clone(), v));
             for (g, age) in max_by(running, &["workflow", "stage"]) {
                 if age > rule.threshold {
@@ -149,7 +150,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
         AlertId::TokenBudgetDepletionPredicted => {
             let horizon = rule.horizon.as_secs_f64();
             let values: Vec<(Labels, f64)> = db
-                .range("hypertool_persona_token_budget_remaining", at, w, |_| true)
+                .range(f::PERSONA_TOKEN_BUDGET_REMAINING.name, at, w, |_| true)
                 .filter_map(|(l, points)| {
                     predict_linear(&points, at, horizon).map(|p| (l.clone(), p))
                 })
@@ -181,7 +182,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
             }
             let used = sum_rate_by(
                 db,
-                "hypertool_persona_tokens_used_total",
+                f::PERSONA_TOKENS_USED_TOTAL.name,
                 at,
                 w,
                 &[],
@@ -193,7 +194,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
             };
             let created = sum_rate_by(
                 db,
-                "langfuse_trace_created_total",
+                f::LANGFUSE_TRACE_CREATED_TOTAL.name,
                 at,
                 w,
                 &[],
@@ -202,7 +203,7 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
             );
             let none_created = created.values().next().is_some_and(|v| *v == 0.0);
             let absent = db
-                .instant("langfuse_trace_created_total", at)
+                .instant(f::LANGFUSE_TRACE_CREATED_TOTAL.name, at)
                 .next()
                 .is_none();
             if none_created || absent {
@@ -218,15 +219,15 @@ pub fn evaluate(rule: &Rule, job: &str, db: &Tsdb, at: UnixMillis) -> Vec<(Label
                     .collect::<Vec<_>>()
             };
             let used = max_by(
-                instant("hypertool_persona_token_budget_used").into_iter(),
+                instant(f::PERSONA_TOKEN_BUDGET_USED.name).into_iter(),
                 &["persona"],
             );
             let soft = max_by(
-                instant("hypertool_persona_token_budget_soft_limit").into_iter(),
+                instant(f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT.name).into_iter(),
                 &["persona"],
             );
             let within = min_by(
-                instant("hypertool_persona_token_budget_remaining").into_iter(),
+                instant(f::PERSONA_TOKEN_BUDGET_REMAINING.name).into_iter(),
                 &["persona"],
             );
             used.into_iter()

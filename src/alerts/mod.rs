@@ -15,6 +15,7 @@ pub mod rules;
 pub mod simulate;
 pub mod tsdb;
 
+use crate::telemetry::families as f;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -29,16 +30,18 @@ const RESOLVED_RETENTION_MS: i64 = 15 * 60 * 1000;
 
 /// The metric families the rules read; nothing else is kept.
 pub const RULE_INPUTS: [&str; 11] = [
-    "hypertool_persona_token_budget_remaining",
-    "hypertool_persona_token_budget_used",
-    "hypertool_persona_token_budget_soft_limit",
-    "hypertool_persona_tokens_used_total",
-    "hypertool_persona_switches_total",
-    "hypertool_workflow_quality_gate_total",
-    "hypertool_workflow_stage_duration_seconds_bucket",
-    "hypertool_workflow_stage_running_seconds",
-    "langfuse_trace_created_total",
-    "hypertool_langfuse_enabled",
+    f::PERSONA_TOKEN_BUDGET_REMAINING.name,
+    f::PERSONA_TOKEN_BUDGET_USED.name,
+    f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT.name,
+    f::PERSONA_TOKENS_USED_TOTAL.name,
+    f::PERSONA_SWITCHES_TOTAL.name,
+    f::WORKFLOW_QUALITY_GATE_TOTAL.name,
+    // A histogram: its `_bucket` series are the input (see `ingest_exposition`).
+    f::WORKFLOW_STAGE_DURATION_SECONDS.name,
+    f::WORKFLOW_STAGE_RUNNING_SECONDS.name,
+    f::LANGFUSE_TRACE_CREATED_TOTAL.name,
+    f::LANGFUSE_ENABLED.name,
+    // Prometheus's own series of a scrape's health.
     "up",
 ];
 
@@ -167,7 +170,11 @@ impl AlertEngine {
     /// Records a scrape of the core's exposition at `at` (only the families the rules read).
     pub fn ingest_exposition(&mut self, at: UnixMillis, text: &str) {
         for sample in parse_exposition(text) {
-            if RULE_INPUTS.contains(&sample.name.as_str()) {
+            // A histogram family is read through its buckets (`…_bucket{le}`).
+            let family = sample.name.strip_suffix("_bucket").unwrap_or(&sample.name);
+            let wanted = RULE_INPUTS.contains(&family)
+                && (family == sample.name || family == f::WORKFLOW_STAGE_DURATION_SECONDS.name);
+            if wanted {
                 self.db
                     .append(&sample.name, sample.labels, at, sample.value);
             }
