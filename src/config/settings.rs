@@ -452,18 +452,26 @@ fn ledger_settings(
             );
         }
     }
-    let url = std::env::var("HYPERTOOL_LEDGER_URL")
+    let from_env = std::env::var("HYPERTOOL_LEDGER_URL")
         .ok()
-        .filter(|u| !u.trim().is_empty())
-        .or_else(|| raw.url.clone());
+        .filter(|u| !u.trim().is_empty());
+    let url = from_env.clone().or_else(|| raw.url.clone());
     if let Some(u) = &url {
         if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+            // A value from the environment is named as such, not at a line it is not on.
+            let (line, what) = match from_env {
+                Some(_) => (None, "HYPERTOOL_LEDGER_URL"),
+                None => (
+                    super::error::line_of_key_in_section(text, "ledger", "url"),
+                    "`ledger.url`",
+                ),
+            };
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "url"),
+                    line,
                     format!(
-                        "`ledger.url` = {:?} is not a PostgreSQL URL",
+                        "{what} = {:?} is not a PostgreSQL URL",
                         crate::store::postgres::redacted(u)
                     ),
                 )
@@ -698,10 +706,12 @@ impl Settings {
             }
             Err(problems) => {
                 for (key, message) in problems {
-                    let leaf = key.rsplit('.').next().unwrap_or(&key).to_string();
-                    let section = key.rsplit('.').nth(1).unwrap_or("alerts").to_string();
-                    let line = line_of_key(text, &leaf)
-                        .or_else(|| line_of_key(text, &format!("[alerts.{section}]")));
+                    // `alerts.SlowWorkflowStage.threshold`: the key inside its own table, not
+                    // the first `threshold` of the file.
+                    let (section, leaf) = key.rsplit_once('.').unwrap_or(("alerts", &key));
+                    let header = format!("[{section}]");
+                    let line = super::error::line_of_key_in_section(text, section, leaf)
+                        .or_else(|| text.lines().position(|l| l.trim() == header).map(|i| i + 1));
                     errors.push(ConfigError::new(file, line, format!("`{key}` {message}")).fix(
                         "see the [alerts] section of config/hypertool.toml for each alert's knobs and defaults",
                     ));
@@ -875,6 +885,35 @@ mod tests {
             "{:?}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn a_bad_ledger_url_is_reported_at_the_ledgers_url_line() {
+        // (With HYPERTOOL_LEDGER_URL set, that URL is in force and named instead of a line.)
+        let text = "[gateway.cache]\nurl = \"redis://127.0.0.1:6379/0\"\n\n[ledger]\nurl = \"mysql://db/h\"\n";
+        let errs = Settings::parse("h.toml", text).unwrap_err();
+        let bad = errs
+            .iter()
+            .find(|e| e.message.contains("is not a PostgreSQL URL"))
+            .unwrap_or_else(|| panic!("{errs:?}"));
+        assert_eq!(bad.line, Some(5), "{bad:?}");
+    }
+
+    #[test]
+    fn an_alerts_knob_is_reported_at_its_own_tables_line() {
+        let text = "[alerts.TokenBudgetExceeded]\nthreshold = 0\nwindow = \"5m\"\n\n[alerts.HypertoolMetricsNotReported]\nthreshold = 1\n\n[alerts.SlowWorkflowStage]\nquantile = 2\n";
+        let errs = Settings::parse("h.toml", text).unwrap_err();
+        let at = |key: &str| {
+            errs.iter()
+                .find(|e| e.message.contains(key))
+                .and_then(|e| e.line)
+        };
+        assert_eq!(
+            at("alerts.HypertoolMetricsNotReported.threshold"),
+            Some(6),
+            "{errs:?}"
+        );
+        assert_eq!(at("alerts.SlowWorkflowStage.quantile"), Some(9), "{errs:?}");
     }
 
     #[test]
