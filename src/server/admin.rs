@@ -239,8 +239,12 @@ pub async fn reset_budget(
     };
     // The reset and its audit entry in one append: neither is stored without the other.
     let before = budget_json(&state, &canonical);
+    // What the status will say once the reset is applied: nothing used, everything left.
     let after = before.clone().map(|mut b| {
         b["used_tokens"] = json!(0);
+        b["remaining_tokens"] = b["tokens"].clone();
+        b["used_cost_usd"] = json!(0.0);
+        b["remaining_cost_usd"] = b["cost_usd"].clone();
         b
     });
     let entry = super::audit::entry(
