@@ -230,6 +230,25 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
     let mut out = Vec::new();
     let (source, loaded) = load(target);
     let cfg = loaded.as_ref().ok();
+    configuration(&source, &loaded, &mut out);
+    let api = api_url(target, cfg);
+    let serving = server(&http, &api, &mut out).await;
+    mcp_checks(cfg, &mut out).await;
+    if !serving {
+        not_serving(target, cfg, &mut out).await;
+    }
+    out.push(metrics(&http, target, cfg).await);
+    if let Some(c) = cfg {
+        configured(&http, target, c, &mut out).await;
+    }
+    if let Some(check) = prometheus(&http, target, cfg).await {
+        out.push(check);
+    }
+    out
+}
+
+/// Whether the configuration loads.
+fn configuration(source: &Source, loaded: &Result<Config, String>, out: &mut Vec<Check>) {
     match &loaded {
         Ok(c) => out.push(Check::new(
             "configuration",
@@ -251,10 +270,12 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
             ),
         )),
     }
+}
 
-    // The server and its ports.
-    let api = api_url(target, cfg);
-    let serving = match http.get(format!("{api}/readyz")).send().await {
+/// The server at `api`: ready, draining, or not answering (its MCP servers' states with it).
+/// Whether it serves.
+async fn server(http: &reqwest::Client, api: &str, out: &mut Vec<Check>) -> bool {
+    match http.get(format!("{api}/readyz")).send().await {
         Ok(r) => {
             let status = r.status();
             let body: Value = r.json().await.unwrap_or(Value::Null);
@@ -358,281 +379,303 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
             ));
             false
         }
-    };
-    mcp_checks(cfg, &mut out).await;
-    if !serving {
-        // The ports: free for hypertool to take, or held by something else.
-        if let Some(c) = cfg {
-            for (what, addr) in [
-                ("API port", c.settings.listen),
-                ("metrics port", c.settings.metrics_listen),
-            ] {
-                out.push(match std::net::TcpListener::bind(addr) {
-                    Ok(_) => Check::new(what, Status::Ok, format!("{addr} is free for hypertool")),
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Check::new(
-                        what,
-                        Status::Fail,
-                        format!("{addr} is held by another process (`ss -ltnp 'sport = :{}'` names it): hypertool cannot start there", addr.port()),
-                    ),
-                    Err(e) => Check::new(what, Status::Fail, format!("{addr}: {e}")),
-                });
-            }
-        }
-        // The ledger as the server would open it.
-        match cfg.and_then(|c| c.settings.ledger.url.clone().map(|u| (u, c))) {
-            Some((url, c)) => {
-                let shown = crate::store::postgres::redacted(&url);
-                let connector =
-                    crate::store::postgres::connector(&url, &c.settings, "hypertool-doctor");
-                let ok = tokio::task::spawn_blocking(move || {
-                    let mut connector = connector.map_err(|e| e.to_string())?;
-                    connector.config.connect_timeout(TIMEOUT);
-                    connector
-                        .connect()
-                        .map(|_| ())
-                        .map_err(|e| crate::store::postgres::explain(&e))
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-                out.push(match ok {
-                    Ok(()) => {
-                        Check::new("ledger", Status::Ok, format!("{shown} accepts connections"))
-                    }
-                    Err(e) => Check::new("ledger", Status::Fail, format!("{shown}: {e}")),
-                });
-            }
-            None => {
-                let db = target.data_dir.join("hypertool.db");
-                let probe = target.data_dir.join(".hypertool-doctor");
-                let writable = std::fs::create_dir_all(&target.data_dir)
-                    .and_then(|()| std::fs::write(&probe, b""))
-                    .map(|()| {
-                        let _ = std::fs::remove_file(&probe);
-                    });
-                out.push(match writable {
-                    Ok(()) => Check::new(
-                        "ledger",
-                        Status::Ok,
-                        format!(
-                            "{} is writable{}",
-                            target.data_dir.display(),
-                            if db.exists() { "" } else { " (no ledger yet)" }
-                        ),
-                    ),
-                    Err(e) => Check::new(
-                        "ledger",
-                        Status::Fail,
-                        format!(
-                            "{} cannot be written: {e}; start with --data-dir on a writable disk",
-                            target.data_dir.display()
-                        ),
-                    ),
-                });
-            }
+    }
+}
+
+/// Without a server: whether it could start here (its ports, its ledger, its data directory).
+async fn not_serving(target: &Target, cfg: Option<&Config>, out: &mut Vec<Check>) {
+    // The ports: free for hypertool to take, or held by something else.
+    if let Some(c) = cfg {
+        for (what, addr) in [
+            ("API port", c.settings.listen),
+            ("metrics port", c.settings.metrics_listen),
+        ] {
+            out.push(match std::net::TcpListener::bind(addr) {
+                Ok(_) => Check::new(what, Status::Ok, format!("{addr} is free for hypertool")),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Check::new(
+                    what,
+                    Status::Fail,
+                    format!("{addr} is held by another process (`ss -ltnp 'sport = :{}'` names it): hypertool cannot start there", addr.port()),
+                ),
+                Err(e) => Check::new(what, Status::Fail, format!("{addr}: {e}")),
+            });
         }
     }
+    // The ledger as the server would open it.
+    match cfg.and_then(|c| c.settings.ledger.url.clone().map(|u| (u, c))) {
+        Some((url, c)) => {
+            let shown = crate::store::postgres::redacted(&url);
+            let connector =
+                crate::store::postgres::connector(&url, &c.settings, "hypertool-doctor");
+            let ok = tokio::task::spawn_blocking(move || {
+                let mut connector = connector.map_err(|e| e.to_string())?;
+                connector.config.connect_timeout(TIMEOUT);
+                connector
+                    .connect()
+                    .map(|_| ())
+                    .map_err(|e| crate::store::postgres::explain(&e))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            out.push(match ok {
+                Ok(()) => Check::new("ledger", Status::Ok, format!("{shown} accepts connections")),
+                Err(e) => Check::new("ledger", Status::Fail, format!("{shown}: {e}")),
+            });
+        }
+        None => {
+            let db = target.data_dir.join("hypertool.db");
+            let probe = target.data_dir.join(".hypertool-doctor");
+            let writable = std::fs::create_dir_all(&target.data_dir)
+                .and_then(|()| std::fs::write(&probe, b""))
+                .map(|()| {
+                    let _ = std::fs::remove_file(&probe);
+                });
+            out.push(match writable {
+                Ok(()) => Check::new(
+                    "ledger",
+                    Status::Ok,
+                    format!(
+                        "{} is writable{}",
+                        target.data_dir.display(),
+                        if db.exists() { "" } else { " (no ledger yet)" }
+                    ),
+                ),
+                Err(e) => Check::new(
+                    "ledger",
+                    Status::Fail,
+                    format!(
+                        "{} cannot be written: {e}; start with --data-dir on a writable disk",
+                        target.data_dir.display()
+                    ),
+                ),
+            });
+        }
+    }
+}
 
-    // The metrics endpoint.
+/// The metrics endpoint: answering with hypertool's metrics, or why not.
+async fn metrics(http: &reqwest::Client, target: &Target, cfg: Option<&Config>) -> Check {
     let metrics = metrics_url(target, cfg);
-    out.push(match scrape(&http, &metrics, metrics_token(cfg).as_deref()).await {
+    match scrape(http, &metrics, metrics_token(cfg).as_deref()).await {
         Scrape::Hypertool => Check::new("metrics", Status::Ok, format!("{metrics}/metrics answers with hypertool's metrics")),
         Scrape::Unauthorized => Check::new("metrics", Status::Fail, format!("{metrics}/metrics answers 401: set the variable named by server.metrics_bearer_token_env")),
         Scrape::Other(code) => Check::new("metrics", Status::Fail, format!("{metrics}/metrics answers {code} without hypertool's metrics: another process holds the port?")),
         Scrape::Unreachable(e) => Check::new("metrics", Status::Fail, format!("{metrics}/metrics: {e}")),
-    });
+    }
+}
 
-    if let Some(c) = cfg {
-        // Upstreams.
-        if c.settings.gateway.upstreams.is_empty() {
-            out.push(Check::new(
-                "upstreams",
-                Status::Info,
-                "none configured (mock/… models only)",
-            ));
+/// What the configuration names: upstreams, trace destinations, Alertmanager.
+async fn configured(http: &reqwest::Client, target: &Target, c: &Config, out: &mut Vec<Check>) {
+    upstreams(http, c, out).await;
+    trace_destinations(http, target, c, out).await;
+    alertmanager(http, c, out).await;
+}
+
+/// Each upstream: its key variable set, its host answering.
+async fn upstreams(http: &reqwest::Client, c: &Config, out: &mut Vec<Check>) {
+    // Upstreams.
+    if c.settings.gateway.upstreams.is_empty() {
+        out.push(Check::new(
+            "upstreams",
+            Status::Info,
+            "none configured (mock/… models only)",
+        ));
+    }
+    for (name, u) in &c.settings.gateway.upstreams {
+        let key = u.api_key_env.as_ref().and_then(|e| std::env::var(e).ok());
+        let mut req = http.get(format!("{}/models", u.base_url.trim_end_matches('/')));
+        if let Some(k) = &key {
+            req = req.bearer_auth(k);
         }
-        for (name, u) in &c.settings.gateway.upstreams {
-            let key = u.api_key_env.as_ref().and_then(|e| std::env::var(e).ok());
-            let mut req = http.get(format!("{}/models", u.base_url.trim_end_matches('/')));
-            if let Some(k) = &key {
-                req = req.bearer_auth(k);
-            }
-            let missing_key = u.api_key_env.as_ref().filter(|_| key.is_none());
-            out.push(match req.send().await {
-                Ok(r) if r.status().is_success() => Check::new(
-                    &format!("upstream {name}"),
-                    Status::Ok,
-                    format!("{} answers", u.base_url),
-                ),
-                Ok(r) if r.status() == 401 || r.status() == 403 => Check::new(
-                    &format!("upstream {name}"),
-                    Status::Fail,
-                    match missing_key {
-                        Some(env) => format!(
-                            "{} answers {}: {env} is not set",
-                            u.base_url,
-                            r.status().as_u16()
-                        ),
-                        None => format!("{} refuses the key ({})", u.base_url, r.status().as_u16()),
-                    },
-                ),
-                // Reachable; not every OpenAI-compatible server lists models.
-                Ok(r) => Check::new(
-                    &format!("upstream {name}"),
-                    Status::Ok,
-                    format!(
-                        "{} reachable (GET /models: {})",
+        let missing_key = u.api_key_env.as_ref().filter(|_| key.is_none());
+        out.push(match req.send().await {
+            Ok(r) if r.status().is_success() => Check::new(
+                &format!("upstream {name}"),
+                Status::Ok,
+                format!("{} answers", u.base_url),
+            ),
+            Ok(r) if r.status() == 401 || r.status() == 403 => Check::new(
+                &format!("upstream {name}"),
+                Status::Fail,
+                match missing_key {
+                    Some(env) => format!(
+                        "{} answers {}: {env} is not set",
                         u.base_url,
                         r.status().as_u16()
                     ),
+                    None => format!("{} refuses the key ({})", u.base_url, r.status().as_u16()),
+                },
+            ),
+            // Reachable; not every OpenAI-compatible server lists models.
+            Ok(r) => Check::new(
+                &format!("upstream {name}"),
+                Status::Ok,
+                format!(
+                    "{} reachable (GET /models: {})",
+                    u.base_url,
+                    r.status().as_u16()
+                ),
+            ),
+            Err(e) => Check::new(
+                &format!("upstream {name}"),
+                Status::Fail,
+                format!("{}: {}", u.base_url, why(&e)),
+            ),
+        });
+    }
+}
+
+/// Where traces go (OTLP, Langfuse): configured as expected, and answering.
+async fn trace_destinations(
+    http: &reqwest::Client,
+    target: &Target,
+    c: &Config,
+    out: &mut Vec<Check>,
+) {
+    // Trace destinations.
+    let plan = crate::telemetry::trace::Plan::resolve(
+        &c.settings.tracing,
+        &c.settings.langfuse,
+        &target.data_dir,
+        &|k| std::env::var(k).ok(),
+    );
+    if plan.destinations.is_empty() {
+        out.push(Check::new(
+            "traces",
+            if plan.langfuse_missing {
+                Status::Fail
+            } else {
+                Status::Info
+            },
+            if plan.langfuse_missing {
+                format!(
+                    "Langfuse is expected but {} not set",
+                    plan.langfuse_missing_keys.join(" and ")
+                )
+            } else {
+                "no destination configured".to_string()
+            },
+        ));
+    }
+    for d in &plan.destinations {
+        if d.name == "langfuse" {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+            let lf = &c.settings.langfuse;
+            let host = env("LANGFUSE_HOST").unwrap_or_else(|| lf.host.clone());
+            let result = match (env(&lf.public_key_env), env(&lf.secret_key_env)) {
+                (Some(pk), Some(sk)) => {
+                    crate::server::insight::langfuse_test_call(http, &host, &pk, &sk).await
+                }
+                _ => crate::runbook::investigate::TestCall::NotTried {
+                    why: "a key is not set".into(),
+                },
+            };
+            use crate::runbook::investigate::TestCall;
+            out.push(match result {
+                TestCall::Accepted => Check::new(
+                    "traces langfuse",
+                    Status::Ok,
+                    format!("{host} accepts the keys"),
+                ),
+                TestCall::Refused { status } => Check::new(
+                    "traces langfuse",
+                    Status::Fail,
+                    format!(
+                        "{host} refuses the keys (HTTP {status}): check {} and {}",
+                        lf.public_key_env, lf.secret_key_env
+                    ),
+                ),
+                TestCall::Unreachable { error } => {
+                    Check::new("traces langfuse", Status::Fail, format!("{host}: {error}"))
+                }
+                TestCall::NotTried { why } => Check::new("traces langfuse", Status::Fail, why),
+            });
+        } else {
+            // An empty ExportTraceServiceRequest: accepted by any OTLP/HTTP receiver.
+            let mut req = http
+                .post(&d.traces_url)
+                .header("content-type", "application/x-protobuf")
+                .body(Vec::new());
+            for (k, v) in &d.headers {
+                req = req.header(k, v);
+            }
+            out.push(match req.send().await {
+                Ok(r) if r.status().is_success() => Check::new(
+                    "traces otlp",
+                    Status::Ok,
+                    format!("{} accepts OTLP", d.traces_url),
+                ),
+                Ok(r) if r.status() == 401 || r.status() == 403 => Check::new(
+                    "traces otlp",
+                    Status::Fail,
+                    format!(
+                        "{} refuses the credentials ({}): {}",
+                        d.traces_url,
+                        r.status().as_u16(),
+                        d.auth_fix
+                    ),
+                ),
+                Ok(r) => Check::new(
+                    "traces otlp",
+                    Status::Fail,
+                    format!("{} answers {}", d.traces_url, r.status().as_u16()),
                 ),
                 Err(e) => Check::new(
-                    &format!("upstream {name}"),
+                    "traces otlp",
                     Status::Fail,
-                    format!("{}: {}", u.base_url, why(&e)),
+                    format!("{}: {}", d.traces_url, why(&e)),
                 ),
             });
         }
+    }
+}
 
-        // Trace destinations.
-        let plan = crate::telemetry::trace::Plan::resolve(
-            &c.settings.tracing,
-            &c.settings.langfuse,
-            &target.data_dir,
-            &|k| std::env::var(k).ok(),
-        );
-        if plan.destinations.is_empty() {
-            out.push(Check::new(
-                "traces",
-                if plan.langfuse_missing {
-                    Status::Fail
-                } else {
-                    Status::Info
-                },
-                if plan.langfuse_missing {
-                    format!(
-                        "Langfuse is expected but {} not set",
-                        plan.langfuse_missing_keys.join(" and ")
-                    )
-                } else {
-                    "no destination configured".to_string()
-                },
-            ));
+/// Alertmanager, when configured: answering its status API.
+async fn alertmanager(http: &reqwest::Client, c: &Config, out: &mut Vec<Check>) {
+    // Alertmanager.
+    match &c.settings.alerts.delivery.alertmanager_url {
+        Some(am) => {
+            let url = format!("{}/api/v2/status", am.trim_end_matches('/'));
+            out.push(match http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => {
+                    Check::new("alertmanager", Status::Ok, format!("{am} answers"))
+                }
+                Ok(r) => Check::new(
+                    "alertmanager",
+                    Status::Fail,
+                    format!("{url} answers {}", r.status().as_u16()),
+                ),
+                Err(e) => Check::new("alertmanager", Status::Fail, format!("{am}: {}", why(&e))),
+            });
         }
-        for d in &plan.destinations {
-            if d.name == "langfuse" {
-                let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-                let lf = &c.settings.langfuse;
-                let host = env("LANGFUSE_HOST").unwrap_or_else(|| lf.host.clone());
-                let result = match (env(&lf.public_key_env), env(&lf.secret_key_env)) {
-                    (Some(pk), Some(sk)) => {
-                        crate::server::insight::langfuse_test_call(&http, &host, &pk, &sk).await
-                    }
-                    _ => crate::runbook::investigate::TestCall::NotTried {
-                        why: "a key is not set".into(),
-                    },
-                };
-                use crate::runbook::investigate::TestCall;
-                out.push(match result {
-                    TestCall::Accepted => Check::new(
-                        "traces langfuse",
-                        Status::Ok,
-                        format!("{host} accepts the keys"),
-                    ),
-                    TestCall::Refused { status } => Check::new(
-                        "traces langfuse",
-                        Status::Fail,
-                        format!(
-                            "{host} refuses the keys (HTTP {status}): check {} and {}",
-                            lf.public_key_env, lf.secret_key_env
-                        ),
-                    ),
-                    TestCall::Unreachable { error } => {
-                        Check::new("traces langfuse", Status::Fail, format!("{host}: {error}"))
-                    }
-                    TestCall::NotTried { why } => Check::new("traces langfuse", Status::Fail, why),
-                });
+        None => out.push(Check::new(
+            "alertmanager",
+            Status::Info,
+            "not configured (alerts.alertmanager_url)",
+        )),
+    }
+}
+
+/// Prometheus, when asked: its targets of hypertool's job up.
+async fn prometheus(
+    http: &reqwest::Client,
+    target: &Target,
+    cfg: Option<&Config>,
+) -> Option<Check> {
+    let prom = target.prometheus.as_ref()?;
+    let job = cfg.map_or("hypertool".to_string(), |c| c.settings.alerts.job.clone());
+    Some(match prometheus_targets(http, prom, &job).await {
+        Ok(ts) if ts.is_empty() => Check::new("prometheus", Status::Fail, format!("{prom} has no target of job {job}: add deploy/prometheus/prometheus.yml's scrape job")),
+        Ok(ts) => {
+            let bad: Vec<_> = ts.iter().filter(|t| t.1 != "up").collect();
+            if bad.is_empty() {
+                Check::new("prometheus", Status::Ok, format!("{} target(s) of job {job} up", ts.len()))
             } else {
-                // An empty ExportTraceServiceRequest: accepted by any OTLP/HTTP receiver.
-                let mut req = http
-                    .post(&d.traces_url)
-                    .header("content-type", "application/x-protobuf")
-                    .body(Vec::new());
-                for (k, v) in &d.headers {
-                    req = req.header(k, v);
-                }
-                out.push(match req.send().await {
-                    Ok(r) if r.status().is_success() => Check::new(
-                        "traces otlp",
-                        Status::Ok,
-                        format!("{} accepts OTLP", d.traces_url),
-                    ),
-                    Ok(r) if r.status() == 401 || r.status() == 403 => Check::new(
-                        "traces otlp",
-                        Status::Fail,
-                        format!(
-                            "{} refuses the credentials ({}): {}",
-                            d.traces_url,
-                            r.status().as_u16(),
-                            d.auth_fix
-                        ),
-                    ),
-                    Ok(r) => Check::new(
-                        "traces otlp",
-                        Status::Fail,
-                        format!("{} answers {}", d.traces_url, r.status().as_u16()),
-                    ),
-                    Err(e) => Check::new(
-                        "traces otlp",
-                        Status::Fail,
-                        format!("{}: {}", d.traces_url, why(&e)),
-                    ),
-                });
+                Check::new("prometheus", Status::Fail, bad.iter().map(|t| format!("{} {}: {}", t.0, t.1, t.2)).collect::<Vec<_>>().join("; "))
             }
         }
-
-        // Alertmanager.
-        match &c.settings.alerts.delivery.alertmanager_url {
-            Some(am) => {
-                let url = format!("{}/api/v2/status", am.trim_end_matches('/'));
-                out.push(match http.get(&url).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        Check::new("alertmanager", Status::Ok, format!("{am} answers"))
-                    }
-                    Ok(r) => Check::new(
-                        "alertmanager",
-                        Status::Fail,
-                        format!("{url} answers {}", r.status().as_u16()),
-                    ),
-                    Err(e) => {
-                        Check::new("alertmanager", Status::Fail, format!("{am}: {}", why(&e)))
-                    }
-                });
-            }
-            None => out.push(Check::new(
-                "alertmanager",
-                Status::Info,
-                "not configured (alerts.alertmanager_url)",
-            )),
-        }
-    }
-
-    // Prometheus.
-    if let Some(prom) = &target.prometheus {
-        let job = cfg.map_or("hypertool".to_string(), |c| c.settings.alerts.job.clone());
-        out.push(match prometheus_targets(&http, prom, &job).await {
-            Ok(ts) if ts.is_empty() => Check::new("prometheus", Status::Fail, format!("{prom} has no target of job {job}: add deploy/prometheus/prometheus.yml's scrape job")),
-            Ok(ts) => {
-                let bad: Vec<_> = ts.iter().filter(|t| t.1 != "up").collect();
-                if bad.is_empty() {
-                    Check::new("prometheus", Status::Ok, format!("{} target(s) of job {job} up", ts.len()))
-                } else {
-                    Check::new("prometheus", Status::Fail, bad.iter().map(|t| format!("{} {}: {}", t.0, t.1, t.2)).collect::<Vec<_>>().join("; "))
-                }
-            }
-            Err(e) => Check::new("prometheus", Status::Fail, format!("{prom}: {e}")),
-        });
-    }
-    out
+        Err(e) => Check::new("prometheus", Status::Fail, format!("{prom}: {e}")),
+    })
 }
 
 /// The investigation of HypertoolMetricsNotReported, from outside the process.
