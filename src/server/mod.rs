@@ -7,15 +7,22 @@
 
 pub mod admin;
 pub mod audit;
+mod background;
 pub mod dashboard;
 pub mod events;
 pub mod experiments;
 pub mod insight;
 pub mod listener;
 pub mod mcp;
+mod metrics;
 pub mod personas;
 pub mod routes;
 pub mod workflows;
+
+pub use background::evaluate_alerts;
+use background::spawn_background;
+use metrics::metrics_router;
+pub use metrics::render_metrics;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,10 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -41,7 +45,6 @@ use crate::core::engine::Engine;
 use crate::store::sqlite::SqliteLedger;
 use crate::store::writer::{self, lock, WriterHandle};
 use crate::store::{Ledger, LedgerError};
-use crate::telemetry::exposition::{self, Format, ProcessInfo};
 use crate::web::auth::{Door, MetricsGate};
 use crate::web::error::{ApiError, ErrorKind};
 
@@ -736,181 +739,6 @@ async fn wait_for_changed(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// What the audit log keeps of a configuration at a reload: its fingerprint, its keys by name
-/// (the variables they are read from, never the keys), and the size of what it configures.
-fn config_summary(cfg: &Config) -> serde_json::Value {
-    let names = |keys: &[crate::config::settings::RoleKey]| -> Vec<String> {
-        keys.iter().map(|k| k.key_env.clone()).collect()
-    };
-    serde_json::json!({
-        "fingerprint": format!("{:016x}", cfg.fingerprint),
-        "keys": {
-            "admin": names(&cfg.settings.auth.admin),
-            "viewer": names(&cfg.settings.auth.viewer),
-            "gateway": cfg.settings.gateway.keys.iter()
-                .map(|k| serde_json::json!({"key_env": k.key_env, "persona": k.persona}))
-                .collect::<Vec<_>>(),
-        },
-        "personas": cfg.personas.len(),
-        "budgets": cfg.budgets.len(),
-        "workflows": cfg.workflows.workflows.keys().collect::<Vec<_>>(),
-    })
-}
-
-/// The ticker (idle sessions, budget periods) and the configuration reloader.
-fn spawn_background(
-    state: &AppState,
-    cfg: Config,
-    addr_overridden: bool,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    let ticker_state = state.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs(1));
-        let mut ticks = 0u64;
-        loop {
-            interval.tick().await;
-            let now = ticker_state.clock.now_ms();
-            lock(&ticker_state.engine).tick(now);
-            // Calls a dead replica left in flight: settled by one survivor once its lease lapsed.
-            if let Some(me) = ticker_state.writer.origin.clone() {
-                settle_orphans(&ticker_state, &me).await;
-            }
-            // A ledger that cannot write is tried again every 2 s, so that service resumes by
-            // itself even when nothing else writes (a load balancer sends nothing to an unready
-            // instance).
-            ticks += 1;
-            if ticks.is_multiple_of(2) && ticker_state.writer.health.failing() {
-                ticker_state.writer.probe();
-            }
-        }
-    }));
-
-    if state.writer.shared {
-        // Several replicas on one ledger: apply what the others stored, so that budgets and
-        // counters here follow the fleet within a fraction of a second.
-        let writer = state.writer.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                interval.tick().await;
-                writer.tail();
-            }
-        }));
-    }
-
-    let alert_state = state.clone();
-    tasks.push(tokio::spawn(async move {
-        loop {
-            evaluate_alerts(&alert_state).await;
-            experiments::record_decisions(&alert_state).await;
-            // Re-read each time: a reload may change the interval.
-            let every = lock_alerts(&alert_state.alerts)
-                .settings()
-                .evaluation_interval
-                .ms()
-                .max(1000);
-            tokio::time::sleep(Duration::from_millis(every as u64)).await;
-        }
-    }));
-
-    let reload_state = state.clone();
-    let reject_stats = state.stats.clone();
-    let trace_settings = Mutex::new((cfg.settings.tracing.clone(), cfg.settings.langfuse.clone()));
-    let initial = cfg.settings.clone();
-    let last_summary = Mutex::new(config_summary(&cfg));
-    let source = cfg.source.clone();
-    let interval = Duration::from_millis(cfg.settings.reload_interval_ms);
-    tasks.push(tokio::spawn(config::reload::watch(
-        source,
-        interval,
-        cfg.fingerprint,
-        move |new: Config| {
-            if !addr_overridden
-                && (new.settings.listen != initial.listen || new.settings.metrics_listen != initial.metrics_listen)
-            {
-                tracing::warn!("listen addresses changed in the configuration; they take effect at the next restart");
-            }
-            let now = reload_state.clock.now_ms();
-            // The audit log's entry of the reload: what the files changed, keys by name.
-            let after = config_summary(&new);
-            let before = {
-                let mut last = last_summary.lock().unwrap_or_else(|p| p.into_inner());
-                std::mem::replace(&mut *last, after.clone())
-            };
-            let keys_changed = before["keys"] != after["keys"];
-            let mut audited = after.clone();
-            audited["keys_changed"] = serde_json::Value::Bool(keys_changed);
-            let audit_entry = audit::entry(
-                &reload_state,
-                "config files".to_string(),
-                "config.reload",
-                &new.source.describe(),
-                Some(before),
-                Some(audited),
-            );
-            if keys_changed {
-                tracing::warn!("the reload changed the configured keys (see GET /api/audit)");
-            }
-            lock(&reload_state.engine).reconfigure(new.engine_config(), now);
-            reload_state
-                .gateway
-                .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
-            let mut gate_changes = reload_state.gates.reload(&new.workflows, now);
-            gate_changes.extend(reload_state.variants.reload(&new.workflows, now));
-            gate_changes.push(audit_entry);
-            if !gate_changes.is_empty() {
-                let writer = reload_state.writer.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = writer.append(gate_changes).await {
-                        tracing::warn!("the gate changes of this reload could not be recorded: {e}");
-                    }
-                });
-            }
-            reload_state
-                .door
-                .reconfigure(&new.settings.auth, &new.settings.gateway.keys);
-            reload_state
-                .gateway
-                .limits
-                .configure(&new.settings.gateway.keys, &new.rate_limits);
-            reload_state
-                .metrics_gate
-                .reconfigure(new.settings.auth.metrics_token.as_ref().map(|k| k.hash));
-            let old_delivery = lock_alerts(&reload_state.alerts).settings().delivery.clone();
-            // The exporter runs with the destinations it started with; alert 7 keeps judging them.
-            let running_langfuse = lock_alerts(&reload_state.alerts).langfuse().clone();
-            {
-                let mut traced = trace_settings.lock().unwrap_or_else(|p| p.into_inner());
-                if traced.0 != new.settings.tracing || traced.1 != new.settings.langfuse {
-                    tracing::warn!("[tracing] or [langfuse] changed: trace destinations change at the next restart");
-                    *traced = (new.settings.tracing.clone(), new.settings.langfuse.clone());
-                }
-            }
-            let mut alert_settings = new.settings.alerts.clone();
-            alert_settings.served_at(reload_state.api_addr);
-            lock_alerts(&reload_state.alerts).reconfigure(alert_settings, running_langfuse);
-            if new.settings.alerts.delivery != old_delivery {
-                let fresh = Deliverer::start(
-                    &new.settings.alerts.delivery,
-                    reload_state.generator_url.clone(),
-                    reload_state.delivery_stats.clone(),
-                );
-                *reload_state.deliverer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-            }
-            reload_state.stats.reload_success.fetch_add(1, Ordering::Relaxed);
-            reload_state.stats.last_reload_ok.store(true, Ordering::Relaxed);
-            tracing::info!(personas = new.personas.len(), budgets = new.budgets.len(), "configuration reloaded");
-        },
-        move |errors: ConfigErrors| {
-            reject_stats.reload_failure.fetch_add(1, Ordering::Relaxed);
-            reject_stats.last_reload_ok.store(false, Ordering::Relaxed);
-            tracing::error!("configuration reload refused; keeping the last good configuration:\n{errors}");
-        },
-    )));
-    tasks
-}
-
 /// Gateway calls that a crash cut off between their admission and their usage are counted at
 /// their admission's estimate (stamped when they were admitted), before anything is served: an
 /// answered call is never missing, and a call that died mid-way is over-counted by at most its
@@ -942,36 +770,6 @@ async fn settle_cut_off_calls(
         "gateway calls were cut off (crash or kill) between their admission and their usage; each is counted at its admission estimate plus what it had streamed"
     );
     Ok(())
-}
-
-/// Settles the calls replicas whose lease lapsed left in flight, when this replica is the one to
-/// (see `Engine::orphan_settlements`): each at its estimate plus what it had streamed.
-async fn settle_orphans(state: &AppState, me: &str) {
-    let orphans = lock(&state.engine).orphan_settlements(me);
-    if orphans.is_empty() {
-        return;
-    }
-    let n = orphans.len();
-    let replicas: std::collections::BTreeSet<String> = orphans
-        .iter()
-        .filter_map(|(_, c)| c.replica.clone())
-        .collect();
-    let events: Vec<crate::core::event::Stamped> = orphans
-        .into_iter()
-        .map(|(at, c)| crate::core::event::Stamped {
-            at,
-            event: crate::core::event::Event::Usage(c.as_settlement()),
-        })
-        .collect();
-    match state.writer.append(events).await {
-        Ok(()) => {
-            tracing::warn!(calls = n, replicas = %replicas.into_iter().collect::<Vec<_>>().join(","),
-            "calls of replicas whose heartbeat lapsed were settled here at their admission estimate")
-        }
-        Err(e) => tracing::warn!(
-            "the calls of a dead replica could not be settled yet (tried again in a second): {e}"
-        ),
-    }
 }
 
 /// Starts the trace exporter for the destinations `[tracing]`, `[langfuse]` and the environment
@@ -1020,57 +818,6 @@ pub fn lock_alerts(alerts: &Mutex<AlertEngine>) -> std::sync::MutexGuard<'_, Ale
     alerts.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One evaluation of the embedded alert engine at the clock's now: scrape our own metrics
-/// listener (for `up`), sample the core, evaluate, log and count the state changes.
-pub async fn evaluate_alerts(state: &AppState) {
-    let url = format!("http://{}/metrics", state.metrics_addr);
-    let up = match state
-        .http
-        .get(&url)
-        .bearer_auth(&state.scrape_token)
-        .send()
-        .await
-    {
-        Ok(r) => r.status().is_success() && r.text().await.is_ok(),
-        Err(_) => false,
-    };
-    let now = state.clock.now_ms();
-    let text = render_metrics(state, Format::Classic);
-    let (transitions, firing) = {
-        let mut alerts = lock_alerts(&state.alerts);
-        alerts.ingest_exposition(now, &text);
-        alerts.ingest_up(now, &state.metrics_addr.to_string(), up);
-        let transitions = alerts.evaluate(now);
-        let firing: Vec<_> = alerts.firing().into_iter().cloned().collect();
-        (transitions, firing)
-    };
-    {
-        let changed: Vec<_> = transitions.iter().map(|t| t.instance.clone()).collect();
-        let mut deliverer = state.deliverer.lock().unwrap_or_else(|p| p.into_inner());
-        if !deliverer.is_empty() {
-            deliverer.offer(now, &changed, &firing);
-        }
-    }
-    for t in &transitions {
-        let a = &t.instance;
-        let labels: Vec<String> = a.series_labels().map(|(k, v)| format!("{k}={v}")).collect();
-        let summary = a.annotations.get("summary").cloned().unwrap_or_default();
-        match a.state {
-            AlertState::Firing => {
-                tracing::warn!(alert = a.alertname, labels = %labels.join(","), value = a.value,
-                runbook = a.annotations.get("runbook").map(String::as_str).unwrap_or(""), "alert firing: {summary}")
-            }
-            AlertState::Pending => {
-                tracing::info!(alert = a.alertname, labels = %labels.join(","), value = a.value,
-                "alert pending: {summary}")
-            }
-            AlertState::Inactive => tracing::info!(alert = a.alertname, labels = %labels.join(","),
-                was = ?t.from, "alert resolved: {summary}"),
-        }
-        state.stats.transition(a.alertname, a.state);
-    }
-}
-
 fn api_router(state: AppState, body_timeout: Duration) -> Router {
     let limit = state.max_body_bytes;
     let mut router = Router::new();
@@ -1105,18 +852,6 @@ fn api_router(state: AppState, body_timeout: Duration) -> Router {
         .with_state(state)
 }
 
-fn metrics_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(admin::healthz))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.metrics_gate.clone(),
-            crate::web::auth::metrics_layer,
-        ))
-        .with_state(state)
-}
-
 async fn not_found() -> ApiError {
     ApiError::not_found(
         "not_found",
@@ -1130,105 +865,4 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not accept that method",
     )
-}
-
-/// Renders `/metrics` for `state` at the current time.
-pub fn render_metrics(state: &AppState, format: Format) -> String {
-    let alerts_firing = lock_alerts(&state.alerts)
-        .firing_counts()
-        .into_iter()
-        .collect();
-    let alert_transitions = state
-        .stats
-        .alert_transitions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|((a, to), n)| ((a.to_string(), to.to_string()), *n as f64))
-        .collect();
-    let process = ProcessInfo {
-        ledger_writable: !state.writer.health.failing(),
-        ledger_write_failures: state.writer.health.failures.load(Ordering::Relaxed) as f64,
-        ledger_held_events: state.writer.health.held() as f64,
-        snapshot_age_seconds: state
-            .writer
-            .health
-            .snapshot_age_seconds(state.clock.now_ms()),
-        trace_destinations: state
-            .tracer
-            .stats()
-            .into_iter()
-            .map(|(name, st)| exposition::TraceDestinationInfo {
-                name,
-                results: st.results(),
-                spool_bytes: st.spool_bytes.load(Ordering::Relaxed),
-                last_success_ms: st.last_success_ms.load(Ordering::Relaxed),
-                queue_dropped: st.queue_dropped.load(Ordering::Relaxed),
-                traces_accepted: st.traces_accepted.load(Ordering::Relaxed),
-                item_errors: (
-                    st.item_errors_transient.load(Ordering::Relaxed),
-                    st.item_errors_permanent.load(Ordering::Relaxed),
-                ),
-            })
-            .collect(),
-        gateway_requests: state.gateway.outcomes(),
-        tools_removed: state.gateway.tools_removed(),
-        unpriced_calls: state.gateway.unpriced(),
-        mcp_sessions: state.mcp.proxy.sessions() as f64,
-        mcp_servers: state
-            .mcp
-            .proxy
-            .downstreams
-            .health()
-            .into_iter()
-            .map(|h| (h.name, h.status == "ready", h.restarts as f64))
-            .collect(),
-        truncations: state.gateway.truncations(),
-        cache_requests: state.gateway.cache.stats().0,
-        cache_tokens_saved: state.gateway.cache.stats().1,
-        cache_shared: state
-            .gateway
-            .cache
-            .shared
-            .as_ref()
-            .map(|s| s.stats.results())
-            .unwrap_or_default(),
-        alert_deliveries: state.delivery_stats.snapshot(),
-        alerts_firing,
-        alert_transitions,
-        version: env!("CARGO_PKG_VERSION"),
-        start_time_ms: state.started_ms,
-        config_reload_success: state.stats.reload_success.load(Ordering::Relaxed) as f64,
-        config_reload_failure: state.stats.reload_failure.load(Ordering::Relaxed) as f64,
-        config_last_reload_ok: state.stats.last_reload_ok.load(Ordering::Relaxed),
-        auth_failures: state.door.failures(),
-        langfuse_enabled: lock_alerts(&state.alerts).langfuse().expected(),
-        rate_limited: state.gateway.limits.refused(),
-        events_rejected: {
-            let mut rejected = state
-                .stats
-                .rejected
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let lost = state.gateway.ledger_failures();
-            if lost > 0 {
-                *rejected.entry("ledger_unavailable").or_insert(0) += lost;
-            }
-            rejected
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v as f64))
-                .collect()
-        },
-    };
-    let now = state.clock.now_ms();
-    let mut engine = lock(&state.engine);
-    engine.tick(now);
-    exposition::render(&engine, &process, format)
-}
-
-async fn metrics_handler(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
-    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let body = render_metrics(&state, format);
-    ([(header::CONTENT_TYPE, format.content_type())], body)
 }
