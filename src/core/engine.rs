@@ -1216,18 +1216,10 @@ impl Engine {
     /// `block` budget's limit less its usage and the estimates of every admitted call not yet
     /// settled, whichever replica admitted it. `None` when no `block` budget applies.
     pub fn fleet_room(&self, persona: &str) -> Option<u64> {
-        let canonical = self.config.personas.canonical(persona);
-        let budget = self.budgets.get(canonical)?;
-        if budget.spec.mode != super::budget::BudgetMode::Block {
-            return None;
-        }
+        let (canonical, budget) = self.block_budget(persona)?;
         let in_flight: u64 = self
-            .unsettled
-            .values()
-            .filter(|(at, c)| {
-                self.holds(*at, c) && self.config.personas.canonical(&c.persona) == canonical
-            })
-            .map(|(_, c)| c.estimate)
+            .holding(canonical)
+            .map(|c| c.estimate)
             .fold(0, u64::saturating_add);
         Some(
             budget
@@ -1293,21 +1285,28 @@ impl Engine {
     /// admitted call not yet settled, whichever replica admitted it. `None` when no `block` budget
     /// with a `cost_usd` applies.
     pub fn fleet_cost_room(&self, persona: &str) -> Option<f64> {
+        let (canonical, budget) = self.block_budget(persona)?;
+        let limit = budget.spec.cost_usd?;
+        let in_flight: f64 = self.holding(canonical).filter_map(|c| c.cost_usd).sum();
+        Some(limit - budget.used_cost() - in_flight)
+    }
+
+    /// `persona`'s canonical name and budget, when that budget is in `block` mode.
+    fn block_budget<'a>(&'a self, persona: &'a str) -> Option<(&'a str, &'a BudgetState)> {
         let canonical = self.config.personas.canonical(persona);
         let budget = self.budgets.get(canonical)?;
-        if budget.spec.mode != super::budget::BudgetMode::Block {
-            return None;
-        }
-        let limit = budget.spec.cost_usd?;
-        let in_flight: f64 = self
-            .unsettled
-            .values()
-            .filter(|(at, c)| {
-                self.holds(*at, c) && self.config.personas.canonical(&c.persona) == canonical
-            })
-            .filter_map(|(_, c)| c.cost_usd)
-            .sum();
-        Some(limit - budget.used_cost() - in_flight)
+        (budget.spec.mode == super::budget::BudgetMode::Block).then_some((canonical, budget))
+    }
+
+    /// The admitted calls of `canonical` still holding budget fleet-wide (see [`Engine::holds`]).
+    fn holding<'a>(
+        &'a self,
+        canonical: &'a str,
+    ) -> impl Iterator<Item = &'a crate::core::event::CallAdmission> + 'a {
+        self.unsettled.values().filter_map(move |(at, c)| {
+            (self.holds(*at, c) && self.config.personas.canonical(&c.persona) == canonical)
+                .then_some(c)
+        })
     }
 
     pub fn budget(&self, persona: &str) -> Option<&BudgetState> {

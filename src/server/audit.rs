@@ -8,7 +8,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::insight::{point_in_time, read};
+use super::insight::{limit_of, period, read};
 use super::AppState;
 use crate::core::event::{AuditEntry, Event, Stamped};
 use crate::store::reader::EventQuery;
@@ -70,22 +70,8 @@ pub async fn list(
         )
     })?;
     let now = state.clock.now_ms();
-    let since = match &q.since {
-        Some(s) => point_in_time(s, now, "since")?,
-        None => now - 7 * 86_400_000,
-    };
-    let until = match &q.until {
-        Some(s) => point_in_time(s, now, "until")?,
-        None => now + 1,
-    };
-    let limit = q.limit.unwrap_or(200);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("`limit` = {limit}: use 1 to {MAX_LIMIT}"),
-        )
-        .param("limit"));
-    }
+    let (since, until) = period(q.since.as_deref(), q.until.as_deref(), now, 7 * 86_400_000)?;
+    let limit = limit_of(q.limit, 200, MAX_LIMIT)?;
     let found = read(
         &state,
         EventQuery {

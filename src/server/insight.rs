@@ -188,11 +188,7 @@ impl Baseline {
 
 /// `since`/`until`: a duration back from now (`30m`, `1h`, `7d`), an RFC 3339 time, or Unix
 /// milliseconds.
-pub(super) fn point_in_time(
-    text: &str,
-    now: UnixMillis,
-    param: &'static str,
-) -> Result<UnixMillis, ApiError> {
+fn point_in_time(text: &str, now: UnixMillis, param: &'static str) -> Result<UnixMillis, ApiError> {
     if let Ok(d) = PromDuration::parse(text) {
         return Ok(now - d.ms());
     }
@@ -208,6 +204,42 @@ pub(super) fn point_in_time(
         )
         .param(param)
     })
+}
+
+/// A query's `since`/`until` (durations back from `now`, RFC 3339 or Unix ms): `since` defaults
+/// to `default_ms` ago, `until` to now (inclusive).
+pub(super) fn period(
+    since: Option<&str>,
+    until: Option<&str>,
+    now: UnixMillis,
+    default_ms: i64,
+) -> Result<(UnixMillis, UnixMillis), ApiError> {
+    let since = match since {
+        Some(s) => point_in_time(s, now, "since")?,
+        None => now - default_ms,
+    };
+    let until = match until {
+        Some(s) => point_in_time(s, now, "until")?,
+        None => now + 1,
+    };
+    Ok((since, until))
+}
+
+/// A query's `limit`: `default` when absent, refused outside 1..=`max`.
+pub(super) fn limit_of(
+    limit: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("`limit` = {limit}: use 1 to {max}"),
+        )
+        .param("limit"));
+    }
+    Ok(limit)
 }
 
 pub(super) async fn read(state: &AppState, query: EventQuery) -> Result<Found, ApiError> {
@@ -244,14 +276,7 @@ pub async fn gate_history(
         )
     })?;
     let now = state.clock.now_ms();
-    let since = match &q.since {
-        Some(s) => point_in_time(s, now, "since")?,
-        None => now - 86_400_000,
-    };
-    let until = match &q.until {
-        Some(s) => point_in_time(s, now, "until")?,
-        None => now + 1,
-    };
+    let (since, until) = period(q.since.as_deref(), q.until.as_deref(), now, 86_400_000)?;
     let result = match q.result.as_deref() {
         None => None,
         Some(r @ ("pass" | "fail")) => Some(r.to_string()),
@@ -263,14 +288,7 @@ pub async fn gate_history(
             .param("result"))
         }
     };
-    let limit = q.limit.unwrap_or(500);
-    if limit == 0 || limit > 10_000 {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("`limit` = {limit}: use 1 to 10000"),
-        )
-        .param("limit"));
-    }
+    let limit = limit_of(q.limit, 500, 10_000)?;
     let found = read(
         &state,
         EventQuery {

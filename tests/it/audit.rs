@@ -48,11 +48,6 @@ fn entries<'a>(log: &'a Value, action: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-fn reloads(m: &Exposition) -> f64 {
-    m.get("hypertool_config_reloads_total", &[("result", "success")])
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_changes_are_audited_by_key_name_and_kept_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -161,6 +161,12 @@ impl Drop for Reaped {
     }
 }
 
+/// Successful configuration reloads so far: a test that edits a file waits for this to grow.
+pub fn reloads(m: &Exposition) -> f64 {
+    m.get("hypertool_config_reloads_total", &[("result", "success")])
+        .unwrap_or(0.0)
+}
+
 /// One sample of the classic text format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {

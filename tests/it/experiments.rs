@@ -172,10 +172,6 @@ async fn a_runs_variant_holds_in_every_dialect_across_a_reload_and_a_restart() {
     );
 
     // A reload that sends every new run to claude-v2 does not move a running stage.
-    let reloads = |m: &Exposition| {
-        m.get("hypertool_config_reloads_total", &[("result", "success")])
-            .unwrap_or(0.0)
-    };
     let before = reloads(&s.metrics().await);
     std::fs::write(&wf, workflow("{chat-v1: 0, claude-v2: 1}")).unwrap();
     eventually("the reload", Duration::from_secs(10), || async {
@@ -527,11 +523,6 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
     );
     assert_eq!(std::fs::read_to_string(&wf).unwrap(), text);
     s.stop().await;
-}
-
-fn reloads(m: &Exposition) -> f64 {
-    m.get("hypertool_config_reloads_total", &[("result", "success")])
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

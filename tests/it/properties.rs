@@ -456,23 +456,28 @@ fn chat_body() -> impl Strategy<Value = (Value, bool)> {
         })
 }
 
+/// `body` sent as backend-engineer's call in `session`: the status and the answer's text.
+async fn backend_chat(s: &TestServer, body: &Value, session: &str) -> (u16, String) {
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "backend-engineer")
+        .header("x-hypertool-session", session)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_chat_request_or_event_batch_gets_an_answer_never_a_server_error() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_default(dir.path()).await;
     let mut well_formed_seen = 0;
     for (n, (body, well_formed)) in samples(chat_body(), 300).into_iter().enumerate() {
-        let resp = s
-            .http
-            .post(format!("{}/v1/chat/completions", s.api))
-            .header("x-hypertool-persona", "backend-engineer")
-            .header("x-hypertool-session", format!("fuzz-{n}"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
+        let (status, text) = backend_chat(&s, &body, &format!("fuzz-{n}")).await;
         assert!(
             [200, 400, 404, 413, 422, 429].contains(&status),
             "{status} for {body}: {text}"
@@ -509,17 +514,7 @@ async fn any_chat_request_or_event_batch_gets_an_answer_never_a_server_error() {
         "too few well-formed samples ({well_formed_seen} above)"
     );
     for (n, body) in good.into_iter().enumerate() {
-        let resp = s
-            .http
-            .post(format!("{}/v1/chat/completions", s.api))
-            .header("x-hypertool-persona", "backend-engineer")
-            .header("x-hypertool-session", format!("good-{n}"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
+        let (status, text) = backend_chat(&s, &body, &format!("good-{n}")).await;
         assert_eq!(
             status, 200,
             "a well-formed request was refused: {body}: {text}"

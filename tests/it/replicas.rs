@@ -32,6 +32,25 @@ async fn replica(dir: &Path, url: &str, extra: &str) -> TestServer {
     .await
 }
 
+/// Gives backend-engineer the budget `entry` (its lines under the persona, e.g.
+/// `"    tokens: 1000\n    mode: block\n"`) in the budgets.yml beside `toml`.
+fn backend_budget(toml: &Path, entry: &str) {
+    let budgets = toml.parent().unwrap().join("budgets.yml");
+    let text = std::fs::read_to_string(&budgets).unwrap();
+    let default = "  backend-engineer:\n    tokens: 2000\n";
+    assert!(text.contains(default));
+    let with = format!("  backend-engineer:\n{entry}");
+    std::fs::write(&budgets, text.replacen(default, &with, 1)).unwrap();
+}
+
+/// Puts the configuration at `toml` on the shared ledger at `url` (`extra`: more `[ledger]` lines).
+fn on_ledger(toml: &Path, url: &str, extra: &str) {
+    let text = std::fs::read_to_string(toml).unwrap();
+    assert!(text.contains("[ledger]\n"));
+    let with = format!("[ledger]\nurl = \"{url}\"\n{extra}");
+    std::fs::write(toml, text.replacen("[ledger]\n", &with, 1)).unwrap();
+}
+
 async fn used(s: &TestServer, persona: &str) -> u64 {
     let (_, b) = s.get_json(&format!("/api/budgets/{persona}")).await;
     b["used_tokens"].as_u64().unwrap_or(0)
@@ -287,25 +306,8 @@ async fn a_block_budget_holds_across_replicas_as_it_does_on_one() {
     for name in ["a", "b"] {
         let home = dir.path().join(name);
         let toml = config_copy(&home);
-        let budgets = toml.parent().unwrap().join("budgets.yml");
-        let text = std::fs::read_to_string(&budgets).unwrap();
-        assert!(text.contains("  backend-engineer:\n    tokens: 2000\n"));
-        std::fs::write(
-            &budgets,
-            text.replacen(
-                "  backend-engineer:\n    tokens: 2000\n",
-                "  backend-engineer:\n    tokens: 1000\n    mode: block\n",
-                1,
-            ),
-        )
-        .unwrap();
-        let mut t = std::fs::read_to_string(&toml).unwrap();
-        t = t.replacen(
-            "[ledger]\n",
-            &format!("[ledger]\nurl = \"{}\"\n", pg.url),
-            1,
-        );
-        std::fs::write(&toml, t).unwrap();
+        backend_budget(&toml, "    tokens: 1000\n    mode: block\n");
+        on_ledger(&toml, &pg.url, "");
         replicas.push(Arc::new(
             start(
                 Source::File(toml),
@@ -564,28 +566,11 @@ async fn a_block_cost_budget_holds_across_replicas_as_token_budgets_do() {
     for name in ["a", "b"] {
         let home = dir.path().join(name);
         let toml = gateway_config(&home, &upstream.base_url, priced);
-        let budgets = toml.parent().unwrap().join("budgets.yml");
-        let text = std::fs::read_to_string(&budgets).unwrap();
-        assert!(text.contains("  backend-engineer:\n    tokens: 2000\n"));
-        std::fs::write(
-            &budgets,
-            text.replacen(
-                "  backend-engineer:\n    tokens: 2000\n",
-                "  backend-engineer:\n    tokens: 1000000\n    cost_usd: 0.5\n    mode: block\n",
-                1,
-            ),
-        )
-        .unwrap();
-        let t = std::fs::read_to_string(&toml).unwrap();
-        std::fs::write(
+        backend_budget(
             &toml,
-            t.replacen(
-                "[ledger]\n",
-                &format!("[ledger]\nurl = \"{}\"\n", pg.url),
-                1,
-            ),
-        )
-        .unwrap();
+            "    tokens: 1000000\n    cost_usd: 0.5\n    mode: block\n",
+        );
+        on_ledger(&toml, &pg.url, "");
         replicas.push(Arc::new(
             start(
                 Source::File(toml),
@@ -675,31 +660,12 @@ async fn a_block_cost_budget_holds_across_replicas_as_token_budgets_do() {
 /// budget, a 2 s replica lease, and the mock answering after `latency_ms`.
 fn leased(home: &Path, url: &str, latency_ms: u64) -> std::path::PathBuf {
     let toml = config_copy(home);
-    let budgets = toml.parent().unwrap().join("budgets.yml");
-    let text = std::fs::read_to_string(&budgets).unwrap();
-    std::fs::write(
-        &budgets,
-        text.replacen(
-            "  backend-engineer:\n    tokens: 2000\n",
-            "  backend-engineer:\n    tokens: 1000\n    mode: block\n",
-            1,
-        ),
-    )
-    .unwrap();
+    backend_budget(&toml, "    tokens: 1000\n    mode: block\n");
     let text = std::fs::read_to_string(&toml).unwrap();
     assert!(text.contains("latency_ms = 0\n"));
-    let text = text
-        .replacen(
-            "latency_ms = 0\n",
-            &format!("latency_ms = {latency_ms}\n"),
-            1,
-        )
-        .replacen(
-            "[ledger]\n",
-            &format!("[ledger]\nurl = \"{url}\"\nreplica_lease = \"2s\"\n"),
-            1,
-        );
-    std::fs::write(&toml, text).unwrap();
+    let slow = format!("latency_ms = {latency_ms}\n");
+    std::fs::write(&toml, text.replacen("latency_ms = 0\n", &slow, 1)).unwrap();
+    on_ledger(&toml, url, "replica_lease = \"2s\"\n");
     toml
 }
 
