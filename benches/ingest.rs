@@ -14,7 +14,8 @@ use hypertool::core::clock::{Clock, ManualClock, SystemClock};
 use hypertool::core::engine::Engine;
 use hypertool::core::event::{Event, GateResult, PersonaSwitch, StageResult, Stamped, Usage};
 use hypertool::server::{self, ServeOptions};
-use hypertool::telemetry::exposition::{self, Format, ProcessInfo};
+use hypertool::telemetry::exposition::{self, Format};
+use hypertool::telemetry::registry::Registry;
 
 const PERSONAS: [&str; 6] = [
     "backend-engineer",
@@ -118,15 +119,15 @@ fn main() {
             }
         }
     }
-    let process = ProcessInfo {
-        version: "bench",
-        ..ProcessInfo::default()
-    };
+    let process = Registry::new();
+    process.collect(&hypertool::telemetry::families::BUILD_INFO, |emit| {
+        emit(&["bench"], 1.0)
+    });
     let mut times = Vec::new();
     let mut size = 0;
     for _ in 0..50 {
         let t = Instant::now();
-        let text = exposition::render(&engine, &process, Format::Classic);
+        let text = exposition::render(&engine, &process.snapshot(), Format::Classic);
         times.push(t.elapsed());
         size = text.len();
     }

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use super::{AlertInstance, AlertState};
 use crate::core::clock::{to_rfc3339, UnixMillis};
+use crate::telemetry::registry::Counter;
 
 /// How often a still-firing alert is re-sent to Alertmanager.
 pub const RESEND_EVERY_MS: i64 = 60_000;
@@ -40,26 +41,24 @@ pub struct DeliverySettings {
     pub trust: crate::tls::Trust,
 }
 
-/// Delivery outcomes per target, for `hypertool_alert_deliveries_total`.
-#[derive(Debug, Default)]
+/// Delivery outcomes per target: `hypertool_alert_deliveries_total{target,result}`.
 pub struct DeliveryStats {
-    counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    pub counts: Counter<2>,
     pub queued: AtomicU64,
+}
+
+impl Default for DeliveryStats {
+    fn default() -> Self {
+        DeliveryStats {
+            counts: Counter::new(&crate::telemetry::families::ALERT_DELIVERIES_TOTAL),
+            queued: AtomicU64::new(0),
+        }
+    }
 }
 
 impl DeliveryStats {
     fn count(&self, target: &'static str, result: &'static str) {
-        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((target, result)).or_insert(0) += 1;
-    }
-
-    pub fn snapshot(&self) -> Vec<((String, String), f64)> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|((t, r), n)| ((t.to_string(), r.to_string()), *n as f64))
-            .collect()
+        self.counts.inc([target, result]);
     }
 }
 

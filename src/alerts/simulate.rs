@@ -18,7 +18,9 @@ use crate::core::engine::{Engine, EngineConfig};
 use crate::core::event::{
     Event, GateResult, GateVerdictEvent, PersonaSwitch, StageResult, Stamped, Usage,
 };
-use crate::telemetry::exposition::{render, Format, ProcessInfo};
+use crate::telemetry::exposition::{render, Format};
+use crate::telemetry::families as f;
+use crate::telemetry::registry::{Counter, Gauge, Registry};
 
 /// The instance label of the simulated metrics endpoint.
 pub const SIM_INSTANCE: &str = "127.0.0.1:9464";
@@ -354,13 +356,22 @@ pub fn run(scenario: Scenario, engine_config: EngineConfig, settings: AlertSetti
     } else {
         LangfuseStatus::Configured
     };
-    let mut process = ProcessInfo {
-        version: env!("CARGO_PKG_VERSION"),
-        config_last_reload_ok: true,
-        ledger_writable: true,
-        langfuse_enabled: langfuse.expected(),
-        ..ProcessInfo::default()
-    };
+    // The process's side of the exposition, as a healthy server shows it; the Langfuse scenario
+    // counts refused batches as the exporter does.
+    let process = Registry::new();
+    let expected = langfuse.expected();
+    process.collect(&f::LANGFUSE_ENABLED, move |emit| {
+        emit(&[], if expected { 1.0 } else { 0.0 })
+    });
+    process.collect(&f::LEDGER_WRITABLE, |emit| emit(&[], 1.0));
+    process.collect(&f::CONFIG_LAST_RELOAD_SUCCESSFUL, |emit| emit(&[], 1.0));
+    process.collect(&f::BUILD_INFO, |emit| {
+        emit(&[env!("CARGO_PKG_VERSION")], 1.0)
+    });
+    let exports = Counter::<2>::new(&f::TRACE_EXPORT_TOTAL);
+    let spooled = Gauge::<1>::new(&f::TRACE_SPOOL_BYTES);
+    process.register(exports.clone());
+    process.register(spooled.clone());
     let mut alerts = AlertEngine::new(settings.clone(), langfuse);
     alerts.keep_full_history();
     let steps = scenario.minutes * 60_000 / step_ms;
@@ -381,15 +392,11 @@ pub fn run(scenario: Scenario, engine_config: EngineConfig, settings: AlertSetti
         core.metrics_mut().langfuse_traces_created += f64::from(traces);
         if scenario.name == "langfuse-wrong-keys" {
             // One refused batch per step, as the exporter counts them.
-            process.trace_destinations = vec![crate::telemetry::exposition::TraceDestinationInfo {
-                name: "langfuse",
-                results: vec![("auth_refused", (i + 1) as u64)],
-                spool_bytes: 1024 * (i + 1) as u64,
-                ..Default::default()
-            }];
+            exports.inc(["langfuse", "auth_refused"]);
+            spooled.set(["langfuse"], 1024.0 * (i + 1) as f64);
         }
         core.tick(at);
-        alerts.ingest_exposition(at, &render(&core, &process, Format::Classic));
+        alerts.ingest_exposition(at, &render(&core, &process.snapshot(), Format::Classic));
         alerts.ingest_up(at, SIM_INSTANCE, up);
         alerts.evaluate(at);
         let mut active: Vec<InstanceAt> = alerts

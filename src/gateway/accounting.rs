@@ -1,7 +1,6 @@
 //! A gateway call's usage: read from the upstream's answer or estimated, and handed to the ledger
 //! writer with the reservations it settles.
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -95,9 +94,7 @@ pub(super) async fn store_usage(
         .writer
         .append_accounting_stored(events, move |result| {
             if let Err(e) = result {
-                counter
-                    .ledger_failures
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                counter.count_lost(n as u64);
                 tracing::error!(persona = %persona, calls = n,
                     "usage of answered calls could not be stored: {e}");
             }
@@ -149,7 +146,7 @@ pub(super) async fn store_admission(
             ))
         }
         Err(e) if e.in_doubt.is_some() => {
-            state.ledger_failures.fetch_add(1, Ordering::Relaxed);
+            state.count_lost(1);
             tracing::error!(persona = %meta.persona, "a gateway call was refused: the ledger's connection dropped while its admission was committed: {e}");
             Err(ApiError::new(
                 ErrorKind::Unavailable,
@@ -158,7 +155,7 @@ pub(super) async fn store_admission(
             ))
         }
         Err(e) => {
-            state.ledger_failures.fetch_add(1, Ordering::Relaxed);
+            state.count_lost(1);
             tracing::error!(persona = %meta.persona, "a gateway call was refused: the ledger cannot store its admission: {e}");
             Err(ApiError::new(
                 ErrorKind::Unavailable,

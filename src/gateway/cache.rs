@@ -5,13 +5,14 @@
 //! another's identical call. Entries expire by a TTL chosen per persona/chatmode/model (on the
 //! injected clock); moka bounds the number of entries. A hit spends no budget.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::config::gateway::CacheSettings;
 use crate::core::clock::UnixMillis;
+use crate::telemetry::families;
+use crate::telemetry::registry::{Counter, Registry, Total};
 
 /// The request fields that decide the answer (in either dialect: Messages' own are at the end).
 const KEY_FIELDS: [&str; 28] = [
@@ -66,6 +67,14 @@ pub enum CacheResult {
     Skip,
 }
 
+/// Every result, in the order the exposition lists them.
+pub const RESULTS: [CacheResult; 4] = [
+    CacheResult::Hit,
+    CacheResult::Miss,
+    CacheResult::Bypass,
+    CacheResult::Skip,
+];
+
 impl CacheResult {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -82,8 +91,9 @@ pub struct ResponseCache {
     pub shared: Option<Arc<super::shared_cache::SharedCache>>,
     /// Replaced (emptied) when `gateway.cache.max_entries` changes on reload; the counters stay.
     entries: std::sync::RwLock<moka::sync::Cache<u64, Arc<Entry>>>,
-    counts: [AtomicU64; 4],
-    tokens_saved: AtomicU64,
+    /// `hypertool_cache_requests_total{result}` and `hypertool_cache_tokens_saved_total`.
+    requests: Counter<1>,
+    tokens_saved: Total,
 }
 
 fn hash(s: &str) -> u64 {
@@ -116,8 +126,11 @@ impl ResponseCache {
         ResponseCache {
             shared: None,
             entries: std::sync::RwLock::new(moka::sync::Cache::new(max_entries.max(1))),
-            counts: Default::default(),
-            tokens_saved: AtomicU64::new(0),
+            requests: Counter::with_series(
+                &families::CACHE_REQUESTS_TOTAL,
+                &RESULTS.map(|r| [r.as_str()]),
+            ),
+            tokens_saved: Total::new(&families::CACHE_TOKENS_SAVED_TOTAL),
         }
     }
 
@@ -239,32 +252,28 @@ impl ResponseCache {
     }
 
     pub fn count(&self, result: CacheResult, tokens_saved: u64) {
-        let i = match result {
-            CacheResult::Hit => 0,
-            CacheResult::Miss => 1,
-            CacheResult::Bypass => 2,
-            CacheResult::Skip => 3,
-        };
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.tokens_saved.fetch_add(tokens_saved, Ordering::Relaxed);
+        self.requests.inc([result.as_str()]);
+        self.tokens_saved.add(tokens_saved);
     }
 
-    /// `hypertool_cache_requests_total{result}` and `hypertool_cache_tokens_saved_total`.
+    /// Lookups per result (in [`RESULTS`] order) and the tokens hits saved, for the dashboard.
     pub fn stats(&self) -> (Vec<(&'static str, f64)>, f64) {
-        let results = [
-            CacheResult::Hit,
-            CacheResult::Miss,
-            CacheResult::Bypass,
-            CacheResult::Skip,
-        ];
         (
-            results
+            RESULTS
                 .iter()
-                .enumerate()
-                .map(|(i, r)| (r.as_str(), self.counts[i].load(Ordering::Relaxed) as f64))
+                .map(|r| (r.as_str(), self.requests.get([r.as_str()]) as f64))
                 .collect(),
-            self.tokens_saved.load(Ordering::Relaxed) as f64,
+            self.tokens_saved.get() as f64,
         )
+    }
+
+    /// Hands the cache's counters (and the shared cache's, when there is one) to the exposition.
+    pub fn register_metrics(&self, registry: &Registry) {
+        registry.register(self.requests.clone());
+        registry.register(self.tokens_saved.clone());
+        if let Some(shared) = &self.shared {
+            registry.register(shared.stats.clone());
+        }
     }
 }
 

@@ -29,8 +29,6 @@ pub mod tokens;
 pub mod trace;
 pub mod upstream;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +39,8 @@ use crate::config::gateway::{GatewaySettings, ModelRoute};
 use crate::core::engine::Engine;
 use crate::core::event::GateResult;
 use crate::core::workflow::{GateVerdict, Workflows};
+use crate::telemetry::families;
+use crate::telemetry::registry::{Counter, Registry};
 use crate::web::error::ApiError;
 
 use dialect::Dialect;
@@ -62,6 +62,37 @@ pub struct Shared {
     pub tasks: tokio_util::task::TaskTracker,
     pub max_body_bytes: usize,
     pub tracer: crate::telemetry::trace::Tracer,
+    /// `hypertool_events_rejected_total{reason}`: the gateway counts usage the ledger could not
+    /// store as `ledger_unavailable`, beside the events API's rejections.
+    pub rejected: Counter<1>,
+}
+
+/// The gateway's own counters (its families in `telemetry::families`).
+pub struct GatewayMetrics {
+    /// `hypertool_gateway_requests_total{upstream,outcome}`; upstreams come from configuration.
+    requests: Counter<2>,
+    /// Tools removed because the persona may not use them (configured personas only: bounded).
+    tools_removed: Counter<1>,
+    /// Calls with tokens but no price, by model (configured models only: bounded).
+    unpriced: Counter<1>,
+    /// Prompts cut and tokens removed per (workflow, stage).
+    truncations: Counter<2>,
+    tokens_truncated: Counter<2>,
+    /// Usage of answered calls (or admissions) the ledger could not store.
+    lost: Counter<1>,
+}
+
+impl GatewayMetrics {
+    fn new(rejected: Counter<1>) -> GatewayMetrics {
+        GatewayMetrics {
+            requests: Counter::new(&families::GATEWAY_REQUESTS_TOTAL),
+            tools_removed: Counter::new(&families::GATEWAY_TOOLS_REMOVED_TOTAL),
+            unpriced: Counter::new(&families::GATEWAY_UNPRICED_CALLS_TOTAL),
+            truncations: Counter::new(&families::PROMPT_TRUNCATIONS_TOTAL),
+            tokens_truncated: Counter::new(&families::PROMPT_TOKENS_TRUNCATED_TOTAL),
+            lost: rejected,
+        }
+    }
 }
 
 /// The gateway: its configuration (hot-reloaded), HTTP client, cache, limits and counters, and
@@ -74,17 +105,10 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     /// Spans of calls and their upstream attempts.
     pub tracer: crate::telemetry::trace::Tracer,
-    /// Answered calls whose usage the ledger could not store.
-    ledger_failures: std::sync::atomic::AtomicU64,
+    metrics: GatewayMetrics,
     settings: RwLock<Arc<GatewaySettings>>,
     workflows: RwLock<Arc<Workflows>>,
     http: client::UpstreamClient,
-    outcomes: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
-    tools_removed: Mutex<BTreeMap<String, u64>>,
-    /// Calls with tokens but no price, by model (configured models only: bounded).
-    unpriced: Mutex<BTreeMap<String, u64>>,
-    /// (workflow, stage) → (prompts cut, tokens removed)
-    truncations: Mutex<BTreeMap<(String, String), (u64, u64)>>,
     pub cache: cache::ResponseCache,
     /// Requests and tokens per minute per key and per persona.
     pub limits: ratelimit::RateLimiters,
@@ -142,7 +166,7 @@ impl Gateway {
             tasks: shared.tasks,
             max_body_bytes: shared.max_body_bytes,
             tracer: shared.tracer,
-            ledger_failures: std::sync::atomic::AtomicU64::new(0),
+            metrics: GatewayMetrics::new(shared.rejected),
             workflows: RwLock::new(Arc::new(workflows)),
             cache: {
                 let mut cache = cache::ResponseCache::new(settings.cache.max_entries);
@@ -158,18 +182,25 @@ impl Gateway {
             waiting: std::sync::atomic::AtomicUsize::new(0),
             http: client::UpstreamClient::new(&settings.extra_roots),
             settings: RwLock::new(Arc::new(settings)),
-            outcomes: Mutex::new(BTreeMap::new()),
             warnings: WarnThrottle::default(),
-            tools_removed: Mutex::new(BTreeMap::new()),
-            unpriced: Mutex::new(BTreeMap::new()),
-            truncations: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Answered calls whose usage could not be stored (counted with the events API's rejections
-    /// as `ledger_unavailable`).
-    pub fn ledger_failures(&self) -> u64 {
-        self.ledger_failures.load(Ordering::Relaxed)
+    /// Hands the gateway's counters (its own, the rate limits', the caches') to the exposition.
+    pub fn register_metrics(&self, registry: &Registry) {
+        let m = &self.metrics;
+        registry.register(m.requests.clone());
+        registry.register(m.tools_removed.clone());
+        registry.register(m.unpriced.clone());
+        registry.register(m.truncations.clone());
+        registry.register(m.tokens_truncated.clone());
+        registry.register(self.limits.refused.clone());
+        self.cache.register_metrics(registry);
+    }
+
+    /// Usage (or an admission) the ledger could not store: `events_rejected{ledger_unavailable}`.
+    fn count_lost(&self, n: u64) {
+        self.metrics.lost.add(["ledger_unavailable"], n);
     }
 
     pub fn settings(&self) -> Arc<GatewaySettings> {
@@ -199,37 +230,16 @@ impl Gateway {
     }
 
     fn count_truncation(&self, workflow: &str, stage: &str, t: &tokens::Truncation) {
-        let mut map = self.truncations.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = map
-            .entry((workflow.to_string(), stage.to_string()))
-            .or_insert((0, 0));
-        slot.0 += 1;
-        slot.1 += t.tokens_before.saturating_sub(t.tokens_after);
-    }
-
-    /// ((workflow, stage), prompts cut, tokens removed)
-    pub fn truncations(&self) -> Vec<((String, String), f64, f64)> {
-        self.truncations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, (n, t))| (k.clone(), *n as f64, *t as f64))
-            .collect()
+        self.metrics.truncations.inc([workflow, stage]);
+        self.metrics.tokens_truncated.add(
+            [workflow, stage],
+            t.tokens_before.saturating_sub(t.tokens_after),
+        );
     }
 
     fn count_tools(&self, persona: &str, n: u64) {
-        let mut m = self.tools_removed.lock().unwrap_or_else(|p| p.into_inner());
         // Bounded: only personas of the registry reach this (others have no allowedTools).
-        *m.entry(persona.to_string()).or_insert(0) += n;
-    }
-
-    pub fn tools_removed(&self) -> Vec<(String, f64)> {
-        self.tools_removed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(p, n)| (p.clone(), *n as f64))
-            .collect()
+        self.metrics.tools_removed.add([persona], n);
     }
 
     /// A call that spent tokens on a model with no price (the built-in mock is free, not
@@ -238,44 +248,11 @@ impl Gateway {
         if route.prices.is_some() || route.upstream == crate::config::gateway::MOCK_UPSTREAM {
             return;
         }
-        let mut m = self.unpriced.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(route.name.clone()).or_insert(0) += 1;
-    }
-
-    /// `hypertool_gateway_unpriced_calls_total{model}`.
-    pub fn unpriced(&self) -> Vec<(String, f64)> {
-        self.unpriced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(m, n)| (m.clone(), *n as f64))
-            .collect()
+        self.metrics.unpriced.inc([&route.name]);
     }
 
     fn count(&self, upstream: &str, outcome: &'static str) {
-        let mut m = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
-        // Look up by &str first: the common case allocates nothing.
-        match m.get_mut(upstream) {
-            Some(by_outcome) => *by_outcome.entry(outcome).or_insert(0) += 1,
-            None => {
-                m.entry(upstream.to_string())
-                    .or_default()
-                    .insert(outcome, 1);
-            }
-        }
-    }
-
-    /// `hypertool_gateway_requests_total{upstream,outcome}`; upstream names come from configuration.
-    pub fn outcomes(&self) -> Vec<((String, String), f64)> {
-        self.outcomes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .flat_map(|(u, by)| {
-                by.iter()
-                    .map(move |(o, n)| ((u.clone(), o.to_string()), *n as f64))
-            })
-            .collect()
+        self.metrics.requests.inc([upstream, outcome]);
     }
 }
 

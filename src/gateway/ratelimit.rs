@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use governor::clock::Clock as GovernorClock;
@@ -20,6 +20,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::config::gateway::{RateLimits, VirtualKey};
 use crate::core::clock::Clock;
+use crate::telemetry::registry::Counter;
 
 /// The core's clock, as governor reads time.
 #[derive(Clone)]
@@ -89,8 +90,9 @@ pub struct RateLimiters {
     clock: CoreClock,
     keys: RwLock<HashMap<String, Arc<Buckets>>>,
     personas: RwLock<HashMap<String, Arc<Buckets>>>,
-    /// (persona, kind) → calls refused.
-    refused: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// `hypertool_rate_limited_total{persona,kind}` (personas are canonical names of configured
+    /// personas or keys: bounded).
+    pub refused: Counter<2>,
     /// Whether any limit is configured: without one, a call costs one atomic load here.
     active: std::sync::atomic::AtomicBool,
 }
@@ -101,7 +103,7 @@ impl RateLimiters {
             clock: CoreClock(clock),
             keys: RwLock::new(HashMap::new()),
             personas: RwLock::new(HashMap::new()),
-            refused: Mutex::new(BTreeMap::new()),
+            refused: Counter::new(&crate::telemetry::families::RATE_LIMITED_TOTAL),
             active: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -166,12 +168,7 @@ impl RateLimiters {
         for (scope, b) in key_buckets.iter().chain(persona_buckets.iter()) {
             if let Err(mut refused) = self.take(b, tokens) {
                 refused.scope = scope.clone();
-                *self
-                    .refused
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry((persona.to_string(), refused.kind.as_str()))
-                    .or_insert(0) += 1;
+                self.refused.inc([persona, refused.kind.as_str()]);
                 return Err(refused);
             }
         }
@@ -205,17 +202,6 @@ impl RateLimiters {
             }
         }
         Ok(())
-    }
-
-    /// `hypertool_rate_limited_total{persona,kind}` (personas are canonical names of configured
-    /// personas or keys: bounded).
-    pub fn refused(&self) -> Vec<((String, String), f64)> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|((p, k), n)| ((p.clone(), k.to_string()), *n as f64))
-            .collect()
     }
 }
 
@@ -256,10 +242,7 @@ mod tests {
         // A reload with the same limits keeps the bucket's state.
         limits.configure(std::slice::from_ref(&k), &BTreeMap::new());
         assert!(limits.check(Some(&k), "backend-engineer", 1).is_err());
-        assert_eq!(
-            limits.refused(),
-            vec![(("backend-engineer".into(), "requests".into()), 3.0)]
-        );
+        assert_eq!(limits.refused.get(["backend-engineer", "requests"]), 3);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 
+use crate::telemetry::registry::Counter;
+
 /// Longest a lookup may add to a call.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_millis(50);
 /// Longest a background write may take.
@@ -24,35 +26,18 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Background writes in flight at once.
 pub const MAX_WRITES: usize = 64;
 
-/// What the shared cache did, for `hypertool_cache_shared_total{result}`.
-#[derive(Debug, Default)]
-pub struct SharedStats {
-    pub hit: AtomicU64,
-    pub miss: AtomicU64,
-    pub error: AtomicU64,
-    pub stored: AtomicU64,
-    pub write_dropped: AtomicU64,
-}
-
-impl SharedStats {
-    pub fn results(&self) -> Vec<(&'static str, f64)> {
-        [
-            ("hit", &self.hit),
-            ("miss", &self.miss),
-            ("error", &self.error),
-            ("stored", &self.stored),
-            ("write_dropped", &self.write_dropped),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k, v.load(Ordering::Relaxed) as f64))
-        .collect()
-    }
+/// What the shared cache did: `hypertool_cache_shared_total{result}`.
+fn shared_results() -> Counter<1> {
+    Counter::with_series(
+        &crate::telemetry::families::CACHE_SHARED_TOTAL,
+        &[["hit"], ["miss"], ["error"], ["stored"], ["write_dropped"]],
+    )
 }
 
 pub struct SharedCache {
     conn: ConnectionManager,
     writes: Arc<tokio::sync::Semaphore>,
-    pub stats: Arc<SharedStats>,
+    pub stats: Counter<1>,
     /// The URL without its password, for logs.
     shown: String,
     /// Errors are logged at most once per this many.
@@ -110,14 +95,14 @@ impl SharedCache {
         Ok(SharedCache {
             conn,
             writes: Arc::new(tokio::sync::Semaphore::new(MAX_WRITES)),
-            stats: Arc::default(),
+            stats: shared_results(),
             shown,
             last_warned: AtomicU64::new(0),
         })
     }
 
     fn failed(&self, op: &str, e: &dyn std::fmt::Display) {
-        self.stats.error.fetch_add(1, Ordering::Relaxed);
+        self.stats.inc(["error"]);
         let now = chrono::Utc::now().timestamp() as u64;
         let last = self.last_warned.load(Ordering::Relaxed);
         if now >= last + 10
@@ -166,8 +151,8 @@ impl SharedCache {
             })
         });
         match &found {
-            Some(_) => self.stats.hit.fetch_add(1, Ordering::Relaxed),
-            None => self.stats.miss.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.stats.inc(["hit"]),
+            None => self.stats.inc(["miss"]),
         };
         found
     }
@@ -183,7 +168,7 @@ impl SharedCache {
         ttl: Duration,
     ) {
         let Ok(permit) = self.writes.clone().try_acquire_owned() else {
-            self.stats.write_dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.inc(["write_dropped"]);
             return;
         };
         let Ok(mut value) = serde_json::to_vec(&Header {
@@ -205,7 +190,7 @@ impl SharedCache {
             cmd.arg(&key).arg(value).arg("PX").arg(ttl_ms);
             match tokio::time::timeout(WRITE_TIMEOUT, cmd.query_async::<()>(&mut conn)).await {
                 Ok(Ok(())) => {
-                    this.stats.stored.fetch_add(1, Ordering::Relaxed);
+                    this.stats.inc(["stored"]);
                 }
                 Ok(Err(e)) => this.failed("write", &e),
                 Err(_) => this.failed("write", &"timed out"),

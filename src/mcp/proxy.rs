@@ -97,6 +97,28 @@ impl Proxy {
         }
     }
 
+    /// Hands the proxy's state to the exposition: sessions open, and each downstream server's
+    /// health and restarts.
+    pub fn register_metrics(self: &Arc<Self>, registry: &crate::telemetry::registry::Registry) {
+        use crate::telemetry::families as f;
+        let proxy = self.clone();
+        registry.collect(&f::MCP_SESSIONS_OPEN, move |emit| {
+            emit(&[], proxy.sessions() as f64)
+        });
+        let proxy = self.clone();
+        registry.collect(&f::MCP_SERVER_UP, move |emit| {
+            for h in proxy.downstreams.health() {
+                emit(&[&h.name], if h.status == "ready" { 1.0 } else { 0.0 });
+            }
+        });
+        let proxy = self.clone();
+        registry.collect(&f::MCP_SERVER_RESTARTS_TOTAL, move |emit| {
+            for h in proxy.downstreams.health() {
+                emit(&[&h.name], h.restarts as f64);
+            }
+        });
+    }
+
     /// MCP sessions alive now.
     pub fn sessions(&self) -> usize {
         self.live.load(Ordering::SeqCst)

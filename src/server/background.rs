@@ -3,7 +3,6 @@
 //! alert engine's evaluation (and the experiments' decisions), and the configuration reloader with
 //! its audit entry.
 
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -177,13 +176,11 @@ pub(super) fn spawn_background(
                 );
                 *reload_state.deliverer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
             }
-            reload_state.stats.reload_success.fetch_add(1, Ordering::Relaxed);
-            reload_state.stats.last_reload_ok.store(true, Ordering::Relaxed);
+            reload_state.stats.reloaded(true);
             tracing::info!(personas = new.personas.len(), budgets = new.budgets.len(), "configuration reloaded");
         },
         move |errors: ConfigErrors| {
-            reject_stats.reload_failure.fetch_add(1, Ordering::Relaxed);
-            reject_stats.last_reload_ok.store(false, Ordering::Relaxed);
+            reject_stats.reloaded(false);
             tracing::error!("configuration reload refused; keeping the last good configuration:\n{errors}");
         },
     )));

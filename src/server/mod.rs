@@ -24,11 +24,10 @@ use background::spawn_background;
 use metrics::metrics_router;
 pub use metrics::render_metrics;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,36 +44,61 @@ use crate::core::engine::Engine;
 use crate::store::sqlite::SqliteLedger;
 use crate::store::writer::{self, lock, WriterHandle};
 use crate::store::{Ledger, LedgerError};
+use crate::telemetry::families;
+use crate::telemetry::registry::{Counter, Registry};
 use crate::web::auth::{Door, MetricsGate};
 use crate::web::error::{ApiError, ErrorKind};
 
-/// Counters kept outside the engine (requests refused before they became events; reloads).
-#[derive(Debug, Default)]
+/// Counters kept outside the engine: requests refused before they became events, reloads, alert
+/// state changes.
 pub struct ServerStats {
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
-    alert_transitions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    reload_success: AtomicU64,
-    reload_failure: AtomicU64,
-    last_reload_ok: AtomicBool,
+    /// `hypertool_events_rejected_total{reason}` (the gateway counts `ledger_unavailable` here too).
+    pub rejected: Counter<1>,
+    alert_transitions: Counter<2>,
+    reloads: Counter<1>,
+    last_reload_ok: Arc<AtomicBool>,
 }
 
 impl ServerStats {
+    fn new() -> ServerStats {
+        ServerStats {
+            rejected: Counter::new(&families::EVENTS_REJECTED_TOTAL),
+            alert_transitions: Counter::new(&families::ALERT_TRANSITIONS_TOTAL),
+            reloads: Counter::with_series(
+                &families::CONFIG_RELOADS_TOTAL,
+                &[["success"], ["failure"]],
+            ),
+            last_reload_ok: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn register(&self, registry: &Registry) {
+        registry.register(self.rejected.clone());
+        registry.register(self.alert_transitions.clone());
+        registry.register(self.reloads.clone());
+        let ok = self.last_reload_ok.clone();
+        registry.collect(&families::CONFIG_LAST_RELOAD_SUCCESSFUL, move |emit| {
+            emit(&[], if ok.load(Ordering::Relaxed) { 1.0 } else { 0.0 })
+        });
+    }
+
     pub fn transition(&self, alertname: &'static str, to: AlertState) {
         let to = match to {
             AlertState::Inactive => "resolved",
             AlertState::Pending => "pending",
             AlertState::Firing => "firing",
         };
-        let mut map = self
-            .alert_transitions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *map.entry((alertname, to)).or_insert(0) += 1;
+        self.alert_transitions.inc([alertname, to]);
     }
 
     pub fn reject(&self, reason: &'static str, n: u64) {
-        let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry(reason).or_insert(0) += n;
+        self.rejected.add([reason], n);
+    }
+
+    /// A reload applied (`true`) or refused.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads.inc([if ok { "success" } else { "failure" }]);
+        self.last_reload_ok.store(ok, Ordering::Relaxed);
     }
 }
 
@@ -229,6 +253,8 @@ fn start_mcp(
 /// What every route can reach.
 #[derive(Clone)]
 pub struct AppInner {
+    /// The process's metric families (the engine holds the rest), rendered at `/metrics`.
+    pub registry: Arc<Registry>,
     /// Where the configuration is read from (a promotion rewrites its workflow file).
     pub config_source: config::Source,
     /// The MCP proxy at `/mcp`.
@@ -272,6 +298,48 @@ pub struct AppInner {
     pub metrics_gate: Arc<MetricsGate>,
     /// The token the embedded alert engine's own scrape sends (random per process).
     pub scrape_token: String,
+}
+
+/// What the process's metrics are read from, besides the components that register their own.
+struct ProcessSources<'a> {
+    writer: &'a WriterHandle,
+    clock: &'a Arc<dyn Clock>,
+    tracer: &'a crate::telemetry::trace::Tracer,
+    mcp: &'a McpEndpoint,
+    alerts: &'a Arc<Mutex<AlertEngine>>,
+    door: &'a Door,
+    deliveries: &'a DeliveryStats,
+    started_ms: UnixMillis,
+}
+
+/// Registers every process family not registered by its component at construction (the gateway
+/// and the server's stats register their own).
+fn register_process_metrics(registry: &Registry, from: ProcessSources<'_>) {
+    from.writer
+        .health
+        .register_metrics(registry, from.clock.clone());
+    from.tracer.register_metrics(registry);
+    from.mcp.proxy.register_metrics(registry);
+    registry.register(from.door.failures.clone());
+    registry.register(from.deliveries.counts.clone());
+    let alerts = from.alerts.clone();
+    registry.collect(&families::ALERTS_FIRING, move |emit| {
+        for ((alertname, severity), n) in lock_alerts(&alerts).firing_counts() {
+            emit(&[&alertname, &severity], n);
+        }
+    });
+    let alerts = from.alerts.clone();
+    registry.collect(&families::LANGFUSE_ENABLED, move |emit| {
+        let expected = lock_alerts(&alerts).langfuse().expected();
+        emit(&[], if expected { 1.0 } else { 0.0 })
+    });
+    registry.collect(&families::BUILD_INFO, |emit| {
+        emit(&[env!("CARGO_PKG_VERSION")], 1.0)
+    });
+    let started_ms = from.started_ms;
+    registry.collect(&families::START_TIME_SECONDS, move |emit| {
+        emit(&[], started_ms as f64 / 1000.0)
+    });
 }
 
 /// 32 random bytes, hex: the embedded engine's own scrape token (never configured, never logged).
@@ -536,10 +604,9 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         (Some(v), Some(g)) => (v, g),
         _ => unreachable!("two baselines were made just above"),
     };
-    let stats = Arc::new(ServerStats {
-        last_reload_ok: AtomicBool::new(true),
-        ..ServerStats::default()
-    });
+    let registry = Arc::new(Registry::new());
+    let stats = Arc::new(ServerStats::new());
+    stats.register(&registry);
     log_langfuse_status(&langfuse);
     let mut alert_settings = cfg.settings.alerts.clone();
     alert_settings.served_at(api_addr);
@@ -578,7 +645,23 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         },
         api_addr,
     )?;
+    let alerts = Arc::new(Mutex::new(alerts));
+    let started_ms = clock.now_ms();
+    register_process_metrics(
+        &registry,
+        ProcessSources {
+            writer: &writer,
+            clock: &clock,
+            tracer: &tracer,
+            mcp: &mcp,
+            alerts: &alerts,
+            door: &door,
+            deliveries: &delivery_stats,
+            started_ms,
+        },
+    );
     let state = AppState(Arc::new(AppInner {
+        registry: registry.clone(),
         config_source: cfg.source.clone(),
         mcp,
         door,
@@ -595,8 +678,10 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
                     tasks: tasks.clone(),
                     max_body_bytes: cfg.settings.max_body_bytes,
                     tracer: tracer.clone(),
+                    rejected: stats.rejected.clone(),
                 },
             );
+            gateway.register_metrics(&registry);
             gateway
                 .limits
                 .configure(&cfg.settings.gateway.keys, &cfg.rate_limits);
@@ -614,7 +699,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         deliverer: Arc::new(Mutex::new(deliverer)),
         delivery_stats,
         engine: engine.clone(),
-        alerts: Arc::new(Mutex::new(alerts)),
+        alerts,
         metrics_addr,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -624,7 +709,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
         clock: clock.clone(),
         stats: stats.clone(),
         draining: Arc::new(AtomicBool::new(false)),
-        started_ms: clock.now_ms(),
+        started_ms,
         max_body_bytes: cfg.settings.max_body_bytes,
         event_limits: events::EventLimits {
             max_tokens: cfg.settings.max_tokens_per_event,

@@ -257,7 +257,8 @@ mod tests {
     use crate::config::{load, LedgerSync, Source};
     use crate::core::synthetic;
     use crate::store::sqlite::SqliteLedger;
-    use crate::telemetry::exposition::{render, Format, ProcessInfo};
+    use crate::telemetry::exposition::{render, Format};
+    use crate::telemetry::registry::Snapshot;
 
     const T0: i64 = 1_795_856_400_000;
 
@@ -266,7 +267,7 @@ mod tests {
     }
 
     fn picture(engine: &Engine) -> String {
-        let mut text = render(engine, &ProcessInfo::default(), Format::Classic);
+        let mut text = render(engine, &Snapshot::default(), Format::Classic);
         text.push_str(&format!(
             "{:?}\n{:?}\n{:?}\n{:?}",
             engine.unsettled_calls(),

@@ -121,6 +121,35 @@ impl LedgerHealth {
         (at > 0).then(|| (now - at).max(0) as f64 / 1000.0)
     }
 
+    /// Hands the ledger's health to the exposition: writable, failed writes, events held during an
+    /// outage, and the age of the last snapshot by `clock`.
+    pub fn register_metrics(
+        self: &Arc<Self>,
+        registry: &crate::telemetry::registry::Registry,
+        clock: Arc<dyn crate::core::clock::Clock>,
+    ) {
+        use crate::telemetry::families as f;
+        use std::sync::atomic::Ordering::Relaxed;
+        let health = self.clone();
+        registry.collect(&f::LEDGER_WRITABLE, move |emit| {
+            emit(&[], if health.failing() { 0.0 } else { 1.0 })
+        });
+        let health = self.clone();
+        registry.collect(&f::LEDGER_WRITE_FAILURES_TOTAL, move |emit| {
+            emit(&[], health.failures.load(Relaxed) as f64)
+        });
+        let health = self.clone();
+        registry.collect(&f::LEDGER_OUTAGE_HELD_EVENTS, move |emit| {
+            emit(&[], health.held() as f64)
+        });
+        let health = self.clone();
+        registry.collect(&f::LEDGER_SNAPSHOT_AGE_SECONDS, move |emit| {
+            // -1: no snapshot yet.
+            let age = health.snapshot_age_seconds(clock.now_ms());
+            emit(&[], age.unwrap_or(-1.0))
+        });
+    }
+
     /// Events applied during an outage and not yet stored.
     pub fn held(&self) -> u64 {
         self.held.load(std::sync::atomic::Ordering::Relaxed)

@@ -6,10 +6,10 @@
 //! are the contract the alert runbook queries: see `docs/ARCHITECTURE.md`.
 
 use super::families::{self as f, Family};
+use super::registry::Snapshot;
 use std::fmt::Write;
 use std::sync::Arc;
 
-use crate::core::clock::UnixMillis;
 use crate::core::engine::Engine;
 use crate::core::series::{CounterVec, HistogramVec};
 
@@ -39,72 +39,6 @@ impl Format {
             Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
         }
     }
-}
-
-/// Process-level facts the engine does not hold.
-#[derive(Debug, Clone, Default)]
-pub struct ProcessInfo {
-    pub version: &'static str,
-    pub start_time_ms: UnixMillis,
-    pub config_reload_success: f64,
-    pub config_reload_failure: f64,
-    pub config_last_reload_ok: bool,
-    pub events_rejected: Vec<(String, f64)>,
-    /// Whether traces are expected to reach Langfuse (gates LangfuseIntegrationFailing).
-    pub langfuse_enabled: bool,
-    /// Requests the access layer refused, per reason.
-    pub auth_failures: Vec<(String, f64)>,
-    /// Gateway calls refused by a rate limit, per (persona, kind).
-    pub rate_limited: Vec<((String, String), f64)>,
-    /// Firing instances of the embedded alert engine per (alertname, severity).
-    pub alerts_firing: Vec<((String, String), f64)>,
-    /// Gateway calls per (upstream, outcome).
-    pub gateway_requests: Vec<((String, String), f64)>,
-    /// Tools removed from calls because the persona may not use them, per persona.
-    pub tools_removed: Vec<(String, f64)>,
-    /// Gateway calls on models with no price, by model.
-    pub unpriced_calls: Vec<(String, f64)>,
-    /// The MCP proxy's downstream servers: (server, up, restarts).
-    pub mcp_servers: Vec<(String, bool, f64)>,
-    /// MCP sessions open at the proxy.
-    pub mcp_sessions: f64,
-    /// ((workflow, stage), prompts cut, tokens removed)
-    pub truncations: Vec<((String, String), f64, f64)>,
-    /// Response cache lookups per result, and tokens the hits saved.
-    pub cache_requests: Vec<(&'static str, f64)>,
-    pub cache_tokens_saved: f64,
-    /// The shared (Redis) cache's outcomes, when one is configured.
-    pub cache_shared: Vec<(&'static str, f64)>,
-    /// Alert notifications per (target, result).
-    pub alert_deliveries: Vec<((String, String), f64)>,
-    /// Alert state changes per (alertname, new state).
-    pub alert_transitions: Vec<((String, String), f64)>,
-    /// Each trace destination's export outcomes and spool.
-    pub trace_destinations: Vec<TraceDestinationInfo>,
-    /// Whether the ledger's last write (commit or probe) succeeded.
-    pub ledger_writable: bool,
-    /// Commits and probes that failed.
-    pub ledger_write_failures: f64,
-    /// Events held in memory during a ledger outage.
-    pub ledger_held_events: f64,
-    /// Seconds since the last snapshot of the core's state (None: none yet).
-    pub snapshot_age_seconds: Option<f64>,
-}
-
-/// What one trace destination (`otlp`, `langfuse`) did.
-#[derive(Debug, Clone, Default)]
-pub struct TraceDestinationInfo {
-    pub name: &'static str,
-    /// Batches per result (ok, retry, auth_refused, rejected, dropped).
-    pub results: Vec<(&'static str, u64)>,
-    pub spool_bytes: u64,
-    /// Unix ms of the last accepted batch; 0 before the first.
-    pub last_success_ms: i64,
-    pub queue_dropped: u64,
-    /// Traces the destination accepted.
-    pub traces_accepted: u64,
-    /// Items refused inside accepted batches: (transient, permanent).
-    pub item_errors: (u64, u64),
 }
 
 struct Writer {
@@ -144,6 +78,20 @@ impl Writer {
 
     fn header_of(&mut self, family: &Family) {
         self.header(family.name, family.kind.as_str(), family.help);
+    }
+
+    /// A family the process counts: its header and whatever its registered source holds.
+    fn registered(&mut self, registry: &Snapshot, family: &Family) {
+        self.header_of(family);
+        registry.samples(family, &mut |values, value| {
+            let labels: Vec<(&str, &str)> = family
+                .labels
+                .iter()
+                .copied()
+                .zip(values.iter().copied())
+                .collect();
+            self.sample(family.name, &labels, value);
+        });
     }
 
     fn counter_vec<const N: usize>(&mut self, family: &Family, vec: &CounterVec<N>) {
@@ -222,9 +170,10 @@ fn escape_label_into(out: &mut String, v: &str) {
     }
 }
 
-/// Renders every family. The engine should have been ticked to `now` first, so budget gauges are
-/// those of the current period.
-pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String {
+/// Renders every family: the engine's series and the process's (`registry`, a snapshot of
+/// [`super::registry::Registry`]). The engine should have been ticked to `now` first, so budget
+/// gauges are those of the current period.
+pub fn render(engine: &Engine, registry: &Snapshot, format: Format) -> String {
     let m = engine.metrics();
     let mut w = Writer {
         out: String::with_capacity(64 * 1024),
@@ -327,37 +276,18 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         );
     }
 
-    w.header_of(&f::LANGFUSE_ENABLED);
-    w.sample(
-        f::LANGFUSE_ENABLED.name,
-        &[],
-        if process.langfuse_enabled { 1.0 } else { 0.0 },
-    );
-    // Traces Langfuse accepted (2xx), never traces attempted.
-    let accepted: u64 = process
-        .trace_destinations
-        .iter()
-        .filter(|d| d.name == "langfuse")
-        .map(|d| d.traces_accepted)
-        .sum();
+    w.registered(registry, &f::LANGFUSE_ENABLED);
+    // Traces Langfuse accepted (2xx), never traces attempted; plus those reported through the API.
+    let mut accepted = 0.0;
+    registry.samples(&f::LANGFUSE_TRACE_CREATED_TOTAL, &mut |_, v| accepted += v);
     w.header_of(&f::LANGFUSE_TRACE_CREATED_TOTAL);
     w.sample(
         f::LANGFUSE_TRACE_CREATED_TOTAL.name,
         &[],
-        m.langfuse_traces_created + accepted as f64,
+        m.langfuse_traces_created + accepted,
     );
-    w.header_of(&f::LEDGER_WRITABLE);
-    w.sample(
-        f::LEDGER_WRITABLE.name,
-        &[],
-        if process.ledger_writable { 1.0 } else { 0.0 },
-    );
-    w.header_of(&f::LEDGER_WRITE_FAILURES_TOTAL);
-    w.sample(
-        f::LEDGER_WRITE_FAILURES_TOTAL.name,
-        &[],
-        process.ledger_write_failures,
-    );
+    w.registered(registry, &f::LEDGER_WRITABLE);
+    w.registered(registry, &f::LEDGER_WRITE_FAILURES_TOTAL);
     w.header_of(&f::LEDGER_REPLICAS_LIVE);
     if let Some(n) = engine.live_replicas() {
         w.sample(f::LEDGER_REPLICAS_LIVE.name, &[], n as f64);
@@ -368,68 +298,16 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
         &[],
         m.duplicate_settlements,
     );
-    w.header_of(&f::LEDGER_OUTAGE_HELD_EVENTS);
-    w.sample(
-        f::LEDGER_OUTAGE_HELD_EVENTS.name,
-        &[],
-        process.ledger_held_events,
-    );
-    w.header_of(&f::LEDGER_SNAPSHOT_AGE_SECONDS);
-    w.sample(
-        f::LEDGER_SNAPSHOT_AGE_SECONDS.name,
-        &[],
-        process.snapshot_age_seconds.unwrap_or(-1.0),
-    );
-    w.header_of(&f::TRACE_EXPORT_TOTAL);
-    for d in &process.trace_destinations {
-        for (result, n) in &d.results {
-            w.sample(
-                f::TRACE_EXPORT_TOTAL.name,
-                &[("destination", d.name), ("result", result)],
-                *n as f64,
-            );
-        }
-    }
-    w.header_of(&f::TRACE_SPOOL_BYTES);
-    for d in &process.trace_destinations {
-        w.sample(
-            f::TRACE_SPOOL_BYTES.name,
-            &[("destination", d.name)],
-            d.spool_bytes as f64,
-        );
-    }
-    w.header_of(&f::TRACE_EXPORT_LAST_SUCCESS);
-    for d in process
-        .trace_destinations
-        .iter()
-        .filter(|d| d.last_success_ms > 0)
-    {
-        w.sample(
-            f::TRACE_EXPORT_LAST_SUCCESS.name,
-            &[("destination", d.name)],
-            d.last_success_ms as f64 / 1000.0,
-        );
-    }
-    w.header_of(&f::TRACE_QUEUE_DROPPED_TOTAL);
-    for d in &process.trace_destinations {
-        w.sample(
-            f::TRACE_QUEUE_DROPPED_TOTAL.name,
-            &[("destination", d.name)],
-            d.queue_dropped as f64,
-        );
-    }
-    w.header_of(&f::TRACE_ITEM_ERRORS_TOTAL);
-    for d in &process.trace_destinations {
-        for (kind, n) in [
-            ("transient", d.item_errors.0),
-            ("permanent", d.item_errors.1),
-        ] {
-            w.sample(
-                f::TRACE_ITEM_ERRORS_TOTAL.name,
-                &[("destination", d.name), ("kind", kind)],
-                n as f64,
-            );
-        }
+    for family in [
+        &f::LEDGER_OUTAGE_HELD_EVENTS,
+        &f::LEDGER_SNAPSHOT_AGE_SECONDS,
+        &f::TRACE_EXPORT_TOTAL,
+        &f::TRACE_SPOOL_BYTES,
+        &f::TRACE_EXPORT_LAST_SUCCESS,
+        &f::TRACE_QUEUE_DROPPED_TOTAL,
+        &f::TRACE_ITEM_ERRORS_TOTAL,
+    ] {
+        w.registered(registry, family);
     }
     w.histogram_vec(
         &f::LANGFUSE_GENERATION_DURATION_SECONDS,
@@ -438,151 +316,39 @@ pub fn render(engine: &Engine, process: &ProcessInfo, format: Format) -> String 
     w.histogram_vec(&f::PROMPT_TOKENS, &m.prompt_tokens);
 
     w.counter_vec(&f::EVENTS_APPLIED_TOTAL, &m.events_applied);
-    w.header_of(&f::EVENTS_REJECTED_TOTAL);
-    for (reason, n) in &process.events_rejected {
-        w.sample(f::EVENTS_REJECTED_TOTAL.name, &[("reason", reason)], *n);
-    }
-    w.header_of(&f::AUTH_FAILURES_TOTAL);
-    for (reason, n) in &process.auth_failures {
-        w.sample(f::AUTH_FAILURES_TOTAL.name, &[("reason", reason)], *n);
-    }
-    w.header_of(&f::RATE_LIMITED_TOTAL);
-    for ((persona, kind), n) in &process.rate_limited {
-        w.sample(
-            f::RATE_LIMITED_TOTAL.name,
-            &[("persona", persona), ("kind", kind)],
-            *n,
-        );
+    for family in [
+        &f::EVENTS_REJECTED_TOTAL,
+        &f::AUTH_FAILURES_TOTAL,
+        &f::RATE_LIMITED_TOTAL,
+    ] {
+        w.registered(registry, family);
     }
     w.counter_vec(&f::LABEL_VALUES_FOLDED_TOTAL, &m.label_values_folded);
     w.header_of(&f::SESSIONS_OPEN);
     w.sample(f::SESSIONS_OPEN.name, &[], engine.open_sessions() as f64);
 
-    w.header_of(&f::GATEWAY_REQUESTS_TOTAL);
-    for ((upstream, outcome), n) in &process.gateway_requests {
-        w.sample(
-            f::GATEWAY_REQUESTS_TOTAL.name,
-            &[("upstream", upstream), ("outcome", outcome)],
-            *n,
-        );
+    for family in [
+        &f::GATEWAY_REQUESTS_TOTAL,
+        &f::CACHE_REQUESTS_TOTAL,
+        &f::CACHE_SHARED_TOTAL,
+        &f::CACHE_TOKENS_SAVED_TOTAL,
+        &f::GATEWAY_TOOLS_REMOVED_TOTAL,
+        &f::GATEWAY_UNPRICED_CALLS_TOTAL,
+        &f::MCP_SESSIONS_OPEN,
+        &f::MCP_SERVER_UP,
+        &f::MCP_SERVER_RESTARTS_TOTAL,
+        &f::PROMPT_TRUNCATIONS_TOTAL,
+        &f::PROMPT_TOKENS_TRUNCATED_TOTAL,
+        &f::ALERTS_FIRING,
+        &f::ALERT_TRANSITIONS_TOTAL,
+        &f::ALERT_DELIVERIES_TOTAL,
+        &f::CONFIG_RELOADS_TOTAL,
+        &f::CONFIG_LAST_RELOAD_SUCCESSFUL,
+        &f::BUILD_INFO,
+        &f::START_TIME_SECONDS,
+    ] {
+        w.registered(registry, family);
     }
-    w.header_of(&f::CACHE_REQUESTS_TOTAL);
-    for (result, n) in &process.cache_requests {
-        w.sample(f::CACHE_REQUESTS_TOTAL.name, &[("result", result)], *n);
-    }
-    w.header_of(&f::CACHE_SHARED_TOTAL);
-    for (result, n) in &process.cache_shared {
-        w.sample(f::CACHE_SHARED_TOTAL.name, &[("result", result)], *n);
-    }
-    w.header_of(&f::CACHE_TOKENS_SAVED_TOTAL);
-    w.sample(
-        f::CACHE_TOKENS_SAVED_TOTAL.name,
-        &[],
-        process.cache_tokens_saved,
-    );
-    w.header_of(&f::GATEWAY_TOOLS_REMOVED_TOTAL);
-    for (persona, n) in &process.tools_removed {
-        w.sample(
-            f::GATEWAY_TOOLS_REMOVED_TOTAL.name,
-            &[("persona", persona)],
-            *n,
-        );
-    }
-    w.header_of(&f::GATEWAY_UNPRICED_CALLS_TOTAL);
-    for (model, n) in &process.unpriced_calls {
-        w.sample(
-            f::GATEWAY_UNPRICED_CALLS_TOTAL.name,
-            &[("model", model)],
-            *n,
-        );
-    }
-    w.header_of(&f::MCP_SESSIONS_OPEN);
-    w.sample(f::MCP_SESSIONS_OPEN.name, &[], process.mcp_sessions);
-    w.header_of(&f::MCP_SERVER_UP);
-    for (server, up, _) in &process.mcp_servers {
-        w.sample(
-            f::MCP_SERVER_UP.name,
-            &[("server", server)],
-            if *up { 1.0 } else { 0.0 },
-        );
-    }
-    w.header_of(&f::MCP_SERVER_RESTARTS_TOTAL);
-    for (server, _, restarts) in &process.mcp_servers {
-        w.sample(
-            f::MCP_SERVER_RESTARTS_TOTAL.name,
-            &[("server", server)],
-            *restarts,
-        );
-    }
-    w.header_of(&f::PROMPT_TRUNCATIONS_TOTAL);
-    for ((workflow, stage), n, _) in &process.truncations {
-        w.sample(
-            f::PROMPT_TRUNCATIONS_TOTAL.name,
-            &[("workflow", workflow), ("stage", stage)],
-            *n,
-        );
-    }
-    w.header_of(&f::PROMPT_TOKENS_TRUNCATED_TOTAL);
-    for ((workflow, stage), _, tokens) in &process.truncations {
-        w.sample(
-            f::PROMPT_TOKENS_TRUNCATED_TOTAL.name,
-            &[("workflow", workflow), ("stage", stage)],
-            *tokens,
-        );
-    }
-    w.header_of(&f::ALERTS_FIRING);
-    for ((alertname, severity), n) in &process.alerts_firing {
-        w.sample(
-            f::ALERTS_FIRING.name,
-            &[("alertname", alertname), ("severity", severity)],
-            *n,
-        );
-    }
-    w.header_of(&f::ALERT_TRANSITIONS_TOTAL);
-    for ((alertname, to), n) in &process.alert_transitions {
-        w.sample(
-            f::ALERT_TRANSITIONS_TOTAL.name,
-            &[("alertname", alertname), ("state", to)],
-            *n,
-        );
-    }
-    w.header_of(&f::ALERT_DELIVERIES_TOTAL);
-    for ((target, result), n) in &process.alert_deliveries {
-        w.sample(
-            f::ALERT_DELIVERIES_TOTAL.name,
-            &[("target", target), ("result", result)],
-            *n,
-        );
-    }
-    w.header_of(&f::CONFIG_RELOADS_TOTAL);
-    w.sample(
-        f::CONFIG_RELOADS_TOTAL.name,
-        &[("result", "success")],
-        process.config_reload_success,
-    );
-    w.sample(
-        f::CONFIG_RELOADS_TOTAL.name,
-        &[("result", "failure")],
-        process.config_reload_failure,
-    );
-    w.header_of(&f::CONFIG_LAST_RELOAD_SUCCESSFUL);
-    w.sample(
-        f::CONFIG_LAST_RELOAD_SUCCESSFUL.name,
-        &[],
-        if process.config_last_reload_ok {
-            1.0
-        } else {
-            0.0
-        },
-    );
-    w.header_of(&f::BUILD_INFO);
-    w.sample(f::BUILD_INFO.name, &[("version", process.version)], 1.0);
-    w.header_of(&f::START_TIME_SECONDS);
-    w.sample(
-        f::START_TIME_SECONDS.name,
-        &[],
-        process.start_time_ms as f64 / 1000.0,
-    );
 
     if format == Format::OpenMetrics {
         w.out.push_str("# EOF\n");

@@ -3,4 +3,5 @@
 
 pub mod exposition;
 pub mod families;
+pub mod registry;
 pub mod trace;

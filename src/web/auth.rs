@@ -18,7 +18,7 @@
 //! early exit), so neither a log line nor the time an answer takes says anything about a key.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -30,6 +30,7 @@ use super::error::{ApiError, ErrorKind};
 use crate::config::gateway::VirtualKey;
 use crate::config::secret::KeyHash;
 use crate::config::settings::AuthSettings;
+use crate::telemetry::registry::Counter;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,7 +242,8 @@ pub struct RouteAccess {
 pub struct Door {
     keyring: RwLock<Arc<Keyring>>,
     routes: matchit::Router<Vec<(Method, Access)>>,
-    failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// `hypertool_auth_failures_total{reason}`.
+    pub failures: Counter<1>,
     /// Maps a persona name or alias to its canonical name (from the live persona registry).
     canonical: Box<dyn Fn(&str) -> String + Send + Sync>,
 }
@@ -268,7 +270,7 @@ impl Door {
         Door {
             keyring: RwLock::new(Arc::new(Keyring::new(auth, persona_keys))),
             routes,
-            failures: Mutex::new(BTreeMap::new()),
+            failures: Counter::new(&crate::telemetry::families::AUTH_FAILURES_TOTAL),
             canonical,
         }
     }
@@ -331,22 +333,7 @@ impl Door {
     }
 
     fn count(&self, reason: &'static str) {
-        *self
-            .failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason)
-            .or_insert(0) += 1;
-    }
-
-    /// `hypertool_auth_failures_total{reason}`.
-    pub fn failures(&self) -> Vec<(String, f64)> {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(r, n)| (r.to_string(), *n as f64))
-            .collect()
+        self.failures.inc([reason]);
     }
 
     /// The access of `method path`. A path outside the table needs an admin key (deny by default:

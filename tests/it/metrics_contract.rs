@@ -486,3 +486,43 @@ async fn every_declared_family_is_exported_as_declared_and_nothing_else_is() {
     }
     s.stop().await;
 }
+
+/// Every family a component registers reaches `/metrics` with the samples it holds: the exposition
+/// cannot leave a registered family out (or render another source in its place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_registered_family_reaches_the_exposition_with_its_samples() {
+    use hypertool::telemetry::families::{ALL, LANGFUSE_TRACE_CREATED_TOTAL};
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_default(dir.path()).await;
+    let state = &s.running.as_ref().unwrap().state;
+    let snapshot = state.registry.snapshot();
+    let text = s.metrics_text().await;
+    let exposition = Exposition::parse(&text);
+    let registered: Vec<&str> = snapshot.families().collect();
+    assert!(registered.len() >= 30, "{registered:?}");
+    let mut checked = 0;
+    for name in registered {
+        let family = ALL.iter().find(|f| f.name == name).unwrap();
+        // Summed with the engine's count of traces reported through the API.
+        if family.name == LANGFUSE_TRACE_CREATED_TOTAL.name {
+            continue;
+        }
+        snapshot.samples(family, &mut |values, value| {
+            let labels: Vec<(&str, &str)> = family
+                .labels
+                .iter()
+                .copied()
+                .zip(values.iter().copied())
+                .collect();
+            assert_eq!(
+                exposition.get(family.name, &labels),
+                Some(value),
+                "{} {labels:?} is registered but not in /metrics",
+                family.name
+            );
+            checked += 1;
+        });
+    }
+    assert!(checked >= 20, "only {checked} samples");
+    s.stop().await;
+}

@@ -28,6 +28,8 @@ use regex::Regex;
 use crate::config::settings::LangfuseSettings;
 use crate::config::tracing::TracingSettings;
 use crate::core::clock::Clock;
+use crate::telemetry::families::{self, Family};
+use crate::telemetry::registry::{Emit, Registry};
 use export::{Destination, DestinationConfig, DestinationStats, Message, Trouble};
 use otlp::{EncodeOptions, Flavour};
 use span::{Score, SpanRecord};
@@ -376,6 +378,55 @@ impl Tracer {
             .flat_map(|i| i.destinations.iter())
             .map(|d| (d.config.name, d.stats.clone()))
             .collect()
+    }
+
+    /// Hands the destinations' export counters to the exposition, read from their stats when
+    /// rendered (destinations are fixed for the life of the process).
+    pub fn register_metrics(&self, registry: &Registry) {
+        type Read = fn(&'static str, &DestinationStats, &mut Emit<'_>);
+        let each = |family: &'static Family, read: Read| {
+            let destinations = self.stats();
+            registry.collect(family, move |emit| {
+                for (name, stats) in &destinations {
+                    read(name, stats, emit);
+                }
+            });
+        };
+        each(&families::TRACE_EXPORT_TOTAL, |name, stats, emit| {
+            for (result, n) in stats.results() {
+                emit(&[name, result], n as f64);
+            }
+        });
+        each(&families::TRACE_SPOOL_BYTES, |name, stats, emit| {
+            emit(&[name], stats.spool_bytes.load(Ordering::Relaxed) as f64)
+        });
+        each(&families::TRACE_EXPORT_LAST_SUCCESS, |name, stats, emit| {
+            let at = stats.last_success_ms.load(Ordering::Relaxed);
+            if at > 0 {
+                emit(&[name], at as f64 / 1000.0);
+            }
+        });
+        each(&families::TRACE_QUEUE_DROPPED_TOTAL, |name, stats, emit| {
+            emit(&[name], stats.queue_dropped.load(Ordering::Relaxed) as f64)
+        });
+        each(&families::TRACE_ITEM_ERRORS_TOTAL, |name, stats, emit| {
+            for (kind, n) in [
+                ("transient", &stats.item_errors_transient),
+                ("permanent", &stats.item_errors_permanent),
+            ] {
+                emit(&[name, kind], n.load(Ordering::Relaxed) as f64);
+            }
+        });
+        // Traces Langfuse accepted (2xx), never traces attempted; the exposition adds those
+        // reported through the API.
+        each(
+            &families::LANGFUSE_TRACE_CREATED_TOTAL,
+            |name, stats, emit| {
+                if name == "langfuse" {
+                    emit(&[], stats.traces_accepted.load(Ordering::Relaxed) as f64);
+                }
+            },
+        );
     }
 
     pub fn langfuse(&self) -> Option<Arc<DestinationStats>> {
