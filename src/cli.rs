@@ -2,6 +2,9 @@
 
 use serde_json::Value;
 
+use crate::core::text::error_chain;
+use crate::web::server_url;
+
 /// A failed client command, worded for the terminal.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -15,16 +18,6 @@ pub enum ClientError {
         status: u16,
         message: String,
     },
-}
-
-/// The server's base URL: `http://` added when no scheme is given, no trailing slash.
-pub fn server_url(server: &str) -> String {
-    let trimmed = server.trim().trim_end_matches('/');
-    if trimmed.contains("://") {
-        trimmed.to_string()
-    } else {
-        format!("http://{trimmed}")
-    }
 }
 
 pub struct Client {
@@ -584,21 +577,6 @@ pub fn prometheus_text(evidence: &[Value]) -> String {
         }
     }
     s
-}
-
-/// An error with its causes (reqwest's own message is often just "error sending request").
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// One experiment of `GET /api/experiments` for a terminal: a line on the stage and its decision,

@@ -64,7 +64,7 @@ fn client() -> reqwest::Client {
 }
 
 fn why(e: &reqwest::Error) -> String {
-    crate::cli::error_chain(e)
+    crate::core::text::error_chain(e)
 }
 
 /// What the metrics endpoint said.
@@ -169,7 +169,7 @@ fn load(target: &Target) -> (Source, Result<Config, String>) {
 
 fn api_url(target: &Target, cfg: Option<&Config>) -> String {
     match (&target.server, cfg) {
-        (Some(s), _) => crate::cli::server_url(s),
+        (Some(s), _) => crate::web::server_url(s),
         (None, Some(c)) => format!("http://{}", c.settings.listen),
         (None, None) => "http://127.0.0.1:8080".into(),
     }
@@ -177,7 +177,7 @@ fn api_url(target: &Target, cfg: Option<&Config>) -> String {
 
 fn metrics_url(target: &Target, cfg: Option<&Config>) -> String {
     match (&target.metrics, cfg) {
-        (Some(s), _) => crate::cli::server_url(s),
+        (Some(s), _) => crate::web::server_url(s),
         (None, Some(c)) => format!("http://{}", c.settings.metrics_listen),
         (None, None) => "http://127.0.0.1:9464".into(),
     }
@@ -404,7 +404,7 @@ async fn not_serving(target: &Target, cfg: Option<&Config>, out: &mut Vec<Check>
     // The ledger as the server would open it.
     match cfg.and_then(|c| c.settings.ledger.url.clone().map(|u| (u, c))) {
         Some((url, c)) => {
-            let shown = crate::store::postgres::redacted(&url);
+            let shown = crate::config::secret::redacted(&url);
             let connector =
                 crate::store::postgres::connector(&url, &c.settings, "hypertool-doctor");
             let ok = tokio::task::spawn_blocking(move || {

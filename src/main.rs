@@ -505,7 +505,7 @@ async fn mcp(args: McpArgs) -> ExitCode {
         errln!("error: {e}");
         return ExitCode::from(2);
     }
-    let opts = hypertool::mcp::stdio::StdioOptions {
+    let opts = hypertool::server::mcp_stdio::StdioOptions {
         config: Source::discover(args.config.as_deref()),
         data_dir: args.data_dir,
         mcp_config: args.mcp_config,
@@ -519,7 +519,7 @@ async fn mcp(args: McpArgs) -> ExitCode {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
     };
-    match hypertool::mcp::stdio::run(opts, Arc::new(SystemClock), shutdown_signal()).await {
+    match hypertool::server::mcp_stdio::run(opts, Arc::new(SystemClock), shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             errln!("error: {e}");
@@ -711,7 +711,7 @@ async fn runbook(args: RunbookArgs) -> ExitCode {
         outln!(
             "\nRunbook: hypertool runbook {} --print, or {}/runbook#{}",
             id.name(),
-            hypertool::cli::server_url(&args.client.server),
+            hypertool::web::server_url(&args.client.server),
             id.runbook_anchor()
         );
     }

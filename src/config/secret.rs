@@ -50,6 +50,41 @@ pub fn key_from_env(env_var: &str) -> Result<KeyHash, String> {
     }
 }
 
+/// `url` with any password replaced, for logs and errors: both the URL form
+/// (`postgres://user:secret@host/db`) and the keyword form (`host=… password=secret`).
+pub fn redacted(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => authority.to_string(),
+            },
+            None => authority.to_string(),
+        };
+        // A password can also ride in the query string.
+        let tail = tail
+            .split('&')
+            .map(|p| match p.split_once("password=") {
+                Some((head, _)) => format!("{head}password=***"),
+                None => p.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        return format!("{scheme}://{authority}{tail}");
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -472,7 +472,7 @@ fn ledger_settings(
                     line,
                     format!(
                         "{what} = {:?} is not a PostgreSQL URL",
-                        crate::store::postgres::redacted(u)
+                        crate::config::secret::redacted(u)
                     ),
                 )
                 .fix("write postgres://USER@HOST:PORT/DATABASE (the password is better in HYPERTOOL_LEDGER_URL), or remove it for the SQLite ledger in the data directory"),

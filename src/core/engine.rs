@@ -368,7 +368,14 @@ pub struct Engine {
     /// The replicas by their heartbeats (a shared ledger; `None`: not known yet, or a ledger of
     /// its own). A call admitted by a dead replica (its lease lapsed) no longer holds budget; one
     /// with no heartbeat yet (just started) is not dead.
-    replicas: Option<crate::store::Replicas>,
+    replicas: Option<Replicas>,
+}
+
+/// The replicas of a shared ledger by their heartbeats.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Replicas {
+    pub live: Vec<String>,
+    pub dead: Vec<String>,
 }
 
 impl Engine {
@@ -1266,7 +1273,7 @@ impl Engine {
     }
 
     /// The replicas by their heartbeats (from the writer, about once a second).
-    pub fn set_replicas(&mut self, replicas: Option<crate::store::Replicas>) {
+    pub fn set_replicas(&mut self, replicas: Option<Replicas>) {
         self.replicas = replicas;
     }
 

@@ -18,4 +18,5 @@ pub mod runs;
 pub mod series;
 pub mod session;
 pub mod synthetic;
+pub mod text;
 pub mod workflow;

@@ -68,7 +68,7 @@ fn key(canonical: &str) -> String {
 impl SharedCache {
     /// Checks the URL; connects on first use (TLS for `rediss://`).
     pub fn open(url: &str, trust: &crate::tls::Trust) -> Result<SharedCache, String> {
-        let shown = crate::store::postgres::redacted(url);
+        let shown = crate::config::secret::redacted(url);
         let bad = |e: redis::RedisError| {
             format!("{shown} is not a Redis URL ({e}); write redis://HOST:PORT/DB, or rediss:// for TLS")
         };

@@ -59,7 +59,7 @@ impl Hub {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let (tx, rx) = mpsc::channel(REMOTE_QUEUE);
         let remote = Arc::new(Remote {
-            base: crate::cli::server_url(base),
+            base: crate::web::server_url(base),
             key,
             http,
             personas,

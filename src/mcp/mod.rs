@@ -15,5 +15,4 @@ pub mod config;
 pub mod downstream;
 pub mod hub;
 pub mod proxy;
-pub mod stdio;
 pub mod toolset;

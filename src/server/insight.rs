@@ -590,7 +590,7 @@ pub async fn langfuse_test_call(
             status: r.status().as_u16(),
         },
         Err(e) => TestCall::Unreachable {
-            error: crate::cli::error_chain(&e)
+            error: crate::core::text::error_chain(&e)
                 .replace(public_key, "***")
                 .replace(secret_key, "***"),
         },

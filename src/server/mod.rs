@@ -14,6 +14,7 @@ pub mod experiments;
 pub mod insight;
 pub mod listener;
 pub mod mcp;
+pub mod mcp_stdio;
 mod metrics;
 pub mod personas;
 pub mod routes;
@@ -496,7 +497,7 @@ pub async fn start(opts: ServeOptions, clock: Arc<dyn Clock>) -> Result<Running,
     let replay_clock = clock.clone();
     let snapshots = crate::store::snapshot::Snapshots::new(&opts.data_dir);
     let ledger_shown = match &cfg.settings.ledger.url {
-        Some(url) => crate::store::postgres::redacted(url),
+        Some(url) => crate::config::secret::redacted(url),
         None => opts.data_dir.join("hypertool.db").display().to_string(),
     };
     let recover_from = snapshots.clone();

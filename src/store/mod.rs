@@ -152,12 +152,7 @@ pub struct LedgerTotals {
     pub tokens: u64,
 }
 
-/// The replicas of a shared ledger by their heartbeats.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Replicas {
-    pub live: Vec<String>,
-    pub dead: Vec<String>,
-}
+pub use crate::core::engine::Replicas;
 
 /// Durable storage of events and budget overrides.
 pub trait Ledger: Send {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
 
+use crate::config::secret::redacted;
 use crate::tls::PgConnector;
 
 use super::{Columns, Ledger, LedgerError, LedgerTotals, Origin};
@@ -81,41 +82,6 @@ pub struct PostgresLedger {
     shown: String,
 }
 
-/// `url` with any password replaced, for logs and errors: both the URL form
-/// (`postgres://user:secret@host/db`) and the keyword form (`host=… password=secret`).
-pub fn redacted(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{host}"),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
-        };
-        // A password can also ride in the query string.
-        let tail = tail
-            .split('&')
-            .map(|p| match p.split_once("password=") {
-                Some((head, _)) => format!("{head}password=***"),
-                None => p.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("&");
-        return format!("{scheme}://{authority}{tail}");
-    }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***".to_string()
-            } else {
-                kv.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// How to reach the ledger at `url` (the settings' `[ledger] url` or `HYPERTOOL_LEDGER_URL`), with
 /// the TLS its `sslmode` asks for and the ledger's trust. `application` names the connections in
 /// `pg_stat_activity`.
@@ -137,7 +103,7 @@ pub fn connector(
 /// A connection error with its causes (a TLS refusal says why only in its source), and what to do
 /// about a certificate the trust does not accept.
 pub fn explain(e: &postgres::Error) -> String {
-    let text = crate::cli::error_chain(e);
+    let text = crate::core::text::error_chain(e);
     if text.contains("invalid peer certificate") {
         format!(
             "{text} (the server's certificate is not accepted: sslrootcert=FILE or [ledger] ca_file / [tls] ca_file must hold the CA that signed it; verify-full also needs the URL's host in the certificate)"

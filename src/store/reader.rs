@@ -17,7 +17,7 @@ use crate::core::event::{Event, Stamped};
 #[derive(Clone)]
 pub enum LedgerReader {
     Sqlite(PathBuf),
-    /// How to connect, and the URL as it may be shown (see `postgres::redacted`).
+    /// How to connect, and the URL as it may be shown (see `config::secret::redacted`).
     Postgres(Box<crate::tls::PgConnector>, String),
 }
 

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use rmcp::ServiceExt;
 
-use super::config as mcp_config;
-use super::downstream::Downstreams;
-use super::hub::Hub;
-use super::proxy::{Proxy, SessionStart};
+use crate::mcp::config as mcp_config;
+use crate::mcp::downstream::Downstreams;
+use crate::mcp::hub::Hub;
+use crate::mcp::proxy::{Proxy, SessionStart};
 use crate::config::Source;
 use crate::core::clock::Clock;
 
@@ -109,8 +109,8 @@ pub async fn run(
             let loopback = |a: Option<SocketAddr>| {
                 Some(a.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
             };
-            let running = crate::server::start(
-                crate::server::ServeOptions {
+            let running = super::start(
+                super::ServeOptions {
                     config: opts.config.clone(),
                     data_dir: opts.data_dir.clone(),
                     listen: loopback(opts.listen),
