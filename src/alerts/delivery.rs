@@ -26,20 +26,7 @@ use crate::telemetry::registry::Counter;
 pub const RESEND_EVERY_MS: i64 = 60_000;
 const QUEUE_DEPTH: usize = 256;
 
-/// Where to send, from `[alerts]` in hypertool.toml.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DeliverySettings {
-    /// Alertmanager base URL, e.g. `http://127.0.0.1:9093`.
-    pub alertmanager_url: Option<String>,
-    /// Any URL that accepts Alertmanager-webhook-shaped JSON.
-    pub webhook_url: Option<String>,
-    pub timeout: Duration,
-    pub max_retries: u32,
-    /// The first retry waits this long; each next one twice as long.
-    pub initial_backoff: Duration,
-    /// CA certificates trusted beside the webpki roots (`[alerts] ca_file`, else `[tls] ca_file`).
-    pub trust: crate::tls::Trust,
-}
+pub use crate::config::alerts::DeliverySettings;
 
 /// Delivery outcomes per target: `hypertool_alert_deliveries_total{target,result}`.
 pub struct DeliveryStats {

@@ -8,7 +8,6 @@
 //! Time comes from the caller, so a `for: 10m` is tested in milliseconds.
 
 pub mod delivery;
-pub mod duration;
 pub mod eval;
 pub mod promql;
 pub mod rules;
@@ -409,7 +408,7 @@ impl AlertEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::duration::PromDuration;
+    use crate::core::duration::PromDuration;
 
     fn engine(for_: PromDuration) -> AlertEngine {
         let mut settings = AlertSettings::default();

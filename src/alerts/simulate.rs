@@ -589,7 +589,7 @@ impl Run {
                 let _ = writeln!(
                     out,
                     "      - eval_time: {}\n        alertname: {name}",
-                    super::duration::PromDuration(e.at_ms)
+                    crate::core::duration::PromDuration(e.at_ms)
                 );
                 let firing: Vec<&InstanceAt> = e
                     .active

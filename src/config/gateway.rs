@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::secret::{key_from_env, KeyHash};
-use crate::alerts::duration::PromDuration;
+use crate::core::duration::PromDuration;
 use crate::core::workflow::{ModelChoice, ModelTier};
 
 #[derive(Debug, Default, Deserialize)]

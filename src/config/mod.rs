@@ -5,6 +5,7 @@
 //! With no configuration on disk, the built-in defaults (the files under `config/` in the
 //! repository, embedded at build time) are used, so `hypertool serve` works from any directory.
 
+pub mod alerts;
 pub mod budgets;
 pub mod error;
 pub mod gateway;

@@ -4,11 +4,11 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
+use super::alerts::{AlertSettings, RawAlerts};
 use super::error::{line_of_key, line_of_offset, ConfigError};
 use super::gateway::{GatewaySettings, RawGateway};
 use super::secret::{key_from_env, KeyHash};
-use crate::alerts::duration::PromDuration;
-use crate::alerts::rules::{AlertSettings, RawAlerts};
+use crate::core::duration::PromDuration;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

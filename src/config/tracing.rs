@@ -7,7 +7,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use super::error::{line_of_key, ConfigError};
-use crate::alerts::duration::PromDuration;
+use crate::core::duration::PromDuration;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,6 +7,7 @@
 
 pub mod budget;
 pub mod clock;
+pub mod duration;
 pub mod engine;
 pub mod event;
 pub mod experiment;

@@ -12,9 +12,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{lock, lock_alerts, AppState};
-use crate::alerts::duration::PromDuration;
 use crate::alerts::rules::AlertId;
 use crate::core::clock::{to_rfc3339, UnixMillis};
+use crate::core::duration::PromDuration;
 use crate::core::event::{Event, Stamped};
 use crate::core::workflow::Workflows;
 use crate::runbook::investigate::{self, BudgetView, Evidence, LangfuseView, StageView, TestCall};

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use rmcp::ServiceExt;
 
+use crate::config::Source;
+use crate::core::clock::Clock;
 use crate::mcp::config as mcp_config;
 use crate::mcp::downstream::Downstreams;
 use crate::mcp::hub::Hub;
 use crate::mcp::proxy::{Proxy, SessionStart};
-use crate::config::Source;
-use crate::core::clock::Clock;
 
 /// Longest the proxy waits for its downstream servers before it answers the client (a server
 /// that comes up later is announced with `notifications/tools/list_changed`).

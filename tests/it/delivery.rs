@@ -242,9 +242,9 @@ async fn a_real_prometheus_fires_token_budget_exceeded_on_a_live_hypertool() {
         .unwrap()
         .settings
         .alerts;
-    settings.evaluation_interval = hypertool::alerts::duration::PromDuration::secs(1);
+    settings.evaluation_interval = hypertool::core::duration::PromDuration::secs(1);
     for r in settings.rules.iter_mut() {
-        r.for_ = hypertool::alerts::duration::PromDuration::secs(2);
+        r.for_ = hypertool::core::duration::PromDuration::secs(2);
     }
     std::fs::write(
         dir.path().join("rules.yml"),

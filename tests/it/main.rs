@@ -18,6 +18,7 @@ mod experiments;
 mod gateway;
 mod gateway_stages;
 mod grafana;
+mod layers;
 mod mcp;
 mod metrics_contract;
 mod operator;

@@ -410,13 +410,13 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
     let ratio_text = if ratio.is_finite() {
         format!(
             "{ratio:.2} ({last} tokens in the last {}, {earlier} in the {} before)",
-            crate::alerts::duration::PromDuration(w / 2),
-            crate::alerts::duration::PromDuration(w)
+            crate::core::duration::PromDuration(w / 2),
+            crate::core::duration::PromDuration(w)
         )
     } else {
         format!(
             "usage only in the last {} ({last} tokens)",
-            crate::alerts::duration::PromDuration(w / 2)
+            crate::core::duration::PromDuration(w / 2)
         )
     };
     out.push(finding(

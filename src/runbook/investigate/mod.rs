@@ -291,7 +291,7 @@ pub fn investigate(id: AlertId, ev: &Evidence) -> Report {
     Report {
         alert: id.name(),
         at: to_rfc3339(ev.now),
-        window: crate::alerts::duration::PromDuration(ev.window_ms).to_string(),
+        window: crate::core::duration::PromDuration(ev.window_ms).to_string(),
         findings,
         causes: rank(id, scored),
         notes,
