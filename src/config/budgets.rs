@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::error::{line_of_key, ConfigError};
+use super::error::ConfigError;
 use super::gateway::RateLimits;
+use super::spans::{self, Spans};
 use crate::core::budget::{BudgetMode, BudgetSource, BudgetSpec, Period};
 use crate::core::persona::PersonaRegistry;
 use std::num::NonZeroU32;
@@ -50,23 +51,40 @@ impl RawBudget {
         }
     }
 
-    /// Checks values serde cannot: a cost must be a finite, non-negative number.
-    pub fn check(&self) -> Result<(), String> {
-        if self.requests_per_minute == Some(0) || self.tokens_per_minute == Some(0) {
-            return Err(
-                "a rate of 0 per minute would refuse every call; leave the key out for no limit"
-                    .into(),
-            );
-        }
-        match (self.cost_usd, self.soft_limit) {
-            (Some(c), _) if !c.is_finite() || c < 0.0 => {
-                Err(format!("cost_usd must be a non-negative number, got {c}"))
+    /// Checks values serde cannot: a cost must be a finite, non-negative number. The error names
+    /// the key it is about.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for (key, rate) in [
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_minute", self.tokens_per_minute),
+        ] {
+            if rate == Some(0) {
+                return Err((
+                    key,
+                    "a rate of 0 per minute would refuse every call; leave the key out for no limit"
+                        .into(),
+                ));
             }
-            (_, Some(f)) if !(f > 0.0 && f <= 1.0) => Err(format!(
-                "soft_limit is a fraction of tokens, above 0 and at most 1 (e.g. 0.8), got {f}"
-            )),
-            _ => Ok(()),
         }
+        if let Some(c) = self.cost_usd {
+            if !c.is_finite() || c < 0.0 {
+                return Err((
+                    "cost_usd",
+                    format!("cost_usd must be a non-negative number, got {c}"),
+                ));
+            }
+        }
+        if let Some(f) = self.soft_limit {
+            if !(f > 0.0 && f <= 1.0) {
+                return Err((
+                    "soft_limit",
+                    format!(
+                        "soft_limit is a fraction of tokens, above 0 and at most 1 (e.g. 0.8), got {f}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn resolve(
@@ -105,7 +123,7 @@ pub fn resolve_budgets(
             ))]
         })?,
     };
-    let text = text.unwrap_or("");
+    let spans = Spans::yaml(text.unwrap_or(""));
     let mut errors = Vec::new();
     let period = raw.defaults.period.unwrap_or(Period::None);
     let mode = raw.defaults.mode.unwrap_or_default();
@@ -115,7 +133,7 @@ pub fn resolve_budgets(
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "soft_limit"),
+                    spans.line("defaults.soft_limit"),
                     format!("defaults.soft_limit = {f} is not a fraction"),
                 )
                 .fix("write a number above 0 and at most 1, e.g. `soft_limit: 0.8`"),
@@ -137,7 +155,8 @@ pub fn resolve_budgets(
     }
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     for (key, entry) in &raw.personas {
-        let line = line_of_key(text, key);
+        let path = format!("personas.{}", spans::key(key));
+        let line = spans.line(&path);
         let Some(persona) = personas.get(key) else {
             let known: Vec<&str> = personas.iter().map(|p| p.name.as_str()).collect();
             errors.push(
@@ -160,10 +179,14 @@ pub fn resolve_budgets(
             );
             continue;
         }
-        if let Err(msg) = entry.check() {
+        if let Err((field, msg)) = entry.check() {
             errors.push(
-                ConfigError::new(file, line, format!("personas.{key}: {msg}"))
-                    .fix("write a number such as `cost_usd: 5.0`, or leave the key out"),
+                ConfigError::new(
+                    file,
+                    spans.line(&format!("{path}.{field}")),
+                    format!("personas.{key}: {msg}"),
+                )
+                .fix("write a number such as `cost_usd: 5.0`, or leave the key out"),
             );
             continue;
         }

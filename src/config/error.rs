@@ -68,40 +68,6 @@ pub fn line_of_offset(text: &str, at: usize) -> usize {
         + 1
 }
 
-/// The 1-based line where `key:` (YAML, JSON) or `key =` (TOML) first appears, quoted or not.
-pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| {
-            let t = line.trim_start();
-            [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
-                .iter()
-                .any(|k| {
-                    t.strip_prefix(k.as_str()).is_some_and(|rest| {
-                        let rest = rest.trim_start();
-                        rest.starts_with(':') || rest.starts_with('=')
-                    })
-                })
-        })
-        .map(|i| i + 1)
-}
-
-/// The 1-based line of `key =` inside TOML's `[section]` (its first one there), else anywhere.
-pub fn line_of_key_in_section(text: &str, section: &str, key: &str) -> Option<usize> {
-    let header = format!("[{section}]");
-    let start = text.lines().position(|l| l.trim() == header);
-    if let Some(start) = start {
-        let body: Vec<&str> = text
-            .lines()
-            .skip(start + 1)
-            .take_while(|l| !l.trim_start().starts_with('['))
-            .collect();
-        if let Some(at) = line_of_key(&body.join("\n"), key) {
-            return Some(start + 1 + at);
-        }
-    }
-    line_of_key(text, key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,9 +75,8 @@ mod tests {
     #[test]
     fn finds_lines() {
         let text = "a: 1\npersonas:\n  \"backend-engineer\":\n    tokens: 3\n";
-        assert_eq!(line_of_key(text, "backend-engineer"), Some(3));
-        assert_eq!(line_of_key(text, "tokens"), Some(4));
-        assert_eq!(line_of_key(text, "missing"), None);
+        assert_eq!(line_of_offset(text, 0), 1);
         assert_eq!(line_of_offset(text, 6), 2);
+        assert_eq!(line_of_offset(text, text.len()), 5);
     }
 }

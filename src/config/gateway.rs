@@ -600,10 +600,21 @@ impl GatewaySettings {
             }));
         }
         for (i, m) in s.models.iter().enumerate() {
-            for target in m.fallbacks.iter().chain(m.downgrade_to.iter()) {
+            // Each target at its own key: `fallbacks[j]` or `downgrade_to`.
+            let targets = m
+                .fallbacks
+                .iter()
+                .enumerate()
+                .map(|(j, t)| (format!("gateway.models[{i}].fallbacks[{j}]"), t))
+                .chain(
+                    m.downgrade_to
+                        .iter()
+                        .map(|t| (format!("gateway.models[{i}].downgrade_to"), t)),
+                );
+            for (key, target) in targets {
                 if !names.contains_key(target) && !target.starts_with("mock/") {
                     errors.push((
-                        format!("gateway.models[{i}].fallbacks"),
+                        key,
                         format!(
                             "`{target}` (named by model `{}`) is not a configured model",
                             m.name
@@ -615,7 +626,7 @@ impl GatewaySettings {
         for (persona, target) in &raw.downgrade {
             if !names.contains_key(target) && !target.starts_with("mock/") {
                 errors.push((
-                    format!("gateway.downgrade.{persona}"),
+                    format!("gateway.downgrade.{}", super::spans::key(persona)),
                     format!("`{target}` is not a configured model"),
                 ));
             }

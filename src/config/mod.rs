@@ -13,6 +13,7 @@ pub mod personas;
 pub mod reload;
 pub mod secret;
 pub mod settings;
+pub mod spans;
 pub mod tracing;
 pub mod workflows;
 
@@ -213,6 +214,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
             let display = path.display().to_string();
             let text = read(path).map_err(|e| vec![e])?;
             let mut settings = Settings::parse(&display, &text)?;
+            let toml_spans = spans::Spans::toml(&text);
             let base = path.parent().unwrap_or(Path::new("."));
             let mut errors = Vec::new();
             if let Some(servers) = settings.mcp.servers.take() {
@@ -230,7 +232,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                         errors.push(
                             ConfigError::new(
                                 display.clone(),
-                                error::line_of_key_in_section(&text, section, "ca_file"),
+                                toml_spans.line(&format!("{section}.ca_file")),
                                 format!("{section}.ca_file {}: {why}", path.display()),
                             )
                             .fix(format!(
@@ -279,7 +281,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                 Err(e) => errors.push(
                     ConfigError::new(
                         display.clone(),
-                        error::line_of_key(&text, "dir"),
+                        toml_spans.line("personas.dir"),
                         format!("cannot read persona directory {}: {e}", dir.display()),
                     )
                     .fix("create the directory or point `personas.dir` at one"),
@@ -430,7 +432,7 @@ fn build(source: &Source, files: Files, settings: Settings) -> Result<Config, Co
             errors.push(
                 ConfigError::new(
                     files.toml.0.clone(),
-                    error::line_of_key(&files.toml.1, "persona"),
+                    spans::Spans::toml(&files.toml.1).line(&format!("gateway.keys[{i}].persona")),
                     format!(
                         "`gateway.keys[{i}].persona` = `{}` is not a known persona",
                         key.persona

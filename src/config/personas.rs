@@ -5,7 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::error::{line_of_key, ConfigError};
+use super::error::ConfigError;
+use super::spans::Spans;
 use crate::core::persona::Persona;
 
 /// The Hypertool persona format. Unknown keys are kept (it is a foreign format that grows), but the
@@ -51,7 +52,7 @@ pub fn parse_persona(
     if !valid_name(&raw.name) {
         return Err(ConfigError::new(
             display,
-            line_of_key(text, "\"name\""),
+            Spans::yaml(text).line("name"),
             format!(
                 "persona name {:?} is not usable as a metric label",
                 raw.name
@@ -67,11 +68,11 @@ pub fn parse_persona(
         Some(bare) => (bare.to_string(), vec![raw.name.clone()]),
         None => (raw.name.clone(), Vec::new()),
     };
-    for alias in raw.aliases {
+    for (i, alias) in raw.aliases.into_iter().enumerate() {
         if !valid_name(&alias) {
             return Err(ConfigError::new(
                 display,
-                line_of_key(text, "\"aliases\""),
+                Spans::yaml(text).line(&format!("aliases[{i}]")),
                 format!("alias {alias:?} is not usable as a persona name"),
             )
             .fix("use letters, digits, '-', '_' or '.', 1 to 128 characters"));

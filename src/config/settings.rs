@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use super::alerts::{AlertSettings, RawAlerts};
-use super::error::{line_of_key, line_of_offset, ConfigError};
+use super::error::{line_of_offset, ConfigError};
 use super::gateway::{GatewaySettings, RawGateway};
 use super::secret::{key_from_env, KeyHash};
+use super::spans::Spans;
 use crate::core::duration::PromDuration;
 
 #[derive(Debug, Default, Deserialize)]
@@ -414,7 +415,7 @@ pub struct Settings {
 
 fn ledger_settings(
     file: &str,
-    text: &str,
+    spans: &Spans,
     raw: &RawLedger,
     errors: &mut Vec<ConfigError>,
 ) -> LedgerSettings {
@@ -423,7 +424,7 @@ fn ledger_settings(
         errors.push(
             ConfigError::new(
                 file,
-                line_of_key(text, "outage_buffer_events"),
+                spans.line("ledger.outage_buffer_events"),
                 format!("`ledger.outage_buffer_events` = {outage_buffer_events} is out of range"),
             )
             .fix("use from 1 to 10000000 (the default is 100000; each held event takes a few hundred bytes)"),
@@ -434,7 +435,7 @@ fn ledger_settings(
         errors.push(
             ConfigError::new(
                 file,
-                line_of_key(text, "snapshot_interval"),
+                spans.line("ledger.snapshot_interval"),
                 format!("`ledger.snapshot_interval` = {snapshot} is out of range"),
             )
             .fix("use from 1s to 24h (the default is 5m)"),
@@ -445,7 +446,7 @@ fn ledger_settings(
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "retain_days"),
+                    spans.line("ledger.retain_days"),
                     format!("`ledger.retain_days` = {days} would remove the events the runbook's investigations read"),
                 )
                 .fix("use at least 2, or remove the key to keep every event"),
@@ -461,10 +462,7 @@ fn ledger_settings(
             // A value from the environment is named as such, not at a line it is not on.
             let (line, what) = match from_env {
                 Some(_) => (None, "HYPERTOOL_LEDGER_URL"),
-                None => (
-                    super::error::line_of_key_in_section(text, "ledger", "url"),
-                    "`ledger.url`",
-                ),
+                None => (spans.line("ledger.url"), "`ledger.url`"),
             };
             errors.push(
                 ConfigError::new(
@@ -484,7 +482,7 @@ fn ledger_settings(
         errors.push(
             ConfigError::new(
                 file,
-                line_of_key(text, "replica_lease"),
+                spans.line("ledger.replica_lease"),
                 format!("`ledger.replica_lease` = {lease} is out of range"),
             )
             .fix("use from 2s (replicas heartbeat about once a second) to 1h; the default is 10s"),
@@ -519,6 +517,7 @@ impl Settings {
             )]
         })?;
         let mut raw = raw;
+        let spans = Spans::toml(text);
         let trust_files = TrustFiles {
             shared: raw.tls.ca_file.take(),
             ledger: raw.ledger.ca_file.take(),
@@ -537,7 +536,7 @@ impl Settings {
                     errors.push(
                         ConfigError::new(
                             file,
-                            line_of_key(text, key),
+                            spans.line(&format!("server.{key}")),
                             format!("`server.{key}` = {value:?} is not a socket address"),
                         )
                         .fix(format!(
@@ -561,7 +560,7 @@ impl Settings {
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "max_body_bytes"),
+                    spans.line("server.max_body_bytes"),
                     format!("`server.max_body_bytes` = {max_body_bytes} is too small"),
                 )
                 .fix("use at least 1024 (the default is 4194304)"),
@@ -572,7 +571,7 @@ impl Settings {
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "max_connections"),
+                    spans.line("server.max_connections"),
                     "`server.max_connections` = 0 would refuse every client",
                 )
                 .fix("use at least 1 (the default is 1024)"),
@@ -590,7 +589,7 @@ impl Settings {
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "max_connections_per_client"),
+                    spans.line("server.max_connections_per_client"),
                     "`server.max_connections_per_client` = 0 would refuse every client",
                 )
                 .fix("use at least 1 (the default is a quarter of max_connections from 256 on)"),
@@ -601,7 +600,7 @@ impl Settings {
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "max_tokens_per_event"),
+                    spans.line("server.max_tokens_per_event"),
                     "`server.max_tokens_per_event` = 0 would refuse every usage event",
                 )
                 .fix("use a positive number (the default is 1000000000)"),
@@ -613,7 +612,7 @@ impl Settings {
                 errors.push(
                     ConfigError::new(
                         file,
-                        line_of_key(text, key),
+                        spans.line(&format!("server.{key}")),
                         format!("`server.{key}` = {d} is out of range"),
                     )
                     .fix(format!(
@@ -625,15 +624,8 @@ impl Settings {
         };
         let header_timeout = timeout("header_timeout", raw.server.header_timeout, 10);
         let body_timeout = timeout("body_timeout", raw.server.body_timeout, 30);
-        let ledger = ledger_settings(file, text, &raw.ledger, &mut errors);
+        let ledger = ledger_settings(file, &spans, &raw.ledger, &mut errors);
         let mut auth = AuthSettings::default();
-        // The line naming the variable (a file entry), or none (the HYPERTOOL_ADMIN_KEY shortcut).
-        let line_naming = |key_env: &str| {
-            let quoted = format!("\"{key_env}\"");
-            text.lines()
-                .position(|l| l.contains(&quoted))
-                .map(|i| i + 1)
-        };
         let mut role_key =
             |key_path: String, key_env: &str, from_file: bool| match key_from_env(key_env) {
                 Ok(hash) => Some(RoleKey {
@@ -641,9 +633,10 @@ impl Settings {
                     key_env: key_env.to_string(),
                 }),
                 Err(message) => {
+                    // The entry naming the variable, or none (the HYPERTOOL_ADMIN_KEY shortcut).
                     let (line, fix) = if from_file {
                         (
-                            line_naming(key_env),
+                            spans.line(&key_path),
                             "export the variable, or remove the entry",
                         )
                     } else {
@@ -681,7 +674,7 @@ impl Settings {
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "max_values_per_label"),
+                    spans.line("labels.max_values_per_label"),
                     "`labels.max_values_per_label` must be at least 1",
                 )
                 .fix("use a positive number (the default is 50)"),
@@ -692,7 +685,7 @@ impl Settings {
             errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "interval_ms"),
+                    spans.line("reload.interval_ms"),
                     format!("`reload.interval_ms` = {reload_interval_ms} is out of range"),
                 )
                 .fix("use a value from 50 to 60000 (the default is 500)"),
@@ -706,12 +699,7 @@ impl Settings {
             }
             Err(problems) => {
                 for (key, message) in problems {
-                    // `alerts.SlowWorkflowStage.threshold`: the key inside its own table, not
-                    // the first `threshold` of the file.
-                    let (section, leaf) = key.rsplit_once('.').unwrap_or(("alerts", &key));
-                    let header = format!("[{section}]");
-                    let line = super::error::line_of_key_in_section(text, section, leaf)
-                        .or_else(|| text.lines().position(|l| l.trim() == header).map(|i| i + 1));
+                    let line = spans.line(&key);
                     errors.push(ConfigError::new(file, line, format!("`{key}` {message}")).fix(
                         "see the [alerts] section of config/hypertool.toml for each alert's knobs and defaults",
                     ));
@@ -723,14 +711,9 @@ impl Settings {
             Ok(g) => g,
             Err(problems) => {
                 for (key, message) in problems {
-                    let leaf = key.rsplit('.').next().unwrap_or(&key).to_string();
                     errors.push(
-                        ConfigError::new(
-                            file,
-                            line_of_key(text, &leaf),
-                            format!("`{key}`: {message}"),
-                        )
-                        .fix("see the [gateway] section of config/hypertool.toml"),
+                        ConfigError::new(file, spans.line(&key), format!("`{key}`: {message}"))
+                            .fix("see the [gateway] section of config/hypertool.toml"),
                     );
                 }
                 GatewaySettings::default()
@@ -744,7 +727,7 @@ impl Settings {
                     errors.push(
                         ConfigError::new(
                             file,
-                            line_of_key(text, key),
+                            spans.line(&format!("switching.{key}")),
                             format!("`switching.{key}` = {v} is not a number of seconds"),
                         )
                         .fix("use 0 or more seconds"),
@@ -776,7 +759,7 @@ impl Settings {
                 errors.push(
                     ConfigError::new(
                         file,
-                        line_of_key(text, "enabled"),
+                        spans.line("langfuse.enabled"),
                         format!("`langfuse.enabled` = {w:?} is not true, false or \"auto\""),
                     )
                     .fix("write enabled = \"auto\" (on when both keys are set), true or false"),
@@ -784,10 +767,10 @@ impl Settings {
                 LangfuseMode::Auto
             }
         };
-        let tracing = raw.tracing.validate(file, text, &mut errors);
+        let tracing = raw.tracing.validate(file, &spans, &mut errors);
         let langfuse_redact = super::tracing::compile_redactions(
             file,
-            text,
+            &spans,
             "langfuse",
             &raw.langfuse.redact,
             &mut errors,

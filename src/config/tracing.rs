@@ -6,7 +6,8 @@ use std::time::Duration;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::error::{line_of_key, ConfigError};
+use super::error::ConfigError;
+use super::spans::Spans;
 use crate::core::duration::PromDuration;
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,19 +90,19 @@ impl PartialEq for TracingSettings {
 /// Compiles redaction patterns; a bad one is an error naming the section, the line and the pattern.
 pub(super) fn compile_redactions(
     file: &str,
-    text: &str,
+    spans: &Spans,
     section: &str,
     patterns: &[String],
     errors: &mut Vec<ConfigError>,
 ) -> Vec<Regex> {
     let mut out = Vec::new();
-    for p in patterns {
+    for (i, p) in patterns.iter().enumerate() {
         match regex::RegexBuilder::new(p).size_limit(1 << 20).build() {
             Ok(r) => out.push(r),
             Err(e) => errors.push(
                 ConfigError::new(
                     file,
-                    line_of_key(text, "redact"),
+                    spans.line(&format!("{section}.redact[{i}]")),
                     format!(
                         "`{section}.redact` pattern {p:?} is not a valid regular expression: {e}"
                     ),
@@ -117,7 +118,7 @@ impl RawTracing {
     pub(super) fn validate(
         self,
         file: &str,
-        text: &str,
+        spans: &Spans,
         errors: &mut Vec<ConfigError>,
     ) -> TracingSettings {
         let d = TracingSettings::default();
@@ -131,7 +132,7 @@ impl RawTracing {
                 errors.push(
                     ConfigError::new(
                         file,
-                        line_of_key(text, key),
+                        spans.line(&format!("tracing.{key}")),
                         format!("`tracing.{key}` must be longer than 0"),
                     )
                     .fix("write a duration such as \"10s\""),
@@ -143,7 +144,7 @@ impl RawTracing {
         if let Some(e) = &endpoint {
             if reqwest::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
                 errors.push(
-                    ConfigError::new(file, line_of_key(text, "endpoint"), format!("`tracing.endpoint` = {e:?} is not an http(s) URL"))
+                    ConfigError::new(file, spans.line("tracing.endpoint"), format!("`tracing.endpoint` = {e:?} is not an http(s) URL"))
                         .fix("write the collector's OTLP/HTTP traces URL, e.g. \"http://127.0.0.1:4318/v1/traces\""),
                 );
             }
@@ -152,7 +153,7 @@ impl RawTracing {
             endpoint,
             service_name: self.service_name.unwrap_or(d.service_name),
             capture_content: self.capture_content.unwrap_or(d.capture_content),
-            redact: compile_redactions(file, text, "tracing", &self.redact, errors),
+            redact: compile_redactions(file, spans, "tracing", &self.redact, errors),
             timeout: dur(self.timeout, d.timeout, "timeout", errors),
             queue_capacity: self
                 .queue_capacity

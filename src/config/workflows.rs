@@ -9,8 +9,9 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::error::{line_of_key, ConfigError};
+use super::error::ConfigError;
 use super::gateway::GatewaySettings;
+use super::spans::{self, Spans};
 use crate::core::persona::PersonaRegistry;
 use crate::core::workflow::{
     Allocation, Chatmode, CodeBlock, Decision, ModelChoice, Objective, Pattern, Prompt,
@@ -131,15 +132,6 @@ struct RawChatmode {
     switch_cooldown_seconds: Option<f64>,
 }
 
-/// The 1-based line of the first line at or after `from` (1-based) that contains `needle`.
-fn line_after(text: &str, from: usize, needle: &str) -> Option<usize> {
-    text.lines()
-        .enumerate()
-        .skip(from.saturating_sub(1))
-        .find(|(_, l)| l.contains(needle))
-        .map(|(i, _)| i + 1)
-}
-
 fn yaml_error(file: &str, e: &serde_yaml_ng::Error) -> ConfigError {
     ConfigError::new(
         file,
@@ -182,12 +174,13 @@ pub fn parse_workflow(
         )]
     })?;
     let name = raw.name.unwrap_or_else(|| stem.to_string());
+    let spans = Spans::yaml(text);
     let mut errors = Vec::new();
     if raw.stages.is_empty() {
         errors.push(
             ConfigError::new(
                 file,
-                line_of_key(text, "stages"),
+                spans.line("stages"),
                 format!("workflow `{name}` has no stages"),
             )
             .fix("list at least one stage under `stages:`"),
@@ -195,17 +188,11 @@ pub fn parse_workflow(
     }
     let mut seen = BTreeSet::new();
     let mut stages = Vec::new();
-    for raw_stage in raw.stages {
-        // Messages point into this stage's part of the file.
-        let at = text
-            .lines()
-            .position(|l| {
-                let t = l.trim_start().trim_start_matches('-').trim_start();
-                t.starts_with("name:") && t.contains(raw_stage.name.as_str())
-            })
-            .map(|i| i + 1)
-            .unwrap_or(1);
-        let here = |key: &str| line_after(text, at, key).or(Some(at));
+    for (si, raw_stage) in raw.stages.into_iter().enumerate() {
+        // Messages point at the value they are about, else at the stage's entry.
+        let stage_path = format!("stages[{si}]");
+        let at = spans.line(&stage_path).unwrap_or(1);
+        let here = |key: &str| spans.line(&format!("{stage_path}.{key}"));
         let stage_name = raw_stage.name.clone();
         if !seen.insert(stage_name.clone()) {
             errors.push(
@@ -224,7 +211,7 @@ pub fn parse_workflow(
                     errors.push(
                         ConfigError::new(
                             file,
-                            here("persona:"),
+                            here("persona"),
                             format!("stage `{stage_name}`: persona `{p}` is not a known persona"),
                         )
                         .fix("use the name of a persona file in the persona directory"),
@@ -241,7 +228,7 @@ pub fn parse_workflow(
                 errors.push(
                     ConfigError::new(
                         file,
-                        here(&format!("{key}:")),
+                        here(key),
                         format!("stage `{stage_name}`: `{key}` = {why}"),
                     )
                     .fix(MODEL_FIX),
@@ -252,14 +239,10 @@ pub fn parse_workflow(
         let model = model_of("model", raw_stage.model);
         let escalation_model = model_of("escalation_model", raw_stage.escalation_model);
         let mut variants = Vec::new();
-        // Each variant's line, searched after the previous one's (names may repeat).
-        let mut cursor = at;
-        for v in raw_stage.variants {
-            let vat = line_after(text, cursor, &format!("name: {}", v.name)).or(Some(at));
-            if let Some(l) = vat {
-                cursor = l + 1;
-            }
-            let vhere = |key: &str| vat.and_then(|l| line_after(text, l, key)).or(vat);
+        for (vi, v) in raw_stage.variants.into_iter().enumerate() {
+            let variant_path = format!("{stage_path}.variants[{vi}]");
+            let vat = spans.line(&variant_path);
+            let vhere = |key: &str| spans.line(&format!("{variant_path}.{key}"));
             if variants.iter().any(|x: &Variant| x.name == v.name) {
                 errors.push(
                     ConfigError::new(
@@ -279,7 +262,7 @@ pub fn parse_workflow(
                         errors.push(
                             ConfigError::new(
                                 file,
-                                vhere("model:"),
+                                vhere("model"),
                                 format!(
                                     "stage `{stage_name}`, variant `{}`: `model` = {why}",
                                     v.name
@@ -300,7 +283,7 @@ pub fn parse_workflow(
                         None => {
                             let known: Vec<&str> = prompts.keys().map(String::as_str).collect();
                             errors.push(
-                                ConfigError::new(file, vhere("prompt:"), format!("stage `{stage_name}`, variant `{}`: prompt file `{key}` does not exist (prompt files: {})", v.name, if known.is_empty() { "none".to_string() } else { known.join(", ") }))
+                                ConfigError::new(file, vhere("prompt"), format!("stage `{stage_name}`, variant `{}`: prompt file `{key}` does not exist (prompt files: {})", v.name, if known.is_empty() { "none".to_string() } else { known.join(", ") }))
                                     .fix("put the prompt in the configuration's prompts directory (`[workflows] prompts_dir`, default prompts/) and name it as prompts/<file>"),
                             );
                             None
@@ -310,7 +293,7 @@ pub fn parse_workflow(
             };
             if v.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
                 errors.push(
-                    ConfigError::new(file, vhere("temperature:"), format!("stage `{stage_name}`, variant `{}`: temperature must be between 0 and 2", v.name))
+                    ConfigError::new(file, vhere("temperature"), format!("stage `{stage_name}`, variant `{}`: temperature must be between 0 and 2", v.name))
                         .fix("use a sampling temperature such as 0.2"),
                 );
             }
@@ -328,7 +311,7 @@ pub fn parse_workflow(
             errors.push(
                 ConfigError::new(
                     file,
-                    here("decide_at:"),
+                    here("decide_at"),
                     format!(
                         "stage `{stage_name}`: decide_at must be a probability between 0.5 and 1"
                     ),
@@ -341,7 +324,7 @@ pub fn parse_workflow(
             Some(RawAllocation::Mode(m)) if m == "adaptive" => Some(RawAdaptive::default()),
             Some(RawAllocation::Mode(m)) => {
                 errors.push(
-                    ConfigError::new(file, here("allocation:"), format!("stage `{stage_name}`: `allocation: {m}` is not an allocation"))
+                    ConfigError::new(file, here("allocation"), format!("stage `{stage_name}`: `allocation: {m}` is not an allocation"))
                         .fix("write `allocation: adaptive`, `allocation: {adaptive: {objective: pass_per_dollar, floor: 0.1}}`, or each variant's weight: `allocation: {a: 50, b: 50}`"),
                 );
                 None
@@ -354,13 +337,13 @@ pub fn parse_workflow(
             None => None,
         };
         if let Some(a) = adaptive {
-            let line = here("allocation:");
+            let line = here("allocation");
             let objective = match a.objective.as_deref() {
                 None | Some("pass_rate") => Objective::PassRate,
                 Some("pass_per_dollar") => Objective::PassPerDollar,
                 Some(other) => {
                     errors.push(
-                        ConfigError::new(file, line, format!("stage `{stage_name}`: objective `{other}` is not one hypertool knows"))
+                        ConfigError::new(file, here("allocation.adaptive.objective"), format!("stage `{stage_name}`: objective `{other}` is not one hypertool knows"))
                             .fix("use pass_rate or pass_per_dollar"),
                     );
                     Objective::PassRate
@@ -379,7 +362,7 @@ pub fn parse_workflow(
                 );
             } else if !(floor.is_finite() && floor >= 0.0 && floor * k < 1.0) {
                 errors.push(
-                    ConfigError::new(file, line, format!("stage `{stage_name}`: a floor of {floor} for each of {k} variants leaves no runs to allocate"))
+                    ConfigError::new(file, here("allocation.adaptive.floor"), format!("stage `{stage_name}`: a floor of {floor} for each of {k} variants leaves no runs to allocate"))
                         .fix("give each variant a floor share such that all together stay below 1, e.g. 0.05"),
                 );
             }
@@ -389,17 +372,17 @@ pub fn parse_workflow(
             Some(_) if variants.is_empty() => errors.push(
                 ConfigError::new(
                     file,
-                    here("allocation:"),
+                    here("allocation"),
                     format!("stage `{stage_name}`: `allocation` without `variants`"),
                 )
                 .fix("list the stage's variants under `variants:`, or remove `allocation`"),
             ),
             Some(weights) => {
-                let line = here("allocation:");
+                let line = here("allocation");
                 for name in weights.keys() {
                     if !variants.iter().any(|v| &v.name == name) {
                         errors.push(
-                            ConfigError::new(file, line, format!("stage `{stage_name}`: `allocation` names `{name}`, which is not one of its variants"))
+                            ConfigError::new(file, here(&format!("allocation.{}", spans::key(name))), format!("stage `{stage_name}`: `allocation` names `{name}`, which is not one of its variants"))
                                 .fix("name the stage's variants in `allocation`"),
                         );
                     }
@@ -408,7 +391,7 @@ pub fn parse_workflow(
                     match weights.get(&v.name) {
                         Some(w) if w.is_finite() && *w >= 0.0 => v.weight = *w,
                         Some(_) => errors.push(
-                            ConfigError::new(file, line, format!("stage `{stage_name}`: the weight of variant `{}` must be a number of 0 or more", v.name))
+                            ConfigError::new(file, here(&format!("allocation.{}", spans::key(&v.name))).or(line), format!("stage `{stage_name}`: the weight of variant `{}` must be a number of 0 or more", v.name))
                                 .fix("give each variant a share such as 50"),
                         ),
                         None => errors.push(
@@ -428,7 +411,13 @@ pub fn parse_workflow(
         }
         let gate = match raw_stage.quality_gate {
             None => None,
-            Some(g) => match compile_gate(file, text, at, &stage_name, g) {
+            Some(g) => match compile_gate(
+                file,
+                &spans,
+                &format!("{stage_path}.quality_gate"),
+                &stage_name,
+                g,
+            ) {
                 Ok(g) => Some(g),
                 Err(mut e) => {
                     errors.append(&mut e);
@@ -440,7 +429,7 @@ pub fn parse_workflow(
             errors.push(
                 ConfigError::new(
                     file,
-                    here("max_prompt_tokens:"),
+                    here("max_prompt_tokens"),
                     format!("stage `{stage_name}`: max_prompt_tokens must be above 0"),
                 )
                 .fix("remove it (no limit) or give the prompt size in tokens, e.g. 8000"),
@@ -476,21 +465,25 @@ pub fn parse_workflow(
 
 fn compile_gate(
     file: &str,
-    text: &str,
-    at: usize,
+    spans: &Spans,
+    gate: &str,
     stage: &str,
     g: RawGate,
 ) -> Result<QualityGate, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut patterns = |key: &str, list: Option<OneOrMany>| -> Vec<Pattern> {
         let mut out = Vec::new();
-        for source in list.map(OneOrMany::into_vec).unwrap_or_default() {
+        for (i, source) in list
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             match Regex::new(&source) {
                 Ok(regex) => out.push(Pattern { source, regex }),
                 Err(e) => {
-                    // The pattern's own line (YAML may escape it, so fall back to the key's).
-                    let line = line_after(text, at, &source)
-                        .or_else(|| line_after(text, at, &format!("{key}:")));
+                    // The pattern's own line (a single pattern is the key's value).
+                    let line = spans.line(&format!("{gate}.{key}[{i}]"));
                     let detail = e.to_string();
                     let detail = detail.lines().last().unwrap_or("").trim().to_string();
                     errors.push(
@@ -519,7 +512,7 @@ fn compile_gate(
                 errors.push(
                     ConfigError::new(
                         file,
-                        line_after(text, at, "json_schema:"),
+                        spans.line(&format!("{gate}.json_schema")),
                         format!("stage `{stage}`: `json_schema` is not a valid JSON Schema: {e}"),
                     )
                     .fix("check the schema against https://json-schema.org (types are strings such as \"object\", \"string\")"),
@@ -541,7 +534,7 @@ fn compile_gate(
             errors.push(
                 ConfigError::new(
                     file,
-                    line_after(text, at, "min_lines:"),
+                    spans.line(&format!("{gate}.min_lines")),
                     format!("stage `{stage}`: min_lines {min} is above max_lines {max}; no output could pass"),
                 )
                 .fix("lower min_lines or raise max_lines"),
@@ -579,11 +572,12 @@ pub fn parse_chatmodes(
             )]
         })?,
     };
-    let text = text.unwrap_or_default();
+    let spans = Spans::yaml(text.unwrap_or_default());
     let mut errors = Vec::new();
     let mut out = BTreeMap::new();
     for (name, c) in raw.chatmodes {
-        let line = line_of_key(text, &name);
+        let entry = format!("chatmodes.{}", spans::key(&name));
+        let line = spans.line(&format!("{entry}.workflow"));
         if let Some(w) = &c.workflow {
             // A workflow whose file has errors was reported already.
             if !workflows.contains_key(w) && !broken.contains(w) {
@@ -605,7 +599,7 @@ pub fn parse_chatmodes(
                 errors.push(
                     ConfigError::new(
                         file,
-                        line,
+                        spans.line(&format!("{entry}.switch_cooldown_seconds")),
                         format!(
                             "chatmode `{name}`: switch_cooldown_seconds must be 0 or more, got {s}"
                         ),
@@ -650,7 +644,7 @@ pub fn resolve(
                     errors.push(
                         ConfigError::new(
                             file.clone(),
-                            line_of_key(text, "name"),
+                            Spans::yaml(text).line("name"),
                             format!("workflow `{}` is also defined in {}", w.name, other.file),
                         )
                         .fix("give each workflow a unique name"),
@@ -909,7 +903,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             bad[0].to_string().lines().next().unwrap(),
-            "chatmodes.yml:3: chatmode `feature`: workflow `nope` is not defined"
+            "chatmodes.yml:4: chatmode `feature`: workflow `nope` is not defined"
         );
     }
 }

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::error::{line_of_key, ConfigError, ConfigErrors};
+use crate::config::error::{ConfigError, ConfigErrors};
+use crate::config::spans::{self, Spans};
 
 /// The name of hypertool's own tools (`list-personas`, `equip-persona`, `current-persona`) in
 /// metrics and events; no downstream server may take it.
@@ -190,12 +191,13 @@ pub fn parse(
             "the file is JSON: {\"mcpServers\": {\"name\": {\"command\": \"…\", \"args\": […]}}}",
         )])
     })?;
+    let spans = Spans::yaml(text);
     let mut errors = Vec::new();
     let mut servers = Vec::new();
     if raw.mcp_servers.len() > MAX_SERVERS {
         errors.push(ConfigError::new(
             file,
-            line_of_key(text, "mcpServers"),
+            spans.line("mcpServers"),
             format!(
                 "{} servers declared; at most {MAX_SERVERS} are supported",
                 raw.mcp_servers.len()
@@ -203,7 +205,8 @@ pub fn parse(
         ));
     }
     for (name, value) in &raw.mcp_servers {
-        let line = line_of_key(text, name);
+        let entry = format!("mcpServers.{}", spans::key(name));
+        let line = spans.line(&entry);
         let err = |msg: String| ConfigError::new(file, line, format!("server `{name}`: {msg}"));
         if let Err(why) = check_server_name(name) {
             errors.push(err(why).fix("use letters, digits, `-` and `_` (at most 48)"));
@@ -225,9 +228,11 @@ pub fn parse(
             None => DEFAULT_CALL_TIMEOUT,
             Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
             Some(s) => {
-                errors.push(err(format!(
-                    "timeout_seconds = {s} is not between 0 and 3600"
-                )));
+                errors.push(ConfigError::new(
+                    file,
+                    spans.line(&format!("{entry}.timeout_seconds")),
+                    format!("server `{name}`: timeout_seconds = {s} is not between 0 and 3600"),
+                ));
                 continue;
             }
         };

@@ -148,7 +148,7 @@ pub async fn put_budget(
         )
     })?;
     raw.check()
-        .map_err(|m| ApiError::bad_request("invalid_budget", m).param("cost_usd"))?;
+        .map_err(|(field, m)| ApiError::bad_request("invalid_budget", m).param(field))?;
     if !raw.rate_limits().is_empty() {
         return Err(ApiError::bad_request(
             "invalid_budget",

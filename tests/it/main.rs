@@ -6,6 +6,7 @@ mod alert_rules;
 mod audit;
 mod bad_input;
 mod common;
+mod config_lines;
 mod config_reload;
 mod dashboard;
 mod delivery;
