@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "mcp",
     "server",
     "doctor",
+    "commands",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
