@@ -158,6 +158,23 @@ impl ToolCallResult {
     }
 }
 
+/// Who a model call was for and where it belongs: the attribution every record of a call carries
+/// (its admission, its usage) and every label of its metrics comes from. The stored events keep
+/// these fields flat, as they are written in the ledger and sent to `/v1/events` (serde's
+/// `flatten` would buffer every usage event on replay); [`Usage::attributed`],
+/// [`CallAdmission::attributed`] and their `attribution()` are the one place they are copied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attribution {
+    pub persona: String,
+    pub chatmode: String,
+    pub model: String,
+    pub workflow: Option<String>,
+    pub stage: Option<String>,
+    pub session: Option<String>,
+    /// The workflow run the call belongs to (its tokens count toward the stage's budget).
+    pub run: Option<String>,
+}
+
 /// What a gateway call was admitted with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallAdmission {
@@ -193,28 +210,74 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl CallAdmission {
-    /// The usage to count for a call that never settled: its whole estimate plus what it had
-    /// streamed (a call without `max_tokens` reserves no completion), marked estimated.
-    pub fn as_settlement(&self) -> Usage {
-        Usage {
+    /// The admission of `call` for `who`, reserving `estimate` tokens.
+    pub fn attributed(who: Attribution, call: String, estimate: u64) -> CallAdmission {
+        CallAdmission {
+            call,
+            persona: who.persona,
+            chatmode: who.chatmode,
+            model: who.model,
+            estimate,
+            cost_usd: None,
+            workflow: who.workflow,
+            stage: who.stage,
+            session: who.session,
+            run: who.run,
+            replica: None,
+            streamed_tokens: 0,
+        }
+    }
+
+    pub fn attribution(&self) -> Attribution {
+        Attribution {
             persona: self.persona.clone(),
             chatmode: self.chatmode.clone(),
             model: self.model.clone(),
-            prompt_tokens: self.estimate,
-            completion_tokens: self.streamed_tokens,
             workflow: self.workflow.clone(),
             stage: self.stage.clone(),
             session: self.session.clone(),
             run: self.run.clone(),
+        }
+    }
+
+    /// The usage to count for a call that never settled: its whole estimate plus what it had
+    /// streamed (a call without `max_tokens` reserves no completion), marked estimated.
+    pub fn as_settlement(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.estimate,
+            completion_tokens: self.streamed_tokens,
             cost_usd: self.cost_usd,
-            duration_seconds: None,
-            prompt_hash: None,
             estimated: true,
             call: Some(self.call.clone()),
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-            variant: None,
-            prompt_version: None,
+            ..Usage::attributed(self.attribution())
+        }
+    }
+}
+
+impl Usage {
+    /// Usage attributed to `who`, with no tokens yet.
+    pub fn attributed(who: Attribution) -> Usage {
+        Usage {
+            persona: who.persona,
+            chatmode: who.chatmode,
+            model: who.model,
+            workflow: who.workflow,
+            stage: who.stage,
+            session: who.session,
+            run: who.run,
+            ..Usage::default()
+        }
+    }
+
+    pub fn attribution(&self) -> Attribution {
+        Attribution {
+            persona: self.persona.clone(),
+            chatmode: self.chatmode.clone(),
+            model: self.model.clone(),
+            workflow: self.workflow.clone(),
+            stage: self.stage.clone(),
+            session: self.session.clone(),
+            run: self.run.clone(),
         }
     }
 }

@@ -43,15 +43,8 @@ pub(super) fn usage_event(
         state.count_unpriced(&meta.route);
     }
     let event = Event::Usage(Usage {
-        run: meta.run(),
-        persona: meta.persona.clone(),
-        chatmode: meta.chatmode.clone(),
-        model: meta.route.name.clone(),
         prompt_tokens: prompt,
         completion_tokens: completion,
-        workflow: meta.workflow.clone(),
-        stage: meta.stage.clone(),
-        session: meta.session.clone(),
         cost_usd: meta
             .route
             .prices
@@ -67,9 +60,10 @@ pub(super) fn usage_event(
             .variant()
             .and_then(|v| v.prompt.as_ref())
             .map(|p| p.version.clone()),
+        ..Usage::attributed(meta.attribution())
     });
     Stamped {
-        at: state.clock.now_ms(),
+        at: state.shared.clock.now_ms(),
         event,
     }
 }
@@ -91,6 +85,7 @@ pub(super) async fn store_usage(
     let counter = state.clone();
     let persona = persona.to_string();
     state
+        .shared
         .writer
         .append_accounting_stored(events, move |result| {
             if let Err(e) = result {
@@ -114,21 +109,17 @@ pub(super) async fn store_admission(
 ) -> Result<(), ApiError> {
     let call = crate::telemetry::trace::ids::TraceId::random().hex();
     let event = Event::CallAdmitted(CallAdmission {
-        streamed_tokens: 0,
-        call: call.clone(),
-        persona: meta.persona.clone(),
-        chatmode: meta.chatmode.clone(),
-        model: meta.route.name.clone(),
-        estimate,
         cost_usd: (cost > 0.0).then_some(cost),
-        workflow: meta.workflow.clone(),
-        stage: meta.stage.clone(),
-        session: meta.session.clone(),
-        run: meta.run(),
-        replica: state.writer.origin.as_deref().map(str::to_string),
+        replica: state.shared.writer.origin.as_deref().map(str::to_string),
+        ..CallAdmission::attributed(meta.attribution(), call.clone(), estimate)
     });
-    let at = state.clock.now_ms();
-    match state.writer.append(vec![Stamped { at, event }]).await {
+    let at = state.shared.clock.now_ms();
+    match state
+        .shared
+        .writer
+        .append(vec![Stamped { at, event }])
+        .await
+    {
         Ok(()) => {
             meta.call_id = Some(call);
             Ok(())
@@ -178,10 +169,11 @@ pub(super) async fn release_admission(
         return;
     };
     let event = Stamped {
-        at: state.clock.now_ms(),
+        at: state.shared.clock.now_ms(),
         event: Event::CallReleased { call },
     };
     state
+        .shared
         .writer
         .append_accounting(vec![event], move |_| drop(settles))
         .await;

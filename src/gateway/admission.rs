@@ -64,9 +64,10 @@ impl Reservation {
             cost_estimate: cost,
             stage,
         };
-        let admitted = lock(&state.engine).admit_call(&claim, state.clock.now_ms())?;
+        let admitted =
+            lock(&state.shared.engine).admit_call(&claim, state.shared.clock.now_ms())?;
         let reservation = Reservation {
-            engine: state.engine.clone(),
+            engine: state.shared.engine.clone(),
             persona: meta.persona.clone(),
             tokens: admitted.reserved,
             cost: admitted.reserved_cost,
@@ -144,7 +145,7 @@ pub(super) fn rate_check(
     if !state.limits.active() {
         return Ok(());
     }
-    let canonical = lock(&state.engine)
+    let canonical = lock(&state.shared.engine)
         .personas()
         .canonical(&meta.persona)
         .to_string();
@@ -183,12 +184,12 @@ pub(super) async fn start_run_stage(state: &GatewayState, meta: &CallMeta) -> Re
     else {
         return Ok(());
     };
-    let persona = lock(&state.engine)
+    let persona = lock(&state.shared.engine)
         .personas()
         .canonical(&meta.persona)
         .to_string();
     let event = Stamped {
-        at: state.clock.now_ms(),
+        at: state.shared.clock.now_ms(),
         event: Event::StageStarted {
             run: run.clone(),
             workflow: call.workflow.name.clone(),
@@ -197,8 +198,8 @@ pub(super) async fn start_run_stage(state: &GatewayState, meta: &CallMeta) -> Re
             variant: call.variant.as_ref().map(|v| v.name.clone()),
         },
     };
-    if let Err(e) = state.writer.append(vec![event]).await {
-        lock(&state.engine).forget_stage_start(run, &call.stage.name);
+    if let Err(e) = state.shared.writer.append(vec![event]).await {
+        lock(&state.shared.engine).forget_stage_start(run, &call.stage.name);
         return Err(e.into());
     }
     Ok(())

@@ -187,13 +187,20 @@ pub(super) async fn judge(
         variant: meta.variant().map(|v| v.name.clone()),
         escalated,
     });
-    let at = state.clock.now_ms();
+    let at = state.shared.clock.now_ms();
     if let (Event::QualityGate(g), Some(t)) = (&event, &meta.trace) {
-        state
-            .tracer
-            .gate_verdict(at, g, Some((t.trace_id, generation.unwrap_or(t.span_id))));
+        state.shared.tracer.gate_verdict(
+            at,
+            g,
+            Some((t.trace_id, generation.unwrap_or(t.span_id))),
+        );
     }
-    if let Err(e) = state.writer.append(vec![Stamped { at, event }]).await {
+    if let Err(e) = state
+        .shared
+        .writer
+        .append(vec![Stamped { at, event }])
+        .await
+    {
         tracing::error!(workflow = %call.workflow.name, stage = %call.stage.name,
             "a quality-gate verdict could not be stored: {e}");
     }
@@ -220,7 +227,7 @@ pub(super) async fn plain_call(
     // the upstream has given it (and, for a gated stage, the gate has judged it) and its usage is
     // stored (the reservation is held until the usage is applied, so admission stays
     // conservative). Shutdown waits for these tasks.
-    state.tasks.spawn(async move {
+    state.shared.tasks.spawn(async move {
         let state = task_state;
         let mut attempt_meta = task_meta.clone();
         let mut attempt: u32 = 1;
@@ -321,7 +328,7 @@ pub(super) async fn plain_call(
                 None => {
                     let cacheable = !fell_back && !estimated && !failed && attempt == 1;
                     if let Some((key, ttl)) = cache_slot.filter(|_| cacheable) {
-                        let expires = state.clock.now_ms() + ttl.as_millis() as i64;
+                        let expires = state.shared.clock.now_ms() + ttl.as_millis() as i64;
                         state.cache.share(&key, &body, prompt, completion, ttl);
                         state.cache.insert(key, body.clone(), prompt, completion, expires);
                     }

@@ -227,13 +227,13 @@ async fn model_call(
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (body, model) = request::read(&headers, body, state.max_body_bytes)?;
+    let (body, model) = request::read(&headers, body, state.shared.max_body_bytes)?;
     let mut request = call_request(dialect, &headers, body)?;
     let mut notes: Notes = Vec::new();
     let chatmode = header(&headers, "x-hypertool-chatmode")
         .unwrap_or_else(|| settings.default_chatmode.clone());
     if let Some(run) = header(&headers, "x-hypertool-run") {
-        stage::learn_run(&state.writer, &state.engine, &run).await;
+        stage::learn_run(&state.shared.writer, &state.shared.engine, &run).await;
     }
     let (workflow_name, stage_call) = stage::resolve(&state, &headers, &chatmode)?;
     // A persona key works only in the stages its persona runs (the door's one ownership rule).
@@ -320,7 +320,7 @@ pub async fn count_tokens(
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (body, model) = request::read(&headers, body, state.max_body_bytes)?;
+    let (body, model) = request::read(&headers, body, state.shared.max_body_bytes)?;
     let mut request = call_request(Dialect::Messages, &headers, body)?;
     let route = allowed_route(&state, &settings, key, &model)?;
     request
@@ -414,7 +414,7 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (request, model) = request::read(&headers, body, state.max_body_bytes)?;
+    let (request, model) = request::read(&headers, body, state.shared.max_body_bytes)?;
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {
@@ -476,7 +476,7 @@ async fn embed(
     let started = Instant::now();
     let task_state = state.clone();
     let task_meta = meta.clone();
-    let task = state.tasks.spawn(async move {
+    let task = state.shared.tasks.spawn(async move {
         let state = task_state;
         let meta = task_meta;
         let attempt = trace::Attempt::begin(&state, &meta);
@@ -615,7 +615,7 @@ fn estimate_prompt(
     let messages: &[Value] = &prompt;
     let stage_budgeted =
         stage_call.is_some_and(|c| c.run.is_some() && c.stage.budget_tokens.is_some());
-    if stage_budgeted || lock(&state.engine).enforces(persona) {
+    if stage_budgeted || lock(&state.shared.engine).enforces(persona) {
         tokens::count_messages(messages)
     } else {
         tokens::rough_count_messages(messages)
@@ -639,7 +639,7 @@ fn scope_request_tools(
     if tools.is_empty() {
         return Ok(());
     }
-    let allowed = lock(&state.engine)
+    let allowed = lock(&state.shared.engine)
         .personas()
         .get(persona)
         .map(|p| p.allowed_tools.clone())
@@ -684,7 +684,7 @@ async fn lookup_cache(
     let result = match (&cache_key, no_cache) {
         (None, _) => cache::CacheResult::Skip,
         (Some(_), true) => cache::CacheResult::Bypass,
-        (Some(key), false) => match state.cache.lookup(key, state.clock.now_ms()).await {
+        (Some(key), false) => match state.cache.lookup(key, state.shared.clock.now_ms()).await {
             Some(entry) => {
                 state.cache.count(
                     cache::CacheResult::Hit,
@@ -725,7 +725,7 @@ fn downgrade(
     meta: &mut CallMeta,
     notes: &mut Notes,
 ) -> bool {
-    let canonical = lock(&state.engine)
+    let canonical = lock(&state.shared.engine)
         .personas()
         .canonical(&meta.persona)
         .to_string();

@@ -98,13 +98,8 @@ impl GatewayMetrics {
 /// The gateway: its configuration (hot-reloaded), HTTP client, cache, limits and counters, and
 /// what it shares with the server.
 pub struct Gateway {
-    pub engine: Arc<Mutex<Engine>>,
-    pub writer: crate::store::writer::WriterHandle,
-    pub clock: Arc<dyn crate::core::clock::Clock>,
-    pub tasks: tokio_util::task::TaskTracker,
-    pub max_body_bytes: usize,
-    /// Spans of calls and their upstream attempts.
-    pub tracer: crate::telemetry::trace::Tracer,
+    /// The engine, the writer, the clock, the tasks, the tracer: the server's, as handed over.
+    pub shared: Shared,
     metrics: GatewayMetrics,
     settings: RwLock<Arc<GatewaySettings>>,
     workflows: RwLock<Arc<Workflows>>,
@@ -160,13 +155,7 @@ impl Gateway {
     pub fn new(settings: GatewaySettings, workflows: Workflows, shared: Shared) -> Self {
         Gateway {
             limits: ratelimit::RateLimiters::new(shared.clock.clone()),
-            engine: shared.engine,
-            writer: shared.writer,
-            clock: shared.clock,
-            tasks: shared.tasks,
-            max_body_bytes: shared.max_body_bytes,
-            tracer: shared.tracer,
-            metrics: GatewayMetrics::new(shared.rejected),
+            metrics: GatewayMetrics::new(shared.rejected.clone()),
             workflows: RwLock::new(Arc::new(workflows)),
             cache: {
                 let mut cache = cache::ResponseCache::new(settings.cache.max_entries);
@@ -182,6 +171,7 @@ impl Gateway {
             waiting: std::sync::atomic::AtomicUsize::new(0),
             http: client::UpstreamClient::new(&settings.extra_roots),
             settings: RwLock::new(Arc::new(settings)),
+            shared,
             warnings: WarnThrottle::default(),
         }
     }
@@ -282,6 +272,19 @@ struct CallMeta {
 impl CallMeta {
     fn run(&self) -> Option<String> {
         self.stage_call.as_ref().and_then(|c| c.run.clone())
+    }
+
+    /// Who the call is for, on the model it is routed to now (a fallback or a downgrade moves it).
+    fn attribution(&self) -> crate::core::event::Attribution {
+        crate::core::event::Attribution {
+            persona: self.persona.clone(),
+            chatmode: self.chatmode.clone(),
+            model: self.route.name.clone(),
+            workflow: self.workflow.clone(),
+            stage: self.stage.clone(),
+            session: self.session.clone(),
+            run: self.run(),
+        }
     }
 
     /// The stage variant the call uses, if its stage has variants.

@@ -168,7 +168,7 @@ pub(super) async fn stream_call(
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let task_meta = meta.clone();
-    state.tasks.clone().spawn(relay(
+    state.shared.tasks.clone().spawn(relay(
         state,
         task_meta,
         Arc::new(request),
@@ -535,13 +535,17 @@ async fn note_progress(state: &GatewayState, meta: &CallMeta, completion_tokens:
         return;
     };
     let event = Stamped {
-        at: state.clock.now_ms(),
+        at: state.shared.clock.now_ms(),
         event: Event::CallProgress {
             call,
             completion_tokens,
         },
     };
-    state.writer.append_accounting(vec![event], |_| {}).await;
+    state
+        .shared
+        .writer
+        .append_accounting(vec![event], |_| {})
+        .await;
 }
 
 /// A stream's usage: the upstream's once the stream is complete; for a stream that was cut (or

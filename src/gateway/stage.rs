@@ -73,7 +73,7 @@ pub fn resolve(
             // The variant the run's stage already uses, if it has started with one.
             let mut kept: Option<String> = None;
             if let Some(r) = &run {
-                kept = with_run(&state.engine, &w.name, r, |run| {
+                kept = with_run(&state.shared.engine, &w.name, r, |run| {
                     run.stages.get(&stage).and_then(|st| st.variant.clone())
                 })
                 .map_err(|e| e.param("x-hypertool-run"))?;
@@ -85,7 +85,7 @@ pub fn resolve(
                     .clone()
                     .or_else(|| header(headers, "x-hypertool-session"))
                     .unwrap_or_else(|| crate::telemetry::trace::ids::TraceId::random().hex());
-                let engine = lock(&state.engine);
+                let engine = lock(&state.shared.engine);
                 let records = |v: &str| engine.variant_record(&w.name, &stage, v);
                 kept.as_deref()
                     .and_then(|name| s.variant(name))

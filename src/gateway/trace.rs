@@ -42,7 +42,7 @@ impl CallTrace {
         headers: &HeaderMap,
         stage_call: Option<&stage::StageCall>,
     ) -> Option<CallTrace> {
-        if !state.tracer.exports() {
+        if !state.shared.tracer.exports() {
             return None;
         }
         let incoming = headers
@@ -67,7 +67,7 @@ impl CallTrace {
 }
 
 fn now_ns(state: &GatewayState) -> u64 {
-    crate::telemetry::trace::span::ms_to_ns(state.clock.now_ms())
+    crate::telemetry::trace::span::ms_to_ns(state.shared.clock.now_ms())
 }
 
 fn elapsed_ns(since: Instant) -> u64 {
@@ -186,9 +186,9 @@ pub(super) fn generation(
         s.set("error.type", e.code());
         s.error = Some(e.message());
     }
-    if state.tracer.wants_content() {
-        let input = messages.map(|m| state.tracer.redact(&m.to_string()));
-        let output = o.output.map(|t| state.tracer.redact(t));
+    if state.shared.tracer.wants_content() {
+        let input = messages.map(|m| state.shared.tracer.redact(&m.to_string()));
+        let output = o.output.map(|t| state.shared.tracer.redact(t));
         if input.is_some() || output.is_some() {
             s.content = Some(Content {
                 input: input.unwrap_or_default(),
@@ -196,10 +196,10 @@ pub(super) fn generation(
             });
         }
     }
-    if state.tracer.langfuse_unreachable() {
+    if state.shared.tracer.langfuse_unreachable() {
         log_generation(meta, &s);
     }
-    state.tracer.emit(s);
+    state.shared.tracer.emit(s);
 }
 
 /// The runbook's "fallback to local logging": a generation that Langfuse is not getting.
@@ -312,5 +312,5 @@ pub(super) fn request(state: &GatewayState, meta: &CallMeta, o: CallOutcome<'_>)
         s.set("hypertool.gate.result", if pass { "pass" } else { "fail" });
     }
     s.error = o.error;
-    state.tracer.emit(s);
+    state.shared.tracer.emit(s);
 }
