@@ -231,11 +231,59 @@ pub(crate) fn check(path: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            errln!("{errors}");
-            errln!("{} error(s) in {}", errors.0.len(), source.describe());
+            let mut all = errors.0;
+            // The MCP servers file too, when the settings name one that can be read.
+            if let Source::File(toml) = &source {
+                all.extend(mcp_problems(toml));
+            }
+            let all = config::ConfigErrors(all);
+            errln!("{all}");
+            errln!("{}", problem_summary(&all));
             ExitCode::from(1)
         }
     }
+}
+
+/// The problems of the MCP servers file `[mcp] servers` names (read leniently: the settings may
+/// have problems of their own).
+fn mcp_problems(toml: &std::path::Path) -> Vec<config::error::ConfigError> {
+    let Ok(text) = std::fs::read_to_string(toml) else {
+        return Vec::new();
+    };
+    let (settings, _) =
+        config::settings::Settings::parse_lenient(&toml.display().to_string(), &text);
+    let Some(servers) = settings.mcp.servers else {
+        return Vec::new();
+    };
+    let path = toml
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(servers);
+    match hypertool::mcp::config::load_configured(Some(&path)) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.0,
+    }
+}
+
+/// `N problems: 2 in hypertool.toml, 1 in workflows/release.yml` — per file, in the order found.
+fn problem_summary(errors: &config::ConfigErrors) -> String {
+    let mut per_file: Vec<(&str, usize)> = Vec::new();
+    for e in &errors.0 {
+        match per_file.iter_mut().find(|(f, _)| *f == e.file) {
+            Some((_, n)) => *n += 1,
+            None => per_file.push((&e.file, 1)),
+        }
+    }
+    let files: Vec<String> = per_file
+        .iter()
+        .map(|(file, n)| format!("{n} in {file}"))
+        .collect();
+    format!(
+        "{} problem{}: {}",
+        errors.0.len(),
+        if errors.0.len() == 1 { "" } else { "s" },
+        files.join(", ")
+    )
 }
 
 /// `hypertool grafana`: writes the dashboards into `out`.

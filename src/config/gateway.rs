@@ -397,6 +397,17 @@ impl Default for GatewaySettings {
 impl GatewaySettings {
     /// Resolves `[gateway]`; errors are `(key path, message)`.
     pub fn from_raw(raw: RawGateway) -> Result<GatewaySettings, Vec<(String, String)>> {
+        let (settings, errors) = GatewaySettings::from_raw_lenient(raw);
+        if errors.is_empty() {
+            Ok(settings)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The settings as far as they are valid (every model stays routed, so that the workflows
+    /// naming it are not also reported), and each problem by its key.
+    pub fn from_raw_lenient(raw: RawGateway) -> (GatewaySettings, Vec<(String, String)>) {
         let mut errors = Vec::new();
         let mut s = GatewaySettings::default();
         if let Some(p) = raw.unattributed_persona {
@@ -673,11 +684,7 @@ impl GatewaySettings {
                 ));
             }
         }
-        if errors.is_empty() {
-            Ok(s)
-        } else {
-            Err(errors)
-        }
+        (s, errors)
     }
 
     /// The model a stage's `model`/`escalation_model` names.

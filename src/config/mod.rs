@@ -173,10 +173,14 @@ fn read_optional(path: &Path, errors: &mut Vec<ConfigError>) -> Option<String> {
     read(path).map_err(|e| errors.push(e)).ok()
 }
 
-fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
+/// Every file of the configuration, the settings as far as they could be read, and every problem
+/// found reading them (`Err` only when `hypertool.toml` itself cannot be read): one pass reports
+/// the problems of every file, each at its own place.
+fn read_files(source: &Source) -> Result<(Files, Settings, Vec<ConfigError>), Vec<ConfigError>> {
     match source {
         Source::Embedded => {
-            let settings = Settings::parse("<built-in>/hypertool.toml", embedded::HYPERTOOL_TOML)?;
+            let (settings, errors) =
+                Settings::parse_lenient("<built-in>/hypertool.toml", embedded::HYPERTOOL_TOML);
             Ok((
                 Files {
                     toml: (
@@ -208,15 +212,15 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                     prompts: BTreeMap::new(),
                 },
                 settings,
+                errors,
             ))
         }
         Source::File(path) => {
             let display = path.display().to_string();
             let text = read(path).map_err(|e| vec![e])?;
-            let mut settings = Settings::parse(&display, &text)?;
+            let (mut settings, mut errors) = Settings::parse_lenient(&display, &text);
             let toml_spans = spans::Spans::toml(&text);
             let base = path.parent().unwrap_or(Path::new("."));
-            let mut errors = Vec::new();
             if let Some(servers) = settings.mcp.servers.take() {
                 settings.mcp.servers = Some(base.join(servers));
             }
@@ -334,9 +338,6 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                     }
                 }
             }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
             Ok((
                 Files {
                     toml: (display, text),
@@ -347,6 +348,7 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
                     prompts,
                 },
                 settings,
+                errors,
             ))
         }
     }
@@ -354,13 +356,32 @@ fn read_files(source: &Source) -> Result<(Files, Settings), Vec<ConfigError>> {
 
 /// Cheap change detection for hot reload: the fingerprint of the files as they are now.
 pub fn current_fingerprint(source: &Source) -> Option<u64> {
-    read_files(source).ok().map(|(f, _)| f.fingerprint())
+    read_files(source).ok().map(|(f, _, _)| f.fingerprint())
 }
 
 /// Reads and validates everything.
 pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
-    let (files, settings) = read_files(source).map_err(ConfigErrors)?;
-    build(source, files, settings)
+    let (files, settings, errors) = read_files(source).map_err(ConfigErrors)?;
+    with_read_errors(errors, build(source, files, settings))
+}
+
+/// The problems found reading the files, then those found checking them together.
+fn with_read_errors(
+    mut errors: Vec<ConfigError>,
+    built: Result<Config, ConfigErrors>,
+) -> Result<Config, ConfigErrors> {
+    match built {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(more) => {
+            for e in more.0 {
+                if !errors.contains(&e) {
+                    errors.push(e);
+                }
+            }
+            Err(ConfigErrors(errors))
+        }
+    }
 }
 
 /// Validates the configuration as it would be with the workflow file `path` holding `text`
@@ -370,7 +391,7 @@ pub fn load_with_workflow(
     path: &Path,
     text: &str,
 ) -> Result<Config, ConfigErrors> {
-    let (mut files, settings) = read_files(source).map_err(ConfigErrors)?;
+    let (mut files, settings, errors) = read_files(source).map_err(ConfigErrors)?;
     let display = path.display().to_string();
     let Some(file) = files.workflows.iter_mut().find(|(d, _, _)| *d == display) else {
         return Err(ConfigErrors(vec![ConfigError::new(
@@ -381,7 +402,7 @@ pub fn load_with_workflow(
         .fix("name a file in the configuration's workflows directory")]));
     };
     file.2 = text.to_string();
-    build(source, files, settings)
+    with_read_errors(errors, build(source, files, settings))
 }
 
 fn build(source: &Source, files: Files, settings: Settings) -> Result<Config, ConfigErrors> {

@@ -501,21 +501,239 @@ fn ledger_settings(
     }
 }
 
+/// The API's keys (admin, viewer) and the metrics token, each read from the variable it names.
+fn auth_settings(
+    file: &str,
+    spans: &Spans,
+    server: &RawServer,
+    errors: &mut Vec<ConfigError>,
+) -> AuthSettings {
+    let mut auth = AuthSettings::default();
+    let mut role_key =
+        |key_path: String, key_env: &str, from_file: bool| match key_from_env(key_env) {
+            Ok(hash) => Some(RoleKey {
+                hash,
+                key_env: key_env.to_string(),
+            }),
+            Err(message) => {
+                // The entry naming the variable, or none (the HYPERTOOL_ADMIN_KEY shortcut).
+                let (line, fix) = if from_file {
+                    (
+                        spans.line(&key_path),
+                        "export the variable, or remove the entry",
+                    )
+                } else {
+                    (None, "set it to a long random value, or unset it")
+                };
+                errors.push(
+                    ConfigError::new(file, line, format!("`{key_path}`: {message}")).fix(fix),
+                );
+                None
+            }
+        };
+    for (i, k) in server.admin_keys.iter().enumerate() {
+        auth.admin.extend(role_key(
+            format!("server.admin_keys[{i}].key_env"),
+            &k.key_env,
+            true,
+        ));
+    }
+    if std::env::var(ADMIN_KEY_ENV).is_ok_and(|v| !v.is_empty()) {
+        auth.admin
+            .extend(role_key(ADMIN_KEY_ENV.to_string(), ADMIN_KEY_ENV, false));
+    }
+    for (i, k) in server.viewer_keys.iter().enumerate() {
+        auth.viewer.extend(role_key(
+            format!("server.viewer_keys[{i}].key_env"),
+            &k.key_env,
+            true,
+        ));
+    }
+    if let Some(env) = &server.metrics_bearer_token_env {
+        auth.metrics_token = role_key("server.metrics_bearer_token_env".into(), env, true);
+    }
+    auth
+}
+
+/// `[alerts]` and `[gateway]`, each problem at the line of the value it names.
+fn alerts_and_gateway(
+    file: &str,
+    spans: &Spans,
+    alerts: RawAlerts,
+    gateway: RawGateway,
+    listen: SocketAddr,
+    errors: &mut Vec<ConfigError>,
+) -> (AlertSettings, GatewaySettings) {
+    let alerts = match AlertSettings::from_raw(alerts) {
+        Ok(mut a) => {
+            // Until the listener is bound (`served_at`), the configured address.
+            a.served_at(listen);
+            a
+        }
+        Err(problems) => {
+            for (key, message) in problems {
+                let line = spans.line(&key);
+                errors.push(ConfigError::new(file, line, format!("`{key}` {message}")).fix(
+                    "see the [alerts] section of config/hypertool.toml for each alert's knobs and defaults",
+                ));
+            }
+            AlertSettings::default()
+        }
+    };
+    // Kept as far as it is valid: workflows naming its models are not reported as well.
+    let (gateway, problems) = GatewaySettings::from_raw_lenient(gateway);
+    for (key, message) in problems {
+        errors.push(
+            ConfigError::new(file, spans.line(&key), format!("`{key}`: {message}"))
+                .fix("see the [gateway] section of config/hypertool.toml"),
+        );
+    }
+    (alerts, gateway)
+}
+
+/// `[switching]` and whether Langfuse is on.
+fn switching_and_langfuse(
+    file: &str,
+    spans: &Spans,
+    switching: &RawSwitching,
+    enabled: Option<RawLangfuseEnabled>,
+    errors: &mut Vec<ConfigError>,
+) -> (SwitchingSettings, LangfuseMode) {
+    let mut seconds = |key: &str, value: Option<f64>, default_ms: i64| -> i64 {
+        match value {
+            None => default_ms,
+            Some(v) if v.is_finite() && v >= 0.0 => (v * 1000.0).round() as i64,
+            Some(v) => {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        spans.line(&format!("switching.{key}")),
+                        format!("`switching.{key}` = {v} is not a number of seconds"),
+                    )
+                    .fix("use 0 or more seconds"),
+                );
+                default_ms
+            }
+        }
+    };
+    let defaults = SwitchingSettings::default();
+    let switching = SwitchingSettings {
+        cooldown_ms: seconds(
+            "cooldown_seconds",
+            switching.cooldown_seconds,
+            defaults.cooldown_ms,
+        ),
+        oscillation_window_ms: seconds(
+            "oscillation_window_seconds",
+            switching.oscillation_window_seconds,
+            defaults.oscillation_window_ms,
+        ),
+        oscillation_action: switching.oscillation_action.unwrap_or_default(),
+    };
+    let langfuse_mode = match enabled {
+        None => LangfuseMode::Auto,
+        Some(RawLangfuseEnabled::Flag(true)) => LangfuseMode::On,
+        Some(RawLangfuseEnabled::Flag(false)) => LangfuseMode::Off,
+        Some(RawLangfuseEnabled::Word(w)) if w == "auto" => LangfuseMode::Auto,
+        Some(RawLangfuseEnabled::Word(w)) => {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    spans.line("langfuse.enabled"),
+                    format!("`langfuse.enabled` = {w:?} is not true, false or \"auto\""),
+                )
+                .fix("write enabled = \"auto\" (on when both keys are set), true or false"),
+            );
+            LangfuseMode::Auto
+        }
+    };
+    (switching, langfuse_mode)
+}
+
+/// Most problems one read of a TOML file reports (each further one costs another parse).
+const MAX_TOML_PROBLEMS: usize = 20;
+
+/// `hypertool.toml` as written, with every problem the parser finds: after each one the lines of
+/// the value (or the whole table, for a table header) are blanked and the file read again, so
+/// that one run reports each problem at its own line. Returns what was read with the text it was
+/// read from (the problems' lines blanked: every other line where it was); `None` when nothing
+/// could be read.
+fn read_raw(
+    file: &str,
+    text: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<(RawSettings, String)> {
+    let mut lines: Vec<&str> = text.lines().collect();
+    let mut current = text.to_string();
+    for _ in 0..MAX_TOML_PROBLEMS {
+        let e = match toml::from_str::<RawSettings>(&current) {
+            Ok(raw) => return Some((raw, current)),
+            Err(e) => e,
+        };
+        let span = e.span();
+        let first = span.as_ref().map(|s| line_of_offset(&current, s.start));
+        // The TOML parser says nothing for some malformed values (`key =` at the end of a line).
+        let message = match e.message().trim() {
+            "" => {
+                "this line is not valid TOML: a value is missing or malformed after `=`".to_string()
+            }
+            m => m.to_string(),
+        };
+        errors.push(ConfigError::new(file, first, message).fix(
+            "compare with the commented defaults in config/hypertool.toml of the hypertool repository",
+        ));
+        let (Some(span), Some(first)) = (span, first) else {
+            return None;
+        };
+        let mut last = line_of_offset(&current, span.end.saturating_sub(1)).max(first);
+        if lines
+            .get(first - 1)
+            .is_some_and(|l| l.trim_start().starts_with('['))
+        {
+            // A table header: its keys go with it (else they would land in the table before).
+            while last < lines.len() && !lines[last].trim_start().starts_with('[') {
+                last += 1;
+            }
+        }
+        let before = lines.clone();
+        for line in lines.iter_mut().take(last).skip(first - 1) {
+            *line = "";
+        }
+        if lines == before {
+            return None;
+        }
+        current = lines.join("\n");
+    }
+    None
+}
+
 impl Settings {
     /// Reads and checks `hypertool.toml`; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Settings, Vec<ConfigError>> {
-        let raw: RawSettings = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of_offset(text, s.start));
-            // The TOML parser says nothing for some malformed values (`key =` at the end of a line).
-            let message = match e.message().trim() {
-                "" => "this line is not valid TOML: a value is missing or malformed after `=`"
-                    .to_string(),
-                m => m.to_string(),
-            };
-            vec![ConfigError::new(file, line, message).fix(
-                "compare with the commented defaults in config/hypertool.toml of the hypertool repository",
-            )]
-        })?;
+        let (settings, errors) = Settings::parse_lenient(file, text);
+        if errors.is_empty() {
+            Ok(settings)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Every problem of `hypertool.toml`, and the settings as far as they could be read (defaults
+    /// in place of what is wrong), so that the other files can be checked against them too.
+    pub fn parse_lenient(file: &str, text: &str) -> (Settings, Vec<ConfigError>) {
+        let mut errors = Vec::new();
+        let (raw, read) = read_raw(file, text, &mut errors).unwrap_or_default();
+        let settings = Settings::checked(file, &read, raw, &mut errors);
+        (settings, errors)
+    }
+
+    /// Resolves the raw settings, pushing each problem to `errors` and using the default instead.
+    fn checked(
+        file: &str,
+        text: &str,
+        raw: RawSettings,
+        errors: &mut Vec<ConfigError>,
+    ) -> Settings {
         let mut raw = raw;
         let spans = Spans::toml(text);
         let trust_files = TrustFiles {
@@ -527,7 +745,6 @@ impl Settings {
             alerts: raw.alerts.ca_file.take(),
             mcp: raw.mcp.ca_file.take(),
         };
-        let mut errors = Vec::new();
         let mut addr = |key: &str, value: Option<String>, default: &str| -> SocketAddr {
             let value = value.unwrap_or_else(|| default.to_string());
             match value.parse() {
@@ -549,10 +766,10 @@ impl Settings {
                 }
             }
         };
-        let listen = addr("listen", raw.server.listen, "127.0.0.1:8080");
+        let listen = addr("listen", raw.server.listen.take(), "127.0.0.1:8080");
         let metrics_listen = addr(
             "metrics_listen",
-            raw.server.metrics_listen,
+            raw.server.metrics_listen.take(),
             "127.0.0.1:9464",
         );
         let max_body_bytes = raw.server.max_body_bytes.unwrap_or(4 * 1024 * 1024);
@@ -624,51 +841,8 @@ impl Settings {
         };
         let header_timeout = timeout("header_timeout", raw.server.header_timeout, 10);
         let body_timeout = timeout("body_timeout", raw.server.body_timeout, 30);
-        let ledger = ledger_settings(file, &spans, &raw.ledger, &mut errors);
-        let mut auth = AuthSettings::default();
-        let mut role_key =
-            |key_path: String, key_env: &str, from_file: bool| match key_from_env(key_env) {
-                Ok(hash) => Some(RoleKey {
-                    hash,
-                    key_env: key_env.to_string(),
-                }),
-                Err(message) => {
-                    // The entry naming the variable, or none (the HYPERTOOL_ADMIN_KEY shortcut).
-                    let (line, fix) = if from_file {
-                        (
-                            spans.line(&key_path),
-                            "export the variable, or remove the entry",
-                        )
-                    } else {
-                        (None, "set it to a long random value, or unset it")
-                    };
-                    errors.push(
-                        ConfigError::new(file, line, format!("`{key_path}`: {message}")).fix(fix),
-                    );
-                    None
-                }
-            };
-        for (i, k) in raw.server.admin_keys.iter().enumerate() {
-            auth.admin.extend(role_key(
-                format!("server.admin_keys[{i}].key_env"),
-                &k.key_env,
-                true,
-            ));
-        }
-        if std::env::var(ADMIN_KEY_ENV).is_ok_and(|v| !v.is_empty()) {
-            auth.admin
-                .extend(role_key(ADMIN_KEY_ENV.to_string(), ADMIN_KEY_ENV, false));
-        }
-        for (i, k) in raw.server.viewer_keys.iter().enumerate() {
-            auth.viewer.extend(role_key(
-                format!("server.viewer_keys[{i}].key_env"),
-                &k.key_env,
-                true,
-            ));
-        }
-        if let Some(env) = &raw.server.metrics_bearer_token_env {
-            auth.metrics_token = role_key("server.metrics_bearer_token_env".into(), env, true);
-        }
+        let ledger = ledger_settings(file, &spans, &raw.ledger, errors);
+        let auth = auth_settings(file, &spans, &raw.server, errors);
         let max_values_per_label = raw.labels.max_values_per_label.unwrap_or(50);
         if max_values_per_label == 0 {
             errors.push(
@@ -691,94 +865,24 @@ impl Settings {
                 .fix("use a value from 50 to 60000 (the default is 500)"),
             );
         }
-        let alerts = match AlertSettings::from_raw(raw.alerts) {
-            Ok(mut a) => {
-                // Until the listener is bound (`served_at`), the configured address.
-                a.served_at(listen);
-                a
-            }
-            Err(problems) => {
-                for (key, message) in problems {
-                    let line = spans.line(&key);
-                    errors.push(ConfigError::new(file, line, format!("`{key}` {message}")).fix(
-                        "see the [alerts] section of config/hypertool.toml for each alert's knobs and defaults",
-                    ));
-                }
-                AlertSettings::default()
-            }
-        };
-        let gateway = match GatewaySettings::from_raw(raw.gateway) {
-            Ok(g) => g,
-            Err(problems) => {
-                for (key, message) in problems {
-                    errors.push(
-                        ConfigError::new(file, spans.line(&key), format!("`{key}`: {message}"))
-                            .fix("see the [gateway] section of config/hypertool.toml"),
-                    );
-                }
-                GatewaySettings::default()
-            }
-        };
-        let mut seconds = |key: &str, value: Option<f64>, default_ms: i64| -> i64 {
-            match value {
-                None => default_ms,
-                Some(v) if v.is_finite() && v >= 0.0 => (v * 1000.0).round() as i64,
-                Some(v) => {
-                    errors.push(
-                        ConfigError::new(
-                            file,
-                            spans.line(&format!("switching.{key}")),
-                            format!("`switching.{key}` = {v} is not a number of seconds"),
-                        )
-                        .fix("use 0 or more seconds"),
-                    );
-                    default_ms
-                }
-            }
-        };
-        let defaults = SwitchingSettings::default();
-        let switching = SwitchingSettings {
-            cooldown_ms: seconds(
-                "cooldown_seconds",
-                raw.switching.cooldown_seconds,
-                defaults.cooldown_ms,
-            ),
-            oscillation_window_ms: seconds(
-                "oscillation_window_seconds",
-                raw.switching.oscillation_window_seconds,
-                defaults.oscillation_window_ms,
-            ),
-            oscillation_action: raw.switching.oscillation_action.unwrap_or_default(),
-        };
-        let langfuse_mode = match raw.langfuse.enabled {
-            None => LangfuseMode::Auto,
-            Some(RawLangfuseEnabled::Flag(true)) => LangfuseMode::On,
-            Some(RawLangfuseEnabled::Flag(false)) => LangfuseMode::Off,
-            Some(RawLangfuseEnabled::Word(w)) if w == "auto" => LangfuseMode::Auto,
-            Some(RawLangfuseEnabled::Word(w)) => {
-                errors.push(
-                    ConfigError::new(
-                        file,
-                        spans.line("langfuse.enabled"),
-                        format!("`langfuse.enabled` = {w:?} is not true, false or \"auto\""),
-                    )
-                    .fix("write enabled = \"auto\" (on when both keys are set), true or false"),
-                );
-                LangfuseMode::Auto
-            }
-        };
-        let tracing = raw.tracing.validate(file, &spans, &mut errors);
+        let (alerts, gateway) =
+            alerts_and_gateway(file, &spans, raw.alerts, raw.gateway, listen, errors);
+        let (switching, langfuse_mode) = switching_and_langfuse(
+            file,
+            &spans,
+            &raw.switching,
+            raw.langfuse.enabled.take(),
+            errors,
+        );
+        let tracing = raw.tracing.validate(file, &spans, errors);
         let langfuse_redact = super::tracing::compile_redactions(
             file,
             &spans,
             "langfuse",
             &raw.langfuse.redact,
-            &mut errors,
+            errors,
         );
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Settings {
+        Settings {
             trust_files,
             trust: TrustSettings::default(),
             mcp: McpSettings {
@@ -841,7 +945,7 @@ impl Settings {
             workflows: raw.labels.workflows,
             stages: raw.labels.stages,
             reload_interval_ms,
-        })
+        }
     }
 }
 

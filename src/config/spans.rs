@@ -123,12 +123,31 @@ impl Spans {
         self.lines.entry(join(steps)).or_insert(line);
     }
 
-    /// A TOML file's spans (empty when it does not parse: the parse error has its own line).
+    /// A TOML file's spans. A line that does not parse (its error has its own line) is left out
+    /// and the rest read: the other values keep their lines.
     pub fn toml(text: &str) -> Spans {
         let mut spans = Spans::default();
-        if let Ok(doc) = toml_edit::ImDocument::parse(text) {
-            let lines = LineIndex::new(text);
-            toml_table(&mut spans, &lines, &mut Vec::new(), doc.as_table());
+        let mut current: Vec<&str> = text.lines().collect();
+        for _ in 0..20 {
+            let joined = current.join("\n");
+            match toml_edit::ImDocument::parse(joined.as_str()) {
+                Ok(doc) => {
+                    // Blanked lines keep every other line where it was.
+                    let lines = LineIndex::new(&joined);
+                    toml_table(&mut spans, &lines, &mut Vec::new(), doc.as_table());
+                    return spans;
+                }
+                Err(e) => {
+                    let Some(span) = e.span() else {
+                        return spans;
+                    };
+                    let line = LineIndex::new(&joined).line(span.start);
+                    match current.get_mut(line - 1) {
+                        Some(l) if !l.is_empty() => *l = "",
+                        _ => return spans,
+                    }
+                }
+            }
         }
         spans
     }
@@ -341,6 +360,13 @@ name = "b"
         assert_eq!(s.line("gateway.models[1].name"), Some(16));
         assert_eq!(s.line("gateway.models[1].downgrade_to"), Some(15));
         assert_eq!(s.line("nothing.here"), None);
+    }
+
+    #[test]
+    fn a_line_that_does_not_parse_leaves_the_others_their_lines() {
+        let s = Spans::toml("[server]\nlisten =\nmax_body_bytes = 1\n\n[ledger]\nurl = \"x\"\n");
+        assert_eq!(s.line("server.max_body_bytes"), Some(3));
+        assert_eq!(s.line("ledger.url"), Some(6));
     }
 
     #[test]

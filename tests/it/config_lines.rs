@@ -287,6 +287,11 @@ fn values_inside_lists_and_entries_are_reported_at_their_own_line() {
             "[gateway.downgrade]\nbackend-engineer = \"nowhere\"  # <-\n",
             "gateway.downgrade.backend-engineer",
         ),
+        // A gateway key's unset variable at its own entry, not at the viewer key before it.
+        (
+            "[[server.viewer_keys]]\nkey_env = \"HT_CONFIG_LINES_V_NEVER_SET\"\n\n[[gateway.keys]]\nkey_env = \"HT_CONFIG_LINES_G_NEVER_SET\"  # <-\npersona = \"backend-engineer\"\n",
+            "gateway.keys[0].key_env",
+        ),
     ];
     for (snippet, names) in cases {
         let (text, line) = with_snippet(snippet);
@@ -327,11 +332,10 @@ fn edit_copy(config: &std::path::Path, file: &str, find: &str, with: &str) -> Op
     );
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[hits[0]] = with.to_string();
-    let text = lines.join("\n") + "\n";
-    std::fs::write(&path, &text).unwrap();
-    text.lines()
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    with.lines()
         .position(|l| l.ends_with("# <-"))
-        .map(|i| i + 1)
+        .map(|i| hits[0] + i + 1)
 }
 
 #[test]
@@ -432,6 +436,119 @@ fn every_bad_yaml_value_is_reported_at_its_own_line() {
             found.line,
             Some(line),
             "{file}: {with:?} reported at: {found}"
+        );
+    }
+}
+
+/// `hypertool check` on a configuration with one problem of each kind, spread over its files:
+/// every one is reported in the same run, at its own file and line, and the summary counts them
+/// per file.
+#[test]
+fn check_reports_every_problem_of_every_file_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = crate::common::config_copy(dir.path());
+    let config = toml.parent().unwrap().to_path_buf();
+    // hypertool.toml: TOML syntax, an unknown key, a bad value, an unset key variable, a missing
+    // file (each appended where its table is, so the lines are known).
+    let syntax = edit_copy(
+        &config,
+        "hypertool.toml",
+        "max_connections = 1024",
+        "max_connections =  # <-",
+    )
+    .unwrap();
+    let unknown = edit_copy(
+        &config,
+        "hypertool.toml",
+        "shutdown_grace_seconds = 10",
+        "shutdown_grace_seconds = 10\ncolour = \"red\"  # <-",
+    )
+    .unwrap();
+    let bad_value = edit_copy(
+        &config,
+        "hypertool.toml",
+        "snapshot_interval = \"5m\"",
+        "snapshot_interval = \"5m\"\nretain_days = 1  # <-",
+    )
+    .unwrap();
+    let missing_file = edit_copy(
+        &config,
+        "hypertool.toml",
+        "[tls]",
+        "[tls]\nca_file = \"nowhere.pem\"  # <-",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&toml).unwrap()
+        + "\n[[server.admin_keys]]\nkey_env = \"HT_CHECK_ALL_NEVER_SET\"\n";
+    std::fs::write(&toml, &text).unwrap();
+    let unset_var = text.lines().count();
+    // A workflow: a bad regex and an unknown model.
+    let workflow = "workflows/feature-development.yml";
+    let regex = edit_copy(
+        &config,
+        workflow,
+        "must_not_match: ['(?i)\\bTBD\\b']",
+        "      must_not_match: ['(unclosed']  # <-",
+    )
+    .unwrap();
+    let model = edit_copy(
+        &config,
+        workflow,
+        "model: fast",
+        "    model: nowhere-model  # <-",
+    )
+    .unwrap();
+    // budgets.yml: a budget for a persona that does not exist; chatmodes.yml: YAML syntax.
+    let budget = edit_copy(
+        &config,
+        "budgets.yml",
+        "data-scientist:",
+        "  nobody-at-all:  # <-\n    tokens: 1\n  data-scientist:",
+    )
+    .unwrap();
+    let chatmodes = edit_copy(
+        &config,
+        "chatmodes.yml",
+        "workflow: package-release",
+        "    workflow: [unclosed  # <-",
+    )
+    .unwrap();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"))
+        .args(["check", "--config"])
+        .arg(&toml)
+        .env_remove("HYPERTOOL_ADMIN_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let at = |file: &str, line: usize, names: &str| {
+        let place = format!("{}:{line}: ", config.join(file).display());
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&place) && l.contains(names)),
+            "expected `{place}… {names} …` in:\n{stderr}"
+        );
+    };
+    at("hypertool.toml", syntax, "");
+    at("hypertool.toml", unknown, "colour");
+    at("hypertool.toml", bad_value, "ledger.retain_days");
+    at("hypertool.toml", missing_file, "tls.ca_file");
+    at("hypertool.toml", unset_var, "HT_CHECK_ALL_NEVER_SET");
+    at(workflow, regex, "(unclosed");
+    at(workflow, model, "nowhere-model");
+    at("budgets.yml", budget, "nobody-at-all");
+    at("chatmodes.yml", chatmodes, "");
+    let summary = stderr.lines().last().unwrap();
+    assert!(
+        summary.starts_with("9 problems: 5 in ") && summary.contains("hypertool.toml"),
+        "{summary}"
+    );
+    for (file, n) in [(workflow, 2), ("budgets.yml", 1), ("chatmodes.yml", 1)] {
+        assert!(
+            summary.contains(&format!("{n} in {}", config.join(file).display())),
+            "{summary}"
         );
     }
 }
