@@ -183,6 +183,32 @@ fn metrics_url(target: &Target, cfg: Option<&Config>) -> String {
     }
 }
 
+/// The metrics listener a running server reports (`GET /api/server`, with `HYPERTOOL_API_KEY`
+/// when set); a wildcard address is reached at the API's host. `None` when it does not say.
+async fn listening_metrics(http: &reqwest::Client, api: &str) -> Option<String> {
+    let mut req = http.get(format!("{api}/api/server"));
+    if let Ok(key) = std::env::var("HYPERTOOL_API_KEY") {
+        if !key.is_empty() {
+            req = req.bearer_auth(key);
+        }
+    }
+    let body: Value = req
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let addr: std::net::SocketAddr = body["metrics_listen"].as_str()?.parse().ok()?;
+    if !addr.ip().is_unspecified() {
+        return Some(format!("http://{addr}"));
+    }
+    let host = reqwest::Url::parse(api).ok()?.host_str()?.to_string();
+    Some(format!("http://{host}:{}", addr.port()))
+}
+
 fn metrics_token(cfg: Option<&Config>) -> Option<String> {
     let env = cfg?.settings.auth.metrics_token.as_ref()?.key_env.clone();
     std::env::var(env).ok()
@@ -223,6 +249,17 @@ async fn mcp_checks(cfg: Option<&Config>, out: &mut Vec<Check>) {
             },
         );
     }
+    // After the probes: a server that starts may still be shown to nobody.
+    if let Some(c) = cfg {
+        let names = servers.servers.iter().map(|s| s.name.as_str());
+        for server in crate::mcp::toolset::allowed_to_nobody(names, &c.personas) {
+            out.push(Check::new(
+                &format!("MCP server {server}"),
+                Status::Warn,
+                format!("allowed to no persona: add \"{server}\" to allowedServers in a persona file, or its tools are shown to nobody"),
+            ));
+        }
+    }
 }
 
 pub async fn doctor(target: &Target) -> Vec<Check> {
@@ -237,6 +274,24 @@ pub async fn doctor(target: &Target) -> Vec<Check> {
     if !serving {
         not_serving(target, cfg, &mut out).await;
     }
+    // A running server says where its metrics listener is (`--metrics-listen` overrides the file).
+    let asked;
+    let target = match (&target.metrics, serving) {
+        (None, true) => match listening_metrics(&http, &api).await {
+            Some(metrics) => {
+                asked = Target {
+                    config: target.config.clone(),
+                    data_dir: target.data_dir.clone(),
+                    server: target.server.clone(),
+                    metrics: Some(metrics),
+                    prometheus: target.prometheus.clone(),
+                };
+                &asked
+            }
+            None => target,
+        },
+        _ => target,
+    };
     out.push(metrics(&http, target, cfg).await);
     if let Some(c) = cfg {
         configured(&http, target, c, &mut out).await;

@@ -216,11 +216,21 @@ pub(crate) fn check(path: Option<PathBuf>) -> ExitCode {
             // The MCP proxy's downstream servers (started by `hypertool doctor`, not here).
             if let Some(path) = &cfg.settings.mcp.servers {
                 match hypertool::mcp::config::load_configured(Some(path)) {
-                    Ok(servers) => outln!(
-                        "{}: ok ({} MCP servers)",
-                        path.display(),
-                        servers.servers.len()
-                    ),
+                    Ok(servers) => {
+                        outln!(
+                            "{}: ok ({} MCP servers)",
+                            path.display(),
+                            servers.servers.len()
+                        );
+                        let names = servers.servers.iter().map(|s| s.name.as_str());
+                        for server in
+                            hypertool::mcp::toolset::allowed_to_nobody(names, &cfg.personas)
+                        {
+                            outln!(
+                                "warning: MCP server `{server}` is allowed to no persona: add \"{server}\" to allowedServers in a persona file, or its tools are shown to nobody"
+                            );
+                        }
+                    }
                     Err(errors) => {
                         errln!("{errors}");
                         errln!("{} error(s) in {}", errors.0.len(), path.display());

@@ -52,6 +52,23 @@ impl Pattern {
     }
 }
 
+/// The configured servers no persona may use (named in no persona's `allowedServers` or
+/// `allowedTools`): their tools are shown to nobody.
+pub fn allowed_to_nobody<'a>(
+    servers: impl IntoIterator<Item = &'a str>,
+    personas: &crate::core::persona::PersonaRegistry,
+) -> Vec<&'a str> {
+    servers
+        .into_iter()
+        .filter(|server| {
+            !personas.iter().any(|p| {
+                p.allowed_servers.iter().any(|s| s == server)
+                    || p.allowed_tools.contains_key(*server)
+            })
+        })
+        .collect()
+}
+
 impl Allowance {
     pub fn of(persona: &Persona) -> Allowance {
         let mut servers: BTreeMap<String, Option<Vec<Pattern>>> = BTreeMap::new();

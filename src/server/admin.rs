@@ -273,6 +273,19 @@ pub async fn whoami(
     Json(body)
 }
 
+/// `GET /api/server` (viewer, admin): where this server listens (the addresses it is bound to,
+/// which the configuration file may not say: `--listen`, `--metrics-listen`), its version, and its
+/// ledger's kind. `hypertool doctor --server` finds the metrics listener here.
+pub async fn server_info(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "api_listen": state.api_addr.to_string(),
+        "metrics_listen": state.metrics_addr.to_string(),
+        "started": crate::core::clock::to_rfc3339(state.started_ms),
+        "ledger": if state.writer.shared { "postgresql" } else { "sqlite" },
+    }))
+}
+
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }

@@ -215,6 +215,10 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
             "hits": cache.get("hit"),
             "misses": cache.get("miss"),
             "hit_rate": if lookups > 0.0 { Some(cache.get("hit").copied().unwrap_or(0.0) / lookups) } else { None },
+            // Calls that were not looked up: not cacheable (a temperature above 0 — OpenAI's
+            // default is 1 —, n > 1, caching off) or sent with `Cache-Control: no-cache`.
+            "not_cacheable": cache.get("skip"),
+            "bypassed": cache.get("bypass"),
             "tokens_saved": tokens_saved,
         },
         "experiments": experiments,

@@ -158,6 +158,7 @@ pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
             post(admin::reset_budget),
         ),
         (r("GET", "/api/alerts", View), get(admin::list_alerts)),
+        (r("GET", "/api/server", View), get(admin::server_info)),
         (r("GET", "/api/audit", View), get(audit::list)),
         (
             r("POST", "/api/experiments/{workflow}/{stage}/promote", Admin),

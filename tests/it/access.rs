@@ -108,9 +108,10 @@ pub fn sample(method: &str, path: &str, run: &str) -> (String, Option<Value>) {
         ("GET", "/healthz" | "/readyz" | "/v1/models" | "/v1/workflows" | "/v1/whoami") => {
             (path.into(), None)
         }
-        ("GET", "/api/oscillations" | "/api/personas" | "/api/budgets" | "/api/alerts") => {
-            (path.into(), None)
-        }
+        (
+            "GET",
+            "/api/oscillations" | "/api/personas" | "/api/budgets" | "/api/alerts" | "/api/server",
+        ) => (path.into(), None),
         (
             "GET",
             "/"

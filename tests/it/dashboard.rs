@@ -371,3 +371,61 @@ async fn the_dashboard_shows_the_ledger_updates_itself_and_logs_no_error() {
     }
     assert!(b.errors().is_empty(), "console errors: {:#?}", b.errors());
 }
+
+/// Issue 29: calls on the default temperature are not cached; the hit rate then shows "–" and
+/// the page says why, instead of leaving a dash unexplained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_hit_rate_says_that_only_temperature_0_calls_are_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with_keys(dir.path(), "").await;
+    for _ in 0..3 {
+        let resp = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.api))
+            .bearer_auth(crate::access::TESTING_KEY)
+            .json(&json!({"model": "mock/gpt-4o",
+                          "messages": [{"role": "user", "content": "the same question"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-hypertool-cache"], "skip");
+    }
+    let data: Value = s
+        .http
+        .get(format!("{}/api/dashboard", s.api))
+        .bearer_auth(VIEWER_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(data["cache"]["hit_rate"], Value::Null);
+    assert_eq!(data["cache"]["not_cacheable"], 3.0);
+
+    let mut b = Browser::start().await;
+    b.call(
+        "Network.setExtraHTTPHeaders",
+        json!({"headers": {"Authorization": basic(VIEWER_KEY)}}),
+    )
+    .await;
+    b.call("Page.navigate", json!({"url": format!("{}/", s.api)}))
+        .await;
+    b.wait_for(
+        "the first refresh",
+        "document.body.dataset.updated || null",
+        |v| v.is_string(),
+    )
+    .await;
+    let kpi = |part: &'static str| {
+        format!(r#"document.querySelector('[data-kpi="cache-hit-rate"] .{part}').innerText"#)
+    };
+    assert_eq!(b.eval(&kpi("value")).await, "–");
+    let note = b.eval(&kpi("muted")).await;
+    let note = note.as_str().unwrap();
+    assert!(
+        note.contains("3 had a temperature above 0") && note.contains("only temperature 0"),
+        "{note}"
+    );
+}

@@ -26,6 +26,7 @@ mod operator;
 mod persistence;
 mod process;
 mod properties;
+mod readme;
 mod replicas;
 mod secrets;
 mod switching;

@@ -136,7 +136,7 @@ fn setup_with(dir: &Path, everything: Value) -> (PathBuf, PathBuf) {
     (config.join("hypertool.toml"), repo)
 }
 
-fn run_client(dir: &Path, scenario: Value) -> Vec<Value> {
+pub(crate) fn run_client(dir: &Path, scenario: Value) -> Vec<Value> {
     let path = dir.join(format!(
         "scenario-{}.json",
         std::time::SystemTime::now()
@@ -163,7 +163,7 @@ fn run_client(dir: &Path, scenario: Value) -> Vec<Value> {
         .collect()
 }
 
-fn env_for_children() -> Value {
+pub(crate) fn env_for_children() -> Value {
     let mut env = serde_json::Map::new();
     for k in ["PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV"] {
         if let Ok(v) = std::env::var(k) {
@@ -559,4 +559,45 @@ async fn one_process_per_data_directory() {
     let (status, _) = s.get_json("/readyz").await;
     assert_eq!(status, 200);
     s.stop().await;
+}
+
+/// Issue 29: a configured server that no persona lists is shown to nobody; `check` and `doctor`
+/// say so, and name what to add.
+#[test]
+fn check_and_doctor_say_when_a_server_is_allowed_to_no_persona() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = crate::common::config_copy(dir.path());
+    let config = toml.parent().unwrap();
+    std::fs::write(
+        config.join("mcp.json"),
+        "{\"mcpServers\": {\n  \"time\": {\"command\": \"python3\", \"args\": [\"-m\", \"mcp_server_time\"]},\n  \"orphan\": {\"command\": \"python3\", \"args\": [\"-m\", \"mcp_server_time\"]}\n}}",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let text = text.replacen("[mcp]", "[mcp]\nservers = \"mcp.json\"", 1);
+    std::fs::write(&toml, text).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"))
+            .args(args)
+            .arg("--config")
+            .arg(&toml)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let check = run(&["check"]);
+    assert!(
+        check.contains("warning: MCP server `orphan` is allowed to no persona: add \"orphan\" to allowedServers"),
+        "{check}"
+    );
+    assert!(
+        !check.contains("`time` is allowed to no persona"),
+        "{check}"
+    );
+    let doctor = run(&["doctor"]);
+    assert!(
+        doctor.contains("WARN MCP server orphan: allowed to no persona"),
+        "{doctor}"
+    );
 }

@@ -720,3 +720,34 @@ async fn the_langfuse_investigation_makes_an_authenticated_test_call() {
         s.stop().await;
     }
 }
+
+/// Issue 29: `hypertool doctor --server URL` asks the running server where its metrics listener is
+/// (here on a port of its own, not the configuration's 9464) instead of reading the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_finds_the_metrics_listener_the_server_was_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::spawn(dir.path(), &[]);
+    assert!(!daemon.metrics.ends_with(":9464"), "{}", daemon.metrics);
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["doctor", "--server", &daemon.api])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let metrics = stdout
+        .lines()
+        .find(|l| l.contains(" metrics: "))
+        .unwrap_or_else(|| panic!("no metrics check:\n{stdout}"));
+    assert!(metrics.starts_with("ok   metrics:"), "{stdout}");
+    let port = daemon.metrics.rsplit(':').next().unwrap();
+    assert!(metrics.contains(&format!(":{port}/metrics")), "{metrics}");
+    // What the server says about itself, to a viewer or an admin (open on loopback without keys).
+    let info: serde_json::Value = reqwest::get(format!("{}/api/server", daemon.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["ledger"], "sqlite");
+    assert!(info["metrics_listen"].as_str().unwrap().ends_with(port));
+}
