@@ -23,6 +23,9 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 # The MCP proxy's tests start real downstream servers: mcp-server-git needs git, server-everything node.
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+# The README's shell examples are run as written (tests/it/readme.rs): curl and jq.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
