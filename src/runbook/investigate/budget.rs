@@ -65,6 +65,21 @@ pub(super) const DEPLETION_CAUSES: &[CauseSpec] = &[
     },
 ];
 
+/// A persona over, past the soft limit of, or heading over its budget: the budgets finding's data.
+#[derive(Serialize)]
+struct AtRisk<'a> {
+    persona: &'a str,
+    limit: u64,
+    used: u64,
+    remaining: i64,
+    soft_limit: Option<u64>,
+    period: &'a str,
+    mode: &'a str,
+    tokens_per_second: f64,
+    depletion_at: Option<String>,
+    resets_at: Option<String>,
+}
+
 pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
     let now = ev.now;
     let w = ev.window_ms;
@@ -95,24 +110,24 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         let past_soft = b.soft_limit.is_some_and(|s| b.used >= s);
         let before_reset = eta.is_some_and(|t| b.resets_at.is_none_or(|r| t < r));
         if over || past_soft || before_reset {
-            at_risk.push(json!({
-                "persona": b.persona,
-                "limit": b.limit,
-                "used": b.used,
-                "remaining": b.remaining,
-                "soft_limit": b.soft_limit,
-                "period": b.period,
-                "mode": b.mode,
-                "tokens_per_second": (rate * 100.0).round() / 100.0,
-                "depletion_at": eta.map(to_rfc3339),
-                "resets_at": b.resets_at.map(to_rfc3339),
-            }));
+            at_risk.push(AtRisk {
+                persona: &b.persona,
+                limit: b.limit,
+                used: b.used,
+                remaining: b.remaining,
+                soft_limit: b.soft_limit,
+                period: b.period,
+                mode: b.mode,
+                tokens_per_second: (rate * 100.0).round() / 100.0,
+                depletion_at: eta.map(to_rfc3339),
+                resets_at: b.resets_at.map(to_rfc3339),
+            });
         }
     }
     let over: Vec<&str> = at_risk
         .iter()
-        .filter(|v| v["remaining"].as_i64().is_some_and(|r| r < 0))
-        .filter_map(|v| v["persona"].as_str())
+        .filter(|r| r.remaining < 0)
+        .map(|r| r.persona)
         .collect();
     out.push(finding(
         "budgets",
@@ -130,15 +145,15 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         } else {
             at_risk
                 .iter()
-                .map(|v| {
-                    let p = v["persona"].as_str().unwrap_or("?");
-                    let eta = v["depletion_at"]
-                        .as_str()
+                .map(|r| {
+                    let eta = r
+                        .depletion_at
+                        .as_ref()
                         .map(|t| format!(", spent at {t} at this pace"))
                         .unwrap_or_default();
                     format!(
-                        "{p}: {} of {} used ({} left){eta}",
-                        v["used"], v["limit"], v["remaining"]
+                        "{}: {} of {} used ({} left){eta}",
+                        r.persona, r.used, r.limit, r.remaining
                     )
                 })
                 .collect::<Vec<_>>()
@@ -146,10 +161,7 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         },
         json!(at_risk),
     ));
-    let focus: BTreeSet<String> = at_risk
-        .iter()
-        .filter_map(|v| v["persona"].as_str().map(str::to_string))
-        .collect();
+    let focus: BTreeSet<String> = at_risk.iter().map(|r| r.persona.to_string()).collect();
     let in_focus = |p: &str| focus.is_empty() || focus.contains(p);
 
     // 2. Tokens by chatmode and model in the window.

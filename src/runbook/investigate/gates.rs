@@ -139,6 +139,18 @@ pub fn tally<'a>(verdicts: impl IntoIterator<Item = &'a Verdict>) -> Tally {
     (by_stage, criteria)
 }
 
+/// A change of a stage's gate in the window: the gate-changes finding's data.
+#[derive(Serialize)]
+struct GateChange<'a> {
+    at: String,
+    at_ms: i64,
+    workflow: &'a String,
+    stage: &'a String,
+    /// The gate before and after, as the `gate_changed` event recorded them.
+    before: &'a Option<Value>,
+    after: &'a Option<Value>,
+}
+
 pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
     let now = ev.now;
     let all = verdicts(&ev.events);
@@ -253,17 +265,28 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
 
     // 4. Gate changes.
     let first_fail = fails.iter().map(|v| v.at_ms).min();
-    let changes: Vec<Value> = ev
+    let changes: Vec<GateChange> = ev
         .gate_changes
         .iter()
         .filter_map(|s| match &s.event {
-            Event::GateChanged { workflow, stage, before, after } => Some((s.at, workflow, stage, before, after)),
+            Event::GateChanged {
+                workflow,
+                stage,
+                before,
+                after,
+            } => Some(GateChange {
+                at: to_rfc3339(s.at),
+                at_ms: s.at,
+                workflow,
+                stage,
+                before,
+                after,
+            }),
             _ => None,
         })
-        .filter(|(_, w, s, ..)| focus.is_empty() || focus.contains(&((*w).clone(), (*s).clone())))
-        .map(|(at, w, s, before, after)| json!({"at": to_rfc3339(at), "at_ms": at, "workflow": w, "stage": s, "before": before, "after": after}))
+        .filter(|c| focus.is_empty() || focus.contains(&(c.workflow.clone(), c.stage.clone())))
         .collect();
-    let latest_change = changes.iter().filter_map(|c| c["at_ms"].as_i64()).max();
+    let latest_change = changes.iter().map(|c| c.at_ms).max();
     out.push(finding(
         "recent gate-configuration changes (7 days)",
         if changes.is_empty() {
@@ -276,14 +299,7 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
         } else {
             changes
                 .iter()
-                .map(|c| {
-                    format!(
-                        "{}/{} at {}",
-                        c["workflow"].as_str().unwrap_or("?"),
-                        c["stage"].as_str().unwrap_or("?"),
-                        c["at"].as_str().unwrap_or("?")
-                    )
-                })
+                .map(|c| format!("{}/{} at {}", c.workflow, c.stage, c.at))
                 .collect::<Vec<_>>()
                 .join("; ")
         },

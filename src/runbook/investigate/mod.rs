@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::alerts::rules::AlertId;
@@ -29,7 +29,7 @@ use slow::{slow, SLOW_CAUSES};
 use switching::{switching, SWITCH_CAUSES};
 
 /// How much a finding matters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Ok,
@@ -303,66 +303,127 @@ type Scored = Vec<(&'static str, f64, String)>;
 impl Report {
     /// The report for a terminal.
     pub fn to_text(&self) -> String {
-        text_of(&serde_json::to_value(self).unwrap_or(Value::Null))
+        ReportView {
+            alert: self.alert.to_string(),
+            at: self.at.clone(),
+            window: self.window.clone(),
+            findings: self
+                .findings
+                .iter()
+                .map(|f| FindingView {
+                    check: f.check.clone(),
+                    status: f.status,
+                    found: f.found.clone(),
+                })
+                .collect(),
+            causes: self
+                .causes
+                .iter()
+                .map(|c| CauseView {
+                    cause: c.cause.to_string(),
+                    score: c.score,
+                    prior: c.prior.to_string(),
+                    indicator: c.indicator.to_string(),
+                    evidence: c.evidence.clone(),
+                    fix: c.fix.to_string(),
+                })
+                .collect(),
+            notes: self.notes.clone(),
+        }
+        .render()
     }
+}
+
+/// A report as a terminal shows it, made from a [`Report`] or read back from its JSON (a server's
+/// answer to `GET /api/investigations/{alert}`).
+#[derive(Debug, Deserialize)]
+struct ReportView {
+    alert: String,
+    at: String,
+    window: String,
+    #[serde(default)]
+    findings: Vec<FindingView>,
+    #[serde(default)]
+    causes: Vec<CauseView>,
+    #[serde(default)]
+    notes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FindingView {
+    check: String,
+    status: Status,
+    found: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CauseView {
+    cause: String,
+    score: f64,
+    prior: String,
+    indicator: String,
+    evidence: String,
+    fix: String,
 }
 
 /// A report (as its JSON, e.g. from `GET /api/investigations/{alert}`) for a terminal.
 pub fn text_of(v: &Value) -> String {
-    use std::fmt::Write;
-    let s_of = |v: &Value| v.as_str().unwrap_or("").to_string();
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{} — investigation at {} (window {})",
-        s_of(&v["alert"]),
-        s_of(&v["at"]),
-        s_of(&v["window"])
-    );
-    let _ = writeln!(s, "\nChecked:");
-    for f in v["findings"].as_array().into_iter().flatten() {
-        let mark = match f["status"].as_str() {
-            Some("ok") => "ok  ",
-            Some("warn") => "WARN",
-            Some("fail") => "FAIL",
-            _ => "info",
-        };
-        let _ = writeln!(s, "  [{mark}] {}: {}", s_of(&f["check"]), s_of(&f["found"]));
+    match ReportView::deserialize(v) {
+        Ok(report) => report.render(),
+        Err(e) => format!("the investigation's answer could not be read: {e}\n"),
     }
-    let causes = v["causes"].as_array().cloned().unwrap_or_default();
-    if !causes.is_empty()
-        && causes
-            .iter()
-            .all(|c| c["score"].as_f64().unwrap_or(0.0) == 0.0)
-    {
+}
+
+impl ReportView {
+    fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nNo cause has evidence in this window: the alert's condition may no longer hold, or the\ndata it needs is older (try --window 6h). The runbook's causes, in its order:"
+            "{} — investigation at {} (window {})",
+            self.alert, self.at, self.window
         );
-    }
-    if !causes.is_empty() {
-        let _ = writeln!(
-            s,
-            "\nRoot causes, most likely first (score from the evidence; the runbook's prior):"
-        );
-        for (i, c) in causes.iter().enumerate() {
+        let _ = writeln!(s, "\nChecked:");
+        for f in &self.findings {
+            let mark = match f.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+                Status::Info => "info",
+            };
+            let _ = writeln!(s, "  [{mark}] {}: {}", f.check, f.found);
+        }
+        let causes = &self.causes;
+        if !causes.is_empty() && causes.iter().all(|c| c.score == 0.0) {
             let _ = writeln!(
                 s,
-                "  {}. {} — score {:.2} (prior {})",
-                i + 1,
-                s_of(&c["cause"]),
-                c["score"].as_f64().unwrap_or(0.0),
-                s_of(&c["prior"])
+                "\nNo cause has evidence in this window: the alert's condition may no longer hold, or the\ndata it needs is older (try --window 6h). The runbook's causes, in its order:"
             );
-            let _ = writeln!(s, "     indicator: {}", s_of(&c["indicator"]));
-            let _ = writeln!(s, "     evidence:  {}", s_of(&c["evidence"]));
-            let _ = writeln!(s, "     fix:       {}", s_of(&c["fix"]));
         }
+        if !causes.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nRoot causes, most likely first (score from the evidence; the runbook's prior):"
+            );
+            for (i, c) in causes.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "  {}. {} — score {:.2} (prior {})",
+                    i + 1,
+                    c.cause,
+                    c.score,
+                    c.prior
+                );
+                let _ = writeln!(s, "     indicator: {}", c.indicator);
+                let _ = writeln!(s, "     evidence:  {}", c.evidence);
+                let _ = writeln!(s, "     fix:       {}", c.fix);
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "\nnote: {n}");
+        }
+        s
     }
-    for n in v["notes"].as_array().into_iter().flatten() {
-        let _ = writeln!(s, "\nnote: {}", s_of(n));
-    }
-    s
 }
 
 #[cfg(test)]
