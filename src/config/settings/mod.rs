@@ -9,49 +9,10 @@ use super::error::{line_of_offset, ConfigError};
 use super::gateway::{GatewaySettings, RawGateway};
 use super::secret::{key_from_env, KeyHash};
 use super::spans::Spans;
+
+mod raw;
 use crate::core::duration::PromDuration;
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSettings {
-    #[serde(default)]
-    server: RawServer,
-    #[serde(default)]
-    ledger: RawLedger,
-    #[serde(default)]
-    personas: RawPersonas,
-    #[serde(default)]
-    budgets: RawBudgets,
-    #[serde(default)]
-    sessions: RawSessions,
-    #[serde(default)]
-    labels: RawLabels,
-    #[serde(default)]
-    reload: RawReload,
-    #[serde(default)]
-    alerts: RawAlerts,
-    #[serde(default)]
-    langfuse: RawLangfuse,
-    #[serde(default)]
-    tracing: super::tracing::RawTracing,
-    #[serde(default)]
-    gateway: RawGateway,
-    #[serde(default)]
-    workflows: RawWorkflows,
-    #[serde(default)]
-    switching: RawSwitching,
-    #[serde(default)]
-    mcp: RawMcp,
-    #[serde(default)]
-    tls: RawTls,
-}
-
-/// `[tls]`: the trust of every outbound client, configured once.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    ca_file: Option<String>,
-}
+use raw::*;
 
 /// Each `ca_file` as written (relative to hypertool.toml's directory): `[tls]`'s, shared by every
 /// outbound client, and the ones a client's own section sets instead. `config::load` reads them
@@ -100,35 +61,12 @@ pub struct TrustSettings {
     pub config_dir: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMcp {
-    servers: Option<String>,
-    ca_file: Option<String>,
-}
-
 /// `[mcp]`: the MCP proxy (`hypertool mcp`, `/mcp`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct McpSettings {
     /// The downstream servers' `.mcp.json`, relative to hypertool.toml (`None`: no downstream
     /// servers; hypertool's own tools only).
     pub servers: Option<std::path::PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawWorkflows {
-    dir: Option<String>,
-    chatmodes_file: Option<String>,
-    prompts_dir: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSwitching {
-    cooldown_seconds: Option<f64>,
-    oscillation_window_seconds: Option<f64>,
-    oscillation_action: Option<OscillationAction>,
 }
 
 /// What `POST /v1/personas/switch` does when a switch would complete an A→B→A→B oscillation.
@@ -160,27 +98,6 @@ impl Default for SwitchingSettings {
             oscillation_action: OscillationAction::Flag,
         }
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLangfuse {
-    enabled: Option<RawLangfuseEnabled>,
-    host: Option<String>,
-    public_key_env: Option<String>,
-    secret_key_env: Option<String>,
-    capture_content: Option<bool>,
-    #[serde(default)]
-    redact: Vec<String>,
-    ca_file: Option<String>,
-}
-
-/// `[langfuse] enabled`: `true`, `false` or `"auto"`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawLangfuseEnabled {
-    Flag(bool),
-    Word(String),
 }
 
 /// Whether hypertool is to send traces to Langfuse.
@@ -222,31 +139,6 @@ impl PartialEq for LangfuseSettings {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Option<String>,
-    metrics_listen: Option<String>,
-    max_body_bytes: Option<usize>,
-    max_connections: Option<usize>,
-    max_connections_per_client: Option<usize>,
-    max_tokens_per_event: Option<u64>,
-    header_timeout: Option<PromDuration>,
-    body_timeout: Option<PromDuration>,
-    shutdown_grace_seconds: Option<u64>,
-    #[serde(default)]
-    admin_keys: Vec<RawRoleKey>,
-    #[serde(default)]
-    viewer_keys: Vec<RawRoleKey>,
-    metrics_bearer_token_env: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoleKey {
-    key_env: String,
-}
-
 /// The environment variable that adds one admin key without a configuration file.
 pub const ADMIN_KEY_ENV: &str = "HYPERTOOL_ADMIN_KEY";
 
@@ -266,59 +158,6 @@ pub struct AuthSettings {
     pub viewer: Vec<RoleKey>,
     /// The bearer token the metrics listener asks for (`server.metrics_bearer_token_env`).
     pub metrics_token: Option<RoleKey>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLedger {
-    sync: Option<LedgerSync>,
-    on_outage: Option<OnOutage>,
-    outage_buffer_events: Option<usize>,
-    snapshot_interval: Option<PromDuration>,
-    retain_days: Option<u32>,
-    url: Option<String>,
-    ca_file: Option<String>,
-    replica_lease: Option<PromDuration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPersonas {
-    dir: Option<String>,
-    alias_prefixes: Option<Vec<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBudgets {
-    file: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSessions {
-    idle_timeout_seconds: Option<u64>,
-    max_sessions: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLabels {
-    max_values_per_label: Option<usize>,
-    #[serde(default)]
-    chatmodes: Vec<String>,
-    #[serde(default)]
-    models: Vec<String>,
-    #[serde(default)]
-    workflows: Vec<String>,
-    #[serde(default)]
-    stages: Vec<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawReload {
-    interval_ms: Option<u64>,
 }
 
 /// How hard the ledger pushes each batch to disk.
