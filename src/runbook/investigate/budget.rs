@@ -80,23 +80,78 @@ struct AtRisk<'a> {
     resets_at: Option<String>,
 }
 
+/// What every step of the budget investigations reads: the window's usage (the whole window, the
+/// one before it, its last half) and the personas in focus (those at risk; all when none is).
+struct Window<'a> {
+    ev: &'a Evidence,
+    id: AlertId,
+    now: UnixMillis,
+    w: i64,
+    recent: Vec<(UnixMillis, &'a Usage)>,
+    before: Vec<(UnixMillis, &'a Usage)>,
+    half: Vec<(UnixMillis, &'a Usage)>,
+    focus: BTreeSet<String>,
+}
+
+impl Window<'_> {
+    fn in_focus(&self, persona: &str) -> bool {
+        self.focus.is_empty() || self.focus.contains(persona)
+    }
+
+    /// Tokens of the personas in focus in the window.
+    fn window_tokens(&self) -> u64 {
+        self.recent
+            .iter()
+            .filter(|(_, u)| self.in_focus(&u.persona))
+            .map(|(_, u)| u.total_tokens())
+            .sum()
+    }
+}
+
+/// TokenBudgetExceeded, TokenBudgetSoftLimitReached and TokenBudgetDepletionPredicted: the
+/// personas at risk, then each of the runbook's causes checked on their usage.
 pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
-    let now = ev.now;
-    let w = ev.window_ms;
+    let (now, w) = (ev.now, ev.window_ms);
     let mut out = Vec::new();
     let mut scored: Scored = Vec::new();
-    let recent = usages(&ev.events, now - w, now + 1);
-    let before = usages(&ev.events, now - 2 * w, now - w);
-
-    // Usage rate over the last half window, for the forecasts.
     let half = usages(&ev.events, now - w / 2, now + 1);
+    let focus = at_risk(ev, &half, &mut out);
+    let cx = Window {
+        ev,
+        id,
+        now,
+        w,
+        recent: usages(&ev.events, now - w, now + 1),
+        before: usages(&ev.events, now - 2 * w, now - w),
+        half,
+        focus,
+    };
+    by_chatmode_and_model(&cx, &mut out);
+    largest_prompts(&cx, &mut out, &mut scored);
+    repeated_prompts(&cx, &mut out, &mut scored);
+    unplanned_chatmodes(&cx, &mut out, &mut scored);
+    earlier_periods(&cx, &mut out, &mut scored);
+    model_change(&cx, &mut out, &mut scored);
+    let ratio = usage_ratio(&cx, &mut out);
+    if id == AlertId::TokenBudgetDepletionPredicted {
+        active_runs(&cx, &mut out, &mut scored, ratio);
+    }
+    (out, scored)
+}
+
+/// Step 1: Personas over, or heading over, budget (at the pace of the last half window): the finding,
+/// and the personas the other steps look at.
+fn at_risk(
+    ev: &Evidence,
+    half: &[(UnixMillis, &Usage)],
+    out: &mut Vec<Finding>,
+) -> BTreeSet<String> {
+    let (now, w) = (ev.now, ev.window_ms);
     let mut rate_by_persona: HashMap<&str, f64> = HashMap::new();
-    for (_, u) in &half {
+    for (_, u) in half {
         *rate_by_persona.entry(u.persona.as_str()).or_default() += u.total_tokens() as f64;
     }
     let half_secs = (w / 2) as f64 / 1000.0;
-
-    // 1. Personas over, or heading over, budget.
     let mut at_risk = Vec::new();
     for b in &ev.budgets {
         let rate = rate_by_persona
@@ -161,10 +216,13 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         },
         json!(at_risk),
     ));
-    let focus: BTreeSet<String> = at_risk.iter().map(|r| r.persona.to_string()).collect();
-    let in_focus = |p: &str| focus.is_empty() || focus.contains(p);
+    at_risk.iter().map(|r| r.persona.to_string()).collect()
+}
 
-    // 2. Tokens by chatmode and model in the window.
+/// Step 2: Tokens by chatmode and model in the window.
+fn by_chatmode_and_model(cx: &Window<'_>, out: &mut Vec<Finding>) {
+    let Window { recent, .. } = cx;
+    let in_focus = |p: &str| cx.in_focus(p);
     let mut by_group: BTreeMap<(String, String, String), u64> = BTreeMap::new();
     for (_, u) in recent.iter().filter(|(_, u)| in_focus(&u.persona)) {
         *by_group
@@ -192,8 +250,12 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
             .map(|((p, c, m), t)| json!({"persona": p, "chatmode": c, "model": m, "tokens": t}))
             .collect::<Vec<_>>()),
     ));
+}
 
-    // 3. The largest prompts against the median.
+/// Step 3: The largest prompts against the median.
+fn largest_prompts(cx: &Window<'_>, out: &mut Vec<Finding>, scored: &mut Scored) {
+    let Window { recent, .. } = cx;
+    let in_focus = |p: &str| cx.in_focus(p);
     let mut calls: Vec<(UnixMillis, &Usage)> = recent
         .iter()
         .filter(|(_, u)| in_focus(&u.persona) && u.prompt_tokens > 0)
@@ -232,8 +294,13 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         ((bloat - 2.0) / 6.0).max(0.0),
         format!("largest prompt {largest} tokens is {bloat:.1}× the median ({median:.0})"),
     ));
+}
 
-    // 4. Identical prompts repeated: what a cache would have saved.
+/// Step 4: Identical prompts repeated: what a cache would have saved.
+fn repeated_prompts(cx: &Window<'_>, out: &mut Vec<Finding>, scored: &mut Scored) {
+    let Window { ev, recent, .. } = cx;
+    let id = cx.id;
+    let in_focus = |p: &str| cx.in_focus(p);
     let mut repeats: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
     for (_, u) in recent.iter().filter(|(_, u)| in_focus(&u.persona)) {
         if let Some(h) = &u.prompt_hash {
@@ -249,11 +316,7 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
             saved += tokens - tokens / n;
         }
     }
-    let window_tokens: u64 = recent
-        .iter()
-        .filter(|(_, u)| in_focus(&u.persona))
-        .map(|(_, u)| u.total_tokens())
-        .sum();
+    let window_tokens = cx.window_tokens();
     let saved_share = if window_tokens > 0 {
         saved as f64 / window_tokens as f64
     } else {
@@ -284,8 +347,13 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         cache_score,
         format!("{repeated_calls} repeated prompts, {saved} tokens ({}) a cache would have saved; cache {}", pct(saved_share), if ev.cache_enabled { "on" } else { "off" }),
     ));
+}
 
-    // 5. Chatmodes not in the plan.
+/// Step 5: Chatmodes not in the plan.
+fn unplanned_chatmodes(cx: &Window<'_>, out: &mut Vec<Finding>, scored: &mut Scored) {
+    let Window { ev, recent, .. } = cx;
+    let in_focus = |p: &str| cx.in_focus(p);
+    let window_tokens = cx.window_tokens();
     let mut unplanned: BTreeMap<String, u64> = BTreeMap::new();
     for (_, u) in recent.iter().filter(|(_, u)| in_focus(&u.persona)) {
         if !ev.chatmodes.contains(&u.chatmode) {
@@ -328,8 +396,11 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
             pct(unplanned_share)
         ),
     ));
+}
 
-    // 6. Consistent overage in earlier periods.
+/// Step 6: Consistent overage in earlier periods.
+fn earlier_periods(cx: &Window<'_>, out: &mut Vec<Finding>, scored: &mut Scored) {
+    let Window { ev, focus, .. } = cx;
     let mut too_low = (-1.0f64, String::from("no earlier periods recorded"));
     let mut history = Vec::new();
     for b in ev.budgets.iter().filter(|b| focus.contains(&b.persona)) {
@@ -364,8 +435,12 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         json!(history),
     ));
     scored.push(("Budget too low", too_low.0.max(0.0), too_low.1));
+}
 
-    // 7. A recent move to a model that uses more tokens per call.
+/// Step 7: A recent move to a model that uses more tokens per call.
+fn model_change(cx: &Window<'_>, out: &mut Vec<Finding>, scored: &mut Scored) {
+    let Window { recent, before, .. } = cx;
+    let in_focus = |p: &str| cx.in_focus(p);
     let main_model = |calls: &[(UnixMillis, &Usage)]| {
         let mut by: HashMap<&str, (u64, u64)> = HashMap::new();
         for (_, u) in calls.iter().filter(|(_, u)| in_focus(&u.persona)) {
@@ -377,7 +452,7 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
             .max_by_key(|(_, (n, _))| *n)
             .map(|(m, (n, t))| (m.to_string(), t as f64 / n as f64))
     };
-    let (now_model, then_model) = (main_model(&recent), main_model(&before));
+    let (now_model, then_model) = (main_model(recent), main_model(before));
     let (model_score, model_text) = match (&now_model, &then_model) {
         (Some((m1, per1)), Some((m0, per0))) if m1 != m0 => (
             if per1 > per0 {
@@ -400,8 +475,13 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         json!({"now": now_model.as_ref().map(|m| &m.0), "before": then_model.as_ref().map(|m| &m.0)}),
     ));
     scored.push(("Model change", model_score, model_text));
+}
 
-    // 8. The usage ratio: the last half window against the window before it.
+/// Step 8: The usage ratio: the last half window against the window before it; returns it.
+fn usage_ratio(cx: &Window<'_>, out: &mut Vec<Finding>) -> f64 {
+    let Window { ev, half, .. } = cx;
+    let (now, w) = (cx.now, cx.w);
+    let in_focus = |p: &str| cx.in_focus(p);
     let last: u64 = half
         .iter()
         .filter(|(_, u)| in_focus(&u.persona))
@@ -442,44 +522,45 @@ pub(super) fn budget(id: AlertId, ev: &Evidence) -> (Vec<Finding>, Scored) {
         json!({"ratio": ratio.is_finite().then_some(ratio), "last": last, "before": earlier}),
     ));
 
-    if id == AlertId::TokenBudgetDepletionPredicted {
-        let running: Vec<String> = ev
-            .runs
-            .iter()
-            .filter(|r| r.status == crate::core::runs::RunStatus::Running)
-            .filter(|r| {
-                ev.stages.iter().any(|s| {
-                    s.workflow == r.workflow
-                        && s.persona.as_deref().is_some_and(|p| focus.contains(p))
-                })
+    ratio
+}
+
+/// Step 9: (Depletion predicted) Runs of the persona's workflows in progress: an expected spike.
+fn active_runs(cx: &Window<'_>, out: &mut Vec<Finding>, scored: &mut Scored, ratio: f64) {
+    let Window { ev, focus, .. } = cx;
+    let running: Vec<String> = ev
+        .runs
+        .iter()
+        .filter(|r| r.status == crate::core::runs::RunStatus::Running)
+        .filter(|r| {
+            ev.stages.iter().any(|s| {
+                s.workflow == r.workflow && s.persona.as_deref().is_some_and(|p| focus.contains(p))
             })
-            .map(|r| format!("{}/{}", r.workflow, r.id))
-            .collect();
-        out.push(finding(
-            "active runs of the persona's workflows",
-            Status::Info,
-            if running.is_empty() {
-                "none".to_string()
+        })
+        .map(|r| format!("{}/{}", r.workflow, r.id))
+        .collect();
+    out.push(finding(
+        "active runs of the persona's workflows",
+        Status::Info,
+        if running.is_empty() {
+            "none".to_string()
+        } else {
+            running.join(", ")
+        },
+        json!(running),
+    ));
+    let spike = if ratio > 1.5 { 0.5 } else { 0.0 } + if running.is_empty() { 0.0 } else { 0.5 };
+    scored.push((
+        "Expected spike",
+        spike,
+        format!(
+            "{} active run(s); usage ratio {}",
+            running.len(),
+            if ratio.is_finite() {
+                format!("{ratio:.2}")
             } else {
-                running.join(", ")
-            },
-            json!(running),
-        ));
-        let spike =
-            if ratio > 1.5 { 0.5 } else { 0.0 } + if running.is_empty() { 0.0 } else { 0.5 };
-        scored.push((
-            "Expected spike",
-            spike,
-            format!(
-                "{} active run(s); usage ratio {}",
-                running.len(),
-                if ratio.is_finite() {
-                    format!("{ratio:.2}")
-                } else {
-                    "∞".into()
-                }
-            ),
-        ));
-    }
-    (out, scored)
+                "∞".into()
+            }
+        ),
+    ));
 }
