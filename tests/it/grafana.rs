@@ -364,4 +364,86 @@ async fn every_panel_query_returns_data_from_a_live_prometheus() {
         "panels without data:\n{}",
         failed.join("\n")
     );
+
+    runbook_commands_run(dir.path(), &s.api, &s.metrics, &prom).await;
+}
+
+/// Issue 29: every command in `docs/ALERT_RUNBOOK.md`'s shell blocks, run against this seeded
+/// server and Prometheus (`$API`, `$PROM`, the placeholders SESSION, WORKFLOW and the metrics
+/// address replaced): each `hypertool …` is a command the binary takes as written (no usage error),
+/// each `curl` gets a 2xx answer. (The runbook's PromQL is checked by `runbook::queries`.)
+async fn runbook_commands_run(dir: &std::path::Path, api: &str, metrics: &str, prom: &str) {
+    let runbook = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ALERT_RUNBOOK.md"),
+    )
+    .unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let link = bin.join("hypertool");
+    if !link.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hypertool"), &link).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut commands = Vec::new();
+    let mut in_block = false;
+    let mut pending = String::new();
+    for line in runbook.lines() {
+        if line.starts_with("```") {
+            in_block = line == "```bash";
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        // A command's own line, continued with `\`; its comment dropped.
+        let code = line.split(" #").next().unwrap_or("").trim_end();
+        match code.strip_suffix('\\') {
+            Some(head) => pending.push_str(head),
+            None => {
+                pending.push_str(code);
+                let command = std::mem::take(&mut pending);
+                if !command.trim().is_empty() && !command.trim_start().starts_with('#') {
+                    commands.push(command.trim().to_string());
+                }
+            }
+        }
+    }
+    assert!(commands.len() >= 15, "{commands:?}");
+    let metrics_addr = metrics.trim_start_matches("http://");
+    let mut failed = Vec::new();
+    for command in &commands {
+        let script = command
+            .replace("SESSION", "osc")
+            .replace("WORKFLOW", "feature-development")
+            .replace("http://127.0.0.1:9464", &format!("http://{metrics_addr}"))
+            .replacen("curl -s ", "curl -sf ", 1);
+        let out = tokio::process::Command::new("bash")
+            .args(["-o", "pipefail", "-c", &script])
+            .current_dir(dir)
+            .env("PATH", &path)
+            .env("API", api)
+            .env("PROM", prom)
+            .env("HYPERTOOL_SERVER", api)
+            .env("HYPERTOOL_API_KEY", "")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let usage_error = out.status.code() == Some(2)
+            || stderr.contains("unexpected argument")
+            || stderr.contains("unrecognized subcommand");
+        let curl_failed = command.starts_with("curl") && !out.status.success();
+        if usage_error || curl_failed {
+            failed.push(format!("{command}\n  -> {:?}: {stderr}", out.status.code()));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "runbook commands that do not run as written:\n{}",
+        failed.join("\n")
+    );
 }
