@@ -151,6 +151,28 @@ struct GateChange<'a> {
     after: &'a Option<Value>,
 }
 
+/// The verdicts the gate investigation reads: the window's, the failing stages in focus (all when
+/// none fails), each model's (verdicts, passes) on them, and their failed verdicts.
+struct Window<'a> {
+    ev: &'a Evidence,
+    window: Vec<&'a Verdict>,
+    focus: BTreeSet<(String, String)>,
+    by_model: BTreeMap<String, (u64, u64)>,
+    fails: Vec<&'a Verdict>,
+}
+
+impl Window<'_> {
+    fn in_focus(&self, v: &Verdict) -> bool {
+        self.focus.is_empty() || self.focus.contains(&(v.workflow.clone(), v.stage.clone()))
+    }
+
+    fn pass_rate(&self, model: &str) -> Option<f64> {
+        self.by_model.get(model).map(|(n, p)| *p as f64 / *n as f64)
+    }
+}
+
+/// HighQualityGateFailureRate: the failing stages, then each of the runbook's causes checked on
+/// their verdicts.
 pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
     let now = ev.now;
     let all = verdicts(&ev.events);
@@ -160,8 +182,44 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
         .collect();
     let mut out = Vec::new();
     let mut scored: Scored = Vec::new();
+    let focus = failing_stages(ev, &window, &mut out);
+    let mut cx = Window {
+        ev,
+        window,
+        focus,
+        by_model: BTreeMap::new(),
+        fails: Vec::new(),
+    };
+    cx.by_model = pass_rate_by_model(&cx, &mut out);
+    cx.fails = cx
+        .window
+        .iter()
+        .copied()
+        .filter(|v| cx.in_focus(v) && v.result == "fail")
+        .collect();
+    let prompt_issue = failed_criteria(&cx, &mut out);
+    let (latest_change, stricter) = gate_changes(&cx, &mut out);
+    // A criterion failing everywhere right after the gate changed is the change's doing first.
+    if let Some((score, text)) = prompt_issue {
+        let discount = if stricter.0 >= 0.9 { 0.6 } else { 1.0 };
+        scored.push(("Prompt issues", score * discount, text));
+    }
+    scored.push(("Stricter criteria", stricter.0, stricter.1));
+    scored.push(wrong_tier(&cx));
+    scored.push(degradation(&cx, latest_change));
+    // The experiments on the failing stages: a decided one has the fix ready to promote; a stage
+    // with none is where one would measure the alternatives.
+    out.push(experiments_finding(ev, &cx.focus));
+    scored.extend(input_quality(&cx));
+    (out, scored)
+}
 
-    // 1. Failing stages.
+/// Step 1: the stages failing more than the alert's threshold; they are the focus of the rest.
+fn failing_stages(
+    ev: &Evidence,
+    window: &[&Verdict],
+    out: &mut Vec<Finding>,
+) -> BTreeSet<(String, String)> {
     let (by_stage, _) = tally(window.iter().copied());
     let mut failing: Vec<((String, String), u64, u64, f64)> = by_stage
         .iter()
@@ -186,20 +244,19 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
             .map(|((w, s), (n, f))| json!({"workflow": w, "stage": s, "verdicts": n, "failed": f, "failure_rate": *f as f64 / *n as f64}))
             .collect::<Vec<_>>()),
     ));
-    let focus: BTreeSet<(String, String)> = failing.iter().map(|(k, ..)| k.clone()).collect();
-    let in_focus =
-        |v: &Verdict| focus.is_empty() || focus.contains(&(v.workflow.clone(), v.stage.clone()));
+    failing.iter().map(|(k, ..)| k.clone()).collect()
+}
 
-    // 2. Pass rate by model.
+/// Step 2: the pass rate of each model on the stages in focus.
+fn pass_rate_by_model(cx: &Window<'_>, out: &mut Vec<Finding>) -> BTreeMap<String, (u64, u64)> {
     let mut by_model: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for v in window.iter().filter(|v| in_focus(v)) {
+    for v in cx.window.iter().filter(|v| cx.in_focus(v)) {
         let e = by_model.entry(v.model.clone()).or_default();
         e.0 += 1;
         if v.result == "pass" {
             e.1 += 1;
         }
     }
-    let pass_rate = |m: &str| by_model.get(m).map(|(n, p)| *p as f64 / *n as f64);
     out.push(finding(
         "pass rate by model",
         Status::Info,
@@ -211,13 +268,14 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
         json!(by_model.iter().map(|(m, (n, p))| json!({"model": m, "verdicts": n, "passed": p, "pass_rate": *p as f64 / *n as f64})).collect::<Vec<_>>()),
     ));
 
-    // 3. The criteria that fail.
+    by_model
+}
+
+/// Step 3: the criteria that fail, and whether one fails on every model (a prompt issue).
+fn failed_criteria(cx: &Window<'_>, out: &mut Vec<Finding>) -> Option<(f64, String)> {
+    let fails = &cx.fails;
     let mut criteria: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
-    let fails: Vec<&&Verdict> = window
-        .iter()
-        .filter(|v| in_focus(v) && v.result == "fail")
-        .collect();
-    for v in &fails {
+    for v in fails {
         for c in &v.failed {
             let e = criteria.entry(c.clone()).or_default();
             e.0 += 1;
@@ -263,8 +321,13 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
         )
     });
 
-    // 4. Gate changes.
-    let first_fail = fails.iter().map(|v| v.at_ms).min();
+    prompt_issue
+}
+
+/// Step 4: changes of the gates in focus (7 days), and whether one came just before the failures.
+fn gate_changes(cx: &Window<'_>, out: &mut Vec<Finding>) -> (Option<i64>, (f64, String)) {
+    let (ev, focus) = (cx.ev, &cx.focus);
+    let first_fail = cx.fails.iter().map(|v| v.at_ms).min();
     let changes: Vec<GateChange> = ev
         .gate_changes
         .iter()
@@ -327,14 +390,12 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
         ),
         _ => (0.0, "no gate change in 7 days".into()),
     };
-    // A criterion failing everywhere right after the gate changed is the change's doing first.
-    if let Some((score, text)) = prompt_issue {
-        let discount = if stricter.0 >= 0.9 { 0.6 } else { 1.0 };
-        scored.push(("Prompt issues", score * discount, text));
-    }
-    scored.push(("Stricter criteria", stricter.0, stricter.1));
+    (latest_change, stricter)
+}
 
-    // 5. The stage's model against its escalation model.
+/// Step 5: the stage's model against its escalation model.
+fn wrong_tier(cx: &Window<'_>) -> (&'static str, f64, String) {
+    let (ev, focus) = (cx.ev, &cx.focus);
     let mut tier = (
         0.0,
         "no stage with an escalation model among the failing ones".to_string(),
@@ -345,7 +406,7 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
         .filter(|s| focus.contains(&(s.workflow.clone(), s.stage.clone())))
     {
         if let (Some(m), Some(e)) = (&st.model, &st.escalation_model) {
-            if let (Some(rm), Some(re)) = (pass_rate(m), pass_rate(e)) {
+            if let (Some(rm), Some(re)) = (cx.pass_rate(m), cx.pass_rate(e)) {
                 if re - rm > tier.0 {
                     tier = (
                         re - rm,
@@ -361,16 +422,20 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
             }
         }
     }
-    scored.push(("Wrong model tier", tier.0 * 1.5, tier.1));
+    ("Wrong model tier", tier.0 * 1.5, tier.1)
+}
 
-    // 6. A model's pass rate dropping with no gate change: first half of the window vs second.
+/// Step 6: a model's pass rate dropping with no gate change: first half of the window vs second.
+fn degradation(cx: &Window<'_>, latest_change: Option<i64>) -> (&'static str, f64, String) {
+    let (ev, now) = (cx.ev, cx.ev.now);
     let mid = now - ev.window_ms / 2;
     let mut drop = (0.0, "no model's pass rate dropped".to_string());
-    for m in by_model.keys() {
+    for m in cx.by_model.keys() {
         let rate = |from: i64, to: i64| {
-            let vs: Vec<_> = window
+            let vs: Vec<_> = cx
+                .window
                 .iter()
-                .filter(|v| in_focus(v) && &v.model == m && v.at_ms >= from && v.at_ms < to)
+                .filter(|v| cx.in_focus(v) && &v.model == m && v.at_ms >= from && v.at_ms < to)
                 .collect();
             (!vs.is_empty())
                 .then(|| vs.iter().filter(|v| v.result == "pass").count() as f64 / vs.len() as f64)
@@ -393,36 +458,34 @@ pub(super) fn gates(ev: &Evidence) -> (Vec<Finding>, Scored) {
     } else {
         drop.0 * 1.5
     };
-    scored.push(("Model degradation", degradation, drop.1));
+    ("Model degradation", degradation, drop.1)
+}
 
-    // 7. The experiments on the failing stages: a decided one has the fix ready to promote; a
-    // stage with none is where one would measure the alternatives.
-    out.push(experiments_finding(ev, &focus));
-
-    // 8. Failures concentrated in a few runs.
+/// Step 8: failures concentrated in a few runs (the input, not the stage).
+fn input_quality(cx: &Window<'_>) -> Option<(&'static str, f64, String)> {
     let mut by_run: BTreeMap<&str, u64> = BTreeMap::new();
-    for v in &fails {
+    for v in &cx.fails {
         if let Some(r) = &v.run {
             *by_run.entry(r.as_str()).or_default() += 1;
         }
     }
     let with_runs: u64 = by_run.values().sum();
-    if by_run.len() >= 3 {
-        let mut counts: Vec<u64> = by_run.values().copied().collect();
-        counts.sort_unstable_by(|a, b| b.cmp(a));
-        let top_n = (counts.len() / 5).max(1);
-        let share = counts[..top_n].iter().sum::<u64>() as f64 / with_runs as f64;
-        scored.push((
-            "Input quality",
-            (share - 0.5).max(0.0) * 2.0,
-            format!(
-                "{} of the failures are in {top_n} of {} runs",
-                pct(share),
-                counts.len()
-            ),
-        ));
+    if by_run.len() < 3 {
+        return None;
     }
-    (out, scored)
+    let mut counts: Vec<u64> = by_run.values().copied().collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    let top_n = (counts.len() / 5).max(1);
+    let share = counts[..top_n].iter().sum::<u64>() as f64 / with_runs as f64;
+    Some((
+        "Input quality",
+        (share - 0.5).max(0.0) * 2.0,
+        format!(
+            "{} of the failures are in {top_n} of {} runs",
+            pct(share),
+            counts.len()
+        ),
+    ))
 }
 
 /// What the experiments of the failing stages (every stage with one, when none fails) say, and
