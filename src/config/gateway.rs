@@ -470,7 +470,42 @@ impl GatewaySettings {
                 ttl: Duration::from_millis(o.ttl.0.max(0) as u64),
             })
             .collect();
-        for (i, u) in raw.upstreams.into_iter().enumerate() {
+        s.add_upstreams(raw.upstreams, &mut errors);
+        let names = s.add_models(raw.models, &mut errors);
+        for (persona, target) in &raw.downgrade {
+            if !names.contains_key(target) && !target.starts_with("mock/") {
+                errors.push((
+                    format!("gateway.downgrade.{}", super::spans::key(persona)),
+                    format!("`{target}` is not a configured model"),
+                ));
+            }
+        }
+        s.persona_downgrade = raw.downgrade;
+        if let Some(p) = raw.tool_policy {
+            s.tool_policy = p;
+        }
+        if let Some(tools) = raw.agent_tools {
+            s.agent_tools = tools;
+        }
+        s.add_keys(raw.keys, &mut errors);
+        s.ca_file = raw.ca_file;
+        for (tier, model) in raw.tiers {
+            s.tiers.insert(tier, model);
+        }
+        for (tier, model) in &s.tiers {
+            if s.route(model).is_none() {
+                errors.push((
+                    format!("gateway.tiers.{}", tier.as_str()),
+                    format!("`{model}` is not a model in [[gateway.models]] (nor mock/*)"),
+                ));
+            }
+        }
+        (s, errors)
+    }
+
+    /// `[[gateway.upstreams]]`: each base URL, key variable, proxy and timeout checked.
+    fn add_upstreams(&mut self, raw: Vec<RawUpstream>, errors: &mut Vec<(String, String)>) {
+        for (i, u) in raw.into_iter().enumerate() {
             let key = format!("gateway.upstreams[{i}]");
             if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
                 errors.push((
@@ -488,7 +523,7 @@ impl GatewaySettings {
                 .timeout
                 .map(|t| Duration::from_millis(t.0.max(1) as u64))
                 .unwrap_or(Duration::from_secs(120));
-            if s.upstreams.contains_key(&u.name) {
+            if self.upstreams.contains_key(&u.name) {
                 errors.push((
                     format!("{key}.name"),
                     format!("upstream `{}` is defined twice", u.name),
@@ -527,7 +562,7 @@ impl GatewaySettings {
                     "must be an http:// or https:// URL with a host, e.g. http://proxy.internal:3128".into(),
                 ));
             }
-            s.upstreams.insert(
+            self.upstreams.insert(
                 u.name.clone(),
                 UpstreamSettings {
                     name: u.name,
@@ -543,11 +578,20 @@ impl GatewaySettings {
                 },
             );
         }
+    }
+
+    /// `[[gateway.models]]`: each route, its prices, and the models its fallbacks and
+    /// `downgrade_to` name. Returns every name and alias with the model it belongs to.
+    fn add_models(
+        &mut self,
+        raw: Vec<RawModel>,
+        errors: &mut Vec<(String, String)>,
+    ) -> BTreeMap<String, String> {
         let mut names: BTreeMap<String, String> = BTreeMap::new();
-        for (i, m) in raw.models.into_iter().enumerate() {
+        for (i, m) in raw.into_iter().enumerate() {
             let key = format!("gateway.models[{i}]");
-            if m.upstream != MOCK_UPSTREAM && !s.upstreams.contains_key(&m.upstream) {
-                let known: Vec<&str> = s.upstreams.keys().map(String::as_str).collect();
+            if m.upstream != MOCK_UPSTREAM && !self.upstreams.contains_key(&m.upstream) {
+                let known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();
                 errors.push((
                     format!("{key}.upstream"),
                     format!(
@@ -598,7 +642,7 @@ impl GatewaySettings {
                     })
                 }
             };
-            s.models.push(std::sync::Arc::new(ModelRoute {
+            self.models.push(std::sync::Arc::new(ModelRoute {
                 upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
                 name: m.name,
                 aliases: m.aliases,
@@ -610,7 +654,7 @@ impl GatewaySettings {
                 downgrade_to: m.downgrade_to,
             }));
         }
-        for (i, m) in s.models.iter().enumerate() {
+        for (i, m) in self.models.iter().enumerate() {
             // Each target at its own key: `fallbacks[j]` or `downgrade_to`.
             let targets = m
                 .fallbacks
@@ -634,22 +678,12 @@ impl GatewaySettings {
                 }
             }
         }
-        for (persona, target) in &raw.downgrade {
-            if !names.contains_key(target) && !target.starts_with("mock/") {
-                errors.push((
-                    format!("gateway.downgrade.{}", super::spans::key(persona)),
-                    format!("`{target}` is not a configured model"),
-                ));
-            }
-        }
-        s.persona_downgrade = raw.downgrade;
-        if let Some(p) = raw.tool_policy {
-            s.tool_policy = p;
-        }
-        if let Some(tools) = raw.agent_tools {
-            s.agent_tools = tools;
-        }
-        for (i, k) in raw.keys.into_iter().enumerate() {
+        names
+    }
+
+    /// `[[gateway.keys]]`: each key read from its variable, with its persona and limits.
+    fn add_keys(&mut self, raw: Vec<RawKey>, errors: &mut Vec<(String, String)>) {
+        for (i, k) in raw.into_iter().enumerate() {
             let key = format!("gateway.keys[{i}]");
             let limits = RateLimits {
                 requests_per_minute: k.requests_per_minute.and_then(std::num::NonZeroU32::new),
@@ -662,7 +696,7 @@ impl GatewaySettings {
                 ));
             }
             match key_from_env(&k.key_env) {
-                Ok(hash) => s.keys.push(VirtualKey {
+                Ok(hash) => self.keys.push(VirtualKey {
                     hash,
                     key_env: k.key_env,
                     persona: k.persona,
@@ -672,19 +706,6 @@ impl GatewaySettings {
                 Err(message) => errors.push((format!("{key}.key_env"), message)),
             }
         }
-        s.ca_file = raw.ca_file;
-        for (tier, model) in raw.tiers {
-            s.tiers.insert(tier, model);
-        }
-        for (tier, model) in &s.tiers {
-            if s.route(model).is_none() {
-                errors.push((
-                    format!("gateway.tiers.{}", tier.as_str()),
-                    format!("`{model}` is not a model in [[gateway.models]] (nor mock/*)"),
-                ));
-            }
-        }
-        (s, errors)
     }
 
     /// The model a stage's `model`/`escalation_model` names.
