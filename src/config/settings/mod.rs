@@ -489,6 +489,132 @@ fn switching_and_langfuse(
     (switching, langfuse_mode)
 }
 
+/// `[server]`'s listeners, limits and timeouts.
+struct ServerLimits {
+    listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    max_body_bytes: usize,
+    max_connections: usize,
+    max_connections_per_client: usize,
+    max_tokens_per_event: u64,
+    header_timeout: std::time::Duration,
+    body_timeout: std::time::Duration,
+}
+
+fn server_limits(
+    file: &str,
+    spans: &Spans,
+    server: &mut RawServer,
+    errors: &mut Vec<ConfigError>,
+) -> ServerLimits {
+    let mut addr = |key: &str, value: Option<String>, default: &str| -> SocketAddr {
+        let value = value.unwrap_or_else(|| default.to_string());
+        match value.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        spans.line(&format!("server.{key}")),
+                        format!("`server.{key}` = {value:?} is not a socket address"),
+                    )
+                    .fix(format!(
+                        "write an IP and a port, e.g. {key} = \"{default}\""
+                    )),
+                );
+                default
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+            }
+        }
+    };
+    let listen = addr("listen", server.listen.take(), "127.0.0.1:8080");
+    let metrics_listen = addr(
+        "metrics_listen",
+        server.metrics_listen.take(),
+        "127.0.0.1:9464",
+    );
+    let max_body_bytes = server.max_body_bytes.unwrap_or(4 * 1024 * 1024);
+    if max_body_bytes < 1024 {
+        errors.push(
+            ConfigError::new(
+                file,
+                spans.line("server.max_body_bytes"),
+                format!("`server.max_body_bytes` = {max_body_bytes} is too small"),
+            )
+            .fix("use at least 1024 (the default is 4194304)"),
+        );
+    }
+    let max_connections = server.max_connections.unwrap_or(1024);
+    if max_connections == 0 {
+        errors.push(
+            ConfigError::new(
+                file,
+                spans.line("server.max_connections"),
+                "`server.max_connections` = 0 would refuse every client",
+            )
+            .fix("use at least 1 (the default is 1024)"),
+        );
+    }
+    let max_connections_per_client =
+        server
+            .max_connections_per_client
+            .unwrap_or(if max_connections >= 256 {
+                max_connections / 4
+            } else {
+                max_connections
+            });
+    if max_connections_per_client == 0 {
+        errors.push(
+            ConfigError::new(
+                file,
+                spans.line("server.max_connections_per_client"),
+                "`server.max_connections_per_client` = 0 would refuse every client",
+            )
+            .fix("use at least 1 (the default is a quarter of max_connections from 256 on)"),
+        );
+    }
+    let max_tokens_per_event = server.max_tokens_per_event.unwrap_or(1_000_000_000);
+    if max_tokens_per_event == 0 {
+        errors.push(
+            ConfigError::new(
+                file,
+                spans.line("server.max_tokens_per_event"),
+                "`server.max_tokens_per_event` = 0 would refuse every usage event",
+            )
+            .fix("use a positive number (the default is 1000000000)"),
+        );
+    }
+    let mut timeout = |key: &str, value: Option<PromDuration>, default_s: i64| {
+        let d = value.unwrap_or(PromDuration::secs(default_s));
+        if d.ms() < 100 || d.ms() > 3_600_000 {
+            errors.push(
+                ConfigError::new(
+                    file,
+                    spans.line(&format!("server.{key}")),
+                    format!("`server.{key}` = {d} is out of range"),
+                )
+                .fix(format!(
+                    "use from 100ms to 1h (the default is {default_s}s)"
+                )),
+            );
+        }
+        std::time::Duration::from_millis(d.ms().clamp(100, 3_600_000) as u64)
+    };
+    let header_timeout = timeout("header_timeout", server.header_timeout, 10);
+    let body_timeout = timeout("body_timeout", server.body_timeout, 30);
+    ServerLimits {
+        listen,
+        metrics_listen,
+        max_body_bytes,
+        max_connections,
+        max_connections_per_client,
+        max_tokens_per_event,
+        header_timeout,
+        body_timeout,
+    }
+}
+
 /// Most problems one read of a TOML file reports (each further one costs another parse).
 const MAX_TOML_PROBLEMS: usize = 20;
 
@@ -584,102 +710,16 @@ impl Settings {
             alerts: raw.alerts.ca_file.take(),
             mcp: raw.mcp.ca_file.take(),
         };
-        let mut addr = |key: &str, value: Option<String>, default: &str| -> SocketAddr {
-            let value = value.unwrap_or_else(|| default.to_string());
-            match value.parse() {
-                Ok(a) => a,
-                Err(_) => {
-                    errors.push(
-                        ConfigError::new(
-                            file,
-                            spans.line(&format!("server.{key}")),
-                            format!("`server.{key}` = {value:?} is not a socket address"),
-                        )
-                        .fix(format!(
-                            "write an IP and a port, e.g. {key} = \"{default}\""
-                        )),
-                    );
-                    default
-                        .parse()
-                        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
-                }
-            }
-        };
-        let listen = addr("listen", raw.server.listen.take(), "127.0.0.1:8080");
-        let metrics_listen = addr(
-            "metrics_listen",
-            raw.server.metrics_listen.take(),
-            "127.0.0.1:9464",
-        );
-        let max_body_bytes = raw.server.max_body_bytes.unwrap_or(4 * 1024 * 1024);
-        if max_body_bytes < 1024 {
-            errors.push(
-                ConfigError::new(
-                    file,
-                    spans.line("server.max_body_bytes"),
-                    format!("`server.max_body_bytes` = {max_body_bytes} is too small"),
-                )
-                .fix("use at least 1024 (the default is 4194304)"),
-            );
-        }
-        let max_connections = raw.server.max_connections.unwrap_or(1024);
-        if max_connections == 0 {
-            errors.push(
-                ConfigError::new(
-                    file,
-                    spans.line("server.max_connections"),
-                    "`server.max_connections` = 0 would refuse every client",
-                )
-                .fix("use at least 1 (the default is 1024)"),
-            );
-        }
-        let max_connections_per_client =
-            raw.server
-                .max_connections_per_client
-                .unwrap_or(if max_connections >= 256 {
-                    max_connections / 4
-                } else {
-                    max_connections
-                });
-        if max_connections_per_client == 0 {
-            errors.push(
-                ConfigError::new(
-                    file,
-                    spans.line("server.max_connections_per_client"),
-                    "`server.max_connections_per_client` = 0 would refuse every client",
-                )
-                .fix("use at least 1 (the default is a quarter of max_connections from 256 on)"),
-            );
-        }
-        let max_tokens_per_event = raw.server.max_tokens_per_event.unwrap_or(1_000_000_000);
-        if max_tokens_per_event == 0 {
-            errors.push(
-                ConfigError::new(
-                    file,
-                    spans.line("server.max_tokens_per_event"),
-                    "`server.max_tokens_per_event` = 0 would refuse every usage event",
-                )
-                .fix("use a positive number (the default is 1000000000)"),
-            );
-        }
-        let mut timeout = |key: &str, value: Option<PromDuration>, default_s: i64| {
-            let d = value.unwrap_or(PromDuration::secs(default_s));
-            if d.ms() < 100 || d.ms() > 3_600_000 {
-                errors.push(
-                    ConfigError::new(
-                        file,
-                        spans.line(&format!("server.{key}")),
-                        format!("`server.{key}` = {d} is out of range"),
-                    )
-                    .fix(format!(
-                        "use from 100ms to 1h (the default is {default_s}s)"
-                    )),
-                );
-            }
-            std::time::Duration::from_millis(d.ms().clamp(100, 3_600_000) as u64)
-        };
-        let header_timeout = timeout("header_timeout", raw.server.header_timeout, 10);
-        let body_timeout = timeout("body_timeout", raw.server.body_timeout, 30);
+        let ServerLimits {
+            listen,
+            metrics_listen,
+            max_body_bytes,
+            max_connections,
+            max_connections_per_client,
+            max_tokens_per_event,
+            header_timeout,
+            body_timeout,
+        } = server_limits(file, &spans, &mut raw.server, errors);
         let ledger = ledger_settings(file, &spans, &raw.ledger, errors);
         let auth = auth_settings(file, &spans, &raw.server, errors);
         let max_values_per_label = raw.labels.max_values_per_label.unwrap_or(50);
