@@ -37,14 +37,39 @@ pub(super) const SLOW_CAUSES: &[CauseSpec] = &[
     },
 ];
 
+/// A stage still running: (workflow, stage, run, age in seconds, attempts).
+type Running = (String, String, String, f64, u32);
+
+/// SlowWorkflowStage: the slow stages (by p95, or running too long), then each of the runbook's
+/// causes checked on their calls and verdicts.
 pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
     let now = ev.now;
     let from = now - ev.window_ms;
     let mut out = Vec::new();
     let mut scored: Scored = Vec::new();
-    // 1. Durations per stage: the engine's runs (ended stages) and reported `stage` events.
+    let (focus, old) = stage_durations(ev, &mut out);
+    let calls = usages(&ev.events, from, now + 1);
+    let is_focus = |u: &Usage| match (&u.workflow, &u.stage) {
+        (Some(w), Some(s)) => focus.contains(&(w.clone(), s.clone())),
+        _ => false,
+    };
+    let lat = latency_and_sizes(&calls, &is_focus, &mut out, &mut scored);
+    retries(ev, &focus, &mut out, &mut scored);
+    scored.push(model_latency(&calls, &is_focus, &lat));
+    scored.push(bottleneck(now, &calls, &old));
+    (out, scored)
+}
+
+/// Step 1: durations per stage (the engine's runs, ended and running, and reported `stage`
+/// events): the stages in focus, and the ones running longer than the threshold.
+fn stage_durations(
+    ev: &Evidence,
+    out: &mut Vec<Finding>,
+) -> (BTreeSet<(String, String)>, Vec<Running>) {
+    let now = ev.now;
+    let from = now - ev.window_ms;
     let mut durations: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
-    let mut running = Vec::new();
+    let mut running: Vec<Running> = Vec::new();
     for r in &ev.runs {
         for (name, st) in &r.stages {
             match (st.status, st.duration_seconds, st.finished_at) {
@@ -118,10 +143,20 @@ pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
         slow_stages.iter().map(|(k, ..)| k.clone()).collect();
     focus.extend(old.iter().map(|(w, s, ..)| (w.clone(), s.clone())));
 
-    // 2. LLM latency by model, prompt and completion sizes of the stages' calls.
-    let calls = usages(&ev.events, from, now + 1);
+    let old: Vec<Running> = old.into_iter().cloned().collect();
+    (focus, old)
+}
+
+/// Step 2: LLM latency by model (p95), and the prompt and completion sizes of the slow stages'
+/// calls against the other stages'. Returns the latencies.
+fn latency_and_sizes(
+    calls: &[(UnixMillis, &Usage)],
+    is_focus: &dyn Fn(&Usage) -> bool,
+    out: &mut Vec<Finding>,
+    scored: &mut Scored,
+) -> Vec<(String, f64, usize)> {
     let mut latency: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for (_, u) in &calls {
+    for (_, u) in calls {
         if let Some(d) = u.duration_seconds {
             latency.entry(u.model.as_str()).or_default().push(d);
         }
@@ -146,10 +181,6 @@ pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
             .map(|(m, p, n)| json!({"model": m, "p95_seconds": p, "calls": n}))
             .collect::<Vec<_>>()),
     ));
-    let is_focus = |u: &Usage| match (&u.workflow, &u.stage) {
-        (Some(w), Some(s)) => focus.contains(&(w.clone(), s.clone())),
-        _ => false,
-    };
     let mut prompts_in: Vec<f64> = calls
         .iter()
         .filter(|(_, u)| is_focus(u))
@@ -196,7 +227,17 @@ pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
         format!("median completion {cm:.0} tokens"),
     ));
 
-    // 3. Retries and escalations.
+    lat
+}
+
+/// Step 3: retries and escalations of the slow stages' gate verdicts.
+fn retries(
+    ev: &Evidence,
+    focus: &BTreeSet<(String, String)>,
+    out: &mut Vec<Finding>,
+    scored: &mut Scored,
+) {
+    let from = ev.now - ev.window_ms;
     let verdicts = verdicts(&ev.events);
     let focus_verdicts: Vec<_> = verdicts
         .iter()
@@ -237,8 +278,14 @@ pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
         share * 1.5,
         format!("{} of the verdicts were retries", pct(share)),
     ));
+}
 
-    // Model latency: the slow stages' models slow everywhere.
+/// Model latency: the slow stages' models slow everywhere.
+fn model_latency(
+    calls: &[(UnixMillis, &Usage)],
+    is_focus: &dyn Fn(&Usage) -> bool,
+    lat: &[(String, f64, usize)],
+) -> (&'static str, f64, String) {
     let stage_models: BTreeSet<&str> = calls
         .iter()
         .filter(|(_, u)| is_focus(u))
@@ -249,13 +296,19 @@ pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
         .filter(|(m, ..)| stage_models.contains(m.as_str()))
         .map(|(_, p, _)| *p)
         .fold(0.0, f64::max);
-    scored.push((
+    (
         "Model latency",
         (slowest / 60.0).min(1.0),
         format!("the slow stages' models take up to {slowest:.1}s per call (p95)"),
-    ));
+    )
+}
 
-    // Sequential bottleneck: old running stages with few recent calls.
+/// Sequential bottleneck: old running stages with few recent calls.
+fn bottleneck(
+    now: UnixMillis,
+    calls: &[(UnixMillis, &Usage)],
+    old: &[Running],
+) -> (&'static str, f64, String) {
     let idle: Vec<String> = old
         .iter()
         .filter(|(w, s, r, ..)| {
@@ -272,7 +325,7 @@ pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
         })
         .map(|(w, s, r, age, _)| format!("{w}/{s} run {r} open {age:.0}s"))
         .collect();
-    scored.push((
+    (
         "Sequential bottleneck",
         if idle.is_empty() { 0.0 } else { 0.8 },
         if idle.is_empty() {
@@ -283,6 +336,5 @@ pub(super) fn slow(ev: &Evidence) -> (Vec<Finding>, Scored) {
                 idle.join(", ")
             )
         },
-    ));
-    (out, scored)
+    )
 }
