@@ -180,8 +180,20 @@ pub(crate) fn check(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    match config::load(&source) {
+    let (loaded, warnings) = config::load_checked(&source);
+    // Allowed but likely not meant: said whether or not there are problems.
+    let warn = |to_stderr: bool| {
+        for w in &warnings {
+            if to_stderr {
+                errln!("warning: {w}");
+            } else {
+                outln!("warning: {w}");
+            }
+        }
+    };
+    match loaded {
         Ok(cfg) => {
+            warn(false);
             outln!(
                 "{}: ok ({} personas, {} budgets, {} workflows, {} chatmodes)",
                 source.describe(),
@@ -248,6 +260,7 @@ pub(crate) fn check(path: Option<PathBuf>) -> ExitCode {
             }
             let all = config::ConfigErrors(all);
             errln!("{all}");
+            warn(true);
             errln!("{}", problem_summary(&all));
             ExitCode::from(1)
         }

@@ -362,7 +362,20 @@ pub fn current_fingerprint(source: &Source) -> Option<u64> {
 /// Reads and validates everything.
 pub fn load(source: &Source) -> Result<Config, ConfigErrors> {
     let (files, settings, errors) = read_files(source).map_err(ConfigErrors)?;
-    with_read_errors(errors, build(source, files, settings))
+    with_read_errors(errors, build(source, files, settings, &mut Vec::new()))
+}
+
+/// What `hypertool check` says: the configuration or every problem, and the warnings (what is
+/// allowed but likely not meant: a persona without a budget), found whether or not there are
+/// problems.
+pub fn load_checked(source: &Source) -> (Result<Config, ConfigErrors>, Vec<ConfigError>) {
+    let (files, settings, errors) = match read_files(source) {
+        Ok(read) => read,
+        Err(errors) => return (Err(ConfigErrors(errors)), Vec::new()),
+    };
+    let mut warnings = Vec::new();
+    let built = build(source, files, settings, &mut warnings);
+    (with_read_errors(errors, built), warnings)
 }
 
 /// The problems found reading the files, then those found checking them together.
@@ -402,10 +415,15 @@ pub fn load_with_workflow(
         .fix("name a file in the configuration's workflows directory")]));
     };
     file.2 = text.to_string();
-    with_read_errors(errors, build(source, files, settings))
+    with_read_errors(errors, build(source, files, settings, &mut Vec::new()))
 }
 
-fn build(source: &Source, files: Files, settings: Settings) -> Result<Config, ConfigErrors> {
+fn build(
+    source: &Source,
+    files: Files,
+    settings: Settings,
+    warnings: &mut Vec<ConfigError>,
+) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut personas: Vec<Persona> = Vec::new();
     let mut names: HashMap<String, String> = HashMap::new();
@@ -447,6 +465,30 @@ fn build(source: &Source, files: Files, settings: Settings) -> Result<Config, Co
                 BTreeMap::new()
             }
         };
+    // A persona without a budget is counted, not limited: allowed, but rarely meant.
+    for (display, _, text) in &files.personas {
+        let name = registry
+            .iter()
+            .find(|p| {
+                p.source
+                    .as_ref()
+                    .is_some_and(|s| s.display().to_string() == *display)
+            })
+            .map(|p| p.name.clone());
+        if let Some(name) = name.filter(|n| !budgets.contains_key(n)) {
+            warnings.push(
+                ConfigError::new(
+                    display.clone(),
+                    spans::Spans::yaml(text).line("name"),
+                    format!("persona `{name}` has no budget: its spend is counted, never limited, and TokenBudgetExceeded cannot fire for it"),
+                )
+                .fix(format!(
+                    "give it `tokenBudget` in its file or an entry `{name}: {{tokens: N}}` under `personas:` in {}",
+                    files.budgets.0
+                )),
+            );
+        }
+    }
     let rate_limits = budgets::resolve_rate_limits(files.budgets.1.as_deref(), &registry);
     for (i, key) in settings.gateway.keys.iter().enumerate() {
         if registry.get(&key.persona).is_none() {

@@ -514,6 +514,12 @@ fn check_reports_every_problem_of_every_file_in_one_run() {
     )
     .unwrap();
 
+    // A persona without a budget (allowed: counted, never limited): a warning at its file.
+    std::fs::write(
+        config.join("personas/unbudgeted.json"),
+        "{\n  \"name\": \"unbudgeted\",\n  \"description\": \"no tokenBudget\"\n}\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"))
         .args(["check", "--config"])
         .arg(&toml)
@@ -540,6 +546,14 @@ fn check_reports_every_problem_of_every_file_in_one_run() {
     at(workflow, model, "nowhere-model");
     at("budgets.yml", budget, "nobody-at-all");
     at("chatmodes.yml", chatmodes, "");
+    let unbudgeted = format!(
+        "warning: {}:2: persona `unbudgeted` has no budget",
+        config.join("personas/unbudgeted.json").display()
+    );
+    assert!(
+        stderr.contains(&unbudgeted),
+        "{unbudgeted} missing:\n{stderr}"
+    );
     let summary = stderr.lines().last().unwrap();
     assert!(
         summary.starts_with("9 problems: 5 in ") && summary.contains("hypertool.toml"),
@@ -551,4 +565,97 @@ fn check_reports_every_problem_of_every_file_in_one_run() {
             "{summary}"
         );
     }
+}
+
+/// Issue 29: every commented example of the shipped hypertool.toml works when uncommented as it
+/// stands — each paragraph's commented settings together (a `[[table]]` with its keys), with the
+/// variables it names set and the files it names present.
+#[test]
+fn every_commented_example_of_the_shipped_configuration_works_uncommented() {
+    let setting = |l: &str| {
+        let Some(rest) = l.strip_prefix("# ") else {
+            return false;
+        };
+        let header = rest.trim_end().starts_with('[')
+            && rest.trim_end().ends_with(']')
+            && !rest.contains(", ");
+        let key = rest.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        });
+        header || key
+    };
+    let lines: Vec<&str> = SHIPPED.lines().collect();
+    // Paragraphs (runs of non-blank lines) holding commented settings.
+    let mut paragraphs: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if l.trim().is_empty() {
+            if !current.is_empty() {
+                paragraphs.push(std::mem::take(&mut current));
+            }
+        } else if setting(l) {
+            current.push(i);
+        }
+    }
+    if !current.is_empty() {
+        paragraphs.push(current);
+    }
+    assert!(paragraphs.len() >= 8, "{} examples", paragraphs.len());
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let mut failed = Vec::new();
+    for paragraph in &paragraphs {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = crate::common::config_copy(dir.path());
+        let config = toml.parent().unwrap();
+        let mut edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        let mut env = Vec::new();
+        for &i in paragraph {
+            // The example itself, its trailing comment kept.
+            let line = lines[i].strip_prefix("# ").unwrap();
+            edited[i] = line.to_string();
+            let value = line
+                .split_once(" = ")
+                .map(|(_, v)| v.split(" #").next().unwrap().trim());
+            let quoted = value
+                .and_then(|v| v.strip_prefix('"'))
+                .and_then(|v| v.strip_suffix('"'));
+            if let (Some(key), Some(v)) = (line.split(" = ").next(), quoted) {
+                if key.ends_with("_env") {
+                    env.push(v.to_string());
+                }
+                if key == "ca_file" {
+                    std::fs::write(config.join(v), &ca).unwrap();
+                }
+                if key == "servers" {
+                    std::fs::write(config.join(v), "{\"mcpServers\": {}}").unwrap();
+                }
+            }
+        }
+        std::fs::write(&toml, edited.join("\n") + "\n").unwrap();
+        let mut check = std::process::Command::new(env!("CARGO_BIN_EXE_hypertool"));
+        check.args(["check", "--config"]).arg(&toml);
+        for name in &env {
+            check.env(name, "an-example-key-of-forty-characters-0123456789");
+        }
+        let out = check.output().unwrap();
+        if !out.status.success() {
+            failed.push(format!(
+                "lines {:?}:\n{}{}",
+                paragraph.iter().map(|i| i + 1).collect::<Vec<_>>(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "commented examples that do not work uncommented:\n{}",
+        failed.join("\n")
+    );
 }
