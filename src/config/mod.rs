@@ -224,120 +224,14 @@ fn read_files(source: &Source) -> Result<(Files, Settings, Vec<ConfigError>), Ve
             if let Some(servers) = settings.mcp.servers.take() {
                 settings.mcp.servers = Some(base.join(servers));
             }
-            // Trust: `[tls] ca_file` for every outbound client, a section's own `ca_file` instead.
-            let mut read_ca = |section: &str, file: &str| -> crate::tls::Trust {
-                let path = base.join(file);
-                let loaded = std::fs::read(&path)
-                    .map_err(|e| format!("cannot be read ({e})"))
-                    .and_then(|bytes| crate::tls::read_ca_file(&bytes));
-                match loaded {
-                    Ok(certs) => crate::tls::Trust::new(certs),
-                    Err(why) => {
-                        errors.push(
-                            ConfigError::new(
-                                display.clone(),
-                                toml_spans.line(&format!("{section}.ca_file")),
-                                format!("{section}.ca_file {}: {why}", path.display()),
-                            )
-                            .fix(format!(
-                                "point `{section}.ca_file` at a PEM file of CA certificates"
-                            )),
-                        );
-                        crate::tls::Trust::default()
-                    }
-                }
-            };
-            let files = settings.trust_files.clone();
-            let mut own =
-                |section: &str, file: &Option<String>| file.as_deref().map(|f| read_ca(section, f));
-            let shared = own("tls", &files.shared).unwrap_or_default();
-            let gateway = own("gateway", &settings.gateway.ca_file.clone());
-            let trust = settings::TrustSettings {
-                ledger: own("ledger", &files.ledger).unwrap_or_else(|| shared.clone()),
-                cache: own("gateway.cache", &files.cache).unwrap_or_else(|| shared.clone()),
-                langfuse: own("langfuse", &files.langfuse).unwrap_or_else(|| shared.clone()),
-                tracing: own("tracing", &files.tracing).unwrap_or_else(|| shared.clone()),
-                alerts: own("alerts", &files.alerts).unwrap_or_else(|| shared.clone()),
-                mcp: own("mcp", &files.mcp).unwrap_or_else(|| shared.clone()),
-                config_dir: Some(base.to_path_buf()),
-                shared: shared.clone(),
-            };
-            settings.gateway.extra_roots = gateway.unwrap_or(shared).extra;
-            settings.gateway.cache.trust = trust.cache.clone();
-            settings.alerts.delivery.trust = trust.alerts.clone();
-            settings.trust = trust;
-            let dir = base.join(&settings.personas_dir);
-            let mut personas = Vec::new();
-            match std::fs::read_dir(&dir) {
-                Ok(entries) => {
-                    let mut paths: Vec<PathBuf> = entries
-                        .filter_map(|e| e.ok().map(|e| e.path()))
-                        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                        .collect();
-                    paths.sort();
-                    for p in paths {
-                        match read(&p) {
-                            Ok(t) => personas.push((p.display().to_string(), Some(p), t)),
-                            Err(e) => errors.push(e),
-                        }
-                    }
-                }
-                Err(e) => errors.push(
-                    ConfigError::new(
-                        display.clone(),
-                        toml_spans.line("personas.dir"),
-                        format!("cannot read persona directory {}: {e}", dir.display()),
-                    )
-                    .fix("create the directory or point `personas.dir` at one"),
-                ),
-            }
+            read_trust(base, &display, &toml_spans, &mut settings, &mut errors);
+            let personas = read_personas(base, &display, &toml_spans, &settings, &mut errors);
             let budgets_path = base.join(&settings.budgets_file);
             let budgets_text = read_optional(&budgets_path, &mut errors);
-            // Workflows are optional: no directory means no workflows.
-            let workflows_dir = base.join(&settings.workflows_dir);
-            let mut workflows = Vec::new();
-            if let Ok(entries) = std::fs::read_dir(&workflows_dir) {
-                let mut paths: Vec<PathBuf> = entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
-                    .collect();
-                paths.sort();
-                for p in paths {
-                    let stem = p
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    match read(&p) {
-                        Ok(t) => workflows.push((p.display().to_string(), stem, t)),
-                        Err(e) => errors.push(e),
-                    }
-                }
-            }
+            let workflows = read_workflows(&base.join(&settings.workflows_dir), &mut errors);
             let chatmodes_path = base.join(&settings.chatmodes_file);
             let chatmodes_text = read_optional(&chatmodes_path, &mut errors);
-            // Prompts are optional too; each is named as a workflow names it: `<dir>/<file>`.
-            let mut prompts = BTreeMap::new();
-            let prompts_dir = base.join(&settings.prompts_dir);
-            if let Ok(entries) = std::fs::read_dir(&prompts_dir) {
-                for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-                    if !p.is_file() {
-                        continue;
-                    }
-                    let name = format!(
-                        "{}/{}",
-                        settings.prompts_dir.trim_end_matches('/'),
-                        p.file_name()
-                            .map(|n| n.to_string_lossy())
-                            .unwrap_or_default()
-                    );
-                    match read(&p) {
-                        Ok(t) => {
-                            prompts.insert(name, t);
-                        }
-                        Err(e) => errors.push(e),
-                    }
-                }
-            }
+            let prompts = read_prompts(base, &settings.prompts_dir, &mut errors);
             Ok((
                 Files {
                     toml: (display, text),
@@ -352,6 +246,152 @@ fn read_files(source: &Source) -> Result<(Files, Settings, Vec<ConfigError>), Ve
             ))
         }
     }
+}
+
+/// The trust of each outbound client: `[tls] ca_file` for all, a section's own `ca_file` instead;
+/// a file that cannot be read or holds no certificate is a problem at its `ca_file`'s line.
+fn read_trust(
+    base: &Path,
+    display: &str,
+    toml_spans: &spans::Spans,
+    settings: &mut Settings,
+    errors: &mut Vec<ConfigError>,
+) {
+    // Trust: `[tls] ca_file` for every outbound client, a section's own `ca_file` instead.
+    let mut read_ca = |section: &str, file: &str| -> crate::tls::Trust {
+        let path = base.join(file);
+        let loaded = std::fs::read(&path)
+            .map_err(|e| format!("cannot be read ({e})"))
+            .and_then(|bytes| crate::tls::read_ca_file(&bytes));
+        match loaded {
+            Ok(certs) => crate::tls::Trust::new(certs),
+            Err(why) => {
+                errors.push(
+                    ConfigError::new(
+                        display,
+                        toml_spans.line(&format!("{section}.ca_file")),
+                        format!("{section}.ca_file {}: {why}", path.display()),
+                    )
+                    .fix(format!(
+                        "point `{section}.ca_file` at a PEM file of CA certificates"
+                    )),
+                );
+                crate::tls::Trust::default()
+            }
+        }
+    };
+    let files = settings.trust_files.clone();
+    let mut own =
+        |section: &str, file: &Option<String>| file.as_deref().map(|f| read_ca(section, f));
+    let shared = own("tls", &files.shared).unwrap_or_default();
+    let gateway = own("gateway", &settings.gateway.ca_file.clone());
+    let trust = settings::TrustSettings {
+        ledger: own("ledger", &files.ledger).unwrap_or_else(|| shared.clone()),
+        cache: own("gateway.cache", &files.cache).unwrap_or_else(|| shared.clone()),
+        langfuse: own("langfuse", &files.langfuse).unwrap_or_else(|| shared.clone()),
+        tracing: own("tracing", &files.tracing).unwrap_or_else(|| shared.clone()),
+        alerts: own("alerts", &files.alerts).unwrap_or_else(|| shared.clone()),
+        mcp: own("mcp", &files.mcp).unwrap_or_else(|| shared.clone()),
+        config_dir: Some(base.to_path_buf()),
+        shared: shared.clone(),
+    };
+    settings.gateway.extra_roots = gateway.unwrap_or(shared).extra;
+    settings.gateway.cache.trust = trust.cache.clone();
+    settings.alerts.delivery.trust = trust.alerts.clone();
+    settings.trust = trust;
+}
+
+/// The persona files (`*.json`) of `personas.dir`, in name order.
+fn read_personas(
+    base: &Path,
+    display: &str,
+    toml_spans: &spans::Spans,
+    settings: &Settings,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(String, Option<PathBuf>, String)> {
+    let dir = base.join(&settings.personas_dir);
+    let mut personas = Vec::new();
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            paths.sort();
+            for p in paths {
+                match read(&p) {
+                    Ok(t) => personas.push((p.display().to_string(), Some(p), t)),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        Err(e) => errors.push(
+            ConfigError::new(
+                display,
+                toml_spans.line("personas.dir"),
+                format!("cannot read persona directory {}: {e}", dir.display()),
+            )
+            .fix("create the directory or point `personas.dir` at one"),
+        ),
+    }
+    personas
+}
+
+/// The workflow files (`*.yml`, `*.yaml`) of `dir` with their stems, in name order; no directory:
+/// no workflows.
+fn read_workflows(dir: &Path, errors: &mut Vec<ConfigError>) -> Vec<(String, String, String)> {
+    // Workflows are optional: no directory means no workflows.
+    let mut workflows = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match read(&p) {
+                Ok(t) => workflows.push((p.display().to_string(), stem, t)),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    workflows
+}
+
+/// The prompt files of `prompts_dir` (relative to `base`), each named as a workflow names it:
+/// `<dir>/<file>`.
+fn read_prompts(
+    base: &Path,
+    prompts_dir: &str,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, String> {
+    // Prompts are optional too.
+    let mut prompts = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(base.join(prompts_dir)) {
+        for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            if !p.is_file() {
+                continue;
+            }
+            let name = format!(
+                "{}/{}",
+                prompts_dir.trim_end_matches('/'),
+                p.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            );
+            match read(&p) {
+                Ok(t) => {
+                    prompts.insert(name, t);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    prompts
 }
 
 /// Cheap change detection for hot reload: the fingerprint of the files as they are now.
