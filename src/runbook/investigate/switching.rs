@@ -37,56 +37,93 @@ pub(super) const SWITCH_CAUSES: &[CauseSpec] = &[
     },
 ];
 
-pub(super) fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
-    let now = ev.now;
-    let from = now - ev.window_ms;
-    let mut out = Vec::new();
-    let mut scored: Scored = Vec::new();
-    // Explicit switches are events; inferred ones are a session's calls changing persona.
-    let mut matrix: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let mut by_chatmode: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut explicit, mut inferred, mut calls, mut suppressed) = (0u64, 0u64, 0u64, 0u64);
-    let mut last_persona: HashMap<&str, &str> = HashMap::new();
-    let mut stage_starts = 0u64;
-    for s in &ev.events {
-        let counted = s.at >= from;
-        match &s.event {
-            Event::PersonaSwitch(p) => {
-                if let Some(f) = p.from.as_deref() {
-                    if counted && f != p.to {
-                        explicit += 1;
-                        *matrix.entry((f.to_string(), p.to.clone())).or_default() += 1;
-                        *by_chatmode.entry(p.chatmode.clone()).or_default() += 1;
+/// The switches of the window: explicit ones are events; inferred ones are a session's calls
+/// changing persona.
+#[derive(Default)]
+struct Switches {
+    /// (from, to) → switches.
+    matrix: BTreeMap<(String, String), u64>,
+    by_chatmode: BTreeMap<String, u64>,
+    explicit: u64,
+    inferred: u64,
+    calls: u64,
+    suppressed: u64,
+    stage_starts: u64,
+}
+
+impl Switches {
+    fn of(ev: &Evidence, from: UnixMillis) -> Switches {
+        let mut sw = Switches::default();
+        let mut last_persona: HashMap<&str, &str> = HashMap::new();
+        for s in &ev.events {
+            let counted = s.at >= from;
+            match &s.event {
+                Event::PersonaSwitch(p) => {
+                    if let Some(f) = p.from.as_deref() {
+                        if counted && f != p.to {
+                            sw.explicit += 1;
+                            *sw.matrix.entry((f.to_string(), p.to.clone())).or_default() += 1;
+                            *sw.by_chatmode.entry(p.chatmode.clone()).or_default() += 1;
+                        }
                     }
+                    last_persona.insert(p.session.as_str(), p.to.as_str());
                 }
-                last_persona.insert(p.session.as_str(), p.to.as_str());
-            }
-            Event::Usage(u) => {
-                if counted {
-                    calls += 1;
-                }
-                if let Some(session) = u.session.as_deref() {
-                    if let Some(prev) = last_persona.insert(session, u.persona.as_str()) {
-                        if prev != u.persona && counted {
-                            inferred += 1;
-                            *matrix
-                                .entry((prev.to_string(), u.persona.clone()))
-                                .or_default() += 1;
-                            *by_chatmode.entry(u.chatmode.clone()).or_default() += 1;
+                Event::Usage(u) => {
+                    if counted {
+                        sw.calls += 1;
+                    }
+                    if let Some(session) = u.session.as_deref() {
+                        if let Some(prev) = last_persona.insert(session, u.persona.as_str()) {
+                            if prev != u.persona && counted {
+                                sw.inferred += 1;
+                                *sw.matrix
+                                    .entry((prev.to_string(), u.persona.clone()))
+                                    .or_default() += 1;
+                                *sw.by_chatmode.entry(u.chatmode.clone()).or_default() += 1;
+                            }
                         }
                     }
                 }
+                Event::SwitchSuppressed { .. } if counted => sw.suppressed += 1,
+                Event::StageStarted { .. } if counted => sw.stage_starts += 1,
+                _ => {}
             }
-            Event::SwitchSuppressed { .. } if counted => suppressed += 1,
-            Event::StageStarted { .. } if counted => stage_starts += 1,
-            _ => {}
         }
+        sw
     }
-    let switches = explicit + inferred;
+
+    fn total(&self) -> u64 {
+        self.explicit + self.inferred
+    }
+}
+
+/// ExcessivePersonaSwitching: the transition matrix, the oscillating sessions and the switches per
+/// call, then each of the runbook's causes.
+pub(super) fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
+    let from = ev.now - ev.window_ms;
+    let sw = Switches::of(ev, from);
+    let (oscillations, sessions) = oscillating_sessions(ev, from);
+    let per_call = if sw.calls > 0 {
+        sw.total() as f64 / sw.calls as f64
+    } else {
+        0.0
+    };
+    let out = vec![
+        transition_matrix(ev, &sw),
+        oscillations,
+        per_call_finding(&sw, per_call),
+    ];
+    (out, causes(&sw, sessions, per_call))
+}
+
+/// From → to, with the switches' rate against the alert's threshold.
+fn transition_matrix(ev: &Evidence, sw: &Switches) -> Finding {
+    let (explicit, inferred, matrix) = (sw.explicit, sw.inferred, &sw.matrix);
+    let switches = sw.total();
     let secs = ev.window_ms as f64 / 1000.0;
     let mut cells: Vec<_> = matrix.iter().collect();
     cells.sort_by(|a, b| b.1.cmp(a.1));
-    out.push(finding(
+    finding(
         "transition matrix",
         if switches as f64 / secs > ev.switch_threshold { Status::Fail } else { Status::Info },
         format!(
@@ -95,7 +132,12 @@ pub(super) fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
             if cells.is_empty() { String::new() } else { format!(": {}", cells.iter().take(6).map(|((f, t), n)| format!("{f}→{t} {n}")).collect::<Vec<_>>().join(", ")) }
         ),
         json!(cells.iter().map(|((f, t), n)| json!({"from": f, "to": t, "switches": n})).collect::<Vec<_>>()),
-    ));
+    )
+}
+
+/// The sessions that oscillated in the window (A→B→A→B), per session its chatmode and pair;
+/// and how many there are.
+fn oscillating_sessions(ev: &Evidence, from: UnixMillis) -> (Finding, usize) {
     let oscillating: Vec<_> = ev.oscillations.iter().filter(|o| o.0 >= from).collect();
     let sessions: BTreeSet<&str> = oscillating.iter().map(|o| o.1.as_str()).collect();
     // Per session: its chatmode, the pair, how many oscillations.
@@ -108,7 +150,7 @@ pub(super) fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
             .or_insert((o.2.as_str(), pair, 0))
             .2 += 1;
     }
-    out.push(finding(
+    let found = finding(
         "oscillating sessions",
         if sessions.is_empty() {
             Status::Ok
@@ -135,22 +177,34 @@ pub(super) fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
                 |o| json!({"at": to_rfc3339(o.0), "session": o.1, "chatmode": o.2, "personas": o.3})
             )
             .collect::<Vec<_>>()),
-    ));
-    let per_call = if calls > 0 {
-        switches as f64 / calls as f64
-    } else {
-        0.0
-    };
-    out.push(finding(
+    );
+    (found, sessions.len())
+}
+
+fn per_call_finding(sw: &Switches, per_call: f64) -> Finding {
+    let (switches, calls, suppressed) = (sw.total(), sw.calls, sw.suppressed);
+    finding(
         "switches per call",
         if per_call >= 0.5 { Status::Warn } else { Status::Info },
         format!("{per_call:.2} ({switches} switches, {calls} calls); {suppressed} refused by the switch policy"),
         json!({"switches": switches, "calls": calls, "suppressed": suppressed}),
-    ));
-    // Causes.
+    )
+}
+
+/// The runbook's causes, scored from the switches.
+fn causes(sw: &Switches, sessions: usize, per_call: f64) -> Scored {
+    let (explicit, inferred, matrix, by_chatmode, stage_starts) = (
+        sw.explicit,
+        sw.inferred,
+        &sw.matrix,
+        &sw.by_chatmode,
+        sw.stage_starts,
+    );
+    let switches = sw.total();
+    let mut scored: Scored = Vec::new();
     let pair_share = {
         let mut pairs: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for ((f, t), n) in &matrix {
+        for ((f, t), n) in matrix {
             let key = if f < t {
                 (f.clone(), t.clone())
             } else {
@@ -165,14 +219,14 @@ pub(super) fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
     };
     scored.push((
         "Infinite loop",
-        if sessions.is_empty() {
+        if sessions == 0 {
             pair_share * 0.5
         } else {
             0.5 + pair_share * 0.5
         },
         format!(
             "{} oscillating session(s); the busiest pair holds {} of the switches",
-            sessions.len(),
+            sessions,
             pct(pair_share)
         ),
     ));
@@ -225,5 +279,5 @@ pub(super) fn switching(ev: &Evidence) -> (Vec<Finding>, Scored) {
         if per_stage <= 1.5 { 0.8 } else { 0.0 },
         format!("{switches} switches for {stage_starts} stage starts"),
     ));
-    (out, scored)
+    scored
 }
