@@ -73,6 +73,47 @@ fn sha256_base64(text: &str) -> String {
 
 const HOUR_MS: i64 = 3_600_000;
 
+/// One persona's budget on the dashboard: its bar, its burn-down (what remained at the end of each
+/// hour of the period, 48 h at most) and the time it runs out at the pace of the last hour.
+fn persona_budget(
+    persona: &str,
+    b: &crate::core::budget::BudgetState,
+    now: i64,
+    cost: f64,
+    unpriced: f64,
+) -> Value {
+    let start = b.period_start().max(now - 48 * HOUR_MS);
+    let mut burn = Vec::new();
+    let mut hour = start - start.rem_euclid(HOUR_MS);
+    let before = b.used_tokens() as i64 - b.usage_between(start, now + 1) as i64;
+    let mut used = before.max(0);
+    burn.push(json!({"at": to_rfc3339(start), "remaining": b.spec.tokens as i64 - used}));
+    while hour < now {
+        let next = (hour + HOUR_MS).min(now);
+        used += b.usage_between(hour, hour + HOUR_MS) as i64;
+        burn.push(json!({"at": to_rfc3339(next), "remaining": b.spec.tokens as i64 - used}));
+        hour += HOUR_MS;
+    }
+    let last_hour = b.usage_between(now - HOUR_MS, now + 1) as f64;
+    let remaining = b.remaining_tokens();
+    let depletion = (last_hour > 0.0 && remaining > 0)
+        .then(|| now + (remaining as f64 / last_hour * HOUR_MS as f64) as i64);
+    json!({
+        "persona": persona,
+        "limit": b.spec.tokens,
+        "used": b.used_tokens(),
+        "remaining": remaining,
+        "soft_limit": b.soft_limit_tokens(),
+        "period": b.spec.period.as_str(),
+        "mode": b.spec.mode.as_str(),
+        "resets_at": b.resets_at().map(to_rfc3339),
+        "depletion_at": depletion.map(to_rfc3339),
+        "cost_usd": cost,
+        "unpriced_tokens": unpriced,
+        "burn": burn,
+    })
+}
+
 /// `GET /api/dashboard`.
 pub async fn data(State(state): State<AppState>) -> Json<Value> {
     let now = state.clock.now_ms();
@@ -107,38 +148,9 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
         .budgets()
         .iter()
         .map(|(persona, b)| {
-            let start = b.period_start().max(now - 48 * HOUR_MS);
-            let mut burn = Vec::new();
-            let mut hour = start - start.rem_euclid(HOUR_MS);
-            let before = b.used_tokens() as i64 - b.usage_between(start, now + 1) as i64;
-            let mut used = before.max(0);
-            burn.push(json!({"at": to_rfc3339(start), "remaining": b.spec.tokens as i64 - used}));
-            while hour < now {
-                let next = (hour + HOUR_MS).min(now);
-                used += b.usage_between(hour, hour + HOUR_MS) as i64;
-                burn.push(
-                    json!({"at": to_rfc3339(next), "remaining": b.spec.tokens as i64 - used}),
-                );
-                hour += HOUR_MS;
-            }
-            let last_hour = b.usage_between(now - HOUR_MS, now + 1) as f64;
-            let remaining = b.remaining_tokens();
-            let depletion = (last_hour > 0.0 && remaining > 0)
-                .then(|| now + (remaining as f64 / last_hour * HOUR_MS as f64) as i64);
-            json!({
-                "persona": persona,
-                "limit": b.spec.tokens,
-                "used": b.used_tokens(),
-                "remaining": remaining,
-                "soft_limit": b.soft_limit_tokens(),
-                "period": b.spec.period.as_str(),
-                "mode": b.spec.mode.as_str(),
-                "resets_at": b.resets_at().map(to_rfc3339),
-                "depletion_at": depletion.map(to_rfc3339),
-                "cost_usd": cost.get(persona.as_str()).copied().unwrap_or(0.0),
-                "unpriced_tokens": unpriced.get(persona.as_str()).copied().unwrap_or(0.0),
-                "burn": burn,
-            })
+            let cost = cost.get(persona.as_str()).copied().unwrap_or(0.0);
+            let unpriced = unpriced.get(persona.as_str()).copied().unwrap_or(0.0);
+            persona_budget(persona, b, now, cost, unpriced)
         })
         .collect();
 
