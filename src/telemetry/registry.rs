@@ -82,6 +82,14 @@ impl<const N: usize, V: Default> SeriesSet<N, V> {
         at
     }
 
+    /// Each series' label values and value, in render order.
+    fn each(&self, mut f: impl FnMut(&[&str], &V)) {
+        for (labels, value) in &self.series {
+            let labels: [&str; N] = std::array::from_fn(|i| &*labels[i]);
+            f(&labels, value);
+        }
+    }
+
     fn get(&self, labels: [&str; N]) -> Option<&V> {
         self.series
             .iter()
@@ -136,10 +144,7 @@ impl<const N: usize> Source for Counter<N> {
 
     fn samples(&self, emit: &mut Emit<'_>) {
         let set = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        for (labels, value) in &set.series {
-            let labels: [&str; N] = std::array::from_fn(|i| &*labels[i]);
-            emit(&labels, *value as f64);
-        }
+        set.each(|labels, value| emit(labels, *value as f64));
     }
 }
 
@@ -207,10 +212,7 @@ impl<const N: usize> Source for Gauge<N> {
 
     fn samples(&self, emit: &mut Emit<'_>) {
         let set = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        for (labels, value) in &set.series {
-            let labels: [&str; N] = std::array::from_fn(|i| &*labels[i]);
-            emit(&labels, *value);
-        }
+        set.each(|labels, value| emit(labels, *value));
     }
 }
 

@@ -822,3 +822,30 @@ pub fn ledger_events(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
     rows.map(|r| serde_json::from_str(&r.unwrap()).unwrap())
         .collect()
 }
+
+/// A git repository at `dir` (created) with one commit of a README: for the git MCP server.
+pub fn git_repo(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    std::fs::write(dir.join("README"), "hello\n").unwrap();
+    git(&["add", "README"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.com",
+        "commit",
+        "-qm",
+        "first",
+    ]);
+}

@@ -199,6 +199,25 @@ fn basic(key: &str) -> String {
     )
 }
 
+/// The dashboard in headless Chromium, as a viewer, once its first refresh is drawn.
+async fn open_dashboard(s: &TestServer) -> Browser {
+    let mut b = Browser::start().await;
+    b.call(
+        "Network.setExtraHTTPHeaders",
+        json!({"headers": {"Authorization": basic(VIEWER_KEY)}}),
+    )
+    .await;
+    b.call("Page.navigate", json!({"url": format!("{}/", s.api)}))
+        .await;
+    b.wait_for(
+        "the first refresh",
+        "document.body.dataset.updated || null",
+        |v| v.is_string(),
+    )
+    .await;
+    b
+}
+
 async fn post_events(s: &TestServer, events: Value) {
     let resp = s
         .http
@@ -275,20 +294,7 @@ async fn the_dashboard_shows_the_ledger_updates_itself_and_logs_no_error() {
         .unwrap()
         .starts_with("Basic "));
 
-    let mut b = Browser::start().await;
-    b.call(
-        "Network.setExtraHTTPHeaders",
-        json!({"headers": {"Authorization": basic(VIEWER_KEY)}}),
-    )
-    .await;
-    b.call("Page.navigate", json!({"url": format!("{}/", s.api)}))
-        .await;
-    b.wait_for(
-        "the first refresh",
-        "document.body.dataset.updated || null",
-        |v| v.is_string(),
-    )
-    .await;
+    let mut b = open_dashboard(&s).await;
 
     // Budgets, the overrun and the cost.
     let used = b
@@ -404,20 +410,7 @@ async fn an_empty_hit_rate_says_that_only_temperature_0_calls_are_cached() {
     assert_eq!(data["cache"]["hit_rate"], Value::Null);
     assert_eq!(data["cache"]["not_cacheable"], 3.0);
 
-    let mut b = Browser::start().await;
-    b.call(
-        "Network.setExtraHTTPHeaders",
-        json!({"headers": {"Authorization": basic(VIEWER_KEY)}}),
-    )
-    .await;
-    b.call("Page.navigate", json!({"url": format!("{}/", s.api)}))
-        .await;
-    b.wait_for(
-        "the first refresh",
-        "document.body.dataset.updated || null",
-        |v| v.is_string(),
-    )
-    .await;
+    let mut b = open_dashboard(&s).await;
     let kpi = |part: &'static str| {
         format!(r#"document.querySelector('[data-kpi="cache-hit-rate"] .{part}').innerText"#)
     };

@@ -95,29 +95,7 @@ fn setup_with(dir: &Path, everything: Value) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     let repo = dir.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    let git = |args: &[&str]| {
-        let ok = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .output()
-            .unwrap()
-            .status
-            .success();
-        assert!(ok, "git {args:?}");
-    };
-    git(&["init", "-q"]);
-    std::fs::write(repo.join("README"), "hello\n").unwrap();
-    git(&["add", "README"]);
-    git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@example.com",
-        "commit",
-        "-qm",
-        "first",
-    ]);
+    crate::common::git_repo(&repo);
     std::fs::write(
         config.join("mcp.json"),
         json!({"mcpServers": {

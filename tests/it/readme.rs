@@ -36,28 +36,7 @@ fn the_mcp_quick_start_shows_the_downstream_tools_as_written() {
     let command = between(&text, quick_start, "claude mcp add hypertool -- ", "\n");
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
-    let git = |args: &[&str]| {
-        let ok = std::process::Command::new("git")
-            .args(args)
-            .current_dir(work)
-            .output()
-            .unwrap()
-            .status
-            .success();
-        assert!(ok, "git {args:?}");
-    };
-    git(&["init", "-q"]);
-    std::fs::write(work.join("README"), "hello\n").unwrap();
-    git(&["add", "README"]);
-    git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@example.com",
-        "commit",
-        "-qm",
-        "first",
-    ]);
+    crate::common::git_repo(work);
     std::fs::write(work.join(".hypertool-mcp.json"), servers).unwrap();
 
     let mut argv: Vec<String> = command.split_whitespace().map(str::to_string).collect();
