@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 
 use crate::config::gateway::GatewaySettings;
 use crate::core::event::{Event, Stamped};
+use crate::core::workflow::GateVerdict;
+use crate::telemetry::trace::ids::SpanId;
 use crate::web::error::ApiError;
 
 use super::accounting::{counted_prompt, record, release_admission};
@@ -289,15 +291,11 @@ pub(super) async fn relay(
     traced: Option<trace::Attempt>,
 ) {
     let Source {
-        events: mut source,
+        events,
         dialect: from,
     } = source;
     let to = request.dialect;
-    let generation = traced.as_ref().map(|a| a.span_id);
-    let mut verdict = None;
-    let mut sse_decoder = super::sse::SseDecoder::default();
-    let mut decoder = dialect::StreamDecoder::new(from);
-    let mut output = if from == to {
+    let output = if from == to {
         Output::Forward
     } else {
         Output::Translate(Box::new(dialect::StreamEncoder::new(
@@ -306,221 +304,305 @@ pub(super) async fn relay(
             meta.prompt_estimate,
         )))
     };
-    let mut datas: Vec<String> = Vec::new();
-    let mut deltas: Vec<dialect::Delta> = Vec::new();
-    let mut out: Vec<Bytes> = Vec::new();
-    let mut produced = Produced::default();
-    let mut done = false;
-    let mut client_gone = false;
-    let mut failure: Option<UpstreamError> = None;
-    // Taken when the usage is stored (at the stream's end, or after the stream when it was cut).
-    let mut unsettled = Some(reservation);
-    // When the completion streamed so far was last written down (`call_progress`).
-    let mut progress_at = Instant::now();
-    'read: loop {
-        let next = match tokio::time::timeout(timeout, source.next()).await {
-            Ok(n) => n,
-            Err(_) => {
-                failure = Some(UpstreamError::Timeout {
-                    upstream: meta.route.upstream.clone(),
-                    after: timeout,
-                });
-                break;
-            }
-        };
-        let bytes = match next {
-            None => break,
-            Some(Ok(b)) => b,
-            Some(Err(e)) => {
-                failure = Some(e);
-                break;
-            }
-        };
-        datas.clear();
-        if sse_decoder.push(&bytes, &mut datas).is_err() {
-            failure = Some(UpstreamError::Invalid {
-                upstream: meta.route.upstream.clone(),
-                detail: format!("a stream line longer than {} bytes", super::sse::MAX_LINE),
-            });
-            break;
-        }
-        for data in &datas {
-            deltas.clear();
-            out.clear();
-            match decoder.decode(data, &mut deltas) {
-                dialect::Decoded::End => {
-                    // The end may carry the usage (`response.completed`).
-                    produced.absorb(&deltas);
-                    done = true;
-                    let (used, estimated) = final_usage(&produced, done, &request);
-                    let completion = used.output;
-                    // A gated stage: the verdict on the complete output goes out as an SSE
-                    // comment (clients ignore comments; headers are long gone).
-                    verdict = judge(
-                        &state,
-                        &meta,
-                        &produced.content,
-                        completion,
-                        1,
-                        false,
-                        generation,
-                    )
-                    .await;
-                    // The usage is stored before the last event goes out: a client that saw the
-                    // stream end finds its call in the ledger with these numbers, however the
-                    // process ends after.
-                    settle_once(&state, &meta, &mut unsettled, (used, estimated), started).await;
-                    let comment = verdict.as_ref().map(|v| {
-                        format!(
-                            "x-hypertool-quality-gate: {}",
-                            stage::header_safe(&v.summary())
-                        )
-                    });
-                    match &mut output {
-                        Output::Translate(encoder) => encoder.finish(comment.as_deref(), &mut out),
-                        Output::Forward => {
-                            out.extend(comment.as_deref().map(dialect::comment));
-                            out.push(match to {
-                                Dialect::Chat => Bytes::from_static(b"data: [DONE]\n\n"),
-                                // The terminal event as it came (`message_stop`,
-                                // `response.completed`), its `event:` line from its type.
-                                Dialect::Messages | Dialect::Responses => {
-                                    let kind =
-                                        serde_json::from_str::<Value>(data).ok().and_then(|v| {
-                                            v.get("type")
-                                                .and_then(Value::as_str)
-                                                .map(str::to_string)
-                                        });
-                                    dialect::messages::forward(data, kind.as_deref())
-                                }
-                            });
-                        }
-                    }
-                }
-                dialect::Decoded::Error(message) => {
-                    failure = Some(UpstreamError::Invalid {
-                        upstream: meta.route.upstream.clone(),
-                        detail: format!(
-                            "an error in the stream: {}",
-                            upstream::scrub(&message, None)
-                        ),
-                    });
-                    break 'read;
-                }
-                dialect::Decoded::Event(parsed) => {
-                    produced.absorb(&deltas);
-                    match &mut output {
-                        Output::Forward => forward(to, data, parsed, wants_usage, &mut out),
-                        Output::Translate(encoder) => {
-                            for d in &deltas {
-                                encoder.encode(d, &mut out);
-                            }
-                        }
-                    }
-                }
-            }
-            for chunk in out.drain(..) {
-                if tx.send(Ok(chunk)).await.is_err() {
-                    client_gone = true;
-                    break 'read;
-                }
-            }
-            if done {
-                break 'read;
-            }
-        }
-        if !done && progress_at.elapsed() >= PROGRESS_EVERY {
-            progress_at = Instant::now();
-            note_progress(&state, &meta, produced.counted()).await;
-        }
+    let mut relay = Relay {
+        generation: traced.as_ref().map(|a| a.span_id),
+        state,
+        meta,
+        request,
+        from,
+        to,
+        wants_usage,
+        output,
+        produced: Produced::default(),
+        verdict: None,
+        unsettled: Some(reservation),
+        started,
+    };
+    let ending = relay.copy(events, &tx, timeout).await;
+    if let Some(e) = &ending.failure {
+        relay.tell_failure(e, &tx).await;
     }
-    drop(source);
-    if failure.is_none() && !done && !client_gone {
-        failure = Some(UpstreamError::Invalid {
-            upstream: meta.route.upstream.clone(),
-            detail: match from {
+    drop(tx);
+    relay.finish(ending, traced).await;
+}
+
+/// One stream being relayed: where it comes from and goes to, what it has produced, and the
+/// reservation its usage settles.
+struct Relay {
+    state: GatewayState,
+    meta: CallMeta,
+    request: Arc<CallRequest>,
+    from: Dialect,
+    to: Dialect,
+    wants_usage: bool,
+    /// The attempt's generation span (the gate's verdict is attached to it).
+    generation: Option<SpanId>,
+    output: Output,
+    produced: Produced,
+    verdict: Option<GateVerdict>,
+    /// Taken when the usage is stored (at the stream's end, or after the stream when it was cut).
+    unsettled: Option<Reservation>,
+    started: Instant,
+}
+
+/// How the copying ended.
+#[derive(Default)]
+struct Ending {
+    /// The terminal event came (and was sent on).
+    done: bool,
+    client_gone: bool,
+    failure: Option<UpstreamError>,
+}
+
+impl Relay {
+    /// Reads the upstream until its terminal event, a failure, a silence longer than `timeout`,
+    /// or the client leaving; writes the completion so far down every [`PROGRESS_EVERY`].
+    async fn copy(
+        &mut self,
+        mut source: SourceStream,
+        tx: &mpsc::Sender<Result<Bytes, Infallible>>,
+        timeout: Duration,
+    ) -> Ending {
+        let mut sse_decoder = super::sse::SseDecoder::default();
+        let mut decoder = dialect::StreamDecoder::new(self.from);
+        let mut datas: Vec<String> = Vec::new();
+        let mut deltas: Vec<dialect::Delta> = Vec::new();
+        let mut out: Vec<Bytes> = Vec::new();
+        let mut ending = Ending::default();
+        // When the completion streamed so far was last written down (`call_progress`).
+        let mut progress_at = Instant::now();
+        'read: loop {
+            let bytes = match tokio::time::timeout(timeout, source.next()).await {
+                Err(_) => {
+                    ending.failure = Some(UpstreamError::Timeout {
+                        upstream: self.meta.route.upstream.clone(),
+                        after: timeout,
+                    });
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    ending.failure = Some(e);
+                    break;
+                }
+                Ok(Some(Ok(b))) => b,
+            };
+            datas.clear();
+            if sse_decoder.push(&bytes, &mut datas).is_err() {
+                ending.failure = Some(self.invalid(format!(
+                    "a stream line longer than {} bytes",
+                    super::sse::MAX_LINE
+                )));
+                break;
+            }
+            for data in &datas {
+                deltas.clear();
+                out.clear();
+                match self
+                    .on_event(&mut decoder, data, &mut deltas, &mut out)
+                    .await
+                {
+                    Ok(done) => ending.done = done,
+                    Err(e) => {
+                        ending.failure = Some(e);
+                        break 'read;
+                    }
+                }
+                for chunk in out.drain(..) {
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        ending.client_gone = true;
+                        break 'read;
+                    }
+                }
+                if ending.done {
+                    break 'read;
+                }
+            }
+            if progress_at.elapsed() >= PROGRESS_EVERY {
+                progress_at = Instant::now();
+                note_progress(&self.state, &self.meta, self.produced.counted()).await;
+            }
+        }
+        drop(source);
+        if ending.failure.is_none() && !ending.done && !ending.client_gone {
+            ending.failure = Some(self.invalid(match self.from {
                 Dialect::Chat => "the stream ended before [DONE]".into(),
                 Dialect::Messages => "the stream ended before message_stop".into(),
                 Dialect::Responses => "the stream ended before response.completed".into(),
-            },
-        });
+            }));
+        }
+        ending
     }
-    if let Some(e) = &failure {
+
+    /// One upstream event: its deltas read and what goes to the client put in `out`; `Ok(true)`
+    /// at the stream's end.
+    async fn on_event(
+        &mut self,
+        decoder: &mut dialect::StreamDecoder,
+        data: &str,
+        deltas: &mut Vec<dialect::Delta>,
+        out: &mut Vec<Bytes>,
+    ) -> Result<bool, UpstreamError> {
+        match decoder.decode(data, deltas) {
+            dialect::Decoded::End => {
+                self.end(data, deltas, out).await;
+                Ok(true)
+            }
+            dialect::Decoded::Error(message) => Err(self.invalid(format!(
+                "an error in the stream: {}",
+                upstream::scrub(&message, None)
+            ))),
+            dialect::Decoded::Event(parsed) => {
+                self.produced.absorb(deltas);
+                match &mut self.output {
+                    Output::Forward => forward(self.to, data, parsed, self.wants_usage, out),
+                    Output::Translate(encoder) => {
+                        for d in deltas.iter() {
+                            encoder.encode(d, out);
+                        }
+                    }
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// The terminal event: the gate's verdict on the complete output, the usage stored, then the
+    /// last events (the verdict as an SSE comment before them).
+    async fn end(&mut self, data: &str, deltas: &[dialect::Delta], out: &mut Vec<Bytes>) {
+        // The end may carry the usage (`response.completed`).
+        self.produced.absorb(deltas);
+        let (used, estimated) = final_usage(&self.produced, true, &self.request);
+        // A gated stage: the verdict on the complete output goes out as an SSE comment (clients
+        // ignore comments; headers are long gone).
+        self.verdict = judge(
+            &self.state,
+            &self.meta,
+            &self.produced.content,
+            used.output,
+            1,
+            false,
+            self.generation,
+        )
+        .await;
+        // The usage is stored before the last event goes out: a client that saw the stream end
+        // finds its call in the ledger with these numbers, however the process ends after.
+        self.settle((used, estimated)).await;
+        let comment = self.verdict.as_ref().map(|v| {
+            format!(
+                "x-hypertool-quality-gate: {}",
+                stage::header_safe(&v.summary())
+            )
+        });
+        match &mut self.output {
+            Output::Translate(encoder) => encoder.finish(comment.as_deref(), out),
+            Output::Forward => {
+                out.extend(comment.as_deref().map(dialect::comment));
+                out.push(match self.to {
+                    Dialect::Chat => Bytes::from_static(b"data: [DONE]\n\n"),
+                    // The terminal event as it came (`message_stop`, `response.completed`), its
+                    // `event:` line from its type.
+                    Dialect::Messages | Dialect::Responses => {
+                        let kind = serde_json::from_str::<Value>(data).ok().and_then(|v| {
+                            v.get("type").and_then(Value::as_str).map(str::to_string)
+                        });
+                        dialect::messages::forward(data, kind.as_deref())
+                    }
+                });
+            }
+        }
+    }
+
+    /// A failed stream: warned about (rate-limited), and ended for the client with an error
+    /// event in its dialect.
+    async fn tell_failure(&self, e: &UpstreamError, tx: &mpsc::Sender<Result<Bytes, Infallible>>) {
+        let meta = &self.meta;
         if let Some(held_back) =
-            state
+            self.state
                 .warnings
                 .admit(&meta.route.name, "stream_ended_early", Instant::now())
         {
             tracing::warn!(persona = %meta.persona, model = %meta.route.name,
                 similar_held_back = held_back, "stream ended early: {}", e.message());
         }
-        let error = match to {
+        let error = match self.to {
             Dialect::Chat => dialect::chat::error_event(e.code(), &e.message()),
             Dialect::Messages => dialect::messages::error_event(e.code(), &e.message()),
             Dialect::Responses => dialect::responses::error_event(e.code(), &e.message()),
         };
         let _ = tx.send(Ok(error)).await;
     }
-    drop(tx);
-    let (used, estimated) = final_usage(&produced, done, &request);
-    let (prompt, completion) = (used.input, used.output);
-    if client_gone {
-        tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
-    }
-    if meta.trace.is_some() {
-        trace::generation(
-            &state,
-            &meta,
-            traced,
-            request.body.get("messages"),
-            trace::AttemptOutcome {
-                route: &meta.route,
-                usage: Some((prompt, completion)),
-                output: Some(&produced.content),
-                error: failure.as_ref(),
-                gate_attempt: 1,
-                retry: 0,
-                streamed: true,
-                operation: "chat",
-            },
-        );
-        trace::request(
-            &state,
-            &meta,
-            trace::CallOutcome {
-                status: 200,
-                attempts: 1,
-                verdict: verdict.as_ref(),
-                usage: Some((prompt, completion)),
-                error: failure.as_ref().map(|e| e.message()),
-                ..Default::default()
-            },
-        );
-    }
-    // A stream cut before its end (the client left, the upstream failed): its completion so
-    // far, counted, or the upstream's usage if it came.
-    settle_once(&state, &meta, &mut unsettled, (used, estimated), started).await;
-    state.count(
-        &meta.route.upstream,
-        if failure.is_some() {
+
+    /// After the stream: its trace, its usage (if the end did not store it) and its count.
+    async fn finish(mut self, ending: Ending, traced: Option<trace::Attempt>) {
+        let (used, estimated) = final_usage(&self.produced, ending.done, &self.request);
+        let usage = Some((used.input, used.output));
+        let (state, meta) = (&self.state, &self.meta);
+        if ending.client_gone {
+            tracing::info!(persona = %meta.persona, model = %meta.route.name, "client left mid-stream; usage estimated");
+        }
+        if meta.trace.is_some() {
+            trace::generation(
+                state,
+                meta,
+                traced,
+                self.request.body.get("messages"),
+                trace::AttemptOutcome {
+                    route: &meta.route,
+                    usage,
+                    output: Some(&self.produced.content),
+                    error: ending.failure.as_ref(),
+                    gate_attempt: 1,
+                    retry: 0,
+                    streamed: true,
+                    operation: "chat",
+                },
+            );
+            trace::request(
+                state,
+                meta,
+                trace::CallOutcome {
+                    status: 200,
+                    attempts: 1,
+                    verdict: self.verdict.as_ref(),
+                    usage,
+                    error: ending.failure.as_ref().map(|e| e.message()),
+                    ..Default::default()
+                },
+            );
+        }
+        // A stream cut before its end (the client left, the upstream failed): its completion so
+        // far, counted, or the upstream's usage if it came.
+        self.settle((used, estimated)).await;
+        let outcome = if ending.failure.is_some() {
             "upstream_error"
         } else {
             "ok"
-        },
-    );
-}
+        };
+        self.state.count(&self.meta.route.upstream, outcome);
+    }
 
-/// Stores the stream's usage (and settles its reservation) unless that was done already: at
-/// `[DONE]`, or after a stream that was cut before it.
-async fn settle_once(
-    state: &GatewayState,
-    meta: &CallMeta,
-    unsettled: &mut Option<Reservation>,
-    (used, estimated): (dialect::TokenUsage, bool),
-    started: Instant,
-) {
-    if let Some(reservation) = unsettled.take() {
-        record(state, meta, used, estimated, started, reservation).await;
+    /// Stores the stream's usage (and settles its reservation) unless that was done already: at
+    /// the stream's end, or after a stream that was cut before it.
+    async fn settle(&mut self, (used, estimated): (dialect::TokenUsage, bool)) {
+        if let Some(reservation) = self.unsettled.take() {
+            record(
+                &self.state,
+                &self.meta,
+                used,
+                estimated,
+                self.started,
+                reservation,
+            )
+            .await;
+        }
+    }
+
+    fn invalid(&self, detail: String) -> UpstreamError {
+        UpstreamError::Invalid {
+            upstream: self.meta.route.upstream.clone(),
+            detail,
+        }
     }
 }
 

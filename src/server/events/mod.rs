@@ -461,6 +461,79 @@ impl<'a> Fields<'a> {
             None => Ok(()),
         }
     }
+
+    /// `true` or `false`; absent means false.
+    fn flag(&self, key: &str) -> Result<bool, EventRejection> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(reject(
+                Some(key),
+                "invalid_field",
+                format!("`{key}` must be true or false, got {v}"),
+            )),
+        }
+    }
+
+    /// A free text (bounded, no control characters), or nothing.
+    fn opt_text(&self, key: &str) -> Result<Option<String>, EventRejection> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => crate::core::labels::check_text(s)
+                .map(|()| Some(s.clone()))
+                .map_err(|e| reject(Some(key), "invalid_field", format!("`{key}` {}", e.reason))),
+            Some(_) => Err(reject(
+                Some(key),
+                "invalid_field",
+                format!("`{key}` must be a string"),
+            )),
+        }
+    }
+
+    /// A required value that is one of a few words.
+    fn one_of<T: Copy>(&self, key: &str, words: &[(&str, T)]) -> Result<T, EventRejection> {
+        let quoted: Vec<String> = words.iter().map(|(w, _)| format!("{w:?}")).collect();
+        let choices = match quoted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Err(reject(
+                Some(key),
+                "missing_field",
+                format!("`{key}` is required: {choices}"),
+            )),
+            Some(v) => v
+                .as_str()
+                .and_then(|s| words.iter().find(|(w, _)| *w == s))
+                .map(|(_, value)| *value)
+                .ok_or_else(|| {
+                    reject(
+                        Some(key),
+                        "invalid_field",
+                        format!("`{key}` must be {choices}, got {v}"),
+                    )
+                }),
+        }
+    }
+
+    /// The event's `type`.
+    fn kind(&self) -> Result<&'a str, EventRejection> {
+        match self.obj.get("type") {
+            Some(Value::String(t)) => Ok(t.as_str()),
+            Some(_) => Err(reject(
+                Some("type"),
+                "invalid_field",
+                "`type` must be a string",
+            )),
+            None => Err(reject(
+                Some("type"),
+                "missing_field",
+                "`type` is required: usage, persona_switch, stage or mcp_tool_call",
+            )),
+        }
+    }
 }
 
 fn check_label(key: &str, v: &Value, field: NameField) -> Result<String, EventRejection> {
@@ -490,187 +563,11 @@ pub fn parse_event(
         ));
     };
     let f = Fields { obj };
-    let kind = match obj.get("type") {
-        Some(Value::String(t)) => t.as_str(),
-        Some(_) => {
-            return Err(reject(
-                Some("type"),
-                "invalid_field",
-                "`type` must be a string",
-            ))
-        }
-        None => {
-            return Err(reject(
-                Some("type"),
-                "missing_field",
-                "`type` is required: usage, persona_switch, stage or mcp_tool_call",
-            ))
-        }
-    };
-    let event = match kind {
-        "usage" => {
-            f.only(&[
-                "type",
-                "persona",
-                "chatmode",
-                "model",
-                "prompt_tokens",
-                "completion_tokens",
-                "workflow",
-                "stage",
-                "session",
-                "cost_usd",
-                "duration_seconds",
-                "prompt_hash",
-                "estimated",
-                "timestamp",
-            ])?;
-            let estimated = match obj.get("estimated") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(v) => {
-                    return Err(reject(
-                        Some("estimated"),
-                        "invalid_field",
-                        format!("`estimated` must be true or false, got {v}"),
-                    ))
-                }
-            };
-            Event::Usage(Usage {
-                run: None,
-                persona: f.label("persona", NameField::Persona)?,
-                chatmode: f.label("chatmode", NameField::Chatmode)?,
-                model: f.label("model", NameField::Model)?,
-                prompt_tokens: f.tokens("prompt_tokens", limits)?,
-                completion_tokens: f.tokens("completion_tokens", limits)?,
-                workflow: f.opt_label("workflow", NameField::Workflow)?,
-                stage: f.opt_label("stage", NameField::Stage)?,
-                session: f.opt_label("session", NameField::Session)?,
-                cost_usd: f.bounded("cost_usd", false, MAX_COST_PER_EVENT_USD)?,
-                duration_seconds: f.bounded("duration_seconds", false, MAX_DURATION_SECONDS)?,
-                // Any digest the client keeps (1–256 bytes, no control characters).
-                prompt_hash: f.opt_label("prompt_hash", NameField::Session)?,
-                estimated,
-                // Only the gateway settles its own calls.
-                call: None,
-                cache_read_tokens: 0,
-                cache_write_tokens: 0,
-                variant: None,
-                prompt_version: None,
-            })
-        }
-        "persona_switch" => {
-            f.only(&["type", "session", "from", "to", "chatmode", "timestamp"])?;
-            Event::PersonaSwitch(PersonaSwitch {
-                session: f.label("session", NameField::Session)?,
-                from: f.opt_label("from", NameField::Persona)?,
-                to: f.label("to", NameField::Persona)?,
-                chatmode: f.label("chatmode", NameField::Chatmode)?,
-            })
-        }
-        "stage" => {
-            f.only(&[
-                "type",
-                "workflow",
-                "stage",
-                "persona",
-                "model",
-                "duration_seconds",
-                "gate",
-                "reason",
-                "timestamp",
-            ])?;
-            let gate = match obj.get("gate") {
-                Some(Value::String(g)) if g == "pass" => GateResult::Pass,
-                Some(Value::String(g)) if g == "fail" => GateResult::Fail,
-                None | Some(Value::Null) => {
-                    return Err(reject(
-                        Some("gate"),
-                        "missing_field",
-                        "`gate` is required: \"pass\" or \"fail\"",
-                    ))
-                }
-                Some(v) => {
-                    return Err(reject(
-                        Some("gate"),
-                        "invalid_field",
-                        format!("`gate` must be \"pass\" or \"fail\", got {v}"),
-                    ))
-                }
-            };
-            let reason = match obj.get("reason") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => match crate::core::labels::check_text(s) {
-                    Ok(()) => Some(s.clone()),
-                    Err(e) => {
-                        return Err(reject(
-                            Some("reason"),
-                            "invalid_field",
-                            format!("`reason` {}", e.reason),
-                        ))
-                    }
-                },
-                Some(_) => {
-                    return Err(reject(
-                        Some("reason"),
-                        "invalid_field",
-                        "`reason` must be a string",
-                    ))
-                }
-            };
-            Event::Stage(StageResult {
-                workflow: f.label("workflow", NameField::Workflow)?,
-                stage: f.label("stage", NameField::Stage)?,
-                persona: f.label("persona", NameField::Persona)?,
-                model: f.label("model", NameField::Model)?,
-                duration_seconds: f
-                    .bounded("duration_seconds", true, MAX_DURATION_SECONDS)?
-                    .unwrap_or(0.0),
-                gate,
-                reason,
-            })
-        }
-        "mcp_tool_call" => {
-            f.only(&[
-                "type",
-                "session",
-                "persona",
-                "server",
-                "tool",
-                "result",
-                "duration_seconds",
-                "timestamp",
-            ])?;
-            let result = match obj.get("result") {
-                Some(Value::String(r)) if r == "ok" => ToolCallResult::Ok,
-                Some(Value::String(r)) if r == "error" => ToolCallResult::Error,
-                Some(Value::String(r)) if r == "refused" => ToolCallResult::Refused,
-                None | Some(Value::Null) => {
-                    return Err(reject(
-                        Some("result"),
-                        "missing_field",
-                        "`result` is required: \"ok\", \"error\" or \"refused\"",
-                    ))
-                }
-                Some(v) => {
-                    return Err(reject(
-                        Some("result"),
-                        "invalid_field",
-                        format!("`result` must be \"ok\", \"error\" or \"refused\", got {v}"),
-                    ))
-                }
-            };
-            Event::McpToolCall(McpToolCall {
-                session: f.opt_label("session", NameField::Session)?,
-                persona: f.label("persona", NameField::Persona)?,
-                server: f.label("server", NameField::Server)?,
-                tool: f.label("tool", NameField::Tool)?,
-                result,
-                duration_seconds: f
-                    .bounded("duration_seconds", true, MAX_DURATION_SECONDS)?
-                    .unwrap_or(0.0),
-            })
-        }
+    let event = match f.kind()? {
+        "usage" => usage(&f, limits)?,
+        "persona_switch" => persona_switch(&f)?,
+        "stage" => stage(&f)?,
+        "mcp_tool_call" => mcp_tool_call(&f)?,
         other => {
             return Err(reject(
                 Some("type"),
@@ -683,6 +580,119 @@ pub fn parse_event(
     };
     let at = f.timestamp(now, limits.max_age_days)?;
     Ok(Stamped { at, event })
+}
+
+fn usage(f: &Fields, limits: &EventLimits) -> Result<Event, EventRejection> {
+    f.only(&[
+        "type",
+        "persona",
+        "chatmode",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "workflow",
+        "stage",
+        "session",
+        "cost_usd",
+        "duration_seconds",
+        "prompt_hash",
+        "estimated",
+        "timestamp",
+    ])?;
+    let estimated = f.flag("estimated")?;
+    Ok(Event::Usage(Usage {
+        run: None,
+        persona: f.label("persona", NameField::Persona)?,
+        chatmode: f.label("chatmode", NameField::Chatmode)?,
+        model: f.label("model", NameField::Model)?,
+        prompt_tokens: f.tokens("prompt_tokens", limits)?,
+        completion_tokens: f.tokens("completion_tokens", limits)?,
+        workflow: f.opt_label("workflow", NameField::Workflow)?,
+        stage: f.opt_label("stage", NameField::Stage)?,
+        session: f.opt_label("session", NameField::Session)?,
+        cost_usd: f.bounded("cost_usd", false, MAX_COST_PER_EVENT_USD)?,
+        duration_seconds: f.bounded("duration_seconds", false, MAX_DURATION_SECONDS)?,
+        // Any digest the client keeps (1–256 bytes, no control characters).
+        prompt_hash: f.opt_label("prompt_hash", NameField::Session)?,
+        estimated,
+        // Only the gateway settles its own calls.
+        call: None,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        variant: None,
+        prompt_version: None,
+    }))
+}
+
+fn persona_switch(f: &Fields) -> Result<Event, EventRejection> {
+    f.only(&["type", "session", "from", "to", "chatmode", "timestamp"])?;
+    Ok(Event::PersonaSwitch(PersonaSwitch {
+        session: f.label("session", NameField::Session)?,
+        from: f.opt_label("from", NameField::Persona)?,
+        to: f.label("to", NameField::Persona)?,
+        chatmode: f.label("chatmode", NameField::Chatmode)?,
+    }))
+}
+
+fn stage(f: &Fields) -> Result<Event, EventRejection> {
+    f.only(&[
+        "type",
+        "workflow",
+        "stage",
+        "persona",
+        "model",
+        "duration_seconds",
+        "gate",
+        "reason",
+        "timestamp",
+    ])?;
+    let gate = f.one_of(
+        "gate",
+        &[("pass", GateResult::Pass), ("fail", GateResult::Fail)],
+    )?;
+    let reason = f.opt_text("reason")?;
+    Ok(Event::Stage(StageResult {
+        workflow: f.label("workflow", NameField::Workflow)?,
+        stage: f.label("stage", NameField::Stage)?,
+        persona: f.label("persona", NameField::Persona)?,
+        model: f.label("model", NameField::Model)?,
+        duration_seconds: f
+            .bounded("duration_seconds", true, MAX_DURATION_SECONDS)?
+            .unwrap_or(0.0),
+        gate,
+        reason,
+    }))
+}
+
+fn mcp_tool_call(f: &Fields) -> Result<Event, EventRejection> {
+    f.only(&[
+        "type",
+        "session",
+        "persona",
+        "server",
+        "tool",
+        "result",
+        "duration_seconds",
+        "timestamp",
+    ])?;
+    let result = f.one_of(
+        "result",
+        &[
+            ("ok", ToolCallResult::Ok),
+            ("error", ToolCallResult::Error),
+            ("refused", ToolCallResult::Refused),
+        ],
+    )?;
+    Ok(Event::McpToolCall(McpToolCall {
+        session: f.opt_label("session", NameField::Session)?,
+        persona: f.label("persona", NameField::Persona)?,
+        server: f.label("server", NameField::Server)?,
+        tool: f.label("tool", NameField::Tool)?,
+        result,
+        duration_seconds: f
+            .bounded("duration_seconds", true, MAX_DURATION_SECONDS)?
+            .unwrap_or(0.0),
+    }))
 }
 
 /// The quality-gate verdicts among `events`, when they are traced (each a span and a score once

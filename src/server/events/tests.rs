@@ -107,3 +107,44 @@ fn switch_from_may_be_null() {
         Event::PersonaSwitch(PersonaSwitch { from: None, .. })
     ));
 }
+
+#[test]
+fn a_word_field_names_its_choices_when_missing_or_wrong() {
+    let reason = |event: serde_json::Value| {
+        let e = parse_event(&event, NOW, &EventLimits::default()).unwrap_err();
+        (e.category, e.reason)
+    };
+    let stage = json!({"type":"stage","workflow":"w","stage":"s","persona":"p","model":"m","duration_seconds":1});
+    let mut wrong = stage.clone();
+    wrong["gate"] = json!(true);
+    assert_eq!(
+        reason(stage),
+        (
+            "missing_field",
+            "`gate` is required: \"pass\" or \"fail\"".to_string()
+        )
+    );
+    assert_eq!(
+        reason(wrong),
+        (
+            "invalid_field",
+            "`gate` must be \"pass\" or \"fail\", got true".to_string()
+        )
+    );
+    let tool = json!({"type":"mcp_tool_call","persona":"p","server":"git","tool":"log","duration_seconds":1,"result":"fine"});
+    assert_eq!(
+        reason(tool),
+        (
+            "invalid_field",
+            "`result` must be \"ok\", \"error\" or \"refused\", got \"fine\"".to_string()
+        )
+    );
+    let ok = json!({"type":"mcp_tool_call","persona":"p","server":"git","tool":"log","duration_seconds":1,"result":"refused"});
+    let Event::McpToolCall(call) = parse_event(&ok, NOW, &EventLimits::default())
+        .unwrap()
+        .event
+    else {
+        panic!("not a tool call")
+    };
+    assert_eq!(call.result, ToolCallResult::Refused);
+}
