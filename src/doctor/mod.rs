@@ -18,8 +18,8 @@ mod investigation;
 mod outbound;
 
 pub use investigation::metrics_investigation;
-pub use outbound::prometheus_targets;
 use outbound::{configured, prometheus};
+pub use outbound::{prometheus_targets, ScrapeTarget};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -3,12 +3,36 @@
 
 use super::*;
 
-/// Prometheus's view of the job's targets: (scrape URL, health, last error).
+/// One of the job's targets as Prometheus sees it.
+pub struct ScrapeTarget {
+    pub url: String,
+    /// `up`, `down` or `unknown`.
+    pub health: String,
+    pub last_error: String,
+}
+
+impl ScrapeTarget {
+    pub fn up(&self) -> bool {
+        self.health == "up"
+    }
+}
+
+impl std::fmt::Display for ScrapeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.url, self.health)?;
+        if !self.last_error.is_empty() {
+            write!(f, ": {}", self.last_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// Prometheus's view of the job's targets.
 pub async fn prometheus_targets(
     http: &reqwest::Client,
     prometheus: &str,
     job: &str,
-) -> Result<Vec<(String, String, String)>, String> {
+) -> Result<Vec<ScrapeTarget>, String> {
     let url = format!(
         "{}/api/v1/targets?state=active",
         prometheus.trim_end_matches('/')
@@ -28,7 +52,11 @@ pub async fn prometheus_targets(
                 .filter(|t| t.pointer("/labels/job").and_then(Value::as_str) == Some(job))
                 .map(|t| {
                     let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                    (s("scrapeUrl"), s("health"), s("lastError"))
+                    ScrapeTarget {
+                        url: s("scrapeUrl"),
+                        health: s("health"),
+                        last_error: s("lastError"),
+                    }
                 })
                 .collect()
         })
@@ -243,11 +271,11 @@ pub(super) async fn prometheus(
     Some(match prometheus_targets(http, prom, &job).await {
         Ok(ts) if ts.is_empty() => Check::new("prometheus", Status::Fail, format!("{prom} has no target of job {job}: add deploy/prometheus/prometheus.yml's scrape job")),
         Ok(ts) => {
-            let bad: Vec<_> = ts.iter().filter(|t| t.1 != "up").collect();
+            let bad: Vec<_> = ts.iter().filter(|t| !t.up()).collect();
             if bad.is_empty() {
                 Check::new("prometheus", Status::Ok, format!("{} target(s) of job {job} up", ts.len()))
             } else {
-                Check::new("prometheus", Status::Fail, bad.iter().map(|t| format!("{} {}: {}", t.0, t.1, t.2)).collect::<Vec<_>>().join("; "))
+                Check::new("prometheus", Status::Fail, bad.iter().map(|t| format!("{} {}: {}", t.url, t.health, t.last_error)).collect::<Vec<_>>().join("; "))
             }
         }
         Err(e) => Check::new("prometheus", Status::Fail, format!("{prom}: {e}")),
