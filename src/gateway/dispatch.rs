@@ -215,180 +215,278 @@ pub(super) async fn plain_call(
     state: GatewayState,
     settings: Arc<GatewaySettings>,
     meta: CallMeta,
-    mut request: CallRequest,
+    request: CallRequest,
     reservation: Reservation,
     started: Instant,
     cache_slot: Option<(String, Duration)>,
 ) -> Result<Response, ApiError> {
-    let task_state = state.clone();
-    let task_meta = meta.clone();
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<Answer, UpstreamError>>();
+    let attempts = Attempts {
+        state: state.clone(),
+        settings,
+        meta: meta.clone(),
+        request,
+        attempt: 1,
+        escalated: false,
+        started,
+        cache_slot,
+        held: vec![reservation],
+        earlier_attempts: Vec::new(),
+    };
     // The call and its accounting finish even if the client goes away; the answer goes back once
     // the upstream has given it (and, for a gated stage, the gate has judged it) and its usage is
     // stored (the reservation is held until the usage is applied, so admission stays
     // conservative). Shutdown waits for these tasks.
-    state.shared.tasks.spawn(async move {
-        let state = task_state;
-        let mut attempt_meta = task_meta.clone();
-        let mut attempt: u32 = 1;
-        // Whether this attempt is a gate retry on the stage's escalation model.
-        let mut escalated = false;
-        let retries = task_meta
+    state.shared.tasks.spawn(attempts.run(answer_tx));
+    match answer_rx.await {
+        Ok(Ok(answer)) => Ok(answer_response(&meta, answer)),
+        Ok(Err(e)) => Err(gateway_error(&e)),
+        Err(_) => Err(ApiError::unavailable(
+            "the call was interrupted (server shutting down?); retry it",
+        )),
+    }
+}
+
+/// The client's response to an answered call: the upstream's bytes, with headers naming the
+/// model that answered when it is not the one asked, and the gate's verdict.
+fn answer_response(asked: &CallMeta, answer: Answer) -> Response {
+    let mut resp = json_bytes(answer.body);
+    response_headers(&mut resp, &answer.meta);
+    let h = resp.headers_mut();
+    if answer.meta.route.name != asked.route.name {
+        let name = if answer.attempts > 1 {
+            "x-hypertool-escalated"
+        } else {
+            "x-hypertool-fallback"
+        };
+        if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&format!(
+            "{} -> {}",
+            asked.route.name, answer.meta.route.name
+        ))) {
+            h.insert(name, v);
+        }
+    }
+    if let Some(verdict) = &answer.verdict {
+        if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&verdict.summary())) {
+            h.insert("x-hypertool-quality-gate", v);
+        }
+        h.insert("x-hypertool-attempts", HeaderValue::from(answer.attempts));
+    }
+    resp
+}
+
+type AnswerSender = tokio::sync::oneshot::Sender<Result<Answer, UpstreamError>>;
+
+/// A non-streamed call's attempts: the first, then gate retries (on the stage's escalation
+/// model when it has one) while the gate fails and retries and budget are left.
+struct Attempts {
+    state: GatewayState,
+    settings: Arc<GatewaySettings>,
+    /// The attempt under way (its route and call id change with a retry).
+    meta: CallMeta,
+    request: CallRequest,
+    /// 1 for the first.
+    attempt: u32,
+    /// Whether this attempt is a gate retry on the stage's escalation model.
+    escalated: bool,
+    /// When the call began (the first attempt's start).
+    started: Instant,
+    cache_slot: Option<(String, Duration)>,
+    /// The call's reservation and those of gate retries, held until their usage is stored.
+    held: Vec<Reservation>,
+    /// Usage of attempts whose answers failed the gate and were retried.
+    earlier_attempts: Vec<Stamped>,
+}
+
+/// The attempt after a failed gate, admitted and stored.
+struct Retry {
+    target: Arc<ModelRoute>,
+    call_id: Option<String>,
+    escalating: bool,
+}
+
+impl Attempts {
+    async fn run(mut self, answer_tx: AnswerSender) {
+        let retries = self
+            .meta
             .stage_call
             .as_ref()
             .filter(|c| c.gate().is_some())
             .map_or(0, |c| c.stage.retries);
-        // The call's reservation and those of gate retries, held until their usage is stored.
-        let mut held: Vec<Reservation> = vec![reservation];
-        // Usage of attempts whose answers failed the gate and were retried.
-        let mut earlier_attempts: Vec<Stamped> = Vec::new();
         loop {
-            let attempt_started = if attempt == 1 { started } else { Instant::now() };
-            let route = attempt_meta.route.clone();
-            let result = call_with_fallbacks(&state, &settings, &attempt_meta, attempt, &mut request).await;
+            let attempt_started = if self.attempt == 1 {
+                self.started
+            } else {
+                Instant::now()
+            };
+            let asked = self.meta.route.name.clone();
+            let result = call_with_fallbacks(
+                &self.state,
+                &self.settings,
+                &self.meta,
+                self.attempt,
+                &mut self.request,
+            )
+            .await;
             let (answered_by, completion, generation) = match result {
                 Ok(ok) => ok,
-                Err(e) => {
-                    state.count(&attempt_meta.route.upstream, "upstream_error");
-                    if let Some(held_back) = state.warnings.admit(&attempt_meta.route.name, e.code(), Instant::now()) {
-                        tracing::warn!(persona = %attempt_meta.persona, model = %attempt_meta.route.name,
-                            similar_held_back = held_back, "{}", e.message());
-                    }
-                    let _ = answer_tx.send(Err(e));
-                    if earlier_attempts.is_empty() {
-                        release_admission(&state, &attempt_meta, held).await;
-                    } else {
-                        release_admission(&state, &attempt_meta, Vec::new()).await;
-                        store_usage(&state, &attempt_meta.persona, earlier_attempts, held).await;
-                    }
-                    break;
-                }
+                Err(e) => return self.failed(e, answer_tx).await,
             };
-            let fell_back = answered_by.name != route.name;
-            attempt_meta.route = answered_by;
+            let fell_back = answered_by.name != asked;
+            self.meta.route = answered_by;
             let Completion { body, usage, text } = completion;
             let (used, estimated) = match usage {
                 Some(u) => (u, false),
                 None => (
                     dialect::TokenUsage {
-                        input: counted_prompt(&request),
+                        input: counted_prompt(&self.request),
                         output: tokens::count_text(&text),
                         ..Default::default()
                     },
                     true,
                 ),
             };
-            let (prompt, completion) = (used.input, used.output);
-            let verdict = judge(&state, &attempt_meta, &text, completion, attempt, escalated, generation).await;
-            let failed = verdict.as_ref().is_some_and(|v| v.result == GateResult::Fail);
-            // Another attempt, on the escalation model, if the gate failed and retries are left
-            // (and the budget admits it).
-            let next = if failed && attempt <= retries {
-                let call = attempt_meta.stage_call.clone();
-                let escalation = call.as_ref().and_then(|c| c.escalation(&settings));
-                let escalating = escalation.is_some();
-                let target = escalation.unwrap_or_else(|| attempt_meta.route.clone());
-                let estimate = attempt_meta.prompt_estimate;
-                let cost = cost_of(&target, estimate, 0);
-                match Reservation::take(&state, &attempt_meta, estimate, cost, None) {
-                    Err(_) => {
-                        tracing::info!(persona = %attempt_meta.persona, "quality-gate retry skipped: the budget is spent");
-                        None
-                    }
-                    Ok((reservation, _, _)) => {
-                        // The retry's own admission, stored before it goes upstream.
-                        let mut retry = attempt_meta.clone();
-                        retry.route = target.clone();
-                        match store_admission(&state, &mut retry, estimate, cost).await {
-                            Ok(()) => {
-                                held.push(reservation);
-                                Some((target, retry.call_id, escalating))
-                            }
-                            Err(_) => None,
-                        }
-                    }
-                }
+            let verdict = judge(
+                &self.state,
+                &self.meta,
+                &text,
+                used.output,
+                self.attempt,
+                self.escalated,
+                generation,
+            )
+            .await;
+            let failed = verdict
+                .as_ref()
+                .is_some_and(|v| v.result == GateResult::Fail);
+            let retry = if failed && self.attempt <= retries {
+                self.gate_retry().await
             } else {
                 None
             };
-            match next {
-                Some((target, retry_call, escalating)) => {
-                    // Stored with the last attempt (one commit, and the client is not kept
-                    // waiting for it); its reservation is held until then.
-                    earlier_attempts.push(usage_event(&state, &attempt_meta, used, estimated, attempt_started));
-                    state.count(&attempt_meta.route.upstream, "ok");
-                    state.count(&target.upstream, "gate_retry");
-                    tracing::info!(from = %attempt_meta.route.name, to = %target.name, attempt = attempt + 1,
-                        "retrying a call whose output failed the quality gate");
-                    attempt_meta.route = target;
-                    attempt_meta.call_id = retry_call;
-                    attempt += 1;
-                    escalated = escalating;
-                }
+            let this_attempt =
+                usage_event(&self.state, &self.meta, used, estimated, attempt_started);
+            match retry {
+                Some(retry) => self.next_attempt(retry, this_attempt),
                 None => {
-                    let cacheable = !fell_back && !estimated && !failed && attempt == 1;
-                    if let Some((key, ttl)) = cache_slot.filter(|_| cacheable) {
-                        let expires = state.shared.clock.now_ms() + ttl.as_millis() as i64;
-                        state.cache.share(&key, &body, prompt, completion, ttl);
-                        state.cache.insert(key, body.clone(), prompt, completion, expires);
+                    if !fell_back && !estimated && !failed && self.attempt == 1 {
+                        self.cache(&body, used);
                     }
-                    trace::request(
-                        &state,
-                        &attempt_meta,
-                        trace::CallOutcome {
-                            status: 200,
-                            attempts: attempt,
-                            verdict: verdict.as_ref(),
-                            usage: Some((prompt, completion)),
-                            ..Default::default()
-                        },
-                    );
-                    // The usage is stored before the answer is released: an answered call is
-                    // never missing from the ledger, nor there as an estimate.
-                    let mut events = std::mem::take(&mut earlier_attempts);
-                    events.push(usage_event(&state, &attempt_meta, used, estimated, attempt_started));
-                    store_usage(&state, &attempt_meta.persona, events, held).await;
-                    let _ = answer_tx.send(Ok(Answer {
-                        meta: attempt_meta.clone(),
-                        body,
-                        verdict,
-                        attempts: attempt,
-                    }));
-                    state.count(&attempt_meta.route.upstream, "ok");
-                    break;
+                    return self
+                        .answered(body, verdict, used, this_attempt, answer_tx)
+                        .await;
                 }
             }
         }
-    });
-    match answer_rx.await {
-        Ok(Ok(answer)) => {
-            let mut resp = json_bytes(answer.body);
-            response_headers(&mut resp, &answer.meta);
-            let h = resp.headers_mut();
-            if answer.meta.route.name != meta.route.name {
-                let name = if answer.attempts > 1 {
-                    "x-hypertool-escalated"
-                } else {
-                    "x-hypertool-fallback"
-                };
-                if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&format!(
-                    "{} -> {}",
-                    meta.route.name, answer.meta.route.name
-                ))) {
-                    h.insert(name, v);
-                }
-            }
-            if let Some(verdict) = &answer.verdict {
-                if let Ok(v) = HeaderValue::from_str(&stage::header_safe(&verdict.summary())) {
-                    h.insert("x-hypertool-quality-gate", v);
-                }
-                h.insert("x-hypertool-attempts", HeaderValue::from(answer.attempts));
-            }
-            Ok(resp)
+    }
+
+    /// No upstream answered: the client is told, the call's admission released, and the usage
+    /// of earlier attempts stored.
+    async fn failed(self, e: UpstreamError, answer_tx: AnswerSender) {
+        let (state, meta) = (&self.state, &self.meta);
+        state.count(&meta.route.upstream, "upstream_error");
+        if let Some(held_back) = state
+            .warnings
+            .admit(&meta.route.name, e.code(), Instant::now())
+        {
+            tracing::warn!(persona = %meta.persona, model = %meta.route.name,
+                similar_held_back = held_back, "{}", e.message());
         }
-        Ok(Err(e)) => Err(gateway_error(&e)),
-        Err(_) => Err(ApiError::unavailable(
-            "the call was interrupted (server shutting down?); retry it",
-        )),
+        let _ = answer_tx.send(Err(e));
+        if self.earlier_attempts.is_empty() {
+            release_admission(state, meta, self.held).await;
+        } else {
+            release_admission(state, meta, Vec::new()).await;
+            store_usage(state, &meta.persona, self.earlier_attempts, self.held).await;
+        }
+    }
+
+    /// Another attempt after a failed gate, on the escalation model if the stage has one: its
+    /// budget reserved and its admission stored before it goes upstream. `None` when the budget
+    /// does not admit it.
+    async fn gate_retry(&mut self) -> Option<Retry> {
+        let escalation = self
+            .meta
+            .stage_call
+            .as_ref()
+            .and_then(|c| c.escalation(&self.settings));
+        let escalating = escalation.is_some();
+        let target = escalation.unwrap_or_else(|| self.meta.route.clone());
+        let estimate = self.meta.prompt_estimate;
+        let cost = cost_of(&target, estimate, 0);
+        let Ok((reservation, _, _)) =
+            Reservation::take(&self.state, &self.meta, estimate, cost, None)
+        else {
+            tracing::info!(persona = %self.meta.persona, "quality-gate retry skipped: the budget is spent");
+            return None;
+        };
+        let mut retry = self.meta.clone();
+        retry.route = target.clone();
+        store_admission(&self.state, &mut retry, estimate, cost)
+            .await
+            .ok()?;
+        self.held.push(reservation);
+        Some(Retry {
+            target,
+            call_id: retry.call_id,
+            escalating,
+        })
+    }
+
+    /// Moves on to the retry; the failed attempt's usage is stored with the last attempt (one
+    /// commit, and the client is not kept waiting for it), its reservation held until then.
+    fn next_attempt(&mut self, retry: Retry, failed_attempt: Stamped) {
+        self.earlier_attempts.push(failed_attempt);
+        self.state.count(&self.meta.route.upstream, "ok");
+        self.state.count(&retry.target.upstream, "gate_retry");
+        tracing::info!(from = %self.meta.route.name, to = %retry.target.name, attempt = self.attempt + 1,
+            "retrying a call whose output failed the quality gate");
+        self.meta.route = retry.target;
+        self.meta.call_id = retry.call_id;
+        self.attempt += 1;
+        self.escalated = retry.escalating;
+    }
+
+    /// A first attempt's clean answer goes into the cache (here and, shared, to the fleet).
+    fn cache(&mut self, body: &Bytes, used: dialect::TokenUsage) {
+        if let Some((key, ttl)) = self.cache_slot.take() {
+            let expires = self.state.shared.clock.now_ms() + ttl.as_millis() as i64;
+            let cache = &self.state.cache;
+            cache.share(&key, body, used.input, used.output, ttl);
+            cache.insert(key, body.clone(), used.input, used.output, expires);
+        }
+    }
+
+    /// The last attempt answered: traced, every attempt's usage stored, then the answer
+    /// released — an answered call is never missing from the ledger, nor there as an estimate.
+    async fn answered(
+        mut self,
+        body: Bytes,
+        verdict: Option<GateVerdict>,
+        used: dialect::TokenUsage,
+        last_attempt: Stamped,
+        answer_tx: AnswerSender,
+    ) {
+        trace::request(
+            &self.state,
+            &self.meta,
+            trace::CallOutcome {
+                status: 200,
+                attempts: self.attempt,
+                verdict: verdict.as_ref(),
+                usage: Some((used.input, used.output)),
+                ..Default::default()
+            },
+        );
+        let mut events = std::mem::take(&mut self.earlier_attempts);
+        events.push(last_attempt);
+        store_usage(&self.state, &self.meta.persona, events, self.held).await;
+        let _ = answer_tx.send(Ok(Answer {
+            meta: self.meta.clone(),
+            body,
+            verdict,
+            attempts: self.attempt,
+        }));
+        self.state.count(&self.meta.route.upstream, "ok");
     }
 }
