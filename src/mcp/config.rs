@@ -205,144 +205,16 @@ pub fn parse(
         ));
     }
     for (name, value) in &raw.mcp_servers {
-        let entry = format!("mcpServers.{}", spans::key(name));
-        let line = spans.line(&entry);
-        let err = |msg: String| ConfigError::new(file, line, format!("server `{name}`: {msg}"));
-        if let Err(why) = check_server_name(name) {
-            errors.push(err(why).fix("use letters, digits, `-` and `_` (at most 48)"));
-            continue;
-        }
-        let raw: RawServer = match serde_json::from_value(value.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                errors.push(err(e.to_string()).fix(
-                    "a server has `command` (+ `args`, `env`, `cwd`) or `type: \"http\"` with `url` (+ `headers`)",
-                ));
-                continue;
-            }
+        let path = format!("mcpServers.{}", spans::key(name));
+        let mut entry = Entry {
+            file,
+            name,
+            line: spans.line(&path),
+            env,
+            errors: &mut errors,
         };
-        if raw.disabled {
-            continue;
-        }
-        let call_timeout = match raw.timeout_seconds {
-            None => DEFAULT_CALL_TIMEOUT,
-            Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
-            Some(s) => {
-                errors.push(ConfigError::new(
-                    file,
-                    spans.line(&format!("{entry}.timeout_seconds")),
-                    format!("server `{name}`: timeout_seconds = {s} is not between 0 and 3600"),
-                ));
-                continue;
-            }
-        };
-        let mut expand = |what: &str, v: &str| -> Option<String> {
-            match expand_env(v, env) {
-                Ok(s) => Some(s),
-                Err(var) => {
-                    errors.push(
-                        err(format!("{what} uses ${{{var}}}, which is not set"))
-                            .fix(format!("export {var}=…, or write ${{{var}:-default}}")),
-                    );
-                    None
-                }
-            }
-        };
-        let transport = match (raw.kind.as_deref(), &raw.command, &raw.url) {
-            (None | Some("stdio"), Some(command), None) => {
-                let command = expand("command", command);
-                let args: Vec<Option<String>> =
-                    raw.args.iter().map(|a| expand("an argument", a)).collect();
-                let env: Vec<(String, Option<String>)> = raw
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.clone(), expand(&format!("env `{k}`"), v)))
-                    .collect();
-                let cwd = raw.cwd.as_deref().and_then(|c| expand("cwd", c));
-                let (Some(command), true, true) = (
-                    command,
-                    args.iter().all(Option::is_some),
-                    env.iter().all(|(_, v)| v.is_some()),
-                ) else {
-                    continue;
-                };
-                if command.trim().is_empty() {
-                    errors.push(err("`command` is empty".into()));
-                    continue;
-                }
-                Transport::Stdio {
-                    command,
-                    args: args.into_iter().flatten().collect(),
-                    env: env
-                        .into_iter()
-                        .filter_map(|(k, v)| v.map(|v| (k, v)))
-                        .collect(),
-                    cwd: cwd.map(PathBuf::from),
-                }
-            }
-            (
-                None | Some("http") | Some("streamable-http") | Some("streamableHttp"),
-                None,
-                Some(url),
-            ) => {
-                let Some(url) = expand("url", url) else {
-                    continue;
-                };
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    errors.push(err("`url` must start with http:// or https://".into()));
-                    continue;
-                }
-                let headers: Vec<(String, Option<String>)> = raw
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), expand(&format!("header `{k}`"), v)))
-                    .collect();
-                if headers.iter().any(|(_, v)| v.is_none()) {
-                    continue;
-                }
-                Transport::Http {
-                    url,
-                    headers: headers
-                        .into_iter()
-                        .filter_map(|(k, v)| v.map(|v| (k, v)))
-                        .collect(),
-                    trust: crate::tls::Trust::default(),
-                }
-            }
-            (Some("sse"), _, _) => {
-                errors.push(
-                    err("the legacy SSE transport is not supported".into())
-                        .fix("use the server's streamable HTTP endpoint (`type: \"http\"`), or run it over stdio"),
-                );
-                continue;
-            }
-            (Some(other), _, _)
-                if !matches!(
-                    other,
-                    "stdio" | "http" | "streamable-http" | "streamableHttp"
-                ) =>
-            {
-                errors
-                    .push(err(format!("unknown type {other:?}")).fix("use \"stdio\" or \"http\""));
-                continue;
-            }
-            (_, Some(_), Some(_)) => {
-                errors.push(err("has both `command` and `url`".into()).fix("keep one"));
-                continue;
-            }
-            _ => {
-                errors.push(
-                    err("has neither `command` (stdio) nor `url` (http), or one that does not match its `type`".into())
-                        .fix("add \"command\": \"…\" or \"type\": \"http\", \"url\": \"…\""),
-                );
-                continue;
-            }
-        };
-        servers.push(ServerSpec {
-            name: name.clone(),
-            transport,
-            call_timeout,
-        });
+        let timeout_line = spans.line(&format!("{path}.timeout_seconds"));
+        servers.extend(entry.server(value, timeout_line));
     }
     if errors.is_empty() {
         Ok(McpServers {
@@ -353,6 +225,171 @@ pub fn parse(
         Err(ConfigErrors(errors))
     }
 }
+
+/// One server's entry being checked; its problems join the file's list.
+struct Entry<'a> {
+    file: &'a str,
+    name: &'a str,
+    line: Option<usize>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Entry<'_> {
+    /// The server, or `None` when it is disabled or has a problem (reported).
+    fn server(
+        &mut self,
+        value: &serde_json::Value,
+        timeout_line: Option<usize>,
+    ) -> Option<ServerSpec> {
+        if let Err(why) = check_server_name(self.name) {
+            let e = self
+                .err(why)
+                .fix("use letters, digits, `-` and `_` (at most 48)");
+            return self.refuse(e);
+        }
+        let raw: RawServer = match serde_json::from_value(value.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                let e = self.err(e.to_string()).fix(
+                    "a server has `command` (+ `args`, `env`, `cwd`) or `type: \"http\"` with `url` (+ `headers`)",
+                );
+                return self.refuse(e);
+            }
+        };
+        if raw.disabled {
+            return None;
+        }
+        let call_timeout = match raw.timeout_seconds {
+            None => DEFAULT_CALL_TIMEOUT,
+            Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
+            Some(s) => {
+                let e = ConfigError::new(
+                    self.file,
+                    timeout_line,
+                    format!(
+                        "server `{}`: timeout_seconds = {s} is not between 0 and 3600",
+                        self.name
+                    ),
+                );
+                return self.refuse(e);
+            }
+        };
+        Some(ServerSpec {
+            name: self.name.to_string(),
+            transport: self.transport(&raw)?,
+            call_timeout,
+        })
+    }
+
+    /// The transport its `type`, `command` and `url` describe.
+    fn transport(&mut self, raw: &RawServer) -> Option<Transport> {
+        let refusal = match (raw.kind.as_deref(), &raw.command, &raw.url) {
+            (None | Some("stdio"), Some(command), None) => return self.stdio(command, raw),
+            (Some(kind), None, Some(url)) if HTTP_TYPES.contains(&kind) => {
+                return self.http(url, raw)
+            }
+            (None, None, Some(url)) => return self.http(url, raw),
+            (Some("sse"), _, _) => self
+                .err("the legacy SSE transport is not supported".into())
+                .fix("use the server's streamable HTTP endpoint (`type: \"http\"`), or run it over stdio"),
+            (Some(other), _, _) if other != "stdio" && !HTTP_TYPES.contains(&other) => self
+                .err(format!("unknown type {other:?}"))
+                .fix("use \"stdio\" or \"http\""),
+            (_, Some(_), Some(_)) => self
+                .err("has both `command` and `url`".into())
+                .fix("keep one"),
+            _ => self
+                .err("has neither `command` (stdio) nor `url` (http), or one that does not match its `type`".into())
+                .fix("add \"command\": \"…\" or \"type\": \"http\", \"url\": \"…\""),
+        };
+        self.refuse(refusal)
+    }
+
+    /// A local server over stdio. Every `${VAR}` is expanded (each one unset reported) before
+    /// the entry is refused.
+    fn stdio(&mut self, command: &str, raw: &RawServer) -> Option<Transport> {
+        let command = self.expand("command", command);
+        let args: Vec<Option<String>> = raw
+            .args
+            .iter()
+            .map(|a| self.expand("an argument", a))
+            .collect();
+        let env = self.expand_map("env", &raw.env);
+        let cwd = raw.cwd.as_deref().and_then(|c| self.expand("cwd", c));
+        let (command, args, env) = (command?, args.into_iter().collect::<Option<_>>()?, env?);
+        if command.trim().is_empty() {
+            let e = self.err("`command` is empty".into());
+            return self.refuse(e);
+        }
+        Some(Transport::Stdio {
+            command,
+            args,
+            env,
+            cwd: cwd.map(PathBuf::from),
+        })
+    }
+
+    /// A remote server over streamable HTTP.
+    fn http(&mut self, url: &str, raw: &RawServer) -> Option<Transport> {
+        let url = self.expand("url", url)?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            let e = self.err("`url` must start with http:// or https://".into());
+            return self.refuse(e);
+        }
+        Some(Transport::Http {
+            url,
+            headers: self.expand_map("header", &raw.headers)?,
+            trust: crate::tls::Trust::default(),
+        })
+    }
+
+    /// `v` with its `${VAR}`s expanded; `None` (reported) when one is not set.
+    fn expand(&mut self, what: &str, v: &str) -> Option<String> {
+        match expand_env(v, self.env) {
+            Ok(s) => Some(s),
+            Err(var) => {
+                let e = self
+                    .err(format!("{what} uses ${{{var}}}, which is not set"))
+                    .fix(format!("export {var}=…, or write ${{{var}:-default}}"));
+                self.refuse(e)
+            }
+        }
+    }
+
+    /// Every value of `map` expanded (each unset variable reported), or `None`.
+    fn expand_map(
+        &mut self,
+        what: &str,
+        map: &BTreeMap<String, String>,
+    ) -> Option<BTreeMap<String, String>> {
+        let expanded: Vec<(String, Option<String>)> = map
+            .iter()
+            .map(|(k, v)| (k.clone(), self.expand(&format!("{what} `{k}`"), v)))
+            .collect();
+        expanded
+            .into_iter()
+            .map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
+
+    fn err(&self, msg: String) -> ConfigError {
+        ConfigError::new(
+            self.file,
+            self.line,
+            format!("server `{}`: {msg}", self.name),
+        )
+    }
+
+    /// Reports `e`; the entry yields no server.
+    fn refuse<T>(&mut self, e: ConfigError) -> Option<T> {
+        self.errors.push(e);
+        None
+    }
+}
+
+/// The `type`s of a streamable HTTP server, as the MCP clients spell it.
+const HTTP_TYPES: [&str; 3] = ["http", "streamable-http", "streamableHttp"];
 
 /// Server names prefix the tools hypertool exposes (`time__get_current_time`).
 fn check_server_name(name: &str) -> Result<(), String> {
@@ -462,5 +499,38 @@ mod tests {
             bad.starts_with("m.json:2: not a valid MCP servers file"),
             "{bad}"
         );
+    }
+
+    #[test]
+    fn each_transport_mistake_and_every_unset_variable_is_reported() {
+        let text = "{\"mcpServers\": {\n  \"ws\": {\"type\": \"websocket\", \"url\": \"ws://h\"},\n  \"both\": {\"command\": \"x\", \"url\": \"http://h\"},\n  \"ftp\": {\"type\": \"streamableHttp\", \"url\": \"ftp://h\"},\n  \"vars\": {\"command\": \"x\", \"args\": [\"${ONE}\"], \"env\": {\"K\": \"${TWO}\"}},\n  \"slow\": {\"command\": \"x\",\n    \"timeout_seconds\": 7200}\n}}";
+        let errors = parse(text, "m.json", &env).unwrap_err().0;
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+        assert!(
+            has("m.json:2: server `ws`: unknown type \"websocket\""),
+            "{lines:#?}"
+        );
+        assert!(
+            has("m.json:3: server `both`: has both `command` and `url`"),
+            "{lines:#?}"
+        );
+        assert!(
+            has("m.json:4: server `ftp`: `url` must start with http://"),
+            "{lines:#?}"
+        );
+        assert!(
+            has("m.json:5: server `vars`: an argument uses ${ONE}"),
+            "{lines:#?}"
+        );
+        assert!(
+            has("m.json:5: server `vars`: env `K` uses ${TWO}"),
+            "{lines:#?}"
+        );
+        assert!(
+            has("m.json:7: server `slow`: timeout_seconds = 7200"),
+            "{lines:#?}"
+        );
+        assert_eq!(errors.len(), 6, "{lines:#?}");
     }
 }
