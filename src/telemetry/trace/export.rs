@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::otlp::{self, EncodeOptions};
 use super::span::{Score, SpanRecord};
-use super::spool::{ItemKind, Spool};
+use super::spool::{Item, ItemKind, Spool};
 use crate::core::clock::Clock;
 
 /// How a destination is reached, and its bounds.
@@ -213,15 +213,17 @@ impl Destination {
             .connect_timeout(config.timeout)
             .build()
             .map_err(std::io::Error::other)?;
-        let sender = tokio::spawn(sender(
-            config.clone(),
+        let sender = Sender {
+            config: config.clone(),
             client,
-            spool.clone(),
-            stats.clone(),
-            wake.clone(),
-            stop.clone(),
+            spool: spool.clone(),
+            stats: stats.clone(),
             clock,
-        ));
+            backoff: FIRST_BACKOFF,
+            last_auth_log: None,
+            last_retry_log: None,
+        };
+        let sender = tokio::spawn(sender.run(wake.clone(), stop.clone()));
         Ok(Destination {
             config,
             stats,
@@ -480,159 +482,192 @@ async fn post(
     }
 }
 
-async fn sender(
+/// The destination's delivery loop: the spool's oldest batch posted until it is taken or
+/// refused for good, backing off while the destination does not answer.
+struct Sender {
     config: DestinationConfig,
     client: reqwest::Client,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<DestinationStats>,
-    wake: Arc<Notify>,
-    stop: CancellationToken,
     clock: Arc<dyn Clock>,
-) {
-    const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-    const AUTH_RETRY: Duration = Duration::from_secs(60);
-    let mut backoff = FIRST_BACKOFF;
-    let mut last_auth_log: Option<std::time::Instant> = None;
-    let mut last_retry_log: Option<std::time::Instant> = None;
-    loop {
-        let next = spool.lock().unwrap_or_else(|p| p.into_inner()).oldest();
-        let item = match next {
-            None => {
+    /// The wait before the next try after a failure (doubles up to `max_backoff`).
+    backoff: Duration,
+    /// When each kind of trouble was last logged (at most once a minute each).
+    last_auth_log: Option<std::time::Instant>,
+    last_retry_log: Option<std::time::Instant>,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const AUTH_RETRY: Duration = Duration::from_secs(60);
+
+impl Sender {
+    async fn run(mut self, wake: Arc<Notify>, stop: CancellationToken) {
+        loop {
+            let next = self
+                .spool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .oldest();
+            let item = match next {
+                None => {
+                    tokio::select! {
+                        _ = wake.notified() => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                Some(Err(e)) => {
+                    self.stats.count("rejected");
+                    tracing::error!(
+                        destination = self.config.name,
+                        "a spooled trace batch was unreadable and is skipped: {e}"
+                    );
+                    continue;
+                }
+                Some(Ok(item)) => item,
+            };
+            let outcome = tokio::select! {
+                sent = post(&self.client, &self.config, item.kind, item.payload.clone()) => sent,
+                _ = stop.cancelled() => return,
+            };
+            let wait = match outcome {
+                Sent::Accepted => self.accepted(&item),
+                Sent::Partial(p) => self.partly_accepted(&item, p),
+                Sent::Retry(why) => Some(self.unreachable(why)),
+                Sent::Auth(code) => Some(self.auth_refused(code)),
+                Sent::Rejected(code, why) => self.rejected(&item, code, why),
+            };
+            if let Some(wait) = wait {
                 tokio::select! {
-                    _ = wake.notified() => continue,
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => return,
                 }
             }
-            Some(Err(e)) => {
-                stats.count("rejected");
-                tracing::error!(
-                    destination = config.name,
-                    "a spooled trace batch was unreadable and is skipped: {e}"
-                );
-                continue;
-            }
-            Some(Ok(item)) => item,
-        };
-        let (seq, kind, count) = (item.seq, item.kind, item.count);
-        let payload = item.payload;
-        let outcome = tokio::select! {
-            sent = post(&client, &config, kind, payload.clone()) => sent,
-            _ = stop.cancelled() => return,
-        };
-        let wait = match outcome {
-            Sent::Accepted => {
-                stats.count("ok");
-                stats
-                    .last_success_ms
-                    .store(clock.now_ms(), Ordering::Relaxed);
-                match kind {
-                    ItemKind::Spans => stats
-                        .traces_accepted
-                        .fetch_add(u64::from(count), Ordering::Relaxed),
-                    ItemKind::Scores => stats
-                        .scores_accepted
-                        .fetch_add(u64::from(count), Ordering::Relaxed),
-                };
-                if !stats.healthy.load(Ordering::Relaxed) {
-                    tracing::info!(
-                        destination = config.name,
-                        "traces are being delivered again"
-                    );
-                }
-                stats.set_trouble(None);
-                remove(&spool, &stats, seq);
-                backoff = FIRST_BACKOFF;
-                None
-            }
-            Sent::Partial(p) => {
-                stats.count("ok");
-                stats
-                    .last_success_ms
-                    .store(clock.now_ms(), Ordering::Relaxed);
-                // Items not named among the errors were taken.
-                let refused = p.permanent + p.transient.len() as u64;
-                if kind == ItemKind::Scores {
-                    stats
-                        .scores_accepted
-                        .fetch_add(u64::from(count).saturating_sub(refused), Ordering::Relaxed);
-                }
-                stats
-                    .item_errors_permanent
-                    .fetch_add(p.permanent, Ordering::Relaxed);
-                if let Some(message) = &p.message {
-                    tracing::warn!(destination = config.name, refused = p.permanent,
-                        "the trace destination refused {} item(s) of a batch for good ({message}); they are dropped",
-                        p.permanent);
-                }
-                // The items refused for now go back to the spool, alone, to be sent again.
-                let again = only_events(&payload, &p.transient);
-                if let Some((retry, n)) = &again {
-                    stats
-                        .item_errors_transient
-                        .fetch_add(u64::from(*n), Ordering::Relaxed);
-                    tracing::info!(destination = config.name, items = n,
-                        "the trace destination could not take {n} item(s) of a batch now; they are sent again");
-                    let mut s = spool.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = s.push(kind, *n, retry) {
-                        tracing::error!(
-                            destination = config.name,
-                            "the items to send again could not be spooled: {e}"
-                        );
-                    }
-                }
-                remove(&spool, &stats, seq);
-                if again.is_some() {
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(config.max_backoff.max(FIRST_BACKOFF));
-                    Some(wait)
-                } else {
-                    backoff = FIRST_BACKOFF;
-                    None
-                }
-            }
-            Sent::Retry(why) => {
-                stats.count("retry");
-                let first = stats.healthy.load(Ordering::Relaxed);
-                stats.set_trouble(Some(Trouble::Unreachable(why.clone())));
-                if first || last_retry_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    last_retry_log = Some(std::time::Instant::now());
-                    tracing::warn!(destination = config.name, url = %config.traces_url,
-                        spooled_bytes = stats.spool_bytes.load(Ordering::Relaxed),
-                        "traces cannot be delivered ({why}); they are spooled and re-sent when it answers");
-                }
-                let wait = backoff;
-                backoff = (backoff * 2).min(config.max_backoff.max(FIRST_BACKOFF));
-                Some(wait)
-            }
-            Sent::Auth(code) => {
-                stats.count("auth_refused");
-                stats.set_trouble(Some(Trouble::AuthRefused(code)));
-                if last_auth_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    last_auth_log = Some(std::time::Instant::now());
-                    tracing::error!(destination = config.name, status = code,
-                        "the trace destination refused hypertool's credentials: {}; batches stay spooled and are tried again once a minute",
-                        config.auth_fix);
-                }
-                Some(AUTH_RETRY.min(config.max_backoff.max(FIRST_BACKOFF) * 8))
-            }
-            Sent::Rejected(code, why) => {
-                stats.count("rejected");
-                tracing::error!(
-                    destination = config.name,
-                    status = code,
-                    "the trace destination refused a batch for good ({why}); it is dropped"
-                );
-                remove(&spool, &stats, seq);
-                None
-            }
-        };
-        if let Some(wait) = wait {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.cancelled() => return,
-            }
         }
     }
+
+    /// The batch was taken whole.
+    fn accepted(&mut self, item: &Item) -> Option<Duration> {
+        let stats = &self.stats;
+        stats.count("ok");
+        stats
+            .last_success_ms
+            .store(self.clock.now_ms(), Ordering::Relaxed);
+        let accepted = match item.kind {
+            ItemKind::Spans => &stats.traces_accepted,
+            ItemKind::Scores => &stats.scores_accepted,
+        };
+        accepted.fetch_add(u64::from(item.count), Ordering::Relaxed);
+        if !stats.healthy.load(Ordering::Relaxed) {
+            tracing::info!(
+                destination = self.config.name,
+                "traces are being delivered again"
+            );
+        }
+        stats.set_trouble(None);
+        remove(&self.spool, stats, item.seq);
+        self.backoff = FIRST_BACKOFF;
+        None
+    }
+
+    /// A 207: the items refused for good are dropped (counted, the first message logged); those
+    /// refused for now go back to the spool, alone, to be sent again after a backoff.
+    fn partly_accepted(&mut self, item: &Item, p: Partial) -> Option<Duration> {
+        let (stats, name) = (&self.stats, self.config.name);
+        stats.count("ok");
+        stats
+            .last_success_ms
+            .store(self.clock.now_ms(), Ordering::Relaxed);
+        // Items not named among the errors were taken.
+        let refused = p.permanent + p.transient.len() as u64;
+        if item.kind == ItemKind::Scores {
+            stats.scores_accepted.fetch_add(
+                u64::from(item.count).saturating_sub(refused),
+                Ordering::Relaxed,
+            );
+        }
+        stats
+            .item_errors_permanent
+            .fetch_add(p.permanent, Ordering::Relaxed);
+        if let Some(message) = &p.message {
+            tracing::warn!(destination = name, refused = p.permanent,
+                "the trace destination refused {} item(s) of a batch for good ({message}); they are dropped",
+                p.permanent);
+        }
+        let again = only_events(&item.payload, &p.transient);
+        if let Some((retry, n)) = &again {
+            stats
+                .item_errors_transient
+                .fetch_add(u64::from(*n), Ordering::Relaxed);
+            tracing::info!(destination = name, items = n,
+                "the trace destination could not take {n} item(s) of a batch now; they are sent again");
+            let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = s.push(item.kind, *n, retry) {
+                tracing::error!(
+                    destination = name,
+                    "the items to send again could not be spooled: {e}"
+                );
+            }
+        }
+        remove(&self.spool, stats, item.seq);
+        if again.is_some() {
+            Some(self.back_off())
+        } else {
+            self.backoff = FIRST_BACKOFF;
+            None
+        }
+    }
+
+    /// No answer, or one that asks to come back (408, 429, 5xx): the batch stays spooled.
+    fn unreachable(&mut self, why: String) -> Duration {
+        let stats = &self.stats;
+        stats.count("retry");
+        let first = stats.healthy.load(Ordering::Relaxed);
+        stats.set_trouble(Some(Trouble::Unreachable(why.clone())));
+        if first || due(self.last_retry_log) {
+            self.last_retry_log = Some(std::time::Instant::now());
+            tracing::warn!(destination = self.config.name, url = %self.config.traces_url,
+                spooled_bytes = stats.spool_bytes.load(Ordering::Relaxed),
+                "traces cannot be delivered ({why}); they are spooled and re-sent when it answers");
+        }
+        self.back_off()
+    }
+
+    /// 401 or 403: the batch stays spooled and is tried again after a long wait.
+    fn auth_refused(&mut self, code: u16) -> Duration {
+        self.stats.count("auth_refused");
+        self.stats.set_trouble(Some(Trouble::AuthRefused(code)));
+        if due(self.last_auth_log) {
+            self.last_auth_log = Some(std::time::Instant::now());
+            tracing::error!(destination = self.config.name, status = code,
+                "the trace destination refused hypertool's credentials: {}; batches stay spooled and are tried again once a minute",
+                self.config.auth_fix);
+        }
+        AUTH_RETRY.min(self.config.max_backoff.max(FIRST_BACKOFF) * 8)
+    }
+
+    /// Refused for good (another 4xx): the batch is dropped, counted and logged.
+    fn rejected(&mut self, item: &Item, code: u16, why: String) -> Option<Duration> {
+        self.stats.count("rejected");
+        tracing::error!(
+            destination = self.config.name,
+            status = code,
+            "the trace destination refused a batch for good ({why}); it is dropped"
+        );
+        remove(&self.spool, &self.stats, item.seq);
+        None
+    }
+
+    /// The wait before the next try, and the one after it doubled.
+    fn back_off(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.config.max_backoff.max(FIRST_BACKOFF));
+        wait
+    }
+}
+
+/// Whether a once-a-minute log line is due.
+fn due(last: Option<std::time::Instant>) -> bool {
+    last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
 }
 
 fn remove(spool: &Mutex<Spool>, stats: &DestinationStats, seq: u64) {
