@@ -10,8 +10,10 @@ use super::registry::Snapshot;
 use std::fmt::Write;
 use std::sync::Arc;
 
+use crate::core::budget::BudgetState;
 use crate::core::engine::Engine;
 use crate::core::series::{CounterVec, HistogramVec};
+use std::collections::BTreeMap;
 
 pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -74,6 +76,21 @@ impl Writer {
         self.out.push(' ');
         push_value(&mut self.out, value);
         self.out.push('\n');
+    }
+
+    /// A gauge with a sample per persona that has a value (its header always).
+    fn per_persona(
+        &mut self,
+        family: &Family,
+        budgets: &BTreeMap<String, BudgetState>,
+        value: impl Fn(&BudgetState) -> Option<f64>,
+    ) {
+        self.header_of(family);
+        for (persona, b) in budgets {
+            if let Some(v) = value(b) {
+                self.sample(family.name, &[("persona", persona)], v);
+            }
+        }
     }
 
     fn header_of(&mut self, family: &Family) {
@@ -172,62 +189,46 @@ fn escape_label_into(out: &mut String, v: &str) {
 
 /// Renders every family: the engine's series and the process's (`registry`, a snapshot of
 /// [`super::registry::Registry`]). The engine should have been ticked to `now` first, so budget
-/// gauges are those of the current period.
+/// gauges are those of the current period. The order of families is the exposition's contract
+/// (the contract test pins it); each section below writes its families in that order.
 pub fn render(engine: &Engine, registry: &Snapshot, format: Format) -> String {
-    let m = engine.metrics();
     let mut w = Writer {
         out: String::with_capacity(64 * 1024),
         format,
     };
+    personas_and_workflows(&mut w, engine);
+    integrations(&mut w, engine, registry);
+    process(&mut w, engine, registry);
+    if format == Format::OpenMetrics {
+        w.out.push_str("# EOF\n");
+    }
+    w.out
+}
 
+/// The engine's families of personas, budgets, workflows, variants and MCP tools.
+fn personas_and_workflows(w: &mut Writer, engine: &Engine) {
+    let m = engine.metrics();
     w.counter_vec(&f::PERSONA_SWITCHES_TOTAL, &m.switches);
     w.histogram_vec(&f::PERSONA_DURATION_SECONDS, &m.persona_duration);
     w.counter_vec(&f::PERSONA_TOKENS_USED_TOTAL, &m.tokens);
-
-    w.header_of(&f::PERSONA_TOKEN_BUDGET_REMAINING);
-    for (persona, b) in engine.budgets() {
-        w.sample(
-            f::PERSONA_TOKEN_BUDGET_REMAINING.name,
-            &[("persona", persona)],
-            b.remaining_tokens() as f64,
-        );
-    }
-    w.header_of(&f::PERSONA_TOKEN_BUDGET_LIMIT);
-    for (persona, b) in engine.budgets() {
-        w.sample(
-            f::PERSONA_TOKEN_BUDGET_LIMIT.name,
-            &[("persona", persona)],
-            b.spec.tokens as f64,
-        );
-    }
-    w.header_of(&f::PERSONA_TOKEN_BUDGET_USED);
-    for (persona, b) in engine.budgets() {
-        w.sample(
-            f::PERSONA_TOKEN_BUDGET_USED.name,
-            &[("persona", persona)],
-            b.used_tokens() as f64,
-        );
-    }
-    w.header_of(&f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT);
-    for (persona, b) in engine.budgets() {
-        if let Some(tokens) = b.soft_limit_tokens() {
-            w.sample(
-                f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT.name,
-                &[("persona", persona)],
-                tokens as f64,
-            );
-        }
-    }
-    w.header_of(&f::PERSONA_COST_BUDGET_REMAINING_USD);
-    for (persona, b) in engine.budgets() {
-        if let Some(left) = b.remaining_cost() {
-            w.sample(
-                f::PERSONA_COST_BUDGET_REMAINING_USD.name,
-                &[("persona", persona)],
-                left,
-            );
-        }
-    }
+    let budgets = engine.budgets();
+    w.per_persona(&f::PERSONA_TOKEN_BUDGET_REMAINING, budgets, |b| {
+        Some(b.remaining_tokens() as f64)
+    });
+    w.per_persona(&f::PERSONA_TOKEN_BUDGET_LIMIT, budgets, |b| {
+        Some(b.spec.tokens as f64)
+    });
+    w.per_persona(&f::PERSONA_TOKEN_BUDGET_USED, budgets, |b| {
+        Some(b.used_tokens() as f64)
+    });
+    w.per_persona(&f::PERSONA_TOKEN_BUDGET_SOFT_LIMIT, budgets, |b| {
+        b.soft_limit_tokens().map(|t| t as f64)
+    });
+    w.per_persona(
+        &f::PERSONA_COST_BUDGET_REMAINING_USD,
+        budgets,
+        BudgetState::remaining_cost,
+    );
     w.counter_vec(&f::BUDGET_SOFT_LIMIT_REACHED_TOTAL, &m.soft_limit_reached);
     w.counter_vec(&f::PERSONA_COST_USD_TOTAL, &m.cost_usd);
     w.histogram_vec(&f::WORKFLOW_STAGE_DURATION_SECONDS, &m.stage_duration);
@@ -261,7 +262,6 @@ pub fn render(engine: &Engine, registry: &Snapshot, format: Format) -> String {
         &m.switches_suppressed,
     );
     w.counter_vec(&f::PERSONA_OSCILLATIONS_TOTAL, &m.oscillations);
-
     w.header_of(&f::PERSONA_INFO);
     for p in engine.personas().iter() {
         let aliases = p.aliases.join(",");
@@ -275,7 +275,11 @@ pub fn render(engine: &Engine, registry: &Snapshot, format: Format) -> String {
             1.0,
         );
     }
+}
 
+/// Langfuse, the ledger and trace export: where the observability itself is watched.
+fn integrations(w: &mut Writer, engine: &Engine, registry: &Snapshot) {
+    let m = engine.metrics();
     w.registered(registry, &f::LANGFUSE_ENABLED);
     // Traces Langfuse accepted (2xx), never traces attempted; plus those reported through the API.
     let mut accepted = 0.0;
@@ -314,7 +318,11 @@ pub fn render(engine: &Engine, registry: &Snapshot, format: Format) -> String {
         &m.generation_duration,
     );
     w.histogram_vec(&f::PROMPT_TOKENS, &m.prompt_tokens);
+}
 
+/// The process: events, the door, sessions, the gateway, caches, MCP, alerts, configuration.
+fn process(w: &mut Writer, engine: &Engine, registry: &Snapshot) {
+    let m = engine.metrics();
     w.counter_vec(&f::EVENTS_APPLIED_TOTAL, &m.events_applied);
     for family in [
         &f::EVENTS_REJECTED_TOTAL,
@@ -326,7 +334,6 @@ pub fn render(engine: &Engine, registry: &Snapshot, format: Format) -> String {
     w.counter_vec(&f::LABEL_VALUES_FOLDED_TOTAL, &m.label_values_folded);
     w.header_of(&f::SESSIONS_OPEN);
     w.sample(f::SESSIONS_OPEN.name, &[], engine.open_sessions() as f64);
-
     for family in [
         &f::GATEWAY_REQUESTS_TOTAL,
         &f::CACHE_REQUESTS_TOTAL,
@@ -349,11 +356,6 @@ pub fn render(engine: &Engine, registry: &Snapshot, format: Format) -> String {
     ] {
         w.registered(registry, family);
     }
-
-    if format == Format::OpenMetrics {
-        w.out.push_str("# EOF\n");
-    }
-    w.out
 }
 
 /// One sample of the classic text format.
