@@ -201,32 +201,7 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
     let mut up = true;
     let mut traces = 1;
     match scenario {
-        "healthy" => {
-            events.push(usage(
-                "frontend-engineer",
-                "feature",
-                "gpt-4",
-                4,
-                Some("h1"),
-            ));
-            if i % 8 == 0 {
-                events.push(Event::PersonaSwitch(PersonaSwitch {
-                    session: "h1".into(),
-                    from: Some("frontend-engineer".into()),
-                    to: "frontend-engineer".into(),
-                    chatmode: "feature".into(),
-                }));
-            }
-            if i % 4 == 0 {
-                events.push(stage(
-                    "feature-development",
-                    "implementation",
-                    "backend-engineer",
-                    45.0,
-                    true,
-                ));
-            }
-        }
+        "healthy" => healthy(i, &mut events),
         "budget-overrun" => events.push(usage("backend-engineer", "feature", "gpt-4", 100, None)),
         "depletion-trend" => events.push(usage("data-scientist", "analysis", "gpt-4", 10, None)),
         "soft-limit" => events.push(usage("frontend-engineer", "feature", "gpt-4", 25, None)),
@@ -240,23 +215,7 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
                 i % 5 >= 2,
             ));
         }
-        "persona-thrash" => {
-            events.push(usage("testing-specialist", "feature", "gpt-4", 1, None));
-            let per_step = 3 * step_ms / 1000;
-            for k in 0..per_step {
-                let (from, to) = if (i * per_step + k) % 2 == 0 {
-                    ("backend-engineer", "testing-specialist")
-                } else {
-                    ("testing-specialist", "backend-engineer")
-                };
-                events.push(Event::PersonaSwitch(PersonaSwitch {
-                    session: format!("thrash-{}", k % 3),
-                    from: Some(from.into()),
-                    to: to.into(),
-                    chatmode: "feature".into(),
-                }));
-            }
-        }
+        "persona-thrash" => persona_thrash(i, step_ms, &mut events),
         "slow-stage" => {
             events.push(usage("backend-engineer", "feature", "gpt-4", 2, None));
             events.push(stage(
@@ -281,70 +240,125 @@ fn step(scenario: &str, i: i64, step_ms: i64) -> (Vec<Event>, bool, u32) {
             events.push(usage("devops-engineer", "ops", "gpt-4", 5, None));
             up = t_min < 3.0;
         }
-        "gate-escalation" => {
-            for (attempt, model, result) in [
-                (1, "mock/balanced", GateResult::Fail),
-                (2, "mock/quality", GateResult::Pass),
-            ] {
-                events.push(usage(
-                    "backend-engineer",
-                    "feature-implementation",
-                    model,
-                    3,
-                    None,
-                ));
-                events.push(Event::QualityGate(GateVerdictEvent {
-                    workflow: "feature-development".into(),
-                    stage: "implementation".into(),
-                    model: model.into(),
-                    result,
-                    reasons: (result == GateResult::Fail)
-                        .then(|| "code_block: no fenced code block".to_string()),
-                    run: None,
-                    attempt,
-                    variant: None,
-                    escalated: false,
-                }));
-            }
-        }
-        "oscillating-session" => {
-            // Two switches per 15 s step, alternating, in one session.
-            for k in 0..2 {
-                let n = i * 2 + k;
-                let (from, to) = if n % 2 == 0 {
-                    ("testing-specialist", "backend-engineer")
-                } else {
-                    ("backend-engineer", "testing-specialist")
-                };
-                events.push(Event::PersonaSwitch(PersonaSwitch {
-                    session: "osc-1".into(),
-                    from: (n > 0).then(|| from.to_string()),
-                    to: to.into(),
-                    chatmode: "feature-implementation".into(),
-                }));
-            }
-        }
-        "hung-stage" => {
-            if i == 0 {
-                events.push(Event::RunStarted {
-                    run: "run-hung".into(),
-                    workflow: "incident-response".into(),
-                    session: None,
-                    owner: None,
-                });
-                events.push(Event::StageStarted {
-                    run: "run-hung".into(),
-                    workflow: "incident-response".into(),
-                    stage: "diagnosis".into(),
-                    persona: Some("devops-engineer".into()),
-                    variant: None,
-                });
-            }
-            events.push(usage("devops-engineer", "incident", "gpt-4", 2, None));
-        }
+        "gate-escalation" => gate_escalation(&mut events),
+        "oscillating-session" => oscillating_session(i, &mut events),
+        "hung-stage" => hung_stage(i, &mut events),
         _ => {}
     }
     (events, up, traces)
+}
+
+/// A quiet team: a little usage, a persona that stays, stages well within their time.
+fn healthy(i: i64, events: &mut Vec<Event>) {
+    events.push(usage(
+        "frontend-engineer",
+        "feature",
+        "gpt-4",
+        4,
+        Some("h1"),
+    ));
+    if i % 8 == 0 {
+        events.push(Event::PersonaSwitch(PersonaSwitch {
+            session: "h1".into(),
+            from: Some("frontend-engineer".into()),
+            to: "frontend-engineer".into(),
+            chatmode: "feature".into(),
+        }));
+    }
+    if i % 4 == 0 {
+        events.push(stage(
+            "feature-development",
+            "implementation",
+            "backend-engineer",
+            45.0,
+            true,
+        ));
+    }
+}
+
+/// Three switches a second between two personas, over three sessions.
+fn persona_thrash(i: i64, step_ms: i64, events: &mut Vec<Event>) {
+    events.push(usage("testing-specialist", "feature", "gpt-4", 1, None));
+    let per_step = 3 * step_ms / 1000;
+    for k in 0..per_step {
+        let (from, to) = if (i * per_step + k) % 2 == 0 {
+            ("backend-engineer", "testing-specialist")
+        } else {
+            ("testing-specialist", "backend-engineer")
+        };
+        events.push(Event::PersonaSwitch(PersonaSwitch {
+            session: format!("thrash-{}", k % 3),
+            from: Some(from.into()),
+            to: to.into(),
+            chatmode: "feature".into(),
+        }));
+    }
+}
+
+/// A gate that fails on the balanced model and passes on the escalation model.
+fn gate_escalation(events: &mut Vec<Event>) {
+    for (attempt, model, result) in [
+        (1, "mock/balanced", GateResult::Fail),
+        (2, "mock/quality", GateResult::Pass),
+    ] {
+        events.push(usage(
+            "backend-engineer",
+            "feature-implementation",
+            model,
+            3,
+            None,
+        ));
+        events.push(Event::QualityGate(GateVerdictEvent {
+            workflow: "feature-development".into(),
+            stage: "implementation".into(),
+            model: model.into(),
+            result,
+            reasons: (result == GateResult::Fail)
+                .then(|| "code_block: no fenced code block".to_string()),
+            run: None,
+            attempt,
+            variant: None,
+            escalated: false,
+        }));
+    }
+}
+
+/// Two switches per 15 s step, alternating, in one session.
+fn oscillating_session(i: i64, events: &mut Vec<Event>) {
+    for k in 0..2 {
+        let n = i * 2 + k;
+        let (from, to) = if n % 2 == 0 {
+            ("testing-specialist", "backend-engineer")
+        } else {
+            ("backend-engineer", "testing-specialist")
+        };
+        events.push(Event::PersonaSwitch(PersonaSwitch {
+            session: "osc-1".into(),
+            from: (n > 0).then(|| from.to_string()),
+            to: to.into(),
+            chatmode: "feature-implementation".into(),
+        }));
+    }
+}
+
+/// A run whose diagnosis stage starts and never ends.
+fn hung_stage(i: i64, events: &mut Vec<Event>) {
+    if i == 0 {
+        events.push(Event::RunStarted {
+            run: "run-hung".into(),
+            workflow: "incident-response".into(),
+            session: None,
+            owner: None,
+        });
+        events.push(Event::StageStarted {
+            run: "run-hung".into(),
+            workflow: "incident-response".into(),
+            stage: "diagnosis".into(),
+            persona: Some("devops-engineer".into()),
+            variant: None,
+        });
+    }
+    events.push(usage("devops-engineer", "incident", "gpt-4", 2, None));
 }
 
 /// Runs `scenario` from t = 0 (1970-01-01T00:00:00Z, as promtool counts) on a virtual clock.

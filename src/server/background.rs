@@ -3,15 +3,17 @@
 //! alert engine's evaluation (and the experiments' decisions), and the configuration reloader with
 //! its audit entry.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use super::metrics::render_metrics;
 use super::{audit, experiments, lock_alerts, AppState};
 use crate::alerts::delivery::Deliverer;
 use crate::alerts::AlertState;
+use crate::config::settings::{LangfuseSettings, Settings};
+use crate::config::tracing::TracingSettings;
 use crate::config::{self, Config, ConfigErrors};
-use crate::store::writer::lock;
+use crate::core::event::Stamped;
+use crate::store::writer::{lock, WriterHandle};
 use crate::telemetry::exposition::Format;
 
 /// What the audit log keeps of a configuration at a reload: its fingerprint, its keys by name
@@ -35,156 +37,189 @@ fn config_summary(cfg: &Config) -> serde_json::Value {
     })
 }
 
-/// The ticker (idle sessions, budget periods) and the configuration reloader.
+/// The ticker, the shared ledger's tail, the alert evaluation and the configuration reloader.
 pub(super) fn spawn_background(
     state: &AppState,
     cfg: Config,
     addr_overridden: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    let ticker_state = state.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs(1));
-        let mut ticks = 0u64;
-        loop {
-            interval.tick().await;
-            let now = ticker_state.clock.now_ms();
-            lock(&ticker_state.engine).tick(now);
-            // Calls a dead replica left in flight: settled by one survivor once its lease lapsed.
-            if let Some(me) = ticker_state.writer.origin.clone() {
-                settle_orphans(&ticker_state, &me).await;
-            }
-            // A ledger that cannot write is tried again every 2 s, so that service resumes by
-            // itself even when nothing else writes (a load balancer sends nothing to an unready
-            // instance).
-            ticks += 1;
-            if ticks.is_multiple_of(2) && ticker_state.writer.health.failing() {
-                ticker_state.writer.probe();
-            }
-        }
-    }));
-
+    let mut tasks = vec![tokio::spawn(ticker(state.clone()))];
     if state.writer.shared {
-        // Several replicas on one ledger: apply what the others stored, so that budgets and
-        // counters here follow the fleet within a fraction of a second.
-        let writer = state.writer.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                interval.tick().await;
-                writer.tail();
-            }
-        }));
+        tasks.push(tokio::spawn(tail_the_ledger(state.writer.clone())));
     }
-
-    let alert_state = state.clone();
-    tasks.push(tokio::spawn(async move {
-        loop {
-            evaluate_alerts(&alert_state).await;
-            experiments::record_decisions(&alert_state).await;
-            // Re-read each time: a reload may change the interval.
-            let every = lock_alerts(&alert_state.alerts)
-                .settings()
-                .evaluation_interval
-                .ms()
-                .max(1000);
-            tokio::time::sleep(Duration::from_millis(every as u64)).await;
-        }
-    }));
-
-    let reload_state = state.clone();
+    tasks.push(tokio::spawn(evaluation(state.clone())));
     let reject_stats = state.stats.clone();
-    let trace_settings = Mutex::new((cfg.settings.tracing.clone(), cfg.settings.langfuse.clone()));
-    let initial = cfg.settings.clone();
-    let last_summary = Mutex::new(config_summary(&cfg));
-    let source = cfg.source.clone();
+    let (source, fingerprint) = (cfg.source.clone(), cfg.fingerprint);
     let interval = Duration::from_millis(cfg.settings.reload_interval_ms);
+    let mut reloader = Reloader {
+        state: state.clone(),
+        addr_overridden,
+        traced: (cfg.settings.tracing.clone(), cfg.settings.langfuse.clone()),
+        last_summary: config_summary(&cfg),
+        initial: cfg.settings,
+    };
     tasks.push(tokio::spawn(config::reload::watch(
         source,
         interval,
-        cfg.fingerprint,
-        move |new: Config| {
-            if !addr_overridden
-                && (new.settings.listen != initial.listen || new.settings.metrics_listen != initial.metrics_listen)
-            {
-                tracing::warn!("listen addresses changed in the configuration; they take effect at the next restart");
-            }
-            let now = reload_state.clock.now_ms();
-            // The audit log's entry of the reload: what the files changed, keys by name.
-            let after = config_summary(&new);
-            let before = {
-                let mut last = last_summary.lock().unwrap_or_else(|p| p.into_inner());
-                std::mem::replace(&mut *last, after.clone())
-            };
-            let keys_changed = before["keys"] != after["keys"];
-            let mut audited = after.clone();
-            audited["keys_changed"] = serde_json::Value::Bool(keys_changed);
-            let audit_entry = audit::entry(
-                &reload_state,
-                "config files".to_string(),
-                "config.reload",
-                &new.source.describe(),
-                Some(before),
-                Some(audited),
-            );
-            if keys_changed {
-                tracing::warn!("the reload changed the configured keys (see GET /api/audit)");
-            }
-            lock(&reload_state.engine).reconfigure(new.engine_config(), now);
-            reload_state
-                .gateway
-                .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
-            let mut gate_changes = reload_state.gates.reload(&new.workflows, now);
-            gate_changes.extend(reload_state.variants.reload(&new.workflows, now));
-            gate_changes.push(audit_entry);
-            if !gate_changes.is_empty() {
-                let writer = reload_state.writer.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = writer.append(gate_changes).await {
-                        tracing::warn!("the gate changes of this reload could not be recorded: {e}");
-                    }
-                });
-            }
-            reload_state
-                .door
-                .reconfigure(&new.settings.auth, &new.settings.gateway.keys);
-            reload_state
-                .gateway
-                .limits
-                .configure(&new.settings.gateway.keys, &new.rate_limits);
-            reload_state
-                .metrics_gate
-                .reconfigure(new.settings.auth.metrics_token.as_ref().map(|k| k.hash));
-            let old_delivery = lock_alerts(&reload_state.alerts).settings().delivery.clone();
-            // The exporter runs with the destinations it started with; alert 7 keeps judging them.
-            let running_langfuse = lock_alerts(&reload_state.alerts).langfuse().clone();
-            {
-                let mut traced = trace_settings.lock().unwrap_or_else(|p| p.into_inner());
-                if traced.0 != new.settings.tracing || traced.1 != new.settings.langfuse {
-                    tracing::warn!("[tracing] or [langfuse] changed: trace destinations change at the next restart");
-                    *traced = (new.settings.tracing.clone(), new.settings.langfuse.clone());
-                }
-            }
-            let mut alert_settings = new.settings.alerts.clone();
-            alert_settings.served_at(reload_state.api_addr);
-            lock_alerts(&reload_state.alerts).reconfigure(alert_settings, running_langfuse);
-            if new.settings.alerts.delivery != old_delivery {
-                let fresh = Deliverer::start(
-                    &new.settings.alerts.delivery,
-                    reload_state.generator_url.clone(),
-                    reload_state.delivery_stats.clone(),
-                );
-                *reload_state.deliverer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-            }
-            reload_state.stats.reloaded(true);
-            tracing::info!(personas = new.personas.len(), budgets = new.budgets.len(), "configuration reloaded");
-        },
+        fingerprint,
+        move |new: Config| reloader.apply(new),
         move |errors: ConfigErrors| {
             reject_stats.reloaded(false);
-            tracing::error!("configuration reload refused; keeping the last good configuration:\n{errors}");
+            tracing::error!(
+                "configuration reload refused; keeping the last good configuration:\n{errors}"
+            );
         },
     )));
     tasks
+}
+
+/// Every second: idle sessions and budget periods (the engine's tick), a dead replica's calls
+/// settled, a failing ledger probed.
+async fn ticker(state: AppState) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
+    loop {
+        interval.tick().await;
+        let now = state.clock.now_ms();
+        lock(&state.engine).tick(now);
+        // Calls a dead replica left in flight: settled by one survivor once its lease lapsed.
+        if let Some(me) = state.writer.origin.clone() {
+            settle_orphans(&state, &me).await;
+        }
+        // A ledger that cannot write is tried again every 2 s, so that service resumes by itself
+        // even when nothing else writes (a load balancer sends nothing to an unready instance).
+        ticks += 1;
+        if ticks.is_multiple_of(2) && state.writer.health.failing() {
+            state.writer.probe();
+        }
+    }
+}
+
+/// Several replicas on one ledger: what the others stored is applied here, so that budgets and
+/// counters follow the fleet within a fraction of a second.
+async fn tail_the_ledger(writer: WriterHandle) {
+    let mut interval = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        interval.tick().await;
+        writer.tail();
+    }
+}
+
+/// The alerts evaluated, and the experiments' decisions looked at, every evaluation interval.
+async fn evaluation(state: AppState) {
+    loop {
+        evaluate_alerts(&state).await;
+        experiments::record_decisions(&state).await;
+        // Re-read each time: a reload may change the interval.
+        let every = lock_alerts(&state.alerts)
+            .settings()
+            .evaluation_interval
+            .ms()
+            .max(1000);
+        tokio::time::sleep(Duration::from_millis(every as u64)).await;
+    }
+}
+
+/// Applies a reloaded configuration to the running server, with its audit entry.
+struct Reloader {
+    state: AppState,
+    /// The settings the server started with (listen addresses change only at a restart).
+    initial: Settings,
+    addr_overridden: bool,
+    /// The trace destinations in force (they change only at a restart).
+    traced: (TracingSettings, LangfuseSettings),
+    /// The audit summary of the configuration in force.
+    last_summary: serde_json::Value,
+}
+
+impl Reloader {
+    fn apply(&mut self, new: Config) {
+        let listen_changed = new.settings.listen != self.initial.listen
+            || new.settings.metrics_listen != self.initial.metrics_listen;
+        if !self.addr_overridden && listen_changed {
+            tracing::warn!(
+                "listen addresses changed in the configuration; they take effect at the next restart"
+            );
+        }
+        let now = self.state.clock.now_ms();
+        let audit_entry = self.audit_entry(&new);
+        let state = &self.state;
+        lock(&state.engine).reconfigure(new.engine_config(), now);
+        state
+            .gateway
+            .reconfigure(new.settings.gateway.clone(), new.workflows.clone());
+        let mut changes = state.gates.reload(&new.workflows, now);
+        changes.extend(state.variants.reload(&new.workflows, now));
+        changes.push(audit_entry);
+        let writer = state.writer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = writer.append(changes).await {
+                tracing::warn!("the gate changes of this reload could not be recorded: {e}");
+            }
+        });
+        state
+            .door
+            .reconfigure(&new.settings.auth, &new.settings.gateway.keys);
+        state
+            .gateway
+            .limits
+            .configure(&new.settings.gateway.keys, &new.rate_limits);
+        state
+            .metrics_gate
+            .reconfigure(new.settings.auth.metrics_token.as_ref().map(|k| k.hash));
+        if self.traced.0 != new.settings.tracing || self.traced.1 != new.settings.langfuse {
+            tracing::warn!(
+                "[tracing] or [langfuse] changed: trace destinations change at the next restart"
+            );
+            self.traced = (new.settings.tracing.clone(), new.settings.langfuse.clone());
+        }
+        self.reconfigure_alerts(&new);
+        self.state.stats.reloaded(true);
+        tracing::info!(
+            personas = new.personas.len(),
+            budgets = new.budgets.len(),
+            "configuration reloaded"
+        );
+    }
+
+    /// The audit log's entry of the reload: what the files changed, keys by name.
+    fn audit_entry(&mut self, new: &Config) -> Stamped {
+        let after = config_summary(new);
+        let before = std::mem::replace(&mut self.last_summary, after.clone());
+        let keys_changed = before["keys"] != after["keys"];
+        let mut audited = after;
+        audited["keys_changed"] = serde_json::Value::Bool(keys_changed);
+        if keys_changed {
+            tracing::warn!("the reload changed the configured keys (see GET /api/audit)");
+        }
+        audit::entry(
+            &self.state,
+            "config files".to_string(),
+            "config.reload",
+            &new.source.describe(),
+            Some(before),
+            Some(audited),
+        )
+    }
+
+    /// The alert engine's new rules; a new deliverer when the delivery settings changed.
+    fn reconfigure_alerts(&self, new: &Config) {
+        let state = &self.state;
+        let old_delivery = lock_alerts(&state.alerts).settings().delivery.clone();
+        // The exporter runs with the destinations it started with; alert 7 keeps judging them.
+        let running_langfuse = lock_alerts(&state.alerts).langfuse().clone();
+        let mut alert_settings = new.settings.alerts.clone();
+        alert_settings.served_at(state.api_addr);
+        lock_alerts(&state.alerts).reconfigure(alert_settings, running_langfuse);
+        if new.settings.alerts.delivery != old_delivery {
+            let fresh = Deliverer::start(
+                &new.settings.alerts.delivery,
+                state.generator_url.clone(),
+                state.delivery_stats.clone(),
+            );
+            *state.deliverer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        }
+    }
 }
 
 /// Settles the calls replicas whose lease lapsed left in flight, when this replica is the one to

@@ -9,7 +9,8 @@ use super::{
 };
 use crate::web::auth::{Access, RouteAccess};
 
-/// The routes, their access and their handlers.
+/// The routes, their access and their handlers. One list on purpose, however long it grows: it
+/// is the API's table of contents, read top to bottom with who may call each route beside it.
 pub fn routes() -> Vec<(RouteAccess, MethodRouter<AppState>)> {
     use Access::{Admin, AnyKey, Gateway, PersonaScoped, Public, View, ViewOrOwnPersona};
     let r = |method, path, access| RouteAccess {
