@@ -29,6 +29,17 @@ fn sum_rate_by(
     out
 }
 
+/// `sum(rate(name[w]))` (or `increase` when `is_rate` is false): one series, without labels.
+fn total(
+    db: &Tsdb,
+    name: &str,
+    at: UnixMillis,
+    window_ms: i64,
+    is_rate: bool,
+) -> BTreeMap<Labels, f64> {
+    sum_rate_by(db, name, at, window_ms, &[], |_| true, is_rate)
+}
+
 fn group(labels: &Labels, keys: &[&str]) -> Labels {
     keys.iter()
         .filter_map(|k| labels.get(*k).map(|v| (k.to_string(), v.clone())))
@@ -110,15 +121,7 @@ fn gate_failures(rule: &Rule, db: &Tsdb, at: UnixMillis) -> Vec<(Labels, f64)> {
 /// `sum(rate(hypertool_persona_switches_total[w])) > threshold`.
 fn switching(rule: &Rule, db: &Tsdb, at: UnixMillis) -> Vec<(Labels, f64)> {
     let w = rule.window.ms();
-    let sum = sum_rate_by(
-        db,
-        f::PERSONA_SWITCHES_TOTAL.name,
-        at,
-        w,
-        &[],
-        |_| true,
-        true,
-    );
+    let sum = total(db, f::PERSONA_SWITCHES_TOTAL.name, at, w, true);
     sum.into_iter()
         .filter(|(_, v)| *v > rule.threshold)
         .collect()
@@ -206,27 +209,11 @@ fn langfuse_failing(rule: &Rule, db: &Tsdb, at: UnixMillis) -> Vec<(Labels, f64)
     if !expected {
         return Vec::new();
     }
-    let used = sum_rate_by(
-        db,
-        f::PERSONA_TOKENS_USED_TOTAL.name,
-        at,
-        w,
-        &[],
-        |_| true,
-        true,
-    );
+    let used = total(db, f::PERSONA_TOKENS_USED_TOTAL.name, at, w, true);
     let Some((labels, rate)) = used.into_iter().next().filter(|(_, r)| *r > 0.0) else {
         return Vec::new();
     };
-    let created = sum_rate_by(
-        db,
-        f::LANGFUSE_TRACE_CREATED_TOTAL.name,
-        at,
-        w,
-        &[],
-        |_| true,
-        false,
-    );
+    let created = total(db, f::LANGFUSE_TRACE_CREATED_TOTAL.name, at, w, false);
     let none_created = created.values().next().is_some_and(|v| *v == 0.0);
     let absent = db
         .instant(f::LANGFUSE_TRACE_CREATED_TOTAL.name, at)
