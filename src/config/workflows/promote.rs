@@ -142,3 +142,81 @@ pub fn promote_variant(text: &str, stage: &str, variant: &str) -> Result<String,
     }
     Ok(joined)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::promote_variant;
+
+    const FILE: &str = "# The implementation experiment.
+name: exp
+stages:
+  - name: design          # first
+    model: fast
+  - name: implement
+    persona: backend-engineer
+    # which model and prompt work best?
+    variants:
+      - name: lo
+        model: fast
+        prompt: prompts/a.md
+      # the challenger
+      - name: hi
+        model: quality
+        temperature: 0.2
+    allocation:
+      lo: 1
+      hi: 3
+    quality_gate:
+      code_block: python
+  - name: review
+    model: fast
+";
+
+    #[test]
+    fn promotion_keeps_one_variant_and_every_other_line() {
+        let out = promote_variant(FILE, "implement", "hi").unwrap();
+        assert_eq!(
+            out,
+            "# The implementation experiment.
+name: exp
+stages:
+  - name: design          # first
+    model: fast
+  - name: implement
+    persona: backend-engineer
+    # which model and prompt work best?
+    variants:
+      # the challenger
+      - name: hi
+        model: quality
+        temperature: 0.2
+    quality_gate:
+      code_block: python
+  - name: review
+    model: fast
+"
+        );
+        let out = promote_variant(FILE, "implement", "lo").unwrap();
+        assert!(out.contains("      - name: lo\n        model: fast\n        prompt: prompts/a.md\n    quality_gate:"), "{out}");
+        assert!(
+            !out.contains("allocation") && !out.contains("challenger"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn promotion_names_what_is_missing() {
+        assert_eq!(
+            promote_variant(FILE, "nope", "hi").unwrap_err(),
+            "the workflow has no stage `nope`"
+        );
+        assert_eq!(
+            promote_variant(FILE, "design", "hi").unwrap_err(),
+            "stage `design` has no variants"
+        );
+        assert_eq!(
+            promote_variant(FILE, "implement", "mid").unwrap_err(),
+            "stage `implement` has no variant `mid`"
+        );
+    }
+}
