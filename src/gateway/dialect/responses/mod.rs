@@ -169,23 +169,10 @@ fn check_tools(body: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The text of a message's content: a string, or its parts' text.
-fn parts_text(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
-    }
-}
-
 fn output_text(output: Option<&Value>) -> String {
     match output {
         Some(Value::String(s)) => s.clone(),
-        Some(v @ Value::Array(_)) => parts_text(v),
+        Some(v @ Value::Array(_)) => super::content_text(v),
         Some(v) => v.to_string(),
         None => String::new(),
     }
@@ -204,7 +191,7 @@ pub fn prompt_for_count(body: &Map<String, Value>) -> Vec<Value> {
                 match item_type(item) {
                     Some("message") => out.push(json!({
                         "role": item.get("role").cloned().unwrap_or(json!("user")),
-                        "content": item.get("content").map(parts_text).unwrap_or_default(),
+                        "content": item.get("content").map(super::content_text).unwrap_or_default(),
                     })),
                     Some("function_call" | "custom_tool_call") => out.push(json!({
                         "role": "assistant",
@@ -296,7 +283,7 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, Untransl
                                     .map(|(j, p)| part_to_chat(p, &format!("{at}.content[{j}]")))
                                     .collect::<Result<Vec<_>, _>>()?,
                             ),
-                            Some(c) => Value::String(parts_text(c)),
+                            Some(c) => Value::String(super::content_text(c)),
                             None => Value::String(String::new()),
                         };
                         messages.push(json!({"role": role, "content": content}));
@@ -487,7 +474,10 @@ pub fn parse_answer(v: &Value) -> Result<Answer, String> {
     for item in output {
         match item.get("type").and_then(Value::as_str) {
             Some("message") => {
-                let text = item.get("content").map(parts_text).unwrap_or_default();
+                let text = item
+                    .get("content")
+                    .map(super::content_text)
+                    .unwrap_or_default();
                 blocks.push(Block::Text(text));
             }
             Some("function_call") => blocks.push(Block::ToolCall {
@@ -496,7 +486,10 @@ pub fn parse_answer(v: &Value) -> Result<Answer, String> {
                 arguments: s(item, "arguments"),
             }),
             Some("reasoning") => blocks.push(Block::Thinking {
-                text: item.get("summary").map(parts_text).unwrap_or_default(),
+                text: item
+                    .get("summary")
+                    .map(super::content_text)
+                    .unwrap_or_default(),
                 signature: None,
             }),
             _ => {}
