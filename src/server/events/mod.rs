@@ -492,30 +492,33 @@ impl<'a> Fields<'a> {
 
     /// A required value that is one of a few words.
     fn one_of<T: Copy>(&self, key: &str, words: &[(&str, T)]) -> Result<T, EventRejection> {
+        let found = self.obj.get(key).filter(|v| !v.is_null());
+        if let Some(value) = found
+            .and_then(Value::as_str)
+            .and_then(|s| words.iter().find(|(w, _)| *w == s))
+            .map(|(_, value)| *value)
+        {
+            return Ok(value);
+        }
+        // Only a refusal spells the choices out ("a", "b" or "c").
         let quoted: Vec<String> = words.iter().map(|(w, _)| format!("{w:?}")).collect();
         let choices = match quoted.split_last() {
             Some((last, [])) => last.clone(),
             Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
             None => String::new(),
         };
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Err(reject(
+        Err(match found {
+            None => reject(
                 Some(key),
                 "missing_field",
                 format!("`{key}` is required: {choices}"),
-            )),
-            Some(v) => v
-                .as_str()
-                .and_then(|s| words.iter().find(|(w, _)| *w == s))
-                .map(|(_, value)| *value)
-                .ok_or_else(|| {
-                    reject(
-                        Some(key),
-                        "invalid_field",
-                        format!("`{key}` must be {choices}, got {v}"),
-                    )
-                }),
-        }
+            ),
+            Some(v) => reject(
+                Some(key),
+                "invalid_field",
+                format!("`{key}` must be {choices}, got {v}"),
+            ),
+        })
     }
 
     /// The event's `type`.
