@@ -111,7 +111,10 @@ pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
         if unsafe_char(c) {
-            out.push_str(&format!("\\u{:04x}", c as u32));
+            // As UTF-16 units, so a tag character (U+E0041) is a valid JSON escape too.
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
         } else {
             out.push(c);
         }
@@ -716,6 +719,20 @@ pub fn experiment_table(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_ignorable_characters_print_as_json_escapes() {
+        // The probe's names, printed raw by `gates history` before.
+        let shown = terminal_safe("backend\u{AD}-eng\u{E0041}\u{3164}\u{FE0F} ok\n");
+        assert_eq!(shown, "backend\\u00ad-eng\\udb40\\udc41\\u3164\\ufe0f ok\n");
+        // Still JSON: the escapes read back as the characters.
+        let back: String = serde_json::from_str(&format!("\"{}\"", shown.trim_end())).unwrap();
+        assert_eq!(back, "backend\u{AD}-eng\u{E0041}\u{3164}\u{FE0F} ok");
+        assert!(matches!(
+            terminal_safe("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn budget_tokens_are_set_in_place_keeping_comments() {

@@ -52,10 +52,25 @@ pub struct NameError {
 /// bidirectional overrides, embeddings and isolates (after U+202E, a terminal or a
 /// dashboard shows the rest of a name reversed), the line and paragraph separators (U+2028 ends a line in JavaScript and
 /// in some terminals), zero-width characters and the byte-order mark (two names that look the same).
+/// Also every [default-ignorable](is_default_ignorable) code point: a soft hyphen, a tag
+/// character or a Hangul filler shows as nothing, so `backend\u{AD}-engineer` would look like a
+/// persona it is not.
 pub fn is_deceptive(c: char) -> bool {
+    matches!(c, '\u{2028}'..='\u{202E}' | '\u{FFF9}'..='\u{FFFB}') || is_default_ignorable(c)
+}
+
+/// Unicode's `Default_Ignorable_Code_Point` (DerivedCoreProperties.txt, unchanged since Unicode
+/// 9): characters a renderer shows as nothing unless it supports them — the soft hyphen, the
+/// combining grapheme joiner, Hangul fillers, Mongolian and other variation selectors, zero-width
+/// characters, bidirectional formatting, the word joiner and invisible operators, the byte-order
+/// mark, shorthand format controls, musical symbol formatting, and the tag characters.
+pub fn is_default_ignorable(c: char) -> bool {
     matches!(c,
-        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
-        | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}'..='\u{1160}' | '\u{17B4}'..='\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+        | '\u{FFF0}'..='\u{FFF8}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// Checks a client-supplied name: 1 to `field.max_len()` bytes after trimming, no control
@@ -78,7 +93,7 @@ pub fn check_name(field: NameField, raw: &str) -> Result<&str, NameError> {
     if let Some(c) = v.chars().find(|&c| c.is_control() || is_deceptive(c)) {
         return Err(NameError {
             reason: format!(
-                "must not contain control, bidirectional-override or invisible characters (found U+{:04X})",
+                "must not contain control, bidirectional-override, invisible or default-ignorable characters (found U+{:04X})",
                 c as u32
             ),
         });
@@ -302,9 +317,35 @@ mod tests {
             "a\u{200B}b",
             "\u{FEFF}x",
             "a\u{2066}b",
+            // Default-ignorable: the probe's soft hyphen, tag character and Hangul filler, a
+            // variation selector, the combining grapheme joiner, a shorthand format control.
+            "backend\u{AD}-engineer",
+            "backend-engineer\u{E0041}",
+            "\u{3164}",
+            "a\u{FE0F}",
+            "a\u{34F}b",
+            "a\u{1BCA1}",
+            "a\u{E0FFF}",
+            "\u{FFA0}x",
         ] {
             let e = check_name(NameField::Persona, bad).unwrap_err();
             assert!(e.reason.contains("U+"), "{bad:?}: {}", e.reason);
+        }
+        // Just outside the ranges: visible characters stay accepted.
+        for (c, ignorable) in [
+            ('\u{AC}', false),
+            ('\u{AD}', true),
+            ('\u{AE}', false),
+            ('\u{FDFF}', false),
+            ('\u{FE00}', true),
+            ('\u{FE10}', false),
+            ('\u{DFFFF}', false),
+            ('\u{E0000}', true),
+            ('\u{E1000}', false),
+            ('\u{3163}', false),
+            ('\u{3165}', false),
+        ] {
+            assert_eq!(is_default_ignorable(c), ignorable, "U+{:04X}", c as u32);
         }
         for good in [
             "backend-engineer",

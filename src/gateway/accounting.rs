@@ -9,13 +9,7 @@ use crate::core::event::{CallAdmission, Event, Stamped, Usage};
 use crate::web::error::{ApiError, ErrorKind};
 
 use super::admission::Reservation;
-use super::dialect::CallRequest;
-use super::{dialect, tokens, CallMeta, GatewayState};
-
-/// Prompt tokens of a request counted with the real tokenizer (when the upstream reports none).
-pub(super) fn counted_prompt(request: &CallRequest) -> u64 {
-    tokens::count_messages(&request.prompt())
-}
+use super::{dialect, CallMeta, GatewayState};
 
 /// The prompt's digest kept in the ledger: SHA-256 of the messages as JSON (serde_json writes an
 /// object's keys in order, so equal prompts give equal text), 32 hex digits.
@@ -79,8 +73,9 @@ pub(super) async fn store_usage(
     state: &GatewayState,
     persona: &str,
     events: Vec<Stamped>,
-    settles: Vec<Reservation>,
+    mut settles: Vec<Reservation>,
 ) {
+    settles.iter_mut().for_each(Reservation::settled);
     let n = events.len();
     let counter = state.clone();
     let persona = persona.to_string();
@@ -162,8 +157,9 @@ pub(super) async fn store_admission(
 pub(super) async fn release_admission(
     state: &GatewayState,
     meta: &CallMeta,
-    settles: Vec<Reservation>,
+    mut settles: Vec<Reservation>,
 ) {
+    settles.iter_mut().for_each(Reservation::settled);
     let Some(call) = meta.call_id.clone() else {
         drop(settles);
         return;

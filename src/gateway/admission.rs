@@ -26,16 +26,67 @@ pub(super) struct Reservation {
     pub(super) stage: Option<StageHold>,
     /// The in-flight slot, released with the reservation.
     pub(super) _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The call whose stored admission (`call_admitted`) this reservation backs, until the
+    /// usage or release that settles it is handed to the writer ([`Reservation::settled`]).
+    /// Dropped before that — the call's task panicked, or its client left before the upstream
+    /// answered and took the handler with it — the call is settled at once at its admission's
+    /// estimate ([`settle_at_estimate`]), as a restart would settle it, instead of holding
+    /// fleet-wide budget and showing no tokens until then.
+    admitted_call: Option<(GatewayState, String)>,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut engine = lock(&self.engine);
-        engine.release(&self.persona, self.tokens, self.cost);
-        if let Some(hold) = &self.stage {
-            engine.release_stage(hold);
+        {
+            let mut engine = lock(&self.engine);
+            engine.release(&self.persona, self.tokens, self.cost);
+            if let Some(hold) = &self.stage {
+                engine.release_stage(hold);
+            }
+        }
+        if let Some((state, call)) = self.admitted_call.take() {
+            settle_at_estimate(state, call);
         }
     }
+}
+
+/// Stores the settlement of an admitted call that ended without its usage (see
+/// [`Reservation::admitted_call`]): its admission's estimate plus what it had streamed, marked
+/// `estimated`. A task of its own (this runs in a `Drop`, maybe while a panic unwinds); should the
+/// call be settled meanwhile, nothing is stored, and the engine counts only a call's first
+/// settlement anyway.
+fn settle_at_estimate(state: GatewayState, call: String) {
+    let panicked = std::thread::panicking();
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // No runtime (it is shutting down): the next start settles the call.
+        return;
+    };
+    let tasks = state.shared.tasks.clone();
+    tasks.spawn_on(
+        async move {
+            let Some(admission) = lock(&state.shared.engine).unsettled_call(&call) else {
+                return;
+            };
+            let usage = admission.as_settlement();
+            if panicked {
+                tracing::error!(persona = %usage.persona, call = %call, tokens = usage.total_tokens(),
+                    "a gateway call's task failed (a bug, the panic is logged above); the call is counted at its admission's estimate");
+            } else {
+                tracing::info!(persona = %usage.persona, call = %call, tokens = usage.total_tokens(),
+                    "a gateway call ended before the upstream answered (its client left); counted at its admission's estimate");
+            }
+            let event = Stamped {
+                at: state.shared.clock.now_ms(),
+                event: Event::Usage(usage),
+            };
+            state
+                .shared
+                .writer
+                .append_accounting(vec![event], |_| {})
+                .await;
+        },
+        &runtime,
+    );
 }
 
 impl Reservation {
@@ -73,8 +124,20 @@ impl Reservation {
             cost: admitted.reserved_cost,
             stage: admitted.stage,
             _permit: permit,
+            admitted_call: None,
         };
         Ok((reservation, admitted.downgrade, admitted.start_stage))
+    }
+
+    /// From here on the reservation backs `call`'s stored admission (see
+    /// [`Reservation::admitted_call`]).
+    pub(super) fn backs(&mut self, state: &GatewayState, call: Option<&str>) {
+        self.admitted_call = call.map(|c| (state.clone(), c.to_string()));
+    }
+
+    /// The usage or release that settles the reservation's call is with the writer.
+    pub(super) fn settled(&mut self) {
+        self.admitted_call = None;
     }
 }
 
@@ -127,11 +190,13 @@ impl Admitted {
     /// Stores the call's admission record before anything goes upstream (an answered call is
     /// then never missing after a crash); `Err` when the ledger cannot: nothing may go upstream.
     pub(super) async fn record(
-        &self,
+        &mut self,
         state: &GatewayState,
         meta: &mut CallMeta,
     ) -> Result<(), ApiError> {
-        super::accounting::store_admission(state, meta, self.estimate, self.cost_estimate).await
+        super::accounting::store_admission(state, meta, self.estimate, self.cost_estimate).await?;
+        self.reservation.backs(state, meta.call_id.as_deref());
+        Ok(())
     }
 }
 

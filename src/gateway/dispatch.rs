@@ -11,13 +11,11 @@ use serde_json::Value;
 
 use crate::config::gateway::{GatewaySettings, ModelRoute};
 use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped};
-use crate::core::workflow::GateVerdict;
+use crate::core::workflow::{GateFailure, GateVerdict};
 use crate::telemetry::trace::ids::SpanId;
 use crate::web::error::{ApiError, ErrorKind};
 
-use super::accounting::{
-    counted_prompt, release_admission, store_admission, store_usage, usage_event,
-};
+use super::accounting::{release_admission, store_admission, store_usage, usage_event};
 use super::admission::{cost_of, Reservation};
 use super::dialect::CallRequest;
 use super::handlers::response_headers;
@@ -175,7 +173,21 @@ pub(super) async fn judge(
 ) -> Option<GateVerdict> {
     let call = meta.stage_call.as_ref()?;
     let gate = call.gate()?;
-    let verdict = gate.evaluate(text, completion_tokens);
+    // A long output is judged off the async workers (regexes and schemas over its whole text).
+    let verdict = tokens::off_the_workers(
+        text.len(),
+        timeout_of(&state.settings(), &meta.route),
+        || gate.evaluate(text, completion_tokens),
+    )
+    .await
+    .unwrap_or_else(|| GateVerdict {
+        // Not judged is not passed: the stage's retries (or the client) decide what follows.
+        result: GateResult::Fail,
+        failures: vec![GateFailure {
+            criterion: "judged",
+            message: "no thread was free to judge the output within the call's timeout".into(),
+        }],
+    });
     let event = Event::QualityGate(GateVerdictEvent {
         workflow: call.workflow.name.clone(),
         stage: call.stage.name.clone(),
@@ -237,13 +249,28 @@ pub(super) async fn plain_call(
     // the upstream has given it (and, for a gated stage, the gate has judged it) and its usage is
     // stored (the reservation is held until the usage is applied, so admission stays
     // conservative). Shutdown waits for these tasks.
-    state.shared.tasks.spawn(attempts.run(answer_tx));
+    let task = state.shared.tasks.spawn(attempts.run(answer_tx));
     match answer_rx.await {
         Ok(Ok(answer)) => Ok(answer_response(&meta, answer)),
         Ok(Err(e)) => Err(gateway_error(&e)),
-        Err(_) => Err(ApiError::unavailable(
-            "the call was interrupted (server shutting down?); retry it",
-        )),
+        Err(_) => Err(interrupted(&state, &meta, task.await)),
+    }
+}
+
+/// The answer to a call whose task ended without answering: it panicked (a bug: 500
+/// `internal_error`, counted; its accounting is settled at its estimate by its reservation), or
+/// the runtime is shutting down (503).
+pub(super) fn interrupted(
+    state: &GatewayState,
+    meta: &CallMeta,
+    ended: Result<(), tokio::task::JoinError>,
+) -> ApiError {
+    match ended {
+        Err(e) if e.is_panic() => {
+            state.count_internal_error(&meta.route.upstream);
+            ApiError::internal_error()
+        }
+        _ => ApiError::unavailable("the call was interrupted (server shutting down?); retry it"),
     }
 }
 
@@ -337,14 +364,15 @@ impl Attempts {
             let Completion { body, usage, text } = completion;
             let (used, estimated) = match usage {
                 Some(u) => (u, false),
-                None => (
-                    dialect::TokenUsage {
-                        input: counted_prompt(&self.request),
-                        output: tokens::count_text(&text),
+                None => {
+                    let deadline = timeout_of(&self.settings, &self.meta.route);
+                    let usage = dialect::TokenUsage {
+                        input: tokens::count_prompt(&self.request, deadline).await,
+                        output: tokens::count_text_off(&text, deadline).await,
                         ..Default::default()
-                    },
-                    true,
-                ),
+                    };
+                    (usage, true)
+                }
             };
             let verdict = judge(
                 &self.state,
@@ -414,7 +442,7 @@ impl Attempts {
         let target = escalation.unwrap_or_else(|| self.meta.route.clone());
         let estimate = self.meta.prompt_estimate;
         let cost = cost_of(&target, estimate, 0);
-        let Ok((reservation, _, _)) =
+        let Ok((mut reservation, _, _)) =
             Reservation::take(&self.state, &self.meta, estimate, cost, None)
         else {
             tracing::info!(persona = %self.meta.persona, "quality-gate retry skipped: the budget is spent");
@@ -425,6 +453,7 @@ impl Attempts {
         store_admission(&self.state, &mut retry, estimate, cost)
             .await
             .ok()?;
+        reservation.backs(&self.state, retry.call_id.as_deref());
         self.held.push(reservation);
         Some(Retry {
             target,

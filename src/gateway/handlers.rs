@@ -22,7 +22,7 @@ use crate::web::error::{ApiError, ErrorKind};
 use super::accounting::{record, release_admission};
 use super::admission::{admit, policy_error};
 use super::dialect::{CallRequest, Dialect};
-use super::dispatch::{gateway_error, plain_call};
+use super::dispatch::{gateway_error, interrupted, plain_call, timeout_of};
 use super::provider::Provider;
 use super::relay::{cached_stream, json_bytes, stream_call};
 use super::request::header;
@@ -273,10 +273,12 @@ async fn model_call(
         notes.push(("x-hypertool-stage-model", replaced));
     }
     let model = decision.model;
-    truncate_for_stage(&state, stage_call.as_deref(), &mut request, &mut notes)?;
+    truncate_for_stage(&state, stage_call.as_deref(), &mut request, &mut notes).await?;
     let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
-    let prompt_estimate = estimate_prompt(&state, stage_call.as_deref(), &persona, &request);
+    let deadline = timeout_of(&settings, &route);
+    let prompt_estimate =
+        estimate_prompt(&state, stage_call.as_deref(), &persona, &request, deadline).await;
     let max_tokens = request.max_tokens();
     let mut meta = CallMeta::new(&settings, &headers, persona, route, prompt_estimate);
     meta.dialect = dialect;
@@ -365,7 +367,7 @@ async fn dispatch_call(
             CacheOutcome::Miss(slot) => slot,
         };
 
-    let admitted = admit(&state, &settings, key, &meta, prompt_estimate, max_tokens).await?;
+    let mut admitted = admit(&state, &settings, key, &meta, prompt_estimate, max_tokens).await?;
     if admitted.downgrade && downgrade(&state, &settings, &mut meta, &mut notes) {
         cache_slot = None;
     }
@@ -433,7 +435,12 @@ pub async fn embeddings(
     };
     let route = allowed_route(&state, &settings, key, &model)?;
     let persona = attributed_persona(&settings, &headers, key);
-    let estimate: u64 = inputs.iter().map(|t| tokens::count_text(t)).sum();
+    let bytes: usize = inputs.iter().map(String::len).sum();
+    let estimate = tokens::off_the_workers(bytes, timeout_of(&settings, &route), || {
+        inputs.iter().map(|t| tokens::count_text(t)).sum()
+    })
+    .await
+    .unwrap_or_else(|| tokens::rough_text(bytes));
     let mut meta = CallMeta::new(&settings, &headers, persona, route, estimate);
     meta.prompt_hash = accounting::prompt_digest(request.get("input"));
     meta.trace = trace::CallTrace::begin(&state, &headers, None);
@@ -466,7 +473,7 @@ async fn embed(
 ) -> Result<Response, ApiError> {
     // Embeddings are not stage calls (no stage claim): only the persona's budgets apply, and a
     // downgrade budget has no cheaper embedding model to send them to.
-    let admitted = admit(&state, &settings, key, &meta, estimate, 0).await?;
+    let mut admitted = admit(&state, &settings, key, &meta, estimate, 0).await?;
     admitted.record(&state, &mut meta).await?;
     let reservation = admitted.reservation;
     request.insert(
@@ -553,9 +560,7 @@ async fn embed(
             Ok(resp)
         }
         Ok(Err(e)) => Err(gateway_error(&e)),
-        Err(_) => Err(ApiError::unavailable(
-            "the call was interrupted (server shutting down?); retry it",
-        )),
+        Err(e) => Err(interrupted(&state, &meta, Err(e))),
     }
 }
 
@@ -563,7 +568,7 @@ async fn embed(
 type Notes = Vec<(&'static str, String)>;
 
 /// The stage's prompt limit: the oldest non-system messages go first (`truncate_context`).
-fn truncate_for_stage(
+async fn truncate_for_stage(
     state: &GatewayState,
     stage_call: Option<&stage::StageCall>,
     request: &mut CallRequest,
@@ -572,10 +577,17 @@ fn truncate_for_stage(
     let Some(c) = stage_call else {
         return Ok(());
     };
+    let size = request.size;
     let (Some(max), Some(msgs)) = (c.stage.max_prompt_tokens, request.messages_mut()) else {
         return Ok(());
     };
-    match tokens::truncate_messages(msgs, max) {
+    let counted: &[Value] = msgs;
+    let shares = tokens::off_the_workers(size, tokens::DEFAULT_DEADLINE, || {
+        counted.iter().map(tokens::message_tokens).collect()
+    })
+    .await
+    .unwrap_or_else(|| counted.iter().map(tokens::rough_message_tokens).collect());
+    match tokens::truncate_messages(msgs, shares, max) {
         Ok(None) => Ok(()),
         Ok(Some(t)) => {
             state.count_truncation(&c.workflow.name, &c.stage.name, &t);
@@ -604,21 +616,27 @@ fn truncate_for_stage(
 
 /// The prompt's tokens as admission reserves them. Tokenizing costs more than the rest of the
 /// call's bookkeeping: it is done only when a budget enforces (the persona's in block or
-/// downgrade mode, or the run stage's budget); otherwise a rough count is enough.
-fn estimate_prompt(
+/// downgrade mode, or the run stage's budget); otherwise a rough count is enough. Either runs off
+/// the async workers for a large prompt (building a Messages or Responses prompt is a copy);
+/// within the call's `deadline`, else the rough count of its size.
+async fn estimate_prompt(
     state: &GatewayState,
     stage_call: Option<&stage::StageCall>,
     persona: &str,
     request: &CallRequest,
+    deadline: Duration,
 ) -> u64 {
-    let prompt = request.prompt();
-    let messages: &[Value] = &prompt;
     let stage_budgeted =
         stage_call.is_some_and(|c| c.run.is_some() && c.stage.budget_tokens.is_some());
-    if stage_budgeted || lock(&state.shared.engine).enforces(persona) {
-        tokens::count_messages(messages)
+    let enforced = stage_budgeted || lock(&state.shared.engine).enforces(persona);
+    if enforced {
+        tokens::count_prompt(request, deadline).await
     } else {
-        tokens::rough_count_messages(messages)
+        tokens::off_the_workers(request.size, deadline, || {
+            tokens::rough_count_messages(&request.prompt())
+        })
+        .await
+        .unwrap_or_else(|| 3 + tokens::rough_text(request.size))
     }
 }
 

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod client;
 pub mod dialect;
 mod dispatch;
+pub mod faults;
 mod handlers;
 pub mod provider;
 pub mod ratelimit;
@@ -65,6 +66,8 @@ pub struct Shared {
     /// `hypertool_events_rejected_total{reason}`: the gateway counts usage the ledger could not
     /// store as `ledger_unavailable`, beside the events API's rejections.
     pub rejected: Counter<1>,
+    /// `hypertool_internal_errors_total` (the door's): call tasks that panicked count there too.
+    pub internal_errors: crate::telemetry::registry::Total,
 }
 
 /// The gateway's own counters (its families in `telemetry::families`).
@@ -243,6 +246,12 @@ impl Gateway {
 
     fn count(&self, upstream: &str, outcome: &'static str) {
         self.metrics.requests.inc([upstream, outcome]);
+    }
+
+    /// A call task that panicked: `hypertool_internal_errors_total`, and the call's outcome.
+    fn count_internal_error(&self, upstream: &str) {
+        self.shared.internal_errors.add(1);
+        self.count(upstream, "internal_error");
     }
 }
 

@@ -18,8 +18,8 @@ use serde_json::{json, Map, Value};
 
 use super::client::UpstreamClient;
 use super::dialect::{self, Answer, Block, CallRequest, Dialect, StopReason, TokenUsage};
-use super::tokens;
 use super::upstream::{self, Completion, UpstreamError};
+use super::{faults, tokens};
 use crate::config::gateway::{
     GatewaySettings, MockSettings, ModelRoute, UpstreamKind, UpstreamSettings, MOCK_UPSTREAM,
 };
@@ -136,7 +136,9 @@ impl<'a> Provider<'a> {
         match self {
             Provider::Mock(mock) => {
                 tokio::time::sleep(mock.latency).await;
-                let answer = mock_answer(mock, request, model);
+                faults::strike_call(|| request.last_user_text());
+                let prompt = tokens::count_prompt(request, tokens::DEFAULT_DEADLINE).await;
+                let answer = mock_answer(mock, request, model, prompt);
                 Ok(Completion::of_answer(&answer, request.dialect))
             }
             Provider::Http {
@@ -170,7 +172,16 @@ impl<'a> Provider<'a> {
         match self {
             Provider::Mock(mock) => {
                 tokio::time::sleep(mock.latency).await;
-                Ok(upstream::mock_embeddings(inputs, model).0)
+                faults::strike_call(|| inputs.join(" "));
+                let bytes = inputs.iter().map(String::len).sum();
+                tokens::off_the_workers(bytes, tokens::DEFAULT_DEADLINE, || {
+                    upstream::mock_embeddings(inputs, model).0
+                })
+                .await
+                .ok_or_else(|| UpstreamError::Invalid {
+                    upstream: MOCK_UPSTREAM.to_string(),
+                    detail: "the mock had no thread free to embed the input in time".into(),
+                })
             }
             Provider::Http { upstream, .. } if upstream.kind == UpstreamKind::Anthropic => {
                 Err(UpstreamError::Untranslatable {
@@ -195,11 +206,22 @@ impl<'a> Provider<'a> {
         match self {
             Provider::Mock(mock) => {
                 tokio::time::sleep(mock.latency).await;
-                let answer = mock_answer(mock, request, model);
-                let prompt = answer.usage.map_or(0, |u| u.input);
+                let fault = faults::planted(|| request.last_user_text());
+                if fault == Some(faults::Fault::Call) {
+                    faults::strike_call(|| request.last_user_text());
+                }
+                let prompt = tokens::count_prompt(request, tokens::DEFAULT_DEADLINE).await;
+                let answer = mock_answer(mock, request, model, prompt);
                 let events = dialect::answer_stream(&answer, request.dialect, true, prompt, true);
+                let mid_stream = fault == Some(faults::Fault::MidStream);
+                let events = events.into_iter().enumerate().map(move |(i, e)| {
+                    if mid_stream && i == 1 {
+                        panic!("a fault planted by a test: the mock stream panics");
+                    }
+                    Ok(e)
+                });
                 Ok((
-                    Box::pin(futures_util::stream::iter(events.into_iter().map(Ok))),
+                    Box::pin(futures_util::stream::iter(events)),
                     request.dialect,
                 ))
             }
@@ -264,7 +286,11 @@ impl<'a> Provider<'a> {
                         detail: "no `input_tokens` in the count".into(),
                     })
             }
-            _ => Ok(tokens::count_messages(&request.prompt())),
+            Provider::Http { timeout, .. } => Ok(tokens::count_prompt(request, *timeout).await),
+            Provider::Mock(_) => {
+                faults::strike_call(|| request.last_user_text());
+                Ok(tokens::count_prompt(request, tokens::DEFAULT_DEADLINE).await)
+            }
         }
     }
 }
@@ -277,8 +303,8 @@ pub fn sse(json: &str) -> Bytes {
 /// The mock's answer: deterministic text echoing the last user message, or — when the client
 /// made a tool call mandatory (`tool_choice` required/any or a named tool) and the conversation
 /// does not end in a tool's result — a call of that tool with arguments from its schema.
-pub fn mock_answer(mock: &MockSettings, request: &CallRequest, model: &str) -> Answer {
-    let prompt = tokens::count_messages(&request.prompt());
+/// `prompt` is the prompt's tokens, counted by the caller (off the async workers).
+pub fn mock_answer(mock: &MockSettings, request: &CallRequest, model: &str, prompt: u64) -> Answer {
     let forced = request
         .forced_tool()
         .filter(|_| !request.ends_with_tool_result());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -18,7 +18,7 @@ use crate::core::workflow::GateVerdict;
 use crate::telemetry::trace::ids::SpanId;
 use crate::web::error::ApiError;
 
-use super::accounting::{counted_prompt, record, release_admission};
+use super::accounting::{record, release_admission};
 use super::admission::Reservation;
 use super::dialect::{CallRequest, Dialect};
 use super::dispatch::{candidates, gateway_error, judge, timeout_of};
@@ -170,21 +170,36 @@ pub(super) async fn stream_call(
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let task_meta = meta.clone();
-    state.shared.tasks.clone().spawn(relay(
-        state,
+    let to = request.dialect;
+    let relaying = relay(
+        state.clone(),
         task_meta,
         Arc::new(request),
         Source {
             events: source,
             dialect: from,
         },
-        tx,
+        tx.clone(),
         wants_usage,
         timeout,
         reservation,
         started,
         traced,
-    ));
+    );
+    let upstream = meta.route.upstream.clone();
+    state.shared.tasks.clone().spawn(async move {
+        // A relay that panics (a bug) ends its stream with an error event in the client's
+        // dialect, not a cut connection; its reservation settles the call at its estimate.
+        if std::panic::AssertUnwindSafe(relaying)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            state.count_internal_error(&upstream);
+            let e = ApiError::internal_error();
+            let _ = tx.send(Ok(error_event(to, e.code, &e.message))).await;
+        }
+    });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut resp = event_stream(Body::from_stream(stream));
     response_headers(&mut resp, &meta);
@@ -243,13 +258,14 @@ fn forward(
     }
 }
 
-/// What a stream has produced so far, read from its deltas.
+/// What a stream has produced so far, read from its deltas, and counted as it came.
 #[derive(Default)]
 struct Produced {
     /// The text and tool calls (what a gate judges).
     content: String,
+    content_count: tokens::RunningCount,
     /// The model's reasoning (counted, not judged).
-    reasoning: String,
+    reasoning_count: tokens::RunningCount,
     usage: Option<dialect::TokenUsage>,
 }
 
@@ -257,20 +273,28 @@ impl Produced {
     fn absorb(&mut self, deltas: &[dialect::Delta]) {
         use dialect::Delta;
         for d in deltas {
-            match d {
-                Delta::Text(t) => self.content.push_str(t),
-                Delta::Thinking(t) => self.reasoning.push_str(t),
-                Delta::ToolStart { name, .. } => self.content.push_str(name),
-                Delta::ToolArgs { json, .. } => self.content.push_str(json),
-                Delta::Usage(u) => self.usage = Some(*u),
-                Delta::Start { .. } | Delta::ThinkingSignature(_) | Delta::Stop(_) => {}
-            }
+            let text = match d {
+                Delta::Text(t) => t,
+                Delta::ToolStart { name, .. } => name,
+                Delta::ToolArgs { json, .. } => json,
+                Delta::Thinking(t) => {
+                    self.reasoning_count.push(t);
+                    continue;
+                }
+                Delta::Usage(u) => {
+                    self.usage = Some(*u);
+                    continue;
+                }
+                Delta::Start { .. } | Delta::ThinkingSignature(_) | Delta::Stop(_) => continue,
+            };
+            self.content.push_str(text);
+            self.content_count.push(text);
         }
     }
 
-    /// The completion so far, counted.
+    /// The completion so far, counted (in bounded time: see [`tokens::RunningCount`]).
     fn counted(&self) -> u64 {
-        tokens::count_text(&self.content) + tokens::count_text(&self.reasoning)
+        self.content_count.total() + self.reasoning_count.total()
     }
 }
 
@@ -472,7 +496,7 @@ impl Relay {
     async fn end(&mut self, data: &str, deltas: &[dialect::Delta], out: &mut Vec<Bytes>) {
         // The end may carry the usage (`response.completed`).
         self.produced.absorb(deltas);
-        let (used, estimated) = final_usage(&self.produced, true, &self.request);
+        let (used, estimated) = final_usage(&self.produced, true, &self.request).await;
         // A gated stage: the verdict on the complete output goes out as an SSE comment (clients
         // ignore comments; headers are long gone).
         self.verdict = judge(
@@ -525,17 +549,14 @@ impl Relay {
             tracing::warn!(persona = %meta.persona, model = %meta.route.name,
                 similar_held_back = held_back, "stream ended early: {}", e.message());
         }
-        let error = match self.to {
-            Dialect::Chat => dialect::chat::error_event(e.code(), &e.message()),
-            Dialect::Messages => dialect::messages::error_event(e.code(), &e.message()),
-            Dialect::Responses => dialect::responses::error_event(e.code(), &e.message()),
-        };
-        let _ = tx.send(Ok(error)).await;
+        let _ = tx
+            .send(Ok(error_event(self.to, e.code(), &e.message())))
+            .await;
     }
 
     /// After the stream: its trace, its usage (if the end did not store it) and its count.
     async fn finish(mut self, ending: Ending, traced: Option<trace::Attempt>) {
-        let (used, estimated) = final_usage(&self.produced, ending.done, &self.request);
+        let (used, estimated) = final_usage(&self.produced, ending.done, &self.request).await;
         let usage = Some((used.input, used.output));
         let (state, meta) = (&self.state, &self.meta);
         if ending.client_gone {
@@ -606,6 +627,15 @@ impl Relay {
     }
 }
 
+/// A stream's error event in `to`'s dialect.
+fn error_event(to: Dialect, code: &str, message: &str) -> Bytes {
+    match to {
+        Dialect::Chat => dialect::chat::error_event(code, message),
+        Dialect::Messages => dialect::messages::error_event(code, message),
+        Dialect::Responses => dialect::responses::error_event(code, message),
+    }
+}
+
 /// How often a stream's completion so far is written down: a crash then under-counts a stream
 /// it cuts off by at most this long of its output.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -634,7 +664,7 @@ async fn note_progress(state: &GatewayState, meta: &CallMeta, completion_tokens:
 /// had none), the prompt as the upstream said or counted, and the larger of the completion the
 /// upstream had reported and what was streamed, counted (`estimated`): never zero for a stream
 /// that produced something.
-fn final_usage(
+async fn final_usage(
     produced: &Produced,
     done: bool,
     request: &CallRequest,
@@ -644,7 +674,7 @@ fn final_usage(
         reported => {
             let mut used = reported.unwrap_or_default();
             if used.input == 0 {
-                used.input = counted_prompt(request);
+                used.input = tokens::count_prompt(request, tokens::DEFAULT_DEADLINE).await;
             }
             used.output = used.output.max(produced.counted());
             (used, true)

@@ -56,6 +56,16 @@ pub async fn switch(
     state
         .door
         .require_own(&caller, "to", "a switch", Some(&req.to))?;
+    // ... and only in a session its own persona is in (or a new one): a backend-engineer key may
+    // not take over a devops-engineer's session.
+    if matches!(caller, Caller::Persona(_)) {
+        let current = lock(&state.engine).session(&req.session).map(|v| v.persona);
+        if let Some(current) = current {
+            state
+                .door
+                .require_own(&caller, "session", "the session", Some(&current))?;
+        }
+    }
     let to = {
         let engine = lock(&state.engine);
         match engine.personas().get(&req.to) {

@@ -414,6 +414,7 @@ fn assemble(
             max_body_bytes: cfg.settings.max_body_bytes,
             tracer: tracer.clone(),
             rejected: stats.rejected.clone(),
+            internal_errors: door.internal_errors.clone(),
         },
     );
     gateway.register_metrics(&registry);
@@ -573,6 +574,7 @@ fn register_process_metrics(registry: &Registry, from: ProcessSources<'_>) {
     from.tracer.register_metrics(registry);
     from.mcp.proxy.register_metrics(registry);
     registry.register(from.door.failures.clone());
+    registry.register(from.door.internal_errors.clone());
     registry.register(from.deliveries.counts.clone());
     let alerts = from.alerts.clone();
     registry.collect(&families::ALERTS_FIRING, move |emit| {

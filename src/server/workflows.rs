@@ -31,6 +31,7 @@ use crate::core::event::{Event, GateResult, GateVerdictEvent, Stamped};
 use crate::core::labels::NameField;
 use crate::core::runs::{Run, RunStatus, StageStatus};
 use crate::core::workflow::{CodeBlock, ModelChoice, QualityGate, Stage, Workflow};
+use crate::gateway::tokens;
 use crate::store::writer::lock;
 use crate::web::auth::Caller;
 use crate::web::error::{ApiError, ErrorKind};
@@ -685,10 +686,22 @@ pub async fn evaluate_gate(
     if let Some(run) = &req.run {
         with_run(&state, &w.name, run, |_| ()).await?;
     }
-    let completion_tokens = req
-        .completion_tokens
-        .unwrap_or_else(|| crate::gateway::tokens::count_text(&req.text));
-    let verdict = gate.evaluate(&req.text, completion_tokens);
+    // Counting and judging a long text run off the async workers (see `gateway::tokens`).
+    let judged = tokens::off_the_workers(req.text.len(), tokens::DEFAULT_DEADLINE, || {
+        let completion_tokens = req
+            .completion_tokens
+            .unwrap_or_else(|| tokens::count_text(&req.text));
+        (
+            gate.evaluate(&req.text, completion_tokens),
+            completion_tokens,
+        )
+    })
+    .await;
+    let Some((verdict, completion_tokens)) = judged else {
+        return Err(ApiError::unavailable(
+            "every thread that judges long outputs stayed busy for 30 s; retry the evaluation",
+        ));
+    };
     let record = req.record.unwrap_or(true);
     if record {
         // Recording a verdict is a fact about the stage's persona; a dry evaluation is not.

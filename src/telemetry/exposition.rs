@@ -327,6 +327,7 @@ fn process(w: &mut Writer, engine: &Engine, registry: &Snapshot) {
     for family in [
         &f::EVENTS_REJECTED_TOTAL,
         &f::AUTH_FAILURES_TOTAL,
+        &f::INTERNAL_ERRORS_TOTAL,
         &f::RATE_LIMITED_TOTAL,
     ] {
         w.registered(registry, family);

@@ -395,6 +395,14 @@ pub const AUTH_FAILURES_TOTAL: Family = Family {
     labels: &["reason"],
 };
 
+pub const INTERNAL_ERRORS_TOTAL: Family = Family {
+    name: "hypertool_internal_errors_total",
+    kind: Kind::Counter,
+    help: "API requests and gateway calls whose handling panicked (a bug; the log has the panic): \
+           answered 500 internal_error, their accounting settled at the admission's estimate.",
+    labels: &[],
+};
+
 pub const RATE_LIMITED_TOTAL: Family = Family {
     name: "hypertool_rate_limited_total",
     kind: Kind::Counter,
@@ -565,6 +573,7 @@ pub const ALL: &[Family] = &[
     TRACE_ITEM_ERRORS_TOTAL,
     EVENTS_REJECTED_TOTAL,
     AUTH_FAILURES_TOTAL,
+    INTERNAL_ERRORS_TOTAL,
     RATE_LIMITED_TOTAL,
     SESSIONS_OPEN,
     GATEWAY_REQUESTS_TOTAL,

@@ -25,12 +25,13 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 
 use super::error::{ApiError, ErrorKind};
 use crate::config::gateway::VirtualKey;
 use crate::config::secret::KeyHash;
 use crate::config::settings::AuthSettings;
-use crate::telemetry::registry::Counter;
+use crate::telemetry::registry::{Counter, Total};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +245,9 @@ pub struct Door {
     routes: matchit::Router<Vec<(Method, Access)>>,
     /// `hypertool_auth_failures_total{reason}`.
     pub failures: Counter<1>,
+    /// `hypertool_internal_errors_total`: handlers that panicked (see [`layer`]), and gateway
+    /// calls whose task did.
+    pub internal_errors: Total,
     /// Maps a persona name or alias to its canonical name (from the live persona registry).
     canonical: Box<dyn Fn(&str) -> String + Send + Sync>,
 }
@@ -271,6 +275,7 @@ impl Door {
             keyring: RwLock::new(Arc::new(Keyring::new(auth, persona_keys))),
             routes,
             failures: Counter::new(&crate::telemetry::families::AUTH_FAILURES_TOTAL),
+            internal_errors: Total::new(&crate::telemetry::families::INTERNAL_ERRORS_TOTAL),
             canonical,
         }
     }
@@ -510,26 +515,37 @@ pub struct Entry {
 ///
 /// A `GET` or `HEAD` has no body to read: whatever a client sends after its head is left unread
 /// (hyper closes such a connection after the answer), so a public route never waits on a body.
+///
+/// A handler that panics is answered 500 `internal_error` (in its route's shape) and counted,
+/// instead of the connection being dropped: the panic is a bug, and the log has it.
 pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) -> Response {
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let mut resp = match entry.door.decide(&method, uri.path(), req.headers()) {
-        Err(e) => e.into_response(),
+    let handled = match entry.door.decide(&method, uri.path(), req.headers()) {
+        Err(e) => Ok(e.into_response()),
         Ok(caller) if method == Method::GET || method == Method::HEAD => {
             let (mut parts, _unread) = req.into_parts();
             parts.extensions.insert(caller);
             super::conn::handling(&parts.extensions);
-            next.run(Request::from_parts(parts, axum::body::Body::empty()))
+            let req = Request::from_parts(parts, axum::body::Body::empty());
+            std::panic::AssertUnwindSafe(next.run(req))
+                .catch_unwind()
                 .await
         }
         Ok(caller) => match super::body::read(&entry.body, req).await {
             Ok(mut req) => {
                 req.extensions_mut().insert(caller);
                 super::conn::handling(req.extensions());
-                next.run(req).await
+                std::panic::AssertUnwindSafe(next.run(req))
+                    .catch_unwind()
+                    .await
             }
-            Err(refusal) => refusal,
+            Err(refusal) => Ok(refusal),
         },
     };
+    let mut resp = handled.unwrap_or_else(|_| {
+        entry.door.internal_errors.add(1);
+        ApiError::internal_error().into_response()
+    });
     // Every error answer, from here or from a handler, is logged once, at its kind's level.
     super::error::log(&method, uri.path(), &resp);
     // The Messages routes answer errors in Anthropic's shape, the door's own included.

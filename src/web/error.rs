@@ -146,6 +146,17 @@ impl ApiError {
         Self::new(kind, "unknown_persona", message).param(param)
     }
 
+    /// A bug of hypertool's (a panic) met while handling the request: 500 `internal_error`, with
+    /// nothing of the panic in it (the log has that).
+    pub fn internal_error() -> Self {
+        Self::new(
+            ErrorKind::Internal,
+            "internal_error",
+            "hypertool met an internal error while handling this request (a bug, logged on the \
+             server); the request may be retried",
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unavailable, "unavailable", message)
     }

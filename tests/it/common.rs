@@ -460,6 +460,7 @@ pub fn gateway_config(dir: &Path, upstream_url: &str, extra: &str) -> PathBuf {
         "bad-json",
         "cut-stream",
         "slow-stream",
+        "long-run",
         "leak-key",
         "flaky",
         "weak",
@@ -848,4 +849,40 @@ pub fn git_repo(dir: &Path) {
         "-qm",
         "first",
     ]);
+}
+
+/// A server on the repository's configuration (with the fake upstream's models when given) whose personas' budgets enforce (`block`, too large to refuse): admission counts every
+/// prompt with the tokenizer, as the probe's calls were counted.
+/// `edits` are `(from, to)` replacements in `hypertool.toml`, as for [`start_edited`].
+pub async fn enforcing_server(
+    dir: &Path,
+    upstream: Option<&FakeUpstream>,
+    edits: &[(&str, &str)],
+) -> TestServer {
+    let toml = match upstream {
+        Some(u) => gateway_config(dir, &u.base_url, ""),
+        None => config_copy(dir),
+    };
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "hypertool.toml has no `{from}`");
+        text = text.replace(from, to);
+    }
+    std::fs::write(&toml, text).unwrap();
+    let budgets = toml.with_file_name("budgets.yml");
+    let text = std::fs::read_to_string(&budgets).unwrap();
+    assert!(text.contains("mode: observe") && text.contains("tokens: 2000"));
+    let text: String = text
+        .replace("mode: observe", "mode: block")
+        .lines()
+        .map(|l| match l.split_once("tokens: ") {
+            Some((indent, _)) if indent.trim().is_empty() => format!("{indent}tokens: 100000000\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&budgets, text).unwrap();
+    let clock = Arc::new(ManualClock::new(
+        hypertool::core::clock::SystemClock.now_ms(),
+    ));
+    start(Source::File(toml), &dir.join("data"), clock).await
 }

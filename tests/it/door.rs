@@ -609,9 +609,54 @@ async fn a_persona_key_acts_only_on_what_is_its_personas() {
         .unwrap();
     assert!(resp.status().is_success(), "its own: {}", resp.status());
 
+    // Sessions: a persona key switches only a session its own persona is in (or a new one).
+    let switch = |to: &str, session: &str| json!({"session": session, "to": to});
+    let (status, v) = post_as(
+        &s,
+        ADMIN_KEY,
+        "/v1/personas/switch",
+        switch("devops-engineer", "s-devops"),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = post_as(
+        &s,
+        BACKEND_KEY,
+        "/v1/personas/switch",
+        switch("backend-engineer", "s-devops"),
+    )
+    .await;
+    assert_eq!(status, 403, "another persona's session: {v}");
+    assert_eq!(v["error"]["code"], "persona_not_allowed");
+    assert_eq!(v["error"]["param"], "session");
+    let (_, view) = post_as(
+        &s,
+        ADMIN_KEY,
+        "/v1/personas/switch",
+        switch("devops-engineer", "s-devops"),
+    )
+    .await;
+    assert_eq!(view["persona"], "devops-engineer", "unchanged: {view}");
+    let (status, v) = post_as(
+        &s,
+        BACKEND_KEY,
+        "/v1/personas/switch",
+        switch("backend-engineer", "s-new"),
+    )
+    .await;
+    assert_eq!(status, 200, "a new session: {v}");
+    let (status, v) = post_as(
+        &s,
+        BACKEND_KEY,
+        "/v1/personas/switch",
+        switch("backend-engineer", "s-new"),
+    )
+    .await;
+    assert_eq!(status, 200, "its own session: {v}");
+
     // Every refusal above was counted as one.
     let refused = failures(&s.metrics().await) - refused_before;
-    assert_eq!(refused, 7.0);
+    assert_eq!(refused, 8.0);
     s.stop().await;
 }
 
@@ -653,6 +698,28 @@ async fn timestamps_older_than_any_budget_period_are_refused() {
 async fn invisible_characters_are_refused_and_pages_carry_a_strict_policy() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_default(dir.path()).await;
+    // Default-ignorable characters too (the probe's soft hyphen, tag character and Hangul
+    // filler), in every name an event carries.
+    for name in [
+        "backend\u{AD}engineer",
+        "tag\u{E0041}",
+        "\u{3164}x",
+        "a\u{FE0F}",
+    ] {
+        for (field, event) in [
+            ("chatmode", usage("backend-engineer", name, "gpt-4o", 1, 1)),
+            ("model", usage("backend-engineer", "feature", name, 1, 1)),
+            ("session", {
+                let mut u = usage("backend-engineer", "feature", "gpt-4o", 1, 1);
+                u["session"] = json!(name);
+                u
+            }),
+        ] {
+            let (status, v) = s.post_events(json!([event])).await;
+            assert_eq!(status, 422, "{name:?} as {field}: {v}");
+            assert_eq!(v["rejected"][0]["field"], field, "{v}");
+        }
+    }
     for name in ["backend\u{202E}engineer", "dev\u{2028}x", "a\u{200B}b"] {
         let (status, v) = s
             .post_events(json!([usage("backend-engineer", name, "gpt-4o", 1, 1)]))

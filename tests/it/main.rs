@@ -8,6 +8,7 @@ mod bad_input;
 mod common;
 mod config_lines;
 mod config_reload;
+mod counting;
 mod dashboard;
 mod delivery;
 mod dialects;

@@ -792,6 +792,11 @@ impl Engine {
 
     /// Gateway calls admitted whose usage never came: after a replay, the calls a crash cut off.
     /// Each with the time it was admitted.
+    /// The admission of `call` while it is not settled (its usage or release not applied).
+    pub fn unsettled_call(&self, call: &str) -> Option<crate::core::event::CallAdmission> {
+        self.unsettled.get(call).map(|(_, c)| c.clone())
+    }
+
     pub fn unsettled_calls(&self) -> Vec<(UnixMillis, crate::core::event::CallAdmission)> {
         // Another replica's calls are its own to settle (when it comes back).
         let mut calls: Vec<_> = self

@@ -60,14 +60,19 @@ pub struct CallRequest {
     pub body: Map<String, Value>,
     /// Headers forwarded to a provider that speaks the same dialect (checked: visible ASCII).
     pub forward: Vec<(&'static str, String)>,
+    /// About the body's length as JSON: what counting its prompt costs in proportion to
+    /// (`tokens::off_the_workers` decides by it where the count runs).
+    pub size: usize,
 }
 
 impl CallRequest {
     pub fn new(dialect: Dialect, body: Map<String, Value>) -> Self {
+        let size = body.iter().map(|(k, v)| k.len() + 4 + json_len(v)).sum();
         CallRequest {
             dialect,
             body,
             forward: Vec::new(),
+            size,
         }
     }
 
@@ -657,6 +662,21 @@ pub fn render_answer(answer: &Answer, dialect: Dialect) -> Value {
 }
 
 /// A fresh id in `dialect`'s style for answers hypertool makes (the mock's, translated ones).
+/// About the length of a value written as JSON, without writing it (a walk of its tree).
+pub fn json_len(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => 2 + items.iter().map(|i| json_len(i) + 1).sum::<usize>(),
+        Value::Object(map) => {
+            2 + map
+                .iter()
+                .map(|(k, v)| k.len() + 4 + json_len(v))
+                .sum::<usize>()
+        }
+        _ => 8,
+    }
+}
+
 pub fn new_id(dialect: Dialect) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
