@@ -3,8 +3,6 @@
 
 use std::time::Instant;
 
-use serde_json::Value;
-
 use crate::core::event::{CallAdmission, Event, Stamped, Usage};
 use crate::web::error::{ApiError, ErrorKind};
 
@@ -12,16 +10,38 @@ use super::admission::Reservation;
 use super::{dialect, CallMeta, GatewayState};
 
 /// The prompt's digest kept in the ledger: SHA-256 of the messages as JSON (serde_json writes an
-/// object's keys in order, so equal prompts give equal text), 32 hex digits.
-pub(super) fn prompt_digest(messages: Option<&Value>) -> Option<String> {
-    let text = messages?.to_string();
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+/// object's keys in order, so equal prompts give equal text), 32 hex digits. The JSON is written
+/// into the digest as it is produced: a 4 MB prompt is not copied to be hashed.
+pub(super) fn prompt_digest<T: serde::Serialize + ?Sized>(source: Option<&T>) -> Option<String> {
+    use std::io::Write;
+    let source = source?;
+    let mut hashing = std::io::BufWriter::with_capacity(
+        8 * 1024,
+        Hashing(ring::digest::Context::new(&ring::digest::SHA256)),
+    );
+    serde_json::to_writer(&mut hashing, source).ok()?;
+    hashing.flush().ok()?;
+    let digest = hashing.into_inner().ok()?.0.finish();
     Some(
         digest.as_ref()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect(),
     )
+}
+
+/// A writer into a SHA-256 context.
+struct Hashing(ring::digest::Context);
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The usage event of one answered attempt.
@@ -186,4 +206,45 @@ pub(super) async fn record(
 ) {
     let event = usage_event(state, meta, used, estimated, started);
     store_usage(state, &meta.persona, vec![event], vec![settles]).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prompt_digest;
+    use crate::gateway::dialect::{CallRequest, Dialect};
+    use serde_json::{json, Value};
+
+    /// The digest as it was taken before it was streamed: of a copy of the fields, written out.
+    fn copied_digest(value: &Value) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, value.to_string().as_bytes());
+        digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn the_streamed_digest_is_the_digest_of_the_copied_prompt() {
+        let messages = json!([{"role": "user", "content": "hé \u{1F600} \"quoted\"\n"}, {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]);
+        let chat = CallRequest::new(
+            Dialect::Chat,
+            json!({"model": "m", "messages": messages})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        assert_eq!(
+            prompt_digest(chat.digest_source().as_ref()),
+            Some(copied_digest(&messages))
+        );
+        let body =
+            json!({"model": "m", "system": "be brief", "messages": messages, "max_tokens": 5});
+        let anthropic = CallRequest::new(Dialect::Messages, body.as_object().unwrap().clone());
+        let fields = json!({"system": "be brief", "messages": messages});
+        assert_eq!(
+            prompt_digest(anthropic.digest_source().as_ref()),
+            Some(copied_digest(&fields))
+        );
+        assert_eq!(prompt_digest::<Value>(None), None);
+    }
 }

@@ -227,7 +227,7 @@ async fn model_call(
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (body, model) = request::read(&headers, body, state.shared.max_body_bytes)?;
+    let (body, model) = request::read(&headers, body, state.shared.max_body_bytes).await?;
     let mut request = call_request(dialect, &headers, body)?;
     let mut notes: Notes = Vec::new();
     let chatmode = header(&headers, "x-hypertool-chatmode")
@@ -285,7 +285,11 @@ async fn model_call(
     if meta.session.is_none() && dialect == Dialect::Messages {
         meta.session = session_of_metadata(&request);
     }
-    meta.prompt_hash = accounting::prompt_digest(request.digest_source().as_ref());
+    meta.prompt_hash = tokens::off_the_workers(request.size, deadline, || {
+        accounting::prompt_digest(request.digest_source().as_ref())
+    })
+    .await
+    .flatten();
     meta.workflow = workflow_name;
     meta.stage_call = stage_call;
     scope_request_tools(&state, &settings, &meta.persona, &mut request, &mut notes)?;
@@ -322,7 +326,7 @@ pub async fn count_tokens(
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (body, model) = request::read(&headers, body, state.shared.max_body_bytes)?;
+    let (body, model) = request::read(&headers, body, state.shared.max_body_bytes).await?;
     let mut request = call_request(Dialect::Messages, &headers, body)?;
     let route = allowed_route(&state, &settings, key, &model)?;
     request
@@ -416,7 +420,7 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let settings = state.settings();
     let key = caller.persona_key();
-    let (request, model) = request::read(&headers, body, state.shared.max_body_bytes)?;
+    let (request, model) = request::read(&headers, body, state.shared.max_body_bytes).await?;
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {

@@ -322,7 +322,7 @@ pub fn mock_answer(mock: &MockSettings, request: &CallRequest, model: &str, prom
             StopReason::ToolUse,
         ),
         None => {
-            let echo: String = request.last_user_text().chars().take(60).collect();
+            let echo = request.last_user_text_start(60);
             (
                 vec![Block::Text(format!(
                     "Mock answer from hypertool to: {echo}"

@@ -204,6 +204,8 @@ pub struct AppInner {
     pub draining: Arc<AtomicBool>,
     pub started_ms: UnixMillis,
     pub max_body_bytes: usize,
+    /// Large request bodies held at once (`server.max_inflight_body_bytes`; fixed at start-up).
+    pub inflight_bodies: crate::web::body::InflightBodies,
     /// What one reported event may claim (`server.max_tokens_per_event`).
     pub event_limits: events::EventLimits,
     /// The access decision for every API request (keys, roles, refusals counted).
@@ -302,6 +304,7 @@ fn api_router(state: AppState, body_timeout: Duration) -> Router {
                 door: state.door.clone(),
                 body: crate::web::body::BodyLimits {
                     max_bytes: limit,
+                    inflight: state.inflight_bodies.clone(),
                     timeout: body_timeout,
                     on_refused: {
                         let stats = state.stats.clone();

@@ -390,6 +390,8 @@ fn assemble(
         api_addr,
     )?;
     let started_ms = clock.now_ms();
+    let inflight_bodies =
+        crate::web::body::InflightBodies::new(cfg.settings.max_inflight_body_bytes);
     register_process_metrics(
         &registry,
         ProcessSources {
@@ -399,6 +401,7 @@ fn assemble(
             mcp: &mcp,
             alerts: &alerts,
             door: &door,
+            inflight_bodies: &inflight_bodies,
             deliveries: &delivery_stats,
             started_ms,
         },
@@ -453,6 +456,7 @@ fn assemble(
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         started_ms,
         max_body_bytes: cfg.settings.max_body_bytes,
+        inflight_bodies,
         event_limits: events::EventLimits {
             max_tokens: cfg.settings.max_tokens_per_event,
             max_age_days: cfg
@@ -561,6 +565,7 @@ struct ProcessSources<'a> {
     mcp: &'a McpEndpoint,
     alerts: &'a Arc<Mutex<AlertEngine>>,
     door: &'a Door,
+    inflight_bodies: &'a crate::web::body::InflightBodies,
     deliveries: &'a DeliveryStats,
     started_ms: UnixMillis,
 }
@@ -575,6 +580,10 @@ fn register_process_metrics(registry: &Registry, from: ProcessSources<'_>) {
     from.mcp.proxy.register_metrics(registry);
     registry.register(from.door.failures.clone());
     registry.register(from.door.internal_errors.clone());
+    let bodies = from.inflight_bodies.clone();
+    registry.collect(&families::INFLIGHT_BODY_BYTES, move |emit| {
+        emit(&[], bodies.held() as f64);
+    });
     registry.register(from.deliveries.counts.clone());
     let alerts = from.alerts.clone();
     registry.collect(&families::ALERTS_FIRING, move |emit| {

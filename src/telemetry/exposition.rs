@@ -328,6 +328,7 @@ fn process(w: &mut Writer, engine: &Engine, registry: &Snapshot) {
         &f::EVENTS_REJECTED_TOTAL,
         &f::AUTH_FAILURES_TOTAL,
         &f::INTERNAL_ERRORS_TOTAL,
+        &f::INFLIGHT_BODY_BYTES,
         &f::RATE_LIMITED_TOTAL,
     ] {
         w.registered(registry, family);

@@ -411,6 +411,14 @@ pub const RATE_LIMITED_TOTAL: Family = Family {
     labels: &["persona", "kind"],
 };
 
+pub const INFLIGHT_BODY_BYTES: Family = Family {
+    name: "hypertool_inflight_body_bytes",
+    kind: Kind::Gauge,
+    help: "Bytes of request bodies over 64 KiB held now (at most server.max_inflight_body_bytes; \
+           past it new large bodies are answered 503 server_busy).",
+    labels: &[],
+};
+
 pub const SESSIONS_OPEN: Family = Family {
     name: "hypertool_sessions_open",
     kind: Kind::Gauge,
@@ -574,6 +582,7 @@ pub const ALL: &[Family] = &[
     EVENTS_REJECTED_TOTAL,
     AUTH_FAILURES_TOTAL,
     INTERNAL_ERRORS_TOTAL,
+    INFLIGHT_BODY_BYTES,
     RATE_LIMITED_TOTAL,
     SESSIONS_OPEN,
     GATEWAY_REQUESTS_TOTAL,

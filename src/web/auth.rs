@@ -535,9 +535,17 @@ pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) ->
             Ok(mut req) => {
                 req.extensions_mut().insert(caller);
                 super::conn::handling(req.extensions());
-                std::panic::AssertUnwindSafe(next.run(req))
+                let held = req.extensions_mut().remove::<super::body::HeldBody>();
+                let answered = std::panic::AssertUnwindSafe(next.run(req))
                     .catch_unwind()
-                    .await
+                    .await;
+                // A large body's share of the budget is given back once its answer is sent.
+                match held {
+                    Some(held) => answered.map(|resp| {
+                        resp.map(|b| axum::body::Body::new(super::body::HoldingBody::new(b, held)))
+                    }),
+                    None => answered,
+                }
             }
             Err(refusal) => Ok(refusal),
         },

@@ -120,6 +120,12 @@ fn every_bad_toml_value_is_reported_at_its_own_line() {
             "server.metrics_listen",
         ),
         ("server", "max_body_bytes", "10", "server.max_body_bytes"),
+        (
+            "server",
+            "max_inflight_body_bytes",
+            "1048576",
+            "server.max_inflight_body_bytes",
+        ),
         ("server", "max_connections", "0", "server.max_connections"),
         (
             "server",

@@ -214,6 +214,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Bytes of request bodies over 64 KiB held at once across every connection; past them new
+    /// large bodies are answered 503 with `Retry-After` (small ones always pass).
+    pub max_inflight_body_bytes: usize,
     /// Connections the API listener holds open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     /// Connections one client address may hold open at once; more are closed at accept.
@@ -299,6 +302,7 @@ impl Settings {
             listen,
             metrics_listen,
             max_body_bytes,
+            max_inflight_body_bytes,
             max_connections,
             max_connections_per_client,
             max_tokens_per_event,
@@ -387,6 +391,7 @@ impl Settings {
             listen,
             metrics_listen,
             max_body_bytes,
+            max_inflight_body_bytes,
             max_connections,
             max_connections_per_client,
             max_tokens_per_event,

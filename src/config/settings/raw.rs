@@ -102,6 +102,7 @@ pub(super) struct RawServer {
     pub(super) listen: Option<String>,
     pub(super) metrics_listen: Option<String>,
     pub(super) max_body_bytes: Option<usize>,
+    pub(super) max_inflight_body_bytes: Option<usize>,
     pub(super) max_connections: Option<usize>,
     pub(super) max_connections_per_client: Option<usize>,
     pub(super) max_tokens_per_event: Option<u64>,

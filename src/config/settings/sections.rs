@@ -241,11 +241,15 @@ pub(super) fn switching_and_langfuse(
     (switching, langfuse_mode)
 }
 
+/// `server.max_inflight_body_bytes` by default: 256 MiB of request bodies held at once.
+pub const DEFAULT_INFLIGHT_BODY_BYTES: usize = 256 * 1024 * 1024;
+
 /// `[server]`'s listeners, limits and timeouts.
 pub(super) struct ServerLimits {
     pub(super) listen: SocketAddr,
     pub(super) metrics_listen: SocketAddr,
     pub(super) max_body_bytes: usize,
+    pub(super) max_inflight_body_bytes: usize,
     pub(super) max_connections: usize,
     pub(super) max_connections_per_client: usize,
     pub(super) max_tokens_per_event: u64,
@@ -295,6 +299,24 @@ pub(super) fn server_limits(
                 format!("`server.max_body_bytes` = {max_body_bytes} is too small"),
             )
             .fix("use at least 1024 (the default is 4194304)"),
+        );
+    }
+    let max_inflight_body_bytes = server
+        .max_inflight_body_bytes
+        .unwrap_or(DEFAULT_INFLIGHT_BODY_BYTES);
+    if max_inflight_body_bytes < max_body_bytes {
+        errors.push(
+            ConfigError::new(
+                file,
+                spans.line("server.max_inflight_body_bytes"),
+                format!(
+                    "`server.max_inflight_body_bytes` = {max_inflight_body_bytes} is smaller than \
+                     `server.max_body_bytes` = {max_body_bytes}: a body of the largest size would never be read"
+                ),
+            )
+            .fix(format!(
+                "use at least {max_body_bytes} (the default is {DEFAULT_INFLIGHT_BODY_BYTES}, 64 bodies of the default largest size)"
+            )),
         );
     }
     let max_connections = server.max_connections.unwrap_or(1024);
@@ -359,6 +381,7 @@ pub(super) fn server_limits(
         listen,
         metrics_listen,
         max_body_bytes,
+        max_inflight_body_bytes,
         max_connections,
         max_connections_per_client,
         max_tokens_per_event,

@@ -112,18 +112,17 @@ impl CallRequest {
         }
     }
 
-    /// What the prompt digest is taken of (equal prompts give equal digests).
-    pub fn digest_source(&self) -> Option<Value> {
+    /// What the prompt digest is taken of (equal prompts give equal digests), borrowed from the
+    /// body: it is written as JSON into the digest, never copied.
+    pub fn digest_source(&self) -> Option<DigestSource<'_>> {
         match self.dialect {
-            Dialect::Chat => self.body.get("messages").cloned(),
+            Dialect::Chat => self.body.get("messages").map(DigestSource::Messages),
             Dialect::Messages | Dialect::Responses => {
-                let mut v = Map::new();
-                for field in ["system", "messages", "instructions", "input"] {
-                    if let Some(x) = self.body.get(field) {
-                        v.insert(field.into(), x.clone());
-                    }
-                }
-                Some(Value::Object(v))
+                let fields = ["system", "messages", "instructions", "input"]
+                    .into_iter()
+                    .filter_map(|f| self.body.get(f).map(|v| (f, v)))
+                    .collect();
+                Some(DigestSource::Fields(fields))
             }
         }
     }
@@ -217,6 +216,40 @@ impl CallRequest {
     }
 
     /// The text of the last user message (the mock echoes it).
+    /// The first `max_chars` characters of [`CallRequest::last_user_text`], without copying a
+    /// long message whole (for a chat request, nothing of the prompt is copied).
+    pub fn last_user_text_start(&self, max_chars: usize) -> String {
+        let prompt = self.prompt();
+        let Some(content) = prompt
+            .iter()
+            .rev()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+            .and_then(|m| m.get("content"))
+        else {
+            return String::new();
+        };
+        match content {
+            Value::String(s) => s.chars().take(max_chars).collect(),
+            Value::Array(parts) => {
+                let texts = parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str));
+                let mut out = String::new();
+                for (i, text) in texts.enumerate() {
+                    if i > 0 {
+                        out.push(' ');
+                    }
+                    out.extend(text.chars().take(max_chars));
+                    if out.chars().count() >= max_chars {
+                        break;
+                    }
+                }
+                out.chars().take(max_chars).collect()
+            }
+            _ => String::new(),
+        }
+    }
+
     pub fn last_user_text(&self) -> String {
         let prompt = self.prompt();
         prompt
@@ -662,6 +695,15 @@ pub fn render_answer(answer: &Answer, dialect: Dialect) -> Value {
 }
 
 /// A fresh id in `dialect`'s style for answers hypertool makes (the mock's, translated ones).
+/// What a call's prompt digest is taken of: a chat request's messages, or the prompt fields of
+/// the others by name (written as one JSON object, its keys in order, as serde_json writes a map).
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum DigestSource<'a> {
+    Messages(&'a Value),
+    Fields(std::collections::BTreeMap<&'static str, &'a Value>),
+}
+
 /// About the length of a value written as JSON, without writing it (a walk of its tree).
 pub fn json_len(v: &Value) -> usize {
     match v {
