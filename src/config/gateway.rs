@@ -744,3 +744,44 @@ impl GatewaySettings {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Prices;
+
+    #[test]
+    fn cached_prompt_tokens_are_priced_at_their_own_rates() {
+        // Anthropic's Sonnet prices per 1k: input 0.003, output 0.015, cache read 10 % of
+        // input, cache write 125 %.
+        let sonnet = Prices {
+            prompt_per_1k: 0.003,
+            completion_per_1k: 0.015,
+            cache_read_per_1k: Some(0.0003),
+            cache_write_per_1k: Some(0.00375),
+        };
+        // 10,000 prompt tokens of which 8,000 read and 1,000 written; 500 completion tokens.
+        let cost = sonnet.cost_with_cache(10_000, 8_000, 1_000, 500);
+        let expected =
+            (1_000.0 * 0.003 + 8_000.0 * 0.0003 + 1_000.0 * 0.00375 + 500.0 * 0.015) / 1000.0;
+        assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
+        // Nothing cached: the plain cost.
+        assert_eq!(
+            sonnet.cost_with_cache(10_000, 0, 0, 500),
+            sonnet.cost(10_000, 500)
+        );
+        // Cache prices not set: cached tokens cost what prompt tokens cost.
+        let plain = Prices {
+            cache_read_per_1k: None,
+            cache_write_per_1k: None,
+            ..sonnet
+        };
+        assert_eq!(
+            plain.cost_with_cache(10_000, 8_000, 1_000, 500),
+            plain.cost(10_000, 500)
+        );
+        // Cache counts beyond the prompt (a provider's inconsistency) never make the uncached
+        // part negative.
+        let over = sonnet.cost_with_cache(100, 80, 40, 0);
+        assert!((over - (80.0 * 0.0003 + 40.0 * 0.00375) / 1000.0).abs() < 1e-12);
+    }
+}

@@ -84,6 +84,12 @@ impl SessionOwners {
 }
 
 pub async fn endpoint(State(state): State<AppState>, caller: Caller, req: Request) -> Response {
+    // A HEAD is the GET it stands for (the MCP SDK knows no HEAD): the same status and headers;
+    // hyper sends no body for it, and dropping the body closes an event stream it opened.
+    let mut req = req;
+    if req.method() == Method::HEAD {
+        *req.method_mut() = Method::GET;
+    }
     let owners = &state.mcp.owners;
     let session = req
         .headers()

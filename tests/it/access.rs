@@ -263,6 +263,7 @@ async fn every_route_by_every_kind_of_caller() {
     assert_eq!(public, ["/healthz", "/readyz"]);
 
     let mut checked = 0;
+    let mut checked_heads = 0;
     for who in Who::ALL {
         for route in &table {
             // A fresh run per request: finishing one must not change what the next sees. It is
@@ -294,6 +295,17 @@ async fn every_route_by_every_kind_of_caller() {
             let status = resp.status().as_u16();
             let text = resp.text().await.unwrap();
             let what = format!("{who:?} {} {path}: {status} {text}", route.method);
+            // A HEAD is decided as the GET it runs: the same answer, without its body.
+            if route.method == "GET" {
+                let mut head = s.http.head(format!("{}{}", s.api, path));
+                if let Some(k) = who.key() {
+                    head = head.bearer_auth(k);
+                }
+                let head = head.send().await.unwrap();
+                assert_eq!(head.status().as_u16(), status, "HEAD of {what}");
+                assert!(head.bytes().await.unwrap().is_empty(), "HEAD of {what}");
+                checked_heads += 1;
+            }
             match expected(route.access, who, route.method, route.path) {
                 None => assert!(
                     status != 401 && status != 403 && status < 500,
@@ -324,6 +336,8 @@ async fn every_route_by_every_kind_of_caller() {
         }
     }
     assert_eq!(checked, table.len() * Who::ALL.len());
+    let gets = table.iter().filter(|r| r.method == "GET").count();
+    assert_eq!(checked_heads, gets * Who::ALL.len());
 
     // Refusals are counted by reason.
     let m = s.metrics().await;

@@ -332,6 +332,28 @@ async fn adaptive_allocation_sends_most_runs_to_the_variant_that_passes_more() {
         lo_bound < hi["pass_rate"].as_f64().unwrap() && hi_bound <= 1.0,
         "{hi}"
     );
+    // The interval is the 95 % Wilson score interval of hi's verdicts, computed here from the
+    // counters alone: its width shrinks with the evidence as 1/sqrt(n).
+    let fails = m
+        .get(
+            "hypertool_variant_quality_gate_total",
+            &[
+                ("workflow", "exp"),
+                ("stage", "implement"),
+                ("variant", "hi"),
+                ("result", "fail"),
+            ],
+        )
+        .unwrap_or(0.0);
+    let (n, p, z) = (passes + fails, passes / (passes + fails), 1.959_964_f64);
+    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z * ((p * (1.0 - p) + z * z / (4.0 * n)) / n).sqrt() / (1.0 + z * z / n);
+    assert!((lo_bound - (centre - half).max(0.0)).abs() < 1e-4, "{hi}");
+    assert!((hi_bound - (centre + half).min(1.0)).abs() < 1e-4, "{hi}");
+    assert!(
+        hi_bound - lo_bound < 0.2,
+        "{n} verdicts give a narrow interval: {hi}"
+    );
     let out = std::process::Command::new(crate::process::BIN)
         .args([
             "experiments",
@@ -737,6 +759,97 @@ async fn two_replicas_on_one_postgresql_ledger_give_a_run_one_variant() {
     let (starts, runs): (i64, i64) = (started[0].get(0), started[0].get(1));
     assert_eq!(runs, 27);
     assert!(starts >= runs, "{starts} starts for {runs} runs");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The variant `run` (or a session) draws by the README's rule: the stage's allocation seeded by
+/// the run id, the same on every replica (fixed weights: the record plays no part).
+fn draw_of(toml: &Path, key: &str) -> String {
+    let config = hypertool::config::load(&Source::File(toml.to_path_buf())).unwrap();
+    let stage = config
+        .workflows
+        .get("exp")
+        .unwrap()
+        .stage("implement")
+        .unwrap()
+        .clone();
+    let none = |_: &str| hypertool::core::workflow::VariantRecord::default();
+    stage.draw_variant("exp", key, &none).unwrap().name.clone()
+}
+
+/// A stage call outside any run, in session `session`; the variant it used.
+async fn session_call(s: &TestServer, session: &str) -> String {
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.api))
+        .header("x-hypertool-persona", "backend-engineer")
+        .header("x-hypertool-workflow", "exp")
+        .header("x-hypertool-stage", "implement")
+        .header("x-hypertool-session", session)
+        .json(&json!({"model": "any", "messages": [{"role": "user", "content": "go"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.headers()["x-hypertool-variant"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_outside_a_run_draw_from_their_session_and_keep_its_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let (toml, _) = two_prompt_config(dir.path(), &upstream, "{chat-v1: 1, claude-v2: 1}");
+    let s = start_at(dir.path(), &toml).await;
+    let mut seen = BTreeMap::new();
+    for i in 0..16 {
+        let session = format!("session-{i}");
+        let first = session_call(&s, &session).await;
+        assert_eq!(
+            first,
+            draw_of(&toml, &session),
+            "{session}: drawn from its id"
+        );
+        // No run stores it: every later call of the session draws it again, the same.
+        for _ in 0..3 {
+            assert_eq!(session_call(&s, &session).await, first, "{session}");
+        }
+        *seen.entry(first).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "16 sessions draw both variants: {seen:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_first_calls_on_two_replicas_at_once_both_get_the_draw_of_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path()).await;
+    let upstream = FakeUpstream::start(dir.path()).await;
+    let weights = "{chat-v1: 1, claude-v2: 1}";
+    let (a, _) = replica_on(&dir.path().join("a"), &upstream, &pg.url, weights).await;
+    let (b, _) = replica_on(&dir.path().join("b"), &upstream, &pg.url, weights).await;
+    let toml = dir.path().join("a/config/hypertool.toml");
+    let mut seen = BTreeMap::new();
+    for i in 0..12 {
+        // A run the gateway starts: created, then its stage's first calls reach both replicas at
+        // the same moment, before either has stored the assignment.
+        let run = new_run(if i % 2 == 0 { &a } else { &b }).await;
+        let expected = draw_of(&toml, &run);
+        let (on_a, on_b) = tokio::join!(
+            stage_call(&a, "/v1/chat/completions", &run),
+            stage_call(&b, "/v1/messages", &run)
+        );
+        assert_eq!(
+            (on_a.as_str(), on_b.as_str()),
+            (expected.as_str(), expected.as_str()),
+            "{run}"
+        );
+        *seen.entry(expected).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "12 runs draw both variants: {seen:?}");
     a.stop().await;
     b.stop().await;
 }

@@ -339,3 +339,55 @@ fn cost_budgets_count_the_calls_in_flight() {
     assert!(e.reserved_cost.is_empty(), "{:?}", e.reserved_cost);
     assert_eq!(e.reserved("backend-engineer"), 0);
 }
+
+/// A dead replica's admissions stop holding budget as soon as its lease lapses — on every
+/// replica, not only the one that settles them, and before any settlement is stored (a
+/// settlement that fails or comes late must not keep the budget shut).
+#[test]
+fn a_dead_replicas_admissions_stop_holding_budget_before_any_settlement() {
+    let config = load(&Source::Embedded).unwrap().engine_config();
+    let mut engine = Engine::new(config, 0);
+    let spec = BudgetSpec {
+        tokens: 1_000,
+        cost_usd: None,
+        period: Period::None,
+        mode: BudgetMode::Block,
+        soft_limit: None,
+    };
+    assert!(engine.set_override("backend-engineer", Some(spec), 0));
+    engine.apply_foreign(&Stamped {
+        at: 0,
+        event: Event::CallAdmitted(crate::core::event::CallAdmission {
+            call: "theirs".into(),
+            persona: "backend-engineer".into(),
+            chatmode: "c".into(),
+            model: "m".into(),
+            estimate: 500,
+            cost_usd: None,
+            workflow: None,
+            stage: None,
+            session: None,
+            run: None,
+            streamed_tokens: 0,
+            replica: Some("b".into()),
+        }),
+    });
+    // b alive: its call holds 500.
+    engine.set_replicas(Some(Replicas {
+        live: vec!["a".into(), "b".into()],
+        dead: Vec::new(),
+    }));
+    assert_eq!(engine.fleet_room("backend-engineer"), Some(500));
+    // b dead, seen by "c", which is not the replica that settles ("a" sorts first): the room is
+    // the whole budget at once, while the call is still unsettled.
+    engine.set_replicas(Some(Replicas {
+        live: vec!["a".into(), "c".into()],
+        dead: vec!["b".into()],
+    }));
+    assert!(
+        engine.orphan_settlements("c").is_empty(),
+        "a settles, not c"
+    );
+    assert_eq!(engine.orphan_settlements("a").len(), 1);
+    assert_eq!(engine.fleet_room("backend-engineer"), Some(1_000));
+}

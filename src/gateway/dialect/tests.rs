@@ -246,3 +246,70 @@ fn bad_messages_requests_are_named_where_they_are_wrong() {
         None
     );
 }
+
+#[test]
+fn a_responses_tool_round_keeps_every_call_and_output_through_chat_and_messages() {
+    // Codex's turn after two tool calls: each output must reach the model with its call's id,
+    // in a chat upstream's shape and, through chat, an Anthropic upstream's.
+    let r = json!({
+        "model": "gpt", "instructions": "be brief",
+        "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "list and read"}]},
+            {"type": "function_call", "call_id": "c1", "name": "ls", "arguments": "{\"dir\":\".\"}"},
+            {"type": "function_call", "call_id": "c2", "name": "cat", "arguments": "{\"f\":\"a\"}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "a b"},
+            {"type": "custom_tool_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "contents of a"}]},
+        ]
+    });
+    let body = r.as_object().unwrap();
+    let chat = responses::to_chat(body).unwrap();
+    let msgs = chat["messages"].as_array().unwrap();
+    let roles: Vec<&str> = msgs.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["system", "user", "assistant", "tool", "tool"]);
+    let calls: Vec<&str> = msgs[2]["tool_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(calls, ["c1", "c2"], "two calls, one assistant turn");
+    assert_eq!(
+        (
+            msgs[3]["tool_call_id"].as_str(),
+            msgs[3]["content"].as_str()
+        ),
+        (Some("c1"), Some("a b"))
+    );
+    assert_eq!(msgs[4]["tool_call_id"], "c2");
+    assert!(
+        msgs[4]["content"]
+            .as_str()
+            .unwrap()
+            .contains("contents of a"),
+        "{}",
+        msgs[4]
+    );
+    // Through to Messages: both results, in one user turn after the assistant's two tool uses.
+    let m = messages::from_chat(&chat).unwrap();
+    let turns = m["messages"].as_array().unwrap();
+    let results: Vec<(&str, String)> = turns
+        .iter()
+        .flat_map(|t| t["content"].as_array().into_iter().flatten())
+        .filter(|b| b["type"] == "tool_result")
+        .map(|b| (b["tool_use_id"].as_str().unwrap(), b["content"].to_string()))
+        .collect();
+    assert_eq!(results.len(), 2, "{m:?}");
+    assert_eq!(results[0].0, "c1");
+    assert!(results[0].1.contains("a b"));
+    assert_eq!(results[1].0, "c2");
+    assert!(results[1].1.contains("contents of a"));
+    messages::check_request(&m).unwrap();
+    // Counted too: the outputs are part of the prompt admission reserves.
+    let counted = crate::gateway::tokens::count_messages(&responses::prompt_for_count(body));
+    let without = {
+        let mut b = body.clone();
+        b["input"].as_array_mut().unwrap().truncate(3);
+        crate::gateway::tokens::count_messages(&responses::prompt_for_count(&b))
+    };
+    assert!(counted > without + 4, "{counted} vs {without}");
+}
