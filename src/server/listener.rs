@@ -243,7 +243,9 @@ fn tracked(
                 Ok(resp) => resp,
                 Err(never) => match never {},
             };
-            Ok(resp.map(|body| crate::web::conn::TrackedBody::new(body, state)))
+            Ok(resp.map(|body| {
+                crate::web::conn::TrackedBody::new(body, crate::web::conn::Answered(state))
+            }))
         }
     })
 }

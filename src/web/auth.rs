@@ -542,7 +542,7 @@ pub async fn layer(State(entry): State<Arc<Entry>>, req: Request, next: Next) ->
                 // A large body's share of the budget is given back once its answer is sent.
                 match held {
                     Some(held) => answered.map(|resp| {
-                        resp.map(|b| axum::body::Body::new(super::body::HoldingBody::new(b, held)))
+                        resp.map(|b| axum::body::Body::new(super::conn::GuardedBody::new(b, held)))
                     }),
                     None => answered,
                 }

@@ -243,36 +243,3 @@ fn closing(mut resp: Response) -> Response {
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
-
-/// An answer's body that holds its request's [`HeldBody`] until it has been sent or dropped (a
-/// stream's request lives as long as the stream).
-pub struct HoldingBody {
-    inner: Body,
-    _held: HeldBody,
-}
-
-impl HoldingBody {
-    pub fn new(inner: Body, held: HeldBody) -> Self {
-        HoldingBody { inner, _held: held }
-    }
-}
-
-impl http_body::Body for HoldingBody {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}

@@ -40,25 +40,36 @@ pub fn handling(extensions: &Extensions) {
     }
 }
 
-/// An answer's body that marks its connection waiting again once it has been written or dropped.
-pub struct TrackedBody {
+/// An answer's body that keeps `guard` until it has been written or dropped: what the guard's
+/// `Drop` does happens once the answer is done (its connection marked waiting, a large request
+/// body's share of the budget given back).
+pub struct GuardedBody<G> {
     inner: axum::body::Body,
-    state: ConnState,
+    _guard: G,
 }
 
-impl TrackedBody {
-    pub fn new(inner: axum::body::Body, state: ConnState) -> Self {
-        TrackedBody { inner, state }
+impl<G> GuardedBody<G> {
+    pub fn new(inner: axum::body::Body, guard: G) -> Self {
+        GuardedBody {
+            inner,
+            _guard: guard,
+        }
     }
 }
 
-impl Drop for TrackedBody {
+/// Marks its connection waiting again when dropped (with the answer's body).
+pub struct Answered(pub ConnState);
+
+impl Drop for Answered {
     fn drop(&mut self) {
-        self.state.answered();
+        self.0.answered();
     }
 }
 
-impl http_body::Body for TrackedBody {
+/// An answer's body that marks its connection waiting again once it has been written or dropped.
+pub type TrackedBody = GuardedBody<Answered>;
+
+impl<G: Unpin> http_body::Body for GuardedBody<G> {
     type Data = axum::body::Bytes;
     type Error = axum::Error;
 

@@ -610,48 +610,25 @@ async fn a_persona_key_acts_only_on_what_is_its_personas() {
     assert!(resp.status().is_success(), "its own: {}", resp.status());
 
     // Sessions: a persona key switches only a session its own persona is in (or a new one).
-    let switch = |to: &str, session: &str| json!({"session": session, "to": to});
-    let (status, v) = post_as(
-        &s,
-        ADMIN_KEY,
-        "/v1/personas/switch",
-        switch("devops-engineer", "s-devops"),
-    )
-    .await;
+    let switch = |key: &'static str, to: &'static str, session: &'static str| {
+        post_as(
+            &s,
+            key,
+            "/v1/personas/switch",
+            json!({"session": session, "to": to}),
+        )
+    };
+    let (status, v) = switch(ADMIN_KEY, "devops-engineer", "s-devops").await;
     assert_eq!(status, 200, "{v}");
-    let (status, v) = post_as(
-        &s,
-        BACKEND_KEY,
-        "/v1/personas/switch",
-        switch("backend-engineer", "s-devops"),
-    )
-    .await;
+    let (status, v) = switch(BACKEND_KEY, "backend-engineer", "s-devops").await;
     assert_eq!(status, 403, "another persona's session: {v}");
     assert_eq!(v["error"]["code"], "persona_not_allowed");
     assert_eq!(v["error"]["param"], "session");
-    let (_, view) = post_as(
-        &s,
-        ADMIN_KEY,
-        "/v1/personas/switch",
-        switch("devops-engineer", "s-devops"),
-    )
-    .await;
+    let (_, view) = switch(ADMIN_KEY, "devops-engineer", "s-devops").await;
     assert_eq!(view["persona"], "devops-engineer", "unchanged: {view}");
-    let (status, v) = post_as(
-        &s,
-        BACKEND_KEY,
-        "/v1/personas/switch",
-        switch("backend-engineer", "s-new"),
-    )
-    .await;
+    let (status, v) = switch(BACKEND_KEY, "backend-engineer", "s-new").await;
     assert_eq!(status, 200, "a new session: {v}");
-    let (status, v) = post_as(
-        &s,
-        BACKEND_KEY,
-        "/v1/personas/switch",
-        switch("backend-engineer", "s-new"),
-    )
-    .await;
+    let (status, v) = switch(BACKEND_KEY, "backend-engineer", "s-new").await;
     assert_eq!(status, 200, "its own session: {v}");
 
     // Every refusal above was counted as one.

@@ -4,18 +4,24 @@ use crate::config::{load, Source};
 use crate::core::budget::{BudgetMode, BudgetSpec, Period};
 use crate::core::event::Usage;
 
-#[test]
-fn fleet_room_counts_every_replicas_calls_in_flight_until_they_go_stale_and_settles_only_its_own() {
+/// The embedded configuration's engine, backend-engineer on a `block` budget of `tokens`.
+fn with_block_budget(tokens: u64) -> Engine {
     let config = load(&Source::Embedded).unwrap().engine_config();
     let mut engine = Engine::new(config, 0);
     let spec = BudgetSpec {
-        tokens: 1_000,
+        tokens,
         cost_usd: None,
         period: Period::None,
         mode: BudgetMode::Block,
         soft_limit: None,
     };
     assert!(engine.set_override("backend-engineer", Some(spec), 0));
+    engine
+}
+
+#[test]
+fn fleet_room_counts_every_replicas_calls_in_flight_until_they_go_stale_and_settles_only_its_own() {
+    let mut engine = with_block_budget(1_000);
     let admitted = |call: &str, estimate| Stamped {
         at: 0,
         event: Event::CallAdmitted(crate::core::event::CallAdmission {
@@ -345,16 +351,7 @@ fn cost_budgets_count_the_calls_in_flight() {
 /// settlement that fails or comes late must not keep the budget shut).
 #[test]
 fn a_dead_replicas_admissions_stop_holding_budget_before_any_settlement() {
-    let config = load(&Source::Embedded).unwrap().engine_config();
-    let mut engine = Engine::new(config, 0);
-    let spec = BudgetSpec {
-        tokens: 1_000,
-        cost_usd: None,
-        period: Period::None,
-        mode: BudgetMode::Block,
-        soft_limit: None,
-    };
-    assert!(engine.set_override("backend-engineer", Some(spec), 0));
+    let mut engine = with_block_budget(1_000);
     engine.apply_foreign(&Stamped {
         at: 0,
         event: Event::CallAdmitted(crate::core::event::CallAdmission {
