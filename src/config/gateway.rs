@@ -45,6 +45,7 @@ pub(super) struct RawCache {
     enabled: Option<bool>,
     ttl: Option<PromDuration>,
     max_entries: Option<u64>,
+    max_bytes: Option<u64>,
     cache_nonzero_temperature: Option<bool>,
     #[serde(default)]
     ttl_overrides: Vec<RawTtl>,
@@ -69,6 +70,9 @@ pub struct CacheSettings {
     pub enabled: bool,
     pub ttl: Duration,
     pub max_entries: u64,
+    /// The bytes the entries may hold together (each its request's canonical text and the
+    /// answer): a cache of 10,000 large prompts must not take gigabytes.
+    pub max_bytes: u64,
     pub cache_nonzero_temperature: bool,
     pub ttl_overrides: Vec<TtlOverride>,
     /// Redis shared by the replicas (`url` or `HYPERTOOL_CACHE_URL`, which wins); read at start.
@@ -376,6 +380,7 @@ impl Default for GatewaySettings {
                 enabled: true,
                 ttl: Duration::from_secs(300),
                 max_entries: 10_000,
+                max_bytes: 256 * 1024 * 1024,
                 cache_nonzero_temperature: false,
                 ttl_overrides: Vec::new(),
                 url: None,
@@ -441,6 +446,16 @@ impl GatewaySettings {
         }
         if let Some(n) = c.max_entries {
             s.cache.max_entries = n;
+        }
+        if let Some(n) = c.max_bytes {
+            if n < 1024 * 1024 {
+                errors.push((
+                    "gateway.cache.max_bytes".into(),
+                    format!("= {n} is under 1 MiB (1048576); the default is 268435456 (256 MiB)"),
+                ));
+            } else {
+                s.cache.max_bytes = n;
+            }
         }
         if let Some(v) = c.cache_nonzero_temperature {
             s.cache.cache_nonzero_temperature = v;

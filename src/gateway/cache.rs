@@ -3,7 +3,8 @@
 //! The key is the canonical JSON of what determines an answer (routed model, messages, tools,
 //! sampling parameters) — not who asked or whether it streams — so one persona's answer serves
 //! another's identical call. Entries expire by a TTL chosen per persona/chatmode/model (on the
-//! injected clock); moka bounds the number of entries. A hit spends no budget.
+//! injected clock); moka bounds the entries by number and by bytes at once (see [`weight`]). A
+//! hit spends no budget.
 
 use std::sync::Arc;
 
@@ -89,8 +90,11 @@ impl CacheResult {
 pub struct ResponseCache {
     /// Redis shared by the replicas, behind the local cache.
     pub shared: Option<Arc<super::shared_cache::SharedCache>>,
-    /// Replaced (emptied) when `gateway.cache.max_entries` changes on reload; the counters stay.
+    /// Replaced (emptied) when `gateway.cache.max_entries` or `max_bytes` changes on reload; the
+    /// counters stay.
     entries: std::sync::RwLock<moka::sync::Cache<u64, Arc<Entry>>>,
+    /// The (max_entries, max_bytes) the store was built for.
+    bounds: std::sync::Mutex<(u64, u64)>,
     /// `hypertool_cache_requests_total{result}` and `hypertool_cache_tokens_saved_total`.
     requests: Counter<1>,
     tokens_saved: Total,
@@ -103,6 +107,23 @@ fn hash(s: &str) -> u64 {
     h.finish()
 }
 
+/// What an entry weighs against the store's capacity of `max_bytes`: its bytes, but never less
+/// than an even share (`max_bytes / max_entries`), so the store holds at most `max_entries`
+/// entries and at most `max_bytes` bytes, whichever binds first.
+fn weight(entry: &Entry, share: u64) -> u32 {
+    let bytes = (entry.canonical.len() + entry.response.len()) as u64;
+    u32::try_from(bytes.max(share)).unwrap_or(u32::MAX)
+}
+
+fn bounded_store(max_entries: u64, max_bytes: u64) -> moka::sync::Cache<u64, Arc<Entry>> {
+    let max_bytes = max_bytes.max(1);
+    let share = (max_bytes / max_entries.max(1)).max(1);
+    moka::sync::Cache::builder()
+        .max_capacity(max_bytes)
+        .weigher(move |_, entry: &Arc<Entry>| weight(entry, share))
+        .build()
+}
+
 impl ResponseCache {
     fn store(&self) -> moka::sync::Cache<u64, Arc<Entry>> {
         // A moka cache is a handle: cloning it shares the same store.
@@ -112,26 +133,47 @@ impl ResponseCache {
             .clone()
     }
 
-    /// Applies a new `max_entries` (hot reload). moka's capacity is fixed, so a different size
-    /// starts an empty cache of that size; hit and miss counters carry on.
-    pub fn resize(&self, max_entries: u64) {
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        if entries.policy().max_capacity() != Some(max_entries.max(1)) {
-            *entries = moka::sync::Cache::new(max_entries.max(1));
-            tracing::info!(max_entries, "response cache resized (emptied)");
+    /// Applies new bounds (hot reload). moka's capacity is fixed, so different bounds start an
+    /// empty cache; hit and miss counters carry on.
+    pub fn resize(&self, max_entries: u64, max_bytes: u64) {
+        let mut bounds = self.bounds.lock().unwrap_or_else(|p| p.into_inner());
+        if *bounds != (max_entries, max_bytes) {
+            *self.entries.write().unwrap_or_else(|p| p.into_inner()) =
+                bounded_store(max_entries, max_bytes);
+            *bounds = (max_entries, max_bytes);
+            tracing::info!(max_entries, max_bytes, "response cache resized (emptied)");
         }
     }
 
-    pub fn new(max_entries: u64) -> Self {
+    pub fn new(max_entries: u64, max_bytes: u64) -> Self {
         ResponseCache {
             shared: None,
-            entries: std::sync::RwLock::new(moka::sync::Cache::new(max_entries.max(1))),
+            entries: std::sync::RwLock::new(bounded_store(max_entries, max_bytes)),
+            bounds: std::sync::Mutex::new((max_entries, max_bytes)),
             requests: Counter::with_series(
                 &families::CACHE_REQUESTS_TOTAL,
                 &RESULTS.map(|r| [r.as_str()]),
             ),
             tokens_saved: Total::new(&families::CACHE_TOKENS_SAVED_TOTAL),
         }
+    }
+
+    /// Whether a request may be answered from the cache at all (cheap: no key is written).
+    pub fn cacheable(
+        settings: &CacheSettings,
+        call: &crate::gateway::dialect::CallRequest,
+    ) -> bool {
+        let request = &call.body;
+        // OpenAI's default temperature is 1: an unspecified temperature is not deterministic.
+        let temperature = request
+            .get("temperature")
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+        let one_choice = request
+            .get("n")
+            .and_then(Value::as_u64)
+            .is_none_or(|n| n <= 1);
+        settings.enabled && one_choice && (temperature <= 0.0 || settings.cache_nonzero_temperature)
     }
 
     /// The canonical key of a request for `model`, or `None` when it must not be cached.
@@ -141,22 +183,7 @@ impl ResponseCache {
         call: &crate::gateway::dialect::CallRequest,
     ) -> Option<String> {
         let request = &call.body;
-        if !settings.enabled {
-            return None;
-        }
-        // OpenAI's default temperature is 1: an unspecified temperature is not deterministic.
-        let temperature = request
-            .get("temperature")
-            .and_then(Value::as_f64)
-            .unwrap_or(1.0);
-        if temperature > 0.0 && !settings.cache_nonzero_temperature {
-            return None;
-        }
-        if request
-            .get("n")
-            .and_then(Value::as_u64)
-            .is_some_and(|n| n > 1)
-        {
+        if !Self::cacheable(settings, call) {
             return None;
         }
         let mut key = Map::new();
@@ -283,14 +310,55 @@ mod resize_tests {
 
     #[test]
     fn a_new_size_empties_the_cache_and_keeps_the_counters() {
-        let cache = ResponseCache::new(10);
+        let cache = ResponseCache::new(10, 1 << 20);
         cache.insert("k".into(), bytes::Bytes::from_static(b"{}"), 1, 1, i64::MAX);
         cache.count(CacheResult::Hit, 2);
         assert!(cache.get("k", 0).is_some());
-        cache.resize(10);
+        cache.resize(10, 1 << 20);
         assert!(cache.get("k", 0).is_some(), "same size: kept");
-        cache.resize(20);
+        cache.resize(20, 1 << 20);
         assert!(cache.get("k", 0).is_none(), "new size: emptied");
         assert_eq!(cache.stats().1, 2.0);
+    }
+
+    #[test]
+    fn entries_are_bounded_by_number_and_by_bytes() {
+        // 100 entries or 1 MiB, whichever binds first.
+        let cache = ResponseCache::new(100, 1 << 20);
+        let store = cache.store();
+        for i in 0..1000 {
+            cache.insert(
+                format!("small-{i}"),
+                bytes::Bytes::from_static(b"{}"),
+                1,
+                1,
+                i64::MAX,
+            );
+        }
+        store.run_pending_tasks();
+        assert!(
+            store.entry_count() <= 100,
+            "{} entries",
+            store.entry_count()
+        );
+        // Large prompts: 64 KiB each, so at most 16 fit in 1 MiB.
+        let cache = ResponseCache::new(100, 1 << 20);
+        let store = cache.store();
+        for i in 0..200 {
+            cache.insert(
+                format!("{i}{}", "p".repeat(64 << 10)),
+                bytes::Bytes::from_static(b"{}"),
+                1,
+                1,
+                i64::MAX,
+            );
+        }
+        store.run_pending_tasks();
+        assert!(store.entry_count() <= 16, "{} entries", store.entry_count());
+        assert!(
+            store.weighted_size() <= 1 << 20,
+            "{} bytes",
+            store.weighted_size()
+        );
     }
 }

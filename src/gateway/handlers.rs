@@ -702,7 +702,17 @@ async fn lookup_cache(
         .get(header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
-    let cache_key = cache::ResponseCache::key(&settings.cache, &meta.route.name, request);
+    // The key is the request's canonical text: for a large prompt, written off the async workers.
+    let cost = if cache::ResponseCache::cacheable(&settings.cache, request) {
+        request.size
+    } else {
+        0
+    };
+    let cache_key = tokens::off_the_workers(cost, tokens::DEFAULT_DEADLINE, || {
+        cache::ResponseCache::key(&settings.cache, &meta.route.name, request)
+    })
+    .await
+    .flatten();
     let result = match (&cache_key, no_cache) {
         (None, _) => cache::CacheResult::Skip,
         (Some(_), true) => cache::CacheResult::Bypass,

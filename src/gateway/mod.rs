@@ -161,7 +161,8 @@ impl Gateway {
             metrics: GatewayMetrics::new(shared.rejected.clone()),
             workflows: RwLock::new(Arc::new(workflows)),
             cache: {
-                let mut cache = cache::ResponseCache::new(settings.cache.max_entries);
+                let mut cache =
+                    cache::ResponseCache::new(settings.cache.max_entries, settings.cache.max_bytes);
                 cache.shared = settings.cache.url.as_deref().and_then(|url| {
                     shared_cache::SharedCache::open(url, &settings.cache.trust)
                         .map(std::sync::Arc::new)
@@ -209,7 +210,8 @@ impl Gateway {
                 "gateway.ca_file changed; its certificates are trusted from the next restart"
             );
         }
-        self.cache.resize(settings.cache.max_entries);
+        self.cache
+            .resize(settings.cache.max_entries, settings.cache.max_bytes);
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
         *self.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(workflows);
     }

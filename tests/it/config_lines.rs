@@ -256,6 +256,12 @@ fn every_bad_toml_value_is_reported_at_its_own_line() {
             "\"http://cache\"",
             "gateway.cache.url",
         ),
+        (
+            "gateway.cache",
+            "max_bytes",
+            "1000",
+            "gateway.cache.max_bytes",
+        ),
     ];
     for (section, key, value, names) in cases {
         let (text, line) = with_value(section, key, value);

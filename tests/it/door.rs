@@ -217,7 +217,7 @@ async fn stage_finish_follows_the_name_rules_and_bounds_its_reasons() {
     let (status, v) = s
         .post_raw(
             &format!("{stage}/finish"),
-            json!({"gate": "fail", "model": "gpt-4o", "reasons": "\u{1b}[31mred\u{1b}[0m and \u{202E}reversed"}).to_string(),
+            json!({"gate": "fail", "model": "gpt-4o", "reasons": "\u{1b}[31mred\u{1b}[0m and \u{202E}reversed, soft\u{AD}hyphen, tag\u{E0041}, filler\u{3164}"}).to_string(),
         )
         .await;
     assert_eq!(status, 200, "{v}");
@@ -243,6 +243,17 @@ async fn stage_finish_follows_the_name_rules_and_bounds_its_reasons() {
         !text.contains('\u{1b}') && !text.contains('\u{202E}'),
         "{text:?}"
     );
+    // Default-ignorable characters, which show as nothing, too (the probe saw them printed raw).
+    for (raw, shown) in [
+        ('\u{AD}', "soft\\u00adhyphen"),
+        ('\u{E0041}', "tag\\udb40\\udc41"),
+        ('\u{3164}', "filler\\u3164"),
+    ] {
+        assert!(
+            !text.contains(raw) && text.contains(shown),
+            "{shown}: {text:?}"
+        );
+    }
     assert!(text.contains("\\u001b[31mred"), "{text}");
     // A table cell from a server is cut, whatever its length.
     let table = hypertool::cli::table(&["reasons"], &[vec!["r".repeat(70_000)]]);
