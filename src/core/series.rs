@@ -45,8 +45,10 @@ impl<const N: usize> CounterVec<N> {
             .unwrap_or(0.0)
     }
 
+    /// The sum of every series; `0` (not `-0`, which is what summing no floats gives) when there
+    /// is none, so a page or an answer never shows "-0".
     pub fn sum(&self) -> f64 {
-        self.values.values().sum()
+        self.values.values().sum::<f64>() + 0.0
     }
 
     pub fn len(&self) -> usize {
@@ -345,5 +347,12 @@ mod tests {
         c.inc_by(["a".into()], 1e308);
         c.inc_by(["a".into()], 1e308);
         assert!(c.values.values().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn the_sum_of_no_series_is_zero_not_minus_zero() {
+        let c: CounterVec<1> = CounterVec::default();
+        assert!(c.sum().is_sign_positive());
+        assert_eq!(serde_json::json!(c.sum()).to_string(), "0.0");
     }
 }

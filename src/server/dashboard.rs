@@ -235,7 +235,8 @@ pub async fn data(State(state): State<AppState>) -> Json<Value> {
         },
         "experiments": experiments,
         "cost_usd": m.cost_usd.sum(),
-        "unpriced_tokens": unpriced.values().sum::<f64>(),
+        // `+ 0.0`: the sum of nothing is -0, which the page would show.
+        "unpriced_tokens": unpriced.values().sum::<f64>() + 0.0,
         "tokens": m.tokens.sum(),
     }))
 }

@@ -109,7 +109,12 @@ pub async fn endpoint(State(state): State<AppState>, caller: Caller, req: Reques
         }
     }
     let ends = req.method() == Method::DELETE;
-    let resp = state.mcp.http.handle(req).await;
+    let mut resp = state.mcp.http.handle(req).await;
+    // A session ended is 200: the SDK answers 202 Accepted, which the official MCP clients take for
+    // a failed termination (they expect 200 or 204, and warn otherwise).
+    if ends && resp.status() == axum::http::StatusCode::ACCEPTED {
+        *resp.status_mut() = axum::http::StatusCode::OK;
+    }
     match &session {
         None => {
             if let Some(opened) = resp
