@@ -25,7 +25,7 @@ pub fn plant(marker: &str, fault: Fault) {
 }
 
 /// The fault planted for a call whose last user message is `text()`, if any.
-pub(super) fn planted(text: impl FnOnce() -> String) -> Option<Fault> {
+fn planted(text: impl FnOnce() -> String) -> Option<Fault> {
     if !PLANTED.load(Ordering::Acquire) {
         return None;
     }
@@ -37,9 +37,12 @@ pub(super) fn planted(text: impl FnOnce() -> String) -> Option<Fault> {
         .map(|(_, f)| *f)
 }
 
-/// Panics when a [`Fault::Call`] is planted for the call whose last user message is `text()`.
-pub(super) fn strike_call(text: impl FnOnce() -> String) {
-    if planted(text) == Some(Fault::Call) {
+/// Panics when a [`Fault::Call`] is planted for the call whose last user message is `text()`;
+/// returns the fault planted otherwise (a [`Fault::MidStream`] is the stream's to strike).
+pub(super) fn strike_call(text: impl FnOnce() -> String) -> Option<Fault> {
+    let fault = planted(text);
+    if fault == Some(Fault::Call) {
         panic!("a fault planted by a test: the mock call panics");
     }
+    fault
 }

@@ -636,7 +636,13 @@ async fn estimate_prompt(
     if enforced {
         tokens::count_prompt(request, deadline).await
     } else {
-        tokens::off_the_workers(request.size, deadline, || {
+        // A chat prompt is read where it lies (a rough count copies nothing); the others' prompts
+        // are built as copies first, so a large one goes to the pool.
+        let cost = match request.dialect {
+            Dialect::Chat => 0,
+            Dialect::Messages | Dialect::Responses => request.size,
+        };
+        tokens::off_the_workers(cost, deadline, || {
             tokens::rough_count_messages(&request.prompt())
         })
         .await

@@ -206,10 +206,7 @@ impl<'a> Provider<'a> {
         match self {
             Provider::Mock(mock) => {
                 tokio::time::sleep(mock.latency).await;
-                let fault = faults::planted(|| request.last_user_text());
-                if fault == Some(faults::Fault::Call) {
-                    faults::strike_call(|| request.last_user_text());
-                }
+                let fault = faults::strike_call(|| request.last_user_text());
                 let prompt = tokens::count_prompt(request, tokens::DEFAULT_DEADLINE).await;
                 let answer = mock_answer(mock, request, model, prompt);
                 let events = dialect::answer_stream(&answer, request.dialect, true, prompt, true);

@@ -4,8 +4,9 @@
 //! Why that tokenizer: it gives tiktoken's counts (a test compares them on real prompts and code),
 //! and its cost is linear in the input whatever the input is. tiktoken-rs, used before, merged a
 //! pre-token quadratically (`"i" * 300_000`: 28 s of CPU) and panicked on a 1.2 MB run of one
-//! letter (its regex overflowed its stack). Measured worst case here, in a release build: about
-//! 85 ns a byte (a long run of one letter, or random base64); ordinary prose and code 20–35 ns.
+//! letter (its regex overflowed its stack). Measured worst case (`benches/counting.rs`, release):
+//! 60–70 ns a byte (a long run of one letter, one word of random letters); ordinary prose and code
+//! 26–38 ns.
 //!
 //! Linear is still ~300 ms of CPU for a 4 MiB prompt, so a count never runs long on an async
 //! worker: [`off_the_workers`] runs work over more than [`INLINE_BYTES`] of input on a pool of
@@ -32,7 +33,7 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How many counts over large inputs run at once: all cores but one (at least one), so a burst of
 /// huge prompts leaves a core to the async workers.
-pub fn counting_threads() -> usize {
+fn counting_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get().saturating_sub(1))
         .unwrap_or(1)
@@ -82,15 +83,6 @@ pub async fn off_the_workers<T>(
     result
 }
 
-/// A chat prompt's tokens off the async workers (see [`off_the_workers`]); the rough count when
-/// the pool had no room within `deadline`.
-pub async fn count_messages_off(messages: &[Value], deadline: Duration) -> u64 {
-    let bytes = messages_bytes(messages);
-    off_the_workers(bytes, deadline, || count_messages(messages))
-        .await
-        .unwrap_or_else(|| rough_count_messages(messages))
-}
-
 /// A call's prompt tokens off the async workers (the prompt's chat-shaped messages are built
 /// there too: for Messages and Responses that is a copy); the rough count when the pool had no
 /// room within `deadline`.
@@ -107,11 +99,7 @@ pub async fn count_text_off(text: &str, deadline: Duration) -> u64 {
         .unwrap_or_else(|| rough_text(text.len()))
 }
 
-/// The bytes of text a prompt's count reads (what its cost is proportional to), without copying.
-pub fn messages_bytes(messages: &[Value]) -> usize {
-    messages.iter().map(message_bytes).sum()
-}
-
+/// The bytes of text a message's count reads (what its cost is proportional to), without copying.
 fn message_bytes(m: &Value) -> usize {
     let field = |name: &str| m.get(name).and_then(Value::as_str).map_or(0, str::len);
     field("role")
